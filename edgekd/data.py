@@ -1,0 +1,227 @@
+"""Data specs -> datasets, transforms and loaders.
+
+Specs: ``digits`` (scikit-learn's handwritten digits, embedded), ``PATH`` or ``imagefolder:PATH``
+(a folder with ``train/`` and ``test/`` or ``val/``, one sub-folder per class), ``cifar10`` /
+``cifar100`` (torchvision; ``data_root`` may also point at an ImageFolder copy).
+"""
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+from . import EdgeKDError
+
+log = logging.getLogger(__name__)
+
+# The seed article normalises every channel with mean 0.5 and std 0.5.
+DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.5
+# Digits are 8x8; they are resized to 32x32 so the seed CNNs (two 2x pools, fc over 8x8 maps)
+# see the input size they were designed for.
+DIGITS_SIZE = 32
+DIGITS_TEST_FRACTION = 0.2
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class InputSpec:
+    """What a model expects: channels, size, normalisation and colour order."""
+
+    channels: int
+    height: int
+    width: int
+    mean: list = field(default_factory=list)
+    std: list = field(default_factory=list)
+
+    @property
+    def color(self):
+        return "L" if self.channels == 1 else "RGB"
+
+    def to_dict(self):
+        d = asdict(self)
+        d["color"] = self.color
+        d["resize"] = [self.height, self.width]
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["channels"], d["height"], d["width"], list(d["mean"]), list(d["std"]))
+
+
+@dataclass
+class Data:
+    """A resolved data spec: the two splits, the class names and the input spec."""
+
+    spec: str
+    train: object
+    test: object
+    classes: list
+    input: InputSpec
+
+
+def default_input(channels, height, width):
+    return InputSpec(channels, height, width, [DEFAULT_MEAN] * channels, [DEFAULT_STD] * channels)
+
+
+class ConvertMode:
+    """Convert a PIL image to L or RGB (a class, not a lambda, so loader workers can pickle it)."""
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def __call__(self, img):
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+
+def eval_transform(spec):
+    """PIL image -> normalised tensor. The torch-free runtime reproduces these exact steps."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        ConvertMode(spec.color),
+        transforms.Resize((spec.height, spec.width)),
+        transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+
+
+def load_data(spec="digits", data_root=None, input_spec=None):
+    """Resolve a data spec. ``input_spec`` (from a checkpoint) overrides the data's own."""
+    spec = str(spec)
+    if spec == "digits":
+        return _digits(input_spec)
+    if spec in ("cifar10", "cifar100"):
+        return _torchvision_cifar(spec, data_root, input_spec)
+    path = spec[len("imagefolder:"):] if spec.startswith("imagefolder:") else spec
+    if spec.startswith("imagefolder:") or os.sep in spec or os.path.exists(spec):
+        return _imagefolder(spec, path, input_spec)
+    raise EdgeKDError(
+        f"unknown data {spec!r}: use digits, cifar10, cifar100, a folder PATH or imagefolder:PATH"
+    )
+
+
+class _PILList:
+    """A list of (PIL image, label) with a transform, like a torchvision dataset."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.targets, self.transform = images, list(labels), transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.targets[i]
+
+
+def _digits(input_spec):
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # Pixel values are 0..16; scale to 8-bit grey so they are ordinary images.
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(pixels)), test_size=DIGITS_TEST_FRACTION, stratify=digits.target,
+        random_state=0,  # fixed, so the held-out split never depends on --seed
+    )
+    spec = input_spec or default_input(1, DIGITS_SIZE, DIGITS_SIZE)
+    tf = eval_transform(spec)
+
+    def split(idx):
+        return _PILList([Image.fromarray(pixels[i], "L") for i in idx], digits.target[idx], tf)
+
+    classes = [str(c) for c in digits.target_names]
+    return Data("digits", split(idx_train), split(idx_test), classes, spec)
+
+
+def _imagefolder(spec, path, input_spec):
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(path):
+        raise EdgeKDError(f"data folder {path!r} does not exist (expected a folder with train/ and test/ or val/)")
+    train_dir = os.path.join(path, "train")
+    test_dir = next((os.path.join(path, s) for s in ("test", "val") if os.path.isdir(os.path.join(path, s))), None)
+    if not os.path.isdir(train_dir) or test_dir is None:
+        found = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        raise EdgeKDError(
+            f"data folder {path!r} needs train/ and test/ (or val/) sub-folders, one folder per class "
+            f"inside each; found: {', '.join(found) or 'no sub-folders'}"
+        )
+    spec_in = input_spec or _probe_input(train_dir)
+    tf = eval_transform(spec_in)
+    try:
+        train, test = ImageFolder(train_dir, transform=tf), ImageFolder(test_dir, transform=tf)
+    except (FileNotFoundError, OSError) as e:
+        raise EdgeKDError(f"cannot read image folder {path!r}: {e}") from None
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise EdgeKDError(
+            f"class folders differ between {train_dir!r} and {test_dir!r}: "
+            f"only in train: {only_train or 'none'}; only in test: {only_test or 'none'}"
+        )
+    return Data(f"imagefolder:{os.path.abspath(path)}", train, test, list(train.classes), spec_in)
+
+
+def _probe_input(train_dir):
+    """Channels and size from the first image: grey folders stay 1-channel, the rest are RGB."""
+    from PIL import Image
+
+    for root, _, files in sorted(os.walk(train_dir)):
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                with Image.open(os.path.join(root, name)) as img:
+                    channels = 1 if img.mode in ("L", "1", "I;16") else 3
+                    return default_input(channels, img.height, img.width)
+    raise EdgeKDError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {train_dir!r}")
+
+
+def _torchvision_cifar(spec, data_root, input_spec):
+    from torchvision import datasets
+
+    root = data_root or os.path.join(os.path.expanduser("~"), ".cache", "edgekd", spec)
+    # A local ImageFolder copy (train/ + test/) is read in place.
+    if os.path.isdir(os.path.join(root, "train")):
+        data = _imagefolder(spec, root, input_spec)
+        data.spec = spec
+        return data
+    spec_in = input_spec or default_input(3, 32, 32)
+    cls = datasets.CIFAR10 if spec == "cifar10" else datasets.CIFAR100
+    tf = eval_transform(spec_in)
+    try:
+        train = cls(root, train=True, transform=tf, download=True)
+        test = cls(root, train=False, transform=tf, download=True)
+    except Exception as e:  # no network, bad archive: say where to put a copy instead
+        raise EdgeKDError(
+            f"could not load {spec} into {root!r} ({type(e).__name__}: {e}); "
+            "pass --data-root pointing at a downloaded copy or an ImageFolder folder"
+        ) from None
+    return Data(spec, train, test, list(train.classes), spec_in)
+
+
+def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
+    """A DataLoader; in-memory data (digits) is cheapest with no worker processes."""
+    import torch
+
+    if isinstance(dataset, _PILList):
+        workers = 0
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
+        persistent_workers=workers > 0,
+    )
+
+
+def take_images(dataset, limit=None):
+    """The first ``limit`` items of a split as one (N, C, H, W) tensor and a label tensor."""
+    import torch
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    # A stride over the split keeps every class in a capped sample (ImageFolder is class-sorted).
+    step = max(1, len(dataset) // n) if n else 1
+    items = [dataset[i] for i in range(0, step * n, step)][:n]
+    if not items:
+        raise EdgeKDError("the test split holds no images")
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
