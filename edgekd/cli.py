@@ -9,6 +9,13 @@ from . import EdgeKDError, __version__
 DEFAULT_OUT = os.path.join("runs", "default")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: what is wrong, and where the full usage is."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class Command:
     """A subcommand: declares its arguments, imports its heavy code only in run()."""
 
@@ -252,11 +259,11 @@ COMMANDS = [Train(), Distill(), Export(), Bench(), Predict()]
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="edgekd", description="Distill a compact vision student from a teacher, export it and benchmark it.")
     parser.add_argument("--version", action="version", version=f"edgekd {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description)
         cmd.add_arguments(p)

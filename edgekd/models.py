@@ -108,7 +108,7 @@ def _torchvision_model(name, num_classes, in_channels):
         import difflib
 
         close = difflib.get_close_matches(name, available, n=1)
-        hint = f"; did you mean {TORCHVISION_PREFIX}{close[0]!r}?" if close else ""
+        hint = f"; did you mean '{TORCHVISION_PREFIX}{close[0]}'?" if close else ""
         raise EdgeKDError(f"unknown torchvision classification model {name!r}{hint} (see torchvision.models.list_models())")
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if in_channels != 3:
