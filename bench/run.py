@@ -248,7 +248,7 @@ def _label(job):
 
 
 ROW_FROM_JOB = ("model", "backend", "precision", "device", "arch", "params", "flops", "size_mb", "path")
-ROW_FROM_LOAD = ("first_inference_ms", "load_mb", "threads", "runtime_device", "runtime_precision", "gpu")
+ROW_FROM_LOAD = ("first_inference_ms", "load_mb", "threads", "affinity", "runtime_device", "runtime_precision", "gpu")
 
 
 def build_rows(jobs, batch_sizes):
