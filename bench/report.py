@@ -87,7 +87,7 @@ def markdown_report(result, comparison=None):
         summary(rows, s["max_drop"]), "",
         "## How it was measured", "",
         f"- Data: `{result['data']}`, test split, {ref.get('images')} held-out images"
-        + (f" (capped by --limit {s['limit']})" if s.get("limit") else "") + "; top-1/top-5 over all of them.",
+        + (f" (capped by --limit {s['limit']})" if s.get("limit") and ref.get("images") == s["limit"] else "") + "; top-1/top-5 over all of them.",
         f"- Every model, backend and device in its own worker process, loaded once; latency of each call on a "
         f"different batch of real images; {s['warmup']} warm-up calls, then {s['runs']} timed calls per model and "
         f"batch size (at most {s['max_time_s']:g} s) in {s['rounds']} interleaved rounds, so machine drift lands on "
@@ -96,6 +96,10 @@ def markdown_report(result, comparison=None):
         f"CPUs pinned: {','.join(map(str, s['cpus'])) if s['cpus'] else 'no'}.",
         "- first ms: load + compile + first call; load MB: resident memory added by loading and the first call.",
     ]
+    ov = sorted({f"{r['model']} {r['runtime_precision']}" for r in rows if r.get("runtime_precision")})
+    if ov:
+        lines.append("- OpenVINO CPU inference precision (fp32 bundles are held to f32; the CPU plugin would pick bf16 "
+                     f"on CPUs with AVX-512 BF16 or AMX): {', '.join(ov)}.")
     if drift:
         lines.append(f"- Noise: per-round medians of one row differed by up to {drift[0] * 100:.0f}% "
                      f"({drift[1]['model']}, {drift[1]['backend']}, batch {drift[1]['batch_size']}).")
@@ -163,23 +167,22 @@ def plot_accuracy_latency(rows, path):
     plt = _pyplot()
     b = min(r["batch_size"] for r in rows)
     ok = [r for r in rows if r["batch_size"] == b and r["status"] == "ok" and r.get("top1") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     points = [(r["latency_ms"]["p50"], r["top1"] * 100, r) for r in ok]
-    for x, y, r in points:
-        marker = "*" if r is rows[0] else "o"
-        ax.scatter(x, y, s=90 if marker == "*" else 40, marker=marker, zorder=3,
-                   edgecolors="red" if r.get("best") else "none", linewidths=1.5)
-        ax.annotate(_name(r) + (" (reference)" if r is rows[0] else "") + (" ★" if r.get("best") else ""), (x, y),
-                    textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = pareto_front(points)
     if len(front) > 1:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", linestyle="--",
                 label="Pareto front", zorder=2)
-        ax.legend(loc="lower right", fontsize=8)
-    if not points:
-        ax.text(0.5, 0.5, "no row was measured", ha="center", transform=ax.transAxes)
-    else:
+    markers = "os^DvP<>Xh"
+    for i, (x, y, r) in enumerate(points):
+        label = _name(r) + (" (reference)" if r is rows[0] else "") + (" ★ best" if r.get("best") else "")
+        ax.scatter(x, y, s=110 if r is rows[0] else 50, marker="*" if r is rows[0] else markers[i % len(markers)],
+                   zorder=3, edgecolors="red" if r.get("best") else "none", linewidths=1.5, label=label)
+    if points:
         ax.set_xscale("log")
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no row was measured", ha="center", transform=ax.transAxes)
     ax.set_xlabel(f"median latency at batch {b} (ms, log scale; left is faster)")
     ax.set_ylabel("top-1 on held-out test images (%)")
     ax.set_title("accuracy against latency")
@@ -188,29 +191,33 @@ def plot_accuracy_latency(rows, path):
 
 
 def plot_latency(rows, path):
-    """Horizontal bars of median latency per model/backend/precision, whiskers to p99 and a tick at p90."""
+    """Per model/backend/precision: a dot at p50, a tick at p90, a line to p99; one panel per batch size."""
     plt = _pyplot()
     sizes = sorted({r["batch_size"] for r in rows})
     labels = list(dict.fromkeys(_name(r) for r in rows))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes) + 2.5, 0.45 * len(labels) + 1.6), dpi=120,
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes) + 2.8, 0.45 * len(labels) + 1.7), dpi=120,
                              squeeze=False, sharey=True)
     for ax, b in zip(axes[0], sizes):
         by_name = {_name(r): r for r in rows if r["batch_size"] == b and r["status"] == "ok"}
-        ys = [i for i, n in enumerate(labels) if n in by_name]
-        p50 = [by_name[labels[i]]["latency_ms"]["p50"] for i in ys]
-        p90 = [by_name[labels[i]]["latency_ms"]["p90"] for i in ys]
-        p99 = [by_name[labels[i]]["latency_ms"]["p99"] for i in ys]
-        ax.barh(ys, p50, color=["tab:orange" if by_name[labels[i]].get("best") else "tab:blue" for i in ys],
-                xerr=[[0] * len(ys), [hi - mid for hi, mid in zip(p99, p50)]], capsize=3, alpha=0.85)
-        ax.scatter(p90, ys, marker="|", color="black", s=80, zorder=3, label="p90")
         for i, n in enumerate(labels):
-            if n not in by_name:
-                ax.text(0, i, "  not measured", va="center", fontsize=7, color="grey")
+            r = by_name.get(n)
+            if r is None:
+                ax.text(0.02, i, "not measured", va="center", fontsize=7, color="grey", transform=ax.get_yaxis_transform())
+                continue
+            lat = r["latency_ms"]
+            color = "tab:orange" if r.get("best") else "tab:blue"
+            ax.plot([lat["p50"], lat["p99"]], [i, i], color=color, linewidth=3, alpha=0.5, solid_capstyle="butt")
+            ax.plot([lat["p50"]], [i], "o", color=color)
+            ax.plot([lat["p90"]], [i], "|", color="black", markersize=12)
+            ax.annotate(f"{lat['p50']:.3g}", (lat["p50"], i), textcoords="offset points", xytext=(0, 6), fontsize=7,
+                        ha="center")
+        if by_name:
+            ax.set_xscale("log")
         ax.set_title(f"batch {b}")
-        ax.set_xlabel("latency (ms): bar p50, tick p90, whisker p99")
-        ax.grid(True, axis="x", alpha=0.3)
+        ax.set_xlabel("latency (ms, log): dot p50, tick p90, bar to p99")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
     axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
-    axes[0][0].invert_yaxis()
+    axes[0][0].set_ylim(len(labels) - 0.5, -0.7)
     fig.suptitle("latency by model, backend and precision (orange: best deployment)", fontsize=10)
     _save(fig, plt, path)
 

@@ -1,7 +1,6 @@
 """The benchmark run for real, small: digits checkpoints, an ONNX bundle and an OpenVINO IR bundle, through the CLI."""
 
 import csv
-import hashlib
 import json
 import os
 
@@ -11,23 +10,15 @@ DESIGN_ROW_KEYS = {"model", "backend", "precision", "device", "batch_size", "top
                    "size_mb", "params", "speedup_vs_teacher", "top1_delta_vs_teacher", "status"}
 
 
-def make_openvino_bundle(onnx_bundle, out):
-    """An OpenVINO FP32 IR bundle converted from an ONNX bundle, with a manifest like the export writes."""
-    import openvino as ov
-
-    manifest = json.loads((onnx_bundle / "manifest.json").read_text())
-    out.mkdir()
-    ov.save_model(ov.convert_model(str(onnx_bundle / manifest["model_file"])), str(out / "model.xml"),
-                  compress_to_fp16=False)
-    files = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in ("model.xml", "model.bin")}
-    manifest.update(format="openvino", precision="fp32", model_file="model.xml", files=files)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
-
-
 @pytest.fixture(scope="module")
 def openvino_bundle(onnx_bundle, tmp_path_factory):
-    return make_openvino_bundle(onnx_bundle, tmp_path_factory.mktemp("ov") / "student-ov")
+    """An OpenVINO FP32 IR converted from the ONNX bundle (the way docs/bench.md makes one)."""
+    from edgekd.bench.openvino_ir import onnx_bundle_to_openvino
+
+    out = tmp_path_factory.mktemp("ov") / "student-ov"
+    manifest = onnx_bundle_to_openvino(str(onnx_bundle), str(out))
+    assert manifest["format"] == "openvino" and sorted(manifest["files"]) == ["model.bin", "model.xml"]
+    return out
 
 
 @pytest.fixture(scope="module")
