@@ -127,9 +127,15 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
                 "max_time_s": max_time, "threads": threads, "cpus": cpus, "limit": limit, "max_drop": max_drop,
                 "devices": devices, "backends": backends}
     env = environment(threads, cpus)
+    bar = _progress_bar(jobs, settings, progress)
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as folder:
-        _prepare(jobs, data_spec, data_root, limit, folder)
-        _measure(jobs, folder, settings, progress)
+        try:
+            bar.set_postfix_str("preparing test images")
+            _prepare(jobs, data_spec, data_root, limit, folder)
+            bar.update()
+            _measure(jobs, folder, settings, bar)
+        finally:
+            bar.close()
     rows = build_rows(jobs, batch_sizes)
     mark_best(rows, max_drop)
     env["loadavg_end"] = _loadavg()
@@ -188,17 +194,24 @@ def _export_onnx(checkpoint, data_spec, data_root, out):
     return out, None
 
 
-def _measure(jobs, folder, settings, progress):
-    """Start and load every runnable job's worker, take accuracy, then time in interleaved rounds."""
+def _progress_bar(jobs, settings, progress):
+    """One bar over the whole benchmark: preparing images, then per job a load, an accuracy pass and its visits."""
     from tqdm import tqdm
 
-    runnable = [j for j in jobs if not j["status"]]
-    rounds, batch_sizes = settings["rounds"], settings["batch_sizes"]
-    bar = tqdm(total=2 * len(runnable) + rounds * len(batch_sizes) * len(runnable), desc="bench", unit="step",
-               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    per_job = 2 + settings["rounds"] * len(settings["batch_sizes"])
+    total = 1 + per_job * sum(1 for j in jobs if not j["status"])
+    return tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+
+def _measure(jobs, folder, settings, bar):
+    """Start and load every runnable job's worker, take accuracy, then time in interleaved rounds."""
+    per_job = 2 + settings["rounds"] * len(settings["batch_sizes"])
     live = []
     try:
-        for i, job in enumerate(runnable):
+        for i, job in enumerate(jobs):
+            if job["status"]:
+                bar.update(per_job if job.get("images") else 0)  # failed in _prepare: its steps are skipped
+                continue
             bar.set_postfix_str(f"loading {_label(job)}")
             worker = WorkerProcess(os.path.join(folder, f"worker{i}.log"), settings["cpus"])
             try:
@@ -212,14 +225,13 @@ def _measure(jobs, folder, settings, progress):
             except EdgeKDError as e:
                 job["status"] = str(e)
                 job["close"] = worker.close()
-                bar.update(1 + rounds * len(batch_sizes) + ("load" not in job))
+                bar.update(per_job - 1 + ("load" not in job))
                 continue
             bar.update()
         _timed_rounds(live, settings, bar)
     finally:
         for job, worker in live:
             job["close"] = worker.close()
-        bar.close()
 
 
 def _timed_rounds(live, settings, bar):
