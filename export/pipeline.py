@@ -207,7 +207,7 @@ class _Export:
 
     def _fail_if(self, failures, suffix=""):
         if failures:
-            raise EdgeKDError("parity gate failed: " + "; ".join(failures) + suffix + "; no bundle written")
+            raise EdgeKDError("parity check failed: " + "; ".join(failures) + suffix + "; no bundle written")
 
     def _speed(self, info, staging):
         """Time FP32 against INT8 in a torch-free subprocess; warn when INT8 is not faster here."""

@@ -150,7 +150,9 @@ def _softmax(logits):
 
 def load_bundle(path, threads=None, device="cpu"):
     """A verified Bundle from a bundle folder or a ``.zip`` written by ``edgekd export --zip``."""
-    if os.path.isfile(path) and zipfile.is_zipfile(path):
+    if os.path.isfile(path):
+        if not zipfile.is_zipfile(path):
+            raise EdgeKDError(f"bundle {path!r} is a file but not a bundle zip (expected a bundle folder or its .zip)")
         return ZippedBundle(path, threads, device)
     if not os.path.isdir(path):
         raise EdgeKDError(f"bundle {path!r} does not exist (expected a bundle folder or its .zip)")

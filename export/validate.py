@@ -9,7 +9,7 @@ def compare(reference_logits, bundle_logits, labels):
     """Shapes must match (fatal otherwise); then differences, top-1 agreement, both accuracies and the drop."""
     ref, out = np.asarray(reference_logits), np.asarray(bundle_logits)
     if ref.shape != out.shape:
-        raise EdgeKDError(f"parity gate failed: bundle output shape {list(out.shape)} != PyTorch {list(ref.shape)}; "
+        raise EdgeKDError(f"parity check failed: bundle output shape {list(out.shape)} != PyTorch {list(ref.shape)}; "
                           "no bundle written")
     diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
     labels = np.asarray(labels)
