@@ -170,33 +170,90 @@ class Distill(Command):
 class Export(Command):
     name = "export"
     help = "convert a checkpoint to a deployable bundle and check it against PyTorch"
-    description = ("Export a checkpoint to ONNX, validate it on real held-out images against the PyTorch model, "
-                   "and write a bundle folder DIR with manifest.json. A failed check leaves no bundle.")
+    description = ("Export a checkpoint to ONNX or OpenVINO IR at fp32, fp16 or int8, validate it on real held-out "
+                   "test images against the PyTorch model (the parity gate), and write a bundle folder DIR with "
+                   "manifest.json (and DIR.zip with --zip). INT8 is calibrated on class-stratified train images and "
+                   "must stay within --max-drop points of FP32 top-1; when it does not, the most sensitive layers "
+                   "are kept in float. A failed check leaves no bundle. See docs/export.md.")
 
     def add_arguments(self, p):
         p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt checkpoint written by edgekd train/distill")
-        p.add_argument("--format", required=True, metavar="FORMAT", help="bundle format: onnx")
-        p.add_argument("--precision", default="fp32", metavar="P", help="numeric precision (default: %(default)s)")
+        p.add_argument("--format", required=True, metavar="FORMAT", help="bundle format: onnx or openvino")
+        p.add_argument("--precision", default="fp32", metavar="P",
+                       help="fp32, fp16 (weights halved; inputs and outputs stay float32) or int8 (default: %(default)s)")
         p.add_argument("--val-size", type=_positive_int, default=1000,
-                       help="held-out test images for the parity check (default: %(default)s)")
+                       help="held-out test images for the parity gate (default: %(default)s)")
         p.add_argument("--atol", type=_positive_float, default=None,
-                       help="largest allowed |logit difference| from PyTorch (default: 1e-4 for fp32)")
+                       help="largest allowed |logit difference| from PyTorch (default: 1e-4 for fp32, 5e-2 for fp16)")
         p.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default: the exporter's)")
+        g = p.add_argument_group("int8")
+        g.add_argument("--quant", choices=["static", "dynamic"], default=None,
+                       help="static (calibrated, the default) or dynamic (ONNX only; slow for conv nets)")
+        g.add_argument("--calib-data", metavar="SPEC", default=None,
+                       help="data whose train split calibrates INT8 (default: the checkpoint's data)")
+        g.add_argument("--calib-size", type=_positive_int, default=300,
+                       help="calibration images, class-stratified (default: %(default)s)")
+        g.add_argument("--calib-method", default=None, metavar="M",
+                       help="ONNX: minmax (default), entropy or percentile; OpenVINO: nncf (its own statistics)")
+        g.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: %(default)s)")
+        g.add_argument("--max-drop", type=float, default=1.0,
+                       help="fail INT8 when its top-1 is more than P points below FP32 (default: %(default)s)")
+        g.add_argument("--max-fallback-layers", type=_non_negative_int, default=10,
+                       help="most layers kept in float to meet --max-drop; 0 turns the fallback off (default: %(default)s)")
+        g.add_argument("--int8-types", default=None, metavar="T",
+                       help="ONNX: auto (by CPU features: u8s8 with VNNI, u8u8 without, s8s8 on ARM), u8s8, u8u8, s8s8")
+        g.add_argument("--reduce-range", action="store_true", help="ONNX: 7-bit weights (for CPUs without VNNI)")
+        g.add_argument("--per-tensor", dest="per_channel", action="store_false",
+                       help="ONNX: one weight scale per tensor instead of per output channel")
+        g.add_argument("--no-speed-check", dest="speed_check", action="store_false",
+                       help="skip the short FP32-vs-INT8 timing on this machine")
+        p.add_argument("--zip", action="store_true", help="also pack the bundle into DIR.zip")
+        p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
         _add_data_args(p, default=None)
         p.set_defaults(data=None)
         _add_common(p)
 
     def run(self, args):
-        from .export.pipeline import export_checkpoint
+        from .export.pipeline import ExportOptions, export_checkpoint
 
         _check_out(args.out, args.force)
-        manifest = export_checkpoint(args.checkpoint, fmt=args.format, precision=args.precision, out=args.out,
-                                     data=args.data, data_root=args.data_root, val_size=args.val_size,
-                                     atol=args.atol, opset=args.opset)
-        v = manifest["validation"]
-        print(f"{manifest['format']} {manifest['precision']} bundle -> {args.out}")
+        _log_to_stderr()
+        opts = ExportOptions(
+            fmt=args.format, precision=args.precision, out=args.out, data=args.data, data_root=args.data_root,
+            val_size=args.val_size, atol=args.atol, opset=args.opset, quant=args.quant, calib_data=args.calib_data,
+            calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed, max_drop=args.max_drop,
+            max_fallback_layers=args.max_fallback_layers, int8_types=args.int8_types, reduce_range=args.reduce_range,
+            per_channel=args.per_channel, zip=args.zip, speed_check=args.speed_check, progress=args.progress)
+        m = export_checkpoint(args.checkpoint, opts)
+        v = m["validation"]
+        print(f"{m['format']} {m['precision']} bundle -> {args.out}{' (+ ' + args.out.rstrip('/') + '.zip)' if args.zip else ''}"
+              f": {m['size_bytes'] / 1e6:.3f} MB, exported in {m['export_seconds']:.1f} s")
         print(f"parity on {v['images']} test images: max |diff| {v['max_abs_diff']:.2e}, top-1 agreement "
-              f"{v['top1_agreement']:.4f}, top-1 {v['top1']:.4f} (PyTorch {v['reference_top1']:.4f})")
+              f"{v['top1_agreement']:.4f}, top-1 {v['top1']:.4f} (PyTorch {v['reference_top1']:.4f}, "
+              f"drop {v['drop']:+.2f} points)")
+        if m.get("fallback", {}).get("layers_in_float"):
+            f = m["fallback"]
+            print(f"kept in float: {', '.join(f['layers_in_float'])} (drop {f['drop_before']:.2f} -> {f['drop_after']:.2f})")
+        for warning in m.get("warnings", []):
+            print(f"warning: {warning}")
+
+
+def _non_negative_int(text):
+    if text.strip() == "0":
+        return 0
+    return _positive_int(text)
+
+
+def _log_to_stderr():
+    """Show the library's INFO lines (export time, size, warnings) on stderr, as one plain line each."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("edgekd")
+    if not logger.handlers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _csv_list(kind, convert=str):
@@ -295,21 +352,25 @@ class Bench(Command):
 class Predict(Command):
     name = "predict"
     help = "classify image files with a bundle (no PyTorch needed)"
-    description = "Run a bundle on image files with only numpy, Pillow and the bundle's runtime; print labels and scores."
+    description = ("Run a bundle (folder or .zip) on image files with only numpy, Pillow and the bundle's runtime "
+                   "(onnxruntime or openvino): verify its checksums, preprocess as training did, print labels and scores.")
 
     def add_arguments(self, p):
-        p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder written by edgekd export")
+        p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder or .zip written by edgekd export")
         p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
         p.add_argument("--top-k", type=_positive_int, default=1, help="classes to show per image (default: %(default)s)")
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        p.add_argument("--threads", type=_positive_int, default=None, help="runtime threads (default: the library's)")
+        p.add_argument("--device", default="cpu",
+                       help="cpu (default), cuda for ONNX Runtime with CUDA, or an OpenVINO device name such as GPU")
 
     def run(self, args):
         import json
 
-        from .export.runtime import load_bundle
+        from .runtime import load_bundle
 
-        bundle = load_bundle(args.bundle)
-        results = bundle.predict_files(args.images, top_k=args.top_k)
+        bundle = load_bundle(args.bundle, threads=args.threads, device=args.device)
+        results = bundle.predict_files(args.images, top_k=min(args.top_k, len(bundle.classes)))
         if args.json:
             print(json.dumps(results, indent=2))
         else:

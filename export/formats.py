@@ -1,22 +1,53 @@
-"""The format table: one registry entry per bundle format, with what it supports; it drives both
-validation of the command line and dispatch to the exporter."""
+"""The format table: one registry entry per bundle format with what it supports. It drives both the
+validation of a request (refused up front, naming what is supported) and the dispatch to the exporter."""
 
+from .. import EdgeKDError
 from ..registry import Registry
 
-from .onnx import export_onnx
+from .onnx import build_onnx, restore_onnx
+from .openvino import build_openvino, restore_openvino
+from .quantize_onnx import CALIB_METHODS
 
 FORMATS = Registry("export format")
+PRECISIONS = ("fp32", "fp16", "int8")
+# Logit tolerances of the parity gate. FP16 rounds weights and activations to 11-bit mantissas: on the
+# CIFAR-10 and digits students the largest logit moved by about 1e-2 (docs/export.md), so 5e-2.
+ATOL = {"fp32": 1e-4, "fp16": 5e-2}
 
-FORMATS.register("onnx", precisions=("fp32",), runtime="onnxruntime", suffix=".onnx",
-                 atol={"fp32": 1e-4})(export_onnx)
+FORMATS.register("onnx", precisions=PRECISIONS, runtime="onnxruntime", files=("model.onnx",), atol=ATOL,
+                 quant_modes=("static", "dynamic"), calib_methods=CALIB_METHODS, int8_types=True,
+                 restore=restore_onnx, summary="ONNX (ONNX Runtime); INT8 as QDQ via onnxruntime.quantization")(build_onnx)
+FORMATS.register("openvino", precisions=PRECISIONS, runtime="openvino", files=("model.xml", "model.bin"), atol=ATOL,
+                 quant_modes=("static",), calib_methods=("nncf",), int8_types=False,
+                 restore=restore_openvino, summary="OpenVINO IR; INT8 via NNCF post-training quantization")(build_openvino)
 
 
-def check_request(fmt, precision):
-    """Refuse, up front, a format or a precision the format does not support."""
-    from .. import EdgeKDError
+def check_request(fmt, precision, quant=None, calib_method=None, int8_types=None):
+    """Refuse, up front, a format, precision or INT8 option that the format does not support.
 
-    meta = FORMATS.meta(fmt)
+    ``None`` means "not given". Returns the format's metadata with the defaults filled in.
+    """
+    meta = dict(FORMATS.meta(fmt))
     if precision not in meta["precisions"]:
         raise EdgeKDError(f"format {fmt!r} does not support precision {precision!r}; "
                           f"supported: {', '.join(meta['precisions'])}")
+    int8_only = {"--quant": quant, "--calib-method": calib_method, "--int8-types": int8_types}
+    given = [flag for flag, value in int8_only.items() if value is not None]
+    if precision != "int8" and given:
+        raise EdgeKDError(f"{', '.join(given)} only apply to --precision int8 (got {precision})")
+    if quant is not None and quant not in meta["quant_modes"]:
+        raise EdgeKDError(f"format {fmt!r} does not support --quant {quant}; supported: {', '.join(meta['quant_modes'])}")
+    if calib_method is not None and calib_method not in meta["calib_methods"]:
+        raise EdgeKDError(f"format {fmt!r} does not support --calib-method {calib_method}; "
+                          f"supported: {', '.join(meta['calib_methods'])}")
+    if int8_types is not None and not meta["int8_types"]:
+        raise EdgeKDError(f"--int8-types applies to ONNX Runtime quantization only; format {fmt!r} chooses its own")
+    if quant == "dynamic" and calib_method is not None:
+        raise EdgeKDError("--calib-method applies to static quantization; dynamic INT8 uses no calibration images")
+    meta.update(quant=quant or meta["quant_modes"][0], calib_method=calib_method or meta["calib_methods"][0])
     return meta
+
+
+def combinations():
+    """Every supported (format, precision), for docs and tests."""
+    return [(fmt, p) for fmt in FORMATS.names() for p in FORMATS.meta(fmt)["precisions"]]

@@ -1,9 +1,14 @@
-"""ONNX export: torch.onnx (dynamo exporter) with a dynamic batch axis, then onnx.checker."""
+"""ONNX bundles: FP32 from torch.onnx (dynamo exporter, dynamic batch), FP16 with float32 inputs and
+outputs, INT8 through ONNX Runtime's quantizer (static QDQ by default, dynamic on request)."""
 
 import contextlib
 import io
 import logging
 import os
+
+from .. import EdgeKDError
+
+from . import quantize_onnx as q
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +21,6 @@ def export_onnx(model, input_spec, folder, opset=None):
     """Write ``folder/model.onnx`` (+ ``model.onnx.data`` for huge models); return the model file name."""
     import onnx
     import torch
-
-    from .. import EdgeKDError
 
     example = torch.zeros(2, input_spec.channels, input_spec.height, input_spec.width)
     path = os.path.join(folder, MODEL_FILE)
@@ -40,3 +43,72 @@ def export_onnx(model, input_spec, folder, opset=None):
     except onnx.checker.ValidationError as e:
         raise EdgeKDError(f"exported ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from None
     return MODEL_FILE
+
+
+def to_fp16(src, dst):
+    """FP16 weights and arithmetic, float32 input and output (callers keep feeding float32 images)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(src), keep_io_types=True)
+    # The converter appends its input casts after the nodes that read them; ONNX requires graph order.
+    _sort_topologically(model.graph)
+    onnx.save(model, dst)
+    try:
+        onnx.checker.check_model(dst, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise EdgeKDError(f"FP16 ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from None
+
+
+def _sort_topologically(graph):
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable otherwise)."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise EdgeKDError("FP16 conversion produced a graph with a cycle or a dangling input")
+        for n in ready:
+            known.update(n.output)
+            ordered.append(n)
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def build_onnx(job):
+    """The ONNX exporter of the format table: writes ``job.folder/model.onnx`` at ``job.precision``."""
+    if job.precision == "fp32":
+        export_onnx(job.model, job.input_spec, job.folder, job.options.get("opset"))
+        return {"model_file": MODEL_FILE}
+    fp32 = os.path.join(job.scratch, MODEL_FILE)
+    export_onnx(job.model, job.input_spec, job.scratch, job.options.get("opset"))
+    out = os.path.join(job.folder, MODEL_FILE)
+    if job.precision == "fp16":
+        to_fp16(fp32, out)
+        return {"model_file": MODEL_FILE}
+    o = job.options
+    settings = q.int8_settings(o["int8_types"], o["reduce_range"], o["per_channel"])
+    pre = q.preprocess(fp32, os.path.join(job.scratch, "preprocessed.onnx"))
+    if o["quant"] == "dynamic":
+        log.warning("dynamic INT8 runs convolutions as ConvInteger, measured several times slower than FP32 "
+                    "on CPU; static INT8 is the default for conv nets")
+        q.quantize_dynamic_file(pre, out, settings)
+        settings.update(mode="dynamic", format="QOperator")
+    else:
+        q.quantize_static_file(pre, out, job.calib, settings, o["calib_method"],
+                               os.path.join(job.scratch, "calibration-cache.json"), progress=job.progress)
+        settings.update(mode="static", calib_method=o["calib_method"])
+    return {"model_file": MODEL_FILE, "quantization": settings, "fp32_reference": fp32,
+            "quantizable_layers": len(q.quantizable_nodes(pre))}
+
+
+def restore_onnx(job, tune, max_drop, max_layers):
+    """Accuracy-aware retry for ONNX INT8: keep the most sensitive layers in float (nodes_to_exclude)."""
+    o = job.options
+    if o["quant"] == "dynamic":
+        raise EdgeKDError("the INT8 fallback works on static quantization; drop --quant dynamic")
+    settings = q.int8_settings(o["int8_types"], o["reduce_range"], o["per_channel"])
+    pre = os.path.join(job.scratch, "preprocessed.onnx")
+    return q.restore_layers(pre, os.path.join(job.folder, MODEL_FILE), job.scratch, job.calib, tune, settings,
+                            o["calib_method"], max_drop, max_layers, job.progress)

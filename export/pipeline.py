@@ -1,74 +1,294 @@
-"""``edgekd export``: checkpoint -> bundle folder, validated against PyTorch before it is published."""
+"""``edgekd export``: checkpoint -> bundle folder (and optional zip), validated against PyTorch on real
+held-out images before it is published. A failed check leaves nothing that looks like a bundle."""
 
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from .. import EdgeKDError
 
+from . import calibration
 from .formats import FORMATS, check_request
-from .manifest import library_versions, sha256_file, write_manifest
+from .manifest import MANIFEST, library_versions, sha256_file, write_manifest
 from .runtime import open_session
-from .validate import compare, run_batched
+from .validate import compare, gate, run_batched
 
 log = logging.getLogger(__name__)
 
 
-def export_checkpoint(checkpoint, fmt, precision="fp32", out=None, data=None, data_root=None, val_size=1000,
-                      atol=None, opset=None):
-    """Export, validate on ``val_size`` test images, write the manifest; publish ``out`` only if all passed."""
-    import torch
+@dataclass
+class ExportOptions:
+    """Everything ``edgekd export`` accepts; ``None`` means "the format's or checkpoint's default"."""
 
-    from ..checkpoint import load_model
-    from ..data import InputSpec, load_data, take_images
+    fmt: str
+    precision: str = "fp32"
+    out: str = None             # the bundle folder
+    data: str = None            # validation data spec (default: the checkpoint's)
+    data_root: str = None
+    val_size: int = 1000        # test images for the parity gate
+    atol: float = None          # fp32/fp16 logit tolerance (default: the format table's)
+    opset: int = None
+    quant: str = None           # int8: static (default) or dynamic (ONNX only)
+    calib_data: str = None      # int8: data spec whose train split calibrates (default: the checkpoint's data)
+    calib_size: int = 300       # int8: calibration images
+    calib_method: str = None    # int8: minmax|entropy|percentile for ONNX, nncf for OpenVINO
+    seed: int = 0               # calibration and tuning sample seed
+    max_drop: float = 1.0       # int8: largest allowed top-1 loss vs FP32, in points
+    max_fallback_layers: int = 10  # int8: most layers the fallback may keep in float (0: no fallback)
+    int8_types: str = None      # ONNX int8: auto|u8s8|u8u8|s8s8 (auto: by CPU features)
+    reduce_range: bool = False  # ONNX int8: 7-bit weights
+    per_channel: bool = True    # ONNX int8: per-channel weight scales
+    zip: bool = False           # also write OUT.zip
+    speed_check: bool = True    # int8: time FP32 vs INT8 here and warn when INT8 is not faster
+    progress: bool = True
 
-    meta = check_request(fmt, precision)
-    atol = atol if atol is not None else meta["atol"][precision]
-    model, ckpt = load_model(checkpoint)
-    input_spec = InputSpec.from_dict(ckpt["input"])
-    dataset = load_data(data or ckpt.get("data") or "digits", data_root, input_spec=input_spec)
-    if len(dataset.classes) != len(ckpt["classes"]):
-        raise EdgeKDError(f"checkpoint has {len(ckpt['classes'])} classes but data {dataset.spec!r} has {len(dataset.classes)}")
-    images, labels = take_images(dataset.test, val_size)
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
-    try:
-        start = time.perf_counter()
-        model_file = FORMATS.get(fmt)(model, input_spec, staging, opset=opset)
-        seconds = time.perf_counter() - start
+@dataclass
+class ExportJob:
+    """What a format's exporter receives."""
+
+    model: object
+    input_spec: object
+    folder: str        # the staging bundle folder: write only the bundle's files here
+    scratch: str       # intermediate files (FP32 ONNX, calibration cache), deleted afterwards
+    precision: str
+    options: dict
+    calib: np.ndarray = None
+    progress: bool = True
+    state: dict = field(default_factory=dict)
+
+
+def export_checkpoint(checkpoint, opts):
+    """Export ``checkpoint`` as ``opts`` says into the folder ``out``; return the manifest."""
+    return _Export(checkpoint, opts).run()
+
+
+class _Export:
+    def __init__(self, checkpoint, opts):
+        self.checkpoint, self.o = checkpoint, opts
+        self.meta = check_request(opts.fmt, opts.precision, opts.quant, opts.calib_method, opts.int8_types)
+        self.int8 = opts.precision == "int8"
+        self.static = self.int8 and self.meta["quant"] == "static"
+        self.atol = opts.atol if opts.atol is not None else self.meta["atol"].get(opts.precision)
+        if self.int8 and opts.max_drop < 0:
+            raise EdgeKDError(f"--max-drop must be 0 or more points, got {opts.max_drop}")
+
+    def run(self):
+        import torch
+
+        from ..checkpoint import load_model
+        from ..data import InputSpec, load_data
+
+        o = self.o
+        self.model, self.ckpt = load_model(self.checkpoint)
+        self.spec = InputSpec.from_dict(self.ckpt["input"])
+        self.dataset = load_data(o.data or self.ckpt.get("data") or "digits", o.data_root, input_spec=self.spec)
+        if len(self.dataset.classes) != len(self.ckpt["classes"]):
+            raise EdgeKDError(f"checkpoint has {len(self.ckpt['classes'])} classes but data {self.dataset.spec!r} "
+                              f"has {len(self.dataset.classes)}")
+        calib, self.calib_record = self._calibration() if self.static else (None, None)
+        idx = calibration.strided_indices(len(self.dataset.test), o.val_size)
+        self.images, self.labels = calibration.load_images(self.dataset.test, idx, "validation images", o.progress)
         with torch.no_grad():
-            reference = run_batched(lambda b: model(torch.from_numpy(b)).numpy(), images.numpy())
-        session = open_session(fmt, os.path.join(staging, model_file))
-        validation = compare(reference, run_batched(session, images.numpy()), labels.numpy())
-        validation.update(atol=atol, data=dataset.spec, split="test")
-        if validation["max_abs_diff"] > atol:
-            raise EdgeKDError(f"parity check failed: max |logit difference| {validation['max_abs_diff']:.3g} "
-                              f"exceeds --atol {atol:g} on {validation['images']} test images; no bundle written")
+            self.reference = run_batched(lambda b: self.model(torch.from_numpy(b)).numpy(), self.images)
+        return self._build(calib)
+
+    def _calibration(self):
+        o = self.o
+        spec = o.calib_data or o.data or self.ckpt.get("data") or "digits"
+        data = self.dataset if spec == self.dataset.spec else load_data_for(spec, o.data_root, self.spec)
+        self.calib_data = data
+        indices, record = calibration.select(data.train, o.calib_size, o.seed, data_spec=data.spec, split="train",
+                                             class_names=data.classes)
+        images, _ = calibration.load_images(data.train, indices, "calibration images", o.progress)
+        log.info("calibration: %d images from the train split of %s (seed %d, sha256 %s)",
+                 len(images), data.spec, o.seed, record["files_sha256"][:12])
+        return images, record
+
+    def _build(self, calib):
+        o = self.o
+        out = o.out
+        parent = os.path.dirname(os.path.abspath(out))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
+        scratch = tempfile.mkdtemp(prefix="edgekd-export-")
+        job = ExportJob(self.model, self.spec, staging, scratch, o.precision,
+                        {**asdict(o), "quant": self.meta["quant"], "calib_method": self.meta["calib_method"],
+                         "int8_types": o.int8_types or "auto"}, calib, o.progress)
+        try:
+            start = time.perf_counter()
+            info = FORMATS.get(o.fmt)(job)
+            seconds = time.perf_counter() - start
+            validation = self._validate(staging, info["model_file"])
+            fallback = None
+            if self.int8:
+                validation, fallback, seconds = self._int8_gate(job, info, validation, seconds)
+            else:
+                self._fail_if(gate(validation, o.precision, atol=self.atol))
+            speed = self._speed(info, staging) if self.int8 and o.speed_check else None
+            manifest = self._manifest(staging, info, validation, fallback, speed, seconds)
+            write_manifest(staging, manifest)
+            os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+            if o.zip:
+                write_zip(staging, out)
+            _publish(staging, out)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if os.path.isdir(staging):
+                shutil.rmtree(staging)
+        size = sum(os.path.getsize(os.path.join(out, f)) for f in manifest["files"])
+        log.info("exported %s %s in %.1f s, %.3f MB (%s)", o.fmt, o.precision, seconds, size / 1e6, out)
+        return manifest
+
+    def _validate(self, folder, model_file):
+        from tqdm import tqdm
+
+        session = open_session(self.o.fmt, os.path.join(folder, model_file))
+        bar = tqdm(total=len(self.images), desc="validating", unit="img", disable=not self.o.progress, leave=False)
+
+        def run(batch):
+            bar.update(len(batch))
+            return session(batch)
+
+        try:
+            outputs = run_batched(run, self.images)
+        finally:
+            bar.close()
+        validation = compare(self.reference, outputs, self.labels)
+        validation.update(data=self.dataset.spec, split="test", atol=self.atol)
+        return validation
+
+    def _int8_gate(self, job, info, validation, seconds):
+        """Apply --max-drop; when INT8 loses too much, keep the most sensitive layers in float and retry."""
+        o = self.o
+        validation["max_drop"] = o.max_drop
+        failures = gate(validation, "int8", max_drop=o.max_drop)
+        fallback = {"needed": bool(failures), "drop_before": validation["drop"], "layers_in_float": []}
+        if not failures:
+            return validation, fallback, seconds
+        if not self.static:
+            self._fail_if(failures, suffix=" (dynamic INT8 has no fallback; static INT8 has)")
+        if o.max_fallback_layers == 0:
+            self._fail_if(failures, suffix=" (the fallback is off: --max-fallback-layers 0)")
+        log.warning("INT8 top-1 drop %.2f points exceeds --max-drop %.2f; keeping sensitive layers in float",
+                    validation["drop"], o.max_drop)
+        start = time.perf_counter()
+        tune = self._tuning_set()
+        fallback.update(FORMATS.meta(o.fmt)["restore"](job, tune, o.max_drop, o.max_fallback_layers))
+        seconds += time.perf_counter() - start
+        validation = self._validate(job.folder, info["model_file"])
+        validation["max_drop"] = o.max_drop
+        fallback.update(drop_after=validation["drop"], max_layers=o.max_fallback_layers, tuning=self.tune_record)
+        self._fail_if(gate(validation, "int8", max_drop=o.max_drop),
+                      suffix=f" even with {len(fallback['layers_in_float'])} layer(s) kept in float "
+                             f"(--max-fallback-layers {o.max_fallback_layers}; before the fallback: "
+                             f"{fallback['drop_before']:.2f} points)")
+        return validation, fallback, seconds
+
+    def _tuning_set(self):
+        """Labelled train-split images (another seed than calibration) that steer the fallback, so the
+        test split stays held out for the final gate."""
+        data = self.calib_data
+        size = min(self.o.val_size, len(data.train))
+        indices, record = calibration.select(data.train, size, self.o.seed + 1, data_spec=data.spec, split="train",
+                                             class_names=data.classes, purpose="fallback tuning")
+        record.pop("files")
+        self.tune_record = record
+        return calibration.load_images(data.train, indices, "tuning images", self.o.progress)
+
+    def _fail_if(self, failures, suffix=""):
+        if failures:
+            raise EdgeKDError("parity check failed: " + "; ".join(failures) + suffix + "; no bundle written")
+
+    def _speed(self, info, staging):
+        """Time FP32 against INT8 in a torch-free subprocess; warn when INT8 is not faster here."""
+        fp32_format = "onnx" if self.o.fmt == "onnx" else "openvino"
+        job = {"format": self.o.fmt, "int8_path": os.path.join(staging, info["model_file"]),
+               "fp32_format": fp32_format, "fp32_path": info["fp32_reference"],
+               "shape": [self.spec.channels, self.spec.height, self.spec.width]}
+        path = os.path.join(os.path.dirname(info["fp32_reference"]), "speed-job.json")
+        with open(path, "w") as f:
+            json.dump(job, f)
+        env = dict(os.environ, OPENVINO_TELEMETRY_OPT_OUT="1")
+        proc = subprocess.run([sys.executable, "-m", "edgekd.export.speed", path], capture_output=True, text=True,
+                              env=env, timeout=300)
+        if proc.returncode != 0:
+            log.warning("the INT8 speed check failed: %s", (proc.stderr.strip().splitlines() or ["?"])[-1])
+            return {"status": "failed"}
+        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+        from .speed import FASTER
+
+        slow = [r for r in rows if r["speedup"] < FASTER]
+        for r in slow:
+            log.warning("INT8 is not faster than FP32 on this machine at batch %d: %.3f ms vs %.3f ms (%.2fx)",
+                        r["batch_size"], r["int8_ms"], r["fp32_ms"], r["speedup"])
+        return {"rows": rows, "int8_faster": not slow, "threshold": FASTER, "machine": _machine()}
+
+    def _manifest(self, staging, info, validation, fallback, speed, seconds):
+        o, spec, ckpt = self.o, self.spec, self.ckpt
         files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
         manifest = {
-            "format": fmt, "precision": precision, "model_file": model_file, "files": files,
-            "input": {"shape": [-1, input_spec.channels, input_spec.height, input_spec.width], "layout": "NCHW",
-                      "dtype": "float32", "mean": input_spec.mean, "std": input_spec.std, "color": input_spec.color,
-                      "resize": [input_spec.height, input_spec.width], "scale": 1 / 255,
-                      "resample": "bilinear"},
+            "format": o.fmt, "precision": o.precision, "model_file": info["model_file"], "files": files,
+            "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
+                      "mean": spec.mean, "std": spec.std, "color": spec.color, "resize": [spec.height, spec.width],
+                      "scale": 1 / 255, "resample": "bilinear"},
             "classes": list(ckpt["classes"]),
-            "model": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"), "data": dataset.spec,
-            "source": {"checkpoint": os.path.abspath(checkpoint), "sha256": sha256_file(checkpoint)},
-            "validation": validation, "export_seconds": round(seconds, 3), "versions": library_versions(),
+            "model": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"), "data": self.dataset.spec,
+            "source": {"checkpoint": os.path.abspath(self.checkpoint), "sha256": sha256_file(self.checkpoint)},
+            "validation": validation, "export_seconds": round(seconds, 3),
+            "size_bytes": sum(os.path.getsize(os.path.join(staging, n)) for n in files),
+            "runtime": {"library": FORMATS.meta(o.fmt)["runtime"],
+                        "inference_precision": "f32" if o.fmt == "openvino" else None},
+            "versions": library_versions(),
         }
-        write_manifest(staging, manifest)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
-        _publish(staging, out)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging)
-    size = sum(os.path.getsize(os.path.join(out, f)) for f in files)
-    log.info("exported %s %s in %.1f s, %.2f MB", fmt, precision, seconds, size / 1e6)
-    return manifest
+        if self.int8:
+            manifest["calibration"] = self.calib_record or {"images": 0, "note": "dynamic INT8 uses no calibration"}
+            manifest["quantization"] = info.get("quantization", {})
+            manifest["quantization"]["layers"] = info.get("quantizable_layers")
+            manifest["fallback"] = fallback
+            manifest["speed_check"] = speed
+            if speed and speed.get("int8_faster") is False:
+                manifest.setdefault("warnings", []).append(
+                    "INT8 was not faster than FP32 on the exporting machine: " + ", ".join(
+                        f"batch {r['batch_size']} {r['speedup']:.2f}x" for r in speed["rows"]))
+        return manifest
+
+
+def load_data_for(spec, data_root, input_spec):
+    from ..data import load_data
+
+    return load_data(spec, data_root, input_spec=input_spec)
+
+
+def _machine():
+    import platform
+
+    from .quantize_onnx import cpu_features
+
+    arch, flags = cpu_features()
+    return {"arch": arch, "cores": os.cpu_count(), "processor": platform.processor() or arch,
+            "vnni": sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}), "avx2": "avx2" in flags}
+
+
+def write_zip(folder, out):
+    """``OUT.zip`` holding the bundle under one top folder named like OUT; written atomically."""
+    name = os.path.basename(os.path.normpath(out))
+    target = os.path.abspath(out).rstrip(os.sep) + ".zip"
+    tmp = target + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for entry in sorted(os.listdir(folder)):
+            z.write(os.path.join(folder, entry), f"{name}/{entry}")
+    os.replace(tmp, target)
+    return target
 
 
 def _publish(staging, out):

@@ -1,9 +1,14 @@
-"""The torch-free bundle runtime: load a bundle, preprocess images exactly as the manifest says, run it.
+"""The torch-free bundle runtime: load a bundle (a folder or its .zip), verify every checksum,
+preprocess images exactly as training did, run the model, return class names and scores.
 
-Needs numpy, Pillow and the bundle's runtime (onnxruntime for ONNX) - never PyTorch.
+Needs numpy, Pillow and the bundle's runtime (onnxruntime for ONNX, openvino for OpenVINO IR), never
+PyTorch; ``edgekd.runtime`` is its public import path.
 """
 
 import os
+import shutil
+import tempfile
+import zipfile
 
 import numpy as np
 
@@ -16,7 +21,9 @@ def open_session(fmt, model_path, threads=None, device="cpu"):
     """A callable ``run(batch: float32 NCHW array) -> logits array`` for one model file."""
     if fmt == "onnx":
         return OnnxSession(model_path, threads, device)
-    raise EdgeKDError(f"no runtime for bundle format {fmt!r}: this edgekd runs onnx")
+    if fmt == "openvino":
+        return OpenVINOSession(model_path, threads, device)
+    raise EdgeKDError(f"no runtime for bundle format {fmt!r}: this edgekd runs onnx, openvino")
 
 
 class OnnxSession:
@@ -40,6 +47,35 @@ class OnnxSession:
 
     def __call__(self, batch):
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+class OpenVINOSession:
+    """OpenVINO on the CPU (or an Intel GPU/NPU by its device name), at f32 unless the model is quantized.
+
+    The CPU plugin would otherwise run FP32 models in bf16 on CPUs with bf16 support, moving logits by
+    about 1e-2 and breaking the parity the bundle was validated with.
+    """
+
+    def __init__(self, path, threads=None, device="cpu", precision="f32"):
+        os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
+        import openvino as ov
+
+        core = ov.Core()
+        target = device.upper() if device != "cpu" else "CPU"
+        if target not in core.available_devices:
+            raise EdgeKDError(f"OpenVINO has no device {target!r} here; available: {', '.join(core.available_devices)}")
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if target == "CPU":
+            config["INFERENCE_PRECISION_HINT"] = precision
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(core.read_model(path), target, config)
+        self.request = self.compiled.create_infer_request()
+        self.threads = threads
+
+    def __call__(self, batch):
+        self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+        return self.request.get_output_tensor(0).data.copy()
 
 
 class Bundle:
@@ -112,7 +148,52 @@ def _softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def load_bundle(folder, threads=None, device="cpu"):
-    if not os.path.isdir(folder):
-        raise EdgeKDError(f"bundle folder {folder!r} does not exist")
-    return Bundle(folder, threads, device)
+def load_bundle(path, threads=None, device="cpu"):
+    """A verified Bundle from a bundle folder or a ``.zip`` written by ``edgekd export --zip``."""
+    if os.path.isfile(path):
+        if not zipfile.is_zipfile(path):
+            raise EdgeKDError(f"bundle {path!r} is a file but not a bundle zip (expected a bundle folder or its .zip)")
+        return ZippedBundle(path, threads, device)
+    if not os.path.isdir(path):
+        raise EdgeKDError(f"bundle {path!r} does not exist (expected a bundle folder or its .zip)")
+    return Bundle(path, threads, device)
+
+
+def safe_extract(archive, folder):
+    """Unpack a bundle zip into ``folder``, refusing members that would land outside it or are links."""
+    root = os.path.realpath(folder)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                target = os.path.realpath(os.path.join(folder, info.filename))
+                is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+                if os.path.isabs(info.filename) or is_link or not target.startswith(root + os.sep):
+                    raise EdgeKDError(f"bundle zip {archive!r} has a member {info.filename!r} that escapes "
+                                      "the bundle folder; refusing to unpack it")
+            z.extractall(folder)
+    except zipfile.BadZipFile as e:
+        raise EdgeKDError(f"bundle zip {archive!r} is damaged: {e}") from None
+    entries = os.listdir(folder)
+    # Zips made by edgekd hold one top folder; accept a flat zip too.
+    if len(entries) == 1 and os.path.isdir(os.path.join(folder, entries[0])):
+        return os.path.join(folder, entries[0])
+    return folder
+
+
+class ZippedBundle(Bundle):
+    """A Bundle unpacked from its zip into a private temporary folder (removed when closed)."""
+
+    def __init__(self, archive, threads=None, device="cpu"):
+        self.tmp = tempfile.mkdtemp(prefix="edgekd-bundle-")
+        try:
+            super().__init__(safe_extract(archive, self.tmp), threads, device)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        self.archive = archive
+
+    def close(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __del__(self):
+        self.close()

@@ -1,4 +1,4 @@
-"""The parity check: a bundle's outputs against the PyTorch model's, on real held-out images."""
+"""The parity gate: a bundle's outputs against the PyTorch model's, on real held-out images."""
 
 import numpy as np
 
@@ -6,21 +6,41 @@ from .. import EdgeKDError
 
 
 def compare(reference_logits, bundle_logits, labels):
-    """Shapes must match (fatal otherwise); then differences, top-1 agreement and both accuracies."""
+    """Shapes must match (fatal otherwise); then differences, top-1 agreement, both accuracies and the drop."""
     ref, out = np.asarray(reference_logits), np.asarray(bundle_logits)
     if ref.shape != out.shape:
-        raise EdgeKDError(f"parity check failed: bundle output shape {list(out.shape)} != PyTorch {list(ref.shape)}")
+        raise EdgeKDError(f"parity check failed: bundle output shape {list(out.shape)} != PyTorch {list(ref.shape)}; "
+                          "no bundle written")
     diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
     labels = np.asarray(labels)
     ref_pred, out_pred = ref.argmax(1), out.argmax(1)
+    top1, reference_top1 = float((out_pred == labels).mean()), float((ref_pred == labels).mean())
     return {
         "images": int(len(labels)),
+        "output_shape": [-1, *out.shape[1:]],
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
         "top1_agreement": float((ref_pred == out_pred).mean()),
-        "top1": float((out_pred == labels).mean()),
-        "reference_top1": float((ref_pred == labels).mean()),
+        "top1": top1,
+        "reference_top1": reference_top1,
+        "drop": round((reference_top1 - top1) * 100, 4),  # top-1 points lost against PyTorch FP32
     }
+
+
+def gate(validation, precision, atol=None, max_drop=None):
+    """The checks that fail an export, each naming what failed and by how much; empty when all pass.
+
+    FP32 and FP16 are held to a logit tolerance; INT8 (whose logits legitimately move) to a top-1 drop.
+    """
+    n = validation["images"]
+    failures = []
+    if precision in ("fp32", "fp16") and validation["max_abs_diff"] > atol:
+        failures.append(f"max |logit difference| {validation['max_abs_diff']:.3g} exceeds --atol {atol:g} "
+                        f"on {n} test images")
+    if precision == "int8" and validation["drop"] > max_drop:
+        failures.append(f"INT8 top-1 {validation['top1']:.4f} is {validation['drop']:.2f} points below FP32 "
+                        f"{validation['reference_top1']:.4f} on {n} test images, over --max-drop {max_drop:g}")
+    return failures
 
 
 def run_batched(fn, images, batch_size=256):
