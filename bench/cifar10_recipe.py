@@ -179,7 +179,7 @@ def results_markdown(recipe, runs, out, recipe_path):
                   f"{speed['build_seconds']:.0f} s. Counting it against one run alone gives "
                   f"{speed['single']:.0f} images/s; shared by the {speed['users']} runs of this recipe that replay it, "
                   f"{speed['amortised']:.0f} images/s."]
-    lines += ["", *_targets(rows, speed, base), "", _wall(out), "", "Every run of the table, as run:", "", "```"]
+    lines += ["", *_targets(rows, speed, base), "", _wall(out), "", _data_speed(out), "", "Every run of the table, as run:", "", "```"]
     rel = os.path.relpath(out, REPO)
     lines += ["edgekd " + " ".join(rel + a[len(out):] if a.startswith(out) else a for a in argv) for _, argv, _, _ in runs]
     lines += ["```", "", END]
@@ -213,6 +213,19 @@ def _wall(out):
     return f"The whole recipe took {wall / 60:.0f} minutes of wall time on this machine (2 shared CPU cores)."
 
 
+def _data_speed(out):
+    path = os.path.join(out, "data_speed.json")
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        d = json.load(f)
+    return (f"Feeding training (`python -m edgekd.bench.cifar10_recipe --report-only --measure-data`, "
+            f"{d['images']} train images, batch 64, crop + flip): JPEG files through a DataLoader with torchvision "
+            f"transforms {d['jpeg_dataloader_0_workers']:.0f} images/s in-process, "
+            f"{d['jpeg_dataloader_2_workers']:.0f} with 2 persistent workers; edgekd's decoded views "
+            f"{d['decoded_views']:.0f} images/s after a one-off decode at {d['decode_once']:.0f} images/s.")
+
+
 def write_report(recipe, runs, out, doc, recipe_path):
     """Replace the results section of ``doc`` (between its markers) and print it."""
     section = results_markdown(recipe, runs, out, recipe_path)
@@ -228,6 +241,40 @@ def write_report(recipe, runs, out, doc, recipe_path):
     print(section)
 
 
+def measure_data(recipe, images=5000, batch_size=64):
+    """Images/s of two ways to feed training: JPEG files through a DataLoader with workers and
+    torchvision transforms, against edgekd's decoded-in-memory views (decoding counted separately)."""
+    import torch
+    from torchvision import datasets, transforms
+
+    from ..augment import AugmentPlan, Views, decode_split, stratified_subset
+    from ..data import load_data
+
+    data = load_data(os.path.join(REPO, recipe["data"]) if not os.path.isabs(recipe["data"]) else recipe["data"])
+    idx = stratified_subset(torch.tensor([y for _, y in data.train.samples]), images)
+    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    folder = torch.utils.data.Subset(datasets.ImageFolder(data.train.root, transform=tf), idx.tolist())
+    result = {"images": len(idx)}
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                             persistent_workers=workers > 0)
+        for epoch in range(2):  # the first pass starts the workers; time the second
+            start = time.perf_counter()
+            for _ in loader:
+                pass
+        result[f"jpeg_dataloader_{workers}_workers"] = len(idx) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    raw, labels = decode_split(data.train, data.input, idx, workers=0, progress=False)
+    result["decode_once"] = len(idx) / (time.perf_counter() - start)
+    views = Views(raw, labels, [0.5] * 3, [0.5] * 3, AugmentPlan("standard", len(labels)))
+    start = time.perf_counter()
+    for _ in views.batches(batch_size, epoch=1, shuffle_seed=0):
+        pass
+    result["decoded_views"] = len(idx) / (time.perf_counter() - start)
+    return result
+
+
 def main(argv=None):
     import yaml
 
@@ -236,6 +283,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "runs", "cifar10-recipe"), help="output folder")
     p.add_argument("--doc", default=os.path.join(REPO, "docs", "distillation.md"), help="results document to update")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table from finished runs")
+    p.add_argument("--measure-data", action="store_true",
+                   help="also time the data pipeline (JPEG DataLoader against decoded views) into OUT/data_speed.json")
     args = p.parse_args(argv)
     with open(args.recipe) as f:
         recipe = yaml.safe_load(f)
@@ -245,6 +294,10 @@ def main(argv=None):
         results = run_all(runs, args.out, recipe.get("lanes", 2))
         with open(os.path.join(args.out, "wall.json"), "w") as f:
             json.dump({"wall_seconds": time.time() - start, "runs": results}, f, indent=2)
+    if args.measure_data:
+        speed = measure_data(recipe)
+        with open(os.path.join(args.out, "data_speed.json"), "w") as f:
+            json.dump(speed, f, indent=2)
     write_report(recipe, runs, args.out, args.doc, args.recipe)
 
 

@@ -73,9 +73,8 @@ def test_augmentation_is_a_padded_crop_and_flip_replayed_from_seed_and_epoch():
 
 
 def test_cached_teacher_logits_equal_a_live_forward_on_the_same_view(cifar_folder, tmp_path):
-    data, train, test = prepare_data(_cfg(cifar_folder))
-    model = build_model("resnet8", 10, data.input)
-    fit(model, TrainRun(train, test, make_loss("ce")[0]), _cfg(cifar_folder))
+    data, train, test = prepare_data(_cfg(cifar_folder, train_subset=120))
+    model = build_model("resnet8", 10, data.input)  # untrained: its forward pass is all the cache replays
     path = str(tmp_path / "teacher.pt")
     save_checkpoint(path, model, spec="resnet8", classes=data.classes, input_spec=data.input, data_spec=data.spec,
                     metrics={}, config={})
@@ -130,7 +129,7 @@ def test_small_input_stem_for_torchvision_models_at_32x32():
 
 
 def test_batchnorm_trap_is_detected_on_training_images_and_fixed_by_reestimation(cifar_folder):
-    cfg = _cfg(cifar_folder, epochs=2)
+    cfg = _cfg(cifar_folder, epochs=2, augment="none")
     data, train, test = prepare_data(cfg)
     model = build_model("compact-student", 10, data.input)
     run = TrainRun(train, test, make_loss("ce")[0])
@@ -150,8 +149,8 @@ def test_batchnorm_trap_is_detected_on_training_images_and_fixed_by_reestimation
 
 
 def test_distill_cli_dkd_with_cache_logs_every_part_and_reuses_the_cache(cifar_folder, tmp_path, cli):
-    common = ["--data", cifar_folder, "--epochs", 2, "--teacher-epochs", 1, "--no-progress", "--threads", 1,
-              "--teacher-cache", tmp_path / "cache"]
+    common = ["--data", cifar_folder, "--epochs", 1, "--teacher-epochs", 1, "--no-progress", "--threads", 1,
+              "--train-subset", 100, "--teacher-cache", tmp_path / "cache"]
     cli("distill", "--teacher", "resnet8", "--loss", "dkd", *common, "--out", tmp_path / "a")
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert {"loss", "task_loss", "kd_loss", "tckd", "nckd", "train_top1", "lr"} <= set(m["history"][0])
@@ -161,6 +160,6 @@ def test_distill_cli_dkd_with_cache_logs_every_part_and_reuses_the_cache(cifar_f
     cli("distill", "--teacher", tmp_path / "a" / "teacher.pt", "--loss", "kd", *common, "--out", tmp_path / "b")
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["teacher_cache"]["build_seconds"] == 0.0
     cli("distill", "--teacher", tmp_path / "a" / "teacher.pt", "--loss", "fitnet", "--epochs", 1, "--data", cifar_folder,
-        "--no-progress", "--out", tmp_path / "c")
+        "--train-subset", 100, "--no-progress", "--threads", 1, "--out", tmp_path / "c")
     h = json.loads((tmp_path / "c" / "metrics.json").read_text())["history"][0]
     assert h["hint"] > 0 and h["kd_loss"] == pytest.approx(100 * h["hint"], rel=1e-6)
