@@ -40,17 +40,56 @@ def _add_training_args(p):
     g = p.add_argument_group("training (the seed article used --lr 0.01 --batch-size 128 --schedule constant)")
     g.add_argument("--epochs", type=_positive_int, default=15, help="epochs of training (default: %(default)s)")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="images per step (default: %(default)s)")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer (default: %(default)s)")
-    g.add_argument("--lr", type=_positive_float, default=0.05, help="learning rate (default: %(default)s)")
-    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
-                   help="learning-rate schedule, per step (default: %(default)s; the article used constant)")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="sgd (with momentum) or adamw (try --lr 0.002 --weight-decay 0.05) (default: %(default)s)")
+    g.add_argument("--lr", type=_positive_float, default=0.05, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
+                   help="learning-rate schedule after warm-up, per step: cosine to zero, step (x0.1 at 50%% and "
+                        "75%% of training) or constant (default: %(default)s; the article used constant)")
+    g.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="linear learning-rate warm-up, in epochs (0 for none) (default: %(default)s)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: %(default)s)")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the hard-label term, 0..1 (default: %(default)s)")
+    g.add_argument("--augment", choices=["auto", "none", "standard"], default="auto",
+                   help="standard: random crop with 4-pixel padding + horizontal flip; auto: standard for photos, "
+                        "none for digits (default: %(default)s)")
+    g.add_argument("--aug-seed", type=int, default=0,
+                   help="seed of the augmentation parameters per (image, epoch); runs with the same seed see the "
+                        "same views and share a teacher cache (default: %(default)s)")
+    g.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
+                   help="train on N images of the train split, class-stratified, fixed choice (default: all)")
+    g.add_argument("--norm", default="auto", metavar="STATS",
+                   help="input normalisation: train (mean/std of the train split), seed (0.5/0.5), MEAN/STD "
+                        "(e.g. 0.49,0.48,0.45/0.25,0.24,0.26), auto: train except digits (default: %(default)s)")
+    g.add_argument("--bn-recalibrate", choices=["auto", "always", "never"], default="auto",
+                   help="after training, compare eval-mode with batch-statistics accuracy on training images and "
+                        "re-estimate batch-norm statistics when they disagree (auto), always, or never "
+                        "(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="random seed for weights and shuffling (default: %(default)s)")
     g.add_argument("--workers", type=int, default=2,
-                   help="data-loading worker processes for folder data (default: %(default)s)")
+                   help="worker processes that decode folder images (once, into memory) (default: %(default)s)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
     g.add_argument("--device", default="cpu", help="torch device to train on: cpu or cuda (default: %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def _check_training_args(args):
+    """Ranges argparse cannot express; CPU threads set here, before any torch work."""
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise EdgeKDError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        raise EdgeKDError(f"--warmup-epochs must be between 0 and --epochs ({args.epochs}), got {args.warmup_epochs}")
+    if args.norm not in ("auto", "train", "seed") and "/" not in args.norm:
+        raise EdgeKDError(f"--norm {args.norm!r}: use auto, train, seed or MEAN/STD such as 0.49,0.48,0.45/0.25,0.24,0.26")
+    _check_out(args.out, args.force)
+    _check_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def _add_common(p, out_default=None):
@@ -99,6 +138,11 @@ def _check_device(device):
             raise EdgeKDError(f"device {device!r} requested but no CUDA GPU is available here; use --device cpu")
 
 
+MODEL_HELP = ("seed-teacher, seed-student, compact-student, a CIFAR ResNet (resnet8, resnet14, resnet20, resnet32, "
+              "resnet44, resnet56, resnet110, resnet8x4, resnet32x4) or torchvision:NAME (small-input stem chosen "
+              "automatically at <=64 px; torchvision:NAME:small-stem or :imagenet-stem to force)")
+
+
 def _config_of(args):
     skip = {"command", "config", "force", "debug", "func"}
     return {k: v for k, v in vars(args).items() if k not in skip}
@@ -110,8 +154,7 @@ class Train(Command):
     description = "Train a model on labelled data with cross-entropy. Writes DIR/model.pt, DIR/metrics.json, DIR/config.yaml."
 
     def add_arguments(self, p):
-        p.add_argument("--model", default="seed-teacher", metavar="SPEC",
-                       help="seed-teacher, seed-student, compact-student or torchvision:NAME (default: %(default)s)")
+        p.add_argument("--model", default="seed-teacher", metavar="SPEC", help=MODEL_HELP + " (default: %(default)s)")
         _add_data_args(p)
         _add_training_args(p)
         _add_common(p)
@@ -119,8 +162,7 @@ class Train(Command):
     def run(self, args):
         from .distill import run_train
 
-        _check_out(args.out, args.force)
-        _check_device(args.device)
+        _check_training_args(args)
         m = run_train(_config_of(args))
         print(f"{m['model']}: test top-1 {m['test_top1']:.4f} after {m['epochs']} epochs -> {args.out}/model.pt")
 
@@ -136,17 +178,32 @@ class Distill(Command):
         p.add_argument("--teacher", default="seed-teacher", metavar="SPEC",
                        help="a teacher checkpoint (.pt), or a model spec to train first (default: %(default)s)")
         p.add_argument("--student", default="compact-student", metavar="SPEC",
-                       help="seed-student, compact-student or torchvision:NAME (default: %(default)s)")
+                       help=MODEL_HELP + " (default: %(default)s)")
         p.add_argument("--teacher-epochs", type=_positive_int, default=None,
                        help="epochs for a teacher trained here (default: --epochs)")
         # Listed here without importing torch (the registry in edgekd.losses is the authority).
         p.add_argument("--loss", default="kd", metavar="NAME",
                        help="distillation loss (default: %(default)s): kd (Hinton: alpha*T^2*KL + (1-alpha)*CE), "
-                            "seed (the seed article's CE + 0.5*soft CE at T=0.5), mse (logit matching)")
+                            "dkd (Decoupled KD: CE + alpha*TCKD + beta*NCKD), fitnet (FitNets hint on a middle "
+                            "layer through a learned adapter), seed (the seed article's CE + 0.5*soft CE at T=0.5), "
+                            "mse (logit matching)")
         p.add_argument("--temperature", "-T", type=_positive_float, default=None,
-                       help="softmax temperature (default: the loss's own, kd 4, seed 0.5)")
+                       help="softmax temperature (default: the loss's own, kd 4, dkd 4, seed 0.5)")
         p.add_argument("--alpha", type=float, default=None,
-                       help="weight of the teacher term, 0..1 (default: the loss's own, kd 0.9, seed 0.5, mse 0.9)")
+                       help="weight of the teacher term (default: the loss's own: kd 0.9, seed 0.5, mse 0.9; "
+                            "dkd: TCKD weight 1; fitnet: weight of an added logit KD term, 0)")
+        p.add_argument("--beta", type=float, default=None,
+                       help="dkd: NCKD weight (default 8); fitnet: hint weight (default 100)")
+        p.add_argument("--dkd-warmup", type=float, default=None,
+                       help="dkd: epochs over which the distillation terms ramp in linearly (default: 20, the paper's)")
+        p.add_argument("--student-layer", default=None, metavar="NAME",
+                       help="fitnet: the student's hinted layer, a module name (default: auto, the middle stage)")
+        p.add_argument("--teacher-layer", default=None, metavar="NAME",
+                       help="fitnet: the teacher's hint layer, a module name (default: auto, the middle stage)")
+        p.add_argument("--teacher-cache", default=None, metavar="DIR",
+                       help="compute the teacher's logits once per (image, epoch) view into DIR (keyed by the "
+                            "teacher checkpoint's sha256, the augmentation seed and the data) and replay them, "
+                            "instead of running the teacher every step (logit losses; default: off)")
         _add_data_args(p)
         _add_training_args(p)
         _add_common(p, out_default=DEFAULT_OUT)
@@ -156,10 +213,11 @@ class Distill(Command):
         from .losses import LOSSES
 
         LOSSES.get(args.loss)
-        if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
+        if args.alpha is not None and not 0.0 <= args.alpha <= 1.0 and args.loss != "dkd":
             raise EdgeKDError(f"--alpha must be between 0 and 1, got {args.alpha}")
-        _check_out(args.out, args.force)
-        _check_device(args.device)
+        if args.beta is not None and args.beta < 0:
+            raise EdgeKDError(f"--beta must be 0 or more, got {args.beta}")
+        _check_training_args(args)
         m = run_distill(_config_of(args))
         t = m["teacher"]
         print(f"teacher {t['model']}: test top-1 {t['test_top1']:.4f}, {t['params']:,} params")

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -11,9 +12,10 @@ from torch import nn
 
 from . import EdgeKDError
 from .checkpoint import atomic_write, load_model, save_checkpoint
-from .data import load_data, make_loader
+from .data import load_data
+from .features import is_batchnorm
 from .losses import LOSSES, make_loss
-from .models import build_model, count_flops, count_params
+from .models import build_model, check_spec, count_flops, count_params
 
 log = logging.getLogger(__name__)
 
@@ -57,56 +59,91 @@ class FrozenTeacher(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device="cpu"):
-    """Top-1 accuracy on a loader."""
+def evaluate(model, views, device="cpu", batch_size=256):
+    """Top-1 accuracy of ``model`` (eval mode) on un-augmented views of a split."""
     was_training = model.training
     model.eval()
-    correct = total = 0
-    for x, y in loader:
-        pred = model(x.to(device)).argmax(1).cpu()
-        correct += (pred == y).sum().item()
-        total += len(y)
+    correct = 0
+    for x, y, _ in views.batches(batch_size):
+        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     model.train(was_training)
-    return correct / max(total, 1)
+    return correct / max(len(views), 1)
 
 
-def make_optimizer(model, cfg):
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(params, cfg):
+    params = [p for p in params if p.requires_grad]
     if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                               nesterov=cfg.get("nesterov", False))
     if cfg["optimizer"] == "adamw":
         return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     raise EdgeKDError(f"unknown optimizer {cfg['optimizer']!r}: choose from adamw, sgd")
 
 
-def make_scheduler(optimizer, cfg, steps):
-    """Per-step schedule: cosine decay to zero (default) or the article's constant rate."""
-    if cfg.get("schedule", "cosine") == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+def lr_factor(step, total, warmup, schedule):
+    """Learning-rate multiplier at ``step``: linear warm-up, then cosine to zero, x0.1 steps, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "step":  # the classic CIFAR schedule: /10 at half and three quarters of training
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    return 1.0
 
 
-def fit(model, data, loss_fn, cfg, teacher=None, desc="train"):
-    """Train ``model`` for cfg['epochs'] epochs; evaluate on the test split after each. Returns the history."""
+def make_scheduler(optimizer, cfg, steps, steps_per_epoch):
+    warmup = int(round(cfg.get("warmup_epochs", 0) * steps_per_epoch))
+    schedule = cfg.get("schedule", "cosine")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup, schedule))
+
+
+class TrainRun:
+    """What one call of ``fit`` needs besides the model: data views, loss, teacher, cache, feature taps."""
+
+    def __init__(self, train, test, loss_fn, teacher=None, cache=None, taps=None):
+        self.train, self.test, self.loss_fn = train, test, loss_fn
+        self.teacher, self.cache, self.taps = teacher, cache, taps
+
+
+def _teacher_logits(run, x, idx, epoch):
+    if run.cache is not None and run.taps is None:
+        return run.cache.lookup(epoch, idx).to(x.device)
+    return run.teacher(x) if run.teacher is not None else None
+
+
+def _step(model, run, x, y, idx, epoch):
+    t_logits = _teacher_logits(run, x, idx, epoch)
+    s_logits = model(x)
+    extra = {}
+    if run.taps is not None:
+        extra["features"] = (run.taps[0].output, run.taps[1].output)
+    return s_logits, run.loss_fn(s_logits, t_logits, y, **extra)
+
+
+def fit(model, run, cfg, desc="train"):
+    """Train ``model`` for cfg['epochs'] epochs, evaluating on the test views after each. Returns the history."""
     from tqdm import tqdm
 
-    device = cfg["device"]
+    device, bs = cfg["device"], cfg["batch_size"]
     model.to(device).train()
-    if teacher is not None:
-        teacher.to(device)
-    train_loader = make_loader(data.train, cfg["batch_size"], shuffle=True, workers=cfg["workers"], seed=cfg["seed"])
-    test_loader = make_loader(data.test, 256, workers=cfg["workers"])
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps=cfg["epochs"] * len(train_loader))
+    run.loss_fn.to(device)
+    if run.teacher is not None:
+        run.teacher.to(device)
+    steps_per_epoch = -(-len(run.train) // bs)
+    optimizer = make_optimizer(list(model.parameters()) + list(run.loss_fn.parameters()), cfg)
+    scheduler = make_scheduler(optimizer, cfg, cfg["epochs"] * steps_per_epoch, steps_per_epoch)
     history = []
     for epoch in range(1, cfg["epochs"] + 1):
-        sums, seen, start = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}, 0, time.perf_counter()
-        bar = tqdm(train_loader, desc=f"{desc} {epoch}/{cfg['epochs']}", unit="batch", leave=True,
-                   disable=not cfg.get("progress", True), dynamic_ncols=True)
-        for x, y in bar:
+        if hasattr(run.loss_fn, "set_epoch"):
+            run.loss_fn.set_epoch(epoch)
+        sums, seen, correct, start = {}, 0, 0, time.perf_counter()
+        bar = tqdm(run.train.batches(bs, epoch=epoch, shuffle_seed=cfg["seed"] * 100_003 + epoch), total=steps_per_epoch,
+                   desc=f"{desc} {epoch}/{cfg['epochs']}", unit="batch", disable=not cfg.get("progress", True),
+                   dynamic_ncols=True, leave=True)
+        for x, y, idx in bar:
             x, y = x.to(device), y.to(device)
-            t_logits = teacher(x) if teacher is not None else None
-            parts = loss_fn(model(x), t_logits, y)
+            s_logits, parts = _step(model, run, x, y, idx, epoch)
             if not torch.isfinite(parts["loss"]):
                 raise EdgeKDError(f"{desc}: loss became {parts['loss'].item()} in epoch {epoch}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -114,21 +151,100 @@ def fit(model, data, loss_fn, cfg, teacher=None, desc="train"):
             optimizer.step()
             scheduler.step()
             seen += len(y)
-            for k in sums:
-                sums[k] += parts[k].item() * len(y)
-            rate = seen / (time.perf_counter() - start)
+            correct += (s_logits.detach().argmax(1) == y).sum().item()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(y)
             bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
-                            kd=f"{sums['kd_loss'] / seen:.3f}", ips=f"{rate:.0f}")
+                            kd=f"{sums['kd_loss'] / seen:.3f}", ips=f"{seen / (time.perf_counter() - start):.0f}")
         seconds = time.perf_counter() - start
-        top1 = evaluate(model, test_loader, device)
-        record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()},
-                  "test_top1": top1, "images_per_s": seen / seconds, "seconds": seconds}
+        top1 = evaluate(model, run.test, device)
+        record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(seen, 1),
+                  "test_top1": top1, "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
+                  "seconds": seconds}
         history.append(record)
-        log.info("%s epoch %d: loss %.4f, test top-1 %.4f", desc, epoch, record["loss"], top1)
-        if cfg.get("progress", True):
-            print(f"{desc} {epoch}/{cfg['epochs']}: loss {record['loss']:.4f}  test top-1 {top1:.4f}  "
+        log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
+        if cfg.get("report_epochs", True):
+            terms = "  ".join(f"{k} {record[k]:.4f}" for k in sums)
+            print(f"{desc} {epoch}/{cfg['epochs']}: {terms}  test top-1 {top1:.4f}  "
                   f"({record['images_per_s']:.0f} img/s)", flush=True)
     return history
+
+
+BN_TRAP_GAP = 0.10  # eval-mode accuracy this far below batch-statistics accuracy means stale running stats
+
+
+@torch.no_grad()
+def recalibrate_bn(model, views, device="cpu", batch_size=256, max_images=10000):
+    """Re-estimate every batch-norm layer's running mean/var on un-augmented training images.
+
+    torchvision's MobileNetV3 uses momentum 0.01, so after a short run its running statistics still
+    mostly hold their initial values and eval mode scores near chance; a cumulative average over
+    the training images (momentum None) fixes that without touching any weight.
+    """
+    bns = [m for m in model.modules() if is_batchnorm(m)]
+    if not bns:
+        return model
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    seen = 0
+    for x, _, _ in views.batches(batch_size):
+        model(x.to(device))
+        seen += len(x)
+        if seen >= max_images:
+            break
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.train(was_training)
+    return model
+
+
+@torch.no_grad()
+def _batchstat_top1(model, x, y):
+    """Accuracy with batch statistics (train-mode BN) without changing the running statistics."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    pred = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+    model.load_state_dict(state)
+    model.eval()
+    return (pred == y).float().mean().item()
+
+
+def check_batchnorm(model, run, cfg, sample=2000):
+    """The batch-norm trap check: compare eval-mode with batch-statistics accuracy on training images.
+
+    A gap over BN_TRAP_GAP means the running statistics do not describe the data; with
+    cfg['bn_recalibrate'] 'auto' they are then re-estimated ('always': every time, 'never': only reported).
+    Decided on training images only, never on the test split.
+    """
+    if not any(is_batchnorm(m) for m in model.modules()):
+        return None
+    device = cfg["device"]
+    idx = torch.arange(0, len(run.train), max(1, len(run.train) // sample))[:sample]
+    x, y = run.train.batch(idx)
+    x, y = x.to(device), y.to(device)
+    model.eval()
+    with torch.no_grad():
+        eval_top1 = (model(x).argmax(1) == y).float().mean().item()
+    batch_top1 = _batchstat_top1(model, x, y)
+    trapped = eval_top1 < batch_top1 - BN_TRAP_GAP
+    mode = cfg.get("bn_recalibrate", "auto")
+    report = {"train_sample": len(idx), "eval_top1": eval_top1, "batchstat_top1": batch_top1, "trapped": trapped,
+              "recalibrated": False}
+    if trapped:
+        log.warning("batch-norm trap: eval-mode top-1 %.3f vs %.3f with batch statistics on training images",
+                    eval_top1, batch_top1)
+    if mode == "always" or (mode == "auto" and trapped):
+        report["test_top1_before"] = evaluate(model, run.test, device)
+        recalibrate_bn(model, run.train, device)
+        with torch.no_grad():
+            report["eval_top1_after"] = (model(x).argmax(1) == y).float().mean().item()
+        report["recalibrated"] = True
+    model.eval()
+    return report
 
 
 def _write_json(path, obj):
@@ -156,27 +272,95 @@ def _summary(spec, epochs, history, model, data):
             "params": count_params(model), "flops": count_flops(model, data.input), "data": data.spec}
 
 
+def _finish(model, run, cfg, metrics):
+    """Batch-norm check (and re-estimation); the reported last-epoch figure is the model as saved."""
+    bn = check_batchnorm(model, run, cfg)
+    if bn is not None:
+        metrics["batchnorm"] = bn
+        if bn["recalibrated"]:
+            metrics["test_top1"] = evaluate(model, run.test, cfg["device"])
+            bn["test_top1_after"] = metrics["test_top1"]
+    return metrics
+
+
 def _save(path, model, spec, data, metrics, cfg):
     return save_checkpoint(path, model, spec=spec, classes=data.classes, input_spec=data.input,
                            data_spec=data.spec, metrics=metrics, config=cfg)
 
 
+def _parse_stats(text, channels):
+    """'M1,M2,M3/S1,S2,S3' (or one value each) -> (mean, std) lists."""
+    try:
+        mean_text, std_text = text.split("/")
+        mean = [float(v) for v in mean_text.split(",")]
+        std = [float(v) for v in std_text.split(",")]
+    except ValueError:
+        raise EdgeKDError(f"--norm {text!r}: use auto, train, seed or MEAN/STD such as 0.49,0.48,0.45/0.25,0.24,0.26") from None
+    mean, std = (mean * channels if len(mean) == 1 else mean), (std * channels if len(std) == 1 else std)
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise EdgeKDError(f"--norm {text!r}: need {channels} means and {channels} positive stds")
+    return mean, std
+
+
+def prepare_data(cfg, input_spec=None):
+    """Load the data spec, decode the (subset of the) train split and the test split into memory,
+    settle the normalisation (from the train split unless given), and build the augmentation plan."""
+    from .augment import AugmentPlan, Views, channel_stats, decode_split, stratified_subset
+
+    data = load_data(cfg["data"], cfg.get("data_root"), input_spec=input_spec)
+    progress, workers = cfg.get("progress", True), cfg.get("workers", 0)
+    subset = None
+    if cfg.get("train_subset"):
+        subset = stratified_subset(_targets(data.train), cfg["train_subset"], seed=cfg.get("subset_seed", 0))
+    train_images, train_labels = decode_split(data.train, data.input, subset, workers, "decode train", progress)
+    test_images, test_labels = decode_split(data.test, data.input, None, workers, "decode test", progress)
+    norm = cfg.get("norm") or "auto"
+    if input_spec is None:
+        if norm == "train" or (norm == "auto" and data.spec != "digits"):
+            data.input.mean, data.input.std = channel_stats(train_images)
+        elif norm not in ("auto", "seed"):
+            data.input.mean, data.input.std = _parse_stats(norm, data.input.channels)
+    augment = cfg.get("augment") or "auto"
+    if augment == "auto":  # flips and shifts turn digits into other digits; photos take them well
+        augment = "none" if data.spec == "digits" else "standard"
+    plan = AugmentPlan(augment, len(train_labels), seed=cfg.get("aug_seed", 0))
+    train = Views(train_images, train_labels, data.input.mean, data.input.std, plan)
+    test = Views(test_images, test_labels, data.input.mean, data.input.std)
+    data.train_size = len(train)
+    return data, train, test
+
+
+def _targets(dataset):
+    if hasattr(dataset, "targets"):
+        return list(dataset.targets)
+    return [label for _, label in dataset.samples]
+
+
+def _data_record(data, train, cfg):
+    return {"spec": data.spec, "train_images": len(train), "train_subset": cfg.get("train_subset"),
+            "test_images": None, **train.plan.describe(), "mean": data.input.mean, "std": data.input.std}
+
+
 def run_train(cfg):
     """``edgekd train``: supervised training of one model. Writes model.pt, metrics.json, config.yaml."""
+    check_spec(cfg["model"])
     seed_everything(cfg["seed"])
-    data = load_data(cfg["data"], cfg.get("data_root"))
+    data, train, test = prepare_data(cfg)
     model = build_model(cfg["model"], len(data.classes), data.input)
     _save_config(cfg["out"], cfg)
-    loss_fn, _ = make_loss("ce")
-    history = fit(model, data, loss_fn, cfg, desc=cfg["model"])
-    metrics = _summary(cfg["model"], cfg["epochs"], history, model, data)
+    loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
+    run = TrainRun(train, test, loss_fn)
+    history = fit(model, run, cfg, desc=cfg["model"])
+    metrics = _finish(model, run, cfg, _summary(cfg["model"], cfg["epochs"], history, model, data))
+    metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     _save(os.path.join(cfg["out"], "model.pt"), model, cfg["model"], data, metrics, cfg)
     _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
     return metrics
 
 
-def _teacher(cfg, data):
-    """Load the teacher checkpoint, or train the teacher spec on the same data first."""
+def _teacher(cfg, data, train, test):
+    """Load the teacher checkpoint, or train the teacher spec on the same data first. Returns
+    (model, input spec, metrics, checkpoint path)."""
     spec = cfg["teacher"]
     if os.path.isfile(spec):
         model, ckpt = load_model(spec)
@@ -190,34 +374,72 @@ def _teacher(cfg, data):
                               f"gives {data.input.channels}x{data.input.height}x{data.input.width}")
         metrics = dict(ckpt.get("metrics") or {})
         metrics.update(source=os.path.abspath(spec), model=ckpt["model"])
-        return model, t_in, metrics
+        return model, t_in, metrics, spec
     model = build_model(spec, len(data.classes), data.input)
-    loss_fn, _ = make_loss("ce")
+    loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
     epochs = cfg["teacher_epochs"] or cfg["epochs"]
-    history = fit(model, data, loss_fn, {**cfg, "epochs": epochs}, desc=f"teacher {spec}")
-    metrics = _summary(spec, epochs, history, model, data)
+    t_cfg = {**cfg, "epochs": epochs}
+    run = TrainRun(train, test, loss_fn)
+    history = fit(model, run, t_cfg, desc=f"teacher {spec}")
+    metrics = _finish(model, run, t_cfg, _summary(spec, epochs, history, model, data))
     metrics["source"] = "trained"
-    _save(os.path.join(cfg["out"], "teacher.pt"), model, spec, data, metrics, cfg)
-    return model.eval(), data.input, metrics
+    path = os.path.join(cfg["out"], "teacher.pt")
+    _save(path, model, spec, data, metrics, t_cfg)
+    return model.eval(), data.input, metrics, path
+
+
+def _loss_overrides(cfg):
+    keys = ("temperature", "alpha", "beta", "student_layer", "teacher_layer")
+    overrides = {k: cfg.get(k) for k in keys}
+    overrides["warmup"] = cfg.get("dkd_warmup")
+    return overrides
+
+
+def _feature_taps(loss_fn, student, teacher, data):
+    """Hooks on the chosen student and teacher layers, and the loss's adapter sized to them."""
+    from .features import FeatureTap, feature_shape
+
+    s_tap, t_tap = FeatureTap(student, loss_fn.student_layer), FeatureTap(teacher.model, loss_fn.teacher_layer)
+    s_shape, t_shape = feature_shape(student, s_tap, data.input), feature_shape(teacher.model, t_tap, data.input)
+    loss_fn.build_adapter(s_shape, t_shape)
+    log.info("feature hint: student %s %s -> teacher %s %s", s_tap.name, s_shape[1:], t_tap.name, t_shape[1:])
+    return s_tap, t_tap
 
 
 def run_distill(cfg):
     """``edgekd distill``: train the student against the teacher. Writes student.pt, metrics.json, config.yaml."""
-    if not LOSSES.meta(cfg["loss"])["needs_teacher"]:
+    meta = LOSSES.meta(cfg["loss"])
+    if not meta["needs_teacher"]:
         raise EdgeKDError(f"loss {cfg['loss']!r} uses no teacher; use `edgekd train` or one of "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]))
+    check_spec(cfg["student"])
+    check_spec(cfg["teacher"])
     seed_everything(cfg["seed"])
-    data = load_data(cfg["data"], cfg.get("data_root"))
+    data, train, test = prepare_data(cfg)
     student = build_model(cfg["student"], len(data.classes), data.input)
-    loss_fn, loss_params = make_loss(cfg["loss"], temperature=cfg.get("temperature"), alpha=cfg.get("alpha"))
+    loss_fn, loss_params = make_loss(cfg["loss"], label_smoothing=cfg.get("label_smoothing"), **_loss_overrides(cfg))
     _save_config(cfg["out"], {**cfg, "loss_params": loss_params})
-    teacher_model, teacher_input, teacher_metrics = _teacher(cfg, data)
+    teacher_model, teacher_input, teacher_metrics, teacher_path = _teacher(cfg, data, train, test)
     teacher = FrozenTeacher(teacher_model, teacher_input, data.input)
+    taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None
+    cache, cache_seconds = None, None
+    if cfg.get("teacher_cache"):
+        if taps is not None:
+            log.warning("loss %s needs the teacher's features, which are not cached: the teacher runs live", cfg["loss"])
+        else:
+            from .teacher_cache import TeacherCache
+
+            cache = TeacherCache(cfg["teacher_cache"], teacher_path, train)
+            cache_seconds = cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=cfg.get("progress", True))
     seed_everything(cfg["seed"])  # the student's run does not depend on whether a teacher was trained
-    history = fit(student, data, loss_fn, cfg, teacher=teacher, desc=f"student {cfg['student']}")
-    metrics = _summary(cfg["student"], cfg["epochs"], history, student, data)
+    run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache, taps=taps)
+    history = fit(student, run, cfg, desc=f"student {cfg['student']}")
+    metrics = _finish(student, run, cfg, _summary(cfg["student"], cfg["epochs"], history, student, data))
     metrics.update(loss=cfg["loss"], loss_params=loss_params, teacher={
         k: teacher_metrics.get(k) for k in ("model", "source", "epochs", "test_top1", "params", "flops", "history")})
+    metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
+    metrics["teacher_cache"] = None if cache is None else {"path": cache.path, "build_seconds": cache_seconds,
+                                                           "teacher_sha256": cache.teacher_sha}
     _save(os.path.join(cfg["out"], "student.pt"), student, cfg["student"], data, metrics, cfg)
     _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
     return metrics

@@ -2,8 +2,14 @@
 
 Specs: ``seed-teacher`` and ``seed-student`` (the two CNNs of the seed article),
 ``compact-student`` (ours: at most a quarter of seed-teacher's parameters and compute),
-``torchvision:NAME`` (any torchvision classification model), or a checkpoint path.
+the CIFAR ResNets of the distillation literature (``resnet8``, ``resnet14``, ``resnet20``, ``resnet32``,
+``resnet44``, ``resnet56``, ``resnet110``, ``resnet8x4``, ``resnet32x4``),
+``torchvision:NAME`` (any torchvision classification model; at inputs of 64 px or less its stem is
+swapped for a small-input one, ``torchvision:NAME:small-stem`` / ``:imagenet-stem`` force either),
+or a checkpoint path.
 """
+
+import os
 
 import torch
 from torch import nn
@@ -13,6 +19,10 @@ from .registry import Registry
 
 MODELS = Registry("model")
 TORCHVISION_PREFIX = "torchvision:"
+# At or below this size an ImageNet stem (stride-2 conv + max-pool: /4) throws away most of the
+# image before the first block; the small-input stem keeps full resolution, as CIFAR models do.
+SMALL_INPUT_MAX = 64
+STEMS = ("", "small-stem", "imagenet-stem")
 
 
 class SeedTeacher(nn.Module):
@@ -74,6 +84,72 @@ class CompactStudent(nn.Module):
         return self.classifier(self.features(x))
 
 
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN, when the shape changes) shortcut."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        return nn.functional.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """He et al. 2016's ResNet for 32x32 images: a 3x3 stem, three stages of 6n+2 layers, global pooling.
+
+    Widths (16, 16, 32, 64) for resnet8..resnet110; the ``x4`` variants (32, 64, 128, 256) follow
+    the teacher/student pairs of the CRD/DKD benchmarks. Stages are named ``layer1``..``layer3``
+    so feature methods can pick them by name.
+    """
+
+    def __init__(self, num_classes, in_channels, height=None, width=None, depth=20, widths=(16, 16, 32, 64)):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise EdgeKDError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        cin, stages = widths[0], []
+        for i, cout in enumerate(widths[1:]):
+            blocks = []
+            for j in range(n):
+                blocks.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = nn.functional.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _cifar_resnet(depth, widths):
+    def make(num_classes, in_channels, height=None, width=None):
+        return CifarResNet(num_classes, in_channels, height, width, depth=depth, widths=widths)
+
+    return make
+
+
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+    MODELS.register(f"resnet{_depth}", summary=f"CIFAR ResNet-{_depth} (widths 16-32-64)")(
+        _cifar_resnet(_depth, (16, 16, 32, 64)))
+for _depth in (8, 32):
+    MODELS.register(f"resnet{_depth}x4", summary=f"CIFAR ResNet-{_depth}x4 (widths 64-128-256, CRD/DKD pairs)")(
+        _cifar_resnet(_depth, (32, 64, 128, 256)))
+
 MODELS.register("seed-teacher", summary="the seed article's teacher CNN")(SeedTeacher)
 MODELS.register("seed-student", summary="the seed article's student (keeps the teacher's convolutions)")(SeedStudent)
 MODELS.register("compact-student", summary="edgekd's default student (<1/4 of seed-teacher's params and FLOPs)")(CompactStudent)
@@ -83,11 +159,25 @@ def model_names():
     return MODELS.names() + [TORCHVISION_PREFIX + "NAME", "a checkpoint path"]
 
 
+def check_spec(spec):
+    """Refuse an unknown model name before any data is loaded (the full check happens in build_model)."""
+    if spec.startswith(TORCHVISION_PREFIX) or spec in MODELS or os.path.isfile(spec):
+        return
+    if spec.endswith(".pt"):
+        raise EdgeKDError(f"checkpoint {spec!r} does not exist")
+    raise EdgeKDError(MODELS.unknown_message(spec) + f" (or {TORCHVISION_PREFIX}NAME, or a checkpoint path)")
+
+
 def build_model(spec, num_classes, input_spec):
     """Build an untrained model for ``num_classes`` classes and the data's input channels and size."""
     c, h, w = input_spec.channels, input_spec.height, input_spec.width
     if spec.startswith(TORCHVISION_PREFIX):
-        model = _torchvision_model(spec[len(TORCHVISION_PREFIX):], num_classes, c)
+        name, _, stem = spec[len(TORCHVISION_PREFIX):].partition(":")
+        model = _torchvision_model(name, num_classes, c)
+        if stem not in STEMS:
+            raise EdgeKDError(f"unknown stem {stem!r} in {spec!r}: use {TORCHVISION_PREFIX}NAME, NAME:small-stem or NAME:imagenet-stem")
+        if stem == "small-stem" or (stem == "" and max(h, w) <= SMALL_INPUT_MAX):
+            small_input_stem(model)
     else:
         if spec.endswith(".pt"):
             raise EdgeKDError(f"checkpoint {spec!r} does not exist")
@@ -114,6 +204,26 @@ def _torchvision_model(name, num_classes, in_channels):
     if in_channels != 3:
         _replace_first_conv(model, in_channels)
     return model
+
+
+def small_input_stem(model):
+    """Adapt a torchvision model to small (e.g. 32x32) images: a 3x3 stride-1 first convolution, no max-pool.
+
+    ResNet-style models (``conv1`` + ``maxpool``) get a new 3x3 stride-1 ``conv1`` and lose the
+    max-pool; other families (MobileNet, EfficientNet, RegNet, ...) keep their first convolution's
+    weights shape but run it at stride 1. Returns the model.
+    """
+    if isinstance(getattr(model, "conv1", None), nn.Conv2d):
+        old = model.conv1
+        model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=old.bias is not None)
+        if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+            model.maxpool = nn.Identity()
+        return model
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):  # the first convolution is the stem
+            module.stride = (1, 1)
+            return model
+    raise EdgeKDError("cannot find a stem convolution to adapt to small inputs")
 
 
 def _replace_first_conv(model, in_channels):

@@ -1,0 +1,172 @@
+"""Training views: decoded images in memory, and augmentation whose parameters are replayable.
+
+The standard small-image augmentation (random crop with zero padding, horizontal flip) is drawn
+here not per call but per ``(image index, epoch)`` from a generator seeded with the augmentation
+seed and the epoch. Any loop that asks for image ``i`` in epoch ``e`` gets the same pixels, so a
+teacher's logits computed once for that view (edgekd.teacher_cache) are exactly what a live
+teacher would say about the student's batch.
+"""
+
+import logging
+
+import torch
+from torch.nn import functional as F
+
+from . import EdgeKDError
+
+log = logging.getLogger(__name__)
+
+AUGMENTS = ("none", "standard")
+# CIFAR practice (He et al. 2016): pad 4 pixels of zeros, crop back to 32, flip half the images.
+DEFAULT_PAD = 4
+# Folder data is decoded into memory when it fits in this many bytes (CIFAR-10 train: 150 MB).
+DECODE_LIMIT_BYTES = 2 * 1024 ** 3
+
+
+class AugmentPlan:
+    """Crop offsets and flips for every image and epoch, from (seed, epoch) alone."""
+
+    def __init__(self, kind, size, seed=0, pad=DEFAULT_PAD):
+        if kind not in AUGMENTS:
+            raise EdgeKDError(f"unknown augmentation {kind!r}: choose from {', '.join(AUGMENTS)}")
+        self.kind, self.size, self.seed, self.pad = kind, int(size), int(seed), int(pad)
+
+    def params(self, epoch):
+        """(dy, dx, flip) int tensors of length ``size`` for ``epoch``; the same on every call."""
+        if self.kind == "none":
+            zeros = torch.zeros(self.size, dtype=torch.long)
+            return zeros, zeros, zeros
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
+        dy = torch.randint(0, 2 * self.pad + 1, (self.size,), generator=g)
+        dx = torch.randint(0, 2 * self.pad + 1, (self.size,), generator=g)
+        flip = torch.randint(0, 2, (self.size,), generator=g)
+        return dy, dx, flip
+
+    def describe(self):
+        return {"augment": self.kind, "pad": self.pad, "seed": self.seed, "images": self.size}
+
+
+def apply_views(images, dy, dx, flip, pad):
+    """Crop each uint8 image of a batch at its own offset from a zero-padded copy, then flip some."""
+    if pad == 0 and not flip.any():
+        return images
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+    out = torch.stack([padded[k, :, y:y + h, x:x + w] for k, (y, x) in enumerate(zip(dy.tolist(), dx.tolist()))])
+    flipped = flip.bool().view(-1, 1, 1, 1)
+    return torch.where(flipped, out.flip(-1), out)
+
+
+class Views:
+    """A split held as one uint8 (N, C, H, W) tensor, served as normalised, augmented batches."""
+
+    def __init__(self, images, targets, mean, std, plan=None):
+        self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.long)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.plan = plan
+        self._epoch, self._params = None, None
+
+    def __len__(self):
+        return len(self.targets)
+
+    def batch(self, idx, epoch=None):
+        """Images ``idx`` as seen in ``epoch`` (plan applied) and their labels."""
+        raw = self.images[idx]
+        if self.plan is not None and epoch is not None and self.plan.kind != "none":
+            if self._epoch != epoch:
+                self._epoch, self._params = epoch, self.plan.params(epoch)
+            dy, dx, flip = (p[idx] for p in self._params)
+            raw = apply_views(raw, dy, dx, flip, self.plan.pad)
+        return (raw.float().div_(255.0) - self.mean) / self.std, self.targets[idx]
+
+    def batches(self, batch_size, epoch=None, shuffle_seed=None):
+        """Yield (x, y, idx) over the split; shuffled by ``shuffle_seed`` when given."""
+        n = len(self)
+        if shuffle_seed is None:
+            order = torch.arange(n)
+        else:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(int(shuffle_seed)))
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            x, y = self.batch(idx, epoch)
+            yield x, y, idx
+
+
+class _Raw:
+    """Wrap a split so items come back as uint8 CHW tensors at the input size (for decoding)."""
+
+    def __init__(self, dataset, input_spec):
+        from torchvision import transforms
+
+        from .data import ConvertMode
+
+        self.dataset = dataset
+        self.tf = transforms.Compose([ConvertMode(input_spec.color), transforms.Resize((input_spec.height, input_spec.width)),
+                                      transforms.PILToTensor()])
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = _pil_item(self.dataset, i)
+        return self.tf(img), int(label)
+
+
+def _pil_item(dataset, i):
+    """The untransformed (PIL image, label) of item i for ImageFolder, torchvision CIFAR and _PILList."""
+    if hasattr(dataset, "loader") and hasattr(dataset, "samples"):  # ImageFolder
+        path, label = dataset.samples[i]
+        return dataset.loader(path), label
+    if hasattr(dataset, "images"):  # edgekd.data._PILList
+        return dataset.images[i], dataset.targets[i]
+    if hasattr(dataset, "data"):  # torchvision CIFAR: HxWxC uint8 arrays
+        from PIL import Image
+
+        return Image.fromarray(dataset.data[i]), dataset.targets[i]
+    raise EdgeKDError(f"cannot read raw images from a {type(dataset).__name__}")
+
+
+def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", progress=True):
+    """Decode (a subset of) a split once into a uint8 tensor and a label tensor."""
+    from tqdm import tqdm
+
+    n = len(dataset) if indices is None else len(indices)
+    nbytes = n * input_spec.channels * input_spec.height * input_spec.width
+    if nbytes > DECODE_LIMIT_BYTES:
+        raise EdgeKDError(f"{n} images of {input_spec.height}x{input_spec.width} need {nbytes / 1e9:.1f} GB decoded; "
+                          f"edgekd keeps training images in memory up to {DECODE_LIMIT_BYTES / 1e9:.1f} GB: "
+                          "use --train-subset or smaller images")
+    raw = _Raw(dataset, input_spec)
+    if indices is not None:
+        raw = torch.utils.data.Subset(raw, [int(i) for i in indices])
+    loader = torch.utils.data.DataLoader(raw, batch_size=256, num_workers=workers if len(raw) > 2000 else 0)
+    images, labels = [], []
+    for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        images.append(x)
+        labels.append(y)
+    if not images:
+        raise EdgeKDError(f"{desc}: the split holds no images")
+    return torch.cat(images), torch.cat(labels)
+
+
+def channel_stats(images):
+    """Per-channel mean and std of a uint8 (N, C, H, W) tensor, in [0, 1] units."""
+    x = images.transpose(0, 1).reshape(images.shape[1], -1).double().div(255.0)
+    return x.mean(1).tolist(), x.std(1).tolist()
+
+
+def stratified_subset(targets, size, seed=0):
+    """``size`` indices with every class represented in proportion, chosen by a fixed seed."""
+    targets = torch.as_tensor(targets)
+    n = len(targets)
+    if size >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(int(seed))
+    classes = targets.unique()
+    picked = []
+    for c in classes.tolist():
+        members = (targets == c).nonzero().flatten()
+        k = max(1, round(size * len(members) / n))
+        picked.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(picked).sort().values

@@ -1,0 +1,98 @@
+"""Exact cached teacher outputs (the FKD idea): the teacher's logits for every (image, epoch) view, once.
+
+A distillation step spends most of its time in the teacher's forward pass when the teacher is
+larger than the student. Because the augmentation of image ``i`` in epoch ``e`` is fixed by the
+augmentation seed (edgekd.augment.AugmentPlan), the teacher's answer for that view can be computed
+once and replayed: the student learns from exactly what the teacher said about exactly the view it
+sees. The cache is a file keyed by the teacher checkpoint's sha256, the augmentation seed and the
+training images, so any run with the same teacher, data and seed reuses it (several seeds,
+several losses) and a changed teacher can never be served stale logits.
+"""
+
+import hashlib
+import json
+import logging
+import os
+
+import torch
+
+from . import EdgeKDError
+from .checkpoint import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_fingerprint(views):
+    """A hash of the training images, labels and normalisation: the cache is only valid for these."""
+    h = hashlib.sha256()
+    h.update(views.images.contiguous().numpy().tobytes())
+    h.update(views.targets.numpy().tobytes())
+    h.update(json.dumps([views.mean.flatten().tolist(), views.std.flatten().tolist()]).encode())
+    return h.hexdigest()
+
+
+class TeacherCache:
+    """Teacher logits per (epoch, image index) for one teacher checkpoint, augmentation plan and data."""
+
+    def __init__(self, folder, teacher_path, views):
+        if views.plan is None:
+            raise EdgeKDError("the teacher cache needs an augmentation plan")
+        self.teacher_sha = file_sha256(teacher_path)
+        self.key = {"teacher_sha256": self.teacher_sha, **views.plan.describe(), "data_sha256": data_fingerprint(views)}
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = os.path.join(folder, f"teacher-{self.teacher_sha[:12]}-aug{views.plan.seed}-{digest}.pt")
+        self.views = views
+        self.logits = None  # (epochs, N, classes) float32
+
+    def load(self):
+        if os.path.isfile(self.path):
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+            if blob.get("key") == self.key:
+                self.logits = blob["logits"]
+
+    @property
+    def epochs(self):
+        return 0 if self.logits is None else self.logits.shape[0]
+
+    @torch.no_grad()
+    def build(self, teacher, epochs, batch_size=256, device="cpu", progress=True):
+        """Make sure epochs 1..``epochs`` are cached, computing only the missing ones. Returns seconds spent."""
+        import time
+
+        from tqdm import tqdm
+
+        self.load()
+        if self.epochs >= epochs:
+            log.info("teacher cache hit: %s (%d epochs)", self.path, self.epochs)
+            return 0.0
+        start, n = time.perf_counter(), len(self.views)
+        teacher.eval().to(device)
+        new = []
+        for epoch in range(self.epochs + 1, epochs + 1):
+            out = []
+            for x, _, _ in tqdm(self.views.batches(batch_size, epoch=epoch), total=-(-n // batch_size),
+                                desc=f"teacher cache epoch {epoch}/{epochs}", unit="batch", disable=not progress,
+                                leave=False):
+                out.append(teacher(x.to(device)).float().cpu())
+            new.append(torch.cat(out))
+        stacked = torch.stack(new)
+        self.logits = stacked if self.logits is None else torch.cat([self.logits, stacked])
+        blob = {"key": self.key, "logits": self.logits}
+        atomic_write(self.path, lambda tmp: torch.save(blob, tmp))
+        seconds = time.perf_counter() - start
+        log.info("teacher cache: %d epochs x %d views in %.1f s -> %s", len(new), n, seconds, self.path)
+        return seconds
+
+    def lookup(self, epoch, idx):
+        """The cached teacher logits of images ``idx`` as seen in ``epoch`` (1-based)."""
+        if epoch > self.epochs:
+            raise EdgeKDError(f"teacher cache {self.path} holds {self.epochs} epochs, epoch {epoch} was asked for")
+        return self.logits[epoch - 1, idx]
