@@ -121,11 +121,16 @@ def _positive_float(text):
 
 
 def _check_out(out, force):
-    """Refuse to mix a new run into a folder that already holds one, unless --force."""
-    if os.path.isdir(out) and os.listdir(out) and not force:
-        raise EdgeKDError(f"output folder {out!r} is not empty; pass --force to overwrite it or choose another --out")
+    """Refuse to mix a new run into a folder that already holds one (unless --force), or one we cannot write."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise EdgeKDError(f"output path {out!r} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise EdgeKDError(f"output folder {out!r} is not empty; pass --force to overwrite it or choose another --out")
+    existing = out
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EdgeKDError(f"output folder {out!r} is not writable ({existing!r} does not allow it); choose another --out")
 
 
 def _check_device(device):
@@ -476,6 +481,22 @@ def _apply_config(parser, sub, argv, args):
     return parser.parse_args(argv)
 
 
+# Exit codes (documented in the README's troubleshooting section).
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _os_error_line(e):
+    """One line for an operating-system error: which file, and what went wrong with it."""
+    import errno
+
+    where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device while writing{where}; free some space (nothing partial was kept)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied for{where}: choose a writable --out folder"
+    return f"{e.strerror or type(e).__name__}{where}"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser, sub = build_parser()
@@ -488,8 +509,19 @@ def main(argv=None):
         if args.debug:
             raise
         print(f"edgekd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as e:
+        if args.debug:
+            raise
+        print(f"edgekd {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"edgekd {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: say so in one line; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"edgekd {args.command}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
