@@ -70,16 +70,13 @@ def plan_jobs(described, backends, devices):
         readable = [b for b in BACKENDS.names() if d["kind"] in BACKENDS.meta(b)["reads"] or
                     (d["kind"] == "checkpoint" and "onnx" in BACKENDS.meta(b)["reads"])]
         chosen = [b for b in backends if b in readable] if backends else [NATIVE_BACKEND[d["kind"]]]
-        if not chosen:
-            log.warning("%s: none of the backends %s runs a %s; skipped", name, ",".join(backends), d["kind"])
-        for backend in chosen:
+        # A model none of the listed backends can read still gets its rows, saying so.
+        what = "a checkpoint" if d["kind"] == "checkpoint" else f"an {d['kind']} bundle"
+        for backend in chosen or backends:
+            reason = None if chosen else f"{backend} cannot run {what} (it runs in {', '.join(readable)})"
             for device in devices:
                 jobs.append({**d, "model": name, "backend": backend, "device": device,
-                             "status": unsupported(backend, device)})
-    if not jobs:
-        raise EdgeKDError(f"no model runs in the backends {', '.join(backends)}; "
-                          f"checkpoints run in {', '.join(BACKENDS.names())}, onnx bundles in onnxruntime and openvino, "
-                          "openvino bundles in openvino")
+                             "status": reason or unsupported(backend, device)})
     return jobs
 
 
@@ -376,9 +373,11 @@ def write_outputs(out, result, comparison=None):
         texts["compare.md"] = comparison + "\n"
     for name, text in texts.items():
         atomic_write(os.path.join(out, name), lambda tmp, text=text: _write_text(tmp, text))
+        os.chmod(os.path.join(out, name), 0o644)  # the temporary file was private; a report is for sharing
     for name, plot in (("accuracy_vs_latency.png", plot_accuracy_latency), ("latency.png", plot_latency)):
         try:
             atomic_write(os.path.join(out, name), lambda tmp, plot=plot: plot(result["rows"], tmp))
+            os.chmod(os.path.join(out, name), 0o644)
         except ImportError:
             log.warning("matplotlib is not installed; %s not written", name)
 

@@ -135,3 +135,17 @@ def test_cpu_lists():
         run.parse_cpus("4096")
     with pytest.raises(EdgeKDError, match="not a CPU list"):
         run.parse_cpus("a-b")
+
+
+def test_plan_runs_each_model_in_the_backends_that_can_read_it():
+    ckpt, onnx, ir = ({"model": n, "kind": k} for n, k in (("t", "checkpoint"), ("s-onnx", "onnx"), ("s-ov", "openvino")))
+    native = run.plan_jobs([ckpt, onnx, ir], None, ["cpu"])
+    assert [(j["model"], j["backend"], j["status"]) for j in native] == [
+        ("t", "torch", None), ("s-onnx", "onnxruntime", None), ("s-ov", "openvino", None)]
+    every = run.plan_jobs([ckpt, onnx, ir], ["torch", "onnxruntime", "openvino"], ["cpu"])
+    assert [(j["model"], j["backend"]) for j in every] == [
+        ("t", "torch"), ("t", "onnxruntime"), ("t", "openvino"), ("s-onnx", "onnxruntime"), ("s-onnx", "openvino"),
+        ("s-ov", "openvino")]
+    none = run.plan_jobs([onnx], ["torch"], ["cpu", "cuda"])
+    assert [j["status"] for j in none] == ["torch cannot run an onnx bundle (it runs in onnxruntime, openvino)"] * 2
+    assert run.plan_jobs([ckpt, ckpt], None, ["cpu"])[1]["model"] == "t-2"  # two models of one name stay apart
