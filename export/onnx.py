@@ -38,11 +38,25 @@ def export_onnx(model, input_spec, folder, opset=None):
         log.debug(chatter.getvalue())
         raise EdgeKDError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     log.debug(chatter.getvalue())
+    if weight_bytes <= EXTERNAL_DATA_BYTES:
+        _strip_debug_metadata(path)
     try:
         onnx.checker.check_model(path, full_check=True)
     except onnx.checker.ValidationError as e:
         raise EdgeKDError(f"exported ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from None
     return MODEL_FILE
+
+
+def _strip_debug_metadata(path):
+    """Drop the exporter's per-node stack traces and scope names: a device never reads them, and on a
+    small model they are a tenth of the file (11 KB of the CIFAR-10 student's 114 KB)."""
+    import onnx
+
+    model = onnx.load(path)
+    for node in model.graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+    onnx.save(model, path)
 
 
 def to_fp16(src, dst):

@@ -66,13 +66,23 @@ def _nncf_quantize(model, calib):
 
 
 def quantized_layers(model):
-    """Friendly names of the weighted layers that have a FakeQuantize on an input (i.e. run in INT8)."""
+    """Friendly names of the weighted layers that run in INT8: a FakeQuantize or an 8-bit constant sits on
+    their input or weight path (looking through a few reshape/convert steps NNCF leaves in between)."""
     names = []
     for op in model.get_ordered_ops():
-        if op.get_type_name() in WEIGHTED_OPS and any(
-                inp.get_source_output().get_node().get_type_name() == "FakeQuantize" for inp in op.inputs()):
+        if op.get_type_name() in WEIGHTED_OPS and any(_int8_upstream(i.get_source_output().get_node(), 4)
+                                                       for i in op.inputs()):
             names.append(op.get_friendly_name())
     return names
+
+
+def _int8_upstream(node, depth):
+    kind = node.get_type_name()
+    if kind == "FakeQuantize" or (kind == "Constant" and node.get_element_type().get_type_name() in ("i8", "u8")):
+        return True
+    if depth == 0 or kind in WEIGHTED_OPS:
+        return False
+    return any(_int8_upstream(i.get_source_output().get_node(), depth - 1) for i in node.inputs())
 
 
 def restore_openvino(job, tune, max_drop, max_layers):
