@@ -163,3 +163,19 @@ def test_distill_cli_dkd_with_cache_logs_every_part_and_reuses_the_cache(cifar_f
         "--train-subset", 100, "--no-progress", "--threads", 1, "--out", tmp_path / "c")
     h = json.loads((tmp_path / "c" / "metrics.json").read_text())["history"][0]
     assert h["hint"] > 0 and h["kd_loss"] == pytest.approx(100 * h["hint"], rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+def test_distill_step_with_cache_runs_on_cuda(cifar_folder, tmp_path):
+    cfg = _cfg(cifar_folder, device="cuda", train_subset=64)
+    data, train, test = prepare_data(cfg)
+    teacher_model = build_model("resnet8", 10, data.input)
+    path = str(tmp_path / "t.pt")
+    save_checkpoint(path, teacher_model, spec="resnet8", classes=data.classes, input_spec=data.input,
+                    data_spec=data.spec, metrics={}, config={})
+    teacher = FrozenTeacher(teacher_model, data.input, data.input).cuda()
+    cache = TeacherCache(str(tmp_path / "cache"), path, train)
+    cache.build(teacher, 1, device="cuda", progress=False)
+    student = build_model("compact-student", 10, data.input)
+    history = fit(student, TrainRun(train, test, make_loss("kd")[0], teacher=teacher, cache=cache), cfg)
+    assert 0.0 <= history[-1]["test_top1"] <= 1.0
