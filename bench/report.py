@@ -9,14 +9,14 @@ def _num(value, fmt):
 
 def table(rows):
     """A markdown table a person reads: one line per model, teacher first."""
-    head = ["model", "backend", "precision", "top-1", "Δ top-1 (pts)", "p50 ms", "p90 ms", "p99 ms", "speedup",
+    head = ["model", "device", "backend", "precision", "top-1", "Δ top-1 (pts)", "p50 ms", "p90 ms", "p99 ms", "speedup",
             "params", "MFLOPs", "size MB", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
         lat = r.get("latency_ms") or {}
         delta = r.get("top1_delta_vs_teacher")
         cells = [
-            r["model"], r["backend"], r["precision"], _num(r.get("top1"), ".4f"),
+            r["model"], r.get("device", "cpu"), r["backend"], r["precision"], _num(r.get("top1"), ".4f"),
             "-" if delta is None else f"{delta * 100:+.2f}",
             _num(lat.get("p50"), ".3f"), _num(lat.get("p90"), ".3f"), _num(lat.get("p99"), ".3f"),
             "-" if r.get("speedup_vs_teacher") is None else f"{r['speedup_vs_teacher']:.2f}x",

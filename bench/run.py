@@ -95,10 +95,23 @@ def environment(threads):
             "python": platform.python_version(), "versions": library_versions(), "command": " ".join(["edgekd"] + sys.argv[1:])}
 
 
-def run_bench(models, device="cpu", out=None, data=None, data_root=None, warmup=20, runs=300, threads=None, limit=None):
-    """Benchmark ``models`` (teacher first); write results.json, report.md and a plot into ``out``."""
+def run_bench(models, device="cpu", out=None, data=None, data_root=None, warmup=20, runs=300, threads=None, limit=None,
+              ssh_config=None, timeout=600):
+    """Benchmark ``models`` (teacher first); write results.json, report.md and a plot into ``out``.
+
+    With ``device="ssh://..."`` every model is measured here on the CPU as usual, and every bundle is
+    also measured on that device, its rows beside the local ones.
+    """
+    remote = None
+    if device.startswith("ssh://"):
+        from .. import ssh
+
+        from .remote import check_device
+
+        remote, device = ssh.parse_target(device, ssh_config), "cpu"
+        check_device(remote, timeout)  # fail fast, before any local measurement
     if device not in DEVICES:
-        raise EdgeKDError(f"unknown device {device!r}: choose from {', '.join(DEVICES)}")
+        raise EdgeKDError(f"unknown device {device!r}: choose from {', '.join(DEVICES)}, ssh://[user@]host[:port][/python]")
     described = [describe(p) for p in models]
     data_spec = data or described[0]["data"] or "digits"
     rows, cache = [], {}
@@ -119,10 +132,35 @@ def run_bench(models, device="cpu", out=None, data=None, data_root=None, warmup=
                 row.update(_run_worker(job, folder, i))
             row["images"] = len(dataset.test) if limit is None else min(limit, len(dataset.test))
             rows.append(row)
+        device_env = _remote_rows(remote, described, rows, data_spec, data_root, limit, folder, cache, warmup, runs,
+                                  threads, timeout) if remote else None
     _compare_to_reference(rows)
     result = {"environment": environment(threads), "data": data_spec, "rows": rows}
+    if device_env:
+        result["device_environment"] = device_env
     _write(out, result)
     return {**result, "table": table(rows)}
+
+
+def _remote_rows(target, described, rows, data_spec, data_root, limit, folder, cache, warmup, runs, threads, timeout):
+    """Bench the bundles on the SSH device, one trip per input spec, and append their rows."""
+    from .remote import bench_bundles
+
+    groups = {}
+    for d in described:
+        if d["backend"] != "torch":
+            images, labels, dataset = _prepare_images(data_spec, data_root, d["input"], limit, folder, cache)
+            groups.setdefault((images, labels), []).append(d)
+    env = None
+    for (images, labels), group in groups.items():
+        print(f"measuring {', '.join(d['model'] for d in group)} on {target} ...", file=sys.stderr, flush=True)
+        env, by_name = bench_bundles(target, [(d["model"], d["path"]) for d in group], images, labels, warmup, runs,
+                                     threads, timeout)
+        for d in group:
+            row = {k: d[k] for k in ("model", "path", "backend", "precision", "arch", "params", "flops", "size_mb")}
+            row.update(device=str(target), batch_size=1, **by_name[d["model"]])
+            rows.append(row)
+    return env
 
 
 def _cuda_available():

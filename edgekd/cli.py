@@ -208,7 +208,12 @@ class Bench(Command):
 
     def add_arguments(self, p):
         p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoints (.pt) and bundle folders; teacher first")
-        p.add_argument("--device", default="cpu", help="where to run: cpu (default: %(default)s)")
+        p.add_argument("--device", default="cpu",
+                       help="where to run: cpu, cuda, or ssh://[user@]host[:port][/python][?device=NPU] to also run "
+                            "every bundle on an edge device over SSH, rows beside the local ones (default: %(default)s)")
+        p.add_argument("--ssh-config", metavar="FILE", help="an ssh_config file for ssh:// devices (default: ~/.ssh/config)")
+        p.add_argument("--timeout", type=_positive_int, default=600,
+                       help="seconds to wait for an ssh:// device at each step (default: %(default)s)")
         p.add_argument("--warmup", type=_positive_int, default=20, help="untimed runs before timing (default: %(default)s)")
         p.add_argument("--runs", type=_positive_int, default=300,
                        help="timed batch-1 runs per model, each on a different test image (default: %(default)s)")
@@ -225,7 +230,8 @@ class Bench(Command):
 
         _check_out(args.out, args.force)
         result = run_bench(args.models, device=args.device, out=args.out, data=args.data, data_root=args.data_root,
-                           warmup=args.warmup, runs=args.runs, threads=args.threads, limit=args.limit)
+                           warmup=args.warmup, runs=args.runs, threads=args.threads, limit=args.limit,
+                           ssh_config=args.ssh_config, timeout=args.timeout)
         print(result["table"])
         print(f"\nwrote {args.out}/results.json, {args.out}/report.md")
 
@@ -255,7 +261,32 @@ class Predict(Command):
                 print(r["image"] + ": " + ", ".join(f"{p['label']} {p['score']:.4f}" for p in r["top"]))
 
 
-COMMANDS = [Train(), Distill(), Export(), Bench(), Predict()]
+class Deploy(Command):
+    name = "deploy"
+    help = "install a bundle on an edge device over SSH (checksummed, atomic)"
+    description = ("Copy a bundle to a device over SSH with your own ssh config and keys (never a password), verify "
+                   "its sha256 sums there with the device's Python, and move it into place atomically. The device "
+                   "needs Python 3.8+, numpy, Pillow and the bundle's runtime (onnxruntime or openvino); no torch.")
+
+    def add_arguments(self, p):
+        p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder written by edgekd export")
+        p.add_argument("device", metavar="DEVICE",
+                       help="ssh://[user@]host[:port][:DIR]; DIR defaults to ~/edgekd-bundles on the device")
+        p.add_argument("--ssh-config", metavar="FILE", help="an ssh_config file (default: ~/.ssh/config)")
+        p.add_argument("--timeout", type=_positive_int, default=600,
+                       help="seconds to wait for the device at each step (default: %(default)s)")
+
+    def run(self, args):
+        from .deploy import RUNNER_NAME, deploy
+
+        target, dest, env = deploy(args.bundle, args.device, args.ssh_config, args.timeout)
+        folder = dest.rsplit("/", 1)[0]
+        print(f"installed {args.bundle} on {target} at {dest} ({env['cpu']}, Python {env['python']}, "
+              + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())) + ")")
+        print(f"run it there: {target.python} {folder}/{RUNNER_NAME} predict {dest} IMAGE...")
+
+
+COMMANDS = [Train(), Distill(), Export(), Bench(), Predict(), Deploy()]
 
 
 def build_parser():
