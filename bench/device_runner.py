@@ -23,25 +23,6 @@ class BundleError(Exception):
     """A bundle that cannot be used here; the message says why and what to install."""
 
 
-def percentile(sorted_values, q):
-    """Linear-interpolated percentile of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    k = (len(sorted_values) - 1) * q / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
-
-
-def latency_stats(times_ms, batch_size):
-    """p50/p90/p99/mean/std of per-call times, and throughput in images per second."""
-    times = sorted(times_ms)
-    mean = sum(times) / len(times)
-    std = (sum((t - mean) ** 2 for t in times) / len(times)) ** 0.5
-    return {"p50": percentile(times, 50), "p90": percentile(times, 90), "p99": percentile(times, 99),
-            "mean": mean, "std": std, "min": times[0], "runs": len(times)}, 1000.0 * batch_size / mean
-
-
 def time_calls(run, inputs, warmup, runs):
     """Per-call wall times in ms: ``warmup`` untimed calls, then ``runs`` timed ones cycling through inputs."""
     for i in range(warmup):
@@ -142,7 +123,8 @@ def open_session(folder, manifest, threads=None, openvino_device="CPU"):
 
 
 def bench_one(folder, job, images, labels):
-    """Accuracy on every image, then batch-1 latency on different images; a failure is a row's status."""
+    """Accuracy on every image, then raw per-call times for each batch size, each call on different
+    images; the caller computes the statistics. A failure is the row's status."""
     import numpy as np
 
     try:
@@ -155,12 +137,16 @@ def bench_one(folder, job, images, labels):
         return {"status": str(e)}
     logits = np.concatenate([np.asarray(run(images[i:i + 64])) for i in range(0, len(images), 64)])
     top5 = np.argsort(-logits, axis=1)[:, :5]
-    singles = [np.ascontiguousarray(images[i:i + 1]) for i in range(min(len(images), job["runs"]))]
-    latency, throughput = latency_stats(time_calls(run, singles, job["warmup"], job["runs"]), 1)
-    return {"status": "ok", "top1": float((logits.argmax(1) == labels).mean()),
-            "top5": float((top5 == labels[:, None]).any(1).mean()), "predictions": logits.argmax(1).tolist(),
-            "latency_ms": latency, "throughput_ips": throughput, "first_inference_ms": first_ms,
-            "threads": job.get("threads") or os.cpu_count()}
+    times = {}
+    for b in job["batch_sizes"]:
+        count = max(1, min(job["runs"], len(images) // b))
+        batches = [np.ascontiguousarray(images[i * b:(i + 1) * b]) for i in range(count)]
+        times[str(b)] = time_calls(run, batches, job["warmup"], job["runs"])
+    return {"status": None, "times": times,
+            "accuracy": {"top1": float((logits.argmax(1) == labels).mean()),
+                         "top5": float((top5 == labels[:, None]).any(1).mean()),
+                         "predictions": logits.argmax(1).tolist()},
+            "load": {"first_inference_ms": first_ms, "threads": job.get("threads") or os.cpu_count()}}
 
 
 def bench(job_path):

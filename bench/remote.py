@@ -28,8 +28,9 @@ def check_device(target, timeout):
         raise EdgeKDError(f"{target}: Python {'.'.join(map(str, version))} is too old; the device runner needs 3.8+")
 
 
-def bench_bundles(target, bundles, images, labels, warmup, runs, threads, timeout):
-    """Run ``bundles`` ([(name, folder)]) on the device; return (device environment, rows by name)."""
+def bench_bundles(target, bundles, images, labels, batch_sizes, warmup, runs, threads, timeout):
+    """Run ``bundles`` ([(name, folder)]) on the device; return (device environment, results by name):
+    each ``{"status", "accuracy", "load", "times": {batch_size: [ms, ...]}}``."""
     check_device(target, timeout)
     stage = tempfile.mkdtemp(prefix="edgekd-device-")
     remote = None
@@ -43,7 +44,7 @@ def bench_bundles(target, bundles, images, labels, warmup, runs, threads, timeou
         shutil.copy(images, os.path.join(stage, "images.npy"))
         shutil.copy(labels, os.path.join(stage, "labels.npy"))
         job = {"bundles": names, "images": "images.npy", "labels": "labels.npy", "warmup": warmup, "runs": runs,
-               "threads": threads, "openvino_device": target.openvino_device}
+               "batch_sizes": list(batch_sizes), "threads": threads, "openvino_device": target.openvino_device}
         with open(os.path.join(stage, "job.json"), "w") as f:
             json.dump(job, f)
         remote = ssh.run(target, "mktemp -d /tmp/edgekd-bench-XXXXXX", timeout).decode().strip()
@@ -59,5 +60,8 @@ def bench_bundles(target, bundles, images, labels, warmup, runs, threads, timeou
                 ssh.run(target, f"rm -rf {ssh.quote(remote)}", 60)
             except EdgeKDError as e:
                 log.warning("could not remove %s on %s: %s", remote, target, e)
-    rows = {bundles[names.index(r.pop("bundle"))][0]: r for r in result["rows"]}
-    return result["environment"], rows
+    by_name = {}
+    for r in result["rows"]:
+        r["times"] = {int(b): t for b, t in (r.get("times") or {}).items()}
+        by_name[bundles[names.index(r.pop("bundle"))][0]] = r
+    return result["environment"], by_name

@@ -1,81 +1,290 @@
-"""The benchmark's human side: a markdown table, a report and an accuracy-vs-latency plot."""
+"""The benchmark's human side: markdown tables and report, CSV, plots, and comparison with an older run."""
 
+import csv
+import io
+import json
 import os
+
+from .. import EdgeKDError
+
+BEST = "★ best"
 
 
 def _num(value, fmt):
     return "-" if value is None else format(value, fmt)
 
 
+def _lat(row, key):
+    return (row.get("latency_ms") or {}).get(key)
+
+
 def table(rows):
-    """A markdown table a person reads: one line per model, teacher first."""
-    head = ["model", "device", "backend", "precision", "top-1", "Δ top-1 (pts)", "p50 ms", "p90 ms", "p99 ms", "speedup",
-            "params", "MFLOPs", "size MB", "status"]
+    """Markdown tables a person reads: one per batch size, one line per row, teacher first."""
+    sizes = sorted({r["batch_size"] for r in rows})
+    parts = []
+    for b in sizes:
+        if len(sizes) > 1:
+            parts.append(f"**batch size {b}**\n")
+        parts.append(_table([r for r in rows if r["batch_size"] == b]))
+    return "\n\n".join(parts)
+
+
+def _table(rows):
+    head = ["model", "backend", "precision", "device", "top-1", "Δ top-1 (pts)", "top-5", "agree", "p50 ms", "p90 ms",
+            "p99 ms", "img/s", "speedup", "first ms", "load MB", "params", "MFLOPs", "size MB", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
-        lat = r.get("latency_ms") or {}
         delta = r.get("top1_delta_vs_teacher")
         cells = [
-            r["model"], r.get("device", "cpu"), r["backend"], r["precision"], _num(r.get("top1"), ".4f"),
-            "-" if delta is None else f"{delta * 100:+.2f}",
-            _num(lat.get("p50"), ".3f"), _num(lat.get("p90"), ".3f"), _num(lat.get("p99"), ".3f"),
+            r["model"], r["backend"], r["precision"], r["device"], _num(r.get("top1"), ".4f"),
+            "-" if delta is None else f"{delta * 100:+.2f}", _num(r.get("top5"), ".4f"),
+            _num(r.get("agreement_vs_teacher"), ".4f"),
+            _num(_lat(r, "p50"), ".3f"), _num(_lat(r, "p90"), ".3f"), _num(_lat(r, "p99"), ".3f"),
+            _num(r.get("throughput_ips"), ",.0f"),
             "-" if r.get("speedup_vs_teacher") is None else f"{r['speedup_vs_teacher']:.2f}x",
-            _num(r.get("params"), ","), "-" if r.get("flops") is None else f"{r['flops'] / 1e6:.2f}",
-            _num(r.get("size_mb"), ".3f"), r.get("status", "?"),
+            _num(r.get("first_inference_ms"), ",.0f"), _num(r.get("load_mb"), ".1f"), _num(r.get("params"), ","),
+            "-" if r.get("flops") is None else f"{r['flops'] / 1e6:.2f}", _num(r.get("size_mb"), ".3f"),
+            r.get("status", "?") + (f" {BEST}" if r.get("best") else ""),
         ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
 
-def markdown_report(result):
-    env = result["environment"]
-    rows = result["rows"]
-    n_images = rows[0].get("images") if rows else 0
-    ok = [r for r in rows if r.get("status") == "ok"]
-    runs = ok[0]["latency_ms"]["runs"] if ok else 0
-    threads = ", ".join(f"{r['model']}: {r.get('threads')}" for r in ok)
+def summary(rows, max_drop):
+    """One sentence per batch size naming the best deployment, in words."""
+    lines = []
+    for b in sorted({r["batch_size"] for r in rows}):
+        group = [r for r in rows if r["batch_size"] == b]
+        best = next((r for r in group if r.get("best")), None)
+        if best is None:
+            lines.append(f"- batch {b}: no row other than the reference is within {max_drop * 100:.1f} pts of its top-1.")
+            continue
+        lines.append(f"- batch {b}: **{best['model']}** ({best['backend']}, {best['precision']}, {best['device']}): "
+                     f"p50 {best['latency_ms']['p50']:.3f} ms, {best['speedup_vs_teacher']:.2f}x the teacher's speed, "
+                     f"top-1 {best['top1']:.4f} ({best['top1_delta_vs_teacher'] * 100:+.2f} pts), "
+                     f"{best['throughput_ips']:,.0f} images/s.")
+    return "\n".join(lines)
+
+
+def _drift(rows):
+    """The largest spread of per-round medians (max/min - 1) over the timed rows: how much the machine moved."""
+    spreads = [(max(r["round_p50_ms"]) / min(r["round_p50_ms"]) - 1, r) for r in rows
+               if r.get("status") == "ok" and len(r.get("round_p50_ms") or []) > 1 and min(r["round_p50_ms"]) > 0]
+    return max(spreads, key=lambda s: s[0]) if spreads else None
+
+
+def markdown_report(result, comparison=None):
+    """report.md: the verdict, how it was measured, the tables, the plots, the machine."""
+    env, rows, s = result["environment"], result["rows"], result["settings"]
+    ref = rows[0]
+    threads = sorted({str(r.get("threads")) for r in rows if r.get("status") == "ok"})
+    drift = _drift(rows)
+    load = env.get("loadavg_start"), env.get("loadavg_end")
+    lines = [
+        "# edgekd benchmark", "",
+        f"Reference (first row): **{ref['model']}** ({ref['backend']}, {ref['device']}). Best deployment "
+        f"(fastest with top-1 within {s['max_drop'] * 100:.1f} pts of the reference), marked {BEST} in the tables:", "",
+        summary(rows, s["max_drop"]), "",
+        "## How it was measured", "",
+        f"- Data: `{result['data']}`, test split, {ref.get('images')} held-out images"
+        + (f" (capped by --limit {s['limit']})" if s.get("limit") and ref.get("images") == s["limit"] else "") + "; top-1/top-5 over all of them.",
+        f"- Every model, backend and device in its own worker process, loaded once; latency of each call on a "
+        f"different batch of real images; {s['warmup']} warm-up calls, then {s['runs']} timed calls per model and "
+        f"batch size (at most {s['max_time_s']:g} s) in {s['rounds']} interleaved rounds, so machine drift lands on "
+        "every model alike.",
+        f"- Threads: {s['threads'] or 'each library default'} (in use: {', '.join(threads) or '-'}); "
+        f"CPUs pinned: {','.join(map(str, s['cpus'])) if s['cpus'] else 'no'}.",
+        "- first ms: load + compile + first call; load MB: resident memory added by loading and the first call.",
+    ]
+    ov = sorted({f"{r['model']} {r['runtime_precision']}" for r in rows if r.get("runtime_precision")})
+    if ov:
+        lines.append("- OpenVINO CPU inference precision (fp32 bundles are held to f32; the CPU plugin would pick bf16 "
+                     f"on CPUs with AVX-512 BF16 or AMX): {', '.join(ov)}.")
+    if drift:
+        lines.append(f"- Noise: per-round medians of one row differed by up to {drift[0] * 100:.0f}% "
+                     f"({drift[1]['model']}, {drift[1]['backend']}, batch {drift[1]['batch_size']}).")
+    if load[0] and load[1]:
+        busy = max(load[0][0], load[1][0]) > len(env.get("usable_cpus") or [1])
+        lines.append(f"- Load average (1 min) {load[0][0]:.2f} at start, {load[1][0]:.2f} at end"
+                     + (" — other work was running on this machine; compare rows within this run, as ratios." if busy else "."))
+    lines += ["", "## Results", "", table(rows), "",
+              "![accuracy against latency](accuracy_vs_latency.png)", "",
+              "![latency by model, backend and precision](latency.png)", ""]
+    if comparison:
+        lines += ["## Compared with an earlier run", "", "```", comparison, "```", ""]
     v = env["versions"]
-    return "\n".join([
-        "# edgekd benchmark",
-        "",
-        f"Data: `{result['data']}`, test split, {n_images} held-out images. "
-        f"Latency: batch 1, {runs} timed runs on different images after warm-up, each model in its own process. "
-        "Speedup and Δ top-1 are against the first row (the teacher).",
-        "",
-        table(rows),
-        "",
-        "## Environment",
-        "",
-        f"- CPU: {env['cpu']} ({env['cores']} cores); threads: {threads or '-'}",
-        f"- {env['platform']}, Python {env['python']}",
-        "- " + ", ".join(f"{k} {v[k]}" for k in sorted(v)),
-        f"- command: `{env['command']}`",
-        "",
-    ]) + "\n"
+    lines += ["## Environment", "",
+              f"- CPU: {env['cpu']} ({env['cores']} cores, usable {len(env.get('usable_cpus') or [])})",
+              f"- {env['platform']}, Python {env['python']}, edgekd {env.get('edgekd')} (commit {env.get('git_commit') or 'n/a'})",
+              "- " + ", ".join(f"{k} {v[k]}" for k in sorted(v)),
+              f"- started {env.get('started_utc')}; command: `{env['command']}`", ""]
+    return "\n".join(lines)
 
 
-def plot_accuracy_latency(rows, path):
-    """Top-1 against median batch-1 latency, one labelled point per model."""
+CSV_COLUMNS = ["model", "backend", "precision", "device", "batch_size", "status", "best", "top1", "top5",
+               "top1_delta_vs_teacher", "agreement_vs_teacher", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms",
+               "min_ms", "max_ms", "runs", "throughput_ips", "speedup_vs_teacher", "first_inference_ms", "load_mb",
+               "peak_rss_mb", "threads", "params", "flops", "size_mb", "images", "path"]
+
+
+def csv_text(rows):
+    """results.csv: one flat line per row (latency fields spelled out)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        flat = dict(r)
+        for k, v in (r.get("latency_ms") or {}).items():
+            flat[f"{k}_ms" if k != "runs" else "runs"] = v
+        w.writerow(flat)
+    return buf.getvalue()
+
+
+def pareto_front(points):
+    """The (latency, accuracy, ...) points no other point beats on both: sorted by latency, accuracy rising."""
+    front = []
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or p[1] > front[-1][1]:
+            front.append(p)
+    return front
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r.get("status") == "ok"]
-    if not ok:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for r in ok:
-        ax.scatter(r["latency_ms"]["p50"], r["top1"] * 100, s=40)
-        ax.annotate(f"{r['model']} ({r['backend']})", (r["latency_ms"]["p50"], r["top1"] * 100),
-                    textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("median batch-1 latency (ms, log scale)")
+    return plt
+
+
+def _name(r):
+    return f"{r['model']} · {r['backend']} {r['precision']}" + ("" if r["device"] == "cpu" else f" · {r['device']}")
+
+
+def plot_accuracy_latency(rows, path):
+    """Top-1 against median latency at the smallest batch size, log latency axis, with the Pareto front."""
+    plt = _pyplot()
+    b = min(r["batch_size"] for r in rows)
+    ok = [r for r in rows if r["batch_size"] == b and r["status"] == "ok" and r.get("top1") is not None]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    points = [(r["latency_ms"]["p50"], r["top1"] * 100, r) for r in ok]
+    front = pareto_front(points)
+    if len(front) > 1:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", linestyle="--",
+                label="Pareto front", zorder=2)
+    markers = "os^DvP<>Xh"
+    for i, (x, y, r) in enumerate(points):
+        label = _name(r) + (" (reference)" if r is rows[0] else "") + (" ★ best" if r.get("best") else "")
+        ax.scatter(x, y, s=110 if r is rows[0] else 50, marker="*" if r is rows[0] else markers[i % len(markers)],
+                   zorder=3, edgecolors="red" if r.get("best") else "none", linewidths=1.5, label=label)
+    if points:
+        ax.set_xscale("log")
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no row was measured", ha="center", transform=ax.transAxes)
+    ax.set_xlabel(f"median latency at batch {b} (ms, log scale; left is faster)")
     ax.set_ylabel("top-1 on held-out test images (%)")
-    ax.set_title("accuracy vs latency")
+    ax.set_title("accuracy against latency")
     ax.grid(True, which="both", alpha=0.3)
+    _save(fig, plt, path)
+
+
+def plot_latency(rows, path):
+    """Per model/backend/precision: a dot at p50, a tick at p90, a line to p99; one panel per batch size."""
+    plt = _pyplot()
+    sizes = sorted({r["batch_size"] for r in rows})
+    labels = list(dict.fromkeys(_name(r) for r in rows))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes) + 2.8, 0.45 * len(labels) + 1.7), dpi=120,
+                             squeeze=False, sharey=True)
+    for ax, b in zip(axes[0], sizes):
+        by_name = {_name(r): r for r in rows if r["batch_size"] == b and r["status"] == "ok"}
+        for i, n in enumerate(labels):
+            r = by_name.get(n)
+            if r is None:
+                ax.text(0.02, i, "not measured", va="center", fontsize=7, color="grey", transform=ax.get_yaxis_transform())
+                continue
+            lat = r["latency_ms"]
+            color = "tab:orange" if r.get("best") else "tab:blue"
+            ax.plot([lat["p50"], lat["p99"]], [i, i], color=color, linewidth=3, alpha=0.5, solid_capstyle="butt")
+            ax.plot([lat["p50"]], [i], "o", color=color)
+            ax.plot([lat["p90"]], [i], "|", color="black", markersize=12)
+            ax.annotate(f"{lat['p50']:.3g}", (lat["p50"], i), textcoords="offset points", xytext=(0, 6), fontsize=7,
+                        ha="center")
+        if by_name:
+            ax.set_xscale("log")
+        ax.set_title(f"batch {b}")
+        ax.set_xlabel("latency (ms, log): dot p50, tick p90, bar to p99")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0][0].set_ylim(len(labels) - 0.5, -0.7)
+    fig.suptitle("latency by model, backend and precision (orange: best deployment)", fontsize=10)
+    _save(fig, plt, path)
+
+
+def _save(fig, plt, path):
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    fig.savefig(path, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+
+
+def load_results(path):
+    """An earlier results.json, checked to be one."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.json")
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        raise EdgeKDError(f"--compare: {path!r} does not exist (expected an earlier results.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgeKDError(f"--compare: {path!r} is not valid JSON: {e}") from None
+    if not isinstance(old, dict) or not isinstance(old.get("rows"), list):
+        raise EdgeKDError(f"--compare: {path!r} is not an edgekd results.json (no rows)")
+    return old
+
+
+def _key(r, batch=True):
+    return (r.get("model"), r.get("backend"), r.get("precision"), r.get("device")) + ((r.get("batch_size"),) if batch else ())
+
+
+def compare_results(old, new, old_path, tolerance=0.10):
+    """Text naming what got faster or slower (p50 beyond ``tolerance``), more or less accurate, added or gone."""
+    olds = {_key(r): r for r in old["rows"]}
+    news = {_key(r): r for r in new["rows"]}
+    faster, slower, steady, better, worse = [], [], 0, [], []
+    seen_acc = set()
+    for k, r in news.items():
+        o = olds.get(k)
+        if o is None:
+            continue
+        name = f"{r['model']} {r['backend']} {r['precision']} {r['device']}"
+        if r.get("status") == "ok" and o.get("status") == "ok":
+            a, b = o["latency_ms"]["p50"], r["latency_ms"]["p50"]
+            line = f"  {name} batch {r['batch_size']}: p50 {a:.3f} -> {b:.3f} ms"
+            if b < a / (1 + tolerance):
+                faster.append(f"{line} ({a / b:.2f}x faster)")
+            elif b > a * (1 + tolerance):
+                slower.append(f"{line} ({b / a:.2f}x slower)")
+            else:
+                steady += 1
+        if _key(r, False) not in seen_acc and r.get("top1") is not None and o.get("top1") is not None:
+            seen_acc.add(_key(r, False))
+            d = r["top1"] - o["top1"]
+            line = f"  {name}: top-1 {o['top1']:.4f} -> {r['top1']:.4f} ({d * 100:+.2f} pts)"
+            (better if d > 0 else worse if d < 0 else []).append(line)
+    pct = f"{tolerance * 100:.0f}%"
+    out = [f"compared with {old_path} (measured {old.get('environment', {}).get('started_utc', '?')})"]
+    if old.get("environment", {}).get("cpu") != new["environment"]["cpu"]:
+        out.append(f"note: different CPU ({old.get('environment', {}).get('cpu')}); speed changes may be the machine")
+    for title, items in ((f"faster (p50 down by more than {pct})", faster), (f"slower (p50 up by more than {pct})", slower),
+                         ("more accurate", better), ("less accurate", worse)):
+        out.append(f"{title}:" + ("" if items else " none"))
+        out.extend(items)
+    out.append(f"within ±{pct}: {steady} row(s)")
+    gone = [k for k in olds if k not in news]
+    added = [k for k in news if k not in olds]
+    for title, keys in (("only in this run", added), ("only in the earlier run", gone)):
+        if keys:
+            out.append(f"{title}: " + "; ".join(f"{k[0]} {k[1]} {k[2]} {k[3]} batch {k[4]}" for k in keys))
+    return "\n".join(out)

@@ -1,27 +1,40 @@
-"""``edgekd bench``: every model in its own worker process, on the same preprocessed held-out images."""
+"""``edgekd bench``: every (model, backend, device) in its own long-lived worker process, on the same
+preprocessed held-out images, timed in interleaved rounds; rows, report, plots."""
 
 import json
 import logging
 import os
-import platform
-import subprocess
+import re
 import sys
 import tempfile
+import time
 
 from .. import EdgeKDError
-from ..checkpoint import atomic_write
-from .backends import BACKENDS
-from .report import markdown_report, plot_accuracy_latency, table
+from .backends import BACKENDS, unsupported
+from .process import WorkerProcess
+from .stats import schedule, split_runs, summarize
 
 log = logging.getLogger(__name__)
 
-BACKEND_OF_FORMAT = {"onnx": "onnxruntime"}
-DEVICES = ("cpu", "cuda")
-WORKER_TIMEOUT_S = 1800
+NATIVE_BACKEND = {"checkpoint": "torch", "onnx": "onnxruntime", "openvino": "openvino"}
+DEVICE_FORMS = ("cpu, cuda, cuda:N, openvino:CPU, openvino:GPU, openvino:NPU, openvino:AUTO, "
+                "ssh://[user@]host[:port][/python]")
+ACCURACY_BATCH = 64
+SETTLE_S = 0.2  # pause between visits so the last worker's spinning threads go idle before the next is timed
+EXPORT_VAL_IMAGES = 200
+
+
+def check_device(device):
+    """Refuse a device name that is not a form bench knows (an unavailable one becomes a row instead)."""
+    if device.startswith("ssh://"):
+        return device
+    if device in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) or re.fullmatch(r"openvino:[A-Z]+[.\w]*", device):
+        return device
+    raise EdgeKDError(f"unknown device {device!r}: choose from {DEVICE_FORMS}")
 
 
 def describe(path):
-    """What a MODEL argument is: a checkpoint for PyTorch or a bundle for its runtime."""
+    """What a MODEL argument is: a checkpoint (.pt) or a bundle folder, with its size, params and FLOPs."""
     from ..checkpoint import load_checkpoint
     from ..data import InputSpec
     from ..export.manifest import read_manifest
@@ -29,60 +42,370 @@ def describe(path):
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
         m = read_manifest(path)
-        backend = BACKEND_OF_FORMAT.get(m["format"])
-        if backend is None:
-            raise EdgeKDError(f"bundle {path!r} has format {m['format']!r}; bench runs {', '.join(BACKEND_OF_FORMAT)}")
-        size = sum(os.path.getsize(os.path.join(path, f)) for f in m["files"])
-        return {"model": name, "path": path, "backend": backend, "precision": m["precision"], "arch": m.get("model"),
+        if m["format"] not in NATIVE_BACKEND:
+            raise EdgeKDError(f"bundle {path!r} has format {m['format']!r}; bench runs onnx and openvino bundles")
+        size = sum(os.path.getsize(os.path.join(path, f)) for f in m["files"] if os.path.isfile(os.path.join(path, f)))
+        return {"model": name, "path": path, "kind": m["format"], "precision": m["precision"], "arch": m.get("model"),
                 "params": m.get("params"), "flops": m.get("flops"), "size_mb": size / 1e6,
                 "input": InputSpec(m["input"]["shape"][1], *m["input"]["resize"], m["input"]["mean"], m["input"]["std"]),
                 "classes": m["classes"], "data": m.get("data")}
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
-        return {"model": name[:-3] if name.endswith(".pt") else name, "path": path, "backend": "torch",
+        return {"model": name[:-3] if name.endswith(".pt") else name, "path": path, "kind": "checkpoint",
                 "precision": "fp32", "arch": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"),
-                "size_mb": os.path.getsize(path) / 1e6,
-                "input": InputSpec.from_dict(ckpt["input"]), "classes": ckpt["classes"],
-                "data": ckpt.get("data")}
+                "size_mb": os.path.getsize(path) / 1e6, "input": InputSpec.from_dict(ckpt["input"]),
+                "classes": ckpt["classes"], "data": ckpt.get("data")}
     raise EdgeKDError(f"model {path!r} does not exist (expected a .pt checkpoint or a bundle folder)")
 
 
-def _prepare_images(data_spec, data_root, spec, limit, folder, cache):
-    """Preprocess the test split once per distinct input spec; every model with that spec reads the same file."""
+def plan_jobs(described, backends, devices):
+    """One job per (model, backend, device) that makes sense; ``status`` holds why a job cannot run.
+
+    A checkpoint runs in ONNX Runtime or OpenVINO through an ONNX file exported for the benchmark.
+    Without ``backends`` every model runs in its own format's runtime.
+    """
+    if backends:
+        for b in backends:
+            BACKENDS.get(b)
+    names = _unique([d["model"] for d in described])
+    jobs = []
+    for d, name in zip(described, names):
+        readable = [b for b in BACKENDS.names() if d["kind"] in BACKENDS.meta(b)["reads"] or
+                    (d["kind"] == "checkpoint" and "onnx" in BACKENDS.meta(b)["reads"])]
+        chosen = [b for b in backends if b in readable] if backends else [NATIVE_BACKEND[d["kind"]]]
+        if not chosen:
+            log.warning("%s: none of the backends %s runs a %s; skipped", name, ",".join(backends), d["kind"])
+        for backend in chosen:
+            for device in _devices_for(d, devices):
+                status = _ssh_status(d, backend, device) if device.startswith("ssh://") else unsupported(backend, device)
+                jobs.append({**d, "model": name, "backend": backend, "device": device, "status": status})
+    if not jobs:
+        raise EdgeKDError(f"no model runs in the backends {', '.join(backends)}; "
+                          f"checkpoints run in {', '.join(BACKENDS.names())}, onnx bundles in onnxruntime and openvino, "
+                          "openvino bundles in openvino")
+    return jobs
+
+
+def _devices_for(d, devices):
+    """Checkpoints are measured here (SSH devices have no torch): on the local devices given, else the CPU."""
+    if d["kind"] != "checkpoint":
+        return devices
+    return [dev for dev in devices if not dev.startswith("ssh://")] or ["cpu"]
+
+
+def _ssh_status(d, backend, device):
+    """On an SSH device only bundles run, each in its own runtime (the device has no torch)."""
+    if backend != NATIVE_BACKEND[d["kind"]]:
+        return f"on {device} a {d['kind']} bundle runs in {NATIVE_BACKEND[d['kind']]} only"
+    return None
+
+
+def _unique(names):
+    seen, out = {}, []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out
+
+
+def parse_cpus(text):
+    """``0``, ``0,1`` or ``0-3`` -> sorted CPU ids, which must be ones this process may use."""
+    cpus = set()
+    try:
+        for part in str(text).split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise EdgeKDError(f"--cpus {text!r} is not a CPU list; use e.g. 0, 0,1 or 0-3") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise EdgeKDError(f"--cpus {text!r} names CPUs this process cannot use; allowed: "
+                          f"{','.join(map(str, sorted(allowed)))}")
+    return sorted(cpus)
+
+
+def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends=None, batch_sizes=(1,), warmup=20,
+              runs=200, rounds=5, max_time=30.0, threads=None, cpus=None, limit=None, max_drop=0.01, progress=True,
+              compare=None, compare_tolerance=0.10, ssh_config=None, ssh_timeout=600):
+    """Benchmark ``models`` (the first is the reference, the teacher); write the results into ``out``.
+
+    Returns the result dict plus ``table`` (markdown) and ``comparison`` (text, when ``compare`` is given).
+    """
+    from .report import compare_results, load_results, table
+
+    devices = [check_device(d) for d in devices]
+    targets = _ssh_targets(devices, ssh_config, ssh_timeout)
+    old = load_results(compare) if compare else None
+    cpus = parse_cpus(cpus) if cpus is not None else None
+    threads = threads or (len(cpus) if cpus else None)
+    described = [describe(p) for p in models]
+    jobs = plan_jobs(described, backends, devices)
+    data_spec = data or described[0]["data"] or "digits"
+    settings = {"batch_sizes": list(batch_sizes), "warmup": warmup, "runs": runs, "rounds": min(rounds, runs),
+                "max_time_s": max_time, "threads": threads, "cpus": cpus, "limit": limit, "max_drop": max_drop,
+                "devices": devices, "backends": backends}
+    env = environment(threads, cpus)
+    bar = _progress_bar(jobs, settings, progress)
+    with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as folder:
+        try:
+            bar.set_postfix_str("preparing test images")
+            _prepare(jobs, data_spec, data_root, limit, folder)
+            bar.update()
+            _measure([j for j in jobs if j["device"] not in targets], folder, settings, bar)
+            device_envs = _measure_remote([j for j in jobs if j["device"] in targets], targets, settings, ssh_timeout, bar)
+        finally:
+            bar.close()
+    rows = build_rows(jobs, batch_sizes)
+    mark_best(rows, max_drop)
+    env["loadavg_end"] = _loadavg()
+    result = {"environment": env, "data": data_spec, "settings": settings, "rows": rows}
+    if device_envs:
+        result["device_environments"] = device_envs
+    comparison = compare_results(old, result, compare, compare_tolerance) if old else None
+    write_outputs(out, result, comparison)
+    return {**result, "table": table(rows), "comparison": comparison}
+
+
+def _ssh_targets(devices, ssh_config, timeout):
+    """Parse and probe every ssh:// device up front, so an unreachable one fails before any measuring."""
+    from .. import ssh
+    from .remote import check_device as probe
+
+    targets = {}
+    for device in devices:
+        if device.startswith("ssh://"):
+            targets[device] = ssh.parse_target(device, ssh_config)
+            probe(targets[device], timeout)
+    return targets
+
+
+def _measure_remote(jobs, targets, settings, timeout, bar):
+    """Run the bundles on each SSH device (one trip per device and input spec); fill the jobs as local workers do."""
+    from .remote import bench_bundles
+
+    per_job = 2 + settings["rounds"] * len(settings["batch_sizes"])
+    envs, groups = {}, {}
+    for job in jobs:
+        if job["status"]:
+            bar.update(per_job if job.get("images") else 0)
+            continue
+        groups.setdefault((job["device"], job["images"], job["labels"]), []).append(job)
+    for (device, images, labels), group in groups.items():
+        bar.set_postfix_str(f"{len(group)} bundle(s) on {targets[device]}")
+        env, results = bench_bundles(targets[device], [(j["model"], j["run_path"]) for j in group], images, labels,
+                                     settings["batch_sizes"], settings["warmup"], settings["runs"],
+                                     settings["threads"], timeout)
+        envs[device] = env
+        for job in group:
+            r = results[job["model"]]
+            job.update(status=r["status"], accuracy=r.get("accuracy"), load=r.get("load"), times=r.get("times", {}))
+            job["round_p50"] = {b: [summarize(t, b)["latency_ms"]["p50"]] for b, t in job["times"].items()}
+            bar.update(per_job)
+    return envs
+
+
+def _prepare(jobs, data_spec, data_root, limit, folder):
+    """Preprocessed test images per input spec (shared by every job with it) and ONNX files for checkpoints."""
+    images, onnx = {}, {}
+    for i, job in enumerate(jobs):
+        if job["status"]:
+            continue
+        key = json.dumps([job["input"].channels, job["input"].height, job["input"].width, job["input"].mean,
+                          job["input"].std])
+        if key not in images:
+            images[key] = _save_images(data_spec, data_root, job["input"], limit, os.path.join(folder, f"images{len(images)}"))
+        job["images"], job["labels"], classes, job["images_n"] = images[key]
+        if len(job["classes"]) != len(classes):
+            job["status"] = f"model has {len(job['classes'])} classes, data {data_spec!r} has {len(classes)}"
+        elif job["kind"] == "checkpoint" and job["backend"] != "torch":
+            if job["path"] not in onnx:
+                onnx[job["path"]] = _export_onnx(job["path"], data_spec, data_root, os.path.join(folder, f"onnx{i}"))
+            job["run_path"], reason = onnx[job["path"]]
+            job["status"] = reason
+            if not reason:
+                job["size_mb"] = sum(os.path.getsize(os.path.join(job["run_path"], f))
+                                     for f in os.listdir(job["run_path"]) if f != "manifest.json") / 1e6
+        else:
+            job["run_path"] = job["path"]
+
+
+def _save_images(data_spec, data_root, spec, limit, stem):
     import numpy as np
 
     from ..data import load_data, take_images
 
-    key = json.dumps([spec.channels, spec.height, spec.width, spec.mean, spec.std])
-    if key not in cache:
-        data = load_data(data_spec, data_root, input_spec=spec)
-        images, labels = take_images(data.test, limit)
-        stem = os.path.join(folder, f"images{len(cache)}")
-        np.save(stem + ".npy", images.numpy())
-        np.save(stem + "-labels.npy", labels.numpy())
-        cache[key] = (stem + ".npy", stem + "-labels.npy", data)
-    return cache[key]
+    data = load_data(data_spec, data_root, input_spec=spec)
+    images, labels = take_images(data.test, limit)
+    np.save(stem + ".npy", images.numpy())
+    np.save(stem + "-labels.npy", labels.numpy())
+    return stem + ".npy", stem + "-labels.npy", data.classes, len(labels)
 
 
-def _run_worker(job, folder, index):
-    job_path = os.path.join(folder, f"job{index}.json")
-    result_path = os.path.join(folder, f"result{index}.json")
-    with open(job_path, "w") as f:
-        json.dump(job, f)
-    env = dict(os.environ, OPENVINO_TELEMETRY_OPT_OUT="1")
+def _export_onnx(checkpoint, data_spec, data_root, out):
+    """An ONNX FP32 file of a checkpoint, checked against PyTorch, for running it in ONNX Runtime or OpenVINO."""
+    from ..export.pipeline import export_checkpoint
+
     try:
-        proc = subprocess.run([sys.executable, "-m", "edgekd.bench.worker", job_path, result_path],
-                              capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timed out after {WORKER_TIMEOUT_S} s"}
-    if not os.path.isfile(result_path):
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"status": f"worker exited with code {proc.returncode}: {last}"}
-    with open(result_path) as f:
-        return json.load(f)
+        export_checkpoint(checkpoint, fmt="onnx", precision="fp32", out=out, data=data_spec, data_root=data_root,
+                          val_size=EXPORT_VAL_IMAGES)
+    except EdgeKDError as e:
+        return None, f"ONNX export for this backend failed: {e}"
+    return out, None
 
 
-def environment(threads):
+def _progress_bar(jobs, settings, progress):
+    """One bar over the whole benchmark: preparing images, then per job a load, an accuracy pass and its visits."""
+    from tqdm import tqdm
+
+    per_job = 2 + settings["rounds"] * len(settings["batch_sizes"])
+    total = 1 + per_job * sum(1 for j in jobs if not j["status"])
+    return tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+
+def _measure(jobs, folder, settings, bar):
+    """Start and load every runnable job's worker, take accuracy, then time in interleaved rounds."""
+    per_job = 2 + settings["rounds"] * len(settings["batch_sizes"])
+    live = []
+    try:
+        for i, job in enumerate(jobs):
+            if job["status"]:
+                bar.update(per_job if job.get("images") else 0)  # failed in _prepare: its steps are skipped
+                continue
+            bar.set_postfix_str(f"loading {_label(job)}")
+            worker = WorkerProcess(os.path.join(folder, f"worker{i}.log"), settings["cpus"])
+            try:
+                job["load"] = worker.request("load", backend=job["backend"], path=os.path.abspath(job["run_path"]),
+                                             device=job["device"], threads=settings["threads"],
+                                             images=job["images"], labels=job["labels"])
+                bar.update()
+                bar.set_postfix_str(f"accuracy {_label(job)}")
+                job["accuracy"] = worker.request("accuracy", batch_size=ACCURACY_BATCH)
+                live.append((job, worker))
+            except EdgeKDError as e:
+                job["status"] = str(e)
+                job["close"] = worker.close()
+                bar.update(per_job - 1 + ("load" not in job))
+                continue
+            bar.update()
+        _timed_rounds(live, settings, bar)
+    finally:
+        for job, worker in live:
+            job["close"] = worker.close()
+
+
+def _timed_rounds(live, settings, bar):
+    rounds, batch_sizes = settings["rounds"], settings["batch_sizes"]
+    runs = split_runs(settings["runs"], rounds)
+    rewarm = max(2, settings["warmup"] // rounds)  # caches go cold while other workers run
+    for r, b, k in schedule(len(live), batch_sizes, rounds):
+        job, worker = live[k]
+        bar.set_postfix_str(f"round {r + 1}/{rounds} batch {b} {_label(job)}")
+        job.setdefault("times", {}).setdefault(b, [])
+        job.setdefault("batch_status", {})
+        if b not in job["batch_status"]:
+            time.sleep(SETTLE_S)
+            try:
+                answer = worker.request("time", batch_size=b, runs=runs[r], warmup=settings["warmup"] if r == 0 else rewarm,
+                                        max_s=settings["max_time_s"] / rounds)
+                job["times"][b].extend(answer["times_ms"])
+                job.setdefault("round_p50", {}).setdefault(b, []).append(summarize(answer["times_ms"], b)["latency_ms"]["p50"])
+            except EdgeKDError as e:
+                job["batch_status"][b] = f"failed at batch {b}: {e}"
+        bar.update()
+
+
+def _label(job):
+    return f"{job['model']} ({job['backend']}, {job['device']})"
+
+
+ROW_FROM_JOB = ("model", "backend", "precision", "device", "arch", "params", "flops", "size_mb", "path")
+ROW_FROM_LOAD = ("first_inference_ms", "load_mb", "threads", "affinity", "runtime_device", "runtime_precision", "gpu")
+
+
+def build_rows(jobs, batch_sizes):
+    """One row per job and batch size, with speedup, top-1 delta and agreement against the first job."""
+    ref = jobs[0]
+    rows = []
+    for job in jobs:
+        acc, load, close = job.get("accuracy") or {}, job.get("load") or {}, job.get("close") or {}
+        for b in batch_sizes:
+            row = {k: job.get(k) for k in ROW_FROM_JOB}
+            row.update(batch_size=b, images=job.get("images_n"), top1=acc.get("top1"), top5=acc.get("top5"))
+            row.update({k: load[k] for k in ROW_FROM_LOAD if k in load})
+            row.update({k: close[k] for k in ("peak_rss_mb", "gpu_peak_mb") if k in close})
+            times = (job.get("times") or {}).get(b)
+            status = job["status"] or (job.get("batch_status") or {}).get(b)
+            if status or not times:
+                row.update(latency_ms=None, throughput_ips=None, status=status or "no timings")
+            else:
+                row.update(summarize(times, b), round_p50_ms=job["round_p50"][b], status="ok")
+            rows.append(row)
+    refs = {r["batch_size"]: r for r in rows[:len(batch_sizes)]}
+    for row in rows:
+        _against_reference(row, refs[row["batch_size"]], job_of(jobs, row), ref)
+    return rows
+
+
+def job_of(jobs, row):
+    return next(j for j in jobs if (j["model"], j["backend"], j["device"]) == (row["model"], row["backend"], row["device"]))
+
+
+def _against_reference(row, ref_row, job, ref_job):
+    timed = row["status"] == "ok" and ref_row["status"] == "ok"
+    row["speedup_vs_teacher"] = ref_row["latency_ms"]["p50"] / row["latency_ms"]["p50"] if timed else None
+    both = row["top1"] is not None and ref_row["top1"] is not None
+    row["top1_delta_vs_teacher"] = row["top1"] - ref_row["top1"] if both else None
+    mine = (job.get("accuracy") or {}).get("predictions")
+    theirs = (ref_job.get("accuracy") or {}).get("predictions")
+    if mine is not None and theirs is not None and len(mine) == len(theirs):
+        row["agreement_vs_teacher"] = sum(a == b for a, b in zip(mine, theirs)) / len(mine)
+    else:
+        row["agreement_vs_teacher"] = None
+
+
+def mark_best(rows, max_drop):
+    """Per batch size, the fastest row other than the reference whose top-1 is within ``max_drop`` of it."""
+    for b in sorted({r["batch_size"] for r in rows}):
+        group = [r for r in rows if r["batch_size"] == b]
+        ref = group[0]
+        for r in group:
+            r["best"] = False
+        if ref["top1"] is None:
+            continue
+        fit = [r for r in group[1:] if r["status"] == "ok" and r["top1"] is not None and r["top1"] >= ref["top1"] - max_drop]
+        if fit:
+            min(fit, key=lambda r: r["latency_ms"]["p50"])["best"] = True
+
+
+def _loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def _git_commit():
+    """The commit of the edgekd source tree this runs from (None outside a git checkout), '+dirty' if edited."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def environment(threads, cpus):
+    """The machine and software a result was measured on."""
+    import platform
+    from datetime import datetime, timezone
+
+    from .. import __version__
     from ..export.manifest import library_versions
 
     cpu = platform.processor() or platform.machine()
@@ -91,115 +414,34 @@ def environment(threads):
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads_requested": threads, "platform": platform.platform(),
-            "python": platform.python_version(), "versions": library_versions(), "command": " ".join(["edgekd"] + sys.argv[1:])}
+    versions = library_versions(("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "numpy",
+                                 "matplotlib"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cpus": sorted(os.sched_getaffinity(0)),
+            "threads_requested": threads, "cpus_pinned": cpus, "platform": platform.platform(),
+            "python": platform.python_version(), "edgekd": __version__, "git_commit": _git_commit(),
+            "versions": versions, "command": " ".join(["edgekd"] + sys.argv[1:]),
+            "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "loadavg_start": _loadavg()}
 
 
-def run_bench(models, device="cpu", out=None, data=None, data_root=None, warmup=20, runs=300, threads=None, limit=None,
-              ssh_config=None, timeout=600):
-    """Benchmark ``models`` (teacher first); write results.json, report.md and a plot into ``out``.
+def write_outputs(out, result, comparison=None):
+    """results.json, results.csv, report.md, the two plots (and compare.md), each written atomically."""
+    from ..checkpoint import atomic_write
+    from .report import csv_text, markdown_report, plot_accuracy_latency, plot_latency
 
-    With ``device="ssh://..."`` every model is measured here on the CPU as usual, and every bundle is
-    also measured on that device, its rows beside the local ones.
-    """
-    remote = None
-    if device.startswith("ssh://"):
-        from .. import ssh
-
-        from .remote import check_device
-
-        remote, device = ssh.parse_target(device, ssh_config), "cpu"
-        check_device(remote, timeout)  # fail fast, before any local measurement
-    if device not in DEVICES:
-        raise EdgeKDError(f"unknown device {device!r}: choose from {', '.join(DEVICES)}, ssh://[user@]host[:port][/python]")
-    described = [describe(p) for p in models]
-    data_spec = data or described[0]["data"] or "digits"
-    rows, cache = [], {}
-    with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as folder:
-        for i, d in enumerate(described):
-            row = {k: d[k] for k in ("model", "path", "backend", "precision", "arch", "params", "flops", "size_mb")}
-            row.update(device=device, batch_size=1)
-            images, labels, dataset = _prepare_images(data_spec, data_root, d["input"], limit, folder, cache)
-            if len(d["classes"]) != len(dataset.classes):
-                row["status"] = f"model has {len(d['classes'])} classes, data {dataset.spec!r} has {len(dataset.classes)}"
-            elif device == "cuda" and d["backend"] == "torch" and not _cuda_available():
-                row["status"] = "CUDA is not available on this machine"
-            else:
-                log.info("measuring %s (%s)", d["model"], d["backend"])
-                print(f"measuring {d['model']} ({d['backend']}, {d['precision']}) ...", file=sys.stderr, flush=True)
-                job = {"path": os.path.abspath(d["path"]), "backend": d["backend"], "device": device, "threads": threads,
-                       "images": images, "labels": labels, "warmup": warmup, "runs": runs}
-                row.update(_run_worker(job, folder, i))
-            row["images"] = len(dataset.test) if limit is None else min(limit, len(dataset.test))
-            rows.append(row)
-        device_env = _remote_rows(remote, described, rows, data_spec, data_root, limit, folder, cache, warmup, runs,
-                                  threads, timeout) if remote else None
-    _compare_to_reference(rows)
-    result = {"environment": environment(threads), "data": data_spec, "rows": rows}
-    if device_env:
-        result["device_environment"] = device_env
-    _write(out, result)
-    return {**result, "table": table(rows)}
-
-
-def _remote_rows(target, described, rows, data_spec, data_root, limit, folder, cache, warmup, runs, threads, timeout):
-    """Bench the bundles on the SSH device, one trip per input spec, and append their rows."""
-    from .remote import bench_bundles
-
-    groups = {}
-    for d in described:
-        if d["backend"] != "torch":
-            images, labels, dataset = _prepare_images(data_spec, data_root, d["input"], limit, folder, cache)
-            groups.setdefault((images, labels), []).append(d)
-    env = None
-    for (images, labels), group in groups.items():
-        print(f"measuring {', '.join(d['model'] for d in group)} on {target} ...", file=sys.stderr, flush=True)
-        env, by_name = bench_bundles(target, [(d["model"], d["path"]) for d in group], images, labels, warmup, runs,
-                                     threads, timeout)
-        for d in group:
-            row = {k: d[k] for k in ("model", "path", "backend", "precision", "arch", "params", "flops", "size_mb")}
-            row.update(device=str(target), batch_size=1, **by_name[d["model"]])
-            rows.append(row)
-    return env
-
-
-def _cuda_available():
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _compare_to_reference(rows):
-    """Speedup, accuracy delta and prediction agreement against the first row (the teacher)."""
-    ref = rows[0]
-    ok = ref.get("status") == "ok"
-    for row in rows:
-        if row.get("status") != "ok" or not ok:
-            row.update(speedup_vs_teacher=None, top1_delta_vs_teacher=None, agreement_vs_teacher=None)
-            continue
-        row["speedup_vs_teacher"] = ref["latency_ms"]["p50"] / row["latency_ms"]["p50"]
-        row["top1_delta_vs_teacher"] = row["top1"] - ref["top1"]
-        same = [a == b for a, b in zip(row["predictions"], ref["predictions"])]
-        row["agreement_vs_teacher"] = sum(same) / len(same) if len(row["predictions"]) == len(ref["predictions"]) else None
-    for row in rows:
-        row.pop("predictions", None)
-
-
-def _write(out, result):
     os.makedirs(out, exist_ok=True)
+    texts = {"results.json": json.dumps(result, indent=2) + "\n", "results.csv": csv_text(result["rows"]),
+             "report.md": markdown_report(result, comparison)}
+    if comparison:
+        texts["compare.md"] = comparison + "\n"
+    for name, text in texts.items():
+        atomic_write(os.path.join(out, name), lambda tmp, text=text: _write_text(tmp, text))
+    for name, plot in (("accuracy_vs_latency.png", plot_accuracy_latency), ("latency.png", plot_latency)):
+        try:
+            atomic_write(os.path.join(out, name), lambda tmp, plot=plot: plot(result["rows"], tmp))
+        except ImportError:
+            log.warning("matplotlib is not installed; %s not written", name)
 
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
 
-    def write_md(tmp):
-        with open(tmp, "w") as f:
-            f.write(markdown_report(result))
-
-    atomic_write(os.path.join(out, "results.json"), write_json)
-    atomic_write(os.path.join(out, "report.md"), write_md)
-    try:
-        plot_accuracy_latency(result["rows"], os.path.join(out, "accuracy_vs_latency.png"))
-    except ImportError:
-        log.warning("matplotlib is not installed; no plot written")
+def _write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)

@@ -1,83 +1,148 @@
-"""One model measured in its own process: ``python -m edgekd.bench.worker JOB.json RESULT.json``.
+"""One model in its own process, driven over a pipe: ``python -m edgekd.bench.worker [--cpus 0,1]``.
 
-Reads preprocessed test images from a .npy file, measures first-inference time, accuracy over all
-images, and batch-1 latency over many different images after a warm-up.
+The process stays alive for the whole benchmark, so the model is loaded and compiled once while
+the parent visits the workers in turn (interleaved rounds). Each request is one JSON line on
+stdin and gets one JSON line back:
+
+- ``{"op": "load", backend, path, device, threads, images, labels}`` -> first_inference_ms, load_mb, threads, ...
+- ``{"op": "accuracy", "batch_size": N}`` -> top1, top5, predictions (over every image)
+- ``{"op": "time", batch_size, runs, warmup, max_s}`` -> times_ms (one per call, each on different images)
+- ``{"op": "close"}`` -> peak_rss_mb (and gpu_peak_mb on CUDA); the process then exits
+
+A failure answers ``{"error": reason}``. Library output goes to stderr, never into the protocol.
 """
 
 import json
+import os
 import sys
 import time
 
-
-def percentile(sorted_values, q):
-    """Linear-interpolated percentile of an already sorted list (numpy-free, tiny)."""
-    if not sorted_values:
-        return float("nan")
-    k = (len(sorted_values) - 1) * q / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+IN_MEMORY_LIMIT = 1 << 30  # bytes of preprocessed images a worker holds in memory
 
 
-def measure(job):
-    import resource
-
-    import numpy as np
-
-    from .backends import BACKENDS
-
-    images = np.load(job["images"])
-    labels = np.load(job["labels"])
-    start = time.perf_counter()
-    run, info = BACKENDS.get(job["backend"])(job["path"], job.get("threads"), job["device"])
-    run(images[:1])
-    first_ms = (time.perf_counter() - start) * 1000
-
-    # Accuracy on every image, in batches (the batch size does not change the answer).
-    logits = np.concatenate([np.asarray(run(images[i:i + 64])) for i in range(0, len(images), 64)])
-    preds = logits.argmax(1)
-    top5 = np.argsort(-logits, axis=1)[:, :5]
-
-    # Batch-1 latency: a different real image each call, cycling through the split.
-    singles = [np.ascontiguousarray(images[i:i + 1]) for i in range(min(len(images), job["runs"]))]
-    for i in range(job["warmup"]):
-        run(singles[i % len(singles)])
-    times = []
-    for i in range(job["runs"]):
-        x = singles[i % len(singles)]
-        t0 = time.perf_counter()
-        run(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    mean = sum(times) / len(times)
-    return {
-        "top1": float((preds == labels).mean()),
-        "top5": float((top5 == labels[:, None]).any(1).mean()),
-        "predictions": preds.tolist(),
-        "latency_ms": {"p50": percentile(times, 50), "p90": percentile(times, 90), "p99": percentile(times, 99),
-                       "mean": mean, "std": (sum((t - mean) ** 2 for t in times) / len(times)) ** 0.5,
-                       "min": times[0], "runs": len(times)},
-        "throughput_ips": 1000.0 / mean,
-        "first_inference_ms": first_ms,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads": info["threads"],
-    }
+def _status_mb(field):
+    """A memory figure of this process from /proc/self/status (Linux), in MB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(ln for ln in f if ln.startswith(field + ":"))
+        return int(line.split()[1]) * 1024 / 1e6
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
-def main(job_path, result_path):
+def rss_mb():
+    """Resident memory now."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process image (VmHWM; unlike ru_maxrss it does not inherit the parent's)."""
+    return _status_mb("VmHWM")
+
+
+class Worker:
+    """Holds one loaded model and answers the parent's requests."""
+
+    def __init__(self):
+        self.run = None
+        self.cursor = {}  # batch size -> next batch index, so every visit sees new images
+
+    def load(self, req):
+        import importlib
+
+        import numpy as np
+
+        from .backends import BACKENDS
+
+        # In memory, so no timed call pays a page fault; a very large split is memory-mapped instead.
+        big = os.path.getsize(req["images"]) > IN_MEMORY_LIMIT
+        self.images = np.asarray(np.load(req["images"], mmap_mode="c" if big else None))
+        self.labels = np.load(req["labels"])
+        self.device = req["device"]
+        importlib.import_module(BACKENDS.meta(req["backend"])["module"])  # import time is not the model's
+        before = rss_mb()
+        start = time.perf_counter()
+        self.run, info = BACKENDS.get(req["backend"])(req["path"], req.get("threads"), req["device"])
+        np.asarray(self.run(np.ascontiguousarray(self.images[:1])))
+        first_ms = (time.perf_counter() - start) * 1000
+        peak = peak_rss_mb()
+        return {"first_inference_ms": first_ms, "load_mb": None if peak is None else peak - before,
+                "affinity": sorted(os.sched_getaffinity(0)), **info}
+
+    def accuracy(self, req):
+        import numpy as np
+
+        b = req.get("batch_size", 64)
+        logits = np.concatenate([np.asarray(self.run(self.images[i:i + b])) for i in range(0, len(self.images), b)])
+        preds = logits.argmax(1)
+        top5 = np.argsort(-logits, axis=1)[:, :5]
+        return {"top1": float((preds == self.labels).mean()),
+                "top5": float((top5 == self.labels[:, None]).any(1).mean()),
+                "predictions": preds.tolist()}
+
+    def batches(self, batch_size, count):
+        """``count`` batches of real images, continuing where the last visit stopped (views, no copies)."""
+        import numpy as np
+
+        n = len(self.images)
+        first = self.cursor.get(batch_size, 0)
+        self.cursor[batch_size] = first + count
+        if n < batch_size:  # fewer images than one batch: every batch holds them all, wrapped (one copy)
+            return [np.take(self.images, range(batch_size), axis=0, mode="wrap")] * count
+        per_pass = n // batch_size
+        return [self.images[(k % per_pass) * batch_size:(k % per_pass + 1) * batch_size]
+                for k in range(first, first + count)]
+
+    def time(self, req):
+        """Warm-up calls, then timed calls; stops early once ``max_s`` is spent (after at least 3 calls)."""
+        b, runs = req["batch_size"], req["runs"]
+        run = self.run
+        for x in self.batches(b, req.get("warmup", 0)):
+            run(x)
+        times, spent, limit = [], 0.0, req.get("max_s") or float("inf")
+        for x in self.batches(b, runs):
+            t0 = time.perf_counter()
+            run(x)
+            dt = time.perf_counter() - t0
+            times.append(dt * 1000)
+            spent += dt
+            if spent >= limit and len(times) >= 3:
+                break
+        return {"times_ms": times}
+
+    def close(self, req):
+        out = {"peak_rss_mb": peak_rss_mb()}
+        torch = sys.modules.get("torch")
+        if torch is not None and self.device.startswith("cuda") and torch.cuda.is_available():
+            out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
+        return out
+
+
+def answer(worker, req):
     from .. import EdgeKDError
 
-    with open(job_path) as f:
-        job = json.load(f)
     try:
-        result = {"status": "ok", **measure(job)}
+        return getattr(worker, req["op"])(req)
     except EdgeKDError as e:
-        result = {"status": str(e)}
+        return {"error": str(e)}
     except Exception as e:  # a failing model becomes a row with its reason, never a crashed benchmark
-        result = {"status": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    with open(result_path, "w") as f:
-        json.dump(result, f)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return {"error": f"{type(e).__name__}: {first}".rstrip(": ")}
+
+
+def main(argv):
+    if len(argv) == 2 and argv[0] == "--cpus":
+        # Pin before numpy and the runtimes start their thread pools, so they size themselves to these cores.
+        os.sched_setaffinity(0, {int(c) for c in argv[1].split(",")})
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
+    worker = Worker()
+    for line in sys.stdin:
+        req = json.loads(line)
+        proto.write(json.dumps(answer(worker, req)) + "\n")
+        if req["op"] == "close":
+            break
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1:])

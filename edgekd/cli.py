@@ -199,28 +199,83 @@ class Export(Command):
               f"{v['top1_agreement']:.4f}, top-1 {v['top1']:.4f} (PyTorch {v['reference_top1']:.4f})")
 
 
+def _csv_list(kind, convert=str):
+    """An argparse type for comma lists: ``1,8,32`` -> [1, 8, 32]."""
+
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            values = [convert(t) for t in items]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}, got {text!r}")
+        return list(dict.fromkeys(values))
+
+    return parse
+
+
+# Full and --quick values of the timing options (None on the command line means "not given").
+BENCH_DEFAULTS = {"warmup": 20, "runs": 200, "rounds": 5, "max_time": 30.0}
+BENCH_QUICK = {"warmup": 5, "runs": 30, "rounds": 3, "max_time": 5.0, "limit": 1000}
+
+
 class Bench(Command):
     name = "bench"
     help = "measure latency and accuracy of checkpoints and bundles, teacher first"
-    description = ("Benchmark every MODEL (checkpoints run in PyTorch, ONNX bundles in ONNX Runtime), each in its own "
-                   "worker process, on the same held-out images. The first model is the reference (the teacher). "
-                   "Writes DIR/results.json, DIR/report.md and DIR/accuracy_vs_latency.png, and prints the table.")
+    description = ("Benchmark every MODEL (checkpoints run in PyTorch, ONNX bundles in ONNX Runtime, OpenVINO bundles "
+                   "in OpenVINO; --backends runs them through several), each backend in its own worker process, on "
+                   "the same held-out images, timed in interleaved rounds. The first model is the reference (the "
+                   "teacher). Writes DIR/results.json, results.csv, report.md, accuracy_vs_latency.png and "
+                   "latency.png, and prints the table.")
 
     def add_arguments(self, p):
         p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoints (.pt) and bundle folders; teacher first")
-        p.add_argument("--device", default="cpu",
-                       help="where to run: cpu, cuda, or ssh://[user@]host[:port][/python][?device=NPU] to also run "
-                            "every bundle on an edge device over SSH, rows beside the local ones (default: %(default)s)")
+        p.add_argument("--device", default=["cpu"], type=_csv_list("devices"), metavar="DEV[,DEV...]",
+                       help="cpu, cuda, cuda:N, openvino:CPU, openvino:GPU, openvino:NPU, openvino:AUTO, or an edge "
+                            "device over SSH, ssh://[user@]host[:port][/python][?device=NPU], where the bundles run "
+                            "with the device's own runtime (see docs/devices.md); a device or backend that is not "
+                            "available becomes a row with the reason (default: cpu)")
         p.add_argument("--ssh-config", metavar="FILE", help="an ssh_config file for ssh:// devices (default: ~/.ssh/config)")
         p.add_argument("--timeout", type=_positive_int, default=600,
                        help="seconds to wait for an ssh:// device at each step (default: %(default)s)")
-        p.add_argument("--warmup", type=_positive_int, default=20, help="untimed runs before timing (default: %(default)s)")
-        p.add_argument("--runs", type=_positive_int, default=300,
-                       help="timed batch-1 runs per model, each on a different test image (default: %(default)s)")
+        p.add_argument("--backends", type=_csv_list("backends"), default=None, metavar="B[,B...]",
+                       help="torch, onnxruntime, openvino: run each model in every listed backend that can read it "
+                            "(a checkpoint through ONNX Runtime/OpenVINO is exported to ONNX first) "
+                            "(default: each model in its own format's runtime)")
+        p.add_argument("--batch-sizes", type=_csv_list("positive whole numbers", _positive_int), default=[1],
+                       metavar="N[,N...]", help="batch sizes to time, e.g. 1,8,32 (default: 1)")
+        p.add_argument("--warmup", type=_positive_int, default=None,
+                       help=f"untimed calls before timing each batch size (default: {BENCH_DEFAULTS['warmup']}; "
+                            f"--quick {BENCH_QUICK['warmup']})")
+        p.add_argument("--runs", type=_positive_int, default=None,
+                       help=f"timed calls per model and batch size, each on different test images (default: "
+                            f"{BENCH_DEFAULTS['runs']}; --quick {BENCH_QUICK['runs']})")
+        p.add_argument("--rounds", type=_positive_int, default=None,
+                       help=f"interleaved rounds the runs are split into, visiting the models in turn (default: "
+                            f"{BENCH_DEFAULTS['rounds']}; --quick {BENCH_QUICK['rounds']})")
+        p.add_argument("--max-time", type=_positive_float, default=None, metavar="S",
+                       help=f"at most S seconds of timed calls per model and batch size (default: "
+                            f"{BENCH_DEFAULTS['max_time']:g}; --quick {BENCH_QUICK['max_time']:g})")
         p.add_argument("--threads", type=_positive_int, default=None,
-                       help="threads for every backend (default: each library's own choice)")
+                       help="threads for every backend: torch threads, ONNX Runtime intra-op threads, OpenVINO "
+                            "INFERENCE_NUM_THREADS (default: each library's own choice, or the number of --cpus)")
+        p.add_argument("--cpus", default=None, metavar="LIST",
+                       help="pin every worker to these CPUs, e.g. 0 or 0,1 or 0-3 (an edge profile: a smaller CPU)")
         p.add_argument("--limit", type=_positive_int, default=None,
-                       help="accuracy on the first N test images only (default: the whole test split)")
+                       help="accuracy on N test images spread over the split (default: the whole test split; "
+                            f"--quick {BENCH_QUICK['limit']})")
+        p.add_argument("--max-drop", type=float, default=1.0, metavar="PTS",
+                       help="the best deployment is the fastest row within PTS top-1 points of the teacher "
+                            "(default: %(default)s)")
+        p.add_argument("--compare", metavar="OLD", default=None,
+                       help="an earlier results.json (or its folder): print what got faster, slower, more or less "
+                            "accurate; also written to DIR/compare.md")
+        p.add_argument("--compare-tolerance", type=_positive_float, default=10.0, metavar="PCT",
+                       help="p50 changes within this percentage count as unchanged (default: %(default)s)")
+        p.add_argument("--quick", action="store_true",
+                       help="a short run: fewer warm-up and timed calls, accuracy on at most 1000 images")
+        p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
         _add_data_args(p, default=None)
         p.set_defaults(data=None)
         _add_common(p)
@@ -229,11 +284,18 @@ class Bench(Command):
         from .bench.run import run_bench
 
         _check_out(args.out, args.force)
-        result = run_bench(args.models, device=args.device, out=args.out, data=args.data, data_root=args.data_root,
-                           warmup=args.warmup, runs=args.runs, threads=args.threads, limit=args.limit,
-                           ssh_config=args.ssh_config, timeout=args.timeout)
+        preset = BENCH_QUICK if args.quick else BENCH_DEFAULTS
+        timing = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in BENCH_DEFAULTS}
+        limit = args.limit if args.limit is not None else preset.get("limit")
+        result = run_bench(args.models, args.out, devices=args.device, data=args.data, data_root=args.data_root,
+                           backends=args.backends, batch_sizes=args.batch_sizes, threads=args.threads,
+                           cpus=args.cpus, limit=limit, max_drop=args.max_drop / 100, progress=args.progress,
+                           compare=args.compare, compare_tolerance=args.compare_tolerance / 100,
+                           ssh_config=args.ssh_config, ssh_timeout=args.timeout, **timing)
         print(result["table"])
-        print(f"\nwrote {args.out}/results.json, {args.out}/report.md")
+        if result["comparison"]:
+            print("\n" + result["comparison"])
+        print(f"\nwrote {args.out}/results.json, results.csv, report.md, accuracy_vs_latency.png, latency.png")
 
 
 class Predict(Command):

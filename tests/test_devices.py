@@ -89,18 +89,20 @@ def device_python():
 def test_bench_on_the_device_beside_local_rows(sshd, device_python, digits_run, onnx_bundle, tmp_path, cli):
     out = tmp_path / "bench"
     url = f"ssh://edgedevice{device_python}"
-    proc = cli("bench", digits_run / "teacher.pt", onnx_bundle, "--device", url, "--ssh-config", sshd,
-               "--runs", 30, "--warmup", 5, "--out", out)
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(r["model"], r["device"]) for r in rows] == [
-        ("teacher", "cpu"), ("student-onnx", "cpu"), ("student-onnx", "ssh://edgedevice")]
-    local, remote = rows[1], rows[2]
+    proc = cli("bench", digits_run / "teacher.pt", onnx_bundle, "--device", f"cpu,{url}", "--ssh-config", sshd,
+               "--batch-sizes", "1,4", "--runs", 20, "--warmup", 3, "--rounds", 2, "--out", out, "--no-progress")
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]
+    assert [(r["model"], r["device"], r["batch_size"]) for r in rows] == [
+        ("teacher", "cpu", 1), ("teacher", "cpu", 4), ("student-onnx", "cpu", 1), ("student-onnx", "cpu", 4),
+        ("student-onnx", url, 1), ("student-onnx", url, 4)]
+    local, remote = rows[2], rows[4]
     assert remote["status"] == "ok", remote["status"]
     assert remote["top1"] == local["top1"] and remote["agreement_vs_teacher"] == local["agreement_vs_teacher"]
-    assert remote["latency_ms"]["p50"] > 0 and remote["latency_ms"]["runs"] == 30
-    env = json.loads((out / "results.json").read_text())["device_environment"]
+    assert remote["latency_ms"]["runs"] == 20 and rows[5]["throughput_ips"] > 0
+    env = result["device_environments"][url]
     assert "onnxruntime" in env["versions"] and "torch" not in env["versions"] and env["cores"] >= 1
-    assert "ssh://edgedevice" in proc.stdout
+    assert url in proc.stdout
 
 
 def test_deploy_installs_atomically_and_predicts_on_the_device(sshd, device_python, onnx_bundle, tmp_path, cli):
@@ -130,7 +132,7 @@ def test_missing_runtime_on_the_device_is_a_row_that_names_the_package(sshd, dig
     bare = _venv(tmp_path / "bare-device", ["numpy"])
     out = tmp_path / "bench"
     cli("bench", digits_run / "student.pt", onnx_bundle, "--device", f"ssh://edgedevice{bare}", "--ssh-config", sshd,
-        "--runs", 5, "--warmup", 1, "--out", out)
+        "--runs", 5, "--warmup", 1, "--rounds", 1, "--out", out, "--no-progress")
     remote = json.loads((out / "results.json").read_text())["rows"][-1]
     assert remote["status"] == "onnxruntime is not installed on the device: pip install onnxruntime"
 
@@ -145,10 +147,12 @@ def test_a_bundle_the_devices_runtime_cannot_load_is_a_row(sshd, device_python, 
     manifest["files"]["model.onnx"] = sha256_file(broken / "model.onnx")
     (broken / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "bench"
-    cli("bench", digits_run / "student.pt", broken, "--device", f"ssh://edgedevice{device_python}",
-        "--ssh-config", sshd, "--runs", 5, "--warmup", 1, "--out", out)
+    url = f"ssh://edgedevice{device_python}"
+    cli("bench", digits_run / "student.pt", broken, "--device", url, "--ssh-config", sshd, "--runs", 5, "--warmup", 1,
+        "--rounds", 1, "--out", out, "--no-progress")
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert rows[-1]["device"] == "ssh://edgedevice" and "cannot load this bundle" in rows[-1]["status"]
+    assert rows[0]["device"] == "cpu" and rows[0]["status"] == "ok"  # the checkpoint is measured here
+    assert rows[-1]["device"] == url and "cannot load this bundle" in rows[-1]["status"]
 
 
 def _slow_python(tmp_path):
@@ -169,7 +173,7 @@ def test_device_failures_are_one_line_errors(sshd, digits_run, onnx_bundle, tmp_
     fill = {"closed": _free_port(), "slow": _slow_python(tmp_path)}
     start = time.monotonic()
     proc = cli("bench", onnx_bundle, "--device", device.format(**fill), "--ssh-config", sshd, *extra,
-               "--runs", 5, "--warmup", 1, "--out", tmp_path / "out", check=False)
+               "--runs", 5, "--warmup", 1, "--out", tmp_path / "out", "--no-progress", check=False)
     assert proc.returncode == 2, proc.stderr
     assert message.format(**fill) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and time.monotonic() - start < 120

@@ -1,0 +1,56 @@
+"""An OpenVINO FP32 IR bundle from an ONNX bundle, for benchmarking OpenVINO on the same network:
+
+    python -m edgekd.bench.openvino_ir ONNX_BUNDLE OUT
+
+The IR keeps FP32 weights (openvino.save_model compresses to FP16 unless told not to); the manifest
+is the ONNX bundle's with format "openvino", model_file model.xml and the new files' sha256. The
+ONNX bundle's parity check against PyTorch carries over: the IR is converted from that checked file.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from .. import EdgeKDError
+
+
+def onnx_bundle_to_openvino(src, out):
+    """Convert ``src`` (an ONNX bundle) into a new OpenVINO bundle folder ``out``; return its manifest."""
+    import openvino as ov
+
+    from ..export.manifest import read_manifest, sha256_file, write_manifest
+    from .backends import verify_bundle
+
+    verify_bundle(src)
+    manifest = read_manifest(src)
+    if manifest["format"] != "onnx":
+        raise EdgeKDError(f"{src!r} is a {manifest['format']} bundle; expected an onnx bundle")
+    if os.path.exists(out):
+        raise EdgeKDError(f"{out!r} already exists")
+    staging = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".ir-")
+    try:
+        model = ov.convert_model(os.path.join(src, manifest["model_file"]))
+        ov.save_model(model, os.path.join(staging, "model.xml"), compress_to_fp16=False)
+        files = {name: sha256_file(os.path.join(staging, name)) for name in ("model.xml", "model.bin")}
+        manifest.update(format="openvino", model_file="model.xml", files=files,
+                        converted_from={"bundle": os.path.abspath(src), "files": manifest["files"]})
+        write_manifest(staging, manifest)
+        os.chmod(staging, 0o755)
+        os.replace(staging, out)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+    return manifest
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m edgekd.bench.openvino_ir ONNX_BUNDLE OUT")
+    try:
+        onnx_bundle_to_openvino(sys.argv[1], sys.argv[2])
+    except EdgeKDError as e:
+        sys.exit(f"openvino_ir: error: {e}")
+    print(f"openvino fp32 bundle -> {sys.argv[2]}")
