@@ -17,7 +17,8 @@ from .stats import schedule, split_runs, summarize
 log = logging.getLogger(__name__)
 
 NATIVE_BACKEND = {"checkpoint": "torch", "onnx": "onnxruntime", "openvino": "openvino"}
-DEVICE_FORMS = "cpu, cuda, cuda:N, openvino:CPU, openvino:GPU, openvino:NPU, openvino:AUTO"
+DEVICE_FORMS = ("cpu, cuda, cuda:N, openvino:CPU, openvino:GPU, openvino:NPU, openvino:AUTO, "
+                "ssh://[user@]host[:port][/python]")
 ACCURACY_BATCH = 64
 SETTLE_S = 0.2  # pause between visits so the last worker's spinning threads go idle before the next is timed
 EXPORT_VAL_IMAGES = 200
@@ -25,6 +26,8 @@ EXPORT_VAL_IMAGES = 200
 
 def check_device(device):
     """Refuse a device name that is not a form bench knows (an unavailable one becomes a row instead)."""
+    if device.startswith("ssh://"):
+        return device
     if device in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) or re.fullmatch(r"openvino:[A-Z]+[.\w]*", device):
         return device
     raise EdgeKDError(f"unknown device {device!r}: choose from {DEVICE_FORMS}")
@@ -74,10 +77,24 @@ def plan_jobs(described, backends, devices):
         what = "a checkpoint" if d["kind"] == "checkpoint" else f"an {d['kind']} bundle"
         for backend in chosen or backends:
             reason = None if chosen else f"{backend} cannot run {what} (it runs in {', '.join(readable)})"
-            for device in devices:
-                jobs.append({**d, "model": name, "backend": backend, "device": device,
-                             "status": reason or unsupported(backend, device)})
+            for device in _devices_for(d, devices):
+                status = _ssh_status(d, backend, device) if device.startswith("ssh://") else unsupported(backend, device)
+                jobs.append({**d, "model": name, "backend": backend, "device": device, "status": reason or status})
     return jobs
+
+
+def _devices_for(d, devices):
+    """Checkpoints are measured here (SSH devices have no torch): on the local devices given, else the CPU."""
+    if d["kind"] != "checkpoint":
+        return devices
+    return [dev for dev in devices if not dev.startswith("ssh://")] or ["cpu"]
+
+
+def _ssh_status(d, backend, device):
+    """On an SSH device only bundles run, each in its own runtime (the device has no torch)."""
+    if backend != NATIVE_BACKEND[d["kind"]]:
+        return f"on {device} a {d['kind']} bundle runs in {NATIVE_BACKEND[d['kind']]} only"
+    return None
 
 
 def _unique(names):
@@ -106,7 +123,7 @@ def parse_cpus(text):
 
 def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends=None, batch_sizes=(1,), warmup=20,
               runs=200, rounds=5, max_time=30.0, threads=None, cpus=None, limit=None, max_drop=0.01, progress=True,
-              compare=None, compare_tolerance=0.10):
+              compare=None, compare_tolerance=0.10, ssh_config=None, ssh_timeout=600):
     """Benchmark ``models`` (the first is the reference, the teacher); write the results into ``out``.
 
     Returns the result dict plus ``table`` (markdown) and ``comparison`` (text, when ``compare`` is given).
@@ -114,6 +131,7 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
     from .report import compare_results, load_results, table
 
     devices = [check_device(d) for d in devices]
+    targets = _ssh_targets(devices, ssh_config, ssh_timeout)
     old = load_results(compare) if compare else None
     cpus = parse_cpus(cpus) if cpus is not None else None
     threads = threads or (len(cpus) if cpus else None)
@@ -130,16 +148,57 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
             bar.set_postfix_str("preparing test images")
             _prepare(jobs, data_spec, data_root, limit, folder)
             bar.update()
-            _measure(jobs, folder, settings, bar)
+            _measure([j for j in jobs if j["device"] not in targets], folder, settings, bar)
+            device_envs = _measure_remote([j for j in jobs if j["device"] in targets], targets, settings, ssh_timeout, bar)
         finally:
             bar.close()
     rows = build_rows(jobs, batch_sizes)
     mark_best(rows, max_drop)
     env["loadavg_end"] = _loadavg()
     result = {"environment": env, "data": data_spec, "settings": settings, "rows": rows}
+    if device_envs:
+        result["device_environments"] = device_envs
     comparison = compare_results(old, result, compare, compare_tolerance) if old else None
     write_outputs(out, result, comparison)
     return {**result, "table": table(rows), "comparison": comparison}
+
+
+def _ssh_targets(devices, ssh_config, timeout):
+    """Parse and probe every ssh:// device up front, so an unreachable one fails before any measuring."""
+    from .. import ssh
+    from .remote import check_device as probe
+
+    targets = {}
+    for device in devices:
+        if device.startswith("ssh://"):
+            targets[device] = ssh.parse_target(device, ssh_config)
+            probe(targets[device], timeout)
+    return targets
+
+
+def _measure_remote(jobs, targets, settings, timeout, bar):
+    """Run the bundles on each SSH device (one trip per device and input spec); fill the jobs as local workers do."""
+    from .remote import bench_bundles
+
+    per_job = 2 + settings["rounds"] * len(settings["batch_sizes"])
+    envs, groups = {}, {}
+    for job in jobs:
+        if job["status"]:
+            bar.update(per_job if job.get("images") else 0)
+            continue
+        groups.setdefault((job["device"], job["images"], job["labels"]), []).append(job)
+    for (device, images, labels), group in groups.items():
+        bar.set_postfix_str(f"{len(group)} bundle(s) on {targets[device]}")
+        env, results = bench_bundles(targets[device], [(j["model"], j["run_path"]) for j in group], images, labels,
+                                     settings["batch_sizes"], settings["warmup"], settings["runs"],
+                                     settings["threads"], timeout)
+        envs[device] = env
+        for job in group:
+            r = results[job["model"]]
+            job.update(status=r["status"], accuracy=r.get("accuracy"), load=r.get("load"), times=r.get("times", {}))
+            job["round_p50"] = {b: [summarize(t, b)["latency_ms"]["p50"]] for b, t in job["times"].items()}
+            bar.update(per_job)
+    return envs
 
 
 def _prepare(jobs, data_spec, data_root, limit, folder):

@@ -352,8 +352,13 @@ class Bench(Command):
     def add_arguments(self, p):
         p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoints (.pt) and bundle folders; teacher first")
         p.add_argument("--device", default=["cpu"], type=_csv_list("devices"), metavar="DEV[,DEV...]",
-                       help="cpu, cuda, cuda:N, openvino:CPU, openvino:GPU, openvino:NPU, openvino:AUTO; a device "
-                            "or backend that is not available becomes a row with the reason (default: cpu)")
+                       help="cpu, cuda, cuda:N, openvino:CPU, openvino:GPU, openvino:NPU, openvino:AUTO, or an edge "
+                            "device over SSH, ssh://[user@]host[:port][/python][?device=NPU], where the bundles run "
+                            "with the device's own runtime (see docs/devices.md); a device or backend that is not "
+                            "available becomes a row with the reason (default: cpu)")
+        p.add_argument("--ssh-config", metavar="FILE", help="an ssh_config file for ssh:// devices (default: ~/.ssh/config)")
+        p.add_argument("--timeout", type=_positive_int, default=600,
+                       help="seconds to wait for an ssh:// device at each step (default: %(default)s)")
         p.add_argument("--backends", type=_csv_list("backends"), default=None, metavar="B[,B...]",
                        help="torch, onnxruntime, openvino: run each model in every listed backend that can read it "
                             "(a checkpoint through ONNX Runtime/OpenVINO is exported to ONNX first) "
@@ -405,7 +410,8 @@ class Bench(Command):
         result = run_bench(args.models, args.out, devices=args.device, data=args.data, data_root=args.data_root,
                            backends=args.backends, batch_sizes=args.batch_sizes, threads=args.threads,
                            cpus=args.cpus, limit=limit, max_drop=args.max_drop / 100, progress=args.progress,
-                           compare=args.compare, compare_tolerance=args.compare_tolerance / 100, **timing)
+                           compare=args.compare, compare_tolerance=args.compare_tolerance / 100,
+                           ssh_config=args.ssh_config, ssh_timeout=args.timeout, **timing)
         print(result["table"])
         if result["comparison"]:
             print("\n" + result["comparison"])
@@ -441,7 +447,32 @@ class Predict(Command):
                 print(r["image"] + ": " + ", ".join(f"{p['label']} {p['score']:.4f}" for p in r["top"]))
 
 
-COMMANDS = [Train(), Distill(), Export(), Bench(), Predict()]
+class Deploy(Command):
+    name = "deploy"
+    help = "install a bundle on an edge device over SSH (checksummed, atomic)"
+    description = ("Copy a bundle to a device over SSH with your own ssh config and keys (never a password), verify "
+                   "its sha256 sums there with the device's Python, and move it into place atomically. The device "
+                   "needs Python 3.8+, numpy, Pillow and the bundle's runtime (onnxruntime or openvino); no torch.")
+
+    def add_arguments(self, p):
+        p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder written by edgekd export")
+        p.add_argument("device", metavar="DEVICE",
+                       help="ssh://[user@]host[:port][:DIR]; DIR defaults to ~/edgekd-bundles on the device")
+        p.add_argument("--ssh-config", metavar="FILE", help="an ssh_config file (default: ~/.ssh/config)")
+        p.add_argument("--timeout", type=_positive_int, default=600,
+                       help="seconds to wait for the device at each step (default: %(default)s)")
+
+    def run(self, args):
+        from .deploy import RUNNER_NAME, deploy
+
+        target, dest, env = deploy(args.bundle, args.device, args.ssh_config, args.timeout)
+        folder = dest.rsplit("/", 1)[0]
+        print(f"installed {args.bundle} on {target} at {dest} ({env['cpu']}, Python {env['python']}, "
+              + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())) + ")")
+        print(f"run it there: {target.python} {folder}/{RUNNER_NAME} predict {dest} IMAGE...")
+
+
+COMMANDS = [Train(), Distill(), Export(), Bench(), Predict(), Deploy()]
 
 
 def build_parser():

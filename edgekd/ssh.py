@@ -1,0 +1,116 @@
+"""Reach an edge device over SSH with the system ``ssh``/``scp``, the user's own config and keys.
+
+``BatchMode=yes`` means a missing key fails at once instead of prompting: edgekd never asks for,
+passes or stores a password. Every failure becomes one EdgeKDError line that says what to do.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass
+
+from . import EdgeKDError
+
+SCHEME = "ssh://"
+DEFAULT_PYTHON = "python3"
+DEFAULT_TIMEOUT_S = 600
+_URL = re.compile(r"^ssh://(?:(?P<user>[^@/:]+)@)?(?P<host>\[[^\]]+\]|[^@/:?]+)(?::(?P<port>\d+))?"
+                  r"(?P<rest>[:/][^?]*)?(?:\?device=(?P<ov>[A-Z0-9.:_]+))?$")
+
+
+@dataclass
+class Target:
+    """A device: ``ssh://[user@]host[:port][/python][?device=NPU]``; deploy: ``ssh://[user@]host[:port][:DIR]``.
+
+    ``?device=`` picks the OpenVINO device on the board (CPU, GPU, NPU, AUTO) for OpenVINO bundles.
+    """
+
+    host: str
+    user: str = None
+    port: int = None
+    python: str = DEFAULT_PYTHON
+    folder: str = None
+    ssh_config: str = None
+    connect_timeout: int = 15
+    openvino_device: str = "CPU"
+
+    @property
+    def destination(self):
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    def __str__(self):
+        port = f":{self.port}" if self.port else ""
+        return f"{SCHEME}{self.destination}{port}"
+
+
+def parse_target(url, ssh_config=None):
+    """Parse a device URL; ``/path`` after the host names the device's Python, ``:DIR`` a deploy folder."""
+    m = _URL.match(url or "")
+    if not m:
+        raise EdgeKDError(f"bad device {url!r}: expected ssh://[user@]host[:port][/path/to/python] "
+                          "(deploy: ssh://[user@]host[:port][:DIR])")
+    rest = m.group("rest") or ""
+    python, folder = DEFAULT_PYTHON, None
+    if rest.startswith(":"):
+        folder = rest[1:]
+    elif rest.startswith("/") and rest != "/":
+        python = rest
+    if ssh_config and not os.path.isfile(ssh_config):
+        raise EdgeKDError(f"ssh config {ssh_config!r} does not exist")
+    return Target(m.group("host").strip("[]"), m.group("user"), int(m.group("port")) if m.group("port") else None,
+                  python, folder, ssh_config, openvino_device=m.group("ov") or "CPU")
+
+
+def _options(target):
+    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={target.connect_timeout}",
+            "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3"]
+    if target.ssh_config:
+        opts = ["-F", target.ssh_config] + opts
+    return opts
+
+
+def run(target, command, timeout=DEFAULT_TIMEOUT_S, input_bytes=None):
+    """Run a shell command on the device; return its stdout (bytes). Raise one clear line on failure."""
+    args = ["ssh"] + _options(target) + (["-p", str(target.port)] if target.port else []) + [target.destination, command]
+    proc = _call(args, target, timeout, input_bytes)
+    if proc.returncode != 0:
+        raise EdgeKDError(_explain(target, proc))
+    return proc.stdout
+
+
+def copy_to(target, local_paths, remote_folder, timeout=DEFAULT_TIMEOUT_S):
+    """Copy files and folders into an existing folder on the device (scp -r, batch mode)."""
+    args = ["scp", "-r", "-q"] + _options(target) + (["-P", str(target.port)] if target.port else [])
+    args += list(local_paths) + [f"{target.destination}:{remote_folder}/"]
+    proc = _call(args, target, timeout)
+    if proc.returncode != 0:
+        raise EdgeKDError(_explain(target, proc, "copying to"))
+
+
+def _call(args, target, timeout, input_bytes=None):
+    try:
+        return subprocess.run(args, input=input_bytes, capture_output=True, timeout=timeout)
+    except FileNotFoundError:
+        raise EdgeKDError(f"the {args[0]!r} command is not installed here; install OpenSSH's client") from None
+    except subprocess.TimeoutExpired:
+        raise EdgeKDError(f"{target} did not answer within {timeout} s (--timeout)") from None
+
+
+def _explain(target, proc, doing="running on"):
+    """Turn ssh's exit and stderr into one line that says what to do."""
+    err = proc.stderr.decode(errors="replace").strip()
+    last = err.splitlines()[-1] if err else f"exit code {proc.returncode}"
+    if proc.returncode == 255 or "ssh:" in err:
+        if "Permission denied" in err:
+            return (f"{target} refused authentication ({last}); edgekd uses your SSH keys and config only "
+                    "(BatchMode, never a password): add your key with ssh-copy-id or an IdentityFile in ~/.ssh/config")
+        if "Connection refused" in err or "No route" in err or "Could not resolve" in err or "timed out" in err:
+            return f"cannot reach {target}: {last}"
+        if "Host key verification failed" in err:
+            return f"{target}: host key not known or changed ({last}); connect once with ssh to accept it"
+    return f"{doing} {target} failed: {last}"
+
+
+def quote(text):
+    return shlex.quote(str(text))
