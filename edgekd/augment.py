@@ -102,6 +102,7 @@ class _Raw:
         from .data import ConvertMode
 
         self.dataset = dataset
+        self.shape = (input_spec.channels, input_spec.height, input_spec.width)
         self.tf = transforms.Compose([ConvertMode(input_spec.color), transforms.Resize((input_spec.height, input_spec.width)),
                                       transforms.PILToTensor()])
 
@@ -109,8 +110,20 @@ class _Raw:
         return len(self.dataset)
 
     def __getitem__(self, i):
-        img, label = _pil_item(self.dataset, i)
-        return self.tf(img), int(label)
+        try:
+            img, label = _pil_item(self.dataset, i)
+            return self.tf(img), int(label)
+        except (OSError, SyntaxError, ValueError):  # PIL's errors for truncated or non-image files
+            # Marked, not raised: a worker's exception would lose the file name; decode_split names it.
+            c, h, w = self.shape
+            return torch.zeros(c, h, w, dtype=torch.uint8), BAD_IMAGE
+
+
+BAD_IMAGE = -1  # the label an unreadable image gets while decoding
+
+
+def _path_of(dataset, i):
+    return dataset.samples[i][0] if hasattr(dataset, "samples") else f"item {i}"
 
 
 def _pil_item(dataset, i):
@@ -127,8 +140,13 @@ def _pil_item(dataset, i):
     raise EdgeKDError(f"cannot read raw images from a {type(dataset).__name__}")
 
 
-def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", progress=True):
-    """Decode (a subset of) a split once into a uint8 tensor and a label tensor."""
+def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", progress=True, skip_bad=False):
+    """Decode (a subset of) a split once into a uint8 tensor and a label tensor.
+
+    Grey, RGBA and palette images are converted to the data's colour mode and every image is resized
+    to the input size. An unreadable image is an error that names the file, or with ``skip_bad``
+    is left out and counted (``decode_split.skipped`` holds the paths of the last call).
+    """
     from tqdm import tqdm
 
     n = len(dataset) if indices is None else len(indices)
@@ -147,7 +165,22 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
         labels.append(y)
     if not images:
         raise EdgeKDError(f"{desc}: the split holds no images")
-    return torch.cat(images), torch.cat(labels)
+    images, labels = torch.cat(images), torch.cat(labels)
+    bad = (labels == BAD_IMAGE).nonzero().flatten().tolist()
+    order = [int(i) for i in indices] if indices is not None else range(n)
+    decode_split.skipped = [_path_of(dataset, order[i]) for i in bad]
+    if bad and not skip_bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise EdgeKDError(f"cannot read image {decode_split.skipped[0]!r}{more} ({desc}): corrupt or not an image; "
+                          "remove it, or pass --skip-bad-images to leave unreadable images out")
+    if bad:
+        log.warning("%s: skipped %d unreadable images, e.g. %s", desc, len(bad), decode_split.skipped[0])
+        keep = labels != BAD_IMAGE
+        images, labels = images[keep], labels[keep]
+    return images, labels
+
+
+decode_split.skipped = []
 
 
 def channel_stats(images):

@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from . import EdgeKDError, __version__
+from . import EdgeKDError, Interrupted, __version__
 
 DEFAULT_OUT = os.path.join("runs", "default")
 
@@ -39,6 +39,8 @@ def _add_data_args(p, default="digits"):
 def _add_training_args(p):
     g = p.add_argument_group("training (the seed article used --lr 0.01 --batch-size 128 --schedule constant)")
     g.add_argument("--epochs", type=_positive_int, default=15, help="epochs of training (default: %(default)s)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable image files out (counted in metrics.json) instead of stopping at the first")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="images per step (default: %(default)s)")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                    help="sgd (with momentum) or adamw (try --lr 0.002 --weight-decay 0.05) (default: %(default)s)")
@@ -76,6 +78,9 @@ def _add_training_args(p):
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
+MAX_EPOCHS, MAX_BATCH, MAX_LR = 10_000, 65_536, 10.0  # beyond these a value is a typo, not a plan
+
+
 def _check_training_args(args):
     """Ranges argparse cannot express; CPU threads set here, before any torch work."""
     if not 0.0 <= args.label_smoothing < 1.0:
@@ -84,6 +89,12 @@ def _check_training_args(args):
         raise EdgeKDError(f"--warmup-epochs must be between 0 and --epochs ({args.epochs}), got {args.warmup_epochs}")
     if args.norm not in ("auto", "train", "seed") and "/" not in args.norm:
         raise EdgeKDError(f"--norm {args.norm!r}: use auto, train, seed or MEAN/STD such as 0.49,0.48,0.45/0.25,0.24,0.26")
+    if not args.out:
+        raise EdgeKDError("--out DIR is required (or --resume DIR to continue a run)")
+    for option, value, limit in (("--epochs", args.epochs, MAX_EPOCHS), ("--batch-size", args.batch_size, MAX_BATCH),
+                                 ("--lr", args.lr, MAX_LR)):
+        if value > limit:
+            raise EdgeKDError(f"{option} {value:g} is beyond any sensible run (at most {limit:g})")
     _check_out(args.out, args.force)
     _check_device(args.device)
     if args.threads:
@@ -92,9 +103,13 @@ def _check_training_args(args):
         torch.set_num_threads(args.threads)
 
 
-def _add_common(p, out_default=None):
-    p.add_argument("--out", default=out_default, required=out_default is None, metavar="DIR",
+def _add_common(p, out_default=None, resumable=False):
+    p.add_argument("--out", default=out_default, required=out_default is None and not resumable, metavar="DIR",
                    help="output folder" + (f" (default: {out_default})" if out_default else ""))
+    if resumable:
+        p.add_argument("--resume", metavar="DIR",
+                       help="continue an interrupted run in DIR from its last complete epoch, with the options "
+                            "saved in DIR/config.yaml")
     p.add_argument("--force", action="store_true", help="write into --out even if it already holds files")
     p.add_argument("--config", metavar="FILE",
                    help="YAML file of option values (keys as in the saved config.yaml); the command line wins")
@@ -162,7 +177,7 @@ class Train(Command):
         p.add_argument("--model", default="seed-teacher", metavar="SPEC", help=MODEL_HELP + " (default: %(default)s)")
         _add_data_args(p)
         _add_training_args(p)
-        _add_common(p)
+        _add_common(p, resumable=True)
 
     def run(self, args):
         from .distill import run_train
@@ -211,7 +226,7 @@ class Distill(Command):
                             "instead of running the teacher every step (logit losses; default: off)")
         _add_data_args(p)
         _add_training_args(p)
-        _add_common(p, out_default=DEFAULT_OUT)
+        _add_common(p, out_default=DEFAULT_OUT, resumable=True)
 
     def run(self, args):
         from .distill import run_distill
@@ -528,14 +543,31 @@ def _os_error_line(e):
     return f"{e.strerror or type(e).__name__}{where}"
 
 
+def _apply_resume(parser, sub, argv, args):
+    """--resume DIR: the run's saved options become the defaults, written back into DIR."""
+    folder = args.resume
+    config = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(config):
+        raise EdgeKDError(f"cannot resume {folder!r}: it has no config.yaml (not an edgekd train/distill folder)")
+    args.config = config
+    args = _apply_config(parser, sub, argv, args)
+    args.out, args.force, args.resume = folder, True, folder
+    return args
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser, sub = build_parser()
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "config", None):
+        if getattr(args, "resume", None):
+            args = _apply_resume(parser, sub, argv, args)
+        elif getattr(args, "config", None):
             args = _apply_config(parser, sub, argv, args)
         args.func(args)
+    except Interrupted as e:
+        print(f"edgekd {args.command}: {e}; resume with: edgekd {args.command} --resume {args.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except EdgeKDError as e:
         if args.debug:
             raise

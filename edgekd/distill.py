@@ -10,7 +10,7 @@ import time
 import torch
 from torch import nn
 
-from . import EdgeKDError
+from . import EdgeKDError, Interrupted
 from .checkpoint import atomic_write, load_model, save_checkpoint
 from .data import load_data
 from .features import is_batchnorm
@@ -121,8 +121,80 @@ def _step(model, run, x, y, idx, epoch):
     return s_logits, run.loss_fn(s_logits, t_logits, y, **extra)
 
 
-def fit(model, run, cfg, desc="train"):
-    """Train ``model`` for cfg['epochs'] epochs, evaluating on the test views after each. Returns the history."""
+class _StopOnSigint:
+    """Turn the first Ctrl-C into a flag checked after each batch; a second one stops at once."""
+
+    def __enter__(self):
+        import signal
+
+        self.requested = False
+        self._previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread): leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _rng_state():
+    import numpy as np
+
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype("int64")), *np_state[2:]]}
+
+
+def _set_rng_state(state):
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), *rest))
+
+
+def save_state(path, model, run, optimizer, scheduler, epoch, history):
+    """The end-of-epoch training state (weights, optimizer, schedule, RNG, history), written atomically."""
+    state = {"epoch": epoch, "model": model.state_dict(), "loss_fn": run.loss_fn.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+             "rng": _rng_state()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path, model, run, optimizer, scheduler):
+    """Restore a training state; returns (epochs done, history)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        run.loss_fn.load_state_dict(state["loss_fn"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+    except Exception as e:
+        raise EdgeKDError(f"cannot resume from {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                          "start again with --force") from None
+    return state["epoch"], state["history"]
+
+
+def fit(model, run, cfg, desc="train", state_path=None):
+    """Train ``model`` for cfg['epochs'] epochs, evaluating on the test views after each. Returns the history.
+
+    With ``state_path`` the training state is saved there after every epoch, and a run started with
+    cfg['resume'] continues from the last complete epoch found there.
+    """
     from tqdm import tqdm
 
     device, bs = cfg["device"], cfg["batch_size"]
@@ -133,41 +205,60 @@ def fit(model, run, cfg, desc="train"):
     steps_per_epoch = -(-len(run.train) // bs)
     optimizer = make_optimizer(list(model.parameters()) + list(run.loss_fn.parameters()), cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg["epochs"] * steps_per_epoch, steps_per_epoch)
-    history = []
-    for epoch in range(1, cfg["epochs"] + 1):
-        if hasattr(run.loss_fn, "set_epoch"):
-            run.loss_fn.set_epoch(epoch)
-        sums, seen, correct, start = {}, 0, 0, time.perf_counter()
-        bar = tqdm(run.train.batches(bs, epoch=epoch, shuffle_seed=cfg["seed"] * 100_003 + epoch), total=steps_per_epoch,
-                   desc=f"{desc} {epoch}/{cfg['epochs']}", unit="batch", disable=not cfg.get("progress", True),
-                   dynamic_ncols=True, leave=True)
-        for x, y, idx in bar:
-            x, y = x.to(device), y.to(device)
-            s_logits, parts = _step(model, run, x, y, idx, epoch)
-            if not torch.isfinite(parts["loss"]):
-                raise EdgeKDError(f"{desc}: loss became {parts['loss'].item()} in epoch {epoch}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            optimizer.step()
-            scheduler.step()
-            seen += len(y)
-            correct += (s_logits.detach().argmax(1) == y).sum().item()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * len(y)
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
-                            kd=f"{sums['kd_loss'] / seen:.3f}", ips=f"{seen / (time.perf_counter() - start):.0f}")
-        seconds = time.perf_counter() - start
-        top1 = evaluate(model, run.test, device)
-        record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(seen, 1),
-                  "test_top1": top1, "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
-                  "seconds": seconds}
-        history.append(record)
-        log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
-        if cfg.get("report_epochs", True):
-            terms = "  ".join(f"{k} {record[k]:.4f}" for k in sums)
-            print(f"{desc} {epoch}/{cfg['epochs']}: {terms}  test top-1 {top1:.4f}  "
-                  f"({record['images_per_s']:.0f} img/s)", flush=True)
+    history, done = [], 0
+    if state_path and cfg.get("resume") and os.path.isfile(state_path):
+        done, history = load_state(state_path, model, run, optimizer, scheduler)
+        log.info("%s: resuming after epoch %d from %s", desc, done, state_path)
+        if cfg.get("progress", True):
+            print(f"{desc}: resuming after epoch {done}/{cfg['epochs']}", flush=True)
+    with _StopOnSigint() as stop:
+        for epoch in range(done + 1, cfg["epochs"] + 1):
+            record = _epoch(model, run, cfg, desc, epoch, steps_per_epoch, optimizer, scheduler, stop, tqdm)
+            history.append(record)
+            if state_path:
+                save_state(state_path, model, run, optimizer, scheduler, epoch, history)
     return history
+
+
+def _epoch(model, run, cfg, desc, epoch, steps_per_epoch, optimizer, scheduler, stop, tqdm):
+    """One epoch of training and its evaluation; returns the epoch's record."""
+    device, bs = cfg["device"], cfg["batch_size"]
+    if hasattr(run.loss_fn, "set_epoch"):
+        run.loss_fn.set_epoch(epoch)
+    sums, seen, correct, start = {}, 0, 0, time.perf_counter()
+    bar = tqdm(run.train.batches(bs, epoch=epoch, shuffle_seed=cfg["seed"] * 100_003 + epoch), total=steps_per_epoch,
+               desc=f"{desc} {epoch}/{cfg['epochs']}", unit="batch", disable=not cfg.get("progress", True),
+               dynamic_ncols=True, leave=True)
+    for batch, (x, y, idx) in enumerate(bar, 1):
+        x, y = x.to(device), y.to(device)
+        s_logits, parts = _step(model, run, x, y, idx, epoch)
+        if not torch.isfinite(parts["loss"]):
+            raise EdgeKDError(f"{desc}: loss became {parts['loss'].item()} in epoch {epoch}, batch {batch}; "
+                              f"the last complete epoch ({epoch - 1}) is kept; lower --lr and start again")
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        optimizer.step()
+        scheduler.step()
+        seen += len(y)
+        correct += (s_logits.detach().argmax(1) == y).sum().item()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v.item() * len(y)
+        bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
+                        kd=f"{sums['kd_loss'] / seen:.3f}", ips=f"{seen / (time.perf_counter() - start):.0f}")
+        if stop.requested:
+            bar.close()
+            raise Interrupted(f"interrupted in epoch {epoch} of {desc}; the last complete epoch ({epoch - 1}) is saved")
+    seconds = time.perf_counter() - start
+    top1 = evaluate(model, run.test, device)
+    record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(seen, 1),
+              "test_top1": top1, "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
+              "seconds": seconds}
+    log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
+    if cfg.get("report_epochs", True):
+        terms = "  ".join(f"{k} {record[k]:.4f}" for k in sums)
+        print(f"{desc} {epoch}/{cfg['epochs']}: {terms}  test top-1 {top1:.4f}  "
+              f"({record['images_per_s']:.0f} img/s)", flush=True)
+    return record
 
 
 BN_TRAP_GAP = 0.10  # eval-mode accuracy this far below batch-statistics accuracy means stale running stats
@@ -312,8 +403,11 @@ def prepare_data(cfg, input_spec=None):
     subset = None
     if cfg.get("train_subset"):
         subset = stratified_subset(_targets(data.train), cfg["train_subset"], seed=cfg.get("subset_seed", 0))
-    train_images, train_labels = decode_split(data.train, data.input, subset, workers, "decode train", progress)
-    test_images, test_labels = decode_split(data.test, data.input, None, workers, "decode test", progress)
+    skip = cfg.get("skip_bad_images", False)
+    train_images, train_labels = decode_split(data.train, data.input, subset, workers, "decode train", progress, skip)
+    skipped = list(decode_split.skipped)
+    test_images, test_labels = decode_split(data.test, data.input, None, workers, "decode test", progress, skip)
+    data.skipped_images = skipped + list(decode_split.skipped)
     norm = cfg.get("norm") or "auto"
     if input_spec is None:
         if norm == "train" or (norm == "auto" and data.spec != "digits"):
@@ -338,6 +432,7 @@ def _targets(dataset):
 
 def _data_record(data, train, cfg):
     return {"spec": data.spec, "train_images": len(train), "train_subset": cfg.get("train_subset"),
+            "skipped_bad_images": len(getattr(data, "skipped_images", [])),
             "test_images": None, **train.plan.describe(), "mean": data.input.mean, "std": data.input.std}
 
 
@@ -350,7 +445,7 @@ def run_train(cfg):
     _save_config(cfg["out"], cfg)
     loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
     run = TrainRun(train, test, loss_fn)
-    history = fit(model, run, cfg, desc=cfg["model"])
+    history = fit(model, run, cfg, desc=cfg["model"], state_path=os.path.join(cfg["out"], "model.state.pt"))
     metrics = _finish(model, run, cfg, _summary(cfg["model"], cfg["epochs"], history, model, data))
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     _save(os.path.join(cfg["out"], "model.pt"), model, cfg["model"], data, metrics, cfg)
@@ -375,15 +470,19 @@ def _teacher(cfg, data, train, test):
         metrics = dict(ckpt.get("metrics") or {})
         metrics.update(source=os.path.abspath(spec), model=ckpt["model"])
         return model, t_in, metrics, spec
+    path = os.path.join(cfg["out"], "teacher.pt")
+    if cfg.get("resume") and os.path.isfile(path):  # the teacher phase finished before the interruption
+        model, ckpt = load_model(path)
+        log.info("resuming: teacher already trained (%s)", path)
+        return model, data.input, ckpt["metrics"], path
     model = build_model(spec, len(data.classes), data.input)
     loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
     epochs = cfg["teacher_epochs"] or cfg["epochs"]
     t_cfg = {**cfg, "epochs": epochs}
     run = TrainRun(train, test, loss_fn)
-    history = fit(model, run, t_cfg, desc=f"teacher {spec}")
+    history = fit(model, run, t_cfg, desc=f"teacher {spec}", state_path=os.path.join(cfg["out"], "teacher.state.pt"))
     metrics = _finish(model, run, t_cfg, _summary(spec, epochs, history, model, data))
     metrics["source"] = "trained"
-    path = os.path.join(cfg["out"], "teacher.pt")
     _save(path, model, spec, data, metrics, t_cfg)
     return model.eval(), data.input, metrics, path
 
@@ -433,7 +532,8 @@ def run_distill(cfg):
             cache_seconds = cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=cfg.get("progress", True))
     seed_everything(cfg["seed"])  # the student's run does not depend on whether a teacher was trained
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache, taps=taps)
-    history = fit(student, run, cfg, desc=f"student {cfg['student']}")
+    history = fit(student, run, cfg, desc=f"student {cfg['student']}",
+                  state_path=os.path.join(cfg["out"], "student.state.pt"))
     metrics = _finish(student, run, cfg, _summary(cfg["student"], cfg["epochs"], history, student, data))
     metrics.update(loss=cfg["loss"], loss_params=loss_params, teacher={
         k: teacher_metrics.get(k) for k in ("model", "source", "epochs", "test_top1", "params", "flops", "history")})

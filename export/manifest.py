@@ -50,7 +50,55 @@ def read_manifest(folder):
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgeKDError(f"{path!r} is not valid JSON: {e}") from None
-    for key in ("format", "precision", "files", "input", "classes"):
-        if key not in manifest:
-            raise EdgeKDError(f"{path!r} lacks the field {key!r}")
+    problem = schema_problem(manifest)
+    if problem:
+        raise EdgeKDError(f"{path!r} fails the manifest schema: {problem}")
     return manifest
+
+
+def _is_number_list(value, length=None):
+    return (isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and (length is None or len(value) == length))
+
+
+def _plain_name(name):
+    """A file name that stays inside the bundle folder: no folders, no '..', not absolute."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def schema_problem(m):
+    """The first field of a manifest that is missing or malformed, as 'field X: what is wrong', else None."""
+    if not isinstance(m, dict):
+        return "the manifest is not a JSON object"
+    checks = [
+        ("format", lambda v: v in ("onnx", "openvino"), "must be onnx or openvino"),
+        ("precision", lambda v: v in ("fp32", "fp16", "int8"), "must be fp32, fp16 or int8"),
+        ("files", lambda v: isinstance(v, dict) and v and all(
+            _plain_name(k) and isinstance(h, str) and len(h) == 64 for k, h in v.items()),
+         "must map plain file names (no folders or '..') to sha256 hex digests"),
+        ("input", lambda v: isinstance(v, dict), "must be an object"),
+        ("classes", lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v),
+         "must be a non-empty list of class names"),
+    ]
+    for field, ok, what in checks:
+        if field not in m:
+            return f"field {field!r} is missing"
+        if not ok(m[field]):
+            return f"field {field!r} {what}"
+    if "model_file" in m and m["model_file"] not in m["files"]:
+        return "field 'model_file' must name one of the files"
+    spec = m["input"]
+    shape = spec.get("shape")
+    if not (_is_number_list(shape, 4) and all(isinstance(d, int) for d in shape) and shape[1] in (1, 3)):
+        return "field 'input.shape' must be [batch, channels (1 or 3), height, width]"
+    channels = shape[1]
+    for field, ok, what in (
+            ("color", lambda v: v == ("L" if channels == 1 else "RGB"), f"must be {'L' if channels == 1 else 'RGB'}"),
+            ("resize", lambda v: _is_number_list(v, 2) and min(v) > 0, "must be [height, width]"),
+            ("mean", lambda v: _is_number_list(v, channels), f"must hold {channels} numbers"),
+            ("std", lambda v: _is_number_list(v, channels) and min(v) > 0, f"must hold {channels} positive numbers")):
+        if field not in spec:
+            return f"field 'input.{field}' is missing"
+        if not ok(spec[field]):
+            return f"field 'input.{field}' {what}"
+    return None

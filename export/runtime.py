@@ -78,6 +78,22 @@ class OpenVINOSession:
         return self.request.get_output_tensor(0).data.copy()
 
 
+def check_external_data(model_path, listed):
+    """ONNX weights stored beside the model must be checksummed files of the bundle, never paths outside it."""
+    try:
+        import onnx
+    except ImportError:  # a device without the onnx package: ONNX Runtime resolves only what the manifest listed
+        return
+    model = onnx.load(model_path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if location not in listed:
+            raise EdgeKDError(f"ONNX weight {tensor.name!r} refers to {location!r}, which is not a file of the bundle "
+                              "(external data must stay inside the bundle folder)")
+
+
 class Bundle:
     """A verified bundle folder: its manifest, its session, and the manifest's preprocessing."""
 
@@ -105,6 +121,8 @@ class Bundle:
                 raise EdgeKDError(f"bundle {self.folder!r} is missing {name!r}")
             if sha256_file(path) != digest:
                 raise EdgeKDError(f"bundle file {name!r} does not match its sha256 in manifest.json (corrupt or edited)")
+        if self.manifest["format"] == "onnx":
+            check_external_data(os.path.join(self.folder, self.manifest["model_file"]), self.manifest["files"])
 
     def preprocess(self, image):
         """PIL image -> (C, H, W) float32, the same steps as the training transform: mode, resize, /255, normalise."""

@@ -1,6 +1,7 @@
 """Reliability: nothing half-written, one-line answers to OS failures, no tracebacks unless --debug."""
 
 import errno
+import json
 import os
 
 import pytest
@@ -51,3 +52,287 @@ def test_output_inside_a_file_or_unwritable_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as for a user without write permission
     with pytest.raises(EdgeKDError, match="is not writable"):
         cli._check_out(str(tmp_path / "new"), force=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every bad input: exit code 2, one line on stderr, no traceback, nothing partial left behind.
+
+def _folder(root, layout):
+    """Write an ImageFolder: layout maps 'split/class/name' to a PIL image (or raw bytes)."""
+    from PIL import Image
+
+    for rel, content in layout.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is None:
+            path.mkdir(exist_ok=True)
+        else:
+            content.save(path)
+    return root
+
+
+def _digits_images(n=40):
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return [(Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8), "L").convert("RGB"), int(d.target[i]) % 2)
+            for i in range(n)]
+
+
+def _two_class_folder(root, extra=None):
+    layout = {f"{'test' if i % 4 == 0 else 'train'}/c{label}/{i:03d}.png": img for i, (img, label) in enumerate(_digits_images())}
+    layout.update(extra or {})
+    return _folder(root, layout)
+
+
+def _cases(tmp, run, student):
+    """(name, args, message) for each bad input; paths are made here."""
+    from PIL import Image
+
+    flat = tmp / "flat"
+    flat.mkdir()
+    empty_class = _two_class_folder(tmp / "empty_class", {"train/c2/.keep": None, "test/c2/.keep": None})
+    differ = _two_class_folder(tmp / "differ", {"train/c9/x.png": Image.new("RGB", (8, 8))})
+    corrupt = _two_class_folder(tmp / "corrupt", {"train/c1/broken.png": b"this is not a png"})
+    clean = _two_class_folder(tmp / "clean")
+    notckpt = tmp / "notes.pt"
+    notckpt.write_text("hello")
+    blocker = tmp / "blocker"
+    blocker.write_text("a file")
+    return [
+        ("missing data path", ["train", "--data", str(tmp / "nope")], "does not exist"),
+        ("no train/test", ["train", "--data", str(flat)], "needs train/ and test/"),
+        ("empty class folder", ["train", "--data", str(empty_class)], "c2"),
+        ("class folders differ", ["train", "--data", str(differ)], "only in train: ['c9']"),
+        ("corrupt image", ["train", "--data", str(corrupt)], "broken.png"),
+        ("teacher/student class count", ["distill", "--teacher", str(run / "teacher.pt"), "--data", str(clean)],
+         "has 10 classes but the data has 2"),
+        ("checkpoint vs data classes", ["export", str(student), "--format", "onnx", "--data", str(corrupt)], "classes"),
+        ("not a checkpoint", ["export", str(notckpt), "--format", "onnx"], "not a usable edgekd checkpoint"),
+        ("unknown format", ["export", str(student), "--format", "tflite"], "unknown export format 'tflite'"),
+        ("unknown precision", ["export", str(student), "--format", "onnx", "--precision", "int4"], "precision 'int4'"),
+        ("unknown device", ["bench", str(student), "--device", "tpu"], "unknown device 'tpu'"),
+        ("unknown backend", ["bench", str(student), "--backends", "tensorrt"], "unknown bench backend 'tensorrt'"),
+        ("calibration set empty", ["export", str(student), "--format", "onnx", "--precision", "int8", "--calib-size", "0"],
+         "expected a positive whole number"),
+        ("device not present", ["train", "--device", "cuda"], "no CUDA GPU"),
+        ("output not writable", ["train", "--out", str(blocker / "out")], "not writable"),
+        ("epochs 0", ["train", "--epochs", "0"], "expected a positive whole number, got '0'"),
+        ("negative batch size", ["train", "--batch-size", "-4"], "expected a positive whole number, got '-4'"),
+        ("absurd epochs", ["train", "--epochs", "100000000"], "--epochs"),
+        ("absurd lr", ["train", "--lr", "1e9"], "--lr"),
+        ("nan lr", ["train", "--lr", "nan"], "expected a positive number"),
+    ]
+
+
+def test_every_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, digits_run, cli):
+    failures = []
+    for name, args, message in _cases(tmp_path, digits_run, digits_run / "student.pt"):
+        out = tmp_path / f"out-{name.replace(' ', '_').replace('/', '_')}"
+        if "--out" not in args:
+            args = args + ["--out", str(out)]
+        proc = cli(*args, "--no-progress" if args[0] in ("train", "distill", "bench") else "--force", check=False)
+        lines = proc.stderr.strip().splitlines()
+        problems = []
+        if proc.returncode != 2:
+            problems.append(f"exit {proc.returncode}")
+        if len(lines) != 1 or "Traceback" in proc.stderr:
+            problems.append(f"{len(lines)} stderr lines")
+        if message not in proc.stderr:
+            problems.append(f"no {message!r}")
+        if out.exists() and any(p.suffix in (".pt", ".json", ".onnx", ".md") for p in out.rglob("*")):
+            problems.append(f"left {sorted(p.name for p in out.rglob('*'))}")
+        if problems:
+            failures.append(f"{name}: {', '.join(problems)}: {proc.stderr.strip()[-300:]}")
+    assert not failures, "\n".join(failures)
+
+
+def test_mixed_modes_and_sizes_are_converted_and_resized(tmp_path, cli):
+    from PIL import Image
+
+    images = _digits_images()
+    extra = {
+        "train/c0/grey.png": images[0][0].convert("L"),
+        "train/c1/rgba.png": images[1][0].convert("RGBA"),
+        "train/c0/palette.png": images[2][0].convert("P"),
+        "train/c1/big.png": images[3][0].resize((24, 24)),
+        "test/c0/small.png": images[4][0].resize((5, 7)),
+    }
+    data = _two_class_folder(tmp_path / "mixed", extra)
+    out = tmp_path / "out"
+    cli("train", "--model", "compact-student", "--data", data, "--epochs", 1, "--out", out, "--no-progress")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_data"]["train_images"] == 34 and metrics["train_data"]["test_images"] == 11
+
+
+def test_skip_bad_images_skips_and_counts(tmp_path, cli):
+    data = _two_class_folder(tmp_path / "bad", {"train/c1/broken.png": b"not an image", "train/c0/cut.png": b"\x89PNG\r\n"})
+    out = tmp_path / "out"
+    cli("train", "--model", "compact-student", "--data", data, "--epochs", 1, "--skip-bad-images", "--out", out,
+        "--no-progress")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_data"]["skipped_bad_images"] == 2 and metrics["train_data"]["train_images"] == 30
+
+
+def test_nan_loss_names_epoch_and_batch_and_keeps_the_previous_checkpoint(tmp_path, cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"the previous good model")
+    proc = cli("train", "--model", "seed-teacher", "--lr", "9", "--epochs", 2, "--out", out, "--force",
+               "--no-progress", check=False)
+    assert proc.returncode == 2 and "in epoch 1, batch" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (out / "model.pt").read_bytes() == b"the previous good model"
+
+
+# ---------------------------------------------------------------------------------------------
+# Survive being killed.
+
+def _start(args, out):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "edgekd", *map(str, args), "--out", str(out), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_state(proc, path, epochs_done=1, timeout=600):
+    import time
+
+    import torch
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if path.exists():
+            try:
+                if torch.load(path, weights_only=True)["epoch"] >= epochs_done:
+                    return
+            except Exception:  # being replaced this instant
+                pass
+        assert proc.poll() is None, f"finished before it could be interrupted: {proc.communicate()}"
+        time.sleep(0.05)
+    raise AssertionError("no end-of-epoch state appeared")
+
+
+TRAIN = ["train", "--model", "compact-student", "--epochs", 3, "--seed", 3]
+
+
+def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(tmp_path, cli):
+    import signal
+
+    reference = tmp_path / "reference"
+    cli(*TRAIN, "--out", reference, "--no-progress")
+    out = tmp_path / "killed"
+    proc = _start(TRAIN, out)
+    _wait_for_state(proc, out / "model.state.pt", epochs_done=1)
+    proc.send_signal(signal.SIGKILL)  # during epoch 2
+    proc.wait()
+    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
+    cli("train", "--resume", out)
+    resumed = json.loads((out / "metrics.json").read_text())
+    uninterrupted = json.loads((reference / "metrics.json").read_text())
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert abs(resumed["test_top1"] - uninterrupted["test_top1"]) <= 0.02
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, cli):
+    import signal
+
+    out = tmp_path / "run"
+    proc = _start(TRAIN, out)
+    _wait_for_state(proc, out / "model.state.pt", epochs_done=1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before Ctrl-C reached it")
+    assert proc.returncode == 130 and f"resume with: edgekd train --resume {out}" in err
+    assert "Traceback" not in err
+    cli("train", "--resume", out)
+    assert len(json.loads((out / "metrics.json").read_text())["history"]) == 3
+
+
+def test_distill_resumes_after_the_teacher_phase(tmp_path, cli):
+    import signal
+
+    out = tmp_path / "d"
+    args = ["distill", "--epochs", 2, "--teacher-epochs", 1]
+    proc = _start(args, out)
+    _wait_for_state(proc, out / "student.state.pt", epochs_done=1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "teacher.pt").exists()
+    teacher_bytes = (out / "teacher.pt").read_bytes()
+    cli("distill", "--resume", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert (out / "teacher.pt").read_bytes() == teacher_bytes  # the teacher was not trained again
+
+
+# ---------------------------------------------------------------------------------------------
+# Loads that cannot run code; bundles that cannot reach outside their folder.
+
+def test_manifest_schema_errors_name_the_field(tmp_path, onnx_bundle, cli):
+    import shutil
+
+    cases = {
+        "format": ("tflite", "field 'format' must be onnx or openvino"),
+        "classes": ([], "field 'classes' must be a non-empty list"),
+        "files": ({"../model.onnx": "0" * 64}, "field 'files' must map plain file names"),
+    }
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(img)
+    for field, (value, message) in cases.items():
+        copy = tmp_path / f"b-{field}"
+        shutil.copytree(onnx_bundle, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest[field] = value
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        proc = cli("predict", copy, img, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_onnx_external_data_outside_the_bundle_is_refused(tmp_path, onnx_bundle, cli):
+    import shutil
+
+    import onnx
+
+    from edgekd.export.manifest import sha256_file
+
+    copy = tmp_path / "b"
+    shutil.copytree(onnx_bundle, copy)
+    model = onnx.load(str(copy / "model.onnx"))
+    tensor = model.graph.initializer[0]  # hand-made, as onnx itself refuses to write such a path
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "../stolen.data"
+    (copy / "model.onnx").write_bytes(model.SerializeToString())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = sha256_file(copy / "model.onnx")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "x.png")
+    proc = cli("predict", copy, tmp_path / "x.png", check=False)
+    assert proc.returncode == 2 and "not a file of the bundle" in proc.stderr, proc.stderr
+
+
+def test_a_symlink_in_a_bundle_pointing_outside_is_refused(tmp_path, onnx_bundle, cli):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(onnx_bundle, copy)
+    outside = tmp_path / "outside.onnx"
+    shutil.move(copy / "model.onnx", outside)
+    (copy / "model.onnx").symlink_to(outside)
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "x.png")
+    proc = cli("predict", copy, tmp_path / "x.png", check=False)
+    assert proc.returncode == 2 and "points outside the bundle folder" in proc.stderr
