@@ -1,5 +1,6 @@
 """Every format x precision on the tiny digits student, the gate failing when it should, the format table."""
 
+import contextlib
 import json
 import os
 import re
@@ -19,17 +20,13 @@ from edgekd.export.pipeline import ExportOptions, export_checkpoint
 VAL, CALIB = 200, 100
 
 
-@pytest.fixture(scope="module")
-def bundles(digits_run, tmp_path_factory):
-    """All six bundles, exported in this process with small validation and calibration sets.
-
-    torch.onnx.export (the slowest step, ~5 s) runs once: its FP32 file is reused by the other five,
-    which is what would happen anyway since every format starts from the same FP32 ONNX graph.
-    """
+@contextlib.contextmanager
+def fp32_onnx_exported_once(root):
+    """torch.onnx.export (the slowest step, ~5 s) runs once and its FP32 file is reused by every later
+    export in the block, as it would be anyway: every format starts from the same FP32 ONNX graph."""
     from edgekd.export import onnx as onnx_mod
     from edgekd.export import openvino as ov_mod
 
-    root = tmp_path_factory.mktemp("bundles")
     original, cache = onnx_mod.export_onnx, root / "fp32-cache.onnx"
 
     def export_once(model, input_spec, folder, opset=None):
@@ -39,10 +36,18 @@ def bundles(digits_run, tmp_path_factory):
         shutil.copy(cache, os.path.join(folder, "model.onnx"))
         return "model.onnx"
 
-    out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(onnx_mod, "export_onnx", export_once)
         mp.setattr(ov_mod, "export_onnx", export_once)
+        yield
+
+
+@pytest.fixture(scope="module")
+def bundles(digits_run, tmp_path_factory):
+    """All six bundles, exported in this process with small validation and calibration sets."""
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    with fp32_onnx_exported_once(root):
         for fmt, precision in combinations():
             folder = root / f"{fmt}-{precision}"
             export_checkpoint(str(digits_run / "student.pt"), ExportOptions(
@@ -159,14 +164,16 @@ def test_gate_fails_a_perturbed_float_model_and_leaves_no_bundle(digits_run, tmp
     assert os.listdir(tmp_path) == []
 
 
-def test_int8_gate_fails_on_a_perturbed_model_with_and_without_fallback(digits_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_int8_gate_fails_on_a_perturbed_model_with_and_without_fallback(digits_run, tmp_path, monkeypatch, fmt):
+    """The fallback runs (ONNX ranking, NNCF accuracy control) but cannot undo a wrong model: still refused."""
     _perturbing(monkeypatch, 3.0)
     out = tmp_path / "bundle"
-    opts = dict(fmt="onnx", precision="int8", out=str(out), val_size=VAL, calib_size=CALIB, progress=False,
+    opts = dict(fmt=fmt, precision="int8", out=str(out), val_size=VAL, calib_size=CALIB, progress=False,
                 speed_check=False)
     with pytest.raises(EdgeKDError, match=r"INT8 top-1 .* points below FP32 .* over --max-drop 1 .*fallback is off"):
         export_checkpoint(str(digits_run / "student.pt"), ExportOptions(**opts, max_fallback_layers=0))
-    with pytest.raises(EdgeKDError, match=r"over --max-drop 1 even with [12] layer\(s\) kept in float "
+    with pytest.raises(EdgeKDError, match=r"over --max-drop 1 even with [012] layer\(s\) kept in float "
                                           r"\(--max-fallback-layers 2; before the fallback: \d+\.\d\d points\)"):
         export_checkpoint(str(digits_run / "student.pt"), ExportOptions(**opts, max_fallback_layers=2))
     assert os.listdir(tmp_path) == []
@@ -204,3 +211,16 @@ def test_runtime_never_imports_torch_in_a_fresh_interpreter(bundles, tmp_path, f
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["heavy"] == []
     assert len(out["result"][0]["top"]) == 2 and out["result"][0]["top"][0]["label"] in [str(i) for i in range(10)]
+
+
+def test_onnx_dynamic_int8_is_available_but_never_calibrated(bundles, digits_run, tmp_path, caplog):
+    import onnx
+
+    out = tmp_path / "dynamic"
+    with fp32_onnx_exported_once(bundles["onnx", "fp32"].parent), caplog.at_level("WARNING"):
+        m = export_checkpoint(str(digits_run / "student.pt"), ExportOptions(
+            fmt="onnx", precision="int8", quant="dynamic", out=str(out), val_size=VAL, max_drop=100,
+            speed_check=False, progress=False))
+    assert m["quantization"]["mode"] == "dynamic" and m["calibration"]["images"] == 0
+    assert "ConvInteger" in {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    assert "slower than FP32" in caplog.text
