@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/edgekd distill --out runs/default --force
 	$(BIN)/edgekd export runs/default/student.pt --format onnx --out runs/default/student-onnx --force
+	$(BIN)/edgekd export runs/default/student.pt --format openvino --precision int8 \
+		--out runs/default/student-openvino-int8 --force
 	$(BIN)/edgekd bench runs/default/teacher.pt runs/default/student.pt runs/default/student-onnx \
-		--device cpu --out runs/default/bench --force
+		runs/default/student-openvino-int8 --device cpu --out runs/default/bench --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
