@@ -47,14 +47,19 @@ class AugmentPlan:
 
 
 def apply_views(images, dy, dx, flip, pad):
-    """Crop each uint8 image of a batch at its own offset from a zero-padded copy, then flip some."""
+    """Crop each uint8 image of a batch at its own offset from a zero-padded copy, then flip some.
+
+    One gather for the whole batch (a Python loop of per-image slices ran at a third of the speed).
+    """
     if pad == 0 and not flip.any():
         return images
-    h, w = images.shape[-2:]
+    b, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
-    out = torch.stack([padded[k, :, y:y + h, x:x + w] for k, (y, x) in enumerate(zip(dy.tolist(), dx.tolist()))])
-    flipped = flip.bool().view(-1, 1, 1, 1)
-    return torch.where(flipped, out.flip(-1), out)
+    rows = dy.view(b, 1) + torch.arange(h).view(1, h)
+    ascending = torch.arange(w).view(1, w)
+    cols = dx.view(b, 1) + torch.where(flip.bool().view(b, 1), w - 1 - ascending, ascending)
+    return padded[torch.arange(b).view(b, 1, 1, 1), torch.arange(c).view(1, c, 1, 1),
+                  rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
 
 
 class Views:

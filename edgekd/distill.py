@@ -314,7 +314,9 @@ def check_batchnorm(model, run, cfg, sample=2000):
     if not any(is_batchnorm(m) for m in model.modules()):
         return None
     device = cfg["device"]
-    idx = torch.arange(0, len(run.train), max(1, len(run.train) // sample))[:sample]
+    # A fixed random sample: folder data is class-sorted, and batches of one class would give
+    # batch statistics that describe no real batch.
+    idx = torch.randperm(len(run.train), generator=torch.Generator().manual_seed(0))[:sample]
     x, y = run.train.batch(idx)
     x, y = x.to(device), y.to(device)
     model.eval()

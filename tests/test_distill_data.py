@@ -68,6 +68,13 @@ def test_augmentation_is_a_padded_crop_and_flip_replayed_from_seed_and_epoch():
     assert torch.equal(out[0, :, 4:, :], img[0, :, :4, :]) and out[0, :, :4, :].sum() == 0  # shifted down 4
     flipped = apply_views(img, torch.tensor([4]), torch.tensor([4]), torch.tensor([1]), pad=4)
     assert torch.equal(flipped[0], img[0].flip(-1))
+    # The batched gather equals cropping and flipping each image by hand.
+    batch = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    dy, dx, fl = AugmentPlan("standard", 16, seed=1).params(2)
+    padded = torch.nn.functional.pad(batch, (4, 4, 4, 4))
+    hand = [padded[k, :, y:y + 32, x:x + 32] for k, (y, x) in enumerate(zip(dy.tolist(), dx.tolist()))]
+    hand = torch.stack([v.flip(-1) if f else v for v, f in zip(hand, fl.tolist())])
+    assert fl.any() and torch.equal(apply_views(batch, dy, dx, fl, 4), hand)
     with pytest.raises(EdgeKDError, match="unknown augmentation"):
         AugmentPlan("heavy", 5)
 
