@@ -240,11 +240,11 @@ def _save_images(data_spec, data_root, spec, limit, stem):
 
 def _export_onnx(checkpoint, data_spec, data_root, out):
     """An ONNX FP32 file of a checkpoint, checked against PyTorch, for running it in ONNX Runtime or OpenVINO."""
-    from ..export.pipeline import export_checkpoint
+    from ..export.pipeline import ExportOptions, export_checkpoint
 
     try:
-        export_checkpoint(checkpoint, fmt="onnx", precision="fp32", out=out, data=data_spec, data_root=data_root,
-                          val_size=EXPORT_VAL_IMAGES)
+        export_checkpoint(checkpoint, ExportOptions(fmt="onnx", precision="fp32", out=out, data=data_spec,
+                                                    data_root=data_root, val_size=EXPORT_VAL_IMAGES, progress=False))
     except EdgeKDError as e:
         return None, f"ONNX export for this backend failed: {e}"
     return out, None

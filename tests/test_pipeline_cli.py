@@ -43,7 +43,7 @@ def test_bench_rows_report_and_table(onnx_bundle, digits_run, tmp_path, cli):
     out = tmp_path / "bench"
     proc = cli("bench", digits_run / "teacher.pt", digits_run / "student.pt", onnx_bundle, "--device", "cpu",
                    "--out", out, "--runs", 30, "--warmup", 5)
-    assert "| teacher | cpu | torch |" in proc.stdout and "| student-onnx | cpu | onnxruntime |" in proc.stdout
+    assert "| teacher | torch | fp32 | cpu |" in proc.stdout and "| student-onnx | onnxruntime | fp32 | cpu |" in proc.stdout
     result = json.loads((out / "results.json").read_text())
     rows = result["rows"]
     assert [r["backend"] for r in rows] == ["torch", "torch", "onnxruntime"]
