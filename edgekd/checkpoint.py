@@ -73,8 +73,10 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             reason = "it contains pickled Python objects, which edgekd never loads"
+        else:
+            reason = "not a file written by torch.save, or a damaged one"
         raise EdgeKDError(f"{path!r} is not a usable edgekd checkpoint: {reason}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise EdgeKDError(f"{path!r} is not an edgekd checkpoint (expected a dict with {', '.join(REQUIRED_KEYS)})")

@@ -94,7 +94,7 @@ def _check_training_args(args):
     for option, value, limit in (("--epochs", args.epochs, MAX_EPOCHS), ("--batch-size", args.batch_size, MAX_BATCH),
                                  ("--lr", args.lr, MAX_LR)):
         if value > limit:
-            raise EdgeKDError(f"{option} {value:g} is beyond any sensible run (at most {limit:g})")
+            raise EdgeKDError(f"{option} {value} is beyond any sensible run (at most {limit:,})")
     _check_out(args.out, args.force)
     _check_device(args.device)
     if args.threads:
