@@ -200,20 +200,6 @@ def _torchvision_cifar(spec, data_root, input_spec):
     return Data(spec, train, test, list(train.classes), spec_in)
 
 
-def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
-    """A DataLoader; in-memory data (digits) is cheapest with no worker processes."""
-    import torch
-
-    if isinstance(dataset, _PILList):
-        workers = 0
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
-        persistent_workers=workers > 0,
-    )
-
-
 def take_images(dataset, limit=None):
     """The first ``limit`` items of a split as one (N, C, H, W) tensor and a label tensor."""
     import torch
