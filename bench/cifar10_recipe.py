@@ -23,7 +23,8 @@ REPO = os.path.dirname(HERE)
 def _flags(options):
     argv = []
     for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        if value is not None:  # null in the YAML: leave the option at its default (e.g. no train subset)
+            argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
 
 
@@ -46,14 +47,17 @@ def plan_runs(recipe, out):
 
     # Lane 0 builds the cache in its first run and then replays it; lane 1 runs the teacher live:
     # the first run of each lane is the same kd run, with and without the cache, side by side.
+    # fitnet needs the live teacher's features, so its slow runs are split between the lanes.
     lane0, lane1 = [], [(f"{cached}-live-s{seeds[0]}", distill(f"{cached}-live-s{seeds[0]}", cached, seeds[0]))]
     for method in recipe["methods"]:
         for seed in seeds:
             name = f"{method}-s{seed}"
             if method == cached:
                 lane0.append((name, distill(name, method, seed, ["--teacher-cache", cache_dir])))
+            elif method == "fitnet" and seed == seeds[0]:
+                lane1.append((name, distill(name, method, seed)))
             else:
-                (lane1 if method == "fitnet" else lane0).append((name, distill(name, method, seed)))
+                lane0.append((name, distill(name, method, seed)))
     # Logit methods other than the cached one also replay the cache (same teacher, same views).
     lane0 = [(n, a + ["--teacher-cache", cache_dir] if "--teacher-cache" not in a and "fitnet" not in n else a)
              for n, a in lane0]
@@ -156,7 +160,8 @@ def results_markdown(recipe, runs, out, recipe_path):
              "", "| model | method | top-1 % last epoch | per seed | Δ vs baseline | best epoch % | params | "
              "train img/s (median epoch) |", "|---|---|---|---|---|---|---|---|"]
     if teacher:
-        lines.append(f"| {teacher['model']} | teacher (CE) | {_pct(teacher['test_top1'])} | one run | | "
+        seen = teacher["train_data"]["train_images"]
+        lines.append(f"| {teacher['model']} | teacher (CE; {seen:,} train images, {teacher['epochs']} epochs) | {_pct(teacher['test_top1'])} | one run | | "
                      f"{_pct(teacher['best_top1'])} | {teacher['params']:,} | "
                      f"{statistics.median(h['images_per_s'] for h in teacher['history']):.0f} |")
     base = statistics.mean(rows["baseline"]["last"]) if rows["baseline"]["last"] else None
