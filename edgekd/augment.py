@@ -85,17 +85,47 @@ class Views:
             raw = apply_views(raw, dy, dx, flip, self.plan.pad)
         return (raw.float().div_(255.0) - self.mean) / self.std, self.targets[idx]
 
-    def batches(self, batch_size, epoch=None, shuffle_seed=None):
-        """Yield (x, y, idx) over the split; shuffled by ``shuffle_seed`` when given."""
+    def batches(self, batch_size, epoch=None, shuffle_seed=None, shard=None):
+        """Yield (x, y, idx) over the split; shuffled by ``shuffle_seed`` when given.
+
+        ``shard=(rank, world)`` serves only every world-th image from ``rank`` on (evaluation split
+        across processes: no image is seen twice, so the counts add up to the split's).
+        """
         n = len(self)
         if shuffle_seed is None:
             order = torch.arange(n)
         else:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(int(shuffle_seed)))
+        if shard is not None:
+            order = order[shard[0]::shard[1]]
+            n = len(order)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             x, y = self.batch(idx, epoch)
             yield x, y, idx
+
+
+    def distributed_batches(self, batch_size, epoch, seed, rank, world):
+        """This rank's (x, y, idx) batches of one training epoch under DDP.
+
+        A DistributedSampler shuffles with ``seed`` and ``set_epoch(epoch)``, gives every rank
+        ceil(N / world) images (padding with repeats, as torch does, so every rank takes the same
+        number of steps) and ``batch_size`` is the per-process batch.
+        """
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, seed=int(seed))
+        sampler.set_epoch(int(epoch))
+        order = torch.tensor(list(sampler), dtype=torch.long)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            x, y = self.batch(idx, epoch)
+            yield x, y, idx
+
+    def steps_per_epoch(self, batch_size, world=1):
+        """Optimizer steps in one epoch at a global ``batch_size`` over ``world`` processes."""
+        per_rank = -(-len(self) // world)
+        return -(-per_rank // (batch_size // world))
 
 
 class _Raw:

@@ -74,8 +74,21 @@ def _add_training_args(p):
                    help="worker processes that decode folder images (once, into memory) (default: %(default)s)")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
-    g.add_argument("--device", default="cpu", help="torch device to train on: cpu or cuda (default: %(default)s)")
+    g.add_argument("--device", default="cpu",
+                   help="torch device to train on: cpu or cuda; under torchrun each process takes cuda:LOCAL_RANK "
+                        "(default: %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    s = p.add_argument_group("GPU speed and several processes",
+                             "Run under torchrun (torchrun --nproc_per_node N -m edgekd ...) to train in N processes: "
+                             "--batch-size is the global batch, split evenly over them, and --lr applies as written "
+                             "(README, Scaling).")
+    s.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision on CUDA: bf16 where the GPU supports it, else fp16 with a gradient scaler "
+                        "(auto); off for float32. CPU runs are float32 (default: %(default)s)")
+    s.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="NHWC memory layout for convolutions (auto: on for CUDA, off for CPU) (default: %(default)s)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the student (first steps are slow while it compiles; default: off)")
 
 
 MAX_EPOCHS, MAX_BATCH, MAX_LR = 10_000, 65_536, 10.0  # beyond these a value is a typo, not a plan
@@ -95,12 +108,35 @@ def _check_training_args(args):
                                  ("--lr", args.lr, MAX_LR)):
         if value > limit:
             raise EdgeKDError(f"{option} {value} is beyond any sensible run (at most {limit:,})")
-    _check_out(args.out, args.force)
+    _check_distributed(args)
+    if _rank() == 0:  # only rank 0 writes into --out (the others would find rank 0's first files)
+        _check_out(args.out, args.force)
     _check_device(args.device)
+    if args.amp in ("bf16", "fp16") and not args.device.startswith("cuda"):
+        raise EdgeKDError(f"--amp {args.amp} needs --device cuda; CPU training is float32 (use --amp auto or off)")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def _rank():
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _check_distributed(args):
+    """Under torchrun (WORLD_SIZE > 1) the global batch must split evenly over the processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and args.batch_size % world:
+        raise EdgeKDError(f"--batch-size {args.batch_size} is the global batch and must split evenly over the {world} "
+                          f"processes of this torchrun job: use a multiple of {world}")
+    if world > 1 and args.device.startswith("cuda"):
+        import torch
+
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        if torch.cuda.is_available() and local >= torch.cuda.device_count():
+            raise EdgeKDError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; "
+                              "use --nproc_per_node at most that")
 
 
 def _add_common(p, out_default=None, resumable=False):
@@ -184,6 +220,8 @@ class Train(Command):
 
         _check_training_args(args)
         m = run_train(_config_of(args))
+        if _rank() != 0:
+            return
         print(f"{m['model']}: test top-1 {m['test_top1']:.4f} after {m['epochs']} epochs -> {args.out}/model.pt")
 
 
@@ -239,6 +277,8 @@ class Distill(Command):
             raise EdgeKDError(f"--beta must be 0 or more, got {args.beta}")
         _check_training_args(args)
         m = run_distill(_config_of(args))
+        if _rank() != 0:
+            return
         t = m["teacher"]
         print(f"teacher {t['model']}: test top-1 {t['test_top1']:.4f}, {t['params']:,} params")
         print(f"student {m['model']}: test top-1 {m['test_top1']:.4f}, {m['params']:,} params "
@@ -566,7 +606,8 @@ def main(argv=None):
             args = _apply_config(parser, sub, argv, args)
         args.func(args)
     except Interrupted as e:
-        print(f"edgekd {args.command}: {e}; resume with: edgekd {args.command} --resume {args.out}", file=sys.stderr)
+        if _rank() == 0:  # every rank stops at the same batch; one of them says so
+            print(f"edgekd {args.command}: {e}; resume with: edgekd {args.command} --resume {args.out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except EdgeKDError as e:
         if args.debug:

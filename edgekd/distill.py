@@ -51,22 +51,27 @@ class FrozenTeacher(nn.Module):
     def train(self, mode=True):  # the teacher never leaves eval mode
         return super().train(False)
 
-    @torch.no_grad()
     def forward(self, x):
-        if self.renorm:
-            x = (x * self.s_std + self.s_mean - self.t_mean) / self.t_std
-        return self.model(x)
+        with torch.inference_mode():  # cheaper than no_grad: no version counters, no autograd metadata
+            if self.renorm:
+                x = (x * self.s_std + self.s_mean - self.t_mean) / self.t_std
+            logits = self.model(x)
+        return logits.float().clone()  # a normal tensor again, so the loss may save it for backward
 
 
 @torch.no_grad()
-def evaluate(model, views, device="cpu", batch_size=256):
-    """Top-1 accuracy of ``model`` (eval mode) on un-augmented views of a split."""
+def evaluate(model, views, device="cpu", batch_size=256, dist=None):
+    """Top-1 accuracy of ``model`` (eval mode) on un-augmented views of a split; under DDP each rank
+    scores every world-th image and the counts are summed, so the figure covers the whole split once."""
     was_training = model.training
     model.eval()
+    shard = (dist.rank, dist.world_size) if dist is not None and dist.enabled else None
     correct = 0
-    for x, y, _ in views.batches(batch_size):
+    for x, y, _ in views.batches(batch_size, shard=shard):
         correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     model.train(was_training)
+    if shard is not None:
+        correct = dist.all_reduce_sum(torch.tensor([correct], dtype=torch.float64)).item()
     return correct / max(len(views), 1)
 
 
@@ -99,11 +104,47 @@ def make_scheduler(optimizer, cfg, steps, steps_per_epoch):
 
 
 class TrainRun:
-    """What one call of ``fit`` needs besides the model: data views, loss, teacher, cache, feature taps."""
+    """What one call of ``fit`` needs besides the model: data views, loss, teacher, cache, feature taps,
+    and the process group (a single process unless run under torchrun)."""
 
-    def __init__(self, train, test, loss_fn, teacher=None, cache=None, taps=None):
+    def __init__(self, train, test, loss_fn, teacher=None, cache=None, taps=None, dist=None):
+        from .distributed import Context
+
         self.train, self.test, self.loss_fn = train, test, loss_fn
         self.teacher, self.cache, self.taps = teacher, cache, taps
+        self.dist = dist or Context()
+        self.local_images = 0  # training images this process stepped through (all epochs of this run)
+
+
+def cuda_speedups(cfg):
+    """(autocast dtype or None, channels_last) for a run. Mixed precision is for CUDA: bf16 where the GPU
+    supports it (no loss scaling needed), fp16 with a gradient scaler otherwise."""
+    on_cuda = str(cfg["device"]).startswith("cuda")
+    amp = cfg.get("amp") or "auto"
+    if not on_cuda or amp == "off":
+        dtype = None
+    elif amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float16
+    layout = cfg.get("channels_last") or "auto"
+    return dtype, layout == "on" or (layout == "auto" and on_cuda)
+
+
+def _autocast(device, dtype):
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _to_device(x, y, device, channels_last):
+    if str(device).startswith("cuda"):  # pinned pages let the copy overlap with the previous step
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
 
 
 def _teacher_logits(run, x, idx, epoch):
@@ -112,12 +153,12 @@ def _teacher_logits(run, x, idx, epoch):
     return run.teacher(x) if run.teacher is not None else None
 
 
-def _step(model, run, x, y, idx, epoch):
+def _step(net, run, x, y, idx, epoch):
     t_logits = _teacher_logits(run, x, idx, epoch)
-    s_logits = model(x)
+    s_logits = net(x)
     extra = {}
-    if run.taps is not None:
-        extra["features"] = (run.taps[0].output, run.taps[1].output)
+    if run.taps is not None:  # the teacher's map is an inference-mode tensor: a clone can join autograd
+        extra["features"] = (run.taps[0].output, run.taps[1].output.clone())
     return s_logits, run.loss_fn(s_logits, t_logits, y, **extra)
 
 
@@ -166,22 +207,42 @@ def _set_rng_state(state):
     np.random.set_state((kind, keys.numpy().astype("uint32"), *rest))
 
 
-def save_state(path, model, run, optimizer, scheduler, epoch, history):
+class _Loop:
+    """The moving parts of one training run: the model, what runs it (DDP, torch.compile), the optimizer,
+    schedule, gradient scaler and mixed-precision settings."""
+
+    def __init__(self, model, net, optimizer, scheduler, scaler, amp_dtype, channels_last):
+        self.model, self.net, self.optimizer, self.scheduler = model, net, optimizer, scheduler
+        self.scaler, self.amp_dtype, self.channels_last = scaler, amp_dtype, channels_last
+
+
+def save_state(path, model, run, optimizer, scheduler, epoch, history, scaler=None):
     """The end-of-epoch training state (weights, optimizer, schedule, RNG, history), written atomically."""
     state = {"epoch": epoch, "model": model.state_dict(), "loss_fn": run.loss_fn.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
              "rng": _rng_state()}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_state(path, model, run, optimizer, scheduler):
+def read_state(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EdgeKDError(f"cannot resume from {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                          "start again with --force") from None
+
+
+def apply_state(state, path, model, run, optimizer, scheduler, scaler=None):
     """Restore a training state; returns (epochs done, history)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         run.loss_fn.load_state_dict(state["loss_fn"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
     except Exception as e:
         raise EdgeKDError(f"cannot resume from {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
@@ -189,72 +250,118 @@ def load_state(path, model, run, optimizer, scheduler):
     return state["epoch"], state["history"]
 
 
+def load_state(path, model, run, optimizer, scheduler):
+    """Read and restore a training state; returns (epochs done, history)."""
+    return apply_state(read_state(path), path, model, run, optimizer, scheduler)
+
+
 def fit(model, run, cfg, desc="train", state_path=None):
     """Train ``model`` for cfg['epochs'] epochs, evaluating on the test views after each. Returns the history.
 
-    With ``state_path`` the training state is saved there after every epoch, and a run started with
-    cfg['resume'] continues from the last complete epoch found there.
+    With ``state_path`` the training state is saved there after every epoch (by rank 0), and a run
+    started with cfg['resume'] continues from the last complete epoch found there. Under torchrun the
+    model is trained through DistributedDataParallel; ``model`` itself stays unwrapped.
     """
     from tqdm import tqdm
 
-    device, bs = cfg["device"], cfg["batch_size"]
+    dist, device = run.dist, cfg["device"]
+    amp_dtype, channels_last = cuda_speedups(cfg)
     model.to(device).train()
     run.loss_fn.to(device)
     if run.teacher is not None:
         run.teacher.to(device)
-    steps_per_epoch = -(-len(run.train) // bs)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        if run.teacher is not None:
+            run.teacher.to(memory_format=torch.channels_last)
+    steps_per_epoch = run.train.steps_per_epoch(cfg["batch_size"], dist.world_size)
     optimizer = make_optimizer(list(model.parameters()) + list(run.loss_fn.parameters()), cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg["epochs"] * steps_per_epoch, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     history, done = [], 0
-    if state_path and cfg.get("resume") and os.path.isfile(state_path):
-        done, history = load_state(state_path, model, run, optimizer, scheduler)
-        log.info("%s: resuming after epoch %d from %s", desc, done, state_path)
-        if cfg.get("progress", True):
-            print(f"{desc}: resuming after epoch {done}/{cfg['epochs']}", flush=True)
+    if state_path and cfg.get("resume"):
+        # rank 0 reads the state and sends it to every rank: other machines need not see the file
+        state = dist.broadcast_object(read_state(state_path) if dist.is_main and os.path.isfile(state_path) else None)
+        if state is not None:
+            done, history = apply_state(state, state_path, model, run, optimizer, scheduler, scaler)
+            log.info("%s: resuming after epoch %d from %s", desc, done, state_path)
+            if cfg.get("progress", True) and dist.is_main:
+                print(f"{desc}: resuming after epoch {done}/{cfg['epochs']}", flush=True)
+    net = dist.wrap(model, device)
+    if cfg.get("compile"):
+        net = torch.compile(net)
+    loop = _Loop(model, net, optimizer, scheduler, scaler, amp_dtype, channels_last)
     with _StopOnSigint() as stop:
         for epoch in range(done + 1, cfg["epochs"] + 1):
-            record = _epoch(model, run, cfg, desc, epoch, steps_per_epoch, optimizer, scheduler, stop, tqdm)
+            record = _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm)
             history.append(record)
-            if state_path:
-                save_state(state_path, model, run, optimizer, scheduler, epoch, history)
+            if state_path and dist.is_main:
+                save_state(state_path, model, run, optimizer, scheduler, epoch, history, scaler)
     return history
 
 
-def _epoch(model, run, cfg, desc, epoch, steps_per_epoch, optimizer, scheduler, stop, tqdm):
-    """One epoch of training and its evaluation; returns the epoch's record."""
-    device, bs = cfg["device"], cfg["batch_size"]
+def _train_batches(run, cfg, epoch):
+    """This process's batches of one epoch: the global batch alone, or its share of it under DDP."""
+    dist, bs = run.dist, cfg["batch_size"]
+    if dist.enabled:
+        return run.train.distributed_batches(bs // dist.world_size, epoch, cfg["seed"], dist.rank, dist.world_size)
+    return run.train.batches(bs, epoch=epoch, shuffle_seed=cfg["seed"] * 100_003 + epoch)
+
+
+def _backward(loop, run, loss):
+    loop.optimizer.zero_grad(set_to_none=True)
+    if loop.scaler is not None:  # fp16: scale the loss so small gradients do not underflow
+        loop.scaler.scale(loss).backward()
+        run.dist.average_grads(run.loss_fn.parameters())
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    else:
+        loss.backward()
+        run.dist.average_grads(run.loss_fn.parameters())
+        loop.optimizer.step()
+    loop.scheduler.step()
+
+
+def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
+    """One epoch of training and its evaluation; returns the epoch's record (counts summed over ranks)."""
+    dist, device = run.dist, cfg["device"]
     if hasattr(run.loss_fn, "set_epoch"):
         run.loss_fn.set_epoch(epoch)
     sums, seen, correct, start = {}, 0, 0, time.perf_counter()
-    bar = tqdm(run.train.batches(bs, epoch=epoch, shuffle_seed=cfg["seed"] * 100_003 + epoch), total=steps_per_epoch,
-               desc=f"{desc} {epoch}/{cfg['epochs']}", unit="batch", disable=not cfg.get("progress", True),
-               dynamic_ncols=True, leave=True)
+    bar = tqdm(_train_batches(run, cfg, epoch), total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg['epochs']}",
+               unit="batch", disable=not (cfg.get("progress", True) and dist.is_main), dynamic_ncols=True, leave=True)
     for batch, (x, y, idx) in enumerate(bar, 1):
-        x, y = x.to(device), y.to(device)
-        s_logits, parts = _step(model, run, x, y, idx, epoch)
-        if not torch.isfinite(parts["loss"]):
+        x, y = _to_device(x, y, device, loop.channels_last)
+        with _autocast(device, loop.amp_dtype):
+            s_logits, parts = _step(loop.net, run, x, y, idx, epoch)
+        bad, stopping = not torch.isfinite(parts["loss"]).item(), stop.requested
+        if dist.enabled:  # every rank must leave the loop at the same batch, or the others wait forever
+            bad, stopping = (v > 0 for v in dist.all_reduce_sum(torch.tensor([float(bad), float(stopping)])).tolist())
+        if bad:
             raise EdgeKDError(f"{desc}: loss became {parts['loss'].item()} in epoch {epoch}, batch {batch}; "
                               f"the last complete epoch ({epoch - 1}) is kept; lower --lr and start again")
-        optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        optimizer.step()
-        scheduler.step()
+        _backward(loop, run, parts["loss"])
         seen += len(y)
         correct += (s_logits.detach().argmax(1) == y).sum().item()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(y)
         bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
-                        kd=f"{sums['kd_loss'] / seen:.3f}", ips=f"{seen / (time.perf_counter() - start):.0f}")
-        if stop.requested:
+                        kd=f"{sums['kd_loss'] / seen:.3f}", ips=f"{seen * dist.world_size / (time.perf_counter() - start):.0f}")
+        if stopping:
             bar.close()
             raise Interrupted(f"interrupted in epoch {epoch} of {desc}; the last complete epoch ({epoch - 1}) is saved")
     seconds = time.perf_counter() - start
-    top1 = evaluate(model, run.test, device)
+    run.local_images += seen
+    keys = sorted(sums)
+    totals = dist.all_reduce_sum(torch.tensor([seen, correct] + [sums[k] for k in keys], dtype=torch.float64)).tolist()
+    seen, correct, sums = totals[0], totals[1], dict(zip(keys, totals[2:]))
+    dist.sync_buffers(loop.model)
+    top1 = evaluate(loop.model, run.test, device, dist=dist)
     record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(seen, 1),
-              "test_top1": top1, "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
+              "test_top1": top1, "lr": loop.optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
               "seconds": seconds}
     log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
-    if cfg.get("report_epochs", True):
+    if cfg.get("report_epochs", True) and dist.is_main:
         terms = "  ".join(f"{k} {record[k]:.4f}" for k in sums)
         print(f"{desc} {epoch}/{cfg['epochs']}: {terms}  test top-1 {top1:.4f}  "
               f"({record['images_per_s']:.0f} img/s)", flush=True)
@@ -331,7 +438,7 @@ def check_batchnorm(model, run, cfg, sample=2000):
         log.warning("batch-norm trap: eval-mode top-1 %.3f vs %.3f with batch statistics on training images",
                     eval_top1, batch_top1)
     if mode == "always" or (mode == "auto" and trapped):
-        report["test_top1_before"] = evaluate(model, run.test, device)
+        report["test_top1_before"] = evaluate(model, run.test, device, dist=run.dist)
         recalibrate_bn(model, run.train, device)
         with torch.no_grad():
             report["eval_top1_after"] = (model(x).argmax(1) == y).float().mean().item()
@@ -371,7 +478,7 @@ def _finish(model, run, cfg, metrics):
     if bn is not None:
         metrics["batchnorm"] = bn
         if bn["recalibrated"]:
-            metrics["test_top1"] = evaluate(model, run.test, cfg["device"])
+            metrics["test_top1"] = evaluate(model, run.test, cfg["device"], dist=run.dist)
             bn["test_top1_after"] = metrics["test_top1"]
     return metrics
 
@@ -438,24 +545,50 @@ def _data_record(data, train, cfg):
             "test_images": None, **train.plan.describe(), "mean": data.input.mean, "std": data.input.std}
 
 
-def run_train(cfg):
+def _joined(run_fn):
+    """Run ``run_fn(cfg, ctx)`` inside the torchrun job (or alone); cfg['device'] becomes this rank's."""
+
+    def wrapper(cfg):
+        from . import distributed
+
+        ctx, device = distributed.init(cfg["device"])
+        try:
+            return run_fn(cfg, {**cfg, "device": device}, ctx)
+        finally:
+            ctx.close()
+
+    wrapper.__doc__ = run_fn.__doc__
+    return wrapper
+
+
+def _distributed_record(ctx, cfg, run):
+    from .distributed import rank_record
+
+    return {**ctx.describe(cfg["batch_size"]), "ranks": ctx.gather_objects(rank_record(ctx, cfg["device"], run.local_images))}
+
+
+@_joined
+def run_train(saved_cfg, cfg, ctx):
     """``edgekd train``: supervised training of one model. Writes model.pt, metrics.json, config.yaml."""
     check_spec(cfg["model"])
     seed_everything(cfg["seed"])
     data, train, test = prepare_data(cfg)
     model = build_model(cfg["model"], len(data.classes), data.input)
-    _save_config(cfg["out"], cfg)
+    if ctx.is_main:
+        _save_config(cfg["out"], saved_cfg)
     loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
-    run = TrainRun(train, test, loss_fn)
+    run = TrainRun(train, test, loss_fn, dist=ctx)
     history = fit(model, run, cfg, desc=cfg["model"], state_path=os.path.join(cfg["out"], "model.state.pt"))
     metrics = _finish(model, run, cfg, _summary(cfg["model"], cfg["epochs"], history, model, data))
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
-    _save(os.path.join(cfg["out"], "model.pt"), model, cfg["model"], data, metrics, cfg)
-    _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
+    metrics["distributed"] = _distributed_record(ctx, cfg, run)
+    if ctx.is_main:
+        _save(os.path.join(cfg["out"], "model.pt"), model.cpu(), cfg["model"], data, metrics, saved_cfg)
+        _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
     return metrics
 
 
-def _teacher(cfg, data, train, test):
+def _teacher(cfg, data, train, test, ctx):
     """Load the teacher checkpoint, or train the teacher spec on the same data first. Returns
     (model, input spec, metrics, checkpoint path)."""
     spec = cfg["teacher"]
@@ -473,7 +606,7 @@ def _teacher(cfg, data, train, test):
         metrics.update(source=os.path.abspath(spec), model=ckpt["model"])
         return model, t_in, metrics, spec
     path = os.path.join(cfg["out"], "teacher.pt")
-    if cfg.get("resume") and os.path.isfile(path):  # the teacher phase finished before the interruption
+    if cfg.get("resume") and ctx.broadcast_object(os.path.isfile(path)):  # trained before the interruption
         model, ckpt = load_model(path)
         log.info("resuming: teacher already trained (%s)", path)
         return model, data.input, ckpt["metrics"], path
@@ -481,11 +614,13 @@ def _teacher(cfg, data, train, test):
     loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
     epochs = cfg["teacher_epochs"] or cfg["epochs"]
     t_cfg = {**cfg, "epochs": epochs}
-    run = TrainRun(train, test, loss_fn)
+    run = TrainRun(train, test, loss_fn, dist=ctx)
     history = fit(model, run, t_cfg, desc=f"teacher {spec}", state_path=os.path.join(cfg["out"], "teacher.state.pt"))
     metrics = _finish(model, run, t_cfg, _summary(spec, epochs, history, model, data))
     metrics["source"] = "trained"
-    _save(path, model, spec, data, metrics, t_cfg)
+    if ctx.is_main:
+        _save(path, model, spec, data, metrics, t_cfg)
+    ctx.barrier()  # the others hash teacher.pt for the teacher cache: wait until it is written
     return model.eval(), data.input, metrics, path
 
 
@@ -507,7 +642,8 @@ def _feature_taps(loss_fn, student, teacher, data):
     return s_tap, t_tap
 
 
-def run_distill(cfg):
+@_joined
+def run_distill(saved_cfg, cfg, ctx):
     """``edgekd distill``: train the student against the teacher. Writes student.pt, metrics.json, config.yaml."""
     meta = LOSSES.meta(cfg["loss"])
     if not meta["needs_teacher"]:
@@ -519,8 +655,9 @@ def run_distill(cfg):
     data, train, test = prepare_data(cfg)
     student = build_model(cfg["student"], len(data.classes), data.input)
     loss_fn, loss_params = make_loss(cfg["loss"], label_smoothing=cfg.get("label_smoothing"), **_loss_overrides(cfg))
-    _save_config(cfg["out"], {**cfg, "loss_params": loss_params})
-    teacher_model, teacher_input, teacher_metrics, teacher_path = _teacher(cfg, data, train, test)
+    if ctx.is_main:
+        _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params})
+    teacher_model, teacher_input, teacher_metrics, teacher_path = _teacher(cfg, data, train, test, ctx)
     teacher = FrozenTeacher(teacher_model, teacher_input, data.input)
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None
     cache, cache_seconds = None, None
@@ -531,9 +668,14 @@ def run_distill(cfg):
             from .teacher_cache import TeacherCache
 
             cache = TeacherCache(cfg["teacher_cache"], teacher_path, train)
-            cache_seconds = cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=cfg.get("progress", True))
+            if ctx.is_main:  # rank 0 computes and writes the cache; the others then read it
+                cache_seconds = cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=cfg.get("progress", True))
+            ctx.barrier()
+            if not ctx.is_main:
+                cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=False)
+            cache_seconds = ctx.broadcast_object(cache_seconds)
     seed_everything(cfg["seed"])  # the student's run does not depend on whether a teacher was trained
-    run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache, taps=taps)
+    run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache, taps=taps, dist=ctx)
     history = fit(student, run, cfg, desc=f"student {cfg['student']}",
                   state_path=os.path.join(cfg["out"], "student.state.pt"))
     metrics = _finish(student, run, cfg, _summary(cfg["student"], cfg["epochs"], history, student, data))
@@ -542,6 +684,8 @@ def run_distill(cfg):
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["teacher_cache"] = None if cache is None else {"path": cache.path, "build_seconds": cache_seconds,
                                                            "teacher_sha256": cache.teacher_sha}
-    _save(os.path.join(cfg["out"], "student.pt"), student, cfg["student"], data, metrics, cfg)
-    _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
+    metrics["distributed"] = _distributed_record(ctx, cfg, run)
+    if ctx.is_main:
+        _save(os.path.join(cfg["out"], "student.pt"), student.cpu(), cfg["student"], data, metrics, saved_cfg)
+        _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
     return metrics
