@@ -102,7 +102,7 @@ def markdown_report(result, comparison=None):
         + (f" (capped by --limit {s['limit']})" if s.get("limit") and ref.get("images") == s["limit"] else "") + "; top-1/top-5 over all of them.",
         f"- Every model, backend and device in its own worker process, loaded once; latency of each call on a "
         f"different batch of real images; {s['warmup']} warm-up calls, then {s['runs']} timed calls per model and "
-        f"batch size (at most {s['max_time_s']:g} s) in {s['rounds']} interleaved rounds, so machine drift lands on "
+        f"batch size (at least {s.get('min_time_s', 0):g} s and at most {s['max_time_s']:g} s of them) in {s['rounds']} interleaved rounds, so machine drift lands on "
         "every model alike.",
         f"- Threads: {s['threads'] or 'each library default'} (in use: {', '.join(threads) or '-'}); "
         f"CPUs pinned: {','.join(map(str, s['cpus'])) if s['cpus'] else 'no'}.",

@@ -122,7 +122,7 @@ def parse_cpus(text):
 
 
 def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends=None, batch_sizes=(1,), warmup=20,
-              runs=200, rounds=5, max_time=30.0, threads=None, cpus=None, limit=None, max_drop=0.01, progress=True,
+              runs=200, rounds=5, max_time=30.0, min_time=2.0, threads=None, cpus=None, limit=None, max_drop=0.01, progress=True,
               compare=None, compare_tolerance=0.10, ssh_config=None, ssh_timeout=600):
     """Benchmark ``models`` (the first is the reference, the teacher); write the results into ``out``.
 
@@ -139,7 +139,7 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
     jobs = plan_jobs(described, backends, devices)
     data_spec = data or described[0]["data"] or "digits"
     settings = {"batch_sizes": list(batch_sizes), "warmup": warmup, "runs": runs, "rounds": min(rounds, runs),
-                "max_time_s": max_time, "threads": threads, "cpus": cpus, "limit": limit, "max_drop": max_drop,
+                "max_time_s": max_time, "min_time_s": min(min_time, max_time), "threads": threads, "cpus": cpus, "limit": limit, "max_drop": max_drop,
                 "devices": devices, "backends": backends}
     env = environment(threads, cpus)
     bar = _progress_bar(jobs, settings, progress)
@@ -303,7 +303,8 @@ def _timed_rounds(live, settings, bar):
             time.sleep(SETTLE_S)
             try:
                 answer = worker.request("time", batch_size=b, runs=runs[r], warmup=settings["warmup"] if r == 0 else rewarm,
-                                        max_s=settings["max_time_s"] / rounds)
+                                        max_s=settings["max_time_s"] / rounds,
+                                        min_s=settings.get("min_time_s", 0.0) / rounds)
                 job["times"][b].extend(answer["times_ms"])
                 job.setdefault("round_p50", {}).setdefault(b, []).append(summarize(answer["times_ms"], b)["latency_ms"]["p50"])
             except EdgeKDError as e:

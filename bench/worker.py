@@ -6,7 +6,7 @@ stdin and gets one JSON line back:
 
 - ``{"op": "load", backend, path, device, threads, images, labels}`` -> first_inference_ms, load_mb, threads, ...
 - ``{"op": "accuracy", "batch_size": N}`` -> top1, top5, predictions (over every image)
-- ``{"op": "time", batch_size, runs, warmup, max_s}`` -> times_ms (one per call, each on different images)
+- ``{"op": "time", batch_size, runs, warmup, min_s, max_s}`` -> times_ms (one per call, each on different images)
 - ``{"op": "close"}`` -> peak_rss_mb (and gpu_peak_mb on CUDA); the process then exits
 
 A failure answers ``{"error": reason}``. Library output goes to stderr, never into the protocol.
@@ -94,21 +94,27 @@ class Worker:
                 for k in range(first, first + count)]
 
     def time(self, req):
-        """Warm-up calls, then timed calls; stops early once ``max_s`` is spent (after at least 3 calls)."""
+        """Warm-up calls, then timed calls: at least ``runs`` calls covering at least ``min_s`` seconds (a
+        sub-millisecond model gets thousands of calls, so its percentiles do not rest on a few milliseconds
+        of machine state), stopping once ``max_s`` is spent (after at least 3 calls)."""
         b, runs = req["batch_size"], req["runs"]
         run = self.run
         for x in self.batches(b, req.get("warmup", 0)):
             run(x)
-        times, spent, limit = [], 0.0, req.get("max_s") or float("inf")
-        for x in self.batches(b, runs):
-            t0 = time.perf_counter()
-            run(x)
-            dt = time.perf_counter() - t0
-            times.append(dt * 1000)
-            spent += dt
-            if spent >= limit and len(times) >= 3:
-                break
-        return {"times_ms": times}
+        limit, floor = req.get("max_s") or float("inf"), min(req.get("min_s") or 0.0, req.get("max_s") or float("inf"))
+        times, spent, chunk = [], 0.0, runs
+        while True:
+            for x in self.batches(b, chunk):
+                t0 = time.perf_counter()
+                run(x)
+                dt = time.perf_counter() - t0
+                times.append(dt * 1000)
+                spent += dt
+                if spent >= limit and len(times) >= 3:
+                    return {"times_ms": times}
+            if spent >= floor:
+                return {"times_ms": times}
+            chunk = max(16, runs // 4)
 
     def close(self, req):
         out = {"peak_rss_mb": peak_rss_mb()}

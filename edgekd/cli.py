@@ -391,8 +391,8 @@ def _csv_list(kind, convert=str):
 
 
 # Full and --quick values of the timing options (None on the command line means "not given").
-BENCH_DEFAULTS = {"warmup": 20, "runs": 200, "rounds": 5, "max_time": 30.0}
-BENCH_QUICK = {"warmup": 5, "runs": 30, "rounds": 3, "max_time": 5.0, "limit": 1000}
+BENCH_DEFAULTS = {"warmup": 20, "runs": 200, "rounds": 5, "max_time": 30.0, "min_time": 2.0}
+BENCH_QUICK = {"warmup": 5, "runs": 30, "rounds": 3, "max_time": 5.0, "min_time": 0.2, "limit": 1000}
 
 
 class Bench(Command):
@@ -432,6 +432,11 @@ class Bench(Command):
         p.add_argument("--max-time", type=_positive_float, default=None, metavar="S",
                        help=f"at most S seconds of timed calls per model and batch size (default: "
                             f"{BENCH_DEFAULTS['max_time']:g}; --quick {BENCH_QUICK['max_time']:g})")
+        p.add_argument("--min-time", type=_positive_float, default=None, metavar="S",
+                       help=f"at least S seconds of timed calls per model and batch size: a model faster than "
+                            f"S/--runs per call gets more calls, so its percentiles rest on more than a few "
+                            f"milliseconds of the machine's state (default: {BENCH_DEFAULTS['min_time']:g}; "
+                            f"--quick {BENCH_QUICK['min_time']:g})")
         p.add_argument("--threads", type=_positive_int, default=None,
                        help="threads for every backend: torch threads, ONNX Runtime intra-op threads, OpenVINO "
                             "INFERENCE_NUM_THREADS (default: each library's own choice, or the number of --cpus)")

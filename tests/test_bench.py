@@ -149,3 +149,21 @@ def test_plan_runs_each_model_in_the_backends_that_can_read_it():
     none = run.plan_jobs([onnx], ["torch"], ["cpu", "cuda"])
     assert [j["status"] for j in none] == ["torch cannot run an onnx bundle (it runs in onnxruntime, openvino)"] * 2
     assert run.plan_jobs([ckpt, ckpt], None, ["cpu"])[1]["model"] == "t-2"  # two models of one name stay apart
+
+
+def test_a_fast_model_gets_more_calls_until_the_minimum_time_is_covered():
+    import time
+
+    import numpy as np
+
+    from edgekd.bench.worker import Worker
+
+    worker = Worker()
+    worker.images = np.zeros((40, 1, 4, 4), dtype=np.float32)
+    worker.run = lambda x: time.sleep(0.001)  # about 1 ms a call
+    few = worker.time({"batch_size": 4, "runs": 5, "warmup": 0})["times_ms"]
+    assert len(few) == 5  # no minimum: exactly the runs asked for
+    more = worker.time({"batch_size": 4, "runs": 5, "warmup": 0, "min_s": 0.05})["times_ms"]
+    assert len(more) > 5 and sum(more) >= 50  # kept calling until 50 ms of timed calls
+    capped = worker.time({"batch_size": 4, "runs": 5, "warmup": 0, "min_s": 10.0, "max_s": 0.02})["times_ms"]
+    assert sum(capped) < 200  # the maximum wins over the minimum
