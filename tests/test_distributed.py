@@ -160,3 +160,12 @@ def test_cuda_amp_channels_last_distill(tmp_path, digits_run, cli):
     assert metrics["test_top1"] > 0.5
     ckpt = torch.load(out / "student.pt", weights_only=True)  # saved for CPU loading, whatever it trained on
     assert all(t.device.type == "cpu" for t in ckpt["state_dict"].values())
+
+
+@pytest.mark.slow  # compiling takes about a minute on 2 cores
+def test_compiled_student_trains_under_torchrun_and_saves_a_plain_checkpoint(tmp_path, digits_run):
+    out = tmp_path / "compiled"
+    _run(_torchrun(2, [*distill_args(epochs=1), "--teacher", digits_run / "teacher.pt", "--compile", "--out", out]))
+    ckpt = torch.load(out / "student.pt", weights_only=True)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["state_dict"])  # no wrapper prefixes
+    assert json.loads((out / "metrics.json").read_text())["distributed"]["world_size"] == 2
