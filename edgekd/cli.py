@@ -171,6 +171,16 @@ def _positive_float(text):
     return value
 
 
+def _nonnegative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {text!r}")
+    return value
+
+
 def _check_out(out, force):
     """Refuse to mix a new run into a folder that already holds one (unless --force), or one we cannot write."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -432,10 +442,10 @@ class Bench(Command):
         p.add_argument("--max-time", type=_positive_float, default=None, metavar="S",
                        help=f"at most S seconds of timed calls per model and batch size (default: "
                             f"{BENCH_DEFAULTS['max_time']:g}; --quick {BENCH_QUICK['max_time']:g})")
-        p.add_argument("--min-time", type=_positive_float, default=None, metavar="S",
+        p.add_argument("--min-time", type=_nonnegative_float, default=None, metavar="S",
                        help=f"at least S seconds of timed calls per model and batch size: a model faster than "
                             f"S/--runs per call gets more calls, so its percentiles rest on more than a few "
-                            f"milliseconds of the machine's state (default: {BENCH_DEFAULTS['min_time']:g}; "
+                            f"milliseconds of the machine's state; 0 for exactly --runs calls (default: {BENCH_DEFAULTS['min_time']:g}; "
                             f"--quick {BENCH_QUICK['min_time']:g})")
         p.add_argument("--threads", type=_positive_int, default=None,
                        help="threads for every backend: torch threads, ONNX Runtime intra-op threads, OpenVINO "

@@ -25,7 +25,7 @@ def openvino_bundle(onnx_bundle, tmp_path_factory):
 def bench_run(digits_run, onnx_bundle, openvino_bundle, tmp_path_factory, cli):
     out = tmp_path_factory.mktemp("bench") / "out"
     proc = cli("bench", digits_run / "teacher.pt", digits_run / "student.pt", onnx_bundle, openvino_bundle,
-                   "--batch-sizes", "1,4", "--runs", 6, "--rounds", 2, "--warmup", 2, "--out", out, "--no-progress")
+                   "--batch-sizes", "1,4", "--runs", 6, "--rounds", 2, "--warmup", 2, "--min-time", 0, "--out", out, "--no-progress")
     return out, proc
 
 
@@ -82,7 +82,7 @@ def test_compare_with_an_earlier_run_and_pinned_cpu(bench_run, onnx_bundle, tmp_
     old, _ = bench_run
     out = tmp_path / "again"
     first = min(os.sched_getaffinity(0))
-    proc = cli("bench", onnx_bundle, "--cpus", first, "--batch-sizes", "1,4", "--runs", 4, "--rounds", 1, "--warmup", 1,
+    proc = cli("bench", onnx_bundle, "--cpus", first, "--batch-sizes", "1,4", "--runs", 4, "--min-time", 0, "--rounds", 1, "--warmup", 1,
                "--compare", old / "results.json", "--out", out, "--no-progress")
     assert f"compared with {old / 'results.json'}" in proc.stdout
     assert "only in the earlier run: teacher torch fp32 cpu batch 1" in proc.stdout
@@ -100,7 +100,7 @@ def test_unavailable_devices_and_backends_become_rows_with_reasons(digits_run, t
 
     out = tmp_path / "devices"
     proc = cli("bench", digits_run / "student.pt", "--backends", "torch,onnxruntime,openvino",
-               "--device", "cpu,cuda,openvino:GPU", "--runs", 3, "--rounds", 1, "--warmup", 1, "--limit", 50,
+               "--device", "cpu,cuda,openvino:GPU", "--runs", 3, "--min-time", 0, "--rounds", 1, "--warmup", 1, "--limit", 50,
                "--out", out, "--no-progress")
     rows = {(r["backend"], r["device"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert len(rows) == 9

@@ -90,7 +90,7 @@ def test_bench_on_the_device_beside_local_rows(sshd, device_python, digits_run, 
     out = tmp_path / "bench"
     url = f"ssh://edgedevice{device_python}"
     proc = cli("bench", digits_run / "teacher.pt", onnx_bundle, "--device", f"cpu,{url}", "--ssh-config", sshd,
-               "--batch-sizes", "1,4", "--runs", 20, "--warmup", 3, "--rounds", 2, "--out", out, "--no-progress")
+               "--batch-sizes", "1,4", "--runs", 20, "--min-time", 0, "--warmup", 3, "--rounds", 2, "--out", out, "--no-progress")
     result = json.loads((out / "results.json").read_text())
     rows = result["rows"]
     assert [(r["model"], r["device"], r["batch_size"]) for r in rows] == [
@@ -132,7 +132,7 @@ def test_missing_runtime_on_the_device_is_a_row_that_names_the_package(sshd, dig
     bare = _venv(tmp_path / "bare-device", ["numpy"])
     out = tmp_path / "bench"
     cli("bench", digits_run / "student.pt", onnx_bundle, "--device", f"ssh://edgedevice{bare}", "--ssh-config", sshd,
-        "--runs", 5, "--warmup", 1, "--rounds", 1, "--out", out, "--no-progress")
+        "--runs", 5, "--min-time", 0, "--warmup", 1, "--rounds", 1, "--out", out, "--no-progress")
     remote = json.loads((out / "results.json").read_text())["rows"][-1]
     assert remote["status"] == "onnxruntime is not installed on the device: pip install onnxruntime"
 
