@@ -131,7 +131,7 @@ def cuda_speedups(cfg):
     return dtype, layout == "on" or (layout == "auto" and on_cuda)
 
 
-def _autocast(device, dtype):
+def _autocast(dtype):
     import contextlib
 
     if dtype is None:
@@ -250,11 +250,6 @@ def apply_state(state, path, model, run, optimizer, scheduler, scaler=None):
     return state["epoch"], state["history"]
 
 
-def load_state(path, model, run, optimizer, scheduler):
-    """Read and restore a training state; returns (epochs done, history)."""
-    return apply_state(read_state(path), path, model, run, optimizer, scheduler)
-
-
 def fit(model, run, cfg, desc="train", state_path=None):
     """Train ``model`` for cfg['epochs'] epochs, evaluating on the test views after each. Returns the history.
 
@@ -332,7 +327,7 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
                unit="batch", disable=not (cfg.get("progress", True) and dist.is_main), dynamic_ncols=True, leave=True)
     for batch, (x, y, idx) in enumerate(bar, 1):
         x, y = _to_device(x, y, device, loop.channels_last)
-        with _autocast(device, loop.amp_dtype):
+        with _autocast(loop.amp_dtype):
             s_logits, parts = _step(loop.net, run, x, y, idx, epoch)
         bad, stopping = not torch.isfinite(parts["loss"]).item(), stop.requested
         if dist.enabled:  # every rank must leave the loop at the same batch, or the others wait forever
