@@ -121,19 +121,23 @@ def _check_training_args(args):
 
 
 def _rank():
-    return int(os.environ.get("RANK", "0") or 0)
+    from .distributed import env_rank
+
+    return env_rank()
 
 
 def _check_distributed(args):
     """Under torchrun (WORLD_SIZE > 1) the global batch must split evenly over the processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    from .distributed import env_local_rank, env_world_size
+
+    world = env_world_size()
     if world > 1 and args.batch_size % world:
         raise EdgeKDError(f"--batch-size {args.batch_size} is the global batch and must split evenly over the {world} "
                           f"processes of this torchrun job: use a multiple of {world}")
     if world > 1 and args.device.startswith("cuda"):
         import torch
 
-        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        local = env_local_rank()
         if torch.cuda.is_available() and local >= torch.cuda.device_count():
             raise EdgeKDError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; "
                               "use --nproc_per_node at most that")

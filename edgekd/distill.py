@@ -226,12 +226,16 @@ def save_state(path, model, run, optimizer, scheduler, epoch, history, scaler=No
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _resume_error(path, e):
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return EdgeKDError(f"cannot resume from {path!r}: {reason}; start again with --force")
+
+
 def read_state(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EdgeKDError(f"cannot resume from {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                          "start again with --force") from None
+        raise _resume_error(path, e) from None
 
 
 def apply_state(state, path, model, run, optimizer, scheduler, scaler=None):
@@ -245,8 +249,7 @@ def apply_state(state, path, model, run, optimizer, scheduler, scaler=None):
             scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
     except Exception as e:
-        raise EdgeKDError(f"cannot resume from {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                          "start again with --force") from None
+        raise _resume_error(path, e) from None
     return state["epoch"], state["history"]
 
 

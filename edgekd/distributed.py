@@ -30,6 +30,10 @@ def env_rank():
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def env_local_rank():
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
 class Context:
     """This process's place in the job. A single process is a job of one, where every call is a no-op."""
 
@@ -134,7 +138,7 @@ def init(device):
     import torch
     import torch.distributed as dist
 
-    rank, local = env_rank(), int(os.environ.get("LOCAL_RANK", "0") or 0)
+    rank, local = env_rank(), env_local_rank()
     if str(device).startswith("cuda"):
         backend = "nccl"
         torch.cuda.set_device(local)
