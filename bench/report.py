@@ -85,6 +85,28 @@ def _drift(rows):
     return max(spreads, key=lambda s: s[0]) if spreads else None
 
 
+def _remeasured(rows, settings):
+    """A sentence on the visits measured again because the machine ran slow around them (--remeasure-slow)."""
+    tolerance = settings.get("remeasure_slow")
+    logged = [r["visits"] for r in rows if r.get("status") == "ok" and r.get("visits")]
+    if not tolerance or not logged:
+        return None
+    total = sum(len(v) for v in logged)
+    dropped = sum(not x["kept"] for v in logged for x in v)
+    short = [r for r in rows if r.get("visits") and len(r["round_p50_ms"]) < settings["rounds"]]
+    text = (f"- Slow spells: a visit counts when the machine ran at its usual speed throughout it: its median, and "
+            f"the slower of {settings.get('check_s', 0) * 1000:g} ms of untimed calls just before and just after it, "
+            f"each within {tolerance * 100:g}% of the fastest among the row's visits (--remeasure-slow). Others were "
+            f"measured again in extra rounds (at most {settings.get('max_extra_rounds')}): {dropped} of {total} visits "
+            f"were set aside; the figures use the other {total - dropped}, and results.json keeps every visit "
+            "(`visits`).")
+    if short:
+        text += (f" {len(short)} row(s) kept fewer than {settings['rounds']} visits after the extra rounds: "
+                 + "; ".join(f"{r['model']} {r['backend']} batch {r['batch_size']} ({len(r['round_p50_ms'])})" for r in short)
+                 + ".")
+    return text
+
+
 def markdown_report(result, comparison=None):
     """report.md: the verdict, how it was measured, the tables, the plots, the machine."""
     env, rows, s = result["environment"], result["rows"], result["settings"]
@@ -112,6 +134,9 @@ def markdown_report(result, comparison=None):
     if ov:
         lines.append("- OpenVINO CPU inference precision (fp32 bundles are held to f32; the CPU plugin would pick bf16 "
                      f"on CPUs with AVX-512 BF16 or AMX): {', '.join(ov)}.")
+    remeasured = _remeasured(rows, s)
+    if remeasured:
+        lines.append(remeasured)
     if drift:
         lines.append(f"- Noise: per-round medians of one row differed by up to {drift[0] * 100:.0f}% "
                      f"({drift[1]['model']}, {drift[1]['backend']}, batch {drift[1]['batch_size']}).")

@@ -21,6 +21,8 @@ DEVICE_FORMS = ("cpu, cuda, cuda:N, openvino:CPU, openvino:GPU, openvino:NPU, op
                 "ssh://[user@]host[:port][/python]")
 ACCURACY_BATCH = 64
 SETTLE_S = 0.2  # pause between visits so the last worker's spinning threads go idle before the next is timed
+CHECK_S = 0.05  # untimed calls before and after each visit that read the machine's state (see Worker.check)
+EXTRA_ROUNDS = 2  # --remeasure-slow: at most this many times --rounds extra rounds
 EXPORT_VAL_IMAGES = 200
 
 
@@ -122,7 +124,7 @@ def parse_cpus(text):
 
 
 def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends=None, batch_sizes=(1,), warmup=20,
-              runs=200, rounds=5, max_time=30.0, min_time=2.0, threads=None, cpus=None, limit=None, max_drop=0.01, progress=True,
+              runs=200, rounds=5, max_time=30.0, min_time=2.0, remeasure_slow=0.15, threads=None, cpus=None, limit=None, max_drop=0.01, progress=True,
               compare=None, compare_tolerance=0.10, ssh_config=None, ssh_timeout=600):
     """Benchmark ``models`` (the first is the reference, the teacher); write the results into ``out``.
 
@@ -139,7 +141,10 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
     jobs = plan_jobs(described, backends, devices)
     data_spec = data or described[0]["data"] or "digits"
     settings = {"batch_sizes": list(batch_sizes), "warmup": warmup, "runs": runs, "rounds": min(rounds, runs),
-                "max_time_s": max_time, "min_time_s": min(min_time, max_time), "threads": threads, "cpus": cpus, "limit": limit, "max_drop": max_drop,
+                "max_time_s": max_time, "min_time_s": min(min_time, max_time),
+                "remeasure_slow": remeasure_slow, "check_s": CHECK_S if remeasure_slow else 0.0,
+                "max_extra_rounds": EXTRA_ROUNDS * min(rounds, runs) if remeasure_slow else 0,
+                "threads": threads, "cpus": cpus, "limit": limit, "max_drop": max_drop,
                 "devices": devices, "backends": backends}
     env = environment(threads, cpus)
     bar = _progress_bar(jobs, settings, progress)
@@ -291,25 +296,72 @@ def _measure(jobs, folder, settings, bar):
 
 
 def _timed_rounds(live, settings, bar):
+    """The planned interleaved rounds, then extra rounds for the visits a slow spell of the machine spoiled."""
     rounds, batch_sizes = settings["rounds"], settings["batch_sizes"]
     runs = split_runs(settings["runs"], rounds)
-    rewarm = max(2, settings["warmup"] // rounds)  # caches go cold while other workers run
     for r, b, k in schedule(len(live), batch_sizes, rounds):
-        job, worker = live[k]
-        bar.set_postfix_str(f"round {r + 1}/{rounds} batch {b} {_label(job)}")
-        job.setdefault("times", {}).setdefault(b, [])
-        job.setdefault("batch_status", {})
-        if b not in job["batch_status"]:
-            time.sleep(SETTLE_S)
-            try:
-                answer = worker.request("time", batch_size=b, runs=runs[r], warmup=settings["warmup"] if r == 0 else rewarm,
-                                        max_s=settings["max_time_s"] / rounds,
-                                        min_s=settings.get("min_time_s", 0.0) / rounds)
-                job["times"][b].extend(answer["times_ms"])
-                job.setdefault("round_p50", {}).setdefault(b, []).append(summarize(answer["times_ms"], b)["latency_ms"]["p50"])
-            except EdgeKDError as e:
-                job["batch_status"][b] = f"failed at batch {b}: {e}"
-        bar.update()
+        _visit(live[k], b, r, runs[r], settings, bar)
+    tolerance = settings.get("remeasure_slow") or 0.0
+    for extra in range(settings.get("max_extra_rounds", 0) if tolerance else 0):
+        short = [(k, b) for b in batch_sizes for k, (job, _) in enumerate(live)
+                 if b not in job.get("batch_status", {}) and kept_visits(job["visits"][b], tolerance).count(True) < rounds]
+        if not short:
+            break
+        bar.total = (bar.total or 0) + len(short)
+        for k, b in short[extra % len(short):] + short[:extra % len(short)]:  # rotate, as planned rounds do
+            _visit(live[k], b, rounds + extra, runs[-1], settings, bar)
+    for job, _ in live:
+        _keep(job, tolerance)
+
+
+def _visit(entry, b, r, runs, settings, bar):
+    """One visit: warm-up, a check of the machine's state, ``runs`` timed calls (or ``--min-time``'s share), a check."""
+    job, worker = entry
+    rounds = settings["rounds"]
+    bar.set_postfix_str(f"round {r + 1}/{rounds} batch {b} {_label(job)}" if r < rounds else
+                        f"extra round {r - rounds + 1} batch {b} {_label(job)}")
+    job.setdefault("visits", {}).setdefault(b, [])
+    job.setdefault("batch_status", {})
+    if b not in job["batch_status"]:
+        time.sleep(SETTLE_S)
+        try:
+            answer = worker.request("time", batch_size=b, runs=runs,
+                                    warmup=settings["warmup"] if r == 0 else max(2, settings["warmup"] // rounds),
+                                    max_s=settings["max_time_s"] / rounds, min_s=settings.get("min_time_s", 0.0) / rounds,
+                                    check_s=settings.get("check_s", 0.0))
+            job["visits"][b].append({"times_ms": answer["times_ms"], "check_ms": answer.get("check_ms"),
+                                     "p50_ms": summarize(answer["times_ms"], b)["latency_ms"]["p50"]})
+        except EdgeKDError as e:
+            job["batch_status"][b] = f"failed at batch {b}: {e}"
+    bar.update()
+
+
+def kept_visits(visits, tolerance):
+    """Which visits count: those the machine ran at its usual speed throughout.
+
+    A visit counts when its median and the slower of its two checks (untimed calls just before and after
+    the timed ones) are each within ``tolerance`` of the fastest median and fastest check among the row's
+    visits. A slow spell of a shared machine slows every call of a visit, timed or not; a model's own
+    spread within a visit does not move its median.
+    """
+    if not tolerance:
+        return [True] * len(visits)
+    checks = [max(v["check_ms"]) if v.get("check_ms") else None for v in visits]
+    known = [c for c in checks if c is not None]
+    check_floor = min(known) if known else None
+    p50_floor = min(v["p50_ms"] for v in visits) if visits else None
+    return [v["p50_ms"] <= p50_floor * (1 + tolerance) and (c is None or c <= check_floor * (1 + tolerance))
+            for v, c in zip(visits, checks)]
+
+
+def _keep(job, tolerance):
+    """The timings of the kept visits become the row's; every visit stays on record with its check."""
+    job["times"], job["round_p50"], job["visit_log"] = {}, {}, {}
+    for b, visits in job.get("visits", {}).items():
+        kept = kept_visits(visits, tolerance)
+        job["times"][b] = [t for v, k in zip(visits, kept) if k for t in v["times_ms"]]
+        job["round_p50"][b] = [v["p50_ms"] for v, k in zip(visits, kept) if k]
+        job["visit_log"][b] = [{"p50_ms": v["p50_ms"], "check_ms": v["check_ms"], "kept": k} for v, k in zip(visits, kept)]
 
 
 def _label(job):
@@ -337,6 +389,8 @@ def build_rows(jobs, batch_sizes):
                 row.update(latency_ms=None, throughput_ips=None, status=status or "no timings")
             else:
                 row.update(summarize(times, b), round_p50_ms=job["round_p50"][b], status="ok")
+                if job.get("visit_log", {}).get(b):
+                    row["visits"] = job["visit_log"][b]
             rows.append(row)
     refs = {r["batch_size"]: r for r in rows[:len(batch_sizes)]}
     for row in rows:

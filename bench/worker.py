@@ -6,7 +6,8 @@ stdin and gets one JSON line back:
 
 - ``{"op": "load", backend, path, device, threads, images, labels}`` -> first_inference_ms, load_mb, threads, ...
 - ``{"op": "accuracy", "batch_size": N}`` -> top1, top5, predictions (over every image)
-- ``{"op": "time", batch_size, runs, warmup, min_s, max_s}`` -> times_ms (one per call, each on different images)
+- ``{"op": "time", batch_size, runs, warmup, min_s, max_s, check_s}`` -> times_ms (one per call, each on different
+  images) and, when ``check_s`` is given, check_ms: the median of untimed calls just before and just after them
 - ``{"op": "close"}`` -> peak_rss_mb (and gpu_peak_mb on CUDA); the process then exits
 
 A failure answers ``{"error": reason}``. Library output goes to stderr, never into the protocol.
@@ -98,10 +99,18 @@ class Worker:
         sub-millisecond model gets thousands of calls, so its percentiles do not rest on a few milliseconds
         of machine state), stopping once ``max_s`` is spent (after at least 3 calls)."""
         b, runs = req["batch_size"], req["runs"]
-        run = self.run
         for x in self.batches(b, req.get("warmup", 0)):
-            run(x)
-        limit, floor = req.get("max_s") or float("inf"), min(req.get("min_s") or 0.0, req.get("max_s") or float("inf"))
+            self.run(x)
+        check_s = req.get("check_s") or 0.0
+        before = self.check(b, check_s) if check_s else None
+        times = self._timed(b, runs, req.get("min_s"), req.get("max_s"))
+        if not check_s:
+            return {"times_ms": times}
+        return {"times_ms": times, "check_ms": [before, self.check(b, check_s)]}
+
+    def _timed(self, b, runs, min_s, max_s):
+        run = self.run
+        limit, floor = max_s or float("inf"), min(min_s or 0.0, max_s or float("inf"))
         times, spent, chunk = [], 0.0, runs
         while True:
             for x in self.batches(b, chunk):
@@ -111,10 +120,24 @@ class Worker:
                 times.append(dt * 1000)
                 spent += dt
                 if spent >= limit and len(times) >= 3:
-                    return {"times_ms": times}
+                    return times
             if spent >= floor:
-                return {"times_ms": times}
+                return times
             chunk = max(16, runs // 4)
+
+    def check(self, b, seconds):
+        """The machine's state, read off this model: the median of untimed calls over ``seconds`` (at least 3).
+
+        A shared machine has slow spells of seconds (another tenant on the host): every model slows alike.
+        The parent compares these checks across a model's visits and measures a visit again when it was slow.
+        """
+        times, end = [], time.perf_counter() + seconds
+        while len(times) < 3 or time.perf_counter() < end:
+            x = self.batches(b, 1)[0]
+            t0 = time.perf_counter()
+            self.run(x)
+            times.append((time.perf_counter() - t0) * 1000)
+        return sorted(times)[len(times) // 2]
 
     def close(self, req):
         out = {"peak_rss_mb": peak_rss_mb()}

@@ -451,6 +451,13 @@ class Bench(Command):
                             f"S/--runs per call gets more calls, so its percentiles rest on more than a few "
                             f"milliseconds of the machine's state; 0 for exactly --runs calls (default: {BENCH_DEFAULTS['min_time']:g}; "
                             f"--quick {BENCH_QUICK['min_time']:g})")
+        p.add_argument("--remeasure-slow", type=_nonnegative_float, default=15.0, metavar="PCT",
+                       help="measure a visit again when the machine ran slow during it. Shared VMs have slow spells "
+                            "of seconds that slow every model alike. A visit counts when its median and the slower "
+                            "of two short untimed checks (just before and after it) are each within PCT%% of the "
+                            "fastest among the same row's visits; the others are repeated in extra rounds (at most "
+                            "twice --rounds). Every visit stays in results.json. 0 keeps every visit "
+                            "(default: %(default)g)")
         p.add_argument("--threads", type=_positive_int, default=None,
                        help="threads for every backend: torch threads, ONNX Runtime intra-op threads, OpenVINO "
                             "INFERENCE_NUM_THREADS (default: each library's own choice, or the number of --cpus)")
@@ -484,6 +491,7 @@ class Bench(Command):
         result = run_bench(args.models, args.out, devices=args.device, data=args.data, data_root=args.data_root,
                            backends=args.backends, batch_sizes=args.batch_sizes, threads=args.threads,
                            cpus=args.cpus, limit=limit, max_drop=args.max_drop / 100, progress=args.progress,
+                           remeasure_slow=args.remeasure_slow / 100,
                            compare=args.compare, compare_tolerance=args.compare_tolerance / 100,
                            ssh_config=args.ssh_config, ssh_timeout=args.timeout, **timing)
         print(result["table"])

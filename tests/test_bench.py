@@ -66,6 +66,69 @@ def test_timed_rounds_follow_the_schedule_and_a_failure_marks_only_its_batch(mon
     assert jobs[2]["batch_status"] == {8: "failed at batch 8: out of memory"}
 
 
+def test_a_visit_counts_only_when_its_median_and_checks_are_near_the_fastest():
+    visits = [{"p50_ms": 1.0, "check_ms": [1.0, 1.05]}, {"p50_ms": 1.0, "check_ms": [1.0, 1.3]},
+              {"p50_ms": 1.1, "check_ms": [1.12, 1.1]}, {"p50_ms": 1.2, "check_ms": [1.0, 1.0]},
+              {"p50_ms": 1.0, "check_ms": None}]
+    # check floor 1.0 (visit 4), p50 floor 1.0: visit 2's check (1.3) and visit 4's median (1.2) are slow.
+    assert run.kept_visits(visits, 0.15) == [True, False, True, False, True]
+    assert run.kept_visits(visits, 0.0) == [True] * 5  # 0 keeps every visit
+    assert run.kept_visits([{"p50_ms": 2.0, "check_ms": [2.0, 2.0]}], 0.15) == [True]
+
+
+class SpellWorker:
+    """A worker whose machine runs slow (3x) on the visits listed in ``slow``; times carry the visit number (/1000)."""
+
+    def __init__(self, name, slow, log):
+        self.name, self.slow, self.log, self.visits = name, slow, log, 0
+
+    def request(self, op, **fields):
+        self.visits += 1
+        self.log.append((self.name, fields["batch_size"]))
+        factor = 3.0 if self.visits in self.slow else 1.0
+        assert fields["check_s"] == 0.05
+        return {"times_ms": [factor + self.visits / 1000] * fields["runs"], "check_ms": [factor, factor]}
+
+
+def test_a_visit_in_a_slow_spell_is_measured_again_and_every_visit_stays_on_record(monkeypatch):
+    monkeypatch.setattr(run, "SETTLE_S", 0)
+    log = []
+    jobs = [{"model": m, "backend": "x", "device": "cpu"} for m in ("teacher", "student", "always-slow")]
+    workers = [SpellWorker("teacher", set(), log), SpellWorker("student", {2}, log),
+               SpellWorker("always-slow", set(range(2, 99)), log)]
+    settings = {"rounds": 3, "batch_sizes": [1], "runs": 6, "warmup": 3, "max_time_s": 5.0,
+                "remeasure_slow": 0.15, "check_s": 0.05, "max_extra_rounds": 3}
+    run._timed_rounds(list(zip(jobs, workers)), settings, tqdm(disable=True))
+    teacher, student, slow = jobs
+    assert log[:9] == [(m, 1) for m in ("teacher", "student", "always-slow", "student", "always-slow", "teacher",
+                                        "always-slow", "teacher", "student")]  # the planned, interleaved rounds
+    assert [v["kept"] for v in teacher["visit_log"][1]] == [True] * 3  # never slow: no extra visit
+    assert [v["kept"] for v in student["visit_log"][1]] == [True, False, True, True]  # visit 2 done again
+    assert student["times"][1] == [1.001] * 2 + [1.003] * 2 + [1.004] * 2  # the slow visit's timings left out
+    assert student["round_p50"][1] == [1.001, 1.003, 1.004]
+    # A row that never gets back to its fast state stops after --rounds extra visits, keeping what it has.
+    assert len(slow["visit_log"][1]) == 6 and [v["kept"] for v in slow["visit_log"][1]] == [True] + [False] * 5
+    assert log.count(("teacher", 1)) == 3 and log.count(("student", 1)) == 4
+    rows = run.build_rows([{**j, "status": None, "accuracy": {"top1": 0.5}} for j in jobs], [1])
+    assert [len(r["visits"]) for r in rows] == [3, 4, 6] and rows[1]["latency_ms"]["runs"] == 6
+
+
+def test_the_worker_checks_the_machine_before_and_after_its_timed_calls():
+    import time
+
+    import numpy as np
+
+    from edgekd.bench.worker import Worker
+
+    worker = Worker()
+    worker.images = np.zeros((40, 1, 4, 4), dtype=np.float32)
+    worker.run = lambda x: time.sleep(0.001)
+    answer = worker.time({"batch_size": 4, "runs": 5, "warmup": 0, "check_s": 0.01})
+    assert len(answer["times_ms"]) == 5  # the checks' calls are not timed calls
+    assert len(answer["check_ms"]) == 2 and all(0.9 <= c < 50 for c in answer["check_ms"])
+    assert "check_ms" not in worker.time({"batch_size": 4, "runs": 5, "warmup": 0})
+
+
 def test_pareto_front_keeps_only_points_nothing_beats():
     pts = [(1.0, 80, "a"), (2.0, 85, "b"), (1.5, 79, "c"), (3.0, 84, "d"), (4.0, 90, "e"), (1.0, 70, "f")]
     assert [p[2] for p in report.pareto_front(pts)] == ["a", "b", "e"]

@@ -40,10 +40,14 @@ def test_small_real_run_rows_follow_the_schema(bench_run):
         assert DESIGN_ROW_KEYS <= set(r), DESIGN_ROW_KEYS - set(r)
         assert r["status"] == "ok" and r["device"] == "cpu" and r["precision"] == "fp32" and r["images"] == 360
         lat = r["latency_ms"]
-        assert {"p50", "p90", "p99", "mean", "std", "min", "max", "runs"} <= set(lat) and lat["runs"] == 6
+        assert {"p50", "p90", "p99", "mean", "std", "min", "max", "runs"} <= set(lat)
+        # 2 rounds of 3 calls; a visit in a slow spell is done again (at most 2x2 extra rounds) and left out.
+        kept = [v for v in r["visits"] if v["kept"]]
+        assert 1 <= len(kept) <= 2 and len(r["visits"]) <= 2 + 2 * 2 and lat["runs"] == 3 * len(kept)
+        assert [v["p50_ms"] for v in kept] == r["round_p50_ms"] and all(len(v["check_ms"]) == 2 for v in r["visits"])
         assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
         assert r["throughput_ips"] == pytest.approx(r["batch_size"] * 1000 / lat["mean"])
-        assert len(r["round_p50_ms"]) == 2 and 0 <= r["top5"] <= 1 and r["top1"] <= r["top5"]
+        assert 0 <= r["top5"] <= 1 and r["top1"] <= r["top5"]
         assert r["first_inference_ms"] > 0 and r["peak_rss_mb"] > 0 and r["threads"] >= 1 and r["params"] > 0
         assert isinstance(r["best"], bool)
     teacher, student, onnx, ov = rows[0], rows[2], rows[4], rows[6]
@@ -68,6 +72,8 @@ def test_small_real_run_writes_csv_report_and_plots(bench_run):
     tables = report.split("**batch size ")
     assert len(tables) == 3 and all(t.split("| teacher |")[0].count("| student") == 0 for t in tables[1:])
     assert "360 held-out images" in report and "Load average" in report and "## Environment" in report
+    assert "the slower of 50 ms of untimed calls just before and just after it" in report
+    assert "- Slow spells: a visit counts when" in report and "results.json keeps every visit" in report
     best = json.loads((out / "results.json").read_text())["rows"]
     assert report.count("★ best |") == sum(r["best"] for r in best)
     for name in ("accuracy_vs_latency.png", "latency.png"):
@@ -83,7 +89,7 @@ def test_compare_with_an_earlier_run_and_pinned_cpu(bench_run, onnx_bundle, tmp_
     out = tmp_path / "again"
     first = min(os.sched_getaffinity(0))
     proc = cli("bench", onnx_bundle, "--cpus", first, "--batch-sizes", "1,4", "--runs", 4, "--min-time", 0, "--rounds", 1, "--warmup", 1,
-               "--compare", old / "results.json", "--out", out, "--no-progress")
+               "--remeasure-slow", 0, "--compare", old / "results.json", "--out", out, "--no-progress")
     assert f"compared with {old / 'results.json'}" in proc.stdout
     assert "only in the earlier run: teacher torch fp32 cpu batch 1" in proc.stdout
     assert "more accurate: none" in proc.stdout and "less accurate: none" in proc.stdout
@@ -92,6 +98,9 @@ def test_compare_with_an_earlier_run_and_pinned_cpu(bench_run, onnx_bundle, tmp_
     rows = json.loads((out / "results.json").read_text())["rows"]
     # --cpus pins the worker; the threads follow the pinned cores unless --threads says otherwise.
     assert all(r["affinity"] == [first] and r["threads"] == 1 for r in rows)
+    # --remeasure-slow 0: no checks, every visit counts.
+    assert all(r["visits"] == [{"p50_ms": r["latency_ms"]["p50"], "check_ms": None, "kept": True}] for r in rows)
+    assert "Slow spells" not in (out / "report.md").read_text()
     assert json.loads((out / "results.json").read_text())["environment"]["cpus_pinned"] == [first]
 
 
@@ -145,12 +154,34 @@ def test_harness_overhead_script_reports_a_ratio(onnx_bundle):
         assert r["runs_each"] == 20 and r["ratio"] == pytest.approx(r["harness_p50_ms"] / r["bare_p50_ms"])
 
 
+def test_spells_script_watches_a_bare_loop_over_time(onnx_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    from edgekd.bench.spells import summarize_series
+
+    plot = tmp_path / "spells.png"
+    proc = subprocess.run([sys.executable, "-m", "edgekd.bench.spells", str(onnx_bundle), "--seconds", "1",
+                           "--window", "0.1", "--threads", "1,2", "--plot", str(plot), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert sorted(out["series"]) == ["1", "2"] and [s["threads"] for s in out["summary"]] == [1, 2]
+    assert all(len(v) >= 2 and min(v) > 0 for v in out["series"].values())
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The summary on a known series: fastest 1.0; 1.3 and 1.5 are slow (> 1.15), the longest spell two windows.
+    (s,) = summarize_series({1: [1.0, 1.1, 1.3, 1.5, 1.0]}, tolerance=0.15, window=0.5)
+    assert (s["fastest_ms"], s["median_ms"], s["slowest_ms"], s["slow_share"], s["longest_spell_s"]) == (
+        1.0, 1.1, 1.5, 0.4, 1.0)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--batch-sizes", "1,0"], "expected a comma-separated list of positive whole numbers"),
     (["--backends", "tensorrt"], "unknown bench backend 'tensorrt'"),
     (["--cpus", "4096"], "names CPUs this process cannot use"),
     (["--compare", "/no/such/results.json"], "does not exist"),
     (["--device", "cpu,gpu"], "unknown device 'gpu'"),
+    (["--remeasure-slow", "-5"], "expected a number of 0 or more, got '-5'"),
 ])
 def test_bad_bench_options_are_one_line_errors(args, message, digits_run, tmp_path, cli):
     proc = cli("bench", digits_run / "student.pt", *args, "--out", tmp_path / "o", check=False)
