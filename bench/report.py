@@ -79,9 +79,13 @@ def _fastest(group):
 
 
 def _drift(rows):
-    """The largest spread of per-round medians (max/min - 1) over the timed rows: how much the machine moved."""
-    spreads = [(max(r["round_p50_ms"]) / min(r["round_p50_ms"]) - 1, r) for r in rows
-               if r.get("status") == "ok" and len(r.get("round_p50_ms") or []) > 1 and min(r["round_p50_ms"]) > 0]
+    """The largest spread of per-visit medians (max/min - 1) over the timed rows: how much the machine moved.
+
+    Every visit counts here, those set aside as slow too: this is the machine's noise, not the figures'.
+    """
+    medians = [([v["p50_ms"] for v in r["visits"]] if r.get("visits") else r.get("round_p50_ms") or [], r)
+               for r in rows if r.get("status") == "ok"]
+    spreads = [(max(m) / min(m) - 1, r) for m, r in medians if len(m) > 1 and min(m) > 0]
     return max(spreads, key=lambda s: s[0]) if spreads else None
 
 
@@ -94,7 +98,7 @@ def _remeasured(rows, settings):
     total = sum(len(v) for v in logged)
     dropped = sum(not x["kept"] for v in logged for x in v)
     short = [r for r in rows if r.get("visits") and len(r["round_p50_ms"]) < settings["rounds"]]
-    text = (f"- Slow spells: a visit counts when the machine ran at its usual speed throughout it: its median, and "
+    text = (f"- Slow spells: a visit counts when the machine ran at full speed throughout it: its median, and "
             f"the slower of {settings.get('check_s', 0) * 1000:g} ms of untimed calls just before and just after it, "
             f"each within {tolerance * 100:g}% of the fastest among the row's visits (--remeasure-slow). Others were "
             f"measured again in extra rounds (at most {settings.get('max_extra_rounds')}): {dropped} of {total} visits "
@@ -138,7 +142,7 @@ def markdown_report(result, comparison=None):
     if remeasured:
         lines.append(remeasured)
     if drift:
-        lines.append(f"- Noise: per-round medians of one row differed by up to {drift[0] * 100:.0f}% "
+        lines.append(f"- Noise: the medians of one row's visits differed by up to {drift[0] * 100:.0f}% "
                      f"({drift[1]['model']}, {drift[1]['backend']}, batch {drift[1]['batch_size']}).")
     if load[0] and load[1]:
         busy = max(load[0][0], load[1][0]) > len(env.get("usable_cpus") or [1])

@@ -337,21 +337,24 @@ def _visit(entry, b, r, runs, settings, bar):
 
 
 def kept_visits(visits, tolerance):
-    """Which visits count: those the machine ran at its usual speed throughout.
+    """Which visits count: those the machine ran at full speed throughout.
 
-    A visit counts when its median and the slower of its two checks (untimed calls just before and after
-    the timed ones) are each within ``tolerance`` of the fastest median and fastest check among the row's
-    visits. A slow spell of a shared machine slows every call of a visit, timed or not; a model's own
+    A visit's slowness is the larger of two ratios: its median over the fastest median among the row's
+    visits, and the slower of its two checks (untimed calls just before and after the timed ones) over
+    the fastest such check. A visit counts when that is within ``tolerance``; the least slow visit always
+    counts. A slow spell of a shared machine slows every call of a visit, timed or not; a model's own
     spread within a visit does not move its median.
     """
-    if not tolerance:
+    if not tolerance or not visits:
         return [True] * len(visits)
     checks = [max(v["check_ms"]) if v.get("check_ms") else None for v in visits]
     known = [c for c in checks if c is not None]
-    check_floor = min(known) if known else None
-    p50_floor = min(v["p50_ms"] for v in visits) if visits else None
-    return [v["p50_ms"] <= p50_floor * (1 + tolerance) and (c is None or c <= check_floor * (1 + tolerance))
-            for v, c in zip(visits, checks)]
+    p50_floor = min(v["p50_ms"] for v in visits)
+    slowness = [max(v["p50_ms"] / p50_floor, c / min(known) if c is not None else 1.0)
+                for v, c in zip(visits, checks)]
+    kept = [s <= 1 + tolerance for s in slowness]
+    kept[slowness.index(min(slowness))] = True
+    return kept
 
 
 def _keep(job, tolerance):

@@ -74,6 +74,9 @@ def test_a_visit_counts_only_when_its_median_and_checks_are_near_the_fastest():
     assert run.kept_visits(visits, 0.15) == [True, False, True, False, True]
     assert run.kept_visits(visits, 0.0) == [True] * 5  # 0 keeps every visit
     assert run.kept_visits([{"p50_ms": 2.0, "check_ms": [2.0, 2.0]}], 0.15) == [True]
+    # The fastest median had a slow check, the fastest check a slow median: the least slow visit still counts.
+    split = [{"p50_ms": 1.0, "check_ms": [1.0, 1.6]}, {"p50_ms": 1.5, "check_ms": [1.0, 1.0]}]
+    assert run.kept_visits(split, 0.15) == [False, True]  # slowness 1.6 against 1.5
 
 
 class SpellWorker:
