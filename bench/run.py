@@ -124,8 +124,9 @@ def parse_cpus(text):
 
 
 def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends=None, batch_sizes=(1,), warmup=20,
-              runs=200, rounds=5, max_time=30.0, min_time=2.0, remeasure_slow=0.15, threads=None, cpus=None, limit=None, max_drop=0.01, progress=True,
-              compare=None, compare_tolerance=0.10, ssh_config=None, ssh_timeout=600):
+              runs=200, rounds=5, max_time=30.0, min_time=2.0, remeasure_slow=0.15, threads=None, cpus=None,
+              limit=None, max_drop=0.01, progress=True, compare=None, compare_tolerance=0.10, ssh_config=None,
+              ssh_timeout=600):
     """Benchmark ``models`` (the first is the reference, the teacher); write the results into ``out``.
 
     Returns the result dict plus ``table`` (markdown) and ``comparison`` (text, when ``compare`` is given).
@@ -326,6 +327,7 @@ def _visit(entry, b, r, runs, settings, bar):
         time.sleep(SETTLE_S)
         try:
             answer = worker.request("time", batch_size=b, runs=runs,
+                                    # later visits re-warm briefly: caches went cold while other workers ran
                                     warmup=settings["warmup"] if r == 0 else max(2, settings["warmup"] // rounds),
                                     max_s=settings["max_time_s"] / rounds, min_s=settings.get("min_time_s", 0.0) / rounds,
                                     check_s=settings.get("check_s", 0.0))
