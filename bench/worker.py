@@ -128,7 +128,7 @@ class Worker:
     def check(self, b, seconds):
         """The machine's state, read off this model: the median of untimed calls over ``seconds`` (at least 3).
 
-        A shared machine has slow spells of seconds (another tenant on the host): every model slows alike.
+        A shared VM has slow spells of seconds (how the host serves its CPUs varies): every model slows alike.
         The parent compares these checks across a model's visits and measures a visit again when it was slow.
         """
         times, end = [], time.perf_counter() + seconds
