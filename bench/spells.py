@@ -90,44 +90,20 @@ def plot_series(series, path, window):
     _save(fig, plt, path)
 
 
-def _positive(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
-    return value
-
-
-def _positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return int(text)
-
-
-def _thread_list(text):
-    try:
-        values = [int(t) for t in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive whole numbers, got {text!r}")
-    return values
-
-
 def main(argv=None):
     from .. import EdgeKDError
+    from ..cli import _csv_list, _positive_float, _positive_int
 
     p = argparse.ArgumentParser(prog="python -m edgekd.bench.spells", description=__doc__.split("\n\n")[0])
     p.add_argument("bundle", help="an ONNX bundle folder (edgekd export --format onnx)")
-    p.add_argument("--seconds", type=_positive, default=60.0, help="how long to watch (default: %(default)g)")
-    p.add_argument("--window", type=_positive, default=0.5, help="seconds per window and session (default: %(default)g)")
-    p.add_argument("--threads", type=_thread_list, default=[1, 2], metavar="N[,N...]",
+    p.add_argument("--seconds", type=_positive_float, default=60.0, help="how long to watch (default: %(default)g)")
+    p.add_argument("--window", type=_positive_float, default=0.5, help="seconds per window and session (default: %(default)g)")
+    p.add_argument("--threads", type=_csv_list("positive whole numbers", _positive_int), default=[1, 2],
+                   metavar="N[,N...]",
                    help="ONNX Runtime intra-op thread counts, one session each (default: 1,2)")
     p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
                    help="images per call, a positive whole number (default: %(default)s)")
-    p.add_argument("--tolerance", type=_positive, default=15.0, metavar="PCT",
+    p.add_argument("--tolerance", type=_positive_float, default=15.0, metavar="PCT",
                    help="a window slower than the fastest by more than this counts as slow (default: %(default)g)")
     p.add_argument("--plot", metavar="PNG", help="also draw the series")
     p.add_argument("--json", action="store_true", help="print the summary and the series as JSON")
