@@ -18,7 +18,7 @@ from .. import EdgeKDError
 
 from . import calibration
 from .formats import FORMATS, check_request
-from .manifest import MANIFEST, library_versions, sha256_file, write_manifest
+from .manifest import library_versions, sha256_file, write_manifest
 from .runtime import open_session
 from .validate import compare, gate, run_batched
 

@@ -3,8 +3,22 @@
 import csv
 import json
 import os
+import pathlib
 
 import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _tool(name):
+    """Import a script of tools/ (not an installed module) by its path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"edgekd_tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 DESIGN_ROW_KEYS = {"model", "backend", "precision", "device", "batch_size", "top1", "latency_ms", "throughput_ips",
                    "size_mb", "params", "speedup_vs_teacher", "top1_delta_vs_teacher", "status"}
@@ -13,7 +27,7 @@ DESIGN_ROW_KEYS = {"model", "backend", "precision", "device", "batch_size", "top
 @pytest.fixture(scope="module")
 def openvino_bundle(onnx_bundle, tmp_path_factory):
     """An OpenVINO FP32 IR converted from the ONNX bundle (the way docs/bench.md makes one)."""
-    from edgekd.bench.openvino_ir import onnx_bundle_to_openvino
+    from edgekd.export.openvino_ir import onnx_bundle_to_openvino
 
     out = tmp_path_factory.mktemp("ov") / "student-ov"
     manifest = onnx_bundle_to_openvino(str(onnx_bundle), str(out))
@@ -144,7 +158,7 @@ def test_harness_overhead_script_reports_a_ratio(onnx_bundle):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "edgekd.bench.overhead", str(onnx_bundle), "--batch-sizes", "1,4",
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "overhead.py"), str(onnx_bundle), "--batch-sizes", "1,4",
                            "--runs", "20", "--warmup", "2", "--repeats", "1", "--limit", "50", "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -158,10 +172,10 @@ def test_spells_script_watches_a_bare_loop_over_time(onnx_bundle, tmp_path):
     import subprocess
     import sys
 
-    from edgekd.bench.spells import summarize_series
+    summarize_series = _tool("spells").summarize_series
 
     plot = tmp_path / "spells.png"
-    proc = subprocess.run([sys.executable, "-m", "edgekd.bench.spells", str(onnx_bundle), "--seconds", "1",
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "spells.py"), str(onnx_bundle), "--seconds", "1",
                            "--window", "0.1", "--threads", "1,2", "--plot", str(plot), "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

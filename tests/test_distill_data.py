@@ -11,8 +11,10 @@ import torch
 from edgekd import EdgeKDError
 from edgekd.augment import AugmentPlan, Views, apply_views, channel_stats, decode_split, stratified_subset
 from edgekd.checkpoint import save_checkpoint
-from edgekd.data import InputSpec, load_data
-from edgekd.distill import FrozenTeacher, TrainRun, check_batchnorm, evaluate, fit, prepare_data
+from edgekd.data import InputSpec
+from edgekd.batchnorm import check_batchnorm
+from edgekd.distill import FrozenTeacher, prepare_data
+from edgekd.train_loop import TrainRun, evaluate, fit
 from edgekd.losses import make_loss
 from edgekd.models import build_model, count_params
 from edgekd.teacher_cache import TeacherCache

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from edgekd.distill import lr_factor
+from edgekd.train_loop import lr_factor
 from edgekd.losses import LOSSES, make_loss
 
 S = torch.tensor([[2.0, 0.5, -1.0, 0.3], [0.1, 0.2, 3.0, -0.4]])

@@ -59,7 +59,6 @@ def test_output_inside_a_file_or_unwritable_is_refused(tmp_path, monkeypatch):
 
 def _folder(root, layout):
     """Write an ImageFolder: layout maps 'split/class/name' to a PIL image (or raw bytes)."""
-    from PIL import Image
 
     for rel, content in layout.items():
         path = root / rel
@@ -152,7 +151,6 @@ def test_every_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, digits_
 
 
 def test_mixed_modes_and_sizes_are_converted_and_resized(tmp_path, cli):
-    from PIL import Image
 
     images = _digits_images()
     extra = {

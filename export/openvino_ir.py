@@ -1,13 +1,12 @@
 """An OpenVINO FP32 IR bundle from an ONNX bundle, for benchmarking OpenVINO on the same network:
 
-    python -m edgekd.bench.openvino_ir ONNX_BUNDLE OUT
+    python -m edgekd.export.openvino_ir ONNX_BUNDLE OUT
 
 The IR keeps FP32 weights (openvino.save_model compresses to FP16 unless told not to); the manifest
 is the ONNX bundle's with format "openvino", model_file model.xml and the new files' sha256. The
 ONNX bundle's parity check against PyTorch carries over: the IR is converted from that checked file.
 """
 
-import json
 import os
 import shutil
 import sys
@@ -20,8 +19,8 @@ def onnx_bundle_to_openvino(src, out):
     """Convert ``src`` (an ONNX bundle) into a new OpenVINO bundle folder ``out``; return its manifest."""
     import openvino as ov
 
-    from ..export.manifest import read_manifest, sha256_file, write_manifest
-    from .backends import verify_bundle
+    from .manifest import read_manifest, sha256_file, write_manifest
+    from ..bench.backends import verify_bundle
 
     verify_bundle(src)
     manifest = read_manifest(src)
@@ -48,7 +47,7 @@ def onnx_bundle_to_openvino(src, out):
 if __name__ == "__main__":
     os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m edgekd.bench.openvino_ir ONNX_BUNDLE OUT")
+        sys.exit("usage: python -m edgekd.export.openvino_ir ONNX_BUNDLE OUT")
     try:
         onnx_bundle_to_openvino(sys.argv[1], sys.argv[2])
     except EdgeKDError as e:

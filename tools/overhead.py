@@ -1,7 +1,7 @@
 """How much the bench harness adds to what it measures: ONNX Runtime timed by the harness's worker
 against a bare ``session.run`` loop, both in fresh processes, alternated, on the same images.
 
-    python -m edgekd.bench.overhead BUNDLE [--batch-sizes 1,32] [--runs 300] [--repeats 3] [--threads N]
+    python tools/overhead.py BUNDLE [--batch-sizes 1,32] [--runs 300] [--repeats 3] [--threads N]
 
 Prints one line per batch size and, with --json, the figures as JSON. A ratio near 1.00 means the
 harness's own work (the worker protocol, slicing, the backend wrapper) does not show in its numbers.
@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 
-from .process import WorkerProcess
-from .stats import summarize
+from edgekd.bench.process import WorkerProcess
+from edgekd.bench.stats import summarize
 
 # A loop anyone would write: one session, pre-sliced batches of real images, perf_counter around run().
 BARE_LOOP = r"""
@@ -62,8 +62,8 @@ def measure_overhead(bundle, batch_sizes=(1,), runs=300, warmup=20, repeats=3, t
     """Alternate bare and harness processes ``repeats`` times per batch size; return the p50s and their ratio."""
     import numpy as np
 
-    from .backends import verify_bundle
-    from .run import _save_images, describe
+    from edgekd.bench.backends import verify_bundle
+    from edgekd.bench.run import _save_images, describe
 
     manifest = verify_bundle(bundle)
     d = describe(bundle)
@@ -86,9 +86,9 @@ def measure_overhead(bundle, batch_sizes=(1,), runs=300, warmup=20, repeats=3, t
 
 
 def main(argv=None):
-    from .. import EdgeKDError
+    from edgekd import EdgeKDError
 
-    p = argparse.ArgumentParser(prog="python -m edgekd.bench.overhead", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/overhead.py", description=__doc__.split("\n\n")[0])
     p.add_argument("bundle", help="an ONNX bundle folder")
     p.add_argument("--batch-sizes", default="1", help="comma list (default: %(default)s)")
     p.add_argument("--runs", type=int, default=300, help="timed calls per process (default: %(default)s)")

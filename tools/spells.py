@@ -1,6 +1,6 @@
 """Does this machine have slow spells? A bare ONNX Runtime loop, watched over time, with no harness.
 
-    python -m edgekd.bench.spells BUNDLE [--seconds 60] [--window 0.5] [--threads 1,2] [--plot spells.png]
+    python tools/spells.py BUNDLE [--seconds 60] [--window 0.5] [--threads 1,2] [--plot spells.png]
 
 One ONNX Runtime session per thread count, all in this process; they take turns, each calling
 ``session.run`` on real test images for one window at a time. Each window's median latency is one
@@ -23,8 +23,8 @@ def watch(bundle, seconds=60.0, window=0.5, threads=(1, 2), batch_size=1, limit=
     import numpy as np
     import onnxruntime as ort
 
-    from .backends import verify_bundle
-    from .run import _save_images, describe
+    from edgekd.bench.backends import verify_bundle
+    from edgekd.bench.run import _save_images, describe
 
     manifest = verify_bundle(bundle)
     d = describe(bundle)
@@ -75,7 +75,7 @@ def summarize_series(series, tolerance=0.15, window=0.5):
 
 
 def plot_series(series, path, window):
-    from .report import _pyplot, _save
+    from edgekd.bench.report import _pyplot, _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.2), dpi=120)
@@ -91,10 +91,10 @@ def plot_series(series, path, window):
 
 
 def main(argv=None):
-    from .. import EdgeKDError
-    from ..cli import _csv_list, _positive_float, _positive_int
+    from edgekd import EdgeKDError
+    from edgekd.cli import _csv_list, _positive_float, _positive_int
 
-    p = argparse.ArgumentParser(prog="python -m edgekd.bench.spells", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/spells.py", description=__doc__.split("\n\n")[0])
     p.add_argument("bundle", help="an ONNX bundle folder (edgekd export --format onnx)")
     p.add_argument("--seconds", type=_positive_float, default=60.0, help="how long to watch (default: %(default)g)")
     p.add_argument("--window", type=_positive_float, default=0.5, help="seconds per window and session (default: %(default)g)")

@@ -1,7 +1,7 @@
 """The CIFAR-10 distillation recipe: teacher, baseline student, kd, dkd and fitnet students over
 several seeds, the teacher-cache speed comparison, and the results table in docs/distillation.md.
 
-    python -m edgekd.bench.cifar10_recipe [--recipe recipes/cifar10.yaml] [--out runs/cifar10-recipe]
+    python recipes/cifar10_recipe.py [--recipe recipes/cifar10.yaml] [--out runs/cifar10-recipe]
 
 Every run is an ordinary ``edgekd train`` / ``edgekd distill`` command (printed, logged to
 OUT/logs/), so any figure of the table can be reproduced alone. Runs go in ``lanes`` side by side.
@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # recipes/
 REPO = os.path.dirname(HERE)
 
 
@@ -224,7 +224,7 @@ def _data_speed(out):
         return ""
     with open(path) as f:
         d = json.load(f)
-    return (f"Feeding training (`python -m edgekd.bench.cifar10_recipe --report-only --measure-data`, "
+    return (f"Feeding training (`python recipes/cifar10_recipe.py --report-only --measure-data`, "
             f"{d['images']} train images, batch 64, crop + flip): JPEG files through a DataLoader with torchvision "
             f"transforms {d['jpeg_dataloader_0_workers']:.0f} images/s in-process, "
             f"{d['jpeg_dataloader_2_workers']:.0f} with 2 persistent workers; edgekd's decoded views "
@@ -252,8 +252,8 @@ def measure_data(recipe, images=5000, batch_size=64):
     import torch
     from torchvision import datasets, transforms
 
-    from ..augment import AugmentPlan, Views, decode_split, stratified_subset
-    from ..data import load_data
+    from edgekd.augment import AugmentPlan, Views, decode_split, stratified_subset
+    from edgekd.data import load_data
 
     data = load_data(os.path.join(REPO, recipe["data"]) if not os.path.isabs(recipe["data"]) else recipe["data"])
     idx = stratified_subset(torch.tensor([y for _, y in data.train.samples]), images)

@@ -1,0 +1,90 @@
+"""The batch-norm trap check: stale running statistics (torchvision's MobileNetV3 after a short run)
+make eval mode score near chance; compare with batch statistics and re-estimate them when they disagree."""
+
+import logging
+
+import torch
+
+from .features import is_batchnorm
+from .train_loop import evaluate
+
+log = logging.getLogger(__name__)
+
+
+BN_TRAP_GAP = 0.10  # eval-mode accuracy this far below batch-statistics accuracy means stale running stats
+
+
+@torch.no_grad()
+def recalibrate_bn(model, views, device="cpu", batch_size=256, max_images=10000):
+    """Re-estimate every batch-norm layer's running mean/var on un-augmented training images.
+
+    torchvision's MobileNetV3 uses momentum 0.01, so after a short run its running statistics still
+    mostly hold their initial values and eval mode scores near chance; a cumulative average over
+    the training images (momentum None) fixes that without touching any weight.
+    """
+    bns = [m for m in model.modules() if is_batchnorm(m)]
+    if not bns:
+        return model
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    seen = 0
+    for x, _, _ in views.batches(batch_size):
+        model(x.to(device))
+        seen += len(x)
+        if seen >= max_images:
+            break
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.train(was_training)
+    return model
+
+
+@torch.no_grad()
+def _batchstat_top1(model, x, y):
+    """Accuracy with batch statistics (train-mode BN) without changing the running statistics."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    pred = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+    model.load_state_dict(state)
+    model.eval()
+    return (pred == y).float().mean().item()
+
+
+def check_batchnorm(model, run, cfg, sample=2000):
+    """The batch-norm trap check: compare eval-mode with batch-statistics accuracy on training images.
+
+    A gap over BN_TRAP_GAP means the running statistics do not describe the data; with
+    cfg['bn_recalibrate'] 'auto' they are then re-estimated ('always': every time, 'never': only reported).
+    Decided on training images only, never on the test split.
+    """
+    if not any(is_batchnorm(m) for m in model.modules()):
+        return None
+    device = cfg["device"]
+    # A fixed random sample: folder data is class-sorted, and batches of one class would give
+    # batch statistics that describe no real batch.
+    idx = torch.randperm(len(run.train), generator=torch.Generator().manual_seed(0))[:sample]
+    x, y = run.train.batch(idx)
+    x, y = x.to(device), y.to(device)
+    model.eval()
+    with torch.no_grad():
+        eval_top1 = (model(x).argmax(1) == y).float().mean().item()
+    batch_top1 = _batchstat_top1(model, x, y)
+    trapped = eval_top1 < batch_top1 - BN_TRAP_GAP
+    mode = cfg.get("bn_recalibrate", "auto")
+    report = {"train_sample": len(idx), "eval_top1": eval_top1, "batchstat_top1": batch_top1, "trapped": trapped,
+              "recalibrated": False}
+    if trapped:
+        log.warning("batch-norm trap: eval-mode top-1 %.3f vs %.3f with batch statistics on training images",
+                    eval_top1, batch_top1)
+    if mode == "always" or (mode == "auto" and trapped):
+        report["test_top1_before"] = evaluate(model, run.test, device, dist=run.dist)
+        recalibrate_bn(model, run.train, device)
+        with torch.no_grad():
+            report["eval_top1_after"] = (model(x).argmax(1) == y).float().mean().item()
+        report["recalibrated"] = True
+    model.eval()
+    return report
