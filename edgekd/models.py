@@ -608,3 +608,27 @@ def load_state(model, state, num_classes, source, record):
     model.load_state_dict(fitted, strict=False)
     record["head"] += sorted(set(replaced.values()))
     record["loaded_tensors"] = len(fitted)
+
+
+def check_student(spec, weights_path=None):
+    """check_spec, plus the weights file: it exists, and the spec does not name other weights too."""
+    check_spec(spec)
+    if weights_path is not None and not os.path.isfile(weights_path):
+        raise EdgeKDError(f"weights file {weights_path!r} does not exist (a state dict saved as .pth/.pt or .safetensors)")
+    _weights_source(spec, weights_path)
+
+
+def fetch_pretrained(spec):
+    """Download the weights a spec names into the library's cache now, before any data is decoded, so that
+    a machine without internet fails in seconds (build_pretrained then reads the cached file)."""
+    if spec.startswith(TORCHVISION_PREFIX):
+        name, weights, _ = parse_torchvision_spec(spec)
+        if weights:
+            _download_torchvision(_torchvision_weights(name, weights))
+    elif spec.startswith(TIMM_PREFIX):
+        name, pretrained, _ = parse_timm_spec(spec)
+        if pretrained:
+            try:
+                _import_timm().create_model(name, pretrained=True)
+            except Exception as e:
+                raise _no_download(f"timm weights for {name!r}", e) from None
