@@ -13,8 +13,8 @@ from .batchnorm import check_batchnorm
 from .checkpoint import atomic_write, load_model, save_checkpoint
 from .data import load_data
 from .losses import LOSSES, UNLABELED, make_loss
-from .models import build_model, build_pretrained, check_spec, check_student, count_flops, count_params,
-                     fetch_pretrained, pretrained_norm
+from .models import (build_model, build_pretrained, check_spec, check_student, count_flops, count_params,
+                     fetch_pretrained, pretrained_norm)
 from .train_loop import TrainRun, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
