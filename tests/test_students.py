@@ -109,7 +109,8 @@ def test_train_from_a_torchvision_weights_file_and_export_the_checkpoint(cli, di
     out = tmp_path / "run"
     # A learning rate of 1e-12 leaves the weights where the file put them, so the test can compare.
     cli("train", "--model", "torchvision:resnet18", "--weights", weights, "--data", digits_folder, "--epochs", 1,
-        "--lr", "1e-12", "--weight-decay", 0, "--warmup-epochs", 0, "--workers", 0, "--no-progress", "--out", out)
+        "--lr", "1e-12", "--weight-decay", 0, "--warmup-epochs", 0, "--train-subset", 60, "--workers", 0, "--no-progress",
+        "--out", out)
     m = json.loads((out / "metrics.json").read_text())
     assert m["pretrained"]["head"] == ["fc 1000 -> 10"] and m["pretrained"]["source"] == f"file {weights}"
     assert m["train_data"]["norm"].startswith("pretrained: ImageNet")
@@ -142,7 +143,7 @@ def test_distill_a_timm_student_from_a_safetensors_file(cli, digits_folder, tmp_
     assert all(torch.equal(got[k], ref[k]) for k in got if not k.startswith("classifier."))
     out = tmp_path / "distill"
     cli("distill", "--student", "timm:mobilenetv3_small_050", "--student-weights", weights, "--data", digits_folder,
-        "--teacher", "compact-student", "--epochs", 1, "--workers", 0, "--no-progress", "--out", out)
+        "--teacher", "compact-student", "--epochs", 1, "--train-subset", 60, "--workers", 0, "--no-progress", "--out", out)
     m = json.loads((out / "metrics.json").read_text())
     assert m["pretrained"]["head"] == ["classifier 1000 -> 10"]
     assert m["train_data"]["norm"] == "pretrained: timm mobilenetv3_small_050 pretrained config"
