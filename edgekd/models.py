@@ -213,8 +213,8 @@ def parse_torchvision_spec(spec):
         elif WEIGHTS_NAME.match(part) and weights is None and stem is None:
             weights = part
         else:
-            raise EdgeKDError(f"cannot read {part!r} in model spec {spec!r}: {form} (weights in upper case, "
-                              f"stem {' or '.join(STEMS[1:])})")
+            raise EdgeKDError(f"unknown stem or misplaced weights name {part!r} in model spec {spec!r}: {form} "
+                              f"(weights in upper case, stem {' or '.join(STEMS[1:])})")
     if not name:
         raise EdgeKDError(f"model spec {spec!r} names no model: {form}")
     return name, weights, stem or ""
