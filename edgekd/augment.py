@@ -75,6 +75,15 @@ class Views:
     def __len__(self):
         return len(self.targets)
 
+    def labelled(self):
+        """These views without the unlabelled images (label < 0), with a plan of their own; self when all are
+        labelled. What needs labels (a teacher trained here, the batch-norm check) uses these."""
+        keep = self.targets >= 0
+        if keep.all():
+            return self
+        plan = None if self.plan is None else AugmentPlan(self.plan.kind, int(keep.sum()), self.plan.seed, self.plan.pad)
+        return Views(self.images[keep], self.targets[keep], self.mean.flatten().tolist(), self.std.flatten().tolist(), plan)
+
     def batch(self, idx, epoch=None):
         """Images ``idx`` as seen in ``epoch`` (plan applied) and their labels."""
         raw = self.images[idx]

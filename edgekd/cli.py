@@ -213,6 +213,27 @@ MODEL_HELP = ("seed-teacher, seed-student, compact-student, a CIFAR ResNet (resn
               "automatically at <=64 px; torchvision:NAME:small-stem or :imagenet-stem to force)")
 
 
+def _add_student_args(p, weights_option):
+    """Pretrained starting weights and unlabelled images (issue 14); ``weights_option`` is --weights for
+    train, --student-weights for distill. Checked again in the library (edgekd.models.check_student,
+    edgekd.data.load_unlabeled). The model specs that name weights: torchvision:NAME:WEIGHTS
+    (e.g. :DEFAULT, :IMAGENET1K_V1) and timm:NAME:pretrained."""
+    g = p.add_argument_group("pretrained weights and unlabelled images",
+                             "Start from pretrained weights with torchvision:NAME:WEIGHTS[:STEM] (e.g. "
+                             "torchvision:mobilenet_v3_small:DEFAULT, downloaded once into torch's cache), "
+                             "timm:NAME:pretrained (timm's cache; plain timm:NAME is random init) or a local "
+                             f"file with {weights_option}. The head is replaced to fit the data's classes and, "
+                             "unless --norm is given, inputs are normalised as the weights expect (ImageNet's "
+                             "mean/std).")
+    g.add_argument(weights_option, default=None, metavar="PATH",
+                   help="a local state dict (.pth/.pt or .safetensors) to start from, for machines without "
+                        "internet; head tensors that do not fit the data's classes are dropped (default: none)")
+    g.add_argument("--unlabeled", default=None, metavar="DIR",
+                   help="distill: a folder of images (any nesting, no class folders) that join the training set "
+                        "with the teacher term only; images also in the labelled training set or the test split "
+                        "are skipped (default: none)")
+
+
 def _config_of(args):
     skip = {"command", "config", "force", "debug", "func"}
     return {k: v for k, v in vars(args).items() if k not in skip}
@@ -227,6 +248,7 @@ class Train(Command):
         p.add_argument("--model", default="seed-teacher", metavar="SPEC", help=MODEL_HELP + " (default: %(default)s)")
         _add_data_args(p)
         _add_training_args(p)
+        _add_student_args(p, "--weights")
         _add_common(p, resumable=True)
 
     def run(self, args):
@@ -278,6 +300,7 @@ class Distill(Command):
                             "instead of running the teacher every step (logit losses; default: off)")
         _add_data_args(p)
         _add_training_args(p)
+        _add_student_args(p, "--student-weights")
         _add_common(p, out_default=DEFAULT_OUT, resumable=True)
 
     def run(self, args):

@@ -211,3 +211,68 @@ def take_images(dataset, limit=None):
     if not items:
         raise EdgeKDError("the test split holds no images")
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+class UnlabeledFolder:
+    """Image files under a folder (any nesting, no class folders), read like an ImageFolder's.
+
+    Every item carries label 0 while it is decoded (edgekd.augment marks unreadable images with -1);
+    the caller turns them into edgekd.losses.UNLABELED afterwards. ``skipped`` counts what was left out.
+    """
+
+    def __init__(self, folder, paths, skipped, found):
+        from torchvision.datasets.folder import default_loader
+
+        self.folder, self.samples, self.skipped, self.found = folder, [(p, 0) for p in paths], skipped, found
+        self.targets = [0] * len(paths)
+        self.loader = default_loader
+
+    def __len__(self):
+        return len(self.samples)
+
+
+def image_files(folder):
+    """Real paths of the image files under ``folder``, sorted; a folder linked back to one above is visited once."""
+    seen, found = set(), []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop, or a second link to a folder already read
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [os.path.realpath(os.path.join(root, f)) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(dict.fromkeys(found))
+
+
+def split_paths(dataset, indices=None):
+    """Real paths of a split's image files (those of ``indices`` only), or None for data without files."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return None
+    picked = samples if indices is None else [samples[int(i)] for i in indices]
+    return {os.path.realpath(path) for path, _ in picked}
+
+
+def load_unlabeled(folder, labelled=None, test=None):
+    """The unlabelled images of ``folder`` for distillation, without those already in the labelled training
+    set or the test split (same real path): a labelled image must not come back as an unlabelled one, and
+    a test image must not be trained on. ``labelled``/``test`` are sets of real paths (None: data without
+    files, nothing to compare)."""
+    if not os.path.isdir(folder):
+        raise EdgeKDError(f"--unlabeled {folder!r} is not a folder (expected a folder of images, any nesting)")
+    paths = image_files(folder)
+    if not paths:
+        raise EdgeKDError(f"--unlabeled {folder!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    in_train = [p for p in paths if labelled and p in labelled]
+    in_test = [p for p in paths if test and p in test and not (labelled and p in labelled)]
+    drop = set(in_train) | set(in_test)
+    keep = [p for p in paths if p not in drop]
+    if in_train or in_test:
+        log.info("--unlabeled %s: %d images, skipped %d already in the labelled training set and %d of the test "
+                 "split", folder, len(paths), len(in_train), len(in_test))
+    if not keep:
+        raise EdgeKDError(f"--unlabeled {folder!r}: all {len(paths)} images are already in the labelled training set "
+                          "or the test split; point it at other images, or label fewer with --train-subset")
+    return UnlabeledFolder(os.path.abspath(folder), keep, {"in_labelled_train": len(in_train), "in_test": len(in_test)},
+                           len(paths))

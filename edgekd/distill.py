@@ -12,8 +12,9 @@ from . import EdgeKDError
 from .batchnorm import check_batchnorm
 from .checkpoint import atomic_write, load_model, save_checkpoint
 from .data import load_data
-from .losses import LOSSES, make_loss
-from .models import build_model, check_spec, count_flops, count_params
+from .losses import LOSSES, UNLABELED, make_loss
+from .models import (build_model, build_pretrained, check_spec, check_student, count_flops, count_params,
+                     fetch_pretrained, pretrained_norm)
 from .train_loop import TrainRun, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,14 @@ def _parse_stats(text, channels):
     return mean, std
 
 
-def prepare_data(cfg, input_spec=None):
+def prepare_data(cfg, input_spec=None, pretrained=None):
     """Load the data spec, decode the (subset of the) train split and the test split into memory,
-    settle the normalisation (from the train split unless given), and build the augmentation plan."""
-    from .augment import AugmentPlan, Views, channel_stats, decode_split, stratified_subset
+    settle the normalisation (from the train split unless given; a pretrained student's own with
+    ``pretrained`` = (mean, std, source) and --norm auto), and build the augmentation plan.
+
+    With cfg['unlabeled'] the images of that folder join the training views after the labelled ones,
+    with label edgekd.losses.UNLABELED (teacher term only)."""
+    from .augment import AugmentPlan, Views, decode_split, stratified_subset
 
     data = load_data(cfg["data"], cfg.get("data_root"), input_spec=input_spec)
     progress, workers = cfg.get("progress", True), cfg.get("workers", 0)
@@ -117,12 +122,12 @@ def prepare_data(cfg, input_spec=None):
     skipped = list(decode_split.skipped)
     test_images, test_labels = decode_split(data.test, data.input, None, workers, "decode test", progress, skip)
     data.skipped_images = skipped + list(decode_split.skipped)
-    norm = cfg.get("norm") or "auto"
-    if input_spec is None:
-        if norm == "train" or (norm == "auto" and data.spec != "digits"):
-            data.input.mean, data.input.std = channel_stats(train_images)
-        elif norm not in ("auto", "seed"):
-            data.input.mean, data.input.std = _parse_stats(norm, data.input.channels)
+    data.norm_source = _settle_norm(data, cfg, input_spec, train_images, pretrained)
+    data.labelled_images, data.unlabeled = len(train_labels), None
+    if cfg.get("unlabeled"):
+        extra, data.unlabeled = _decode_unlabeled(cfg, data, subset, workers, progress, skip)
+        train_images = torch.cat([train_images, extra])
+        train_labels = torch.cat([train_labels, torch.full((len(extra),), UNLABELED, dtype=train_labels.dtype)])
     augment = cfg.get("augment") or "auto"
     if augment == "auto":  # flips and shifts turn digits into other digits; photos take them well
         augment = "none" if data.spec == "digits" else "standard"
@@ -133,6 +138,57 @@ def prepare_data(cfg, input_spec=None):
     return data, train, test
 
 
+def _settle_norm(data, cfg, input_spec, train_images, pretrained):
+    """Set data.input's mean/std for this run; returns where they came from (recorded in metrics.json).
+
+    A pretrained student keeps the statistics its weights were trained with (ImageNet's, usually) unless
+    --norm says otherwise: its first layers expect inputs scaled that way, as in any fine-tuning recipe.
+    The train split's statistics come from the labelled images only, so a run with --unlabeled is
+    normalised like the same run without it."""
+    from .augment import channel_stats
+
+    norm = cfg.get("norm") or "auto"
+    if input_spec is not None:
+        return "checkpoint"
+    if norm == "auto" and pretrained is not None:
+        mean, std, source = pretrained
+        data.input.mean, data.input.std = _fit_channels(mean, data.input.channels), _fit_channels(std, data.input.channels)
+        return f"pretrained: {source}"
+    if norm == "train" or (norm == "auto" and data.spec != "digits"):
+        data.input.mean, data.input.std = channel_stats(train_images)
+        return "train split"
+    if norm not in ("auto", "seed"):
+        data.input.mean, data.input.std = _parse_stats(norm, data.input.channels)
+        return "given (--norm)"
+    return "seed (0.5/0.5)"
+
+
+def _fit_channels(values, channels):
+    """RGB statistics for ``channels`` inputs: their average for grey (whose stem weights are RGB summed)."""
+    if len(values) == channels:
+        return list(values)
+    return [sum(values) / len(values)] * channels
+
+
+def _decode_unlabeled(cfg, data, subset, workers, progress, skip):
+    """The --unlabeled folder's images at the data's input (uint8), and their record for metrics.json."""
+    from .augment import decode_split
+    from .data import load_unlabeled, split_paths
+
+    labelled = split_paths(data.train, subset)
+    if labelled is None:
+        log.info("%s has no image files: --unlabeled images cannot be compared with it by path", data.spec)
+    folder = load_unlabeled(cfg["unlabeled"], labelled, split_paths(data.test))
+    images, _ = decode_split(folder, data.input, None, workers, "decode unlabeled", progress, skip)
+    if not len(images):
+        raise EdgeKDError(f"--unlabeled {cfg['unlabeled']!r}: none of its {folder.found} image files could be read")
+    record = {"folder": folder.folder, "files": folder.found, "images": len(images),
+              "skipped": {**folder.skipped, "unreadable": len(decode_split.skipped)},
+              "compared_by_path": labelled is not None}
+    log.info("--unlabeled %s: %d images join %d labelled ones", folder.folder, len(images), data.labelled_images)
+    return images, record
+
+
 def _targets(dataset):
     if hasattr(dataset, "targets"):
         return list(dataset.targets)
@@ -140,9 +196,12 @@ def _targets(dataset):
 
 
 def _data_record(data, train, cfg):
-    return {"spec": data.spec, "train_images": len(train), "train_subset": cfg.get("train_subset"),
-            "skipped_bad_images": len(getattr(data, "skipped_images", [])),
-            "test_images": None, **train.plan.describe(), "mean": data.input.mean, "std": data.input.std}
+    labelled = getattr(data, "labelled_images", len(train))
+    return {"spec": data.spec, "train_images": len(train), "labelled_images": labelled,
+            "unlabeled_images": len(train) - labelled, "unlabeled": getattr(data, "unlabeled", None),
+            "train_subset": cfg.get("train_subset"), "skipped_bad_images": len(getattr(data, "skipped_images", [])),
+            "test_images": None, **train.plan.describe(), "mean": data.input.mean, "std": data.input.std,
+            "norm": getattr(data, "norm_source", None)}
 
 
 def _joined(run_fn):
@@ -170,16 +229,21 @@ def _distributed_record(ctx, cfg, run):
 @_joined
 def run_train(saved_cfg, cfg, ctx):
     """``edgekd train``: supervised training of one model. Writes model.pt, metrics.json, config.yaml."""
-    check_spec(cfg["model"])
+    if cfg.get("unlabeled"):
+        raise EdgeKDError("--unlabeled images are learned from the teacher's answers and edgekd train has no teacher: "
+                          "use edgekd distill --unlabeled DIR")
+    check_student(cfg["model"], cfg.get("weights"))
+    fetch_pretrained(cfg["model"])
     seed_everything(cfg["seed"])
-    data, train, test = prepare_data(cfg)
-    model = build_model(cfg["model"], len(data.classes), data.input)
+    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg["model"], cfg.get("weights")))
+    model, init = build_pretrained(cfg["model"], len(data.classes), data.input, cfg.get("weights"))
     if ctx.is_main:
         _save_config(cfg["out"], saved_cfg)
     loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
     run = TrainRun(train, test, loss_fn, dist=ctx)
     history = fit(model, run, cfg, desc=cfg["model"], state_path=os.path.join(cfg["out"], "model.state.pt"))
     metrics = _finish(model, run, cfg, _summary(cfg["model"], cfg["epochs"], history, model, data))
+    metrics["pretrained"] = init
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     if ctx.is_main:
@@ -249,15 +313,16 @@ def run_distill(saved_cfg, cfg, ctx):
     if not meta["needs_teacher"]:
         raise EdgeKDError(f"loss {cfg['loss']!r} uses no teacher; use `edgekd train` or one of "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]))
-    check_spec(cfg["student"])
+    check_student(cfg["student"], cfg.get("student_weights"))
+    fetch_pretrained(cfg["student"])
     check_spec(cfg["teacher"])
     seed_everything(cfg["seed"])
-    data, train, test = prepare_data(cfg)
-    student = build_model(cfg["student"], len(data.classes), data.input)
+    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg["student"], cfg.get("student_weights")))
+    student, student_init = build_pretrained(cfg["student"], len(data.classes), data.input, cfg.get("student_weights"))
     loss_fn, loss_params = make_loss(cfg["loss"], label_smoothing=cfg.get("label_smoothing"), **_loss_overrides(cfg))
     if ctx.is_main:
         _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params})
-    teacher_model, teacher_input, teacher_metrics, teacher_path = _teacher(cfg, data, train, test, ctx)
+    teacher_model, teacher_input, teacher_metrics, teacher_path = _teacher(cfg, data, train.labelled(), test, ctx)
     teacher = FrozenTeacher(teacher_model, teacher_input, data.input)
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None
     cache, cache_seconds = None, None
@@ -281,6 +346,7 @@ def run_distill(saved_cfg, cfg, ctx):
     metrics = _finish(student, run, cfg, _summary(cfg["student"], cfg["epochs"], history, student, data))
     metrics.update(loss=cfg["loss"], loss_params=loss_params, teacher={
         k: teacher_metrics.get(k) for k in ("model", "source", "epochs", "test_top1", "params", "flops", "history")})
+    metrics["pretrained"] = student_init
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["teacher_cache"] = None if cache is None else {"path": cache.path, "build_seconds": cache_seconds,
                                                            "teacher_sha256": cache.teacher_sha}

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from .registry import Registry
 
 LOSSES = Registry("loss")
+UNLABELED = -1  # the label of an unlabelled image (--unlabeled): it gets the teacher term only
 
 
 class _Loss(nn.Module):
@@ -20,7 +21,11 @@ class _Loss(nn.Module):
     label_smoothing = 0.0
 
     def task(self, student, labels):
-        return F.cross_entropy(student, labels, label_smoothing=self.label_smoothing)
+        """Cross-entropy averaged over the labelled samples only; 0 for a batch with none (still a graph
+        node, so a loss made only of it can be back-propagated)."""
+        if not (labels != UNLABELED).any():
+            return student.sum() * 0.0
+        return F.cross_entropy(student, labels, ignore_index=UNLABELED, label_smoothing=self.label_smoothing)
 
 
 @LOSSES.register("ce", needs_teacher=False, defaults={},
@@ -108,7 +113,10 @@ class DecoupledKD(_Loss):
     def forward(self, student, teacher, labels, **_):
         t = self.temperature
         task = self.task(student, labels)
-        gt = F.one_hot(labels, student.shape[1]).bool()
+        # An unlabelled image has no true class to split target from non-target: the teacher's top class
+        # stands in for it (its pseudo-label), which for a labelled image the teacher gets right is the same.
+        target = torch.where(labels == UNLABELED, teacher.argmax(1), labels)
+        gt = F.one_hot(target, student.shape[1]).bool()
         p_s, p_t = F.softmax(student / t, dim=1), F.softmax(teacher / t, dim=1)
         # TCKD: KL between the binary distributions (p_target, 1 - p_target).
         b_s = torch.stack([(p_s * gt).sum(1), (p_s * ~gt).sum(1)], dim=1)

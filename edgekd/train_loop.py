@@ -292,7 +292,7 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
     dist, device = run.dist, cfg["device"]
     if hasattr(run.loss_fn, "set_epoch"):
         run.loss_fn.set_epoch(epoch)
-    sums, seen, correct, start = {}, 0, 0, time.perf_counter()
+    sums, seen, labelled, correct, start = {}, 0, 0, 0, time.perf_counter()
     bar = tqdm(_train_batches(run, cfg, epoch), total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg['epochs']}",
                unit="batch", disable=not (cfg.get("progress", True) and dist.is_main), dynamic_ncols=True, leave=True)
     for batch, (x, y, idx) in enumerate(bar, 1):
@@ -307,7 +307,9 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
                               f"the last complete epoch ({epoch - 1}) is kept; lower --lr and start again")
         _backward(loop, run, parts["loss"])
         seen += len(y)
-        correct += (s_logits.detach().argmax(1) == y).sum().item()
+        has_label = y >= 0  # unlabelled images (--unlabeled, label -1) have no right answer to count
+        labelled += has_label.sum().item()
+        correct += (s_logits.detach().argmax(1) == y)[has_label].sum().item()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(y)
         bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
@@ -318,11 +320,12 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
     seconds = time.perf_counter() - start
     run.local_images += seen
     keys = sorted(sums)
-    totals = dist.all_reduce_sum(torch.tensor([seen, correct] + [sums[k] for k in keys], dtype=torch.float64)).tolist()
-    seen, correct, sums = totals[0], totals[1], dict(zip(keys, totals[2:]))
+    totals = dist.all_reduce_sum(torch.tensor([seen, labelled, correct] + [sums[k] for k in keys],
+                                              dtype=torch.float64)).tolist()
+    seen, labelled, correct, sums = totals[0], totals[1], totals[2], dict(zip(keys, totals[3:]))
     dist.sync_buffers(loop.model)
     top1 = evaluate(loop.model, run.test, device, dist=dist)
-    record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(seen, 1),
+    record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(labelled, 1),
               "test_top1": top1, "lr": loop.optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
               "seconds": seconds}
     log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
