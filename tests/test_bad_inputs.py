@@ -117,7 +117,7 @@ def _cases(tmp, run, bundle):
     student = run / "student.pt"
     image = tmp / "x.png"
     Image.new("L", (8, 8)).save(image)
-    export = ["export", "--format", "onnx", "--out", "OUT"]
+    export = ["export", "--format", "onnx", "--no-progress", "--out", "OUT"]
     bench = ["bench", str(student), "--quick", "--no-progress", "--out", "OUT"]
     not_dict = tmp / "list.pt"
     import torch
@@ -160,7 +160,7 @@ def _cases(tmp, run, bundle):
         ("zip bomb", ["predict", _zip_bomb(tmp, bundle), image], "zip bomb"),
         # data
         ("huge image", ["train", "--model", "compact-student", "--data", huge, "--epochs", 1, "--out", "OUT",
-                        "--no-progress"], "huge.png' is too large to decode (15000x15000 pixels, 225 megapixels"),
+                        "--no-progress"], "huge.png' is too large to decode (225 megapixels"),
         ("symlink loop", ["train", "--data", loop, "--epochs", 1, "--out", "OUT", "--no-progress"],
          "symbolic-link loop"),
         # devices: nothing that reaches ssh may be read as an option
