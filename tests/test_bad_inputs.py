@@ -229,7 +229,7 @@ def test_a_link_to_a_folder_elsewhere_is_followed_once(tmp_path):
     elsewhere = _folder(tmp_path / "other") / "train" / "c1"
     (data / "train" / "c1" / "more").symlink_to(elsewhere)
     check_link_loops(str(data / "train"))
-    assert len(load_data(str(data)).train) == 30 + 15
+    assert len(load_data(str(data)).train) == 30 + len(list(elsewhere.iterdir()))
 
 
 def test_openvino_and_nncf_count_and_send_nothing(tmp_path):
