@@ -215,7 +215,7 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
     decode_split.skipped = [_path_of(dataset, order[i]) for i in bad]
     if bad and not skip_bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise EdgeKDError(f"cannot read image {decode_split.skipped[0]!r}{more} ({desc}): corrupt or not an image; "
+        raise EdgeKDError(f"{_bad_image_reason(decode_split.skipped[0])}{more} ({desc}); "
                           "remove it, or pass --skip-bad-images to leave unreadable images out")
     if bad:
         log.warning("%s: skipped %d unreadable images, e.g. %s", desc, len(bad), decode_split.skipped[0])
@@ -225,6 +225,19 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
 
 
 decode_split.skipped = []
+
+
+def _bad_image_reason(path):
+    """Why an image could not be decoded, found again in this process (a loader worker's exception is lost)."""
+    from .data import ImageTooLarge, open_image
+
+    try:
+        open_image(path).close()
+    except ImageTooLarge as e:
+        return str(e)
+    except Exception:  # unreadable: the usual case, said below
+        pass
+    return f"cannot read image {path!r}: corrupt or not an image"
 
 
 def channel_stats(images):

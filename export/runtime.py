@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -84,7 +85,11 @@ def check_external_data(model_path, listed):
         import onnx
     except ImportError:  # a device without the onnx package: ONNX Runtime resolves only what the manifest listed
         return
-    model = onnx.load(model_path, load_external_data=False)
+    try:
+        model = onnx.load(model_path, load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: the file is not an ONNX model at all
+        raise EdgeKDError(f"bundle model file {os.path.basename(model_path)!r} is not a readable ONNX model "
+                          f"({type(e).__name__}): the bundle is damaged; export it again") from None
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -177,11 +182,39 @@ def load_bundle(path, threads=None, device="cpu"):
     return Bundle(path, threads, device)
 
 
+# A bundle zip is a model (weights compress little) and a manifest: these bounds refuse a zip bomb before
+# a byte is written, and leave room for any model a device can run.
+ZIP_MAX_BYTES = 8 * 1024 ** 3      # total size of the members once unpacked
+ZIP_MAX_MEMBERS = 1000
+ZIP_MAX_RATIO = 200                # unpacked / packed size of a member larger than ZIP_RATIO_FROM
+ZIP_RATIO_FROM = 1024 ** 2
+
+
+def _zip_bomb_problem(infos):
+    """Why a zip's members are too big to unpack (their sizes as the central directory states them), or None.
+
+    zipfile stops reading a member at its stated size, so the stated sizes bound what extractall writes.
+    """
+    if len(infos) > ZIP_MAX_MEMBERS:
+        return f"it has {len(infos)} members (a bundle has a handful; at most {ZIP_MAX_MEMBERS})"
+    total = sum(i.file_size for i in infos)
+    if total > ZIP_MAX_BYTES:
+        return f"its members unpack to {total / 1e9:.1f} GB (at most {ZIP_MAX_BYTES / 1e9:.1f} GB)"
+    for i in infos:
+        if i.file_size > ZIP_RATIO_FROM and i.file_size > ZIP_MAX_RATIO * max(i.compress_size, 1):
+            return (f"member {i.filename!r} unpacks {i.file_size / max(i.compress_size, 1):.0f} times larger than "
+                    f"it is packed ({i.file_size / 1e6:.0f} MB; at most {ZIP_MAX_RATIO} times): a zip bomb")
+    return None
+
+
 def safe_extract(archive, folder):
-    """Unpack a bundle zip into ``folder``, refusing members that would land outside it or are links."""
+    """Unpack a bundle zip into ``folder``, refusing members that would land outside it or are links, and zip bombs."""
     root = os.path.realpath(folder)
     try:
         with zipfile.ZipFile(archive) as z:
+            bomb = _zip_bomb_problem(z.infolist())
+            if bomb:
+                raise EdgeKDError(f"bundle zip {archive!r} is refused: {bomb}")
             for info in z.infolist():
                 target = os.path.realpath(os.path.join(folder, info.filename))
                 is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
@@ -189,8 +222,8 @@ def safe_extract(archive, folder):
                     raise EdgeKDError(f"bundle zip {archive!r} has a member {info.filename!r} that escapes "
                                       "the bundle folder; refusing to unpack it")
             z.extractall(folder)
-    except zipfile.BadZipFile as e:
-        raise EdgeKDError(f"bundle zip {archive!r} is damaged: {e}") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        raise EdgeKDError(f"bundle zip {archive!r} is damaged: {e or type(e).__name__}") from None
     entries = os.listdir(folder)
     # Zips made by edgekd hold one top folder; accept a flat zip too.
     if len(entries) == 1 and os.path.isdir(os.path.join(folder, entries[0])):
