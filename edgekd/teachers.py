@@ -933,7 +933,12 @@ class TorchvisionSource(Source):
             _load_weights(model, options.weights, spec)
             lo.file, lo.sha256 = os.path.abspath(options.weights), file_sha256(options.weights)
         else:
-            model = torchvision.models.get_model(name, weights=weights)  # torch.hub's cache, downloaded once
+            try:
+                model = torchvision.models.get_model(name, weights=weights)  # torch.hub's cache, downloaded once
+            except Exception as e:  # no internet, a proxy, a damaged cache file
+                raise EdgeKDError(f"cannot get torchvision weights {weights} ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); on a machine "
+                                  "without internet pass --teacher-weights FILE") from None
             lo.file, lo.sha256 = weights.url, _state_sha256(model, f"{spec}:{weights.url}")
         transform = weights.transforms()
         lo.module, lo.mean, lo.std = model, list(transform.mean), list(transform.std)
@@ -976,10 +981,14 @@ class TimmSource(Source):
             else:
                 model = timm.create_model(name, pretrained=True)  # timm's loader and the Hugging Face cache
                 file, sha = f"timm:{name} pretrained", None
-        except RuntimeError as e:
+        except EdgeKDError:
+            raise
+        except Exception as e:  # an unknown name, no internet, a head that does not fit the weights
             if "Unknown model" in str(e):
                 raise EdgeKDError(f"unknown timm model {name!r} (see timm.list_models())") from None
-            raise EdgeKDError(f"timm cannot load {name!r}: {str(e).strip().splitlines()[0][:300]}") from None
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise EdgeKDError(f"timm cannot load {name!r}: {reason}"
+                              + ("" if options.weights else "; on a machine without internet pass --teacher-weights FILE")) from None
         sha = sha or _state_sha256(model, spec)
         config = timm.data.resolve_data_config(model=model)
         c, h, w = config["input_size"]
