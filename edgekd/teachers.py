@@ -308,8 +308,10 @@ def class_index(data_classes, outputs, names=None, names_from=None, classes_file
 
             close = difflib.get_close_matches(name, list(where), n=3)
             hint = f" (close: {', '.join(close)})" if close else f" (it knows e.g. {', '.join(names[:3])})"
-            raise EdgeKDError(f"data class {name!r} is not a class of teacher {spec!r}{hint}; map the classes with "
-                              "--teacher-classes FILE (lines 'INDEX NAME')")
+            counts = (f"teacher {spec!r} has {outputs} classes but the data has {len(data_classes)}, and "
+                      if outputs != len(data_classes) else "")
+            raise EdgeKDError(f"{counts}data class {name!r} is not a class of teacher {spec!r}{hint}; map the classes "
+                              "with --teacher-classes FILE (lines 'INDEX NAME')")
         if len(where[name]) > 1:
             raise EdgeKDError(f"data class {name!r} names teacher outputs {where[name]} of {spec!r}; pick one with "
                               "--teacher-classes FILE (lines 'INDEX NAME')")
