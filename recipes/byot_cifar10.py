@@ -107,7 +107,9 @@ def write_report(out, rows, commands, a):
     lines = ["# Bring your own teacher: one teacher, three formats, one student (CIFAR-10)", "",
              f"Teacher {a.teacher_model} ({a.teacher_epochs} epochs, {a.teacher_subset or 'all'} train images); "
              f"student {a.student}, {a.epochs} epochs on {a.train_subset} train images, seed {a.seed}, live teacher "
-             "(no cache). Teacher top-1: the teacher as run during distillation, on the test split.", "",
+             "(no cache). Teacher top-1 on the test split: the checkpoint's own record for the .pt, measured through "
+             "the runtime (ONNX Runtime, OpenVINO) for the bundles. Teacher forward share: the teacher's own forward "
+             "seconds (view conversion included) over the epoch's seconds.", "",
              "| teacher source | teacher top-1 | student top-1 | distill images/s | teacher forward share | command |",
              "|---|---|---|---|---|---|"]
     for r in rows:
