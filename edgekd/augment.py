@@ -24,15 +24,32 @@ DECODE_LIMIT_BYTES = 2 * 1024 ** 3
 
 
 class AugmentPlan:
-    """Crop offsets and flips for every image and epoch, from (seed, epoch) alone."""
+    """Crop offsets and flips for every image and epoch, from (seed, epoch) alone.
 
-    def __init__(self, kind, size, seed=0, pad=DEFAULT_PAD):
+    With ``views=K`` (``--teacher-views``) only K views per image exist: epoch e shows view
+    (e - 1) mod K + 1, so a teacher cache of K epochs serves a run of any length.
+    """
+
+    def __init__(self, kind, size, seed=0, pad=DEFAULT_PAD, views=None):
         if kind not in AUGMENTS:
             raise EdgeKDError(f"unknown augmentation {kind!r}: choose from {', '.join(AUGMENTS)}")
         self.kind, self.size, self.seed, self.pad = kind, int(size), int(seed), int(pad)
+        self.views = None
+        self.replay(views)
+
+    def replay(self, views):
+        """Serve only ``views`` distinct views per image from now on (None: a new view every epoch)."""
+        if views is not None and (int(views) != views or views < 1):
+            raise EdgeKDError(f"--teacher-views must be a positive whole number, got {views!r}")
+        self.views = None if views is None else int(views)
+
+    def view_of(self, epoch):
+        """The view (1-based, like epochs) that ``epoch`` shows."""
+        return int(epoch) if not self.views else (int(epoch) - 1) % self.views + 1
 
     def params(self, epoch):
         """(dy, dx, flip) int tensors of length ``size`` for ``epoch``; the same on every call."""
+        epoch = self.view_of(epoch)
         if self.kind == "none":
             zeros = torch.zeros(self.size, dtype=torch.long)
             return zeros, zeros, zeros
@@ -43,7 +60,10 @@ class AugmentPlan:
         return dy, dx, flip
 
     def describe(self):
-        return {"augment": self.kind, "pad": self.pad, "seed": self.seed, "images": self.size}
+        d = {"augment": self.kind, "pad": self.pad, "seed": self.seed, "images": self.size}
+        if self.views:  # only when set, so caches made before --teacher-views keep their key
+            d["views"] = self.views
+        return d
 
 
 def apply_views(images, dy, dx, flip, pad):

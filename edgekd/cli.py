@@ -270,7 +270,8 @@ class Distill(Command):
 
     def add_arguments(self, p):
         p.add_argument("--teacher", default="seed-teacher", metavar="SPEC",
-                       help="a teacher checkpoint (.pt), or a model spec to train first (default: %(default)s)")
+                       help="the teacher: an edgekd checkpoint, a model spec to train first, or a model you bring "
+                            "(see 'bring your own teacher' below) (default: %(default)s)")
         p.add_argument("--student", default="compact-student", metavar="SPEC",
                        help=MODEL_HELP + " (default: %(default)s)")
         p.add_argument("--teacher-epochs", type=_positive_int, default=None,
@@ -298,6 +299,7 @@ class Distill(Command):
                        help="compute the teacher's logits once per (image, epoch) view into DIR (keyed by the "
                             "teacher checkpoint's sha256, the augmentation seed and the data) and replay them, "
                             "instead of running the teacher every step (logit losses; default: off)")
+        _add_teacher_args(p)
         _add_data_args(p)
         _add_training_args(p)
         _add_student_args(p, "--student-weights")
@@ -317,9 +319,73 @@ class Distill(Command):
         if _rank() != 0:
             return
         t = m["teacher"]
-        print(f"teacher {t['model']}: test top-1 {t['test_top1']:.4f}, {t['params']:,} params")
+        params = f", {t['params']:,} params" if t.get("params") else ""
+        top1 = f"{t['test_top1']:.4f}" if t.get("test_top1") is not None else "unknown"
+        print(f"teacher {t['model'] or t['spec']} ({t['kind']}): test top-1 {top1}{params}")
         print(f"student {m['model']}: test top-1 {m['test_top1']:.4f}, {m['params']:,} params "
               f"({m['loss']} loss, {m['epochs']} epochs) -> {args.out}/student.pt")
+
+
+TEACHER_EXAMPLES = """\
+one example per teacher source (the teacher sees each view at its own size and normalisation):
+  --teacher runs/t/model.pt                      an edgekd checkpoint
+  --teacher resnet20                             a model spec, trained here on the data first
+  --teacher runs/t-onnx  (or runs/t-onnx.zip)    an edgekd bundle (ONNX Runtime or OpenVINO, from its manifest)
+  --teacher onnx:model.onnx --teacher-mean 0.485,0.456,0.406 --teacher-std 0.229,0.224,0.225
+                                                 a foreign ONNX file (edgekd.* metadata, or these options)
+  --teacher openvino:model.xml --teacher-mean 0.5 --teacher-std 0.5 --teacher-input-size 224
+                                                 a foreign OpenVINO IR
+  --teacher model.ts --teacher-mean 0.5 --teacher-std 0.5          a TorchScript file
+  --teacher model.pt2 --teacher-mean 0.5 --teacher-std 0.5         a torch.export program
+  --teacher torchvision:resnet18:IMAGENET1K_V1 --teacher-classes picks.txt
+                                                 torchvision pretrained (or torchvision:NAME --teacher-weights F.pth)
+  --teacher timm:resnet18 --teacher-weights resnet18.safetensors   timm (pretrained=True without --teacher-weights)
+  --teacher mypkg.models:make_teacher --teacher-weights w.pth --teacher-mean 0.5 --teacher-std 0.5
+                                                 a factory in your code (on PYTHONPATH) returning an nn.Module
+"""
+
+
+class _KeepLines(argparse.HelpFormatter):
+    """Wraps help text as usual, except text with its own line breaks (the example table)."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _add_teacher_args(p):
+    """The options of a teacher the user brings (edgekd.teachers validates them again, for config files)."""
+    p.formatter_class = _KeepLines
+    g = p.add_argument_group("bring your own teacher", TEACHER_EXAMPLES)
+    g.add_argument("--teacher-input-size", default=None, metavar="H[,W]",
+                   help="the teacher's input size in pixels; each view is resized to it, bilinear with antialias "
+                        "(default: from the teacher: bundle manifest, ONNX/IR/.pt2 input shape, ONNX metadata, "
+                        "torchvision/timm data config; else the data's)")
+    g.add_argument("--teacher-mean", default=None, metavar="M[,M,M]",
+                   help="the teacher's per-channel normalisation mean, in [0, 1] pixel units (default: from the teacher; "
+                        "required for foreign files without edgekd.* ONNX metadata)")
+    g.add_argument("--teacher-std", default=None, metavar="S[,S,S]",
+                   help="the teacher's per-channel normalisation std, positive (default: from the teacher)")
+    g.add_argument("--teacher-color", default=None, choices=["RGB", "BGR", "L"],
+                   help="the teacher's channel order, L for one grey channel; grey data is repeated to RGB and RGB "
+                        "data made grey as needed (default: from the teacher, else RGB for 3 channels)")
+    g.add_argument("--teacher-outputs", default=None, choices=["logits", "probs"],
+                   help="what the teacher returns; probs are turned into log-probabilities (logits up to a constant) "
+                        "(default: logits, or the ONNX metadata's)")
+    g.add_argument("--teacher-classes", default=None, metavar="FILE",
+                   help="map the teacher's outputs to the data's classes: lines 'NAME' name every teacher output in "
+                        "order (then matched by name); lines 'INDEX NAME' pick output INDEX for data class NAME; lines "
+                        "'INDEX' pick it for the data class of that line (default: match the names the teacher carries)")
+    g.add_argument("--teacher-weights", default=None, metavar="FILE",
+                   help="a local state dict (.pth/.pt) or .safetensors for torchvision:NAME, timm:NAME or "
+                        "MODULE:FUNCTION (no download)")
+    g.add_argument("--teacher-views", type=_positive_int, default=None, metavar="K",
+                   help="K fixed augmented views per image, replayed across epochs (epoch e shows view (e-1) mod K + 1): "
+                        "with --teacher-cache a long run pays for K teacher passes, not one per epoch (default: a new "
+                        "view every epoch)")
+    g.add_argument("--teacher-threads", type=_positive_int, default=None, metavar="N",
+                   help="ONNX Runtime / OpenVINO threads of a black-box teacher (default: torch's)")
 
 
 class Export(Command):
@@ -609,7 +675,7 @@ def _apply_config(parser, sub, argv, args):
         raise EdgeKDError(f"config file {path!r} must hold a mapping of option: value")
     subparser = sub.choices[args.command]
     known = {a.dest for a in subparser._actions}
-    ignored = {"loss_params", "command"}  # written into saved configs for the record
+    ignored = {"loss_params", "command", "teacher_resolved"}  # written into saved configs for the record
     unknown = sorted(set(values) - known - ignored)
     if unknown:
         raise EdgeKDError(f"config file {path!r} has unknown keys {unknown}; accepted: {', '.join(sorted(known - {'help'}))}")

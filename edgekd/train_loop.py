@@ -292,6 +292,9 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
     dist, device = run.dist, cfg["device"]
     if hasattr(run.loss_fn, "set_epoch"):
         run.loss_fn.set_epoch(epoch)
+    timed_teacher = run.teacher is not None and hasattr(run.teacher, "take_seconds")
+    if timed_teacher:
+        run.teacher.take_seconds()  # count this epoch's teacher forwards only
     sums, seen, labelled, correct, start = {}, 0, 0, 0, time.perf_counter()
     bar = tqdm(_train_batches(run, cfg, epoch), total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg['epochs']}",
                unit="batch", disable=not (cfg.get("progress", True) and dist.is_main), dynamic_ncols=True, leave=True)
@@ -328,6 +331,9 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
     record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(labelled, 1),
               "test_top1": top1, "lr": loop.optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
               "seconds": seconds}
+    if timed_teacher:  # the live teacher's own forward time (0 when its logits come from the cache)
+        record["teacher_seconds"] = run.teacher.take_seconds()
+        record["teacher_share"] = record["teacher_seconds"] / seconds if seconds > 0 else None
     log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
     if cfg.get("report_epochs", True) and dist.is_main:
         terms = "  ".join(f"{k} {record[k]:.4f}" for k in sums)

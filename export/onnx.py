@@ -13,6 +13,11 @@ from . import quantize_onnx as q
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+# metadata_props that edgekd writes into its ONNX files and reads from any ONNX teacher (edgekd.teachers):
+# classes, mean, std and input_size as JSON ([names], [floats] in [0, 1] pixel units, [height, width]);
+# color as RGB, BGR or L; outputs as logits or probs.
+METADATA_KEYS = {"classes": "edgekd.classes", "mean": "edgekd.mean", "std": "edgekd.std", "color": "edgekd.color",
+                 "input_size": "edgekd.input_size", "outputs": "edgekd.outputs"}
 # Weights go into external data only when the protobuf would pass its 2 GB limit.
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
@@ -56,6 +61,24 @@ def _strip_debug_metadata(path):
     for node in model.graph.node:
         node.doc_string = ""
         del node.metadata_props[:]
+    onnx.save(model, path)
+
+
+def write_metadata(path, classes, input_spec):
+    """Describe the model inside the ONNX file (METADATA_KEYS), so the file alone is a usable teacher."""
+    import json
+
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)  # external weights stay where they are
+    values = {"classes": json.dumps(list(classes)), "mean": json.dumps(list(input_spec.mean)),
+              "std": json.dumps(list(input_spec.std)), "color": input_spec.color,
+              "input_size": json.dumps([input_spec.height, input_spec.width]), "outputs": "logits"}
+    kept = [p for p in model.metadata_props if p.key not in METADATA_KEYS.values()]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in values.items():
+        model.metadata_props.add(key=METADATA_KEYS[key], value=value)
     onnx.save(model, path)
 
 

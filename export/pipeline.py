@@ -127,6 +127,10 @@ class _Export:
         try:
             start = time.perf_counter()
             info = FORMATS.get(o.fmt)(job)
+            if o.fmt == "onnx":  # class names and preprocessing travel inside the file too (a teacher needs them)
+                from .onnx import write_metadata
+
+                write_metadata(os.path.join(staging, info["model_file"]), self.ckpt["classes"], self.spec)
             seconds = time.perf_counter() - start
             validation = self._validate(staging, info["model_file"])
             fallback = None
