@@ -300,8 +300,9 @@ def _range_error(opt, value, kind):
     if opt.low is not None and (value < opt.low or (opt.low_open and value == opt.low)):
         return f"expected {desc}"
     if opt.high is not None and (value > opt.high or (opt.high_open and value == opt.high)):
-        bound = f"below {opt.high:g}" if opt.high_open else f"at most {opt.high:,}"
-        return f"expected {desc} {bound} (beyond that it is a typo, not a plan)"
+        if opt.high_open:
+            return f"expected {desc} below {opt.high:g}"
+        return f"expected {desc} of at most {opt.high:,} (beyond that it is a typo, not a plan)"
     return None
 
 
