@@ -1,7 +1,6 @@
 """The edgekd command line: one subcommand per pipeline stage; heavy imports happen inside run()."""
 
 import argparse
-import os
 import sys
 
 from . import EdgeKDError, Interrupted, __version__

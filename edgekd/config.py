@@ -345,7 +345,8 @@ def check(opt, value, source=None):
             converted, error = _scalar(opt, item, opt.item)
             if error:
                 if opt.item != "str":
-                    error = "expected a comma-separated list of " + _describe(opt, opt.item)[2:].replace("number", "numbers")
+                    plural = _describe(opt, opt.item)[2:].replace("number", "numbers")
+                    error = f"expected a comma-separated list of {plural}"
                 break
             result.append(converted)
         if not error and not result:

@@ -9,7 +9,7 @@
 - One run at a time: a run folder is locked (``fcntl.flock`` on ``.edgekd.lock``, released by the
   kernel when the process dies, so a killed run leaves no stale lock); a second run into it is
   refused with the holder's pid.
-- Temporary files and folders are named ``[.]edgekd-tmp-<pid>-...``: removed on failure, and those
+- Temporary files and folders are named ``[.]edgekd-tmp-<pid>-<host>-...``: removed on failure, and those
   of a process that no longer exists (a SIGKILLed run) are removed by the next run.
 - A failed run (not an interrupted one, which stays resumable) leaves the folder as it found it.
 """
@@ -28,7 +28,15 @@ log = logging.getLogger(__name__)
 MARKER = ".edgekd"
 LOCK = ".edgekd.lock"
 TMP = "edgekd-tmp-"
-_TMP_NAME = re.compile(r"^\.?" + TMP + r"(\d+)-")
+_TMP_NAME = re.compile(r"^\.?" + TMP + r"(\d+)-([a-z0-9]*)-")
+
+
+def _host():
+    """This machine, in temporary names: a pid means something only on the machine that made it
+    (a shared or network folder may hold another machine's live temporaries)."""
+    import socket
+
+    return re.sub(r"[^a-z0-9]", "", socket.gethostname().lower())[:16]
 
 # What each command writes into its folder (a --force run sets these aside, whichever command wrote them).
 OUTPUTS = {
@@ -41,7 +49,7 @@ ALL_OUTPUTS = frozenset(n for names in OUTPUTS.values() for n in names)
 
 def temp_prefix(kind=""):
     """The prefix of a temporary file or folder of this process (pass a leading '.' to hide it)."""
-    return f"{TMP}{os.getpid()}-{kind + '-' if kind else ''}"
+    return f"{TMP}{os.getpid()}-{_host()}-{kind + '-' if kind else ''}"
 
 
 def _alive(pid):
@@ -64,7 +72,7 @@ def clean_stale(folder):
         return
     for name in names:
         m = _TMP_NAME.match(name)
-        if not m or _alive(int(m.group(1))):
+        if not m or m.group(2) != _host() or _alive(int(m.group(1))):
             continue
         path = os.path.join(folder, name)
         log.info("removing %s, left by edgekd process %s that no longer runs", path, m.group(1))
