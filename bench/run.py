@@ -244,6 +244,10 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
     Returns the result dict plus ``table`` (markdown) and ``comparison`` (text, when ``compare`` is given).
     """
     from .report import compare_results, load_results, table
+    from ..outdir import temp_prefix
+
+    if not max_drop >= 0:  # NaN must not switch the gate off
+        raise EdgeKDError(f"max_drop must be 0 or more, got {max_drop}")
 
     devices = [check_device(d) for d in devices]
     targets = _ssh_targets(devices, ssh_config, ssh_timeout)
@@ -262,7 +266,7 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
                 "devices": devices, "backends": backends}
     env = environment(threads, cpus)
     bar = _progress_bar(jobs, settings, progress)
-    with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as folder:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("bench")) as folder:
         try:
             bar.set_postfix_str("preparing test images")
             _prepare(jobs, data_spec, data_root, limit, folder)

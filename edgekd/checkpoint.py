@@ -15,7 +15,10 @@ def atomic_write(path, write):
     """Call ``write(tmp_path)`` then move the finished file into place, so no reader sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    from .outdir import temp_prefix
+
+    # edgekd's temporary naming: a killed process's leftovers are recognised and removed by the next run
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + temp_prefix(), suffix="-" + os.path.basename(path))
     os.close(fd)
     try:
         write(tmp)

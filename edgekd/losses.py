@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import EdgeKDError
 from .registry import Registry
 
 LOSSES = Registry("loss")
@@ -177,11 +178,31 @@ class FitNetHint(_Loss):
         return {"loss": task + kd, "task_loss": task, "kd_loss": kd, **parts}
 
 
+def _flag(param):
+    return {"warmup": "--dkd-warmup"}.get(param, "--" + param.replace("_", "-"))
+
+
+def _and(items):
+    return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def check_options(name, given):
+    """Refuse options the loss does not use (``given``: parameter name -> value, None for not given),
+    so that ``--loss kd --beta 5`` is an error rather than a silently ignored value."""
+    takes = [k for k in LOSSES.meta(name)["defaults"] if k != "ce_weight"]  # ce_weight has no option
+    unused = [k for k, v in given.items() if v is not None and k not in LOSSES.meta(name)["defaults"]]
+    if unused:
+        offered = f"takes {_and([_flag(k) for k in takes])}" if takes else "takes no options"
+        raise EdgeKDError(f"--loss {name} {offered}; it does not use {_and([_flag(k) for k in unused])}")
+
+
 def make_loss(name, label_smoothing=0.0, **overrides):
-    """The named loss with its registered defaults, overridden by any non-None value given."""
+    """The named loss with its registered defaults, overridden by any non-None value given; a value
+    for an option the loss does not take is refused."""
     meta = LOSSES.meta(name)
+    check_options(name, overrides)
     params = dict(meta["defaults"])
-    params.update({k: v for k, v in overrides.items() if v is not None and k in params})
+    params.update({k: v for k, v in overrides.items() if v is not None})
     loss = LOSSES.get(name)(**params)
     loss.label_smoothing = float(label_smoothing or 0.0)
     return loss, params

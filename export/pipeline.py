@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import EdgeKDError
+from ..outdir import temp_prefix
 
 from . import calibration
 from .formats import FORMATS, check_request
@@ -79,7 +80,7 @@ class _Export:
         self.int8 = opts.precision == "int8"
         self.static = self.int8 and self.meta["quant"] == "static"
         self.atol = opts.atol if opts.atol is not None else self.meta["atol"].get(opts.precision)
-        if self.int8 and opts.max_drop < 0:
+        if self.int8 and not opts.max_drop >= 0:  # NaN fails too
             raise EdgeKDError(f"--max-drop must be 0 or more points, got {opts.max_drop}")
 
     def run(self):
@@ -119,8 +120,8 @@ class _Export:
         out = o.out
         parent = os.path.dirname(os.path.abspath(out))
         os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
-        scratch = tempfile.mkdtemp(prefix="edgekd-export-")
+        staging = tempfile.mkdtemp(dir=parent, prefix="." + temp_prefix("bundle"))
+        scratch = tempfile.mkdtemp(prefix=temp_prefix("export"))
         job = ExportJob(self.model, self.spec, staging, scratch, o.precision,
                         {**asdict(o), "quant": self.meta["quant"], "calib_method": self.meta["calib_method"],
                          "int8_types": o.int8_types or "auto"}, calib, o.progress)
@@ -287,11 +288,17 @@ def write_zip(folder, out):
     """``OUT.zip`` holding the bundle under one top folder named like OUT; written atomically."""
     name = os.path.basename(os.path.normpath(out))
     target = os.path.abspath(out).rstrip(os.sep) + ".zip"
-    tmp = target + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-        for entry in sorted(os.listdir(folder)):
-            z.write(os.path.join(folder, entry), f"{name}/{entry}")
-    os.replace(tmp, target)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix="." + temp_prefix("zip"))
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for entry in sorted(os.listdir(folder)):
+                z.write(os.path.join(folder, entry), f"{name}/{entry}")
+        os.chmod(tmp, 0o644)  # mkstemp made it private; a bundle is meant to be shared
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return target
 
 
@@ -299,7 +306,7 @@ def _publish(staging, out):
     """Swap the finished bundle into place; an older bundle at ``out`` is removed only afterwards."""
     old = None
     if os.path.exists(out):
-        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=f".{os.path.basename(out)}.old-")
+        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix="." + temp_prefix("old"))
         os.rmdir(old)
         os.replace(out, old)
     os.replace(staging, out)
