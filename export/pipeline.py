@@ -19,7 +19,6 @@ from .. import EdgeKDError
 from . import calibration
 from .formats import FORMATS, check_request
 from .manifest import library_versions, sha256_file, write_manifest
-from .runtime import open_session
 from .validate import compare, gate, run_batched
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,8 @@ class ExportJob:
     options: dict
     calib: np.ndarray = None
     progress: bool = True
-    state: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)   # what the steps found: model_file, fp32_reference, quantization...
+    state: dict = field(default_factory=dict)  # in-memory objects a format's steps pass on (an OpenVINO model)
 
 
 def export_checkpoint(checkpoint, opts):
@@ -125,9 +125,8 @@ class _Export:
                         {**asdict(o), "quant": self.meta["quant"], "calib_method": self.meta["calib_method"],
                          "int8_types": o.int8_types or "auto"}, calib, o.progress)
         try:
-            start = time.perf_counter()
-            info = FORMATS.get(o.fmt)(job)
-            seconds = time.perf_counter() - start
+            seconds = self._convert(job)
+            info = job.info
             validation = self._validate(staging, info["model_file"])
             fallback = None
             if self.int8:
@@ -149,20 +148,26 @@ class _Export:
         log.info("exported %s %s in %.1f s, %.3f MB (%s)", o.fmt, o.precision, seconds, size / 1e6, out)
         return manifest
 
+    def _convert(self, job):
+        """Run the format's steps for this precision, in order; return the seconds they took."""
+        start = time.perf_counter()
+        for step in FORMATS.get(self.o.fmt)[job.precision]:
+            t0 = time.perf_counter()
+            job.info.update(step(job) or {})
+            log.info("export step %s: %.1f s", step.__name__, time.perf_counter() - t0)
+        return time.perf_counter() - start
+
     def _validate(self, folder, model_file):
-        from tqdm import tqdm
+        from ..bench.device_runner import open_model
+        from ..progress import bar
 
-        session = open_session(self.o.fmt, os.path.join(folder, model_file))
-        bar = tqdm(total=len(self.images), desc="validating", unit="img", disable=not self.o.progress, leave=False)
+        session, _ = open_model(os.path.join(folder, model_file), self.o.fmt)
+        with bar(total=len(self.images), desc="validating", unit="img", disable=not self.o.progress) as progress:
+            def run(batch):
+                progress.update(len(batch))
+                return session(batch)
 
-        def run(batch):
-            bar.update(len(batch))
-            return session(batch)
-
-        try:
             outputs = run_batched(run, self.images)
-        finally:
-            bar.close()
         validation = compare(self.reference, outputs, self.labels)
         validation.update(data=self.dataset.spec, split="test", atol=self.atol)
         return validation
@@ -211,9 +216,8 @@ class _Export:
 
     def _speed(self, info, staging):
         """Time FP32 against INT8 in a torch-free subprocess; warn when INT8 is not faster here."""
-        fp32_format = "onnx" if self.o.fmt == "onnx" else "openvino"
         job = {"format": self.o.fmt, "int8_path": os.path.join(staging, info["model_file"]),
-               "fp32_format": fp32_format, "fp32_path": info["fp32_reference"],
+               "fp32_format": self.o.fmt, "fp32_path": info["fp32_reference"],
                "shape": [self.spec.channels, self.spec.height, self.spec.width]}
         path = os.path.join(os.path.dirname(info["fp32_reference"]), "speed-job.json")
         with open(path, "w") as f:
@@ -247,7 +251,7 @@ class _Export:
             "validation": validation, "export_seconds": round(seconds, 3),
             "size_bytes": sum(os.path.getsize(os.path.join(staging, n)) for n in files),
             "runtime": {"library": FORMATS.meta(o.fmt)["runtime"],
-                        "inference_precision": "f32" if o.fmt == "openvino" else None},
+                        "inference_precision": FORMATS.meta(o.fmt)["inference_precision"]},
             "versions": library_versions(),
         }
         if self.int8:
