@@ -133,7 +133,10 @@ class _Export:
                 validation, fallback, seconds = self._int8_gate(job, info, validation, seconds)
             else:
                 self._fail_if(gate(validation, o.precision, atol=self.atol))
-            speed = self._speed(info, staging) if self.int8 and o.speed_check else None
+            speed = None
+            if self.int8 and o.speed_check:
+                speed = speed_check(o.fmt, os.path.join(staging, info["model_file"]), info["fp32_reference"],
+                                    (self.spec.channels, self.spec.height, self.spec.width))
             manifest = self._manifest(staging, info, validation, fallback, speed, seconds)
             write_manifest(staging, manifest)
             os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
@@ -214,29 +217,6 @@ class _Export:
         if failures:
             raise EdgeKDError("parity check failed: " + "; ".join(failures) + suffix + "; no bundle written")
 
-    def _speed(self, info, staging):
-        """Time FP32 against INT8 in a torch-free subprocess; warn when INT8 is not faster here."""
-        job = {"format": self.o.fmt, "int8_path": os.path.join(staging, info["model_file"]),
-               "fp32_format": self.o.fmt, "fp32_path": info["fp32_reference"],
-               "shape": [self.spec.channels, self.spec.height, self.spec.width]}
-        path = os.path.join(os.path.dirname(info["fp32_reference"]), "speed-job.json")
-        with open(path, "w") as f:
-            json.dump(job, f)
-        env = dict(os.environ, OPENVINO_TELEMETRY_OPT_OUT="1")
-        proc = subprocess.run([sys.executable, "-m", "edgekd.export.speed", path], capture_output=True, text=True,
-                              env=env, timeout=300)
-        if proc.returncode != 0:
-            log.warning("the INT8 speed check failed: %s", (proc.stderr.strip().splitlines() or ["?"])[-1])
-            return {"status": "failed"}
-        rows = json.loads(proc.stdout.strip().splitlines()[-1])
-        from .speed import FASTER
-
-        slow = [r for r in rows if r["speedup"] < FASTER]
-        for r in slow:
-            log.warning("INT8 is not faster than FP32 on this machine at batch %d: %.3f ms vs %.3f ms (%.2fx)",
-                        r["batch_size"], r["int8_ms"], r["fp32_ms"], r["speedup"])
-        return {"rows": rows, "int8_faster": not slow, "threshold": FASTER, "machine": _machine()}
-
     def _manifest(self, staging, info, validation, fallback, speed, seconds):
         o, spec, ckpt = self.o, self.spec, self.ckpt
         files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
@@ -265,6 +245,28 @@ class _Export:
                     "INT8 was not faster than FP32 on the exporting machine: " + ", ".join(
                         f"batch {r['batch_size']} {r['speedup']:.2f}x" for r in speed["rows"]))
         return manifest
+
+
+def speed_check(fmt, int8_path, fp32_path, shape):
+    """Time FP32 against INT8 (the same runtime) in a torch-free subprocess; warn when INT8 is not faster here."""
+    job = {"format": fmt, "int8_path": int8_path, "fp32_format": fmt, "fp32_path": fp32_path, "shape": list(shape)}
+    path = os.path.join(os.path.dirname(fp32_path), "speed-job.json")
+    with open(path, "w") as f:
+        json.dump(job, f)
+    env = dict(os.environ, OPENVINO_TELEMETRY_OPT_OUT="1")
+    proc = subprocess.run([sys.executable, "-m", "edgekd.export.speed", path], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if proc.returncode != 0:
+        log.warning("the INT8 speed check failed: %s", (proc.stderr.strip().splitlines() or ["?"])[-1])
+        return {"status": "failed"}
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    from .speed import FASTER
+
+    slow = [r for r in rows if r["speedup"] < FASTER]
+    for r in slow:
+        log.warning("INT8 is not faster than FP32 on this machine at batch %d: %.3f ms vs %.3f ms (%.2fx)",
+                    r["batch_size"], r["int8_ms"], r["fp32_ms"], r["speedup"])
+    return {"rows": rows, "int8_faster": not slow, "threshold": FASTER, "machine": _machine()}
 
 
 def load_data_for(spec, data_root, input_spec):

@@ -71,8 +71,8 @@ def test_predict_bench_and_device_agree_on_a_bundle(onnx_bundle):
     from edgekd.bench.backends import BACKENDS
     from edgekd.runtime import load_bundle
 
-    batch = np.random.default_rng(0).standard_normal((3, 1, 8, 8), dtype=np.float32)
     bundle = load_bundle(str(onnx_bundle), threads=1)
+    batch = np.random.default_rng(0).standard_normal((3, *bundle.manifest["input"]["shape"][1:]), dtype=np.float32)
     bench_run, info = BACKENDS.get("onnxruntime")(str(onnx_bundle), 1, "cpu")
     device_run, _ = runner.open_session(str(onnx_bundle), runner.verify(str(onnx_bundle)), threads=1)
     ov_run, ov_info = BACKENDS.get("openvino")(str(onnx_bundle), 1, "cpu")
@@ -167,3 +167,15 @@ def test_no_progress_silences_nncf(capfd, progress):
     _nncf_quantize(model, calib, progress=progress)
     out = "".join(capfd.readouterr())
     assert ("Statistics collection" in out) == progress, out
+
+
+def test_training_reports_each_epoch_on_stdout_and_one_bar_line_per_epoch(cli, tmp_path):
+    """The per-epoch lines go through logging (edgekd.report) and the CLI still prints them on stdout;
+    off a terminal the progress bar is one stderr line per epoch, never carriage-return redraws."""
+    proc = cli("train", "--model", "seed-student", "--epochs", 2, "--out", tmp_path / "run")
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("seed-student ")]
+    assert [line.split(":")[0] for line in epochs] == ["seed-student 1/2", "seed-student 2/2"]
+    assert all("test top-1 " in line and "img/s" in line for line in epochs)
+    bars = [line for line in proc.stderr.splitlines() if " batch in " in line]
+    assert [line.split(":")[0] for line in bars] == ["seed-student 1/2", "seed-student 2/2"]
+    assert "\r" not in proc.stderr
