@@ -220,6 +220,9 @@ class _Export:
     def _manifest(self, staging, info, validation, fallback, speed, seconds):
         o, spec, ckpt = self.o, self.spec, self.ckpt
         files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
+        missing = [name for name in FORMATS.meta(o.fmt)["files"] if name not in files]
+        if missing:  # the format table names the files its steps publish; a step that did not is our bug
+            raise RuntimeError(f"the {o.fmt} export steps wrote no {', '.join(missing)}")
         manifest = {
             "format": o.fmt, "precision": o.precision, "model_file": info["model_file"], "files": files,
             "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
