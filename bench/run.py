@@ -375,11 +375,11 @@ def _export_onnx(checkpoint, data_spec, data_root, out):
 
 def _progress_bar(jobs, settings, progress):
     """One bar over the whole benchmark: preparing images, then per job a load, an accuracy pass and its visits."""
-    from tqdm import tqdm
+    from ..progress import bar
 
     per_job = 2 + settings["rounds"] * len(settings["batch_sizes"])
     total = 1 + per_job * sum(1 for j in jobs if not j["status"])
-    return tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    return bar(total=total, desc="bench", unit="step", disable=not progress, leave=True)
 
 
 def _measure(jobs, folder, settings, bar):

@@ -211,7 +211,7 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
     to the input size. An unreadable image is an error that names the file, or with ``skip_bad``
     is left out and counted (``decode_split.skipped`` holds the paths of the last call).
     """
-    from tqdm import tqdm
+    from .progress import bar
 
     n = len(dataset) if indices is None else len(indices)
     nbytes = n * input_spec.channels * input_spec.height * input_spec.width
@@ -224,7 +224,7 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
         raw = torch.utils.data.Subset(raw, [int(i) for i in indices])
     loader = torch.utils.data.DataLoader(raw, batch_size=256, num_workers=workers if len(raw) > 2000 else 0)
     images, labels = [], []
-    for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+    for x, y in bar(loader, desc=desc, unit="batch", disable=not progress):
         images.append(x)
         labels.append(y)
     if not images:

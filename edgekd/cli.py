@@ -366,6 +366,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser, sub = build_parser()
     args = parser.parse_args(argv)
+    from .progress import report_to_stdout
+
+    report_to_stdout()  # the per-epoch lines the library logs to edgekd.report
     try:
         args = options.parse_args(args)  # defaults < --config / --resume's config.yaml < command line, all checked
         args.func(args)

@@ -352,12 +352,20 @@ def _replace_first_conv(model, in_channels):
     raise EdgeKDError("cannot find the first convolution to adapt to the input channels")
 
 
+def example_input(model, c, h, w):
+    """One zero image on the device (and floating dtype) of ``model``'s weights: a CPU tensor fed to a
+    model on the GPU fails, and counting FLOPs after a CUDA run did (issue 13)."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    device, dtype = (tensors[0].device, tensors[0].dtype) if tensors else (torch.device("cpu"), torch.float32)
+    return torch.zeros(1, c, h, w, device=device, dtype=dtype)
+
+
 def _check_forward(model, spec, c, h, w):
     """Fail early, with the input size, when a model cannot run on the data's images."""
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, c, h, w))
+            model(example_input(model, c, h, w))
     except RuntimeError as e:
         raise EdgeKDError(f"model {spec!r} cannot run on {c}x{h}x{w} inputs: {str(e).splitlines()[0]}") from None
 
@@ -370,10 +378,12 @@ def count_flops(model, input_spec):
     """FLOPs of one image's forward pass (multiply-add = 2 FLOPs), from torch's flop counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    was_training = model.training
     model.eval()
-    x = torch.zeros(1, input_spec.channels, input_spec.height, input_spec.width)
+    x = example_input(model, input_spec.channels, input_spec.height, input_spec.width)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
+    model.train(was_training)
     return int(counter.get_total_flops())
 
 

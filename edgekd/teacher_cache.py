@@ -82,7 +82,7 @@ class TeacherCache:
         ``--teacher-views K`` at most K). Returns seconds spent."""
         import time
 
-        from tqdm import tqdm
+        from .progress import bar
 
         self.load()
         if self.views.plan.views:
@@ -95,9 +95,8 @@ class TeacherCache:
         new = []
         for epoch in range(self.epochs + 1, epochs + 1):
             out = []
-            for x, _, _ in tqdm(self.views.batches(batch_size, epoch=epoch), total=-(-n // batch_size),
-                                desc=f"teacher cache epoch {epoch}/{epochs}", unit="batch", disable=not progress,
-                                leave=False):
+            for x, _, _ in bar(self.views.batches(batch_size, epoch=epoch), total=-(-n // batch_size),
+                               desc=f"teacher cache epoch {epoch}/{epochs}", unit="batch", disable=not progress):
                 out.append(teacher(x.to(device)).float().cpu())
             new.append(torch.cat(out))
         stacked = torch.stack(new)

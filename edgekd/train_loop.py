@@ -11,6 +11,7 @@ import torch
 
 from . import EdgeKDError, Interrupted
 from .checkpoint import atomic_write
+from .progress import REPORT, bar
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +228,6 @@ def fit(model, run, cfg, desc="train", state_path=None):
     started with cfg['resume'] continues from the last complete epoch found there. Under torchrun the
     model is trained through DistributedDataParallel; ``model`` itself stays unwrapped.
     """
-    from tqdm import tqdm
-
     dist, device = run.dist, cfg["device"]
     amp_dtype, channels_last = cuda_speedups(cfg)
     model.to(device).train()
@@ -251,14 +250,14 @@ def fit(model, run, cfg, desc="train", state_path=None):
             done, history = apply_state(state, state_path, model, run, optimizer, scheduler, scaler)
             log.info("%s: resuming after epoch %d from %s", desc, done, state_path)
             if cfg.get("progress", True) and dist.is_main:
-                print(f"{desc}: resuming after epoch {done}/{cfg['epochs']}", flush=True)
+                REPORT.info("%s: resuming after epoch %d/%d", desc, done, cfg["epochs"])
     net = dist.wrap(model, device)
     if cfg.get("compile"):
         net = torch.compile(net)
     loop = _Loop(model, net, optimizer, scheduler, scaler, amp_dtype, channels_last)
     with _StopOnSigint() as stop:
         for epoch in range(done + 1, cfg["epochs"] + 1):
-            record = _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm)
+            record = _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop)
             history.append(record)
             if state_path and dist.is_main:
                 save_state(state_path, model, run, optimizer, scheduler, epoch, history, scaler)
@@ -287,7 +286,7 @@ def _backward(loop, run, loss):
     loop.scheduler.step()
 
 
-def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
+def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
     """One epoch of training and its evaluation; returns the epoch's record (counts summed over ranks)."""
     dist, device = run.dist, cfg["device"]
     if hasattr(run.loss_fn, "set_epoch"):
@@ -296,9 +295,9 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
     if timed_teacher:
         run.teacher.take_seconds()  # count this epoch's teacher forwards only
     sums, seen, labelled, correct, start = {}, 0, 0, 0, time.perf_counter()
-    bar = tqdm(_train_batches(run, cfg, epoch), total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg['epochs']}",
-               unit="batch", disable=not (cfg.get("progress", True) and dist.is_main), dynamic_ncols=True, leave=True)
-    for batch, (x, y, idx) in enumerate(bar, 1):
+    progress = bar(_train_batches(run, cfg, epoch), total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg['epochs']}",
+                   unit="batch", disable=not (cfg.get("progress", True) and dist.is_main), leave=True)
+    for batch, (x, y, idx) in enumerate(progress, 1):
         x, y = _to_device(x, y, device, loop.channels_last)
         with _autocast(loop.amp_dtype):
             s_logits, parts = _step(loop.net, run, x, y, idx, epoch)
@@ -315,10 +314,10 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
         correct += (s_logits.detach().argmax(1) == y)[has_label].sum().item()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(y)
-        bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
+        progress.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
                         kd=f"{sums['kd_loss'] / seen:.3f}", ips=f"{seen * dist.world_size / (time.perf_counter() - start):.0f}")
         if stopping:
-            bar.close()
+            progress.close()
             raise Interrupted(f"interrupted in epoch {epoch} of {desc}; the last complete epoch ({epoch - 1}) is saved")
     seconds = time.perf_counter() - start
     run.local_images += seen
@@ -337,6 +336,6 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
     log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
     if cfg.get("report_epochs", True) and dist.is_main:
         terms = "  ".join(f"{k} {record[k]:.4f}" for k in sums)
-        print(f"{desc} {epoch}/{cfg['epochs']}: {terms}  test top-1 {top1:.4f}  "
-              f"({record['images_per_s']:.0f} img/s)", flush=True)
+        REPORT.info("%s %d/%d: %s  test top-1 %.4f  (%.0f img/s)", desc, epoch, cfg["epochs"], terms, top1,
+                    record["images_per_s"])
     return record

@@ -20,7 +20,6 @@ from ..outdir import temp_prefix
 from . import calibration
 from .formats import FORMATS, check_request
 from .manifest import library_versions, sha256_file, write_manifest
-from .runtime import open_session
 from .validate import compare, gate, run_batched
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,8 @@ class ExportJob:
     options: dict
     calib: np.ndarray = None
     progress: bool = True
-    state: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)   # what the steps found: model_file, fp32_reference, quantization...
+    state: dict = field(default_factory=dict)  # in-memory objects a format's steps pass on (an OpenVINO model)
 
 
 def export_checkpoint(checkpoint, opts):
@@ -124,22 +124,20 @@ class _Export:
         scratch = tempfile.mkdtemp(prefix=temp_prefix("export"))
         job = ExportJob(self.model, self.spec, staging, scratch, o.precision,
                         {**asdict(o), "quant": self.meta["quant"], "calib_method": self.meta["calib_method"],
-                         "int8_types": o.int8_types or "auto"}, calib, o.progress)
+                         "int8_types": o.int8_types or "auto", "classes": list(self.ckpt["classes"])}, calib, o.progress)
         try:
-            start = time.perf_counter()
-            info = FORMATS.get(o.fmt)(job)
-            if o.fmt == "onnx":  # class names and preprocessing travel inside the file too (a teacher needs them)
-                from .onnx import write_metadata
-
-                write_metadata(os.path.join(staging, info["model_file"]), self.ckpt["classes"], self.spec)
-            seconds = time.perf_counter() - start
+            seconds = self._convert(job)
+            info = job.info
             validation = self._validate(staging, info["model_file"])
             fallback = None
             if self.int8:
                 validation, fallback, seconds = self._int8_gate(job, info, validation, seconds)
             else:
                 self._fail_if(gate(validation, o.precision, atol=self.atol))
-            speed = self._speed(info, staging) if self.int8 and o.speed_check else None
+            speed = None
+            if self.int8 and o.speed_check:
+                speed = speed_check(o.fmt, os.path.join(staging, info["model_file"]), info["fp32_reference"],
+                                    (self.spec.channels, self.spec.height, self.spec.width))
             manifest = self._manifest(staging, info, validation, fallback, speed, seconds)
             write_manifest(staging, manifest)
             os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
@@ -154,20 +152,26 @@ class _Export:
         log.info("exported %s %s in %.1f s, %.3f MB (%s)", o.fmt, o.precision, seconds, size / 1e6, out)
         return manifest
 
+    def _convert(self, job):
+        """Run the format's steps for this precision, in order; return the seconds they took."""
+        start = time.perf_counter()
+        for step in FORMATS.get(self.o.fmt)[job.precision]:
+            t0 = time.perf_counter()
+            job.info.update(step(job) or {})
+            log.info("export step %s: %.1f s", step.__name__, time.perf_counter() - t0)
+        return time.perf_counter() - start
+
     def _validate(self, folder, model_file):
-        from tqdm import tqdm
+        from ..bench.device_runner import open_model
+        from ..progress import bar
 
-        session = open_session(self.o.fmt, os.path.join(folder, model_file))
-        bar = tqdm(total=len(self.images), desc="validating", unit="img", disable=not self.o.progress, leave=False)
+        session, _ = open_model(os.path.join(folder, model_file), self.o.fmt)
+        with bar(total=len(self.images), desc="validating", unit="img", disable=not self.o.progress) as progress:
+            def run(batch):
+                progress.update(len(batch))
+                return session(batch)
 
-        def run(batch):
-            bar.update(len(batch))
-            return session(batch)
-
-        try:
             outputs = run_batched(run, self.images)
-        finally:
-            bar.close()
         validation = compare(self.reference, outputs, self.labels)
         validation.update(data=self.dataset.spec, split="test", atol=self.atol)
         return validation
@@ -214,33 +218,12 @@ class _Export:
         if failures:
             raise EdgeKDError("parity check failed: " + "; ".join(failures) + suffix + "; no bundle written")
 
-    def _speed(self, info, staging):
-        """Time FP32 against INT8 in a torch-free subprocess; warn when INT8 is not faster here."""
-        fp32_format = "onnx" if self.o.fmt == "onnx" else "openvino"
-        job = {"format": self.o.fmt, "int8_path": os.path.join(staging, info["model_file"]),
-               "fp32_format": fp32_format, "fp32_path": info["fp32_reference"],
-               "shape": [self.spec.channels, self.spec.height, self.spec.width]}
-        path = os.path.join(os.path.dirname(info["fp32_reference"]), "speed-job.json")
-        with open(path, "w") as f:
-            json.dump(job, f)
-        env = dict(os.environ, OPENVINO_TELEMETRY_OPT_OUT="1")
-        proc = subprocess.run([sys.executable, "-m", "edgekd.export.speed", path], capture_output=True, text=True,
-                              env=env, timeout=300)
-        if proc.returncode != 0:
-            log.warning("the INT8 speed check failed: %s", (proc.stderr.strip().splitlines() or ["?"])[-1])
-            return {"status": "failed"}
-        rows = json.loads(proc.stdout.strip().splitlines()[-1])
-        from .speed import FASTER
-
-        slow = [r for r in rows if r["speedup"] < FASTER]
-        for r in slow:
-            log.warning("INT8 is not faster than FP32 on this machine at batch %d: %.3f ms vs %.3f ms (%.2fx)",
-                        r["batch_size"], r["int8_ms"], r["fp32_ms"], r["speedup"])
-        return {"rows": rows, "int8_faster": not slow, "threshold": FASTER, "machine": _machine()}
-
     def _manifest(self, staging, info, validation, fallback, speed, seconds):
         o, spec, ckpt = self.o, self.spec, self.ckpt
         files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
+        missing = [name for name in FORMATS.meta(o.fmt)["files"] if name not in files]
+        if missing:  # the format table names the files its steps publish; a step that did not is our bug
+            raise RuntimeError(f"the {o.fmt} export steps wrote no {', '.join(missing)}")
         manifest = {
             "format": o.fmt, "precision": o.precision, "model_file": info["model_file"], "files": files,
             "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
@@ -252,7 +235,7 @@ class _Export:
             "validation": validation, "export_seconds": round(seconds, 3),
             "size_bytes": sum(os.path.getsize(os.path.join(staging, n)) for n in files),
             "runtime": {"library": FORMATS.meta(o.fmt)["runtime"],
-                        "inference_precision": "f32" if o.fmt == "openvino" else None},
+                        "inference_precision": FORMATS.meta(o.fmt)["inference_precision"]},
             "versions": library_versions(),
         }
         if self.int8:
@@ -266,6 +249,28 @@ class _Export:
                     "INT8 was not faster than FP32 on the exporting machine: " + ", ".join(
                         f"batch {r['batch_size']} {r['speedup']:.2f}x" for r in speed["rows"]))
         return manifest
+
+
+def speed_check(fmt, int8_path, fp32_path, shape):
+    """Time FP32 against INT8 (the same runtime) in a torch-free subprocess; warn when INT8 is not faster here."""
+    job = {"format": fmt, "int8_path": int8_path, "fp32_format": fmt, "fp32_path": fp32_path, "shape": list(shape)}
+    path = os.path.join(os.path.dirname(fp32_path), "speed-job.json")
+    with open(path, "w") as f:
+        json.dump(job, f)
+    env = dict(os.environ, OPENVINO_TELEMETRY_OPT_OUT="1")
+    proc = subprocess.run([sys.executable, "-m", "edgekd.export.speed", path], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if proc.returncode != 0:
+        log.warning("the INT8 speed check failed: %s", (proc.stderr.strip().splitlines() or ["?"])[-1])
+        return {"status": "failed"}
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    from .speed import FASTER
+
+    slow = [r for r in rows if r["speedup"] < FASTER]
+    for r in slow:
+        log.warning("INT8 is not faster than FP32 on this machine at batch %d: %.3f ms vs %.3f ms (%.2fx)",
+                    r["batch_size"], r["int8_ms"], r["fp32_ms"], r["speedup"])
+    return {"rows": rows, "int8_faster": not slow, "threshold": FASTER, "machine": _machine()}
 
 
 def load_data_for(spec, data_root, input_spec):
