@@ -11,6 +11,17 @@ CHECKPOINT_FORMAT = "edgekd-checkpoint/1"
 REQUIRED_KEYS = ("model", "state_dict", "classes", "input")
 
 
+def file_sha256(path):
+    """The sha256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_write(path, write):
     """Call ``write(tmp_path)`` then move the finished file into place, so no reader sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))

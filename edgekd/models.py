@@ -442,7 +442,9 @@ def build_pretrained(spec, num_classes, input_spec, weights_path=None):
     record = {"source": source, "head": [], "adapted": []}
     if weights_path:
         state = read_weights_file(weights_path)
-        record["sha256"] = _sha256(weights_path)
+        from .checkpoint import file_sha256
+
+        record["sha256"] = file_sha256(weights_path)
         load = lambda model: load_state(model, state, num_classes, f"weights file {weights_path!r}", record)  # noqa: E731
     elif spec.startswith(TORCHVISION_PREFIX):
         name, weights, _ = parse_torchvision_spec(spec)
@@ -544,15 +546,6 @@ def read_weights_file(path):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
-
-def _sha256(path):
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _head_module(model, num_classes):

@@ -22,17 +22,10 @@ import os
 import torch
 
 from . import EdgeKDError
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, file_sha256  # noqa: F401  (file_sha256: its old home)
 
 log = logging.getLogger(__name__)
 
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_fingerprint(views):

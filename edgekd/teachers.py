@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import EdgeKDError
+from .checkpoint import file_sha256
 from .export.onnx import METADATA_KEYS
 from .registry import Registry
 
@@ -447,13 +448,6 @@ def _probe(lo, spec):
                           "(images, classes) logits or probabilities are needed")
     return int(out.shape[1])
 
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files_sha256(paths):
