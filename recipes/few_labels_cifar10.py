@@ -40,6 +40,12 @@ def parse_args(argv=None):
                         "optimizer steps as a distilled run)")
     p.add_argument("--loss", default="kd", help="distillation loss (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--teacher-views", type=int, default=None,
+                   help="distilled runs: K fixed views per image, so the teacher cache holds K views, not one per "
+                        "epoch (default: a new view every epoch)")
+    p.add_argument("--views-cost", action="store_true",
+                   help="with --teacher-views: also distill the first seed with a new view every epoch, to measure "
+                        "what the fixed views cost in accuracy")
     p.add_argument("--extra", default="", help="more options for every run, e.g. '--threads 2 --device cuda'")
     return p.parse_args(argv)
 
@@ -51,14 +57,18 @@ def plan_runs(args):
     common = ["--data", args.data, "--train-subset", str(args.labels),
               "--batch-size", str(args.batch_size), "--no-progress", *shlex.split(args.extra)]
     alone_epochs = args.alone_epochs or _same_steps_epochs(args, train_dir)
+    views = ["--teacher-views", str(args.teacher_views)] if args.teacher_views else []
     runs = []
     for seed in seeds:
+        distill = ["distill", "--teacher", args.teacher, "--student", args.student, *common, "--unlabeled", train_dir,
+                   "--teacher-cache", f"{args.out}/teacher-cache", "--loss", args.loss, "--epochs", str(args.epochs),
+                   "--seed", str(seed)]
         runs.append((f"alone-s{seed}", ["train", "--model", args.student, *common, "--epochs", str(alone_epochs),
                                         "--seed", str(seed), "--out", f"{args.out}/alone-s{seed}"]))
-        runs.append((f"distill-s{seed}", ["distill", "--teacher", args.teacher, "--student", args.student, *common,
-                                          "--unlabeled", train_dir, "--teacher-cache", f"{args.out}/teacher-cache",
-                                          "--loss", args.loss, "--epochs", str(args.epochs), "--seed", str(seed),
-                                          "--out", f"{args.out}/distill-s{seed}"]))
+        runs.append((f"distill-s{seed}", [*distill, *views, "--out", f"{args.out}/distill-s{seed}"]))
+    if views and args.views_cost:  # the same first run with a new view every epoch (no fixed views)
+        runs.append((f"every-view-s{seeds[0]}", [*distill[:-1], str(seeds[0]),
+                                                 "--out", f"{args.out}/every-view-s{seeds[0]}"]))
     return runs
 
 
@@ -96,14 +106,15 @@ def results_markdown(runs, out, args):
     metrics = {name: json.load(open(os.path.join(out, name, "metrics.json"))) for name, _ in runs}
     alone = [m["test_top1"] for n, m in metrics.items() if n.startswith("alone")]
     distilled = [m["test_top1"] for n, m in metrics.items() if n.startswith("distill")]
+    views = {n: m["train_data"].get("views") for n, m in metrics.items()}
     lines = [f"# Few labels: {args.labels} labelled CIFAR-10 images, with and without the other images unlabelled",
              "", f"Teacher `{args.teacher}`, student `{args.student}`, loss `{args.loss}`; last-epoch top-1 on the "
              "test split. Written by `recipes/few_labels_cifar10.py`.", "",
-             "| run | labelled | unlabelled | epochs | top-1 |", "|---|---|---|---|---|"]
+             "| run | labelled | unlabelled | epochs | views per image | top-1 |", "|---|---|---|---|---|---|"]
     for name, m in metrics.items():
         d = m["train_data"]
         lines.append(f"| {name} | {d.get('labelled_images', d['train_images'])} | {d.get('unlabeled_images', 0)} | "
-                     f"{m['epochs']} | {100 * m['test_top1']:.2f}% |")
+                     f"{m['epochs']} | {views[name] or 'one per epoch'} | {100 * m['test_top1']:.2f}% |")
     mean_a, mean_d = statistics.mean(alone), statistics.mean(distilled)
     lines += ["", f"Mean of {len(alone)} seeds: alone {100 * mean_a:.2f}%, distilled with unlabelled images "
                   f"{100 * mean_d:.2f}%, gain {100 * (mean_d - mean_a):+.2f} points.", "", "Commands (from the repository):", ""]
