@@ -158,7 +158,7 @@ class _Export:
         for step in FORMATS.get(self.o.fmt)[job.precision]:
             t0 = time.perf_counter()
             job.info.update(step(job) or {})
-            log.info("export step %s: %.1f s", step.__name__, time.perf_counter() - t0)
+            log.debug("export step %s: %.1f s", step.__name__, time.perf_counter() - t0)
         return time.perf_counter() - start
 
     def _validate(self, folder, model_file):
