@@ -553,8 +553,49 @@ class Deploy(Command):
               + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())) + ")")
         print(f"run it there: {target.python} {folder}/{RUNNER_NAME} predict {dest} IMAGE...")
 
+# --- int8: quantization-aware distillation (edgekd quantize); self-contained for the config port ---
+class Quantize(Command):
+    name = "quantize"
+    help = "quantization-aware distillation: fine-tune a student with INT8 fake quantizers against its teacher"
+    description = ("Insert NNCF fake quantizers into a student checkpoint where OpenVINO and ONNX Runtime quantize it "
+                   "(calibrated on train images), fine-tune it for a few epochs at a small learning rate against the "
+                   "teacher with a distillation loss, and write DIR/student-qat.pt, DIR/metrics.json, DIR/config.yaml. "
+                   "Export it with edgekd export DIR/student-qat.pt --precision int8 (no new calibration). "
+                   "See docs/export.md (the INT8 ladder).")
 
-COMMANDS = [Train(), Distill(), Export(), Bench(), Predict(), Deploy()]
+    def add_arguments(self, p):
+        p.add_argument("student", metavar="STUDENT", help="an FP32 student checkpoint (.pt) from edgekd distill/train")
+        p.add_argument("--teacher", default=None, metavar="PATH",
+                       help="teacher checkpoint (default: the one the student was distilled from, or teacher.pt beside it)")
+        p.add_argument("--loss", default="kd", metavar="NAME", help="a logit distillation loss: kd, dkd, seed, mse "
+                                                                    "(default: %(default)s)")
+        p.add_argument("--temperature", "-T", type=_positive_float, default=None, help="softmax temperature (loss default)")
+        p.add_argument("--alpha", type=float, default=None, help="weight of the teacher term (loss default)")
+        p.add_argument("--beta", type=float, default=None, help="dkd: NCKD weight (loss default)")
+        p.add_argument("--calib-size", type=_positive_int, default=300,
+                       help="train images that set the initial quantizer ranges (default: %(default)s)")
+        p.add_argument("--teacher-cache", default=None, metavar="DIR", help="replay the teacher's logits (as distill)")
+        _add_data_args(p, default=None)
+        _add_training_args(p)
+        # QAT starts from a trained student: a short run at a small, non-warming learning rate.
+        p.set_defaults(epochs=1, lr=0.001, warmup_epochs=0.0, data=None)
+        _add_common(p, resumable=True)
+
+    def run(self, args):
+        from .losses import LOSSES
+        from .quantize import run_quantize
+
+        LOSSES.get(args.loss)
+        _check_training_args(args)
+        m = run_quantize(_config_of(args))
+        q = m["qat"]
+        print(f"QAT student {m['model']}: INT8 (fake-quantized) top-1 {q['int8_top1_before']:.4f} before, "
+              f"{m['test_top1']:.4f} after {m['epochs']} epoch(s); FP32 {q['fp32_top1']:.4f}; "
+              f"{len(q['layers_int8'])} layers INT8 -> {args.out}/student-qat.pt")
+# --- end int8 ---
+
+
+COMMANDS = [Train(), Distill(), Export(), Bench(), Predict(), Deploy(), Quantize()]
 
 
 def build_parser():
