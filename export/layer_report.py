@@ -8,8 +8,9 @@
 
 ONNX: the QDQ graph runs with ONNX Runtime's graph optimisations off, i.e. the quantization the graph
 defines, emulated in float (a fused INT8 kernel cannot expose its inputs; a kernel-level effect, such as
-the AVX2 saturation of s8s8, shows in the parity gate instead). OpenVINO: both IRs run in the CPU plugin
-with the layers' inputs and outputs added as results. Layers are matched by name, else by order.
+the AVX2 saturation of s8s8, shows in the parity gate instead). OpenVINO: likewise, both IRs run in the CPU
+plugin with low-precision transformations off and the layers' inputs and outputs added as results. Layers
+are matched by name, else by (op, weight shape, occurrence).
 """
 
 import logging
@@ -66,7 +67,10 @@ def _accumulate(pairs, fp_out, q_out, sums):
 
 # --- ONNX ---------------------------------------------------------------------------------------------
 
-AFFINE = ("BatchNormalization", "Mul", "Add", "Multiply")
+# Followed from a weighted op to the point compared: batch norm, bias and scale (folded into the op in one
+# graph, not in the other), and the activation (the CPU plugin fuses it into an INT8 convolution, whose
+# pre-activation output it cannot expose).
+AFFINE = ("BatchNormalization", "BatchNormInference", "Mul", "Add", "Multiply", "Relu", "Clip", "Clamp")
 
 
 def _onnx_layers(model):
@@ -132,15 +136,24 @@ def onnx_report(fp32_path, int8_path, images, scratch):
 
 # --- OpenVINO -----------------------------------------------------------------------------------------
 
+def _ov_constant(node, depth):
+    """A constant, or computed from constants only (a bias reshaped or converted on its way to the Add)."""
+    if node.get_type_name() in ("Constant", "ShapeOf"):  # a shape is bookkeeping, not data
+        return True
+    inputs = [i.get_source_output().get_node() for i in node.inputs()]
+    return depth > 0 and bool(inputs) and all(_ov_constant(n, depth - 1) for n in inputs)
+
+
 def _ov_tail(port):
     """Follow a single-consumer chain of Multiply/Add by constants (batch norm, bias) from ``port``."""
     while True:
-        targets = list(port.get_target_inputs())
+        # a ShapeOf reading the tensor (dynamic-shape bookkeeping of the ONNX frontend) is not a consumer
+        targets = [t for t in port.get_target_inputs() if t.get_node().get_type_name() != "ShapeOf"]
         if len(targets) != 1:
             return port
         node = targets[0].get_node()
         others = [i.get_source_output().get_node() for i in node.inputs() if i.get_source_output() != port]
-        if node.get_type_name() not in AFFINE or any(o.get_type_name() not in ("Constant", "Convert") for o in others):
+        if node.get_type_name() not in AFFINE or not all(_ov_constant(o, 4) for o in others):
             return port
         port = node.output(0)
 
@@ -153,7 +166,7 @@ def _ov_layers(model):
             for op in model.get_ordered_ops() if op.get_type_name() in WEIGHTED_OPS]
 
 
-def _ov_runner(core, model, layers, precision):
+def _ov_runner(core, model, layers):
     ports = []
     for layer in layers:
         ports += [layer["node"].input(0).get_source_output(), layer["out"]]
@@ -161,8 +174,9 @@ def _ov_runner(core, model, layers, precision):
     outputs = list(model.outputs)
     index = [next(i for i, o in enumerate(outputs) if o.get_node() == a.get_node() and o.get_index() == a.get_index())
              for a in added]
-    config = {"INFERENCE_PRECISION_HINT": "f32"} if precision else {}
-    compiled = core.compile_model(model, "CPU", config)
+    # Low-precision transformations off: FakeQuantize then runs as itself, in float, so every layer's output
+    # is observable (with them on, a Result inside a fused INT8 chain read back wrong values in our tests).
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"})
 
     def run(batch):
         res = compiled(batch)
@@ -178,8 +192,8 @@ def openvino_report(fp32_path, int8_path, images, scratch=None):
     core = ov.Core()
     fp, q = core.read_model(fp32_path), core.read_model(int8_path)
     pairs = _match(_ov_layers(fp), _ov_layers(q))
-    fp_run = _ov_runner(core, fp, [a for a, _ in pairs], "f32")
-    q_run = _ov_runner(core, q, [b for _, b in pairs], None)
+    fp_run = _ov_runner(core, fp, [a for a, _ in pairs])
+    q_run = _ov_runner(core, q, [b for _, b in pairs])
     sums = {}
     for i in range(0, len(images), 32):
         batch = np.ascontiguousarray(images[i:i + 32])
