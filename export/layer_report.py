@@ -68,9 +68,12 @@ def _accumulate(pairs, fp_out, q_out, sums):
 # --- ONNX ---------------------------------------------------------------------------------------------
 
 # Followed from a weighted op to the point compared: batch norm, bias and scale (folded into the op in one
-# graph, not in the other), and the activation (the CPU plugin fuses it into an INT8 convolution, whose
+# graph, not in the other), the activation (the CPU plugin fuses it into an INT8 convolution, whose
 # pre-activation output it cannot expose).
-AFFINE = ("BatchNormalization", "BatchNormInference", "Mul", "Add", "Multiply", "Relu", "Clip", "Clamp")
+# The layer's own output quantization (QDQ pair, FakeQuantize) is followed too, so both formats charge it to
+# the layer that produces the tensor.
+AFFINE = ("BatchNormalization", "BatchNormInference", "Mul", "Add", "Multiply", "Relu", "Clip", "Clamp",
+          "QuantizeLinear", "DequantizeLinear", "FakeQuantize")
 
 
 def _onnx_layers(model):
