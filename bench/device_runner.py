@@ -18,9 +18,18 @@ import time
 
 RUNTIME_PACKAGE = {"onnx": "onnxruntime", "openvino": "openvino"}
 
+try:  # inside edgekd a bundle error is the CLI's one-line user error (exit 2); on a device the runner stands alone
+    from edgekd import EdgeKDError as _Base
+except ImportError:
+    _Base = Exception
 
-class BundleError(Exception):
+
+class BundleError(_Base):
     """A bundle that cannot be used here; the message says why and what to install."""
+
+
+# This file is edgekd's one implementation of bundle verification, preprocessing and session creation:
+# edgekd.export.runtime (predict, export validation) and edgekd.bench.backends import it from here.
 
 
 def time_calls(run, inputs, warmup, runs):
@@ -43,6 +52,10 @@ def _version(module_name):
         return metadata.version(module_name)
     except Exception:
         return None
+
+
+def usable_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def environment():
@@ -68,58 +81,147 @@ def read_manifest(folder):
         return json.load(f)
 
 
-def verify(folder):
-    """Every listed file lies inside the folder (no links, no ../) and matches its sha256."""
-    manifest = read_manifest(folder)
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_files(folder, manifest):
+    """Every file the manifest lists lies inside the folder (no links, no ../) and matches its sha256."""
     root = os.path.realpath(folder)
     for name, digest in manifest["files"].items():
         path = os.path.join(root, name)
         if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != root:
             raise BundleError("bundle file %r points outside the bundle folder" % name)
         if not os.path.isfile(path):
-            raise BundleError("bundle file %r is missing" % name)
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != digest:
-            raise BundleError("bundle file %r does not match its sha256 (corrupt copy?)" % name)
+            raise BundleError("bundle %r is missing %r" % (folder, name))
+        if sha256_file(path) != digest:
+            raise BundleError("bundle file %r does not match its sha256 in manifest.json (corrupt or edited)" % name)
+
+
+def verify(folder):
+    """The bundle's manifest, after checking every listed file."""
+    manifest = read_manifest(folder)
+    check_files(folder, manifest)
     return manifest
 
 
-def open_session(folder, manifest, threads=None, openvino_device="CPU"):
-    """``run(batch float32 NCHW) -> logits`` with the bundle's runtime, or a BundleError naming the package."""
+def model_path(folder, manifest):
     fmt = manifest["format"]
-    package = RUNTIME_PACKAGE.get(fmt)
-    if package is None:
-        raise BundleError("unknown bundle format %r" % fmt)
-    import numpy as np
+    return os.path.join(folder, manifest.get("model_file") or ("model.onnx" if fmt == "onnx" else "model.xml"))
 
-    path = os.path.join(folder, manifest.get("model_file") or ("model.onnx" if fmt == "onnx" else "model.xml"))
+
+def precision_hint(manifest):
+    """The precision OpenVINO's CPU plugin must compute in: the one the bundle was validated at (f32).
+
+    Left alone, the plugin silently runs FP32 models in bf16 on CPUs with AVX512_BF16 or AMX, which moves
+    logits by about 1e-2: an fp32 bundle (or row of a benchmark) would no longer be fp32.
+    """
+    return (manifest.get("runtime") or {}).get("inference_precision") or "f32"
+
+
+def open_session(folder, manifest, threads=None, device="cpu", runtime=None):
+    """``(run, info)`` for a verified bundle: ``run(batch float32 NCHW) -> logits``, and ``info`` with the
+    device, threads and precision the runtime actually uses. ``runtime`` defaults to the format's."""
+    return open_model(model_path(folder, manifest), manifest["format"], threads, device, precision_hint(manifest),
+                      runtime)
+
+
+def open_model(path, fmt, threads=None, device="cpu", precision="f32", runtime=None):
+    """``(run, info)`` for one model file (see open_session); a BundleError names what is missing."""
+    runtime = runtime or RUNTIME_PACKAGE.get(fmt)
+    if runtime not in ("onnxruntime", "openvino") or (runtime == "onnxruntime" and fmt != "onnx"):
+        raise BundleError("no runtime %r for bundle format %r: this runner runs onnx (onnxruntime, openvino) "
+                          "and openvino (openvino)" % (runtime, fmt))
+    os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
     try:
-        if fmt == "onnx":
-            import onnxruntime as ort
-        else:
-            import openvino as ov
+        module = __import__(runtime)
     except ImportError:
-        raise BundleError("%s is not installed on the device: pip install %s" % (package, package))
+        raise BundleError("%s is not installed here: pip install %s" % (runtime, runtime))
     try:
-        if fmt == "onnx":
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
-            session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-            name = session.get_inputs()[0].name
-            return lambda batch: session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        config = {"PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        compiled = ov.Core().compile_model(path, openvino_device, config)
-        request = compiled.create_infer_request()
-        return lambda batch: request.infer([np.ascontiguousarray(batch, dtype=np.float32)])[compiled.output(0)]
+        if runtime == "onnxruntime":
+            return _onnxruntime(module, path, threads, str(device).lower())
+        return _openvino(module, path, threads, openvino_device(device), precision)
+    except BundleError:
+        raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError("%s %s cannot load this bundle: %s" % (package, _version(package), first))
+        raise BundleError("%s %s cannot load this bundle: %s" % (runtime, _version(runtime), first))
+
+
+def _onnxruntime(ort, path, threads, device):
+    """ONNX Runtime on the CPU, or on a GPU through its CUDA execution provider (cuda or cuda:N)."""
+    import numpy as np
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    cuda = device.split(":")[0] == "cuda"
+    if cuda:
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BundleError("ONNX Runtime here has no CUDAExecutionProvider: pip install onnxruntime-gpu, or use cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+    elif device != "cpu":
+        raise BundleError("ONNX Runtime runs on cpu or cuda[:N], not %r" % device)
+    session = ort.InferenceSession(path, opts, providers=providers)
+    provider = session.get_providers()[0]
+    if cuda and provider != "CUDAExecutionProvider":
+        raise BundleError("ONNX Runtime could not start its CUDA execution provider (fell back to %s)" % provider)
+    name = session.get_inputs()[0].name
+
+    def run(batch):  # session.run copies outputs to host memory, so CUDA timings are synchronised
+        return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    return run, {"threads": session.get_session_options().intra_op_num_threads or usable_cpus(),
+                 "runtime_device": provider}
+
+
+def openvino_device(device):
+    """OpenVINO's device name: cpu -> CPU, openvino:GPU -> GPU, gpu -> GPU."""
+    device = str(device)
+    if device.lower() == "cpu":
+        return "CPU"
+    return device.split(":", 1)[1] if device.lower().startswith("openvino:") else device.upper()
+
+
+def openvino_config(name, threads, precision):
+    """LATENCY hint (one synchronous request, the way an edge application calls it); on the CPU, the
+    bundle's precision and the thread count, which are CPU-plugin properties."""
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if name.split(".")[0] == "CPU":
+        config["INFERENCE_PRECISION_HINT"] = precision
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+def _openvino(ov, path, threads, name, precision):
+    import numpy as np
+
+    core = ov.Core()
+    available = core.available_devices
+    base = name.split(".")[0].split(":")[0]
+    if base not in ("AUTO", "MULTI", "HETERO") and name not in available and base not in {
+            d.split(".")[0] for d in available}:
+        raise BundleError("OpenVINO device %s is not available here (available: %s)" % (name, ", ".join(available) or "none"))
+    compiled = core.compile_model(core.read_model(path), name, openvino_config(name, threads, precision))
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+
+    def run(batch):
+        return request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)[output]
+
+    info = {"runtime_device": name}
+    if base == "CPU":
+        info["threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS")) or usable_cpus()
+        info["runtime_precision"] = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    return run, info
 
 
 def bench_one(folder, job, images, labels):
@@ -130,7 +232,7 @@ def bench_one(folder, job, images, labels):
     try:
         manifest = verify(folder)
         start = time.perf_counter()
-        run = open_session(folder, manifest, job.get("threads"), job.get("openvino_device", "CPU"))
+        run, info = open_session(folder, manifest, job.get("threads"), job.get("openvino_device", "CPU"))
         run(images[:1])
         first_ms = (time.perf_counter() - start) * 1000.0
     except BundleError as e:
@@ -146,7 +248,7 @@ def bench_one(folder, job, images, labels):
             "accuracy": {"top1": float((logits.argmax(1) == labels).mean()),
                          "top5": float((top5 == labels[:, None]).any(1).mean()),
                          "predictions": logits.argmax(1).tolist()},
-            "load": {"first_inference_ms": first_ms, "threads": job.get("threads") or os.cpu_count()}}
+            "load": {"first_inference_ms": first_ms, "threads": info.get("threads") or job.get("threads") or os.cpu_count()}}
 
 
 def bench(job_path):
@@ -164,7 +266,8 @@ def bench(job_path):
 
 
 def preprocess(image, spec):
-    """PIL image -> (C, H, W) float32 exactly as the manifest says: mode, bilinear resize, /255, normalise."""
+    """PIL image -> (C, H, W) float32 exactly as the manifest's input spec says (the training transform):
+    mode, bilinear resize, /255, normalise."""
     import numpy as np
     from PIL import Image
 
@@ -180,25 +283,40 @@ def preprocess(image, spec):
     return (pixels - mean) / std
 
 
-def predict(folder, paths, top_k=1):
+def load_images(paths, spec):
+    """The image files as one preprocessed batch; an unreadable file is a BundleError naming it."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    manifest = verify(folder)
-    run = open_session(folder, manifest)
     batch = []
     for path in paths:
-        with Image.open(path) as img:
-            batch.append(preprocess(img, manifest["input"]))
-    logits = np.asarray(run(np.stack(batch)), dtype=np.float64)
+        try:
+            with Image.open(path) as img:
+                batch.append(preprocess(img, spec))
+        except (UnidentifiedImageError, OSError) as e:
+            raise BundleError("cannot read image %r: %s" % (path, e))
+    return np.stack(batch)
+
+
+def ranked(paths, logits, classes, k=1):
+    """``[{"image", "top": [{"label", "index", "score"}, ...]}]``: softmax scores, best first."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     results = []
     for path, p in zip(paths, probs):
-        order = np.argsort(-p)[:top_k]
-        results.append({"image": path, "top": [{"label": manifest["classes"][i], "index": int(i),
-                                                "score": float(p[i])} for i in order]})
+        order = np.argsort(-p)[:k]
+        results.append({"image": path, "top": [{"label": classes[i], "index": int(i), "score": float(p[i])}
+                                               for i in order]})
     return results
+
+
+def predict(folder, paths, k=1):
+    manifest = verify(folder)
+    run, _ = open_session(folder, manifest)
+    return ranked(paths, run(load_images(paths, manifest["input"])), manifest["classes"], k)
 
 
 def main(argv):

@@ -60,6 +60,118 @@ def describe(path):
     raise EdgeKDError(f"model {path!r} does not exist (expected a .pt checkpoint or a bundle folder)")
 
 
+# One timed batch in a worker: the input (and one contiguous float32 copy a runtime may make) plus every
+# intermediate tensor of one forward pass (an upper bound: runtimes reuse buffers). Refused when it would
+# take more than this share of the memory available now, so the machine is not driven into swap.
+MEMORY_SHARE = 0.5
+
+
+def check_batch_memory(described, batch_sizes):
+    """Refuse, before any worker starts, a batch size whose inputs and activations cannot fit in memory."""
+    available = available_memory()
+    if not available:
+        return
+    largest = max(batch_sizes)
+    for d in described:
+        per_image = 2 * 4 * d["input"].channels * d["input"].height * d["input"].width + (activation_bytes(d) or 0)
+        need = largest * per_image
+        if need > MEMORY_SHARE * available:
+            fits = int(MEMORY_SHARE * available // per_image)
+            raise EdgeKDError(f"--batch-sizes {largest} needs about {need / 1e9:.1f} GB for {d['model']} (inputs and "
+                              f"activations of one batch) but {available / 1e9:.1f} GB of memory is available (half may "
+                              f"be used): the largest batch that fits is {fits}")
+
+
+def available_memory():
+    """Bytes of memory available to new allocations now (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def activation_bytes(d):
+    """Bytes of all intermediate tensors of one image's forward pass (float32), or None when unknown."""
+    try:
+        if d["kind"] == "checkpoint":
+            return _checkpoint_activations(d["path"])
+        m = read_manifest_of(d["path"])
+        path = os.path.join(d["path"], m["model_file"])
+        return _onnx_activations(path) if d["kind"] == "onnx" else _openvino_activations(path)
+    except Exception as e:  # an estimate only: a model this cannot read fails later with its own message
+        log.debug("no activation estimate for %s: %s", d["path"], e)
+        return None
+
+
+def read_manifest_of(folder):
+    from ..export.manifest import read_manifest
+
+    return read_manifest(folder)
+
+
+def _checkpoint_activations(path):
+    import torch
+
+    from ..checkpoint import load_model
+    from ..data import InputSpec
+
+    model, ckpt = load_model(path)
+    spec = InputSpec.from_dict(ckpt["input"])
+    total = [0]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + _numel(out)))
+             for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, spec.channels, spec.height, spec.width))
+    finally:
+        for h in hooks:
+            h.remove()
+    return 4 * total[0]
+
+
+def _numel(out):
+    if hasattr(out, "numel"):
+        return out.numel()
+    return sum(_numel(o) for o in out) if isinstance(out, (list, tuple)) else 0
+
+
+def _onnx_activations(path):
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
+    total = 0
+    for value in list(model.graph.value_info) + list(model.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim]
+        total += 4 * _product(dims)
+    return total
+
+
+def _openvino_activations(path):
+    """From the IR's XML: every layer's output ports list their dimensions (-1 for the dynamic batch)."""
+    import xml.etree.ElementTree as ET
+
+    total = 0
+    for layer in ET.parse(path).getroot().iter("layer"):
+        for port in layer.findall("./output/port"):
+            dims = [int(d.text) for d in port.findall("dim")]
+            total += 4 * _product([max(1, d) for d in dims])
+    return total
+
+
+def _product(values):
+    result = 1
+    for v in values:
+        result *= v
+    return result
+
+
 def plan_jobs(described, backends, devices):
     """One job per (model, backend, device) that makes sense; ``status`` holds why a job cannot run.
 
@@ -132,6 +244,10 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
     Returns the result dict plus ``table`` (markdown) and ``comparison`` (text, when ``compare`` is given).
     """
     from .report import compare_results, load_results, table
+    from ..outdir import temp_prefix
+
+    if not max_drop >= 0:  # NaN must not switch the gate off
+        raise EdgeKDError(f"max_drop must be 0 or more, got {max_drop}")
 
     devices = [check_device(d) for d in devices]
     targets = _ssh_targets(devices, ssh_config, ssh_timeout)
@@ -139,6 +255,7 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
     cpus = parse_cpus(cpus) if cpus is not None else None
     threads = threads or (len(cpus) if cpus else None)
     described = [describe(p) for p in models]
+    check_batch_memory(described, batch_sizes)
     jobs = plan_jobs(described, backends, devices)
     data_spec = data or described[0]["data"] or "digits"
     settings = {"batch_sizes": list(batch_sizes), "warmup": warmup, "runs": runs, "rounds": min(rounds, runs),
@@ -149,7 +266,7 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
                 "devices": devices, "backends": backends}
     env = environment(threads, cpus)
     bar = _progress_bar(jobs, settings, progress)
-    with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as folder:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("bench")) as folder:
         try:
             bar.set_postfix_str("preparing test images")
             _prepare(jobs, data_spec, data_root, limit, folder)
@@ -258,11 +375,11 @@ def _export_onnx(checkpoint, data_spec, data_root, out):
 
 def _progress_bar(jobs, settings, progress):
     """One bar over the whole benchmark: preparing images, then per job a load, an accuracy pass and its visits."""
-    from tqdm import tqdm
+    from ..progress import bar
 
     per_job = 2 + settings["rounds"] * len(settings["batch_sizes"])
     total = 1 + per_job * sum(1 for j in jobs if not j["status"])
-    return tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    return bar(total=total, desc="bench", unit="step", disable=not progress, leave=True)
 
 
 def _measure(jobs, folder, settings, bar):

@@ -24,15 +24,32 @@ DECODE_LIMIT_BYTES = 2 * 1024 ** 3
 
 
 class AugmentPlan:
-    """Crop offsets and flips for every image and epoch, from (seed, epoch) alone."""
+    """Crop offsets and flips for every image and epoch, from (seed, epoch) alone.
 
-    def __init__(self, kind, size, seed=0, pad=DEFAULT_PAD):
+    With ``views=K`` (``--teacher-views``) only K views per image exist: epoch e shows view
+    (e - 1) mod K + 1, so a teacher cache of K epochs serves a run of any length.
+    """
+
+    def __init__(self, kind, size, seed=0, pad=DEFAULT_PAD, views=None):
         if kind not in AUGMENTS:
             raise EdgeKDError(f"unknown augmentation {kind!r}: choose from {', '.join(AUGMENTS)}")
         self.kind, self.size, self.seed, self.pad = kind, int(size), int(seed), int(pad)
+        self.views = None
+        self.replay(views)
+
+    def replay(self, views):
+        """Serve only ``views`` distinct views per image from now on (None: a new view every epoch)."""
+        if views is not None and (int(views) != views or views < 1):
+            raise EdgeKDError(f"--teacher-views must be a positive whole number, got {views!r}")
+        self.views = None if views is None else int(views)
+
+    def view_of(self, epoch):
+        """The view (1-based, like epochs) that ``epoch`` shows."""
+        return int(epoch) if not self.views else (int(epoch) - 1) % self.views + 1
 
     def params(self, epoch):
         """(dy, dx, flip) int tensors of length ``size`` for ``epoch``; the same on every call."""
+        epoch = self.view_of(epoch)
         if self.kind == "none":
             zeros = torch.zeros(self.size, dtype=torch.long)
             return zeros, zeros, zeros
@@ -43,7 +60,10 @@ class AugmentPlan:
         return dy, dx, flip
 
     def describe(self):
-        return {"augment": self.kind, "pad": self.pad, "seed": self.seed, "images": self.size}
+        d = {"augment": self.kind, "pad": self.pad, "seed": self.seed, "images": self.size}
+        if self.views:  # only when set, so caches made before --teacher-views keep their key
+            d["views"] = self.views
+        return d
 
 
 def apply_views(images, dy, dx, flip, pad):
@@ -74,6 +94,15 @@ class Views:
 
     def __len__(self):
         return len(self.targets)
+
+    def labelled(self):
+        """These views without the unlabelled images (label < 0), with a plan of their own; self when all are
+        labelled. What needs labels (a teacher trained here, the batch-norm check) uses these."""
+        keep = self.targets >= 0
+        if keep.all():
+            return self
+        plan = None if self.plan is None else AugmentPlan(self.plan.kind, int(keep.sum()), self.plan.seed, self.plan.pad)
+        return Views(self.images[keep], self.targets[keep], self.mean.flatten().tolist(), self.std.flatten().tolist(), plan)
 
     def batch(self, idx, epoch=None):
         """Images ``idx`` as seen in ``epoch`` (plan applied) and their labels."""
@@ -182,7 +211,7 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
     to the input size. An unreadable image is an error that names the file, or with ``skip_bad``
     is left out and counted (``decode_split.skipped`` holds the paths of the last call).
     """
-    from tqdm import tqdm
+    from .progress import bar
 
     n = len(dataset) if indices is None else len(indices)
     nbytes = n * input_spec.channels * input_spec.height * input_spec.width
@@ -195,7 +224,7 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
         raw = torch.utils.data.Subset(raw, [int(i) for i in indices])
     loader = torch.utils.data.DataLoader(raw, batch_size=256, num_workers=workers if len(raw) > 2000 else 0)
     images, labels = [], []
-    for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+    for x, y in bar(loader, desc=desc, unit="batch", disable=not progress):
         images.append(x)
         labels.append(y)
     if not images:
@@ -206,7 +235,7 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
     decode_split.skipped = [_path_of(dataset, order[i]) for i in bad]
     if bad and not skip_bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise EdgeKDError(f"cannot read image {decode_split.skipped[0]!r}{more} ({desc}): corrupt or not an image; "
+        raise EdgeKDError(f"{_bad_image_reason(decode_split.skipped[0])}{more} ({desc}); "
                           "remove it, or pass --skip-bad-images to leave unreadable images out")
     if bad:
         log.warning("%s: skipped %d unreadable images, e.g. %s", desc, len(bad), decode_split.skipped[0])
@@ -216,6 +245,19 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
 
 
 decode_split.skipped = []
+
+
+def _bad_image_reason(path):
+    """Why an image could not be decoded, found again in this process (a loader worker's exception is lost)."""
+    from .data import ImageTooLarge, open_image
+
+    try:
+        open_image(path).close()
+    except ImageTooLarge as e:
+        return str(e)
+    except Exception:  # unreadable: the usual case, said below
+        pass
+    return f"cannot read image {path!r}: corrupt or not an image"
 
 
 def channel_stats(images):

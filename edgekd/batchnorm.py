@@ -66,8 +66,9 @@ def check_batchnorm(model, run, cfg, sample=2000):
     device = cfg["device"]
     # A fixed random sample: folder data is class-sorted, and batches of one class would give
     # batch statistics that describe no real batch.
-    idx = torch.randperm(len(run.train), generator=torch.Generator().manual_seed(0))[:sample]
-    x, y = run.train.batch(idx)
+    labelled = run.train.labelled()  # accuracy needs labels: unlabelled images (--unlabeled) stay out
+    idx = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(0))[:sample]
+    x, y = labelled.batch(idx)
     x, y = x.to(device), y.to(device)
     model.eval()
     with torch.no_grad():

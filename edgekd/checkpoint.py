@@ -15,7 +15,10 @@ def atomic_write(path, write):
     """Call ``write(tmp_path)`` then move the finished file into place, so no reader sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    from .outdir import temp_prefix
+
+    # edgekd's temporary naming: a killed process's leftovers are recognised and removed by the next run
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + temp_prefix(), suffix="-" + os.path.basename(path))
     os.close(fd)
     try:
         write(tmp)
@@ -72,15 +75,55 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             reason = "it contains pickled Python objects, which edgekd never loads"
         else:
             reason = "not a file written by torch.save, or a damaged one"
         raise EdgeKDError(f"{path!r} is not a usable edgekd checkpoint: {reason}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        raise EdgeKDError(f"{path!r} is not an edgekd checkpoint (expected a dict with {', '.join(REQUIRED_KEYS)})")
+        found = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else \
+            "no " + ", ".join(k for k in REQUIRED_KEYS if k not in ckpt)
+        raise EdgeKDError(f"{path!r} is not an edgekd checkpoint (expected a dict with {', '.join(REQUIRED_KEYS)}; "
+                          f"found {found})")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise EdgeKDError(f"{path!r} is a damaged edgekd checkpoint: {problem}")
     return ckpt
+
+
+MAX_SIDE = 8192  # an input height or width beyond this is a damaged field, not a model
+
+
+def _numbers(value, length):
+    return (isinstance(value, (list, tuple)) and len(value) == length
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in value))
+
+
+def checkpoint_problem(ckpt):
+    """The first field of a checkpoint dict with the wrong type, as 'field X: what is wrong', else None."""
+    if not isinstance(ckpt["model"], str) or not ckpt["model"]:
+        return "field 'model' must be a model spec (a string)"
+    state = ckpt["state_dict"]
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        return "field 'state_dict' must map parameter names to tensors"
+    classes = ckpt["classes"]
+    if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
+        return "field 'classes' must be a non-empty list of class names"
+    spec = ckpt["input"]
+    if not isinstance(spec, dict):
+        return "field 'input' must be a dict with channels, height, width, mean and std"
+    for key in ("channels", "height", "width"):
+        value = spec.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIDE:
+            return f"field 'input.{key}' must be a whole number from 1 to {MAX_SIDE}, got {value!r}"
+    if spec["channels"] not in (1, 3):
+        return f"field 'input.channels' must be 1 or 3, got {spec['channels']!r}"
+    if not _numbers(spec.get("mean"), spec["channels"]):
+        return f"field 'input.mean' must hold {spec['channels']} numbers"
+    if not _numbers(spec.get("std"), spec["channels"]) or min(spec["std"]) <= 0:
+        return f"field 'input.std' must hold {spec['channels']} positive numbers"
+    return None
 
 
 def load_model(path):
@@ -96,6 +139,13 @@ def load_model(path):
         return restore(ckpt, model), ckpt
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise EdgeKDError(f"checkpoint {path!r} does not match model {ckpt['model']!r}: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise EdgeKDError(f"checkpoint {path!r} does not match model {ckpt['model']!r}: "
+                          f"{_first_line(e)}") from None
     return model.eval(), ckpt
+
+
+def _first_line(error):
+    """The first line naming a problem of a load_state_dict error (its first line is only a header)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines[0] if lines else type(error).__name__)

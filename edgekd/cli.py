@@ -1,12 +1,11 @@
 """The edgekd command line: one subcommand per pipeline stage; heavy imports happen inside run()."""
 
 import argparse
-import os
 import sys
 
 from . import EdgeKDError, Interrupted, __version__
-
-DEFAULT_OUT = os.path.join("runs", "default")
+from . import config as options
+from .config import BENCH_DEFAULTS, BENCH_QUICK, DEFAULT_OUT
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,95 +21,20 @@ class Command:
     name = help = description = ""
 
     def add_arguments(self, p):
-        raise NotImplementedError
+        options.add_options(p, self.name)  # every option is declared in edgekd/config.py
 
     def run(self, args):
         raise NotImplementedError
 
 
-def _add_data_args(p, default="digits"):
-    p.add_argument("--data", default=default, metavar="SPEC",
-                   help="digits (scikit-learn, embedded), a folder PATH or imagefolder:PATH with train/ and "
-                        "test/ (or val/), cifar10 or cifar100 (default: %(default)s)")
-    p.add_argument("--data-root", metavar="DIR",
-                   help="where cifar10/cifar100 live or are downloaded to (an ImageFolder copy is read in place)")
-
-
-def _add_training_args(p):
-    g = p.add_argument_group("training (the seed article used --lr 0.01 --batch-size 128 --schedule constant)")
-    g.add_argument("--epochs", type=_positive_int, default=15, help="epochs of training (default: %(default)s)")
-    g.add_argument("--skip-bad-images", action="store_true",
-                   help="leave unreadable image files out (counted in metrics.json) instead of stopping at the first")
-    g.add_argument("--batch-size", type=_positive_int, default=64, help="images per step (default: %(default)s)")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
-                   help="sgd (with momentum) or adamw (try --lr 0.002 --weight-decay 0.05) (default: %(default)s)")
-    g.add_argument("--lr", type=_positive_float, default=0.05, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine",
-                   help="learning-rate schedule after warm-up, per step: cosine to zero, step (x0.1 at 50%% and "
-                        "75%% of training) or constant (default: %(default)s; the article used constant)")
-    g.add_argument("--warmup-epochs", type=float, default=1.0,
-                   help="linear learning-rate warm-up, in epochs (0 for none) (default: %(default)s)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: %(default)s)")
-    g.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="label smoothing of the hard-label term, 0..1 (default: %(default)s)")
-    g.add_argument("--augment", choices=["auto", "none", "standard"], default="auto",
-                   help="standard: random crop with 4-pixel padding + horizontal flip; auto: standard for photos, "
-                        "none for digits (default: %(default)s)")
-    g.add_argument("--aug-seed", type=int, default=0,
-                   help="seed of the augmentation parameters per (image, epoch); runs with the same seed see the "
-                        "same views and share a teacher cache (default: %(default)s)")
-    g.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
-                   help="train on N images of the train split, class-stratified, fixed choice (default: all)")
-    g.add_argument("--norm", default="auto", metavar="STATS",
-                   help="input normalisation: train (mean/std of the train split), seed (0.5/0.5), MEAN/STD "
-                        "(e.g. 0.49,0.48,0.45/0.25,0.24,0.26), auto: train except digits (default: %(default)s)")
-    g.add_argument("--bn-recalibrate", choices=["auto", "always", "never"], default="auto",
-                   help="after training, compare eval-mode with batch-statistics accuracy on training images and "
-                        "re-estimate batch-norm statistics when they disagree (auto), always, or never "
-                        "(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="random seed for weights and shuffling (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=2,
-                   help="worker processes that decode folder images (once, into memory) (default: %(default)s)")
-    g.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
-    g.add_argument("--device", default="cpu",
-                   help="torch device to train on: cpu or cuda; under torchrun each process takes cuda:LOCAL_RANK "
-                        "(default: %(default)s)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    s = p.add_argument_group("GPU speed and several processes",
-                             "Run under torchrun (torchrun --nproc_per_node N -m edgekd ...) to train in N processes: "
-                             "--batch-size is the global batch, split evenly over them, and --lr applies as written "
-                             "(README, Scaling).")
-    s.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="mixed precision on CUDA: bf16 where the GPU supports it, else fp16 with a gradient scaler "
-                        "(auto); off for float32. CPU runs are float32 (default: %(default)s)")
-    s.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                   help="NHWC memory layout for convolutions (auto: on for CUDA, off for CPU) (default: %(default)s)")
-    s.add_argument("--compile", action="store_true",
-                   help="torch.compile the student (first steps are slow while it compiles; default: off)")
-
-
-MAX_EPOCHS, MAX_BATCH, MAX_LR = 10_000, 65_536, 10.0  # beyond these a value is a typo, not a plan
-
-
 def _check_training_args(args):
-    """Ranges argparse cannot express; CPU threads set here, before any torch work."""
-    if not 0.0 <= args.label_smoothing < 1.0:
-        raise EdgeKDError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+    """Rules across options (each value was checked on its own in edgekd/config.py); CPU threads set
+    here, before any torch work."""
+    if args.warmup_epochs > args.epochs:
         raise EdgeKDError(f"--warmup-epochs must be between 0 and --epochs ({args.epochs}), got {args.warmup_epochs}")
-    if args.norm not in ("auto", "train", "seed") and "/" not in args.norm:
-        raise EdgeKDError(f"--norm {args.norm!r}: use auto, train, seed or MEAN/STD such as 0.49,0.48,0.45/0.25,0.24,0.26")
     if not args.out:
         raise EdgeKDError("--out DIR is required (or --resume DIR to continue a run)")
-    for option, value, limit in (("--epochs", args.epochs, MAX_EPOCHS), ("--batch-size", args.batch_size, MAX_BATCH),
-                                 ("--lr", args.lr, MAX_LR)):
-        if value > limit:
-            raise EdgeKDError(f"{option} {value} is beyond any sensible run (at most {limit:,})")
     _check_distributed(args)
-    if _rank() == 0:  # only rank 0 writes into --out (the others would find rank 0's first files)
-        _check_out(args.out, args.force)
     _check_device(args.device)
     if args.amp in ("bf16", "fp16") and not args.device.startswith("cuda"):
         raise EdgeKDError(f"--amp {args.amp} needs --device cuda; CPU training is float32 (use --amp auto or off)")
@@ -118,6 +42,19 @@ def _check_training_args(args):
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def _run_folder(args, inputs):
+    """The locked, checked run folder (rank 0 only: the other ranks of a torchrun job write nothing)."""
+    import contextlib
+
+    from .outdir import OUTPUTS, RunFolder, refuse_inputs_inside
+
+    if _rank() != 0:
+        return contextlib.nullcontext()
+    replaced = None if args.command == "bench" else set().union(*OUTPUTS.values())
+    refuse_inputs_inside(args.out, inputs, replaced)
+    return RunFolder(args.out, args.command, force=args.force, resume=bool(getattr(args, "resume", None)))
 
 
 def _rank():
@@ -141,18 +78,6 @@ def _check_distributed(args):
         if torch.cuda.is_available() and local >= torch.cuda.device_count():
             raise EdgeKDError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; "
                               "use --nproc_per_node at most that")
-
-
-def _add_common(p, out_default=None, resumable=False):
-    p.add_argument("--out", default=out_default, required=out_default is None and not resumable, metavar="DIR",
-                   help="output folder" + (f" (default: {out_default})" if out_default else ""))
-    if resumable:
-        p.add_argument("--resume", metavar="DIR",
-                       help="continue an interrupted run in DIR from its last complete epoch, with the options "
-                            "saved in DIR/config.yaml")
-    p.add_argument("--force", action="store_true", help="write into --out even if it already holds files")
-    p.add_argument("--config", metavar="FILE",
-                   help="YAML file of option values (keys as in the saved config.yaml); the command line wins")
 
 
 def _positive_int(text):
@@ -186,16 +111,11 @@ def _nonnegative_float(text):
 
 
 def _check_out(out, force):
-    """Refuse to mix a new run into a folder that already holds one (unless --force), or one we cannot write."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise EdgeKDError(f"output path {out!r} is a file, not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not force:
-        raise EdgeKDError(f"output folder {out!r} is not empty; pass --force to overwrite it or choose another --out")
-    existing = out
-    while existing and not os.path.exists(existing):
-        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise EdgeKDError(f"output folder {out!r} is not writable ({existing!r} does not allow it); choose another --out")
+    """Refuse an --out that is a file or not writable, or (without --force) not empty; creates nothing."""
+    from .outdir import check_contents, check_writable
+
+    check_writable(out)
+    check_contents(out, force)
 
 
 def _check_device(device):
@@ -208,14 +128,8 @@ def _check_device(device):
             raise EdgeKDError(f"device {device!r} requested but no CUDA GPU is available here; use --device cpu")
 
 
-MODEL_HELP = ("seed-teacher, seed-student, compact-student, a CIFAR ResNet (resnet8, resnet14, resnet20, resnet32, "
-              "resnet44, resnet56, resnet110, resnet8x4, resnet32x4) or torchvision:NAME (small-input stem chosen "
-              "automatically at <=64 px; torchvision:NAME:small-stem or :imagenet-stem to force)")
-
-
 def _config_of(args):
-    skip = {"command", "config", "force", "debug", "func"}
-    return {k: v for k, v in vars(args).items() if k not in skip}
+    return options.saved(args)
 
 
 class Train(Command):
@@ -223,17 +137,14 @@ class Train(Command):
     help = "supervised training of one model (a teacher, or a baseline student)"
     description = "Train a model on labelled data with cross-entropy. Writes DIR/model.pt, DIR/metrics.json, DIR/config.yaml."
 
-    def add_arguments(self, p):
-        p.add_argument("--model", default="seed-teacher", metavar="SPEC", help=MODEL_HELP + " (default: %(default)s)")
-        _add_data_args(p)
-        _add_training_args(p)
-        _add_common(p, resumable=True)
-
     def run(self, args):
         from .distill import run_train
 
         _check_training_args(args)
-        m = run_train(_config_of(args))
+        inputs = [("--model", args.model), ("--data", args.data), ("--weights", args.weights),
+                  ("--unlabeled", args.unlabeled)]
+        with _run_folder(args, inputs):
+            m = run_train(_config_of(args))
         if _rank() != 0:
             return
         print(f"{m['model']}: test top-1 {m['test_top1']:.4f} after {m['epochs']} epochs -> {args.out}/model.pt")
@@ -247,56 +158,44 @@ class Distill(Command):
                    f"{DEFAULT_OUT}. Writes DIR/student.pt, DIR/teacher.pt (if trained), DIR/metrics.json, DIR/config.yaml.")
 
     def add_arguments(self, p):
-        p.add_argument("--teacher", default="seed-teacher", metavar="SPEC",
-                       help="a teacher checkpoint (.pt), or a model spec to train first (default: %(default)s)")
-        p.add_argument("--student", default="compact-student", metavar="SPEC",
-                       help=MODEL_HELP + " (default: %(default)s)")
-        p.add_argument("--teacher-epochs", type=_positive_int, default=None,
-                       help="epochs for a teacher trained here (default: --epochs)")
-        # Listed here without importing torch (the registry in edgekd.losses is the authority).
-        p.add_argument("--loss", default="kd", metavar="NAME",
-                       help="distillation loss (default: %(default)s): kd (Hinton: alpha*T^2*KL + (1-alpha)*CE), "
-                            "dkd (Decoupled KD: CE + alpha*TCKD + beta*NCKD), fitnet (FitNets hint on a middle "
-                            "layer through a learned adapter), seed (the seed article's CE + 0.5*soft CE at T=0.5), "
-                            "mse (logit matching)")
-        p.add_argument("--temperature", "-T", type=_positive_float, default=None,
-                       help="softmax temperature (default: the loss's own, kd 4, dkd 4, seed 0.5)")
-        p.add_argument("--alpha", type=float, default=None,
-                       help="weight of the teacher term (default: the loss's own: kd 0.9, seed 0.5, mse 0.9; "
-                            "dkd: TCKD weight 1; fitnet: weight of an added logit KD term, 0)")
-        p.add_argument("--beta", type=float, default=None,
-                       help="dkd: NCKD weight (default 8); fitnet: hint weight (default 100)")
-        p.add_argument("--dkd-warmup", type=float, default=None,
-                       help="dkd: epochs over which the distillation terms ramp in linearly (default: 20, the paper's)")
-        p.add_argument("--student-layer", default=None, metavar="NAME",
-                       help="fitnet: the student's hinted layer, a module name (default: auto, the middle stage)")
-        p.add_argument("--teacher-layer", default=None, metavar="NAME",
-                       help="fitnet: the teacher's hint layer, a module name (default: auto, the middle stage)")
-        p.add_argument("--teacher-cache", default=None, metavar="DIR",
-                       help="compute the teacher's logits once per (image, epoch) view into DIR (keyed by the "
-                            "teacher checkpoint's sha256, the augmentation seed and the data) and replay them, "
-                            "instead of running the teacher every step (logit losses; default: off)")
-        _add_data_args(p)
-        _add_training_args(p)
-        _add_common(p, out_default=DEFAULT_OUT, resumable=True)
+        p.formatter_class = _KeepLines  # the teacher examples keep their lines
+        super().add_arguments(p)
 
     def run(self, args):
         from .distill import run_distill
         from .losses import LOSSES
 
+        from .losses import check_options
+
         LOSSES.get(args.loss)
-        if args.alpha is not None and not 0.0 <= args.alpha <= 1.0 and args.loss != "dkd":
+        if args.alpha is not None and args.alpha > 1.0 and args.loss != "dkd":
             raise EdgeKDError(f"--alpha must be between 0 and 1, got {args.alpha}")
-        if args.beta is not None and args.beta < 0:
-            raise EdgeKDError(f"--beta must be 0 or more, got {args.beta}")
+        check_options(args.loss, {"temperature": args.temperature, "alpha": args.alpha, "beta": args.beta,
+                                  "warmup": args.dkd_warmup, "student_layer": args.student_layer,
+                                  "teacher_layer": args.teacher_layer})
         _check_training_args(args)
-        m = run_distill(_config_of(args))
+        inputs = [("--teacher", args.teacher), ("--student", args.student), ("--data", args.data),
+                  ("--student-weights", args.student_weights), ("--teacher-weights", args.teacher_weights),
+                  ("--teacher-classes", args.teacher_classes), ("--unlabeled", args.unlabeled)]
+        with _run_folder(args, inputs):
+            m = run_distill(_config_of(args))
         if _rank() != 0:
             return
         t = m["teacher"]
-        print(f"teacher {t['model']}: test top-1 {t['test_top1']:.4f}, {t['params']:,} params")
+        params = f", {t['params']:,} params" if t.get("params") else ""
+        top1 = f"{t['test_top1']:.4f}" if t.get("test_top1") is not None else "unknown"
+        print(f"teacher {t['model'] or t['spec']} ({t['kind']}): test top-1 {top1}{params}")
         print(f"student {m['model']}: test top-1 {m['test_top1']:.4f}, {m['params']:,} params "
               f"({m['loss']} loss, {m['epochs']} epochs) -> {args.out}/student.pt")
+
+
+class _KeepLines(argparse.HelpFormatter):
+    """Wraps help text as usual, except text with its own line breaks (the example table)."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 class Export(Command):
@@ -308,47 +207,14 @@ class Export(Command):
                    "must stay within --max-drop points of FP32 top-1; when it does not, the most sensitive layers "
                    "are kept in float. A failed check leaves no bundle. See docs/export.md.")
 
-    def add_arguments(self, p):
-        p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt checkpoint written by edgekd train/distill")
-        p.add_argument("--format", required=True, metavar="FORMAT", help="bundle format: onnx or openvino")
-        p.add_argument("--precision", default="fp32", metavar="P",
-                       help="fp32, fp16 (weights halved; inputs and outputs stay float32) or int8 (default: %(default)s)")
-        p.add_argument("--val-size", type=_positive_int, default=1000,
-                       help="held-out test images for the parity gate (default: %(default)s)")
-        p.add_argument("--atol", type=_positive_float, default=None,
-                       help="largest allowed |logit difference| from PyTorch (default: 1e-4 for fp32, 5e-2 for fp16)")
-        p.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default: the exporter's)")
-        g = p.add_argument_group("int8")
-        g.add_argument("--quant", choices=["static", "dynamic"], default=None,
-                       help="static (calibrated, the default) or dynamic (ONNX only; slow for conv nets)")
-        g.add_argument("--calib-data", metavar="SPEC", default=None,
-                       help="data whose train split calibrates INT8 (default: the checkpoint's data)")
-        g.add_argument("--calib-size", type=_positive_int, default=300,
-                       help="calibration images, class-stratified (default: %(default)s)")
-        g.add_argument("--calib-method", default=None, metavar="M",
-                       help="ONNX: minmax (default), entropy or percentile; OpenVINO: nncf (its own statistics)")
-        g.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: %(default)s)")
-        g.add_argument("--max-drop", type=float, default=1.0,
-                       help="fail INT8 when its top-1 is more than P points below FP32 (default: %(default)s)")
-        g.add_argument("--max-fallback-layers", type=_non_negative_int, default=10,
-                       help="most layers kept in float to meet --max-drop; 0 turns the fallback off (default: %(default)s)")
-        g.add_argument("--int8-types", default=None, metavar="T",
-                       help="ONNX: auto (by CPU features: u8s8 with VNNI, u8u8 without, s8s8 on ARM), u8s8, u8u8, s8s8")
-        g.add_argument("--reduce-range", action="store_true", help="ONNX: 7-bit weights (for CPUs without VNNI)")
-        g.add_argument("--per-tensor", dest="per_channel", action="store_false",
-                       help="ONNX: one weight scale per tensor instead of per output channel")
-        g.add_argument("--no-speed-check", dest="speed_check", action="store_false",
-                       help="skip the short FP32-vs-INT8 timing on this machine")
-        p.add_argument("--zip", action="store_true", help="also pack the bundle into DIR.zip")
-        p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-        _add_data_args(p, default=None)
-        p.set_defaults(data=None)
-        _add_common(p)
-
     def run(self, args):
         from .export.pipeline import ExportOptions, export_checkpoint
 
-        _check_out(args.out, args.force)
+        from .outdir import prepare_bundle_out
+
+        prepare_bundle_out(args.out, args.force, args.zip, [("CHECKPOINT", args.checkpoint), ("--data", args.data),
+                                                            ("--calib-data", args.calib_data),
+                                                            ("--data-root", args.data_root)])
         _log_to_stderr()
         opts = ExportOptions(
             fmt=args.format, precision=args.precision, out=args.out, data=args.data, data_root=args.data_root,
@@ -368,12 +234,6 @@ class Export(Command):
             print(f"kept in float: {', '.join(f['layers_in_float'])} (drop {f['drop_before']:.2f} -> {f['drop_after']:.2f})")
         for warning in m.get("warnings", []):
             print(f"warning: {warning}")
-
-
-def _non_negative_int(text):
-    if text.strip() == "0":
-        return 0
-    return _positive_int(text)
 
 
 def _log_to_stderr():
@@ -404,11 +264,6 @@ def _csv_list(kind, convert=str):
     return parse
 
 
-# Full and --quick values of the timing options (None on the command line means "not given").
-BENCH_DEFAULTS = {"warmup": 20, "runs": 200, "rounds": 5, "max_time": 30.0, "min_time": 2.0}
-BENCH_QUICK = {"warmup": 5, "runs": 30, "rounds": 3, "max_time": 5.0, "min_time": 0.2, "limit": 1000}
-
-
 class Bench(Command):
     name = "bench"
     help = "measure latency and accuracy of checkpoints and bundles, teacher first"
@@ -418,82 +273,20 @@ class Bench(Command):
                    "teacher). Writes DIR/results.json, results.csv, report.md, accuracy_vs_latency.png and "
                    "latency.png, and prints the table.")
 
-    def add_arguments(self, p):
-        p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoints (.pt) and bundle folders; teacher first")
-        p.add_argument("--device", default=["cpu"], type=_csv_list("devices"), metavar="DEV[,DEV...]",
-                       help="cpu, cuda, cuda:N, openvino:CPU, openvino:GPU, openvino:NPU, openvino:AUTO, or an edge "
-                            "device over SSH, ssh://[user@]host[:port][/python][?device=NPU], where the bundles run "
-                            "with the device's own runtime (see docs/devices.md); a device or backend that is not "
-                            "available becomes a row with the reason (default: cpu)")
-        p.add_argument("--ssh-config", metavar="FILE", help="an ssh_config file for ssh:// devices (default: ~/.ssh/config)")
-        p.add_argument("--timeout", type=_positive_int, default=600,
-                       help="seconds to wait for an ssh:// device at each step (default: %(default)s)")
-        p.add_argument("--backends", type=_csv_list("backends"), default=None, metavar="B[,B...]",
-                       help="torch, onnxruntime, openvino: run each model in every listed backend that can read it "
-                            "(a checkpoint through ONNX Runtime/OpenVINO is exported to ONNX first) "
-                            "(default: each model in its own format's runtime)")
-        p.add_argument("--batch-sizes", type=_csv_list("positive whole numbers", _positive_int), default=[1],
-                       metavar="N[,N...]", help="batch sizes to time, e.g. 1,8,32 (default: 1)")
-        p.add_argument("--warmup", type=_positive_int, default=None,
-                       help=f"untimed calls before timing each batch size (default: {BENCH_DEFAULTS['warmup']}; "
-                            f"--quick {BENCH_QUICK['warmup']})")
-        p.add_argument("--runs", type=_positive_int, default=None,
-                       help=f"timed calls per model and batch size, each on different test images (default: "
-                            f"{BENCH_DEFAULTS['runs']}; --quick {BENCH_QUICK['runs']})")
-        p.add_argument("--rounds", type=_positive_int, default=None,
-                       help=f"interleaved rounds the runs are split into, visiting the models in turn (default: "
-                            f"{BENCH_DEFAULTS['rounds']}; --quick {BENCH_QUICK['rounds']})")
-        p.add_argument("--max-time", type=_positive_float, default=None, metavar="S",
-                       help=f"at most S seconds of timed calls per model and batch size (default: "
-                            f"{BENCH_DEFAULTS['max_time']:g}; --quick {BENCH_QUICK['max_time']:g})")
-        p.add_argument("--min-time", type=_nonnegative_float, default=None, metavar="S",
-                       help=f"at least S seconds of timed calls per model and batch size: a model faster than "
-                            f"S/--runs per call gets more calls, so its percentiles rest on more than a few "
-                            f"milliseconds of the machine's state; 0 for exactly --runs calls (default: {BENCH_DEFAULTS['min_time']:g}; "
-                            f"--quick {BENCH_QUICK['min_time']:g})")
-        p.add_argument("--remeasure-slow", type=_nonnegative_float, default=15.0, metavar="PCT",
-                       help="measure a visit again when the machine ran slow during it. Shared VMs have slow spells "
-                            "of seconds that slow every model alike. A visit counts when its median and the slower "
-                            "of two short untimed checks (just before and after it) are each within PCT%% of the "
-                            "fastest among the same row's visits; the others are repeated in extra rounds (at most "
-                            "twice --rounds). Every visit stays in results.json. 0 keeps every visit "
-                            "(default: %(default)g)")
-        p.add_argument("--threads", type=_positive_int, default=None,
-                       help="threads for every backend: torch threads, ONNX Runtime intra-op threads, OpenVINO "
-                            "INFERENCE_NUM_THREADS (default: each library's own choice, or the number of --cpus)")
-        p.add_argument("--cpus", default=None, metavar="LIST",
-                       help="pin every worker to these CPUs, e.g. 0 or 0,1 or 0-3 (an edge profile: a smaller CPU)")
-        p.add_argument("--limit", type=_positive_int, default=None,
-                       help="accuracy on N test images spread over the split (default: the whole test split; "
-                            f"--quick {BENCH_QUICK['limit']})")
-        p.add_argument("--max-drop", type=float, default=1.0, metavar="PTS",
-                       help="the best deployment is the fastest row within PTS top-1 points of the teacher "
-                            "(default: %(default)s)")
-        p.add_argument("--compare", metavar="OLD", default=None,
-                       help="an earlier results.json (or its folder): print what got faster, slower, more or less "
-                            "accurate; also written to DIR/compare.md")
-        p.add_argument("--compare-tolerance", type=_positive_float, default=10.0, metavar="PCT",
-                       help="p50 changes within this percentage count as unchanged (default: %(default)s)")
-        p.add_argument("--quick", action="store_true",
-                       help="a short run: fewer warm-up and timed calls, accuracy on at most 1000 images")
-        p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-        _add_data_args(p, default=None)
-        p.set_defaults(data=None)
-        _add_common(p)
-
     def run(self, args):
         from .bench.run import run_bench
 
-        _check_out(args.out, args.force)
         preset = BENCH_QUICK if args.quick else BENCH_DEFAULTS
         timing = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in BENCH_DEFAULTS}
         limit = args.limit if args.limit is not None else preset.get("limit")
-        result = run_bench(args.models, args.out, devices=args.device, data=args.data, data_root=args.data_root,
-                           backends=args.backends, batch_sizes=args.batch_sizes, threads=args.threads,
-                           cpus=args.cpus, limit=limit, max_drop=args.max_drop / 100, progress=args.progress,
-                           remeasure_slow=args.remeasure_slow / 100,
-                           compare=args.compare, compare_tolerance=args.compare_tolerance / 100,
-                           ssh_config=args.ssh_config, ssh_timeout=args.timeout, **timing)
+        inputs = [("MODEL", m) for m in args.models] + [("--compare", args.compare), ("--data", args.data)]
+        with _run_folder(args, inputs):
+            result = run_bench(args.models, args.out, devices=args.device, data=args.data, data_root=args.data_root,
+                               backends=args.backends, batch_sizes=args.batch_sizes, threads=args.threads,
+                               cpus=args.cpus, limit=limit, max_drop=args.max_drop / 100, progress=args.progress,
+                               remeasure_slow=args.remeasure_slow / 100,
+                               compare=args.compare, compare_tolerance=args.compare_tolerance / 100,
+                               ssh_config=args.ssh_config, ssh_timeout=args.timeout, **timing)
         print(result["table"])
         if result["comparison"]:
             print("\n" + result["comparison"])
@@ -505,15 +298,6 @@ class Predict(Command):
     help = "classify image files with a bundle (no PyTorch needed)"
     description = ("Run a bundle (folder or .zip) on image files with only numpy, Pillow and the bundle's runtime "
                    "(onnxruntime or openvino): verify its checksums, preprocess as training did, print labels and scores.")
-
-    def add_arguments(self, p):
-        p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder or .zip written by edgekd export")
-        p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-        p.add_argument("--top-k", type=_positive_int, default=1, help="classes to show per image (default: %(default)s)")
-        p.add_argument("--json", action="store_true", help="print JSON instead of text")
-        p.add_argument("--threads", type=_positive_int, default=None, help="runtime threads (default: the library's)")
-        p.add_argument("--device", default="cpu",
-                       help="cpu (default), cuda for ONNX Runtime with CUDA, or an OpenVINO device name such as GPU")
 
     def run(self, args):
         import json
@@ -536,14 +320,6 @@ class Deploy(Command):
                    "its sha256 sums there with the device's Python, and move it into place atomically. The device "
                    "needs Python 3.8+, numpy, Pillow and the bundle's runtime (onnxruntime or openvino); no torch.")
 
-    def add_arguments(self, p):
-        p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder written by edgekd export")
-        p.add_argument("device", metavar="DEVICE",
-                       help="ssh://[user@]host[:port][:DIR]; DIR defaults to ~/edgekd-bundles on the device")
-        p.add_argument("--ssh-config", metavar="FILE", help="an ssh_config file (default: ~/.ssh/config)")
-        p.add_argument("--timeout", type=_positive_int, default=600,
-                       help="seconds to wait for the device at each step (default: %(default)s)")
-
     def run(self, args):
         from .deploy import RUNNER_NAME, deploy
 
@@ -553,7 +329,6 @@ class Deploy(Command):
               + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())) + ")")
         print(f"run it there: {target.python} {folder}/{RUNNER_NAME} predict {dest} IMAGE...")
 
-# --- int8: quantization-aware distillation (edgekd quantize); self-contained for the config port ---
 class Quantize(Command):
     name = "quantize"
     help = "quantization-aware distillation: fine-tune a student with INT8 fake quantizers against its teacher"
@@ -563,36 +338,19 @@ class Quantize(Command):
                    "Export it with edgekd export DIR/student-qat.pt --precision int8 (no new calibration). "
                    "See docs/export.md (the INT8 ladder).")
 
-    def add_arguments(self, p):
-        p.add_argument("student", metavar="STUDENT", help="an FP32 student checkpoint (.pt) from edgekd distill/train")
-        p.add_argument("--teacher", default=None, metavar="PATH",
-                       help="teacher checkpoint (default: the one the student was distilled from, or teacher.pt beside it)")
-        p.add_argument("--loss", default="kd", metavar="NAME", help="a logit distillation loss: kd, dkd, seed, mse "
-                                                                    "(default: %(default)s)")
-        p.add_argument("--temperature", "-T", type=_positive_float, default=None, help="softmax temperature (loss default)")
-        p.add_argument("--alpha", type=float, default=None, help="weight of the teacher term (loss default)")
-        p.add_argument("--beta", type=float, default=None, help="dkd: NCKD weight (loss default)")
-        p.add_argument("--calib-size", type=_positive_int, default=300,
-                       help="train images that set the initial quantizer ranges (default: %(default)s)")
-        p.add_argument("--teacher-cache", default=None, metavar="DIR", help="replay the teacher's logits (as distill)")
-        _add_data_args(p, default=None)
-        _add_training_args(p)
-        # QAT starts from a trained student: a short run at a small, non-warming learning rate.
-        p.set_defaults(epochs=1, lr=0.001, warmup_epochs=0.0, data=None)
-        _add_common(p, resumable=True)
-
     def run(self, args):
         from .losses import LOSSES
         from .quantize import run_quantize
 
         LOSSES.get(args.loss)
         _check_training_args(args)
-        m = run_quantize(_config_of(args))
+        inputs = [("STUDENT", args.student), ("--teacher", args.teacher), ("--data", args.data)]
+        with _run_folder(args, inputs):
+            m = run_quantize(_config_of(args))
         q = m["qat"]
         print(f"QAT student {m['model']}: INT8 (fake-quantized) top-1 {q['int8_top1_before']:.4f} before, "
               f"{m['test_top1']:.4f} after {m['epochs']} epoch(s); FP32 {q['fp32_top1']:.4f}; "
               f"{len(q['layers_int8'])} layers INT8 -> {args.out}/student-qat.pt")
-# --- end int8 ---
 
 
 COMMANDS = [Train(), Distill(), Export(), Bench(), Predict(), Deploy(), Quantize()]
@@ -611,30 +369,6 @@ def build_parser():
     return parser, sub
 
 
-def _apply_config(parser, sub, argv, args):
-    """YAML values become the subcommand's defaults; options given on the command line still win."""
-    import yaml
-
-    path = args.config
-    if not os.path.isfile(path):
-        raise EdgeKDError(f"config file {path!r} does not exist")
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise EdgeKDError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise EdgeKDError(f"config file {path!r} must hold a mapping of option: value")
-    subparser = sub.choices[args.command]
-    known = {a.dest for a in subparser._actions}
-    ignored = {"loss_params", "command"}  # written into saved configs for the record
-    unknown = sorted(set(values) - known - ignored)
-    if unknown:
-        raise EdgeKDError(f"config file {path!r} has unknown keys {unknown}; accepted: {', '.join(sorted(known - {'help'}))}")
-    subparser.set_defaults(**{k: v for k, v in values.items() if k not in ignored})
-    return parser.parse_args(argv)
-
-
 # Exit codes (documented in the README's troubleshooting section).
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -651,27 +385,15 @@ def _os_error_line(e):
     return f"{e.strerror or type(e).__name__}{where}"
 
 
-def _apply_resume(parser, sub, argv, args):
-    """--resume DIR: the run's saved options become the defaults, written back into DIR."""
-    folder = args.resume
-    config = os.path.join(folder, "config.yaml")
-    if not os.path.isfile(config):
-        raise EdgeKDError(f"cannot resume {folder!r}: it has no config.yaml (not an edgekd train/distill folder)")
-    args.config = config
-    args = _apply_config(parser, sub, argv, args)
-    args.out, args.force, args.resume = folder, True, folder
-    return args
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser, sub = build_parser()
     args = parser.parse_args(argv)
+    from .progress import report_to_stdout
+
+    report_to_stdout()  # the per-epoch lines the library logs to edgekd.report
     try:
-        if getattr(args, "resume", None):
-            args = _apply_resume(parser, sub, argv, args)
-        elif getattr(args, "config", None):
-            args = _apply_config(parser, sub, argv, args)
+        args = options.parse_args(args)  # defaults < --config / --resume's config.yaml < command line, all checked
         args.func(args)
     except Interrupted as e:
         if _rank() == 0:  # every rank stops at the same batch; one of them says so

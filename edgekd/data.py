@@ -20,6 +20,47 @@ DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.5
 DIGITS_SIZE = 32
 DIGITS_TEST_FRACTION = 0.2
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# Pillow's own decompression-bomb threshold (about 89 megapixels, 0.27 GB decoded as RGB): a larger file is
+# refused before it is decoded, so a tiny PNG that claims 15000x15000 pixels cannot take gigabytes.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ImageTooLarge(EdgeKDError, ValueError):
+    """An image whose header claims more pixels than edgekd decodes (a ValueError, so --skip-bad-images skips it)."""
+
+
+def open_image(path):
+    """Open an image file lazily (header only), refusing one above MAX_IMAGE_PIXELS before any pixel is decoded."""
+    import re
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # Pillow warns above its limit and raises above twice it; both become one refusal here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            pixels = int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1
+            raise ImageTooLarge(_too_large(path, pixels)) from None
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise ImageTooLarge(_too_large(path, img.width * img.height, img.size))
+    return img
+
+
+def _too_large(path, pixels, size=None):
+    dims = f"{size[0]}x{size[1]} pixels, " if size else ""
+    return (f"image {str(path)!r} is too large to decode ({dims}{pixels / 1e6:.0f} megapixels; edgekd reads images "
+            f"up to {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)")
+
+
+def load_image(path):
+    """The ImageFolder loader: torchvision's (RGB), behind edgekd's size limit."""
+    with open_image(path) as img:
+        return img.convert("RGB")
 
 
 @dataclass
@@ -148,10 +189,13 @@ def _imagefolder(spec, path, input_spec):
             f"data folder {path!r} needs train/ and test/ (or val/) sub-folders, one folder per class "
             f"inside each; found: {', '.join(found) or 'no sub-folders'}"
         )
+    for split in (train_dir, test_dir):
+        check_link_loops(split)
     spec_in = input_spec or _probe_input(train_dir)
     tf = eval_transform(spec_in)
     try:
-        train, test = ImageFolder(train_dir, transform=tf), ImageFolder(test_dir, transform=tf)
+        train = ImageFolder(train_dir, transform=tf, loader=load_image)
+        test = ImageFolder(test_dir, transform=tf, loader=load_image)
     except (FileNotFoundError, OSError) as e:
         raise EdgeKDError(f"cannot read image folder {path!r}: {e}") from None
     if train.classes != test.classes:
@@ -164,17 +208,38 @@ def _imagefolder(spec, path, input_spec):
     return Data(f"imagefolder:{os.path.abspath(path)}", train, test, list(train.classes), spec_in)
 
 
-def _probe_input(train_dir):
-    """Channels and size from the first image: grey folders stay 1-channel, the rest are RGB."""
-    from PIL import Image
+def check_link_loops(root):
+    """Refuse a folder tree where a symbolic link leads back to a folder that contains it.
 
+    torchvision's ImageFolder walks with followlinks=True: such a loop would be walked forever, with
+    memory growing. A link to a folder elsewhere is fine (it is walked once).
+    """
+    root = os.path.normpath(root)
+    for folder, _, _ in os.walk(root, followlinks=True):
+        real, ancestor = os.path.realpath(folder), folder
+        while ancestor != root and os.path.dirname(ancestor) != ancestor:
+            ancestor = os.path.dirname(ancestor)
+            if os.path.realpath(ancestor) == real:
+                raise EdgeKDError(f"data folder {root!r} has a symbolic-link loop: {folder!r} leads back to "
+                                  f"{ancestor!r}; remove the link")
+
+
+def _probe_input(train_dir):
+    """Channels and size from the first readable image: grey folders stay 1-channel, the rest are RGB.
+
+    Unreadable and oversized files are passed over here; decoding names them (or skips them with
+    --skip-bad-images).
+    """
     for root, _, files in sorted(os.walk(train_dir)):
         for name in sorted(files):
             if name.lower().endswith(IMAGE_EXTENSIONS):
-                with Image.open(os.path.join(root, name)) as img:
-                    channels = 1 if img.mode in ("L", "1", "I;16") else 3
-                    return default_input(channels, img.height, img.width)
-    raise EdgeKDError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {train_dir!r}")
+                try:
+                    with open_image(os.path.join(root, name)) as img:
+                        channels = 1 if img.mode in ("L", "1", "I;16") else 3
+                        return default_input(channels, img.height, img.width)
+                except (OSError, SyntaxError, ValueError):
+                    continue
+    raise EdgeKDError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under {train_dir!r}")
 
 
 def _torchvision_cifar(spec, data_root, input_spec):
@@ -211,3 +276,68 @@ def take_images(dataset, limit=None):
     if not items:
         raise EdgeKDError("the test split holds no images")
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+class UnlabeledFolder:
+    """Image files under a folder (any nesting, no class folders), read like an ImageFolder's.
+
+    Every item carries label 0 while it is decoded (edgekd.augment marks unreadable images with -1);
+    the caller turns them into edgekd.losses.UNLABELED afterwards. ``skipped`` counts what was left out.
+    """
+
+    def __init__(self, folder, paths, skipped, found):
+        from torchvision.datasets.folder import default_loader
+
+        self.folder, self.samples, self.skipped, self.found = folder, [(p, 0) for p in paths], skipped, found
+        self.targets = [0] * len(paths)
+        self.loader = default_loader
+
+    def __len__(self):
+        return len(self.samples)
+
+
+def image_files(folder):
+    """Real paths of the image files under ``folder``, sorted; a folder linked back to one above is visited once."""
+    seen, found = set(), []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop, or a second link to a folder already read
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [os.path.realpath(os.path.join(root, f)) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(dict.fromkeys(found))
+
+
+def split_paths(dataset, indices=None):
+    """Real paths of a split's image files (those of ``indices`` only), or None for data without files."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return None
+    picked = samples if indices is None else [samples[int(i)] for i in indices]
+    return {os.path.realpath(path) for path, _ in picked}
+
+
+def load_unlabeled(folder, labelled=None, test=None):
+    """The unlabelled images of ``folder`` for distillation, without those already in the labelled training
+    set or the test split (same real path): a labelled image must not come back as an unlabelled one, and
+    a test image must not be trained on. ``labelled``/``test`` are sets of real paths (None: data without
+    files, nothing to compare)."""
+    if not os.path.isdir(folder):
+        raise EdgeKDError(f"--unlabeled {folder!r} is not a folder (expected a folder of images, any nesting)")
+    paths = image_files(folder)
+    if not paths:
+        raise EdgeKDError(f"--unlabeled {folder!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    in_train = [p for p in paths if labelled and p in labelled]
+    in_test = [p for p in paths if test and p in test and not (labelled and p in labelled)]
+    drop = set(in_train) | set(in_test)
+    keep = [p for p in paths if p not in drop]
+    if in_train or in_test:
+        log.info("--unlabeled %s: %d images, skipped %d already in the labelled training set and %d of the test "
+                 "split", folder, len(paths), len(in_train), len(in_test))
+    if not keep:
+        raise EdgeKDError(f"--unlabeled {folder!r}: all {len(paths)} images are already in the labelled training set "
+                          "or the test split; point it at other images, or label fewer with --train-subset")
+    return UnlabeledFolder(os.path.abspath(folder), keep, {"in_labelled_train": len(in_train), "in_test": len(in_test)},
+                           len(paths))

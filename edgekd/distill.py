@@ -6,45 +6,18 @@ import logging
 import os
 
 import torch
-from torch import nn
 
-from . import EdgeKDError
+from . import EdgeKDError, teachers
 from .batchnorm import check_batchnorm
-from .checkpoint import atomic_write, load_model, save_checkpoint
+from .checkpoint import atomic_write, save_checkpoint
 from .data import load_data
-from .losses import LOSSES, make_loss
-from .models import build_model, check_spec, count_flops, count_params
+from .losses import LOSSES, UNLABELED, make_loss
+from .models import (build_pretrained, check_student, count_flops, count_params,
+                     fetch_pretrained, pretrained_norm)
+from .teachers import FrozenTeacher  # noqa: F401  (its old home; tests and scripts import it from here)
 from .train_loop import TrainRun, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
-
-
-class FrozenTeacher(nn.Module):
-    """A teacher in eval mode with no gradients, re-normalising inputs made for the student.
-
-    When teacher and student were trained with different mean/std, the student's normalised batch
-    is mapped back to pixels and normalised the teacher's way, so the teacher sees what it expects.
-    """
-
-    def __init__(self, model, teacher_input, student_input):
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        shape = (1, -1, 1, 1)
-        self.renorm = (teacher_input.mean, teacher_input.std) != (student_input.mean, student_input.std)
-        self.register_buffer("s_mean", torch.tensor(student_input.mean).view(shape))
-        self.register_buffer("s_std", torch.tensor(student_input.std).view(shape))
-        self.register_buffer("t_mean", torch.tensor(teacher_input.mean).view(shape))
-        self.register_buffer("t_std", torch.tensor(teacher_input.std).view(shape))
-
-    def train(self, mode=True):  # the teacher never leaves eval mode
-        return super().train(False)
-
-    def forward(self, x):
-        with torch.inference_mode():  # cheaper than no_grad: no version counters, no autograd metadata
-            if self.renorm:
-                x = (x * self.s_std + self.s_mean - self.t_mean) / self.t_std
-            logits = self.model(x)
-        return logits.float().clone()  # a normal tensor again, so the loss may save it for backward
 
 
 def _write_json(path, obj):
@@ -102,10 +75,14 @@ def _parse_stats(text, channels):
     return mean, std
 
 
-def prepare_data(cfg, input_spec=None):
+def prepare_data(cfg, input_spec=None, pretrained=None):
     """Load the data spec, decode the (subset of the) train split and the test split into memory,
-    settle the normalisation (from the train split unless given), and build the augmentation plan."""
-    from .augment import AugmentPlan, Views, channel_stats, decode_split, stratified_subset
+    settle the normalisation (from the train split unless given; a pretrained student's own with
+    ``pretrained`` = (mean, std, source) and --norm auto), and build the augmentation plan.
+
+    With cfg['unlabeled'] the images of that folder join the training views after the labelled ones,
+    with label edgekd.losses.UNLABELED (teacher term only)."""
+    from .augment import AugmentPlan, Views, decode_split, stratified_subset
 
     data = load_data(cfg["data"], cfg.get("data_root"), input_spec=input_spec)
     progress, workers = cfg.get("progress", True), cfg.get("workers", 0)
@@ -117,12 +94,12 @@ def prepare_data(cfg, input_spec=None):
     skipped = list(decode_split.skipped)
     test_images, test_labels = decode_split(data.test, data.input, None, workers, "decode test", progress, skip)
     data.skipped_images = skipped + list(decode_split.skipped)
-    norm = cfg.get("norm") or "auto"
-    if input_spec is None:
-        if norm == "train" or (norm == "auto" and data.spec != "digits"):
-            data.input.mean, data.input.std = channel_stats(train_images)
-        elif norm not in ("auto", "seed"):
-            data.input.mean, data.input.std = _parse_stats(norm, data.input.channels)
+    data.norm_source = _settle_norm(data, cfg, input_spec, train_images, pretrained)
+    data.labelled_images, data.unlabeled = len(train_labels), None
+    if cfg.get("unlabeled"):
+        extra, data.unlabeled = _decode_unlabeled(cfg, data, subset, workers, progress, skip)
+        train_images = torch.cat([train_images, extra])
+        train_labels = torch.cat([train_labels, torch.full((len(extra),), UNLABELED, dtype=train_labels.dtype)])
     augment = cfg.get("augment") or "auto"
     if augment == "auto":  # flips and shifts turn digits into other digits; photos take them well
         augment = "none" if data.spec == "digits" else "standard"
@@ -133,6 +110,57 @@ def prepare_data(cfg, input_spec=None):
     return data, train, test
 
 
+def _settle_norm(data, cfg, input_spec, train_images, pretrained):
+    """Set data.input's mean/std for this run; returns where they came from (recorded in metrics.json).
+
+    A pretrained student keeps the statistics its weights were trained with (ImageNet's, usually) unless
+    --norm says otherwise: its first layers expect inputs scaled that way, as in any fine-tuning recipe.
+    The train split's statistics come from the labelled images only, so a run with --unlabeled is
+    normalised like the same run without it."""
+    from .augment import channel_stats
+
+    norm = cfg.get("norm") or "auto"
+    if input_spec is not None:
+        return "checkpoint"
+    if norm == "auto" and pretrained is not None:
+        mean, std, source = pretrained
+        data.input.mean, data.input.std = _fit_channels(mean, data.input.channels), _fit_channels(std, data.input.channels)
+        return f"pretrained: {source}"
+    if norm == "train" or (norm == "auto" and data.spec != "digits"):
+        data.input.mean, data.input.std = channel_stats(train_images)
+        return "train split"
+    if norm not in ("auto", "seed"):
+        data.input.mean, data.input.std = _parse_stats(norm, data.input.channels)
+        return "given (--norm)"
+    return "seed (0.5/0.5)"
+
+
+def _fit_channels(values, channels):
+    """RGB statistics for ``channels`` inputs: their average for grey (whose stem weights are RGB summed)."""
+    if len(values) == channels:
+        return list(values)
+    return [sum(values) / len(values)] * channels
+
+
+def _decode_unlabeled(cfg, data, subset, workers, progress, skip):
+    """The --unlabeled folder's images at the data's input (uint8), and their record for metrics.json."""
+    from .augment import decode_split
+    from .data import load_unlabeled, split_paths
+
+    labelled = split_paths(data.train, subset)
+    if labelled is None:
+        log.info("%s has no image files: --unlabeled images cannot be compared with it by path", data.spec)
+    folder = load_unlabeled(cfg["unlabeled"], labelled, split_paths(data.test))
+    images, _ = decode_split(folder, data.input, None, workers, "decode unlabeled", progress, skip)
+    if not len(images):
+        raise EdgeKDError(f"--unlabeled {cfg['unlabeled']!r}: none of its {folder.found} image files could be read")
+    record = {"folder": folder.folder, "files": folder.found, "images": len(images),
+              "skipped": {**folder.skipped, "unreadable": len(decode_split.skipped)},
+              "compared_by_path": labelled is not None}
+    log.info("--unlabeled %s: %d images join %d labelled ones", folder.folder, len(images), data.labelled_images)
+    return images, record
+
+
 def _targets(dataset):
     if hasattr(dataset, "targets"):
         return list(dataset.targets)
@@ -140,9 +168,12 @@ def _targets(dataset):
 
 
 def _data_record(data, train, cfg):
-    return {"spec": data.spec, "train_images": len(train), "train_subset": cfg.get("train_subset"),
-            "skipped_bad_images": len(getattr(data, "skipped_images", [])),
-            "test_images": None, **train.plan.describe(), "mean": data.input.mean, "std": data.input.std}
+    labelled = getattr(data, "labelled_images", len(train))
+    return {"spec": data.spec, "train_images": len(train), "labelled_images": labelled,
+            "unlabeled_images": len(train) - labelled, "unlabeled": getattr(data, "unlabeled", None),
+            "train_subset": cfg.get("train_subset"), "skipped_bad_images": len(getattr(data, "skipped_images", [])),
+            "test_images": None, **train.plan.describe(), "mean": data.input.mean, "std": data.input.std,
+            "norm": getattr(data, "norm_source", None)}
 
 
 def _joined(run_fn):
@@ -170,58 +201,27 @@ def _distributed_record(ctx, cfg, run):
 @_joined
 def run_train(saved_cfg, cfg, ctx):
     """``edgekd train``: supervised training of one model. Writes model.pt, metrics.json, config.yaml."""
-    check_spec(cfg["model"])
+    if cfg.get("unlabeled"):
+        raise EdgeKDError("--unlabeled images are learned from the teacher's answers and edgekd train has no teacher: "
+                          "use edgekd distill --unlabeled DIR")
+    check_student(cfg["model"], cfg.get("weights"))
+    fetch_pretrained(cfg["model"])
     seed_everything(cfg["seed"])
-    data, train, test = prepare_data(cfg)
-    model = build_model(cfg["model"], len(data.classes), data.input)
+    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg["model"], cfg.get("weights")))
+    model, init = build_pretrained(cfg["model"], len(data.classes), data.input, cfg.get("weights"))
     if ctx.is_main:
         _save_config(cfg["out"], saved_cfg)
     loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
     run = TrainRun(train, test, loss_fn, dist=ctx)
     history = fit(model, run, cfg, desc=cfg["model"], state_path=os.path.join(cfg["out"], "model.state.pt"))
     metrics = _finish(model, run, cfg, _summary(cfg["model"], cfg["epochs"], history, model, data))
+    metrics["pretrained"] = init
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     if ctx.is_main:
         _save(os.path.join(cfg["out"], "model.pt"), model.cpu(), cfg["model"], data, metrics, saved_cfg)
         _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
     return metrics
-
-
-def _teacher(cfg, data, train, test, ctx):
-    """Load the teacher checkpoint, or train the teacher spec on the same data first. Returns
-    (model, input spec, metrics, checkpoint path)."""
-    spec = cfg["teacher"]
-    if os.path.isfile(spec):
-        model, ckpt = load_model(spec)
-        if len(ckpt["classes"]) != len(data.classes):
-            raise EdgeKDError(f"teacher {spec!r} has {len(ckpt['classes'])} classes but the data has {len(data.classes)}")
-        from .data import InputSpec
-
-        t_in = InputSpec.from_dict(ckpt["input"])
-        if (t_in.channels, t_in.height, t_in.width) != (data.input.channels, data.input.height, data.input.width):
-            raise EdgeKDError(f"teacher {spec!r} takes {t_in.channels}x{t_in.height}x{t_in.width} inputs but the data "
-                              f"gives {data.input.channels}x{data.input.height}x{data.input.width}")
-        metrics = dict(ckpt.get("metrics") or {})
-        metrics.update(source=os.path.abspath(spec), model=ckpt["model"])
-        return model, t_in, metrics, spec
-    path = os.path.join(cfg["out"], "teacher.pt")
-    if cfg.get("resume") and ctx.broadcast_object(os.path.isfile(path)):  # trained before the interruption
-        model, ckpt = load_model(path)
-        log.info("resuming: teacher already trained (%s)", path)
-        return model, data.input, ckpt["metrics"], path
-    model = build_model(spec, len(data.classes), data.input)
-    loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
-    epochs = cfg["teacher_epochs"] or cfg["epochs"]
-    t_cfg = {**cfg, "epochs": epochs}
-    run = TrainRun(train, test, loss_fn, dist=ctx)
-    history = fit(model, run, t_cfg, desc=f"teacher {spec}", state_path=os.path.join(cfg["out"], "teacher.state.pt"))
-    metrics = _finish(model, run, t_cfg, _summary(spec, epochs, history, model, data))
-    metrics["source"] = "trained"
-    if ctx.is_main:
-        _save(path, model, spec, data, metrics, t_cfg)
-    ctx.barrier()  # the others hash teacher.pt for the teacher cache: wait until it is written
-    return model.eval(), data.input, metrics, path
 
 
 def _loss_overrides(cfg):
@@ -236,7 +236,7 @@ def _feature_taps(loss_fn, student, teacher, data):
     from .features import FeatureTap, feature_shape
 
     s_tap, t_tap = FeatureTap(student, loss_fn.student_layer), FeatureTap(teacher.model, loss_fn.teacher_layer)
-    s_shape, t_shape = feature_shape(student, s_tap, data.input), feature_shape(teacher.model, t_tap, data.input)
+    s_shape, t_shape = feature_shape(student, s_tap, data.input), feature_shape(teacher.model, t_tap, teacher.input)
     loss_fn.build_adapter(s_shape, t_shape)
     log.info("feature hint: student %s %s -> teacher %s %s", s_tap.name, s_shape[1:], t_tap.name, t_shape[1:])
     return s_tap, t_tap
@@ -249,16 +249,23 @@ def run_distill(saved_cfg, cfg, ctx):
     if not meta["needs_teacher"]:
         raise EdgeKDError(f"loss {cfg['loss']!r} uses no teacher; use `edgekd train` or one of "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]))
-    check_spec(cfg["student"])
-    check_spec(cfg["teacher"])
+    check_student(cfg["student"], cfg.get("student_weights"))
+    t_options = teachers.TeacherOptions.from_cfg(cfg)
+    teachers.check(cfg["teacher"], t_options, meta)
+    fetch_pretrained(cfg["student"])
     seed_everything(cfg["seed"])
-    data, train, test = prepare_data(cfg)
-    student = build_model(cfg["student"], len(data.classes), data.input)
+    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg["student"], cfg.get("student_weights")))
+    student, student_init = build_pretrained(cfg["student"], len(data.classes), data.input, cfg.get("student_weights"))
     loss_fn, loss_params = make_loss(cfg["loss"], label_smoothing=cfg.get("label_smoothing"), **_loss_overrides(cfg))
     if ctx.is_main:
         _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params})
-    teacher_model, teacher_input, teacher_metrics, teacher_path = _teacher(cfg, data, train, test, ctx)
-    teacher = FrozenTeacher(teacher_model, teacher_input, data.input)
+    # a teacher trained here learns from the labelled images only
+    teacher = teachers.load_teacher(cfg, t_options, data, train.labelled(), test, ctx, evaluate_on=test)
+    if ctx.is_main:  # again, now with what the teacher turned out to be
+        _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params, "teacher_resolved": teacher.describe()})
+    if t_options.views:  # after a teacher trained here: it learnt from every epoch's views
+        train.plan.replay(t_options.views)
+        train._epoch = None  # the views cached for the teacher's last epoch are not that epoch's any more
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None
     cache, cache_seconds = None, None
     if cfg.get("teacher_cache"):
@@ -267,7 +274,7 @@ def run_distill(saved_cfg, cfg, ctx):
         else:
             from .teacher_cache import TeacherCache
 
-            cache = TeacherCache(cfg["teacher_cache"], teacher_path, train)
+            cache = TeacherCache(cfg["teacher_cache"], teacher, train)
             if ctx.is_main:  # rank 0 computes and writes the cache; the others then read it
                 cache_seconds = cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=cfg.get("progress", True))
             ctx.barrier()
@@ -280,10 +287,13 @@ def run_distill(saved_cfg, cfg, ctx):
                   state_path=os.path.join(cfg["out"], "student.state.pt"))
     metrics = _finish(student, run, cfg, _summary(cfg["student"], cfg["epochs"], history, student, data))
     metrics.update(loss=cfg["loss"], loss_params=loss_params, teacher={
-        k: teacher_metrics.get(k) for k in ("model", "source", "epochs", "test_top1", "params", "flops", "history")})
+        **{k: teacher.metrics.get(k) for k in ("model", "source", "epochs", "test_top1", "params", "flops", "history")},
+        **teacher.describe()})
+    metrics["pretrained"] = student_init
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["teacher_cache"] = None if cache is None else {"path": cache.path, "build_seconds": cache_seconds,
-                                                           "teacher_sha256": cache.teacher_sha}
+                                                           "teacher_sha256": cache.teacher_sha,
+                                                           "views": train.plan.views}
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     if ctx.is_main:
         _save(os.path.join(cfg["out"], "student.pt"), student.cpu(), cfg["student"], data, metrics, saved_cfg)

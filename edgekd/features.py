@@ -44,10 +44,12 @@ def feature_shape(model, tap, input_spec):
     """The shape of the tapped layer's output for one image (runs one forward in eval mode)."""
     import torch
 
+    from .models import example_input
+
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, input_spec.channels, input_spec.height, input_spec.width))
+        model(example_input(model, input_spec.channels, input_spec.height, input_spec.width))
     model.train(was_training)
     if not isinstance(tap.output, torch.Tensor) or tap.output.dim() != 4:
         raise EdgeKDError(f"layer {tap.name!r} does not give a (N, C, H, W) feature map")

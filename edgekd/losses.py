@@ -9,9 +9,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import EdgeKDError
 from .registry import Registry
 
 LOSSES = Registry("loss")
+UNLABELED = -1  # the label of an unlabelled image (--unlabeled): it gets the teacher term only
 
 
 class _Loss(nn.Module):
@@ -20,7 +22,11 @@ class _Loss(nn.Module):
     label_smoothing = 0.0
 
     def task(self, student, labels):
-        return F.cross_entropy(student, labels, label_smoothing=self.label_smoothing)
+        """Cross-entropy averaged over the labelled samples only; 0 for a batch with none (still a graph
+        node, so a loss made only of it can be back-propagated)."""
+        if not (labels != UNLABELED).any():
+            return student.sum() * 0.0
+        return F.cross_entropy(student, labels, ignore_index=UNLABELED, label_smoothing=self.label_smoothing)
 
 
 @LOSSES.register("ce", needs_teacher=False, defaults={},
@@ -108,7 +114,10 @@ class DecoupledKD(_Loss):
     def forward(self, student, teacher, labels, **_):
         t = self.temperature
         task = self.task(student, labels)
-        gt = F.one_hot(labels, student.shape[1]).bool()
+        # An unlabelled image has no true class to split target from non-target: the teacher's top class
+        # stands in for it (its pseudo-label), which for a labelled image the teacher gets right is the same.
+        target = torch.where(labels == UNLABELED, teacher.argmax(1), labels)
+        gt = F.one_hot(target, student.shape[1]).bool()
         p_s, p_t = F.softmax(student / t, dim=1), F.softmax(teacher / t, dim=1)
         # TCKD: KL between the binary distributions (p_target, 1 - p_target).
         b_s = torch.stack([(p_s * gt).sum(1), (p_s * ~gt).sum(1)], dim=1)
@@ -169,11 +178,31 @@ class FitNetHint(_Loss):
         return {"loss": task + kd, "task_loss": task, "kd_loss": kd, **parts}
 
 
+def _flag(param):
+    return {"warmup": "--dkd-warmup"}.get(param, "--" + param.replace("_", "-"))
+
+
+def _and(items):
+    return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def check_options(name, given):
+    """Refuse options the loss does not use (``given``: parameter name -> value, None for not given),
+    so that ``--loss kd --beta 5`` is an error rather than a silently ignored value."""
+    takes = [k for k in LOSSES.meta(name)["defaults"] if k != "ce_weight"]  # ce_weight has no option
+    unused = [k for k, v in given.items() if v is not None and k not in LOSSES.meta(name)["defaults"]]
+    if unused:
+        offered = f"takes {_and([_flag(k) for k in takes])}" if takes else "takes no options"
+        raise EdgeKDError(f"--loss {name} {offered}; it does not use {_and([_flag(k) for k in unused])}")
+
+
 def make_loss(name, label_smoothing=0.0, **overrides):
-    """The named loss with its registered defaults, overridden by any non-None value given."""
+    """The named loss with its registered defaults, overridden by any non-None value given; a value
+    for an option the loss does not take is refused."""
     meta = LOSSES.meta(name)
+    check_options(name, overrides)
     params = dict(meta["defaults"])
-    params.update({k: v for k, v in overrides.items() if v is not None and k in params})
+    params.update({k: v for k, v in overrides.items() if v is not None})
     loss = LOSSES.get(name)(**params)
     loss.label_smoothing = float(label_smoothing or 0.0)
     return loss, params

@@ -114,15 +114,14 @@ def _student(cfg):
 
 def _teacher_spec(cfg, ckpt):
     """--teacher, else the teacher the student was distilled from (its config, or teacher.pt beside it)."""
-    if cfg.get("teacher"):
-        spec = cfg["teacher"]
-    else:
-        spec = (ckpt.get("config") or {}).get("teacher")
-        beside = os.path.join(os.path.dirname(os.path.abspath(cfg["student"])), "teacher.pt")
-        if not (spec and os.path.isfile(spec)) and os.path.isfile(beside):
-            spec = beside
+    if cfg.get("teacher"):  # any teacher spec distill takes; edgekd.teachers checks it
+        return cfg["teacher"]
+    spec = (ckpt.get("config") or {}).get("teacher")
+    beside = os.path.join(os.path.dirname(os.path.abspath(cfg["student"])), "teacher.pt")
+    if not (spec and os.path.isfile(spec)) and os.path.isfile(beside):
+        spec = beside
     if not spec or not os.path.isfile(spec):
-        raise EdgeKDError(f"quantization-aware distillation needs a teacher checkpoint: --teacher PATH.pt "
+        raise EdgeKDError(f"quantization-aware distillation needs a teacher: --teacher SPEC (a checkpoint, bundle, ...) "
                           f"(found none for {cfg['student']!r} in its config or beside it)")
     return spec
 
@@ -131,7 +130,8 @@ def run_quantize(cfg):
     """``edgekd quantize``: calibrate fake quantizers into the student, distill for cfg['epochs'] epochs,
     write DIR/student-qat.pt, DIR/metrics.json, DIR/config.yaml. Resumable like ``distill``."""
     from .data import InputSpec
-    from .distill import FrozenTeacher, _save_config, _teacher, _write_json, prepare_data
+    from . import teachers
+    from .distill import _save_config, _write_json, prepare_data
     from .distributed import Context
     from .checkpoint import save_checkpoint
     from .losses import LOSSES, make_loss
@@ -157,13 +157,15 @@ def run_quantize(cfg):
     qmodel = _quantized_student(cfg, student, train, out)
     int8_before = evaluate(qmodel, test)
     log.info("fake-quantized student before training: top-1 %.4f (FP32 %.4f)", int8_before, fp32_top1)
-    t_model, t_input, t_metrics, t_path = _teacher({**cfg, "teacher": teacher_spec}, data, train, test, Context())
-    teacher = FrozenTeacher(t_model, t_input, data.input)
+    # any teacher source distill takes (a checkpoint, a bundle, ONNX, ...), with its own view and class order
+    teacher = teachers.load_teacher({**cfg, "teacher": teacher_spec}, teachers.TeacherOptions.from_cfg(cfg), data,
+                                    train, test, Context())
+    t_metrics = teacher.metrics
     cache = None
     if cfg.get("teacher_cache"):
         from .teacher_cache import TeacherCache
 
-        cache = TeacherCache(cfg["teacher_cache"], t_path, train)
+        cache = TeacherCache(cfg["teacher_cache"], teacher, train)
         cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=cfg.get("progress", True))
     seed_everything(cfg["seed"])
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache)

@@ -58,8 +58,33 @@ def parse_target(url, ssh_config=None):
         python = rest
     if ssh_config and not os.path.isfile(ssh_config):
         raise EdgeKDError(f"ssh config {ssh_config!r} does not exist")
-    return Target(m.group("host").strip("[]"), m.group("user"), int(m.group("port")) if m.group("port") else None,
-                  python, folder, ssh_config, openvino_device=m.group("ov") or "CPU")
+    host, user = m.group("host"), m.group("user")
+    port = int(m.group("port")) if m.group("port") else None
+    _check_parts(url, host, user, port, python, folder)
+    return Target(host.strip("[]"), user, port, python, folder, ssh_config, openvino_device=m.group("ov") or "CPU")
+
+
+# What reaches ssh, scp and the device's shell as an argument: a host name, alias or address, a user name,
+# a path. Nothing may start with '-' (ssh would read "-oProxyCommand=..." as an option and run it).
+_HOST = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\])$")
+_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_PATH = re.compile(r"^[A-Za-z0-9_./~+@%=,][A-Za-z0-9_./~+@%=,-]*$")
+
+
+def _check_parts(url, host, user, port, python, folder):
+    """Refuse any part of a device URL that ssh or the device's shell could read as an option or as code."""
+    if not _HOST.match(host):
+        raise EdgeKDError(f"bad device {url!r}: host {host!r} must be a host name, alias or address (letters, digits, "
+                          "'.', '-', '_', not starting with '-'; IPv6 in [brackets])")
+    if user is not None and not _USER.match(user):
+        raise EdgeKDError(f"bad device {url!r}: user {user!r} must be letters, digits, '.', '-', '_', "
+                          "not starting with '-'")
+    if port is not None and not 1 <= port <= 65535:
+        raise EdgeKDError(f"bad device {url!r}: port {port} must be from 1 to 65535")
+    for what, path in (("python path", python), ("folder", folder)):
+        if path is not None and not _PATH.match(path):
+            raise EdgeKDError(f"bad device {url!r}: {what} {path!r} must be a plain path (letters, digits and "
+                              "./~+@%=,_-; no spaces, quotes or control characters; not starting with '-')")
 
 
 def _options(target):
@@ -72,7 +97,9 @@ def _options(target):
 
 def run(target, command, timeout=DEFAULT_TIMEOUT_S, input_bytes=None):
     """Run a shell command on the device; return its stdout (bytes). Raise one clear line on failure."""
-    args = ["ssh"] + _options(target) + (["-p", str(target.port)] if target.port else []) + [target.destination, command]
+    # "--" ends ssh's options: nothing after it is read as one, whatever it holds.
+    args = (["ssh"] + _options(target) + (["-p", str(target.port)] if target.port else [])
+            + ["--", target.destination, command])
     proc = _call(args, target, timeout, input_bytes)
     if proc.returncode != 0:
         raise EdgeKDError(_explain(target, proc))
@@ -82,7 +109,7 @@ def run(target, command, timeout=DEFAULT_TIMEOUT_S, input_bytes=None):
 def copy_to(target, local_paths, remote_folder, timeout=DEFAULT_TIMEOUT_S):
     """Copy files and folders into an existing folder on the device (scp -r, batch mode)."""
     args = ["scp", "-r", "-q"] + _options(target) + (["-P", str(target.port)] if target.port else [])
-    args += list(local_paths) + [f"{target.destination}:{remote_folder}/"]
+    args += ["--"] + list(local_paths) + [f"{target.destination}:{remote_folder}/"]
     proc = _call(args, target, timeout)
     if proc.returncode != 0:
         raise EdgeKDError(_explain(target, proc, "copying to"))

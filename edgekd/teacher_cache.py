@@ -7,6 +7,11 @@ once and replayed: the student learns from exactly what the teacher said about e
 sees. The cache is a file keyed by the teacher checkpoint's sha256, the augmentation seed and the
 training images, so any run with the same teacher, data and seed reuses it (several seeds,
 several losses) and a changed teacher can never be served stale logits.
+
+Any teacher of edgekd.teachers is keyed by its own sha256 (a checkpoint, ONNX or OpenVINO file, a bundle's
+manifest hashes, a pretrained model's weights) and by its view of the data (input size, mean/std,
+colour, outputs, class mapping). With ``--teacher-views K`` the augmentation plan replays K views per
+image (epoch e shows view (e - 1) mod K + 1), so the cache holds K epochs and serves a run of any length.
 """
 
 import hashlib
@@ -40,13 +45,22 @@ def data_fingerprint(views):
 
 
 class TeacherCache:
-    """Teacher logits per (epoch, image index) for one teacher checkpoint, augmentation plan and data."""
+    """Teacher logits per (view, image index) for one teacher, augmentation plan and data.
 
-    def __init__(self, folder, teacher_path, views):
+    ``teacher`` is an edgekd.teachers.Teacher (keyed by its sha256 and its view of the data) or the path
+    of a teacher checkpoint (keyed by the file's sha256 alone).
+    """
+
+    def __init__(self, folder, teacher, views):
         if views.plan is None:
             raise EdgeKDError("the teacher cache needs an augmentation plan")
-        self.teacher_sha = file_sha256(teacher_path)
+        if isinstance(teacher, (str, os.PathLike)):
+            self.teacher_sha, view = file_sha256(teacher), None
+        else:
+            self.teacher_sha, view = teacher.sha256, teacher.cache_key()
         self.key = {"teacher_sha256": self.teacher_sha, **views.plan.describe(), "data_sha256": data_fingerprint(views)}
+        if view is not None:
+            self.key["teacher_view"] = view
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.path = os.path.join(folder, f"teacher-{self.teacher_sha[:12]}-aug{views.plan.seed}-{digest}.pt")
         self.views = views
@@ -64,12 +78,15 @@ class TeacherCache:
 
     @torch.no_grad()
     def build(self, teacher, epochs, batch_size=256, device="cpu", progress=True):
-        """Make sure epochs 1..``epochs`` are cached, computing only the missing ones. Returns seconds spent."""
+        """Make sure the views of epochs 1..``epochs`` are cached, computing only the missing ones (with
+        ``--teacher-views K`` at most K). Returns seconds spent."""
         import time
 
-        from tqdm import tqdm
+        from .progress import bar
 
         self.load()
+        if self.views.plan.views:
+            epochs = min(epochs, self.views.plan.views)
         if self.epochs >= epochs:
             log.info("teacher cache hit: %s (%d epochs)", self.path, self.epochs)
             return 0.0
@@ -78,9 +95,8 @@ class TeacherCache:
         new = []
         for epoch in range(self.epochs + 1, epochs + 1):
             out = []
-            for x, _, _ in tqdm(self.views.batches(batch_size, epoch=epoch), total=-(-n // batch_size),
-                                desc=f"teacher cache epoch {epoch}/{epochs}", unit="batch", disable=not progress,
-                                leave=False):
+            for x, _, _ in bar(self.views.batches(batch_size, epoch=epoch), total=-(-n // batch_size),
+                               desc=f"teacher cache epoch {epoch}/{epochs}", unit="batch", disable=not progress):
                 out.append(teacher(x.to(device)).float().cpu())
             new.append(torch.cat(out))
         stacked = torch.stack(new)
@@ -93,6 +109,7 @@ class TeacherCache:
 
     def lookup(self, epoch, idx):
         """The cached teacher logits of images ``idx`` as seen in ``epoch`` (1-based)."""
+        epoch = self.views.plan.view_of(epoch)
         if epoch > self.epochs:
             raise EdgeKDError(f"teacher cache {self.path} holds {self.epochs} epochs, epoch {epoch} was asked for")
         return self.logits[epoch - 1, idx]

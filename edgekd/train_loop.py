@@ -11,6 +11,7 @@ import torch
 
 from . import EdgeKDError, Interrupted
 from .checkpoint import atomic_write
+from .progress import REPORT, bar
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +228,6 @@ def fit(model, run, cfg, desc="train", state_path=None):
     started with cfg['resume'] continues from the last complete epoch found there. Under torchrun the
     model is trained through DistributedDataParallel; ``model`` itself stays unwrapped.
     """
-    from tqdm import tqdm
-
     dist, device = run.dist, cfg["device"]
     amp_dtype, channels_last = cuda_speedups(cfg)
     model.to(device).train()
@@ -251,14 +250,14 @@ def fit(model, run, cfg, desc="train", state_path=None):
             done, history = apply_state(state, state_path, model, run, optimizer, scheduler, scaler)
             log.info("%s: resuming after epoch %d from %s", desc, done, state_path)
             if cfg.get("progress", True) and dist.is_main:
-                print(f"{desc}: resuming after epoch {done}/{cfg['epochs']}", flush=True)
+                REPORT.info("%s: resuming after epoch %d/%d", desc, done, cfg["epochs"])
     net = dist.wrap(model, device)
     if cfg.get("compile"):
         net = torch.compile(net)
     loop = _Loop(model, net, optimizer, scheduler, scaler, amp_dtype, channels_last)
     with _StopOnSigint() as stop:
         for epoch in range(done + 1, cfg["epochs"] + 1):
-            record = _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm)
+            record = _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop)
             history.append(record)
             if state_path and dist.is_main:
                 save_state(state_path, model, run, optimizer, scheduler, epoch, history, scaler)
@@ -287,15 +286,18 @@ def _backward(loop, run, loss):
     loop.scheduler.step()
 
 
-def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
+def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
     """One epoch of training and its evaluation; returns the epoch's record (counts summed over ranks)."""
     dist, device = run.dist, cfg["device"]
     if hasattr(run.loss_fn, "set_epoch"):
         run.loss_fn.set_epoch(epoch)
-    sums, seen, correct, start = {}, 0, 0, time.perf_counter()
-    bar = tqdm(_train_batches(run, cfg, epoch), total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg['epochs']}",
-               unit="batch", disable=not (cfg.get("progress", True) and dist.is_main), dynamic_ncols=True, leave=True)
-    for batch, (x, y, idx) in enumerate(bar, 1):
+    timed_teacher = run.teacher is not None and hasattr(run.teacher, "take_seconds")
+    if timed_teacher:
+        run.teacher.take_seconds()  # count this epoch's teacher forwards only
+    sums, seen, labelled, correct, start = {}, 0, 0, 0, time.perf_counter()
+    progress = bar(_train_batches(run, cfg, epoch), total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg['epochs']}",
+                   unit="batch", disable=not (cfg.get("progress", True) and dist.is_main), leave=True)
+    for batch, (x, y, idx) in enumerate(progress, 1):
         x, y = _to_device(x, y, device, loop.channels_last)
         with _autocast(loop.amp_dtype):
             s_logits, parts = _step(loop.net, run, x, y, idx, epoch)
@@ -307,27 +309,33 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop, tqdm):
                               f"the last complete epoch ({epoch - 1}) is kept; lower --lr and start again")
         _backward(loop, run, parts["loss"])
         seen += len(y)
-        correct += (s_logits.detach().argmax(1) == y).sum().item()
+        has_label = y >= 0  # unlabelled images (--unlabeled, label -1) have no right answer to count
+        labelled += has_label.sum().item()
+        correct += (s_logits.detach().argmax(1) == y)[has_label].sum().item()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(y)
-        bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
+        progress.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
                         kd=f"{sums['kd_loss'] / seen:.3f}", ips=f"{seen * dist.world_size / (time.perf_counter() - start):.0f}")
         if stopping:
-            bar.close()
+            progress.close()
             raise Interrupted(f"interrupted in epoch {epoch} of {desc}; the last complete epoch ({epoch - 1}) is saved")
     seconds = time.perf_counter() - start
     run.local_images += seen
     keys = sorted(sums)
-    totals = dist.all_reduce_sum(torch.tensor([seen, correct] + [sums[k] for k in keys], dtype=torch.float64)).tolist()
-    seen, correct, sums = totals[0], totals[1], dict(zip(keys, totals[2:]))
+    totals = dist.all_reduce_sum(torch.tensor([seen, labelled, correct] + [sums[k] for k in keys],
+                                              dtype=torch.float64)).tolist()
+    seen, labelled, correct, sums = totals[0], totals[1], totals[2], dict(zip(keys, totals[3:]))
     dist.sync_buffers(loop.model)
     top1 = evaluate(loop.model, run.test, device, dist=dist)
-    record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(seen, 1),
+    record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(labelled, 1),
               "test_top1": top1, "lr": loop.optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
               "seconds": seconds}
+    if timed_teacher:  # the live teacher's own forward time (0 when its logits come from the cache)
+        record["teacher_seconds"] = run.teacher.take_seconds()
+        record["teacher_share"] = record["teacher_seconds"] / seconds if seconds > 0 else None
     log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
     if cfg.get("report_epochs", True) and dist.is_main:
         terms = "  ".join(f"{k} {record[k]:.4f}" for k in sums)
-        print(f"{desc} {epoch}/{cfg['epochs']}: {terms}  test top-1 {top1:.4f}  "
-              f"({record['images_per_s']:.0f} img/s)", flush=True)
+        REPORT.info("%s %d/%d: %s  test top-1 %.4f  (%.0f img/s)", desc, epoch, cfg["epochs"], terms, top1,
+                    record["images_per_s"])
     return record

@@ -83,10 +83,10 @@ def strided_indices(n_items, limit):
 
 def load_images(dataset, indices, desc, progress=True):
     """Decode and preprocess the chosen items (the training transform) into float32 NCHW and int64 labels."""
-    from tqdm import tqdm
+    from ..progress import bar
 
     images, labels = [], []
-    for i in tqdm(indices, desc=desc, unit="img", disable=not progress, leave=False):
+    for i in bar(indices, desc=desc, unit="img", disable=not progress):
         x, y = dataset[i]
         images.append(np.asarray(x, dtype=np.float32))
         labels.append(int(y))

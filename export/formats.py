@@ -4,22 +4,35 @@ validation of a request (refused up front, naming what is supported) and the dis
 from .. import EdgeKDError
 from ..registry import Registry
 
-from .onnx import build_onnx, restore_onnx
-from .openvino import build_openvino, restore_openvino
+from .onnx import onnx_describe, onnx_fp16, onnx_fp32, onnx_int8, restore_onnx
+from .openvino import openvino_convert, openvino_int8, openvino_save, restore_openvino
+from .qat import build_qat
 from .quantize_onnx import CALIB_METHODS
 
 FORMATS = Registry("export format")
-PRECISIONS = ("fp32", "fp16", "int8")
 # Logit tolerances of the parity gate. FP16 rounds weights and activations to 11-bit mantissas: on the
 # CIFAR-10 and digits students the largest logit moved by about 1e-2 (docs/export.md), so 5e-2.
 ATOL = {"fp32": 1e-4, "fp16": 5e-2}
 
-FORMATS.register("onnx", precisions=PRECISIONS, runtime="onnxruntime", files=("model.onnx",), atol=ATOL,
-                 quant_modes=("static", "dynamic"), calib_methods=CALIB_METHODS, int8_types=True,
-                 restore=restore_onnx, summary="ONNX (ONNX Runtime); INT8 as QDQ via onnxruntime.quantization")(build_onnx)
-FORMATS.register("openvino", precisions=PRECISIONS, runtime="openvino", files=("model.xml", "model.bin"), atol=ATOL,
-                 quant_modes=("static",), calib_methods=("nncf",), int8_types=False,
-                 restore=restore_openvino, summary="OpenVINO IR; INT8 via NNCF post-training quantization")(build_openvino)
+# Each format owns its steps, the registered object: ``steps[precision]`` runs in order (each step(job)
+# returns a dict merged into job.info; the first sets "model_file" and "fp32_reference"). Metadata:
+# ``restore`` is the INT8 fallback (job, tuning images, max drop, max layers -> {"layers_in_float": [...]}),
+# ``files`` the bundle's model files, ``inference_precision`` what the bundle runtime computes in (recorded
+# in the manifest), ``qat_steps`` the conversion of a quantization-aware-trained checkpoint (edgekd
+# quantize) at int8. A new stage is one more step in these lists.
+ONNX_STEPS = {"fp32": (onnx_fp32, onnx_describe), "fp16": (onnx_fp32, onnx_fp16, onnx_describe),
+              "int8": (onnx_fp32, onnx_int8, onnx_describe)}
+OPENVINO_STEPS = {"fp32": (openvino_convert, openvino_save), "fp16": (openvino_convert, openvino_save),
+                  "int8": (openvino_convert, openvino_int8, openvino_save)}
+
+FORMATS.register("onnx", precisions=tuple(ONNX_STEPS), runtime="onnxruntime", files=("model.onnx",), atol=ATOL,
+                 inference_precision=None, quant_modes=("static", "dynamic"), calib_methods=CALIB_METHODS,
+                 int8_types=True, restore=restore_onnx, qat_steps=(build_qat, onnx_describe),
+                 summary="ONNX (ONNX Runtime); INT8 as QDQ via onnxruntime.quantization")(ONNX_STEPS)
+FORMATS.register("openvino", precisions=tuple(OPENVINO_STEPS), runtime="openvino", files=("model.xml", "model.bin"),
+                 atol=ATOL, inference_precision="f32", quant_modes=("static",), calib_methods=("nncf",),
+                 int8_types=False, restore=restore_openvino, qat_steps=(build_qat,),
+                 summary="OpenVINO IR; INT8 via NNCF post-training quantization")(OPENVINO_STEPS)
 
 
 def check_request(fmt, precision, quant=None, calib_method=None, int8_types=None):

@@ -1,10 +1,12 @@
 """Bundle manifests: checksums, library versions, reading and writing manifest.json."""
 
 import hashlib
+import math
 import json
 import os
 
 MANIFEST = "manifest.json"
+MAX_SIDE = 8192  # an input height or width beyond this is a damaged field, not a model
 
 
 def sha256_file(path, chunk=1 << 20):
@@ -56,8 +58,10 @@ def read_manifest(folder):
     return manifest
 
 
-def _is_number_list(value, length=None):
-    return (isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+def _is_number_list(value, length=None, kind=(int, float)):
+    """A list of finite numbers (json.load reads NaN and Infinity, which no preprocessing can use)."""
+    return (isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
+                                            for v in value)
             and (length is None or len(value) == length))
 
 
@@ -85,7 +89,9 @@ def schema_problem(m):
             return f"field {field!r} is missing"
         if not ok(m[field]):
             return f"field {field!r} {what}"
-    if "model_file" in m and m["model_file"] not in m["files"]:
+    if "model_file" not in m:
+        return "field 'model_file' is missing"
+    if not isinstance(m["model_file"], str) or m["model_file"] not in m["files"]:
         return "field 'model_file' must name one of the files"
     spec = m["input"]
     shape = spec.get("shape")
@@ -94,7 +100,8 @@ def schema_problem(m):
     channels = shape[1]
     for field, ok, what in (
             ("color", lambda v: v == ("L" if channels == 1 else "RGB"), f"must be {'L' if channels == 1 else 'RGB'}"),
-            ("resize", lambda v: _is_number_list(v, 2) and min(v) > 0, "must be [height, width]"),
+            ("resize", lambda v: _is_number_list(v, 2, int) and 0 < min(v) and max(v) <= MAX_SIDE,
+             f"must be [height, width], whole numbers from 1 to {MAX_SIDE}"),
             ("mean", lambda v: _is_number_list(v, channels), f"must hold {channels} numbers"),
             ("std", lambda v: _is_number_list(v, channels) and min(v) > 0, f"must hold {channels} positive numbers")):
         if field not in spec:

@@ -13,6 +13,11 @@ from . import quantize_onnx as q
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+# metadata_props that edgekd writes into its ONNX files and reads from any ONNX teacher (edgekd.teachers):
+# classes, mean, std and input_size as JSON ([names], [floats] in [0, 1] pixel units, [height, width]);
+# color as RGB, BGR or L; outputs as logits or probs.
+METADATA_KEYS = {"classes": "edgekd.classes", "mean": "edgekd.mean", "std": "edgekd.std", "color": "edgekd.color",
+                 "input_size": "edgekd.input_size", "outputs": "edgekd.outputs"}
 # Weights go into external data only when the protobuf would pass its 2 GB limit.
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
@@ -59,6 +64,24 @@ def _strip_debug_metadata(path):
     onnx.save(model, path)
 
 
+def write_metadata(path, classes, input_spec):
+    """Describe the model inside the ONNX file (METADATA_KEYS), so the file alone is a usable teacher."""
+    import json
+
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)  # external weights stay where they are
+    values = {"classes": json.dumps(list(classes)), "mean": json.dumps(list(input_spec.mean)),
+              "std": json.dumps(list(input_spec.std)), "color": input_spec.color,
+              "input_size": json.dumps([input_spec.height, input_spec.width]), "outputs": "logits"}
+    kept = [p for p in model.metadata_props if p.key not in METADATA_KEYS.values()]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in values.items():
+        model.metadata_props.add(key=METADATA_KEYS[key], value=value)
+    onnx.save(model, path)
+
+
 def to_fp16(src, dst):
     """FP16 weights and arithmetic, float32 input and output (callers keep feeding float32 images)."""
     import onnx
@@ -90,20 +113,27 @@ def _sort_topologically(graph):
     graph.node.extend(ordered)
 
 
-def build_onnx(job):
-    """The ONNX exporter of the format table: writes ``job.folder/model.onnx`` at ``job.precision``."""
-    if job.precision == "fp32":
-        export_onnx(job.model, job.input_spec, job.folder, job.options.get("opset"))
-        return {"model_file": MODEL_FILE}
-    fp32 = os.path.join(job.scratch, MODEL_FILE)
-    export_onnx(job.model, job.input_spec, job.scratch, job.options.get("opset"))
-    out = os.path.join(job.folder, MODEL_FILE)
-    if job.precision == "fp16":
-        to_fp16(fp32, out)
-        return {"model_file": MODEL_FILE}
+# The format table's steps (export/formats.py): each reads the job, writes its files, and returns what it
+# adds to ``job.info``; the pipeline runs the ones listed for the requested precision, in order.
+
+
+def onnx_fp32(job):
+    """FP32 ONNX from torch: the bundle's model at fp32, otherwise the reference the next step starts from."""
+    folder = job.folder if job.precision == "fp32" else job.scratch
+    export_onnx(job.model, job.input_spec, folder, job.options.get("opset"))
+    return {"model_file": MODEL_FILE, "fp32_reference": os.path.join(folder, MODEL_FILE)}
+
+
+def onnx_fp16(job):
+    to_fp16(job.info["fp32_reference"], os.path.join(job.folder, MODEL_FILE))
+
+
+def onnx_int8(job):
+    """INT8 through ONNX Runtime's quantizer: static QDQ on the calibration images, or dynamic on request."""
     o = job.options
     settings = q.int8_settings(o["int8_types"], o["reduce_range"], o["per_channel"])
-    pre = q.preprocess(fp32, os.path.join(job.scratch, "preprocessed.onnx"))
+    pre = q.preprocess(job.info["fp32_reference"], os.path.join(job.scratch, "preprocessed.onnx"))
+    out = os.path.join(job.folder, MODEL_FILE)
     if o["quant"] == "dynamic":
         log.warning("dynamic INT8 runs convolutions as ConvInteger, measured several times slower than FP32 "
                     "on CPU; static INT8 is the default for conv nets")
@@ -113,8 +143,12 @@ def build_onnx(job):
         q.quantize_static_file(pre, out, job.calib, settings, o["calib_method"],
                                os.path.join(job.scratch, "calibration-cache.json"), progress=job.progress)
         settings.update(mode="static", calib_method=o["calib_method"])
-    return {"model_file": MODEL_FILE, "quantization": settings, "fp32_reference": fp32,
-            "quantizable_layers": len(q.quantizable_nodes(pre))}
+    return {"quantization": settings, "quantizable_layers": len(q.quantizable_nodes(pre))}
+
+
+def onnx_describe(job):
+    """The last ONNX step: class names and preprocessing travel inside the file (a teacher needs them)."""
+    write_metadata(os.path.join(job.folder, MODEL_FILE), job.options["classes"], job.input_spec)
 
 
 def restore_onnx(job, tune, max_drop, max_layers):
@@ -124,5 +158,7 @@ def restore_onnx(job, tune, max_drop, max_layers):
         raise EdgeKDError("the INT8 fallback works on static quantization; drop --quant dynamic")
     settings = q.int8_settings(o["int8_types"], o["reduce_range"], o["per_channel"])
     pre = os.path.join(job.scratch, "preprocessed.onnx")
-    return q.restore_layers(pre, os.path.join(job.folder, MODEL_FILE), job.scratch, job.calib, tune, settings,
-                            o["calib_method"], max_drop, max_layers, job.progress)
+    restored = q.restore_layers(pre, os.path.join(job.folder, MODEL_FILE), job.scratch, job.calib, tune, settings,
+                                o["calib_method"], max_drop, max_layers, job.progress)
+    onnx_describe(job)  # the re-quantized file is a new file
+    return restored

@@ -5,6 +5,7 @@ The model is converted from the checkpoint's FP32 ONNX export: that keeps channe
 static and the batch dynamic, and traces the network once, the same way for every format.
 """
 
+import contextlib
 import logging
 import os
 
@@ -29,30 +30,63 @@ def import_openvino():
     return openvino
 
 
-def build_openvino(job):
-    """The OpenVINO exporter of the format table: writes ``model.xml`` + ``model.bin`` at ``job.precision``."""
+# The format table's steps (see export/onnx.py): convert, [quantize,] save.
+
+
+def openvino_convert(job):
+    """The checkpoint's FP32 ONNX export (scratch) converted to an in-memory OpenVINO model."""
     ov = import_openvino()
     export_onnx(job.model, job.input_spec, job.scratch, job.options.get("opset"))
     fp32_onnx = os.path.join(job.scratch, ONNX_FILE)
+    job.state["model"] = _convert(ov, fp32_onnx)
+    return {"model_file": MODEL_FILE, "fp32_reference": fp32_onnx}
+
+
+def _convert(ov, path):
     try:
-        model = ov.convert_model(fp32_onnx)
+        return ov.convert_model(path)
     except Exception as e:
         raise EdgeKDError(f"openvino.convert_model failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    info = {"model_file": MODEL_FILE}
-    if job.precision == "int8":
-        model = _nncf_quantize(model, job.calib)
-        job.state["fp32_model"] = ov.convert_model(fp32_onnx)
-        job.state["int8_model"] = model
-        info.update(fp32_reference=fp32_onnx, quantizable_layers=len(quantized_layers(model)),
-                    quantization={"mode": "static", "tool": "nncf.quantize", "subset_size": len(job.calib),
-                                  "preset": "performance (symmetric weights and activations)",
-                                  "bias_correction": "full (fast_bias_correction=False)"})
+
+
+def openvino_int8(job):
+    """NNCF post-training quantization on the calibration images; keeps an FP32 copy for the fallback."""
+    model = _nncf_quantize(job.state["model"], job.calib, job.progress)
+    job.state.update(model=model, int8_model=model, fp32_model=_convert(import_openvino(), job.info["fp32_reference"]))
+    return {"quantizable_layers": len(quantized_layers(model)),
+            "quantization": {"mode": "static", "tool": "nncf.quantize", "subset_size": len(job.calib),
+                             "preset": "performance (symmetric weights and activations)",
+                             "bias_correction": "full (fast_bias_correction=False)"}}
+
+
+def openvino_save(job):
     # save_model compresses weights to FP16 unless told not to: only the fp16 bundle should be.
-    ov.save_model(model, os.path.join(job.folder, MODEL_FILE), compress_to_fp16=job.precision == "fp16")
-    return info
+    import_openvino().save_model(job.state["model"], os.path.join(job.folder, MODEL_FILE),
+                                 compress_to_fp16=job.precision == "fp16")
 
 
-def _nncf_quantize(model, calib):
+@contextlib.contextmanager
+def nncf_quiet(progress):
+    """Without --progress, NNCF prints neither its INFO lines nor its progress bars. Its bars
+    (nncf.common.logging.track_progress) are rich Progress objects on rich's global console, which has a
+    ``quiet`` switch; its lines go to the "nncf" logger."""
+    if progress:
+        yield
+        return
+    import rich
+
+    console, logger = rich.get_console(), logging.getLogger("nncf")
+    quiet, level = console.quiet, logger.level
+    console.quiet = True
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        console.quiet = quiet
+        logger.setLevel(level)
+
+
+def _nncf_quantize(model, calib, progress=True):
     import nncf
 
     # One image per item, so subset_size counts images and nothing is silently capped.
@@ -60,7 +94,8 @@ def _nncf_quantize(model, calib):
     try:
         # Fast bias correction cost the digits student 33 points of top-1 (0.90 -> 0.57) in our tests;
         # the full bias correction kept it at 0.91 (docs/export.md), so it is the default here.
-        return nncf.quantize(model, dataset, subset_size=len(calib), fast_bias_correction=False)
+        with nncf_quiet(progress):
+            return nncf.quantize(model, dataset, subset_size=len(calib), fast_bias_correction=False)
     except Exception as e:
         raise EdgeKDError(f"nncf.quantize failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
@@ -101,10 +136,11 @@ def restore_openvino(job, tune, max_drop, max_layers):
         return float(np.mean(hits)), None
 
     try:
-        model = nncf.quantize_with_accuracy_control(
-            job.state["fp32_model"], calib, validation, top1, max_drop=max_drop / 100,
-            drop_type=nncf.DropType.ABSOLUTE, subset_size=len(job.calib), fast_bias_correction=False,
-            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(max_num_iterations=max_layers))
+        with nncf_quiet(job.progress):
+            model = nncf.quantize_with_accuracy_control(
+                job.state["fp32_model"], calib, validation, top1, max_drop=max_drop / 100,
+                drop_type=nncf.DropType.ABSOLUTE, subset_size=len(job.calib), fast_bias_correction=False,
+                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(max_num_iterations=max_layers))
     except Exception as e:
         raise EdgeKDError(f"nncf.quantize_with_accuracy_control failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     before = quantized_layers(job.state["int8_model"])

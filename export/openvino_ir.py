@@ -19,11 +19,10 @@ def onnx_bundle_to_openvino(src, out):
     """Convert ``src`` (an ONNX bundle) into a new OpenVINO bundle folder ``out``; return its manifest."""
     import openvino as ov
 
-    from .manifest import read_manifest, sha256_file, write_manifest
-    from ..bench.backends import verify_bundle
+    from .manifest import sha256_file, write_manifest
+    from .runtime import verify_bundle
 
-    verify_bundle(src)
-    manifest = read_manifest(src)
+    manifest = verify_bundle(src)
     if manifest["format"] != "onnx":
         raise EdgeKDError(f"{src!r} is a {manifest['format']} bundle; expected an onnx bundle")
     if os.path.exists(out):

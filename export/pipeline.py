@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import EdgeKDError
+from ..outdir import temp_prefix
 
 from . import calibration
 from .formats import FORMATS, check_request
 from .manifest import library_versions, sha256_file, write_manifest
-from .runtime import open_session
 from .validate import compare, gate, run_batched
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ class ExportJob:
     options: dict
     calib: np.ndarray = None
     progress: bool = True
-    state: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)   # what the steps found: model_file, fp32_reference, quantization...
+    state: dict = field(default_factory=dict)  # in-memory objects a format's steps pass on (an OpenVINO model)
 
 
 def export_checkpoint(checkpoint, opts):
@@ -80,7 +81,7 @@ class _Export:
         self.int8 = opts.precision == "int8"
         self.static = self.int8 and self.meta["quant"] == "static"
         self.atol = opts.atol if opts.atol is not None else self.meta["atol"].get(opts.precision)
-        if self.int8 and opts.max_drop < 0:
+        if self.int8 and not opts.max_drop >= 0:  # NaN fails too
             raise EdgeKDError(f"--max-drop must be 0 or more points, got {opts.max_drop}")
 
     def run(self):
@@ -123,28 +124,25 @@ class _Export:
         out = o.out
         parent = os.path.dirname(os.path.abspath(out))
         os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
-        scratch = tempfile.mkdtemp(prefix="edgekd-export-")
+        staging = tempfile.mkdtemp(dir=parent, prefix="." + temp_prefix("bundle"))
+        scratch = tempfile.mkdtemp(prefix=temp_prefix("export"))
         job = ExportJob(self.model, self.spec, staging, scratch, o.precision,
                         {**asdict(o), "quant": self.meta["quant"], "calib_method": self.meta["calib_method"],
-                         "int8_types": o.int8_types or "auto"}, calib, o.progress)
+                         "int8_types": o.int8_types or "auto", "classes": list(self.ckpt["classes"])}, calib, o.progress)
         job.state["ckpt"] = self.ckpt
         try:
-            start = time.perf_counter()
-            if self.qat:  # int8: convert the fake-quantized model; no calibration, no fallback
-                from .qat import build_qat
-
-                info = build_qat(job)
-            else:
-                info = FORMATS.get(o.fmt)(job)
-            seconds = time.perf_counter() - start
+            seconds = self._convert(job)
+            info = job.info
             validation = self._validate(staging, info["model_file"])
             fallback = None
             if self.int8:
                 validation, fallback, seconds = self._int8_gate(job, info, validation, seconds)
             else:
                 self._fail_if(gate(validation, o.precision, atol=self.atol))
-            speed = self._speed(info, staging) if self.int8 and o.speed_check else None
+            speed = None
+            if self.int8 and o.speed_check:
+                speed = speed_check(o.fmt, os.path.join(staging, info["model_file"]), info["fp32_reference"],
+                                    (self.spec.channels, self.spec.height, self.spec.width))
             layers = self._layer_report(job, info, fallback) if self.int8 and o.layer_report else None
             manifest = self._manifest(staging, info, validation, fallback, speed, seconds)
             if self.int8:  # int8: per-layer report and the QAT record
@@ -167,20 +165,28 @@ class _Export:
         log.info("exported %s %s in %.1f s, %.3f MB (%s)", o.fmt, o.precision, seconds, size / 1e6, out)
         return manifest
 
+    def _convert(self, job):
+        """Run the format's steps for this precision, in order; return the seconds they took."""
+        start = time.perf_counter()
+        # a QAT checkpoint (edgekd quantize) is converted as it was trained: no calibration, no fallback
+        steps = FORMATS.meta(self.o.fmt)["qat_steps"] if self.qat else FORMATS.get(self.o.fmt)[job.precision]
+        for step in steps:
+            t0 = time.perf_counter()
+            job.info.update(step(job) or {})
+            log.info("export step %s: %.1f s", step.__name__, time.perf_counter() - t0)
+        return time.perf_counter() - start
+
     def _validate(self, folder, model_file):
-        from tqdm import tqdm
+        from ..bench.device_runner import open_model
+        from ..progress import bar
 
-        session = open_session(self.o.fmt, os.path.join(folder, model_file))
-        bar = tqdm(total=len(self.images), desc="validating", unit="img", disable=not self.o.progress, leave=False)
+        session, _ = open_model(os.path.join(folder, model_file), self.o.fmt)
+        with bar(total=len(self.images), desc="validating", unit="img", disable=not self.o.progress) as progress:
+            def run(batch):
+                progress.update(len(batch))
+                return session(batch)
 
-        def run(batch):
-            bar.update(len(batch))
-            return session(batch)
-
-        try:
             outputs = run_batched(run, self.images)
-        finally:
-            bar.close()
         validation = compare(self.reference, outputs, self.labels)
         validation.update(data=self.dataset.spec, split="test", atol=self.atol)
         return validation
@@ -245,33 +251,12 @@ class _Export:
         if failures:
             raise EdgeKDError("parity check failed: " + "; ".join(failures) + suffix + "; no bundle written")
 
-    def _speed(self, info, staging):
-        """Time FP32 against INT8 in a torch-free subprocess; warn when INT8 is not faster here."""
-        fp32_format = "onnx" if self.o.fmt == "onnx" else "openvino"
-        job = {"format": self.o.fmt, "int8_path": os.path.join(staging, info["model_file"]),
-               "fp32_format": fp32_format, "fp32_path": info["fp32_reference"],
-               "shape": [self.spec.channels, self.spec.height, self.spec.width]}
-        path = os.path.join(os.path.dirname(info["fp32_reference"]), "speed-job.json")
-        with open(path, "w") as f:
-            json.dump(job, f)
-        env = dict(os.environ, OPENVINO_TELEMETRY_OPT_OUT="1")
-        proc = subprocess.run([sys.executable, "-m", "edgekd.export.speed", path], capture_output=True, text=True,
-                              env=env, timeout=300)
-        if proc.returncode != 0:
-            log.warning("the INT8 speed check failed: %s", (proc.stderr.strip().splitlines() or ["?"])[-1])
-            return {"status": "failed"}
-        rows = json.loads(proc.stdout.strip().splitlines()[-1])
-        from .speed import FASTER
-
-        slow = [r for r in rows if r["speedup"] < FASTER]
-        for r in slow:
-            log.warning("INT8 is not faster than FP32 on this machine at batch %d: %.3f ms vs %.3f ms (%.2fx)",
-                        r["batch_size"], r["int8_ms"], r["fp32_ms"], r["speedup"])
-        return {"rows": rows, "int8_faster": not slow, "threshold": FASTER, "machine": _machine()}
-
     def _manifest(self, staging, info, validation, fallback, speed, seconds):
         o, spec, ckpt = self.o, self.spec, self.ckpt
         files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
+        missing = [name for name in FORMATS.meta(o.fmt)["files"] if name not in files]
+        if missing:  # the format table names the files its steps publish; a step that did not is our bug
+            raise RuntimeError(f"the {o.fmt} export steps wrote no {', '.join(missing)}")
         manifest = {
             "format": o.fmt, "precision": o.precision, "model_file": info["model_file"], "files": files,
             "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
@@ -283,7 +268,7 @@ class _Export:
             "validation": validation, "export_seconds": round(seconds, 3),
             "size_bytes": sum(os.path.getsize(os.path.join(staging, n)) for n in files),
             "runtime": {"library": FORMATS.meta(o.fmt)["runtime"],
-                        "inference_precision": "f32" if o.fmt == "openvino" else None},
+                        "inference_precision": FORMATS.meta(o.fmt)["inference_precision"]},
             "versions": library_versions(),
         }
         if self.int8:
@@ -298,6 +283,28 @@ class _Export:
                     "INT8 was not faster than FP32 on the exporting machine: " + ", ".join(
                         f"batch {r['batch_size']} {r['speedup']:.2f}x" for r in speed["rows"]))
         return manifest
+
+
+def speed_check(fmt, int8_path, fp32_path, shape):
+    """Time FP32 against INT8 (the same runtime) in a torch-free subprocess; warn when INT8 is not faster here."""
+    job = {"format": fmt, "int8_path": int8_path, "fp32_format": fmt, "fp32_path": fp32_path, "shape": list(shape)}
+    path = os.path.join(os.path.dirname(fp32_path), "speed-job.json")
+    with open(path, "w") as f:
+        json.dump(job, f)
+    env = dict(os.environ, OPENVINO_TELEMETRY_OPT_OUT="1")
+    proc = subprocess.run([sys.executable, "-m", "edgekd.export.speed", path], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if proc.returncode != 0:
+        log.warning("the INT8 speed check failed: %s", (proc.stderr.strip().splitlines() or ["?"])[-1])
+        return {"status": "failed"}
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    from .speed import FASTER
+
+    slow = [r for r in rows if r["speedup"] < FASTER]
+    for r in slow:
+        log.warning("INT8 is not faster than FP32 on this machine at batch %d: %.3f ms vs %.3f ms (%.2fx)",
+                    r["batch_size"], r["int8_ms"], r["fp32_ms"], r["speedup"])
+    return {"rows": rows, "int8_faster": not slow, "threshold": FASTER, "machine": _machine()}
 
 
 def load_data_for(spec, data_root, input_spec):
@@ -320,11 +327,17 @@ def write_zip(folder, out):
     """``OUT.zip`` holding the bundle under one top folder named like OUT; written atomically."""
     name = os.path.basename(os.path.normpath(out))
     target = os.path.abspath(out).rstrip(os.sep) + ".zip"
-    tmp = target + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-        for entry in sorted(os.listdir(folder)):
-            z.write(os.path.join(folder, entry), f"{name}/{entry}")
-    os.replace(tmp, target)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix="." + temp_prefix("zip"))
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for entry in sorted(os.listdir(folder)):
+                z.write(os.path.join(folder, entry), f"{name}/{entry}")
+        os.chmod(tmp, 0o644)  # mkstemp made it private; a bundle is meant to be shared
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return target
 
 
@@ -332,7 +345,7 @@ def _publish(staging, out):
     """Swap the finished bundle into place; an older bundle at ``out`` is removed only afterwards."""
     old = None
     if os.path.exists(out):
-        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=f".{os.path.basename(out)}.old-")
+        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix="." + temp_prefix("old"))
         os.rmdir(old)
         os.replace(out, old)
     os.replace(staging, out)

@@ -76,10 +76,10 @@ class ImageReader:
     """ONNX Runtime's CalibrationDataReader over preprocessed images, with a progress bar."""
 
     def __init__(self, images, input_name="input", batch_size=32, progress=True):
-        from tqdm import tqdm
+        from ..progress import bar
 
         self.batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-        self.bar = tqdm(total=len(images), desc="calibrating", unit="img", disable=not progress, leave=False)
+        self.bar = bar(total=len(images), desc="calibrating", unit="img", disable=not progress)
         self.input_name, self.i = input_name, 0
 
     def get_next(self):
@@ -152,12 +152,12 @@ def _logits(path, images):
 def rank_sensitivity(pre_path, scratch, calib_images, tune_images, settings, method, progress=True):
     """Layers ordered from most to least harmful when quantized: for each, the logit error against FP32
     on the tuning images when only that layer is kept in float (lower error = more sensitive)."""
-    from tqdm import tqdm
+    from ..progress import bar
 
     reference = _logits(pre_path, tune_images)
     cache = os.path.join(scratch, "calibration-cache.json")
     errors = {}
-    for name in tqdm(quantizable_nodes(pre_path), desc="ranking layers", disable=not progress, leave=False):
+    for name in bar(quantizable_nodes(pre_path), desc="ranking layers", unit="layer", disable=not progress):
         trial = os.path.join(scratch, "trial.onnx")
         quantize_static_file(pre_path, trial, calib_images, settings, method, cache, exclude=[name], progress=progress)
         errors[name] = float(np.mean((_logits(trial, tune_images) - reference) ** 2))

@@ -38,10 +38,10 @@ def time_pair(fp32, int8, batch):
 def measure(job):
     import numpy as np
 
-    from .runtime import open_session
+    from ..bench.device_runner import open_model
 
-    fp32 = open_session(job["fp32_format"], job["fp32_path"])
-    int8 = open_session(job["format"], job["int8_path"])
+    fp32, _ = open_model(job["fp32_path"], job["fp32_format"])
+    int8, _ = open_model(job["int8_path"], job["format"])
     rng = np.random.default_rng(0)
     rows = []
     for b in BATCHES:

@@ -1,13 +1,35 @@
 """The parity gate: a bundle's outputs against the PyTorch model's, on real held-out images."""
 
+import math
+
 import numpy as np
 
 from .. import EdgeKDError
 
 
+def _rows_not_finite(logits):
+    """How many images (rows) of a logits array hold NaN or infinity."""
+    return int((~np.isfinite(logits.reshape(len(logits), -1))).any(axis=1).sum()) if len(logits) else 0
+
+
+def check_reference(reference_logits):
+    """A PyTorch model whose output holds NaN or infinity is broken; no tolerance can judge a bundle against it."""
+    ref = np.asarray(reference_logits)
+    bad = _rows_not_finite(ref)
+    if bad:
+        raise EdgeKDError(f"the model's output holds NaN or infinity on {bad} of {len(ref)} validation images: "
+                          "the checkpoint is broken (its weights hold NaN or overflow); no bundle written")
+
+
 def compare(reference_logits, bundle_logits, labels):
-    """Shapes must match (fatal otherwise); then differences, top-1 agreement, both accuracies and the drop."""
+    """Shapes must match (fatal otherwise); then differences, top-1 agreement, both accuracies and the drop.
+
+    A reference with NaN is a broken checkpoint (fatal); a bundle with NaN where PyTorch has none is
+    counted in ``not_finite`` and fails the gate (NaN compares false to every threshold, so it must be
+    caught before any comparison).
+    """
     ref, out = np.asarray(reference_logits), np.asarray(bundle_logits)
+    check_reference(ref)
     if ref.shape != out.shape:
         raise EdgeKDError(f"parity check failed: bundle output shape {list(out.shape)} != PyTorch {list(ref.shape)}; "
                           "no bundle written")
@@ -17,6 +39,7 @@ def compare(reference_logits, bundle_logits, labels):
     top1, reference_top1 = float((out_pred == labels).mean()), float((ref_pred == labels).mean())
     return {
         "images": int(len(labels)),
+        "not_finite": _rows_not_finite(out),
         "output_shape": [-1, *out.shape[1:]],
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
@@ -33,11 +56,18 @@ def gate(validation, precision, atol=None, max_drop=None):
     FP32 and FP16 are held to a logit tolerance; INT8 (whose logits legitimately move) to a top-1 drop.
     """
     n = validation["images"]
+    threshold = ("--atol", atol) if precision in ("fp32", "fp16") else ("--max-drop", max_drop)
+    if not (isinstance(threshold[1], (int, float)) and math.isfinite(threshold[1]) and threshold[1] >= 0):
+        raise EdgeKDError(f"{threshold[0]} must be a finite number of 0 or more, got {threshold[1]!r}")
     failures = []
-    if precision in ("fp32", "fp16") and validation["max_abs_diff"] > atol:
+    if validation.get("not_finite"):
+        failures.append(f"the bundle's output holds NaN or infinity on {validation['not_finite']} of {n} test images "
+                        "where PyTorch's does not")
+    # Written as "not (value <= limit)" so that a NaN difference or drop fails instead of passing.
+    if precision in ("fp32", "fp16") and not validation["max_abs_diff"] <= atol:
         failures.append(f"max |logit difference| {validation['max_abs_diff']:.3g} exceeds --atol {atol:g} "
                         f"on {n} test images")
-    if precision == "int8" and validation["drop"] > max_drop:
+    if precision == "int8" and not validation["drop"] <= max_drop:
         failures.append(f"INT8 top-1 {validation['top1']:.4f} is {validation['drop']:.2f} points below FP32 "
                         f"{validation['reference_top1']:.4f} on {n} test images, over --max-drop {max_drop:g}")
     return failures

@@ -6,6 +6,7 @@ import pytest
 
 # Keep the libraries' caches and telemetry out of the user's home during tests.
 os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
+import edgekd  # noqa: E402,F401  (importing edgekd switches OpenVINO's telemetry off in this process: edgekd/telemetry.py)
 
 
 def run_cli(*args, cwd=None, check=True, timeout=600):

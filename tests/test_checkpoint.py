@@ -24,7 +24,7 @@ def test_round_trip_gives_the_same_outputs(tmp_path):
     model.eval()
     assert torch.equal(model(x), loaded(x))
     assert ckpt["metrics"] == {"test_top1": 0.5} and ckpt["config"] == {"epochs": 1}
-    assert not list(tmp_path.glob(".tmp-*"))  # the atomic write left nothing behind
+    assert not list(tmp_path.glob("*edgekd-tmp-*"))  # the atomic write left nothing behind
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):

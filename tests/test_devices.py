@@ -134,7 +134,7 @@ def test_missing_runtime_on_the_device_is_a_row_that_names_the_package(sshd, dig
     cli("bench", digits_run / "student.pt", onnx_bundle, "--device", f"ssh://edgedevice{bare}", "--ssh-config", sshd,
         "--runs", 5, "--min-time", 0, "--warmup", 1, "--rounds", 1, "--out", out, "--no-progress")
     remote = json.loads((out / "results.json").read_text())["rows"][-1]
-    assert remote["status"] == "onnxruntime is not installed on the device: pip install onnxruntime"
+    assert remote["status"] == "onnxruntime is not installed here: pip install onnxruntime"
 
 
 def test_a_bundle_the_devices_runtime_cannot_load_is_a_row(sshd, device_python, onnx_bundle, digits_run, tmp_path, cli):

@@ -234,7 +234,7 @@ def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(tmp_pa
     uninterrupted = json.loads((reference / "metrics.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert abs(resumed["test_top1"] - uninterrupted["test_top1"]) <= 0.02
-    assert not list(out.glob(".tmp-*"))
+    assert not list(out.glob("*edgekd-tmp-*"))
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, cli):
