@@ -3,7 +3,7 @@ counters, grouped by operator type and by layer, with the precision each ran in.
 
 ``profile_bundle(folder, images, batch_size, runs, threads)`` -> {"by_type": [...], "by_layer": [...], ...}.
 It opens its own session (profiling slows every call a little, so the timed session stays untouched).
-Not yet wired into ``edgekd bench --profile`` (bench/worker.py, run.py, report.py): see the int8 report.
+``edgekd bench --profile`` asks each worker for it after timing (bench/worker.py ``profile``).
 """
 
 import json
@@ -95,29 +95,27 @@ def profile_openvino(model_path, batch, runs, threads=None, fp32=False):
         config["INFERENCE_PRECISION_HINT"] = "f32"
     request = core.compile_model(core.read_model(model_path), "CPU", config).create_infer_request()
     request.infer({0: batch})
-    entries = []
+    entries, exec_types = [], {}
     for _ in range(runs):
         request.infer({0: batch})
         for p in request.profiling_info:  # the counters of the last call
             if p.status == p.Status.EXECUTED and p.real_time.total_seconds() > 0:
                 entries.append((p.node_name, p.node_type, _ov_precision(p.exec_type),
                                 p.real_time.total_seconds() * 1e6))
+                exec_types[p.node_name] = p.exec_type
     record = _group(entries, runs)
-    exec_types = {}
-    for p in request.profiling_info:
-        if p.status == p.Status.EXECUTED:
-            exec_types[p.node_name] = p.exec_type
     for layer in record["by_layer"]:
         layer["exec_type"] = exec_types.get(layer["name"])
     return {"runtime": "openvino", **record}
 
 
-def profile_bundle(folder, images, batch_size=1, runs=20, threads=None):
-    """Per-operator profile of a bundle folder on ``images`` (float32 NCHW) at ``batch_size``."""
+def profile_bundle(folder, images, batch_size=1, runs=20, threads=None, runtime=None):
+    """Per-operator profile of a bundle folder on ``images`` (float32 NCHW) at ``batch_size`` on the CPU, in
+    ``runtime`` (onnxruntime or openvino; default: the bundle format's; OpenVINO also reads an ONNX bundle)."""
     with open(os.path.join(folder, "manifest.json")) as f:
         manifest = json.load(f)
     batch = np.ascontiguousarray(np.take(images, range(batch_size), axis=0, mode="wrap"), dtype=np.float32)
     path = os.path.join(folder, manifest["model_file"])
-    if manifest["format"] == "onnx":
+    if (runtime or {"onnx": "onnxruntime"}.get(manifest["format"], "openvino")) == "onnxruntime":
         return profile_onnxruntime(path, batch, runs, threads)
     return profile_openvino(path, batch, runs, threads, fp32=manifest["precision"] == "fp32")

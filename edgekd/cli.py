@@ -286,11 +286,12 @@ class Bench(Command):
                                cpus=args.cpus, limit=limit, max_drop=args.max_drop / 100, progress=args.progress,
                                remeasure_slow=args.remeasure_slow / 100,
                                compare=args.compare, compare_tolerance=args.compare_tolerance / 100,
-                               ssh_config=args.ssh_config, ssh_timeout=args.timeout, **timing)
+                               ssh_config=args.ssh_config, ssh_timeout=args.timeout, profile=args.profile, **timing)
         print(result["table"])
         if result["comparison"]:
             print("\n" + result["comparison"])
-        print(f"\nwrote {args.out}/results.json, results.csv, report.md, accuracy_vs_latency.png, latency.png")
+        print(f"\nwrote {args.out}/results.json, results.csv, report.md, accuracy_vs_latency.png, latency.png"
+              + (", profile.png" if args.profile else ""))
 
 
 class Predict(Command):

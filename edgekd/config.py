@@ -342,6 +342,9 @@ BENCH = [
     Opt("compare_tolerance", "float", 10.0, "p50 changes within this percentage count as unchanged", low=0,
         low_open=True, metavar="PCT"),
     Opt("quick", "bool", False, "a short run: fewer warm-up and timed calls, accuracy on at most 1000 images"),
+    Opt("profile", "bool", False, "after timing, per-operator times of each ONNX Runtime / OpenVINO row on the CPU "
+        "(its profiler / performance counters, with the precision each layer ran in) into results.json, report.md "
+        "and profile.png"),
     Opt("progress", "bool", True, "hide the progress bar", negate="--no-progress"),
 ] + _data(default=None) + _common()
 
