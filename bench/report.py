@@ -151,6 +151,8 @@ def markdown_report(result, comparison=None):
     lines += ["", "## Results", "", table(rows), "",
               "![accuracy against latency](accuracy_vs_latency.png)", "",
               "![latency by model, backend and precision](latency.png)", ""]
+    if s.get("profile"):
+        lines += where_the_time_goes(rows)
     if comparison:
         lines += ["## Compared with an earlier run", "", "```", comparison, "```", ""]
     v = env["versions"]
@@ -160,6 +162,43 @@ def markdown_report(result, comparison=None):
               "- " + ", ".join(f"{k} {v[k]}" for k in sorted(v)),
               f"- started {env.get('started_utc')}; command: `{env['command']}`", ""]
     return "\n".join(lines)
+
+
+PROFILE_TYPES = 5  # operator types named per row in report.md
+PROFILE_LAYERS = 3  # and its slowest layers
+
+
+def _precisions(shares):
+    """{"int8": 0.8, "fp32": 0.2} -> "int8 80% / fp32 20%" (largest first); one precision alone is just named."""
+    total = sum(shares.values()) or 1.0
+    parts = sorted(shares.items(), key=lambda kv: -kv[1])
+    if len(parts) == 1:
+        return parts[0][0]
+    return " / ".join(f"{k} {v / total * 100:.0f}%" for k, v in parts)
+
+
+def where_the_time_goes(rows):
+    """report.md's --profile section: per row, the operator types that take the time and what precision they ran in."""
+    lines = ["## Where the time goes", "",
+             "Per-operator time of each ONNX Runtime and OpenVINO row on the CPU, from a second session with profiling "
+             "on, run after all timing (ONNX Runtime's profiler; OpenVINO's performance counters). Profiling adds a "
+             "little to every operator, so read the shares, not the totals. The precision is what each operator ran "
+             "in: OpenVINO's exec type (e.g. jit_avx512_I8), ONNX Runtime's quantized kernels (QLinearConv, "
+             "ConvInteger, ...) or the operator's input type. An INT8 model is faster only where its time moves into "
+             "int8 kernels and the added Quantize/Dequantize (Reorder, Convert) steps cost less than they save.", ""]
+    for r in rows:
+        head = f"- **{r['model']}** ({r['backend']}, {r['precision']}, {r['device']}, batch {r['batch_size']})"
+        p = r.get("profile")
+        if not p:
+            lines.append(f"{head}: {r.get('profile_note') or 'not profiled'}")
+            continue
+        types = ", ".join(f"{t['op_type']} {t['share'] * 100:.0f}% ({_precisions(t['precision'])})"
+                          for t in p["by_type"][:PROFILE_TYPES])
+        layers = ", ".join(f"{x['name']} {x['share'] * 100:.0f}% ({x.get('exec_type') or x['precision']})"
+                           for x in p["by_layer"][:PROFILE_LAYERS])
+        lines.append(f"{head}: {p['total_ms']:.3f} ms of operators per call, ran in "
+                     f"{_precisions(p['precision_share'])}; by type: {types}; slowest layers: {layers}")
+    return lines + ["", "![time share by operator type](profile.png)", ""]
 
 
 CSV_COLUMNS = ["model", "backend", "precision", "device", "batch_size", "status", "best", "top1", "top5",
@@ -260,6 +299,47 @@ def plot_latency(rows, path):
     axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
     axes[0][0].set_ylim(len(labels) - 0.5, -0.7)
     fig.suptitle("latency by model, backend and precision (orange: best deployment)", fontsize=10)
+    _save(fig, plt, path)
+
+
+def plot_profile(rows, path):
+    """--profile: per profiled row a horizontal bar of time share by operator type (the same colour per type)."""
+    plt = _pyplot()
+    done = [r for r in rows if r.get("profile")]
+    totals = {}
+    for r in done:
+        for t in r["profile"]["by_type"]:
+            totals[t["op_type"]] = totals.get(t["op_type"], 0.0) + t["share"]
+    named = sorted(totals, key=lambda k: -totals[k])[:11]  # the rest is "other": 12 colours stay distinguishable
+    colors = {op: plt.get_cmap("tab20")(i) for i, op in enumerate(named + ["other"])}
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(done) + 2.0), dpi=120)
+    labelled = set()
+    for i, r in enumerate(done):
+        shares = {}
+        for t in r["profile"]["by_type"]:
+            op = t["op_type"] if t["op_type"] in named else "other"
+            shares[op] = shares.get(op, 0.0) + t["share"]
+        left = 0.0
+        for op in [o for o in named + ["other"] if shares.get(o, 0) > 0]:
+            ax.barh(i, shares[op] * 100, left=left * 100, color=colors[op], edgecolor="white", linewidth=0.5,
+                    label=None if op in labelled else op)
+            labelled.add(op)
+            if shares[op] >= 0.08:
+                ax.text((left + shares[op] / 2) * 100, i, f"{shares[op] * 100:.0f}%", ha="center", va="center",
+                        fontsize=7)
+            left += shares[op]
+    labels = [f"{_name(r)} · batch {r['batch_size']}\nran in {_precisions(r['profile']['precision_share'])}, "
+              f"{r['profile']['total_ms']:.3g} ms/call profiled" for r in done]
+    ax.set_yticks(range(len(done)), labels, fontsize=7)
+    ax.set_ylim(len(done) - 0.5, -0.5)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("share of operator time (%)")
+    if done:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no row was profiled (ONNX Runtime and OpenVINO rows on the CPU are)", ha="center",
+                transform=ax.transAxes)
+    ax.set_title("where the time goes: share of operator time by type, per row (--profile)")
     _save(fig, plt, path)
 
 

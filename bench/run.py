@@ -24,6 +24,7 @@ SETTLE_S = 0.2  # pause between visits so the last worker's spinning threads go 
 CHECK_S = 0.05  # untimed calls before and after each visit that read the machine's state (see Worker.check)
 EXTRA_ROUNDS = 2  # --remeasure-slow: at most this many times --rounds extra rounds
 EXPORT_VAL_IMAGES = 200
+PROFILE_RUNS = 20  # --profile: profiled calls per row and batch size (operator shares settle within a few)
 
 
 def check_device(device):
@@ -238,7 +239,7 @@ def parse_cpus(text):
 def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends=None, batch_sizes=(1,), warmup=20,
               runs=200, rounds=5, max_time=30.0, min_time=2.0, remeasure_slow=0.15, threads=None, cpus=None,
               limit=None, max_drop=0.01, progress=True, compare=None, compare_tolerance=0.10, ssh_config=None,
-              ssh_timeout=600):
+              ssh_timeout=600, profile=False):
     """Benchmark ``models`` (the first is the reference, the teacher); write the results into ``out``.
 
     Returns the result dict plus ``table`` (markdown) and ``comparison`` (text, when ``compare`` is given).
@@ -263,7 +264,7 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
                 "remeasure_slow": remeasure_slow, "check_s": CHECK_S if remeasure_slow else 0.0,
                 "max_extra_rounds": EXTRA_ROUNDS * min(rounds, runs) if remeasure_slow else 0,
                 "threads": threads, "cpus": cpus, "limit": limit, "max_drop": max_drop,
-                "devices": devices, "backends": backends}
+                "devices": devices, "backends": backends, "profile": profile}
     env = environment(threads, cpus)
     bar = _progress_bar(jobs, settings, progress)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("bench")) as folder:
@@ -276,6 +277,8 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
         finally:
             bar.close()
     rows = build_rows(jobs, batch_sizes)
+    if profile:
+        attach_profiles(rows, jobs)
     mark_best(rows, max_drop)
     env["loadavg_end"] = _loadavg()
     result = {"environment": env, "data": data_spec, "settings": settings, "rows": rows}
@@ -408,6 +411,8 @@ def _measure(jobs, folder, settings, bar):
                 continue
             bar.update()
         _timed_rounds(live, settings, bar)
+        if settings.get("profile"):
+            _profile(live, settings, bar)
     finally:
         for job, worker in live:
             job["close"] = worker.close()
@@ -453,6 +458,30 @@ def _visit(entry, b, r, runs, settings, bar):
         except EdgeKDError as e:
             job["batch_status"][b] = f"failed at batch {b}: {e}"
     bar.update()
+
+
+def _profile(live, settings, bar):
+    """--profile, after all timing: each row's per-operator times from a second session with profiling on."""
+    bar.total = (bar.total or 0) + len(live) * len(settings["batch_sizes"])
+    for job, worker in live:
+        job["profile"] = {}
+        for b in settings["batch_sizes"]:
+            bar.set_postfix_str(f"profiling batch {b} {_label(job)}")
+            try:
+                job["profile"][b] = worker.request("profile", batch_size=b, runs=min(settings["runs"], PROFILE_RUNS))
+            except EdgeKDError as e:
+                job["profile"][b] = f"not profiled: {e}"
+            bar.update()
+
+
+def attach_profiles(rows, jobs):
+    """Each row's profile (by operator type and top layers, with precisions), or None and why in profile_note."""
+    for row in rows:
+        got = (job_of(jobs, row).get("profile") or {}).get(row["batch_size"])
+        row["profile"] = got if isinstance(got, dict) else None
+        if row["profile"] is None:
+            row["profile_note"] = got or ("not profiled: " + (row["status"] if row["status"] != "ok" else
+                                                              "rows on SSH devices are not profiled"))
 
 
 def kept_visits(visits, tolerance):
@@ -600,7 +629,7 @@ def environment(threads, cpus):
 def write_outputs(out, result, comparison=None):
     """results.json, results.csv, report.md, the two plots (and compare.md), each written atomically."""
     from ..checkpoint import atomic_write
-    from .report import csv_text, markdown_report, plot_accuracy_latency, plot_latency
+    from .report import csv_text, markdown_report, plot_accuracy_latency, plot_latency, plot_profile
 
     os.makedirs(out, exist_ok=True)
     texts = {"results.json": json.dumps(result, indent=2) + "\n", "results.csv": csv_text(result["rows"]),
@@ -610,7 +639,10 @@ def write_outputs(out, result, comparison=None):
     for name, text in texts.items():
         atomic_write(os.path.join(out, name), lambda tmp, text=text: _write_text(tmp, text))
         os.chmod(os.path.join(out, name), 0o644)  # the temporary file was private; a report is for sharing
-    for name, plot in (("accuracy_vs_latency.png", plot_accuracy_latency), ("latency.png", plot_latency)):
+    plots = [("accuracy_vs_latency.png", plot_accuracy_latency), ("latency.png", plot_latency)]
+    if any("profile" in r for r in result["rows"]):
+        plots.append(("profile.png", plot_profile))
+    for name, plot in plots:
         try:
             atomic_write(os.path.join(out, name), lambda tmp, plot=plot: plot(result["rows"], tmp))
             os.chmod(os.path.join(out, name), 0o644)

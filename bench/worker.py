@@ -8,6 +8,8 @@ stdin and gets one JSON line back:
 - ``{"op": "accuracy", "batch_size": N}`` -> top1, top5, predictions (over every image)
 - ``{"op": "time", batch_size, runs, warmup, min_s, max_s, check_s}`` -> times_ms (one per call, each on different
   images) and, when ``check_s`` is given, check_ms: the median of untimed calls just before and just after them
+- ``{"op": "profile", batch_size, runs}`` -> per-operator times (bench/profile.py) from a second session with
+  profiling on, asked for after timing so the timed session is never slowed by it
 - ``{"op": "close"}`` -> peak_rss_mb (and gpu_peak_mb on CUDA); the process then exits
 
 A failure answers ``{"error": reason}``. Library output goes to stderr, never into the protocol.
@@ -59,7 +61,7 @@ class Worker:
         big = os.path.getsize(req["images"]) > IN_MEMORY_LIMIT
         self.images = np.asarray(np.load(req["images"], mmap_mode="c" if big else None))
         self.labels = np.load(req["labels"])
-        self.device = req["device"]
+        self.device, self.backend, self.path, self.threads = req["device"], req["backend"], req["path"], req.get("threads")
         importlib.import_module(BACKENDS.meta(req["backend"])["module"])  # import time is not the model's
         before = rss_mb()
         start = time.perf_counter()
@@ -138,6 +140,15 @@ class Worker:
             self.run(x)
             times.append((time.perf_counter() - t0) * 1000)
         return sorted(times)[len(times) // 2]
+
+    def profile(self, req):
+        from .. import EdgeKDError
+        from .profile import profile_bundle
+
+        if self.backend not in ("onnxruntime", "openvino") or self.device not in ("cpu", "openvino:CPU"):
+            raise EdgeKDError("profiled in ONNX Runtime and OpenVINO on the CPU only; this row runs "
+                              f"{self.backend} on {self.device}")
+        return profile_bundle(self.path, self.images, req["batch_size"], req["runs"], self.threads, self.backend)
 
     def close(self, req):
         out = {"peak_rss_mb": peak_rss_mb()}

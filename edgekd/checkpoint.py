@@ -144,6 +144,10 @@ def load_model(path):
 
     ckpt = load_checkpoint(path)
     model = build_model(ckpt["model"], len(ckpt["classes"]), InputSpec.from_dict(ckpt["input"]))
+    if "qat" in ckpt:  # int8 (quantize): a QAT checkpoint rebuilds its fake-quantized model (edgekd quantize)
+        from .quantize import restore
+
+        return restore(ckpt, model), ckpt
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, ValueError) as e:

@@ -281,11 +281,12 @@ class Bench(Command):
                                cpus=args.cpus, limit=limit, max_drop=args.max_drop / 100, progress=args.progress,
                                remeasure_slow=args.remeasure_slow / 100,
                                compare=args.compare, compare_tolerance=args.compare_tolerance / 100,
-                               ssh_config=args.ssh_config, ssh_timeout=args.timeout, **timing)
+                               ssh_config=args.ssh_config, ssh_timeout=args.timeout, profile=args.profile, **timing)
         print(result["table"])
         if result["comparison"]:
             print("\n" + result["comparison"])
-        print(f"\nwrote {args.out}/results.json, results.csv, report.md, accuracy_vs_latency.png, latency.png")
+        print(f"\nwrote {args.out}/results.json, results.csv, report.md, accuracy_vs_latency.png, latency.png"
+              + (", profile.png" if args.profile else ""))
 
 
 class Predict(Command):
@@ -324,8 +325,31 @@ class Deploy(Command):
               + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())) + ")")
         print(f"run it there: {target.python} {folder}/{RUNNER_NAME} predict {dest} IMAGE...")
 
+class Quantize(Command):
+    name = "quantize"
+    help = "quantization-aware distillation: fine-tune a student with INT8 fake quantizers against its teacher"
+    description = ("Insert NNCF fake quantizers into a student checkpoint where OpenVINO and ONNX Runtime quantize it "
+                   "(calibrated on train images), fine-tune it for a few epochs at a small learning rate against the "
+                   "teacher with a distillation loss, and write DIR/student-qat.pt, DIR/metrics.json, DIR/config.yaml. "
+                   "Export it with edgekd export DIR/student-qat.pt --precision int8 (no new calibration). "
+                   "See docs/export.md (the INT8 ladder).")
 
-COMMANDS = [Train(), Distill(), Export(), Bench(), Predict(), Deploy()]
+    def run(self, args):
+        from .losses import LOSSES
+        from .quantize import run_quantize
+
+        LOSSES.get(args.loss)
+        _check_training_args(args)
+        inputs = [("STUDENT", args.student), ("--teacher", args.teacher), ("--data", args.data)]
+        with _run_folder(args, inputs):
+            m = run_quantize(_config_of(args))
+        q = m["qat"]
+        print(f"QAT student {m['model']}: INT8 (fake-quantized) top-1 {q['int8_top1_before']:.4f} before, "
+              f"{m['test_top1']:.4f} after {m['epochs']} epoch(s); FP32 {q['fp32_top1']:.4f}; "
+              f"{len(q['layers_int8'])} layers INT8 -> {args.out}/student-qat.pt")
+
+
+COMMANDS = [Train(), Distill(), Export(), Bench(), Predict(), Deploy(), Quantize()]
 
 
 def build_parser():

@@ -25,7 +25,7 @@ import argparse
 import difflib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import EdgeKDError
 
@@ -247,6 +247,19 @@ DISTILL = [
         "teacher every step (logit losses; default: off)", metavar="DIR"),
 ] + TEACHER_SOURCE + _data() + TRAINING + _pretrained("student_weights") + _common(out_default=DEFAULT_OUT, resumable=True)
 
+# edgekd quantize starts from a trained student: a short run at a small learning rate, no warm-up.
+_QAT_DEFAULTS = {"epochs": 1, "lr": 0.001, "warmup_epochs": 0.0}
+QUANTIZE = [
+    Opt("student", "str", None, "an FP32 student checkpoint (.pt) from edgekd distill/train", metavar="STUDENT",
+        positional=True),
+    Opt("teacher", "str", None, "teacher checkpoint (default: the one the student was distilled from, or teacher.pt "
+        "beside it)", metavar="PATH"),
+    Opt("loss", "str", "kd", "a logit distillation loss: kd, dkd, seed, mse", metavar="NAME"),
+] + [o for o in DISTILL if o.name in ("temperature", "alpha", "beta", "teacher_cache")] + [
+    Opt("calib_size", "int", 300, "train images that set the initial quantizer ranges", low=1),
+] + _data(default=None) + [replace(o, default=_QAT_DEFAULTS.get(o.name, o.default)) for o in TRAINING] + _common(
+    resumable=True)
+
 EXPORT = [
     Opt("checkpoint", "str", None, "a .pt checkpoint written by edgekd train/distill", metavar="CHECKPOINT",
         positional=True),
@@ -329,6 +342,9 @@ BENCH = [
     Opt("compare_tolerance", "float", 10.0, "p50 changes within this percentage count as unchanged", low=0,
         low_open=True, metavar="PCT"),
     Opt("quick", "bool", False, "a short run: fewer warm-up and timed calls, accuracy on at most 1000 images"),
+    Opt("profile", "bool", False, "after timing, per-operator times of each ONNX Runtime / OpenVINO row on the CPU "
+        "(its profiler / performance counters, with the precision each layer ran in) into results.json, report.md "
+        "and profile.png"),
     Opt("progress", "bool", True, "hide the progress bar", negate="--no-progress"),
 ] + _data(default=None) + _common()
 
@@ -349,7 +365,7 @@ DEPLOY = [
     Opt("timeout", "int", 600, "seconds to wait for the device at each step", low=1),
 ]
 
-COMMANDS = {"train": TRAIN, "distill": DISTILL, "export": EXPORT, "bench": BENCH, "predict": PREDICT, "deploy": DEPLOY}
+COMMANDS = {"train": TRAIN, "distill": DISTILL, "quantize": QUANTIZE, "export": EXPORT, "bench": BENCH, "predict": PREDICT, "deploy": DEPLOY}
 
 
 # ---------------------------------------------------------------------------------------------

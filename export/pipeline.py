@@ -50,6 +50,7 @@ class ExportOptions:
     zip: bool = False           # also write OUT.zip
     speed_check: bool = True    # int8: time FP32 vs INT8 here and warn when INT8 is not faster
     progress: bool = True
+    layer_report: bool = True   # int8: per-layer SQNR vs FP32 in the manifest and int8_layers.png (int8 hunk)
 
 
 @dataclass
@@ -91,12 +92,15 @@ class _Export:
 
         o = self.o
         self.model, self.ckpt = load_model(self.checkpoint)
+        self.qat = "qat" in self.ckpt  # int8: a QAT checkpoint (edgekd quantize) exports as it was trained
+        if self.qat and o.precision != "int8":
+            raise EdgeKDError(f"{self.checkpoint!r} is a QAT checkpoint (edgekd quantize): export it with --precision int8")
         self.spec = InputSpec.from_dict(self.ckpt["input"])
         self.dataset = load_data(o.data or self.ckpt.get("data") or "digits", o.data_root, input_spec=self.spec)
         if len(self.dataset.classes) != len(self.ckpt["classes"]):
             raise EdgeKDError(f"checkpoint has {len(self.ckpt['classes'])} classes but data {self.dataset.spec!r} "
                               f"has {len(self.dataset.classes)}")
-        calib, self.calib_record = self._calibration() if self.static else (None, None)
+        calib, self.calib_record = self._calibration() if self.static and not self.qat else (None, None)
         idx = calibration.strided_indices(len(self.dataset.test), o.val_size)
         self.images, self.labels = calibration.load_images(self.dataset.test, idx, "validation images", o.progress)
         with torch.no_grad():
@@ -125,6 +129,7 @@ class _Export:
         job = ExportJob(self.model, self.spec, staging, scratch, o.precision,
                         {**asdict(o), "quant": self.meta["quant"], "calib_method": self.meta["calib_method"],
                          "int8_types": o.int8_types or "auto", "classes": list(self.ckpt["classes"])}, calib, o.progress)
+        job.state["ckpt"] = self.ckpt
         try:
             seconds = self._convert(job)
             info = job.info
@@ -138,7 +143,15 @@ class _Export:
             if self.int8 and o.speed_check:
                 speed = speed_check(o.fmt, os.path.join(staging, info["model_file"]), info["fp32_reference"],
                                     (self.spec.channels, self.spec.height, self.spec.width))
+            layers = self._layer_report(job, info, fallback) if self.int8 and o.layer_report else None
             manifest = self._manifest(staging, info, validation, fallback, speed, seconds)
+            if self.int8:  # int8: per-layer report and the QAT record
+                manifest["int8_layers"] = layers
+                if self.qat:
+                    from .qat import fp32_student_record
+
+                    manifest["qat"] = fp32_student_record(self.ckpt, self.images, self.labels, validation["top1"])
+                    manifest["validation"]["reference"] = "the QAT model in PyTorch (fake-quantized), like with like"
             write_manifest(staging, manifest)
             os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
             if o.zip:
@@ -155,7 +168,9 @@ class _Export:
     def _convert(self, job):
         """Run the format's steps for this precision, in order; return the seconds they took."""
         start = time.perf_counter()
-        for step in FORMATS.get(self.o.fmt)[job.precision]:
+        # a QAT checkpoint (edgekd quantize) is converted as it was trained: no calibration, no fallback
+        steps = FORMATS.meta(self.o.fmt)["qat_steps"] if self.qat else FORMATS.get(self.o.fmt)[job.precision]
+        for step in steps:
             t0 = time.perf_counter()
             job.info.update(step(job) or {})
             log.debug("export step %s: %.1f s", step.__name__, time.perf_counter() - t0)
@@ -184,6 +199,8 @@ class _Export:
         fallback = {"needed": bool(failures), "drop_before": validation["drop"], "layers_in_float": []}
         if not failures:
             return validation, fallback, seconds
+        if self.qat:
+            self._fail_if(failures, suffix=" (a QAT model keeps every layer INT8: train longer or lower --lr)")
         if not self.static:
             self._fail_if(failures, suffix=" (dynamic INT8 has no fallback; static INT8 has)")
         if o.max_fallback_layers == 0:
@@ -202,6 +219,22 @@ class _Export:
                              f"(--max-fallback-layers {o.max_fallback_layers}; before the fallback: "
                              f"{fallback['drop_before']:.2f} points)")
         return validation, fallback, seconds
+
+    def _layer_report(self, job, info, fallback):
+        """int8: SQNR per layer against FP32 on train images (64, another seed than calibration)."""
+        from .layer_report import layer_report
+
+        data = getattr(self, "calib_data", None) or self.dataset
+        size = min(64, len(data.train))
+        indices, _ = calibration.select(data.train, size, self.o.seed + 2, data_spec=data.spec, split="train",
+                                        class_names=data.classes, purpose="layer report")
+        images, _ = calibration.load_images(data.train, indices, "layer report images", self.o.progress)
+        pre = os.path.join(job.scratch, "preprocessed.onnx")  # what ONNX Runtime quantized (same node names)
+        fp32 = pre if self.o.fmt == "onnx" and os.path.isfile(pre) else info.get("fp32_reference")
+        if fp32 is None:
+            return None
+        return layer_report(self.o.fmt, fp32, os.path.join(job.folder, info["model_file"]), images, job.scratch,
+                            folder=job.folder, in_float=(fallback or {}).get("layers_in_float", ()))
 
     def _tuning_set(self):
         """Labelled train-split images (another seed than calibration) that steer the fallback, so the
@@ -239,7 +272,8 @@ class _Export:
             "versions": library_versions(),
         }
         if self.int8:
-            manifest["calibration"] = self.calib_record or {"images": 0, "note": "dynamic INT8 uses no calibration"}
+            manifest["calibration"] = self.calib_record or {"images": 0, "note": "QAT: the quantizer ranges were trained "
+                                                           "(edgekd quantize)" if self.qat else "dynamic INT8 uses no calibration"}
             manifest["quantization"] = info.get("quantization", {})
             manifest["quantization"]["layers"] = info.get("quantizable_layers")
             manifest["fallback"] = fallback

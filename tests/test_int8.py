@@ -1,0 +1,116 @@
+"""INT8 that keeps its accuracy and says why: quantization-aware distillation (edgekd quantize) into bundles
+that hold INT8 layers in their graphs, and the per-layer report ranking a deliberately broken layer first."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.export.pipeline import ExportOptions, export_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cli):
+    """A short real distillation on a digits subset (teacher trained first)."""
+    out = tmp_path_factory.mktemp("int8run")
+    cli("distill", "--epochs", 2, "--teacher-epochs", 2, "--train-subset", 400, "--out", out, "--force", "--no-progress")
+    return out
+
+
+def _conv_names_onnx(path):
+    import onnx
+
+    return [n.name for n in onnx.load(path).graph.node if n.op_type == "Conv"]
+
+
+def _broken_checkpoint(src, dst):
+    """The student with one outlier weight that INT8 cannot represent: input channel 7 of the second conv is
+    dead (its batch norm pushes it below zero before the ReLU, so FP32 never sees the outlier), and the second conv's weights on that
+    channel are 1000: the per-channel INT8 scale then rounds every other weight of that conv to zero."""
+    ckpt = torch.load(src, weights_only=True)
+    sd = ckpt["state_dict"]
+    sd["features.1.weight"][7] = 1e-3  # not 0: an all-zero weight channel is a quantization hazard of its own
+    sd["features.1.bias"][7] = -10.0   # always negative before the ReLU: the channel is dead
+    sd["features.4.weight"][:, 7] = 1000.0
+    torch.save(ckpt, dst)
+    return dst
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_layer_report_ranks_the_broken_layer_first(tiny_run, tmp_path, fmt):
+    ckpt = _broken_checkpoint(tiny_run / "student.pt", tmp_path / "broken.pt")
+    out = tmp_path / f"broken-{fmt}"
+    m = export_checkpoint(str(ckpt), ExportOptions(fmt=fmt, precision="int8", out=str(out), val_size=100,
+                                                   calib_size=50, max_drop=100.0, speed_check=False, progress=False))
+    report = m["int8_layers"]
+    assert report["count"] == 4 and report["images"] > 0
+    worst = report["layers"][0]
+    assert worst["op"] in ("Conv", "Convolution")
+    # the second conv of the bundle's graph (graph order), and nothing else, is the one the outlier ruins
+    if fmt == "onnx":
+        assert worst["name"] == _conv_names_onnx(str(out / "model.onnx"))[1]
+    else:
+        from edgekd.export.openvino import import_openvino
+
+        ops = import_openvino().Core().read_model(str(out / "model.xml")).get_ordered_ops()
+        op = next(op for op in ops if op.get_friendly_name() == worst["name"])
+        broken_shape = list(torch.load(ckpt, weights_only=True)["state_dict"]["features.4.weight"].shape)
+        assert list(op.input(1).get_partial_shape().to_shape()) == broken_shape
+    assert worst["loss_db"] > 15 and worst["loss_db"] == max(r["loss_db"] for r in report["layers"])
+    assert all(r["loss_db"] < worst["loss_db"] - 10 for r in report["layers"][1:])
+    assert report["plot"] == "int8_layers.png" and "int8_layers.png" in m["files"]
+    assert (out / "int8_layers.png").stat().st_size > 1000
+
+    # where the time goes: per-operator times from the runtime's own profiler, with the precision each ran in
+    from edgekd.bench.profile import profile_bundle
+
+    images = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
+    prof = profile_bundle(str(out), images, batch_size=4, runs=3)
+    assert prof["runtime"] == ("onnxruntime" if fmt == "onnx" else "openvino") and prof["total_ms"] > 0
+    assert prof["by_type"] and all(r["ms"] >= 0 and r["op_type"] for r in prof["by_type"])
+    assert prof["by_layer"] and abs(sum(r["share"] for r in prof["by_type"]) - 1) < 0.01
+    assert prof["precision_share"].get("int8", 0) > 0  # some operator ran (or was fed) in INT8
+
+
+@pytest.mark.slow
+def test_quantization_aware_distillation_gives_int8_bundles(tiny_run, tmp_path, cli):
+    qat = tmp_path / "qat"
+    cli("quantize", tiny_run / "student.pt", "--epochs", 1, "--calib-size", 50, "--train-subset", 300,
+        "--out", qat, "--no-progress")
+    ckpt = torch.load(qat / "student-qat.pt", weights_only=True)  # plain types only
+    assert ckpt["qat"]["layers_int8"] == ["classifier", "features.0", "features.4", "features.8"]
+    metrics = json.loads((qat / "metrics.json").read_text())
+    assert len(metrics["history"]) == 1 and 0 <= metrics["qat"]["int8_top1_before"] <= 1
+    assert metrics["qat"]["drop_before"] == pytest.approx((metrics["qat"]["fp32_top1"] - metrics["qat"]["int8_top1_before"]) * 100, abs=1e-3)
+    assert (qat / "config.yaml").is_file()
+
+    onnx_out, ov_out = tmp_path / "qat-onnx", tmp_path / "qat-ov"
+    cli("export", qat / "student-qat.pt", "--format", "onnx", "--precision", "int8", "--out", onnx_out,
+        "--val-size", 100, "--no-speed-check", "--no-progress")
+    cli("export", qat / "student-qat.pt", "--format", "openvino", "--precision", "int8", "--out", ov_out,
+        "--val-size", 100, "--no-speed-check", "--no-progress")
+
+    import onnx
+
+    graph = onnx.load(str(onnx_out / "model.onnx")).graph
+    dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    fed = [n for n in graph.node if n.op_type == "Conv" and any(i in dq for i in n.input)]
+    assert len(fed) == 3 and any(n.op_type == "QuantizeLinear" for n in graph.node)
+
+    from edgekd.export.openvino import import_openvino, quantized_layers
+
+    ov_model = import_openvino().Core().read_model(str(ov_out / "model.xml"))
+    kinds = {op.get_type_name() for op in ov_model.get_ordered_ops()}
+    assert "FakeQuantize" in kinds and len(quantized_layers(ov_model)) == 4
+
+    for folder in (onnx_out, ov_out):
+        m = json.loads((folder / "manifest.json").read_text())
+        assert m["precision"] == "int8" and m["quantization"]["mode"] == "qat"
+        assert m["validation"]["drop"] <= 1.0 and m["calibration"]["images"] == 0
+        assert m["qat"]["top1"] is not None and np.isfinite(m["qat"]["drop_vs_fp32_student"])
+        assert m["int8_layers"]["count"] == 4
+
+    # A QAT checkpoint exports at int8 only
+    bad = cli("export", qat / "student-qat.pt", "--format", "onnx", "--out", tmp_path / "x", check=False)
+    assert bad.returncode == 2 and "--precision int8" in bad.stderr
