@@ -92,7 +92,6 @@ def test_zip_and_force_never_replace_what_edgekd_did_not_write(run, tmp_path, cl
         assert sorted(os.listdir(mine)) == ["notes.txt"], command
 
 
-@pytest.mark.slow  # real distillations, a few minutes on 2 busy cores
 def test_two_distills_into_one_folder_one_refuses_with_the_holders_pid(run, tmp_path, cli):
     out = tmp_path / "d"
     args = ["distill", "--teacher", run / "model.pt", "--epochs", 2, "--out", out, "--no-progress"]
@@ -154,7 +153,6 @@ def _two_class_folder(root):
     return root
 
 
-@pytest.mark.slow  # real distillations, a few minutes on 2 busy cores
 def test_a_failed_run_leaves_the_folder_as_it_found_it_so_the_retry_needs_no_force(run, tmp_path, cli):
     # Bad input found after config.yaml was written: the teacher has 10 classes, the data 2.
     data = _two_class_folder(tmp_path / "two")
