@@ -349,7 +349,7 @@ class Quantize(Command):
               f"{len(q['layers_int8'])} layers INT8 -> {args.out}/student-qat.pt")
 
 
-COMMANDS = [Train(), Distill(), Export(), Bench(), Predict(), Deploy(), Quantize()]
+COMMANDS = [Train(), Distill(), Quantize(), Export(), Bench(), Predict(), Deploy()]
 
 
 def build_parser():
