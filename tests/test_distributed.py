@@ -44,6 +44,7 @@ def _rank_logs(log_dir, rank):
     return outs[0].read_text(), (outs[0].parent / "stderr.log").read_text()
 
 
+@pytest.mark.slow  # two torchrun jobs of 12 epochs: over a minute on 2 cores
 def test_two_processes_match_one_and_only_rank_0_writes(tmp_path, digits_run, cli):
     teacher = digits_run / "teacher.pt"
     alone, ddp, logs = tmp_path / "alone", tmp_path / "ddp", tmp_path / "logs"
@@ -89,6 +90,7 @@ def _descendants(pid):
     return found
 
 
+@pytest.mark.slow  # a killed torchrun job and its resume
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds torchrun's workers through /proc (Linux)")
 def test_a_killed_two_process_run_resumes_under_torchrun(tmp_path, digits_run):
     import time

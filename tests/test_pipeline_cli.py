@@ -108,6 +108,7 @@ def test_config_file_values_are_used_and_the_command_line_wins(tmp_path, digits_
     assert metrics["data"].startswith("imagefolder:")
 
 
+@pytest.mark.slow  # two full distillations compared
 def test_seed_is_reproducible(tmp_path, cli):
     outs = []
     for name in ("a", "b"):

@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
 
+
+@pytest.mark.slow  # an INT8 export and a bench run, twice
 def test_bench_profile_records_per_operator_times(digits_run, onnx_bundle, tmp_path, cli):
     ov = tmp_path / "student-ov-int8"
     cli("export", digits_run / "student.pt", "--format", "openvino", "--precision", "int8", "--calib-size", 50,
