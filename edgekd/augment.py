@@ -90,7 +90,7 @@ class Views:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.plan = plan
-        self._epoch, self._params = None, None
+        self._epoch, self._params = None, None  # the (plan views, view) whose crop parameters are held
 
     def __len__(self):
         return len(self.targets)
@@ -108,8 +108,9 @@ class Views:
         """Images ``idx`` as seen in ``epoch`` (plan applied) and their labels."""
         raw = self.images[idx]
         if self.plan is not None and epoch is not None and self.plan.kind != "none":
-            if self._epoch != epoch:
-                self._epoch, self._params = epoch, self.plan.params(epoch)
+            key = (self.plan.views, self.plan.view_of(epoch))  # the view this epoch shows, under the current plan
+            if self._epoch != key:
+                self._epoch, self._params = key, self.plan.params(epoch)
             dy, dx, flip = (p[idx] for p in self._params)
             raw = apply_views(raw, dy, dx, flip, self.plan.pad)
         return (raw.float().div_(255.0) - self.mean) / self.std, self.targets[idx]

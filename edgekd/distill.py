@@ -265,7 +265,6 @@ def run_distill(saved_cfg, cfg, ctx):
         _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params, "teacher_resolved": teacher.describe()})
     if t_options.views:  # after a teacher trained here: it learnt from every epoch's views
         train.plan.replay(t_options.views)
-        train._epoch = None  # the views cached for the teacher's last epoch are not that epoch's any more
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None
     cache, cache_seconds = None, None
     if cfg.get("teacher_cache"):
