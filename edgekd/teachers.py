@@ -15,6 +15,7 @@ pretrained weights (or a local weights file), and ``MODULE:FUNCTION`` factories 
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -86,7 +87,7 @@ def _floats(value, flag):
         out = [float(v) for v in items if str(v).strip()]
     except ValueError:
         raise EdgeKDError(f"{flag} {value!r}: give one number or one per channel, e.g. 0.485,0.456,0.406") from None
-    if not out or len(out) > 3 or any(v != v for v in out):
+    if not out or len(out) > 3 or not all(math.isfinite(v) for v in out):
         raise EdgeKDError(f"{flag} {value!r}: give one number or one per channel, e.g. 0.485,0.456,0.406")
     return out
 
@@ -94,10 +95,14 @@ def _floats(value, flag):
 def _size(value):
     if value is None:
         return None
-    sizes = _floats(value, "--teacher-input-size")
-    if len(sizes) > 2 or any(s != int(s) or s < 1 for s in sizes):
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        sizes = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        sizes = []
+    if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
         raise EdgeKDError(f"--teacher-input-size {value!r}: give SIZE or HEIGHT,WIDTH in pixels, e.g. 224")
-    return (int(sizes[0]), int(sizes[-1]))
+    return (sizes[0], sizes[-1])
 
 
 def _positive(value, flag):
