@@ -200,7 +200,9 @@ class Export(Command):
                    "test images against the PyTorch model (the parity gate), and write a bundle folder DIR with "
                    "manifest.json (and DIR.zip with --zip). INT8 is calibrated on class-stratified train images and "
                    "must stay within --max-drop points of FP32 top-1; when it does not, the most sensitive layers "
-                   "are kept in float. A failed check leaves no bundle. See docs/export.md.")
+                   "are kept in float, and when that fails too, the student is fine-tuned with fake quantizers "
+                   "against its teacher (--qat-epochs, every layer INT8). A failed check leaves no bundle. "
+                   "See docs/export.md.")
 
     def run(self, args):
         from .export.pipeline import ExportOptions, export_checkpoint
@@ -209,14 +211,16 @@ class Export(Command):
 
         prepare_bundle_out(args.out, args.force, args.zip, [("CHECKPOINT", args.checkpoint), ("--data", args.data),
                                                             ("--calib-data", args.calib_data),
-                                                            ("--data-root", args.data_root)])
+                                                            ("--data-root", args.data_root),
+                                                            ("--qat-teacher", args.qat_teacher)])
         _log_to_stderr()
         opts = ExportOptions(
             fmt=args.format, precision=args.precision, out=args.out, data=args.data, data_root=args.data_root,
             val_size=args.val_size, atol=args.atol, opset=args.opset, quant=args.quant, calib_data=args.calib_data,
             calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed, max_drop=args.max_drop,
             max_fallback_layers=args.max_fallback_layers, int8_types=args.int8_types, reduce_range=args.reduce_range,
-            per_channel=args.per_channel, zip=args.zip, speed_check=args.speed_check, progress=args.progress)
+            per_channel=args.per_channel, zip=args.zip, speed_check=args.speed_check, progress=args.progress,
+            qat_epochs=args.qat_epochs, qat_teacher=args.qat_teacher)
         m = export_checkpoint(args.checkpoint, opts)
         v = m["validation"]
         print(f"{m['format']} {m['precision']} bundle -> {args.out}{' (+ ' + args.out.rstrip('/') + '.zip)' if args.zip else ''}"
@@ -224,7 +228,10 @@ class Export(Command):
         print(f"parity on {v['images']} test images: max |diff| {v['max_abs_diff']:.2e}, top-1 agreement "
               f"{v['top1_agreement']:.4f}, top-1 {v['top1']:.4f} (PyTorch {v['reference_top1']:.4f}, "
               f"drop {v['drop']:+.2f} points)")
-        if m.get("fallback", {}).get("layers_in_float"):
+        if len(m.get("ladder", [])) > 1:
+            print("INT8 ladder: " + " -> ".join(f"{r['rung']} drop {r['drop']:.2f} ({'pass' if r['passed'] else 'fail'})"
+                                               for r in m["ladder"]))
+        if m.get("fallback", {}).get("layers_in_float") and m["fallback"].get("used", True):
             f = m["fallback"]
             print(f"kept in float: {', '.join(f['layers_in_float'])} (drop {f['drop_before']:.2f} -> {f['drop_after']:.2f})")
         for warning in m.get("warnings", []):

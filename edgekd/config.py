@@ -282,6 +282,11 @@ EXPORT = [
         group="int8"),
     Opt("max_fallback_layers", "int", 10, "most layers kept in float to meet --max-drop; 0 turns the fallback off",
         low=0, group="int8"),
+    Opt("qat_epochs", "int", 1, "the INT8 ladder's last rung: when post-training INT8 and the fallback both miss "
+        "--max-drop, fine-tune the student with fake quantizers against its teacher for N epochs (edgekd quantize) "
+        "and export that, every layer INT8; 0 turns it off", low=0, metavar="N", group="int8"),
+    Opt("qat_teacher", "str", None, "teacher of that rung: any --teacher spec of distill (default: the teacher the "
+        "student was distilled from, else the FP32 student itself)", metavar="SPEC", group="int8"),
     Opt("int8_types", "str", None, "ONNX: auto (by CPU features: u8s8 with VNNI, u8u8 without, s8s8 on ARM), u8s8, "
         "u8u8, s8s8 (default: auto)", metavar="T", group="int8"),
     Opt("reduce_range", "bool", False, "ONNX: 7-bit weights (for CPUs without VNNI)", group="int8"),

@@ -95,8 +95,11 @@ def calibrate(model, views, size, seed, progress=True):
     idx = torch.randperm(len(views), generator=g)[:size]
     images, _ = views.batch(idx)  # no epoch: the plain view, as calibration must see deployment inputs
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
+    from .export.openvino import nncf_quiet
+
     try:
-        return nncf.quantize(model.eval(), dataset, subset_size=len(images))
+        with nncf_quiet(progress):  # NNCF's extension-build INFO lines and bars follow --no-progress too
+            return nncf.quantize(model.eval(), dataset, subset_size=len(images))
     except Exception as e:
         raise EdgeKDError(f"nncf.quantize (fake quantizers for QAT) failed: {type(e).__name__}: "
                           f"{str(e).splitlines()[0]}") from None

@@ -51,6 +51,8 @@ class ExportOptions:
     speed_check: bool = True    # int8: time FP32 vs INT8 here and warn when INT8 is not faster
     progress: bool = True
     layer_report: bool = True   # int8: per-layer SQNR vs FP32 in the manifest and int8_layers.png (int8 hunk)
+    qat_epochs: int = 1         # int8: last rung, quantization-aware distillation epochs (0: off)
+    qat_teacher: str = None     # int8: its teacher (default: the student's own, else the FP32 student itself)
 
 
 @dataclass
@@ -93,6 +95,8 @@ class _Export:
         o = self.o
         self.model, self.ckpt = load_model(self.checkpoint)
         self.qat = "qat" in self.ckpt  # int8: a QAT checkpoint (edgekd quantize) exports as it was trained
+        self.rung_qat = False  # int8: the ladder's last rung (quantization-aware distillation) made the bundle
+        self.ladder = []
         if self.qat and o.precision != "int8":
             raise EdgeKDError(f"{self.checkpoint!r} is a QAT checkpoint (edgekd quantize): export it with --precision int8")
         self.spec = InputSpec.from_dict(self.ckpt["input"])
@@ -147,6 +151,11 @@ class _Export:
             manifest = self._manifest(staging, info, validation, fallback, speed, seconds)
             if self.int8:  # int8: per-layer report and the QAT record
                 manifest["int8_layers"] = layers
+                manifest["ladder"] = self.ladder
+                if self.rung_qat:
+                    manifest["fallback"]["used"] = False  # rung 2 failed; the QAT model keeps every layer INT8
+                    manifest["calibration"]["note"] = ("post-training calibration of rungs 1-2; the bundle's quantizer "
+                                                       "ranges were trained by the last rung (edgekd quantize)")
                 if self.qat:
                     from .qat import fp32_student_record
 
@@ -192,33 +201,95 @@ class _Export:
         return validation
 
     def _int8_gate(self, job, info, validation, seconds):
-        """Apply --max-drop; when INT8 loses too much, keep the most sensitive layers in float and retry."""
+        """The INT8 ladder against --max-drop: (1) post-training INT8; (2) when it loses too much, keep the most
+        sensitive layers in float and retry; (3) when that fails too, quantization-aware distillation
+        (``edgekd quantize``) for --qat-epochs epochs, every layer INT8. Each rung tried is in ``self.ladder``."""
         o = self.o
         validation["max_drop"] = o.max_drop
         failures = gate(validation, "int8", max_drop=o.max_drop)
+        self.ladder = [{"rung": "qat" if self.qat else "ptq", "drop": validation["drop"], "passed": not failures}]
         fallback = {"needed": bool(failures), "drop_before": validation["drop"], "layers_in_float": []}
         if not failures:
             return validation, fallback, seconds
         if self.qat:
             self._fail_if(failures, suffix=" (a QAT model keeps every layer INT8: train longer or lower --lr)")
-        if not self.static:
-            self._fail_if(failures, suffix=" (dynamic INT8 has no fallback; static INT8 has)")
-        if o.max_fallback_layers == 0:
-            self._fail_if(failures, suffix=" (the fallback is off: --max-fallback-layers 0)")
-        log.warning("INT8 top-1 drop %.2f points exceeds --max-drop %.2f; keeping sensitive layers in float",
-                    validation["drop"], o.max_drop)
+        if self.static and o.max_fallback_layers > 0:
+            log.warning("INT8 top-1 drop %.2f points exceeds --max-drop %.2f; keeping sensitive layers in float",
+                        validation["drop"], o.max_drop)
+            start = time.perf_counter()
+            tune = self._tuning_set()
+            fallback.update(FORMATS.meta(o.fmt)["restore"](job, tune, o.max_drop, o.max_fallback_layers))
+            seconds += time.perf_counter() - start
+            validation = self._validate(job.folder, info["model_file"])
+            validation["max_drop"] = o.max_drop
+            fallback.update(drop_after=validation["drop"], max_layers=o.max_fallback_layers, tuning=self.tune_record)
+            failures = gate(validation, "int8", max_drop=o.max_drop)
+            self.ladder.append({"rung": "fallback", "drop": validation["drop"], "passed": not failures,
+                                "layers_in_float": fallback["layers_in_float"]})
+            if not failures:
+                return validation, fallback, seconds
+            why = (f" even with {len(fallback['layers_in_float'])} layer(s) kept in float (--max-fallback-layers "
+                   f"{o.max_fallback_layers}; before the fallback: {fallback['drop_before']:.2f} points)")
+        else:
+            why = (" (dynamic INT8 has no fallback; static INT8 has)" if not self.static
+                   else " (the fallback is off: --max-fallback-layers 0)")
+        if not self.static:  # the last rung makes static INT8; a user who asked for dynamic gets what they asked
+            self._fail_if(failures, suffix=why)
+        if o.qat_epochs == 0:
+            self._fail_if(failures, suffix=why + " and quantization-aware distillation is off (--qat-epochs 0)")
         start = time.perf_counter()
-        tune = self._tuning_set()
-        fallback.update(FORMATS.meta(o.fmt)["restore"](job, tune, o.max_drop, o.max_fallback_layers))
+        validation = self._qat_rung(job, info, failures, why)
         seconds += time.perf_counter() - start
-        validation = self._validate(job.folder, info["model_file"])
-        validation["max_drop"] = o.max_drop
-        fallback.update(drop_after=validation["drop"], max_layers=o.max_fallback_layers, tuning=self.tune_record)
-        self._fail_if(gate(validation, "int8", max_drop=o.max_drop),
-                      suffix=f" even with {len(fallback['layers_in_float'])} layer(s) kept in float "
-                             f"(--max-fallback-layers {o.max_fallback_layers}; before the fallback: "
-                             f"{fallback['drop_before']:.2f} points)")
         return validation, fallback, seconds
+
+    def _qat_rung(self, job, info, failures, why):
+        """The last rung: ``edgekd quantize`` (fake quantizers calibrated on the student's train images, then
+        distillation for --qat-epochs epochs) in the scratch folder, converted by the format's QAT steps. The
+        bundle is gated against the FP32 student, like rungs 1 and 2."""
+        from ..checkpoint import load_model
+        from ..config import resolve
+        from ..quantize import QAT_FILE, run_quantize
+
+        o = self.o
+        teacher = o.qat_teacher or self._rung_teacher()
+        log.warning("INT8 failed --max-drop%s: %s; last rung: quantization-aware distillation for %d epoch(s) "
+                    "against %s (edgekd quantize), every layer INT8", why, "; ".join(failures), o.qat_epochs, teacher)
+        folder = os.path.join(job.scratch, "qat")
+        given = {"student": os.path.abspath(self.checkpoint), "teacher": teacher, "epochs": o.qat_epochs,
+                 "data": self.dataset.spec, "data_root": o.data_root, "seed": o.seed, "out": folder,
+                 "progress": o.progress}
+        run_quantize(resolve("quantize", {k: v for k, v in given.items() if v is not None}))
+        qmodel, qckpt = load_model(os.path.join(folder, QAT_FILE))
+        for name in os.listdir(job.folder):  # the post-training files make way for the QAT model's
+            os.unlink(os.path.join(job.folder, name))
+        job.model, job.state["ckpt"], job.info = qmodel, qckpt, {}
+        for step in FORMATS.meta(o.fmt)["qat_steps"]:
+            job.info.update(step(job) or {})
+        info.clear()
+        info.update(job.info)
+        self.rung_qat = True
+        validation = self._validate(job.folder, info["model_file"])  # against the FP32 student's logits
+        validation["max_drop"] = o.max_drop
+        failures = gate(validation, "int8", max_drop=o.max_drop)
+        self.ladder.append({"rung": "qat", "drop": validation["drop"], "passed": not failures, "epochs": o.qat_epochs,
+                            "teacher": teacher, "layers_int8": len(info["int8_layers"]),
+                            "qat_test_top1": qckpt.get("metrics", {}).get("test_top1")})
+        self._fail_if(failures, suffix=f" after {o.qat_epochs} epoch(s) of quantization-aware distillation, the last "
+                                       f"rung (more: edgekd quantize --epochs N, then export its student-qat.pt)")
+        log.warning("quantization-aware distillation met --max-drop: drop %.2f points with all %d quantizable layers "
+                    "INT8 (to reuse it for another format: edgekd quantize %s --epochs %d)", validation["drop"],
+                    len(info["int8_layers"]), self.checkpoint, o.qat_epochs)
+        return validation
+
+    def _rung_teacher(self):
+        """The teacher the student was distilled from (its config, or teacher.pt beside it); for a student
+        trained without one, the FP32 student itself teaches its INT8 copy (self-distillation)."""
+        spec = (self.ckpt.get("config") or {}).get("teacher")
+        beside = os.path.join(os.path.dirname(os.path.abspath(self.checkpoint)), "teacher.pt")
+        for candidate in (spec, beside):
+            if candidate and os.path.isfile(candidate):
+                return candidate
+        return os.path.abspath(self.checkpoint)
 
     def _layer_report(self, job, info, fallback):
         """int8: SQNR per layer against FP32 on train images (64, another seed than calibration)."""
@@ -230,7 +301,9 @@ class _Export:
                                         class_names=data.classes, purpose="layer report")
         images, _ = calibration.load_images(data.train, indices, "layer report images", self.o.progress)
         pre = os.path.join(job.scratch, "preprocessed.onnx")  # what ONNX Runtime quantized (same node names)
-        fp32 = pre if self.o.fmt == "onnx" and os.path.isfile(pre) else info.get("fp32_reference")
+        fp32 = pre if self.o.fmt == "onnx" and os.path.isfile(pre) and not self.rung_qat else info.get("fp32_reference")
+        if self.rung_qat:
+            fallback = None  # the QAT model keeps every layer INT8
         if fp32 is None:
             return None
         return layer_report(self.o.fmt, fp32, os.path.join(job.folder, info["model_file"]), images, job.scratch,

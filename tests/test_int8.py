@@ -1,5 +1,6 @@
 """INT8 that keeps its accuracy and says why: quantization-aware distillation (edgekd quantize) into bundles
-that hold INT8 layers in their graphs, and the per-layer report ranking a deliberately broken layer first."""
+that hold INT8 layers in their graphs, the ladder (PTQ, fallback, QAT) stopping at the first rung that passes,
+and the per-layer report ranking a deliberately broken layer first."""
 
 import json
 
@@ -114,3 +115,65 @@ def test_quantization_aware_distillation_gives_int8_bundles(tiny_run, tmp_path, 
     # A QAT checkpoint exports at int8 only
     bad = cli("export", qat / "student-qat.pt", "--format", "onnx", "--out", tmp_path / "x", check=False)
     assert bad.returncode == 2 and "--precision int8" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def black_calibration(tmp_path_factory):
+    """A calibration folder of black images, as if a user pointed --calib-data at the wrong folder: the input's
+    range comes out as one value, so post-training INT8 clips every real image and collapses."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("black")
+    for split in ("train", "test"):
+        for label in range(10):
+            (root / split / str(label)).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(root / split / str(label) / f"{i}.png")
+    return root
+
+
+def _int8(cli, student, out, *extra, check=True):
+    return cli("export", student, "--format", "onnx", "--precision", "int8", "--val-size", 200, "--no-speed-check",
+               "--no-progress", "--out", out, *extra, check=check)
+
+
+def test_int8_ladder_stops_at_the_first_rung_that_passes(digits_run, black_calibration, tmp_path, cli):
+    student = digits_run / "student.pt"
+    # rung 1 passes on proper calibration images: nothing else is tried
+    _int8(cli, student, tmp_path / "ptq", "--calib-size", 100)
+    m = json.loads((tmp_path / "ptq" / "manifest.json").read_text())
+    assert [(r["rung"], r["passed"]) for r in m["ladder"]] == [("ptq", True)] and not m["fallback"]["needed"]
+    assert m["quantization"]["mode"] == "static"
+
+    # black calibration: rung 1 fails, rung 2 (the first conv in float) passes, so rung 3 is not taken
+    bad = ("--calib-data", black_calibration, "--calib-size", 30)
+    _int8(cli, student, tmp_path / "fallback", *bad, "--max-fallback-layers", 1)
+    m = json.loads((tmp_path / "fallback" / "manifest.json").read_text())
+    assert [(r["rung"], r["passed"]) for r in m["ladder"]] == [("ptq", False), ("fallback", True)]
+    assert m["ladder"][0]["drop"] > 10 and len(m["fallback"]["layers_in_float"]) == 1
+    assert m["quantization"]["mode"] == "static"
+
+    # rungs 2 and 3 off: refused in one line, naming both, and nothing written
+    proc = _int8(cli, student, tmp_path / "none", *bad, "--max-fallback-layers", 0, "--qat-epochs", 0, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "fallback is off" in proc.stderr and "quantization-aware distillation is off (--qat-epochs 0)" in proc.stderr
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_int8_ladder_takes_the_last_rung_when_the_first_two_fail(digits_run, black_calibration, tmp_path, cli):
+    """PTQ collapses on the black calibration and the fallback is off: export runs quantization-aware
+    distillation itself (its own calibration on the student's train images), every layer INT8, and says so."""
+    out = tmp_path / "qat"
+    proc = _int8(cli, digits_run / "student.pt", out, "--calib-data", black_calibration, "--calib-size", 30,
+                 "--max-fallback-layers", 0, "--max-drop", 2)
+    assert "last rung: quantization-aware distillation for 1 epoch(s)" in proc.stderr
+    assert "INT8 ladder: ptq drop" in proc.stdout and "-> qat drop" in proc.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert [(r["rung"], r["passed"]) for r in m["ladder"]] == [("ptq", False), ("qat", True)]
+    assert m["ladder"][1]["teacher"] == str(digits_run / "teacher.pt") and m["ladder"][1]["epochs"] == 1
+    assert m["quantization"]["mode"] == "qat" and m["validation"]["drop"] <= 2
+    from edgekd.export.qat import qdq_layers
+
+    assert len(qdq_layers(str(out / "model.onnx"))) == 4 == m["quantization"]["layers"]  # every layer INT8, in the graph
+    assert not m["fallback"]["used"] and m["int8_layers"]["count"] == 4
