@@ -287,6 +287,10 @@ EXPORT = [
         "and export that, every layer INT8; 0 turns it off", low=0, metavar="N", group="int8"),
     Opt("qat_teacher", "str", None, "teacher of that rung: any --teacher spec of distill (default: the teacher the "
         "student was distilled from, else the FP32 student itself)", metavar="SPEC", group="int8"),
+    Opt("qat_onnx", "str", "ort", "ONNX from a QAT checkpoint: ort (its trained weights re-quantized in ONNX Runtime's "
+        "own QDQ placement, activations calibrated; runs as QLinearConv) or nncf (NNCF's trained quantizers as they "
+        "are; exact to training, but ONNX Runtime then runs most convolutions in fp32)", choices=("ort", "nncf"),
+        group="int8"),
     Opt("int8_types", "str", None, "ONNX: auto (by CPU features: u8s8 with VNNI, u8u8 without, s8s8 on ARM), u8s8, "
         "u8u8, s8s8 (default: auto)", metavar="T", group="int8"),
     Opt("reduce_range", "bool", False, "ONNX: 7-bit weights (for CPUs without VNNI)", group="int8"),

@@ -19,7 +19,7 @@ ATOL = {"fp32": 1e-4, "fp16": 5e-2}
 # ``restore`` is the INT8 fallback (job, tuning images, max drop, max layers -> {"layers_in_float": [...]}),
 # ``files`` the bundle's model files, ``inference_precision`` what the bundle runtime computes in (recorded
 # in the manifest), ``qat_steps`` the conversion of a quantization-aware-trained checkpoint (edgekd
-# quantize) at int8. A new stage is one more step in these lists.
+# quantize) at int8, ``qat_calibrates(options)`` whether that conversion needs calibration images. A new stage is one more step in these lists.
 ONNX_STEPS = {"fp32": (onnx_fp32, onnx_describe), "fp16": (onnx_fp32, onnx_fp16, onnx_describe),
               "int8": (onnx_fp32, onnx_int8, onnx_describe)}
 OPENVINO_STEPS = {"fp32": (openvino_convert, openvino_save), "fp16": (openvino_convert, openvino_save),
@@ -28,10 +28,11 @@ OPENVINO_STEPS = {"fp32": (openvino_convert, openvino_save), "fp16": (openvino_c
 FORMATS.register("onnx", precisions=tuple(ONNX_STEPS), runtime="onnxruntime", files=("model.onnx",), atol=ATOL,
                  inference_precision=None, quant_modes=("static", "dynamic"), calib_methods=CALIB_METHODS,
                  int8_types=True, restore=restore_onnx, qat_steps=(build_qat, onnx_describe),
+                 qat_calibrates=lambda options: options.get("qat_onnx", "ort") == "ort",
                  summary="ONNX (ONNX Runtime); INT8 as QDQ via onnxruntime.quantization")(ONNX_STEPS)
 FORMATS.register("openvino", precisions=tuple(OPENVINO_STEPS), runtime="openvino", files=("model.xml", "model.bin"),
                  atol=ATOL, inference_precision="f32", quant_modes=("static",), calib_methods=("nncf",),
-                 int8_types=False, restore=restore_openvino, qat_steps=(build_qat,),
+                 int8_types=False, restore=restore_openvino, qat_steps=(build_qat,), qat_calibrates=lambda options: False,
                  summary="OpenVINO IR; INT8 via NNCF post-training quantization")(OPENVINO_STEPS)
 
 

@@ -143,7 +143,7 @@ def onnx_int8(job):
         q.quantize_static_file(pre, out, job.calib, settings, o["calib_method"],
                                os.path.join(job.scratch, "calibration-cache.json"), progress=job.progress)
         settings.update(mode="static", calib_method=o["calib_method"])
-    return {"quantization": settings, "quantizable_layers": len(q.quantizable_nodes(pre))}
+    return {"quantization": settings, "quantizable_layers": len(q.quantizable_nodes(pre)), "quantized_from": pre}
 
 
 def onnx_describe(job):

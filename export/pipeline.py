@@ -53,6 +53,7 @@ class ExportOptions:
     layer_report: bool = True   # int8: per-layer SQNR vs FP32 in the manifest and int8_layers.png (int8 hunk)
     qat_epochs: int = 1         # int8: last rung, quantization-aware distillation epochs (0: off)
     qat_teacher: str = None     # int8: its teacher (default: the student's own, else the FP32 student itself)
+    qat_onnx: str = "ort"       # ONNX from a QAT model: ort (trained weights, ONNX Runtime's QDQ placement) or nncf
 
 
 @dataclass
@@ -104,16 +105,18 @@ class _Export:
         if len(self.dataset.classes) != len(self.ckpt["classes"]):
             raise EdgeKDError(f"checkpoint has {len(self.ckpt['classes'])} classes but data {self.dataset.spec!r} "
                               f"has {len(self.dataset.classes)}")
-        calib, self.calib_record = self._calibration() if self.static and not self.qat else (None, None)
+        # a QAT checkpoint needs calibration only where the format re-quantizes its trained weights (ONNX, --qat-onnx ort)
+        needs_calib = self.static and (not self.qat or FORMATS.meta(o.fmt)["qat_calibrates"](asdict(o)))
+        calib, self.calib_record = self._calibration() if needs_calib else (None, None)
         idx = calibration.strided_indices(len(self.dataset.test), o.val_size)
         self.images, self.labels = calibration.load_images(self.dataset.test, idx, "validation images", o.progress)
         with torch.no_grad():
             self.reference = run_batched(lambda b: self.model(torch.from_numpy(b)).numpy(), self.images)
         return self._build(calib)
 
-    def _calibration(self):
+    def _calibration(self, spec=None):
         o = self.o
-        spec = o.calib_data or o.data or self.ckpt.get("data") or "digits"
+        spec = spec or o.calib_data or o.data or self.ckpt.get("data") or "digits"
         data = self.dataset if spec == self.dataset.spec else load_data_for(spec, o.data_root, self.spec)
         self.calib_data = data
         indices, record = calibration.select(data.train, o.calib_size, o.seed, data_spec=data.spec, split="train",
@@ -263,6 +266,9 @@ class _Export:
         for name in os.listdir(job.folder):  # the post-training files make way for the QAT model's
             os.unlink(os.path.join(job.folder, name))
         job.model, job.state["ckpt"], job.info = qmodel, qckpt, {}
+        if FORMATS.meta(o.fmt)["qat_calibrates"](job.options):
+            # calibrated on the student's own train images, like the QAT's quantizers: --calib-data is what failed
+            job.calib, self.calib_record = self._calibration(spec=self.dataset.spec)
         for step in FORMATS.meta(o.fmt)["qat_steps"]:
             job.info.update(step(job) or {})
         info.clear()
@@ -301,7 +307,7 @@ class _Export:
                                         class_names=data.classes, purpose="layer report")
         images, _ = calibration.load_images(data.train, indices, "layer report images", self.o.progress)
         pre = os.path.join(job.scratch, "preprocessed.onnx")  # what ONNX Runtime quantized (same node names)
-        fp32 = pre if self.o.fmt == "onnx" and os.path.isfile(pre) and not self.rung_qat else info.get("fp32_reference")
+        fp32 = pre if info.get("quantized_from") == pre else info.get("fp32_reference")
         if self.rung_qat:
             fallback = None  # the QAT model keeps every layer INT8
         if fp32 is None:

@@ -108,9 +108,21 @@ def test_quantization_aware_distillation_gives_int8_bundles(tiny_run, tmp_path, 
     for folder in (onnx_out, ov_out):
         m = json.loads((folder / "manifest.json").read_text())
         assert m["precision"] == "int8" and m["quantization"]["mode"] == "qat"
-        assert m["validation"]["drop"] <= 1.0 and m["calibration"]["images"] == 0
+        assert m["validation"]["drop"] <= 1.0
+        # OpenVINO keeps the trained quantizer ranges; ONNX (--qat-onnx ort) re-quantizes the trained weights
+        # in ONNX Runtime's own placement, with calibrated activation ranges
+        assert (m["calibration"]["images"] > 0) == (folder == onnx_out)
         assert m["qat"]["top1"] is not None and np.isfinite(m["qat"]["drop_vs_fp32_student"])
         assert m["int8_layers"]["count"] == 4
+
+    # NNCF's trained quantizers as they are (--qat-onnx nncf): batch norms folded into the quantized convs, exactly
+    nncf_out = tmp_path / "qat-onnx-nncf"
+    cli("export", qat / "student-qat.pt", "--format", "onnx", "--precision", "int8", "--qat-onnx", "nncf",
+        "--out", nncf_out, "--val-size", 100, "--no-speed-check", "--no-progress")
+    graph = onnx.load(str(nncf_out / "model.onnx")).graph
+    assert not any(n.op_type == "BatchNormalization" for n in graph.node)
+    m = json.loads((nncf_out / "manifest.json").read_text())
+    assert m["validation"]["top1_agreement"] >= 0.99 and m["quantization"]["placement"].startswith("as trained")
 
     # A QAT checkpoint exports at int8 only
     bad = cli("export", qat / "student-qat.pt", "--format", "onnx", "--out", tmp_path / "x", check=False)
@@ -177,3 +189,45 @@ def test_int8_ladder_takes_the_last_rung_when_the_first_two_fail(digits_run, bla
 
     assert len(qdq_layers(str(out / "model.onnx"))) == 4 == m["quantization"]["layers"]  # every layer INT8, in the graph
     assert not m["fallback"]["used"] and m["int8_layers"]["count"] == 4
+
+
+def test_batchnorm_folds_exactly_into_a_quantized_conv(tmp_path):
+    """--qat-onnx nncf: Conv(DequantizeLinear(QuantizeLinear(w))) -> BatchNormalization becomes one Conv whose INT8
+    weights keep their values (up to sign where gamma < 0); ONNX Runtime gives the same outputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekd.export.qat import fold_batchnorm
+
+    rng = np.random.default_rng(0)
+    out_ch = 4
+    w = rng.standard_normal((out_ch, 3, 3, 3)).astype(np.float32)
+    scale = (np.abs(w).reshape(out_ch, -1).max(1) / 127).astype(np.float32)
+    gamma = np.array([1.5, -0.7, 0.2, -2.0], np.float32)  # negative gammas flip the weights' sign
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (w, "w"), (scale, "s"), (np.zeros(out_ch, np.int8), "z"), (gamma, "gamma"),
+        (rng.standard_normal(out_ch).astype(np.float32), "beta"), (rng.standard_normal(out_ch).astype(np.float32), "mean"),
+        (rng.uniform(0.5, 2, out_ch).astype(np.float32), "var")]]
+    nodes = [helper.make_node("QuantizeLinear", ["w", "s", "z"], ["wq"], axis=0),
+             helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"], axis=0),
+             helper.make_node("Conv", ["x", "wd"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], epsilon=1e-5)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_ch, 8, 8])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    assert fold_batchnorm(str(path)) == 1
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["QuantizeLinear", "DequantizeLinear", "Conv"]
+    after = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+    tensors = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    new_w = tensors["conv.folded_weight"]
+    new_s = tensors["conv.folded_scale"]
+    q_before = np.clip(np.round(w / scale[:, None, None, None]), -128, 127)
+    q_after = np.clip(np.round(new_w / new_s[:, None, None, None]), -128, 127)
+    np.testing.assert_array_equal(q_after, q_before * np.sign(gamma)[:, None, None, None])
