@@ -80,6 +80,9 @@ def test_each_format_and_precision_exports_and_passes_its_gate(bundles, fmt, pre
         assert 1e-5 < v["max_abs_diff"] <= 5e-2 and v["top1_agreement"] >= 0.97
     else:
         assert v["drop"] <= 1.0 and m["fallback"]["drop_before"] >= m["validation"]["drop"] - 1e-9
+        # the ladder stops at the first rung that passes: the QAT rung is never reached here
+        assert [r["rung"] for r in m["ladder"]] == (["ptq", "fallback"] if m["fallback"]["needed"] else ["ptq"])
+        assert m["ladder"][-1]["passed"] and m["quantization"]["mode"] == "static"
         c = m["calibration"]
         assert c["split"] == "train" and c["images"] == CALIB == len(c["files"]) and c["seed"] == 0
         assert sum(c["per_class"].values()) == CALIB and m["quantization"]["layers"] >= 1

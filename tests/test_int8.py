@@ -151,12 +151,7 @@ def _int8(cli, student, out, *extra, check=True):
 
 def test_int8_ladder_stops_at_the_first_rung_that_passes(digits_run, black_calibration, tmp_path, cli):
     student = digits_run / "student.pt"
-    # rung 1 passes on proper calibration images: nothing else is tried
-    _int8(cli, student, tmp_path / "ptq", "--calib-size", 100)
-    m = json.loads((tmp_path / "ptq" / "manifest.json").read_text())
-    assert [(r["rung"], r["passed"]) for r in m["ladder"]] == [("ptq", True)] and not m["fallback"]["needed"]
-    assert m["quantization"]["mode"] == "static"
-
+    # (rung 1 passing on proper calibration, with nothing else tried: tests/test_export.py::test_each_format_and_precision_exports_and_passes_its_gate)
     # black calibration: rung 1 fails, rung 2 (the first conv in float) passes, so rung 3 is not taken
     bad = ("--calib-data", black_calibration, "--calib-size", 30)
     _int8(cli, student, tmp_path / "fallback", *bad, "--max-fallback-layers", 1)
