@@ -220,7 +220,7 @@ class Export(Command):
             calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed, max_drop=args.max_drop,
             max_fallback_layers=args.max_fallback_layers, int8_types=args.int8_types, reduce_range=args.reduce_range,
             per_channel=args.per_channel, zip=args.zip, speed_check=args.speed_check, progress=args.progress,
-            qat_epochs=args.qat_epochs, qat_teacher=args.qat_teacher, qat_onnx=args.qat_onnx)
+            tune_size=args.tune_size, qat_epochs=args.qat_epochs, qat_teacher=args.qat_teacher, qat_onnx=args.qat_onnx)
         m = export_checkpoint(args.checkpoint, opts)
         v = m["validation"]
         print(f"{m['format']} {m['precision']} bundle -> {args.out}{' (+ ' + args.out.rstrip('/') + '.zip)' if args.zip else ''}"

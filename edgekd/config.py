@@ -282,6 +282,8 @@ EXPORT = [
         group="int8"),
     Opt("max_fallback_layers", "int", 10, "most layers kept in float to meet --max-drop; 0 turns the fallback off",
         low=0, group="int8"),
+    Opt("tune_size", "int", None, "train images that steer the fallback (default: as many as --val-size); its cost "
+        "grows with them times the number of layers", low=1, group="int8"),
     Opt("qat_epochs", "int", 1, "the INT8 ladder's last rung: when post-training INT8 and the fallback both miss "
         "--max-drop, fine-tune the student with fake quantizers against its teacher for N epochs (edgekd quantize) "
         "and export that, every layer INT8; 0 turns it off", low=0, metavar="N", group="int8"),

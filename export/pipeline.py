@@ -44,6 +44,7 @@ class ExportOptions:
     seed: int = 0               # calibration and tuning sample seed
     max_drop: float = 1.0       # int8: largest allowed top-1 loss vs FP32, in points
     max_fallback_layers: int = 10  # int8: most layers the fallback may keep in float (0: no fallback)
+    tune_size: int = None       # int8: train images that steer the fallback (default: as many as val_size)
     int8_types: str = None      # ONNX int8: auto|u8s8|u8u8|s8s8 (auto: by CPU features)
     reduce_range: bool = False  # ONNX int8: 7-bit weights
     per_channel: bool = True    # ONNX int8: per-channel weight scales
@@ -319,7 +320,7 @@ class _Export:
         """Labelled train-split images (another seed than calibration) that steer the fallback, so the
         test split stays held out for the final gate."""
         data = self.calib_data
-        size = min(self.o.val_size, len(data.train))
+        size = min(self.o.tune_size or self.o.val_size, len(data.train))
         indices, record = calibration.select(data.train, size, self.o.seed + 1, data_spec=data.spec, split="train",
                                              class_names=data.classes, purpose="fallback tuning")
         record.pop("files")

@@ -11,8 +11,10 @@ so a rerun resumes):
 (a) the teacher: --teacher PATH, else ``edgekd train`` resnet20 into OUT/teacher;
 (b) ``edgekd distill`` the student (torchvision:mobilenet_v3_small, random init, small-input stem) -> OUT/student;
 (c) FP32 bundles, then for ONNX and OpenVINO: PTQ alone (fallback and QAT off, no drop limit), PTQ with the
-    fallback (--max-drop, up to --max-fallback-layers layers in float, QAT off);
-(d) ``edgekd quantize`` (quantization-aware distillation against the same teacher) -> OUT/qat, exported to both;
+    fallback (--max-drop, up to --max-fallback-layers layers in float, steered by --tune-size train images, QAT
+    off; a fallback that cannot meet --max-drop is reported as such);
+(d) ``edgekd quantize`` (quantization-aware distillation against the same teacher) -> OUT/qat, exported to both
+    (and to ONNX once more with --qat-onnx nncf, NNCF's quantizers as trained, for the profile);
 (e) ``edgekd bench`` of every bundle at batch 1 and 32 with --profile -> OUT/bench;
 (f) OUT/report.md: the ladder table (top-1 and drop per rung and format, layers kept in float, layers INT8),
     throughput and INT8/FP32 ratios per runtime, the per-layer INT8 error table and the profile's precision shares.
@@ -47,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--val-size", type=int, default=10000, help="test images of every parity gate (10,000: all)")
     p.add_argument("--max-drop", type=float, default=0.3, help="the fallback rung's target, top-1 points")
     p.add_argument("--max-fallback-layers", type=int, default=10)
+    p.add_argument("--tune-size", type=int, default=1000, help="train images that steer the fallback")
     p.add_argument("--calib-size", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads of training runs (default: torch's)")
@@ -104,10 +107,12 @@ def main(argv=None):
          "--out", os.path.dirname(student)], out, "distill", commands, student)
 
     qat = os.path.join(out, "qat", "student-qat.pt")
-    subset = ["--train-subset", a.qat_subset] if a.qat_subset else []
-    run(["quantize", student, "--teacher", teacher, "--epochs", a.qat_epochs, "--lr", a.qat_lr,
-         "--calib-size", a.calib_size, *subset, "--seed", a.seed, *threads, "--no-progress",
-         "--out", os.path.dirname(qat)], out, "quantize", commands, qat)
+
+    def quantize():
+        subset = ["--train-subset", a.qat_subset] if a.qat_subset else []
+        run(["quantize", student, "--teacher", teacher, "--epochs", a.qat_epochs, "--lr", a.qat_lr,
+             "--calib-size", a.calib_size, *subset, "--seed", a.seed, *threads, "--no-progress",
+             "--out", os.path.dirname(qat)], out, "quantize", commands, qat)
 
     gate = ["--val-size", a.val_size, "--no-progress", "--force"]
     variants = {  # name -> (checkpoint, precision, options); later rungs off where a rung is shown alone
@@ -115,14 +120,19 @@ def main(argv=None):
         "ptq": (student, "int8", ["--calib-size", a.calib_size, "--max-drop", 100, "--max-fallback-layers", 0,
                                   "--qat-epochs", 0]),
         "fallback": (student, "int8", ["--calib-size", a.calib_size, "--max-drop", a.max_drop,
-                                       "--max-fallback-layers", a.max_fallback_layers, "--qat-epochs", 0]),
+                                       "--max-fallback-layers", a.max_fallback_layers, "--tune-size", a.tune_size,
+                                       "--qat-epochs", 0]),
         "qat": (qat, "int8", []),
+        # ONNX also with NNCF's trained quantizers exactly (--qat-onnx nncf), to show in the profile why it is not the default
+        "qat-nncf": (qat, "int8", ["--qat-onnx", "nncf"]),
     }
     bundles, failures = [], {}
-    for fmt in FORMATS:
-        # ONNX also as NNCF's trained quantizers exactly (--qat-onnx nncf), to show in the profile why it is not the default
-        extra_variants = {"qat-nncf": (qat, "int8", ["--qat-onnx", "nncf"])} if fmt == "onnx" else {}
-        for name, (checkpoint, precision, extra) in {**variants, **extra_variants}.items():
+    for name, (checkpoint, precision, extra) in variants.items():  # the post-training rungs first: PTQ's loss is known early
+        if name == "qat":
+            quantize()
+        for fmt in FORMATS:
+            if name == "qat-nncf" and fmt != "onnx":
+                continue
             folder = os.path.join(out, f"{fmt}-{name}")
             step = f"export-{fmt}-{name}"
             code = run(["export", checkpoint, "--format", fmt, "--precision", precision, *extra, *gate,
