@@ -250,8 +250,8 @@ DISTILL = [
 # edgekd quantize starts from a trained student: a short run at a small learning rate, no warm-up.
 _QAT_DEFAULTS = {"epochs": 1, "lr": 0.001, "warmup_epochs": 0.0}
 QUANTIZE = [
-    Opt("student", "str", None, "an FP32 student checkpoint (.pt) from edgekd distill/train", metavar="STUDENT",
-        positional=True),
+    Opt("student", "str", None, "an FP32 student checkpoint (.pt) from edgekd distill/train (with --resume DIR: "
+        "the one DIR was started from)", metavar="STUDENT", positional=True, nargs="?", required=True),
     Opt("teacher", "str", None, "teacher checkpoint (default: the one the student was distilled from, or teacher.pt "
         "beside it)", metavar="PATH"),
     Opt("loss", "str", "kd", "a logit distillation loss: kd, dkd, seed, mse", metavar="NAME"),
@@ -516,7 +516,7 @@ def read_yaml(path):
     return values
 
 
-def _from_yaml(command, values, source):
+def _from_yaml(command, values, source, resumed=False):
     opts = {o.name: o for o in COMMANDS[command]}
     takes = sorted(n for n, o in opts.items() if o.yaml and not o.positional)
     out = {}
@@ -524,7 +524,8 @@ def _from_yaml(command, values, source):
         if key in RECORD_ONLY:
             continue
         opt = opts.get(key)
-        if opt is None or not opt.yaml or opt.positional:
+        # a run's own config.yaml records its positional (quantize's STUDENT): --resume takes it back
+        if opt is None or not opt.yaml or (opt.positional and not resumed):
             close = difflib.get_close_matches(str(key), takes, n=1)
             if opt is not None:
                 hint = f"; give {opt.flag} on the command line"
@@ -535,20 +536,20 @@ def _from_yaml(command, values, source):
     return out
 
 
-def resolve(command, given, yaml_path=None, yaml_name=None):
+def resolve(command, given, yaml_path=None, yaml_name=None, resumed=False):
     """The run's configuration: defaults, then ``yaml_path``'s values, then ``given`` (the command
     line's values, text as typed; None means "not given"), every value checked the same way."""
     opts = COMMANDS[command]
     cfg = {o.name: (list(o.default) if isinstance(o.default, list) else o.default) for o in opts}
     if yaml_path:
-        cfg.update(_from_yaml(command, read_yaml(yaml_path), yaml_name or f"config file {yaml_path!r}"))
+        cfg.update(_from_yaml(command, read_yaml(yaml_path), yaml_name or f"config file {yaml_path!r}", resumed))
     for opt in opts:
         value = given.get(opt.name)
         if value is not None:
             cfg[opt.name] = check(opt, value)
     for opt in opts:
         if opt.required and cfg[opt.name] is None:
-            raise EdgeKDError(f"{opt.flag} is required")
+            raise EdgeKDError(f"{opt.metavar if opt.positional else opt.flag} is required")
     return cfg
 
 
@@ -565,7 +566,7 @@ def parse_args(ns):
             raise EdgeKDError(f"cannot resume {folder!r}: it has no config.yaml (not an edgekd train/distill folder)")
         yaml_name = f"{yaml_path} (the run being resumed)"
         given["out"] = None
-    cfg = resolve(command, given, yaml_path, yaml_name)
+    cfg = resolve(command, given, yaml_path, yaml_name, resumed=bool(given.get("resume")))
     if given.get("resume"):
         cfg.update(out=given["resume"], force=True, resume=given["resume"])
     return argparse.Namespace(**cfg, command=command, func=ns.func, debug=ns.debug)

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 QAT_FILE = "student-qat.pt"
 QUANTIZER_FILE = "quantizers.json"  # written right after calibration, so --resume rebuilds the same quantizers
+BEFORE_FILE = "qat.before.json"  # the fake-quantized top-1 right after calibration, for a resumed run's metrics
 NNCF_HOOKS = "__nncf_hooks."
 
 
@@ -156,9 +157,17 @@ def run_quantize(cfg):
     loss_fn, loss_params = make_loss(cfg["loss"], label_smoothing=cfg.get("label_smoothing"),
                                      temperature=cfg.get("temperature"), alpha=cfg.get("alpha"), beta=cfg.get("beta"))
     _save_config(out, {**cfg, "data": data.spec, "teacher": teacher_spec, "loss_params": loss_params})
+    before_path = os.path.join(out, BEFORE_FILE)
+    resumed = cfg.get("resume") and os.path.isfile(before_path)
     fp32_top1 = evaluate(student, test)
     qmodel = _quantized_student(cfg, student, train, out)
-    int8_before = evaluate(qmodel, test)
+    if resumed:  # the rebuilt quantizers get their calibrated scales only with the training state: use the record
+        with open(before_path) as f:
+            int8_before = json.load(f)["int8_top1_before"]
+    else:
+        int8_before = evaluate(qmodel, test)
+        with open(before_path, "w") as f:
+            json.dump({"int8_top1_before": int8_before, "fp32_top1": fp32_top1}, f)
     log.info("fake-quantized student before training: top-1 %.4f (FP32 %.4f)", int8_before, fp32_top1)
     # any teacher source distill takes (a checkpoint, a bundle, ONNX, ...), with its own view and class order
     teacher = teachers.load_teacher({**cfg, "teacher": teacher_spec}, teachers.TeacherOptions.from_cfg(cfg), data,

@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads of training runs (default: torch's)")
     p.add_argument("--quick-bench", action="store_true", help="edgekd bench --quick (a smoke run)")
+    p.add_argument("--no-bench", action="store_true", help="stop before the benchmark (run it later on a quiet machine)")
     return p.parse_args(argv)
 
 
@@ -143,6 +144,8 @@ def main(argv=None):
             else:
                 bundles.append(folder)
 
+    if a.no_bench:
+        return
     bench = os.path.join(out, "bench")
     quick = ["--quick"] if a.quick_bench else ["--limit", a.val_size]
     run(["bench", student, *bundles, "--device", "cpu", "--batch-sizes", "1,32", "--profile", "--data", data, *quick,
