@@ -94,6 +94,24 @@ def test_the_command_line_wins_over_yaml_and_yaml_over_defaults(tmp_path):
     assert (resolved["epochs"], resolved["lr"], resolved["batch_size"], resolved["schedule"]) == (3, 0.001, 8, "cosine")
 
 
+def test_resume_takes_back_the_positional_its_own_config_recorded(tmp_path):
+    """edgekd quantize saves STUDENT in config.yaml; --resume DIR reads it back (it was refused as an unknown key),
+    while a --config file written by hand still may not set a positional."""
+    run = tmp_path / "qat"
+    run.mkdir()
+    (run / "config.yaml").write_text("student: /data/student.pt\nepochs: 2\nlr: 0.001\n")
+    import argparse
+
+    ns = argparse.Namespace(command="quantize", func=None, debug=False,
+                            **{o.name: None for o in options.COMMANDS["quantize"]})
+    ns.resume, ns.epochs = str(run), "1"
+    resolved = options.parse_args(ns)
+    assert (resolved.student, resolved.epochs, resolved.out) == ("/data/student.pt", 1, str(run))
+    ns.resume, ns.config = None, str(run / "config.yaml")
+    with pytest.raises(EdgeKDError, match="unknown key 'student' for edgekd quantize"):
+        options.parse_args(ns)
+
+
 def test_every_default_passes_its_own_check():
     for command, opts in options.COMMANDS.items():
         for opt in opts:
