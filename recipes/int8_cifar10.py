@@ -144,12 +144,12 @@ def main(argv=None):
             else:
                 bundles.append(folder)
 
-    if a.no_bench:
-        return
     bench = os.path.join(out, "bench")
     quick = ["--quick"] if a.quick_bench else ["--limit", a.val_size]
-    run(["bench", student, *bundles, "--device", "cpu", "--batch-sizes", "1,32", "--profile", "--data", data, *quick,
-         "--no-progress", "--force", "--out", bench], out, "bench", commands, os.path.join(bench, "results.json"))
+    if not a.no_bench:
+        run(["bench", student, *bundles, "--device", "cpu", "--batch-sizes", "1,32", "--profile", "--data", data,
+             *quick, "--no-progress", "--force", "--out", bench], out, "bench", commands,
+            os.path.join(bench, "results.json"))
     report = write_report(out, a, teacher, bundles, failures, commands)
     print(f"report -> {report}")
 
@@ -160,7 +160,7 @@ def _manifest(out, name):
 
 
 def _ladder_table(out, failures):
-    lines = ["| format | rung | top-1 | Δ vs FP32 student (pts) | layers INT8 | kept in float | gate |",
+    lines = ["| format | rung | top-1 | drop vs FP32 student (pts) | layers INT8 | kept in float | gate |",
              "|---|---|---|---|---|---|---|"]
     for fmt in FORMATS:
         fp32 = _manifest(out, f"{fmt}-fp32")
@@ -184,7 +184,7 @@ def _ladder_table(out, failures):
                 kept = m["fallback"]["layers_in_float"]
             q = m["quantization"]
             total = q.get("layers") or 0
-            lines.append(f"| {fmt} | {label} | {top1:.4f} | {drop:+.2f} | {total - len(kept)} of {total} | "
+            lines.append(f"| {fmt} | {label} | {top1:.4f} | {drop:.2f} | {total - len(kept)} of {total} | "
                          f"{', '.join(kept) or '-'} | passed (--max-drop {v.get('max_drop')}) |")
     return "\n".join(lines)
 
