@@ -158,8 +158,9 @@ class _Export:
                 manifest["ladder"] = self.ladder
                 if self.rung_qat:
                     manifest["fallback"]["used"] = False  # rung 2 failed; the QAT model keeps every layer INT8
-                    manifest["calibration"]["note"] = ("post-training calibration of rungs 1-2; the bundle's quantizer "
-                                                       "ranges were trained by the last rung (edgekd quantize)")
+                    if not FORMATS.meta(o.fmt)["qat_calibrates"](job.options):
+                        manifest["calibration"]["note"] = ("post-training calibration of rungs 1-2; the bundle's "
+                                                           "quantizer ranges were trained by the last rung")
                 if self.qat:
                     from .qat import fp32_student_record
 
@@ -266,14 +267,15 @@ class _Export:
         qmodel, qckpt = load_model(os.path.join(folder, QAT_FILE))
         for name in os.listdir(job.folder):  # the post-training files make way for the QAT model's
             os.unlink(os.path.join(job.folder, name))
-        job.model, job.state["ckpt"], job.info = qmodel, qckpt, {}
+        # a conversion of its own: nothing of rungs 1-2 (their FP32 graph, calibration cache) is reused
+        job.scratch = tempfile.mkdtemp(dir=job.scratch, prefix="qat-convert-")
+        job.model, job.state["ckpt"] = qmodel, qckpt
+        job.info.clear()  # the same dict as the caller's ``info``
         if FORMATS.meta(o.fmt)["qat_calibrates"](job.options):
             # calibrated on the student's own train images, like the QAT's quantizers: --calib-data is what failed
             job.calib, self.calib_record = self._calibration(spec=self.dataset.spec)
         for step in FORMATS.meta(o.fmt)["qat_steps"]:
             job.info.update(step(job) or {})
-        info.clear()
-        info.update(job.info)
         self.rung_qat = True
         validation = self._validate(job.folder, info["model_file"])  # against the FP32 student's logits
         validation["max_drop"] = o.max_drop
@@ -307,8 +309,8 @@ class _Export:
         indices, _ = calibration.select(data.train, size, self.o.seed + 2, data_spec=data.spec, split="train",
                                         class_names=data.classes, purpose="layer report")
         images, _ = calibration.load_images(data.train, indices, "layer report images", self.o.progress)
-        pre = os.path.join(job.scratch, "preprocessed.onnx")  # what ONNX Runtime quantized (same node names)
-        fp32 = pre if info.get("quantized_from") == pre else info.get("fp32_reference")
+        # what ONNX Runtime quantized (same node names), else the format's FP32 counterpart
+        fp32 = info.get("quantized_from") or info.get("fp32_reference")
         if self.rung_qat:
             fallback = None  # the QAT model keeps every layer INT8
         if fp32 is None:

@@ -184,10 +184,6 @@ def _onnx_runtime_placement(job, fp32):
     if job.calib is None:
         raise EdgeKDError("--qat-onnx ort re-quantizes the QAT-trained weights with ONNX Runtime and needs "
                           "calibration images; --quant dynamic cannot convert a QAT model")
-    # ranges cached by an earlier rung belong to the FP32 student's graph (and maybe to the calibration that failed)
-    stale = os.path.join(job.scratch, "calibration-cache.json")
-    if os.path.isfile(stale):
-        os.unlink(stale)
     qmodel, job.model = job.model, fp32
     try:
         job.info.update(onnx_fp32(job))  # the next step reads the FP32 file from job.info
