@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow clean
+.PHONY: demo test test-slow check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,15 @@ demo: $(STAMP)
 	$(BIN)/edgekd bench runs/default/teacher.pt runs/default/student.pt runs/default/student-onnx \
 		runs/default/student-openvino-int8 --device cpu --out runs/default/bench --force
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# The import layers (import-linter), then the suite; the 15 slowest tests are printed at the end.
+check: $(STAMP)
+	tools/check_layers.sh
+
+test: check
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache build/layers

@@ -106,7 +106,7 @@ def test_bench_on_the_device_beside_local_rows(sshd, device_python, digits_run, 
 
 
 def test_deploy_installs_atomically_and_predicts_on_the_device(sshd, device_python, onnx_bundle, tmp_path, cli):
-    from edgekd.data import load_data
+    from edgekd.core.data import load_data
 
     folder = tmp_path / "device-home" / "models"
     proc = cli("deploy", onnx_bundle, f"ssh://edgedevice:{folder}", "--ssh-config", sshd)
@@ -138,7 +138,7 @@ def test_missing_runtime_on_the_device_is_a_row_that_names_the_package(sshd, dig
 
 
 def test_a_bundle_the_devices_runtime_cannot_load_is_a_row(sshd, device_python, onnx_bundle, digits_run, tmp_path, cli):
-    from edgekd.export.manifest import sha256_file
+    from edgekd.bundle.manifest import sha256_file
 
     broken = tmp_path / "broken"
     shutil.copytree(onnx_bundle, broken)
