@@ -48,15 +48,12 @@ def write_manifest(folder, manifest):
 
 def read_manifest(folder):
     from .. import EdgeKDError
+    from .runner import load_json
 
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
         raise EdgeKDError(f"{folder!r} is not a bundle: it has no {MANIFEST}")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeKDError(f"{path!r} is not valid JSON: {e}") from None
+    manifest = load_json(path, "bundle manifest", EdgeKDError)  # bounded: size, depth
     problem = schema_problem(manifest)
     if problem:
         raise EdgeKDError(f"{path!r} fails the manifest schema: {problem}")

@@ -132,6 +132,16 @@ def safe_extract(archive, folder):
     return folder
 
 
+def _in_archive(error, tmp, archive):
+    """``error`` with the temporary unpacking folder's path replaced by the user's zip (``b.zip/b/model.onnx``):
+    the folder is gone by the time the message is read."""
+    text = str(error).replace(os.path.realpath(tmp), archive).replace(tmp, archive)
+    try:
+        return type(error)(text)
+    except TypeError:  # an error class with other arguments: the message is what the user needs
+        return EdgeKDError(text)
+
+
 class ZippedBundle(Bundle):
     """A Bundle unpacked from its zip into a private temporary folder (removed when closed)."""
 
@@ -139,6 +149,9 @@ class ZippedBundle(Bundle):
         self.tmp = tempfile.mkdtemp(prefix="edgekd-bundle-")
         try:
             super().__init__(safe_extract(archive, self.tmp), threads, device, runtime)
+        except EdgeKDError as e:  # its message names files in the folder removed below: name them in the zip
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise _in_archive(e, self.tmp, archive) from None
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise

@@ -126,7 +126,7 @@ def _is_bundle(folder):
     try:
         with open(os.path.join(folder, "manifest.json")) as f:
             return isinstance(json.load(f).get("files"), dict)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested past json's limit
         return False
 
 

@@ -12,6 +12,7 @@ boxes: logits only), TorchScript and ``torch.export`` (.pt2) files, torchvision 
 pretrained weights (or a local weights file), and ``MODULE:FUNCTION`` factories in the user's code.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from torch.nn import functional as F
 from .. import EdgeKDError
 from .checkpoint import file_sha256
 from ..bundle.manifest import METADATA_KEYS
+from .config import MAX_INPUT_SIDE
 from ..base.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ def _floats(value, flag):
 
 
 def _size(value):
+    """--teacher-input-size as (height, width), each from 1 to MAX_INPUT_SIDE."""
     if value is None:
         return None
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
@@ -100,8 +103,9 @@ def _size(value):
         sizes = [int(str(v).strip()) for v in items if str(v).strip()]
     except ValueError:
         sizes = []
-    if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
-        raise EdgeKDError(f"--teacher-input-size {value!r}: give SIZE or HEIGHT,WIDTH in pixels, e.g. 224")
+    if not 1 <= len(sizes) <= 2 or min(sizes) < 1 or max(sizes) > MAX_INPUT_SIDE:
+        raise EdgeKDError(f"--teacher-input-size {value!r}: give SIZE or HEIGHT,WIDTH in pixels from 1 to {MAX_INPUT_SIDE}, "
+                          "e.g. 224")
     return (sizes[0], sizes[-1])
 
 
@@ -169,6 +173,7 @@ class Teacher(nn.Module):
         self.index = None if index is None else torch.as_tensor(index, dtype=torch.long)
         self.classes_record = classes_record or {}
         self.seconds = 0.0  # the teacher's own forward time since the last take_seconds()
+        self.probs_checked = False
 
     def train(self, mode=True):  # the teacher never leaves eval mode
         return super().train(False)
@@ -196,6 +201,9 @@ class Teacher(nn.Module):
             out = self.model(self.view(x)) if self.model is not None else self.run(self.view(x))
             out = _as_logits(out)
             if self.outputs == "probs":  # log-probabilities are logits up to a constant per image
+                if not self.probs_checked:  # the first real batch: the blank probe may not show logits for what they are
+                    check_probs(out, self.spec)
+                    self.probs_checked = True
                 out = out.float().clamp_min(PROB_FLOOR).log()
             if self.index is not None:
                 out = out[:, self.index.to(out.device)]
@@ -242,6 +250,28 @@ def _input_spec(loaded):
     from .data import InputSpec
 
     return InputSpec(loaded.channels, loaded.size[0], loaded.size[1], list(loaded.mean), list(loaded.std))
+
+
+PROBS_TOLERANCE = 1e-3  # float16/int8 teachers' softmax rows sum to 1 within about this
+
+
+def check_probs(out, spec):
+    """EdgeKDError unless ``out`` (N, K) looks like probabilities, as --teacher-outputs probs (or the teacher's
+    metadata) claims: every value in [0, 1] and every row summing to 1. Logits taken for probabilities are
+    clamped and logged into nonsense (a KD loss hundreds of times too large), silently."""
+    out = out.detach().double()
+    if not out.numel():
+        return
+    low, high = out.min().item(), out.max().item()
+    sums = out.sum(1)
+    far = (sums - 1).abs().max().item()
+    if math.isfinite(low) and math.isfinite(high) and low >= -PROBS_TOLERANCE and high <= 1 + PROBS_TOLERANCE \
+            and far <= PROBS_TOLERANCE * max(1, out.shape[1] ** 0.5):
+        return
+    raise EdgeKDError(f"teacher {spec!r} is said to return probabilities (--teacher-outputs probs or its metadata), "
+                      f"but its outputs look like logits: values from {low:.4g} to {high:.4g}, rows summing to "
+                      f"{sums.min().item():.4g}..{sums.max().item():.4g} (probabilities lie in [0, 1] and sum to 1); "
+                      "pass --teacher-outputs logits")
 
 
 def _as_logits(out):
@@ -390,7 +420,7 @@ def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_o
     source = check(spec, options)
     loaded = source.load(spec, options, Env(cfg, data, train, test, ctx))
     _settle_input(loaded, options, data.input, spec)
-    outputs = _probe(loaded, spec)
+    outputs = _probe(loaded, spec, loaded.outputs == "probs")
     index, record = class_index(data.classes, outputs, loaded.names, loaded.names_from, options.classes, spec)
     teacher = Teacher(loaded, data.input, index, record, spec)
     log.info("teacher %s (%s): %dx%dx%d %s, %s, classes %s", spec, loaded.kind, loaded.channels, *loaded.size,
@@ -436,21 +466,25 @@ def _settle_input(lo, options, data_input, spec):
                           f"{len(lo.mean)}/{len(lo.std)} values")
 
 
-def _probe(lo, spec):
-    """Run the teacher once on two blank images of its view: the number of outputs, or a one-line error."""
+def _probe(lo, spec, probs=False):
+    """Run the teacher once on two blank images of its view: the number of outputs, or a one-line error
+    (``probs``: also when the outputs cannot be probabilities)."""
     x = (torch.zeros(2, lo.channels, *lo.size) - torch.tensor(lo.mean).view(1, -1, 1, 1)) / torch.tensor(lo.std).view(1, -1, 1, 1)
     try:
         with torch.inference_mode():
             out = _as_logits(lo.module.eval()(x) if lo.module is not None else lo.run(x))
     except EdgeKDError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # noqa: B036 - the user's forward: contained
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = f"{type(e).__name__}({reason})" if not isinstance(e, Exception) else reason
         raise EdgeKDError(f"teacher {spec!r} cannot run on {lo.channels}x{lo.size[0]}x{lo.size[1]} inputs "
                           f"(set --teacher-input-size / --teacher-color): {reason[:300]}") from None
     if out.dim() != 2 or out.shape[0] != 2:
         raise EdgeKDError(f"teacher {spec!r} returns a {tuple(out.shape)} output for 2 images; a classifier's "
                           "(images, classes) logits or probabilities are needed")
+    if probs:
+        check_probs(out, spec)
     return int(out.shape[1])
 
 
@@ -738,17 +772,24 @@ def _apply_metadata(lo, meta, spec):
             return None
         try:
             return json.loads(text) if key != "color" and key != "outputs" else text
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, or nested past json's recursion limit
             raise EdgeKDError(f"teacher {spec!r}: metadata {METADATA_KEYS[key]!r} is not JSON: {text[:80]!r}") from None
 
     for key in ("mean", "std", "color", "outputs", "classes", "input_size"):
         v = value(key)
         if v is None:
             continue
+        if key in ("classes", "mean", "std", "input_size") and not (
+                isinstance(v, list) and v and all(isinstance(i, (str, int, float)) and not isinstance(i, bool) for i in v)):
+            raise EdgeKDError(f"teacher {spec!r}: metadata {METADATA_KEYS[key]!r} must be a JSON list of "
+                              f"{'names' if key == 'classes' else 'numbers'}, got {str(v)[:80]!r}")
         if key == "classes":
             lo.names, lo.names_from = [str(c) for c in v], f"ONNX metadata {METADATA_KEYS['classes']}"
         elif key == "input_size":
-            lo.size, lo.found["size"] = tuple(int(s) for s in v), "ONNX metadata"
+            if len(v) != 2 or not all(isinstance(i, int) and 1 <= i <= MAX_INPUT_SIDE for i in v):
+                raise EdgeKDError(f"teacher {spec!r}: metadata {METADATA_KEYS[key]!r} must be [height, width], whole "
+                                  f"numbers from 1 to {MAX_INPUT_SIDE}, got {str(v)[:80]!r}")
+            lo.size, lo.found["size"] = tuple(v), "ONNX metadata"
         else:
             setattr(lo, key, v)
             lo.found[key] = "ONNX metadata"
@@ -1016,6 +1057,26 @@ def _import_timm():
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+@contextlib.contextmanager
+def user_code(what):
+    """Run the user's own code (a factory, the module it lives in): whatever it raises, SystemExit and
+    KeyboardInterrupt included (sys.exit() at import would end edgekd with exit 0 having done nothing), becomes
+    one EdgeKDError line naming ``what``; edgekd's own errors pass through."""
+    try:
+        yield
+    except EdgeKDError:
+        raise
+    except BaseException as e:  # noqa: B036 - the user's code, not edgekd's: contained whatever it raises
+        if isinstance(e, SystemExit):
+            reason = f"it called sys.exit({'' if e.code is None else repr(e.code)})"
+        elif isinstance(e, KeyboardInterrupt):
+            reason = "it raised KeyboardInterrupt"
+        else:
+            text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            reason = f"it raised {type(e).__name__}" + (f": {text}" if text else "")
+        raise EdgeKDError(f"{what} failed: {reason}") from e
+
+
 @_source("factory")
 class FactorySource(Source):
     """``MODULE:FUNCTION``: a function in the user's code (importable from PYTHONPATH) returning an nn.Module,
@@ -1030,14 +1091,17 @@ class FactorySource(Source):
         import importlib
 
         module_name, fn_name = spec.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise EdgeKDError(f"cannot import {module_name!r} for teacher {spec!r}: {e} (is its folder on PYTHONPATH?)") from None
+        with user_code(f"importing {module_name!r} for teacher {spec!r}"):
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as e:
+                raise EdgeKDError(f"cannot import {module_name!r} for teacher {spec!r}: {e} (is its folder on "
+                                  "PYTHONPATH?)") from None
         fn = getattr(module, fn_name, None)
         if not callable(fn):
             raise EdgeKDError(f"module {module_name!r} has no function {fn_name!r} (teacher {spec!r})")
-        model = fn()
+        with user_code(f"teacher factory {spec!r}"):
+            model = fn()
         if not isinstance(model, nn.Module):
             raise EdgeKDError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
         file = getattr(module, "__file__", None)
