@@ -163,7 +163,13 @@ def precision_hint(manifest):
     Left alone, the plugin silently runs FP32 models in bf16 on CPUs with AVX512_BF16 or AMX, which moves
     logits by about 1e-2: an fp32 bundle (or row of a benchmark) would no longer be fp32.
     """
-    return (manifest.get("runtime") or {}).get("inference_precision") or "f32"
+    runtime = manifest.get("runtime")
+    hint = runtime.get("inference_precision") if isinstance(runtime, dict) else None
+    if hint is None:
+        return "f32"
+    if hint not in ("f32", "f16", "bf16"):  # what edgekd writes; anything else is damage
+        raise BundleError("manifest field 'runtime.inference_precision' must be f32, f16 or bf16, got %r" % (hint,))
+    return hint
 
 
 def open_session(folder, manifest, threads=None, device="cpu", runtime=None):

@@ -133,11 +133,11 @@ def test_deep_yaml_and_a_large_config_file_are_refused(tmp_path, capsys):
     (["train", "--seed", "-1"], "--seed"),
     (["train", "--seed", str(2 ** 64)], "--seed"),
     (["train", "--aug-seed", str(2 ** 70)], "--aug-seed"),
-    (["train", "--batch-size", "10000000"], "--batch-size"),
+    (["export", "no-such-data.pt", "--format", "onnx", "--val-size", "99999999999"], "--val-size"),
     (["train", "--train-subset", "99999999999"], "--train-subset"),
     (["train", "--workers", "100000"], "--workers"),
 ], ids=["teacher-input-size-20000", "teacher-input-size-w", "seed-negative", "seed-2^64", "aug-seed-2^70",
-        "batch-size", "train-subset", "workers"])
+        "val-size", "train-subset", "workers"])
 def test_size_and_seed_options_have_bounds(tmp_path, capsys, argv, message):
     """Refused while the options are read: nothing is allocated, no data loaded (the data given does not exist)."""
     code, _, err = run_main([*argv, "--data", tmp_path / "no-such-data", "--out", tmp_path / "out"], capsys)
