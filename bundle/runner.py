@@ -206,6 +206,11 @@ def open_model(path, fmt, threads=None, device="cpu", precision="f32", runtime=N
         raise BundleError("%s %s cannot load this bundle: %s" % (runtime, _version(runtime), first))
 
 
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 def _onnxruntime(ort, path, threads, device):
     """ONNX Runtime on the CPU, or on a GPU through its CUDA execution provider (cuda or cuda:N)."""
     import numpy as np
@@ -230,7 +235,11 @@ def _onnxruntime(ort, path, threads, device):
     name = session.get_inputs()[0].name
 
     def run(batch):  # session.run copies outputs to host memory, so CUDA timings are synchronised
-        return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        try:
+            return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        except Exception as e:  # ONNX Runtime's own error types: a manifest whose input does not fit the model
+            raise BundleError("onnxruntime cannot run this bundle on a %s input: %s"
+                              % ("x".join(map(str, np.shape(batch))), _first_line(e)))
 
     last = session.get_outputs()[0].shape[-1] if session.get_outputs()[0].shape else None
     return run, {"threads": session.get_session_options().intra_op_num_threads or usable_cpus(),
@@ -270,7 +279,11 @@ def _openvino(ov, path, threads, name, precision):
     output = compiled.output(0)
 
     def run(batch):
-        return request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)[output]
+        try:
+            return request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)[output]
+        except RuntimeError as e:  # OpenVINO's error type: a manifest whose input does not fit the model
+            raise BundleError("openvino cannot run this bundle on a %s input: %s"
+                              % ("x".join(map(str, np.shape(batch))), _first_line(e)))
 
     shape = output.get_partial_shape()
     last = shape[shape.rank.get_length() - 1] if shape.rank.is_static and shape.rank.get_length() else None

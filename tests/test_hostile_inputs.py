@@ -314,6 +314,21 @@ def test_a_manifest_whose_classes_do_not_match_the_outputs_is_refused(tmp_path, 
     assert code == 2 and f"3 outputs but its manifest names {len(classes)} classes" in err, err
 
 
+@pytest.mark.parametrize("field, value", [(("input", "resize"), [1, 1]), (("runtime",), True)],
+                         ids=["resize-not-the-models", "runtime-not-an-object"])
+def test_manifest_fields_the_fuzz_test_found_are_one_line(tmp_path, capsys, image, field, value):
+    """What tests/test_fuzz.py found on the way: each was exit 1 (an internal error) in predict."""
+    bundle = make_bundle(tmp_path / "b", ["a", "b"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    target = manifest
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = value
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_main(["predict", bundle, image], capsys)
+    assert code in (0, 2) and "internal error" not in err and "Traceback" not in err, err
+
+
 # ---------------------------------------------------------------------------------------------------
 # Terminal-safe, valid output; device URLs; names of the user's files
 
