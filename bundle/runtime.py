@@ -132,10 +132,11 @@ def safe_extract(archive, folder):
     return folder
 
 
-def _in_archive(error, tmp, archive):
-    """``error`` with the temporary unpacking folder's path replaced by the user's zip (``b.zip/b/model.onnx``):
-    the folder is gone by the time the message is read."""
-    text = str(error).replace(os.path.realpath(tmp), archive).replace(tmp, archive)
+def renamed(error, tmp, name):
+    """``error`` with a temporary folder's path replaced by the name the user knows (a zip: ``b.zip/b/model.onnx``;
+    an export's staging folder: its --out): the folder is gone by the time the message is read."""
+    name = str(name)
+    text = str(error).replace(os.path.realpath(tmp), name).replace(str(tmp), name)
     try:
         return type(error)(text)
     except TypeError:  # an error class with other arguments: the message is what the user needs
@@ -151,7 +152,7 @@ class ZippedBundle(Bundle):
             super().__init__(safe_extract(archive, self.tmp), threads, device, runtime)
         except EdgeKDError as e:  # its message names files in the folder removed below: name them in the zip
             shutil.rmtree(self.tmp, ignore_errors=True)
-            raise _in_archive(e, self.tmp, archive) from None
+            raise renamed(e, self.tmp, archive) from None
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise

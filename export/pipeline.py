@@ -171,6 +171,10 @@ class _Export:
             if o.zip:
                 write_zip(staging, out)
             _publish(staging, out)
+        except EdgeKDError as e:  # a message naming a file in the staging folder, removed below: name --out instead
+            from ..bundle.runtime import renamed
+
+            raise renamed(e, staging, out) from e.__cause__
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             if os.path.isdir(staging):
