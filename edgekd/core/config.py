@@ -76,8 +76,7 @@ class Opt:
 def _input_size_check(value):
     """--teacher-input-size: H or H,W, whole numbers from 1 to MAX_INPUT_SIDE (edgekd.teachers reads it)."""
     items = [t.strip() for t in value.split(",")]
-    if 1 <= len(items) <= 2 and all(t.isdigit() and 1 <= int(t) <= MAX_INPUT_SIDE for t in items if len(t) < 10) \
-            and all(len(t) < 10 for t in items):
+    if 1 <= len(items) <= 2 and all(t.isdecimal() and len(t) <= 5 and 1 <= int(t) <= MAX_INPUT_SIDE for t in items):
         return None
     return f"expected SIZE or HEIGHT,WIDTH in pixels, whole numbers from 1 to {MAX_INPUT_SIDE}, e.g. 224"
 
