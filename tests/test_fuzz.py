@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # pytest's importlib mode puts no test folder on the path
@@ -244,6 +244,11 @@ def test_fuzz_manifests(place, examples):
 
     @_settings(examples)
     @given(manifests())
+    # what it found on the way (each was exit 1), and JSON nested past the parser's recursion limit
+    @example({"_changes": [(("runtime",), "json", True)]})
+    @example({"_changes": [(("input", "resize"), "resize", [1, 1])]})
+    @example({"_changes": [(("classes",), "classes", ["only one"])]})
+    @example("[" * 100_000 + "]" * 100_000)
     def check(manifest):
         folder = place / "fuzzed-bundle"
         shutil.rmtree(folder, ignore_errors=True)
@@ -262,6 +267,8 @@ def test_fuzz_manifests(place, examples):
 def test_fuzz_config_files(place, examples):
     @_settings(examples)
     @given(config_texts(), st.sampled_from(["train", "distill"]))
+    @example("norm: " + "[" * 3000 + "]" * 3000 + "\n", "train")  # nested past the YAML composer's recursion
+    @example("seed: -1\n", "distill")  # out of numpy's range (was exit 1 at training start)
     def check(text, command):
         config = place / "config.yaml"
         config.write_text(text)
