@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from edgekd import EdgeKDError
-from edgekd.core.checkpoint import load_checkpoint, load_model, save_checkpoint
+from edgekd.core.checkpoint import load_checkpoint, save_checkpoint
+from edgekd.core.loading import load_model
 from edgekd.core.data import InputSpec
 from edgekd.core.models import build_model
 

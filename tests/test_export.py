@@ -108,7 +108,7 @@ def test_precisions_really_change_the_weights(bundles):
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_runtime_gives_the_pytorch_top1_on_real_images(bundles, digits_run, fmt):
-    from edgekd.core.checkpoint import load_model
+    from edgekd.core.loading import load_model
     from edgekd.core.data import load_data
     from edgekd.bundle import load_bundle
 

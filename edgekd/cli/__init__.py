@@ -205,9 +205,9 @@ class Export(Command):
                    "See docs/export.md.")
 
     def run(self, args):
-        from ..export.pipeline import ExportOptions, export_checkpoint
-
         from ..base.outdir import prepare_bundle_out
+        from ..export.pipeline import ExportOptions, export_checkpoint
+        from .int8 import train_qat
 
         prepare_bundle_out(args.out, args.force, args.zip, [("CHECKPOINT", args.checkpoint), ("--data", args.data),
                                                             ("--calib-data", args.calib_data),
@@ -221,7 +221,7 @@ class Export(Command):
             max_fallback_layers=args.max_fallback_layers, int8_types=args.int8_types, reduce_range=args.reduce_range,
             per_channel=args.per_channel, zip=args.zip, speed_check=args.speed_check, progress=args.progress,
             tune_size=args.tune_size, qat_epochs=args.qat_epochs, qat_teacher=args.qat_teacher, qat_onnx=args.qat_onnx)
-        m = export_checkpoint(args.checkpoint, opts)
+        m = export_checkpoint(args.checkpoint, opts, train_qat=train_qat)
         v = m["validation"]
         print(f"{m['format']} {m['precision']} bundle -> {args.out}{' (+ ' + args.out.rstrip('/') + '.zip)' if args.zip else ''}"
               f": {m['size_bytes'] / 1e6:.3f} MB, exported in {m['export_seconds']:.1f} s")

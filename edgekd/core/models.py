@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import EdgeKDError
 from ..base.registry import Registry
+from ..bundle.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -442,9 +443,7 @@ def build_pretrained(spec, num_classes, input_spec, weights_path=None):
     record = {"source": source, "head": [], "adapted": []}
     if weights_path:
         state = read_weights_file(weights_path)
-        from .checkpoint import file_sha256
-
-        record["sha256"] = file_sha256(weights_path)
+        record["sha256"] = sha256_file(weights_path)
         load = lambda model: load_state(model, state, num_classes, f"weights file {weights_path!r}", record)  # noqa: E731
     elif spec.startswith(TORCHVISION_PREFIX):
         name, weights, _ = parse_torchvision_spec(spec)

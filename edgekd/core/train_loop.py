@@ -10,7 +10,7 @@ import time
 import torch
 
 from .. import EdgeKDError, Interrupted
-from .checkpoint import atomic_write
+from ..base.files import atomic_write
 from ..base.progress import REPORT, bar
 
 log = logging.getLogger(__name__)

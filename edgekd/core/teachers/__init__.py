@@ -18,6 +18,7 @@ data's classes out), ``classes`` (class matching), ``source`` (the registry of s
 
 # One module per source; importing them registers each in TEACHERS.
 from . import bundle, checkpoint, factory, onnx, openvino, pt2, timm, torchscript, torchvision  # noqa: F401
+from .checkpoint import Trained  # noqa: F401
 from .classes import class_index, read_classes_file  # noqa: F401
 from .load import Env, check, load_teacher, resolve  # noqa: F401
 from .onnx import ort_runner, ort_session  # noqa: F401

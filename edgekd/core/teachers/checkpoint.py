@@ -1,15 +1,13 @@
-"""An edgekd checkpoint, and a model spec trained first (by edgekd distill, before the teacher is loaded)."""
+"""An edgekd checkpoint, and a model spec trained first (by the run that needs it, before the teacher is loaded)."""
 
-import logging
 import os
+from dataclasses import dataclass
 
+from ... import EdgeKDError
 from .source import Source, register_source
 from .torchscript import is_torchscript
 from .view import Loaded
 from ..checkpoint import file_sha256
-
-log = logging.getLogger(__name__)
-
 
 @register_source("checkpoint")
 class CheckpointSource(Source):
@@ -20,7 +18,7 @@ class CheckpointSource(Source):
             (".onnx", ".xml", ".pt2", ".zip"))
 
     def load(self, spec, options, env):
-        from ..checkpoint import load_model
+        from ..loading import load_model
 
         model, ckpt = load_model(spec)
         metrics = dict(ckpt.get("metrics") or {})
@@ -36,9 +34,20 @@ def from_checkpoint(kind, model, ckpt, path, metrics):
                   sha256=file_sha256(path), metrics=metrics, found={"input": "the checkpoint"})
 
 
+@dataclass
+class Trained:
+    """A teacher that this run trained from a model spec (edgekd distill trains it before loading the teacher)."""
+
+    model: object
+    ckpt: dict      # its input spec and classes, as a checkpoint holds them
+    path: str       # the teacher.pt it was saved to
+    metrics: dict
+
+
 @register_source("model")
 class TrainedSource(Source):
-    """A model spec (seed-teacher, resnet20, torchvision:resnet18, ...) trained here on the data first."""
+    """A model spec (seed-teacher, resnet20, torchvision:resnet18, ...), trained on the data first. A loader never
+    trains: the run that needs the teacher trains it (edgekd.core.distill.train_teacher) and hands it in."""
 
     hookable = True
 
@@ -51,28 +60,8 @@ class TrainedSource(Source):
         check_spec(spec)
 
     def load(self, spec, options, env):
-        from ..checkpoint import load_model
-        from ..distill import _finish, _save, _summary
-        from ..losses import make_loss
-        from ..models import build_model
-        from ..train_loop import TrainRun, fit
-
-        cfg, data, ctx = env.cfg, env.data, env.ctx
-        path = os.path.join(cfg["out"], "teacher.pt")
-        if cfg.get("resume") and ctx.broadcast_object(os.path.isfile(path)):  # trained before the interruption
-            model, ckpt = load_model(path)
-            log.info("resuming: teacher already trained (%s)", path)
-            return from_checkpoint(self.kind, model, ckpt, path, dict(ckpt["metrics"]))
-        model = build_model(spec, len(data.classes), data.input)
-        loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
-        epochs = cfg["teacher_epochs"] or cfg["epochs"]
-        t_cfg = {**cfg, "epochs": epochs}
-        run = TrainRun(env.train, env.test, loss_fn, dist=ctx)
-        history = fit(model, run, t_cfg, desc=f"teacher {spec}", state_path=os.path.join(cfg["out"], "teacher.state.pt"))
-        metrics = _finish(model, run, t_cfg, _summary(spec, epochs, history, model, data))
-        metrics["source"] = "trained"
-        if ctx.is_main:
-            _save(path, model, spec, data, metrics, t_cfg)
-        ctx.barrier()  # the others hash teacher.pt for the teacher cache: wait until it is written
-        ckpt = {"input": data.input.to_dict(), "classes": data.classes}
-        return from_checkpoint(self.kind, model.eval().cpu(), ckpt, path, metrics)
+        trained = env.trained
+        if trained is None:
+            raise EdgeKDError(f"teacher {spec!r} is a model spec, which must be trained first (edgekd distill does "
+                              "that); give a trained teacher: a checkpoint, a bundle, an ONNX file, ...")
+        return from_checkpoint(self.kind, trained.model, trained.ckpt, trained.path, trained.metrics)

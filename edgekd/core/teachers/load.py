@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 class Env:
     """What a source may need besides the spec: the run's config, data and process group."""
 
-    def __init__(self, cfg, data=None, train=None, test=None, ctx=None):
+    def __init__(self, cfg, data=None, train=None, test=None, ctx=None, trained=None):
         self.cfg, self.data, self.train, self.test, self.ctx = cfg, data, train, test, ctx
+        self.trained = trained  # a teacher trained from a model spec by the caller (teachers.Trained)
 
 
 def resolve(spec, options):
@@ -41,11 +42,12 @@ def check(spec, options, loss_meta=None):
     return source
 
 
-def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_on=None):
-    """The Teacher of ``cfg['teacher']`` for this data: loaded, its view settled, its classes matched."""
+def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_on=None, trained=None):
+    """The Teacher of ``cfg['teacher']`` for this data: loaded, its view settled, its classes matched. A teacher
+    given as a model spec is never trained here: pass the caller's ``trained`` (teachers.Trained)."""
     spec = cfg["teacher"]
     source = check(spec, options)
-    loaded = source.load(spec, options, Env(cfg, data, train, test, ctx))
+    loaded = source.load(spec, options, Env(cfg, data, train, test, ctx, trained))
     _settle_input(loaded, options, data.input, spec)
     outputs = _probe(loaded, spec)
     index, record = class_index(data.classes, outputs, loaded.names, loaded.names_from, options.classes, spec)

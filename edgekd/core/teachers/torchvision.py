@@ -31,9 +31,9 @@ class TorchvisionSource(Source):
 
         name, _, weights_name = spec[len("torchvision:"):].partition(":")
         if name not in torchvision.models.list_models(module=torchvision.models):
-            from ..models import _torchvision_model
+            from ..models import TORCHVISION_PREFIX, check_spec
 
-            _torchvision_model(name, 10, 3)  # raises the unknown-model error with a suggestion
+            check_spec(TORCHVISION_PREFIX + name)  # raises the unknown-model error with a suggestion
         enum = torchvision.models.get_model_weights(name)
         try:
             weights = enum[weights_name] if weights_name else enum.DEFAULT
