@@ -359,7 +359,7 @@ def load_results(path):
     except FileNotFoundError:
         raise EdgeKDError(f"--compare: {path!r} does not exist (expected an earlier results.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeKDError(f"--compare: {path!r} is not valid JSON: {e}") from None
+        raise EdgeKDError(f"--compare: {path!r} is not valid JSON: {e}") from e
     if not isinstance(old, dict) or not isinstance(old.get("rows"), list):
         raise EdgeKDError(f"--compare: {path!r} is not an edgekd results.json (no rows)")
     return old

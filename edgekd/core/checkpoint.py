@@ -54,7 +54,7 @@ def load_checkpoint(path):
             reason = "it contains pickled Python objects, which edgekd never loads"
         else:
             reason = "not a file written by torch.save, or a damaged one"
-        raise EdgeKDError(f"{path!r} is not a usable edgekd checkpoint: {reason}") from None
+        raise EdgeKDError(f"{path!r} is not a usable edgekd checkpoint: {reason}") from e
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         found = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else \
             "no " + ", ".join(k for k in REQUIRED_KEYS if k not in ckpt)

@@ -42,7 +42,7 @@ def restore(ckpt, model):
         qmodel = nncf.torch.load_from_config(model, ckpt["qat"]["quantizers"])
         qmodel.load_state_dict(ckpt["state_dict"])
     except Exception as e:
-        raise EdgeKDError(f"QAT checkpoint does not match model {ckpt['model']!r}: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"QAT checkpoint does not match model {ckpt['model']!r}: {str(e).splitlines()[0]}") from e
     return qmodel.eval()
 
 
@@ -76,4 +76,4 @@ def calibrate(model, views, size, seed, progress=True):
             return nncf.quantize(model.eval(), dataset, subset_size=len(images))
     except Exception as e:
         raise EdgeKDError(f"nncf.quantize (fake quantizers for QAT) failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0]}") from None
+                          f"{str(e).splitlines()[0]}") from e

@@ -18,7 +18,7 @@ def load_model(path):
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, ValueError) as e:
         raise EdgeKDError(f"checkpoint {path!r} does not match model {ckpt['model']!r}: "
-                          f"{_first_line(e)}") from None
+                          f"{_first_line(e)}") from e
     return model.eval(), ckpt
 
 

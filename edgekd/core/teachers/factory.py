@@ -32,7 +32,7 @@ class FactorySource(Source):
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise EdgeKDError(f"cannot import {module_name!r} for teacher {spec!r}: {e} (is its folder on PYTHONPATH?)") from None
+            raise EdgeKDError(f"cannot import {module_name!r} for teacher {spec!r}: {e} (is its folder on PYTHONPATH?)") from e
         fn = getattr(module, fn_name, None)
         if not callable(fn):
             raise EdgeKDError(f"module {module_name!r} has no function {fn_name!r} (teacher {spec!r})")

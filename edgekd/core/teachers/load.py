@@ -106,7 +106,7 @@ def _probe(lo, spec):
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgeKDError(f"teacher {spec!r} cannot run on {lo.channels}x{lo.size[0]}x{lo.size[1]} inputs "
-                          f"(set --teacher-input-size / --teacher-color): {reason[:300]}") from None
+                          f"(set --teacher-input-size / --teacher-color): {reason[:300]}") from e
     if out.dim() != 2 or out.shape[0] != 2:
         raise EdgeKDError(f"teacher {spec!r} returns a {tuple(out.shape)} output for 2 images; a classifier's "
                           "(images, classes) logits or probabilities are needed")

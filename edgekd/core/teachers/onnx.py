@@ -25,7 +25,7 @@ def ort_session(path, threads):
     try:
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise EdgeKDError(f"ONNX Runtime cannot load {path!r}: {str(e).strip().splitlines()[0][:300]}") from None
+        raise EdgeKDError(f"ONNX Runtime cannot load {path!r}: {str(e).strip().splitlines()[0][:300]}") from e
 
 
 def ort_runner(session):

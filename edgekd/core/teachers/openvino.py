@@ -22,7 +22,7 @@ def openvino_runner(path, threads):
         compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
                                                      "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False})
     except Exception as e:
-        raise EdgeKDError(f"OpenVINO cannot load {path!r}: {str(e).strip().splitlines()[0][:300]}") from None
+        raise EdgeKDError(f"OpenVINO cannot load {path!r}: {str(e).strip().splitlines()[0][:300]}") from e
     request = compiled.create_infer_request()
 
     def run(x):

@@ -23,7 +23,7 @@ class ExportedProgramSource(Source):
         try:
             program = torch.export.load(path)
         except Exception as e:
-            raise EdgeKDError(f"cannot load torch.export program {path!r}: {str(e).strip().splitlines()[0][:300]}") from None
+            raise EdgeKDError(f"cannot load torch.export program {path!r}: {str(e).strip().splitlines()[0][:300]}") from e
         lo = Loaded(self.kind, None, module=Opaque(program.module()), file=os.path.abspath(path),
                     sha256=file_sha256(path), runtime={"library": "torch.export"})
         user = set(program.graph_signature.user_inputs)

@@ -25,23 +25,14 @@ class TimmSource(Source):
     def load(self, spec, options, env):
         timm = _import_timm()
         name = spec[len("timm:"):]
-        try:
-            if options.weights:
-                state = load_state_dict(options.weights)
-                model = timm.create_model(name, pretrained=False, num_classes=head_classes(state) or 1000)
-                load_weights(model, options.weights, spec)
-                file, sha = os.path.abspath(options.weights), file_sha256(options.weights)
-            else:
-                model = timm.create_model(name, pretrained=True)  # timm's loader and the Hugging Face cache
-                file, sha = f"timm:{name} pretrained", None
-        except EdgeKDError:
-            raise
-        except Exception as e:  # an unknown name, no internet, a head that does not fit the weights
-            if "Unknown model" in str(e):
-                raise EdgeKDError(f"unknown timm model {name!r} (see timm.list_models())") from None
-            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise EdgeKDError(f"timm cannot load {name!r}: {reason}"
-                              + ("" if options.weights else "; on a machine without internet pass --teacher-weights FILE")) from None
+        if options.weights:
+            state = load_state_dict(options.weights)
+            model = _create(timm, name, options.weights, pretrained=False, num_classes=head_classes(state) or 1000)
+            load_weights(model, options.weights, spec)
+            file, sha = os.path.abspath(options.weights), file_sha256(options.weights)
+        else:
+            model = _create(timm, name, None, pretrained=True)  # timm's loader and the Hugging Face cache
+            file, sha = f"timm:{name} pretrained", None
         sha = sha or state_sha256(model, spec)
         config = timm.data.resolve_data_config(model=model)
         c, h, w = config["input_size"]
@@ -54,6 +45,18 @@ class TimmSource(Source):
             lo.names = [info.index_to_description(i) for i in range(1000)]
             lo.names_from = "timm.data.ImageNetInfo descriptions"
         return lo
+
+
+def _create(timm, name, weights, **kwargs):
+    """timm.create_model, its failures (an unknown name, no internet) as one line."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except Exception as e:
+        if "Unknown model" in str(e):
+            raise EdgeKDError(f"unknown timm model {name!r} (see timm.list_models())") from e
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise EdgeKDError(f"timm cannot load {name!r}: {reason}"
+                          + ("" if weights else "; on a machine without internet pass --teacher-weights FILE")) from e
 
 
 def _import_timm():

@@ -35,7 +35,7 @@ class TorchScriptSource(Source):
         try:
             module = torch.jit.load(path, map_location="cpu")
         except Exception as e:
-            raise EdgeKDError(f"cannot load TorchScript {path!r}: {str(e).strip().splitlines()[0][:300]}") from None
+            raise EdgeKDError(f"cannot load TorchScript {path!r}: {str(e).strip().splitlines()[0][:300]}") from e
         return Loaded(self.kind, None, module=Opaque(module.eval()), channels=first_conv_channels(module),
                       file=os.path.abspath(path),
                       sha256=file_sha256(path), runtime={"library": "torch.jit"})

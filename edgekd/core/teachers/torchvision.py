@@ -53,7 +53,7 @@ class TorchvisionSource(Source):
             except Exception as e:  # no internet, a proxy, a damaged cache file
                 raise EdgeKDError(f"cannot get torchvision weights {weights} ({type(e).__name__}: "
                                   f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); on a machine "
-                                  "without internet pass --teacher-weights FILE") from None
+                                  "without internet pass --teacher-weights FILE") from e
             lo.file, lo.sha256 = weights.url, state_sha256(model, f"{spec}:{weights.url}")
         transform = weights.transforms()
         lo.module, lo.mean, lo.std = model, list(transform.mean), list(transform.std)

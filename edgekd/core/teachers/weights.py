@@ -17,7 +17,7 @@ def load_state_dict(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise EdgeKDError(f"--teacher-weights {path!r} is not a state dict torch can read: "
-                          f"{str(e).strip().splitlines()[0][:200]}") from None
+                          f"{str(e).strip().splitlines()[0][:200]}") from e
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -32,7 +32,7 @@ def load_weights(model, path, spec):
         model.load_state_dict(load_state_dict(path), strict=True)
     except RuntimeError as e:
         raise EdgeKDError(f"--teacher-weights {path!r} does not fit {spec!r}: "
-                          f"{' '.join(str(e).split())[:300]}") from None
+                          f"{' '.join(str(e).split())[:300]}") from e
 
 
 def head_classes(state):
