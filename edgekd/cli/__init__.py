@@ -93,11 +93,13 @@ def _number(text, convert, ok, what):
     return value
 
 
-def _positive_int(text):
+def positive_int(text):
+    """An argparse type: a whole number of at least 1."""
     return _number(text, int, lambda v: v >= 1, "a positive whole number")
 
 
-def _positive_float(text):
+def positive_float(text):
+    """An argparse type: a finite number above 0."""
     return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
@@ -250,7 +252,7 @@ def _log_to_stderr():
         logger.setLevel(logging.INFO)
 
 
-def _csv_list(kind, convert=str):
+def csv_list(kind, convert=str):
     """An argparse type for comma lists: ``1,8,32`` -> [1, 8, 32]."""
 
     def parse(text):
@@ -389,6 +391,9 @@ def _os_error_line(e):
 
 
 def main(argv=None):
+    from ..base.telemetry import switch_off
+
+    switch_off()  # an edgekd process: OpenVINO/NNCF telemetry off before either can be imported
     argv = sys.argv[1:] if argv is None else argv
     parser, sub = build_parser()
     args = parser.parse_args(argv)
