@@ -24,7 +24,8 @@ WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpro
 
 
 def import_openvino():
-    """openvino with its telemetry switched off (it otherwise phones home and writes under ~/intel)."""
+    """openvino (its telemetry, which otherwise phones home and writes under ~/intel, is off in edgekd's processes:
+    base/telemetry.py)."""
     os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
     import openvino
 

@@ -14,8 +14,9 @@ NNCF_HOOKS = "__nncf_hooks."
 
 
 def import_nncf():
-    """nncf with telemetry off; its torch extension builds on first use (about a minute on 2 cores,
-    cached in ~/.cache/torch_extensions), longer than NNCF's default 60 s wait on a busy machine."""
+    """nncf (its telemetry is off in edgekd's processes: base/telemetry.py); its torch extension builds on first
+    use (about a minute on 2 cores, cached in ~/.cache/torch_extensions), longer than NNCF's default 60 s wait on
+    a busy machine."""
     os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
     import nncf
