@@ -86,10 +86,6 @@ def export_checkpoint(checkpoint, opts, train_qat=None):
     # a QAT checkpoint needs calibration only where the format re-quantizes its trained weights (ONNX, --qat-onnx ort)
     needs_calib = plan.static and (not ref.qat or FORMATS.meta(opts.fmt)["qat_calibrates"](asdict(opts)))
     calib = calibration_set(ref, opts) if needs_calib else None
-    ref.images, ref.labels = calibration.load_images(
-        ref.dataset.test, calibration.strided_indices(len(ref.dataset.test), opts.val_size), "validation images",
-        opts.progress)
-    ref.logits = reference_logits(ref.model, ref.images)
     return _build(ref, opts, plan, calib, train_qat)
 
 
@@ -121,9 +117,9 @@ class Reference:
     ckpt: dict
     spec: object                 # the checkpoint's InputSpec
     dataset: object              # the validation data (and, by default, the calibration data)
-    images: np.ndarray = None    # the held-out test images of the gate, and their labels
-    labels: np.ndarray = None
-    logits: np.ndarray = None    # the PyTorch model's logits on them
+    images: np.ndarray           # the held-out test images of the gate, and their labels
+    labels: np.ndarray
+    logits: np.ndarray           # the PyTorch model's logits on them
 
     @property
     def qat(self):
@@ -132,7 +128,10 @@ class Reference:
 
 
 def load_reference(checkpoint, opts):
-    """The checkpoint's model and the validation data (``opts.data``, default: the checkpoint's)."""
+    """The checkpoint's model, the validation data (``opts.data``, default: the checkpoint's) and the model's logits
+    on ``opts.val_size`` of its test images, strided over the split."""
+    import torch
+
     from ..core.data import InputSpec
     from ..core.loading import load_model
 
@@ -144,14 +143,11 @@ def load_reference(checkpoint, opts):
     if len(dataset.classes) != len(ckpt["classes"]):
         raise EdgeKDError(f"checkpoint has {len(ckpt['classes'])} classes but data {dataset.spec!r} "
                           f"has {len(dataset.classes)}")
-    return Reference(checkpoint, model, ckpt, spec, dataset)
-
-
-def reference_logits(model, images):
-    import torch
-
+    idx = calibration.strided_indices(len(dataset.test), opts.val_size)
+    images, labels = calibration.load_images(dataset.test, idx, "validation images", opts.progress)
     with torch.no_grad():
-        return run_batched(lambda b: model(torch.from_numpy(b)).numpy(), images)
+        logits = run_batched(lambda b: model(torch.from_numpy(b)).numpy(), images)
+    return Reference(checkpoint, model, ckpt, spec, dataset, images, labels, logits)
 
 
 @dataclass
