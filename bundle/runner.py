@@ -105,9 +105,10 @@ def load_json(path, what, error=None, max_bytes=MAX_JSON_BYTES):
         with open(path, "rb") as f:
             value = json.loads(f.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise error("%s %r is not valid JSON: %s" % (what, path, str(e).splitlines()[0] if str(e) else type(e).__name__))
-    except RecursionError:
-        raise error("%s %r is not valid: nested too deeply (at most %d levels)" % (what, path, MAX_JSON_DEPTH))
+        raise error("%s %r is not valid JSON: %s" % (what, path, str(e).splitlines()[0] if str(e) else
+                                                     type(e).__name__)) from e
+    except RecursionError as e:
+        raise error("%s %r is not valid: nested too deeply (at most %d levels)" % (what, path, MAX_JSON_DEPTH)) from e
     deep = json_depth_problem(value)
     if deep:
         raise error("%s %r is not valid: %s" % (what, path, deep))
@@ -363,7 +364,7 @@ def open_image(path, error=None):
             img = Image.open(path)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             found = re.search(r"\((\d+) pixels\)", str(e))
-            raise error(image_too_large(path, int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1))
+            raise error(image_too_large(path, int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1)) from e
     if img.width * img.height > MAX_IMAGE_PIXELS:
         img.close()
         raise error(image_too_large(path, img.width * img.height, img.size))
@@ -426,7 +427,8 @@ def load_images(paths, spec):
             with open_image(path) as img:
                 batch.append(preprocess(img, spec))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # truncated, damaged, not an image
-            raise BundleError("cannot read image %r: %s" % (printable(str(path)), printable(str(e) or type(e).__name__)))
+            raise BundleError("cannot read image %r: %s" % (printable(str(path)), printable(str(e) or type(e).__name__))) \
+                from e
     return np.stack(batch)
 
 

@@ -1,4 +1,6 @@
-"""OpenVINO's and NNCF's usage telemetry, off in every edgekd process.
+"""OpenVINO's and NNCF's usage telemetry, off in every edgekd process: the CLI's main() and edgekd's worker
+processes call ``switch_off()`` first thing. Importing edgekd as a library changes nothing in the host process
+(an application that wants the same calls ``edgekd.base.telemetry.switch_off()`` itself).
 
 What we found in openvino 2026.4 with openvino-telemetry 2025.2 and nncf 3.4: nothing reads an
 opt-out variable (``OPENVINO_TELEMETRY_OPT_OUT`` is read by no code at all). A plain ``import openvino``
@@ -12,8 +14,8 @@ nothing is counted, written or sent, and the user's files are untouched.
 
 ONNX Runtime 1.32 (its "1DS" telemetry on Linux) writes a persistent ``deviceid`` and an event queue
 (``onnxruntime.db``) under ``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` as soon as it is imported.
-It reads ``ORT_DISABLE_TELEMETRY`` when it starts: set here, before anything can import it, and
-inherited by every process edgekd starts (bench workers, export's converters).
+It reads ``ORT_DISABLE_TELEMETRY`` when it starts: switch_off sets it, before anything imports it, and it is
+inherited by every process edgekd starts (bench workers, export's converters); the device runner sets it too.
 """
 
 import importlib.machinery

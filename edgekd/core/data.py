@@ -177,7 +177,7 @@ def _imagefolder(spec, path, input_spec):
         train = ImageFolder(train_dir, transform=tf, loader=load_image)
         test = ImageFolder(test_dir, transform=tf, loader=load_image)
     except (FileNotFoundError, OSError) as e:
-        raise EdgeKDError(f"cannot read image folder {path!r}: {e}") from None
+        raise EdgeKDError(f"cannot read image folder {path!r}: {e}") from e
     if train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
@@ -241,7 +241,7 @@ def _torchvision_cifar(spec, data_root, input_spec):
         raise EdgeKDError(
             f"could not load {spec} into {root!r} ({type(e).__name__}: {e}); "
             "pass --data-root pointing at a downloaded copy or an ImageFolder folder"
-        ) from None
+        ) from e
     return Data(spec, train, test, list(train.classes), spec_in)
 
 
