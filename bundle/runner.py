@@ -500,6 +500,8 @@ def main(argv):
         else:
             args = [a for a in argv[1:] if not a.startswith("--")]
             top_k = int(argv[argv.index("--top-k") + 1]) if "--top-k" in argv else 1
+            if top_k < 1:
+                raise ValueError(top_k)
             if "--top-k" in argv:
                 args.remove(argv[argv.index("--top-k") + 1])
             results = predict(args[0], args[1:], top_k)
@@ -508,7 +510,10 @@ def main(argv):
             else:
                 print("\n".join(text_lines(results)))
     except BundleError as e:
-        print("edgekd device runner: error: %s" % e, file=sys.stderr)
+        print("edgekd device runner: error: %s" % printable(str(e)), file=sys.stderr)
+        return 2
+    except (IndexError, ValueError):  # a missing argument, --top-k without a whole number
+        print(__doc__, file=sys.stderr)
         return 2
     return 0
 
