@@ -486,7 +486,13 @@ def predict(folder, paths, k=1):
 
 
 def main(argv):
-    if not argv or argv[0] not in ("env", "verify", "bench", "predict"):
+    try:  # the arguments: a command, its path(s), predict's --top-k K (a whole number from 1)
+        top_k = int(argv[argv.index("--top-k") + 1]) if "--top-k" in argv else 1
+        known = argv[0] in ("env", "verify", "bench", "predict") and top_k >= 1 \
+            and len(argv) > {"env": 0, "predict": 2}.get(argv[0], 1)
+    except (IndexError, ValueError):
+        known = False
+    if not known:
         print(__doc__, file=sys.stderr)
         return 2
     try:
@@ -499,9 +505,6 @@ def main(argv):
             print(json.dumps(bench(argv[1])))
         else:
             args = [a for a in argv[1:] if not a.startswith("--")]
-            top_k = int(argv[argv.index("--top-k") + 1]) if "--top-k" in argv else 1
-            if top_k < 1:
-                raise ValueError(top_k)
             if "--top-k" in argv:
                 args.remove(argv[argv.index("--top-k") + 1])
             results = predict(args[0], args[1:], top_k)
@@ -511,9 +514,6 @@ def main(argv):
                 print("\n".join(text_lines(results)))
     except BundleError as e:
         print("edgekd device runner: error: %s" % printable(str(e)), file=sys.stderr)
-        return 2
-    except (IndexError, ValueError):  # a missing argument, --top-k without a whole number
-        print(__doc__, file=sys.stderr)
         return 2
     return 0
 

@@ -411,3 +411,14 @@ def test_onnxruntime_writes_nothing_under_home(tmp_path):
                           timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0 and "x.png: " in proc.stdout, proc.stderr
     assert not list(home_runner.rglob("*"))
+
+
+@pytest.mark.parametrize("argv", [["predict"], ["predict", "B"], ["predict", "B", "IMG", "--top-k", "x"],
+                                  ["predict", "B", "IMG", "--top-k"], ["verify"], ["bench"]],
+                         ids=["no-bundle", "no-image", "top-k-text", "top-k-missing", "verify-nothing", "bench-nothing"])
+def test_the_device_runner_answers_bad_arguments_with_its_usage(tmp_path, capsys, image, argv):
+    from edgekd.bundle import runner
+
+    bundle = make_bundle(tmp_path / "b", ["a", "b"])
+    code = runner.main([str(bundle) if a == "B" else str(image) if a == "IMG" else a for a in argv])
+    assert code == 2 and "device_runner.py predict" in capsys.readouterr().err
