@@ -369,7 +369,7 @@ def _export_onnx(checkpoint, data_spec, data_root, out):
     from ..export.pipeline import ExportOptions, export_checkpoint
 
     try:
-        export_checkpoint(checkpoint, ExportOptions(fmt="onnx", precision="fp32", out=out, data=data_spec,
+        export_checkpoint(checkpoint, ExportOptions(format="onnx", precision="fp32", out=out, data=data_spec,
                                                     data_root=data_root, val_size=EXPORT_VAL_IMAGES, progress=False))
     except EdgeKDError as e:
         return None, f"ONNX export for this backend failed: {e}"

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import EdgeKDError
+from ..core.config import ExportOptions  # noqa: F401  (every option of edgekd export, declared once there)
 from ..base.outdir import temp_prefix
 
 from . import calibration
@@ -23,38 +24,6 @@ from ..bundle.manifest import library_versions, sha256_file, write_manifest
 from .validate import compare, gate, run_batched
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExportOptions:
-    """Everything ``edgekd export`` accepts; ``None`` means "the format's or checkpoint's default"."""
-
-    fmt: str
-    precision: str = "fp32"
-    out: str = None             # the bundle folder
-    data: str = None            # validation data spec (default: the checkpoint's)
-    data_root: str = None
-    val_size: int = 1000        # test images for the parity gate
-    atol: float = None          # fp32/fp16 logit tolerance (default: the format table's)
-    opset: int = None
-    quant: str = None           # int8: static (default) or dynamic (ONNX only)
-    calib_data: str = None      # int8: data spec whose train split calibrates (default: the checkpoint's data)
-    calib_size: int = 300       # int8: calibration images
-    calib_method: str = None    # int8: minmax|entropy|percentile for ONNX, nncf for OpenVINO
-    seed: int = 0               # calibration and tuning sample seed
-    max_drop: float = 1.0       # int8: largest allowed top-1 loss vs FP32, in points
-    max_fallback_layers: int = 10  # int8: most layers the fallback may keep in float (0: no fallback)
-    tune_size: int = None       # int8: train images that steer the fallback (default: as many as val_size)
-    int8_types: str = None      # ONNX int8: auto|u8s8|u8u8|s8s8 (auto: by CPU features)
-    reduce_range: bool = False  # ONNX int8: 7-bit weights
-    per_channel: bool = True    # ONNX int8: per-channel weight scales
-    zip: bool = False           # also write OUT.zip
-    speed_check: bool = True    # int8: time FP32 vs INT8 here and warn when INT8 is not faster
-    progress: bool = True
-    layer_report: bool = True   # int8: per-layer SQNR vs FP32 in the manifest and int8_layers.png (int8 hunk)
-    qat_epochs: int = 1         # int8: last rung, quantization-aware distillation epochs (0: off)
-    qat_teacher: str = None     # int8: its teacher (default: the student's own, else the FP32 student itself)
-    qat_onnx: str = "ort"       # ONNX from a QAT model: ort (trained weights, ONNX Runtime's QDQ placement) or nncf
 
 
 @dataclass
@@ -81,7 +50,7 @@ def export_checkpoint(checkpoint, opts):
 class _Export:
     def __init__(self, checkpoint, opts):
         self.checkpoint, self.o = checkpoint, opts
-        self.meta = check_request(opts.fmt, opts.precision, opts.quant, opts.calib_method, opts.int8_types)
+        self.meta = check_request(opts.format, opts.precision, opts.quant, opts.calib_method, opts.int8_types)
         self.int8 = opts.precision == "int8"
         self.static = self.int8 and self.meta["quant"] == "static"
         self.atol = opts.atol if opts.atol is not None else self.meta["atol"].get(opts.precision)
@@ -107,7 +76,7 @@ class _Export:
             raise EdgeKDError(f"checkpoint has {len(self.ckpt['classes'])} classes but data {self.dataset.spec!r} "
                               f"has {len(self.dataset.classes)}")
         # a QAT checkpoint needs calibration only where the format re-quantizes its trained weights (ONNX, --qat-onnx ort)
-        needs_calib = self.static and (not self.qat or FORMATS.meta(o.fmt)["qat_calibrates"](asdict(o)))
+        needs_calib = self.static and (not self.qat or FORMATS.meta(o.format)["qat_calibrates"](asdict(o)))
         calib, self.calib_record = self._calibration() if needs_calib else (None, None)
         idx = calibration.strided_indices(len(self.dataset.test), o.val_size)
         self.images, self.labels = calibration.load_images(self.dataset.test, idx, "validation images", o.progress)
@@ -149,16 +118,16 @@ class _Export:
                 self._fail_if(gate(validation, o.precision, atol=self.atol))
             speed = None
             if self.int8 and o.speed_check:
-                speed = speed_check(o.fmt, os.path.join(staging, info["model_file"]), info["fp32_reference"],
+                speed = speed_check(o.format, os.path.join(staging, info["model_file"]), info["fp32_reference"],
                                     (self.spec.channels, self.spec.height, self.spec.width))
-            layers = self._layer_report(job, info, fallback) if self.int8 and o.layer_report else None
+            layers = self._layer_report(job, info, fallback) if self.int8 else None
             manifest = self._manifest(staging, info, validation, fallback, speed, seconds)
             if self.int8:  # int8: per-layer report and the QAT record
                 manifest["int8_layers"] = layers
                 manifest["ladder"] = self.ladder
                 if self.rung_qat:
                     manifest["fallback"]["used"] = False  # rung 2 failed; the QAT model keeps every layer INT8
-                    if not FORMATS.meta(o.fmt)["qat_calibrates"](job.options):
+                    if not FORMATS.meta(o.format)["qat_calibrates"](job.options):
                         manifest["calibration"]["note"] = ("post-training calibration of rungs 1-2; the bundle's "
                                                            "quantizer ranges were trained by the last rung")
                 if self.qat:
@@ -176,14 +145,14 @@ class _Export:
             if os.path.isdir(staging):
                 shutil.rmtree(staging)
         size = sum(os.path.getsize(os.path.join(out, f)) for f in manifest["files"])
-        log.info("exported %s %s in %.1f s, %.3f MB (%s)", o.fmt, o.precision, seconds, size / 1e6, out)
+        log.info("exported %s %s in %.1f s, %.3f MB (%s)", o.format, o.precision, seconds, size / 1e6, out)
         return manifest
 
     def _convert(self, job):
         """Run the format's steps for this precision, in order; return the seconds they took."""
         start = time.perf_counter()
         # a QAT checkpoint (edgekd quantize) is converted as it was trained: no calibration, no fallback
-        steps = FORMATS.meta(self.o.fmt)["qat_steps"] if self.qat else FORMATS.get(self.o.fmt)[job.precision]
+        steps = FORMATS.meta(self.o.format)["qat_steps"] if self.qat else FORMATS.get(self.o.format)[job.precision]
         for step in steps:
             t0 = time.perf_counter()
             job.info.update(step(job) or {})
@@ -194,7 +163,7 @@ class _Export:
         from ..bundle.runner import open_model
         from ..base.progress import bar
 
-        session, _ = open_model(os.path.join(folder, model_file), self.o.fmt)
+        session, _ = open_model(os.path.join(folder, model_file), self.o.format)
         with bar(total=len(self.images), desc="validating", unit="img", disable=not self.o.progress) as progress:
             def run(batch):
                 progress.update(len(batch))
@@ -223,7 +192,7 @@ class _Export:
                         validation["drop"], o.max_drop)
             start = time.perf_counter()
             tune = self._tuning_set()
-            fallback.update(FORMATS.meta(o.fmt)["restore"](job, tune, o.max_drop, o.max_fallback_layers))
+            fallback.update(FORMATS.meta(o.format)["restore"](job, tune, o.max_drop, o.max_fallback_layers))
             seconds += time.perf_counter() - start
             validation = self._validate(job.folder, info["model_file"])
             validation["max_drop"] = o.max_drop
@@ -271,10 +240,10 @@ class _Export:
         job.scratch = tempfile.mkdtemp(dir=job.scratch, prefix="qat-convert-")
         job.model, job.state["ckpt"] = qmodel, qckpt
         job.info.clear()  # the same dict as the caller's ``info``
-        if FORMATS.meta(o.fmt)["qat_calibrates"](job.options):
+        if FORMATS.meta(o.format)["qat_calibrates"](job.options):
             # calibrated on the student's own train images, like the QAT's quantizers: --calib-data is what failed
             job.calib, self.calib_record = self._calibration(spec=self.dataset.spec)
-        for step in FORMATS.meta(o.fmt)["qat_steps"]:
+        for step in FORMATS.meta(o.format)["qat_steps"]:
             job.info.update(step(job) or {})
         self.rung_qat = True
         validation = self._validate(job.folder, info["model_file"])  # against the FP32 student's logits
@@ -315,7 +284,7 @@ class _Export:
             fallback = None  # the QAT model keeps every layer INT8
         if fp32 is None:
             return None
-        return layer_report(self.o.fmt, fp32, os.path.join(job.folder, info["model_file"]), images, job.scratch,
+        return layer_report(self.o.format, fp32, os.path.join(job.folder, info["model_file"]), images, job.scratch,
                             folder=job.folder, in_float=(fallback or {}).get("layers_in_float", ()))
 
     def _tuning_set(self):
@@ -336,11 +305,11 @@ class _Export:
     def _manifest(self, staging, info, validation, fallback, speed, seconds):
         o, spec, ckpt = self.o, self.spec, self.ckpt
         files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
-        missing = [name for name in FORMATS.meta(o.fmt)["files"] if name not in files]
+        missing = [name for name in FORMATS.meta(o.format)["files"] if name not in files]
         if missing:  # the format table names the files its steps publish; a step that did not is our bug
-            raise RuntimeError(f"the {o.fmt} export steps wrote no {', '.join(missing)}")
+            raise RuntimeError(f"the {o.format} export steps wrote no {', '.join(missing)}")
         manifest = {
-            "format": o.fmt, "precision": o.precision, "model_file": info["model_file"], "files": files,
+            "format": o.format, "precision": o.precision, "model_file": info["model_file"], "files": files,
             "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
                       "mean": spec.mean, "std": spec.std, "color": spec.color, "resize": [spec.height, spec.width],
                       "scale": 1 / 255, "resample": "bilinear"},
@@ -349,8 +318,8 @@ class _Export:
             "source": {"checkpoint": os.path.abspath(self.checkpoint), "sha256": sha256_file(self.checkpoint)},
             "validation": validation, "export_seconds": round(seconds, 3),
             "size_bytes": sum(os.path.getsize(os.path.join(staging, n)) for n in files),
-            "runtime": {"library": FORMATS.meta(o.fmt)["runtime"],
-                        "inference_precision": FORMATS.meta(o.fmt)["inference_precision"]},
+            "runtime": {"library": FORMATS.meta(o.format)["runtime"],
+                        "inference_precision": FORMATS.meta(o.format)["inference_precision"]},
             "versions": library_versions(),
         }
         if self.int8:

@@ -500,11 +500,11 @@ def _timm_pretrained_loader(spec, num_classes, input_spec, record):
         raise
     except Exception as e:
         raise _no_download(f"timm weights for {name!r}", e) from None
-    cfg = getattr(ref, "pretrained_cfg", {}) or {}
-    head, classes = cfg.get("classifier"), cfg.get("num_classes")
+    timm_config = getattr(ref, "pretrained_cfg", {}) or {}
+    head, classes = timm_config.get("classifier"), timm_config.get("num_classes")
     if head and classes and classes != num_classes:
         record["head"].append(f"{head if isinstance(head, str) else '/'.join(head)} {classes} -> {num_classes}")
-    if input_spec.channels != cfg.get("input_size", (3,))[0]:
+    if input_spec.channels != timm_config.get("input_size", (3,))[0]:
         record["adapted"].append(f"stem convolution fitted to {input_spec.channels}-channel input by timm")
 
     def load(model):

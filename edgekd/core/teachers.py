@@ -19,7 +19,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -59,13 +59,14 @@ class TeacherOptions:
     threads: int = None        # ONNX Runtime / OpenVINO threads (default: torch's)
 
     @classmethod
-    def from_cfg(cls, cfg):
-        o = cls(input_size=_size(cfg.get("teacher_input_size")), mean=_floats(cfg.get("teacher_mean"), "--teacher-mean"),
-                std=_floats(cfg.get("teacher_std"), "--teacher-std"), color=cfg.get("teacher_color"),
-                outputs=cfg.get("teacher_outputs"), classes=cfg.get("teacher_classes"),
-                weights=cfg.get("teacher_weights"),
-                views=_positive(cfg.get("teacher_views"), "--teacher-views"),
-                threads=_positive(cfg.get("teacher_threads"), "--teacher-threads"))
+    def from_options(cls, cfg):
+        """From a command's options (edgekd.core.config: distill's --teacher-* options)."""
+        o = cls(input_size=_size(cfg.teacher_input_size), mean=_floats(cfg.teacher_mean, "--teacher-mean"),
+                std=_floats(cfg.teacher_std, "--teacher-std"), color=cfg.teacher_color,
+                outputs=cfg.teacher_outputs, classes=cfg.teacher_classes,
+                weights=cfg.teacher_weights,
+                views=_positive(cfg.teacher_views, "--teacher-views"),
+                threads=_positive(cfg.teacher_threads, "--teacher-threads"))
         if o.color is not None and o.color.upper() not in COLORS:
             raise EdgeKDError(f"--teacher-color {o.color!r}: choose from {', '.join(COLORS)}")
         o.color = o.color.upper() if o.color else None
@@ -385,8 +386,8 @@ def check(spec, options, loss_meta=None):
 
 
 def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_on=None):
-    """The Teacher of ``cfg['teacher']`` for this data: loaded, its view settled, its classes matched."""
-    spec = cfg["teacher"]
+    """The Teacher of ``cfg.teacher`` for this data: loaded, its view settled, its classes matched."""
+    spec = cfg.teacher
     source = check(spec, options)
     loaded = source.load(spec, options, Env(cfg, data, train, test, ctx))
     _settle_input(loaded, options, data.input, spec)
@@ -398,8 +399,8 @@ def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_o
     if evaluate_on is not None and teacher.metrics.get("test_top1") is None:
         from .train_loop import evaluate
 
-        teacher.to(cfg.get("device", "cpu"))
-        teacher.metrics["test_top1"] = evaluate(teacher, evaluate_on, cfg.get("device", "cpu"), dist=ctx)
+        teacher.to(cfg.device)
+        teacher.metrics["test_top1"] = evaluate(teacher, evaluate_on, cfg.device, dist=ctx)
         teacher.metrics["test_top1_measured"] = "here, on the data's test split through the teacher's view"
         teacher.take_seconds()
     return teacher
@@ -558,27 +559,28 @@ class TrainedSource(Source):
 
     def load(self, spec, options, env):
         from .checkpoint import load_model
+        from .config import saved
         from .distill import _finish, _save, _summary
         from .losses import make_loss
         from .models import build_model
         from .train_loop import TrainRun, fit
 
         cfg, data, ctx = env.cfg, env.data, env.ctx
-        path = os.path.join(cfg["out"], "teacher.pt")
-        if cfg.get("resume") and ctx.broadcast_object(os.path.isfile(path)):  # trained before the interruption
+        path = os.path.join(cfg.out, "teacher.pt")
+        if cfg.resume and ctx.broadcast_object(os.path.isfile(path)):  # trained before the interruption
             model, ckpt = load_model(path)
             log.info("resuming: teacher already trained (%s)", path)
             return _from_checkpoint(self.kind, model, ckpt, path, dict(ckpt["metrics"]))
         model = build_model(spec, len(data.classes), data.input)
-        loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
-        epochs = cfg["teacher_epochs"] or cfg["epochs"]
-        t_cfg = {**cfg, "epochs": epochs}
+        loss_fn, _ = make_loss("ce", label_smoothing=cfg.label_smoothing)
+        epochs = cfg.teacher_epochs or cfg.epochs
+        t_cfg = replace(cfg, epochs=epochs)
         run = TrainRun(env.train, env.test, loss_fn, dist=ctx)
-        history = fit(model, run, t_cfg, desc=f"teacher {spec}", state_path=os.path.join(cfg["out"], "teacher.state.pt"))
+        history = fit(model, run, t_cfg, desc=f"teacher {spec}", state_path=os.path.join(cfg.out, "teacher.state.pt"))
         metrics = _finish(model, run, t_cfg, _summary(spec, epochs, history, model, data))
         metrics["source"] = "trained"
         if ctx.is_main:
-            _save(path, model, spec, data, metrics, t_cfg)
+            _save(path, model, spec, data, metrics, saved(t_cfg))
         ctx.barrier()  # the others hash teacher.pt for the teacher cache: wait until it is written
         ckpt = {"input": data.input.to_dict(), "classes": data.classes}
         return _from_checkpoint(self.kind, model.eval().cpu(), ckpt, path, metrics)
