@@ -10,6 +10,7 @@ import tempfile
 import time
 
 from .. import EdgeKDError
+from ..bundle.manifest import MANIFEST_FILE
 from .backends import BACKENDS, unsupported
 from .process import WorkerProcess
 from .stats import schedule, split_runs, summarize
@@ -45,13 +46,13 @@ def describe(path):
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
         m = read_manifest(path)
-        if m["format"] not in NATIVE_BACKEND:
-            raise EdgeKDError(f"bundle {path!r} has format {m['format']!r}; bench runs onnx and openvino bundles")
-        size = sum(os.path.getsize(os.path.join(path, f)) for f in m["files"] if os.path.isfile(os.path.join(path, f)))
-        return {"model": name, "path": path, "kind": m["format"], "precision": m["precision"], "arch": m.get("model"),
-                "params": m.get("params"), "flops": m.get("flops"), "size_mb": size / 1e6,
-                "input": InputSpec(m["input"]["shape"][1], *m["input"]["resize"], m["input"]["mean"], m["input"]["std"]),
-                "classes": m["classes"], "data": m.get("data")}
+        if m.format not in NATIVE_BACKEND:
+            raise EdgeKDError(f"bundle {path!r} has format {m.format!r}; bench runs onnx and openvino bundles")
+        size = sum(os.path.getsize(os.path.join(path, f)) for f in m.files if os.path.isfile(os.path.join(path, f)))
+        return {"model": name, "path": path, "kind": m.format, "precision": m.precision, "arch": m.record("model"),
+                "params": m.record("params"), "flops": m.record("flops"), "size_mb": size / 1e6,
+                "input": InputSpec(m.channels, *m.input["resize"], m.input["mean"], m.input["std"]),
+                "classes": m.classes, "data": m.record("data")}
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
         return {"model": name[:-3] if name.endswith(".pt") else name, "path": path, "kind": "checkpoint",
@@ -103,8 +104,7 @@ def activation_bytes(d):
     try:
         if d["kind"] == "checkpoint":
             return _checkpoint_activations(d["path"])
-        m = read_manifest_of(d["path"])
-        path = os.path.join(d["path"], m["model_file"])
+        path = os.path.join(d["path"], read_manifest_of(d["path"]).model_file)
         return _onnx_activations(path) if d["kind"] == "onnx" else _openvino_activations(path)
     except Exception as e:  # an estimate only: a model this cannot read fails later with its own message
         log.debug("no activation estimate for %s: %s", d["path"], e)
@@ -347,7 +347,7 @@ def _prepare(jobs, data_spec, data_root, limit, folder):
             job["status"] = reason
             if not reason:
                 job["size_mb"] = sum(os.path.getsize(os.path.join(job["run_path"], f))
-                                     for f in os.listdir(job["run_path"]) if f != "manifest.json") / 1e6
+                                     for f in os.listdir(job["run_path"]) if f != MANIFEST_FILE) / 1e6
         else:
             job["run_path"] = job["path"]
 

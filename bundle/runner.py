@@ -17,6 +17,10 @@ import sys
 import time
 
 RUNTIME_PACKAGE = {"onnx": "onnxruntime", "openvino": "openvino"}
+# The names of a bundle's files, for all of edgekd (edgekd.bundle.manifest re-exports them): the manifest,
+# and per format the files its export writes, the model file the runtime opens first.
+MANIFEST_FILE = "manifest.json"
+FORMAT_FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
 
 try:  # inside edgekd a bundle error is the CLI's one-line user error (exit 2); on a device the runner stands alone
     from edgekd import EdgeKDError as _Base
@@ -74,17 +78,23 @@ def environment():
 
 
 def read_manifest(folder):
-    path = os.path.join(folder, "manifest.json")
+    """The JSON of a bundle's manifest.json: the one place that reads the file (edgekd.bundle.manifest.Manifest
+    checks its fields; on a device the runner uses what it needs)."""
+    path = os.path.join(folder, MANIFEST_FILE)
     if not os.path.isfile(path):
-        raise BundleError("%s has no manifest.json" % folder)
-    with open(path) as f:
-        return json.load(f)
+        raise BundleError("%r is not a bundle: it has no %s" % (folder, MANIFEST_FILE))
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise BundleError("%r is not valid JSON: %s" % (path, e))
 
 
-def sha256_file(path):
+def sha256_file(path, chunk=1 << 20):
+    """The sha256 of a file, read in 1 MiB blocks: edgekd's one implementation (checkpoints, teachers, bundles)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
 
@@ -110,8 +120,7 @@ def verify(folder):
 
 
 def model_path(folder, manifest):
-    fmt = manifest["format"]
-    return os.path.join(folder, manifest.get("model_file") or ("model.onnx" if fmt == "onnx" else "model.xml"))
+    return os.path.join(folder, manifest.get("model_file") or FORMAT_FILES[manifest["format"]][0])
 
 
 def precision_hint(manifest):

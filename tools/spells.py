@@ -37,7 +37,7 @@ def watch(bundle, seconds=60.0, window=0.5, threads=(1, 2), batch_size=1, limit=
     for n in threads:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = n, 1
-        sessions[n] = ort.InferenceSession(os.path.join(bundle, manifest["model_file"]), opts,
+        sessions[n] = ort.InferenceSession(os.path.join(bundle, manifest.model_file), opts,
                                            providers=["CPUExecutionProvider"])
     name = next(iter(sessions.values())).get_inputs()[0].name
     series = {n: [] for n in threads}

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from .. import EdgeKDError
 from .checkpoint import file_sha256
-from ..bundle.manifest import METADATA_KEYS
+from ..bundle.manifest import MANIFEST_FILE, METADATA_KEYS
 from ..base.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -657,7 +657,7 @@ class BundleSource(Source):
 
     def matches(self, spec, options):
         path = _split(spec, "bundle")
-        return spec.startswith("bundle:") or (os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json"))) \
+        return spec.startswith("bundle:") or (os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST_FILE))) \
             or (os.path.isfile(path) and path.lower().endswith(".zip"))
 
     def check(self, spec, options):
@@ -670,21 +670,21 @@ class BundleSource(Source):
         bundle = load_bundle(path, threads=1)
         bundle.session = None  # the bundle's own session spins; the teacher opens one that does not
         m = bundle.manifest
-        model_path = os.path.join(bundle.folder, m["model_file"])
+        model_path = os.path.join(bundle.folder, m.model_file)
         threads = _threads(options)
-        if m["format"] == "onnx":
+        if m.format == "onnx":
             run = ort_runner(ort_session(model_path, threads))
         else:
             run, _ = openvino_runner(model_path, threads)
         sha = file_sha256(path) if os.path.isfile(path) else hashlib.sha256(
-            json.dumps(m["files"], sort_keys=True).encode()).hexdigest()
-        spec_in = m["input"]
+            json.dumps(m.files, sort_keys=True).encode()).hexdigest()
+        spec_in = m.input
         return Loaded(self.kind, run, channels=spec_in["shape"][1], size=tuple(spec_in["resize"]),
                       mean=list(spec_in["mean"]), std=list(spec_in["std"]), color=spec_in["color"],
-                      names=list(m["classes"]), names_from="the bundle manifest", file=os.path.abspath(path),
-                      sha256=sha, runtime={"library": m["format"], "precision": m["precision"], "threads": threads},
-                      metrics={"model": m.get("model"), "source": os.path.abspath(path),
-                               "bundle_top1": m.get("validation", {}).get("top1")},
+                      names=list(m.classes), names_from="the bundle manifest", file=os.path.abspath(path),
+                      sha256=sha, runtime={"library": m.format, "precision": m.precision, "threads": threads},
+                      metrics={"model": m.record("model"), "source": os.path.abspath(path),
+                               "bundle_top1": m.validation.get("top1")},
                       found={"input": "the bundle manifest"}, keep=bundle)
 
 
@@ -864,30 +864,15 @@ class ExportedProgramSource(Source):
 # --- models from code: torchvision, timm, the user's factory ---------------------------------------
 
 def load_state_dict(path):
-    """A state dict from a .safetensors file or a torch file (a bare state dict, or one under 'state_dict'/'model')."""
-    if path.lower().endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise EdgeKDError("reading .safetensors needs the safetensors package: pip install 'edgekd[timm]'") from None
-        return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise EdgeKDError(f"--teacher-weights {path!r} is not a state dict torch can read: "
-                          f"{str(e).strip().splitlines()[0][:200]}") from None
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise EdgeKDError(f"--teacher-weights {path!r} does not hold a state dict (names -> tensors)")
-    return obj
+    """The state dict of a --teacher-weights file (edgekd.core.models.read_weights_file: the students' reader)."""
+    from .models import read_weights_file
+
+    return read_weights_file(path, "--teacher-weights")
 
 
-def _load_weights(model, path, spec):
+def _load_weights(model, state, path, spec):
     try:
-        model.load_state_dict(load_state_dict(path), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise EdgeKDError(f"--teacher-weights {path!r} does not fit {spec!r}: "
                           f"{' '.join(str(e).split())[:300]}") from None
@@ -933,7 +918,7 @@ class TorchvisionSource(Source):
             state = load_state_dict(options.weights)
             classes = _head_classes(state) or len(weights.meta["categories"])
             model = torchvision.models.get_model(name, weights=None, num_classes=classes)
-            _load_weights(model, options.weights, spec)
+            _load_weights(model, state, options.weights, spec)
             lo.file, lo.sha256 = os.path.abspath(options.weights), file_sha256(options.weights)
         else:
             try:
@@ -979,7 +964,7 @@ class TimmSource(Source):
             if options.weights:
                 state = load_state_dict(options.weights)
                 model = timm.create_model(name, pretrained=False, num_classes=_head_classes(state) or 1000)
-                _load_weights(model, options.weights, spec)
+                _load_weights(model, state, options.weights, spec)
                 file, sha = os.path.abspath(options.weights), file_sha256(options.weights)
             else:
                 model = timm.create_model(name, pretrained=True)  # timm's loader and the Hugging Face cache
@@ -1044,7 +1029,7 @@ class FactorySource(Source):
             raise EdgeKDError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
         file = getattr(module, "__file__", None)
         if options.weights:
-            _load_weights(model, options.weights, spec)
+            _load_weights(model, load_state_dict(options.weights), options.weights, spec)
             file = os.path.abspath(options.weights)
         return Loaded(self.kind, None, module=model, hookable=True, channels=_first_conv_channels(model), file=file,
                       sha256=_state_sha256(model, spec), runtime={"library": "torch"},
