@@ -3,8 +3,9 @@ and the one sha256 (both bundle/runner.py's, which devices run alone, re-exporte
 
 import math
 import os
-from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Union
+import dataclasses
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Union
 
 from .runner import FORMAT_FILES, MANIFEST_FILE, read_manifest as _read_json, sha256_file
 
@@ -31,7 +32,7 @@ class Manifest:
     files: Dict[str, str]       # plain file name -> sha256
     input: Dict[str, Any]       # shape, layout, mean, std, color, resize: the preprocessing contract
     classes: List[str]
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> "Manifest":

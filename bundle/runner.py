@@ -15,6 +15,8 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict, dataclass, fields
+from typing import List, Optional
 
 RUNTIME_PACKAGE = {"onnx": "onnxruntime", "openvino": "openvino"}
 # The names of a bundle's files, for all of edgekd (edgekd.bundle.manifest re-exports them): the manifest,
@@ -233,6 +235,31 @@ def _openvino(ov, path, threads, name, precision):
     return run, info
 
 
+@dataclass
+class BenchJob:
+    """What ``bench JOB.json`` asks for (edgekd.bench.remote writes it with ``to_json``): the bundle folders and
+    the preprocessed test images (.npy files beside the job file), and how to time each bundle."""
+
+    bundles: List[str]
+    images: str
+    labels: str
+    batch_sizes: List[int]
+    warmup: int
+    runs: int
+    threads: Optional[int] = None
+    openvino_device: str = "CPU"
+
+    @classmethod
+    def read(cls, path):
+        with open(path) as f:
+            values = json.load(f)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_json(self):
+        return json.dumps(asdict(self))
+
+
 def bench_one(folder, job, images, labels):
     """Accuracy on every image, then raw per-call times for each batch size, each call on different
     images; the caller computes the statistics. A failure is the row's status."""
@@ -241,7 +268,7 @@ def bench_one(folder, job, images, labels):
     try:
         manifest = verify(folder)
         start = time.perf_counter()
-        run, info = open_session(folder, manifest, job.get("threads"), job.get("openvino_device", "CPU"))
+        run, info = open_session(folder, manifest, job.threads, job.openvino_device)
         run(images[:1])
         first_ms = (time.perf_counter() - start) * 1000.0
     except BundleError as e:
@@ -249,28 +276,27 @@ def bench_one(folder, job, images, labels):
     logits = np.concatenate([np.asarray(run(images[i:i + 64])) for i in range(0, len(images), 64)])
     top5 = np.argsort(-logits, axis=1)[:, :5]
     times = {}
-    for b in job["batch_sizes"]:
-        count = max(1, min(job["runs"], len(images) // b))
+    for b in job.batch_sizes:
+        count = max(1, min(job.runs, len(images) // b))
         batches = [np.ascontiguousarray(images[i * b:(i + 1) * b]) for i in range(count)]
-        times[str(b)] = time_calls(run, batches, job["warmup"], job["runs"])
+        times[str(b)] = time_calls(run, batches, job.warmup, job.runs)
     return {"status": None, "times": times,
             "accuracy": {"top1": float((logits.argmax(1) == labels).mean()),
                          "top5": float((top5 == labels[:, None]).any(1).mean()),
                          "predictions": logits.argmax(1).tolist()},
-            "load": {"first_inference_ms": first_ms, "threads": info.get("threads") or job.get("threads") or os.cpu_count()}}
+            "load": {"first_inference_ms": first_ms, "threads": info.get("threads") or job.threads or os.cpu_count()}}
 
 
 def bench(job_path):
-    with open(job_path) as f:
-        job = json.load(f)
+    job = BenchJob.read(job_path)
     base = os.path.dirname(os.path.abspath(job_path))
     try:
         import numpy as np
     except ImportError:
         raise BundleError("numpy is not installed on the device: pip install numpy")
-    images = np.load(os.path.join(base, job["images"]))
-    labels = np.load(os.path.join(base, job["labels"]))
-    rows = [dict(bench_one(os.path.join(base, b), job, images, labels), bundle=b) for b in job["bundles"]]
+    images = np.load(os.path.join(base, job.images))
+    labels = np.load(os.path.join(base, job.labels))
+    rows = [dict(bench_one(os.path.join(base, b), job, images, labels), bundle=b) for b in job.bundles]
     return {"environment": environment(), "rows": rows}
 
 

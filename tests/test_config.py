@@ -149,7 +149,7 @@ def test_make_loss_refuses_an_option_the_loss_does_not_take():
 
 
 def test_bench_library_refuses_a_nan_max_drop(tmp_path):
-    from edgekd.bench.run import run_bench
+    from edgekd.bench.run import Results
 
     with pytest.raises(EdgeKDError, match="max_drop"):
-        run_bench(["x.pt"], str(tmp_path / "o"), max_drop=float("nan"))
+        Results(out=str(tmp_path / "o"), max_drop=float("nan"))

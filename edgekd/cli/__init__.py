@@ -5,7 +5,7 @@ import sys
 
 from .. import EdgeKDError, Interrupted, __version__
 from ..core import config as options
-from ..core.config import BENCH_DEFAULTS, BENCH_QUICK, DEFAULT_OUT
+from ..core.config import DEFAULT_OUT
 
 
 class Parser(argparse.ArgumentParser):
@@ -265,19 +265,11 @@ class Bench(Command):
                    "latency.png, and prints the table.")
 
     def run(self, args):
-        from ..bench.run import run_bench
+        from ..bench.run import request, run_bench
 
-        preset = BENCH_QUICK if args.quick else BENCH_DEFAULTS
-        timing = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in BENCH_DEFAULTS}
-        limit = args.limit if args.limit is not None else preset.get("limit")
         inputs = [("MODEL", m) for m in args.models] + [("--compare", args.compare), ("--data", args.data)]
         with _run_folder(args, inputs):
-            result = run_bench(args.models, args.out, devices=args.device, data=args.data, data_root=args.data_root,
-                               backends=args.backends, batch_sizes=args.batch_sizes, threads=args.threads,
-                               cpus=args.cpus, limit=limit, max_drop=args.max_drop / 100, progress=args.progress,
-                               remeasure_slow=args.remeasure_slow / 100,
-                               compare=args.compare, compare_tolerance=args.compare_tolerance / 100,
-                               ssh_config=args.ssh_config, ssh_timeout=args.timeout, profile=args.profile, **timing)
+            result = run_bench(*request(args))  # plan, measurement, results from the BenchOptions
         print(result["table"])
         if result["comparison"]:
             print("\n" + result["comparison"])
