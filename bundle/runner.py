@@ -16,7 +16,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import List, Optional
+from typing import Any, List, Optional
 
 RUNTIME_PACKAGE = {"onnx": "onnxruntime", "openvino": "openvino"}
 # The names of a bundle's files, for all of edgekd (edgekd.bundle.manifest re-exports them): the manifest,
@@ -26,8 +26,8 @@ FORMAT_FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
 
 try:  # inside edgekd a bundle error is the CLI's one-line user error (exit 2); on a device the runner stands alone
     from edgekd import EdgeKDError as _Base
-except ImportError:
-    _Base = Exception
+except ImportError:  # (mypy: one of two bases, chosen at import)
+    _Base = Exception  # type: ignore[misc,assignment]
 
 
 class BundleError(_Base):
@@ -171,7 +171,8 @@ def _onnxruntime(ort, path, threads, device):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
+    # provider names, or (name, options) pairs
+    providers = ["CPUExecutionProvider"]  # type: List[Any]
     cuda = device.split(":")[0] == "cuda"
     if cuda:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -310,7 +311,8 @@ def preprocess(image, spec):
         image = image.convert(spec["color"])
     height, width = spec["resize"]
     if image.size != (width, height):
-        image = image.resize((width, height), Image.BILINEAR)
+        # Image.Resampling since Pillow 9.1; a device's older Pillow has the constant on Image itself
+        image = image.resize((width, height), getattr(Image, "Resampling", Image).BILINEAR)
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     mean = np.asarray(spec["mean"], dtype=np.float32).reshape(-1, 1, 1)

@@ -538,9 +538,11 @@ def _from_yaml(command, values, source, resumed=False):
 
 
 def resolve(command: str, given: Dict[str, Any], yaml_path: Optional[str] = None,
-            yaml_name: Optional[str] = None, resumed: bool = False) -> "Options":
+            yaml_name: Optional[str] = None, resumed: bool = False,
+            fixed: Optional[Dict[str, Any]] = None) -> "Options":
     """The run's options: defaults, then ``yaml_path``'s values, then ``given`` (the command line's
-    values, text as typed; None means "not given"), every value checked the same way."""
+    values, text as typed; None means "not given"), every value checked the same way; ``fixed`` values
+    (set by edgekd itself, such as --resume's) last."""
     opts = COMMANDS[command]
     cfg: Dict[str, Any] = {}
     if yaml_path:
@@ -552,7 +554,7 @@ def resolve(command: str, given: Dict[str, Any], yaml_path: Optional[str] = None
     for opt in opts:
         if opt.required and cfg.get(opt.name, opt.default) is None:
             raise EdgeKDError(f"{opt.metavar if opt.positional else opt.flag} is required")
-    return CLASSES[command](**cfg)
+    return CLASSES[command](**{**cfg, **(fixed or {})})
 
 
 def parse_args(ns: Any) -> "Options":
@@ -568,10 +570,8 @@ def parse_args(ns: Any) -> "Options":
             raise EdgeKDError(f"cannot resume {folder!r}: it has no config.yaml (not an edgekd train/distill folder)")
         yaml_name = f"{yaml_path} (the run being resumed)"
         given["out"] = None
-    opts = resolve(command, given, yaml_path, yaml_name, resumed=bool(folder))
-    if folder:
-        opts = replace(opts, out=folder, force=True, resume=folder)
-    return opts
+    fixed = {"out": folder, "force": True, "resume": folder} if folder else None
+    return resolve(command, given, yaml_path, yaml_name, resumed=bool(folder), fixed=fixed)
 
 
 def saved(opts: "Options") -> Dict[str, Any]:
