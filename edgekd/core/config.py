@@ -7,6 +7,13 @@ converting and checking every value with the same ``check``: the same types, ran
 the same one-line error whichever way a value came in. NaN and infinity are refused wherever a
 number is taken; an unknown YAML key is named with the closest valid one.
 
+Each table also makes the command's typed options, a frozen dataclass (``TrainOptions``,
+``DistillOptions``, ``QuantizeOptions``, ``ExportOptions``, ``BenchOptions``, ``PredictOptions``,
+``DeployOptions``; ``CLASSES[command]``) with one field per option and the option's default. ``resolve``
+returns one; the rest of edgekd reads attributes (``opts.epochs``), and a Python caller building one
+(``ExportOptions(format="onnx", out="b")``) gets the same checks. ``saved(opts)`` is what config.yaml
+records.
+
 Adding an option is one line in its command's list (the flag is the name with dashes)::
 
     Opt("teacher_input_size", "int", None, "the teacher's input size in pixels (default: the data's)", low=1),
