@@ -89,7 +89,7 @@ def read_manifest(folder):
         with open(path) as f:
             return json.load(f)
     except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
-        raise BundleError("%r is not valid JSON: %s" % (path, e))
+        raise BundleError("%r is not valid JSON: %s" % (path, e)) from e
 
 
 def sha256_file(path, chunk=1 << 20):

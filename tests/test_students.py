@@ -100,7 +100,7 @@ def test_weights_file_that_does_not_fit_names_the_first_bad_key(tmp_path):
 def test_train_from_a_torchvision_weights_file_and_export_the_checkpoint(cli, digits_folder, tmp_path):
     import torchvision
 
-    from edgekd.core.checkpoint import load_model
+    from edgekd.core.loading import load_model
 
     torch.manual_seed(2)
     reference = torchvision.models.resnet18(num_classes=1000)
@@ -165,7 +165,8 @@ def test_named_weights_without_internet_fail_in_one_line(digits_folder, tmp_path
 
 
 def test_a_pretrained_spec_rebuilds_from_a_checkpoint_without_downloading(tmp_path):
-    from edgekd.core.checkpoint import load_model, save_checkpoint
+    from edgekd.core.checkpoint import save_checkpoint
+    from edgekd.core.loading import load_model
 
     model = build_model("torchvision:resnet18:DEFAULT", 10, GREY8)  # architecture only: nothing downloaded
     save_checkpoint(tmp_path / "m.pt", model, spec="torchvision:resnet18:DEFAULT", classes=[str(i) for i in range(10)],
