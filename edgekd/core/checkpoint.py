@@ -46,16 +46,14 @@ def save_checkpoint(path, model, *, spec, classes, input_spec, data_spec, metric
 
 def load_checkpoint(path):
     """Read a checkpoint without running any pickled code; refuse anything that is not ours."""
+    from .safe_load import Refused, torch_file
+
     if not os.path.isfile(path):
         raise EdgeKDError(f"checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            reason = "it contains pickled Python objects, which edgekd never loads"
-        else:
-            reason = "not a file written by torch.save, or a damaged one"
-        raise EdgeKDError(f"{path!r} is not a usable edgekd checkpoint: {reason}") from None
+        ckpt = torch_file(path, "checkpoint")
+    except Refused as e:
+        raise EdgeKDError(f"{path!r} is not a usable edgekd checkpoint: {e.reason}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         found = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else \
             "no " + ", ".join(k for k in REQUIRED_KEYS if k not in ckpt)

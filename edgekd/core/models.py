@@ -517,24 +517,9 @@ def read_weights_file(path):
     """A state dict (parameter name -> tensor) from a .pth/.pt file (read with weights_only=True: no pickled
     code runs) or a .safetensors file. A training checkpoint holding one under 'state_dict' or 'model' is
     unwrapped, and DistributedDataParallel's 'module.' prefix is dropped."""
-    if not os.path.isfile(path):
-        raise EdgeKDError(f"weights file {path!r} does not exist")
-    try:
-        if path.endswith(".safetensors"):
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise EdgeKDError("reading .safetensors files needs the safetensors package: pip install safetensors") from None
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except EdgeKDError:
-        raise
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            reason = "it contains pickled Python objects (save model.state_dict(), not the model)"
-        raise EdgeKDError(f"cannot read weights file {path!r}: {reason}") from None
+    from .safe_load import weights_file
+
+    state = weights_file(path, "weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -826,10 +826,9 @@ class TorchScriptSource(Source):
 
     def load(self, spec, options, env):
         path = _split(spec, "torchscript")
-        try:
-            module = torch.jit.load(path, map_location="cpu")
-        except Exception as e:
-            raise EdgeKDError(f"cannot load TorchScript {path!r}: {str(e).strip().splitlines()[0][:300]}") from None
+        from .safe_load import torchscript
+
+        module = torchscript(path, "teacher TorchScript file")
         return Loaded(self.kind, None, module=_Opaque(module.eval()), channels=_first_conv_channels(module),
                       file=os.path.abspath(path),
                       sha256=file_sha256(path), runtime={"library": "torch.jit"})
@@ -845,35 +844,51 @@ class ExportedProgramSource(Source):
 
     def load(self, spec, options, env):
         path = _split(spec, "pt2")
-        try:
-            program = torch.export.load(path)
-        except Exception as e:
-            raise EdgeKDError(f"cannot load torch.export program {path!r}: {str(e).strip().splitlines()[0][:300]}") from None
+        from .safe_load import exported_program
+
+        program = exported_program(path, "teacher torch.export file")
         lo = Loaded(self.kind, None, module=_Opaque(program.module()), file=os.path.abspath(path),
                     sha256=file_sha256(path), runtime={"library": "torch.export"})
         user = set(program.graph_signature.user_inputs)
         for node in program.graph.nodes:
             if node.op == "placeholder" and node.name in user and hasattr(node.meta.get("val"), "shape"):
-                _apply_shape(lo, [d if isinstance(d, int) else None for d in node.meta["val"].shape], "the exported program")
+                dims = [d if isinstance(d, int) else None for d in node.meta["val"].shape]
+                _apply_shape(lo, dims, "the exported program")
+                if dims and dims[0]:  # exported with a fixed batch: run it in batches of exactly that size
+                    lo.module = _FixedBatch(lo.module, dims[0])
                 break
         return lo
+
+
+class _FixedBatch(nn.Module):
+    """A teacher exported for one batch size (torch.export without dynamic_shapes): the batch is cut into
+    pieces of that size, the last one padded with copies of its last image and the padding's outputs dropped."""
+
+    def __init__(self, module, batch):
+        super().__init__()
+        self.inner, self.batch = module, batch
+
+    def train(self, mode=True):
+        return self
+
+    def forward(self, x):
+        outs = []
+        for start in range(0, x.shape[0], self.batch):
+            piece = x[start:start + self.batch]
+            n = piece.shape[0]
+            if n < self.batch:
+                piece = torch.cat([piece, piece[-1:].expand(self.batch - n, *piece.shape[1:])])
+            outs.append(_as_logits(self.inner(piece))[:n])
+        return torch.cat(outs)
 
 
 # --- models from code: torchvision, timm, the user's factory ---------------------------------------
 
 def load_state_dict(path):
     """A state dict from a .safetensors file or a torch file (a bare state dict, or one under 'state_dict'/'model')."""
-    if path.lower().endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise EdgeKDError("reading .safetensors needs the safetensors package: pip install 'edgekd[timm]'") from None
-        return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise EdgeKDError(f"--teacher-weights {path!r} is not a state dict torch can read: "
-                          f"{str(e).strip().splitlines()[0][:200]}") from None
+    from .safe_load import weights_file
+
+    obj = weights_file(path, "--teacher-weights")
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

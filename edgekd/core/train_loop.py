@@ -200,9 +200,11 @@ def _resume_error(path, e):
 
 
 def read_state(path):
+    from .safe_load import torch_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        return torch_file(path, "training state")
+    except EdgeKDError as e:
         raise _resume_error(path, e) from None
 
 
