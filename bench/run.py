@@ -40,11 +40,11 @@ def describe(path):
     """What a MODEL argument is: a checkpoint (.pt) or a bundle folder, with its size, params and FLOPs."""
     from ..core.checkpoint import load_checkpoint
     from ..core.data import InputSpec
-    from ..bundle.manifest import read_manifest
+    from ..bundle.runtime import verify_bundle
 
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
-        m = read_manifest(path)
+        m = verify_bundle(path)  # checksums, and nothing in the folder that the manifest does not list
         if m["format"] not in NATIVE_BACKEND:
             raise EdgeKDError(f"bundle {path!r} has format {m['format']!r}; bench runs onnx and openvino bundles")
         size = sum(os.path.getsize(os.path.join(path, f)) for f in m["files"] if os.path.isfile(os.path.join(path, f)))

@@ -156,3 +156,153 @@ def test_no_module_unpickles_outside_the_one_loader():
                         a.name in ("pickle", "dill", "cloudpickle") for a in node.names):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports pickle")
     assert not offenders, offenders
+
+
+# --- shared: a checkpoint and bundles edgekd wrote ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """An edgekd checkpoint of a compact-student (untrained: these tests check files, not accuracy)."""
+    from edgekd.core.checkpoint import save_checkpoint
+    from edgekd.core.data import InputSpec
+    from edgekd.core.models import build_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "student.pt"
+    spec = InputSpec(1, 32, 32, [0.5], [0.5])
+    torch.manual_seed(0)
+    model = build_model("compact-student", 10, spec).eval()
+    save_checkpoint(str(path), model, spec="compact-student", classes=[str(i) for i in range(10)], input_spec=spec,
+                    data_spec="digits", metrics={"test_top1": 0.1}, config={})
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundles(ckpt, tmp_path_factory):
+    """An ONNX and an OpenVINO bundle written by edgekd export (in this process)."""
+    from edgekd.export.pipeline import ExportOptions, export_checkpoint
+
+    root = tmp_path_factory.mktemp("bundles")
+    for fmt in ("onnx", "openvino"):
+        export_checkpoint(str(ckpt), ExportOptions(fmt=fmt, out=str(root / fmt), val_size=20, progress=False))
+    return root
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(pathlib.Path(folder).rglob("*"))
+            if p.is_file() and not p.name.endswith(".edgekd.lock")}
+
+
+def _one_line(capsys, *words):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+# --- 2. ownership by marker, not by name -------------------------------------------------------------------
+
+def test_bench_force_keeps_hand_written_files_with_edgekds_names(bundles, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: settings\n")
+    (mine / "report.md").write_text("# my report\n")
+    before = _tree(mine)
+    code = _main("bench", bundles / "onnx", "--quick", "--out", mine, "--force")
+    assert code == 2
+    _one_line(capsys, "was not written by edgekd", "config.yaml")
+    assert _tree(mine) == before and sorted(os.listdir(mine)) == ["config.yaml", "report.md"]
+
+
+def test_a_marked_folder_still_keeps_a_file_its_marker_does_not_list(tmp_path, capsys):
+    """An edgekd run folder where the user put report.md afterwards: bench --force would overwrite it."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / ".edgekd").write_text(json.dumps({"command": "train", "files": ["model.pt"]}))
+    (out / "model.pt").write_bytes(b"edgekd's")
+    (out / "report.md").write_text("mine")
+    from edgekd import EdgeKDError
+    from edgekd.base.outdir import RunFolder
+
+    with pytest.raises(EdgeKDError, match="report.md, which edgekd did not write"):
+        with RunFolder(str(out), "bench", force=True):
+            pass
+    assert (out / "report.md").read_text() == "mine" and (out / "model.pt").read_bytes() == b"edgekd's"
+    with RunFolder(str(out), "train", force=True):  # train writes no report.md: it is left alone
+        (out / "model.pt").write_bytes(b"new")
+    assert (out / "report.md").read_text() == "mine"
+    marker = json.loads((out / ".edgekd").read_text())
+    assert "report.md" not in marker["files"] and "model.pt" in marker["files"]
+
+
+def test_export_force_refuses_a_bundle_folder_holding_a_users_file(ckpt, bundles, tmp_path, capsys):
+    out = _copy(bundles / "onnx", tmp_path / "b")
+    (out / "NOTES.txt").write_text("calibrated on the lab's camera")
+    before = _tree(out)
+    code = _main("export", ckpt, "--format", "onnx", "--out", out, "--force", "--val-size", "20", "--no-progress")
+    assert code == 2
+    _one_line(capsys, "NOTES.txt", "--force only replaces edgekd's own outputs")
+    assert _tree(out) == before
+
+
+def test_a_failed_quantize_leaves_nothing_that_blocks_the_retry(tmp_path):
+    """quantize writes quantizers.json and qat.before.json early; a failure after that takes them away (they
+    are quantize's own outputs), and the retry finds an empty folder."""
+    from edgekd.base.outdir import RunFolder
+
+    out = tmp_path / "q"
+    with pytest.raises(RuntimeError):
+        with RunFolder(str(out), "quantize"):
+            (out / "config.yaml").write_text("{}")
+            (out / "quantizers.json").write_text("{}")
+            (out / "qat.before.json").write_text("{}")
+            raise RuntimeError("the teacher failed to load")
+    assert not out.exists()
+    with RunFolder(str(out), "quantize"):  # the retry, without --force
+        (out / "quantizers.json").write_text("{}")
+    assert "quantizers.json" in json.loads((out / ".edgekd").read_text())["files"]
+    with RunFolder(str(out), "quantize", force=True):  # and its own files are replaced with --force
+        pass
+
+
+# --- 3. an output never replaces an input; every folder a command writes is locked -------------------------
+
+def test_a_config_file_inside_out_is_never_replaced(tmp_path, capsys):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / ".edgekd").write_text(json.dumps({"command": "train", "files": ["config.yaml"]}))
+    (exp / "config.yaml").write_text("epochs: 1\nmodel: compact-student\ntrain_subset: 40\n")
+    before = _tree(exp)
+    code = _main("train", "--config", exp / "config.yaml", "--out", exp, "--force", "--no-progress")
+    assert code == 2
+    _one_line(capsys, "--config", "an output never overwrites an input")
+    assert _tree(exp) == before
+
+
+def test_two_exports_into_one_folder_the_second_is_refused(ckpt, tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "b"
+    lock = tmp_path / ".b.edgekd.lock"
+    first = subprocess.Popen([sys.executable, "-m", "edgekd", "export", str(ckpt), "--format", "onnx", "--out",
+                              str(out), "--val-size", "20", "--no-progress"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    while not (lock.exists() and f"pid {first.pid}" in lock.read_text()):
+        assert first.poll() is None and time.monotonic() - start < 300, first.communicate()
+        time.sleep(0.02)
+    code = _main("export", ckpt, "--format", "onnx", "--out", out, "--force", "--val-size", "20", "--no-progress")
+    assert code == 2
+    _one_line(capsys, f"output folder '{out}' is in use by another edgekd run (pid {first.pid}, edgekd export)")
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert (out / "manifest.json").is_file() and not lock.exists()

@@ -53,7 +53,8 @@ def _run_folder(args, inputs):
     if _rank() != 0:
         return contextlib.nullcontext()
     replaced = None if args.command == "bench" else set().union(*OUTPUTS.values())
-    refuse_inputs_inside(args.out, inputs, replaced)
+    # every file a command reads is an input: the --config file too (the run writes its own config.yaml)
+    refuse_inputs_inside(args.out, inputs + [("--config", getattr(args, "config", None))], replaced)
     return RunFolder(args.out, args.command, force=args.force, resume=bool(getattr(args, "resume", None)))
 
 
@@ -205,14 +206,18 @@ class Export(Command):
                    "See docs/export.md.")
 
     def run(self, args):
+        from ..base.outdir import BundleFolder
+
+        folder = BundleFolder(args.out, args.force, args.zip, [
+            ("CHECKPOINT", args.checkpoint), ("--data", args.data), ("--calib-data", args.calib_data),
+            ("--data-root", args.data_root), ("--qat-teacher", args.qat_teacher),
+            ("--config", getattr(args, "config", None))])
+        with folder:
+            self._export(args)
+
+    def _export(self, args):
         from ..export.pipeline import ExportOptions, export_checkpoint
 
-        from ..base.outdir import prepare_bundle_out
-
-        prepare_bundle_out(args.out, args.force, args.zip, [("CHECKPOINT", args.checkpoint), ("--data", args.data),
-                                                            ("--calib-data", args.calib_data),
-                                                            ("--data-root", args.data_root),
-                                                            ("--qat-teacher", args.qat_teacher)])
         _log_to_stderr()
         opts = ExportOptions(
             fmt=args.format, precision=args.precision, out=args.out, data=args.data, data_root=args.data_root,
