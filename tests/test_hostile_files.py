@@ -306,3 +306,66 @@ def test_two_exports_into_one_folder_the_second_is_refused(ckpt, tmp_path, capsy
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     assert (out / "manifest.json").is_file() and not lock.exists()
+
+
+# --- 4. a bundle is exactly its manifest -------------------------------------------------------------------
+
+def _unlisted(bundles, tmp_path, fmt):
+    """A copy of the ``fmt`` bundle whose weights file is dropped from the manifest's files map and then
+    changed: nobody checksums it any more, yet the runtime reads it."""
+    out = _copy(bundles / fmt, tmp_path / f"{fmt}-unlisted")
+    manifest = json.loads((out / "manifest.json").read_text())
+    weights = "model.bin" if fmt == "openvino" else next(n for n in manifest["files"] if n != manifest["model_file"]) \
+        if len(manifest["files"]) > 1 else None
+    if weights is None:  # an ONNX model with its weights inside: an extra file is the same hole
+        weights = "extra.bin"
+        (out / weights).write_bytes(b"\0" * 64)
+    else:
+        del manifest["files"][weights]
+        data = bytearray((out / weights).read_bytes())
+        data[-8:] = b"\x7f" * 8
+        (out / weights).write_bytes(bytes(data))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out, weights
+
+
+def _digit_png(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "seven.png"
+    Image.new("L", (8, 8), 128).save(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_a_file_the_manifest_does_not_list_fails_verification_everywhere(bundles, tmp_path, capsys, fmt):
+    import subprocess
+    import sys
+
+    out, weights = _unlisted(bundles, tmp_path, fmt)
+    image = _digit_png(tmp_path)
+    for argv in (["predict", out, image],
+                 ["bench", out, "--quick", "--out", tmp_path / "bench"],
+                 ["deploy", out, "ssh://nobody@127.0.0.1:1"],
+                 ["distill", "--teacher", out, "--epochs", "1", "--train-subset", "20", "--no-progress",
+                  "--out", tmp_path / "run"]):
+        assert _main(*argv) == 2, argv
+        _one_line(capsys, weights, "does not list")
+    runner = subprocess.run([sys.executable, str(ROOT / "bundle" / "runner.py"), "verify", str(out)],
+                            capture_output=True, text=True)
+    assert runner.returncode == 2 and weights in runner.stderr and "does not list" in runner.stderr
+
+
+def test_a_listed_file_that_is_missing_fails_verification(bundles, tmp_path, capsys):
+    out = _copy(bundles / "openvino", tmp_path / "b")
+    (out / "model.bin").unlink()
+    assert _main("predict", out, _digit_png(tmp_path)) == 2
+    _one_line(capsys, "missing", "model.bin")
+
+
+def test_every_file_edgekd_writes_into_a_bundle_is_listed(bundles):
+    from edgekd.bundle.runtime import verify_bundle
+
+    for fmt in ("onnx", "openvino"):
+        manifest = verify_bundle(str(bundles / fmt))
+        assert set(os.listdir(bundles / fmt)) == set(manifest["files"]) | {"manifest.json"}
