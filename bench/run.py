@@ -40,6 +40,7 @@ def describe(path):
     """What a MODEL argument is: a checkpoint (.pt) or a bundle folder, with its size, params and FLOPs."""
     from ..core.checkpoint import load_checkpoint
     from ..core.data import InputSpec
+    from ..base.files import spec_from_file
     from ..bundle.runtime import verify_bundle
 
     name = os.path.basename(os.path.normpath(path))
@@ -51,13 +52,13 @@ def describe(path):
         return {"model": name, "path": path, "kind": m["format"], "precision": m["precision"], "arch": m.get("model"),
                 "params": m.get("params"), "flops": m.get("flops"), "size_mb": size / 1e6,
                 "input": InputSpec(m["input"]["shape"][1], *m["input"]["resize"], m["input"]["mean"], m["input"]["std"]),
-                "classes": m["classes"], "data": m.get("data")}
+                "classes": m["classes"], "data": spec_from_file(m.get("data"), path)}
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
         return {"model": name[:-3] if name.endswith(".pt") else name, "path": path, "kind": "checkpoint",
                 "precision": "fp32", "arch": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"),
                 "size_mb": os.path.getsize(path) / 1e6, "input": InputSpec.from_dict(ckpt["input"]),
-                "classes": ckpt["classes"], "data": ckpt.get("data")}
+                "classes": ckpt["classes"], "data": spec_from_file(ckpt.get("data"), os.path.dirname(os.path.abspath(path)))}
     raise EdgeKDError(f"model {path!r} does not exist (expected a .pt checkpoint or a bundle folder)")
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import EdgeKDError
+from ..base.files import portable
 from ..base.outdir import temp_prefix
 
 from . import calibration
@@ -102,7 +103,7 @@ class _Export:
         if self.qat and o.precision != "int8":
             raise EdgeKDError(f"{self.checkpoint!r} is a QAT checkpoint (edgekd quantize): export it with --precision int8")
         self.spec = InputSpec.from_dict(self.ckpt["input"])
-        self.dataset = load_data(o.data or self.ckpt.get("data") or "digits", o.data_root, input_spec=self.spec)
+        self.dataset = load_data(o.data or self._ckpt_data() or "digits", o.data_root, input_spec=self.spec)
         if len(self.dataset.classes) != len(self.ckpt["classes"]):
             raise EdgeKDError(f"checkpoint has {len(self.ckpt['classes'])} classes but data {self.dataset.spec!r} "
                               f"has {len(self.dataset.classes)}")
@@ -115,9 +116,15 @@ class _Export:
             self.reference = run_batched(lambda b: self.model(torch.from_numpy(b)).numpy(), self.images)
         return self._build(calib)
 
+    def _ckpt_data(self):
+        """The checkpoint's data spec (an image folder is recorded relative to the checkpoint's folder)."""
+        from ..base.files import spec_from_file
+
+        return spec_from_file(self.ckpt.get("data"), os.path.dirname(os.path.abspath(self.checkpoint)))
+
     def _calibration(self, spec=None):
         o = self.o
-        spec = spec or o.calib_data or o.data or self.ckpt.get("data") or "digits"
+        spec = spec or o.calib_data or o.data or self._ckpt_data() or "digits"
         data = self.dataset if spec == self.dataset.spec else load_data_for(spec, o.data_root, self.spec)
         self.calib_data = data
         indices, record = calibration.select(data.train, o.calib_size, o.seed, data_spec=data.spec, split="train",
@@ -164,8 +171,11 @@ class _Export:
                 if self.qat:
                     from .qat import fp32_student_record
 
-                    manifest["qat"] = fp32_student_record(self.ckpt, self.images, self.labels, validation["top1"])
+                    manifest["qat"] = fp32_student_record(self.ckpt, self.images, self.labels, validation["top1"],
+                                                          os.path.dirname(os.path.abspath(self.checkpoint)))
                     manifest["validation"]["reference"] = "the QAT model in PyTorch (fake-quantized), like with like"
+            # the machine's absolute paths (calibration data, sources) relative to the bundle folder
+            manifest = portable(manifest, out)
             write_manifest(staging, manifest)
             os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
             if o.zip:
@@ -346,7 +356,7 @@ class _Export:
                       "scale": 1 / 255, "resample": "bilinear"},
             "classes": list(ckpt["classes"]),
             "model": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"), "data": self.dataset.spec,
-            "source": {"checkpoint": os.path.abspath(self.checkpoint), "sha256": sha256_file(self.checkpoint)},
+            "source": {"checkpoint": os.path.basename(self.checkpoint), "sha256": sha256_file(self.checkpoint)},
             "validation": validation, "export_seconds": round(seconds, 3),
             "size_bytes": sum(os.path.getsize(os.path.join(staging, n)) for n in files),
             "runtime": {"library": FORMATS.meta(o.fmt)["runtime"],

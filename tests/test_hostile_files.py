@@ -369,3 +369,117 @@ def test_every_file_edgekd_writes_into_a_bundle_is_listed(bundles):
     for fmt in ("onnx", "openvino"):
         manifest = verify_bundle(str(bundles / fmt))
         assert set(os.listdir(bundles / fmt)) == set(manifest["files"]) | {"manifest.json"}
+
+
+# --- 5. nothing reaches further than asked -----------------------------------------------------------------
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def _machine_paths(obj, root):
+    return [s for s in _strings(obj) if str(root) in s]
+
+
+def test_manifests_record_no_path_of_the_exporting_machine(bundles, tmp_path_factory):
+    root = tmp_path_factory.getbasetemp()
+    for fmt in ("onnx", "openvino"):
+        manifest = json.loads((bundles / fmt / "manifest.json").read_text())
+        assert not _machine_paths(manifest, root), fmt
+        assert manifest["source"]["checkpoint"] == "student.pt"
+
+
+def test_runs_record_paths_relative_to_the_run_and_still_resolve(digits_folder, tmp_path, capsys, monkeypatch):
+    """A distillation from a .pt2 teacher on an image folder with unlabelled images: metrics.json, the
+    checkpoint and config.yaml's resolved teacher hold no absolute path of this machine, and an export run
+    from another working folder still finds the data the checkpoint names."""
+    import yaml
+
+    root = tmp_path.parent.parent  # the session's base temporary folder: every path here lies under it
+    teacher = _pt2(tmp_path / "teacher.pt2")
+    unlabeled = tmp_path / "more"
+    unlabeled.mkdir()
+    for png in sorted((digits_folder / "test" / "digit3").iterdir())[:4]:
+        (unlabeled / png.name).write_bytes(png.read_bytes())
+    out = tmp_path / "runs" / "x"
+    code = _main("distill", "--data", digits_folder, "--teacher", teacher, "--teacher-mean", "0.5", "--teacher-std",
+                 "0.5", "--unlabeled", unlabeled, "--epochs", "1", "--train-subset", "40", "--no-progress",
+                 "--out", out)
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert not _machine_paths(metrics, root), _machine_paths(metrics, root)
+    assert metrics["teacher"]["file"] == os.path.relpath(teacher, out)
+    ckpt = torch.load(out / "student.pt", weights_only=True)
+    assert not _machine_paths({"data": ckpt["data"], "metrics": ckpt["metrics"]}, root)
+    resolved = yaml.safe_load((out / "config.yaml").read_text())["teacher_resolved"]
+    assert not _machine_paths(resolved, root)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code = _main("export", out / "student.pt", "--format", "onnx", "--out", tmp_path / "b", "--val-size", "20",
+                 "--no-progress")
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["data"] == "imagefolder:" + os.path.relpath(digits_folder, tmp_path / "b")
+    assert not _machine_paths(manifest, root)
+
+
+def _images(folder, n=3):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("L", (8, 8), 40 * i).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["proc", "root-link", "ancestor-link", "system-link"])
+def test_unlabeled_never_walks_into_the_root_an_ancestor_or_a_system_folder(tmp_path, case):
+    from edgekd import EdgeKDError
+    from edgekd.core.data import load_unlabeled
+
+    folder = _images(tmp_path / "unlabeled")
+    if case == "proc":
+        folder = pathlib.Path("/proc")
+    elif case == "root-link":
+        (folder / "everything").symlink_to("/")
+    elif case == "ancestor-link":
+        (folder / "up").symlink_to(tmp_path)
+    else:
+        (folder / "me").symlink_to("/proc/self")
+    with pytest.raises(EdgeKDError, match="system folder|file-system root|holds the folder itself"):
+        load_unlabeled(str(folder))
+
+
+def test_data_folder_with_a_link_to_the_root_is_refused_before_it_is_walked(digits_folder, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_folder, data)
+    (data / "train" / "digit1" / "all").symlink_to("/")
+    code = _main("train", "--data", data, "--epochs", "1", "--no-progress", "--out", tmp_path / "run")
+    assert code == 2
+    _one_line(capsys, "file-system root", "remove the link")
+
+
+def test_links_to_image_files_and_folders_elsewhere_keep_working(tmp_path):
+    from edgekd.core.data import check_reach, load_unlabeled
+
+    elsewhere = _images(tmp_path / "elsewhere" / "batch1", 3)
+    single = _images(tmp_path / "single", 1) / "0.png"
+    folder = tmp_path / "unlabeled"
+    folder.mkdir()
+    (folder / "batch1").symlink_to(elsewhere)
+    (folder / "one.png").symlink_to(single)
+    (folder / "again").symlink_to(elsewhere)  # a second link to the same folder is read once
+    found = load_unlabeled(str(folder))
+    assert len(found) == 4
+    check_reach(str(folder), "--unlabeled")

@@ -112,7 +112,7 @@ def test_train_from_a_torchvision_weights_file_and_export_the_checkpoint(cli, di
         "--lr", "1e-12", "--weight-decay", 0, "--warmup-epochs", 0, "--train-subset", 60, "--workers", 0, "--no-progress",
         "--out", out)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["pretrained"]["head"] == ["fc 1000 -> 10"] and m["pretrained"]["source"] == f"file {weights}"
+    assert m["pretrained"]["head"] == ["fc 1000 -> 10"] and m["pretrained"]["source"] == f"file {weights.name}"
     assert m["train_data"]["norm"].startswith("pretrained: ImageNet")
     assert m["train_data"]["mean"] == pytest.approx([IMAGENET_GREY])
     # The checkpoint rebuilds from its spec (no file, no download) and carries the weights.

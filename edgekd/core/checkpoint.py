@@ -26,6 +26,9 @@ def save_checkpoint(path, model, *, spec, classes, input_spec, data_spec, metric
     """Write a checkpoint that needs nothing but torch to read back."""
     from .models import count_flops, count_params
 
+    from ..base.files import portable, spec_for_file
+
+    folder = os.path.dirname(os.path.abspath(path))  # the checkpoint records paths relative to its own folder
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "edgekd_version": __version__,
@@ -33,10 +36,10 @@ def save_checkpoint(path, model, *, spec, classes, input_spec, data_spec, metric
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "classes": list(classes),
         "input": input_spec.to_dict(),
-        "data": data_spec,
+        "data": spec_for_file(data_spec, folder),
         "params": count_params(model),
         "flops": count_flops(model, input_spec),
-        "metrics": metrics,
+        "metrics": portable(metrics, folder),
         "config": config,
     }
     ckpt.update(extra or {})

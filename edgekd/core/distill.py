@@ -10,6 +10,7 @@ import torch
 from .. import EdgeKDError
 from . import teachers
 from .batchnorm import check_batchnorm
+from ..base.files import portable
 from .checkpoint import atomic_write, save_checkpoint
 from .data import load_data
 from .losses import LOSSES, UNLABELED, make_loss
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def _write_json(path, obj):
+    """metrics.json, with the machine's absolute paths made relative to its folder."""
+    obj = portable(obj, os.path.dirname(os.path.abspath(path)))
+
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
@@ -263,7 +267,8 @@ def run_distill(saved_cfg, cfg, ctx):
     # a teacher trained here learns from the labelled images only
     teacher = teachers.load_teacher(cfg, t_options, data, train.labelled(), test, ctx, evaluate_on=test)
     if ctx.is_main:  # again, now with what the teacher turned out to be
-        _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params, "teacher_resolved": teacher.describe()})
+        _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params,
+                                  "teacher_resolved": portable(teacher.describe(), cfg["out"])})
     if t_options.views:  # after a teacher trained here: it learnt from every epoch's views
         train.plan.replay(t_options.views)
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None

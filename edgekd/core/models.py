@@ -467,7 +467,7 @@ def _weights_source(spec, weights_path):
         raise EdgeKDError(f"model {spec!r} names its pretrained weights and a weights file {weights_path!r} was given "
                           "too: use one of them")
     if weights_path:
-        return f"file {os.path.abspath(weights_path)}"
+        return f"file {os.path.basename(weights_path)}"  # its sha256 beside it; no path of this machine
     if not named:
         return None
     if spec.startswith(TORCHVISION_PREFIX):
