@@ -185,13 +185,13 @@ def check_contents(out, force, bundle=False, resume=False, command=None):
     if bundle:
         problem = bundle_problem(out)
         if problem:
-            raise EdgeKDError(f"output folder {out!r} was not written by edgekd (it holds {', '.join(names)[:120]}; "
-                              f"{problem}); --force only replaces edgekd's own outputs: move them or choose another "
+            raise EdgeKDError(f"output folder {out!r} was not written by edgekd (it holds {', '.join(names)[:120]}): "
+                              f"{problem}; --force only replaces edgekd's own outputs: move them or choose another "
                               "--out")
         return
     if read_marker(out) is None:
-        raise EdgeKDError(f"output folder {out!r} was not written by edgekd (it holds {', '.join(names)[:120]}; no "
-                          f"{MARKER} marker); --force only replaces edgekd's own outputs: choose another --out")
+        raise EdgeKDError(f"output folder {out!r} was not written by edgekd (it holds {', '.join(names)[:120]}): it "
+                          f"has no {MARKER} marker; --force only replaces edgekd's own outputs: choose another --out")
     writes = OUTPUTS.get(command, ALL_OUTPUTS)
     clash = [n for n in names if n in writes and n not in owned(out)]
     if clash:
