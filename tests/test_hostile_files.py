@@ -483,3 +483,19 @@ def test_links_to_image_files_and_folders_elsewhere_keep_working(tmp_path):
     found = load_unlabeled(str(folder))
     assert len(found) == 4
     check_reach(str(folder), "--unlabeled")
+
+
+def test_export_force_replaces_only_a_zip_its_manifest_accounts_for(ckpt, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert _main("export", ckpt, "--format", "onnx", "--out", out, "--zip", "--val-size", "20", "--no-progress") == 0
+    capsys.readouterr()
+    with zipfile.ZipFile(tmp_path / "b.zip", "a") as z:
+        z.writestr("b/NOTES.txt", "mine")
+    import shutil
+
+    shutil.rmtree(out)
+    before = (tmp_path / "b.zip").read_bytes()
+    assert _main("export", ckpt, "--format", "onnx", "--out", out, "--zip", "--force", "--val-size", "20",
+                 "--no-progress") == 2
+    _one_line(capsys, "is not a bundle zip written by edgekd")
+    assert (tmp_path / "b.zip").read_bytes() == before

@@ -159,7 +159,7 @@ def bundle_problem(folder):
         return "it has no readable manifest.json"
     if not isinstance(files, dict):
         return "its manifest.json lists no files"
-    extra = [n for n in _contents(folder) if n not in files and n != "manifest.json"]
+    extra = sorted(n for n in os.listdir(folder) if n not in files and n != "manifest.json")
     if extra:
         return "its manifest does not list " + ", ".join(extra)[:160]
     return None
@@ -282,10 +282,15 @@ def check_zip(path, force):
         return
     if not force:
         raise EdgeKDError(f"{path!r} already exists; pass --force to replace it or choose another --out")
-    try:
+    try:  # ours: one top folder holding a manifest.json that lists every other member
         with zipfile.ZipFile(path) as z:
-            ours = any(n.count("/") == 1 and n.endswith("/manifest.json") for n in z.namelist())
-    except (OSError, zipfile.BadZipFile):
+            names = z.namelist()
+            top = {n.split("/", 1)[0] for n in names}
+            manifest = f"{next(iter(top))}/manifest.json" if len(top) == 1 else None
+            small = manifest in names and z.getinfo(manifest).file_size < 16 << 20
+            files = json.loads(z.read(manifest)).get("files") if small else None
+            ours = isinstance(files, dict) and {n.split("/", 1)[1] for n in names if n != manifest} <= set(files)
+    except (OSError, ValueError, AttributeError, IndexError, KeyError, zipfile.BadZipFile):
         ours = False
     if not ours or not os.path.isfile(path):
         raise EdgeKDError(f"{path!r} is not a bundle zip written by edgekd; --force only replaces edgekd's own "
