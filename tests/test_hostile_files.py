@@ -101,6 +101,60 @@ def test_the_loader_refuses_a_pt2_and_a_weights_file_that_carry_code(tmp_path):
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # the guard is lifted after the load
 
 
+def _rewrite_graph(good, evil, edit):
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/models/model.json"):
+                data = edit(data.decode()).encode()
+            dst.writestr(info, data)
+    return evil
+
+
+def test_a_pt2_whose_graph_would_run_code_is_refused_before_torch_reads_it(tmp_path):
+    """torch's deserializer evaluates symbolic shapes with sympy.sympify (Python's eval) and resolves targets by
+    attribute lookup from torch (torch.os.system resolves): both are checked in the archive first."""
+    import re
+
+    from edgekd import EdgeKDError
+    from edgekd.core import safe_load
+
+    good = _pt2(tmp_path / "good.pt2")
+    marker = tmp_path / "PWNED"
+
+    def sympy_eval(text):
+        expr = re.search(r'"expr_str": "([^"]*)"', text).group(1)
+        return text.replace(f'"expr_str": "{expr}"', '"expr_str": "__import__(\'os\').system(\'touch %s\') or %s"'
+                            % (marker, expr), 1)
+
+    def os_target(text):
+        return text.replace('"target": "torch.ops.aten.linear.default"', '"target": "torch.os.system"', 1)
+
+    for name, edit, message in (("sympy.pt2", sympy_eval, "not a sympy expression"),
+                                ("target.pt2", os_target, "'torch.os.system', which is not a torch operator")):
+        evil = _rewrite_graph(good, tmp_path / name, edit)
+        assert evil.read_bytes() != good.read_bytes()
+        with pytest.raises(EdgeKDError, match=message):
+            safe_load.exported_program(str(evil))
+    assert not marker.exists()
+
+
+def test_ordinary_exported_programs_pass_the_graph_check(tmp_path):
+    """Batch norm (aten._native_batch_norm_legit_no_training), dynamic shapes, operator.getitem."""
+    from edgekd.core import safe_load
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    program = torch.export.export(model, (torch.zeros(2, 1, 16, 16),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64),
+                                                   2: torch.export.Dim("h", min=8, max=64)},))
+    torch.export.save(program, str(tmp_path / "bn.pt2"))
+    loaded = safe_load.exported_program(str(tmp_path / "bn.pt2"))
+    x = torch.randn(3, 1, 20, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module()(x), model(x), atol=1e-5)
+
+
 def test_a_static_batch_pt2_teacher_works(tmp_path, capsys):
     """Exported without dynamic_shapes (batch fixed at 3): run in pieces of 3, not an internal error."""
     pt2 = _pt2(tmp_path / "static.pt2", batch=3)

@@ -9,6 +9,7 @@ checkpoint (edgekd/core/quantize.py), so it passes through here too.
 """
 
 import contextlib
+import json
 import os
 import zipfile
 
@@ -105,6 +106,71 @@ def _weights_only_everywhere():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
+# What the graph of a .pt2 may name. torch's deserializer resolves a node's target by attribute lookup from
+# ``torch``/``_operator``/``math`` (``torch.os.system`` resolves), and parses every symbolic shape with
+# sympy.sympify, which evaluates Python: both are checked in the archive's JSON before torch reads it.
+_SAFE_OPERATORS = {"getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq",
+                   "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift", "rshift", "matmul"}
+_SYMPY_CALLS = {"Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs", "Eq", "Ne",
+                "Lt", "Le", "Gt", "Ge", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan",
+                "Equality", "Unequality", "And", "Or", "Not", "floor", "ceiling", "Piecewise", "ExprCondPair",
+                "CeilDiv", "CeilToInt", "CleanDiv", "FloatPow", "FloatTrueDiv", "FloorDiv", "FloorToInt", "Identity",
+                "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "LShift", "Mod", "ModularIndexing", "PowByNatural",
+                "PythonMod", "RShift", "RoundDecimal", "RoundToInt", "ToFloat", "TruncToFloat", "TruncToInt", "Where"}
+
+
+def _safe_target(target):
+    if target.startswith("torch.ops.") or target.startswith("math."):
+        return "__" not in target  # operators and math functions, never a dunder path out of them
+    if target.startswith("torch."):  # symbolic-shape helpers only (torch.sym_max, ...), never torch.load & co
+        name = target[len("torch."):]
+        return "." not in name and name.startswith(("sym_", "_sym_"))
+    return target.startswith("_operator.") and target[len("_operator."):] in _SAFE_OPERATORS
+
+
+def _safe_expr(text):
+    """A sympy expression in srepr form built only from the calls sympy and torch's shape functions write."""
+    import ast
+
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or node.func.id not in _SYMPY_CALLS:
+                return False
+        elif isinstance(node, ast.Name):
+            if node.id.startswith("_"):
+                return False
+        elif not isinstance(node, (ast.Expression, ast.Constant, ast.keyword, ast.BinOp, ast.UnaryOp, ast.operator,
+                                   ast.unaryop, ast.Load, ast.Tuple, ast.Compare, ast.cmpop, ast.BoolOp, ast.boolop)):
+            return False
+    return True
+
+
+def _graph_problem(z, names):
+    """The first target or symbolic expression in the archive's model JSON that could run code, else None."""
+    for name in names:
+        if not (name.endswith(".json") and "/models/" in "/" + name):
+            continue
+        if z.getinfo(name).file_size > 512 << 20:
+            return f"{name} is larger than 512 MB"
+        stack = [json.loads(z.read(name))]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                for key, value in item.items():
+                    if key == "target" and isinstance(value, str) and not _safe_target(value):
+                        return f"its graph calls {value[:80]!r}, which is not a torch operator"
+                    if key == "expr_str" and isinstance(value, str) and not _safe_expr(value):
+                        return f"a symbolic shape in it is not a sympy expression ({value[:60]!r})"
+                    stack.append(value)
+            elif isinstance(item, list):
+                stack.extend(item)
+    return None
+
+
 def exported_program(path, what="torch.export file"):
     """A ``torch.export`` program (.pt2) whose pickled members are read weights-only; an archive that needs
     more (pickled Python objects) is refused in one line."""
@@ -112,8 +178,11 @@ def exported_program(path, what="torch.export file"):
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
+            graph = _graph_problem(z, names)
+    except (zipfile.BadZipFile, OSError, ValueError, RecursionError) as e:
         raise EdgeKDError(f"cannot load {what} {path!r}: not a .pt2 archive ({_first_line(e)})") from None
+    if graph:
+        raise EdgeKDError(f"cannot load {what} {path!r}: {graph}; edgekd loads only graphs of torch operators")
     unsafe = [n for n in names if any(part in "/" + n for part in _UNSAFE_PT2)]
     if unsafe:
         raise EdgeKDError(f"cannot load {what} {path!r}: member {unsafe[0]!r} is a pickled Python object, which "
