@@ -165,7 +165,7 @@ def test_a_static_batch_pt2_teacher_works(tmp_path, capsys):
 
 
 def test_fixed_batch_wrapper_gives_the_models_own_logits():
-    from edgekd.core.teachers import _FixedBatch
+    from edgekd.core.teachers.pt2 import FixedBatch as _FixedBatch
 
     torch.manual_seed(0)
     model = _Tiny().eval()

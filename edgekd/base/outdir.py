@@ -2,13 +2,14 @@
 
 - An output never overwrites an input: a command whose --out holds one of its inputs (where the run
   would replace it) is refused.
-- ``--force`` replaces only what edgekd wrote: a folder edgekd made carries a small ``.edgekd``
-  marker naming the command (a bundle is recognised by its manifest.json); a non-empty folder
-  without it, holding files edgekd does not write, is refused even with ``--force``. The earlier
-  run's outputs are set aside and put back if the new run fails.
+- ``--force`` replaces only what carries edgekd's mark, never by name: a run folder's ``.edgekd`` marker
+  lists the files its run wrote (only those are set aside; a folder without it is refused; a name the
+  command writes that the marker does not list is refused); a bundle folder (or DIR.zip) is replaced only
+  when its manifest.json lists every file in it. The earlier run's outputs are set aside and put back if
+  the new run fails.
 - One run at a time: a run folder is locked (``fcntl.flock`` on ``.edgekd.lock``, released by the
-  kernel when the process dies, so a killed run leaves no stale lock); a second run into it is
-  refused with the holder's pid.
+  kernel when the process dies, so a killed run leaves no stale lock), a bundle folder by
+  ``.NAME.edgekd.lock`` beside it; a second run into it is refused with the holder's pid.
 - Temporary files and folders are named ``[.]edgekd-tmp-<pid>-<host>-...``: removed on failure, and those
   of a process that no longer exists (a SIGKILLed run) are removed by the next run.
 - A failed run (not an interrupted one, which stays resumable) leaves the folder as it found it.
@@ -22,21 +23,14 @@ import shutil
 import tempfile
 
 from .. import EdgeKDError, Interrupted, __version__
+from .files import TMP, atomic_write, host_tag, temp_prefix  # noqa: F401  (temp_prefix: re-exported)
 
 log = logging.getLogger(__name__)
 
 MARKER = ".edgekd"
 LOCK = ".edgekd.lock"
-TMP = "edgekd-tmp-"
 _TMP_NAME = re.compile(r"^\.?" + TMP + r"(\d+)-([a-z0-9]*)-")
 
-
-def _host():
-    """This machine, in temporary names: a pid means something only on the machine that made it
-    (a shared or network folder may hold another machine's live temporaries)."""
-    import socket
-
-    return re.sub(r"[^a-z0-9]", "", socket.gethostname().lower())[:16]
 
 # Every name each command may write into its folder. A run refuses a folder where one of these names is a file
 # edgekd did not write; the marker lists what a run did write, and --force sets aside only what the marker lists.
@@ -48,11 +42,6 @@ OUTPUTS = {
               "compare.md"),
 }
 ALL_OUTPUTS = frozenset(n for names in OUTPUTS.values() for n in names)
-
-
-def temp_prefix(kind=""):
-    """The prefix of a temporary file or folder of this process (pass a leading '.' to hide it)."""
-    return f"{TMP}{os.getpid()}-{_host()}-{kind + '-' if kind else ''}"
 
 
 def _alive(pid):
@@ -75,7 +64,7 @@ def clean_stale(folder):
         return
     for name in names:
         m = _TMP_NAME.match(name)
-        if not m or m.group(2) != _host() or _alive(int(m.group(1))):
+        if not m or m.group(2) != host_tag() or _alive(int(m.group(1))):
             continue
         path = os.path.join(folder, name)
         log.info("removing %s, left by edgekd process %s that no longer runs", path, m.group(1))
@@ -125,6 +114,11 @@ def _contents(out):
     return sorted(n for n in os.listdir(out) if n not in (LOCK, MARKER) and not _TMP_NAME.match(n))
 
 
+# The bundle manifest's name (edgekd.bundle.runner.MANIFEST_FILE, which this layer sits below; a test
+# keeps the two equal).
+BUNDLE_MANIFEST = "manifest.json"
+
+
 def read_marker(folder):
     """The run folder's marker as a dict ({command, edgekd, files}), or None where there is none."""
     path = os.path.join(folder, MARKER)
@@ -153,13 +147,13 @@ def owned(folder):
 def bundle_problem(folder):
     """Why ``folder`` is not a bundle edgekd wrote (its manifest.json lists every file in it), else None."""
     try:
-        with open(os.path.join(folder, "manifest.json")) as f:
+        with open(os.path.join(folder, BUNDLE_MANIFEST)) as f:
             files = json.loads(f.read(16 << 20)).get("files")
     except (OSError, ValueError, AttributeError):
         return "it has no readable manifest.json"
     if not isinstance(files, dict):
         return "its manifest.json lists no files"
-    extra = sorted(n for n in os.listdir(folder) if n not in files and n != "manifest.json")
+    extra = sorted(n for n in os.listdir(folder) if n not in files and n != BUNDLE_MANIFEST)
     if extra:
         return "its manifest does not list " + ", ".join(extra)[:160]
     return None
@@ -286,7 +280,7 @@ def check_zip(path, force):
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             top = {n.split("/", 1)[0] for n in names}
-            manifest = f"{next(iter(top))}/manifest.json" if len(top) == 1 else None
+            manifest = f"{next(iter(top))}/{BUNDLE_MANIFEST}" if len(top) == 1 else None
             small = manifest in names and z.getinfo(manifest).file_size < 16 << 20
             files = json.loads(z.read(manifest)).get("files") if small else None
             ours = isinstance(files, dict) and {n.split("/", 1)[1] for n in names if n != manifest} <= set(files)
@@ -364,8 +358,6 @@ class RunFolder:
         self._write_marker({"command": self.command, "edgekd": __version__, "files": list(files)})
 
     def _write_marker(self, marker):
-        from .files import atomic_write
-
         def write(tmp):
             with open(tmp, "w") as f:
                 json.dump(marker, f)

@@ -52,7 +52,7 @@ def torch_file(path, what="file"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise Refused(f"cannot read {what} {path!r}: {_reason(e)}", _reason(e)) from None
+        raise Refused(f"cannot read {what} {path!r}: {_reason(e)}", _reason(e)) from e
 
 
 def safetensors_file(path, what="weights file"):
@@ -65,7 +65,7 @@ def safetensors_file(path, what="weights file"):
     try:
         return load_file(path)
     except Exception as e:  # SafetensorError, OSError, ...
-        raise EdgeKDError(f"cannot read {what} {path!r}: not a valid .safetensors file ({_first_line(e)})") from None
+        raise EdgeKDError(f"cannot read {what} {path!r}: not a valid .safetensors file ({_first_line(e)})") from e
 
 
 def weights_file(path, what="weights file"):
@@ -82,7 +82,7 @@ def torchscript(path, what="TorchScript file"):
     try:
         return torch.jit.load(path, map_location="cpu")
     except Exception as e:
-        raise EdgeKDError(f"cannot load {what} {path!r}: {_first_line(e)[:300]}") from None
+        raise EdgeKDError(f"cannot load {what} {path!r}: {_first_line(e)[:300]}") from e
 
 
 # members of a .pt2 archive that torch.export.load unpickles with plain pickle or TorchScript's object
@@ -180,7 +180,7 @@ def exported_program(path, what="torch.export file"):
             names = z.namelist()
             graph = _graph_problem(z, names)
     except (zipfile.BadZipFile, OSError, ValueError, RecursionError) as e:
-        raise EdgeKDError(f"cannot load {what} {path!r}: not a .pt2 archive ({_first_line(e)})") from None
+        raise EdgeKDError(f"cannot load {what} {path!r}: not a .pt2 archive ({_first_line(e)})") from e
     if graph:
         raise EdgeKDError(f"cannot load {what} {path!r}: {graph}; edgekd loads only graphs of torch operators")
     unsafe = [n for n in names if any(part in "/" + n for part in _UNSAFE_PT2)]
@@ -193,5 +193,5 @@ def exported_program(path, what="torch.export file"):
     except Exception as e:
         text = str(e)
         if "weights_only" in text or "GLOBAL" in text or "Unsupported global" in text:
-            raise EdgeKDError(f"cannot load {what} {path!r}: {PICKLED}") from None
-        raise EdgeKDError(f"cannot load {what} {path!r}: {_first_line(e)[:300]}") from None
+            raise EdgeKDError(f"cannot load {what} {path!r}: {PICKLED}") from e
+        raise EdgeKDError(f"cannot load {what} {path!r}: {_first_line(e)[:300]}") from e
