@@ -237,7 +237,7 @@ def bundles(ckpt, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bundles")
     for fmt in ("onnx", "openvino"):
-        export_checkpoint(str(ckpt), ExportOptions(fmt=fmt, out=str(root / fmt), val_size=20, progress=False))
+        export_checkpoint(str(ckpt), ExportOptions(format=fmt, out=str(root / fmt), val_size=20, progress=False))
     return root
 
 
@@ -422,7 +422,7 @@ def test_every_file_edgekd_writes_into_a_bundle_is_listed(bundles):
 
     for fmt in ("onnx", "openvino"):
         manifest = verify_bundle(str(bundles / fmt))
-        assert set(os.listdir(bundles / fmt)) == set(manifest["files"]) | {"manifest.json"}
+        assert set(os.listdir(bundles / fmt)) == set(manifest.files) | {"manifest.json"}
 
 
 # --- 5. nothing reaches further than asked -----------------------------------------------------------------
