@@ -102,8 +102,14 @@ def sha256_file(path, chunk=1 << 20):
 
 
 def check_files(folder, manifest):
-    """Every file the manifest lists lies inside the folder (no links, no ../) and matches its sha256."""
+    """A bundle is exactly its manifest: every file the manifest lists lies inside the folder (no links, no ../)
+    and matches its sha256, and the folder holds nothing else (a file nobody checked could be what a runtime
+    reads: OpenVINO finds model.bin beside model.xml whether or not it is listed)."""
     root = os.path.realpath(folder)
+    unlisted = sorted(n for n in os.listdir(root) if n != "manifest.json" and n not in manifest["files"])
+    if unlisted:
+        raise BundleError("bundle %r holds %s, which its manifest.json does not list (a bundle is exactly the files "
+                          "its manifest lists: remove them, or export again)" % (folder, ", ".join(unlisted)[:200]))
     for name, digest in manifest["files"].items():
         path = os.path.join(root, name)
         if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != root:

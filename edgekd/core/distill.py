@@ -11,6 +11,7 @@ import torch
 from .. import EdgeKDError
 from . import teachers
 from .batchnorm import check_batchnorm
+from ..base.files import portable
 from .checkpoint import atomic_write, save_checkpoint
 from .config import saved
 from .data import load_data
@@ -25,7 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def write_json(path, obj):
-    """``obj`` as indented JSON at ``path``, written atomically."""
+    """``obj`` as indented JSON at ``path``, written atomically, with the machine's absolute paths made relative
+    to its folder (base/files.py portable)."""
+    obj = portable(obj, os.path.dirname(os.path.abspath(path)))
+
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
@@ -298,7 +302,8 @@ def run_distill(saved_cfg, cfg, ctx):
                                 cfg.teacher_epochs or cfg.epochs)
     teacher = teachers.load_teacher(cfg, t_options, data, train.labelled(), test, ctx, evaluate_on=test, trained=trained)
     if ctx.is_main:  # again, now with what the teacher turned out to be
-        save_config(cfg.out, {**saved_cfg, "loss_params": loss_params, "teacher_resolved": teacher.describe()})
+        save_config(cfg.out, {**saved_cfg, "loss_params": loss_params,
+                              "teacher_resolved": portable(teacher.describe(), cfg.out)})
     if t_options.views:  # after a teacher trained here: it learnt from every epoch's views
         train.plan.replay(t_options.views)
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None

@@ -69,7 +69,11 @@ def run_quantize(cfg):
                                       and not LOSSES.meta(n).get("needs_features")))
     student, ckpt = _student(cfg)
     seed_everything(cfg.seed)
-    data_cfg = replace(cfg, data=cfg.data or ckpt.get("data") or "digits")
+    from ..base.files import spec_from_file
+
+    # the checkpoint records an image folder relative to its own folder
+    data_cfg = replace(cfg, data=cfg.data or spec_from_file(ckpt.get("data"), os.path.dirname(
+        os.path.abspath(cfg.student))) or "digits")
     data, train, test = prepare_data(data_cfg, input_spec=InputSpec.from_dict(ckpt["input"]))
     if len(data.classes) != len(ckpt["classes"]):
         raise EdgeKDError(f"student has {len(ckpt['classes'])} classes but data {data.spec!r} has {len(data.classes)}")
@@ -115,7 +119,9 @@ def run_quantize(cfg):
                        "drop_after": None if not history else round((fp32_top1 - history[-1]["test_top1"]) * 100, 4),
                        "layers_int8": layers, "tool": "nncf.quantize (torch) + distillation fine-tuning"},
                "teacher": {k: t_metrics.get(k) for k in ("model", "source", "test_top1")}}
-    qat = {"quantizers": plain_config(qmodel), "source": os.path.abspath(cfg.student),
+    # the FP32 student, relative to this run's folder (export finds it from the QAT checkpoint's folder)
+    qat = {"quantizers": plain_config(qmodel), "source": os.path.relpath(os.path.abspath(cfg.student),
+                                                                         os.path.abspath(out)),
            "source_top1": fp32_top1, "layers_int8": layers, "calib_size": cfg.calib_size}
     ckpt_cfg = {**saved(cfg), "data": data.spec, "teacher": teacher_spec}
     save_checkpoint(os.path.join(out, QAT_FILE), qmodel, spec=ckpt["model"], classes=ckpt["classes"],

@@ -61,8 +61,14 @@ class TeacherCache:
 
     def load(self):
         if os.path.isfile(self.path):
-            blob = torch.load(self.path, map_location="cpu", weights_only=True)
-            if blob.get("key") == self.key:
+            from .. import EdgeKDError
+            from .safe_load import torch_file
+
+            try:
+                blob = torch_file(self.path, "teacher cache")
+            except EdgeKDError:  # a damaged cache file is computed again
+                return
+            if isinstance(blob, dict) and blob.get("key") == self.key:
                 self.logits = blob["logits"]
 
     @property

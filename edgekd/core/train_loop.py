@@ -199,10 +199,12 @@ def _resume_error(path, e):
 
 
 def read_state(path):
+    from .safe_load import Refused, torch_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise _resume_error(path, e) from e
+        return torch_file(path, "training state")
+    except Refused as e:
+        raise _resume_error(path, e.__cause__ or e) from e.__cause__
 
 
 def apply_state(state, path, model, run, optimizer, scheduler, scaler=None):
