@@ -50,7 +50,8 @@ def describe(path):
         size = sum(os.path.getsize(os.path.join(path, f)) for f in m["files"] if os.path.isfile(os.path.join(path, f)))
         return {"model": name, "path": path, "kind": m["format"], "precision": m["precision"], "arch": m.get("model"),
                 "params": m.get("params"), "flops": m.get("flops"), "size_mb": size / 1e6,
-                "input": InputSpec(m["input"]["shape"][1], *m["input"]["resize"], m["input"]["mean"], m["input"]["std"]),
+                "input": InputSpec(m["input"]["shape"][1], *m["input"]["resize"], m["input"]["mean"], m["input"]["std"],
+                                   m["input"].get("crop_pct")),
                 "classes": m["classes"], "data": m.get("data")}
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)

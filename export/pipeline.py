@@ -343,7 +343,9 @@ class _Export:
             "format": o.fmt, "precision": o.precision, "model_file": info["model_file"], "files": files,
             "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
                       "mean": spec.mean, "std": spec.std, "color": spec.color, "resize": [spec.height, spec.width],
-                      "scale": 1 / 255, "resample": "bilinear"},
+                      "scale": 1 / 255, "resample": "bilinear",
+                      **({"crop_pct": spec.crop_pct, "resize_mode": "shorter side, center crop"}
+                         if spec.crop_pct is not None else {})},
             "classes": list(ckpt["classes"]),
             "model": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"), "data": self.dataset.spec,
             "source": {"checkpoint": os.path.abspath(self.checkpoint), "sha256": sha256_file(self.checkpoint)},
