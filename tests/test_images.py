@@ -134,6 +134,8 @@ def test_input_size_defaults_to_the_datas_own_size_or_224_for_mixed_sizes(caplog
         mixed = choose_input(3, {(640, 480), (480, 640)}, where="photos")
     assert (mixed.height, mixed.width, mixed.crop_pct) == (224, 224, 0.875)
     assert "2 different sizes" in caplog.text and "224x224" in caplog.text
+    thumbs = choose_input(3, {(64, 48), (48, 64), (60, 60)})
+    assert (thumbs.height, thumbs.width) == (48, 48)  # thumbnails of mixed sizes are not upsampled to 224
     pre = choose_input(3, {(640, 480), (480, 640)}, SizeChoice(pretrained=((256, 256), 0.95, "timm x")))
     assert (pre.height, pre.crop_pct) == (256, 0.95)
     given = choose_input(3, {(640, 480), (32, 32)}, SizeChoice(size=(160, 120), crop_pct=0.9))

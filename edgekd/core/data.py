@@ -199,8 +199,9 @@ def choose_input(channels, sizes, choice=None, where="the data"):
     """The student's InputSpec from the image sizes found ((width, height) set) and the user's choice.
 
     The data's own size when every image has it and no size is given (CIFAR-10, digits, thumbnails: the
-    geometry is then the identity, as it always was); for mixed sizes MIXED_DEFAULT_SIZE (or a pretrained
-    student's own size) with timm's crop_pct, logged. A given size keeps everything of uniform data
+    geometry is then the identity, as it always was); for mixed sizes MIXED_DEFAULT_SIZE square, or the
+    images' median shorter side when that is smaller (thumbnails are not upsampled), or a pretrained
+    student's own size, with timm's crop_pct; logged. A given size keeps everything of uniform data
     (crop_pct 1.0: only an aspect change is cropped) and crops mixed photos as timm evaluates them.
     """
     choice = choice or SizeChoice()
@@ -211,7 +212,9 @@ def choose_input(channels, sizes, choice=None, where="the data"):
         width, height = next(iter(sizes))
         size = (height, width)
     else:
-        size, why = (MIXED_DEFAULT_SIZE, MIXED_DEFAULT_SIZE), f"edgekd's default for mixed sizes ({MIXED_DEFAULT_SIZE})"
+        side = min(MIXED_DEFAULT_SIZE, sorted(min(w, h) for w, h in sizes)[len(sizes) // 2])
+        size, why = (side, side), f"edgekd's default for mixed sizes ({MIXED_DEFAULT_SIZE}"
+        why += ")" if side == MIXED_DEFAULT_SIZE else f", lowered to the images' median shorter side {side})"
         if choice.pretrained is not None:
             size, why = tuple(choice.pretrained[0]), f"the pretrained student's own ({choice.pretrained[2]})"
         log.warning("%s holds images of %d different sizes: the student's input is %dx%d, %s; set --input-size",
