@@ -7,11 +7,11 @@ with a cached teacher against the student's bare training step, and the decode r
 1. Makes a folder of CIFAR-10 train pictures resized (bicubic) to mixed sizes and aspect ratios around 224 px
    (224x224, 298x224, 224x298, 336x224, 256x192, 192x256), saved as JPEG quality 90, in --work (never in
    the repository); 10 classes, --images in train/, a tenth of that in test/.
-2. Trains a small teacher on it (`edgekd train --model resnet8 --input-size 224`, a short run: the figures
-   here are about speed and memory, not accuracy) and builds its cache.
+2. Trains a small teacher on it (`edgekd train --model torchvision:mobilenet_v3_small --input-size 224`, a
+   short run: the figures here are about speed and memory, not accuracy) and builds its cache.
 3. Distils `--student` at `--input-size` with `--teacher-cache` (the teacher's logits replayed) and records
-   the peak resident memory of the whole process tree (edgekd and its decoding workers, summed, sampled
-   every 0.1 s) and of the main process, and images/s per epoch (metrics.json).
+   the peak resident memory of the whole process tree (edgekd and its decoding workers, proportional set
+   sizes summed, sampled every 0.1 s) and of the main process, and images/s per epoch (metrics.json).
 4. Times the student's bare training step (forward, KD loss against fixed logits, backward, SGD) on
    tensors already in memory, and the decode rate of the streamed views alone (no training).
 
@@ -52,8 +52,15 @@ def make_photos(src, out, n_train, n_test):
 
 
 def _tree_rss(pid):
-    """Resident bytes of ``pid`` and its descendants (from /proc), and of ``pid`` alone."""
-    def rss(p):
+    """Resident bytes of ``pid`` and its descendants (PSS, summed, from /proc), and of ``pid`` alone (RSS)."""
+    def rss(p, key="Pss:"):  # proportional set size: pages shared with forked workers are counted once in the sum
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith(key):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
         try:
             with open(f"/proc/{p}/statm") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -75,7 +82,7 @@ def _tree_rss(pid):
         p = stack.pop()
         total += rss(p)
         stack += children(p)
-    return total, rss(pid)
+    return total, rss(pid, "Rss:")
 
 
 def run_measured(cmd):
@@ -157,7 +164,7 @@ def main():
     common = ["--workers", str(args.workers), "--threads", str(args.threads), "--no-progress", "--force"]
     teacher = os.path.join(args.work, "teacher")
     if not os.path.isfile(os.path.join(teacher, "model.pt")):  # a quick teacher: the figures are speed and memory
-        run_measured(edgekd + ["train", "--model", "resnet8", "--data", photos, "--input-size", "224",
+        run_measured(edgekd + ["train", "--model", "torchvision:mobilenet_v3_small", "--data", photos, "--input-size", "224",
                                "--train-subset", "200", "--epochs", "1", "--out", teacher] + common)
     out = os.path.join(args.work, f"distill-{args.images}-{args.input_size}")
     cmd = edgekd + ["distill", "--teacher", os.path.join(teacher, "model.pt"), "--student", args.student,

@@ -113,12 +113,15 @@ def choose_pipeline(cfg, data, kind, n, teacher):
     if wanted == "auto":
         fits = nbytes <= DECODE_LIMIT_BYTES
         wanted = "memory" if fits and kind in ("none", "standard") and not (teacher and larger) else "stream"
+    from ..base.progress import REPORT
+
+    say = REPORT.info if cfg.get("progress", True) else log.info  # the CLI's stdout lines; the log otherwise
     if wanted == "memory":
-        log.info("data: %d training images of %dx%d decoded into memory (%.0f MB)", n, spec.height, spec.width,
-                 nbytes / 1e6)
+        say("data: %d training images at %dx%d decoded into memory (%.0f MB), %s augmentation", n, spec.height,
+            spec.width, nbytes / 1e6, kind)
     else:
-        log.info("data: %d training images streamed from their files, decoded per batch in %d worker processes "
-                 "(%s augmentation)", n, cfg.get("workers", 0), kind)
+        say("data: %d training images at %dx%d streamed from their files, decoded per batch in %d worker processes, "
+            "%s augmentation", n, spec.height, spec.width, cfg.get("workers", 0), kind)
     return wanted
 
 
