@@ -121,7 +121,7 @@ def read_manifest_of(folder):
 def _checkpoint_activations(path):
     import torch
 
-    from ..core.checkpoint import load_model
+    from ..core.loading import load_model
     from ..core.data import InputSpec
 
     model, ckpt = load_model(path)

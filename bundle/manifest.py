@@ -56,7 +56,7 @@ def read_manifest(folder):
         with open(path) as f:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeKDError(f"{path!r} is not valid JSON: {e}") from None
+        raise EdgeKDError(f"{path!r} is not valid JSON: {e}") from e
     problem = schema_problem(manifest)
     if problem:
         raise EdgeKDError(f"{path!r} fails the manifest schema: {problem}")

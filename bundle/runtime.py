@@ -28,7 +28,7 @@ def check_external_data(model_path, listed):
         model = onnx.load(model_path, load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends: the file is not an ONNX model at all
         raise EdgeKDError(f"bundle model file {os.path.basename(model_path)!r} is not a readable ONNX model "
-                          f"({type(e).__name__}): the bundle is damaged; export it again") from None
+                          f"({type(e).__name__}): the bundle is damaged; export it again") from e
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -124,7 +124,7 @@ def safe_extract(archive, folder):
                                       "the bundle folder; refusing to unpack it")
             z.extractall(folder)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
-        raise EdgeKDError(f"bundle zip {archive!r} is damaged: {e or type(e).__name__}") from None
+        raise EdgeKDError(f"bundle zip {archive!r} is damaged: {e or type(e).__name__}") from e
     entries = os.listdir(folder)
     # Zips made by edgekd hold one top folder; accept a flat zip too.
     if len(entries) == 1 and os.path.isdir(os.path.join(folder, entries[0])):

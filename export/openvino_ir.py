@@ -44,7 +44,9 @@ def onnx_bundle_to_openvino(src, out):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
+    from ..base.telemetry import switch_off
+
+    switch_off()  # an edgekd process: OpenVINO telemetry off before openvino is imported
     if len(sys.argv) != 3:
         sys.exit("usage: python -m edgekd.export.openvino_ir ONNX_BUNDLE OUT")
     try:

@@ -108,7 +108,7 @@ def test_precisions_really_change_the_weights(bundles):
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_runtime_gives_the_pytorch_top1_on_real_images(bundles, digits_run, fmt):
-    from edgekd.core.checkpoint import load_model
+    from edgekd.core.loading import load_model
     from edgekd.core.data import load_data
     from edgekd.bundle import load_bundle
 
@@ -205,7 +205,7 @@ def test_runtime_never_imports_torch_in_a_fresh_interpreter(bundles, tmp_path, f
     image = tmp_path / "seven.png"
     load_data("digits").test.images[3].save(image)
     code = ("import sys, json\n"
-            "from edgekd.runtime import load_bundle\n"
+            "from edgekd.bundle import load_bundle\n"
             "r = load_bundle(sys.argv[1]).predict_files([sys.argv[2]], top_k=2)\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'nncf'))\n"
             "print(json.dumps({'heavy': heavy, 'result': r}))\n")

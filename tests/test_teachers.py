@@ -255,6 +255,23 @@ def test_a_subset_of_a_larger_teacher_and_probabilities(digits, tmp_path):
         load_teacher({"teacher": str(tmp_path / "big.onnx")}, TeacherOptions(), data)
 
 
+def test_a_teacher_loader_never_trains_a_model_spec(digits, tmp_path):
+    """A model-spec teacher is trained by the run that needs it (distill.train_teacher), then handed in."""
+    from edgekd.core.distill import train_teacher
+    from edgekd.core.distributed import Context
+
+    data, train, test = digits
+    from edgekd.core.config import resolve
+
+    cfg = resolve("distill", {"teacher": "seed-teacher", "out": str(tmp_path), "epochs": 1, "progress": False})
+    with pytest.raises(EdgeKDError, match="'seed-teacher' is a model spec, which must be trained first"):
+        load_teacher(cfg, TeacherOptions(), data, train, test)
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+    trained = train_teacher(cfg, "seed-teacher", data, train.labelled(), test, Context())
+    teacher = load_teacher(cfg, TeacherOptions(), data, train, test, trained=trained)
+    assert teacher.kind == "model" and teacher.metrics["source"] == "trained" and (tmp_path / "teacher.pt").is_file()
+
+
 def test_teacher_options_are_checked_in_the_library():
     for cfg, message in [({"teacher_std": "0.2,0"}, "every std must be positive"),
                          ({"teacher_input_size": "0"}, "give SIZE or HEIGHT,WIDTH"),

@@ -22,21 +22,14 @@ import shutil
 import tempfile
 
 from .. import EdgeKDError, Interrupted, __version__
+from .files import TMP, atomic_write, host_tag, temp_prefix  # noqa: F401  (temp_prefix: re-exported)
 
 log = logging.getLogger(__name__)
 
 MARKER = ".edgekd"
 LOCK = ".edgekd.lock"
-TMP = "edgekd-tmp-"
 _TMP_NAME = re.compile(r"^\.?" + TMP + r"(\d+)-([a-z0-9]*)-")
 
-
-def _host():
-    """This machine, in temporary names: a pid means something only on the machine that made it
-    (a shared or network folder may hold another machine's live temporaries)."""
-    import socket
-
-    return re.sub(r"[^a-z0-9]", "", socket.gethostname().lower())[:16]
 
 # What each command writes into its folder (a --force run sets these aside, whichever command wrote them).
 OUTPUTS = {
@@ -45,11 +38,6 @@ OUTPUTS = {
     "bench": ("results.json", "results.csv", "report.md", "accuracy_vs_latency.png", "latency.png", "compare.md"),
 }
 ALL_OUTPUTS = frozenset(n for names in OUTPUTS.values() for n in names)
-
-
-def temp_prefix(kind=""):
-    """The prefix of a temporary file or folder of this process (pass a leading '.' to hide it)."""
-    return f"{TMP}{os.getpid()}-{_host()}-{kind + '-' if kind else ''}"
 
 
 def _alive(pid):
@@ -72,7 +60,7 @@ def clean_stale(folder):
         return
     for name in names:
         m = _TMP_NAME.match(name)
-        if not m or m.group(2) != _host() or _alive(int(m.group(1))):
+        if not m or m.group(2) != host_tag() or _alive(int(m.group(1))):
             continue
         path = os.path.join(folder, name)
         log.info("removing %s, left by edgekd process %s that no longer runs", path, m.group(1))
@@ -236,8 +224,6 @@ class RunFolder:
             self.fd = None
 
     def _mark(self):
-        from .files import atomic_write
-
         def write(tmp):
             with open(tmp, "w") as f:
                 json.dump({"command": self.command, "edgekd": __version__}, f)

@@ -93,11 +93,13 @@ def _number(text, convert, ok, what):
     return value
 
 
-def _positive_int(text):
+def positive_int(text):
+    """An argparse type: a whole number of at least 1."""
     return _number(text, int, lambda v: v >= 1, "a positive whole number")
 
 
-def _positive_float(text):
+def positive_float(text):
+    """An argparse type: a finite number above 0."""
     return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
@@ -205,9 +207,9 @@ class Export(Command):
                    "See docs/export.md.")
 
     def run(self, args):
-        from ..export.pipeline import ExportOptions, export_checkpoint
-
         from ..base.outdir import prepare_bundle_out
+        from ..export.pipeline import ExportOptions, export_checkpoint
+        from .int8 import train_qat
 
         prepare_bundle_out(args.out, args.force, args.zip, [("CHECKPOINT", args.checkpoint), ("--data", args.data),
                                                             ("--calib-data", args.calib_data),
@@ -221,7 +223,7 @@ class Export(Command):
             max_fallback_layers=args.max_fallback_layers, int8_types=args.int8_types, reduce_range=args.reduce_range,
             per_channel=args.per_channel, zip=args.zip, speed_check=args.speed_check, progress=args.progress,
             tune_size=args.tune_size, qat_epochs=args.qat_epochs, qat_teacher=args.qat_teacher, qat_onnx=args.qat_onnx)
-        m = export_checkpoint(args.checkpoint, opts)
+        m = export_checkpoint(args.checkpoint, opts, train_qat=train_qat)
         v = m["validation"]
         print(f"{m['format']} {m['precision']} bundle -> {args.out}{' (+ ' + args.out.rstrip('/') + '.zip)' if args.zip else ''}"
               f": {m['size_bytes'] / 1e6:.3f} MB, exported in {m['export_seconds']:.1f} s")
@@ -250,7 +252,7 @@ def _log_to_stderr():
         logger.setLevel(logging.INFO)
 
 
-def _csv_list(kind, convert=str):
+def csv_list(kind, convert=str):
     """An argparse type for comma lists: ``1,8,32`` -> [1, 8, 32]."""
 
     def parse(text):
@@ -389,6 +391,9 @@ def _os_error_line(e):
 
 
 def main(argv=None):
+    from ..base.telemetry import switch_off
+
+    switch_off()  # an edgekd process: OpenVINO/NNCF telemetry off before either can be imported
     argv = sys.argv[1:] if argv is None else argv
     parser, sub = build_parser()
     args = parser.parse_args(argv)

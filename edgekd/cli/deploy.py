@@ -27,7 +27,7 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S):
     try:
         manifest = verify(bundle)  # never ship a bundle that is already broken here
     except BundleError as e:
-        raise EdgeKDError(f"bundle {bundle!r}: {e}") from None
+        raise EdgeKDError(f"bundle {bundle!r}: {e}") from e
     target = ssh.parse_target(url, ssh_config)
     check_device(target, timeout)
     folder = (target.folder or DEFAULT_FOLDER).rstrip("/") or "/"

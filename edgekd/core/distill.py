@@ -14,7 +14,8 @@ from .checkpoint import atomic_write, save_checkpoint
 from .augment import Views
 from .data import load_data
 from .losses import LOSSES, UNLABELED, make_loss
-from .models import (build_pretrained, check_student, count_flops, count_params,
+from .loading import load_model
+from .models import (build_model, build_pretrained, check_student, count_flops, count_params,
                      fetch_pretrained, pretrained_norm, pretrained_view)
 from .teachers import FrozenTeacher  # noqa: F401  (its old home; tests and scripts import it from here)
 from .train_loop import TrainRun, evaluate, fit, seed_everything
@@ -22,7 +23,8 @@ from .train_loop import TrainRun, evaluate, fit, seed_everything
 log = logging.getLogger(__name__)
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
+    """``obj`` as indented JSON at ``path``, written atomically."""
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
@@ -31,7 +33,8 @@ def _write_json(path, obj):
     atomic_write(path, write)
 
 
-def _save_config(out, cfg):
+def save_config(out, cfg):
+    """The run's resolved options as OUT/config.yaml (written atomically), so the run can be repeated."""
     import yaml
 
     def write(tmp):
@@ -61,6 +64,30 @@ def _finish(model, run, cfg, metrics):
 def _save(path, model, spec, data, metrics, cfg):
     return save_checkpoint(path, model, spec=spec, classes=data.classes, input_spec=data.input,
                            data_spec=data.spec, metrics=metrics, config=cfg)
+
+
+def train_teacher(cfg, spec, data, train, test, ctx):
+    """A teacher given as a model spec (seed-teacher, resnet20, torchvision:resnet18, ...), trained here on the
+    data first and saved as OUT/teacher.pt; a resumed run reads the teacher.pt it trained before the interruption.
+    Returns the teachers.Trained that load_teacher turns into the Teacher."""
+    path = os.path.join(cfg["out"], "teacher.pt")
+    if cfg.get("resume") and ctx.broadcast_object(os.path.isfile(path)):  # trained before the interruption
+        model, ckpt = load_model(path)
+        log.info("resuming: teacher already trained (%s)", path)
+        return teachers.Trained(model, ckpt, path, dict(ckpt["metrics"]))
+    model = build_model(spec, len(data.classes), data.input)
+    loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
+    epochs = cfg.get("teacher_epochs") or cfg["epochs"]
+    t_cfg = {**cfg, "epochs": epochs}
+    run = TrainRun(train, test, loss_fn, dist=ctx)
+    history = fit(model, run, t_cfg, desc=f"teacher {spec}", state_path=os.path.join(cfg["out"], "teacher.state.pt"))
+    metrics = _finish(model, run, t_cfg, _summary(spec, epochs, history, model, data))
+    metrics["source"] = "trained"
+    if ctx.is_main:
+        _save(path, model, spec, data, metrics, t_cfg)
+    ctx.barrier()  # the others hash teacher.pt for the teacher cache: wait until it is written
+    ckpt = {"input": data.input.to_dict(), "classes": data.classes}
+    return teachers.Trained(model.eval().cpu(), ckpt, path, metrics)
 
 
 def _parse_stats(text, channels):
@@ -334,7 +361,7 @@ def run_train(saved_cfg, cfg, ctx):
                                      pretrained_view=pretrained_view(cfg["model"], cfg.get("weights")))
     model, init = build_pretrained(cfg["model"], len(data.classes), data.input, cfg.get("weights"))
     if ctx.is_main:
-        _save_config(cfg["out"], saved_cfg)
+        save_config(cfg["out"], saved_cfg)
     loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
     run = TrainRun(train, test, loss_fn, dist=ctx)
     history = fit(model, run, cfg, desc=cfg["model"], state_path=os.path.join(cfg["out"], "model.state.pt"))
@@ -344,7 +371,7 @@ def run_train(saved_cfg, cfg, ctx):
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     if ctx.is_main:
         _save(os.path.join(cfg["out"], "model.pt"), model.cpu(), cfg["model"], data, metrics, saved_cfg)
-        _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
+        write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
     return metrics
 
 
@@ -384,11 +411,14 @@ def run_distill(saved_cfg, cfg, ctx):
     student, student_init = build_pretrained(cfg["student"], len(data.classes), data.input, cfg.get("student_weights"))
     loss_fn, loss_params = make_loss(cfg["loss"], label_smoothing=cfg.get("label_smoothing"), **_loss_overrides(cfg))
     if ctx.is_main:
-        _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params})
-    # a teacher trained here learns from the labelled images only
-    teacher = teachers.load_teacher(cfg, t_options, data, train.labelled(), test, ctx, evaluate_on=test)
+        save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params})
+    # a teacher given as a model spec is trained here first, on the labelled images only
+    trained = None
+    if teachers.resolve(cfg["teacher"], t_options).kind == "model":
+        trained = train_teacher(cfg, cfg["teacher"], data, train.labelled(), test, ctx)
+    teacher = teachers.load_teacher(cfg, t_options, data, train.labelled(), test, ctx, evaluate_on=test, trained=trained)
     if ctx.is_main:  # again, now with what the teacher turned out to be
-        _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params, "teacher_resolved": teacher.describe()})
+        save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params, "teacher_resolved": teacher.describe()})
     if t_options.views:  # after a teacher trained here: it learnt from every epoch's views
         train.plan.replay(t_options.views)
     if hasattr(train, "set_teacher_size"):  # views from the files: the teacher sees each crop at its own size
@@ -424,5 +454,5 @@ def run_distill(saved_cfg, cfg, ctx):
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     if ctx.is_main:
         _save(os.path.join(cfg["out"], "student.pt"), student.cpu(), cfg["student"], data, metrics, saved_cfg)
-        _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
+        write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
     return metrics

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import EdgeKDError
 from ..base.registry import Registry
+from ..bundle.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +368,7 @@ def _check_forward(model, spec, c, h, w):
         with torch.no_grad():
             model(example_input(model, c, h, w))
     except RuntimeError as e:
-        raise EdgeKDError(f"model {spec!r} cannot run on {c}x{h}x{w} inputs: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"model {spec!r} cannot run on {c}x{h}x{w} inputs: {str(e).splitlines()[0]}") from e
 
 
 def count_params(model):
@@ -467,9 +468,7 @@ def build_pretrained(spec, num_classes, input_spec, weights_path=None):
     record = {"source": source, "head": [], "adapted": []}
     if weights_path:
         state = read_weights_file(weights_path)
-        from .checkpoint import file_sha256
-
-        record["sha256"] = file_sha256(weights_path)
+        record["sha256"] = sha256_file(weights_path)
         load = lambda model: load_state(model, state, num_classes, f"weights file {weights_path!r}", record)  # noqa: E731
     elif spec.startswith(TORCHVISION_PREFIX):
         name, weights, _ = parse_torchvision_spec(spec)
@@ -512,7 +511,7 @@ def _download_torchvision(member):
     try:
         return member.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as e:  # no network, a proxy, a damaged file: say what to do instead
-        raise _no_download(f"torchvision weights {member}", e) from None
+        raise _no_download(f"torchvision weights {member}", e) from e
 
 
 def _timm_pretrained_loader(spec, num_classes, input_spec, record):
@@ -524,7 +523,7 @@ def _timm_pretrained_loader(spec, num_classes, input_spec, record):
     except EdgeKDError:
         raise
     except Exception as e:
-        raise _no_download(f"timm weights for {name!r}", e) from None
+        raise _no_download(f"timm weights for {name!r}", e) from e
     cfg = getattr(ref, "pretrained_cfg", {}) or {}
     head, classes = cfg.get("classifier"), cfg.get("num_classes")
     if head and classes and classes != num_classes:
@@ -559,7 +558,7 @@ def read_weights_file(path):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             reason = "it contains pickled Python objects (save model.state_dict(), not the model)"
-        raise EdgeKDError(f"cannot read weights file {path!r}: {reason}") from None
+        raise EdgeKDError(f"cannot read weights file {path!r}: {reason}") from e
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -659,4 +658,4 @@ def fetch_pretrained(spec):
             try:
                 _import_timm().create_model(name, pretrained=True)
             except Exception as e:
-                raise _no_download(f"timm weights for {name!r}", e) from None
+                raise _no_download(f"timm weights for {name!r}", e) from e

@@ -10,7 +10,7 @@ import time
 import torch
 
 from .. import EdgeKDError, Interrupted
-from .checkpoint import atomic_write
+from ..base.files import atomic_write
 from ..base.progress import REPORT, bar
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def read_state(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise _resume_error(path, e) from None
+        raise _resume_error(path, e) from e
 
 
 def apply_state(state, path, model, run, optimizer, scheduler, scaler=None):
@@ -219,7 +219,7 @@ def apply_state(state, path, model, run, optimizer, scheduler, scaler=None):
             scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
     except Exception as e:
-        raise _resume_error(path, e) from None
+        raise _resume_error(path, e) from e
     return state["epoch"], state["history"]
 
 
