@@ -22,10 +22,11 @@ import os
 import warnings
 
 from .. import EdgeKDError
+from ..bundle.manifest import FORMAT_FILES
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE, OV_FILE = "model.onnx", "model.xml"
+ONNX_FILE, OV_FILE = FORMAT_FILES["onnx"][0], FORMAT_FILES["openvino"][0]
 QDQ_OPSET = 17
 
 

@@ -307,15 +307,17 @@ def test_unreadable_image_in_a_stream_is_named_or_skipped(photos, tmp_path):
 def test_pipeline_is_memory_for_uniform_small_data_and_stream_for_mixed_photos(photos, tmp_path, caplog):
     from edgekd.core.distill import prepare_data
 
+    from edgekd.core.config import DistillOptions
+
     uniform = tmp_path / "uniform"
     _photos(uniform, per_class=4, sizes=[(32, 32)])
-    cfg = {"data": str(uniform), "workers": 0, "progress": False}
     with caplog.at_level(logging.INFO):
-        data, train, _ = prepare_data(cfg, teacher=True)
+        data, train, _ = prepare_data(DistillOptions(data=str(uniform), workers=0, progress=False), teacher=True)
     assert data.pipeline == "memory" and (data.input.height, data.input.width) == (32, 32)
     assert train.plan.kind == "standard"  # CIFAR's pad-crop at 32 px
     assert "decoded into memory" in caplog.text
-    data, train, test = prepare_data({**cfg, "data": str(photos), "input_size": "64"}, teacher=True)
+    data, train, test = prepare_data(DistillOptions(data=str(photos), input_size="64", workers=0, progress=False),
+                                     teacher=True)
     assert data.pipeline == "stream" and train.plan.kind == "random-resized-crop"
     assert (data.input.height, data.input.width, data.input.crop_pct) == (64, 64, 0.875)
     assert test.images.shape[1:] == (3, 64, 64)

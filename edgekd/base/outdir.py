@@ -110,9 +110,14 @@ def _contents(out):
     return sorted(n for n in os.listdir(out) if n not in (LOCK, MARKER) and not _TMP_NAME.match(n))
 
 
+# The bundle manifest's name (edgekd.bundle.runner.MANIFEST_FILE, which this layer sits below; a test
+# keeps the two equal).
+BUNDLE_MANIFEST = "manifest.json"
+
+
 def _is_bundle(folder):
     try:
-        with open(os.path.join(folder, "manifest.json")) as f:
+        with open(os.path.join(folder, BUNDLE_MANIFEST)) as f:
             return isinstance(json.load(f).get("files"), dict)
     except (OSError, ValueError, AttributeError):
         return False
@@ -156,7 +161,7 @@ def check_zip(path, force):
         raise EdgeKDError(f"{path!r} already exists; pass --force to replace it or choose another --out")
     try:
         with zipfile.ZipFile(path) as z:
-            ours = any(n.count("/") == 1 and n.endswith("/manifest.json") for n in z.namelist())
+            ours = any(n.count("/") == 1 and n.endswith("/" + BUNDLE_MANIFEST) for n in z.namelist())
     except (OSError, zipfile.BadZipFile):
         ours = False
     if not ours or not os.path.isfile(path):

@@ -6,21 +6,11 @@ import torch
 
 from .. import EdgeKDError, __version__
 from ..base.files import atomic_write  # noqa: F401  (re-exported: its old home)
+from ..bundle.runner import sha256_file as file_sha256  # noqa: F401  (edgekd's one sha256; this name for the core)
 from .models import count_flops, count_params
 
 CHECKPOINT_FORMAT = "edgekd-checkpoint/1"
 REQUIRED_KEYS = ("model", "state_dict", "classes", "input")
-
-
-def file_sha256(path):
-    """The sha256 of a file, read in 1 MiB blocks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(path, model, *, spec, classes, input_spec, data_spec, metrics, config, extra=None):

@@ -176,10 +176,6 @@ class SizeChoice:
     crop_pct: float = None
     pretrained: tuple = None   # ((height, width), crop_pct, source) of a pretrained student, or None
 
-    @classmethod
-    def from_cfg(cls, cfg, pretrained=None):
-        return cls(parse_size(cfg.get("input_size")), cfg.get("crop_pct"), pretrained)
-
 
 def parse_size(value, flag="--input-size"):
     """'H' or 'H,W' (or a list) -> (height, width); None stays None."""

@@ -524,11 +524,11 @@ def _timm_pretrained_loader(spec, num_classes, input_spec, record):
         raise
     except Exception as e:
         raise _no_download(f"timm weights for {name!r}", e) from e
-    cfg = getattr(ref, "pretrained_cfg", {}) or {}
-    head, classes = cfg.get("classifier"), cfg.get("num_classes")
+    timm_config = getattr(ref, "pretrained_cfg", {}) or {}
+    head, classes = timm_config.get("classifier"), timm_config.get("num_classes")
     if head and classes and classes != num_classes:
         record["head"].append(f"{head if isinstance(head, str) else '/'.join(head)} {classes} -> {num_classes}")
-    if input_spec.channels != cfg.get("input_size", (3,))[0]:
+    if input_spec.channels != timm_config.get("input_size", (3,))[0]:
         record["adapted"].append(f"stem convolution fitted to {input_spec.channels}-channel input by timm")
 
     def load(model):
@@ -537,14 +537,24 @@ def _timm_pretrained_loader(spec, num_classes, input_spec, record):
     return load
 
 
-def read_weights_file(path):
+# Where training scripts keep the weights inside a checkpoint: the trained ones first, then an EMA copy
+# (timm's state_dict_ema, DeiT's model_ema) when that is all the file holds.
+WEIGHTS_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+# Prefixes that wrappers put before every key: DistributedDataParallel/DataParallel and EMA wrappers
+# ("module."), torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_weights_file(path, flag="weights file"):
     """A state dict (parameter name -> tensor) from a .pth/.pt file (read with weights_only=True: no pickled
-    code runs) or a .safetensors file. A training checkpoint holding one under 'state_dict' or 'model' is
-    unwrapped, and DistributedDataParallel's 'module.' prefix is dropped."""
+    code runs) or a .safetensors file: the one reader of --weights, --student-weights and --teacher-weights.
+    A training checkpoint holding one under a key of WEIGHTS_KEYS is unwrapped, and the prefixes of
+    WRAPPER_PREFIXES (DDP's 'module.', torch.compile's '_orig_mod.') are dropped. ``flag`` names the file
+    in errors."""
     if not os.path.isfile(path):
-        raise EdgeKDError(f"weights file {path!r} does not exist")
+        raise EdgeKDError(f"{flag} {path!r} does not exist")
     try:
-        if path.endswith(".safetensors"):
+        if path.lower().endswith(".safetensors"):
             try:
                 from safetensors.torch import load_file
             except ImportError:
@@ -558,16 +568,20 @@ def read_weights_file(path):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             reason = "it contains pickled Python objects (save model.state_dict(), not the model)"
-        raise EdgeKDError(f"cannot read weights file {path!r}: {reason}") from e
-    for key in ("state_dict", "model"):
+        raise EdgeKDError(f"cannot read {flag} {path!r}: {reason}") from e
+    for key in WEIGHTS_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EdgeKDError(f"weights file {path!r} holds no state dict (a dict of parameter name -> tensor, as "
+        raise EdgeKDError(f"{flag} {path!r} holds no state dict (a dict of parameter name -> tensor, as "
                           "torch.save(model.state_dict(), path) writes)")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state, stripped = {k[len(prefix):]: v for k, v in state.items()}, True
     return state
 
 
