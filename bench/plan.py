@@ -89,7 +89,8 @@ def describe(path):
         size = sum(os.path.getsize(os.path.join(path, f)) for f in m.files if os.path.isfile(os.path.join(path, f)))
         return Model(model=name, path=path, kind=m.format, precision=m.precision, arch=m.record("model"),
                      params=m.record("params"), flops=m.record("flops"), size_mb=size / 1e6,
-                     input=InputSpec(m.channels, *m.input["resize"], m.input["mean"], m.input["std"]),
+                     input=InputSpec(m.channels, *m.input["resize"], m.input["mean"], m.input["std"],
+                                     m.input.get("crop_pct")),
                      classes=m.classes, data=spec_from_file(m.record("data"), path))
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)

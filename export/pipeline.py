@@ -279,7 +279,9 @@ def build_manifest(ref, opts, staging, info, validation, seconds):
         "format": opts.format, "precision": opts.precision, "model_file": info["model_file"], "files": files,
         "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
                   "mean": spec.mean, "std": spec.std, "color": spec.color, "resize": [spec.height, spec.width],
-                  "scale": 1 / 255, "resample": "bilinear"},
+                  "scale": 1 / 255, "resample": "bilinear",
+                  **({"crop_pct": spec.crop_pct, "resize_mode": "shorter side, center crop"}
+                     if spec.crop_pct is not None else {})},
         "classes": list(ckpt["classes"]),
         "model": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"), "data": ref.dataset.spec,
         "source": {"checkpoint": os.path.basename(ref.checkpoint), "sha256": sha256_file(ref.checkpoint)},
