@@ -15,7 +15,7 @@ import zlib
 from .. import EdgeKDError
 from . import runner
 
-from .manifest import read_manifest
+from .manifest import Manifest
 
 
 def check_external_data(model_path, listed):
@@ -39,12 +39,12 @@ def check_external_data(model_path, listed):
 
 
 def verify_bundle(folder):
-    """The bundle's manifest (schema-checked), after checking every listed file against its sha256 and that
+    """The bundle's Manifest (schema-checked), after checking every listed file against its sha256 and that
     ONNX external data stays inside the bundle."""
-    manifest = read_manifest(folder)
-    runner.check_files(folder, manifest)
-    if manifest["format"] == "onnx":
-        check_external_data(runner.model_path(folder, manifest), manifest["files"])
+    manifest = Manifest.read(folder)
+    runner.check_files(folder, manifest.to_dict())
+    if manifest.format == "onnx":
+        check_external_data(os.path.join(folder, manifest.model_file), manifest.files)
     return manifest
 
 
@@ -58,18 +58,18 @@ class Bundle:
     def __init__(self, folder, threads=None, device="cpu", runtime=None):
         self.folder = folder
         self.manifest = verify_bundle(folder)
-        self.classes = self.manifest["classes"]
-        self.run, self.info = runner.open_session(folder, self.manifest, threads, device, runtime)
+        self.classes = self.manifest.classes
+        self.run, self.info = runner.open_session(folder, self.manifest.to_dict(), threads, device, runtime)
 
     def preprocess(self, image):
         """PIL image -> (C, H, W) float32, the same steps as the training transform: mode, resize, /255, normalise."""
-        return runner.preprocess(image, self.manifest["input"])
+        return runner.preprocess(image, self.manifest.input)
 
     def __call__(self, batch):
         return self.run(batch)
 
     def predict_files(self, paths, top_k=1):
-        return runner.ranked(paths, self(runner.load_images(paths, self.manifest["input"])), self.classes, top_k)
+        return runner.ranked(paths, self(runner.load_images(paths, self.manifest.input)), self.classes, top_k)
 
 
 def load_bundle(path, threads=None, device="cpu", runtime=None):

@@ -88,7 +88,7 @@ class Int8Ladder:
                     validation["drop"], o.max_drop)
         start = time.perf_counter()
         tune = self._tuning_set()
-        fallback.update(FORMATS.meta(o.fmt)["restore"](job, tune, o.max_drop, o.max_fallback_layers))
+        fallback.update(FORMATS.meta(o.format)["restore"](job, tune, o.max_drop, o.max_fallback_layers))
         self.seconds += time.perf_counter() - start
         validation = self.validate(job.folder, job.info["model_file"])
         validation["max_drop"] = o.max_drop
@@ -131,11 +131,11 @@ class Int8Ladder:
         job.scratch = tempfile.mkdtemp(dir=job.scratch, prefix="qat-convert-")
         job.model, job.state["ckpt"] = qmodel, qckpt
         job.info.clear()
-        if FORMATS.meta(o.fmt)["qat_calibrates"](job.options):
+        if FORMATS.meta(o.format)["qat_calibrates"](job.options):
             # calibrated on the student's own train images, like the QAT's quantizers: --calib-data is what failed
             self.calib = self.calibrate(ref.dataset.spec)
             job.calib = self.calib.images
-        for step in FORMATS.meta(o.fmt)["qat_steps"]:
+        for step in FORMATS.meta(o.format)["qat_steps"]:
             job.info.update(step(job) or {})
         self.qat_used = True
         validation = self.validate(job.folder, job.info["model_file"])  # against the FP32 student's logits
@@ -166,6 +166,6 @@ class Int8Ladder:
         manifest["ladder"] = self.rungs
         if self.qat_used:
             manifest["fallback"]["used"] = False  # rung 2 failed; the QAT model keeps every layer INT8
-            if not FORMATS.meta(self.o.fmt)["qat_calibrates"](job.options):
+            if not FORMATS.meta(self.o.format)["qat_calibrates"](job.options):
                 manifest["calibration"]["note"] = ("post-training calibration of rungs 1-2; the bundle's "
                                                    "quantizer ranges were trained by the last rung")

@@ -7,13 +7,13 @@ import logging
 import os
 
 from .. import EdgeKDError
-from ..bundle.manifest import METADATA_KEYS
+from ..bundle.manifest import FORMAT_FILES, METADATA_KEYS
 
 from . import quantize_onnx as q
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
+(MODEL_FILE,) = FORMAT_FILES["onnx"]
 # Weights go into external data only when the protobuf would pass its 2 GB limit.
 EXTERNAL_DATA_BYTES = 1_500_000_000
 

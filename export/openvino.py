@@ -14,12 +14,12 @@ import numpy as np
 from .. import EdgeKDError
 from ..base.progress import nncf_quiet
 
+from ..bundle.manifest import FORMAT_FILES
 from .onnx import MODEL_FILE as ONNX_FILE, export_onnx
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.xml"
-WEIGHTS_FILE = "model.bin"
+MODEL_FILE, WEIGHTS_FILE = FORMAT_FILES["openvino"]
 WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData")
 
 

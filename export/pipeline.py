@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import EdgeKDError
+from ..core.config import ExportOptions  # noqa: F401  (every option of edgekd export, declared once there)
+from ..base.files import portable
 from ..base.outdir import temp_prefix
 
 from . import calibration
@@ -24,38 +26,6 @@ from .ladder import Int8Ladder, fail_if
 from .validate import compare, gate, run_batched
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExportOptions:
-    """Everything ``edgekd export`` accepts; ``None`` means "the format's or checkpoint's default"."""
-
-    fmt: str
-    precision: str = "fp32"
-    out: str = None             # the bundle folder
-    data: str = None            # validation data spec (default: the checkpoint's)
-    data_root: str = None
-    val_size: int = 1000        # test images for the parity gate
-    atol: float = None          # fp32/fp16 logit tolerance (default: the format table's)
-    opset: int = None
-    quant: str = None           # int8: static (default) or dynamic (ONNX only)
-    calib_data: str = None      # int8: data spec whose train split calibrates (default: the checkpoint's data)
-    calib_size: int = 300       # int8: calibration images
-    calib_method: str = None    # int8: minmax|entropy|percentile for ONNX, nncf for OpenVINO
-    seed: int = 0               # calibration and tuning sample seed
-    max_drop: float = 1.0       # int8: largest allowed top-1 loss vs FP32, in points
-    max_fallback_layers: int = 10  # int8: most layers the fallback may keep in float (0: no fallback)
-    tune_size: int = None       # int8: train images that steer the fallback (default: as many as val_size)
-    int8_types: str = None      # ONNX int8: auto|u8s8|u8u8|s8s8 (auto: by CPU features)
-    reduce_range: bool = False  # ONNX int8: 7-bit weights
-    per_channel: bool = True    # ONNX int8: per-channel weight scales
-    zip: bool = False           # also write OUT.zip
-    speed_check: bool = True    # int8: time FP32 vs INT8 here and warn when INT8 is not faster
-    progress: bool = True
-    layer_report: bool = True   # int8: per-layer SQNR vs FP32 in the manifest and int8_layers.png (int8 hunk)
-    qat_epochs: int = 1         # int8: last rung, quantization-aware distillation epochs (0: off)
-    qat_teacher: str = None     # int8: its teacher (default: the student's own, else the FP32 student itself)
-    qat_onnx: str = "ort"       # ONNX from a QAT model: ort (trained weights, ONNX Runtime's QDQ placement) or nncf
 
 
 @dataclass
@@ -84,7 +54,7 @@ def export_checkpoint(checkpoint, opts, train_qat=None):
     plan = _plan(opts)
     ref = load_reference(checkpoint, opts)
     # a QAT checkpoint needs calibration only where the format re-quantizes its trained weights (ONNX, --qat-onnx ort)
-    needs_calib = plan.static and (not ref.qat or FORMATS.meta(opts.fmt)["qat_calibrates"](asdict(opts)))
+    needs_calib = plan.static and (not ref.qat or FORMATS.meta(opts.format)["qat_calibrates"](asdict(opts)))
     calib = calibration_set(ref, opts) if needs_calib else None
     return _build(ref, opts, plan, calib, train_qat)
 
@@ -100,7 +70,7 @@ class Plan:
 
 
 def _plan(opts):
-    meta = check_request(opts.fmt, opts.precision, opts.quant, opts.calib_method, opts.int8_types)
+    meta = check_request(opts.format, opts.precision, opts.quant, opts.calib_method, opts.int8_types)
     int8 = opts.precision == "int8"
     if int8 and not opts.max_drop >= 0:  # NaN fails too
         raise EdgeKDError(f"--max-drop must be 0 or more points, got {opts.max_drop}")
@@ -139,7 +109,7 @@ def load_reference(checkpoint, opts):
     if "qat" in ckpt and opts.precision != "int8":
         raise EdgeKDError(f"{checkpoint!r} is a QAT checkpoint (edgekd quantize): export it with --precision int8")
     spec = InputSpec.from_dict(ckpt["input"])
-    dataset = load_data_for(opts.data or ckpt.get("data") or "digits", opts.data_root, spec)
+    dataset = load_data_for(opts.data or checkpoint_data(ckpt, checkpoint) or "digits", opts.data_root, spec)
     if len(dataset.classes) != len(ckpt["classes"]):
         raise EdgeKDError(f"checkpoint has {len(ckpt['classes'])} classes but data {dataset.spec!r} "
                           f"has {len(dataset.classes)}")
@@ -148,6 +118,13 @@ def load_reference(checkpoint, opts):
     with torch.no_grad():
         logits = run_batched(lambda b: model(torch.from_numpy(b)).numpy(), images)
     return Reference(checkpoint, model, ckpt, spec, dataset, images, labels, logits)
+
+
+def checkpoint_data(ckpt, checkpoint):
+    """The checkpoint's data spec (an image folder is recorded relative to the checkpoint's folder)."""
+    from ..base.files import spec_from_file
+
+    return spec_from_file(ckpt.get("data"), os.path.dirname(os.path.abspath(checkpoint)))
 
 
 @dataclass
@@ -160,7 +137,7 @@ class Calibration:
 
 
 def calibration_set(ref, opts, spec=None):
-    spec = spec or opts.calib_data or opts.data or ref.ckpt.get("data") or "digits"
+    spec = spec or opts.calib_data or opts.data or checkpoint_data(ref.ckpt, ref.checkpoint) or "digits"
     data = ref.dataset if spec == ref.dataset.spec else load_data_for(spec, opts.data_root, ref.spec)
     indices, record = calibration.select(data.train, opts.calib_size, opts.seed, data_spec=data.spec, split="train",
                                          class_names=data.classes)
@@ -183,13 +160,15 @@ def _build(ref, opts, plan, calib, train_qat):
                     calib.images if calib else None, opts.progress)
     job.state["ckpt"] = ref.ckpt
     try:
-        seconds = convert(job, opts.fmt, ref.qat)
+        seconds = convert(job, opts.format, ref.qat)
         validation = validate(ref, staging, job.info["model_file"], opts, plan.atol)
         if plan.int8:
             manifest = _int8(ref, opts, plan, job, calib, validation, seconds, train_qat)
         else:
             fail_if(gate(validation, opts.precision, atol=plan.atol))
             manifest = build_manifest(ref, opts, staging, job.info, validation, seconds)
+        # the machine's absolute paths (calibration data, sources) relative to the bundle folder
+        manifest = portable(manifest, out)
         write_manifest(staging, manifest)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         if opts.zip:
@@ -204,7 +183,7 @@ def _build(ref, opts, plan, calib, train_qat):
         if os.path.isdir(staging):
             shutil.rmtree(staging)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in manifest["files"])
-    log.info("exported %s %s in %.1f s, %.3f MB (%s)", opts.fmt, opts.precision, manifest["export_seconds"],
+    log.info("exported %s %s in %.1f s, %.3f MB (%s)", opts.format, opts.precision, manifest["export_seconds"],
              size / 1e6, out)
     return manifest
 
@@ -218,12 +197,11 @@ def _int8(ref, opts, plan, job, calib, validation, seconds, train_qat):
     info, staging = job.info, job.folder
     speed = None
     if opts.speed_check:
-        speed = speed_check(opts.fmt, os.path.join(staging, info["model_file"]), info["fp32_reference"],
+        speed = speed_check(opts.format, os.path.join(staging, info["model_file"]), info["fp32_reference"],
                             (ref.spec.channels, ref.spec.height, ref.spec.width))
-    layers = None
-    if opts.layer_report:  # the QAT model keeps every layer INT8: no fallback layers to mark
-        data = ladder.calib.data if ladder.calib else ref.dataset
-        layers = _layer_report(opts, job, data, None if ladder.qat_used else fallback)
+    data = ladder.calib.data if ladder.calib else ref.dataset
+    # the QAT model keeps every layer INT8: no fallback layers to mark
+    layers = _layer_report(opts, job, data, None if ladder.qat_used else fallback)
     calib = ladder.calib  # the last rung may have calibrated again
     manifest = build_manifest(ref, opts, staging, info, validation, seconds)
     manifest["calibration"] = calib.record if calib else {
@@ -242,7 +220,8 @@ def _int8(ref, opts, plan, job, calib, validation, seconds, train_qat):
     if ref.qat:
         from .qat import fp32_student_record
 
-        manifest["qat"] = fp32_student_record(ref.ckpt, ref.images, ref.labels, validation["top1"])
+        manifest["qat"] = fp32_student_record(ref.ckpt, ref.images, ref.labels, validation["top1"],
+                                              os.path.dirname(os.path.abspath(ref.checkpoint)))
         manifest["validation"]["reference"] = "the QAT model in PyTorch (fake-quantized), like with like"
     return manifest
 
@@ -264,7 +243,7 @@ def validate(ref, folder, model_file, opts, atol):
     from ..base.progress import bar
     from ..bundle.runner import open_model
 
-    session, _ = open_model(os.path.join(folder, model_file), opts.fmt)
+    session, _ = open_model(os.path.join(folder, model_file), opts.format)
     with bar(total=len(ref.images), desc="validating", unit="img", disable=not opts.progress) as progress:
         def run(batch):
             progress.update(len(batch))
@@ -289,7 +268,7 @@ def _layer_report(opts, job, data, fallback):
     indices, _ = calibration.select(data.train, size, opts.seed + 2, data_spec=data.spec, split="train",
                                     class_names=data.classes, purpose="layer report")
     images, _ = calibration.load_images(data.train, indices, "layer report images", opts.progress)
-    return layer_report(opts.fmt, fp32, os.path.join(job.folder, info["model_file"]), images, job.scratch,
+    return layer_report(opts.format, fp32, os.path.join(job.folder, info["model_file"]), images, job.scratch,
                         folder=job.folder, in_float=(fallback or {}).get("layers_in_float", ()))
 
 
@@ -297,21 +276,23 @@ def build_manifest(ref, opts, staging, info, validation, seconds):
     """The bundle's manifest.json: its files and their sha256, the input contract, classes, provenance, parity."""
     spec, ckpt = ref.spec, ref.ckpt
     files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
-    missing = [name for name in FORMATS.meta(opts.fmt)["files"] if name not in files]
+    missing = [name for name in FORMATS.meta(opts.format)["files"] if name not in files]
     if missing:  # the format table names the files its steps publish; a step that did not is our bug
-        raise RuntimeError(f"the {opts.fmt} export steps wrote no {', '.join(missing)}")
+        raise RuntimeError(f"the {opts.format} export steps wrote no {', '.join(missing)}")
     return {
-        "format": opts.fmt, "precision": opts.precision, "model_file": info["model_file"], "files": files,
+        "format": opts.format, "precision": opts.precision, "model_file": info["model_file"], "files": files,
         "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
                   "mean": spec.mean, "std": spec.std, "color": spec.color, "resize": [spec.height, spec.width],
-                  "scale": 1 / 255, "resample": "bilinear"},
+                  "scale": 1 / 255, "resample": "bilinear",
+                  **({"crop_pct": spec.crop_pct, "resize_mode": "shorter side, center crop"}
+                     if spec.crop_pct is not None else {})},
         "classes": list(ckpt["classes"]),
         "model": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"), "data": ref.dataset.spec,
-        "source": {"checkpoint": os.path.abspath(ref.checkpoint), "sha256": sha256_file(ref.checkpoint)},
+        "source": {"checkpoint": os.path.basename(ref.checkpoint), "sha256": sha256_file(ref.checkpoint)},
         "validation": validation, "export_seconds": round(seconds, 3),
         "size_bytes": sum(os.path.getsize(os.path.join(staging, n)) for n in files),
-        "runtime": {"library": FORMATS.meta(opts.fmt)["runtime"],
-                    "inference_precision": FORMATS.meta(opts.fmt)["inference_precision"]},
+        "runtime": {"library": FORMATS.meta(opts.format)["runtime"],
+                    "inference_precision": FORMATS.meta(opts.format)["inference_precision"]},
         "versions": library_versions(),
     }
 

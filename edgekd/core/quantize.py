@@ -15,10 +15,12 @@ model from it, and ``edgekd export --precision int8`` converts it without new ca
 import json
 import logging
 import os
+from dataclasses import replace
 
 from .. import EdgeKDError
 from . import teachers
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import saved
 from .data import InputSpec
 from .distill import prepare_data, save_config, train_teacher, write_json
 from .distributed import Context
@@ -35,48 +37,69 @@ BEFORE_FILE = "qat.before.json"  # the fake-quantized top-1 right after calibrat
 
 
 def _student(cfg):
-    ckpt = load_checkpoint(cfg["student"])
+    ckpt = load_checkpoint(cfg.student)
     if "qat" in ckpt:
-        raise EdgeKDError(f"{cfg['student']!r} is already a QAT checkpoint; give the FP32 student it came from")
-    model, ckpt = load_model(cfg["student"])
+        raise EdgeKDError(f"{cfg.student!r} is already a QAT checkpoint; give the FP32 student it came from")
+    model, ckpt = load_model(cfg.student)
     return model, ckpt
 
 
 def _teacher_spec(cfg, ckpt):
     """--teacher, else the teacher the student was distilled from (its config, or teacher.pt beside it)."""
-    if cfg.get("teacher"):  # any teacher spec distill takes; edgekd.teachers checks it
-        return cfg["teacher"]
+    if cfg.teacher:  # any teacher spec distill takes; edgekd.teachers checks it
+        return cfg.teacher
     spec = (ckpt.get("config") or {}).get("teacher")
-    beside = os.path.join(os.path.dirname(os.path.abspath(cfg["student"])), "teacher.pt")
+    beside = os.path.join(os.path.dirname(os.path.abspath(cfg.student)), "teacher.pt")
     if not (spec and os.path.isfile(spec)) and os.path.isfile(beside):
         spec = beside
     if not spec or not os.path.isfile(spec):
         raise EdgeKDError(f"quantization-aware distillation needs a teacher: --teacher SPEC (a checkpoint, bundle, ...) "
-                          f"(found none for {cfg['student']!r} in its config or beside it)")
+                          f"(found none for {cfg.student!r} in its config or beside it)")
+    return spec
+
+
+def _input_for(cfg, spec):
+    """The student checkpoint's input, at --input-size / --crop-pct when given (fine-tuning at another size)."""
+    from .data import parse_size
+
+    size = parse_size(cfg.input_size)
+    if size is not None and size != (spec.height, spec.width):
+        log.info("quantize: the student was trained at %dx%d; fine-tuning at --input-size %dx%d", spec.height,
+                 spec.width, *size)
+        spec.height, spec.width = size
+        if spec.crop_pct is None:  # a checkpoint from before crop_pct: the new size is cropped as evaluation is now
+            spec.crop_pct = 1.0
+    if cfg.crop_pct is not None:
+        spec.crop_pct = cfg.crop_pct
     return spec
 
 
 def run_quantize(cfg):
-    """``edgekd quantize``: calibrate fake quantizers into the student, distill for cfg['epochs'] epochs,
+    """``edgekd quantize``: calibrate fake quantizers into the student, distill for cfg.epochs epochs,
     write DIR/student-qat.pt, DIR/metrics.json, DIR/config.yaml. Resumable like ``distill``."""
-    out = cfg["out"]
+    out = cfg.out
     os.makedirs(out, exist_ok=True)
-    if not LOSSES.meta(cfg["loss"])["needs_teacher"] or LOSSES.meta(cfg["loss"]).get("needs_features"):
-        raise EdgeKDError(f"--loss {cfg['loss']!r}: quantization-aware distillation takes a logit loss with a teacher: "
+    if not LOSSES.meta(cfg.loss)["needs_teacher"] or LOSSES.meta(cfg.loss).get("needs_features"):
+        raise EdgeKDError(f"--loss {cfg.loss!r}: quantization-aware distillation takes a logit loss with a teacher: "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]
                                       and not LOSSES.meta(n).get("needs_features")))
     student, ckpt = _student(cfg)
-    seed_everything(cfg["seed"])
-    data_cfg = {**cfg, "data": cfg.get("data") or ckpt.get("data") or "digits"}
-    data, train, test = prepare_data(data_cfg, input_spec=InputSpec.from_dict(ckpt["input"]))
+    seed_everything(cfg.seed)
+    from ..base.files import spec_from_file
+
+    # the checkpoint records an image folder relative to its own folder
+    data_cfg = replace(cfg, data=cfg.data or spec_from_file(ckpt.get("data"), os.path.dirname(
+        os.path.abspath(cfg.student))) or "digits")
+    data, train, test = prepare_data(data_cfg, input_spec=_input_for(cfg, InputSpec.from_dict(ckpt["input"])),
+                                     teacher=True)
     if len(data.classes) != len(ckpt["classes"]):
         raise EdgeKDError(f"student has {len(ckpt['classes'])} classes but data {data.spec!r} has {len(data.classes)}")
     teacher_spec = _teacher_spec(cfg, ckpt)
-    loss_fn, loss_params = make_loss(cfg["loss"], label_smoothing=cfg.get("label_smoothing"),
-                                     temperature=cfg.get("temperature"), alpha=cfg.get("alpha"), beta=cfg.get("beta"))
-    save_config(out, {**cfg, "data": data.spec, "teacher": teacher_spec, "loss_params": loss_params})
+    loss_fn, loss_params = make_loss(cfg.loss, label_smoothing=cfg.label_smoothing,
+                                     temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta)
+    save_config(out, {**saved(cfg), "data": data.spec, "teacher": teacher_spec, "loss_params": loss_params})
     before_path = os.path.join(out, BEFORE_FILE)
-    resumed = cfg.get("resume") and os.path.isfile(before_path)
+    resumed = cfg.resume and os.path.isfile(before_path)
     fp32_top1 = evaluate(student, test)
     qmodel = _quantized_student(cfg, student, train, out)
     if resumed:  # the rebuilt quantizers get their calibrated scales only with the training state: use the record
@@ -88,33 +111,38 @@ def run_quantize(cfg):
             json.dump({"int8_top1_before": int8_before, "fp32_top1": fp32_top1}, f)
     log.info("fake-quantized student before training: top-1 %.4f (FP32 %.4f)", int8_before, fp32_top1)
     # any teacher source distill takes (a checkpoint, a bundle, ONNX, ...), with its own view and class order
-    t_cfg, t_options, ctx = {**cfg, "teacher": teacher_spec}, teachers.TeacherOptions.from_cfg(cfg), Context()
+    # (quantize takes no --teacher-* options: the teacher describes itself)
+    t_cfg, t_options, ctx = replace(cfg, teacher=teacher_spec), teachers.TeacherOptions(), Context()
     trained = None
     if teachers.resolve(teacher_spec, t_options).kind == "model":  # a model spec: trained here first, like distill
-        trained = train_teacher(t_cfg, teacher_spec, data, train, test, ctx)
+        trained = train_teacher(t_cfg, teacher_spec, data, train, test, ctx, epochs=cfg.epochs)
     teacher = teachers.load_teacher(t_cfg, t_options, data, train, test, ctx, trained=trained)
+    if hasattr(train, "set_teacher_size"):  # views from the files: the teacher sees each crop at its own size
+        train.set_teacher_size(teacher.loaded.size)
     t_metrics = teacher.metrics
     cache = None
-    if cfg.get("teacher_cache"):
+    if cfg.teacher_cache:
         from .teacher_cache import TeacherCache
 
-        cache = TeacherCache(cfg["teacher_cache"], teacher, train)
-        cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=cfg.get("progress", True))
-    seed_everything(cfg["seed"])
+        cache = TeacherCache(cfg.teacher_cache, teacher, train)
+        cache.build(teacher, cfg.epochs, device=cfg.device, progress=cfg.progress)
+    seed_everything(cfg.seed)
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache)
     history = fit(qmodel, run, cfg, desc="qat", state_path=os.path.join(out, "qat.state.pt"))
     qmodel.cpu().eval()
     layers = quantized_layer_names(qmodel)
-    metrics = {"model": ckpt["model"], "epochs": cfg["epochs"], "test_top1": history[-1]["test_top1"] if history else None,
-               "history": history, "data": data.spec, "loss": cfg["loss"], "loss_params": loss_params,
+    metrics = {"model": ckpt["model"], "epochs": cfg.epochs, "test_top1": history[-1]["test_top1"] if history else None,
+               "history": history, "data": data.spec, "loss": cfg.loss, "loss_params": loss_params,
                "qat": {"fp32_top1": fp32_top1, "int8_top1_before": int8_before,
                        "drop_before": round((fp32_top1 - int8_before) * 100, 4),
                        "drop_after": None if not history else round((fp32_top1 - history[-1]["test_top1"]) * 100, 4),
                        "layers_int8": layers, "tool": "nncf.quantize (torch) + distillation fine-tuning"},
                "teacher": {k: t_metrics.get(k) for k in ("model", "source", "test_top1")}}
-    qat = {"quantizers": plain_config(qmodel), "source": os.path.abspath(cfg["student"]),
-           "source_top1": fp32_top1, "layers_int8": layers, "calib_size": cfg["calib_size"]}
-    ckpt_cfg = {**cfg, "data": data.spec, "teacher": teacher_spec}
+    # the FP32 student, relative to this run's folder (export finds it from the QAT checkpoint's folder)
+    qat = {"quantizers": plain_config(qmodel), "source": os.path.relpath(os.path.abspath(cfg.student),
+                                                                         os.path.abspath(out)),
+           "source_top1": fp32_top1, "layers_int8": layers, "calib_size": cfg.calib_size}
+    ckpt_cfg = {**saved(cfg), "data": data.spec, "teacher": teacher_spec}
     save_checkpoint(os.path.join(out, QAT_FILE), qmodel, spec=ckpt["model"], classes=ckpt["classes"],
                     input_spec=InputSpec.from_dict(ckpt["input"]), data_spec=data.spec, metrics=metrics,
                     config=ckpt_cfg, extra={"qat": qat, "params": ckpt.get("params"), "flops": ckpt.get("flops")})
@@ -127,10 +155,10 @@ def _quantized_student(cfg, student, train, out):
     state then restores their trained scales with the weights)."""
     nncf = import_nncf()
     path = os.path.join(out, QUANTIZER_FILE)
-    if cfg.get("resume") and os.path.isfile(path) and os.path.isfile(os.path.join(out, "qat.state.pt")):
+    if cfg.resume and os.path.isfile(path) and os.path.isfile(os.path.join(out, "qat.state.pt")):
         with open(path) as f:
             return nncf.torch.load_from_config(student, json.load(f))
-    qmodel = calibrate(student, train, cfg["calib_size"], cfg["seed"], cfg.get("progress", True))
+    qmodel = calibrate(student, train, cfg.calib_size, cfg.seed, cfg.progress)
     with open(path, "w") as f:
         json.dump(plain_config(qmodel), f)
     return qmodel

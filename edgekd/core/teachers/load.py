@@ -43,9 +43,9 @@ def check(spec, options, loss_meta=None):
 
 
 def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_on=None, trained=None):
-    """The Teacher of ``cfg['teacher']`` for this data: loaded, its view settled, its classes matched. A teacher
+    """The Teacher of ``cfg.teacher`` (``cfg``: the command's options) for this data: loaded, its view settled, its classes matched. A teacher
     given as a model spec is never trained here: pass the caller's ``trained`` (teachers.Trained)."""
-    spec = cfg["teacher"]
+    spec = cfg.teacher
     source = check(spec, options)
     loaded = source.load(spec, options, Env(cfg, data, train, test, ctx, trained))
     _settle_input(loaded, options, data.input, spec)
@@ -57,8 +57,8 @@ def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_o
     if evaluate_on is not None and teacher.metrics.get("test_top1") is None:
         from ..train_loop import evaluate
 
-        teacher.to(cfg.get("device", "cpu"))
-        teacher.metrics["test_top1"] = evaluate(teacher, evaluate_on, cfg.get("device", "cpu"), dist=ctx)
+        teacher.to(cfg.device)
+        teacher.metrics["test_top1"] = evaluate(teacher, evaluate_on, cfg.device, dist=ctx)
         teacher.metrics["test_top1_measured"] = "here, on the data's test split through the teacher's view"
         teacher.take_seconds()
     return teacher

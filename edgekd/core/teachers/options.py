@@ -26,13 +26,14 @@ class TeacherOptions:
     threads: int = None        # ONNX Runtime / OpenVINO threads (default: torch's)
 
     @classmethod
-    def from_cfg(cls, cfg):
-        o = cls(input_size=_size(cfg.get("teacher_input_size")), mean=_floats(cfg.get("teacher_mean"), "--teacher-mean"),
-                std=_floats(cfg.get("teacher_std"), "--teacher-std"), color=cfg.get("teacher_color"),
-                outputs=cfg.get("teacher_outputs"), classes=cfg.get("teacher_classes"),
-                weights=cfg.get("teacher_weights"),
-                views=_positive(cfg.get("teacher_views"), "--teacher-views"),
-                threads=_positive(cfg.get("teacher_threads"), "--teacher-threads"))
+    def from_options(cls, cfg):
+        """From a command's options (edgekd.core.config: distill's --teacher-* options)."""
+        o = cls(input_size=_size(cfg.teacher_input_size), mean=_floats(cfg.teacher_mean, "--teacher-mean"),
+                std=_floats(cfg.teacher_std, "--teacher-std"), color=cfg.teacher_color,
+                outputs=cfg.teacher_outputs, classes=cfg.teacher_classes,
+                weights=cfg.teacher_weights,
+                views=_positive(cfg.teacher_views, "--teacher-views"),
+                threads=_positive(cfg.teacher_threads, "--teacher-threads"))
         if o.color is not None and o.color.upper() not in COLORS:
             raise EdgeKDError(f"--teacher-color {o.color!r}: choose from {', '.join(COLORS)}")
         o.color = o.color.upper() if o.color else None

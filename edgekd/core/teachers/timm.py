@@ -28,7 +28,7 @@ class TimmSource(Source):
         if options.weights:
             state = load_state_dict(options.weights)
             model = _create(timm, name, options.weights, pretrained=False, num_classes=head_classes(state) or 1000)
-            load_weights(model, options.weights, spec)
+            load_weights(model, options.weights, spec, state)
             file, sha = os.path.abspath(options.weights), file_sha256(options.weights)
         else:
             model = _create(timm, name, None, pretrained=True)  # timm's loader and the Hugging Face cache

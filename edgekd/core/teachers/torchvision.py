@@ -45,7 +45,7 @@ class TorchvisionSource(Source):
             state = load_state_dict(options.weights)
             classes = head_classes(state) or len(weights.meta["categories"])
             model = torchvision.models.get_model(name, weights=None, num_classes=classes)
-            load_weights(model, options.weights, spec)
+            load_weights(model, options.weights, spec, state)
             lo.file, lo.sha256 = os.path.abspath(options.weights), file_sha256(options.weights)
         else:
             try:

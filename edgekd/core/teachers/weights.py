@@ -1,35 +1,19 @@
 """--teacher-weights: a local state dict loaded into a teacher built from code (torchvision, timm, a factory)."""
 
-import torch
-
 from ... import EdgeKDError
+from ..models import read_weights_file
 
 
 def load_state_dict(path):
-    """A state dict from a .safetensors file or a torch file (a bare state dict, or one under 'state_dict'/'model')."""
-    if path.lower().endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise EdgeKDError("reading .safetensors needs the safetensors package: pip install 'edgekd[timm]'") from None
-        return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise EdgeKDError(f"--teacher-weights {path!r} is not a state dict torch can read: "
-                          f"{str(e).strip().splitlines()[0][:200]}") from e
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise EdgeKDError(f"--teacher-weights {path!r} does not hold a state dict (names -> tensors)")
-    return obj
+    """The state dict of a --teacher-weights file: edgekd.core.models.read_weights_file, the students' reader
+    (DDP and torch.compile prefixes, EMA copies and safetensors handled there, once)."""
+    return read_weights_file(path, "--teacher-weights")
 
 
-def load_weights(model, path, spec):
+def load_weights(model, path, spec, state=None):
+    """Load ``path`` (or its ``state``, already read) into ``model``; a misfit names the teacher spec."""
     try:
-        model.load_state_dict(load_state_dict(path), strict=True)
+        model.load_state_dict(load_state_dict(path) if state is None else state, strict=True)
     except RuntimeError as e:
         raise EdgeKDError(f"--teacher-weights {path!r} does not fit {spec!r}: "
                           f"{' '.join(str(e).split())[:300]}") from e
