@@ -30,6 +30,9 @@ class Command:
 def _check_training_args(args):
     """Rules across options (each value was checked on its own in edgekd/config.py); CPU threads set
     here, before any torch work."""
+    from ..base import cpu
+
+    cpu.passive_wait.record = cpu.passive_wait()  # before torch loads OpenMP: see edgekd/base/cpu.py
     if args.warmup_epochs > args.epochs:
         raise EdgeKDError(f"--warmup-epochs must be between 0 and --epochs ({args.epochs}), got {args.warmup_epochs}")
     if not args.out:
@@ -38,10 +41,12 @@ def _check_training_args(args):
     _check_device(args.device)
     if args.amp in ("bf16", "fp16") and not args.device.startswith("cuda"):
         raise EdgeKDError(f"--amp {args.amp} needs --device cuda; CPU training is float32 (use --amp auto or off)")
-    if args.threads:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
+    elif cpu.usable_cpus() < torch.get_num_threads():  # a container's CPU quota: torch counts the host's cores
+        torch.set_num_threads(cpu.usable_cpus())
 
 
 def _run_folder(args, inputs):

@@ -135,7 +135,8 @@ def run_quantize(cfg):
     write DIR/student-qat.pt, DIR/metrics.json, DIR/config.yaml. Resumable like ``distill``."""
     from .data import InputSpec
     from . import teachers
-    from .distill import _save_config, _write_json, prepare_data
+    from .distill import _save_config, _write_json, check_cache_options, prepare_data
+    from .teacher_speed import settle_teacher_dtype
     from .distributed import Context
     from .checkpoint import save_checkpoint
     from .losses import LOSSES, make_loss
@@ -147,6 +148,7 @@ def run_quantize(cfg):
         raise EdgeKDError(f"--loss {cfg['loss']!r}: quantization-aware distillation takes a logit loss with a teacher: "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]
                                       and not LOSSES.meta(n).get("needs_features")))
+    check_cache_options(cfg)
     student, ckpt = _student(cfg)
     seed_everything(cfg["seed"])
     data_cfg = {**cfg, "data": cfg.get("data") or ckpt.get("data") or "digits"}
@@ -173,11 +175,13 @@ def run_quantize(cfg):
     teacher = teachers.load_teacher({**cfg, "teacher": teacher_spec}, teachers.TeacherOptions.from_cfg(cfg), data,
                                     train, test, Context())
     t_metrics = teacher.metrics
+    settle_teacher_dtype(teacher, cfg.get("teacher_dtype"), cfg["device"], train)
     cache = None
     if cfg.get("teacher_cache"):
         from .teacher_cache import TeacherCache
 
-        cache = TeacherCache(cfg["teacher_cache"], teacher, train)
+        cache = TeacherCache(cfg["teacher_cache"], teacher, train, dtype=cfg.get("teacher_cache_dtype") or "float16",
+                             topk=cfg.get("teacher_cache_topk"), temperature=loss_params.get("temperature"))
         cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=cfg.get("progress", True))
     seed_everything(cfg["seed"])
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache)

@@ -1,0 +1,98 @@
+"""A faster frozen teacher on a CPU: bfloat16 where the CPU computes it natively, channels_last.
+
+A frozen teacher only runs forward passes, and a distillation target is a softened distribution:
+bfloat16 (8 bits of mantissa) changes a teacher's top-1 on a few views in a thousand (see
+docs/distillation.md, "A fast teacher on a CPU", and tools/measure_teacher.py) while oneDNN's
+AMX-BF16 and AVX512-BF16 kernels run it several times faster. Without those instructions bfloat16 is
+emulated and slower, so ``auto`` picks it only where the CPU has them (read from /proc/cpuinfo).
+
+The weights are cast once (``model.to(bfloat16)``) and a forward pre-hook casts the inputs, so the
+module keeps its layer names (feature hooks still find them); the Teacher returns float32 logits.
+"""
+
+import logging
+
+import torch
+
+from .. import EdgeKDError
+from ..base.cpu import native_bf16
+
+log = logging.getLogger(__name__)
+
+TEACHER_DTYPES = ("auto", "float32", "bfloat16")
+# Training views compared between the float32 and bfloat16 teacher before a run (recorded in metrics.json).
+AGREEMENT_IMAGES = 256
+
+
+def resolve_dtype(choice, teacher, device):
+    """(dtype name, why) for ``--teacher-dtype choice``; a one-line error when it cannot apply."""
+    choice = choice or "auto"
+    if choice not in TEACHER_DTYPES:
+        raise EdgeKDError(f"--teacher-dtype {choice!r}: choose from {', '.join(TEACHER_DTYPES)}")
+    black_box = getattr(teacher, "model", None) is None
+    if choice == "bfloat16" and black_box:
+        raise EdgeKDError(f"--teacher-dtype bfloat16 applies to PyTorch teachers; {teacher.spec!r} is a "
+                          f"{teacher.kind} file whose runtime sets its own precision (use auto or float32)")
+    if choice == "bfloat16" and str(device).startswith("cuda"):
+        return "bfloat16", "asked (--teacher-dtype bfloat16)"
+    if choice == "bfloat16":
+        native = native_bf16()
+        if native is None:
+            log.warning("--teacher-dtype bfloat16 on a CPU without native bfloat16 (no AMX-BF16 or AVX512-BF16): "
+                        "it is emulated and usually slower than float32")
+        return "bfloat16", "asked (--teacher-dtype bfloat16)" + ("" if native else "; emulated on this CPU")
+    if choice == "float32":
+        return "float32", "asked (--teacher-dtype float32)"
+    if black_box:
+        return "float32", "auto: a black-box teacher runs in its runtime's own precision"
+    if str(device).startswith("cuda"):
+        return "float32", "auto: on CUDA the teacher follows --amp"
+    native = native_bf16()
+    if native is None:
+        return "float32", "auto: this CPU has no native bfloat16 (AMX-BF16 / AVX512-BF16)"
+    return "bfloat16", f"auto: this CPU computes bfloat16 natively ({native})"
+
+
+def _cast_inputs(module, args):
+    dtype = torch.bfloat16
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def to_bfloat16(teacher):
+    """Cast a PyTorch teacher's weights to bfloat16 and its inputs on the way in (idempotent)."""
+    if getattr(teacher, "dtype_name", "float32") == "bfloat16":
+        return teacher
+    teacher.model.to(torch.bfloat16)
+    teacher.model.register_forward_pre_hook(_cast_inputs)
+    teacher.dtype_name = "bfloat16"
+    return teacher
+
+
+@torch.no_grad()
+def _top1(teacher, x):
+    return teacher(x).argmax(1)
+
+
+def settle_teacher_dtype(teacher, choice, device, views=None):
+    """Put ``teacher`` in the dtype ``--teacher-dtype`` asks for; returns its record for metrics.json.
+
+    With ``views`` (the training views) and bfloat16 chosen, the float32 and bfloat16 teachers are
+    first compared on the first AGREEMENT_IMAGES views of epoch 1: top-1 agreement, recorded."""
+    name, why = resolve_dtype(choice, teacher, device)
+    record = {"requested": choice or "auto", "used": name, "why": why}
+    teacher.dtype_name = getattr(teacher, "dtype_name", "float32")
+    if name == "float32":
+        return record
+    x = None
+    if views is not None and len(views):
+        x, _ = views.batch(torch.arange(min(AGREEMENT_IMAGES, len(views))), epoch=1)
+        x = x.to(device)
+        before = _top1(teacher, x)
+    to_bfloat16(teacher)
+    if x is not None:
+        agree = (_top1(teacher, x) == before).float().mean().item()
+        record["top1_agreement_with_float32"] = {"agreement": agree, "images": len(x),
+                                                 "views": "training views of epoch 1"}
+        log.info("teacher in bfloat16: top-1 agrees with float32 on %.1f%% of %d training views", 100 * agree, len(x))
+    teacher.take_seconds()
+    return record

@@ -1,0 +1,207 @@
+"""How fast a frozen teacher runs on this CPU, and how a distillation shares the CPU with others.
+
+    python tools/measure_teacher.py dtype [--teacher SPEC|CKPT] [--sizes 32,160] [--images 256] [--batch 64]
+    python tools/measure_teacher.py contention [--seconds 10] [--threads 2] [--policies default,passive,edgekd]
+
+``dtype``: the teacher in float32 and bfloat16 (weights cast, as edgekd's --teacher-dtype bfloat16
+does; and torch.autocast for comparison), each with and without channels_last, on real CIFAR-10
+training views (../shared/data/cifar10, the standard pad-crop + flip view of epoch 1) resized to each
+size: images/s, top-1 agreement with the float32 teacher, largest logit difference. ``--teacher`` is
+an edgekd model spec (random weights unless a checkpoint .pt is given; agreement is only meaningful
+for a trained teacher, e.g. one from ``edgekd train --model resnet20``).
+
+``contention``: a real distillation step (resnet20 teacher live, resnet8 student, Hinton KD, batch 64,
+32 px) in a fresh process per case: alone, and with one busy process (``python -c 'while True:
+pass'``) started beside it; for each wait policy: libgomp's default (spinning), OMP_WAIT_POLICY=PASSIVE,
+1 thread, and edgekd's own setting (edgekd.base.cpu.passive_wait, what `edgekd distill` does).
+
+Both print a table and, with --json, the figures; they print `uptime` before and after: on a shared
+machine the figures move with other people's work.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")
+
+
+# ---------------------------------------------------------------------------------------------------
+# dtype: float32 against bfloat16
+
+def _views(n, size):
+    """n real CIFAR-10 training views (epoch 1 of the standard augmentation), normalised, at ``size`` px."""
+    import torch
+    from torch.nn import functional as F
+
+    from edgekd.core.augment import AugmentPlan, Views, decode_split
+    from edgekd.core.data import load_data
+
+    data = load_data(os.path.abspath(CIFAR))
+    idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:n]
+    images, labels = decode_split(data.train, data.input, idx, workers=0, progress=False)
+    views = Views(images, labels, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], AugmentPlan("standard", len(labels)))
+    x, _ = views.batch(torch.arange(len(labels)), epoch=1)
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def _teacher(spec, size):
+    import torch
+
+    from edgekd.core.data import InputSpec
+    from edgekd.core.models import build_model
+
+    if spec.endswith(".pt"):
+        from edgekd.core.checkpoint import load_model
+
+        return load_model(spec)[0].eval()
+    torch.manual_seed(0)
+    return build_model(spec, 10, InputSpec(3, size, size, [0.5] * 3, [0.5] * 3)).eval()
+
+
+def _run(model, x, batch, mode, channels_last, repeats):
+    """(images/s, logits) of ``model`` over ``x`` in ``mode`` (float32, bfloat16 or autocast)."""
+    import contextlib
+
+    import torch
+
+    if mode == "bfloat16":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
+        model(x[:batch])  # warm-up: oneDNN picks and caches its kernels
+        start, outs = time.perf_counter(), []
+        for _ in range(repeats):
+            outs = [model(x[i:i + batch]).float() for i in range(0, len(x), batch)]
+        seconds = time.perf_counter() - start
+    return len(x) * repeats / seconds, torch.cat(outs)
+
+
+def measure_dtype(args):
+    import copy
+
+    rows = []
+    for size in args.sizes:
+        x = _views(args.images, size)
+        base = _teacher(args.teacher, size)
+        reference = None
+        for mode in ("float32", "bfloat16", "autocast"):
+            for channels_last in (False, True):
+                ips, logits = _run(copy.deepcopy(base), x, args.batch, mode, channels_last, args.repeats)
+                if reference is None:
+                    reference = logits
+                rows.append({"size": size, "dtype": mode, "channels_last": channels_last, "images_per_s": ips,
+                             "top1_agreement": (logits.argmax(1) == reference.argmax(1)).float().mean().item(),
+                             "max_abs_logit_diff": (logits - reference).abs().max().item(), "images": len(x)})
+                print(f"{size:>4} px  {mode:<9} channels_last={channels_last!s:<5}  {ips:8.1f} img/s  "
+                      f"agreement {rows[-1]['top1_agreement']:.4f}  max |dlogit| {rows[-1]['max_abs_logit_diff']:.3g}",
+                      flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# contention: a distillation beside a busy process
+
+KD_STEPS = r"""
+import sys, time
+threads, seconds, policy = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if policy == "edgekd":
+    from edgekd.base.cpu import passive_wait
+    passive_wait()
+import torch
+torch.set_num_threads(threads)
+from edgekd.core.data import InputSpec
+from edgekd.core.losses import make_loss
+from edgekd.core.models import build_model
+spec = InputSpec(3, 32, 32, [0.5] * 3, [0.5] * 3)
+torch.manual_seed(0)
+teacher, student = build_model("resnet20", 10, spec).eval(), build_model("resnet8", 10, spec)
+loss_fn, opt = make_loss("kd")[0], torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+def step():
+    with torch.inference_mode():
+        t = teacher(x)
+    loss = loss_fn(student(x), t.clone(), y)["loss"]
+    opt.zero_grad(); loss.backward(); opt.step()
+for _ in range(3):
+    step()
+n, start = 0, time.perf_counter()
+while time.perf_counter() - start < seconds:
+    step(); n += len(x)
+print(n / (time.perf_counter() - start))
+"""
+
+POLICIES = {"default": ({}, None), "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, None), "1-thread": ({}, 1),
+            "edgekd": ({}, None)}
+
+
+def _kd_rate(threads, seconds, policy):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    extra, forced = POLICIES[policy]
+    env.update(extra)
+    out = subprocess.run([sys.executable, "-c", KD_STEPS, str(forced or threads), str(seconds), policy], env=env,
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure_contention(args):
+    rows = []
+    for policy in args.policies:
+        alone = _kd_rate(args.threads, args.seconds, policy)
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.5)
+            shared = _kd_rate(args.threads, args.seconds, policy)
+        finally:
+            busy.kill()
+            busy.wait()
+        rows.append({"policy": policy, "threads": POLICIES[policy][1] or args.threads, "alone_images_per_s": alone,
+                     "with_busy_images_per_s": shared, "ratio": shared / alone})
+        print(f"{policy:<9} threads={rows[-1]['threads']}  alone {alone:7.1f} img/s  beside a busy process "
+              f"{shared:7.1f} img/s  ({shared / alone:.2f}x)", flush=True)
+    return rows
+
+
+def _uptime():
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("dtype", help="float32 against bfloat16 (and channels_last) for a frozen teacher")
+    d.add_argument("--teacher", default="torchvision:resnet18", help="an edgekd model spec or a checkpoint .pt")
+    d.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[32, 160])
+    d.add_argument("--images", type=int, default=256)
+    d.add_argument("--batch", type=int, default=64)
+    d.add_argument("--repeats", type=int, default=1)
+    c = sub.add_parser("contention", help="a 2-thread distillation alone and beside one busy process")
+    c.add_argument("--seconds", type=float, default=10.0)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
+    for s in (d, c):
+        s.add_argument("--json", help="write the figures to this file")
+    args = p.parse_args(argv)
+    before = _uptime()
+    print("before:", before, flush=True)
+    rows = measure_dtype(args) if args.what == "dtype" else measure_contention(args)
+    after = _uptime()
+    print("after: ", after)
+    if args.json:
+        import platform
+
+        with open(args.json, "w") as f:
+            json.dump({"what": args.what, "args": {k: v for k, v in vars(args).items() if k != "json"},
+                       "uptime_before": before, "uptime_after": after, "cpu": platform.processor(),
+                       "cpus": os.cpu_count(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
