@@ -64,45 +64,62 @@ def _teacher(spec, size):
     return build_model(spec, 10, InputSpec(3, size, size, [0.5] * 3, [0.5] * 3)).eval()
 
 
-def _run(model, x, batch, mode, channels_last, repeats):
-    """(images/s, logits) of ``model`` over ``x`` in ``mode`` (float32, bfloat16 or autocast)."""
-    import contextlib
+VARIANTS = [(mode, cl) for mode in ("float32", "bfloat16", "autocast") for cl in (False, True)]
 
+
+def _prepare(model, x, mode, channels_last):
+    """The model and views as one variant runs them: bf16 weights and inputs, or autocast; NCHW or NHWC."""
     import torch
 
     if mode == "bfloat16":
         model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return model, x
+
+
+def _pass(model, x, batch, mode):
+    """(seconds, float32 logits) of one pass over ``x``."""
+    import contextlib
+
+    import torch
+
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
-        model(x[:batch])  # warm-up: oneDNN picks and caches its kernels
-        start, outs = time.perf_counter(), []
-        for _ in range(repeats):
-            outs = [model(x[i:i + batch]).float() for i in range(0, len(x), batch)]
-        seconds = time.perf_counter() - start
-    return len(x) * repeats / seconds, torch.cat(outs)
+        start = time.perf_counter()
+        out = torch.cat([model(x[i:i + batch]).float() for i in range(0, len(x), batch)])
+    return time.perf_counter() - start, out
 
 
 def measure_dtype(args):
+    """Every variant once per round, rounds interleaved (a slow spell hits all variants alike); the speed-up
+    is the median over rounds of each round's ratio to float32."""
     import copy
+    import statistics
 
     rows = []
     for size in args.sizes:
         x = _views(args.images, size)
         base = _teacher(args.teacher, size)
-        reference = None
-        for mode in ("float32", "bfloat16", "autocast"):
-            for channels_last in (False, True):
-                ips, logits = _run(copy.deepcopy(base), x, args.batch, mode, channels_last, args.repeats)
-                if reference is None:
-                    reference = logits
-                rows.append({"size": size, "dtype": mode, "channels_last": channels_last, "images_per_s": ips,
-                             "top1_agreement": (logits.argmax(1) == reference.argmax(1)).float().mean().item(),
-                             "max_abs_logit_diff": (logits - reference).abs().max().item(), "images": len(x)})
-                print(f"{size:>4} px  {mode:<9} channels_last={channels_last!s:<5}  {ips:8.1f} img/s  "
-                      f"agreement {rows[-1]['top1_agreement']:.4f}  max |dlogit| {rows[-1]['max_abs_logit_diff']:.3g}",
-                      flush=True)
+        runs = {v: _prepare(copy.deepcopy(base), x, *v) for v in VARIANTS}
+        for v, (model, xv) in runs.items():  # warm-up: oneDNN picks and caches its kernels
+            _pass(model, xv[:args.batch], args.batch, v[0])
+        seconds, logits = {v: [] for v in VARIANTS}, {}
+        for _ in range(args.repeats):
+            for v, (model, xv) in runs.items():
+                s, logits[v] = _pass(model, xv, args.batch, v[0])
+                seconds[v].append(s)
+        reference = logits[("float32", False)]
+        for v in VARIANTS:
+            ratio = statistics.median(b / s for s, b in zip(seconds[v], seconds[("float32", False)]))
+            row = {"size": size, "dtype": v[0], "channels_last": v[1], "images": len(x), "rounds": args.repeats,
+                   "images_per_s": len(x) / statistics.median(seconds[v]), "speedup_vs_float32": ratio,
+                   "top1_agreement": (logits[v].argmax(1) == reference.argmax(1)).float().mean().item(),
+                   "max_abs_logit_diff": (logits[v] - reference).abs().max().item()}
+            rows.append(row)
+            print(f"{size:>4} px  {v[0]:<9} channels_last={v[1]!s:<5}  {row['images_per_s']:8.1f} img/s  "
+                  f"x{ratio:.2f} vs float32  agreement {row['top1_agreement']:.4f}  "
+                  f"max |dlogit| {row['max_abs_logit_diff']:.3g}", flush=True)
     return rows
 
 
@@ -181,7 +198,7 @@ def main(argv=None):
     d.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[32, 160])
     d.add_argument("--images", type=int, default=256)
     d.add_argument("--batch", type=int, default=64)
-    d.add_argument("--repeats", type=int, default=1)
+    d.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     c = sub.add_parser("contention", help="a 2-thread distillation alone and beside one busy process")
     c.add_argument("--seconds", type=float, default=10.0)
     c.add_argument("--threads", type=int, default=2)

@@ -302,7 +302,7 @@ def run_distill(saved_cfg, cfg, ctx):
         _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params, "teacher_resolved": teacher.describe()})
     if t_options.views:  # after a teacher trained here: it learnt from every epoch's views
         train.plan.replay(t_options.views)
-    teacher_dtype = settle_teacher_dtype(teacher, cfg.get("teacher_dtype"), cfg["device"], train)
+    teacher_dtype = settle_teacher_dtype(teacher, cfg.get("teacher_dtype"), cfg["device"], train, cfg.get("channels_last"))
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None
     cache, cache_seconds = _teacher_cache(cfg, teacher, train, taps, loss_params, ctx)
     memo = None

@@ -175,7 +175,7 @@ def run_quantize(cfg):
     teacher = teachers.load_teacher({**cfg, "teacher": teacher_spec}, teachers.TeacherOptions.from_cfg(cfg), data,
                                     train, test, Context())
     t_metrics = teacher.metrics
-    settle_teacher_dtype(teacher, cfg.get("teacher_dtype"), cfg["device"], train)
+    settle_teacher_dtype(teacher, cfg.get("teacher_dtype"), cfg["device"], train, cfg.get("channels_last"))
     cache = None
     if cfg.get("teacher_cache"):
         from .teacher_cache import TeacherCache
