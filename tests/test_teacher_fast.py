@@ -247,4 +247,30 @@ def test_cpu_limits_and_the_passive_wait_policy(tmp_path, monkeypatch):
                          text=True, check=True)
     record, policy = json.loads(out.stdout)
     assert policy == "ACTIVE" and record["set_by"] == "user"
-    assert "nobody" in cpu.passive_wait()["set_by"] or cpu.passive_wait()["set_by"] == "user"  # torch is loaded here
+    for name in cpu.WAIT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert cpu._settle_wait()["set_by"] == "nobody (torch was imported first)"  # here torch is: too late to matter
+
+
+@pytest.mark.slow
+def test_distill_records_the_cache_the_teachers_dtype_and_the_cpu(digits, cli, tmp_path):
+    from edgekd.core.checkpoint import save_checkpoint
+    from edgekd.core.models import build_model
+
+    data, _, _ = digits
+    path = tmp_path / "teacher.pt"
+    save_checkpoint(str(path), build_model("compact-student", 10, data.input), spec="compact-student",
+                    classes=data.classes, input_spec=data.input, data_spec="digits", metrics={}, config={})
+    base = ["distill", "--teacher", path, "--train-subset", 100, "--epochs", 3, "--no-progress", "--workers", 0]
+    cli(*base, "--teacher-cache", tmp_path / "c", "--teacher-cache-topk", 4, "--out", tmp_path / "a")
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    # digits: --augment auto is none, so three epochs need one view
+    assert m["teacher_cache"]["views_held"] == 1 and m["teacher_cache"]["storage"]["topk"] == 4
+    assert m["teacher_cache"]["storage"]["fill_temperature"] == 4.0  # kd's
+    assert m["teacher"]["dtype"]["used"] == ("bfloat16" if cpu.native_bf16() else "float32")
+    env_choice = any(k in os.environ for k in cpu.WAIT_VARIABLES)
+    assert m["cpu"]["wait"]["set_by"] == ("user" if env_choice else "edgekd") and m["cpu"]["threads"] >= 1
+    # without a cache the live teacher is asked in the first epoch only
+    cli(*base, "--teacher-dtype", "float32", "--out", tmp_path / "b")
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["teacher_memo"]["teacher_calls"] == 2 and m["teacher"]["dtype"]["used"] == "float32"  # 100 images, batch 64

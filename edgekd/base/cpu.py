@@ -23,7 +23,13 @@ def passive_wait():
     """Make OpenMP threads sleep at barriers (OMP_WAIT_POLICY=PASSIVE) unless the user chose a policy.
 
     Must run before torch is imported: libgomp reads its environment once, when it is loaded. Returns
-    a record for metrics.json: the policy in force and who set it."""
+    a record for metrics.json (also kept as ``passive_wait.record``): the policy in force and who set it."""
+    if passive_wait.record is None:
+        passive_wait.record = _settle_wait()
+    return passive_wait.record
+
+
+def _settle_wait():
     chosen = {k: os.environ[k] for k in WAIT_VARIABLES if k in os.environ}
     if chosen:
         return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "set_by": "user", "env": chosen}
@@ -98,11 +104,11 @@ def others_running():
 
 
 def describe(threads):
-    """The CPU record of a run (metrics.json -> cpu): cores usable, threads, wait policy, bf16, load."""
+    """The CPU record of a run (metrics.json -> cpu): cores usable, threads, wait policy, bf16, load now."""
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = None
     return {"usable_cpus": usable_cpus(), "cgroup_limit": cgroup_cpu_limit(), "threads": threads,
             "wait": passive_wait.record, "native_bf16": native_bf16(), "load_1min": load,
-            "others_running_at_start": others_running()}
+            "others_running": others_running()}
