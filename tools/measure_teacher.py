@@ -2,6 +2,7 @@
 
     python tools/measure_teacher.py dtype [--teacher SPEC|CKPT] [--sizes 32,160] [--images 256] [--batch 64]
     python tools/measure_teacher.py contention [--seconds 10] [--threads 2] [--policies default,passive,edgekd]
+    python tools/measure_teacher.py topk --teacher CKPT [--ks 1,2,5] [--train-subset 5000] [--epochs 5]
 
 ``dtype``: the teacher in float32 and bfloat16 (weights cast, as edgekd's --teacher-dtype bfloat16
 does; and torch.autocast for comparison), each with and without channels_last, on real CIFAR-10
@@ -15,7 +16,10 @@ for a trained teacher, e.g. one from ``edgekd train --model resnet20``).
 pass'``) started beside it; for each wait policy: libgomp's default (spinning), OMP_WAIT_POLICY=PASSIVE,
 1 thread, and edgekd's own setting (edgekd.base.cpu.passive_wait, what `edgekd distill` does).
 
-Both print a table and, with --json, the figures; they print `uptime` before and after: on a shared
+``topk``: the same distillation (seeds, views, teacher) from a float16 cache (the default), a float32
+one and top-k ones: the student's test top-1, the cache's size, and KL(teacher || rebuilt) at T = 4.
+
+Each prints a table and, with --json, the figures; they print `uptime` before and after: on a shared
 machine the figures move with other people's work.
 """
 
@@ -186,6 +190,53 @@ def measure_contention(args):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------
+# topk: what keeping only the k largest logits per view costs the student
+
+def _distill(args, out, extra):
+    cmd = [sys.executable, "-m", "edgekd", "distill", "--teacher", args.teacher, "--student", args.student,
+           "--data", args.data, "--epochs", str(args.epochs), "--teacher-cache", os.path.join(args.out, "cache"),
+           "--no-progress", "--force", "--out", out, *extra]
+    if args.train_subset:
+        cmd += ["--train-subset", str(args.train_subset)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def _reconstruction(cache_path, k, temperature):
+    """Mean KL(teacher_T || rebuilt_T) over the first view's images, and top-1 kept (always, by design)."""
+    import numpy as np
+    import torch
+
+    from edgekd.core.teacher_cache import TeacherCache, fill_value
+
+    logits = torch.from_numpy(np.load(os.path.join(cache_path, "view-0001.npy")).astype(np.float32))
+    top = logits.topk(k, dim=1)
+    rebuilt = TeacherCache.expand(top.values, top.indices, fill_value(logits, top.values, temperature), logits.shape[1])
+    p, log_q = torch.softmax(logits / temperature, 1), torch.log_softmax(rebuilt / temperature, 1)
+    return (p * (p.clamp_min(1e-30).log() - log_q)).sum(1).mean().item()
+
+
+def measure_topk(args):
+    """The same distillation (same seeds, views, teacher) from a full float16 cache, a float32 one and top-k ones."""
+    rows, full = [], None
+    for variant in ["float16", "float32"] + [f"top{k}" for k in args.ks]:
+        extra = (["--teacher-cache-dtype", "float32"] if variant == "float32" else
+                 ["--teacher-cache-topk", variant[3:]] if variant.startswith("top") else [])
+        m = _distill(args, os.path.join(args.out, variant), extra)
+        full = full or m
+        row = {"cache": variant, "test_top1": m["test_top1"], "cache_bytes": m["teacher_cache"]["bytes"],
+               "teacher_test_top1": m["teacher"].get("test_top1")}
+        if variant.startswith("top"):
+            row["kl_teacher_vs_rebuilt_at_T4"] = _reconstruction(full["teacher_cache"]["path"], int(variant[3:]), 4.0)
+        rows.append(row)
+        print(f"{variant:<8} student test top-1 {row['test_top1']:.4f}  cache {row['cache_bytes'] / 1e6:.2f} MB"
+              + (f"  KL(teacher || rebuilt) at T=4: {row['kl_teacher_vs_rebuilt_at_T4']:.4f}"
+                 if "kl_teacher_vs_rebuilt_at_T4" in row else ""), flush=True)
+    return rows
+
+
 def _uptime():
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -203,12 +254,20 @@ def main(argv=None):
     c.add_argument("--seconds", type=float, default=10.0)
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
-    for s in (d, c):
+    k = sub.add_parser("topk", help="student accuracy from a full teacher cache against top-k ones")
+    k.add_argument("--teacher", required=True, help="a trained teacher checkpoint")
+    k.add_argument("--student", default="resnet8")
+    k.add_argument("--data", default=os.path.abspath(CIFAR))
+    k.add_argument("--train-subset", type=int, default=5000)
+    k.add_argument("--epochs", type=int, default=5)
+    k.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 5])
+    k.add_argument("--out", default="runs/topk")
+    for s in (d, c, k):
         s.add_argument("--json", help="write the figures to this file")
     args = p.parse_args(argv)
     before = _uptime()
     print("before:", before, flush=True)
-    rows = measure_dtype(args) if args.what == "dtype" else measure_contention(args)
+    rows = {"dtype": measure_dtype, "contention": measure_contention, "topk": measure_topk}[args.what](args)
     after = _uptime()
     print("after: ", after)
     if args.json:
