@@ -175,7 +175,7 @@ def run_quantize(cfg):
     teacher = teachers.load_teacher({**cfg, "teacher": teacher_spec}, teachers.TeacherOptions.from_cfg(cfg), data,
                                     train, test, Context())
     t_metrics = teacher.metrics
-    settle_teacher_dtype(teacher, cfg.get("teacher_dtype"), cfg["device"], train, cfg.get("channels_last"))
+    teacher_dtype = settle_teacher_dtype(teacher, cfg.get("teacher_dtype"), cfg["device"], train, cfg.get("channels_last"))
     cache = None
     if cfg.get("teacher_cache"):
         from .teacher_cache import TeacherCache
@@ -194,7 +194,7 @@ def run_quantize(cfg):
                        "drop_before": round((fp32_top1 - int8_before) * 100, 4),
                        "drop_after": None if not history else round((fp32_top1 - history[-1]["test_top1"]) * 100, 4),
                        "layers_int8": layers, "tool": "nncf.quantize (torch) + distillation fine-tuning"},
-               "teacher": {k: t_metrics.get(k) for k in ("model", "source", "test_top1")}}
+               "teacher": {**{k: t_metrics.get(k) for k in ("model", "source", "test_top1")}, "dtype": teacher_dtype}}
     qat = {"quantizers": plain_config(qmodel), "source": os.path.abspath(cfg["student"]),
            "source_top1": fp32_top1, "layers_int8": layers, "calib_size": cfg["calib_size"]}
     ckpt_cfg = {**cfg, "data": data.spec, "teacher": teacher_spec}
