@@ -17,7 +17,8 @@ pass'``) started beside it; for each wait policy: libgomp's default (spinning), 
 1 thread, and edgekd's own setting (edgekd.base.cpu.passive_wait, what `edgekd distill` does).
 
 ``topk``: the same distillation (seeds, views, teacher) from a float16 cache (the default), a float32
-one and top-k ones: the student's test top-1, the cache's size, and KL(teacher || rebuilt) at T = 4.
+one, one made by the teacher in float32 rather than --teacher-dtype auto, and top-k ones: the
+student's test top-1, the cache's size, and KL(teacher || rebuilt) at T = 4.
 
 Each prints a table and, with --json, the figures; they print `uptime` before and after: on a shared
 machine the figures move with other people's work.
@@ -221,13 +222,15 @@ def _reconstruction(cache_path, k, temperature):
 def measure_topk(args):
     """The same distillation (same seeds, views, teacher) from a full float16 cache, a float32 one and top-k ones."""
     rows, full = [], None
-    for variant in ["float16", "float32"] + [f"top{k}" for k in args.ks]:
+    for variant in ["float16", "float32", "teacher-float32"] + [f"top{k}" for k in args.ks]:
         extra = (["--teacher-cache-dtype", "float32"] if variant == "float32" else
+                 ["--teacher-dtype", "float32"] if variant == "teacher-float32" else
                  ["--teacher-cache-topk", variant[3:]] if variant.startswith("top") else [])
         m = _distill(args, os.path.join(args.out, variant), extra)
         full = full or m
         row = {"cache": variant, "test_top1": m["test_top1"], "cache_bytes": m["teacher_cache"]["bytes"],
-               "teacher_test_top1": m["teacher"].get("test_top1")}
+               "teacher_test_top1": m["teacher"].get("test_top1"), "teacher_dtype": m["teacher"]["dtype"],
+               "cache_build_seconds": m["teacher_cache"]["build_seconds"]}
         if variant.startswith("top"):
             row["kl_teacher_vs_rebuilt_at_T4"] = _reconstruction(full["teacher_cache"]["path"], int(variant[3:]), 4.0)
         rows.append(row)
