@@ -18,7 +18,7 @@ from edgekd.core.data import InputSpec
 from edgekd.core.distill import FrozenTeacher, prepare_data
 from edgekd.core.losses import make_loss
 from edgekd.core.teacher_cache import LiveMemo, TeacherCache, fill_value
-from edgekd.core.teacher_speed import resolve_dtype, settle_teacher_dtype
+from edgekd.core.teacher_speed import check_dtype, resolve_dtype, settle_teacher_dtype
 from edgekd.core.train_loop import TrainRun, fit
 
 SPEC = InputSpec(1, 8, 8, [0.5], [0.5])
@@ -211,6 +211,11 @@ def test_teacher_dtype_auto_follows_the_cpus_bf16_flags(digits, monkeypatch):
         resolve_dtype("bfloat16", teacher, "cpu")
     with pytest.raises(EdgeKDError, match="choose from auto, float32, bfloat16"):
         resolve_dtype("float16", teacher, "cpu")
+    # the CLI refuses it before reading data or training a teacher
+    with pytest.raises(EdgeKDError, match="applies to PyTorch teachers"):
+        check_dtype("bfloat16", "t.onnx", "onnx")
+    check_dtype("bfloat16", "teacher.pt", "checkpoint")
+    check_dtype("auto", "t.onnx", "onnx")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,7 +15,7 @@ from .data import load_data
 from .losses import LOSSES, UNLABELED, make_loss
 from .models import (build_pretrained, check_student, count_flops, count_params,
                      fetch_pretrained, pretrained_norm)
-from .teacher_speed import settle_teacher_dtype
+from .teacher_speed import check_dtype, settle_teacher_dtype
 from .teachers import FrozenTeacher  # noqa: F401  (its old home; tests and scripts import it from here)
 from .train_loop import TrainRun, evaluate, fit, seed_everything
 
@@ -288,7 +288,7 @@ def run_distill(saved_cfg, cfg, ctx):
     check_student(cfg["student"], cfg.get("student_weights"))
     check_cache_options(cfg)
     t_options = teachers.TeacherOptions.from_cfg(cfg)
-    teachers.check(cfg["teacher"], t_options, meta)
+    check_dtype(cfg.get("teacher_dtype"), cfg["teacher"], teachers.check(cfg["teacher"], t_options, meta).kind)
     fetch_pretrained(cfg["student"])
     seed_everything(cfg["seed"])
     data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg["student"], cfg.get("student_weights")))

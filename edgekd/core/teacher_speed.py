@@ -24,6 +24,17 @@ TEACHER_DTYPES = ("auto", "float32", "bfloat16")
 AGREEMENT_IMAGES = 256
 
 
+# Teacher sources whose runtime (ONNX Runtime, OpenVINO) sets the precision: no PyTorch module to cast.
+BLACK_BOX_KINDS = ("bundle", "onnx", "openvino")
+
+
+def check_dtype(choice, spec, kind):
+    """Refuse --teacher-dtype bfloat16 for a black-box teacher before any data is read or teacher trained."""
+    if choice == "bfloat16" and kind in BLACK_BOX_KINDS:
+        raise EdgeKDError(f"--teacher-dtype bfloat16 applies to PyTorch teachers; {spec!r} is a {kind} teacher "
+                          "whose runtime sets its own precision (use auto or float32)")
+
+
 def resolve_dtype(choice, teacher, device):
     """(dtype name, why) for ``--teacher-dtype choice``; a one-line error when it cannot apply."""
     choice = choice or "auto"
