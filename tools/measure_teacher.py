@@ -222,12 +222,12 @@ def _reconstruction(cache_path, k, temperature):
 def measure_topk(args):
     """The same distillation (same seeds, views, teacher) from a full float16 cache, a float32 one and top-k ones."""
     rows, full = [], None
-    for variant in ["float16", "float32", "teacher-float32"] + [f"top{k}" for k in args.ks]:
+    for variant in ["float16"] + [f"top{k}" for k in args.ks] + ["float32", "teacher-float32"]:
         extra = (["--teacher-cache-dtype", "float32"] if variant == "float32" else
                  ["--teacher-dtype", "float32"] if variant == "teacher-float32" else
                  ["--teacher-cache-topk", variant[3:]] if variant.startswith("top") else [])
         m = _distill(args, os.path.join(args.out, variant), extra)
-        full = full or m
+        full = full or m  # the float16 cache: the reference the top-k ones are rebuilt from
         row = {"cache": variant, "test_top1": m["test_top1"], "cache_bytes": m["teacher_cache"]["bytes"],
                "teacher_test_top1": m["teacher"].get("test_top1"), "teacher_dtype": m["teacher"]["dtype"],
                "cache_build_seconds": m["teacher_cache"]["build_seconds"]}

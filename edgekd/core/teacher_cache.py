@@ -106,7 +106,7 @@ class TeacherCache:
             self.key["teacher_view"] = view
         self.legacy_key = dict(self.key)  # what a one-file cache of earlier edgekd versions was keyed by
         if compute not in (None, "float32"):  # a bf16 teacher's answers are not a float32 teacher's
-            self.key["teacher_dtype"] = compute
+            self.key["teacher_dtype"] = f"{compute} (autocast)"  # how it was computed is part of the answer
         self.storage = {"format": FORMAT, "dtype": dtype, "topk": None if topk is None else int(topk),
                         "fill_temperature": None if topk is None else temperature}
         digest = hashlib.sha256(json.dumps([self.key, self.storage], sort_keys=True).encode()).hexdigest()[:16]

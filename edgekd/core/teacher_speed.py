@@ -6,8 +6,8 @@ docs/distillation.md, "A fast teacher on a CPU", and tools/measure_teacher.py) w
 AMX-BF16 and AVX512-BF16 kernels run it several times faster. Without those instructions bfloat16 is
 emulated and slower, so ``auto`` picks it only where the CPU has them (read from /proc/cpuinfo).
 
-The weights are cast once (``model.to(bfloat16)``) and a forward pre-hook casts the inputs, so the
-module keeps its layer names (feature hooks still find them); the Teacher returns float32 logits.
+The teacher's forward runs under ``torch.autocast(bfloat16)`` (see ``to_bfloat16``); the module keeps
+its layer names (feature hooks still find them) and the Teacher returns float32 logits.
 """
 
 import logging
@@ -67,20 +67,16 @@ def resolve_dtype(choice, teacher, device):
 
 
 class _InputCast:
-    """A forward pre-hook giving the teacher's inputs its dtype and memory layout."""
+    """A forward pre-hook giving the teacher's inputs its memory layout."""
 
     def __init__(self):
-        self.dtype, self.channels_last = None, False
+        self.channels_last = False
 
     def __call__(self, module, args):
         return tuple(self.cast(a) for a in args)
 
     def cast(self, a):
-        if not (torch.is_tensor(a) and a.is_floating_point()):
-            return a
-        if self.dtype is not None:
-            a = a.to(self.dtype)
-        if self.channels_last and a.dim() == 4:
+        if self.channels_last and torch.is_tensor(a) and a.dim() == 4:
             a = a.contiguous(memory_format=torch.channels_last)
         return a
 
@@ -92,10 +88,17 @@ def _input_cast(teacher):
     return teacher._input_cast
 
 
-def to_bfloat16(teacher):
-    """Cast a PyTorch teacher's weights to bfloat16 and its inputs on the way in (idempotent)."""
-    teacher.model.to(torch.bfloat16)
-    _input_cast(teacher).dtype = torch.bfloat16
+def to_bfloat16(teacher, device="cpu"):
+    """Run a PyTorch teacher under bfloat16 autocast (idempotent).
+
+    Autocast rather than casting the weights: convolutions and matrix products run in bfloat16 (the
+    time), batch-norm, softmax and reductions stay float32. Measured on a trained resnet20 (1,024
+    CIFAR-10 training views): top-1 agreement with float32 99.80 % under autocast, 99.41 % with the
+    weights cast, at the same speed within the noise of a shared machine (docs/distillation.md)."""
+    if getattr(teacher, "dtype_name", "float32") == "bfloat16":
+        return teacher
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    teacher.model.forward = torch.autocast(kind, dtype=torch.bfloat16)(teacher.model.forward)
     teacher.dtype_name = "bfloat16"
     return teacher
 
@@ -139,7 +142,7 @@ def settle_teacher_dtype(teacher, choice, device, views=None, channels_last="aut
         x, _ = views.batch(torch.arange(min(AGREEMENT_IMAGES, len(views))), epoch=1)
         x = x.to(device)
         before = _top1(teacher, x)
-    to_bfloat16(teacher)
+    to_bfloat16(teacher, device)
     if x is not None:
         agree = (_top1(teacher, x) == before).float().mean().item()
         record["top1_agreement_with_float32"] = {"agreement": agree, "images": len(x),
