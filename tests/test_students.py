@@ -65,7 +65,7 @@ def test_torchvision_weights_file_replaces_the_head_and_keeps_the_rest(tmp_path,
     reference = torchvision.models.resnet18(num_classes=1000)
     path = tmp_path / "r18.pth"
     torch.save(reference.state_dict(), path)
-    with caplog.at_level(logging.INFO, logger="edgekd.models"):
+    with caplog.at_level(logging.INFO, logger="edgekd.core.models"):
         model, record = build_pretrained("torchvision:resnet18:imagenet-stem", 10, GREY8, str(path))
     assert "replaced head fc 1000 -> 10 classes" in caplog.text
     assert record["head"] == ["fc 1000 -> 10"]
@@ -100,7 +100,7 @@ def test_weights_file_that_does_not_fit_names_the_first_bad_key(tmp_path):
 def test_train_from_a_torchvision_weights_file_and_export_the_checkpoint(cli, digits_folder, tmp_path):
     import torchvision
 
-    from edgekd.core.checkpoint import load_model
+    from edgekd.core.loading import load_model
 
     torch.manual_seed(2)
     reference = torchvision.models.resnet18(num_classes=1000)
@@ -135,7 +135,7 @@ def test_distill_a_timm_student_from_a_safetensors_file(cli, digits_folder, tmp_
     reference = timm.create_model("mobilenetv3_small_050", num_classes=1000)
     weights = tmp_path / "mnv3.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
-    with caplog.at_level(logging.INFO, logger="edgekd.models"):
+    with caplog.at_level(logging.INFO, logger="edgekd.core.models"):
         model, record = build_pretrained("timm:mobilenetv3_small_050", 10, RGB32, str(weights))
     assert "replaced head classifier 1000 -> 10 classes" in caplog.text
     ref, got = _params(reference), _params(model)
@@ -165,7 +165,8 @@ def test_named_weights_without_internet_fail_in_one_line(digits_folder, tmp_path
 
 
 def test_a_pretrained_spec_rebuilds_from_a_checkpoint_without_downloading(tmp_path):
-    from edgekd.core.checkpoint import load_model, save_checkpoint
+    from edgekd.core.checkpoint import save_checkpoint
+    from edgekd.core.loading import load_model
 
     model = build_model("torchvision:resnet18:DEFAULT", 10, GREY8)  # architecture only: nothing downloaded
     save_checkpoint(tmp_path / "m.pt", model, spec="torchvision:resnet18:DEFAULT", classes=[str(i) for i in range(10)],

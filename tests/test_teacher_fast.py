@@ -14,6 +14,7 @@ from torch import nn
 from edgekd import EdgeKDError
 from edgekd.base import cpu
 from edgekd.core.augment import AugmentPlan, Views
+from edgekd.core.config import TrainOptions
 from edgekd.core.data import InputSpec
 from edgekd.core.distill import FrozenTeacher, prepare_data
 from edgekd.core.losses import make_loss
@@ -39,9 +40,8 @@ class Counted(nn.Module):
 
 @pytest.fixture(scope="module")
 def digits():
-    cfg = {"data": "digits", "progress": False, "workers": 0, "train_subset": 120, "augment": "standard",
-           "aug_seed": 1, "device": "cpu"}
-    return prepare_data(cfg)
+    return prepare_data(TrainOptions(data="digits", progress=False, workers=0, train_subset=120, augment="standard",
+                                     aug_seed=1, device="cpu"))
 
 
 def _views(train, kind):
@@ -163,9 +163,8 @@ def test_views_that_cannot_differ_are_computed_once(digits, tmp_path):
     live = _teacher(data)
     memo = LiveMemo.for_run(plain.plan, len(plain), 10)
     assert LiveMemo.for_run(train.plan, len(train), 10) is None  # standard augmentation: views differ by epoch
-    cfg = {"epochs": 3, "batch_size": 40, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0,
-           "schedule": "constant", "warmup_epochs": 0, "seed": 0, "device": "cpu", "progress": False,
-           "report_epochs": False, "bn_recalibrate": "never"}
+    cfg = TrainOptions(epochs=3, batch_size=40, lr=0.05, weight_decay=0.0, schedule="constant", warmup_epochs=0,
+                       seed=0, device="cpu", progress=False, bn_recalibrate="never")
     student = Counted()
     fit(student, TrainRun(plain, test, make_loss("kd")[0], teacher=live, memo=memo), cfg)
     assert memo.teacher_calls == 3 and live.model.calls == 3  # 120 images in batches of 40, in epoch 1 only

@@ -22,21 +22,14 @@ import shutil
 import tempfile
 
 from .. import EdgeKDError, Interrupted, __version__
+from .files import TMP, atomic_write, host_tag, temp_prefix  # noqa: F401  (temp_prefix: re-exported)
 
 log = logging.getLogger(__name__)
 
 MARKER = ".edgekd"
 LOCK = ".edgekd.lock"
-TMP = "edgekd-tmp-"
 _TMP_NAME = re.compile(r"^\.?" + TMP + r"(\d+)-([a-z0-9]*)-")
 
-
-def _host():
-    """This machine, in temporary names: a pid means something only on the machine that made it
-    (a shared or network folder may hold another machine's live temporaries)."""
-    import socket
-
-    return re.sub(r"[^a-z0-9]", "", socket.gethostname().lower())[:16]
 
 # What each command writes into its folder (a --force run sets these aside, whichever command wrote them).
 OUTPUTS = {
@@ -45,11 +38,6 @@ OUTPUTS = {
     "bench": ("results.json", "results.csv", "report.md", "accuracy_vs_latency.png", "latency.png", "compare.md"),
 }
 ALL_OUTPUTS = frozenset(n for names in OUTPUTS.values() for n in names)
-
-
-def temp_prefix(kind=""):
-    """The prefix of a temporary file or folder of this process (pass a leading '.' to hide it)."""
-    return f"{TMP}{os.getpid()}-{_host()}-{kind + '-' if kind else ''}"
 
 
 def _alive(pid):
@@ -72,7 +60,7 @@ def clean_stale(folder):
         return
     for name in names:
         m = _TMP_NAME.match(name)
-        if not m or m.group(2) != _host() or _alive(int(m.group(1))):
+        if not m or m.group(2) != host_tag() or _alive(int(m.group(1))):
             continue
         path = os.path.join(folder, name)
         log.info("removing %s, left by edgekd process %s that no longer runs", path, m.group(1))
@@ -122,9 +110,14 @@ def _contents(out):
     return sorted(n for n in os.listdir(out) if n not in (LOCK, MARKER) and not _TMP_NAME.match(n))
 
 
+# The bundle manifest's name (edgekd.bundle.runner.MANIFEST_FILE, which this layer sits below; a test
+# keeps the two equal).
+BUNDLE_MANIFEST = "manifest.json"
+
+
 def _is_bundle(folder):
     try:
-        with open(os.path.join(folder, "manifest.json")) as f:
+        with open(os.path.join(folder, BUNDLE_MANIFEST)) as f:
             return isinstance(json.load(f).get("files"), dict)
     except (OSError, ValueError, AttributeError):
         return False
@@ -168,7 +161,7 @@ def check_zip(path, force):
         raise EdgeKDError(f"{path!r} already exists; pass --force to replace it or choose another --out")
     try:
         with zipfile.ZipFile(path) as z:
-            ours = any(n.count("/") == 1 and n.endswith("/manifest.json") for n in z.namelist())
+            ours = any(n.count("/") == 1 and n.endswith("/" + BUNDLE_MANIFEST) for n in z.namelist())
     except (OSError, zipfile.BadZipFile):
         ours = False
     if not ours or not os.path.isfile(path):
@@ -236,8 +229,6 @@ class RunFolder:
             self.fd = None
 
     def _mark(self):
-        from .files import atomic_write
-
         def write(tmp):
             with open(tmp, "w") as f:
                 json.dump({"command": self.command, "edgekd": __version__}, f)

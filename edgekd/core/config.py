@@ -7,6 +7,13 @@ converting and checking every value with the same ``check``: the same types, ran
 the same one-line error whichever way a value came in. NaN and infinity are refused wherever a
 number is taken; an unknown YAML key is named with the closest valid one.
 
+Each table also makes the command's typed options, a frozen dataclass (``TrainOptions``,
+``DistillOptions``, ``QuantizeOptions``, ``ExportOptions``, ``BenchOptions``, ``PredictOptions``,
+``DeployOptions``; ``CLASSES[command]``) with one field per option and the option's default. ``resolve``
+returns one; the rest of edgekd reads attributes (``opts.epochs``), and a Python caller building one
+(``ExportOptions(format="onnx", out="b")``) gets the same checks. ``saved(opts)`` is what config.yaml
+records.
+
 Adding an option is one line in its command's list (the flag is the name with dashes)::
 
     Opt("teacher_input_size", "int", None, "the teacher's input size in pixels (default: the data's)", low=1),
@@ -21,11 +28,12 @@ already says "default"), ``low``/``high`` (bounds, inclusive unless ``low_open``
 options that only the command line takes (--force, --config).
 """
 
-import argparse
+import dataclasses
 import difflib
 import math
 import os
 from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type
 
 from .. import EdgeKDError
 
@@ -38,26 +46,26 @@ RECORD_ONLY = ("loss_params", "command", "resume", "teacher_resolved")
 class Opt:
     name: str
     kind: str
-    default: object
+    default: Any
     help: str
-    low: float = None
-    high: float = None
+    low: Optional[float] = None
+    high: Optional[float] = None
     low_open: bool = False
     high_open: bool = False
-    choices: tuple = None
+    choices: Optional[Tuple[str, ...]] = None
     item: str = "str"
-    flags: tuple = ()
-    metavar: str = None
-    group: str = None
+    flags: Tuple[str, ...] = ()
+    metavar: Optional[str] = None
+    group: Optional[str] = None
     positional: bool = False
-    nargs: str = None
-    negate: str = None
+    nargs: Optional[str] = None
+    negate: Optional[str] = None
     required: bool = False
-    check: object = None
+    check: Optional[Callable[[Any], Optional[str]]] = None
     yaml: bool = True
 
     @property
-    def flag(self):
+    def flag(self) -> str:
         return self.name if self.positional else "--" + self.name.replace("_", "-")
 
 
@@ -547,11 +555,14 @@ def _from_yaml(command, values, source, resumed=False):
     return out
 
 
-def resolve(command, given, yaml_path=None, yaml_name=None, resumed=False):
-    """The run's configuration: defaults, then ``yaml_path``'s values, then ``given`` (the command
-    line's values, text as typed; None means "not given"), every value checked the same way."""
+def resolve(command: str, given: Dict[str, Any], yaml_path: Optional[str] = None,
+            yaml_name: Optional[str] = None, resumed: bool = False,
+            fixed: Optional[Dict[str, Any]] = None) -> "Options":
+    """The run's options: defaults, then ``yaml_path``'s values, then ``given`` (the command line's
+    values, text as typed; None means "not given"), every value checked the same way; ``fixed`` values
+    (set by edgekd itself, such as --resume's) last."""
     opts = COMMANDS[command]
-    cfg = {o.name: (list(o.default) if isinstance(o.default, list) else o.default) for o in opts}
+    cfg: Dict[str, Any] = {}
     if yaml_path:
         cfg.update(_from_yaml(command, read_yaml(yaml_path), yaml_name or f"config file {yaml_path!r}", resumed))
     for opt in opts:
@@ -559,31 +570,82 @@ def resolve(command, given, yaml_path=None, yaml_name=None, resumed=False):
         if value is not None:
             cfg[opt.name] = check(opt, value)
     for opt in opts:
-        if opt.required and cfg[opt.name] is None:
+        if opt.required and cfg.get(opt.name, opt.default) is None:
             raise EdgeKDError(f"{opt.metavar if opt.positional else opt.flag} is required")
-    return cfg
+    return CLASSES[command](**{**cfg, **(fixed or {})})
 
 
-def parse_args(ns):
-    """An argparse namespace (as ``add_options`` made it) -> the resolved namespace the commands use:
-    YAML from --config, or DIR/config.yaml with --resume DIR (then --out is DIR)."""
+def parse_args(ns: Any) -> "Options":
+    """An argparse namespace (as ``add_options`` made it) -> the command's typed options: YAML from
+    --config, or DIR/config.yaml with --resume DIR (then --out is DIR)."""
     command = ns.command
     given = {o.name: getattr(ns, o.name, None) for o in COMMANDS[command]}
     yaml_path, yaml_name = given.get("config"), None
-    if given.get("resume"):
-        folder = given["resume"]
+    folder = given.get("resume")
+    if folder:
         yaml_path = os.path.join(folder, "config.yaml")
         if not os.path.isfile(yaml_path):
             raise EdgeKDError(f"cannot resume {folder!r}: it has no config.yaml (not an edgekd train/distill folder)")
         yaml_name = f"{yaml_path} (the run being resumed)"
         given["out"] = None
-    cfg = resolve(command, given, yaml_path, yaml_name, resumed=bool(given.get("resume")))
-    if given.get("resume"):
-        cfg.update(out=given["resume"], force=True, resume=given["resume"])
-    return argparse.Namespace(**cfg, command=command, func=ns.func, debug=ns.debug)
+    fixed = {"out": folder, "force": True, "resume": folder} if folder else None
+    return resolve(command, given, yaml_path, yaml_name, resumed=bool(folder), fixed=fixed)
 
 
-def saved(args):
+def saved(opts: "Options") -> Dict[str, Any]:
     """The options of a run as config.yaml records them (control options left out)."""
-    keep = {o.name for o in COMMANDS[args.command] if o.yaml}
-    return {k: v for k, v in vars(args).items() if k in keep}
+    return {o.name: getattr(opts, o.name) for o in COMMANDS[opts.command] if o.yaml}
+
+
+# ---------------------------------------------------------------------------------------------
+# One frozen dataclass per command, generated from its table: TrainOptions, DistillOptions, ...
+# The table stays the one declaration of an option (name, type, default, help, rule); the class
+# gives the rest of edgekd attribute access (``opts.epochs``) and checks every value it is built
+# with, so a Python caller (``ExportOptions(format="onnx", out=...)``) is held to the same rules
+# as the command line and YAML.
+
+_TYPES: Dict[str, Any] = {"int": Optional[int], "float": Optional[float], "str": Optional[str], "bool": bool,
+                          "list": Optional[List[Any]]}
+
+
+class Options:
+    """Base of the generated option classes; ``command`` names the table a class was made from."""
+
+    command: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for opt in COMMANDS[self.command]:
+            value = getattr(self, opt.name)
+            if value is None and (opt.positional or opt.default is None):
+                continue
+            object.__setattr__(self, opt.name, check(opt, value))
+
+    def __getattr__(self, name: str) -> Any:  # only called for a name that is not a field
+        raise AttributeError(f"edgekd {self.command} has no option {name!r}")
+
+
+def _field(opt: Opt) -> Tuple[str, Any, Any]:
+    if isinstance(opt.default, list):
+        default = list(opt.default)
+        return opt.name, _TYPES[opt.kind], dataclasses.field(default_factory=lambda: list(default))
+    return opt.name, _TYPES[opt.kind], dataclasses.field(default=opt.default)
+
+
+def _options_class(command: str) -> Type[Options]:
+    name = command.capitalize() + "Options"
+    cls = dataclasses.make_dataclass(
+        name, [_field(o) for o in COMMANDS[command]], bases=(Options,), frozen=True, kw_only=True,
+        namespace={"command": command, "__doc__": f"The options of ``edgekd {command}`` (generated from "
+                                                    f"edgekd.core.config.{command.upper()})."})
+    cls.__module__ = __name__  # picklable (torchrun broadcasts, worker processes)
+    return cls
+
+
+CLASSES: Dict[str, Type[Options]] = {command: _options_class(command) for command in COMMANDS}
+TrainOptions = CLASSES["train"]
+DistillOptions = CLASSES["distill"]
+QuantizeOptions = CLASSES["quantize"]
+ExportOptions = CLASSES["export"]
+BenchOptions = CLASSES["bench"]
+PredictOptions = CLASSES["predict"]
+DeployOptions = CLASSES["deploy"]

@@ -44,7 +44,7 @@ def open_image(path):
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             found = re.search(r"\((\d+) pixels\)", str(e))
             pixels = int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1
-            raise ImageTooLarge(_too_large(path, pixels)) from None
+            raise ImageTooLarge(_too_large(path, pixels)) from e
     if img.width * img.height > MAX_IMAGE_PIXELS:
         img.close()
         raise ImageTooLarge(_too_large(path, img.width * img.height, img.size))
@@ -197,7 +197,7 @@ def _imagefolder(spec, path, input_spec):
         train = ImageFolder(train_dir, transform=tf, loader=load_image)
         test = ImageFolder(test_dir, transform=tf, loader=load_image)
     except (FileNotFoundError, OSError) as e:
-        raise EdgeKDError(f"cannot read image folder {path!r}: {e}") from None
+        raise EdgeKDError(f"cannot read image folder {path!r}: {e}") from e
     if train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
@@ -261,7 +261,7 @@ def _torchvision_cifar(spec, data_root, input_spec):
         raise EdgeKDError(
             f"could not load {spec} into {root!r} ({type(e).__name__}: {e}); "
             "pass --data-root pointing at a downloaded copy or an ImageFolder folder"
-        ) from None
+        ) from e
     return Data(spec, train, test, list(train.classes), spec_in)
 
 

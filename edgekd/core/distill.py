@@ -4,6 +4,7 @@ what each run writes. The loop itself is in train_loop.py, the batch-norm check 
 import json
 import logging
 import os
+from dataclasses import replace
 
 import torch
 
@@ -11,9 +12,11 @@ from .. import EdgeKDError
 from . import teachers
 from .batchnorm import check_batchnorm
 from .checkpoint import atomic_write, save_checkpoint
+from .config import saved
 from .data import load_data
 from .losses import LOSSES, UNLABELED, make_loss
-from .models import (build_pretrained, check_student, count_flops, count_params,
+from .loading import load_model
+from .models import (build_model, build_pretrained, check_student, count_flops, count_params,
                      fetch_pretrained, pretrained_norm)
 from .teacher_speed import check_dtype, settle_teacher_dtype
 from .teachers import FrozenTeacher  # noqa: F401  (its old home; tests and scripts import it from here)
@@ -22,7 +25,8 @@ from .train_loop import TrainRun, evaluate, fit, seed_everything
 log = logging.getLogger(__name__)
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
+    """``obj`` as indented JSON at ``path``, written atomically."""
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
@@ -31,7 +35,8 @@ def _write_json(path, obj):
     atomic_write(path, write)
 
 
-def _save_config(out, cfg):
+def save_config(out, cfg):
+    """The run's resolved options as OUT/config.yaml (written atomically), so the run can be repeated."""
     import yaml
 
     def write(tmp):
@@ -53,7 +58,7 @@ def _finish(model, run, cfg, metrics):
     if bn is not None:
         metrics["batchnorm"] = bn
         if bn["recalibrated"]:
-            metrics["test_top1"] = evaluate(model, run.test, cfg["device"], dist=run.dist)
+            metrics["test_top1"] = evaluate(model, run.test, cfg.device, dist=run.dist)
             bn["test_top1_after"] = metrics["test_top1"]
     return metrics
 
@@ -61,6 +66,30 @@ def _finish(model, run, cfg, metrics):
 def _save(path, model, spec, data, metrics, cfg):
     return save_checkpoint(path, model, spec=spec, classes=data.classes, input_spec=data.input,
                            data_spec=data.spec, metrics=metrics, config=cfg)
+
+
+def train_teacher(cfg, spec, data, train, test, ctx, epochs):
+    """A teacher given as a model spec (seed-teacher, resnet20, torchvision:resnet18, ...), trained here on the
+    data first and saved as OUT/teacher.pt; a resumed run reads the teacher.pt it trained before the interruption.
+    ``epochs``: distill's --teacher-epochs (else --epochs). Returns the teachers.Trained that load_teacher turns
+    into the Teacher."""
+    path = os.path.join(cfg.out, "teacher.pt")
+    if cfg.resume and ctx.broadcast_object(os.path.isfile(path)):  # trained before the interruption
+        model, ckpt = load_model(path)
+        log.info("resuming: teacher already trained (%s)", path)
+        return teachers.Trained(model, ckpt, path, dict(ckpt["metrics"]))
+    model = build_model(spec, len(data.classes), data.input)
+    loss_fn, _ = make_loss("ce", label_smoothing=cfg.label_smoothing)
+    t_cfg = replace(cfg, epochs=epochs)
+    run = TrainRun(train, test, loss_fn, dist=ctx)
+    history = fit(model, run, t_cfg, desc=f"teacher {spec}", state_path=os.path.join(cfg.out, "teacher.state.pt"))
+    metrics = _finish(model, run, t_cfg, _summary(spec, epochs, history, model, data))
+    metrics["source"] = "trained"
+    if ctx.is_main:
+        _save(path, model, spec, data, metrics, saved(t_cfg))
+    ctx.barrier()  # the others hash teacher.pt for the teacher cache: wait until it is written
+    ckpt = {"input": data.input.to_dict(), "classes": data.classes}
+    return teachers.Trained(model.eval().cpu(), ckpt, path, metrics)
 
 
 def _parse_stats(text, channels):
@@ -77,35 +106,35 @@ def _parse_stats(text, channels):
     return mean, std
 
 
-def prepare_data(cfg, input_spec=None, pretrained=None):
+def prepare_data(cfg, input_spec=None, pretrained=None, unlabeled=None):
     """Load the data spec, decode the (subset of the) train split and the test split into memory,
     settle the normalisation (from the train split unless given; a pretrained student's own with
     ``pretrained`` = (mean, std, source) and --norm auto), and build the augmentation plan.
 
-    With cfg['unlabeled'] the images of that folder join the training views after the labelled ones,
+    With ``unlabeled`` (a folder: --unlabeled) the images of that folder join the training views after the labelled ones,
     with label edgekd.losses.UNLABELED (teacher term only)."""
     from .augment import AugmentPlan, Views, decode_split, stratified_subset
 
-    data = load_data(cfg["data"], cfg.get("data_root"), input_spec=input_spec)
-    progress, workers = cfg.get("progress", True), cfg.get("workers", 0)
+    data = load_data(cfg.data, cfg.data_root, input_spec=input_spec)
+    progress, workers = cfg.progress, cfg.workers
     subset = None
-    if cfg.get("train_subset"):
-        subset = stratified_subset(_targets(data.train), cfg["train_subset"], seed=cfg.get("subset_seed", 0))
-    skip = cfg.get("skip_bad_images", False)
+    if cfg.train_subset:
+        subset = stratified_subset(_targets(data.train), cfg.train_subset, seed=0)
+    skip = cfg.skip_bad_images
     train_images, train_labels = decode_split(data.train, data.input, subset, workers, "decode train", progress, skip)
     skipped = list(decode_split.skipped)
     test_images, test_labels = decode_split(data.test, data.input, None, workers, "decode test", progress, skip)
     data.skipped_images = skipped + list(decode_split.skipped)
     data.norm_source = _settle_norm(data, cfg, input_spec, train_images, pretrained)
     data.labelled_images, data.unlabeled = len(train_labels), None
-    if cfg.get("unlabeled"):
-        extra, data.unlabeled = _decode_unlabeled(cfg, data, subset, workers, progress, skip)
+    if unlabeled:
+        extra, data.unlabeled = _decode_unlabeled(unlabeled, data, subset, workers, progress, skip)
         train_images = torch.cat([train_images, extra])
         train_labels = torch.cat([train_labels, torch.full((len(extra),), UNLABELED, dtype=train_labels.dtype)])
-    augment = cfg.get("augment") or "auto"
+    augment = cfg.augment or "auto"
     if augment == "auto":  # flips and shifts turn digits into other digits; photos take them well
         augment = "none" if data.spec == "digits" else "standard"
-    plan = AugmentPlan(augment, len(train_labels), seed=cfg.get("aug_seed", 0))
+    plan = AugmentPlan(augment, len(train_labels), seed=cfg.aug_seed)
     train = Views(train_images, train_labels, data.input.mean, data.input.std, plan)
     test = Views(test_images, test_labels, data.input.mean, data.input.std)
     data.train_size = len(train)
@@ -121,7 +150,7 @@ def _settle_norm(data, cfg, input_spec, train_images, pretrained):
     normalised like the same run without it."""
     from .augment import channel_stats
 
-    norm = cfg.get("norm") or "auto"
+    norm = cfg.norm or "auto"
     if input_spec is not None:
         return "checkpoint"
     if norm == "auto" and pretrained is not None:
@@ -144,7 +173,7 @@ def _fit_channels(values, channels):
     return [sum(values) / len(values)] * channels
 
 
-def _decode_unlabeled(cfg, data, subset, workers, progress, skip):
+def _decode_unlabeled(unlabeled, data, subset, workers, progress, skip):
     """The --unlabeled folder's images at the data's input (uint8), and their record for metrics.json."""
     from .augment import decode_split
     from .data import load_unlabeled, split_paths
@@ -152,10 +181,10 @@ def _decode_unlabeled(cfg, data, subset, workers, progress, skip):
     labelled = split_paths(data.train, subset)
     if labelled is None:
         log.info("%s has no image files: --unlabeled images cannot be compared with it by path", data.spec)
-    folder = load_unlabeled(cfg["unlabeled"], labelled, split_paths(data.test))
+    folder = load_unlabeled(unlabeled, labelled, split_paths(data.test))
     images, _ = decode_split(folder, data.input, None, workers, "decode unlabeled", progress, skip)
     if not len(images):
-        raise EdgeKDError(f"--unlabeled {cfg['unlabeled']!r}: none of its {folder.found} image files could be read")
+        raise EdgeKDError(f"--unlabeled {unlabeled!r}: none of its {folder.found} image files could be read")
     record = {"folder": folder.folder, "files": folder.found, "images": len(images),
               "skipped": {**folder.skipped, "unreadable": len(decode_split.skipped)},
               "compared_by_path": labelled is not None}
@@ -173,20 +202,21 @@ def _data_record(data, train, cfg):
     labelled = getattr(data, "labelled_images", len(train))
     return {"spec": data.spec, "train_images": len(train), "labelled_images": labelled,
             "unlabeled_images": len(train) - labelled, "unlabeled": getattr(data, "unlabeled", None),
-            "train_subset": cfg.get("train_subset"), "skipped_bad_images": len(getattr(data, "skipped_images", [])),
+            "train_subset": cfg.train_subset, "skipped_bad_images": len(getattr(data, "skipped_images", [])),
             "test_images": None, **train.plan.describe(), "mean": data.input.mean, "std": data.input.std,
             "norm": getattr(data, "norm_source", None)}
 
 
 def _joined(run_fn):
-    """Run ``run_fn(cfg, ctx)`` inside the torchrun job (or alone); cfg['device'] becomes this rank's."""
+    """Run ``run_fn(saved, options, ctx)`` inside the torchrun job (or alone): ``saved`` is what config.yaml
+    records (the options as given), ``options.device`` becomes this rank's."""
 
     def wrapper(cfg):
         from . import distributed
 
-        ctx, device = distributed.init(cfg["device"])
+        ctx, device = distributed.init(cfg.device)
         try:
-            return run_fn(cfg, {**cfg, "device": device}, ctx)
+            return run_fn(saved(cfg), replace(cfg, device=device), ctx)
         finally:
             ctx.close()
 
@@ -197,40 +227,40 @@ def _joined(run_fn):
 def _distributed_record(ctx, cfg, run):
     from .distributed import rank_record
 
-    return {**ctx.describe(cfg["batch_size"]), "ranks": ctx.gather_objects(rank_record(ctx, cfg["device"], run.local_images))}
+    return {**ctx.describe(cfg.batch_size), "ranks": ctx.gather_objects(rank_record(ctx, cfg.device, run.local_images))}
 
 
 @_joined
 def run_train(saved_cfg, cfg, ctx):
     """``edgekd train``: supervised training of one model. Writes model.pt, metrics.json, config.yaml."""
-    if cfg.get("unlabeled"):
+    if cfg.unlabeled:
         raise EdgeKDError("--unlabeled images are learned from the teacher's answers and edgekd train has no teacher: "
                           "use edgekd distill --unlabeled DIR")
-    check_student(cfg["model"], cfg.get("weights"))
-    fetch_pretrained(cfg["model"])
-    seed_everything(cfg["seed"])
-    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg["model"], cfg.get("weights")))
-    model, init = build_pretrained(cfg["model"], len(data.classes), data.input, cfg.get("weights"))
+    check_student(cfg.model, cfg.weights)
+    fetch_pretrained(cfg.model)
+    seed_everything(cfg.seed)
+    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg.model, cfg.weights))
+    model, init = build_pretrained(cfg.model, len(data.classes), data.input, cfg.weights)
     if ctx.is_main:
-        _save_config(cfg["out"], saved_cfg)
-    loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
+        save_config(cfg.out, saved_cfg)
+    loss_fn, _ = make_loss("ce", label_smoothing=cfg.label_smoothing)
     run = TrainRun(train, test, loss_fn, dist=ctx)
-    history = fit(model, run, cfg, desc=cfg["model"], state_path=os.path.join(cfg["out"], "model.state.pt"))
-    metrics = _finish(model, run, cfg, _summary(cfg["model"], cfg["epochs"], history, model, data))
+    history = fit(model, run, cfg, desc=cfg.model, state_path=os.path.join(cfg.out, "model.state.pt"))
+    metrics = _finish(model, run, cfg, _summary(cfg.model, cfg.epochs, history, model, data))
     metrics["pretrained"] = init
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     metrics["cpu"] = cpu_record()
     if ctx.is_main:
-        _save(os.path.join(cfg["out"], "model.pt"), model.cpu(), cfg["model"], data, metrics, saved_cfg)
-        _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
+        _save(os.path.join(cfg.out, "model.pt"), model.cpu(), cfg.model, data, metrics, saved_cfg)
+        write_json(os.path.join(cfg.out, "metrics.json"), metrics)
     return metrics
 
 
 def _loss_overrides(cfg):
     keys = ("temperature", "alpha", "beta", "student_layer", "teacher_layer")
-    overrides = {k: cfg.get(k) for k in keys}
-    overrides["warmup"] = cfg.get("dkd_warmup")
+    overrides = {k: getattr(cfg, k) for k in keys}
+    overrides["warmup"] = cfg.dkd_warmup
     return overrides
 
 
@@ -247,27 +277,27 @@ def _feature_taps(loss_fn, student, teacher, data):
 
 def check_cache_options(cfg):
     """--teacher-cache-topk without --teacher-cache would silently do nothing: refuse it."""
-    if cfg.get("teacher_cache_topk") and not cfg.get("teacher_cache"):
+    if cfg.teacher_cache_topk and not cfg.teacher_cache:
         raise EdgeKDError("--teacher-cache-topk K applies to the teacher cache: add --teacher-cache DIR")
 
 
 def _teacher_cache(cfg, teacher, train, taps, loss_params, ctx):
     """The run's TeacherCache, built by rank 0 (the others read it), and the seconds spent; (None, None) without."""
-    if not cfg.get("teacher_cache"):
+    if not cfg.teacher_cache:
         return None, None
     if taps is not None:
-        log.warning("loss %s needs the teacher's features, which are not cached: the teacher runs live", cfg["loss"])
+        log.warning("loss %s needs the teacher's features, which are not cached: the teacher runs live", cfg.loss)
         return None, None
     from .teacher_cache import TeacherCache
 
-    cache = TeacherCache(cfg["teacher_cache"], teacher, train, dtype=cfg.get("teacher_cache_dtype") or "float16",
-                         topk=cfg.get("teacher_cache_topk"), temperature=loss_params.get("temperature"))
+    cache = TeacherCache(cfg.teacher_cache, teacher, train, dtype=cfg.teacher_cache_dtype or "float16",
+                         topk=cfg.teacher_cache_topk, temperature=loss_params.get("temperature"))
     seconds = None
     if ctx.is_main:  # rank 0 computes and writes the cache; the others then read it
-        seconds = cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=cfg.get("progress", True))
+        seconds = cache.build(teacher, cfg.epochs, device=cfg.device, progress=cfg.progress)
     ctx.barrier()
     if not ctx.is_main:
-        cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=False)
+        cache.build(teacher, cfg.epochs, device=cfg.device, progress=False)
     return cache, ctx.broadcast_object(seconds)
 
 
@@ -281,28 +311,33 @@ def cpu_record():
 @_joined
 def run_distill(saved_cfg, cfg, ctx):
     """``edgekd distill``: train the student against the teacher. Writes student.pt, metrics.json, config.yaml."""
-    meta = LOSSES.meta(cfg["loss"])
+    meta = LOSSES.meta(cfg.loss)
     if not meta["needs_teacher"]:
-        raise EdgeKDError(f"loss {cfg['loss']!r} uses no teacher; use `edgekd train` or one of "
+        raise EdgeKDError(f"loss {cfg.loss!r} uses no teacher; use `edgekd train` or one of "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]))
-    check_student(cfg["student"], cfg.get("student_weights"))
+    check_student(cfg.student, cfg.student_weights)
     check_cache_options(cfg)
-    t_options = teachers.TeacherOptions.from_cfg(cfg)
-    check_dtype(cfg.get("teacher_dtype"), cfg["teacher"], teachers.check(cfg["teacher"], t_options, meta).kind)
-    fetch_pretrained(cfg["student"])
-    seed_everything(cfg["seed"])
-    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg["student"], cfg.get("student_weights")))
-    student, student_init = build_pretrained(cfg["student"], len(data.classes), data.input, cfg.get("student_weights"))
-    loss_fn, loss_params = make_loss(cfg["loss"], label_smoothing=cfg.get("label_smoothing"), **_loss_overrides(cfg))
+    t_options = teachers.TeacherOptions.from_options(cfg)
+    check_dtype(cfg.teacher_dtype, cfg.teacher, teachers.check(cfg.teacher, t_options, meta).kind)
+    fetch_pretrained(cfg.student)
+    seed_everything(cfg.seed)
+    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg.student, cfg.student_weights),
+                                     unlabeled=cfg.unlabeled)
+    student, student_init = build_pretrained(cfg.student, len(data.classes), data.input, cfg.student_weights)
+    loss_fn, loss_params = make_loss(cfg.loss, label_smoothing=cfg.label_smoothing, **_loss_overrides(cfg))
     if ctx.is_main:
-        _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params})
-    # a teacher trained here learns from the labelled images only
-    teacher = teachers.load_teacher(cfg, t_options, data, train.labelled(), test, ctx, evaluate_on=test)
+        save_config(cfg.out, {**saved_cfg, "loss_params": loss_params})
+    # a teacher given as a model spec is trained here first, on the labelled images only
+    trained = None
+    if teachers.resolve(cfg.teacher, t_options).kind == "model":
+        trained = train_teacher(cfg, cfg.teacher, data, train.labelled(), test, ctx,
+                                cfg.teacher_epochs or cfg.epochs)
+    teacher = teachers.load_teacher(cfg, t_options, data, train.labelled(), test, ctx, evaluate_on=test, trained=trained)
     if ctx.is_main:  # again, now with what the teacher turned out to be
-        _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params, "teacher_resolved": teacher.describe()})
+        save_config(cfg.out, {**saved_cfg, "loss_params": loss_params, "teacher_resolved": teacher.describe()})
     if t_options.views:  # after a teacher trained here: it learnt from every epoch's views
         train.plan.replay(t_options.views)
-    teacher_dtype = settle_teacher_dtype(teacher, cfg.get("teacher_dtype"), cfg["device"], train, cfg.get("channels_last"))
+    teacher_dtype = settle_teacher_dtype(teacher, cfg.teacher_dtype, cfg.device, train, cfg.channels_last)
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None
     cache, cache_seconds = _teacher_cache(cfg, teacher, train, taps, loss_params, ctx)
     memo = None
@@ -310,12 +345,12 @@ def run_distill(saved_cfg, cfg, ctx):
         from .teacher_cache import LiveMemo
 
         memo = LiveMemo.for_run(train.plan, len(train), len(data.classes))
-    seed_everything(cfg["seed"])  # the student's run does not depend on whether a teacher was trained
+    seed_everything(cfg.seed)  # the student's run does not depend on whether a teacher was trained
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache, taps=taps, dist=ctx, memo=memo)
-    history = fit(student, run, cfg, desc=f"student {cfg['student']}",
-                  state_path=os.path.join(cfg["out"], "student.state.pt"))
-    metrics = _finish(student, run, cfg, _summary(cfg["student"], cfg["epochs"], history, student, data))
-    metrics.update(loss=cfg["loss"], loss_params=loss_params, teacher={
+    history = fit(student, run, cfg, desc=f"student {cfg.student}",
+                  state_path=os.path.join(cfg.out, "student.state.pt"))
+    metrics = _finish(student, run, cfg, _summary(cfg.student, cfg.epochs, history, student, data))
+    metrics.update(loss=cfg.loss, loss_params=loss_params, teacher={
         **{k: teacher.metrics.get(k) for k in ("model", "source", "epochs", "test_top1", "params", "flops", "history")},
         **teacher.describe(), "dtype": teacher_dtype})
     metrics["pretrained"] = student_init
@@ -328,6 +363,6 @@ def run_distill(saved_cfg, cfg, ctx):
     metrics["cpu"] = cpu_record()
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     if ctx.is_main:
-        _save(os.path.join(cfg["out"], "student.pt"), student.cpu(), cfg["student"], data, metrics, saved_cfg)
-        _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
+        _save(os.path.join(cfg.out, "student.pt"), student.cpu(), cfg.student, data, metrics, saved_cfg)
+        write_json(os.path.join(cfg.out, "metrics.json"), metrics)
     return metrics
