@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from .. import EdgeKDError
 from ..core.config import BENCH_DEFAULTS, BENCH_QUICK
 # The building blocks, importable from here as before the split (tools/ and the tests use them).
-from .measure import (CHECK_S, EXTRA_ROUNDS, _measure, _measure_remote, _prepare, _progress_bar, _save_images,  # noqa: F401
+from .measure import (CHECK_S, EXTRA_ROUNDS, _measure, _measure_remote, _prepare, _progress_bar, save_images,  # noqa: F401
                       _ssh_targets, _timed_rounds, kept_visits)
 from .plan import (NATIVE_BACKEND, Job, Model, check_batch_memory, check_device, describe, parse_cpus,  # noqa: F401
                    plan_jobs)

@@ -43,6 +43,8 @@ FLOAT16_MAX = 65000.0
 
 def data_fingerprint(views):
     """A hash of the training images, labels and normalisation: the cache is only valid for these."""
+    if hasattr(views, "fingerprint"):  # views decoded from the files (edgekd.stream): files, labels, geometry
+        return views.fingerprint()
     h = hashlib.sha256()
     h.update(views.images.contiguous().numpy().tobytes())
     h.update(views.targets.numpy().tobytes())
@@ -204,7 +206,8 @@ class TeacherCache:
         return rows
 
     def _write_view(self, v, batches):
-        """Write view ``v`` from an iterator of (idx, float32 logits) into a file of its own, renamed when whole."""
+        """Write view ``v`` from an iterator of (idx, float32 logits) into a file of its own, renamed when whole.
+        Rows never given (an image left out by --skip-bad-images) stay zero and are never looked up."""
         from numpy.lib.format import open_memmap
 
         final = self._view_file(v)
@@ -242,10 +245,11 @@ class TeacherCache:
             return time.perf_counter() - start
         teacher.eval().to(device)
         for v in missing:
-            def logits(v=v):
-                for x, _, idx in bar(self.views.batches(batch_size, epoch=v), total=-(-n // batch_size),
-                                     desc=f"teacher cache view {v}", unit="batch", disable=not progress):
-                    yield idx, teacher(x.to(device)).float().cpu()
+            def logits(v=v):  # the teacher's own view of each crop when there is one (edgekd.stream)
+                for x, xt, _, idx in bar(self.views.batches(batch_size, epoch=v, teacher_view=True),
+                                         total=-(-n // batch_size), desc=f"teacher cache view {v}", unit="batch",
+                                         disable=not progress):
+                    yield idx, teacher((xt if xt is not None else x).to(device)).float().cpu()
             self._write_view(v, logits())
         seconds = time.perf_counter() - start
         log.info("teacher cache: %d views x %d images in %.1f s -> %s", len(missing), n, seconds, self.path)
@@ -253,10 +257,15 @@ class TeacherCache:
 
     def _import_legacy(self, missing):
         """Convert a one-file cache of an earlier edgekd (same key) instead of running the teacher again."""
+        from .safe_load import torch_file
+
         if not os.path.isfile(self.legacy_path) or self.key != self.legacy_key:
             return False
-        blob = torch.load(self.legacy_path, map_location="cpu", weights_only=True)
-        if blob.get("key") != self.legacy_key:
+        try:
+            blob = torch_file(self.legacy_path, "teacher cache")
+        except EdgeKDError:  # a damaged old file: computed again
+            return False
+        if not isinstance(blob, dict) or blob.get("key") != self.legacy_key:
             return False
         logits = blob["logits"]  # (epochs, N, classes) float32; its epoch e was view e
         if any(v > len(logits) for v in missing):

@@ -138,9 +138,9 @@ def settle_teacher_dtype(teacher, choice, device, views=None, channels_last="aut
     if name == "float32":
         return record
     x = None
-    if views is not None and len(views):
-        x, _ = views.batch(torch.arange(min(AGREEMENT_IMAGES, len(views))), epoch=1)
-        x = x.to(device)
+    if views is not None and len(views):  # the teacher's own view of each crop when there is one (edgekd.stream)
+        x, xt, _ = views.batch(torch.arange(min(AGREEMENT_IMAGES, len(views))), epoch=1, teacher_view=True)
+        x = (xt if xt is not None else x).to(device)
         before = _top1(teacher, x)
     to_bfloat16(teacher, device)
     if x is not None:
