@@ -51,7 +51,7 @@ def describe(path):
         return {"model": name, "path": path, "kind": m["format"], "precision": m["precision"], "arch": m.get("model"),
                 "params": m.get("params"), "flops": m.get("flops"), "size_mb": size / 1e6,
                 "input": InputSpec(m["input"]["shape"][1], *m["input"]["resize"], m["input"]["mean"], m["input"]["std"]),
-                "classes": m["classes"], "data": m.get("data")}
+                "classes": m["classes"], "data": m.get("data"), "static_batch": _static_batch(m)}
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
         return {"model": name[:-3] if name.endswith(".pt") else name, "path": path, "kind": "checkpoint",
@@ -59,6 +59,22 @@ def describe(path):
                 "size_mb": os.path.getsize(path) / 1e6, "input": InputSpec.from_dict(ckpt["input"]),
                 "classes": ckpt["classes"], "data": ckpt.get("data")}
     raise EdgeKDError(f"model {path!r} does not exist (expected a .pt checkpoint or a bundle folder)")
+
+
+def _static_batch(manifest):
+    from .device_runner import static_batch
+
+    return static_batch(manifest)
+
+
+def _static_batch_status(jobs, batch_sizes):
+    """A bundle with a static batch (``edgekd export --target arm64`` for OpenVINO) is timed at that batch only."""
+    from .device_runner import unsupported_batch
+
+    for job in jobs:
+        n = job.get("static_batch")
+        if n:
+            job["batch_status"] = {b: unsupported_batch(n, b) for b in batch_sizes if b != n}
 
 
 # One timed batch in a worker: the input (and one contiguous float32 copy a runtime may make) plus every
@@ -258,6 +274,7 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
     described = [describe(p) for p in models]
     check_batch_memory(described, batch_sizes)
     jobs = plan_jobs(described, backends, devices)
+    _static_batch_status(jobs, batch_sizes)
     data_spec = data or described[0]["data"] or "digits"
     settings = {"batch_sizes": list(batch_sizes), "warmup": warmup, "runs": runs, "rounds": min(rounds, runs),
                 "max_time_s": max_time, "min_time_s": min(min_time, max_time),
@@ -322,6 +339,9 @@ def _measure_remote(jobs, targets, settings, timeout, bar):
         for job in group:
             r = results[job["model"]]
             job.update(status=r["status"], accuracy=r.get("accuracy"), load=r.get("load"), times=r.get("times", {}))
+            job.setdefault("batch_status", {}).update(r.get("batch_status") or {})
+            if env.get("emulated"):  # detected on the device by the runner: its timings are not latency
+                job["emulated"] = env["emulated"]
             job["round_p50"] = {b: [summarize(t, b)["latency_ms"]["p50"]] for b, t in job["times"].items()}
             bar.update(per_job)
     return envs
@@ -532,6 +552,8 @@ def build_rows(jobs, batch_sizes):
         for b in batch_sizes:
             row = {k: job.get(k) for k in ROW_FROM_JOB}
             row.update(batch_size=b, images=job.get("images_n"), top1=acc.get("top1"), top5=acc.get("top5"))
+            if job.get("emulated"):
+                row["emulated"] = job["emulated"]
             row.update({k: load[k] for k in ROW_FROM_LOAD if k in load})
             row.update({k: close[k] for k in ("peak_rss_mb", "gpu_peak_mb") if k in close})
             times = (job.get("times") or {}).get(b)
@@ -554,7 +576,8 @@ def job_of(jobs, row):
 
 
 def _against_reference(row, ref_row, job, ref_job):
-    timed = row["status"] == "ok" and ref_row["status"] == "ok"
+    # an emulated device's timings are not latency: no speedup against a real one (nor the other way)
+    timed = row["status"] == "ok" and ref_row["status"] == "ok" and not row.get("emulated") and not ref_row.get("emulated")
     row["speedup_vs_teacher"] = ref_row["latency_ms"]["p50"] / row["latency_ms"]["p50"] if timed else None
     both = row["top1"] is not None and ref_row["top1"] is not None
     row["top1_delta_vs_teacher"] = row["top1"] - ref_row["top1"] if both else None
@@ -575,7 +598,8 @@ def mark_best(rows, max_drop):
             r["best"] = False
         if ref["top1"] is None:
             continue
-        fit = [r for r in group[1:] if r["status"] == "ok" and r["top1"] is not None and r["top1"] >= ref["top1"] - max_drop]
+        fit = [r for r in group[1:] if r["status"] == "ok" and not r.get("emulated") and r["top1"] is not None
+               and r["top1"] >= ref["top1"] - max_drop]
         if fit:
             min(fit, key=lambda r: r["latency_ms"]["p50"])["best"] = True
 

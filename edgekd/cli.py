@@ -220,7 +220,8 @@ class Export(Command):
             calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed, max_drop=args.max_drop,
             max_fallback_layers=args.max_fallback_layers, int8_types=args.int8_types, reduce_range=args.reduce_range,
             per_channel=args.per_channel, zip=args.zip, speed_check=args.speed_check, progress=args.progress,
-            tune_size=args.tune_size, qat_epochs=args.qat_epochs, qat_teacher=args.qat_teacher, qat_onnx=args.qat_onnx)
+            tune_size=args.tune_size, qat_epochs=args.qat_epochs, qat_teacher=args.qat_teacher, qat_onnx=args.qat_onnx,
+            target=args.target, ssh_config=args.ssh_config, timeout=args.timeout)
         m = export_checkpoint(args.checkpoint, opts)
         v = m["validation"]
         print(f"{m['format']} {m['precision']} bundle -> {args.out}{' (+ ' + args.out.rstrip('/') + '.zip)' if args.zip else ''}"
@@ -319,14 +320,16 @@ class Predict(Command):
 class Deploy(Command):
     name = "deploy"
     help = "install a bundle on an edge device over SSH (checksummed, atomic)"
-    description = ("Copy a bundle to a device over SSH with your own ssh config and keys (never a password), verify "
-                   "its sha256 sums there with the device's Python, and move it into place atomically. The device "
-                   "needs Python 3.8+, numpy, Pillow and the bundle's runtime (onnxruntime or openvino); no torch.")
+    description = ("Copy a bundle to a device over SSH with your own ssh config and keys (never a password), check "
+                   "it there with the device's Python and runtime (sha256 sums, load and compile, one batch, the "
+                   "parity images of a bundle exported with --target), and move it into place atomically; a bundle "
+                   "that fails the check is refused with the device's error. The device needs Python 3.8+, numpy, "
+                   "Pillow and the bundle's runtime (onnxruntime or openvino); no torch.")
 
     def run(self, args):
         from .deploy import RUNNER_NAME, deploy
 
-        target, dest, env = deploy(args.bundle, args.device, args.ssh_config, args.timeout)
+        target, dest, env = deploy(args.bundle, args.device, args.ssh_config, args.timeout, args.python)
         folder = dest.rsplit("/", 1)[0]
         print(f"installed {args.bundle} on {target} at {dest} ({env['cpu']}, Python {env['python']}, "
               + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())) + ")")

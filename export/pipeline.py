@@ -55,6 +55,9 @@ class ExportOptions:
     qat_epochs: int = 1         # int8: last rung, quantization-aware distillation epochs (0: off)
     qat_teacher: str = None     # int8: its teacher (default: the student's own, else the FP32 student itself)
     qat_onnx: str = "ort"       # ONNX from a QAT model: ort (trained weights, ONNX Runtime's QDQ placement) or nncf
+    target: str = None          # the device the bundle is for: cpu (this machine), arm64, x86-avx2, x86-vnni, ssh://...
+    ssh_config: str = None      # --target ssh://: an ssh_config file
+    timeout: int = 600          # --target ssh://: seconds to wait for the device at each step
 
 
 @dataclass
@@ -87,6 +90,10 @@ class _Export:
         self.atol = opts.atol if opts.atol is not None else self.meta["atol"].get(opts.precision)
         if self.int8 and not opts.max_drop >= 0:  # NaN fails too
             raise EdgeKDError(f"--max-drop must be 0 or more points, got {opts.max_drop}")
+        from .target import resolve
+
+        self.target = resolve(opts.target, opts.ssh_config, opts.timeout)  # an ssh:// device is probed here, first
+        self.static_batch = self.target.static_batch(opts.fmt)
 
     def run(self):
         import torch
@@ -136,7 +143,9 @@ class _Export:
         scratch = tempfile.mkdtemp(prefix=temp_prefix("export"))
         job = ExportJob(self.model, self.spec, staging, scratch, o.precision,
                         {**asdict(o), "quant": self.meta["quant"], "calib_method": self.meta["calib_method"],
-                         "int8_types": o.int8_types or "auto", "classes": list(self.ckpt["classes"])}, calib, o.progress)
+                         "int8_types": o.int8_types or "auto", "classes": list(self.ckpt["classes"]),
+                         "target_features": (self.target.arch, self.target.flags), "target": self.target.name},
+                        calib, o.progress)
         job.state["ckpt"] = self.ckpt
         try:
             seconds = self._convert(job)
@@ -148,11 +157,16 @@ class _Export:
             else:
                 self._fail_if(gate(validation, o.precision, atol=self.atol))
             speed = None
-            if self.int8 and o.speed_check:
+            if self.int8 and o.speed_check and not self.target.here:
+                speed = {"status": f"skipped: the bundle is for {self.target.name}, not this machine"}
+            elif self.int8 and o.speed_check:
                 speed = speed_check(o.fmt, os.path.join(staging, info["model_file"]), info["fp32_reference"],
                                     (self.spec.channels, self.spec.height, self.spec.width))
             layers = self._layer_report(job, info, fallback) if self.int8 and o.layer_report else None
+            parity = self._parity(staging) if o.target else None
             manifest = self._manifest(staging, info, validation, fallback, speed, seconds)
+            if parity:
+                manifest["parity"] = parity
             if self.int8:  # int8: per-layer report and the QAT record
                 manifest["int8_layers"] = layers
                 manifest["ladder"] = self.ladder
@@ -191,19 +205,41 @@ class _Export:
         return time.perf_counter() - start
 
     def _validate(self, folder, model_file):
-        from ..bench.device_runner import open_model
+        """The parity gate's comparison: on this machine, or with --target ssh:// on the device itself."""
+        from ..bench.device_runner import in_batches_of, open_model
         from ..progress import bar
+        from .target import remote_logits, where
 
-        session, _ = open_model(os.path.join(folder, model_file), self.o.fmt)
-        with bar(total=len(self.images), desc="validating", unit="img", disable=not self.o.progress) as progress:
-            def run(batch):
-                progress.update(len(batch))
-                return session(batch)
+        if self.static_batch:
+            set_static_batch(os.path.join(folder, model_file), self.static_batch, self.o.precision)
+        if self.target.device is not None:
+            log.info("parity gate on %s (%d images)", self.target.name, len(self.images))
+            outputs = remote_logits(self.target, folder, model_file, self.o.fmt, self.images, self.static_batch)
+        else:
+            session, _ = open_model(os.path.join(folder, model_file), self.o.fmt)
+            if self.static_batch:
+                session = in_batches_of(session, self.static_batch)
+            with bar(total=len(self.images), desc="validating", unit="img", disable=not self.o.progress) as progress:
+                def run(batch):
+                    progress.update(len(batch))
+                    return session(batch)
 
-            outputs = run_batched(run, self.images)
+                outputs = run_batched(run, self.images)
+        self.outputs = outputs
         validation = compare(self.reference, outputs, self.labels)
-        validation.update(data=self.dataset.spec, split="test", atol=self.atol)
+        validation.update(data=self.dataset.spec, split="test", atol=self.atol, ran_on=where(self.target))
         return validation
+
+    def _parity(self, staging, count=8):
+        """--target: a few test images and the bundle's logits on them where the gate ran, which ``edgekd deploy``
+        checks on the device before installing (``device_runner.py check``)."""
+        np.save(os.path.join(staging, PARITY_FILE), np.ascontiguousarray(self.images[:count], dtype=np.float32))
+        loose = self.o.precision != "fp32"  # fp16/int8 kernels differ between CPUs: a near-tie may flip
+        return {"file": PARITY_FILE, "images": min(count, len(self.images)),
+                "logits": np.asarray(self.outputs[:count], dtype=np.float64).round(6).tolist(),
+                "atol": self.atol if self.o.precision in ("fp32", "fp16") else None,
+                "min_agreement": 0.875 if loose else 1.0,
+                "from": self.target.name if self.target.device is not None else "this machine"}
 
     def _int8_gate(self, job, info, validation, seconds):
         """The INT8 ladder against --max-drop: (1) post-training INT8; (2) when it loses too much, keep the most
@@ -341,7 +377,8 @@ class _Export:
             raise RuntimeError(f"the {o.fmt} export steps wrote no {', '.join(missing)}")
         manifest = {
             "format": o.fmt, "precision": o.precision, "model_file": info["model_file"], "files": files,
-            "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
+            "input": {"shape": [self.static_batch or -1, spec.channels, spec.height, spec.width], "layout": "NCHW",
+                      "dtype": "float32",
                       "mean": spec.mean, "std": spec.std, "color": spec.color, "resize": [spec.height, spec.width],
                       "scale": 1 / 255, "resample": "bilinear"},
             "classes": list(ckpt["classes"]),
@@ -353,6 +390,12 @@ class _Export:
                         "inference_precision": FORMATS.meta(o.fmt)["inference_precision"]},
             "versions": library_versions(),
         }
+        if o.target:
+            quant = info.get("quantization") or {}
+            types = ("".join(("u" if quant[k] == "uint8" else "s") + "8" for k in ("activation_type", "weight_type"))
+                     if "activation_type" in quant else None)
+            manifest["target"] = self.target.record(o.fmt, types)
+            manifest["batch_sizes"] = [self.static_batch] if self.static_batch else "any"
         if self.int8:
             manifest["calibration"] = self.calib_record or {"images": 0, "note": "QAT: the quantizer ranges were trained "
                                                            "(edgekd quantize)" if self.qat else "dynamic INT8 uses no calibration"}
@@ -365,6 +408,28 @@ class _Export:
                     "INT8 was not faster than FP32 on the exporting machine: " + ", ".join(
                         f"batch {r['batch_size']} {r['speedup']:.2f}x" for r in speed["rows"]))
         return manifest
+
+
+PARITY_FILE = "parity.npy"
+
+
+def set_static_batch(path, batch, precision):
+    """Give an OpenVINO IR a static batch in place (a no-op when it has it already)."""
+    from .openvino import import_openvino
+
+    ov = import_openvino()
+    core = ov.Core()
+    model = core.read_model(path)
+    shape = model.input(0).get_partial_shape()
+    if shape.is_static and shape[0].get_length() == batch:
+        return
+    dims = [batch] + [d.get_length() for d in list(shape)[1:]]
+    model.reshape({model.input(0): ov.PartialShape(dims)})
+    tmp = os.path.join(os.path.dirname(path), ".static-" + os.path.basename(path))
+    ov.save_model(model, tmp, compress_to_fp16=precision == "fp16")
+    del model
+    os.replace(tmp, path)
+    os.replace(tmp[:-4] + ".bin", path[:-4] + ".bin")
 
 
 def speed_check(fmt, int8_path, fp32_path, shape):
