@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-arm clean
+.PHONY: demo test test-slow test-arm check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ demo: $(STAMP)
 	$(BIN)/edgekd bench runs/default/teacher.pt runs/default/student.pt runs/default/student-onnx \
 		runs/default/student-openvino-int8 --device cpu --out runs/default/bench --force
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# The import layers (import-linter), then the suite; the 15 slowest tests are printed at the end.
+check: $(STAMP)
+	tools/check_layers.sh
+
+test: check
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
@@ -35,4 +39,4 @@ test-arm: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m arm tests/test_devices.py tests/test_arm.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache build/layers

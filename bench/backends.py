@@ -8,7 +8,7 @@ first-inference clock starts, so that import time is not charged to the model).
 """
 
 from .. import EdgeKDError
-from ..registry import Registry
+from ..base.registry import Registry
 
 BACKENDS = Registry("bench backend")
 
@@ -32,7 +32,7 @@ def load_torch(path, threads, device):
     """PyTorch eager; inputs arrive as numpy; on CUDA every call is synchronised before the clock stops."""
     import torch
 
-    from ..checkpoint import load_model
+    from ..core.checkpoint import load_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -70,7 +70,7 @@ def load_openvino(path, threads, device):
 
 def _bundle(path, threads, device, runtime):
     """The bundle runtime's verified bundle (the callable that is timed) and what its session uses."""
-    from ..export.runtime import load_bundle
+    from ..bundle.runtime import load_bundle
 
     bundle = load_bundle(path, threads=threads, device=device, runtime=runtime)
     return bundle, dict(bundle.info)

@@ -8,10 +8,11 @@ import shutil
 import tempfile
 
 from .. import EdgeKDError
-from .. import ssh
+from ..base import ssh
+from ..bundle import runner as runner_module
 
 log = logging.getLogger(__name__)
-RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "device_runner.py")
+RUNNER = runner_module.__file__  # the self-contained bundle runner, copied to devices as device_runner.py
 MIN_PYTHON = (3, 8)
 
 

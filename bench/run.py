@@ -38,9 +38,9 @@ def check_device(device):
 
 def describe(path):
     """What a MODEL argument is: a checkpoint (.pt) or a bundle folder, with its size, params and FLOPs."""
-    from ..checkpoint import load_checkpoint
-    from ..data import InputSpec
-    from ..export.manifest import read_manifest
+    from ..core.checkpoint import load_checkpoint
+    from ..core.data import InputSpec
+    from ..bundle.manifest import read_manifest
 
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
@@ -62,14 +62,14 @@ def describe(path):
 
 
 def _static_batch(manifest):
-    from .device_runner import static_batch
+    from ..bundle.runner import static_batch
 
     return static_batch(manifest)
 
 
 def _static_batch_status(jobs, batch_sizes):
     """A bundle with a static batch (``edgekd export --target arm64`` for OpenVINO) is timed at that batch only."""
-    from .device_runner import unsupported_batch
+    from ..bundle.runner import unsupported_batch
 
     for job in jobs:
         n = job.get("static_batch")
@@ -128,7 +128,7 @@ def activation_bytes(d):
 
 
 def read_manifest_of(folder):
-    from ..export.manifest import read_manifest
+    from ..bundle.manifest import read_manifest
 
     return read_manifest(folder)
 
@@ -136,8 +136,8 @@ def read_manifest_of(folder):
 def _checkpoint_activations(path):
     import torch
 
-    from ..checkpoint import load_model
-    from ..data import InputSpec
+    from ..core.checkpoint import load_model
+    from ..core.data import InputSpec
 
     model, ckpt = load_model(path)
     spec = InputSpec.from_dict(ckpt["input"])
@@ -261,7 +261,7 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
     Returns the result dict plus ``table`` (markdown) and ``comparison`` (text, when ``compare`` is given).
     """
     from .report import compare_results, load_results, table
-    from ..outdir import temp_prefix
+    from ..base.outdir import temp_prefix
 
     if not max_drop >= 0:  # NaN must not switch the gate off
         raise EdgeKDError(f"max_drop must be 0 or more, got {max_drop}")
@@ -308,7 +308,7 @@ def run_bench(models, out, devices=("cpu",), data=None, data_root=None, backends
 
 def _ssh_targets(devices, ssh_config, timeout):
     """Parse and probe every ssh:// device up front, so an unreachable one fails before any measuring."""
-    from .. import ssh
+    from ..base import ssh
     from .remote import check_device as probe
 
     targets = {}
@@ -375,7 +375,7 @@ def _prepare(jobs, data_spec, data_root, limit, folder):
 def _save_images(data_spec, data_root, spec, limit, stem):
     import numpy as np
 
-    from ..data import load_data, take_images
+    from ..core.data import load_data, take_images
 
     data = load_data(data_spec, data_root, input_spec=spec)
     images, labels = take_images(data.test, limit)
@@ -398,7 +398,7 @@ def _export_onnx(checkpoint, data_spec, data_root, out):
 
 def _progress_bar(jobs, settings, progress):
     """One bar over the whole benchmark: preparing images, then per job a load, an accuracy pass and its visits."""
-    from ..progress import bar
+    from ..base.progress import bar
 
     per_job = 2 + settings["rounds"] * len(settings["batch_sizes"])
     total = 1 + per_job * sum(1 for j in jobs if not j["status"])
@@ -633,7 +633,7 @@ def environment(threads, cpus):
     from datetime import datetime, timezone
 
     from .. import __version__
-    from ..export.manifest import library_versions
+    from ..bundle.manifest import library_versions
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -652,7 +652,7 @@ def environment(threads, cpus):
 
 def write_outputs(out, result, comparison=None):
     """results.json, results.csv, report.md, the two plots (and compare.md), each written atomically."""
-    from ..checkpoint import atomic_write
+    from ..core.checkpoint import atomic_write
     from .report import csv_text, markdown_report, plot_accuracy_latency, plot_latency, plot_profile
 
     os.makedirs(out, exist_ok=True)

@@ -13,7 +13,7 @@ class Interrupted(EdgeKDError):
 
 def _telemetry_off():
     # Every edgekd process (CLI, bench workers, the library) before it can import openvino or nncf.
-    from .telemetry import switch_off
+    from .base.telemetry import switch_off
 
     switch_off()
 

@@ -83,7 +83,7 @@ def strided_indices(n_items, limit):
 
 def load_images(dataset, indices, desc, progress=True):
     """Decode and preprocess the chosen items (the training transform) into float32 NCHW and int64 labels."""
-    from ..progress import bar
+    from ..base.progress import bar
 
     images, labels = [], []
     for i in bar(indices, desc=desc, unit="img", disable=not progress):

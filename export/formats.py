@@ -2,7 +2,7 @@
 validation of a request (refused up front, naming what is supported) and the dispatch to the exporter."""
 
 from .. import EdgeKDError
-from ..registry import Registry
+from ..base.registry import Registry
 
 from .onnx import onnx_describe, onnx_fp16, onnx_fp32, onnx_int8, restore_onnx
 from .openvino import openvino_convert, openvino_int8, openvino_save, restore_openvino

@@ -7,17 +7,13 @@ import logging
 import os
 
 from .. import EdgeKDError
+from ..bundle.manifest import METADATA_KEYS
 
 from . import quantize_onnx as q
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-# metadata_props that edgekd writes into its ONNX files and reads from any ONNX teacher (edgekd.teachers):
-# classes, mean, std and input_size as JSON ([names], [floats] in [0, 1] pixel units, [height, width]);
-# color as RGB, BGR or L; outputs as logits or probs.
-METADATA_KEYS = {"classes": "edgekd.classes", "mean": "edgekd.mean", "std": "edgekd.std", "color": "edgekd.color",
-                 "input_size": "edgekd.input_size", "outputs": "edgekd.outputs"}
 # Weights go into external data only when the protobuf would pass its 2 GB limit.
 EXTERNAL_DATA_BYTES = 1_500_000_000
 

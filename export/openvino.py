@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from .. import EdgeKDError
+from ..base.progress import nncf_quiet
 
 from .onnx import MODEL_FILE as ONNX_FILE, export_onnx
 
@@ -63,27 +64,6 @@ def openvino_save(job):
     # save_model compresses weights to FP16 unless told not to: only the fp16 bundle should be.
     import_openvino().save_model(job.state["model"], os.path.join(job.folder, MODEL_FILE),
                                  compress_to_fp16=job.precision == "fp16")
-
-
-@contextlib.contextmanager
-def nncf_quiet(progress):
-    """Without --progress, NNCF prints neither its INFO lines nor its progress bars. Its bars
-    (nncf.common.logging.track_progress) are rich Progress objects on rich's global console, which has a
-    ``quiet`` switch; its lines go to the "nncf" logger."""
-    if progress:
-        yield
-        return
-    import rich
-
-    console, logger = rich.get_console(), logging.getLogger("nncf")
-    quiet, level = console.quiet, logger.level
-    console.quiet = True
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        console.quiet = quiet
-        logger.setLevel(level)
 
 
 def _nncf_quantize(model, calib, progress=True):

@@ -19,8 +19,8 @@ def onnx_bundle_to_openvino(src, out):
     """Convert ``src`` (an ONNX bundle) into a new OpenVINO bundle folder ``out``; return its manifest."""
     import openvino as ov
 
-    from .manifest import sha256_file, write_manifest
-    from .runtime import verify_bundle
+    from ..bundle.manifest import sha256_file, write_manifest
+    from ..bundle.runtime import verify_bundle
 
     manifest = verify_bundle(src)
     if manifest["format"] != "onnx":

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import EdgeKDError
-from ..outdir import temp_prefix
+from ..base.outdir import temp_prefix
 
 from . import calibration
 from .formats import FORMATS, check_request
-from .manifest import library_versions, sha256_file, write_manifest
+from ..bundle.manifest import library_versions, sha256_file, write_manifest
 from .validate import compare, gate, run_batched
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,8 @@ class _Export:
     def run(self):
         import torch
 
-        from ..checkpoint import load_model
-        from ..data import InputSpec, load_data
+        from ..core.checkpoint import load_model
+        from ..core.data import InputSpec, load_data
 
         o = self.o
         self.model, self.ckpt = load_model(self.checkpoint)
@@ -206,8 +206,8 @@ class _Export:
 
     def _validate(self, folder, model_file):
         """The parity gate's comparison: on this machine, or with --target ssh:// on the device itself."""
-        from ..bench.device_runner import in_batches_of, open_model
-        from ..progress import bar
+        from ..base.progress import bar
+        from ..bundle.runner import in_batches_of, open_model
         from .target import remote_logits, where
 
         if self.static_batch:
@@ -287,9 +287,9 @@ class _Export:
         """The last rung: ``edgekd quantize`` (fake quantizers calibrated on the student's train images, then
         distillation for --qat-epochs epochs) in the scratch folder, converted by the format's QAT steps. The
         bundle is gated against the FP32 student, like rungs 1 and 2."""
-        from ..checkpoint import load_model
-        from ..config import resolve
-        from ..quantize import QAT_FILE, run_quantize
+        from ..core.checkpoint import load_model
+        from ..core.config import resolve
+        from ..core.quantize import QAT_FILE, run_quantize
 
         o = self.o
         teacher = o.qat_teacher or self._rung_teacher()
@@ -455,7 +455,7 @@ def speed_check(fmt, int8_path, fp32_path, shape):
 
 
 def load_data_for(spec, data_root, input_spec):
-    from ..data import load_data
+    from ..core.data import load_data
 
     return load_data(spec, data_root, input_spec=input_spec)
 

@@ -31,7 +31,7 @@ QDQ_OPSET = 17
 
 def build_qat(job):
     """The exporter for a QAT checkpoint at int8, either format; returns the format exporter's info dict."""
-    from ..quantize import float_model
+    from ..core.quantize import float_model
 
     ckpt = job.state["ckpt"]
     fp32 = float_model(ckpt)
@@ -77,7 +77,7 @@ def _onnx(job, fp32):
     import onnx
     from nncf.torch.quantization.layers import QuantizerExportMode
 
-    from ..quantize import quantizer_modules
+    from ..core.quantize import quantizer_modules
 
     qmodel = copy.deepcopy(job.model).eval()
     for q in quantizer_modules(qmodel):
@@ -231,7 +231,7 @@ def fp32_student_record(ckpt, images, labels, bundle_top1):
     import numpy as np
     import torch
 
-    from ..checkpoint import load_model
+    from ..core.checkpoint import load_model
 
     source = ckpt["qat"].get("source")
     record = {"source": source, "top1": None, "drop_vs_fp32_student": None}

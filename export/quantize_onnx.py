@@ -77,7 +77,7 @@ class ImageReader:
     """ONNX Runtime's CalibrationDataReader over preprocessed images, with a progress bar."""
 
     def __init__(self, images, input_name="input", batch_size=32, progress=True):
-        from ..progress import bar
+        from ..base.progress import bar
 
         self.batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
         self.bar = bar(total=len(images), desc="calibrating", unit="img", disable=not progress)
@@ -153,7 +153,7 @@ def _logits(path, images):
 def rank_sensitivity(pre_path, scratch, calib_images, tune_images, settings, method, progress=True):
     """Layers ordered from most to least harmful when quantized: for each, the logit error against FP32
     on the tuning images when only that layer is kept in float (lower error = more sensitive)."""
-    from ..progress import bar
+    from ..base.progress import bar
 
     reference = _logits(pre_path, tune_images)
     cache = os.path.join(scratch, "calibration-cache.json")

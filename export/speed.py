@@ -38,7 +38,7 @@ def time_pair(fp32, int8, batch):
 def measure(job):
     import numpy as np
 
-    from ..bench.device_runner import open_model
+    from ..bundle.runner import open_model
 
     fp32, _ = open_model(job["fp32_path"], job["fp32_format"])
     int8, _ = open_model(job["int8_path"], job["format"])

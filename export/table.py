@@ -7,7 +7,7 @@ Sizes are compared with the FP32 bundle of the same format among those given.
 import os
 import sys
 
-from .manifest import read_manifest
+from ..bundle.manifest import read_manifest
 
 HEADER = ("| bundle | format | precision | size (MB) | size vs FP32 | max abs diff | top-1 agreement | top-1 | "
           "drop vs FP32 (points) | images | export (s) | INT8 speedup here (b1 / b32) | layers kept in float |\n"

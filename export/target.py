@@ -86,29 +86,38 @@ def resolve(spec, ssh_config=None, timeout=600):
 
 
 def _ssh_target(spec, ssh_config, timeout):
-    from .. import ssh
-    from ..bench.remote import RUNNER, check_device
+    from ..base import ssh
 
     device = ssh.parse_target(spec, ssh_config)
     if device.folder:
         raise EdgeKDError(f"--target {spec!r}: give the device's Python after the host (ssh://host/path/to/python), "
                           "not a folder")
-    check_device(device, timeout)
-    q = ssh.quote
-    remote = ssh.run(device, "mktemp -d /tmp/edgekd-target-XXXXXX", timeout).decode().strip()
+    with open(_runner(), "rb") as f:  # the runner's ``env``, its source sent on stdin: nothing left behind
+        source = f.read()
     try:
-        ssh.copy_to(device, [RUNNER], remote, timeout)
-        env = json.loads(ssh.run(device, f"{q(device.python)} {q(remote + '/device_runner.py')} env", timeout).decode())
-    finally:
-        _remove(device, remote)
+        out = ssh.run(device, f"{ssh.quote(device.python)} - env", timeout, input_bytes=source)
+    except EdgeKDError as e:
+        if not str(e).startswith("running on"):  # cannot reach it, refused keys: ssh's own explanation
+            raise
+        raise EdgeKDError(f"--target {spec}: cannot run the device runner with {device.python!r} there "
+                          f"({str(e).split(' failed: ', 1)[-1]}); give the device's Python 3.8+: "
+                          "ssh://host/path/to/python") from None
+    env = json.loads(out.decode().strip().splitlines()[-1])
     log.info("target %s: %s (%s)%s", device, env.get("cpu"), env.get("machine"),
              ", emulated" if env.get("emulated") else "")
     return Target(str(device) + (device.python if device.python != ssh.DEFAULT_PYTHON else ""),
                   env.get("machine", "?").lower(), set(env.get("cpu_flags") or ()), device, env, timeout)
 
 
+def _runner():
+    """The self-contained bundle runner's file, which is copied to (or piped into) the device's Python."""
+    from ..bundle import runner
+
+    return runner.__file__
+
+
 def _remove(device, remote):
-    from .. import ssh
+    from ..base import ssh
 
     try:
         ssh.run(device, f"rm -rf {ssh.quote(remote)}", 60)
@@ -120,8 +129,7 @@ def remote_logits(target, folder, model_file, fmt, images, static_batch=None):
     """The model file's logits on ``images``, computed on the target device by the device runner."""
     import numpy as np
 
-    from .. import ssh
-    from ..bench.remote import RUNNER
+    from ..base import ssh
 
     device, timeout, q = target.device, target.timeout, ssh.quote
     stage = tempfile.mkdtemp(prefix="edgekd-gate-")
@@ -129,7 +137,7 @@ def remote_logits(target, folder, model_file, fmt, images, static_batch=None):
     try:
         for name in os.listdir(folder):  # the staging bundle: model files only
             shutil.copy(os.path.join(folder, name), stage)
-        shutil.copy(RUNNER, os.path.join(stage, "device_runner.py"))
+        shutil.copy(_runner(), os.path.join(stage, "device_runner.py"))
         np.save(os.path.join(stage, "images.npy"), np.ascontiguousarray(images, dtype=np.float32))
         with open(os.path.join(stage, "gate.json"), "w") as f:
             json.dump({"model": model_file, "format": fmt, "precision": "f32", "images": "images.npy",

@@ -252,8 +252,8 @@ def measure_data(recipe, images=5000, batch_size=64):
     import torch
     from torchvision import datasets, transforms
 
-    from edgekd.augment import AugmentPlan, Views, decode_split, stratified_subset
-    from edgekd.data import load_data
+    from edgekd.core.augment import AugmentPlan, Views, decode_split, stratified_subset
+    from edgekd.core.data import load_data
 
     data = load_data(os.path.join(REPO, recipe["data"]) if not os.path.isabs(recipe["data"]) else recipe["data"])
     idx = stratified_subset(torch.tensor([y for _, y in data.train.samples]), images)

@@ -74,7 +74,7 @@ def plan_runs(args):
 
 def _same_steps_epochs(args, train_dir):
     """Epochs over the labelled images that take as many optimizer steps as --epochs over all train images."""
-    from edgekd.data import image_files
+    from edgekd.core.data import image_files
 
     total = len(image_files(_in_repo(train_dir)))
     steps = -(-total // args.batch_size) * args.epochs

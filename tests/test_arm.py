@@ -110,8 +110,8 @@ def _torchscript_openvino_bundle(student, like, out):
     import openvino as ov
     import torch
 
-    from edgekd.checkpoint import load_model
-    from edgekd.export.manifest import sha256_file
+    from edgekd.core.checkpoint import load_model
+    from edgekd.bundle.manifest import sha256_file
 
     model, _ = load_model(student)
     m = _manifest(like)
@@ -144,7 +144,7 @@ def test_deploy_refuses_what_the_board_cannot_compile_and_installs_the_bundle_ma
     made_for_it = arm_bundles["openvino", "fp32"]
     proc = cli("deploy", made_for_it, f"ssh://edgedevice:{folder}", *deploy)
     assert "installed" in proc.stdout
-    from edgekd.data import load_data
+    from edgekd.core.data import load_data
 
     images = []
     for i in range(5):

@@ -40,7 +40,7 @@ def _wrong_shape(ckpt):
 
 def _bundle(tmp, bundle, name, change):
     """A copy of the ONNX bundle with ``change(folder, manifest)`` applied; checksums follow the files."""
-    from edgekd.export.manifest import sha256_file
+    from edgekd.bundle.manifest import sha256_file
 
     copy = tmp / name
     shutil.copytree(bundle, copy)
@@ -223,7 +223,7 @@ def test_huge_images_are_skipped_and_counted_with_skip_bad_images(tmp_path, cli)
 
 
 def test_a_link_to_a_folder_elsewhere_is_followed_once(tmp_path):
-    from edgekd.data import check_link_loops, load_data
+    from edgekd.core.data import check_link_loops, load_data
 
     data = _folder(tmp_path / "data")
     elsewhere = _folder(tmp_path / "other") / "train" / "c1"
@@ -251,7 +251,7 @@ def test_openvino_and_nncf_count_and_send_nothing(tmp_path):
 
 def test_zip_bounds_refuse_before_anything_is_written(tmp_path):
     from edgekd import EdgeKDError
-    from edgekd.export.runtime import safe_extract
+    from edgekd.bundle.runtime import safe_extract
 
     archive = tmp_path / "many.zip"
     with zipfile.ZipFile(archive, "w") as z:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from edgekd import EdgeKDError
-from edgekd.checkpoint import load_checkpoint, load_model, save_checkpoint
-from edgekd.data import InputSpec
-from edgekd.models import build_model
+from edgekd.core.checkpoint import load_checkpoint, load_model, save_checkpoint
+from edgekd.core.data import InputSpec
+from edgekd.core.models import build_model
 
 SPEC = InputSpec(1, 32, 32, [0.5], [0.5])
 

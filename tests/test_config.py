@@ -4,7 +4,7 @@ YAML and --resume; a loss refuses options it does not use; NaN never switches a 
 import pytest
 
 from edgekd import EdgeKDError
-from edgekd import config as options
+from edgekd.core import config as options
 
 # (YAML text, the same value on the command line, what the one-line error says)
 BAD_VALUES = [
@@ -140,7 +140,7 @@ def test_saved_config_keys_are_unchanged():
 
 
 def test_make_loss_refuses_an_option_the_loss_does_not_take():
-    from edgekd.losses import make_loss
+    from edgekd.core.losses import make_loss
 
     with pytest.raises(EdgeKDError, match="--loss kd takes --temperature and --alpha; it does not use --beta"):
         make_loss("kd", beta=5.0)

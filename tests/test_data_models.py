@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from edgekd import EdgeKDError
-from edgekd.data import InputSpec, load_data, take_images
-from edgekd.models import build_model, count_flops, count_params
+from edgekd.core.data import InputSpec, load_data, take_images
+from edgekd.core.models import build_model, count_flops, count_params
 
 
 def test_digits_spec_is_real_split_32x32_grey():

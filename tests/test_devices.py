@@ -49,7 +49,7 @@ def test_bench_on_the_device_beside_local_rows(device, digits_run, onnx_bundle, 
 
 
 def test_deploy_installs_atomically_and_predicts_on_the_device(device, onnx_bundle, tmp_path, cli):
-    from edgekd.data import load_data
+    from edgekd.core.data import load_data
 
     base, base_here = device.folder(tmp_path)
     folder, folder_here = f"{base}/models", base_here / "models"
@@ -85,7 +85,7 @@ def test_missing_runtime_on_the_device_is_a_row_that_names_the_package(device, d
 
 
 def test_a_bundle_the_devices_runtime_cannot_load_is_a_row(device, onnx_bundle, digits_run, tmp_path, cli):
-    from edgekd.export.manifest import sha256_file
+    from edgekd.bundle.manifest import sha256_file
 
     broken = tmp_path / "broken"
     shutil.copytree(onnx_bundle, broken)

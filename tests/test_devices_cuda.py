@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from edgekd.data import InputSpec
-from edgekd.models import build_model, count_flops, example_input
+from edgekd.core.data import InputSpec
+from edgekd.core.models import build_model, count_flops, example_input
 
 SPEC = InputSpec(1, 8, 8, [0.5], [0.5])
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -28,7 +28,7 @@ def test_count_flops_on_the_models_device(name):
 
 def test_summary_after_training_on_another_device():
     """distill's metrics summary runs count_flops on the model where training left it."""
-    from edgekd.distill import _summary
+    from edgekd.core.distill import _summary
 
     model = build_model("seed-student", 10, SPEC).to("meta")
     history = [{"test_top1": 0.5}]
@@ -52,7 +52,7 @@ def test_example_input_follows_device_and_dtype():
 
 
 def test_feature_shape_on_the_models_device():
-    from edgekd.features import FeatureTap, feature_shape
+    from edgekd.core.features import FeatureTap, feature_shape
 
     model = build_model("seed-student", 10, SPEC).to("meta")
     tap = FeatureTap(model, "auto")

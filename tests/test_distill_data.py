@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from edgekd import EdgeKDError
-from edgekd.augment import AugmentPlan, Views, apply_views, channel_stats, decode_split, stratified_subset
-from edgekd.checkpoint import save_checkpoint
-from edgekd.data import InputSpec
-from edgekd.batchnorm import check_batchnorm
-from edgekd.distill import FrozenTeacher, prepare_data
-from edgekd.train_loop import TrainRun, evaluate, fit
-from edgekd.losses import make_loss
-from edgekd.models import build_model, count_params
-from edgekd.teacher_cache import TeacherCache
+from edgekd.core.augment import AugmentPlan, Views, apply_views, channel_stats, decode_split, stratified_subset
+from edgekd.core.checkpoint import save_checkpoint
+from edgekd.core.data import InputSpec
+from edgekd.core.batchnorm import check_batchnorm
+from edgekd.core.distill import FrozenTeacher, prepare_data
+from edgekd.core.train_loop import TrainRun, evaluate, fit
+from edgekd.core.losses import make_loss
+from edgekd.core.models import build_model, count_params
+from edgekd.core.teacher_cache import TeacherCache
 
 CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")
 

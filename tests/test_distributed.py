@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from edgekd.train_loop import cuda_speedups
+from edgekd.core.train_loop import cuda_speedups
 
 # Short but converging: 12 epochs of digits bring the student near its ceiling, where two runs
 # that differ only in how the batches were shuffled land within a point or so of each other.

@@ -14,7 +14,7 @@ import torch
 
 from edgekd import EdgeKDError
 from edgekd.export.formats import check_request, combinations
-from edgekd.export.manifest import sha256_file
+from edgekd.bundle.manifest import sha256_file
 from edgekd.export.pipeline import ExportOptions, export_checkpoint
 
 VAL, CALIB = 200, 100
@@ -108,9 +108,9 @@ def test_precisions_really_change_the_weights(bundles):
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_runtime_gives_the_pytorch_top1_on_real_images(bundles, digits_run, fmt):
-    from edgekd.checkpoint import load_model
-    from edgekd.data import load_data
-    from edgekd.runtime import load_bundle
+    from edgekd.core.checkpoint import load_model
+    from edgekd.core.data import load_data
+    from edgekd.bundle import load_bundle
 
     data = load_data("digits")
     bundle = load_bundle(str(bundles[fmt, "fp32"]))
@@ -200,7 +200,7 @@ def test_onnx_int8_types_default_by_cpu_and_can_be_overridden():
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_runtime_never_imports_torch_in_a_fresh_interpreter(bundles, tmp_path, fmt):
-    from edgekd.data import load_data
+    from edgekd.core.data import load_data
 
     image = tmp_path / "seven.png"
     load_data("digits").test.images[3].save(image)

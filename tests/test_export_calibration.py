@@ -11,7 +11,7 @@ from edgekd.export import calibration
 
 @pytest.fixture(scope="module")
 def digits():
-    from edgekd.data import load_data
+    from edgekd.core.data import load_data
 
     return load_data("digits")
 
@@ -36,7 +36,7 @@ def test_count_stratification_seed_and_hash(digits):
 
 
 def test_folder_data_records_file_paths(digits_folder):
-    from edgekd.data import load_data
+    from edgekd.core.data import load_data
 
     data = load_data(str(digits_folder))
     indices, record = _select(data, 50)

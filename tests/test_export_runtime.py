@@ -17,7 +17,7 @@ def zipped(digits_run, tmp_path_factory, cli):
 
 
 def _images(tmp_path, n=8):
-    from edgekd.data import load_data
+    from edgekd.core.data import load_data
 
     data = load_data("digits")
     paths = []
@@ -30,8 +30,8 @@ def _images(tmp_path, n=8):
 def test_zip_round_trip_predicts_like_the_folder_and_pytorch(zipped, digits_run, tmp_path, cli):
     import torch
 
-    from edgekd.checkpoint import load_model
-    from edgekd.data import load_data
+    from edgekd.core.checkpoint import load_model
+    from edgekd.core.data import load_data
 
     archive = zipped.parent / "student-onnx.zip"
     with zipfile.ZipFile(archive) as z:
@@ -49,7 +49,7 @@ def test_zip_round_trip_predicts_like_the_folder_and_pytorch(zipped, digits_run,
 
 @pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil.txt", "b/../../evil.txt"])
 def test_zip_members_that_escape_the_folder_are_refused(tmp_path, member, cli):
-    from edgekd.runtime import load_bundle
+    from edgekd.bundle import load_bundle
 
     archive = tmp_path / "bad.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -63,7 +63,7 @@ def test_zip_members_that_escape_the_folder_are_refused(tmp_path, member, cli):
 
 
 def test_zip_symlink_members_are_refused(tmp_path):
-    from edgekd.runtime import load_bundle
+    from edgekd.bundle import load_bundle
 
     archive = tmp_path / "link.zip"
     with zipfile.ZipFile(archive, "w") as z:

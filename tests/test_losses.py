@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from edgekd.losses import make_loss
+from edgekd.core.losses import make_loss
 
 
 def softmax(row, t=1.0):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from edgekd.train_loop import lr_factor
-from edgekd.losses import LOSSES, make_loss
+from edgekd.core.train_loop import lr_factor
+from edgekd.core.losses import LOSSES, make_loss
 
 S = torch.tensor([[2.0, 0.5, -1.0, 0.3], [0.1, 0.2, 3.0, -0.4]])
 T = torch.tensor([[1.5, 1.0, -0.5, 0.0], [-1.0, 0.5, 2.0, 1.0]])

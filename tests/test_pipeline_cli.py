@@ -61,8 +61,8 @@ def test_bench_rows_report_and_table(onnx_bundle, digits_run, tmp_path, cli):
 
 
 def test_predict_without_torch_matches_the_pytorch_model(onnx_bundle, digits_run, tmp_path, cli):
-    from edgekd.checkpoint import load_model
-    from edgekd.data import load_data
+    from edgekd.core.checkpoint import load_model
+    from edgekd.core.data import load_data
 
     data = load_data("digits")
     paths = []
@@ -83,7 +83,7 @@ def test_predict_imports_no_torch(onnx_bundle, digits_run, tmp_path):
     import subprocess
     import sys
 
-    from edgekd.data import load_data
+    from edgekd.core.data import load_data
 
     path = tmp_path / "one.png"
     load_data("digits").test.images[0].save(path)

@@ -1,7 +1,7 @@
 import pytest
 
 from edgekd import EdgeKDError
-from edgekd.registry import Registry
+from edgekd.base.registry import Registry
 
 
 def test_register_get_names_and_meta():
@@ -38,8 +38,8 @@ def test_unknown_name_lists_choices_and_suggests_the_closest():
 def test_project_registries_hold_their_entries():
     from edgekd.bench.backends import BACKENDS
     from edgekd.export.formats import FORMATS
-    from edgekd.losses import LOSSES
-    from edgekd.models import MODELS
+    from edgekd.core.losses import LOSSES
+    from edgekd.core.models import MODELS
 
     assert {"kd", "seed", "mse", "ce"} <= set(LOSSES.names())
     assert {"seed-teacher", "seed-student", "compact-student"} <= set(MODELS.names())

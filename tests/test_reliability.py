@@ -7,7 +7,7 @@ import os
 import pytest
 
 from edgekd import cli
-from edgekd.checkpoint import atomic_write
+from edgekd.core.checkpoint import atomic_write
 
 
 def _disk_full_after_some_bytes(tmp):
@@ -300,7 +300,7 @@ def test_onnx_external_data_outside_the_bundle_is_refused(tmp_path, onnx_bundle,
 
     import onnx
 
-    from edgekd.export.manifest import sha256_file
+    from edgekd.bundle.manifest import sha256_file
 
     copy = tmp_path / "b"
     shutil.copytree(onnx_bundle, copy)

@@ -1,4 +1,4 @@
-"""One runtime: bundle verification, preprocessing and sessions live only in bench/device_runner.py (the
+"""One runtime: bundle verification, preprocessing and sessions live only in bundle/runner.py (the
 file copied to devices); predict, export validation and bench use it, with one OpenVINO precision policy.
 Also the quiet switches: --no-progress silences NNCF, and bars off a terminal print one line."""
 
@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgekd.bench import device_runner as runner
+from edgekd.bundle import runner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,18 +26,18 @@ def _calls(path):
 def test_sessions_are_created_in_one_place_only():
     """No other library module opens an ONNX Runtime or OpenVINO session on a bundle or hashes its files."""
     session_makers = {"InferenceSession", "compile_model", "sha256"}
-    for path in ["export/runtime.py", "bench/backends.py", "export/pipeline.py", "export/speed.py", "edgekd/cli.py"]:
+    for path in ["bundle/runtime.py", "bench/backends.py", "export/pipeline.py", "export/speed.py", "edgekd/cli/__init__.py"]:
         assert not _calls(ROOT / path) & session_makers, path
-    assert session_makers <= _calls(ROOT / "bench/device_runner.py")
+    assert session_makers <= _calls(ROOT / "bundle/runner.py")
 
 
 def test_the_runtime_and_bench_use_the_runners_functions():
     from edgekd.bench import backends
-    from edgekd.export import runtime
+    from edgekd.bundle import runtime
 
     assert runtime.runner is runner
-    bundle_init = ast.get_source_segment((ROOT / "export/runtime.py").read_text(),
-                                         next(n for n in ast.walk(ast.parse((ROOT / "export/runtime.py").read_text()))
+    bundle_init = ast.get_source_segment((ROOT / "bundle/runtime.py").read_text(),
+                                         next(n for n in ast.walk(ast.parse((ROOT / "bundle/runtime.py").read_text()))
                                               if isinstance(n, ast.ClassDef) and n.name == "Bundle"))
     assert "runner.open_session" in bundle_init and "runner.preprocess" in bundle_init
     assert "load_bundle" in (ROOT / "bench/backends.py").read_text()
@@ -49,7 +49,7 @@ def test_the_runner_stands_alone_without_edgekd_or_torch(onnx_bundle, tmp_path):
     from PIL import Image
 
     copy = tmp_path / "device_runner.py"
-    copy.write_text((ROOT / "bench/device_runner.py").read_text())
+    copy.write_text((ROOT / "bundle/runner.py").read_text())
     image = tmp_path / "3.png"
     Image.fromarray(np.full((8, 8), 128, np.uint8), "L").save(image)
     code = ("import sys\n"
@@ -62,14 +62,14 @@ def test_the_runner_stands_alone_without_edgekd_or_torch(onnx_bundle, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(onnx_bundle), str(image)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    from edgekd.runtime import load_bundle
+    from edgekd.bundle import load_bundle
 
     assert json.loads(proc.stdout) == load_bundle(str(onnx_bundle)).predict_files([str(image)])
 
 
 def test_predict_bench_and_device_agree_on_a_bundle(onnx_bundle):
     from edgekd.bench.backends import BACKENDS
-    from edgekd.runtime import load_bundle
+    from edgekd.bundle import load_bundle
 
     bundle = load_bundle(str(onnx_bundle), threads=1)
     batch = np.random.default_rng(0).standard_normal((3, *bundle.manifest["input"]["shape"][1:]), dtype=np.float32)
@@ -104,7 +104,7 @@ def test_a_tampered_bundle_is_refused_by_every_entry_point(onnx_bundle, tmp_path
 
     from edgekd import EdgeKDError
     from edgekd.bench.backends import BACKENDS
-    from edgekd.runtime import load_bundle
+    from edgekd.bundle import load_bundle
 
     copy = tmp_path / "b"
     shutil.copytree(onnx_bundle, copy)
@@ -132,7 +132,7 @@ def test_cuda_without_its_provider_is_one_line(onnx_bundle):
 
 
 def test_bars_off_a_terminal_print_one_line(capsys):
-    from edgekd.progress import bar
+    from edgekd.base.progress import bar
 
     total = 0
     for i in bar(range(500), desc="epoch 1/1", unit="batch"):

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from edgekd import EdgeKDError
-from edgekd.data import InputSpec, load_unlabeled
-from edgekd.losses import make_loss
-from edgekd.models import build_model, build_pretrained, check_spec, parse_timm_spec, parse_torchvision_spec
+from edgekd.core.data import InputSpec, load_unlabeled
+from edgekd.core.losses import make_loss
+from edgekd.core.models import build_model, build_pretrained, check_spec, parse_timm_spec, parse_torchvision_spec
 
 GREY8 = InputSpec(1, 8, 8, [0.5], [0.5])  # the digits_folder fixture's images
 RGB32 = InputSpec(3, 32, 32, [0.5] * 3, [0.5] * 3)
@@ -100,7 +100,7 @@ def test_weights_file_that_does_not_fit_names_the_first_bad_key(tmp_path):
 def test_train_from_a_torchvision_weights_file_and_export_the_checkpoint(cli, digits_folder, tmp_path):
     import torchvision
 
-    from edgekd.checkpoint import load_model
+    from edgekd.core.checkpoint import load_model
 
     torch.manual_seed(2)
     reference = torchvision.models.resnet18(num_classes=1000)
@@ -165,7 +165,7 @@ def test_named_weights_without_internet_fail_in_one_line(digits_folder, tmp_path
 
 
 def test_a_pretrained_spec_rebuilds_from_a_checkpoint_without_downloading(tmp_path):
-    from edgekd.checkpoint import load_model, save_checkpoint
+    from edgekd.core.checkpoint import load_model, save_checkpoint
 
     model = build_model("torchvision:resnet18:DEFAULT", 10, GREY8)  # architecture only: nothing downloaded
     save_checkpoint(tmp_path / "m.pt", model, spec="torchvision:resnet18:DEFAULT", classes=[str(i) for i in range(10)],

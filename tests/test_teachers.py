@@ -14,12 +14,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgekd import EdgeKDError
-from edgekd.checkpoint import save_checkpoint
-from edgekd.data import InputSpec
-from edgekd.distill import prepare_data
-from edgekd.models import build_model
-from edgekd.teacher_cache import TeacherCache
-from edgekd.teachers import TeacherOptions, class_index, load_teacher
+from edgekd.core.checkpoint import save_checkpoint
+from edgekd.core.data import InputSpec
+from edgekd.core.distill import prepare_data
+from edgekd.core.models import build_model
+from edgekd.core.teacher_cache import TeacherCache
+from edgekd.core.teachers import TeacherOptions, class_index, load_teacher
 
 T_SIZE, T_MEAN, T_STD = 40, 0.3, 0.2  # the teachers' own view: 40 px, not the data's 32 px and 0.5/0.5
 

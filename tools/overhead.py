@@ -62,7 +62,7 @@ def measure_overhead(bundle, batch_sizes=(1,), runs=300, warmup=20, repeats=3, t
     """Alternate bare and harness processes ``repeats`` times per batch size; return the p50s and their ratio."""
     import numpy as np
 
-    from edgekd.runtime import verify_bundle
+    from edgekd.bundle import verify_bundle
     from edgekd.bench.run import _save_images, describe
 
     manifest = verify_bundle(bundle)

@@ -23,7 +23,7 @@ def watch(bundle, seconds=60.0, window=0.5, threads=(1, 2), batch_size=1, limit=
     import numpy as np
     import onnxruntime as ort
 
-    from edgekd.runtime import verify_bundle
+    from edgekd.bundle import verify_bundle
     from edgekd.bench.run import _save_images, describe
 
     manifest = verify_bundle(bundle)

@@ -22,8 +22,8 @@ import re
 import torch
 from torch import nn
 
-from . import EdgeKDError
-from .registry import Registry
+from .. import EdgeKDError
+from ..base.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from . import EdgeKDError, teachers
+from .. import EdgeKDError
+from . import teachers
 from .batchnorm import check_batchnorm
 from .checkpoint import atomic_write, save_checkpoint
 from .data import load_data

@@ -8,7 +8,7 @@ It imports only numpy, Pillow and the bundle's runtime (onnxruntime or openvino)
     logits = bundle(bundle.preprocess(pil_image)[None])
 """
 
-from .bench.device_runner import BundleError, open_model
-from .export.runtime import Bundle, ZippedBundle, load_bundle, safe_extract, verify_bundle
+from .runner import BundleError, open_model
+from .runtime import Bundle, ZippedBundle, load_bundle, safe_extract, verify_bundle
 
 __all__ = ["Bundle", "BundleError", "ZippedBundle", "load_bundle", "open_model", "safe_extract", "verify_bundle"]

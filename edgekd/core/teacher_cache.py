@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from . import EdgeKDError
+from .. import EdgeKDError
 from .checkpoint import atomic_write, file_sha256  # noqa: F401  (file_sha256: its old home)
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class TeacherCache:
         ``--teacher-views K`` at most K). Returns seconds spent."""
         import time
 
-        from .progress import bar
+        from ..base.progress import bar
 
         self.load()
         if self.views.plan.views:

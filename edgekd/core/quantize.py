@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from . import EdgeKDError
+from .. import EdgeKDError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def calibrate(model, views, size, seed, progress=True):
     idx = torch.randperm(len(views), generator=g)[:size]
     images, _ = views.batch(idx)  # no epoch: the plain view, as calibration must see deployment inputs
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
-    from .export.openvino import nncf_quiet
+    from ..base.progress import nncf_quiet
 
     try:
         with nncf_quiet(progress):  # NNCF's extension-build INFO lines and bars follow --no-progress too

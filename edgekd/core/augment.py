@@ -12,7 +12,7 @@ import logging
 import torch
 from torch.nn import functional as F
 
-from . import EdgeKDError
+from .. import EdgeKDError
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
     to the input size. An unreadable image is an error that names the file, or with ``skip_bad``
     is left out and counted (``decode_split.skipped`` holds the paths of the last call).
     """
-    from .progress import bar
+    from ..base.progress import bar
 
     n = len(dataset) if indices is None else len(indices)
     nbytes = n * input_spec.channels * input_spec.height * input_spec.width

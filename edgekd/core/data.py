@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 
-from . import EdgeKDError
+from .. import EdgeKDError
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 
-from . import EdgeKDError
+from .. import EdgeKDError
 
 DEFAULT_OUT = os.path.join("runs", "default")
 # Keys that saved config.yaml files carry for the record; a config file may hold them, they set nothing.

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import EdgeKDError
+from .. import EdgeKDError
 from .checkpoint import file_sha256
-from .export.onnx import METADATA_KEYS
-from .registry import Registry
+from ..bundle.manifest import METADATA_KEYS
+from ..base.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -662,7 +662,7 @@ class BundleSource(Source):
         _need_file(_split(spec, "bundle"), "teacher bundle")
 
     def load(self, spec, options, env):
-        from .runtime import load_bundle
+        from ..bundle import load_bundle
 
         path = _split(spec, "bundle")
         bundle = load_bundle(path, threads=1)

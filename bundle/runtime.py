@@ -3,7 +3,7 @@ preprocess images exactly as training did, run the model, return class names and
 
 Needs numpy, Pillow and the bundle's runtime (onnxruntime for ONNX, openvino for OpenVINO IR), never
 PyTorch; ``edgekd.runtime`` is its public import path. The session, preprocessing and checksum code is
-bench/device_runner.py's: one implementation for predict, export validation, bench and devices.
+bundle/runner.py's: one implementation for predict, export validation, bench and devices.
 """
 
 import os
@@ -13,7 +13,7 @@ import zipfile
 import zlib
 
 from .. import EdgeKDError
-from ..bench import device_runner as runner
+from . import runner
 
 from .manifest import read_manifest
 
@@ -51,7 +51,7 @@ def verify_bundle(folder):
 class Bundle:
     """A verified bundle folder: its manifest, its session, and the manifest's preprocessing.
 
-    Verification, preprocessing and the session are bench/device_runner.py's (the one implementation,
+    Verification, preprocessing and the session are bundle/runner.py's (the one implementation,
     also copied to devices); ``runtime`` picks another runtime than the format's (openvino for ONNX).
     """
 

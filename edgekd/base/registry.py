@@ -2,7 +2,7 @@
 
 import difflib
 
-from . import EdgeKDError
+from .. import EdgeKDError
 
 
 class Registry:

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from . import EdgeKDError
+from .. import EdgeKDError
 
 # The middle stage of the built-in models: where FitNets puts its hint (half-way through the network).
 AUTO_LAYERS = {"CifarResNet": "layer2", "CompactStudent": "features.6", "ResNet": "layer2",

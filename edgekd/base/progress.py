@@ -6,6 +6,7 @@ command prints as its result (one per epoch, say): the library logs them, the CL
 through ``report_to_stdout()``, and a program that imports edgekd decides for itself.
 """
 
+import contextlib
 import logging
 import sys
 import time
@@ -81,3 +82,24 @@ class LineBar:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextlib.contextmanager
+def nncf_quiet(progress):
+    """Without --progress, NNCF prints neither its INFO lines nor its progress bars. Its bars
+    (nncf.common.logging.track_progress) are rich Progress objects on rich's global console, which has a
+    ``quiet`` switch; its lines go to the "nncf" logger."""
+    if progress:
+        yield
+        return
+    import rich
+
+    console, logger = rich.get_console(), logging.getLogger("nncf")
+    quiet, level = console.quiet, logger.level
+    console.quiet = True
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        console.quiet = quiet
+        logger.setLevel(level)

@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 
-from . import EdgeKDError, Interrupted, __version__
+from .. import EdgeKDError, Interrupted, __version__
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class RunFolder:
             self.fd = None
 
     def _mark(self):
-        from .checkpoint import atomic_write
+        from .files import atomic_write
 
         def write(tmp):
             with open(tmp, "w") as f:

@@ -3,9 +3,9 @@
 import argparse
 import sys
 
-from . import EdgeKDError, Interrupted, __version__
-from . import config as options
-from .config import BENCH_DEFAULTS, BENCH_QUICK, DEFAULT_OUT
+from .. import EdgeKDError, Interrupted, __version__
+from ..core import config as options
+from ..core.config import BENCH_DEFAULTS, BENCH_QUICK, DEFAULT_OUT
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,7 +48,7 @@ def _run_folder(args, inputs):
     """The locked, checked run folder (rank 0 only: the other ranks of a torchrun job write nothing)."""
     import contextlib
 
-    from .outdir import OUTPUTS, RunFolder, refuse_inputs_inside
+    from ..base.outdir import OUTPUTS, RunFolder, refuse_inputs_inside
 
     if _rank() != 0:
         return contextlib.nullcontext()
@@ -58,14 +58,14 @@ def _run_folder(args, inputs):
 
 
 def _rank():
-    from .distributed import env_rank
+    from ..core.distributed import env_rank
 
     return env_rank()
 
 
 def _check_distributed(args):
     """Under torchrun (WORLD_SIZE > 1) the global batch must split evenly over the processes."""
-    from .distributed import env_local_rank, env_world_size
+    from ..core.distributed import env_local_rank, env_world_size
 
     world = env_world_size()
     if world > 1 and args.batch_size % world:
@@ -107,7 +107,7 @@ def _nonnegative_float(text):
 
 def _check_out(out, force):
     """Refuse an --out that is a file or not writable, or (without --force) not empty; creates nothing."""
-    from .outdir import check_contents, check_writable
+    from ..base.outdir import check_contents, check_writable
 
     check_writable(out)
     check_contents(out, force)
@@ -133,7 +133,7 @@ class Train(Command):
     description = "Train a model on labelled data with cross-entropy. Writes DIR/model.pt, DIR/metrics.json, DIR/config.yaml."
 
     def run(self, args):
-        from .distill import run_train
+        from ..core.distill import run_train
 
         _check_training_args(args)
         inputs = [("--model", args.model), ("--data", args.data), ("--weights", args.weights),
@@ -157,10 +157,10 @@ class Distill(Command):
         super().add_arguments(p)
 
     def run(self, args):
-        from .distill import run_distill
-        from .losses import LOSSES
+        from ..core.distill import run_distill
+        from ..core.losses import LOSSES
 
-        from .losses import check_options
+        from ..core.losses import check_options
 
         LOSSES.get(args.loss)
         if args.alpha is not None and args.alpha > 1.0 and args.loss != "dkd":
@@ -205,9 +205,9 @@ class Export(Command):
                    "See docs/export.md.")
 
     def run(self, args):
-        from .export.pipeline import ExportOptions, export_checkpoint
+        from ..export.pipeline import ExportOptions, export_checkpoint
 
-        from .outdir import prepare_bundle_out
+        from ..base.outdir import prepare_bundle_out
 
         prepare_bundle_out(args.out, args.force, args.zip, [("CHECKPOINT", args.checkpoint), ("--data", args.data),
                                                             ("--calib-data", args.calib_data),
@@ -277,7 +277,7 @@ class Bench(Command):
                    "latency.png, and prints the table.")
 
     def run(self, args):
-        from .bench.run import run_bench
+        from ..bench.run import run_bench
 
         preset = BENCH_QUICK if args.quick else BENCH_DEFAULTS
         timing = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in BENCH_DEFAULTS}
@@ -306,7 +306,7 @@ class Predict(Command):
     def run(self, args):
         import json
 
-        from .runtime import load_bundle
+        from ..bundle import load_bundle
 
         bundle = load_bundle(args.bundle, threads=args.threads, device=args.device)
         results = bundle.predict_files(args.images, top_k=min(args.top_k, len(bundle.classes)))
@@ -345,8 +345,8 @@ class Quantize(Command):
                    "See docs/export.md (the INT8 ladder).")
 
     def run(self, args):
-        from .losses import LOSSES
-        from .quantize import run_quantize
+        from ..core.losses import LOSSES
+        from ..core.quantize import run_quantize
 
         LOSSES.get(args.loss)
         _check_training_args(args)
@@ -395,7 +395,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser, sub = build_parser()
     args = parser.parse_args(argv)
-    from .progress import report_to_stdout
+    from ..base.progress import report_to_stdout
 
     report_to_stdout()  # the per-epoch lines the library logs to edgekd.report
     try:

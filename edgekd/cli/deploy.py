@@ -11,7 +11,8 @@ import json
 import logging
 import os
 
-from . import EdgeKDError, ssh
+from .. import EdgeKDError
+from ..base import ssh
 
 log = logging.getLogger(__name__)
 DEFAULT_FOLDER = "edgekd-bundles"  # relative to the device user's home
@@ -40,8 +41,8 @@ def check_on_device(target, runner, staging, name, timeout):
 
 def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=None):
     """Install ``bundle`` on the device; return (target, remote bundle path, device environment)."""
-    from .bench.device_runner import BundleError, RUNTIME_PACKAGE, verify
-    from .bench.remote import RUNNER, check_device
+    from ..bundle.runner import BundleError, RUNTIME_PACKAGE, verify
+    from ..bench.remote import RUNNER, check_device
 
     if not os.path.isdir(bundle):
         raise EdgeKDError(f"bundle folder {bundle!r} does not exist")

@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from . import EdgeKDError, Interrupted
+from .. import EdgeKDError, Interrupted
 from .checkpoint import atomic_write
-from .progress import REPORT, bar
+from ..base.progress import REPORT, bar
 
 log = logging.getLogger(__name__)
 

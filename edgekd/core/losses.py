@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import EdgeKDError
-from .registry import Registry
+from .. import EdgeKDError
+from ..base.registry import Registry
 
 LOSSES = Registry("loss")
 UNLABELED = -1  # the label of an unlabelled image (--unlabeled): it gets the teacher term only

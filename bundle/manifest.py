@@ -6,6 +6,11 @@ import json
 import os
 
 MANIFEST = "manifest.json"
+# edgekd's metadata inside an ONNX file (written by export, read by the ONNX teacher source):
+# classes, mean, std and input_size as JSON ([names], [floats] in [0, 1] pixel units, [height, width]);
+# color as RGB, BGR or L; outputs as logits or probs.
+METADATA_KEYS = {"classes": "edgekd.classes", "mean": "edgekd.mean", "std": "edgekd.std", "color": "edgekd.color",
+                 "input_size": "edgekd.input_size", "outputs": "edgekd.outputs"}
 MAX_SIDE = 8192  # an input height or width beyond this is a damaged field, not a model
 
 

@@ -1,11 +1,11 @@
 """Checkpoints: a dict of plain types and tensors, written atomically, loaded with weights_only=True."""
 
 import os
-import tempfile
 
 import torch
 
-from . import EdgeKDError, __version__
+from .. import EdgeKDError, __version__
+from ..base.files import atomic_write  # noqa: F401  (re-exported: its old home)
 
 CHECKPOINT_FORMAT = "edgekd-checkpoint/1"
 REQUIRED_KEYS = ("model", "state_dict", "classes", "input")
@@ -20,41 +20,6 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write(path, write):
-    """Call ``write(tmp_path)`` then move the finished file into place, so no reader sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    from .outdir import temp_prefix
-
-    # edgekd's temporary naming: a killed process's leftovers are recognised and removed by the next run
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + temp_prefix(), suffix="-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_folder(folder)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_folder(folder):
-    """Make the rename itself durable (a crash right after os.replace keeps the new file)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path, model, *, spec, classes, input_spec, data_spec, metrics, config, extra=None):

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Checks edgekd's import layers (pyproject.toml [tool.importlinter]) with import-linter.
+# import-linter walks a package's folder on disk, but export/, bench/ and bundle/ sit beside edgekd/
+# and are mapped in only at install time; so stage the installed layout in build/layers and lint that.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+stage=build/layers
+rm -rf "$stage" && mkdir -p "$stage"
+cp -r edgekd "$stage/edgekd"
+for sub in export bench bundle; do cp -r "$sub" "$stage/edgekd/$sub"; done
+find "$stage" -name __pycache__ -prune -exec rm -rf {} +
+cd "$stage" && PYTHONPATH=. "../../$BIN/lint-imports" ../../pyproject.toml --no-cache
