@@ -36,7 +36,7 @@ test-slow: $(STAMP)
 # The device tests on the emulated ARM64 board (tools/arm_device.sh: root and binfmt_misc; built once
 # into /var/cache/edgekd-arm, 4-8 minutes, then reused). Skipped, with the reason, where it cannot run.
 test-arm: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -m arm tests/test_devices.py tests/test_arm.py
+	$(BIN)/python -m pytest -q -rs --durations=10 -m arm tests/test_devices.py tests/test_arm.py
 
 clean:
 	rm -rf runs .pytest_cache build/layers

@@ -16,8 +16,8 @@ import pytest
 pytestmark = pytest.mark.arm
 
 BUNDLES = [(fmt, p) for fmt in ("onnx", "openvino") for p in ("fp32", "fp16", "int8")]
-MAX_DROP = 5.0  # INT8 gate in points: a one-epoch student on 100 images moves by whole images (1 point each)
-IMAGES = 100
+MAX_DROP = 6.0  # INT8 gate in points: a one-epoch student on 50 images moves by whole images (2 points each)
+IMAGES = 50
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +28,38 @@ def student(tmp_path_factory, cli):
     return out / "model.pt"
 
 
+# What the gate on the board refuses: OpenVINO 2026.4.1's NNCF INT8 model loses most of its top-1 on the
+# emulated aarch64 CPU (0.66 -> 0.18 on 50 digits images for a student that keeps it on x86), so
+# `--target ssh://` the board writes no bundle. If a later OpenVINO fixes it, this set shrinks.
+REFUSED_ON_THE_BOARD = {("openvino", "int8")}
+
+
 @pytest.fixture(scope="module")
 def arm_bundles(arm_board, student, tmp_path_factory, cli):
-    """The six bundles, each exported --target the board (gate there)."""
+    """The bundles, each exported --target the board (the gate runs there); {(format, precision): folder}."""
     out = tmp_path_factory.mktemp("arm-bundles")
-    bundles = {}
+    bundles, refused = {}, {}
     for fmt, precision in BUNDLES:
         folder = out / f"{fmt}-{precision}"
         int8 = ["--calib-size", 100, "--max-drop", MAX_DROP, "--qat-epochs", 0] if precision == "int8" else []
-        cli("export", student, "--format", fmt, "--precision", precision, "--target", arm_board.url(),
-            "--ssh-config", arm_board.ssh_config, "--val-size", IMAGES, *int8, "--out", folder, "--no-progress")
-        bundles[fmt, precision] = folder
-    return bundles
+        if (fmt, precision) in REFUSED_ON_THE_BOARD:
+            int8 += ["--max-fallback-layers", 0]
+        proc = cli("export", student, "--format", fmt, "--precision", precision, "--target", arm_board.url(),
+                   "--ssh-config", arm_board.ssh_config, "--val-size", IMAGES, *int8, "--out", folder, "--no-progress",
+                   check=(fmt, precision) not in REFUSED_ON_THE_BOARD)
+        if proc.returncode == 0:
+            bundles[fmt, precision] = folder
+        else:
+            refused[fmt, precision] = proc.stderr.strip()
+    return bundles, refused
+
+
+def test_the_gate_on_the_board_refuses_what_does_not_hold_there(arm_bundles):
+    bundles, refused = arm_bundles
+    assert set(refused) == REFUSED_ON_THE_BOARD and set(bundles) == set(BUNDLES) - REFUSED_ON_THE_BOARD
+    for (fmt, precision), stderr in refused.items():
+        assert "parity check failed: INT8 top-1" in stderr and "no bundle written" in stderr, stderr
+        assert len(stderr.splitlines()) == 1 and "Traceback" not in stderr
 
 
 def _manifest(folder):
@@ -47,7 +67,7 @@ def _manifest(folder):
 
 
 def test_bundles_for_the_board_record_their_target_and_where_the_gate_ran(arm_bundles):
-    for (fmt, precision), folder in arm_bundles.items():
+    for (fmt, precision), folder in arm_bundles[0].items():
         m = _manifest(folder)
         ran_on = m["validation"]["ran_on"]
         assert ran_on["where"].startswith("ssh://edgedevice") and ran_on["machine"] == "aarch64", ran_on
@@ -66,6 +86,7 @@ def test_bundles_for_the_board_record_their_target_and_where_the_gate_ran(arm_bu
 
 def test_top1_on_the_board_matches_this_machine(arm_board, arm_bundles, student, tmp_path, cli):
     """FP32 equal; FP16 and INT8 within the bundle's gate; emulated rows say so and are not ranked."""
+    arm_bundles, refused = arm_bundles
     url = arm_board.url()
     out = tmp_path / "bench"
     cli("bench", student, *arm_bundles.values(), "--device", f"cpu,{url}", "--ssh-config", arm_board.ssh_config,
@@ -92,6 +113,8 @@ def test_top1_on_the_board_matches_this_machine(arm_board, arm_bundles, student,
         table.append(f"| {fmt} {precision} | {here['top1']:.4f} | {there['top1']:.4f} | "
                      f"{here['agreement_vs_teacher']:.4f} / {there['agreement_vs_teacher']:.4f} | "
                      f"{'yes' if gate.get('machine') == 'aarch64' else 'no'} |")
+    for fmt, precision in refused:
+        table.append(f"| {fmt} {precision} | - | - | - | yes: refused there, no bundle written |")
     assert not any(r["best"] for r in result["rows"] if r.get("emulated"))
     report = (out / "report.md").read_text()
     assert "Emulated devices" in report and "not latency" in report
@@ -131,6 +154,7 @@ def _torchscript_openvino_bundle(student, like, out):
 
 def test_deploy_refuses_what_the_board_cannot_compile_and_installs_the_bundle_made_for_it(
         arm_board, arm_bundles, student, tmp_path, cli):
+    arm_bundles = arm_bundles[0]
     folder, here = arm_board.folder(tmp_path)
     dynamic = _torchscript_openvino_bundle(student, arm_bundles["openvino", "fp32"], tmp_path / "ov-dynamic")
     deploy = ["--ssh-config", arm_board.ssh_config, "--python", arm_board.python]
@@ -160,7 +184,7 @@ def test_deploy_refuses_what_the_board_cannot_compile_and_installs_the_bundle_ma
 def test_deploy_refuses_a_bundle_whose_parity_images_disagree_on_the_board(arm_board, arm_bundles, tmp_path, cli):
     """The manifest's parity logits are the exporting machine's; a bundle that answers otherwise is refused."""
     bad = tmp_path / "disagrees"
-    shutil.copytree(arm_bundles["onnx", "fp32"], bad)
+    shutil.copytree(arm_bundles[0]["onnx", "fp32"], bad)
     m = _manifest(bad)
     m["parity"]["logits"] = [[-v for v in row] for row in m["parity"]["logits"]]
     (bad / "manifest.json").write_text(json.dumps(m))
