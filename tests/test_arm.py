@@ -24,7 +24,7 @@ IMAGES = 50
 def student(tmp_path_factory, cli):
     out = tmp_path_factory.mktemp("mnv3")
     cli("train", "--model", "torchvision:mobilenet_v3_small", "--epochs", 1, "--train-subset", 600, "--out", out,
-        "--no-progress")
+        "--no-progress", timeout=3600)
     return out / "model.pt"
 
 
@@ -46,7 +46,7 @@ def arm_bundles(arm_board, student, tmp_path_factory, cli):
             int8 += ["--max-fallback-layers", 0]
         proc = cli("export", student, "--format", fmt, "--precision", precision, "--target", arm_board.url(),
                    "--ssh-config", arm_board.ssh_config, "--val-size", IMAGES, *int8, "--out", folder, "--no-progress",
-                   check=(fmt, precision) not in REFUSED_ON_THE_BOARD)
+                   check=(fmt, precision) not in REFUSED_ON_THE_BOARD, timeout=3600)
         if proc.returncode == 0:
             bundles[fmt, precision] = folder
         else:
@@ -91,7 +91,7 @@ def test_top1_on_the_board_matches_this_machine(arm_board, arm_bundles, student,
     out = tmp_path / "bench"
     cli("bench", student, *arm_bundles.values(), "--device", f"cpu,{url}", "--ssh-config", arm_board.ssh_config,
         "--batch-sizes", "1,4", "--runs", 3, "--warmup", 1, "--rounds", 1, "--min-time", 0, "--limit", IMAGES,
-        "--out", out, "--no-progress")
+        "--out", out, "--no-progress", timeout=3600)
     result = json.loads((out / "results.json").read_text())
     rows = {(r["model"], r["device"], r["batch_size"]): r for r in result["rows"]}
     table = ["| bundle | top-1 here (x86-64) | top-1 on the ARM64 board | agreement with PyTorch here / on the board "

@@ -41,7 +41,7 @@ def check_on_device(target, runner, staging, name, timeout):
 
 def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=None):
     """Install ``bundle`` on the device; return (target, remote bundle path, device environment)."""
-    from ..bundle.runner import BundleError, RUNTIME_PACKAGE, verify
+    from ..bundle.runner import MANIFEST_FILE, BundleError, RUNTIME_PACKAGE, verify
     from ..bench.remote import RUNNER, check_device
 
     if not os.path.isdir(bundle):
@@ -49,7 +49,7 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=N
     try:
         manifest = verify(bundle)  # never ship a bundle that is already broken here
     except BundleError as e:
-        raise EdgeKDError(f"bundle {bundle!r}: {e}") from None
+        raise EdgeKDError(f"bundle {bundle!r}: {e}") from e
     target = ssh.parse_target(url, ssh_config)
     if python:
         ssh.check_path(url, "python path", python)
@@ -62,7 +62,7 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=N
     staging = ssh.run(target, f"mkdir -p {q(folder)} && mktemp -d {q(folder + '/.' + name + '.tmp-XXXXXX')}",
                       timeout).decode().strip()
     try:
-        files = [os.path.join(bundle, f) for f in list(manifest["files"]) + ["manifest.json"]]
+        files = [os.path.join(bundle, f) for f in list(manifest["files"]) + [MANIFEST_FILE]]
         ssh.copy_to(target, files, staging, timeout)
         ssh.copy_to(target, [RUNNER], staging, timeout)
         runner = f"{staging}/{os.path.basename(RUNNER)}"
