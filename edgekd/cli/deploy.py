@@ -61,18 +61,20 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=N
     q = ssh.quote
     staging = ssh.run(target, f"mkdir -p {q(folder)} && mktemp -d {q(folder + '/.' + name + '.tmp-XXXXXX')}",
                       timeout).decode().strip()
+    tools = staging + ".runner"  # the runner beside the bundle, not in it: a bundle is exactly its listed files
     try:
         files = [os.path.join(bundle, f) for f in list(manifest["files"]) + [MANIFEST_FILE]]
         ssh.copy_to(target, files, staging, timeout)
-        ssh.copy_to(target, [RUNNER], staging, timeout)
-        runner = f"{staging}/{os.path.basename(RUNNER)}"
+        ssh.run(target, f"mkdir {q(tools)}", timeout)
+        ssh.copy_to(target, [RUNNER], tools, timeout)
+        runner = f"{tools}/{os.path.basename(RUNNER)}"
         check_on_device(target, runner, staging, name, timeout)
-        ssh.run(target, f"mv {q(runner)} {q(folder + '/' + RUNNER_NAME)} && "
+        ssh.run(target, f"mv {q(runner)} {q(folder + '/' + RUNNER_NAME)} && rmdir {q(tools)} && "
                         f"if [ -e {q(dest)} ]; then mv {q(dest)} {q(staging + '.old')}; fi && "
                         f"mv {q(staging)} {q(dest)} && rm -rf {q(staging + '.old')}", timeout)
     except BaseException:
         try:
-            ssh.run(target, f"rm -rf {q(staging)}", 60)
+            ssh.run(target, f"rm -rf {q(staging)} {q(tools)}", 60)
         except EdgeKDError:
             pass
         raise
