@@ -308,14 +308,16 @@ class Predict(Command):
 class Deploy(Command):
     name = "deploy"
     help = "install a bundle on an edge device over SSH (checksummed, atomic)"
-    description = ("Copy a bundle to a device over SSH with your own ssh config and keys (never a password), verify "
-                   "its sha256 sums there with the device's Python, and move it into place atomically. The device "
-                   "needs Python 3.8+, numpy, Pillow and the bundle's runtime (onnxruntime or openvino); no torch.")
+    description = ("Copy a bundle to a device over SSH with your own ssh config and keys (never a password), check "
+                   "it there with the device's Python and runtime (sha256 sums, load and compile, one batch, the "
+                   "parity images of a bundle exported with --target), and move it into place atomically; a bundle "
+                   "that fails the check is refused with the device's error. The device needs Python 3.8+, numpy, "
+                   "Pillow and the bundle's runtime (onnxruntime or openvino); no torch.")
 
     def run(self, args):
         from .deploy import RUNNER_NAME, deploy
 
-        target, dest, env = deploy(args.bundle, args.device, args.ssh_config, args.timeout)
+        target, dest, env = deploy(args.bundle, args.device, args.ssh_config, args.timeout, args.python)
         folder = dest.rsplit("/", 1)[0]
         print(f"installed {args.bundle} on {target} at {dest} ({env['cpu']}, Python {env['python']}, "
               + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())) + ")")

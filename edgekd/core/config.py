@@ -345,6 +345,12 @@ EXPORT = [
     Opt("speed_check", "bool", True, "skip the short FP32-vs-INT8 timing on this machine", negate="--no-speed-check",
         group="int8"),
     Opt("zip", "bool", False, "also pack the bundle into DIR.zip"),
+    Opt("target", "str", None, "the device the bundle is for: cpu (this machine, the default), arm64, x86-avx2, "
+        "x86-vnni, or ssh://[user@]host[:port][/python] (its CPU asked over SSH; the parity gate and the INT8 check "
+        "run there). Sets INT8 types and, for OpenVINO on ARM, a static batch; adds parity images that deploy "
+        "checks on the device", metavar="T"),
+    Opt("ssh_config", "str", None, "--target ssh://: an ssh_config file (default: ~/.ssh/config)", metavar="FILE"),
+    Opt("timeout", "int", 600, "--target ssh://: seconds to wait for the device at each step", low=1),
     Opt("progress", "bool", True, "hide progress bars", negate="--no-progress"),
 ] + _data(default=None) + _common()
 
@@ -418,6 +424,8 @@ DEPLOY = [
         metavar="DEVICE", positional=True),
     Opt("ssh_config", "str", None, "an ssh_config file (default: ~/.ssh/config)", metavar="FILE"),
     Opt("timeout", "int", 600, "seconds to wait for the device at each step", low=1),
+    Opt("python", "str", None, "the device's Python that checks and runs the bundle (default: python3)",
+        metavar="PATH"),
 ]
 
 COMMANDS = {"train": TRAIN, "distill": DISTILL, "quantize": QUANTIZE, "export": EXPORT, "bench": BENCH, "predict": PREDICT, "deploy": DEPLOY}
