@@ -78,24 +78,26 @@ def describe(path):
     """What a MODEL argument is: a checkpoint (.pt) or a bundle folder, with its size, params and FLOPs."""
     from ..core.checkpoint import load_checkpoint
     from ..core.data import InputSpec
-    from ..bundle.manifest import read_manifest
+    from ..base.files import spec_from_file
+    from ..bundle.runtime import verify_bundle
 
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
-        m = read_manifest(path)
+        m = verify_bundle(path)  # checksums, and nothing in the folder that the manifest does not list
         if m.format not in NATIVE_BACKEND:
             raise EdgeKDError(f"bundle {path!r} has format {m.format!r}; bench runs onnx and openvino bundles")
         size = sum(os.path.getsize(os.path.join(path, f)) for f in m.files if os.path.isfile(os.path.join(path, f)))
         return Model(model=name, path=path, kind=m.format, precision=m.precision, arch=m.record("model"),
                      params=m.record("params"), flops=m.record("flops"), size_mb=size / 1e6,
-                     input=InputSpec(m.channels, *m.input["resize"], m.input["mean"], m.input["std"]),
-                     classes=m.classes, data=m.record("data"))
+                     input=InputSpec(m.channels, *m.input["resize"], m.input["mean"], m.input["std"],
+                                     m.input.get("crop_pct")),
+                     classes=m.classes, data=spec_from_file(m.record("data"), path))
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
         return Model(model=name[:-3] if name.endswith(".pt") else name, path=path, kind="checkpoint",
                      precision="fp32", arch=ckpt["model"], params=ckpt.get("params"), flops=ckpt.get("flops"),
                      size_mb=os.path.getsize(path) / 1e6, input=InputSpec.from_dict(ckpt["input"]),
-                     classes=ckpt["classes"], data=ckpt.get("data"))
+                     classes=ckpt["classes"], data=spec_from_file(ckpt.get("data"), os.path.dirname(os.path.abspath(path))))
     raise EdgeKDError(f"model {path!r} does not exist (expected a .pt checkpoint or a bundle folder)")
 
 

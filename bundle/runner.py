@@ -102,8 +102,14 @@ def sha256_file(path, chunk=1 << 20):
 
 
 def check_files(folder, manifest):
-    """Every file the manifest lists lies inside the folder (no links, no ../) and matches its sha256."""
+    """A bundle is exactly its manifest: every file the manifest lists lies inside the folder (no links, no ../)
+    and matches its sha256, and the folder holds nothing else (a file nobody checked could be what a runtime
+    reads: OpenVINO finds model.bin beside model.xml whether or not it is listed)."""
     root = os.path.realpath(folder)
+    unlisted = sorted(n for n in os.listdir(root) if n != "manifest.json" and n not in manifest["files"])
+    if unlisted:
+        raise BundleError("bundle %r holds %s, which its manifest.json does not list (a bundle is exactly the files "
+                          "its manifest lists: remove them, or export again)" % (folder, ", ".join(unlisted)[:200]))
     for name, digest in manifest["files"].items():
         path = os.path.join(root, name)
         if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != root:
@@ -301,19 +307,57 @@ def bench(job_path):
     return {"environment": environment(), "rows": rows}
 
 
-def preprocess(image, spec):
-    """PIL image -> (C, H, W) float32 exactly as the manifest's input spec says (the training transform):
-    mode, bilinear resize, /255, normalise."""
-    import numpy as np
+def resize_crop(size, out_hw, crop_pct):
+    """Where an image of ``size`` (width, height) goes: ``(resized (w, h), crop box (left, top, right, bottom))``.
+
+    torchvision's and timm's evaluation geometry: resize the shorter side to ``out / crop_pct`` keeping the
+    aspect ratio (``int`` truncation of the longer side, as ``transforms.Resize(int)``), then center-crop to
+    ``out_hw`` (offsets rounded as ``transforms.CenterCrop``). ``crop_pct`` None (manifests written before it
+    was recorded) stretches the whole image to ``out_hw``, as edgekd did then.
+    """
+    import math
+
+    width, height = size
+    out_h, out_w = out_hw
+    if crop_pct is None:
+        return (out_w, out_h), (0, 0, out_w, out_h)
+    if out_h == out_w:  # timm: the scalar case, torchvision's Resize(int)
+        short = int(math.floor(out_h / crop_pct))
+        if width <= height:
+            new = (short, int(short * height / width))
+        else:
+            new = (int(short * width / height), short)
+    else:  # timm's ResizeKeepRatio: the scale that makes both sides at least the target's
+        target_h, target_w = int(math.floor(out_h / crop_pct)), int(math.floor(out_w / crop_pct))
+        ratio = min(height / target_h, width / target_w)
+        new = (int(round(width / ratio)), int(round(height / ratio)))
+    left = int(round((new[0] - out_w) / 2.0))
+    top = int(round((new[1] - out_h) / 2.0))
+    return new, (left, top, left + out_w, top + out_h)
+
+
+def preprocess_pixels(image, spec):
+    """PIL image -> the manifest's geometry and colour, as a PIL image (the pixels before /255 and normalising)."""
     from PIL import Image
 
     if image.mode != spec["color"]:
         image = image.convert(spec["color"])
     height, width = spec["resize"]
-    if image.size != (width, height):
+    new, box = resize_crop(image.size, (height, width), spec.get("crop_pct"))
+    if image.size != new:
         # Image.Resampling since Pillow 9.1; a device's older Pillow has the constant on Image itself
-        image = image.resize((width, height), getattr(Image, "Resampling", Image).BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
+        image = image.resize(new, getattr(Image, "Resampling", Image).BILINEAR)
+    if box != (0, 0) + new:
+        image = image.crop(box)  # a crop past the edge (an upscale rounding) pads with zeros, as CenterCrop does
+    return image
+
+
+def preprocess(image, spec):
+    """PIL image -> (C, H, W) float32 exactly as the manifest's input spec says (training's evaluation transform):
+    mode, bilinear resize of the shorter side to size / crop_pct, center crop, /255, normalise."""
+    import numpy as np
+
+    pixels = np.asarray(preprocess_pixels(image, spec), dtype=np.float32) / 255.0
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     mean = np.asarray(spec["mean"], dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(spec["std"], dtype=np.float32).reshape(-1, 1, 1)

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import EdgeKDError
 from ..core.config import ExportOptions  # noqa: F401  (every option of edgekd export, declared once there)
+from ..base.files import portable
 from ..base.outdir import temp_prefix
 
 from . import calibration
@@ -108,7 +109,7 @@ def load_reference(checkpoint, opts):
     if "qat" in ckpt and opts.precision != "int8":
         raise EdgeKDError(f"{checkpoint!r} is a QAT checkpoint (edgekd quantize): export it with --precision int8")
     spec = InputSpec.from_dict(ckpt["input"])
-    dataset = load_data_for(opts.data or ckpt.get("data") or "digits", opts.data_root, spec)
+    dataset = load_data_for(opts.data or checkpoint_data(ckpt, checkpoint) or "digits", opts.data_root, spec)
     if len(dataset.classes) != len(ckpt["classes"]):
         raise EdgeKDError(f"checkpoint has {len(ckpt['classes'])} classes but data {dataset.spec!r} "
                           f"has {len(dataset.classes)}")
@@ -117,6 +118,13 @@ def load_reference(checkpoint, opts):
     with torch.no_grad():
         logits = run_batched(lambda b: model(torch.from_numpy(b)).numpy(), images)
     return Reference(checkpoint, model, ckpt, spec, dataset, images, labels, logits)
+
+
+def checkpoint_data(ckpt, checkpoint):
+    """The checkpoint's data spec (an image folder is recorded relative to the checkpoint's folder)."""
+    from ..base.files import spec_from_file
+
+    return spec_from_file(ckpt.get("data"), os.path.dirname(os.path.abspath(checkpoint)))
 
 
 @dataclass
@@ -129,7 +137,7 @@ class Calibration:
 
 
 def calibration_set(ref, opts, spec=None):
-    spec = spec or opts.calib_data or opts.data or ref.ckpt.get("data") or "digits"
+    spec = spec or opts.calib_data or opts.data or checkpoint_data(ref.ckpt, ref.checkpoint) or "digits"
     data = ref.dataset if spec == ref.dataset.spec else load_data_for(spec, opts.data_root, ref.spec)
     indices, record = calibration.select(data.train, opts.calib_size, opts.seed, data_spec=data.spec, split="train",
                                          class_names=data.classes)
@@ -159,6 +167,8 @@ def _build(ref, opts, plan, calib, train_qat):
         else:
             fail_if(gate(validation, opts.precision, atol=plan.atol))
             manifest = build_manifest(ref, opts, staging, job.info, validation, seconds)
+        # the machine's absolute paths (calibration data, sources) relative to the bundle folder
+        manifest = portable(manifest, out)
         write_manifest(staging, manifest)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         if opts.zip:
@@ -206,7 +216,8 @@ def _int8(ref, opts, plan, job, calib, validation, seconds, train_qat):
     if ref.qat:
         from .qat import fp32_student_record
 
-        manifest["qat"] = fp32_student_record(ref.ckpt, ref.images, ref.labels, validation["top1"])
+        manifest["qat"] = fp32_student_record(ref.ckpt, ref.images, ref.labels, validation["top1"],
+                                              os.path.dirname(os.path.abspath(ref.checkpoint)))
         manifest["validation"]["reference"] = "the QAT model in PyTorch (fake-quantized), like with like"
     return manifest
 
@@ -268,10 +279,12 @@ def build_manifest(ref, opts, staging, info, validation, seconds):
         "format": opts.format, "precision": opts.precision, "model_file": info["model_file"], "files": files,
         "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
                   "mean": spec.mean, "std": spec.std, "color": spec.color, "resize": [spec.height, spec.width],
-                  "scale": 1 / 255, "resample": "bilinear"},
+                  "scale": 1 / 255, "resample": "bilinear",
+                  **({"crop_pct": spec.crop_pct, "resize_mode": "shorter side, center crop"}
+                     if spec.crop_pct is not None else {})},
         "classes": list(ckpt["classes"]),
         "model": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"), "data": ref.dataset.spec,
-        "source": {"checkpoint": os.path.abspath(ref.checkpoint), "sha256": sha256_file(ref.checkpoint)},
+        "source": {"checkpoint": os.path.basename(ref.checkpoint), "sha256": sha256_file(ref.checkpoint)},
         "validation": validation, "export_seconds": round(seconds, 3),
         "size_bytes": sum(os.path.getsize(os.path.join(staging, n)) for n in files),
         "runtime": {"library": FORMATS.meta(opts.format)["runtime"],

@@ -53,7 +53,8 @@ def _run_folder(args, inputs):
     if _rank() != 0:
         return contextlib.nullcontext()
     replaced = None if args.command == "bench" else set().union(*OUTPUTS.values())
-    refuse_inputs_inside(args.out, inputs, replaced)
+    # every file a command reads is an input: the --config file too (the run writes its own config.yaml)
+    refuse_inputs_inside(args.out, inputs + [("--config", getattr(args, "config", None))], replaced)
     return RunFolder(args.out, args.command, force=args.force, resume=bool(getattr(args, "resume", None)))
 
 
@@ -203,16 +204,17 @@ class Export(Command):
                    "See docs/export.md.")
 
     def run(self, args):
-        from ..base.outdir import prepare_bundle_out
+        from ..base.outdir import BundleFolder
         from ..export.pipeline import export_checkpoint
         from .int8 import train_qat
 
-        prepare_bundle_out(args.out, args.force, args.zip, [("CHECKPOINT", args.checkpoint), ("--data", args.data),
-                                                            ("--calib-data", args.calib_data),
-                                                            ("--data-root", args.data_root),
-                                                            ("--qat-teacher", args.qat_teacher)])
-        _log_to_stderr()
-        m = export_checkpoint(args.checkpoint, args, train_qat=train_qat)  # args: core/config.py's ExportOptions
+        folder = BundleFolder(args.out, args.force, args.zip, [
+            ("CHECKPOINT", args.checkpoint), ("--data", args.data), ("--calib-data", args.calib_data),
+            ("--data-root", args.data_root), ("--qat-teacher", args.qat_teacher),
+            ("--config", getattr(args, "config", None))])
+        with folder:  # checked and locked for the whole export
+            _log_to_stderr()
+            m = export_checkpoint(args.checkpoint, args, train_qat=train_qat)  # args: core/config.py's ExportOptions
         v = m["validation"]
         print(f"{m['format']} {m['precision']} bundle -> {args.out}{' (+ ' + args.out.rstrip('/') + '.zip)' if args.zip else ''}"
               f": {m['size_bytes'] / 1e6:.3f} MB, exported in {m['export_seconds']:.1f} s")

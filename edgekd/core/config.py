@@ -69,6 +69,16 @@ class Opt:
         return self.name if self.positional else "--" + self.name.replace("_", "-")
 
 
+def _size_check(value):
+    from .data import parse_size
+
+    try:
+        parse_size(value)
+    except EdgeKDError as e:
+        return str(e).split(": ", 1)[1]
+    return None
+
+
 def _norm_check(value):
     if value in ("auto", "train", "seed") or "/" in value:
         return None
@@ -183,8 +193,23 @@ TRAINING = [
     Opt("weight_decay", "float", 5e-4, "weight decay", low=0, group="training"),
     Opt("label_smoothing", "float", 0.0, "label smoothing of the hard-label term, 0..1", low=0, high=1,
         high_open=True, group="training"),
-    Opt("augment", "str", "auto", "standard: random crop with 4-pixel padding + horizontal flip; auto: standard for "
-        "photos, none for digits", choices=("auto", "none", "standard"), group="training"),
+    Opt("input_size", "str", None, "the student's input size in pixels, H or H,W; evaluation, export, predict and "
+        "the device runner resize the shorter side to size / --crop-pct and center-crop (default: the data's own "
+        "size when every image has it; 224 (or a pretrained student's own) for folders of mixed sizes)",
+        metavar="H[,W]", check=_size_check, group="training"),
+    Opt("crop_pct", "float", None, "evaluation crop ratio (timm's crop_pct), recorded in the checkpoint and the "
+        "bundle's manifest (default: 1.0 for data of one size, 0.875 for mixed sizes)", low=0, low_open=True, high=1,
+        metavar="F", group="training"),
+    Opt("augment", "str", "auto", "standard: random crop with 4-pixel padding + horizontal flip (pad-crop) for inputs "
+        "up to 48 px, random-resized crop (scale --crop-scale..1, aspect 3/4..4/3) + horizontal flip above; auto: "
+        "standard for photos, none for digits", choices=("auto", "none", "standard", "pad-crop",
+                                                         "random-resized-crop"), group="training"),
+    Opt("crop_scale", "float", 0.08, "smallest area fraction of the random-resized crop (torchvision's 0.08)", low=0,
+        low_open=True, high=1, metavar="F", group="training"),
+    Opt("pipeline", "str", "auto", "memory: decode the training images once into memory; stream: decode each batch "
+        "from the files in --workers processes (memory does not grow with the number of images); auto: memory for "
+        "data of one size that fits in 2 GB with pad-crop or no augmentation, stream otherwise",
+        choices=("auto", "memory", "stream"), group="training"),
     Opt("aug_seed", "int", 0, "seed of the augmentation parameters per (image, epoch); runs with the same seed see "
         "the same views and share a teacher cache", group="training"),
     Opt("train_subset", "int", None, "train on N images of the train split, class-stratified, fixed choice "
@@ -196,8 +221,8 @@ TRAINING = [
         "training images and re-estimate batch-norm statistics when they disagree (auto), always, or never",
         choices=("auto", "always", "never"), group="training"),
     Opt("seed", "int", 0, "random seed for weights and shuffling", group="training"),
-    Opt("workers", "int", 2, "worker processes that decode folder images (once, into memory)", low=0,
-        group="training"),
+    Opt("workers", "int", 2, "worker processes that decode folder images (once into memory, or every batch with "
+        "--pipeline stream)", low=0, group="training"),
     Opt("threads", "int", None, "torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)",
         low=1, group="training"),
     Opt("device", "str", "cpu", "torch device to train on: cpu or cuda; under torchrun each process takes "

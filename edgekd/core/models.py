@@ -427,6 +427,31 @@ def pretrained_norm(spec, weights_path=None):
     return None
 
 
+def pretrained_view(spec, weights_path=None):
+    """((height, width), crop_pct, source) that a pretrained student's weights were evaluated at (torchvision's
+    weights transforms, timm's pretrained config), or None; the default input for folders of mixed sizes."""
+    import math
+
+    try:
+        if spec.startswith(TORCHVISION_PREFIX):
+            name, weights, _ = parse_torchvision_spec(spec)
+            if weights:
+                member = _torchvision_weights(name, weights)
+                t = member.transforms()
+                crop = int(t.crop_size[0])
+                return (crop, crop), crop / int(t.resize_size[0]), f"torchvision {member}"
+        if spec.startswith(TIMM_PREFIX):
+            name, pretrained, _ = parse_timm_spec(spec)
+            if (pretrained or weights_path) and not name.startswith(("hf-hub:", "hf_hub:")):
+                cfg = _import_timm().models.get_pretrained_cfg(name)
+                if cfg is not None and cfg.input_size:
+                    crop = cfg.crop_pct if cfg.crop_pct and math.isfinite(cfg.crop_pct) else 0.875
+                    return tuple(cfg.input_size[1:]), min(float(crop), 1.0), f"timm {name} pretrained config"
+    except EdgeKDError:
+        return None  # the spec's own checks say what is wrong, later and better
+    return None
+
+
 def build_pretrained(spec, num_classes, input_spec, weights_path=None):
     """(model, record): ``spec``'s architecture started from pretrained weights, or (build_model, None) when
     neither the spec names weights nor ``weights_path`` is given.
@@ -466,7 +491,7 @@ def _weights_source(spec, weights_path):
         raise EdgeKDError(f"model {spec!r} names its pretrained weights and a weights file {weights_path!r} was given "
                           "too: use one of them")
     if weights_path:
-        return f"file {os.path.abspath(weights_path)}"
+        return f"file {os.path.basename(weights_path)}"  # its sha256 beside it; no path of this machine
     if not named:
         return None
     if spec.startswith(TORCHVISION_PREFIX):
@@ -528,22 +553,9 @@ def read_weights_file(path, flag="weights file"):
     in errors."""
     if not os.path.isfile(path):
         raise EdgeKDError(f"{flag} {path!r} does not exist")
-    try:
-        if path.lower().endswith(".safetensors"):
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise EdgeKDError("reading .safetensors files needs the safetensors package: pip install safetensors") from None
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except EdgeKDError:
-        raise
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            reason = "it contains pickled Python objects (save model.state_dict(), not the model)"
-        raise EdgeKDError(f"cannot read {flag} {path!r}: {reason}") from e
+    from .safe_load import weights_file
+
+    state = weights_file(path, flag)  # edgekd's one loader of files that can carry a pickle
     for key in WEIGHTS_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

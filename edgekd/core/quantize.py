@@ -58,6 +58,22 @@ def _teacher_spec(cfg, ckpt):
     return spec
 
 
+def _input_for(cfg, spec):
+    """The student checkpoint's input, at --input-size / --crop-pct when given (fine-tuning at another size)."""
+    from .data import parse_size
+
+    size = parse_size(cfg.input_size)
+    if size is not None and size != (spec.height, spec.width):
+        log.info("quantize: the student was trained at %dx%d; fine-tuning at --input-size %dx%d", spec.height,
+                 spec.width, *size)
+        spec.height, spec.width = size
+        if spec.crop_pct is None:  # a checkpoint from before crop_pct: the new size is cropped as evaluation is now
+            spec.crop_pct = 1.0
+    if cfg.crop_pct is not None:
+        spec.crop_pct = cfg.crop_pct
+    return spec
+
+
 def run_quantize(cfg):
     """``edgekd quantize``: calibrate fake quantizers into the student, distill for cfg.epochs epochs,
     write DIR/student-qat.pt, DIR/metrics.json, DIR/config.yaml. Resumable like ``distill``."""
@@ -69,8 +85,13 @@ def run_quantize(cfg):
                                       and not LOSSES.meta(n).get("needs_features")))
     student, ckpt = _student(cfg)
     seed_everything(cfg.seed)
-    data_cfg = replace(cfg, data=cfg.data or ckpt.get("data") or "digits")
-    data, train, test = prepare_data(data_cfg, input_spec=InputSpec.from_dict(ckpt["input"]))
+    from ..base.files import spec_from_file
+
+    # the checkpoint records an image folder relative to its own folder
+    data_cfg = replace(cfg, data=cfg.data or spec_from_file(ckpt.get("data"), os.path.dirname(
+        os.path.abspath(cfg.student))) or "digits")
+    data, train, test = prepare_data(data_cfg, input_spec=_input_for(cfg, InputSpec.from_dict(ckpt["input"])),
+                                     teacher=True)
     if len(data.classes) != len(ckpt["classes"]):
         raise EdgeKDError(f"student has {len(ckpt['classes'])} classes but data {data.spec!r} has {len(data.classes)}")
     teacher_spec = _teacher_spec(cfg, ckpt)
@@ -96,6 +117,8 @@ def run_quantize(cfg):
     if teachers.resolve(teacher_spec, t_options).kind == "model":  # a model spec: trained here first, like distill
         trained = train_teacher(t_cfg, teacher_spec, data, train, test, ctx, epochs=cfg.epochs)
     teacher = teachers.load_teacher(t_cfg, t_options, data, train, test, ctx, trained=trained)
+    if hasattr(train, "set_teacher_size"):  # views from the files: the teacher sees each crop at its own size
+        train.set_teacher_size(teacher.loaded.size)
     t_metrics = teacher.metrics
     cache = None
     if cfg.teacher_cache:
@@ -115,7 +138,9 @@ def run_quantize(cfg):
                        "drop_after": None if not history else round((fp32_top1 - history[-1]["test_top1"]) * 100, 4),
                        "layers_int8": layers, "tool": "nncf.quantize (torch) + distillation fine-tuning"},
                "teacher": {k: t_metrics.get(k) for k in ("model", "source", "test_top1")}}
-    qat = {"quantizers": plain_config(qmodel), "source": os.path.abspath(cfg.student),
+    # the FP32 student, relative to this run's folder (export finds it from the QAT checkpoint's folder)
+    qat = {"quantizers": plain_config(qmodel), "source": os.path.relpath(os.path.abspath(cfg.student),
+                                                                         os.path.abspath(out)),
            "source_top1": fp32_top1, "layers_int8": layers, "calib_size": cfg.calib_size}
     ckpt_cfg = {**saved(cfg), "data": data.spec, "teacher": teacher_spec}
     save_checkpoint(os.path.join(out, QAT_FILE), qmodel, spec=ckpt["model"], classes=ckpt["classes"],
