@@ -166,4 +166,7 @@ def schema_problem(m):
             return f"field 'input.{field}' is missing"
         if not ok(spec[field]):
             return f"field 'input.{field}' {what}"
+    crop = spec.get("crop_pct")  # absent in manifests written before it: the image is stretched to resize
+    if crop is not None and not (_is_number_list([crop]) and 0 < crop <= 1):
+        return "field 'input.crop_pct' must be a number in (0, 1]"
     return None

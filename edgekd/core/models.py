@@ -427,6 +427,31 @@ def pretrained_norm(spec, weights_path=None):
     return None
 
 
+def pretrained_view(spec, weights_path=None):
+    """((height, width), crop_pct, source) that a pretrained student's weights were evaluated at (torchvision's
+    weights transforms, timm's pretrained config), or None; the default input for folders of mixed sizes."""
+    import math
+
+    try:
+        if spec.startswith(TORCHVISION_PREFIX):
+            name, weights, _ = parse_torchvision_spec(spec)
+            if weights:
+                member = _torchvision_weights(name, weights)
+                t = member.transforms()
+                crop = int(t.crop_size[0])
+                return (crop, crop), crop / int(t.resize_size[0]), f"torchvision {member}"
+        if spec.startswith(TIMM_PREFIX):
+            name, pretrained, _ = parse_timm_spec(spec)
+            if (pretrained or weights_path) and not name.startswith(("hf-hub:", "hf_hub:")):
+                cfg = _import_timm().models.get_pretrained_cfg(name)
+                if cfg is not None and cfg.input_size:
+                    crop = cfg.crop_pct if cfg.crop_pct and math.isfinite(cfg.crop_pct) else 0.875
+                    return tuple(cfg.input_size[1:]), min(float(crop), 1.0), f"timm {name} pretrained config"
+    except EdgeKDError:
+        return None  # the spec's own checks say what is wrong, later and better
+    return None
+
+
 def build_pretrained(spec, num_classes, input_spec, weights_path=None):
     """(model, record): ``spec``'s architecture started from pretrained weights, or (build_model, None) when
     neither the spec names weights nor ``weights_path`` is given.

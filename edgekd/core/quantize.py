@@ -22,11 +22,12 @@ from . import teachers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import saved
 from .data import InputSpec
-from .distill import prepare_data, save_config, train_teacher, write_json
+from .distill import check_cache_options, prepare_data, save_config, train_teacher, write_json
 from .distributed import Context
 from .fakequant import calibrate, import_nncf, plain_config, quantized_layer_names
 from .loading import load_model
 from .losses import LOSSES, make_loss
+from .teacher_speed import settle_teacher_dtype
 from .train_loop import TrainRun, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,22 @@ def _teacher_spec(cfg, ckpt):
     return spec
 
 
+def _input_for(cfg, spec):
+    """The student checkpoint's input, at --input-size / --crop-pct when given (fine-tuning at another size)."""
+    from .data import parse_size
+
+    size = parse_size(cfg.input_size)
+    if size is not None and size != (spec.height, spec.width):
+        log.info("quantize: the student was trained at %dx%d; fine-tuning at --input-size %dx%d", spec.height,
+                 spec.width, *size)
+        spec.height, spec.width = size
+        if spec.crop_pct is None:  # a checkpoint from before crop_pct: the new size is cropped as evaluation is now
+            spec.crop_pct = 1.0
+    if cfg.crop_pct is not None:
+        spec.crop_pct = cfg.crop_pct
+    return spec
+
+
 def run_quantize(cfg):
     """``edgekd quantize``: calibrate fake quantizers into the student, distill for cfg.epochs epochs,
     write DIR/student-qat.pt, DIR/metrics.json, DIR/config.yaml. Resumable like ``distill``."""
@@ -67,6 +84,7 @@ def run_quantize(cfg):
         raise EdgeKDError(f"--loss {cfg.loss!r}: quantization-aware distillation takes a logit loss with a teacher: "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]
                                       and not LOSSES.meta(n).get("needs_features")))
+    check_cache_options(cfg)
     student, ckpt = _student(cfg)
     seed_everything(cfg.seed)
     from ..base.files import spec_from_file
@@ -74,7 +92,8 @@ def run_quantize(cfg):
     # the checkpoint records an image folder relative to its own folder
     data_cfg = replace(cfg, data=cfg.data or spec_from_file(ckpt.get("data"), os.path.dirname(
         os.path.abspath(cfg.student))) or "digits")
-    data, train, test = prepare_data(data_cfg, input_spec=InputSpec.from_dict(ckpt["input"]))
+    data, train, test = prepare_data(data_cfg, input_spec=_input_for(cfg, InputSpec.from_dict(ckpt["input"])),
+                                     teacher=True)
     if len(data.classes) != len(ckpt["classes"]):
         raise EdgeKDError(f"student has {len(ckpt['classes'])} classes but data {data.spec!r} has {len(data.classes)}")
     teacher_spec = _teacher_spec(cfg, ckpt)
@@ -100,12 +119,16 @@ def run_quantize(cfg):
     if teachers.resolve(teacher_spec, t_options).kind == "model":  # a model spec: trained here first, like distill
         trained = train_teacher(t_cfg, teacher_spec, data, train, test, ctx, epochs=cfg.epochs)
     teacher = teachers.load_teacher(t_cfg, t_options, data, train, test, ctx, trained=trained)
+    if hasattr(train, "set_teacher_size"):  # views from the files: the teacher sees each crop at its own size
+        train.set_teacher_size(teacher.loaded.size)
     t_metrics = teacher.metrics
+    teacher_dtype = settle_teacher_dtype(teacher, cfg.teacher_dtype, cfg.device, train, cfg.channels_last)
     cache = None
     if cfg.teacher_cache:
         from .teacher_cache import TeacherCache
 
-        cache = TeacherCache(cfg.teacher_cache, teacher, train)
+        cache = TeacherCache(cfg.teacher_cache, teacher, train, dtype=cfg.teacher_cache_dtype or "float16",
+                             topk=cfg.teacher_cache_topk, temperature=loss_params.get("temperature"))
         cache.build(teacher, cfg.epochs, device=cfg.device, progress=cfg.progress)
     seed_everything(cfg.seed)
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache)
@@ -118,7 +141,7 @@ def run_quantize(cfg):
                        "drop_before": round((fp32_top1 - int8_before) * 100, 4),
                        "drop_after": None if not history else round((fp32_top1 - history[-1]["test_top1"]) * 100, 4),
                        "layers_int8": layers, "tool": "nncf.quantize (torch) + distillation fine-tuning"},
-               "teacher": {k: t_metrics.get(k) for k in ("model", "source", "test_top1")}}
+               "teacher": {**{k: t_metrics.get(k) for k in ("model", "source", "test_top1")}, "dtype": teacher_dtype}}
     # the FP32 student, relative to this run's folder (export finds it from the QAT checkpoint's folder)
     qat = {"quantizers": plain_config(qmodel), "source": os.path.relpath(os.path.abspath(cfg.student),
                                                                          os.path.abspath(out)),

@@ -74,11 +74,12 @@ class TrainRun:
     """What one call of ``fit`` needs besides the model: data views, loss, teacher, cache, feature taps,
     and the process group (a single process unless run under torchrun)."""
 
-    def __init__(self, train, test, loss_fn, teacher=None, cache=None, taps=None, dist=None):
+    def __init__(self, train, test, loss_fn, teacher=None, cache=None, taps=None, dist=None, memo=None):
         from .distributed import Context
 
         self.train, self.test, self.loss_fn = train, test, loss_fn
         self.teacher, self.cache, self.taps = teacher, cache, taps
+        self.memo = memo  # a LiveMemo: a live teacher asked once per image when views cannot differ
         self.dist = dist or Context()
         self.local_images = 0  # training images this process stepped through (all epochs of this run)
 
@@ -114,19 +115,24 @@ def _to_device(x, y, device, channels_last):
     return x, y
 
 
-def _teacher_logits(run, x, idx, epoch):
+def _teacher_logits(run, x, idx, epoch, xt=None):
     if run.cache is not None and run.taps is None:
         return run.cache.lookup(epoch, idx).to(x.device)
-    return run.teacher(x) if run.teacher is not None else None
+    if run.teacher is None:
+        return None
+    xt = xt if xt is not None else x  # the teacher's own view of the same crop when there is one
+    if run.memo is not None and run.taps is None:
+        return run.memo(run.teacher, xt, idx)
+    return run.teacher(xt)
 
 
-def _step(net, run, x, y, idx, epoch):
-    t_logits = _teacher_logits(run, x, idx, epoch)
+def _step(net, run, x, y, idx, epoch, xt=None):
+    t_logits = _teacher_logits(run, x, idx, epoch, xt)
     s_logits = net(x)
     extra = {}
     if run.taps is not None:  # the teacher's map is an inference-mode tensor: a clone can join autograd
-        extra["features"] = (run.taps[0].output, run.taps[1].output.clone())
-    return s_logits, run.loss_fn(s_logits, t_logits, y, **extra)
+        extra["features"] = (run.taps[0].output, run.taps[1].output.float().clone())  # float: a bf16 teacher's too
+    return s_logits, t_logits, run.loss_fn(s_logits, t_logits, y, **extra)
 
 
 class _StopOnSigint:
@@ -266,11 +272,14 @@ def fit(model, run, cfg, desc="train", state_path=None):
 
 
 def _train_batches(run, cfg, epoch):
-    """This process's batches of one epoch: the global batch alone, or its share of it under DDP."""
+    """This process's (x, x_teacher or None, y, idx) batches of one epoch: the global batch alone, or its share
+    of it under DDP. x_teacher is the same view at the teacher's own size when the views are decoded from the
+    files (edgekd.core.stream) and a live teacher needs it."""
     dist, bs = run.dist, cfg.batch_size
     if dist.enabled:
-        return run.train.distributed_batches(bs // dist.world_size, epoch, cfg.seed, dist.rank, dist.world_size)
-    return run.train.batches(bs, epoch=epoch, shuffle_seed=cfg.seed * 100_003 + epoch)
+        return run.train.distributed_batches(bs // dist.world_size, epoch, cfg.seed, dist.rank, dist.world_size,
+                                             teacher_view=True)
+    return run.train.batches(bs, epoch=epoch, shuffle_seed=cfg.seed * 100_003 + epoch, teacher_view=True)
 
 
 def _backward(loop, run, loss):
@@ -295,13 +304,15 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
     timed_teacher = run.teacher is not None and hasattr(run.teacher, "take_seconds")
     if timed_teacher:
         run.teacher.take_seconds()  # count this epoch's teacher forwards only
-    sums, seen, labelled, correct, start = {}, 0, 0, 0, time.perf_counter()
+    sums, seen, labelled, correct, t_correct, start = {}, 0, 0, 0, 0, time.perf_counter()
     progress = bar(_train_batches(run, cfg, epoch), total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg.epochs}",
                    unit="batch", disable=not (cfg.progress and dist.is_main), leave=True)
-    for batch, (x, y, idx) in enumerate(progress, 1):
+    for batch, (x, xt, y, idx) in enumerate(progress, 1):
         x, y = _to_device(x, y, device, loop.channels_last)
+        if xt is not None:
+            xt, _ = _to_device(xt, y, device, loop.channels_last)
         with _autocast(loop.amp_dtype):
-            s_logits, parts = _step(loop.net, run, x, y, idx, epoch)
+            s_logits, t_logits, parts = _step(loop.net, run, x, y, idx, epoch, xt)
         bad, stopping = not torch.isfinite(parts["loss"]).item(), stop.requested
         if dist.enabled:  # every rank must leave the loop at the same batch, or the others wait forever
             bad, stopping = (v > 0 for v in dist.all_reduce_sum(torch.tensor([float(bad), float(stopping)])).tolist())
@@ -313,6 +324,8 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
         has_label = y >= 0  # unlabelled images (--unlabeled, label -1) have no right answer to count
         labelled += has_label.sum().item()
         correct += (s_logits.detach().argmax(1) == y)[has_label].sum().item()
+        if t_logits is not None:  # how right the teacher is on the views it is shown (augmentation can hurt it)
+            t_correct += (t_logits.detach().argmax(1) == y)[has_label].sum().item()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(y)
         progress.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
@@ -323,14 +336,16 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
     seconds = time.perf_counter() - start
     run.local_images += seen
     keys = sorted(sums)
-    totals = dist.all_reduce_sum(torch.tensor([seen, labelled, correct] + [sums[k] for k in keys],
+    totals = dist.all_reduce_sum(torch.tensor([seen, labelled, correct, t_correct] + [sums[k] for k in keys],
                                               dtype=torch.float64)).tolist()
-    seen, labelled, correct, sums = totals[0], totals[1], totals[2], dict(zip(keys, totals[3:]))
+    seen, labelled, correct, t_correct, sums = totals[0], totals[1], totals[2], totals[3], dict(zip(keys, totals[4:]))
     dist.sync_buffers(loop.model)
     top1 = evaluate(loop.model, run.test, device, dist=dist)
     record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(labelled, 1),
               "test_top1": top1, "lr": loop.optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
               "seconds": seconds}
+    if run.teacher is not None or run.cache is not None:
+        record["teacher_train_top1"] = t_correct / max(labelled, 1)
     if timed_teacher:  # the live teacher's own forward time (0 when its logits come from the cache)
         record["teacher_seconds"] = run.teacher.take_seconds()
         record["teacher_share"] = record["teacher_seconds"] / seconds if seconds > 0 else None

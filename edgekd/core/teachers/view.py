@@ -67,8 +67,10 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def view(self, x):
-        """The student's normalised batch as the teacher expects it."""
-        if not (self.resize or self.recolor):
+        """The student's normalised batch as the teacher expects it (resized unless it already comes at the
+        teacher's size: edgekd.core.stream decodes the teacher's own view of each crop)."""
+        resize = tuple(x.shape[-2:]) != tuple(self.loaded.size)
+        if not (resize or self.recolor):
             return (x * self.s_std + self.s_mean - self.t_mean) / self.t_std if self.renorm else x
         pixels = x * self.s_std + self.s_mean
         channels = self.loaded.channels
@@ -78,7 +80,7 @@ class Teacher(nn.Module):
             pixels = (pixels * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
         if self.color == "BGR":
             pixels = pixels.flip(1)
-        if self.resize:
+        if resize:
             pixels = F.interpolate(pixels, size=tuple(self.loaded.size), mode="bilinear", align_corners=False,
                                    antialias=True)
         return (pixels - self.t_mean) / self.t_std
