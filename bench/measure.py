@@ -54,6 +54,9 @@ def _measure_remote(jobs, targets, settings, timeout, bar):
         for job in group:
             r = results[job.model]
             job.status, job.accuracy, job.load, job.times = r["status"], r.get("accuracy"), r.get("load"), r.get("times", {})
+            job.batch_status.update(r.get("batch_status") or {})
+            if env.get("emulated"):  # detected on the device by the runner: its timings are not latency
+                job.emulated = env["emulated"]
             job.round_p50 = {b: [summarize(t, b)["latency_ms"]["p50"]] for b, t in job.times.items()}
             bar.update(per_job)
     return envs
@@ -68,7 +71,7 @@ def _prepare(jobs, data_spec, data_root, limit, folder):
         key = json.dumps([job.input.channels, job.input.height, job.input.width, job.input.mean,
                           job.input.std])
         if key not in images:
-            images[key] = _save_images(data_spec, data_root, job.input, limit, os.path.join(folder, f"images{len(images)}"))
+            images[key] = save_images(data_spec, data_root, job.input, limit, os.path.join(folder, f"images{len(images)}"))
         job.images, job.labels, classes, job.images_n = images[key]
         if len(job.classes) != len(classes):
             job.status = f"model has {len(job.classes)} classes, data {data_spec!r} has {len(classes)}"
@@ -84,7 +87,9 @@ def _prepare(jobs, data_spec, data_root, limit, folder):
             job.run_path = job.path
 
 
-def _save_images(data_spec, data_root, spec, limit, stem):
+def save_images(data_spec, data_root, spec, limit, stem):
+    """``limit`` test images of the data, preprocessed to ``spec``, saved as .npy files at ``stem`` (what a worker
+    reads); returns (images path, labels path, class names, count)."""
     import numpy as np
 
     from ..core.data import load_data, take_images

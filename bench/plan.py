@@ -28,6 +28,7 @@ class Model:
     input: Any = None              # edgekd.core.data.InputSpec
     classes: List[str] = field(default_factory=list)
     data: Optional[str] = None     # the data spec it was trained on
+    static_batch: Optional[int] = None  # a bundle with a static batch (export --target arm64, OpenVINO) runs only that
 
 
 @dataclass(kw_only=True)
@@ -53,6 +54,7 @@ class Job(Model):
     round_p50: Dict[int, List[float]] = field(default_factory=dict)
     visit_log: Dict[int, List[Dict[str, Any]]] = field(default_factory=dict)
     profile: Optional[Dict[int, Any]] = None
+    emulated: Optional[str] = None  # "qemu": the device runner found itself emulated (timings are not latency)
 
     @classmethod
     def of(cls, described: Model, **values: Any) -> "Job":
@@ -78,11 +80,13 @@ def describe(path):
     """What a MODEL argument is: a checkpoint (.pt) or a bundle folder, with its size, params and FLOPs."""
     from ..core.checkpoint import load_checkpoint
     from ..core.data import InputSpec
-    from ..bundle.manifest import read_manifest
+    from ..base.files import spec_from_file
+    from ..bundle.runner import static_batch
+    from ..bundle.runtime import verify_bundle
 
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
-        m = read_manifest(path)
+        m = verify_bundle(path)  # checksums, and nothing in the folder that the manifest does not list
         if m.format not in NATIVE_BACKEND:
             raise EdgeKDError(f"bundle {path!r} has format {m.format!r}; bench runs onnx and openvino bundles")
         size = sum(os.path.getsize(os.path.join(path, f)) for f in m.files if os.path.isfile(os.path.join(path, f)))
@@ -90,13 +94,14 @@ def describe(path):
                      params=m.record("params"), flops=m.record("flops"), size_mb=size / 1e6,
                      input=InputSpec(m.channels, *m.input["resize"], m.input["mean"], m.input["std"],
                                      m.input.get("crop_pct")),
-                     classes=m.classes, data=m.record("data"))
+                     classes=m.classes, data=spec_from_file(m.record("data"), path),
+                     static_batch=static_batch({"input": m.input}))
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
         return Model(model=name[:-3] if name.endswith(".pt") else name, path=path, kind="checkpoint",
                      precision="fp32", arch=ckpt["model"], params=ckpt.get("params"), flops=ckpt.get("flops"),
                      size_mb=os.path.getsize(path) / 1e6, input=InputSpec.from_dict(ckpt["input"]),
-                     classes=ckpt["classes"], data=ckpt.get("data"))
+                     classes=ckpt["classes"], data=spec_from_file(ckpt.get("data"), os.path.dirname(os.path.abspath(path))))
     raise EdgeKDError(f"model {path!r} does not exist (expected a .pt checkpoint or a bundle folder)")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import EdgeKDError
 from ..core.config import ExportOptions  # noqa: F401  (every option of edgekd export, declared once there)
+from ..base.files import portable
 from ..base.outdir import temp_prefix
 
 from . import calibration
@@ -66,15 +67,21 @@ class Plan:
     int8: bool
     static: bool
     atol: float
+    target: object = None        # export/target.py's Target: the device the bundle is for (--target)
+    outputs: object = None       # the bundle's logits on the gate's images, from the last validation
 
 
 def _plan(opts):
+    from .target import resolve
+
     meta = check_request(opts.format, opts.precision, opts.quant, opts.calib_method, opts.int8_types)
     int8 = opts.precision == "int8"
     if int8 and not opts.max_drop >= 0:  # NaN fails too
         raise EdgeKDError(f"--max-drop must be 0 or more points, got {opts.max_drop}")
     atol = opts.atol if opts.atol is not None else meta["atol"].get(opts.precision)
-    return Plan(meta, int8, int8 and meta["quant"] == "static", atol)
+    # an ssh:// target is probed here, before anything is loaded
+    target = resolve(getattr(opts, "target", None), getattr(opts, "ssh_config", None), getattr(opts, "timeout", 600))
+    return Plan(meta, int8, int8 and meta["quant"] == "static", atol, target)
 
 
 @dataclass
@@ -108,7 +115,7 @@ def load_reference(checkpoint, opts):
     if "qat" in ckpt and opts.precision != "int8":
         raise EdgeKDError(f"{checkpoint!r} is a QAT checkpoint (edgekd quantize): export it with --precision int8")
     spec = InputSpec.from_dict(ckpt["input"])
-    dataset = load_data_for(opts.data or ckpt.get("data") or "digits", opts.data_root, spec)
+    dataset = load_data_for(opts.data or checkpoint_data(ckpt, checkpoint) or "digits", opts.data_root, spec)
     if len(dataset.classes) != len(ckpt["classes"]):
         raise EdgeKDError(f"checkpoint has {len(ckpt['classes'])} classes but data {dataset.spec!r} "
                           f"has {len(dataset.classes)}")
@@ -117,6 +124,13 @@ def load_reference(checkpoint, opts):
     with torch.no_grad():
         logits = run_batched(lambda b: model(torch.from_numpy(b)).numpy(), images)
     return Reference(checkpoint, model, ckpt, spec, dataset, images, labels, logits)
+
+
+def checkpoint_data(ckpt, checkpoint):
+    """The checkpoint's data spec (an image folder is recorded relative to the checkpoint's folder)."""
+    from ..base.files import spec_from_file
+
+    return spec_from_file(ckpt.get("data"), os.path.dirname(os.path.abspath(checkpoint)))
 
 
 @dataclass
@@ -129,7 +143,7 @@ class Calibration:
 
 
 def calibration_set(ref, opts, spec=None):
-    spec = spec or opts.calib_data or opts.data or ref.ckpt.get("data") or "digits"
+    spec = spec or opts.calib_data or opts.data or checkpoint_data(ref.ckpt, ref.checkpoint) or "digits"
     data = ref.dataset if spec == ref.dataset.spec else load_data_for(spec, opts.data_root, ref.spec)
     indices, record = calibration.select(data.train, opts.calib_size, opts.seed, data_spec=data.spec, split="train",
                                          class_names=data.classes)
@@ -148,17 +162,20 @@ def _build(ref, opts, plan, calib, train_qat):
     scratch = tempfile.mkdtemp(prefix=temp_prefix("export"))
     job = ExportJob(ref.model, ref.spec, staging, scratch, opts.precision,
                     {**asdict(opts), "quant": plan.meta["quant"], "calib_method": plan.meta["calib_method"],
-                     "int8_types": opts.int8_types or "auto", "classes": list(ref.ckpt["classes"])},
+                     "int8_types": opts.int8_types or "auto", "classes": list(ref.ckpt["classes"]),
+                     "target_features": (plan.target.arch, plan.target.flags), "target": plan.target.name},
                     calib.images if calib else None, opts.progress)
     job.state["ckpt"] = ref.ckpt
     try:
         seconds = convert(job, opts.format, ref.qat)
-        validation = validate(ref, staging, job.info["model_file"], opts, plan.atol)
+        validation = validate(ref, staging, job.info["model_file"], opts, plan.atol, plan)
         if plan.int8:
             manifest = _int8(ref, opts, plan, job, calib, validation, seconds, train_qat)
         else:
             fail_if(gate(validation, opts.precision, atol=plan.atol))
-            manifest = build_manifest(ref, opts, staging, job.info, validation, seconds)
+            manifest = build_manifest(ref, opts, staging, job.info, validation, seconds, plan)
+        # the machine's absolute paths (calibration data, sources) relative to the bundle folder
+        manifest = portable(manifest, out)
         write_manifest(staging, manifest)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         if opts.zip:
@@ -176,20 +193,22 @@ def _build(ref, opts, plan, calib, train_qat):
 
 def _int8(ref, opts, plan, job, calib, validation, seconds, train_qat):
     """INT8: the ladder, the speed check, the per-layer report, and their parts of the manifest."""
-    ladder = Int8Ladder(ref, opts, plan.static, lambda folder, name: validate(ref, folder, name, opts, plan.atol),
+    ladder = Int8Ladder(ref, opts, plan.static, lambda folder, name: validate(ref, folder, name, opts, plan.atol, plan),
                         lambda spec: calibration_set(ref, opts, spec), calib, train_qat)
     validation, fallback = ladder.climb(job, validation)
     seconds += ladder.seconds
     info, staging = job.info, job.folder
     speed = None
-    if opts.speed_check:
+    if opts.speed_check and not plan.target.here:
+        speed = {"status": f"skipped: the bundle is for {plan.target.name}, not this machine"}
+    elif opts.speed_check:
         speed = speed_check(opts.format, os.path.join(staging, info["model_file"]), info["fp32_reference"],
                             (ref.spec.channels, ref.spec.height, ref.spec.width))
     data = ladder.calib.data if ladder.calib else ref.dataset
     # the QAT model keeps every layer INT8: no fallback layers to mark
     layers = _layer_report(opts, job, data, None if ladder.qat_used else fallback)
     calib = ladder.calib  # the last rung may have calibrated again
-    manifest = build_manifest(ref, opts, staging, info, validation, seconds)
+    manifest = build_manifest(ref, opts, staging, info, validation, seconds, plan)
     manifest["calibration"] = calib.record if calib else {
         "images": 0, "note": "QAT: the quantizer ranges were trained (edgekd quantize)" if ref.qat
         else "dynamic INT8 uses no calibration"}
@@ -206,7 +225,8 @@ def _int8(ref, opts, plan, job, calib, validation, seconds, train_qat):
     if ref.qat:
         from .qat import fp32_student_record
 
-        manifest["qat"] = fp32_student_record(ref.ckpt, ref.images, ref.labels, validation["top1"])
+        manifest["qat"] = fp32_student_record(ref.ckpt, ref.images, ref.labels, validation["top1"],
+                                              os.path.dirname(os.path.abspath(ref.checkpoint)))
         manifest["validation"]["reference"] = "the QAT model in PyTorch (fake-quantized), like with like"
     return manifest
 
@@ -223,21 +243,66 @@ def convert(job, fmt, qat):
     return time.perf_counter() - start
 
 
-def validate(ref, folder, model_file, opts, atol):
-    """The bundle's model file run by its runtime on the reference images, compared with the PyTorch logits."""
+def validate(ref, folder, model_file, opts, atol, plan):
+    """The bundle's model file run by its runtime on the reference images, compared with the PyTorch logits: on
+    this machine, or with --target ssh:// on the device itself."""
     from ..base.progress import bar
-    from ..bundle.runner import open_model
+    from ..bundle.runner import in_batches_of, open_model
+    from .target import remote_logits, where
 
-    session, _ = open_model(os.path.join(folder, model_file), opts.format)
-    with bar(total=len(ref.images), desc="validating", unit="img", disable=not opts.progress) as progress:
-        def run(batch):
-            progress.update(len(batch))
-            return session(batch)
+    static = plan.target.static_batch(opts.format)
+    if static:
+        set_static_batch(os.path.join(folder, model_file), static, opts.precision)
+    if plan.target.device is not None:
+        log.info("parity gate on %s (%d images)", plan.target.name, len(ref.images))
+        outputs = remote_logits(plan.target, folder, model_file, opts.format, ref.images, static)
+    else:
+        session, _ = open_model(os.path.join(folder, model_file), opts.format)
+        if static:
+            session = in_batches_of(session, static)
+        with bar(total=len(ref.images), desc="validating", unit="img", disable=not opts.progress) as progress:
+            def run(batch):
+                progress.update(len(batch))
+                return session(batch)
 
-        outputs = run_batched(run, ref.images)
+            outputs = run_batched(run, ref.images)
+    plan.outputs = outputs
     validation = compare(ref.logits, outputs, ref.labels)
-    validation.update(data=ref.dataset.spec, split="test", atol=atol)
+    validation.update(data=ref.dataset.spec, split="test", atol=atol, ran_on=where(plan.target))
     return validation
+
+
+PARITY_FILE = "parity.npy"
+
+
+def write_parity(ref, opts, plan, staging, count=8):
+    """--target: a few test images and the bundle's logits on them where the gate ran, which ``edgekd deploy``
+    checks on the device before installing (``device_runner.py check``)."""
+    np.save(os.path.join(staging, PARITY_FILE), np.ascontiguousarray(ref.images[:count], dtype=np.float32))
+    loose = opts.precision != "fp32"  # fp16/int8 kernels differ between CPUs: a near-tie may flip
+    return {"file": PARITY_FILE, "images": min(count, len(ref.images)),
+            "logits": np.asarray(plan.outputs[:count], dtype=np.float64).round(6).tolist(),
+            "atol": plan.atol if opts.precision in ("fp32", "fp16") else None,
+            "min_agreement": 0.875 if loose else 1.0,
+            "from": plan.target.name if plan.target.device is not None else "this machine"}
+
+
+def set_static_batch(path, batch, precision):
+    """Give an OpenVINO IR a static batch in place (a no-op when it has it already)."""
+    from .openvino import import_openvino
+
+    ov = import_openvino()
+    model = ov.Core().read_model(path)
+    shape = model.input(0).get_partial_shape()
+    if shape.is_static and shape[0].get_length() == batch:
+        return
+    dims = [batch] + [d.get_length() for d in list(shape)[1:]]
+    model.reshape({model.input(0): ov.PartialShape(dims)})
+    tmp = os.path.join(os.path.dirname(path), ".static-" + os.path.basename(path))
+    ov.save_model(model, tmp, compress_to_fp16=precision == "fp16")
+    del model
+    os.replace(tmp, path)
+    os.replace(tmp[:-4] + ".bin", path[:-4] + ".bin")
 
 
 def _layer_report(opts, job, data, fallback):
@@ -257,29 +322,38 @@ def _layer_report(opts, job, data, fallback):
                         folder=job.folder, in_float=(fallback or {}).get("layers_in_float", ()))
 
 
-def build_manifest(ref, opts, staging, info, validation, seconds):
+def build_manifest(ref, opts, staging, info, validation, seconds, plan):
     """The bundle's manifest.json: its files and their sha256, the input contract, classes, provenance, parity."""
     spec, ckpt = ref.spec, ref.ckpt
+    parity = write_parity(ref, opts, plan, staging) if getattr(opts, "target", None) else None
+    static = plan.target.static_batch(opts.format)
     files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
     missing = [name for name in FORMATS.meta(opts.format)["files"] if name not in files]
     if missing:  # the format table names the files its steps publish; a step that did not is our bug
         raise RuntimeError(f"the {opts.format} export steps wrote no {', '.join(missing)}")
-    return {
+    manifest = {
         "format": opts.format, "precision": opts.precision, "model_file": info["model_file"], "files": files,
-        "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
+        "input": {"shape": [static or -1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
                   "mean": spec.mean, "std": spec.std, "color": spec.color, "resize": [spec.height, spec.width],
                   "scale": 1 / 255, "resample": "bilinear",
                   **({"crop_pct": spec.crop_pct, "resize_mode": "shorter side, center crop"}
                      if spec.crop_pct is not None else {})},
         "classes": list(ckpt["classes"]),
         "model": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"), "data": ref.dataset.spec,
-        "source": {"checkpoint": os.path.abspath(ref.checkpoint), "sha256": sha256_file(ref.checkpoint)},
+        "source": {"checkpoint": os.path.basename(ref.checkpoint), "sha256": sha256_file(ref.checkpoint)},
         "validation": validation, "export_seconds": round(seconds, 3),
         "size_bytes": sum(os.path.getsize(os.path.join(staging, n)) for n in files),
         "runtime": {"library": FORMATS.meta(opts.format)["runtime"],
                     "inference_precision": FORMATS.meta(opts.format)["inference_precision"]},
         "versions": library_versions(),
     }
+    if parity:
+        quant = info.get("quantization") or {}
+        types = ("".join(("u" if quant[k] == "uint8" else "s") + "8" for k in ("activation_type", "weight_type"))
+                 if "activation_type" in quant else None)
+        manifest.update(parity=parity, target=plan.target.record(opts.format, types),
+                        batch_sizes=[static] if static else "any")
+    return manifest
 
 
 def speed_check(fmt, int8_path, fp32_path, shape):

@@ -36,9 +36,9 @@ def build_qat(job):
 
     ckpt = job.state["ckpt"]
     fp32 = float_model(ckpt)
-    if job.options["fmt"] == "onnx" and job.options.get("qat_onnx", "ort") == "ort":
+    if job.options["format"] == "onnx" and job.options.get("qat_onnx", "ort") == "ort":
         info = _onnx_runtime_placement(job, fp32)
-    elif job.options["fmt"] == "onnx":
+    elif job.options["format"] == "onnx":
         info = _onnx(job, fp32)
     else:
         info = _openvino(job, fp32)
@@ -226,7 +226,7 @@ def _openvino(job, fp32):
     return {"model_file": OV_FILE, "fp32_reference": reference, "int8_layers": quantized_layers(model)}
 
 
-def fp32_student_record(ckpt, images, labels, bundle_top1):
+def fp32_student_record(ckpt, images, labels, bundle_top1, folder="."):
     """Top-1 of the FP32 student the QAT started from, on the gate's images, and the bundle's drop against it
     (the gate itself compares the bundle with the fake-quantized model in torch: like with like)."""
     import numpy as np
@@ -234,8 +234,10 @@ def fp32_student_record(ckpt, images, labels, bundle_top1):
 
     from ..core.loading import load_model
 
-    source = ckpt["qat"].get("source")
-    record = {"source": source, "top1": None, "drop_vs_fp32_student": None}
+    from ..base.files import path_from_file
+
+    source = path_from_file(ckpt["qat"].get("source"), folder)  # recorded relative to the QAT checkpoint's folder
+    record = {"source": ckpt["qat"].get("source"), "top1": None, "drop_vs_fp32_student": None}
     if source and os.path.isfile(source):
         model, _ = load_model(source)
         with torch.no_grad():

@@ -112,7 +112,7 @@ def test_train_from_a_torchvision_weights_file_and_export_the_checkpoint(cli, di
         "--lr", "1e-12", "--weight-decay", 0, "--warmup-epochs", 0, "--train-subset", 60, "--workers", 0, "--no-progress",
         "--out", out)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["pretrained"]["head"] == ["fc 1000 -> 10"] and m["pretrained"]["source"] == f"file {weights}"
+    assert m["pretrained"]["head"] == ["fc 1000 -> 10"] and m["pretrained"]["source"] == f"file {weights.name}"
     assert m["train_data"]["norm"].startswith("pretrained: ImageNet")
     assert m["train_data"]["mean"] == pytest.approx([IMAGENET_GREY])
     # The checkpoint rebuilds from its spec (no file, no download) and carries the weights.
@@ -205,10 +205,14 @@ def test_unlabeled_folder_reads_any_nesting_and_refuses_empty_folders(tmp_path):
         load_unlabeled(str(tmp_path / "text"))
     with pytest.raises(EdgeKDError, match="is not a folder"):
         load_unlabeled(str(tmp_path / "missing"))
-    # a/b reaches a/2.PNG through its link back up: both images are in the labelled set
-    both = {os.path.realpath(root / "a" / "b" / "1.png"), os.path.realpath(root / "a" / "2.PNG")}
+    # a/b's link back up leads to a folder that holds a/b itself: refused, never walked (issue 22)
+    with pytest.raises(EdgeKDError, match="which holds the folder itself"):
+        load_unlabeled(str(root / "a" / "b"))
+    _png(tmp_path / "seen" / "c" / "4.png")
+    _png(tmp_path / "seen" / "5.png")
+    both = {os.path.realpath(tmp_path / "seen" / "c" / "4.png"), os.path.realpath(tmp_path / "seen" / "5.png")}
     with pytest.raises(EdgeKDError, match="all 2 images are already in the labelled training set"):
-        load_unlabeled(str(root / "a" / "b"), labelled=both)
+        load_unlabeled(str(tmp_path / "seen"), labelled=both)
 
 
 def test_distill_with_unlabeled_images_counts_labelled_unlabelled_and_skipped(cli, digits_folder, tmp_path):

@@ -24,12 +24,13 @@ def watch(bundle, seconds=60.0, window=0.5, threads=(1, 2), batch_size=1, limit=
     import onnxruntime as ort
 
     from edgekd.bundle import verify_bundle
-    from edgekd.bench.run import _save_images, describe
+    from edgekd.bench.measure import save_images
+    from edgekd.bench.plan import describe
 
     manifest = verify_bundle(bundle)
     d = describe(bundle)
     with tempfile.TemporaryDirectory(prefix="edgekd-spells-") as folder:
-        images, _, _, _ = _save_images(d.data or "digits", None, d.input, limit, os.path.join(folder, "img"))
+        images, _, _, _ = save_images(d.data or "digits", None, d.input, limit, os.path.join(folder, "img"))
         x = np.load(images)
     per = max(1, len(x) // batch_size)
     batches = [x[k * batch_size:(k + 1) * batch_size] for k in range(per)] if len(x) >= batch_size else [x]

@@ -51,3 +51,58 @@ def _fsync_folder(folder):
         pass
     finally:
         os.close(fd)
+
+
+# Paths that edgekd records in its files (metrics.json, checkpoints, manifests) are relative to the folder of
+# the file that records them: a run or a bundle moved to another machine or folder says nothing about the
+# machine that made it, and a relative reference (the data, the source checkpoint) still resolves beside it.
+PATH_KEYS = ("file", "source", "path", "folder", "checkpoint", "bundle")
+SPEC_KEYS = ("data", "spec")
+FOLDER_SPEC = "imagefolder:"
+
+
+def _relative(path, folder):
+    return os.path.relpath(path, os.path.abspath(folder))
+
+
+def spec_for_file(spec, folder):
+    """A spec (data, teacher) as a file in ``folder`` records it: a path in it (``PATH`` or ``KIND:PATH``, e.g.
+    ``imagefolder:/data/x``) relative to ``folder``."""
+    if not isinstance(spec, str):
+        return spec
+    kind, sep, rest = spec.partition(":")
+    if sep and kind.isalnum() and os.path.isabs(rest):
+        return f"{kind}:{_relative(rest, folder)}"
+    return _relative(spec, folder) if os.path.isabs(spec) else spec
+
+
+def spec_from_file(spec, folder):
+    """A data spec read from a file in ``folder`` (spec_for_file's inverse; absolute specs of older files stay)."""
+    if isinstance(spec, str) and spec.startswith(FOLDER_SPEC) and not os.path.isabs(spec[len(FOLDER_SPEC):]):
+        return FOLDER_SPEC + os.path.normpath(os.path.join(os.path.abspath(folder), spec[len(FOLDER_SPEC):]))
+    return spec
+
+
+def path_from_file(path, folder):
+    """A path read from a file in ``folder``: relative ones are relative to that folder."""
+    if isinstance(path, str) and path and not os.path.isabs(path) and "://" not in path:
+        return os.path.normpath(os.path.join(os.path.abspath(folder), path))
+    return path
+
+
+def portable(record, folder):
+    """A copy of ``record`` (metrics, a manifest) with the machine's absolute paths made relative to ``folder``:
+    the values of PATH_KEYS that are absolute paths, and image-folder data specs under SPEC_KEYS."""
+    if isinstance(record, dict):
+        out = {}
+        for key, value in record.items():
+            if key in PATH_KEYS and isinstance(value, str) and os.path.isabs(value):
+                out[key] = _relative(value, folder)
+            elif key in SPEC_KEYS and isinstance(value, str):
+                out[key] = spec_for_file(value, folder)
+            else:
+                out[key] = portable(value, folder)
+        return out
+    if isinstance(record, (list, tuple)):
+        return [portable(v, folder) for v in record]
+    return record

@@ -15,6 +15,9 @@ REQUIRED_KEYS = ("model", "state_dict", "classes", "input")
 
 def save_checkpoint(path, model, *, spec, classes, input_spec, data_spec, metrics, config, extra=None):
     """Write a checkpoint that needs nothing but torch to read back."""
+    from ..base.files import portable, spec_for_file
+
+    folder = os.path.dirname(os.path.abspath(path))  # the checkpoint records paths relative to its own folder
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "edgekd_version": __version__,
@@ -22,10 +25,10 @@ def save_checkpoint(path, model, *, spec, classes, input_spec, data_spec, metric
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "classes": list(classes),
         "input": input_spec.to_dict(),
-        "data": data_spec,
+        "data": spec_for_file(data_spec, folder),
         "params": count_params(model),
         "flops": count_flops(model, input_spec),
-        "metrics": metrics,
+        "metrics": portable(metrics, folder),
         "config": config,
     }
     ckpt.update(extra or {})
@@ -35,16 +38,14 @@ def save_checkpoint(path, model, *, spec, classes, input_spec, data_spec, metric
 
 def load_checkpoint(path):
     """Read a checkpoint without running any pickled code; refuse anything that is not ours."""
+    from .safe_load import Refused, torch_file
+
     if not os.path.isfile(path):
         raise EdgeKDError(f"checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            reason = "it contains pickled Python objects, which edgekd never loads"
-        else:
-            reason = "not a file written by torch.save, or a damaged one"
-        raise EdgeKDError(f"{path!r} is not a usable edgekd checkpoint: {reason}") from e
+        ckpt = torch_file(path, "checkpoint")
+    except Refused as e:
+        raise EdgeKDError(f"{path!r} is not a usable edgekd checkpoint: {e.reason}") from e.__cause__
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         found = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else \
             "no " + ", ".join(k for k in REQUIRED_KEYS if k not in ckpt)

@@ -287,6 +287,7 @@ def _imagefolder(spec, path, input_spec, choice=None):
             f"data folder {path!r} needs train/ and test/ (or val/) sub-folders, one folder per class "
             f"inside each; found: {', '.join(found) or 'no sub-folders'}"
         )
+    check_reach(path, "data folder", walk=[train_dir, test_dir])
     for split in (train_dir, test_dir):
         check_link_loops(split)
     channels, sizes = _probe_sizes(train_dir)
@@ -305,6 +306,41 @@ def _imagefolder(spec, path, input_spec, choice=None):
             f"only in train: {only_train or 'none'}; only in test: {only_test or 'none'}"
         )
     return Data(f"imagefolder:{os.path.abspath(path)}", train, test, list(train.classes), spec_in, sizes)
+
+
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # views of the running system, not folders of images
+
+
+def _system(real):
+    return any(real == p or real.startswith(p + "/") for p in SYSTEM_FOLDERS)
+
+
+def check_reach(root, what, walk=None):
+    """Refuse a data folder that would be read beyond itself: the file-system root or a system folder
+    (/proc, /sys, /dev), or a symbolic link under it leading to the root, to an ancestor of the folder or into
+    a system folder (``--unlabeled /proc`` would otherwise read the whole disk through /proc/self/root).
+    Links to files and to folders elsewhere are followed as usual. ``walk`` lists the sub-folders to walk
+    (default: all of ``root``)."""
+    top = os.path.realpath(root)
+    if top == os.sep or _system(top):
+        where = "the file-system root" if top == os.sep else f"a system folder ({top})"
+        raise EdgeKDError(f"{what} {root!r} is {where}, not a folder of images")
+    seen = set()
+    for start in walk or [root]:
+        for folder, dirs, _ in os.walk(start, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a second link to a folder already checked (loops are check_link_loops' refusal)
+                dirs[:] = []
+                continue
+            seen.add(real)
+            for d in dirs:
+                path = os.path.join(folder, d)
+                target = os.path.realpath(path)
+                if target == os.sep or top == target or top.startswith(target + os.sep) or _system(target):
+                    where = ("the file-system root" if target == os.sep else f"a system folder ({target})"
+                             if _system(target) else f"{target!r}, which holds the folder itself")
+                    raise EdgeKDError(f"{what} {root!r}: the link {path!r} leads to {where}; edgekd reads nothing "
+                                      "outside the folders it is given: remove the link")
 
 
 def check_link_loops(root):
@@ -431,6 +467,7 @@ def load_unlabeled(folder, labelled=None, test=None):
     files, nothing to compare)."""
     if not os.path.isdir(folder):
         raise EdgeKDError(f"--unlabeled {folder!r} is not a folder (expected a folder of images, any nesting)")
+    check_reach(folder, "--unlabeled")
     paths = image_files(folder)
     if not paths:
         raise EdgeKDError(f"--unlabeled {folder!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")

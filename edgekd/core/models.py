@@ -491,7 +491,7 @@ def _weights_source(spec, weights_path):
         raise EdgeKDError(f"model {spec!r} names its pretrained weights and a weights file {weights_path!r} was given "
                           "too: use one of them")
     if weights_path:
-        return f"file {os.path.abspath(weights_path)}"
+        return f"file {os.path.basename(weights_path)}"  # its sha256 beside it; no path of this machine
     if not named:
         return None
     if spec.startswith(TORCHVISION_PREFIX):
@@ -553,22 +553,9 @@ def read_weights_file(path, flag="weights file"):
     in errors."""
     if not os.path.isfile(path):
         raise EdgeKDError(f"{flag} {path!r} does not exist")
-    try:
-        if path.lower().endswith(".safetensors"):
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise EdgeKDError("reading .safetensors files needs the safetensors package: pip install safetensors") from None
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except EdgeKDError:
-        raise
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            reason = "it contains pickled Python objects (save model.state_dict(), not the model)"
-        raise EdgeKDError(f"cannot read {flag} {path!r}: {reason}") from e
+    from .safe_load import weights_file
+
+    state = weights_file(path, flag)  # edgekd's one loader of files that can carry a pickle
     for key in WEIGHTS_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -22,11 +22,12 @@ from . import teachers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import saved
 from .data import InputSpec
-from .distill import prepare_data, save_config, train_teacher, write_json
+from .distill import check_cache_options, prepare_data, save_config, train_teacher, write_json
 from .distributed import Context
 from .fakequant import calibrate, import_nncf, plain_config, quantized_layer_names
 from .loading import load_model
 from .losses import LOSSES, make_loss
+from .teacher_speed import settle_teacher_dtype
 from .train_loop import TrainRun, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,14 @@ def run_quantize(cfg):
         raise EdgeKDError(f"--loss {cfg.loss!r}: quantization-aware distillation takes a logit loss with a teacher: "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]
                                       and not LOSSES.meta(n).get("needs_features")))
+    check_cache_options(cfg)
     student, ckpt = _student(cfg)
     seed_everything(cfg.seed)
-    data_cfg = replace(cfg, data=cfg.data or ckpt.get("data") or "digits")
+    from ..base.files import spec_from_file
+
+    # the checkpoint records an image folder relative to its own folder
+    data_cfg = replace(cfg, data=cfg.data or spec_from_file(ckpt.get("data"), os.path.dirname(
+        os.path.abspath(cfg.student))) or "digits")
     data, train, test = prepare_data(data_cfg, input_spec=_input_for(cfg, InputSpec.from_dict(ckpt["input"])),
                                      teacher=True)
     if len(data.classes) != len(ckpt["classes"]):
@@ -116,11 +122,13 @@ def run_quantize(cfg):
     if hasattr(train, "set_teacher_size"):  # views from the files: the teacher sees each crop at its own size
         train.set_teacher_size(teacher.loaded.size)
     t_metrics = teacher.metrics
+    teacher_dtype = settle_teacher_dtype(teacher, cfg.teacher_dtype, cfg.device, train, cfg.channels_last)
     cache = None
     if cfg.teacher_cache:
         from .teacher_cache import TeacherCache
 
-        cache = TeacherCache(cfg.teacher_cache, teacher, train)
+        cache = TeacherCache(cfg.teacher_cache, teacher, train, dtype=cfg.teacher_cache_dtype or "float16",
+                             topk=cfg.teacher_cache_topk, temperature=loss_params.get("temperature"))
         cache.build(teacher, cfg.epochs, device=cfg.device, progress=cfg.progress)
     seed_everything(cfg.seed)
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache)
@@ -133,8 +141,10 @@ def run_quantize(cfg):
                        "drop_before": round((fp32_top1 - int8_before) * 100, 4),
                        "drop_after": None if not history else round((fp32_top1 - history[-1]["test_top1"]) * 100, 4),
                        "layers_int8": layers, "tool": "nncf.quantize (torch) + distillation fine-tuning"},
-               "teacher": {k: t_metrics.get(k) for k in ("model", "source", "test_top1")}}
-    qat = {"quantizers": plain_config(qmodel), "source": os.path.abspath(cfg.student),
+               "teacher": {**{k: t_metrics.get(k) for k in ("model", "source", "test_top1")}, "dtype": teacher_dtype}}
+    # the FP32 student, relative to this run's folder (export finds it from the QAT checkpoint's folder)
+    qat = {"quantizers": plain_config(qmodel), "source": os.path.relpath(os.path.abspath(cfg.student),
+                                                                         os.path.abspath(out)),
            "source_top1": fp32_top1, "layers_int8": layers, "calib_size": cfg.calib_size}
     ckpt_cfg = {**saved(cfg), "data": data.spec, "teacher": teacher_spec}
     save_checkpoint(os.path.join(out, QAT_FILE), qmodel, spec=ckpt["model"], classes=ckpt["classes"],

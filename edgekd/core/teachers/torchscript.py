@@ -2,9 +2,6 @@
 
 import os
 
-import torch
-
-from ... import EdgeKDError
 from ..checkpoint import file_sha256
 from .source import Opaque, Source, first_conv_channels, need_file, split_spec, register_source
 from .view import Loaded
@@ -31,11 +28,10 @@ class TorchScriptSource(Source):
         need_file(split_spec(spec, "torchscript"), "teacher TorchScript file")
 
     def load(self, spec, options, env):
+        from ..safe_load import torchscript
+
         path = split_spec(spec, "torchscript")
-        try:
-            module = torch.jit.load(path, map_location="cpu")
-        except Exception as e:
-            raise EdgeKDError(f"cannot load TorchScript {path!r}: {str(e).strip().splitlines()[0][:300]}") from e
+        module = torchscript(path, "teacher TorchScript file")
         return Loaded(self.kind, None, module=Opaque(module.eval()), channels=first_conv_channels(module),
                       file=os.path.abspath(path),
                       sha256=file_sha256(path), runtime={"library": "torch.jit"})
