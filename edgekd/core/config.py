@@ -286,7 +286,7 @@ DISTILL = [
         "rest one value that keeps their share of the softmax at the loss's temperature (for teachers with many "
         "classes; default: all)", low=1, metavar="K", group="teacher"),
     Opt("teacher_dtype", "str", "auto", "the frozen teacher's compute dtype: auto is bfloat16 on a CPU with native "
-        "bfloat16 (AMX-BF16 or AVX512-BF16) for a PyTorch teacher, else float32; recorded in metrics.json",
+        "bfloat16 (AMX-BF16 or AVX512-BF16) for a PyTorch teacher above 48 px, else float32; recorded in metrics.json",
         choices=("auto", "float32", "bfloat16"), group="teacher"),
 ] + TEACHER_SOURCE + _data() + TRAINING + _pretrained("student_weights") + _common(out_default=DEFAULT_OUT, resumable=True)
 
