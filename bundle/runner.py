@@ -102,7 +102,7 @@ def emulation(cpuinfo=None, machine=None):
 def environment():
     cpu = platform.processor() or platform.machine()
     text = _cpuinfo()
-    flags = []
+    flags: list[str] = []
     for line in text.splitlines():
         if line.lower().startswith(("model name", "hardware", "model\t")) and cpu == (platform.processor() or platform.machine()):
             cpu = line.split(":", 1)[1].strip()

@@ -230,7 +230,8 @@ TRAINING = [
     Opt("progress", "bool", True, "hide progress bars", negate="--no-progress", group="training"),
     Opt("amp", "str", "auto", "mixed precision on CUDA: bf16 where the GPU supports it, else fp16 with a gradient "
         "scaler (auto); off for float32. CPU runs are float32", choices=("auto", "bf16", "fp16", "off"), group="gpu"),
-    Opt("channels_last", "str", "auto", "NHWC memory layout for convolutions (auto: on for CUDA, off for CPU)",
+    Opt("channels_last", "str", "auto", "NHWC memory layout for convolutions (auto: on for CUDA; on a CPU for a "
+        "PyTorch teacher only, where it measured faster, not for the student)",
         choices=("auto", "on", "off"), group="gpu"),
     Opt("compile", "bool", False, "torch.compile the student (first steps are slow while it compiles; default: off)",
         group="gpu"),
@@ -278,6 +279,15 @@ DISTILL = [
     Opt("teacher_cache", "str", None, "compute the teacher's logits once per (image, epoch) view into DIR (keyed by "
         "the teacher checkpoint's sha256, the augmentation seed and the data) and replay them, instead of running the "
         "teacher every step (logit losses; default: off)", metavar="DIR"),
+    Opt("teacher_cache_dtype", "str", "float16", "how --teacher-cache stores logits: float16 (half the size; each "
+        "logit rounded to 11 significant bits) or float32 (bit-exact)", choices=("float16", "float32"),
+        group="teacher"),
+    Opt("teacher_cache_topk", "int", None, "keep only the K largest teacher logits per view in --teacher-cache, the "
+        "rest one value that keeps their share of the softmax at the loss's temperature (for teachers with many "
+        "classes; default: all)", low=1, metavar="K", group="teacher"),
+    Opt("teacher_dtype", "str", "auto", "the frozen teacher's compute dtype: auto is bfloat16 on a CPU with native "
+        "bfloat16 (AMX-BF16 or AVX512-BF16) for a PyTorch teacher, else float32; recorded in metrics.json",
+        choices=("auto", "float32", "bfloat16"), group="teacher"),
 ] + TEACHER_SOURCE + _data() + TRAINING + _pretrained("student_weights") + _common(out_default=DEFAULT_OUT, resumable=True)
 
 # edgekd quantize starts from a trained student: a short run at a small learning rate, no warm-up.
@@ -288,7 +298,8 @@ QUANTIZE = [
     Opt("teacher", "str", None, "teacher checkpoint (default: the one the student was distilled from, or teacher.pt "
         "beside it)", metavar="PATH"),
     Opt("loss", "str", "kd", "a logit distillation loss: kd, dkd, seed, mse", metavar="NAME"),
-] + [o for o in DISTILL if o.name in ("temperature", "alpha", "beta", "teacher_cache")] + [
+] + [o for o in DISTILL if o.name in ("temperature", "alpha", "beta", "teacher_cache", "teacher_cache_dtype",
+                                        "teacher_cache_topk", "teacher_dtype")] + [
     Opt("calib_size", "int", 300, "train images that set the initial quantizer ranges", low=1),
 ] + _data(default=None) + [replace(o, default=_QAT_DEFAULTS.get(o.name, o.default)) for o in TRAINING] + _common(
     resumable=True)
