@@ -128,8 +128,21 @@ def test_deploy_installs_atomically_and_predicts_on_the_device(sshd, device_pyth
     assert sorted(p.name for p in folder.iterdir()) == sorted([onnx_bundle.name, "edgekd_device_runner.py"])
 
 
-def test_missing_runtime_on_the_device_is_a_row_that_names_the_package(sshd, digits_run, onnx_bundle, tmp_path, cli):
-    bare = _venv(tmp_path / "bare-device", ["numpy"])
+def _python_without_onnxruntime(tmp_path, python):
+    """The device's Python with onnxruntime unimportable, as on a device where it was never installed (a new
+    virtual environment with numpy alone costs a pip install per run)."""
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "onnxruntime.py").write_text('raise ImportError("No module named \'onnxruntime\'")\n')
+    bare = tmp_path / "bare-python"
+    bare.write_text(f"#!/bin/sh\nPYTHONPATH={blocked} exec {python} \"$@\"\n")
+    bare.chmod(0o755)
+    return bare
+
+
+def test_missing_runtime_on_the_device_is_a_row_that_names_the_package(sshd, device_python, digits_run, onnx_bundle,
+                                                                       tmp_path, cli):
+    bare = _python_without_onnxruntime(tmp_path, device_python)
     out = tmp_path / "bench"
     cli("bench", digits_run / "student.pt", onnx_bundle, "--device", f"ssh://edgedevice{bare}", "--ssh-config", sshd,
         "--runs", 5, "--min-time", 0, "--warmup", 1, "--rounds", 1, "--out", out, "--no-progress")
@@ -169,11 +182,11 @@ def _slow_python(tmp_path):
     ("ssh://edgedevice{slow}", ["--timeout", "2"], "did not answer within 2 s"),
     ("ssh://", [], "bad device 'ssh://'"),
 ])
-def test_device_failures_are_one_line_errors(sshd, digits_run, onnx_bundle, tmp_path, cli, device, extra, message):
+def test_device_failures_are_one_line_errors(sshd, onnx_bundle, tmp_path, cli_main, device, extra, message):
     fill = {"closed": _free_port(), "slow": _slow_python(tmp_path)}
     start = time.monotonic()
-    proc = cli("bench", onnx_bundle, "--device", device.format(**fill), "--ssh-config", sshd, *extra,
-               "--runs", 5, "--warmup", 1, "--out", tmp_path / "out", "--no-progress", check=False)
+    proc = cli_main("bench", onnx_bundle, "--device", device.format(**fill), "--ssh-config", sshd, *extra,
+                    "--runs", 5, "--warmup", 1, "--out", tmp_path / "out", "--no-progress")
     assert proc.returncode == 2, proc.stderr
     assert message.format(**fill) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and time.monotonic() - start < 120
