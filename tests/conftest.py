@@ -85,7 +85,8 @@ def _one_line_error(proc, message=""):
 def digits_run(tmp_path_factory):
     """One short real distillation on digits (teacher trained first), shared by the tests that need a checkpoint."""
     out = tmp_path_factory.mktemp("run")
-    run_cli("distill", "--epochs", 3, "--teacher-epochs", 3, "--out", out, "--force", "--no-progress")
+    # a generous limit: on a machine shared with other test suites this takes minutes instead of seconds
+    run_cli("distill", "--epochs", 3, "--teacher-epochs", 3, "--out", out, "--force", "--no-progress", timeout=1800)
     return out
 
 
