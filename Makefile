@@ -23,9 +23,11 @@ demo: $(STAMP)
 	$(BIN)/edgekd bench runs/default/teacher.pt runs/default/student.pt runs/default/student-onnx \
 		runs/default/student-openvino-int8 --device cpu --out runs/default/bench --force
 
-# The import layers (import-linter), then the suite; the 15 slowest tests are printed at the end.
+# The import layers (import-linter) and the types of the bundle layer and the options (mypy), then the
+# suite; the 15 slowest tests are printed at the end.
 check: $(STAMP)
 	tools/check_layers.sh
+	tools/check_types.sh
 
 test: check
 	$(BIN)/python -m pytest -q --durations=15

@@ -32,7 +32,7 @@ def load_torch(path, threads, device):
     """PyTorch eager; inputs arrive as numpy; on CUDA every call is synchronised before the clock stops."""
     import torch
 
-    from ..core.checkpoint import load_model
+    from ..core.loading import load_model
 
     if threads:
         torch.set_num_threads(threads)

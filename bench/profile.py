@@ -13,6 +13,8 @@ import tempfile
 
 import numpy as np
 
+from ..bundle.manifest import read_manifest
+
 TOP_LAYERS = 25
 _ORT_INT8_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul",
                  "QLinearAdd", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearMul")
@@ -112,10 +114,9 @@ def profile_openvino(model_path, batch, runs, threads=None, fp32=False):
 def profile_bundle(folder, images, batch_size=1, runs=20, threads=None, runtime=None):
     """Per-operator profile of a bundle folder on ``images`` (float32 NCHW) at ``batch_size`` on the CPU, in
     ``runtime`` (onnxruntime or openvino; default: the bundle format's; OpenVINO also reads an ONNX bundle)."""
-    with open(os.path.join(folder, "manifest.json")) as f:
-        manifest = json.load(f)
+    manifest = read_manifest(folder)
     batch = np.ascontiguousarray(np.take(images, range(batch_size), axis=0, mode="wrap"), dtype=np.float32)
-    path = os.path.join(folder, manifest["model_file"])
-    if (runtime or {"onnx": "onnxruntime"}.get(manifest["format"], "openvino")) == "onnxruntime":
+    path = os.path.join(folder, manifest.model_file)
+    if (runtime or {"onnx": "onnxruntime"}.get(manifest.format, "openvino")) == "onnxruntime":
         return profile_onnxruntime(path, batch, runs, threads)
-    return profile_openvino(path, batch, runs, threads, fp32=manifest["precision"] == "fp32")
+    return profile_openvino(path, batch, runs, threads, fp32=manifest.precision == "fp32")

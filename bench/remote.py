@@ -10,6 +10,7 @@ import tempfile
 from .. import EdgeKDError
 from ..base import ssh
 from ..bundle import runner as runner_module
+from ..bundle.runner import BenchJob
 
 log = logging.getLogger(__name__)
 RUNNER = runner_module.__file__  # the self-contained bundle runner, copied to devices as device_runner.py
@@ -44,10 +45,10 @@ def bench_bundles(target, bundles, images, labels, batch_sizes, warmup, runs, th
         shutil.copy(RUNNER, os.path.join(stage, "device_runner.py"))
         shutil.copy(images, os.path.join(stage, "images.npy"))
         shutil.copy(labels, os.path.join(stage, "labels.npy"))
-        job = {"bundles": names, "images": "images.npy", "labels": "labels.npy", "warmup": warmup, "runs": runs,
-               "batch_sizes": list(batch_sizes), "threads": threads, "openvino_device": target.openvino_device}
+        job = BenchJob(bundles=names, images="images.npy", labels="labels.npy", warmup=warmup, runs=runs,
+                       batch_sizes=list(batch_sizes), threads=threads, openvino_device=target.openvino_device)
         with open(os.path.join(stage, "job.json"), "w") as f:
-            json.dump(job, f)
+            f.write(job.to_json())
         remote = ssh.run(target, "mktemp -d /tmp/edgekd-bench-XXXXXX", timeout).decode().strip()
         ssh.copy_to(target, [os.path.join(stage, n) for n in sorted(os.listdir(stage))], remote, timeout)
         log.info("running the device runner on %s", target)

@@ -229,7 +229,8 @@ def pareto_front(points):
     return front
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,7 +245,7 @@ def _name(r):
 
 def plot_accuracy_latency(rows, path):
     """Top-1 against median latency at the smallest batch size, log latency axis, with the Pareto front."""
-    plt = _pyplot()
+    plt = pyplot()
     b = min(r["batch_size"] for r in rows)
     ok = [r for r in rows if r["batch_size"] == b and r["status"] == "ok" and r.get("top1") is not None]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
@@ -267,12 +268,12 @@ def plot_accuracy_latency(rows, path):
     ax.set_ylabel("top-1 on held-out test images (%)")
     ax.set_title("accuracy against latency")
     ax.grid(True, which="both", alpha=0.3)
-    _save(fig, plt, path)
+    save_figure(fig, plt, path)
 
 
 def plot_latency(rows, path):
     """Per model/backend/precision: a dot at p50, a tick at p90, a line to p99; one panel per batch size."""
-    plt = _pyplot()
+    plt = pyplot()
     sizes = sorted({r["batch_size"] for r in rows})
     labels = list(dict.fromkeys(_name(r) for r in rows))
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes) + 2.8, 0.45 * len(labels) + 1.7), dpi=120,
@@ -299,12 +300,12 @@ def plot_latency(rows, path):
     axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
     axes[0][0].set_ylim(len(labels) - 0.5, -0.7)
     fig.suptitle("latency by model, backend and precision (orange: best deployment)", fontsize=10)
-    _save(fig, plt, path)
+    save_figure(fig, plt, path)
 
 
 def plot_profile(rows, path):
     """--profile: per profiled row a horizontal bar of time share by operator type (the same colour per type)."""
-    plt = _pyplot()
+    plt = pyplot()
     done = [r for r in rows if r.get("profile")]
     totals = {}
     for r in done:
@@ -340,10 +341,11 @@ def plot_profile(rows, path):
         ax.text(0.5, 0.5, "no row was profiled (ONNX Runtime and OpenVINO rows on the CPU are)", ha="center",
                 transform=ax.transAxes)
     ax.set_title("where the time goes: share of operator time by type, per row (--profile)")
-    _save(fig, plt, path)
+    save_figure(fig, plt, path)
 
 
-def _save(fig, plt, path):
+def save_figure(fig, plt, path):
+    """Write ``fig`` as a PNG at ``path`` and free it."""
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
@@ -359,7 +361,7 @@ def load_results(path):
     except FileNotFoundError:
         raise EdgeKDError(f"--compare: {path!r} does not exist (expected an earlier results.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeKDError(f"--compare: {path!r} is not valid JSON: {e}") from None
+        raise EdgeKDError(f"--compare: {path!r} is not valid JSON: {e}") from e
     if not isinstance(old, dict) or not isinstance(old.get("rows"), list):
         raise EdgeKDError(f"--compare: {path!r} is not an edgekd results.json (no rows)")
     return old

@@ -171,6 +171,9 @@ def answer(worker, req):
 
 
 def main(argv):
+    from ..base.telemetry import switch_off
+
+    switch_off()  # a worker is an edgekd process: OpenVINO telemetry off before any runtime is imported
     if len(argv) == 2 and argv[0] == "--cpus":
         # Pin before numpy and the runtimes start their thread pools, so they size themselves to these cores.
         os.sched_setaffinity(0, {int(c) for c in argv[1].split(",")})

@@ -1,25 +1,90 @@
-"""Bundle manifests: checksums, library versions, reading and writing manifest.json."""
+"""Bundle manifests: the ``Manifest`` type, read, checked and written here only; the bundle's file names
+and the one sha256 (both bundle/runner.py's, which devices run alone, re-exported here)."""
 
-import hashlib
 import math
-import json
 import os
+import dataclasses
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Union
 
-MANIFEST = "manifest.json"
+from .runner import FORMAT_FILES, MANIFEST_FILE, read_manifest as _read_json, sha256_file
+
+MANIFEST = MANIFEST_FILE  # its older name
 # edgekd's metadata inside an ONNX file (written by export, read by the ONNX teacher source):
 # classes, mean, std and input_size as JSON ([names], [floats] in [0, 1] pixel units, [height, width]);
 # color as RGB, BGR or L; outputs as logits or probs.
 METADATA_KEYS = {"classes": "edgekd.classes", "mean": "edgekd.mean", "std": "edgekd.std", "color": "edgekd.color",
                  "input_size": "edgekd.input_size", "outputs": "edgekd.outputs"}
 MAX_SIDE = 8192  # an input height or width beyond this is a damaged field, not a model
+__all__ = ["FORMAT_FILES", "MANIFEST", "MANIFEST_FILE", "METADATA_KEYS", "Manifest", "library_versions",
+           "read_manifest", "schema_problem", "sha256_file", "write_manifest"]
 
 
-def sha256_file(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+@dataclass(frozen=True)
+class Manifest:
+    """A bundle's manifest.json (DESIGN.md, "Machine-readable outputs"). The fields every bundle has and
+    every reader needs are typed and checked (``schema_problem``); the export's records (validation,
+    calibration, versions, ...) are kept in ``extra``, in the order they were written."""
+
+    format: str                 # onnx | openvino
+    precision: str              # fp32 | fp16 | int8
+    model_file: str             # the file the runtime opens, one of ``files``
+    files: Dict[str, str]       # plain file name -> sha256
+    input: Dict[str, Any]       # shape, layout, mean, std, color, resize: the preprocessing contract
+    classes: List[str]
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "manifest") -> "Manifest":
+        """The manifest of a JSON object, or EdgeKDError naming the first field that is missing or malformed."""
+        from .. import EdgeKDError
+
+        problem = schema_problem(data)
+        if problem:
+            raise EdgeKDError(f"{where} fails the manifest schema: {problem}")
+        core = {name: data[name] for name in ("format", "precision", "model_file", "files", "input", "classes")}
+        return cls(**core, extra={k: v for k, v in data.items() if k not in core})
+
+    @classmethod
+    def read(cls, folder: str) -> "Manifest":
+        """The manifest of a bundle folder, checked (not its files: bundle.runtime.verify_bundle does that)."""
+        return cls.from_dict(_read_json(folder), repr(os.path.join(folder, MANIFEST_FILE)))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON object, as written to manifest.json."""
+        return {"format": self.format, "precision": self.precision, "model_file": self.model_file,
+                "files": dict(self.files), "input": self.input, "classes": list(self.classes), **self.extra}
+
+    def write(self, folder: str) -> None:
+        """Write ``folder``/manifest.json atomically (fsynced before it replaces an older one)."""
+        import json
+
+        path = os.path.join(folder, MANIFEST_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def with_changes(self, **changes: Any) -> "Manifest":
+        """A copy with some typed fields changed and ``extra`` records added (keyword names not among the fields)."""
+        typed = {k: v for k, v in changes.items() if k in self.__dataclass_fields__}
+        added = {k: v for k, v in changes.items() if k not in typed}
+        return replace(self, **typed, extra={**self.extra, **added})
+
+    @property
+    def channels(self) -> int:
+        return int(self.input["shape"][1])
+
+    @property
+    def validation(self) -> Dict[str, Any]:
+        return self.extra.get("validation") or {}
+
+    def record(self, name: str, default: Any = None) -> Any:
+        """One of the export's records (``validation``, ``model``, ``params``, ``size_bytes``, ...)."""
+        return self.extra.get(name, default)
 
 
 def library_versions(names=("edgekd", "torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "numpy")):
@@ -35,32 +100,20 @@ def library_versions(names=("edgekd", "torch", "torchvision", "onnx", "onnxrunti
     return versions
 
 
-def write_manifest(folder, manifest):
-    path = os.path.join(folder, MANIFEST)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_manifest(folder):
-    from .. import EdgeKDError
-
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        raise EdgeKDError(f"{folder!r} is not a bundle: it has no {MANIFEST}")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeKDError(f"{path!r} is not valid JSON: {e}") from None
-    problem = schema_problem(manifest)
-    if problem:
-        raise EdgeKDError(f"{path!r} fails the manifest schema: {problem}")
+def write_manifest(folder: str, manifest: Union[Manifest, Dict[str, Any]]) -> Manifest:
+    """Check ``manifest`` against the schema and write it into ``folder``: the one writer of manifest.json."""
+    if not isinstance(manifest, Manifest):
+        problem = schema_problem(manifest)
+        if problem:  # edgekd's own export wrote it: a bug (exit 1), not the user's input
+            raise ValueError(f"edgekd built a malformed manifest: {problem}")
+        manifest = Manifest.from_dict(manifest)
+    manifest.write(folder)
     return manifest
+
+
+def read_manifest(folder: str) -> Manifest:
+    """The checked Manifest of a bundle folder (EdgeKDError in one line when it is missing or malformed)."""
+    return Manifest.read(folder)
 
 
 def _is_number_list(value, length=None, kind=(int, float)):
@@ -113,4 +166,7 @@ def schema_problem(m):
             return f"field 'input.{field}' is missing"
         if not ok(spec[field]):
             return f"field 'input.{field}' {what}"
+    crop = spec.get("crop_pct")  # absent in manifests written before it: the image is stretched to resize
+    if crop is not None and not (_is_number_list([crop]) and 0 < crop <= 1):
+        return "field 'input.crop_pct' must be a number in (0, 1]"
     return None

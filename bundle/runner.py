@@ -15,13 +15,19 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, List, Optional
 
 RUNTIME_PACKAGE = {"onnx": "onnxruntime", "openvino": "openvino"}
+# The names of a bundle's files, for all of edgekd (edgekd.bundle.manifest re-exports them): the manifest,
+# and per format the files its export writes, the model file the runtime opens first.
+MANIFEST_FILE = "manifest.json"
+FORMAT_FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
 
 try:  # inside edgekd a bundle error is the CLI's one-line user error (exit 2); on a device the runner stands alone
     from edgekd import EdgeKDError as _Base
-except ImportError:
-    _Base = Exception
+except ImportError:  # (mypy: one of two bases, chosen at import)
+    _Base = Exception  # type: ignore[misc,assignment]
 
 
 class BundleError(_Base):
@@ -74,24 +80,36 @@ def environment():
 
 
 def read_manifest(folder):
-    path = os.path.join(folder, "manifest.json")
+    """The JSON of a bundle's manifest.json: the one place that reads the file (edgekd.bundle.manifest.Manifest
+    checks its fields; on a device the runner uses what it needs)."""
+    path = os.path.join(folder, MANIFEST_FILE)
     if not os.path.isfile(path):
-        raise BundleError("%s has no manifest.json" % folder)
-    with open(path) as f:
-        return json.load(f)
+        raise BundleError("%r is not a bundle: it has no %s" % (folder, MANIFEST_FILE))
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise BundleError("%r is not valid JSON: %s" % (path, e)) from e
 
 
-def sha256_file(path):
+def sha256_file(path, chunk=1 << 20):
+    """The sha256 of a file, read in 1 MiB blocks: edgekd's one implementation (checkpoints, teachers, bundles)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
 
 
 def check_files(folder, manifest):
-    """Every file the manifest lists lies inside the folder (no links, no ../) and matches its sha256."""
+    """A bundle is exactly its manifest: every file the manifest lists lies inside the folder (no links, no ../)
+    and matches its sha256, and the folder holds nothing else (a file nobody checked could be what a runtime
+    reads: OpenVINO finds model.bin beside model.xml whether or not it is listed)."""
     root = os.path.realpath(folder)
+    unlisted = sorted(n for n in os.listdir(root) if n != "manifest.json" and n not in manifest["files"])
+    if unlisted:
+        raise BundleError("bundle %r holds %s, which its manifest.json does not list (a bundle is exactly the files "
+                          "its manifest lists: remove them, or export again)" % (folder, ", ".join(unlisted)[:200]))
     for name, digest in manifest["files"].items():
         path = os.path.join(root, name)
         if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != root:
@@ -110,8 +128,7 @@ def verify(folder):
 
 
 def model_path(folder, manifest):
-    fmt = manifest["format"]
-    return os.path.join(folder, manifest.get("model_file") or ("model.onnx" if fmt == "onnx" else "model.xml"))
+    return os.path.join(folder, manifest.get("model_file") or FORMAT_FILES[manifest["format"]][0])
 
 
 def precision_hint(manifest):
@@ -160,7 +177,8 @@ def _onnxruntime(ort, path, threads, device):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
+    # provider names, or (name, options) pairs
+    providers = ["CPUExecutionProvider"]  # type: List[Any]
     cuda = device.split(":")[0] == "cuda"
     if cuda:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -224,6 +242,31 @@ def _openvino(ov, path, threads, name, precision):
     return run, info
 
 
+@dataclass
+class BenchJob:
+    """What ``bench JOB.json`` asks for (edgekd.bench.remote writes it with ``to_json``): the bundle folders and
+    the preprocessed test images (.npy files beside the job file), and how to time each bundle."""
+
+    bundles: List[str]
+    images: str
+    labels: str
+    batch_sizes: List[int]
+    warmup: int
+    runs: int
+    threads: Optional[int] = None
+    openvino_device: str = "CPU"
+
+    @classmethod
+    def read(cls, path):
+        with open(path) as f:
+            values = json.load(f)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_json(self):
+        return json.dumps(asdict(self))
+
+
 def bench_one(folder, job, images, labels):
     """Accuracy on every image, then raw per-call times for each batch size, each call on different
     images; the caller computes the statistics. A failure is the row's status."""
@@ -232,7 +275,7 @@ def bench_one(folder, job, images, labels):
     try:
         manifest = verify(folder)
         start = time.perf_counter()
-        run, info = open_session(folder, manifest, job.get("threads"), job.get("openvino_device", "CPU"))
+        run, info = open_session(folder, manifest, job.threads, job.openvino_device)
         run(images[:1])
         first_ms = (time.perf_counter() - start) * 1000.0
     except BundleError as e:
@@ -240,43 +283,81 @@ def bench_one(folder, job, images, labels):
     logits = np.concatenate([np.asarray(run(images[i:i + 64])) for i in range(0, len(images), 64)])
     top5 = np.argsort(-logits, axis=1)[:, :5]
     times = {}
-    for b in job["batch_sizes"]:
-        count = max(1, min(job["runs"], len(images) // b))
+    for b in job.batch_sizes:
+        count = max(1, min(job.runs, len(images) // b))
         batches = [np.ascontiguousarray(images[i * b:(i + 1) * b]) for i in range(count)]
-        times[str(b)] = time_calls(run, batches, job["warmup"], job["runs"])
+        times[str(b)] = time_calls(run, batches, job.warmup, job.runs)
     return {"status": None, "times": times,
             "accuracy": {"top1": float((logits.argmax(1) == labels).mean()),
                          "top5": float((top5 == labels[:, None]).any(1).mean()),
                          "predictions": logits.argmax(1).tolist()},
-            "load": {"first_inference_ms": first_ms, "threads": info.get("threads") or job.get("threads") or os.cpu_count()}}
+            "load": {"first_inference_ms": first_ms, "threads": info.get("threads") or job.threads or os.cpu_count()}}
 
 
 def bench(job_path):
-    with open(job_path) as f:
-        job = json.load(f)
+    job = BenchJob.read(job_path)
     base = os.path.dirname(os.path.abspath(job_path))
     try:
         import numpy as np
     except ImportError:
         raise BundleError("numpy is not installed on the device: pip install numpy")
-    images = np.load(os.path.join(base, job["images"]))
-    labels = np.load(os.path.join(base, job["labels"]))
-    rows = [dict(bench_one(os.path.join(base, b), job, images, labels), bundle=b) for b in job["bundles"]]
+    images = np.load(os.path.join(base, job.images))
+    labels = np.load(os.path.join(base, job.labels))
+    rows = [dict(bench_one(os.path.join(base, b), job, images, labels), bundle=b) for b in job.bundles]
     return {"environment": environment(), "rows": rows}
 
 
-def preprocess(image, spec):
-    """PIL image -> (C, H, W) float32 exactly as the manifest's input spec says (the training transform):
-    mode, bilinear resize, /255, normalise."""
-    import numpy as np
+def resize_crop(size, out_hw, crop_pct):
+    """Where an image of ``size`` (width, height) goes: ``(resized (w, h), crop box (left, top, right, bottom))``.
+
+    torchvision's and timm's evaluation geometry: resize the shorter side to ``out / crop_pct`` keeping the
+    aspect ratio (``int`` truncation of the longer side, as ``transforms.Resize(int)``), then center-crop to
+    ``out_hw`` (offsets rounded as ``transforms.CenterCrop``). ``crop_pct`` None (manifests written before it
+    was recorded) stretches the whole image to ``out_hw``, as edgekd did then.
+    """
+    import math
+
+    width, height = size
+    out_h, out_w = out_hw
+    if crop_pct is None:
+        return (out_w, out_h), (0, 0, out_w, out_h)
+    if out_h == out_w:  # timm: the scalar case, torchvision's Resize(int)
+        short = int(math.floor(out_h / crop_pct))
+        if width <= height:
+            new = (short, int(short * height / width))
+        else:
+            new = (int(short * width / height), short)
+    else:  # timm's ResizeKeepRatio: the scale that makes both sides at least the target's
+        target_h, target_w = int(math.floor(out_h / crop_pct)), int(math.floor(out_w / crop_pct))
+        ratio = min(height / target_h, width / target_w)
+        new = (int(round(width / ratio)), int(round(height / ratio)))
+    left = int(round((new[0] - out_w) / 2.0))
+    top = int(round((new[1] - out_h) / 2.0))
+    return new, (left, top, left + out_w, top + out_h)
+
+
+def preprocess_pixels(image, spec):
+    """PIL image -> the manifest's geometry and colour, as a PIL image (the pixels before /255 and normalising)."""
     from PIL import Image
 
     if image.mode != spec["color"]:
         image = image.convert(spec["color"])
     height, width = spec["resize"]
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    new, box = resize_crop(image.size, (height, width), spec.get("crop_pct"))
+    if image.size != new:
+        # Image.Resampling since Pillow 9.1; a device's older Pillow has the constant on Image itself
+        image = image.resize(new, getattr(Image, "Resampling", Image).BILINEAR)
+    if box != (0, 0) + new:
+        image = image.crop(box)  # a crop past the edge (an upscale rounding) pads with zeros, as CenterCrop does
+    return image
+
+
+def preprocess(image, spec):
+    """PIL image -> (C, H, W) float32 exactly as the manifest's input spec says (training's evaluation transform):
+    mode, bilinear resize of the shorter side to size / crop_pct, center crop, /255, normalise."""
+    import numpy as np
+
+    pixels = np.asarray(preprocess_pixels(image, spec), dtype=np.float32) / 255.0
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     mean = np.asarray(spec["mean"], dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(spec["std"], dtype=np.float32).reshape(-1, 1, 1)

@@ -15,7 +15,7 @@ import zlib
 from .. import EdgeKDError
 from . import runner
 
-from .manifest import read_manifest
+from .manifest import Manifest
 
 
 def check_external_data(model_path, listed):
@@ -28,7 +28,7 @@ def check_external_data(model_path, listed):
         model = onnx.load(model_path, load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends: the file is not an ONNX model at all
         raise EdgeKDError(f"bundle model file {os.path.basename(model_path)!r} is not a readable ONNX model "
-                          f"({type(e).__name__}): the bundle is damaged; export it again") from None
+                          f"({type(e).__name__}): the bundle is damaged; export it again") from e
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -39,12 +39,12 @@ def check_external_data(model_path, listed):
 
 
 def verify_bundle(folder):
-    """The bundle's manifest (schema-checked), after checking every listed file against its sha256 and that
+    """The bundle's Manifest (schema-checked), after checking every listed file against its sha256 and that
     ONNX external data stays inside the bundle."""
-    manifest = read_manifest(folder)
-    runner.check_files(folder, manifest)
-    if manifest["format"] == "onnx":
-        check_external_data(runner.model_path(folder, manifest), manifest["files"])
+    manifest = Manifest.read(folder)
+    runner.check_files(folder, manifest.to_dict())
+    if manifest.format == "onnx":
+        check_external_data(os.path.join(folder, manifest.model_file), manifest.files)
     return manifest
 
 
@@ -58,18 +58,18 @@ class Bundle:
     def __init__(self, folder, threads=None, device="cpu", runtime=None):
         self.folder = folder
         self.manifest = verify_bundle(folder)
-        self.classes = self.manifest["classes"]
-        self.run, self.info = runner.open_session(folder, self.manifest, threads, device, runtime)
+        self.classes = self.manifest.classes
+        self.run, self.info = runner.open_session(folder, self.manifest.to_dict(), threads, device, runtime)
 
     def preprocess(self, image):
         """PIL image -> (C, H, W) float32, the same steps as the training transform: mode, resize, /255, normalise."""
-        return runner.preprocess(image, self.manifest["input"])
+        return runner.preprocess(image, self.manifest.input)
 
     def __call__(self, batch):
         return self.run(batch)
 
     def predict_files(self, paths, top_k=1):
-        return runner.ranked(paths, self(runner.load_images(paths, self.manifest["input"])), self.classes, top_k)
+        return runner.ranked(paths, self(runner.load_images(paths, self.manifest.input)), self.classes, top_k)
 
 
 def load_bundle(path, threads=None, device="cpu", runtime=None):
@@ -124,7 +124,7 @@ def safe_extract(archive, folder):
                                       "the bundle folder; refusing to unpack it")
             z.extractall(folder)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
-        raise EdgeKDError(f"bundle zip {archive!r} is damaged: {e or type(e).__name__}") from None
+        raise EdgeKDError(f"bundle zip {archive!r} is damaged: {e or type(e).__name__}") from e
     entries = os.listdir(folder)
     # Zips made by edgekd hold one top folder; accept a flat zip too.
     if len(entries) == 1 and os.path.isdir(os.path.join(folder, entries[0])):

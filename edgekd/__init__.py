@@ -10,12 +10,3 @@ class EdgeKDError(Exception):
 class Interrupted(EdgeKDError):
     """Ctrl-C during training: the last complete epoch is on disk and the run can be resumed."""
 
-
-def _telemetry_off():
-    # Every edgekd process (CLI, bench workers, the library) before it can import openvino or nncf.
-    from .base.telemetry import switch_off
-
-    switch_off()
-
-
-_telemetry_off()

@@ -3,6 +3,7 @@ validation of a request (refused up front, naming what is supported) and the dis
 
 from .. import EdgeKDError
 from ..base.registry import Registry
+from ..bundle.manifest import FORMAT_FILES
 
 from .onnx import onnx_describe, onnx_fp16, onnx_fp32, onnx_int8, restore_onnx
 from .openvino import openvino_convert, openvino_int8, openvino_save, restore_openvino
@@ -25,12 +26,12 @@ ONNX_STEPS = {"fp32": (onnx_fp32, onnx_describe), "fp16": (onnx_fp32, onnx_fp16,
 OPENVINO_STEPS = {"fp32": (openvino_convert, openvino_save), "fp16": (openvino_convert, openvino_save),
                   "int8": (openvino_convert, openvino_int8, openvino_save)}
 
-FORMATS.register("onnx", precisions=tuple(ONNX_STEPS), runtime="onnxruntime", files=("model.onnx",), atol=ATOL,
+FORMATS.register("onnx", precisions=tuple(ONNX_STEPS), runtime="onnxruntime", files=FORMAT_FILES["onnx"], atol=ATOL,
                  inference_precision=None, quant_modes=("static", "dynamic"), calib_methods=CALIB_METHODS,
                  int8_types=True, restore=restore_onnx, qat_steps=(build_qat, onnx_describe),
                  qat_calibrates=lambda options: options.get("qat_onnx", "ort") == "ort",
                  summary="ONNX (ONNX Runtime); INT8 as QDQ via onnxruntime.quantization")(ONNX_STEPS)
-FORMATS.register("openvino", precisions=tuple(OPENVINO_STEPS), runtime="openvino", files=("model.xml", "model.bin"),
+FORMATS.register("openvino", precisions=tuple(OPENVINO_STEPS), runtime="openvino", files=FORMAT_FILES["openvino"],
                  atol=ATOL, inference_precision="f32", quant_modes=("static",), calib_methods=("nncf",),
                  int8_types=False, restore=restore_openvino, qat_steps=(build_qat,), qat_calibrates=lambda options: False,
                  summary="OpenVINO IR; INT8 via NNCF post-training quantization")(OPENVINO_STEPS)

@@ -7,13 +7,13 @@ import logging
 import os
 
 from .. import EdgeKDError
-from ..bundle.manifest import METADATA_KEYS
+from ..bundle.manifest import FORMAT_FILES, METADATA_KEYS
 
 from . import quantize_onnx as q
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
+(MODEL_FILE,) = FORMAT_FILES["onnx"]
 # Weights go into external data only when the protobuf would pass its 2 GB limit.
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
@@ -37,14 +37,14 @@ def export_onnx(model, input_spec, folder, opset=None):
             )
     except Exception as e:
         log.debug(chatter.getvalue())
-        raise EdgeKDError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise EdgeKDError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     log.debug(chatter.getvalue())
     if weight_bytes <= EXTERNAL_DATA_BYTES:
         _strip_debug_metadata(path)
     try:
         onnx.checker.check_model(path, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise EdgeKDError(f"exported ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"exported ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from e
     return MODEL_FILE
 
 
@@ -90,7 +90,7 @@ def to_fp16(src, dst):
     try:
         onnx.checker.check_model(dst, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise EdgeKDError(f"FP16 ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"FP16 ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from e
 
 
 def _sort_topologically(graph):

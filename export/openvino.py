@@ -14,17 +14,18 @@ import numpy as np
 from .. import EdgeKDError
 from ..base.progress import nncf_quiet
 
+from ..bundle.manifest import FORMAT_FILES
 from .onnx import MODEL_FILE as ONNX_FILE, export_onnx
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.xml"
-WEIGHTS_FILE = "model.bin"
+MODEL_FILE, WEIGHTS_FILE = FORMAT_FILES["openvino"]
 WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData")
 
 
 def import_openvino():
-    """openvino with its telemetry switched off (it otherwise phones home and writes under ~/intel)."""
+    """openvino (its telemetry, which otherwise phones home and writes under ~/intel, is off in edgekd's processes:
+    base/telemetry.py)."""
     os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
     import openvino
 
@@ -47,7 +48,7 @@ def _convert(ov, path):
     try:
         return ov.convert_model(path)
     except Exception as e:
-        raise EdgeKDError(f"openvino.convert_model failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"openvino.convert_model failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def openvino_int8(job):
@@ -77,7 +78,7 @@ def _nncf_quantize(model, calib, progress=True):
         with nncf_quiet(progress):
             return nncf.quantize(model, dataset, subset_size=len(calib), fast_bias_correction=False)
     except Exception as e:
-        raise EdgeKDError(f"nncf.quantize failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"nncf.quantize failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def quantized_layers(model):
@@ -122,7 +123,7 @@ def restore_openvino(job, tune, max_drop, max_layers):
                 drop_type=nncf.DropType.ABSOLUTE, subset_size=len(job.calib), fast_bias_correction=False,
                 advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(max_num_iterations=max_layers))
     except Exception as e:
-        raise EdgeKDError(f"nncf.quantize_with_accuracy_control failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"nncf.quantize_with_accuracy_control failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     before = quantized_layers(job.state["int8_model"])
     after = set(quantized_layers(model))
     ov.save_model(model, os.path.join(job.folder, MODEL_FILE), compress_to_fp16=False)

@@ -19,21 +19,22 @@ def onnx_bundle_to_openvino(src, out):
     """Convert ``src`` (an ONNX bundle) into a new OpenVINO bundle folder ``out``; return its manifest."""
     import openvino as ov
 
-    from ..bundle.manifest import sha256_file, write_manifest
+    from ..bundle.manifest import FORMAT_FILES, sha256_file, write_manifest
     from ..bundle.runtime import verify_bundle
 
     manifest = verify_bundle(src)
-    if manifest["format"] != "onnx":
-        raise EdgeKDError(f"{src!r} is a {manifest['format']} bundle; expected an onnx bundle")
+    if manifest.format != "onnx":
+        raise EdgeKDError(f"{src!r} is a {manifest.format} bundle; expected an onnx bundle")
     if os.path.exists(out):
         raise EdgeKDError(f"{out!r} already exists")
     staging = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".ir-")
     try:
-        model = ov.convert_model(os.path.join(src, manifest["model_file"]))
-        ov.save_model(model, os.path.join(staging, "model.xml"), compress_to_fp16=False)
-        files = {name: sha256_file(os.path.join(staging, name)) for name in ("model.xml", "model.bin")}
-        manifest.update(format="openvino", model_file="model.xml", files=files,
-                        converted_from={"bundle": os.path.abspath(src), "files": manifest["files"]})
+        model_file = FORMAT_FILES["openvino"][0]
+        model = ov.convert_model(os.path.join(src, manifest.model_file))
+        ov.save_model(model, os.path.join(staging, model_file), compress_to_fp16=False)
+        files = {name: sha256_file(os.path.join(staging, name)) for name in FORMAT_FILES["openvino"]}
+        manifest = manifest.with_changes(format="openvino", model_file=model_file, files=files,
+                                         converted_from={"bundle": os.path.abspath(src), "files": manifest.files})
         write_manifest(staging, manifest)
         os.chmod(staging, 0o755)
         os.replace(staging, out)
@@ -44,7 +45,9 @@ def onnx_bundle_to_openvino(src, out):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
+    from ..base.telemetry import switch_off
+
+    switch_off()  # an edgekd process: OpenVINO telemetry off before openvino is imported
     if len(sys.argv) != 3:
         sys.exit("usage: python -m edgekd.export.openvino_ir ONNX_BUNDLE OUT")
     try:

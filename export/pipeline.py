@@ -15,46 +15,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import EdgeKDError
+from ..core.config import ExportOptions  # noqa: F401  (every option of edgekd export, declared once there)
+from ..base.files import portable
 from ..base.outdir import temp_prefix
 
 from . import calibration
 from .formats import FORMATS, check_request
 from ..bundle.manifest import library_versions, sha256_file, write_manifest
+from .ladder import Int8Ladder, fail_if
 from .validate import compare, gate, run_batched
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExportOptions:
-    """Everything ``edgekd export`` accepts; ``None`` means "the format's or checkpoint's default"."""
-
-    fmt: str
-    precision: str = "fp32"
-    out: str = None             # the bundle folder
-    data: str = None            # validation data spec (default: the checkpoint's)
-    data_root: str = None
-    val_size: int = 1000        # test images for the parity gate
-    atol: float = None          # fp32/fp16 logit tolerance (default: the format table's)
-    opset: int = None
-    quant: str = None           # int8: static (default) or dynamic (ONNX only)
-    calib_data: str = None      # int8: data spec whose train split calibrates (default: the checkpoint's data)
-    calib_size: int = 300       # int8: calibration images
-    calib_method: str = None    # int8: minmax|entropy|percentile for ONNX, nncf for OpenVINO
-    seed: int = 0               # calibration and tuning sample seed
-    max_drop: float = 1.0       # int8: largest allowed top-1 loss vs FP32, in points
-    max_fallback_layers: int = 10  # int8: most layers the fallback may keep in float (0: no fallback)
-    tune_size: int = None       # int8: train images that steer the fallback (default: as many as val_size)
-    int8_types: str = None      # ONNX int8: auto|u8s8|u8u8|s8s8 (auto: by CPU features)
-    reduce_range: bool = False  # ONNX int8: 7-bit weights
-    per_channel: bool = True    # ONNX int8: per-channel weight scales
-    zip: bool = False           # also write OUT.zip
-    speed_check: bool = True    # int8: time FP32 vs INT8 here and warn when INT8 is not faster
-    progress: bool = True
-    layer_report: bool = True   # int8: per-layer SQNR vs FP32 in the manifest and int8_layers.png (int8 hunk)
-    qat_epochs: int = 1         # int8: last rung, quantization-aware distillation epochs (0: off)
-    qat_teacher: str = None     # int8: its teacher (default: the student's own, else the FP32 student itself)
-    qat_onnx: str = "ort"       # ONNX from a QAT model: ort (trained weights, ONNX Runtime's QDQ placement) or nncf
 
 
 @dataclass
@@ -73,298 +44,253 @@ class ExportJob:
     state: dict = field(default_factory=dict)  # in-memory objects a format's steps pass on (an OpenVINO model)
 
 
-def export_checkpoint(checkpoint, opts):
-    """Export ``checkpoint`` as ``opts`` says into the folder ``out``; return the manifest."""
-    return _Export(checkpoint, opts).run()
+def export_checkpoint(checkpoint, opts, train_qat=None):
+    """Export ``checkpoint`` as ``opts`` says into the folder ``opts.out``; return the manifest.
+
+    The steps: settle the request (format table), load the reference (the PyTorch model's logits on held-out
+    test images), calibrate (static INT8), convert in a staging folder, validate against the reference (INT8:
+    climb the ladder, export/ladder.py), write the manifest, publish. ``train_qat`` trains the INT8 ladder's last
+    rung (``edgekd.cli.int8.train_qat``): export never trains, so without it the ladder stops at rung 2."""
+    plan = _plan(opts)
+    ref = load_reference(checkpoint, opts)
+    # a QAT checkpoint needs calibration only where the format re-quantizes its trained weights (ONNX, --qat-onnx ort)
+    needs_calib = plan.static and (not ref.qat or FORMATS.meta(opts.format)["qat_calibrates"](asdict(opts)))
+    calib = calibration_set(ref, opts) if needs_calib else None
+    return _build(ref, opts, plan, calib, train_qat)
 
 
-class _Export:
-    def __init__(self, checkpoint, opts):
-        self.checkpoint, self.o = checkpoint, opts
-        self.meta = check_request(opts.fmt, opts.precision, opts.quant, opts.calib_method, opts.int8_types)
-        self.int8 = opts.precision == "int8"
-        self.static = self.int8 and self.meta["quant"] == "static"
-        self.atol = opts.atol if opts.atol is not None else self.meta["atol"].get(opts.precision)
-        if self.int8 and not opts.max_drop >= 0:  # NaN fails too
-            raise EdgeKDError(f"--max-drop must be 0 or more points, got {opts.max_drop}")
+@dataclass
+class Plan:
+    """What the format table settles for a request: its metadata, whether it is (static) INT8, the fp tolerance."""
 
-    def run(self):
-        import torch
+    meta: dict
+    int8: bool
+    static: bool
+    atol: float
 
-        from ..core.checkpoint import load_model
-        from ..core.data import InputSpec, load_data
 
-        o = self.o
-        self.model, self.ckpt = load_model(self.checkpoint)
-        self.qat = "qat" in self.ckpt  # int8: a QAT checkpoint (edgekd quantize) exports as it was trained
-        self.rung_qat = False  # int8: the ladder's last rung (quantization-aware distillation) made the bundle
-        self.ladder = []
-        if self.qat and o.precision != "int8":
-            raise EdgeKDError(f"{self.checkpoint!r} is a QAT checkpoint (edgekd quantize): export it with --precision int8")
-        self.spec = InputSpec.from_dict(self.ckpt["input"])
-        self.dataset = load_data(o.data or self.ckpt.get("data") or "digits", o.data_root, input_spec=self.spec)
-        if len(self.dataset.classes) != len(self.ckpt["classes"]):
-            raise EdgeKDError(f"checkpoint has {len(self.ckpt['classes'])} classes but data {self.dataset.spec!r} "
-                              f"has {len(self.dataset.classes)}")
-        # a QAT checkpoint needs calibration only where the format re-quantizes its trained weights (ONNX, --qat-onnx ort)
-        needs_calib = self.static and (not self.qat or FORMATS.meta(o.fmt)["qat_calibrates"](asdict(o)))
-        calib, self.calib_record = self._calibration() if needs_calib else (None, None)
-        idx = calibration.strided_indices(len(self.dataset.test), o.val_size)
-        self.images, self.labels = calibration.load_images(self.dataset.test, idx, "validation images", o.progress)
-        with torch.no_grad():
-            self.reference = run_batched(lambda b: self.model(torch.from_numpy(b)).numpy(), self.images)
-        return self._build(calib)
+def _plan(opts):
+    meta = check_request(opts.format, opts.precision, opts.quant, opts.calib_method, opts.int8_types)
+    int8 = opts.precision == "int8"
+    if int8 and not opts.max_drop >= 0:  # NaN fails too
+        raise EdgeKDError(f"--max-drop must be 0 or more points, got {opts.max_drop}")
+    atol = opts.atol if opts.atol is not None else meta["atol"].get(opts.precision)
+    return Plan(meta, int8, int8 and meta["quant"] == "static", atol)
 
-    def _calibration(self, spec=None):
-        o = self.o
-        spec = spec or o.calib_data or o.data or self.ckpt.get("data") or "digits"
-        data = self.dataset if spec == self.dataset.spec else load_data_for(spec, o.data_root, self.spec)
-        self.calib_data = data
-        indices, record = calibration.select(data.train, o.calib_size, o.seed, data_spec=data.spec, split="train",
-                                             class_names=data.classes)
-        images, _ = calibration.load_images(data.train, indices, "calibration images", o.progress)
-        log.info("calibration: %d images from the train split of %s (seed %d, sha256 %s)",
-                 len(images), data.spec, o.seed, record["files_sha256"][:12])
-        return images, record
 
-    def _build(self, calib):
-        o = self.o
-        out = o.out
-        parent = os.path.dirname(os.path.abspath(out))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(dir=parent, prefix="." + temp_prefix("bundle"))
-        scratch = tempfile.mkdtemp(prefix=temp_prefix("export"))
-        job = ExportJob(self.model, self.spec, staging, scratch, o.precision,
-                        {**asdict(o), "quant": self.meta["quant"], "calib_method": self.meta["calib_method"],
-                         "int8_types": o.int8_types or "auto", "classes": list(self.ckpt["classes"])}, calib, o.progress)
-        job.state["ckpt"] = self.ckpt
-        try:
-            seconds = self._convert(job)
-            info = job.info
-            validation = self._validate(staging, info["model_file"])
-            fallback = None
-            if self.int8:
-                validation, fallback, seconds = self._int8_gate(job, info, validation, seconds)
-            else:
-                self._fail_if(gate(validation, o.precision, atol=self.atol))
-            speed = None
-            if self.int8 and o.speed_check:
-                speed = speed_check(o.fmt, os.path.join(staging, info["model_file"]), info["fp32_reference"],
-                                    (self.spec.channels, self.spec.height, self.spec.width))
-            layers = self._layer_report(job, info, fallback) if self.int8 and o.layer_report else None
-            manifest = self._manifest(staging, info, validation, fallback, speed, seconds)
-            if self.int8:  # int8: per-layer report and the QAT record
-                manifest["int8_layers"] = layers
-                manifest["ladder"] = self.ladder
-                if self.rung_qat:
-                    manifest["fallback"]["used"] = False  # rung 2 failed; the QAT model keeps every layer INT8
-                    if not FORMATS.meta(o.fmt)["qat_calibrates"](job.options):
-                        manifest["calibration"]["note"] = ("post-training calibration of rungs 1-2; the bundle's "
-                                                           "quantizer ranges were trained by the last rung")
-                if self.qat:
-                    from .qat import fp32_student_record
+@dataclass
+class Reference:
+    """The checkpoint and what each bundle of it is checked against: its PyTorch model's logits on test images."""
 
-                    manifest["qat"] = fp32_student_record(self.ckpt, self.images, self.labels, validation["top1"])
-                    manifest["validation"]["reference"] = "the QAT model in PyTorch (fake-quantized), like with like"
-            write_manifest(staging, manifest)
-            os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
-            if o.zip:
-                write_zip(staging, out)
-            _publish(staging, out)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-            if os.path.isdir(staging):
-                shutil.rmtree(staging)
-        size = sum(os.path.getsize(os.path.join(out, f)) for f in manifest["files"])
-        log.info("exported %s %s in %.1f s, %.3f MB (%s)", o.fmt, o.precision, seconds, size / 1e6, out)
-        return manifest
+    checkpoint: str
+    model: object
+    ckpt: dict
+    spec: object                 # the checkpoint's InputSpec
+    dataset: object              # the validation data (and, by default, the calibration data)
+    images: np.ndarray           # the held-out test images of the gate, and their labels
+    labels: np.ndarray
+    logits: np.ndarray           # the PyTorch model's logits on them
 
-    def _convert(self, job):
-        """Run the format's steps for this precision, in order; return the seconds they took."""
-        start = time.perf_counter()
-        # a QAT checkpoint (edgekd quantize) is converted as it was trained: no calibration, no fallback
-        steps = FORMATS.meta(self.o.fmt)["qat_steps"] if self.qat else FORMATS.get(self.o.fmt)[job.precision]
-        for step in steps:
-            t0 = time.perf_counter()
-            job.info.update(step(job) or {})
-            log.debug("export step %s: %.1f s", step.__name__, time.perf_counter() - t0)
-        return time.perf_counter() - start
+    @property
+    def qat(self):
+        """A QAT checkpoint (edgekd quantize): exported as it was trained, INT8 only."""
+        return "qat" in self.ckpt
 
-    def _validate(self, folder, model_file):
-        from ..bundle.runner import open_model
-        from ..base.progress import bar
 
-        session, _ = open_model(os.path.join(folder, model_file), self.o.fmt)
-        with bar(total=len(self.images), desc="validating", unit="img", disable=not self.o.progress) as progress:
-            def run(batch):
-                progress.update(len(batch))
-                return session(batch)
+def load_reference(checkpoint, opts):
+    """The checkpoint's model, the validation data (``opts.data``, default: the checkpoint's) and the model's logits
+    on ``opts.val_size`` of its test images, strided over the split."""
+    import torch
 
-            outputs = run_batched(run, self.images)
-        validation = compare(self.reference, outputs, self.labels)
-        validation.update(data=self.dataset.spec, split="test", atol=self.atol)
-        return validation
+    from ..core.data import InputSpec
+    from ..core.loading import load_model
 
-    def _int8_gate(self, job, info, validation, seconds):
-        """The INT8 ladder against --max-drop: (1) post-training INT8; (2) when it loses too much, keep the most
-        sensitive layers in float and retry; (3) when that fails too, quantization-aware distillation
-        (``edgekd quantize``) for --qat-epochs epochs, every layer INT8. Each rung tried is in ``self.ladder``."""
-        o = self.o
-        validation["max_drop"] = o.max_drop
-        failures = gate(validation, "int8", max_drop=o.max_drop)
-        self.ladder = [{"rung": "qat" if self.qat else "ptq", "drop": validation["drop"], "passed": not failures}]
-        fallback = {"needed": bool(failures), "drop_before": validation["drop"], "layers_in_float": []}
-        if not failures:
-            return validation, fallback, seconds
-        if self.qat:
-            self._fail_if(failures, suffix=" (a QAT model keeps every layer INT8: train longer or lower --lr)")
-        if self.static and o.max_fallback_layers > 0:
-            log.warning("INT8 top-1 drop %.2f points exceeds --max-drop %.2f; keeping sensitive layers in float",
-                        validation["drop"], o.max_drop)
-            start = time.perf_counter()
-            tune = self._tuning_set()
-            fallback.update(FORMATS.meta(o.fmt)["restore"](job, tune, o.max_drop, o.max_fallback_layers))
-            seconds += time.perf_counter() - start
-            validation = self._validate(job.folder, info["model_file"])
-            validation["max_drop"] = o.max_drop
-            fallback.update(drop_after=validation["drop"], max_layers=o.max_fallback_layers, tuning=self.tune_record)
-            failures = gate(validation, "int8", max_drop=o.max_drop)
-            self.ladder.append({"rung": "fallback", "drop": validation["drop"], "passed": not failures,
-                                "layers_in_float": fallback["layers_in_float"]})
-            if not failures:
-                return validation, fallback, seconds
-            why = (f" even with {len(fallback['layers_in_float'])} layer(s) kept in float (--max-fallback-layers "
-                   f"{o.max_fallback_layers}; before the fallback: {fallback['drop_before']:.2f} points)")
+    model, ckpt = load_model(checkpoint)
+    if "qat" in ckpt and opts.precision != "int8":
+        raise EdgeKDError(f"{checkpoint!r} is a QAT checkpoint (edgekd quantize): export it with --precision int8")
+    spec = InputSpec.from_dict(ckpt["input"])
+    dataset = load_data_for(opts.data or checkpoint_data(ckpt, checkpoint) or "digits", opts.data_root, spec)
+    if len(dataset.classes) != len(ckpt["classes"]):
+        raise EdgeKDError(f"checkpoint has {len(ckpt['classes'])} classes but data {dataset.spec!r} "
+                          f"has {len(dataset.classes)}")
+    idx = calibration.strided_indices(len(dataset.test), opts.val_size)
+    images, labels = calibration.load_images(dataset.test, idx, "validation images", opts.progress)
+    with torch.no_grad():
+        logits = run_batched(lambda b: model(torch.from_numpy(b)).numpy(), images)
+    return Reference(checkpoint, model, ckpt, spec, dataset, images, labels, logits)
+
+
+def checkpoint_data(ckpt, checkpoint):
+    """The checkpoint's data spec (an image folder is recorded relative to the checkpoint's folder)."""
+    from ..base.files import spec_from_file
+
+    return spec_from_file(ckpt.get("data"), os.path.dirname(os.path.abspath(checkpoint)))
+
+
+@dataclass
+class Calibration:
+    """Class-stratified train images that set INT8 ranges, the data they came from, and their record."""
+
+    images: np.ndarray
+    record: dict
+    data: object
+
+
+def calibration_set(ref, opts, spec=None):
+    spec = spec or opts.calib_data or opts.data or checkpoint_data(ref.ckpt, ref.checkpoint) or "digits"
+    data = ref.dataset if spec == ref.dataset.spec else load_data_for(spec, opts.data_root, ref.spec)
+    indices, record = calibration.select(data.train, opts.calib_size, opts.seed, data_spec=data.spec, split="train",
+                                         class_names=data.classes)
+    images, _ = calibration.load_images(data.train, indices, "calibration images", opts.progress)
+    log.info("calibration: %d images from the train split of %s (seed %d, sha256 %s)",
+             len(images), data.spec, opts.seed, record["files_sha256"][:12])
+    return Calibration(images, record, data)
+
+
+def _build(ref, opts, plan, calib, train_qat):
+    """Convert in a staging folder beside ``opts.out``, gate, write the manifest, publish; nothing half-written."""
+    out = opts.out
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix="." + temp_prefix("bundle"))
+    scratch = tempfile.mkdtemp(prefix=temp_prefix("export"))
+    job = ExportJob(ref.model, ref.spec, staging, scratch, opts.precision,
+                    {**asdict(opts), "quant": plan.meta["quant"], "calib_method": plan.meta["calib_method"],
+                     "int8_types": opts.int8_types or "auto", "classes": list(ref.ckpt["classes"])},
+                    calib.images if calib else None, opts.progress)
+    job.state["ckpt"] = ref.ckpt
+    try:
+        seconds = convert(job, opts.format, ref.qat)
+        validation = validate(ref, staging, job.info["model_file"], opts, plan.atol)
+        if plan.int8:
+            manifest = _int8(ref, opts, plan, job, calib, validation, seconds, train_qat)
         else:
-            why = (" (dynamic INT8 has no fallback; static INT8 has)" if not self.static
-                   else " (the fallback is off: --max-fallback-layers 0)")
-        if not self.static:  # the last rung makes static INT8; a user who asked for dynamic gets what they asked
-            self._fail_if(failures, suffix=why)
-        if o.qat_epochs == 0:
-            self._fail_if(failures, suffix=why + " and quantization-aware distillation is off (--qat-epochs 0)")
-        start = time.perf_counter()
-        validation = self._qat_rung(job, info, failures, why)
-        seconds += time.perf_counter() - start
-        return validation, fallback, seconds
+            fail_if(gate(validation, opts.precision, atol=plan.atol))
+            manifest = build_manifest(ref, opts, staging, job.info, validation, seconds)
+        # the machine's absolute paths (calibration data, sources) relative to the bundle folder
+        manifest = portable(manifest, out)
+        write_manifest(staging, manifest)
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+        if opts.zip:
+            write_zip(staging, out)
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in manifest["files"])
+    log.info("exported %s %s in %.1f s, %.3f MB (%s)", opts.format, opts.precision, manifest["export_seconds"],
+             size / 1e6, out)
+    return manifest
 
-    def _qat_rung(self, job, info, failures, why):
-        """The last rung: ``edgekd quantize`` (fake quantizers calibrated on the student's train images, then
-        distillation for --qat-epochs epochs) in the scratch folder, converted by the format's QAT steps. The
-        bundle is gated against the FP32 student, like rungs 1 and 2."""
-        from ..core.checkpoint import load_model
-        from ..core.config import resolve
-        from ..core.quantize import QAT_FILE, run_quantize
 
-        o = self.o
-        teacher = o.qat_teacher or self._rung_teacher()
-        log.warning("INT8 failed --max-drop%s: %s; last rung: quantization-aware distillation for %d epoch(s) "
-                    "against %s (edgekd quantize), every layer INT8", why, "; ".join(failures), o.qat_epochs, teacher)
-        folder = os.path.join(job.scratch, "qat")
-        given = {"student": os.path.abspath(self.checkpoint), "teacher": teacher, "epochs": o.qat_epochs,
-                 "data": self.dataset.spec, "data_root": o.data_root, "seed": o.seed, "out": folder,
-                 "progress": o.progress}
-        run_quantize(resolve("quantize", {k: v for k, v in given.items() if v is not None}))
-        qmodel, qckpt = load_model(os.path.join(folder, QAT_FILE))
-        for name in os.listdir(job.folder):  # the post-training files make way for the QAT model's
-            os.unlink(os.path.join(job.folder, name))
-        # a conversion of its own: nothing of rungs 1-2 (their FP32 graph, calibration cache) is reused
-        job.scratch = tempfile.mkdtemp(dir=job.scratch, prefix="qat-convert-")
-        job.model, job.state["ckpt"] = qmodel, qckpt
-        job.info.clear()  # the same dict as the caller's ``info``
-        if FORMATS.meta(o.fmt)["qat_calibrates"](job.options):
-            # calibrated on the student's own train images, like the QAT's quantizers: --calib-data is what failed
-            job.calib, self.calib_record = self._calibration(spec=self.dataset.spec)
-        for step in FORMATS.meta(o.fmt)["qat_steps"]:
-            job.info.update(step(job) or {})
-        self.rung_qat = True
-        validation = self._validate(job.folder, info["model_file"])  # against the FP32 student's logits
-        validation["max_drop"] = o.max_drop
-        failures = gate(validation, "int8", max_drop=o.max_drop)
-        self.ladder.append({"rung": "qat", "drop": validation["drop"], "passed": not failures, "epochs": o.qat_epochs,
-                            "teacher": teacher, "layers_int8": len(info["int8_layers"]),
-                            "qat_test_top1": qckpt.get("metrics", {}).get("test_top1")})
-        self._fail_if(failures, suffix=f" after {o.qat_epochs} epoch(s) of quantization-aware distillation, the last "
-                                       f"rung (more: edgekd quantize --epochs N, then export its student-qat.pt)")
-        log.warning("quantization-aware distillation met --max-drop: drop %.2f points with all %d quantizable layers "
-                    "INT8 (to reuse it for another format: edgekd quantize %s --epochs %d)", validation["drop"],
-                    len(info["int8_layers"]), self.checkpoint, o.qat_epochs)
-        return validation
+def _int8(ref, opts, plan, job, calib, validation, seconds, train_qat):
+    """INT8: the ladder, the speed check, the per-layer report, and their parts of the manifest."""
+    ladder = Int8Ladder(ref, opts, plan.static, lambda folder, name: validate(ref, folder, name, opts, plan.atol),
+                        lambda spec: calibration_set(ref, opts, spec), calib, train_qat)
+    validation, fallback = ladder.climb(job, validation)
+    seconds += ladder.seconds
+    info, staging = job.info, job.folder
+    speed = None
+    if opts.speed_check:
+        speed = speed_check(opts.format, os.path.join(staging, info["model_file"]), info["fp32_reference"],
+                            (ref.spec.channels, ref.spec.height, ref.spec.width))
+    data = ladder.calib.data if ladder.calib else ref.dataset
+    # the QAT model keeps every layer INT8: no fallback layers to mark
+    layers = _layer_report(opts, job, data, None if ladder.qat_used else fallback)
+    calib = ladder.calib  # the last rung may have calibrated again
+    manifest = build_manifest(ref, opts, staging, info, validation, seconds)
+    manifest["calibration"] = calib.record if calib else {
+        "images": 0, "note": "QAT: the quantizer ranges were trained (edgekd quantize)" if ref.qat
+        else "dynamic INT8 uses no calibration"}
+    manifest["quantization"] = info.get("quantization", {})
+    manifest["quantization"]["layers"] = info.get("quantizable_layers")
+    manifest["fallback"] = fallback
+    manifest["speed_check"] = speed
+    if speed and speed.get("int8_faster") is False:
+        manifest.setdefault("warnings", []).append(
+            "INT8 was not faster than FP32 on the exporting machine: " + ", ".join(
+                f"batch {r['batch_size']} {r['speedup']:.2f}x" for r in speed["rows"]))
+    manifest["int8_layers"] = layers
+    ladder.record(manifest, job)
+    if ref.qat:
+        from .qat import fp32_student_record
 
-    def _rung_teacher(self):
-        """The teacher the student was distilled from (its config, or teacher.pt beside it); for a student
-        trained without one, the FP32 student itself teaches its INT8 copy (self-distillation)."""
-        spec = (self.ckpt.get("config") or {}).get("teacher")
-        beside = os.path.join(os.path.dirname(os.path.abspath(self.checkpoint)), "teacher.pt")
-        for candidate in (spec, beside):
-            if candidate and os.path.isfile(candidate):
-                return candidate
-        return os.path.abspath(self.checkpoint)
+        manifest["qat"] = fp32_student_record(ref.ckpt, ref.images, ref.labels, validation["top1"],
+                                              os.path.dirname(os.path.abspath(ref.checkpoint)))
+        manifest["validation"]["reference"] = "the QAT model in PyTorch (fake-quantized), like with like"
+    return manifest
 
-    def _layer_report(self, job, info, fallback):
-        """int8: SQNR per layer against FP32 on train images (64, another seed than calibration)."""
-        from .layer_report import layer_report
 
-        data = getattr(self, "calib_data", None) or self.dataset
-        size = min(64, len(data.train))
-        indices, _ = calibration.select(data.train, size, self.o.seed + 2, data_spec=data.spec, split="train",
-                                        class_names=data.classes, purpose="layer report")
-        images, _ = calibration.load_images(data.train, indices, "layer report images", self.o.progress)
-        # what ONNX Runtime quantized (same node names), else the format's FP32 counterpart
-        fp32 = info.get("quantized_from") or info.get("fp32_reference")
-        if self.rung_qat:
-            fallback = None  # the QAT model keeps every layer INT8
-        if fp32 is None:
-            return None
-        return layer_report(self.o.fmt, fp32, os.path.join(job.folder, info["model_file"]), images, job.scratch,
-                            folder=job.folder, in_float=(fallback or {}).get("layers_in_float", ()))
+def convert(job, fmt, qat):
+    """Run the format's steps for this precision, in order; return the seconds they took."""
+    start = time.perf_counter()
+    # a QAT checkpoint (edgekd quantize) is converted as it was trained: no calibration, no fallback
+    steps = FORMATS.meta(fmt)["qat_steps"] if qat else FORMATS.get(fmt)[job.precision]
+    for step in steps:
+        t0 = time.perf_counter()
+        job.info.update(step(job) or {})
+        log.debug("export step %s: %.1f s", step.__name__, time.perf_counter() - t0)
+    return time.perf_counter() - start
 
-    def _tuning_set(self):
-        """Labelled train-split images (another seed than calibration) that steer the fallback, so the
-        test split stays held out for the final gate."""
-        data = self.calib_data
-        size = min(self.o.tune_size or self.o.val_size, len(data.train))
-        indices, record = calibration.select(data.train, size, self.o.seed + 1, data_spec=data.spec, split="train",
-                                             class_names=data.classes, purpose="fallback tuning")
-        record.pop("files")
-        self.tune_record = record
-        return calibration.load_images(data.train, indices, "tuning images", self.o.progress)
 
-    def _fail_if(self, failures, suffix=""):
-        if failures:
-            raise EdgeKDError("parity check failed: " + "; ".join(failures) + suffix + "; no bundle written")
+def validate(ref, folder, model_file, opts, atol):
+    """The bundle's model file run by its runtime on the reference images, compared with the PyTorch logits."""
+    from ..base.progress import bar
+    from ..bundle.runner import open_model
 
-    def _manifest(self, staging, info, validation, fallback, speed, seconds):
-        o, spec, ckpt = self.o, self.spec, self.ckpt
-        files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
-        missing = [name for name in FORMATS.meta(o.fmt)["files"] if name not in files]
-        if missing:  # the format table names the files its steps publish; a step that did not is our bug
-            raise RuntimeError(f"the {o.fmt} export steps wrote no {', '.join(missing)}")
-        manifest = {
-            "format": o.fmt, "precision": o.precision, "model_file": info["model_file"], "files": files,
-            "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
-                      "mean": spec.mean, "std": spec.std, "color": spec.color, "resize": [spec.height, spec.width],
-                      "scale": 1 / 255, "resample": "bilinear"},
-            "classes": list(ckpt["classes"]),
-            "model": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"), "data": self.dataset.spec,
-            "source": {"checkpoint": os.path.abspath(self.checkpoint), "sha256": sha256_file(self.checkpoint)},
-            "validation": validation, "export_seconds": round(seconds, 3),
-            "size_bytes": sum(os.path.getsize(os.path.join(staging, n)) for n in files),
-            "runtime": {"library": FORMATS.meta(o.fmt)["runtime"],
-                        "inference_precision": FORMATS.meta(o.fmt)["inference_precision"]},
-            "versions": library_versions(),
-        }
-        if self.int8:
-            manifest["calibration"] = self.calib_record or {"images": 0, "note": "QAT: the quantizer ranges were trained "
-                                                           "(edgekd quantize)" if self.qat else "dynamic INT8 uses no calibration"}
-            manifest["quantization"] = info.get("quantization", {})
-            manifest["quantization"]["layers"] = info.get("quantizable_layers")
-            manifest["fallback"] = fallback
-            manifest["speed_check"] = speed
-            if speed and speed.get("int8_faster") is False:
-                manifest.setdefault("warnings", []).append(
-                    "INT8 was not faster than FP32 on the exporting machine: " + ", ".join(
-                        f"batch {r['batch_size']} {r['speedup']:.2f}x" for r in speed["rows"]))
-        return manifest
+    session, _ = open_model(os.path.join(folder, model_file), opts.format)
+    with bar(total=len(ref.images), desc="validating", unit="img", disable=not opts.progress) as progress:
+        def run(batch):
+            progress.update(len(batch))
+            return session(batch)
+
+        outputs = run_batched(run, ref.images)
+    validation = compare(ref.logits, outputs, ref.labels)
+    validation.update(data=ref.dataset.spec, split="test", atol=atol)
+    return validation
+
+
+def _layer_report(opts, job, data, fallback):
+    """int8: SQNR per layer against FP32 on train images of ``data`` (64, another seed than calibration)."""
+    from .layer_report import layer_report
+
+    info = job.info
+    # what ONNX Runtime quantized (same node names), else the format's FP32 counterpart
+    fp32 = info.get("quantized_from") or info.get("fp32_reference")
+    if fp32 is None:
+        return None
+    size = min(64, len(data.train))
+    indices, _ = calibration.select(data.train, size, opts.seed + 2, data_spec=data.spec, split="train",
+                                    class_names=data.classes, purpose="layer report")
+    images, _ = calibration.load_images(data.train, indices, "layer report images", opts.progress)
+    return layer_report(opts.format, fp32, os.path.join(job.folder, info["model_file"]), images, job.scratch,
+                        folder=job.folder, in_float=(fallback or {}).get("layers_in_float", ()))
+
+
+def build_manifest(ref, opts, staging, info, validation, seconds):
+    """The bundle's manifest.json: its files and their sha256, the input contract, classes, provenance, parity."""
+    spec, ckpt = ref.spec, ref.ckpt
+    files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
+    missing = [name for name in FORMATS.meta(opts.format)["files"] if name not in files]
+    if missing:  # the format table names the files its steps publish; a step that did not is our bug
+        raise RuntimeError(f"the {opts.format} export steps wrote no {', '.join(missing)}")
+    return {
+        "format": opts.format, "precision": opts.precision, "model_file": info["model_file"], "files": files,
+        "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
+                  "mean": spec.mean, "std": spec.std, "color": spec.color, "resize": [spec.height, spec.width],
+                  "scale": 1 / 255, "resample": "bilinear",
+                  **({"crop_pct": spec.crop_pct, "resize_mode": "shorter side, center crop"}
+                     if spec.crop_pct is not None else {})},
+        "classes": list(ckpt["classes"]),
+        "model": ckpt["model"], "params": ckpt.get("params"), "flops": ckpt.get("flops"), "data": ref.dataset.spec,
+        "source": {"checkpoint": os.path.basename(ref.checkpoint), "sha256": sha256_file(ref.checkpoint)},
+        "validation": validation, "export_seconds": round(seconds, 3),
+        "size_bytes": sum(os.path.getsize(os.path.join(staging, n)) for n in files),
+        "runtime": {"library": FORMATS.meta(opts.format)["runtime"],
+                    "inference_precision": FORMATS.meta(opts.format)["inference_precision"]},
+        "versions": library_versions(),
+    }
 
 
 def speed_check(fmt, int8_path, fp32_path, shape):

@@ -22,16 +22,17 @@ import os
 import warnings
 
 from .. import EdgeKDError
+from ..bundle.manifest import FORMAT_FILES
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE, OV_FILE = "model.onnx", "model.xml"
+ONNX_FILE, OV_FILE = FORMAT_FILES["onnx"][0], FORMAT_FILES["openvino"][0]
 QDQ_OPSET = 17
 
 
 def build_qat(job):
     """The exporter for a QAT checkpoint at int8, either format; returns the format exporter's info dict."""
-    from ..core.quantize import float_model
+    from ..core.loading import float_model
 
     ckpt = job.state["ckpt"]
     fp32 = float_model(ckpt)
@@ -77,20 +78,20 @@ def _onnx(job, fp32):
     import onnx
     from nncf.torch.quantization.layers import QuantizerExportMode
 
-    from ..core.quantize import quantizer_modules
+    from ..core.fakequant import quantizer_modules
 
     qmodel = copy.deepcopy(job.model).eval()
     for q in quantizer_modules(qmodel):
         q.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
     out = os.path.join(job.folder, ONNX_FILE)
     reference = os.path.join(job.scratch, "fp32.onnx")
-    try:
+    try:  # the exporter on the user's model; folding and checking our own graph are not in here: a bug there is ours
         _torchscript_onnx(qmodel, _example(job), out)
         _torchscript_onnx(fp32, _example(job), reference)
-        folded = fold_batchnorm(out)
-        onnx.checker.check_model(out, full_check=True)
     except Exception as e:
-        raise EdgeKDError(f"ONNX export of the QAT model failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"ONNX export of the QAT model failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    folded = fold_batchnorm(out)
+    onnx.checker.check_model(out, full_check=True)
     log.info("ONNX QAT model: %d batch norm(s) folded into their quantized convolutions", folded)
     return {"model_file": ONNX_FILE, "fp32_reference": reference, "int8_layers": qdq_layers(out),
             "batchnorms_folded": folded}
@@ -220,21 +221,23 @@ def _openvino(job, fp32):
                           compress_to_fp16=False)
     except Exception as e:
         raise EdgeKDError(f"openvino.convert_model of the QAT model failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0]}") from None
+                          f"{str(e).splitlines()[0]}") from e
     ov.save_model(model, os.path.join(job.folder, OV_FILE), compress_to_fp16=False)
     return {"model_file": OV_FILE, "fp32_reference": reference, "int8_layers": quantized_layers(model)}
 
 
-def fp32_student_record(ckpt, images, labels, bundle_top1):
+def fp32_student_record(ckpt, images, labels, bundle_top1, folder="."):
     """Top-1 of the FP32 student the QAT started from, on the gate's images, and the bundle's drop against it
     (the gate itself compares the bundle with the fake-quantized model in torch: like with like)."""
     import numpy as np
     import torch
 
-    from ..core.checkpoint import load_model
+    from ..core.loading import load_model
 
-    source = ckpt["qat"].get("source")
-    record = {"source": source, "top1": None, "drop_vs_fp32_student": None}
+    from ..base.files import path_from_file
+
+    source = path_from_file(ckpt["qat"].get("source"), folder)  # recorded relative to the QAT checkpoint's folder
+    record = {"source": ckpt["qat"].get("source"), "top1": None, "drop_vs_fp32_student": None}
     if source and os.path.isfile(source):
         model, _ = load_model(source)
         with torch.no_grad():

@@ -102,7 +102,7 @@ def preprocess(fp32_path, out_path):
     try:
         quant_pre_process(fp32_path, out_path)
     except Exception as e:
-        raise EdgeKDError(f"ONNX Runtime quant_pre_process failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"ONNX Runtime quant_pre_process failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     return out_path
 
 
@@ -120,7 +120,7 @@ def quantize_static_file(pre_path, out_path, calib_images, settings, method, cac
     except EdgeKDError:
         raise
     except Exception as e:
-        raise EdgeKDError(f"ONNX Runtime static quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"ONNX Runtime static quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def quantize_dynamic_file(pre_path, out_path, settings):
@@ -131,7 +131,7 @@ def quantize_dynamic_file(pre_path, out_path, settings):
         quantize_dynamic(pre_path, out_path, per_channel=settings["per_channel"],
                          reduce_range=settings["reduce_range"], weight_type=_qtype(settings["weight_type"]))
     except Exception as e:
-        raise EdgeKDError(f"ONNX Runtime dynamic quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"ONNX Runtime dynamic quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def quantizable_nodes(path):

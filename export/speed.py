@@ -53,6 +53,9 @@ def measure(job):
 
 
 def main(job_path):
+    from ..base.telemetry import switch_off
+
+    switch_off()  # an edgekd process: OpenVINO telemetry off before the runtime is imported
     with open(job_path) as f:
         job = json.load(f)
     print(json.dumps(measure(job)))

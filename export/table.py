@@ -15,7 +15,8 @@ HEADER = ("| bundle | format | precision | size (MB) | size vs FP32 | max abs di
 
 
 def rows(folders):
-    manifests = [(os.path.basename(os.path.normpath(f)), read_manifest(f)) for f in folders]
+    # the export's records (validation, size, timings) as the manifest's JSON object
+    manifests = [(os.path.basename(os.path.normpath(f)), read_manifest(f).to_dict()) for f in folders]
     fp32_size = {m["format"]: m["size_bytes"] for _, m in manifests if m["precision"] == "fp32"}
     lines = [HEADER]
     for name, m in manifests:

@@ -1,12 +1,13 @@
-import os
 import subprocess
 import sys
 
 import pytest
 
-# Keep the libraries' caches and telemetry out of the user's home during tests.
-os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
-import edgekd  # noqa: E402,F401  (importing edgekd switches OpenVINO's telemetry off in this process: edgekd/telemetry.py)
+# Keep the libraries' telemetry out of the user's home during tests: the tests call edgekd's library in this
+# process, which (unlike the CLI and edgekd's workers) leaves telemetry to its host, so switch it off here.
+from edgekd.base.telemetry import switch_off  # noqa: E402
+
+switch_off()
 
 
 def run_cli(*args, cwd=None, check=True, timeout=600):

@@ -288,7 +288,8 @@ def test_a_link_to_a_folder_elsewhere_is_followed_once(tmp_path):
 
 def test_openvino_and_nncf_count_and_send_nothing(tmp_path):
     """Without edgekd, importing openvino writes a client id and a usage count under ~/intel (and sends an
-    event); in an edgekd process, importing openvino and nncf and converting a model writes nothing."""
+    event); in an edgekd process (telemetry switched off, as the CLI's main() and edgekd's workers do first),
+    importing openvino and nncf and converting a model writes nothing."""
     home_plain, home_edgekd = tmp_path / "plain", tmp_path / "edgekd"
     home_plain.mkdir()
     home_edgekd.mkdir()
@@ -296,11 +297,19 @@ def test_openvino_and_nncf_count_and_send_nothing(tmp_path):
     subprocess.run([sys.executable, "-c", "import openvino"], env={**env, "HOME": str(home_plain)}, check=True,
                    timeout=300)
     assert list(home_plain.rglob("*")), "openvino no longer writes telemetry files: the test cannot tell"
-    code = ("import edgekd, torch, openvino as ov, nncf\n"
+    code = ("from edgekd.base.telemetry import switch_off; switch_off()\nimport torch, openvino as ov, nncf\n"
             "ov.convert_model(torch.nn.Conv2d(1, 2, 3), example_input=torch.zeros(1, 1, 8, 8))\n")
     subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(home_edgekd)}, check=True, timeout=300,
                    capture_output=True)
     assert not list(home_edgekd.rglob("*"))
+
+
+def test_importing_edgekd_leaves_the_host_process_alone():
+    """A library import patches nothing: telemetry is switched off by the CLI and edgekd's workers, explicitly."""
+    code = ("import sys; before = list(sys.meta_path); import edgekd, edgekd.core.distill, edgekd.export.pipeline\n"
+            "assert sys.meta_path == before, sys.meta_path\n"
+            "from edgekd.base.telemetry import switch_off; switch_off(); assert sys.meta_path != before\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_zip_bounds_refuse_before_anything_is_written(tmp_path):

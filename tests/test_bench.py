@@ -5,7 +5,8 @@ import pytest
 from tqdm import tqdm
 
 from edgekd import EdgeKDError
-from edgekd.bench import report, run
+from edgekd.bench import measure, report, run
+from edgekd.bench.plan import Job, Model
 from edgekd.bench.stats import percentile, schedule, split_runs, summarize
 
 
@@ -50,10 +51,10 @@ class FakeWorker:
 
 
 def test_timed_rounds_follow_the_schedule_and_a_failure_marks_only_its_batch(monkeypatch):
-    monkeypatch.setattr(run, "SETTLE_S", 0)
+    monkeypatch.setattr(measure, "SETTLE_S", 0)
     calls = []
-    jobs = [{"model": m, "backend": "x", "device": "cpu"} for m in ("teacher", "student", "broken")]
-    live = [(j, FakeWorker(j["model"], calls)) for j in jobs]
+    jobs = [Job(model=m, backend="x", device="cpu") for m in ("teacher", "student", "broken")]
+    live = [(j, FakeWorker(j.model, calls)) for j in jobs]
     settings = {"rounds": 2, "batch_sizes": [1, 8], "runs": 9, "warmup": 10, "max_time_s": 5.0}
     run._timed_rounds(live, settings, tqdm(disable=True))
     visited = [(c[0], c[1]) for c in calls]
@@ -62,8 +63,8 @@ def test_timed_rounds_follow_the_schedule_and_a_failure_marks_only_its_batch(mon
     assert visited == expected  # a batch size that failed is not visited again
     assert [c[2] for c in calls[:3]] == [5, 5, 5] and calls[-1][2] == 4  # 9 runs over 2 rounds
     assert calls[0][3] == 10 and calls[-1][3] == 5  # full warm-up first, a short re-warm later
-    assert len(jobs[0]["times"][1]) == 9 and len(jobs[0]["round_p50"][1]) == 2
-    assert jobs[2]["batch_status"] == {8: "failed at batch 8: out of memory"}
+    assert len(jobs[0].times[1]) == 9 and len(jobs[0].round_p50[1]) == 2
+    assert jobs[2].batch_status == {8: "failed at batch 8: out of memory"}
 
 
 def test_a_visit_counts_only_when_its_median_and_checks_are_near_the_fastest():
@@ -94,9 +95,9 @@ class SpellWorker:
 
 
 def test_a_visit_in_a_slow_spell_is_measured_again_and_every_visit_stays_on_record(monkeypatch):
-    monkeypatch.setattr(run, "SETTLE_S", 0)
+    monkeypatch.setattr(measure, "SETTLE_S", 0)
     log = []
-    jobs = [{"model": m, "backend": "x", "device": "cpu"} for m in ("teacher", "student", "always-slow")]
+    jobs = [Job(model=m, backend="x", device="cpu") for m in ("teacher", "student", "always-slow")]
     workers = [SpellWorker("teacher", set(), log), SpellWorker("student", {2}, log),
                SpellWorker("always-slow", set(range(2, 99)), log)]
     settings = {"rounds": 3, "batch_sizes": [1], "runs": 6, "warmup": 3, "max_time_s": 5.0,
@@ -105,14 +106,16 @@ def test_a_visit_in_a_slow_spell_is_measured_again_and_every_visit_stays_on_reco
     teacher, student, slow = jobs
     assert log[:9] == [(m, 1) for m in ("teacher", "student", "always-slow", "student", "always-slow", "teacher",
                                         "always-slow", "teacher", "student")]  # the planned, interleaved rounds
-    assert [v["kept"] for v in teacher["visit_log"][1]] == [True] * 3  # never slow: no extra visit
-    assert [v["kept"] for v in student["visit_log"][1]] == [True, False, True, True]  # visit 2 done again
-    assert student["times"][1] == [1.001] * 2 + [1.003] * 2 + [1.004] * 2  # the slow visit's timings left out
-    assert student["round_p50"][1] == [1.001, 1.003, 1.004]
+    assert [v["kept"] for v in teacher.visit_log[1]] == [True] * 3  # never slow: no extra visit
+    assert [v["kept"] for v in student.visit_log[1]] == [True, False, True, True]  # visit 2 done again
+    assert student.times[1] == [1.001] * 2 + [1.003] * 2 + [1.004] * 2  # the slow visit's timings left out
+    assert student.round_p50[1] == [1.001, 1.003, 1.004]
     # A row that never gets back to its fast state stops after --rounds extra visits, keeping what it has.
-    assert len(slow["visit_log"][1]) == 6 and [v["kept"] for v in slow["visit_log"][1]] == [True] + [False] * 5
+    assert len(slow.visit_log[1]) == 6 and [v["kept"] for v in slow.visit_log[1]] == [True] + [False] * 5
     assert log.count(("teacher", 1)) == 3 and log.count(("student", 1)) == 4
-    rows = run.build_rows([{**j, "status": None, "accuracy": {"top1": 0.5}} for j in jobs], [1])
+    for j in jobs:
+        j.accuracy = {"top1": 0.5}
+    rows = run.build_rows(jobs, [1])
     assert [len(r["visits"]) for r in rows] == [3, 4, 6] and rows[1]["latency_ms"]["runs"] == 6
 
 
@@ -204,17 +207,17 @@ def test_cpu_lists():
 
 
 def test_plan_runs_each_model_in_the_backends_that_can_read_it():
-    ckpt, onnx, ir = ({"model": n, "kind": k} for n, k in (("t", "checkpoint"), ("s-onnx", "onnx"), ("s-ov", "openvino")))
+    ckpt, onnx, ir = (Model(model=n, kind=k) for n, k in (("t", "checkpoint"), ("s-onnx", "onnx"), ("s-ov", "openvino")))
     native = run.plan_jobs([ckpt, onnx, ir], None, ["cpu"])
-    assert [(j["model"], j["backend"], j["status"]) for j in native] == [
+    assert [(j.model, j.backend, j.status) for j in native] == [
         ("t", "torch", None), ("s-onnx", "onnxruntime", None), ("s-ov", "openvino", None)]
     every = run.plan_jobs([ckpt, onnx, ir], ["torch", "onnxruntime", "openvino"], ["cpu"])
-    assert [(j["model"], j["backend"]) for j in every] == [
+    assert [(j.model, j.backend) for j in every] == [
         ("t", "torch"), ("t", "onnxruntime"), ("t", "openvino"), ("s-onnx", "onnxruntime"), ("s-onnx", "openvino"),
         ("s-ov", "openvino")]
     none = run.plan_jobs([onnx], ["torch"], ["cpu", "cuda"])
-    assert [j["status"] for j in none] == ["torch cannot run an onnx bundle (it runs in onnxruntime, openvino)"] * 2
-    assert run.plan_jobs([ckpt, ckpt], None, ["cpu"])[1]["model"] == "t-2"  # two models of one name stay apart
+    assert [j.status for j in none] == ["torch cannot run an onnx bundle (it runs in onnxruntime, openvino)"] * 2
+    assert run.plan_jobs([ckpt, ckpt], None, ["cpu"])[1].model == "t-2"  # two models of one name stay apart
 
 
 def test_a_fast_model_gets_more_calls_until_the_minimum_time_is_covered():

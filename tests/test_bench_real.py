@@ -31,7 +31,7 @@ def openvino_bundle(onnx_bundle, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ov") / "student-ov"
     manifest = onnx_bundle_to_openvino(str(onnx_bundle), str(out))
-    assert manifest["format"] == "openvino" and sorted(manifest["files"]) == ["model.bin", "model.xml"]
+    assert manifest.format == "openvino" and sorted(manifest.files) == ["model.bin", "model.xml"]
     return out
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from edgekd import EdgeKDError
-from edgekd.core.checkpoint import load_checkpoint, load_model, save_checkpoint
+from edgekd.core.checkpoint import load_checkpoint, save_checkpoint
+from edgekd.core.loading import load_model
 from edgekd.core.data import InputSpec
 from edgekd.core.models import build_model
 
@@ -30,8 +31,9 @@ def test_round_trip_gives_the_same_outputs(tmp_path):
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hello")
-    with pytest.raises(EdgeKDError, match="not a usable edgekd checkpoint"):
+    with pytest.raises(EdgeKDError, match="not a usable edgekd checkpoint") as refused:
         load_checkpoint(str(path))
+    assert refused.value.__cause__ is not None  # torch's own error, for --debug's traceback
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(1)}, other)
     with pytest.raises(EdgeKDError, match="not an edgekd checkpoint"):

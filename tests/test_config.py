@@ -89,7 +89,7 @@ def test_the_command_line_wins_over_yaml_and_yaml_over_defaults(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("epochs: 3\nlr: '1e-3'\nbatch_size: 16\n")  # YAML reads 1e-3 without a dot as text
     resolved = options.resolve("train", {"batch_size": "8"}, str(cfg))
-    assert (resolved["epochs"], resolved["lr"], resolved["batch_size"], resolved["schedule"]) == (3, 0.001, 8, "cosine")
+    assert (resolved.epochs, resolved.lr, resolved.batch_size, resolved.schedule) == (3, 0.001, 8, "cosine")
 
 
 def test_resume_takes_back_the_positional_its_own_config_recorded(tmp_path):
@@ -134,7 +134,7 @@ def test_saved_config_keys_are_unchanged():
         assert set(keys.split()) <= set(options.saved(args)), command
         cfg = options.resolve(command, {}, None)
         for key in keys.split():  # an old config.yaml holding every key with its value loads
-            options.check(next(o for o in options.COMMANDS[command] if o.name == key), cfg[key])
+            options.check(next(o for o in options.COMMANDS[command] if o.name == key), getattr(cfg, key))
 
 
 def test_make_loss_refuses_an_option_the_loss_does_not_take():
@@ -147,7 +147,7 @@ def test_make_loss_refuses_an_option_the_loss_does_not_take():
 
 
 def test_bench_library_refuses_a_nan_max_drop(tmp_path):
-    from edgekd.bench.run import run_bench
+    from edgekd.bench.run import Results
 
     with pytest.raises(EdgeKDError, match="max_drop"):
-        run_bench(["x.pt"], str(tmp_path / "o"), max_drop=float("nan"))
+        Results(out=str(tmp_path / "o"), max_drop=float("nan"))

@@ -4,6 +4,7 @@ the small-input stem and the batch-norm trap check, on small real image folders.
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from edgekd import EdgeKDError
 from edgekd.core.augment import AugmentPlan, Views, apply_views, channel_stats, decode_split, stratified_subset
 from edgekd.core.checkpoint import save_checkpoint
+from edgekd.core.config import TrainOptions
 from edgekd.core.data import InputSpec
 from edgekd.core.batchnorm import check_batchnorm
 from edgekd.core.distill import FrozenTeacher, prepare_data
@@ -41,9 +43,9 @@ def cifar_folder(tmp_path_factory):
 def _cfg(folder, **kw):
     cfg = {"data": str(folder), "epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
            "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 0, "seed": 0, "device": "cpu",
-           "progress": False, "workers": 0, "augment": "standard", "aug_seed": 3, "report_epochs": False}
+           "progress": False, "workers": 0, "augment": "standard", "aug_seed": 3}
     cfg.update(kw)
-    return cfg
+    return TrainOptions(**cfg)
 
 
 def test_pipeline_decodes_a_folder_normalises_with_train_stats_and_subsets_by_class(cifar_folder):
@@ -154,7 +156,7 @@ def test_batchnorm_trap_is_detected_on_training_images_and_fixed_by_reestimation
     report = check_batchnorm(model, run, cfg)
     assert report["trapped"] and report["recalibrated"] and report["test_top1_before"] == stale
     assert report["eval_top1_after"] > report["eval_top1"] + 0.1
-    assert check_batchnorm(model, run, {**cfg, "bn_recalibrate": "never"})["recalibrated"] is False
+    assert check_batchnorm(model, run, replace(cfg, bn_recalibrate="never"))["recalibrated"] is False
 
 
 def test_distill_cli_dkd_with_cache_logs_every_part_and_reuses_the_cache(cifar_folder, tmp_path, cli):

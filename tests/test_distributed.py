@@ -144,13 +144,15 @@ def test_amp_needs_cuda(tmp_path, cli_main):
 
 
 def test_cuda_speedups_resolve_per_device(monkeypatch):
-    assert cuda_speedups({"device": "cpu"}) == (None, False)
-    assert cuda_speedups({"device": "cpu", "channels_last": "on"}) == (None, True)
+    from edgekd.core.config import TrainOptions as T
+
+    assert cuda_speedups(T(device="cpu")) == (None, False)
+    assert cuda_speedups(T(device="cpu", channels_last="on")) == (None, True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert cuda_speedups({"device": "cuda"}) == (torch.bfloat16, True)
-    assert cuda_speedups({"device": "cuda:1", "amp": "off", "channels_last": "off"}) == (None, False)
+    assert cuda_speedups(T(device="cuda")) == (torch.bfloat16, True)
+    assert cuda_speedups(T(device="cuda:1", amp="off", channels_last="off")) == (None, False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a T4: fp16 + scaler
-    assert cuda_speedups({"device": "cuda"}) == (torch.float16, True)
+    assert cuda_speedups(T(device="cuda")) == (torch.float16, True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")

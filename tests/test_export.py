@@ -51,7 +51,7 @@ def bundles(digits_run, tmp_path_factory):
         for fmt, precision in combinations():
             folder = root / f"{fmt}-{precision}"
             export_checkpoint(str(digits_run / "student.pt"), ExportOptions(
-                fmt=fmt, precision=precision, out=str(folder), val_size=VAL, calib_size=CALIB, progress=False))
+                format=fmt, precision=precision, out=str(folder), val_size=VAL, calib_size=CALIB, progress=False))
             out[fmt, precision] = folder
     return out
 
@@ -108,7 +108,7 @@ def test_precisions_really_change_the_weights(bundles):
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_runtime_gives_the_pytorch_top1_on_real_images(bundles, digits_run, fmt):
-    from edgekd.core.checkpoint import load_model
+    from edgekd.core.loading import load_model
     from edgekd.core.data import load_data
     from edgekd.bundle import load_bundle
 
@@ -163,7 +163,7 @@ def test_gate_fails_a_perturbed_float_model_and_leaves_no_bundle(digits_run, tmp
     out = tmp_path / "bundle"
     with pytest.raises(EdgeKDError, match=r"parity check failed: max \|logit difference\| .* exceeds --atol"):
         export_checkpoint(str(digits_run / "student.pt"),
-                          ExportOptions(fmt=fmt, precision=precision, out=str(out), val_size=VAL, progress=False))
+                          ExportOptions(format=fmt, precision=precision, out=str(out), val_size=VAL, progress=False))
     assert os.listdir(tmp_path) == []
 
 
@@ -173,7 +173,7 @@ def test_int8_gate_fails_on_a_perturbed_model_with_and_without_fallback(digits_r
     _perturbing(monkeypatch, 3.0)
     out = tmp_path / "bundle"
     # half the usual images: the fallback's search (ranking, NNCF accuracy control) evaluates them many times
-    opts = dict(fmt=fmt, precision="int8", out=str(out), val_size=VAL // 2, calib_size=CALIB // 2, progress=False,
+    opts = dict(format=fmt, precision="int8", out=str(out), val_size=VAL // 2, calib_size=CALIB // 2, progress=False,
                 speed_check=False, qat_epochs=0)  # the perturbation is in the PTQ exporters only
     with pytest.raises(EdgeKDError, match=r"INT8 top-1 .* points below FP32 .* over --max-drop 1 .*fallback is off"):
         export_checkpoint(str(digits_run / "student.pt"), ExportOptions(**opts, max_fallback_layers=0))
@@ -206,7 +206,7 @@ def test_runtime_never_imports_torch_in_a_fresh_interpreter(bundles, tmp_path, f
     image = tmp_path / "seven.png"
     load_data("digits").test.images[3].save(image)
     code = ("import sys, json\n"
-            "from edgekd.runtime import load_bundle\n"
+            "from edgekd.bundle import load_bundle\n"
             "r = load_bundle(sys.argv[1]).predict_files([sys.argv[2]], top_k=2)\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'nncf'))\n"
             "print(json.dumps({'heavy': heavy, 'result': r}))\n")
@@ -224,7 +224,7 @@ def test_onnx_dynamic_int8_is_available_but_never_calibrated(bundles, digits_run
     out = tmp_path / "dynamic"
     with fp32_onnx_exported_once(bundles["onnx", "fp32"].parent), caplog.at_level("WARNING"):
         m = export_checkpoint(str(digits_run / "student.pt"), ExportOptions(
-            fmt="onnx", precision="int8", quant="dynamic", out=str(out), val_size=VAL, max_drop=100,
+            format="onnx", precision="int8", quant="dynamic", out=str(out), val_size=VAL, max_drop=100,
             speed_check=False, progress=False))
     assert m["quantization"]["mode"] == "dynamic" and m["calibration"]["images"] == 0
     assert "ConvInteger" in {n.op_type for n in onnx.load(out / "model.onnx").graph.node}

@@ -67,5 +67,5 @@ def test_export_refuses_a_calibration_set_larger_than_the_data(digits_run, tmp_p
     out = tmp_path / "b"
     with pytest.raises(EdgeKDError, match="calibration set too small"):
         export_checkpoint(str(digits_run / "student.pt"), ExportOptions(
-            fmt="onnx", precision="int8", out=str(out), calib_size=100000, progress=False))
+            format="onnx", precision="int8", out=str(out), calib_size=100000, progress=False))
     assert not out.exists()

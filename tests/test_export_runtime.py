@@ -30,7 +30,7 @@ def _images(tmp_path, n=8):
 def test_zip_round_trip_predicts_like_the_folder_and_pytorch(zipped, digits_run, tmp_path, cli_main):
     import torch
 
-    from edgekd.core.checkpoint import load_model
+    from edgekd.core.loading import load_model
     from edgekd.core.data import load_data
 
     archive = zipped.parent / "student-onnx.zip"

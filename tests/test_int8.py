@@ -34,7 +34,7 @@ def _broken_checkpoint(src, dst):
 def test_layer_report_ranks_the_broken_layer_first(digits_run, tmp_path, fmt):
     ckpt = _broken_checkpoint(digits_run / "student.pt", tmp_path / "broken.pt")
     out = tmp_path / f"broken-{fmt}"
-    m = export_checkpoint(str(ckpt), ExportOptions(fmt=fmt, precision="int8", out=str(out), val_size=100,
+    m = export_checkpoint(str(ckpt), ExportOptions(format=fmt, precision="int8", out=str(out), val_size=100,
                                                    calib_size=50, max_drop=100.0, speed_check=False, progress=False))
     report = m["int8_layers"]
     assert report["count"] == 4 and report["images"] > 0

@@ -61,7 +61,7 @@ def test_bench_rows_report_and_table(onnx_bundle, digits_run, tmp_path, cli):
 
 
 def test_predict_without_torch_matches_the_pytorch_model(onnx_bundle, digits_run, tmp_path, cli):
-    from edgekd.core.checkpoint import load_model
+    from edgekd.core.loading import load_model
     from edgekd.core.data import load_data
 
     data = load_data("digits")

@@ -200,8 +200,9 @@ def test_nan_loss_names_epoch_and_batch_and_keeps_the_previous_checkpoint(tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.pt").write_bytes(b"the previous good model")
+    (out / ".edgekd").write_text('{"command": "train", "files": ["model.pt"]}')  # an earlier edgekd run's
     proc = cli_main("train", "--model", "seed-teacher", "--lr", "9", "--epochs", 2, "--out", out, "--force",
-               "--no-progress")
+                    "--no-progress")
     assert proc.returncode == 2 and "in epoch 1, batch" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert (out / "model.pt").read_bytes() == b"the previous good model"
 

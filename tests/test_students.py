@@ -65,7 +65,7 @@ def test_torchvision_weights_file_replaces_the_head_and_keeps_the_rest(tmp_path,
     reference = torchvision.models.resnet18(num_classes=1000)
     path = tmp_path / "r18.pth"
     torch.save(reference.state_dict(), path)
-    with caplog.at_level(logging.INFO, logger="edgekd.models"):
+    with caplog.at_level(logging.INFO, logger="edgekd.core.models"):
         model, record = build_pretrained("torchvision:resnet18:imagenet-stem", 10, GREY8, str(path))
     assert "replaced head fc 1000 -> 10 classes" in caplog.text
     assert record["head"] == ["fc 1000 -> 10"]
@@ -100,7 +100,7 @@ def test_weights_file_that_does_not_fit_names_the_first_bad_key(tmp_path):
 def test_train_from_a_torchvision_weights_file_and_export_the_checkpoint(cli, digits_folder, tmp_path):
     import torchvision
 
-    from edgekd.core.checkpoint import load_model
+    from edgekd.core.loading import load_model
 
     torch.manual_seed(2)
     reference = torchvision.models.resnet18(num_classes=1000)
@@ -112,7 +112,7 @@ def test_train_from_a_torchvision_weights_file_and_export_the_checkpoint(cli, di
         "--lr", "1e-12", "--weight-decay", 0, "--warmup-epochs", 0, "--train-subset", 60, "--workers", 0, "--no-progress",
         "--out", out)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["pretrained"]["head"] == ["fc 1000 -> 10"] and m["pretrained"]["source"] == f"file {weights}"
+    assert m["pretrained"]["head"] == ["fc 1000 -> 10"] and m["pretrained"]["source"] == f"file {weights.name}"
     assert m["train_data"]["norm"].startswith("pretrained: ImageNet")
     assert m["train_data"]["mean"] == pytest.approx([IMAGENET_GREY])
     # The checkpoint rebuilds from its spec (no file, no download) and carries the weights.
@@ -135,7 +135,7 @@ def test_distill_a_timm_student_from_a_safetensors_file(cli, digits_folder, tmp_
     reference = timm.create_model("mobilenetv3_small_050", num_classes=1000)
     weights = tmp_path / "mnv3.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
-    with caplog.at_level(logging.INFO, logger="edgekd.models"):
+    with caplog.at_level(logging.INFO, logger="edgekd.core.models"):
         model, record = build_pretrained("timm:mobilenetv3_small_050", 10, RGB32, str(weights))
     assert "replaced head classifier 1000 -> 10 classes" in caplog.text
     ref, got = _params(reference), _params(model)
@@ -165,7 +165,8 @@ def test_named_weights_without_internet_fail_in_one_line(digits_folder, tmp_path
 
 
 def test_a_pretrained_spec_rebuilds_from_a_checkpoint_without_downloading(tmp_path):
-    from edgekd.core.checkpoint import load_model, save_checkpoint
+    from edgekd.core.checkpoint import save_checkpoint
+    from edgekd.core.loading import load_model
 
     model = build_model("torchvision:resnet18:DEFAULT", 10, GREY8)  # architecture only: nothing downloaded
     save_checkpoint(tmp_path / "m.pt", model, spec="torchvision:resnet18:DEFAULT", classes=[str(i) for i in range(10)],
@@ -204,10 +205,14 @@ def test_unlabeled_folder_reads_any_nesting_and_refuses_empty_folders(tmp_path):
         load_unlabeled(str(tmp_path / "text"))
     with pytest.raises(EdgeKDError, match="is not a folder"):
         load_unlabeled(str(tmp_path / "missing"))
-    # a/b reaches a/2.PNG through its link back up: both images are in the labelled set
-    both = {os.path.realpath(root / "a" / "b" / "1.png"), os.path.realpath(root / "a" / "2.PNG")}
+    # a/b's link back up leads to a folder that holds a/b itself: refused, never walked (issue 22)
+    with pytest.raises(EdgeKDError, match="which holds the folder itself"):
+        load_unlabeled(str(root / "a" / "b"))
+    _png(tmp_path / "seen" / "c" / "4.png")
+    _png(tmp_path / "seen" / "5.png")
+    both = {os.path.realpath(tmp_path / "seen" / "c" / "4.png"), os.path.realpath(tmp_path / "seen" / "5.png")}
     with pytest.raises(EdgeKDError, match="all 2 images are already in the labelled training set"):
-        load_unlabeled(str(root / "a" / "b"), labelled=both)
+        load_unlabeled(str(tmp_path / "seen"), labelled=both)
 
 
 def test_distill_with_unlabeled_images_counts_labelled_unlabelled_and_skipped(cli, cli_main, digits_folder, tmp_path):

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from edgekd import EdgeKDError
 from edgekd.core.checkpoint import save_checkpoint
+from edgekd.core.config import DistillOptions
 from edgekd.core.data import InputSpec
 from edgekd.core.distill import prepare_data
 from edgekd.core.models import build_model
@@ -50,9 +51,19 @@ Tiny = _namespace["Tiny"]
 
 def _cfg(**kw):
     cfg = {"data": "digits", "progress": False, "workers": 0, "train_subset": 60, "augment": "standard", "aug_seed": 1,
-           "device": "cpu", "teacher": None}
+           "device": "cpu"}
     cfg.update(kw)
-    return cfg
+    return DistillOptions(**cfg)
+
+
+def _spec(spec):
+    """The options of a distill run whose --teacher is ``spec``."""
+    return DistillOptions(teacher=spec)
+
+
+def _options(**values):
+    """TeacherOptions from distill's --teacher-* options (as config.yaml would give them)."""
+    return TeacherOptions.from_options(DistillOptions(**values))
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +142,7 @@ def _make_source(kind, model, tmp_path, data, monkeypatch):
         from edgekd.export.pipeline import ExportOptions, export_checkpoint
 
         ckpt, reference = _checkpoint(tmp_path / "t.pt", data)
-        export_checkpoint(ckpt, ExportOptions(fmt="openvino", out=str(tmp_path / "bundle"), val_size=20, progress=False,
+        export_checkpoint(ckpt, ExportOptions(format="openvino", out=str(tmp_path / "bundle"), val_size=20, progress=False,
                                               zip=True))
         return str(tmp_path / "bundle.zip"), {}, reference
     raise AssertionError(kind)
@@ -141,7 +152,7 @@ def _make_source(kind, model, tmp_path, data, monkeypatch):
 def test_every_source_gives_the_original_logits_on_its_own_view(kind, tiny, digits, tmp_path, monkeypatch):
     data, train, _ = digits
     spec, opts, reference = _make_source(kind, tiny, tmp_path, data, monkeypatch)
-    teacher = load_teacher({"teacher": spec}, TeacherOptions.from_cfg(opts), data)
+    teacher = load_teacher(_spec(spec), _options(**opts), data)
     assert teacher.kind == kind and len(teacher.sha256) == 64
     assert teacher.describe()["input"]["size"] == [T_SIZE, T_SIZE] and teacher.describe()["view"]["resize"]
     x = _batch(train)
@@ -156,8 +167,8 @@ def test_an_edgekd_onnx_export_carries_its_classes_and_preprocessing(tiny, digit
     data, train, _ = digits
     names = data.classes[::-1]  # a teacher whose outputs run 9..0: matched by name, so reversed back
     ckpt, reference = _checkpoint(tmp_path / "t.pt", data, classes=names)
-    export_checkpoint(ckpt, ExportOptions(fmt="onnx", out=str(tmp_path / "b"), val_size=20, progress=False))
-    teacher = load_teacher({"teacher": str(tmp_path / "b" / "model.onnx")}, TeacherOptions(), data)
+    export_checkpoint(ckpt, ExportOptions(format="onnx", out=str(tmp_path / "b"), val_size=20, progress=False))
+    teacher = load_teacher(_spec(str(tmp_path / "b" / "model.onnx")), TeacherOptions(), data)
     d = teacher.describe()
     assert d["classes"]["matched"] == "by name" and d["classes"]["index"] == list(range(9, -1, -1))
     assert d["input"]["mean"] == [T_MEAN] and d["input"]["from"]["mean"] == "ONNX metadata"
@@ -172,15 +183,15 @@ def test_torchvision_teacher_from_a_local_weights_file(digits, tmp_path):
     torch.manual_seed(1)
     model = torchvision.models.resnet18(num_classes=10).eval()
     torch.save(model.state_dict(), tmp_path / "resnet18.pth")
-    teacher = load_teacher({"teacher": "torchvision:resnet18"},
-                           TeacherOptions.from_cfg({"teacher_weights": str(tmp_path / "resnet18.pth")}), data)
+    teacher = load_teacher(_spec("torchvision:resnet18"),
+                           _options(teacher_weights=str(tmp_path / "resnet18.pth")), data)
     d = teacher.describe()  # size and normalisation from the weights' transforms; grey digits made RGB
     assert (d["kind"], d["input"]["size"], d["input"]["channels"]) == ("torchvision", [224, 224], 3)
     x = _batch(train, 3)
     expected = _expected(model, x, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], channels=3)
     torch.testing.assert_close(teacher(x), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(EdgeKDError, match="no weights 'IMAGENET9'"):
-        load_teacher({"teacher": "torchvision:resnet18:IMAGENET9"}, TeacherOptions(), data)
+        load_teacher(_spec("torchvision:resnet18:IMAGENET9"), TeacherOptions(), data)
 
 
 def test_timm_teacher_from_a_local_safetensors_file(digits, tmp_path):
@@ -191,8 +202,8 @@ def test_timm_teacher_from_a_local_safetensors_file(digits, tmp_path):
     torch.manual_seed(2)
     model = timm.create_model("test_resnet", num_classes=10).eval()
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
-    teacher = load_teacher({"teacher": "timm:test_resnet"},
-                           TeacherOptions.from_cfg({"teacher_weights": str(tmp_path / "w.safetensors")}), data)
+    teacher = load_teacher(_spec("timm:test_resnet"),
+                           _options(teacher_weights=str(tmp_path / "w.safetensors")), data)
     config = timm.data.resolve_data_config(model=model)
     size = config["input_size"][1]
     assert teacher.describe()["input"]["size"] == [size, size]
@@ -243,16 +254,32 @@ def test_a_subset_of_a_larger_teacher_and_probabilities(digits, tmp_path):
     picks = tmp_path / "picks.txt"
     order = [19 - 2 * k for k in range(10)]
     picks.write_text("".join(f"{i} {name}\n" for i, name in zip(order, data.classes)))
-    opts = TeacherOptions.from_cfg({"teacher_mean": "0.3", "teacher_std": "0.2", "teacher_outputs": "probs",
-                                    "teacher_classes": str(picks)})
-    teacher = load_teacher({"teacher": "onnx:" + _onnx(big, tmp_path / "big.onnx")}, opts, data)
+    opts = _options(teacher_mean="0.3", teacher_std="0.2", teacher_outputs="probs", teacher_classes=str(picks))
+    teacher = load_teacher(_spec("onnx:" + _onnx(big, tmp_path / "big.onnx")), opts, data)
     x = _batch(train)
     torch.testing.assert_close(teacher(x), _expected(big, x).log()[:, order], rtol=1e-4, atol=1e-4)
     seven = Tiny(classes=7).eval()
     with pytest.raises(EdgeKDError, match="has 7 outputs but the data has 10 classes; pass --teacher-classes"):
-        load_teacher({"teacher": _onnx(seven, tmp_path / "seven.onnx")}, TeacherOptions(mean=[0.5], std=[0.5]), data)
+        load_teacher(_spec(_onnx(seven, tmp_path / "seven.onnx")), TeacherOptions(mean=[0.5], std=[0.5]), data)
     with pytest.raises(EdgeKDError, match="carries no input normalisation"):
-        load_teacher({"teacher": str(tmp_path / "big.onnx")}, TeacherOptions(), data)
+        load_teacher(_spec(str(tmp_path / "big.onnx")), TeacherOptions(), data)
+
+
+def test_a_teacher_loader_never_trains_a_model_spec(digits, tmp_path):
+    """A model-spec teacher is trained by the run that needs it (distill.train_teacher), then handed in."""
+    from edgekd.core.distill import train_teacher
+    from edgekd.core.distributed import Context
+
+    data, train, test = digits
+    from edgekd.core.config import resolve
+
+    cfg = resolve("distill", {"teacher": "seed-teacher", "out": str(tmp_path), "epochs": 1, "progress": False})
+    with pytest.raises(EdgeKDError, match="'seed-teacher' is a model spec, which must be trained first"):
+        load_teacher(cfg, TeacherOptions(), data, train, test)
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+    trained = train_teacher(cfg, "seed-teacher", data, train.labelled(), test, Context(), epochs=1)
+    teacher = load_teacher(cfg, TeacherOptions(), data, train, test, trained=trained)
+    assert teacher.kind == "model" and teacher.metrics["source"] == "trained" and (tmp_path / "teacher.pt").is_file()
 
 
 def test_teacher_options_are_checked_in_the_library():
@@ -260,11 +287,11 @@ def test_teacher_options_are_checked_in_the_library():
                          ({"teacher_input_size": "0"}, "give SIZE or HEIGHT,WIDTH"),
                          ({"teacher_mean": "a,b"}, "one number or one per channel"),
                          ({"teacher_views": "0"}, "positive whole number"),
-                         ({"teacher_color": "CMYK"}, "choose from RGB, BGR, L"),
-                         ({"teacher_outputs": "scores"}, "choose from logits, probs"),
+                         ({"teacher_color": "CMYK"}, "expected one of RGB, BGR, L"),
+                         ({"teacher_outputs": "scores"}, "expected one of logits, probs"),
                          ({"teacher_classes": "/no/such/file"}, "does not exist")]:
         with pytest.raises(EdgeKDError, match=message):
-            TeacherOptions.from_cfg(cfg)
+            _options(**cfg)
 
 
 def test_the_cache_is_keyed_by_the_onnx_teachers_sha256_and_replays_k_views(tiny, digits, tmp_path):
@@ -273,7 +300,7 @@ def test_the_cache_is_keyed_by_the_onnx_teachers_sha256_and_replays_k_views(tiny
     data, train, _ = digits
     path = _onnx(tiny, tmp_path / "t.onnx")
     opts = TeacherOptions(mean=[T_MEAN], std=[T_STD])
-    teacher = load_teacher({"teacher": path}, opts, data)
+    teacher = load_teacher(_spec(path), opts, data)
     train.batch(torch.arange(4), epoch=3)  # views of epoch 3 cached before the replay, as after a teacher's training
     train.plan.replay(2)
     train._epoch = None  # as run_distill does
@@ -293,7 +320,7 @@ def test_the_cache_is_keyed_by_the_onnx_teachers_sha256_and_replays_k_views(tiny
         model = onnx.load(path)
         model.metadata_props.add(key="note", value="changed")
         onnx.save(model, path)
-        changed = load_teacher({"teacher": path}, opts, data)
+        changed = load_teacher(_spec(path), opts, data)
         assert changed.sha256 != teacher.sha256
         assert TeacherCache(str(tmp_path / "cache"), changed, train).path != cache.path
     finally:

@@ -10,4 +10,8 @@ rm -rf "$stage" && mkdir -p "$stage"
 cp -r edgekd "$stage/edgekd"
 for sub in export bench bundle; do cp -r "$sub" "$stage/edgekd/$sub"; done
 find "$stage" -name __pycache__ -prune -exec rm -rf {} +
-cd "$stage" && PYTHONPATH=. "../../$BIN/lint-imports" ../../pyproject.toml --no-cache
+# Through the venv's python, not its lint-imports script: a worktree venv that reuses another
+# venv's packages (a .pth file) has the package but not the script.
+cd "$stage" && PYTHONPATH=. "../../$BIN/python" -c \
+    'import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())' \
+    ../../pyproject.toml --no-cache

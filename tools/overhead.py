@@ -63,14 +63,15 @@ def measure_overhead(bundle, batch_sizes=(1,), runs=300, warmup=20, repeats=3, t
     import numpy as np
 
     from edgekd.bundle import verify_bundle
-    from edgekd.bench.run import _save_images, describe
+    from edgekd.bench.measure import save_images
+    from edgekd.bench.plan import describe
 
     manifest = verify_bundle(bundle)
     d = describe(bundle)
     out = []
     with tempfile.TemporaryDirectory(prefix="edgekd-overhead-") as folder:
-        images, labels, _, _ = _save_images(d["data"] or "digits", None, d["input"], limit, os.path.join(folder, "img"))
-        model_file = os.path.join(bundle, manifest["model_file"])
+        images, labels, _, _ = save_images(d.data or "digits", None, d.input, limit, os.path.join(folder, "img"))
+        model_file = os.path.join(bundle, manifest.model_file)
         for b in batch_sizes:
             bare, harness = [], []
             for i in range(repeats):

@@ -24,12 +24,13 @@ def watch(bundle, seconds=60.0, window=0.5, threads=(1, 2), batch_size=1, limit=
     import onnxruntime as ort
 
     from edgekd.bundle import verify_bundle
-    from edgekd.bench.run import _save_images, describe
+    from edgekd.bench.measure import save_images
+    from edgekd.bench.plan import describe
 
     manifest = verify_bundle(bundle)
     d = describe(bundle)
     with tempfile.TemporaryDirectory(prefix="edgekd-spells-") as folder:
-        images, _, _, _ = _save_images(d["data"] or "digits", None, d["input"], limit, os.path.join(folder, "img"))
+        images, _, _, _ = save_images(d.data or "digits", None, d.input, limit, os.path.join(folder, "img"))
         x = np.load(images)
     per = max(1, len(x) // batch_size)
     batches = [x[k * batch_size:(k + 1) * batch_size] for k in range(per)] if len(x) >= batch_size else [x]
@@ -37,7 +38,7 @@ def watch(bundle, seconds=60.0, window=0.5, threads=(1, 2), batch_size=1, limit=
     for n in threads:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = n, 1
-        sessions[n] = ort.InferenceSession(os.path.join(bundle, manifest["model_file"]), opts,
+        sessions[n] = ort.InferenceSession(os.path.join(bundle, manifest.model_file), opts,
                                            providers=["CPUExecutionProvider"])
     name = next(iter(sessions.values())).get_inputs()[0].name
     series = {n: [] for n in threads}
@@ -75,9 +76,9 @@ def summarize_series(series, tolerance=0.15, window=0.5):
 
 
 def plot_series(series, path, window):
-    from edgekd.bench.report import _pyplot, _save
+    from edgekd.bench.report import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.2), dpi=120)
     for n, values in series.items():
         ax.plot([i * window * len(series) for i in range(len(values))], values, ".-", linewidth=0.8, markersize=3,
@@ -87,23 +88,23 @@ def plot_series(series, path, window):
     ax.set_title("a bare session.run loop over time: slow spells are the machine, not the code")
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=False, fontsize=8)
-    _save(fig, plt, path)
+    save_figure(fig, plt, path)
 
 
 def main(argv=None):
     from edgekd import EdgeKDError
-    from edgekd.cli import _csv_list, _positive_float, _positive_int
+    from edgekd.cli import csv_list, positive_float, positive_int
 
     p = argparse.ArgumentParser(prog="python tools/spells.py", description=__doc__.split("\n\n")[0])
     p.add_argument("bundle", help="an ONNX bundle folder (edgekd export --format onnx)")
-    p.add_argument("--seconds", type=_positive_float, default=60.0, help="how long to watch (default: %(default)g)")
-    p.add_argument("--window", type=_positive_float, default=0.5, help="seconds per window and session (default: %(default)g)")
-    p.add_argument("--threads", type=_csv_list("positive whole numbers", _positive_int), default=[1, 2],
+    p.add_argument("--seconds", type=positive_float, default=60.0, help="how long to watch (default: %(default)g)")
+    p.add_argument("--window", type=positive_float, default=0.5, help="seconds per window and session (default: %(default)g)")
+    p.add_argument("--threads", type=csv_list("positive whole numbers", positive_int), default=[1, 2],
                    metavar="N[,N...]",
                    help="ONNX Runtime intra-op thread counts, one session each (default: 1,2)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="images per call, a positive whole number (default: %(default)s)")
-    p.add_argument("--tolerance", type=_positive_float, default=15.0, metavar="PCT",
+    p.add_argument("--tolerance", type=positive_float, default=15.0, metavar="PCT",
                    help="a window slower than the fastest by more than this counts as slow (default: %(default)g)")
     p.add_argument("--plot", metavar="PNG", help="also draw the series")
     p.add_argument("--json", action="store_true", help="print the summary and the series as JSON")

@@ -2,13 +2,14 @@
 
 - An output never overwrites an input: a command whose --out holds one of its inputs (where the run
   would replace it) is refused.
-- ``--force`` replaces only what edgekd wrote: a folder edgekd made carries a small ``.edgekd``
-  marker naming the command (a bundle is recognised by its manifest.json); a non-empty folder
-  without it, holding files edgekd does not write, is refused even with ``--force``. The earlier
-  run's outputs are set aside and put back if the new run fails.
+- ``--force`` replaces only what carries edgekd's mark, never by name: a run folder's ``.edgekd`` marker
+  lists the files its run wrote (only those are set aside; a folder without it is refused; a name the
+  command writes that the marker does not list is refused); a bundle folder (or DIR.zip) is replaced only
+  when its manifest.json lists every file in it. The earlier run's outputs are set aside and put back if
+  the new run fails.
 - One run at a time: a run folder is locked (``fcntl.flock`` on ``.edgekd.lock``, released by the
-  kernel when the process dies, so a killed run leaves no stale lock); a second run into it is
-  refused with the holder's pid.
+  kernel when the process dies, so a killed run leaves no stale lock), a bundle folder by
+  ``.NAME.edgekd.lock`` beside it; a second run into it is refused with the holder's pid.
 - Temporary files and folders are named ``[.]edgekd-tmp-<pid>-<host>-...``: removed on failure, and those
   of a process that no longer exists (a SIGKILLed run) are removed by the next run.
 - A failed run (not an interrupted one, which stays resumable) leaves the folder as it found it.
@@ -22,34 +23,25 @@ import shutil
 import tempfile
 
 from .. import EdgeKDError, Interrupted, __version__
+from .files import TMP, atomic_write, host_tag, temp_prefix  # noqa: F401  (temp_prefix: re-exported)
 
 log = logging.getLogger(__name__)
 
 MARKER = ".edgekd"
 LOCK = ".edgekd.lock"
-TMP = "edgekd-tmp-"
 _TMP_NAME = re.compile(r"^\.?" + TMP + r"(\d+)-([a-z0-9]*)-")
 
 
-def _host():
-    """This machine, in temporary names: a pid means something only on the machine that made it
-    (a shared or network folder may hold another machine's live temporaries)."""
-    import socket
-
-    return re.sub(r"[^a-z0-9]", "", socket.gethostname().lower())[:16]
-
-# What each command writes into its folder (a --force run sets these aside, whichever command wrote them).
+# Every name each command may write into its folder. A run refuses a folder where one of these names is a file
+# edgekd did not write; the marker lists what a run did write, and --force sets aside only what the marker lists.
 OUTPUTS = {
     "train": ("model.pt", "metrics.json", "config.yaml", "model.state.pt"),
     "distill": ("student.pt", "teacher.pt", "metrics.json", "config.yaml", "student.state.pt", "teacher.state.pt"),
-    "bench": ("results.json", "results.csv", "report.md", "accuracy_vs_latency.png", "latency.png", "compare.md"),
+    "quantize": ("student-qat.pt", "metrics.json", "config.yaml", "qat.state.pt", "quantizers.json", "qat.before.json"),
+    "bench": ("results.json", "results.csv", "report.md", "accuracy_vs_latency.png", "latency.png", "profile.png",
+              "compare.md"),
 }
 ALL_OUTPUTS = frozenset(n for names in OUTPUTS.values() for n in names)
-
-
-def temp_prefix(kind=""):
-    """The prefix of a temporary file or folder of this process (pass a leading '.' to hide it)."""
-    return f"{TMP}{os.getpid()}-{_host()}-{kind + '-' if kind else ''}"
 
 
 def _alive(pid):
@@ -72,7 +64,7 @@ def clean_stale(folder):
         return
     for name in names:
         m = _TMP_NAME.match(name)
-        if not m or m.group(2) != _host() or _alive(int(m.group(1))):
+        if not m or m.group(2) != host_tag() or _alive(int(m.group(1))):
             continue
         path = os.path.join(folder, name)
         log.info("removing %s, left by edgekd process %s that no longer runs", path, m.group(1))
@@ -122,16 +114,61 @@ def _contents(out):
     return sorted(n for n in os.listdir(out) if n not in (LOCK, MARKER) and not _TMP_NAME.match(n))
 
 
-def _is_bundle(folder):
+# The bundle manifest's name (edgekd.bundle.runner.MANIFEST_FILE, which this layer sits below; a test
+# keeps the two equal).
+BUNDLE_MANIFEST = "manifest.json"
+
+
+def read_marker(folder):
+    """The run folder's marker as a dict ({command, edgekd, files}), or None where there is none."""
+    path = os.path.join(folder, MARKER)
+    if not os.path.isfile(path) or os.path.islink(path):
+        return None
     try:
-        with open(os.path.join(folder, "manifest.json")) as f:
-            return isinstance(json.load(f).get("files"), dict)
+        with open(path) as f:
+            marker = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def owned(folder):
+    """The names in ``folder`` that edgekd's marker says an edgekd run wrote (a marker from before markers
+    listed files: the names its command writes)."""
+    marker = read_marker(folder)
+    if marker is None:
+        return set()
+    files = marker.get("files")
+    if not isinstance(files, list):
+        files = OUTPUTS.get(marker.get("command"), ())
+    return {n for n in files if isinstance(n, str)}
+
+
+def bundle_problem(folder):
+    """Why ``folder`` is not a bundle edgekd wrote (its manifest.json lists every file in it), else None."""
+    try:
+        with open(os.path.join(folder, BUNDLE_MANIFEST)) as f:
+            files = json.loads(f.read(16 << 20)).get("files")
     except (OSError, ValueError, AttributeError):
-        return False
+        return "it has no readable manifest.json"
+    if not isinstance(files, dict):
+        return "its manifest.json lists no files"
+    extra = sorted(n for n in os.listdir(folder) if n not in files and n != BUNDLE_MANIFEST)
+    if extra:
+        return "its manifest does not list " + ", ".join(extra)[:160]
+    return None
 
 
-def check_contents(out, force, bundle=False, resume=False):
-    """Refuse a non-empty ``out`` without --force, and with --force one that edgekd did not write."""
+def _not_ours(out, names):
+    shown = ", ".join(names)[:160]
+    return EdgeKDError(f"output folder {out!r} holds {shown}, which edgekd did not write; --force only replaces "
+                       "edgekd's own outputs: move them or choose another --out")
+
+
+def check_contents(out, force, bundle=False, resume=False, command=None):
+    """Refuse a non-empty ``out`` without --force, and with --force anything in it that edgekd did not write:
+    a bundle folder must be exactly what its manifest lists; a run folder needs edgekd's marker, and none of
+    the names ``command`` writes may be a file the marker does not list (other files are left alone)."""
     names = _contents(out)
     if not names or resume:
         return
@@ -139,11 +176,20 @@ def check_contents(out, force, bundle=False, resume=False):
         hint = "" if bundle else f", or --resume {out}"
         raise EdgeKDError(f"output folder {out!r} is not empty; pass --force to overwrite it or choose another "
                           f"--out{hint}")
-    ours = os.path.isfile(os.path.join(out, MARKER)) or (_is_bundle(out) if bundle else set(names) <= ALL_OUTPUTS)
-    if not ours:
-        shown = ", ".join(n for n in names if n not in ALL_OUTPUTS)[:120]
-        raise EdgeKDError(f"output folder {out!r} was not written by edgekd (it holds {shown}); --force only "
-                          "replaces edgekd's own outputs: choose another --out")
+    if bundle:
+        problem = bundle_problem(out)
+        if problem:
+            raise EdgeKDError(f"output folder {out!r} was not written by edgekd (it holds {', '.join(names)[:120]}): "
+                              f"{problem}; --force only replaces edgekd's own outputs: move them or choose another "
+                              "--out")
+        return
+    if read_marker(out) is None:
+        raise EdgeKDError(f"output folder {out!r} was not written by edgekd (it holds {', '.join(names)[:120]}): it "
+                          f"has no {MARKER} marker; --force only replaces edgekd's own outputs: choose another --out")
+    writes = OUTPUTS.get(command, ALL_OUTPUTS)
+    clash = [n for n in names if n in writes and n not in owned(out)]
+    if clash:
+        raise _not_ours(out, clash)
 
 
 def prepare_bundle_out(out, force, zip_too, inputs):
@@ -158,6 +204,70 @@ def prepare_bundle_out(out, force, zip_too, inputs):
     clean_stale(tempfile.gettempdir())
 
 
+class BundleFolder:
+    """``with BundleFolder(out, force, zip_too, inputs):`` export's bundle folder, checked and locked for the
+    whole export. The bundle folder itself is swapped whole when it is published, so the lock is a file
+    beside it (``.NAME.edgekd.lock``), removed when the export ends; a second export into the same folder is
+    refused at once with the holder's pid."""
+
+    def __init__(self, out, force, zip_too, inputs):
+        self.out, self.force, self.zip_too, self.inputs = out, force, zip_too, inputs
+        self.fd = None
+        name = os.path.basename(os.path.normpath(os.path.abspath(out)))
+        self.lock = os.path.join(os.path.dirname(os.path.abspath(out).rstrip(os.sep)), f".{name}{LOCK}")
+
+    def __enter__(self):
+        refuse_inputs_inside(self.out, self.inputs)
+        check_writable(self.out)
+        os.makedirs(os.path.dirname(self.lock), exist_ok=True)
+        self.fd = _take_lock(self.lock, self.out, "export")
+        try:
+            prepare_bundle_out(self.out, self.force, self.zip_too, self.inputs)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        self._release()
+        return False
+
+    def _release(self):
+        if self.fd is not None:
+            try:
+                os.unlink(self.lock)  # while still held: a run that opens it after this takes a new file
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def _take_lock(path, out, command):
+    """An exclusive flock on ``path`` (created if needed), with this process named in it; refused in one
+    line naming the holder. A lock file removed by its holder between our open and flock is taken again."""
+    import fcntl
+
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that just started"
+            os.close(fd)
+            raise EdgeKDError(f"output folder {out!r} is in use by another edgekd run ({holder}); wait for it "
+                              "to finish or choose another --out") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}, edgekd {command}\n".encode())
+            return fd
+        os.close(fd)
+    raise EdgeKDError(f"output folder {out!r} is in use by another edgekd run; choose another --out")
+
+
 def check_zip(path, force):
     """Export's DIR.zip: refuse to replace one without --force, or one that is not an edgekd bundle."""
     import zipfile
@@ -166,10 +276,15 @@ def check_zip(path, force):
         return
     if not force:
         raise EdgeKDError(f"{path!r} already exists; pass --force to replace it or choose another --out")
-    try:
+    try:  # ours: one top folder holding a manifest.json that lists every other member
         with zipfile.ZipFile(path) as z:
-            ours = any(n.count("/") == 1 and n.endswith("/manifest.json") for n in z.namelist())
-    except (OSError, zipfile.BadZipFile):
+            names = z.namelist()
+            top = {n.split("/", 1)[0] for n in names}
+            manifest = f"{next(iter(top))}/{BUNDLE_MANIFEST}" if len(top) == 1 else None
+            small = manifest in names and z.getinfo(manifest).file_size < 16 << 20
+            files = json.loads(z.read(manifest)).get("files") if small else None
+            ours = isinstance(files, dict) and {n.split("/", 1)[1] for n in names if n != manifest} <= set(files)
+    except (OSError, ValueError, AttributeError, IndexError, KeyError, zipfile.BadZipFile):
         ours = False
     if not ours or not os.path.isfile(path):
         raise EdgeKDError(f"{path!r} is not a bundle zip written by edgekd; --force only replaces edgekd's own "
@@ -182,8 +297,9 @@ class RunFolder:
 
     def __init__(self, out, command, force=False, resume=False):
         self.out, self.command, self.force, self.resume = out, command, force, resume
-        self.fd = self.aside = None
+        self.fd = self.aside = self.previous = None
         self.created = self.lock_created = False
+        self.mine = set()  # what the marker lists: a resumed run's earlier files, then what this run writes
 
     def __enter__(self):
         check_writable(self.out)
@@ -195,7 +311,9 @@ class RunFolder:
             self._lock()
             clean_stale(self.out)
             self.before = {n for n in self.before if os.path.lexists(os.path.join(self.out, n))}
-            check_contents(self.out, self.force, resume=self.resume)
+            check_contents(self.out, self.force, resume=self.resume, command=self.command)
+            self.previous = read_marker(self.out)
+            self.mine = owned(self.out) if self.resume else set()
             if self.force and not self.resume:
                 self._set_aside()
             self._mark()
@@ -208,39 +326,41 @@ class RunFolder:
         if kind is None or issubclass(kind, (Interrupted, KeyboardInterrupt)):
             if self.aside:  # the new run replaced the old one (an interrupted run stays resumable)
                 shutil.rmtree(self.aside, ignore_errors=True)
-            self._unlock()
+            try:  # the marker lists exactly what edgekd wrote here: what --force may replace later
+                self._mark(self._written())
+            finally:
+                self._unlock()
         else:
             self._undo()
         return False
 
     def _lock(self):
-        import fcntl
-
         path = os.path.join(self.out, LOCK)
         self.lock_created = not os.path.exists(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that just started"
-            os.close(fd)
-            raise EdgeKDError(f"output folder {self.out!r} is in use by another edgekd run ({holder}); wait for it "
-                              "to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}, edgekd {self.command}\n".encode())
-        self.fd = fd
+        self.fd = _take_lock(path, self.out, self.command)
 
     def _unlock(self):
         if self.fd is not None:
             os.close(self.fd)  # closing releases the flock
             self.fd = None
 
-    def _mark(self):
-        from .files import atomic_write
+    def _written(self):
+        """The names this run (and a run it resumed) wrote: what the marker listed, and what is new here."""
+        here = set(_contents(self.out))
+        return sorted(n for n in here if n in self.mine or n not in self.before)
 
+    def _mark(self, files=None):
+        """Write the marker; while the run goes on it lists every name the command may write (a killed run's
+        files stay edgekd's), at the end exactly what it wrote."""
+        if files is None:
+            files = sorted(self.mine | set(OUTPUTS.get(self.command, ())))
+            self.mine = set(files)
+        self._write_marker({"command": self.command, "edgekd": __version__, "files": list(files)})
+
+    def _write_marker(self, marker):
         def write(tmp):
             with open(tmp, "w") as f:
-                json.dump({"command": self.command, "edgekd": __version__}, f)
+                json.dump(marker, f)
                 f.write("\n")
 
         atomic_write(os.path.join(self.out, MARKER), write)
@@ -248,7 +368,8 @@ class RunFolder:
     def _set_aside(self):
         """Move the earlier run's outputs into a hidden folder: deleted when this run succeeds, put back
         when it fails (and, after a SIGKILL, removed by the next run as a stale temporary)."""
-        names = [n for n in os.listdir(self.out) if n in ALL_OUTPUTS]
+        mine = owned(self.out)
+        names = [n for n in os.listdir(self.out) if n in mine and n not in (LOCK, MARKER) and not _TMP_NAME.match(n)]
         if not names:
             return
         self.aside = tempfile.mkdtemp(dir=self.out, prefix="." + temp_prefix("previous"))
@@ -266,9 +387,11 @@ class RunFolder:
                     path = os.path.join(self.out, name)
                     if path == self.aside:
                         continue
-                    if name in ALL_OUTPUTS or name == MARKER or (name == LOCK and self.lock_created) \
-                            or _TMP_NAME.match(name):
+                    if name in OUTPUTS.get(self.command, ALL_OUTPUTS) or name == MARKER \
+                            or (name == LOCK and self.lock_created) or _TMP_NAME.match(name):
                         shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+                if self.previous is not None:  # the earlier run's marker, listing what is put back
+                    self._write_marker(self.previous)
             if self.aside:
                 for name in os.listdir(self.aside):
                     os.replace(os.path.join(self.aside, name), os.path.join(self.out, name))

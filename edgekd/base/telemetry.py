@@ -1,4 +1,6 @@
-"""OpenVINO's and NNCF's usage telemetry, off in every edgekd process.
+"""OpenVINO's and NNCF's usage telemetry, off in every edgekd process: the CLI's main() and edgekd's worker
+processes call ``switch_off()`` first thing. Importing edgekd as a library changes nothing in the host process
+(an application that wants the same calls ``edgekd.base.telemetry.switch_off()`` itself).
 
 What we found in openvino 2026.4 with openvino-telemetry 2025.2 and nncf 3.4: nothing reads an
 opt-out variable (``OPENVINO_TELEMETRY_OPT_OUT`` is read by no code at all). A plain ``import openvino``

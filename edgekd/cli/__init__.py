@@ -5,7 +5,7 @@ import sys
 
 from .. import EdgeKDError, Interrupted, __version__
 from ..core import config as options
-from ..core.config import BENCH_DEFAULTS, BENCH_QUICK, DEFAULT_OUT
+from ..core.config import DEFAULT_OUT
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,7 +53,8 @@ def _run_folder(args, inputs):
     if _rank() != 0:
         return contextlib.nullcontext()
     replaced = None if args.command == "bench" else set().union(*OUTPUTS.values())
-    refuse_inputs_inside(args.out, inputs, replaced)
+    # every file a command reads is an input: the --config file too (the run writes its own config.yaml)
+    refuse_inputs_inside(args.out, inputs + [("--config", getattr(args, "config", None))], replaced)
     return RunFolder(args.out, args.command, force=args.force, resume=bool(getattr(args, "resume", None)))
 
 
@@ -93,11 +94,13 @@ def _number(text, convert, ok, what):
     return value
 
 
-def _positive_int(text):
+def positive_int(text):
+    """An argparse type: a whole number of at least 1."""
     return _number(text, int, lambda v: v >= 1, "a positive whole number")
 
 
-def _positive_float(text):
+def positive_float(text):
+    """An argparse type: a finite number above 0."""
     return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
@@ -123,10 +126,6 @@ def _check_device(device):
             raise EdgeKDError(f"device {device!r} requested but no CUDA GPU is available here; use --device cpu")
 
 
-def _config_of(args):
-    return options.saved(args)
-
-
 class Train(Command):
     name = "train"
     help = "supervised training of one model (a teacher, or a baseline student)"
@@ -139,7 +138,7 @@ class Train(Command):
         inputs = [("--model", args.model), ("--data", args.data), ("--weights", args.weights),
                   ("--unlabeled", args.unlabeled)]
         with _run_folder(args, inputs):
-            m = run_train(_config_of(args))
+            m = run_train(args)
         if _rank() != 0:
             return
         print(f"{m['model']}: test top-1 {m['test_top1']:.4f} after {m['epochs']} epochs -> {args.out}/model.pt")
@@ -173,7 +172,7 @@ class Distill(Command):
                   ("--student-weights", args.student_weights), ("--teacher-weights", args.teacher_weights),
                   ("--teacher-classes", args.teacher_classes), ("--unlabeled", args.unlabeled)]
         with _run_folder(args, inputs):
-            m = run_distill(_config_of(args))
+            m = run_distill(args)
         if _rank() != 0:
             return
         t = m["teacher"]
@@ -205,23 +204,17 @@ class Export(Command):
                    "See docs/export.md.")
 
     def run(self, args):
-        from ..export.pipeline import ExportOptions, export_checkpoint
+        from ..base.outdir import BundleFolder
+        from ..export.pipeline import export_checkpoint
+        from .int8 import train_qat
 
-        from ..base.outdir import prepare_bundle_out
-
-        prepare_bundle_out(args.out, args.force, args.zip, [("CHECKPOINT", args.checkpoint), ("--data", args.data),
-                                                            ("--calib-data", args.calib_data),
-                                                            ("--data-root", args.data_root),
-                                                            ("--qat-teacher", args.qat_teacher)])
-        _log_to_stderr()
-        opts = ExportOptions(
-            fmt=args.format, precision=args.precision, out=args.out, data=args.data, data_root=args.data_root,
-            val_size=args.val_size, atol=args.atol, opset=args.opset, quant=args.quant, calib_data=args.calib_data,
-            calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed, max_drop=args.max_drop,
-            max_fallback_layers=args.max_fallback_layers, int8_types=args.int8_types, reduce_range=args.reduce_range,
-            per_channel=args.per_channel, zip=args.zip, speed_check=args.speed_check, progress=args.progress,
-            tune_size=args.tune_size, qat_epochs=args.qat_epochs, qat_teacher=args.qat_teacher, qat_onnx=args.qat_onnx)
-        m = export_checkpoint(args.checkpoint, opts)
+        folder = BundleFolder(args.out, args.force, args.zip, [
+            ("CHECKPOINT", args.checkpoint), ("--data", args.data), ("--calib-data", args.calib_data),
+            ("--data-root", args.data_root), ("--qat-teacher", args.qat_teacher),
+            ("--config", getattr(args, "config", None))])
+        with folder:  # checked and locked for the whole export
+            _log_to_stderr()
+            m = export_checkpoint(args.checkpoint, args, train_qat=train_qat)  # args: core/config.py's ExportOptions
         v = m["validation"]
         print(f"{m['format']} {m['precision']} bundle -> {args.out}{' (+ ' + args.out.rstrip('/') + '.zip)' if args.zip else ''}"
               f": {m['size_bytes'] / 1e6:.3f} MB, exported in {m['export_seconds']:.1f} s")
@@ -250,7 +243,7 @@ def _log_to_stderr():
         logger.setLevel(logging.INFO)
 
 
-def _csv_list(kind, convert=str):
+def csv_list(kind, convert=str):
     """An argparse type for comma lists: ``1,8,32`` -> [1, 8, 32]."""
 
     def parse(text):
@@ -276,19 +269,11 @@ class Bench(Command):
                    "latency.png, and prints the table.")
 
     def run(self, args):
-        from ..bench.run import run_bench
+        from ..bench.run import request, run_bench
 
-        preset = BENCH_QUICK if args.quick else BENCH_DEFAULTS
-        timing = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in BENCH_DEFAULTS}
-        limit = args.limit if args.limit is not None else preset.get("limit")
         inputs = [("MODEL", m) for m in args.models] + [("--compare", args.compare), ("--data", args.data)]
         with _run_folder(args, inputs):
-            result = run_bench(args.models, args.out, devices=args.device, data=args.data, data_root=args.data_root,
-                               backends=args.backends, batch_sizes=args.batch_sizes, threads=args.threads,
-                               cpus=args.cpus, limit=limit, max_drop=args.max_drop / 100, progress=args.progress,
-                               remeasure_slow=args.remeasure_slow / 100,
-                               compare=args.compare, compare_tolerance=args.compare_tolerance / 100,
-                               ssh_config=args.ssh_config, ssh_timeout=args.timeout, profile=args.profile, **timing)
+            result = run_bench(*request(args))  # plan, measurement, results from the BenchOptions
         print(result["table"])
         if result["comparison"]:
             print("\n" + result["comparison"])
@@ -349,7 +334,7 @@ class Quantize(Command):
         _check_training_args(args)
         inputs = [("STUDENT", args.student), ("--teacher", args.teacher), ("--data", args.data)]
         with _run_folder(args, inputs):
-            m = run_quantize(_config_of(args))
+            m = run_quantize(args)
         q = m["qat"]
         print(f"QAT student {m['model']}: INT8 (fake-quantized) top-1 {q['int8_top1_before']:.4f} before, "
               f"{m['test_top1']:.4f} after {m['epochs']} epoch(s); FP32 {q['fp32_top1']:.4f}; "
@@ -389,18 +374,23 @@ def _os_error_line(e):
 
 
 def main(argv=None):
+    from ..base.telemetry import switch_off
+
+    switch_off()  # an edgekd process: OpenVINO/NNCF telemetry off before either can be imported
     argv = sys.argv[1:] if argv is None else argv
     parser, sub = build_parser()
     args = parser.parse_args(argv)
     from ..base.progress import report_to_stdout
 
     report_to_stdout()  # the per-epoch lines the library logs to edgekd.report
+    opts = None
     try:
-        args = options.parse_args(args)  # defaults < --config / --resume's config.yaml < command line, all checked
-        args.func(args)
+        opts = options.parse_args(args)  # defaults < --config / --resume's config.yaml < command line, all checked
+        args.func(opts)  # the command's typed options (a frozen dataclass of edgekd/core/config.py)
     except Interrupted as e:
         if _rank() == 0:  # every rank stops at the same batch; one of them says so
-            print(f"edgekd {args.command}: {e}; resume with: edgekd {args.command} --resume {args.out}", file=sys.stderr)
+            out = opts.out if opts is not None else "DIR"
+            print(f"edgekd {args.command}: {e}; resume with: edgekd {args.command} --resume {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except EdgeKDError as e:
         if args.debug:

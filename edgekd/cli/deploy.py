@@ -19,7 +19,7 @@ RUNNER_NAME = "edgekd_device_runner.py"
 
 def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S):
     """Install ``bundle`` on the device; return (target, remote bundle path, device environment)."""
-    from ..bundle.runner import BundleError, RUNTIME_PACKAGE, verify
+    from ..bundle.runner import MANIFEST_FILE, BundleError, RUNTIME_PACKAGE, verify
     from ..bench.remote import RUNNER, check_device
 
     if not os.path.isdir(bundle):
@@ -27,7 +27,7 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S):
     try:
         manifest = verify(bundle)  # never ship a bundle that is already broken here
     except BundleError as e:
-        raise EdgeKDError(f"bundle {bundle!r}: {e}") from None
+        raise EdgeKDError(f"bundle {bundle!r}: {e}") from e
     target = ssh.parse_target(url, ssh_config)
     check_device(target, timeout)
     folder = (target.folder or DEFAULT_FOLDER).rstrip("/") or "/"
@@ -37,7 +37,7 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S):
     staging = ssh.run(target, f"mkdir -p {q(folder)} && mktemp -d {q(folder + '/.' + name + '.tmp-XXXXXX')}",
                       timeout).decode().strip()
     try:
-        files = [os.path.join(bundle, f) for f in list(manifest["files"]) + ["manifest.json"]]
+        files = [os.path.join(bundle, f) for f in list(manifest["files"]) + [MANIFEST_FILE]]
         ssh.copy_to(target, files, staging, timeout)
         ssh.copy_to(target, [RUNNER], staging, timeout)
         runner = f"{staging}/{os.path.basename(RUNNER)}"

@@ -16,7 +16,8 @@ from .. import EdgeKDError
 
 log = logging.getLogger(__name__)
 
-AUGMENTS = ("none", "standard")
+# standard: pad-crop + flip (the small-image recipe); random-resized-crop: edgekd.stream decodes it from the files
+AUGMENTS = ("none", "standard", "random-resized-crop")
 # CIFAR practice (He et al. 2016): pad 4 pixels of zeros, crop back to 32, flip half the images.
 DEFAULT_PAD = 4
 # Folder data is decoded into memory when it fits in this many bytes (CIFAR-10 train: 150 MB).
@@ -30,10 +31,11 @@ class AugmentPlan:
     (e - 1) mod K + 1, so a teacher cache of K epochs serves a run of any length.
     """
 
-    def __init__(self, kind, size, seed=0, pad=DEFAULT_PAD, views=None):
+    def __init__(self, kind, size, seed=0, pad=DEFAULT_PAD, views=None, scale=None):
         if kind not in AUGMENTS:
             raise EdgeKDError(f"unknown augmentation {kind!r}: choose from {', '.join(AUGMENTS)}")
         self.kind, self.size, self.seed, self.pad = kind, int(size), int(seed), int(pad)
+        self.scale = scale  # the random-resized crop's smallest area fraction
         self.views = None
         self.replay(views)
 
@@ -50,7 +52,7 @@ class AugmentPlan:
     def params(self, epoch):
         """(dy, dx, flip) int tensors of length ``size`` for ``epoch``; the same on every call."""
         epoch = self.view_of(epoch)
-        if self.kind == "none":
+        if self.kind != "standard":  # none; a random-resized crop is drawn per image from its own size (stream.py)
             zeros = torch.zeros(self.size, dtype=torch.long)
             return zeros, zeros, zeros
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
@@ -61,6 +63,8 @@ class AugmentPlan:
 
     def describe(self):
         d = {"augment": self.kind, "pad": self.pad, "seed": self.seed, "images": self.size}
+        if self.kind == "random-resized-crop":
+            d.update(pad=0, scale=[self.scale, 1.0], ratio=[3 / 4, 4 / 3], flip=0.5)
         if self.views:  # only when set, so caches made before --teacher-views keep their key
             d["views"] = self.views
         return d
@@ -101,13 +105,19 @@ class Views:
         keep = self.targets >= 0
         if keep.all():
             return self
-        plan = None if self.plan is None else AugmentPlan(self.plan.kind, int(keep.sum()), self.plan.seed, self.plan.pad)
+        plan = None if self.plan is None else AugmentPlan(self.plan.kind, int(keep.sum()), self.plan.seed, self.plan.pad,
+                                                         scale=self.plan.scale)
         return Views(self.images[keep], self.targets[keep], self.mean.flatten().tolist(), self.std.flatten().tolist(), plan)
 
-    def batch(self, idx, epoch=None):
-        """Images ``idx`` as seen in ``epoch`` (plan applied) and their labels."""
+    def batch(self, idx, epoch=None, teacher_view=False):
+        """Images ``idx`` as seen in ``epoch`` (plan applied) and their labels; with ``teacher_view``
+        (x, None, y): the teacher resizes the student's view itself (images held at the student's size)."""
+        x, y = self._batch(idx, epoch)
+        return (x, None, y) if teacher_view else (x, y)
+
+    def _batch(self, idx, epoch=None):
         raw = self.images[idx]
-        if self.plan is not None and epoch is not None and self.plan.kind != "none":
+        if self.plan is not None and epoch is not None and self.plan.kind == "standard":
             key = (self.plan.views, self.plan.view_of(epoch))  # the view this epoch shows, under the current plan
             if self._epoch != key:
                 self._epoch, self._params = key, self.plan.params(epoch)
@@ -115,8 +125,9 @@ class Views:
             raw = apply_views(raw, dy, dx, flip, self.plan.pad)
         return (raw.float().div_(255.0) - self.mean) / self.std, self.targets[idx]
 
-    def batches(self, batch_size, epoch=None, shuffle_seed=None, shard=None):
-        """Yield (x, y, idx) over the split; shuffled by ``shuffle_seed`` when given.
+    def batches(self, batch_size, epoch=None, shuffle_seed=None, shard=None, teacher_view=False):
+        """Yield (x, y, idx) over the split, or (x, None, y, idx) with ``teacher_view`` (as StreamViews);
+        shuffled by ``shuffle_seed`` when given.
 
         ``shard=(rank, world)`` serves only every world-th image from ``rank`` on (evaluation split
         across processes: no image is seen twice, so the counts add up to the split's).
@@ -131,11 +142,10 @@ class Views:
             n = len(order)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            x, y = self.batch(idx, epoch)
-            yield x, y, idx
+            x, y = self._batch(idx, epoch)
+            yield (x, None, y, idx) if teacher_view else (x, y, idx)
 
-
-    def distributed_batches(self, batch_size, epoch, seed, rank, world):
+    def distributed_batches(self, batch_size, epoch, seed, rank, world, teacher_view=False):
         """This rank's (x, y, idx) batches of one training epoch under DDP.
 
         A DistributedSampler shuffles with ``seed`` and ``set_epoch(epoch)``, gives every rank
@@ -149,8 +159,8 @@ class Views:
         order = torch.tensor(list(sampler), dtype=torch.long)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            x, y = self.batch(idx, epoch)
-            yield x, y, idx
+            x, y = self._batch(idx, epoch)
+            yield (x, None, y, idx) if teacher_view else (x, y, idx)
 
     def steps_per_epoch(self, batch_size, world=1):
         """Optimizer steps in one epoch at a global ``batch_size`` over ``world`` processes."""
@@ -162,14 +172,11 @@ class _Raw:
     """Wrap a split so items come back as uint8 CHW tensors at the input size (for decoding)."""
 
     def __init__(self, dataset, input_spec):
-        from torchvision import transforms
-
-        from .data import ConvertMode
+        from .data import EvalPixels
 
         self.dataset = dataset
         self.shape = (input_spec.channels, input_spec.height, input_spec.width)
-        self.tf = transforms.Compose([ConvertMode(input_spec.color), transforms.Resize((input_spec.height, input_spec.width)),
-                                      transforms.PILToTensor()])
+        self.tf = EvalPixels(input_spec)  # the evaluation geometry (shorter side, center crop), before normalising
 
     def __len__(self):
         return len(self.dataset)

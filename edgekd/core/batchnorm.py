@@ -58,12 +58,12 @@ def check_batchnorm(model, run, cfg, sample=2000):
     """The batch-norm trap check: compare eval-mode with batch-statistics accuracy on training images.
 
     A gap over BN_TRAP_GAP means the running statistics do not describe the data; with
-    cfg['bn_recalibrate'] 'auto' they are then re-estimated ('always': every time, 'never': only reported).
+    cfg.bn_recalibrate 'auto' they are then re-estimated ('always': every time, 'never': only reported).
     Decided on training images only, never on the test split.
     """
     if not any(is_batchnorm(m) for m in model.modules()):
         return None
-    device = cfg["device"]
+    device = cfg.device
     # A fixed random sample: folder data is class-sorted, and batches of one class would give
     # batch statistics that describe no real batch.
     labelled = run.train.labelled()  # accuracy needs labels: unlabelled images (--unlabeled) stay out
@@ -75,7 +75,7 @@ def check_batchnorm(model, run, cfg, sample=2000):
         eval_top1 = (model(x).argmax(1) == y).float().mean().item()
     batch_top1 = _batchstat_top1(model, x, y)
     trapped = eval_top1 < batch_top1 - BN_TRAP_GAP
-    mode = cfg.get("bn_recalibrate", "auto")
+    mode = cfg.bn_recalibrate
     report = {"train_sample": len(idx), "eval_top1": eval_top1, "batchstat_top1": batch_top1, "trapped": trapped,
               "recalibrated": False}
     if trapped:

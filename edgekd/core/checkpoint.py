@@ -6,26 +6,18 @@ import torch
 
 from .. import EdgeKDError, __version__
 from ..base.files import atomic_write  # noqa: F401  (re-exported: its old home)
+from ..bundle.runner import sha256_file as file_sha256  # noqa: F401  (edgekd's one sha256; this name for the core)
+from .models import count_flops, count_params
 
 CHECKPOINT_FORMAT = "edgekd-checkpoint/1"
 REQUIRED_KEYS = ("model", "state_dict", "classes", "input")
 
 
-def file_sha256(path):
-    """The sha256 of a file, read in 1 MiB blocks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(path, model, *, spec, classes, input_spec, data_spec, metrics, config, extra=None):
     """Write a checkpoint that needs nothing but torch to read back."""
-    from .models import count_flops, count_params
+    from ..base.files import portable, spec_for_file
 
+    folder = os.path.dirname(os.path.abspath(path))  # the checkpoint records paths relative to its own folder
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "edgekd_version": __version__,
@@ -33,10 +25,10 @@ def save_checkpoint(path, model, *, spec, classes, input_spec, data_spec, metric
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "classes": list(classes),
         "input": input_spec.to_dict(),
-        "data": data_spec,
+        "data": spec_for_file(data_spec, folder),
         "params": count_params(model),
         "flops": count_flops(model, input_spec),
-        "metrics": metrics,
+        "metrics": portable(metrics, folder),
         "config": config,
     }
     ckpt.update(extra or {})
@@ -46,16 +38,14 @@ def save_checkpoint(path, model, *, spec, classes, input_spec, data_spec, metric
 
 def load_checkpoint(path):
     """Read a checkpoint without running any pickled code; refuse anything that is not ours."""
+    from .safe_load import Refused, torch_file
+
     if not os.path.isfile(path):
         raise EdgeKDError(f"checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            reason = "it contains pickled Python objects, which edgekd never loads"
-        else:
-            reason = "not a file written by torch.save, or a damaged one"
-        raise EdgeKDError(f"{path!r} is not a usable edgekd checkpoint: {reason}") from None
+        ckpt = torch_file(path, "checkpoint")
+    except Refused as e:
+        raise EdgeKDError(f"{path!r} is not a usable edgekd checkpoint: {e.reason}") from e.__cause__
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         found = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else \
             "no " + ", ".join(k for k in REQUIRED_KEYS if k not in ckpt)
@@ -100,28 +90,3 @@ def checkpoint_problem(ckpt):
     if not _numbers(spec.get("std"), spec["channels"]) or min(spec["std"]) <= 0:
         return f"field 'input.std' must hold {spec['channels']} positive numbers"
     return None
-
-
-def load_model(path):
-    """The model of a checkpoint, in eval mode, with the checkpoint dict."""
-    from .data import InputSpec
-    from .models import build_model
-
-    ckpt = load_checkpoint(path)
-    model = build_model(ckpt["model"], len(ckpt["classes"]), InputSpec.from_dict(ckpt["input"]))
-    if "qat" in ckpt:  # int8 (quantize): a QAT checkpoint rebuilds its fake-quantized model (edgekd quantize)
-        from .quantize import restore
-
-        return restore(ckpt, model), ckpt
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise EdgeKDError(f"checkpoint {path!r} does not match model {ckpt['model']!r}: "
-                          f"{_first_line(e)}") from None
-    return model.eval(), ckpt
-
-
-def _first_line(error):
-    """The first line naming a problem of a load_state_dict error (its first line is only a header)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines[0] if lines else type(error).__name__)

@@ -7,6 +7,13 @@ converting and checking every value with the same ``check``: the same types, ran
 the same one-line error whichever way a value came in. NaN and infinity are refused wherever a
 number is taken; an unknown YAML key is named with the closest valid one.
 
+Each table also makes the command's typed options, a frozen dataclass (``TrainOptions``,
+``DistillOptions``, ``QuantizeOptions``, ``ExportOptions``, ``BenchOptions``, ``PredictOptions``,
+``DeployOptions``; ``CLASSES[command]``) with one field per option and the option's default. ``resolve``
+returns one; the rest of edgekd reads attributes (``opts.epochs``), and a Python caller building one
+(``ExportOptions(format="onnx", out="b")``) gets the same checks. ``saved(opts)`` is what config.yaml
+records.
+
 Adding an option is one line in its command's list (the flag is the name with dashes)::
 
     Opt("teacher_input_size", "int", None, "the teacher's input size in pixels (default: the data's)", low=1),
@@ -21,11 +28,12 @@ already says "default"), ``low``/``high`` (bounds, inclusive unless ``low_open``
 options that only the command line takes (--force, --config).
 """
 
-import argparse
+import dataclasses
 import difflib
 import math
 import os
 from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type
 
 from .. import EdgeKDError
 
@@ -38,27 +46,37 @@ RECORD_ONLY = ("loss_params", "command", "resume", "teacher_resolved")
 class Opt:
     name: str
     kind: str
-    default: object
+    default: Any
     help: str
-    low: float = None
-    high: float = None
+    low: Optional[float] = None
+    high: Optional[float] = None
     low_open: bool = False
     high_open: bool = False
-    choices: tuple = None
+    choices: Optional[Tuple[str, ...]] = None
     item: str = "str"
-    flags: tuple = ()
-    metavar: str = None
-    group: str = None
+    flags: Tuple[str, ...] = ()
+    metavar: Optional[str] = None
+    group: Optional[str] = None
     positional: bool = False
-    nargs: str = None
-    negate: str = None
+    nargs: Optional[str] = None
+    negate: Optional[str] = None
     required: bool = False
-    check: object = None
+    check: Optional[Callable[[Any], Optional[str]]] = None
     yaml: bool = True
 
     @property
-    def flag(self):
+    def flag(self) -> str:
         return self.name if self.positional else "--" + self.name.replace("_", "-")
+
+
+def _size_check(value):
+    from .data import parse_size
+
+    try:
+        parse_size(value)
+    except EdgeKDError as e:
+        return str(e).split(": ", 1)[1]
+    return None
 
 
 def _norm_check(value):
@@ -175,8 +193,23 @@ TRAINING = [
     Opt("weight_decay", "float", 5e-4, "weight decay", low=0, group="training"),
     Opt("label_smoothing", "float", 0.0, "label smoothing of the hard-label term, 0..1", low=0, high=1,
         high_open=True, group="training"),
-    Opt("augment", "str", "auto", "standard: random crop with 4-pixel padding + horizontal flip; auto: standard for "
-        "photos, none for digits", choices=("auto", "none", "standard"), group="training"),
+    Opt("input_size", "str", None, "the student's input size in pixels, H or H,W; evaluation, export, predict and "
+        "the device runner resize the shorter side to size / --crop-pct and center-crop (default: the data's own "
+        "size when every image has it; 224 (or a pretrained student's own) for folders of mixed sizes)",
+        metavar="H[,W]", check=_size_check, group="training"),
+    Opt("crop_pct", "float", None, "evaluation crop ratio (timm's crop_pct), recorded in the checkpoint and the "
+        "bundle's manifest (default: 1.0 for data of one size, 0.875 for mixed sizes)", low=0, low_open=True, high=1,
+        metavar="F", group="training"),
+    Opt("augment", "str", "auto", "standard: random crop with 4-pixel padding + horizontal flip (pad-crop) for inputs "
+        "up to 48 px, random-resized crop (scale --crop-scale..1, aspect 3/4..4/3) + horizontal flip above; auto: "
+        "standard for photos, none for digits", choices=("auto", "none", "standard", "pad-crop",
+                                                         "random-resized-crop"), group="training"),
+    Opt("crop_scale", "float", 0.08, "smallest area fraction of the random-resized crop (torchvision's 0.08)", low=0,
+        low_open=True, high=1, metavar="F", group="training"),
+    Opt("pipeline", "str", "auto", "memory: decode the training images once into memory; stream: decode each batch "
+        "from the files in --workers processes (memory does not grow with the number of images); auto: memory for "
+        "data of one size that fits in 2 GB with pad-crop or no augmentation, stream otherwise",
+        choices=("auto", "memory", "stream"), group="training"),
     Opt("aug_seed", "int", 0, "seed of the augmentation parameters per (image, epoch); runs with the same seed see "
         "the same views and share a teacher cache", group="training"),
     Opt("train_subset", "int", None, "train on N images of the train split, class-stratified, fixed choice "
@@ -188,8 +221,8 @@ TRAINING = [
         "training images and re-estimate batch-norm statistics when they disagree (auto), always, or never",
         choices=("auto", "always", "never"), group="training"),
     Opt("seed", "int", 0, "random seed for weights and shuffling", group="training"),
-    Opt("workers", "int", 2, "worker processes that decode folder images (once, into memory)", low=0,
-        group="training"),
+    Opt("workers", "int", 2, "worker processes that decode folder images (once into memory, or every batch with "
+        "--pipeline stream)", low=0, group="training"),
     Opt("threads", "int", None, "torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)",
         low=1, group="training"),
     Opt("device", "str", "cpu", "torch device to train on: cpu or cuda; under torchrun each process takes "
@@ -536,11 +569,14 @@ def _from_yaml(command, values, source, resumed=False):
     return out
 
 
-def resolve(command, given, yaml_path=None, yaml_name=None, resumed=False):
-    """The run's configuration: defaults, then ``yaml_path``'s values, then ``given`` (the command
-    line's values, text as typed; None means "not given"), every value checked the same way."""
+def resolve(command: str, given: Dict[str, Any], yaml_path: Optional[str] = None,
+            yaml_name: Optional[str] = None, resumed: bool = False,
+            fixed: Optional[Dict[str, Any]] = None) -> "Options":
+    """The run's options: defaults, then ``yaml_path``'s values, then ``given`` (the command line's
+    values, text as typed; None means "not given"), every value checked the same way; ``fixed`` values
+    (set by edgekd itself, such as --resume's) last."""
     opts = COMMANDS[command]
-    cfg = {o.name: (list(o.default) if isinstance(o.default, list) else o.default) for o in opts}
+    cfg: Dict[str, Any] = {}
     if yaml_path:
         cfg.update(_from_yaml(command, read_yaml(yaml_path), yaml_name or f"config file {yaml_path!r}", resumed))
     for opt in opts:
@@ -548,31 +584,82 @@ def resolve(command, given, yaml_path=None, yaml_name=None, resumed=False):
         if value is not None:
             cfg[opt.name] = check(opt, value)
     for opt in opts:
-        if opt.required and cfg[opt.name] is None:
+        if opt.required and cfg.get(opt.name, opt.default) is None:
             raise EdgeKDError(f"{opt.metavar if opt.positional else opt.flag} is required")
-    return cfg
+    return CLASSES[command](**{**cfg, **(fixed or {})})
 
 
-def parse_args(ns):
-    """An argparse namespace (as ``add_options`` made it) -> the resolved namespace the commands use:
-    YAML from --config, or DIR/config.yaml with --resume DIR (then --out is DIR)."""
+def parse_args(ns: Any) -> "Options":
+    """An argparse namespace (as ``add_options`` made it) -> the command's typed options: YAML from
+    --config, or DIR/config.yaml with --resume DIR (then --out is DIR)."""
     command = ns.command
     given = {o.name: getattr(ns, o.name, None) for o in COMMANDS[command]}
     yaml_path, yaml_name = given.get("config"), None
-    if given.get("resume"):
-        folder = given["resume"]
+    folder = given.get("resume")
+    if folder:
         yaml_path = os.path.join(folder, "config.yaml")
         if not os.path.isfile(yaml_path):
             raise EdgeKDError(f"cannot resume {folder!r}: it has no config.yaml (not an edgekd train/distill folder)")
         yaml_name = f"{yaml_path} (the run being resumed)"
         given["out"] = None
-    cfg = resolve(command, given, yaml_path, yaml_name, resumed=bool(given.get("resume")))
-    if given.get("resume"):
-        cfg.update(out=given["resume"], force=True, resume=given["resume"])
-    return argparse.Namespace(**cfg, command=command, func=ns.func, debug=ns.debug)
+    fixed = {"out": folder, "force": True, "resume": folder} if folder else None
+    return resolve(command, given, yaml_path, yaml_name, resumed=bool(folder), fixed=fixed)
 
 
-def saved(args):
+def saved(opts: "Options") -> Dict[str, Any]:
     """The options of a run as config.yaml records them (control options left out)."""
-    keep = {o.name for o in COMMANDS[args.command] if o.yaml}
-    return {k: v for k, v in vars(args).items() if k in keep}
+    return {o.name: getattr(opts, o.name) for o in COMMANDS[opts.command] if o.yaml}
+
+
+# ---------------------------------------------------------------------------------------------
+# One frozen dataclass per command, generated from its table: TrainOptions, DistillOptions, ...
+# The table stays the one declaration of an option (name, type, default, help, rule); the class
+# gives the rest of edgekd attribute access (``opts.epochs``) and checks every value it is built
+# with, so a Python caller (``ExportOptions(format="onnx", out=...)``) is held to the same rules
+# as the command line and YAML.
+
+_TYPES: Dict[str, Any] = {"int": Optional[int], "float": Optional[float], "str": Optional[str], "bool": bool,
+                          "list": Optional[List[Any]]}
+
+
+class Options:
+    """Base of the generated option classes; ``command`` names the table a class was made from."""
+
+    command: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for opt in COMMANDS[self.command]:
+            value = getattr(self, opt.name)
+            if value is None and (opt.positional or opt.default is None):
+                continue
+            object.__setattr__(self, opt.name, check(opt, value))
+
+    def __getattr__(self, name: str) -> Any:  # only called for a name that is not a field
+        raise AttributeError(f"edgekd {self.command} has no option {name!r}")
+
+
+def _field(opt: Opt) -> Tuple[str, Any, Any]:
+    if isinstance(opt.default, list):
+        default = list(opt.default)
+        return opt.name, _TYPES[opt.kind], dataclasses.field(default_factory=lambda: list(default))
+    return opt.name, _TYPES[opt.kind], dataclasses.field(default=opt.default)
+
+
+def _options_class(command: str) -> Type[Options]:
+    name = command.capitalize() + "Options"
+    cls = dataclasses.make_dataclass(
+        name, [_field(o) for o in COMMANDS[command]], bases=(Options,), frozen=True, kw_only=True,
+        namespace={"command": command, "__doc__": f"The options of ``edgekd {command}`` (generated from "
+                                                    f"edgekd.core.config.{command.upper()})."})
+    cls.__module__ = __name__  # picklable (torchrun broadcasts, worker processes)
+    return cls
+
+
+CLASSES: Dict[str, Type[Options]] = {command: _options_class(command) for command in COMMANDS}
+TrainOptions = CLASSES["train"]
+DistillOptions = CLASSES["distill"]
+QuantizeOptions = CLASSES["quantize"]
+ExportOptions = CLASSES["export"]
+BenchOptions = CLASSES["bench"]
+PredictOptions = CLASSES["predict"]
+DeployOptions = CLASSES["deploy"]

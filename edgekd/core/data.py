@@ -44,7 +44,7 @@ def open_image(path):
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             found = re.search(r"\((\d+) pixels\)", str(e))
             pixels = int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1
-            raise ImageTooLarge(_too_large(path, pixels)) from None
+            raise ImageTooLarge(_too_large(path, pixels)) from e
     if img.width * img.height > MAX_IMAGE_PIXELS:
         img.close()
         raise ImageTooLarge(_too_large(path, img.width * img.height, img.size))
@@ -72,6 +72,9 @@ class InputSpec:
     width: int
     mean: list = field(default_factory=list)
     std: list = field(default_factory=list)
+    # Evaluation geometry (timm's crop_pct): resize the shorter side to size / crop_pct, center-crop to size.
+    # None: stretch to (height, width), what checkpoints and bundles made before it was recorded mean.
+    crop_pct: float = None
 
     @property
     def color(self):
@@ -81,11 +84,20 @@ class InputSpec:
         d = asdict(self)
         d["color"] = self.color
         d["resize"] = [self.height, self.width]
+        if self.crop_pct is None:
+            del d["crop_pct"]
         return d
 
     @classmethod
     def from_dict(cls, d):
-        return cls(d["channels"], d["height"], d["width"], list(d["mean"]), list(d["std"]))
+        return cls(d["channels"], d["height"], d["width"], list(d["mean"]), list(d["std"]), d.get("crop_pct"))
+
+    def manifest(self):
+        """The runner's view of this spec (bundle/runner.preprocess reads color, resize, crop_pct, mean, std)."""
+        d = {"color": self.color, "resize": [self.height, self.width], "mean": list(self.mean), "std": list(self.std)}
+        if self.crop_pct is not None:
+            d["crop_pct"] = self.crop_pct
+        return d
 
 
 @dataclass
@@ -97,10 +109,11 @@ class Data:
     test: object
     classes: list
     input: InputSpec
+    sizes: set = None   # (width, height) of the training images probed (a sample spread over the split)
 
 
-def default_input(channels, height, width):
-    return InputSpec(channels, height, width, [DEFAULT_MEAN] * channels, [DEFAULT_STD] * channels)
+def default_input(channels, height, width, crop_pct=None):
+    return InputSpec(channels, height, width, [DEFAULT_MEAN] * channels, [DEFAULT_STD] * channels, crop_pct)
 
 
 class ConvertMode:
@@ -113,28 +126,112 @@ class ConvertMode:
         return img if img.mode == self.mode else img.convert(self.mode)
 
 
+class EvalTransform:
+    """PIL image -> normalised float tensor: the bundle runner's own preprocessing (bundle/runner.preprocess),
+    so training's evaluation, export's parity images, predict and the device runner give the same tensor."""
+
+    def __init__(self, spec):
+        self.spec = spec.manifest()
+
+    def __call__(self, img):
+        import torch
+
+        from ..bundle.runner import preprocess
+
+        return torch.from_numpy(preprocess(img, self.spec))
+
+
+class EvalPixels(EvalTransform):
+    """PIL image -> uint8 (C, H, W) tensor of the evaluation geometry (before /255 and normalising)."""
+
+    def __call__(self, img):
+        import numpy as np
+        import torch
+
+        from ..bundle.runner import preprocess_pixels
+
+        pixels = np.array(preprocess_pixels(img, self.spec), dtype=np.uint8)  # writable: torch shares it
+        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(pixels))
+
+
 def eval_transform(spec):
-    """PIL image -> normalised tensor. The torch-free runtime reproduces these exact steps."""
-    from torchvision import transforms
-
-    return transforms.Compose([
-        ConvertMode(spec.color),
-        transforms.Resize((spec.height, spec.width)),
-        transforms.ToTensor(),
-        transforms.Normalize(spec.mean, spec.std),
-    ])
+    """PIL image -> normalised tensor. The torch-free runtime reproduces these exact steps (it runs the same code)."""
+    return EvalTransform(spec)
 
 
-def load_data(spec="digits", data_root=None, input_spec=None):
-    """Resolve a data spec. ``input_spec`` (from a checkpoint) overrides the data's own."""
+# The student's input size for folders of mixed image sizes when --input-size is not given: the usual size of
+# ImageNet-pretrained edge models (MobileNet, EfficientNet-B0, ResNet), and timm's default evaluation crop.
+MIXED_DEFAULT_SIZE = 224
+MIXED_CROP_PCT = 0.875
+# Image headers read to decide whether a folder's images share one size (spread over the split).
+SIZE_PROBES = 256
+
+
+@dataclass
+class SizeChoice:
+    """--input-size and --crop-pct as given (None: chosen from the data), and a pretrained student's own view."""
+
+    size: tuple = None
+    crop_pct: float = None
+    pretrained: tuple = None   # ((height, width), crop_pct, source) of a pretrained student, or None
+
+
+def parse_size(value, flag="--input-size"):
+    """'H' or 'H,W' (or a list) -> (height, width); None stays None."""
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).replace("x", ",").split(",")
+    try:
+        sizes = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        sizes = []
+    if not 1 <= len(sizes) <= 2 or min(sizes) < 1 or max(sizes) > 8192:
+        raise EdgeKDError(f"{flag} {value!r}: give SIZE or HEIGHT,WIDTH in pixels (1 to 8192), e.g. 160 or 224,160")
+    return (sizes[0], sizes[-1])
+
+
+def choose_input(channels, sizes, choice=None, where="the data"):
+    """The student's InputSpec from the image sizes found ((width, height) set) and the user's choice.
+
+    The data's own size when every image has it and no size is given (CIFAR-10, digits, thumbnails: the
+    geometry is then the identity, as it always was); for mixed sizes MIXED_DEFAULT_SIZE square, or the
+    images' median shorter side when that is smaller (thumbnails are not upsampled), or a pretrained
+    student's own size, with timm's crop_pct; logged. A given size keeps everything of uniform data
+    (crop_pct 1.0: only an aspect change is cropped) and crops mixed photos as timm evaluates them.
+    """
+    choice = choice or SizeChoice()
+    uniform = len(sizes) == 1
+    if choice.size is not None:
+        size = choice.size
+    elif uniform:
+        width, height = next(iter(sizes))
+        size = (height, width)
+    else:
+        side = min(MIXED_DEFAULT_SIZE, sorted(min(w, h) for w, h in sizes)[len(sizes) // 2])
+        size, why = (side, side), f"edgekd's default for mixed sizes ({MIXED_DEFAULT_SIZE}"
+        why += ")" if side == MIXED_DEFAULT_SIZE else f", lowered to the images' median shorter side {side})"
+        if choice.pretrained is not None:
+            size, why = tuple(choice.pretrained[0]), f"the pretrained student's own ({choice.pretrained[2]})"
+        log.warning("%s holds images of %d different sizes: the student's input is %dx%d, %s; set --input-size",
+                    where, len(sizes), size[0], size[1], why)
+    crop = choice.crop_pct
+    if crop is None:
+        crop = 1.0 if uniform else (choice.pretrained[1] if choice.pretrained is not None else MIXED_CROP_PCT)
+    return default_input(channels, size[0], size[1], crop)
+
+
+def load_data(spec="digits", data_root=None, input_spec=None, choice=None):
+    """Resolve a data spec. ``input_spec`` (from a checkpoint) overrides the data's own; ``choice`` (a
+    SizeChoice: --input-size, --crop-pct) sets the student's size and crop when there is no checkpoint's."""
     spec = str(spec)
     if spec == "digits":
-        return _digits(input_spec)
+        return _digits(input_spec, choice)
     if spec in ("cifar10", "cifar100"):
-        return _torchvision_cifar(spec, data_root, input_spec)
+        return _torchvision_cifar(spec, data_root, input_spec, choice)
     path = spec[len("imagefolder:"):] if spec.startswith("imagefolder:") else spec
     if spec.startswith("imagefolder:") or os.sep in spec or os.path.exists(spec):
-        return _imagefolder(spec, path, input_spec)
+        return _imagefolder(spec, path, input_spec, choice)
     raise EdgeKDError(
         f"unknown data {spec!r}: use digits, cifar10, cifar100, a folder PATH or imagefolder:PATH"
     )
@@ -153,7 +250,7 @@ class _PILList:
         return self.transform(self.images[i]), self.targets[i]
 
 
-def _digits(input_spec):
+def _digits(input_spec, choice=None):
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -166,17 +263,18 @@ def _digits(input_spec):
         np.arange(len(pixels)), test_size=DIGITS_TEST_FRACTION, stratify=digits.target,
         random_state=0,  # fixed, so the held-out split never depends on --seed
     )
-    spec = input_spec or default_input(1, DIGITS_SIZE, DIGITS_SIZE)
+    # digits are shown at 32x32 (the 8x8 scans resized), their own size as far as --input-size is concerned
+    spec = input_spec or choose_input(1, {(DIGITS_SIZE, DIGITS_SIZE)}, choice)
     tf = eval_transform(spec)
 
     def split(idx):
         return _PILList([Image.fromarray(pixels[i], "L") for i in idx], digits.target[idx], tf)
 
     classes = [str(c) for c in digits.target_names]
-    return Data("digits", split(idx_train), split(idx_test), classes, spec)
+    return Data("digits", split(idx_train), split(idx_test), classes, spec, {(8, 8)})
 
 
-def _imagefolder(spec, path, input_spec):
+def _imagefolder(spec, path, input_spec, choice=None):
     from torchvision.datasets import ImageFolder
 
     if not os.path.isdir(path):
@@ -189,15 +287,17 @@ def _imagefolder(spec, path, input_spec):
             f"data folder {path!r} needs train/ and test/ (or val/) sub-folders, one folder per class "
             f"inside each; found: {', '.join(found) or 'no sub-folders'}"
         )
+    check_reach(path, "data folder", walk=[train_dir, test_dir])
     for split in (train_dir, test_dir):
         check_link_loops(split)
-    spec_in = input_spec or _probe_input(train_dir)
+    channels, sizes = _probe_sizes(train_dir)
+    spec_in = input_spec or choose_input(channels, sizes, choice, where=train_dir)
     tf = eval_transform(spec_in)
     try:
         train = ImageFolder(train_dir, transform=tf, loader=load_image)
         test = ImageFolder(test_dir, transform=tf, loader=load_image)
     except (FileNotFoundError, OSError) as e:
-        raise EdgeKDError(f"cannot read image folder {path!r}: {e}") from None
+        raise EdgeKDError(f"cannot read image folder {path!r}: {e}") from e
     if train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
@@ -205,7 +305,42 @@ def _imagefolder(spec, path, input_spec):
             f"class folders differ between {train_dir!r} and {test_dir!r}: "
             f"only in train: {only_train or 'none'}; only in test: {only_test or 'none'}"
         )
-    return Data(f"imagefolder:{os.path.abspath(path)}", train, test, list(train.classes), spec_in)
+    return Data(f"imagefolder:{os.path.abspath(path)}", train, test, list(train.classes), spec_in, sizes)
+
+
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # views of the running system, not folders of images
+
+
+def _system(real):
+    return any(real == p or real.startswith(p + "/") for p in SYSTEM_FOLDERS)
+
+
+def check_reach(root, what, walk=None):
+    """Refuse a data folder that would be read beyond itself: the file-system root or a system folder
+    (/proc, /sys, /dev), or a symbolic link under it leading to the root, to an ancestor of the folder or into
+    a system folder (``--unlabeled /proc`` would otherwise read the whole disk through /proc/self/root).
+    Links to files and to folders elsewhere are followed as usual. ``walk`` lists the sub-folders to walk
+    (default: all of ``root``)."""
+    top = os.path.realpath(root)
+    if top == os.sep or _system(top):
+        where = "the file-system root" if top == os.sep else f"a system folder ({top})"
+        raise EdgeKDError(f"{what} {root!r} is {where}, not a folder of images")
+    seen = set()
+    for start in walk or [root]:
+        for folder, dirs, _ in os.walk(start, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a second link to a folder already checked (loops are check_link_loops' refusal)
+                dirs[:] = []
+                continue
+            seen.add(real)
+            for d in dirs:
+                path = os.path.join(folder, d)
+                target = os.path.realpath(path)
+                if target == os.sep or top == target or top.startswith(target + os.sep) or _system(target):
+                    where = ("the file-system root" if target == os.sep else f"a system folder ({target})"
+                             if _system(target) else f"{target!r}, which holds the folder itself")
+                    raise EdgeKDError(f"{what} {root!r}: the link {path!r} leads to {where}; edgekd reads nothing "
+                                      "outside the folders it is given: remove the link")
 
 
 def check_link_loops(root):
@@ -224,34 +359,40 @@ def check_link_loops(root):
                                   f"{ancestor!r}; remove the link")
 
 
-def _probe_input(train_dir):
-    """Channels and size from the first readable image: grey folders stay 1-channel, the rest are RGB.
+def _probe_sizes(train_dir):
+    """(channels, {(width, height)}) from the headers of up to SIZE_PROBES images spread over the split: grey
+    folders stay 1-channel, the rest are RGB.
 
     Unreadable and oversized files are passed over here; decoding names them (or skips them with
     --skip-bad-images).
     """
-    for root, _, files in sorted(os.walk(train_dir)):
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                try:
-                    with open_image(os.path.join(root, name)) as img:
-                        channels = 1 if img.mode in ("L", "1", "I;16") else 3
-                        return default_input(channels, img.height, img.width)
-                except (OSError, SyntaxError, ValueError):
-                    continue
-    raise EdgeKDError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under {train_dir!r}")
+    paths = [os.path.join(root, name) for root, _, files in sorted(os.walk(train_dir, followlinks=True))
+             for name in sorted(files) if name.lower().endswith(IMAGE_EXTENSIONS)]
+    step = max(1, len(paths) // SIZE_PROBES)
+    channels, sizes = None, set()
+    for path in paths[::step][:SIZE_PROBES]:
+        try:
+            with open_image(path) as img:
+                if channels is None:
+                    channels = 1 if img.mode in ("L", "1", "I;16", "I;16B", "I;16L", "I") else 3
+                sizes.add(img.size)
+        except (OSError, SyntaxError, ValueError):
+            continue
+    if channels is None:
+        raise EdgeKDError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under {train_dir!r}")
+    return channels, sizes
 
 
-def _torchvision_cifar(spec, data_root, input_spec):
+def _torchvision_cifar(spec, data_root, input_spec, choice=None):
     from torchvision import datasets
 
     root = data_root or os.path.join(os.path.expanduser("~"), ".cache", "edgekd", spec)
     # A local ImageFolder copy (train/ + test/) is read in place.
     if os.path.isdir(os.path.join(root, "train")):
-        data = _imagefolder(spec, root, input_spec)
+        data = _imagefolder(spec, root, input_spec, choice)
         data.spec = spec
         return data
-    spec_in = input_spec or default_input(3, 32, 32)
+    spec_in = input_spec or choose_input(3, {(32, 32)}, choice)
     cls = datasets.CIFAR10 if spec == "cifar10" else datasets.CIFAR100
     tf = eval_transform(spec_in)
     try:
@@ -261,8 +402,8 @@ def _torchvision_cifar(spec, data_root, input_spec):
         raise EdgeKDError(
             f"could not load {spec} into {root!r} ({type(e).__name__}: {e}); "
             "pass --data-root pointing at a downloaded copy or an ImageFolder folder"
-        ) from None
-    return Data(spec, train, test, list(train.classes), spec_in)
+        ) from e
+    return Data(spec, train, test, list(train.classes), spec_in, {(32, 32)})
 
 
 def take_images(dataset, limit=None):
@@ -326,6 +467,7 @@ def load_unlabeled(folder, labelled=None, test=None):
     files, nothing to compare)."""
     if not os.path.isdir(folder):
         raise EdgeKDError(f"--unlabeled {folder!r} is not a folder (expected a folder of images, any nesting)")
+    check_reach(folder, "--unlabeled")
     paths = image_files(folder)
     if not paths:
         raise EdgeKDError(f"--unlabeled {folder!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")

@@ -4,24 +4,33 @@ what each run writes. The loop itself is in train_loop.py, the batch-norm check 
 import json
 import logging
 import os
+from dataclasses import replace
 
 import torch
 
 from .. import EdgeKDError
 from . import teachers
 from .batchnorm import check_batchnorm
+from ..base.files import portable
 from .checkpoint import atomic_write, save_checkpoint
-from .data import load_data
+from .config import saved
+from .augment import Views
+from .data import load_data, parse_size
 from .losses import LOSSES, UNLABELED, make_loss
-from .models import (build_pretrained, check_student, count_flops, count_params,
-                     fetch_pretrained, pretrained_norm)
+from .loading import load_model
+from .models import (build_model, build_pretrained, check_student, count_flops, count_params,
+                     fetch_pretrained, pretrained_norm, pretrained_view)
 from .teachers import FrozenTeacher  # noqa: F401  (its old home; tests and scripts import it from here)
 from .train_loop import TrainRun, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
+    """``obj`` as indented JSON at ``path``, written atomically, with the machine's absolute paths made relative
+    to its folder (base/files.py portable)."""
+    obj = portable(obj, os.path.dirname(os.path.abspath(path)))
+
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
@@ -30,7 +39,8 @@ def _write_json(path, obj):
     atomic_write(path, write)
 
 
-def _save_config(out, cfg):
+def save_config(out, cfg):
+    """The run's resolved options as OUT/config.yaml (written atomically), so the run can be repeated."""
     import yaml
 
     def write(tmp):
@@ -52,7 +62,7 @@ def _finish(model, run, cfg, metrics):
     if bn is not None:
         metrics["batchnorm"] = bn
         if bn["recalibrated"]:
-            metrics["test_top1"] = evaluate(model, run.test, cfg["device"], dist=run.dist)
+            metrics["test_top1"] = evaluate(model, run.test, cfg.device, dist=run.dist)
             bn["test_top1_after"] = metrics["test_top1"]
     return metrics
 
@@ -60,6 +70,30 @@ def _finish(model, run, cfg, metrics):
 def _save(path, model, spec, data, metrics, cfg):
     return save_checkpoint(path, model, spec=spec, classes=data.classes, input_spec=data.input,
                            data_spec=data.spec, metrics=metrics, config=cfg)
+
+
+def train_teacher(cfg, spec, data, train, test, ctx, epochs):
+    """A teacher given as a model spec (seed-teacher, resnet20, torchvision:resnet18, ...), trained here on the
+    data first and saved as OUT/teacher.pt; a resumed run reads the teacher.pt it trained before the interruption.
+    ``epochs``: distill's --teacher-epochs (else --epochs). Returns the teachers.Trained that load_teacher turns
+    into the Teacher."""
+    path = os.path.join(cfg.out, "teacher.pt")
+    if cfg.resume and ctx.broadcast_object(os.path.isfile(path)):  # trained before the interruption
+        model, ckpt = load_model(path)
+        log.info("resuming: teacher already trained (%s)", path)
+        return teachers.Trained(model, ckpt, path, dict(ckpt["metrics"]))
+    model = build_model(spec, len(data.classes), data.input)
+    loss_fn, _ = make_loss("ce", label_smoothing=cfg.label_smoothing)
+    t_cfg = replace(cfg, epochs=epochs)
+    run = TrainRun(train, test, loss_fn, dist=ctx)
+    history = fit(model, run, t_cfg, desc=f"teacher {spec}", state_path=os.path.join(cfg.out, "teacher.state.pt"))
+    metrics = _finish(model, run, t_cfg, _summary(spec, epochs, history, model, data))
+    metrics["source"] = "trained"
+    if ctx.is_main:
+        _save(path, model, spec, data, metrics, saved(t_cfg))
+    ctx.barrier()  # the others hash teacher.pt for the teacher cache: wait until it is written
+    ckpt = {"input": data.input.to_dict(), "classes": data.classes}
+    return teachers.Trained(model.eval().cpu(), ckpt, path, metrics)
 
 
 def _parse_stats(text, channels):
@@ -76,39 +110,144 @@ def _parse_stats(text, channels):
     return mean, std
 
 
-def prepare_data(cfg, input_spec=None, pretrained=None):
-    """Load the data spec, decode the (subset of the) train split and the test split into memory,
-    settle the normalisation (from the train split unless given; a pretrained student's own with
-    ``pretrained`` = (mean, std, source) and --norm auto), and build the augmentation plan.
+# Inputs up to this side keep the small-image recipe (pad-crop + flip, CIFAR's); larger ones get the
+# random-resized crop of ImageNet training (torchvision / timm).
+SMALL_SIDE = 48
+# The test split is decoded into memory up to this size (at the student's input); larger ones stream too.
+TEST_MEMORY_BYTES = 512 * 1024 ** 2
+# Training images sampled for the train split's mean/std when they are not all decoded into memory.
+STATS_SAMPLE = 2000
 
-    With cfg['unlabeled'] the images of that folder join the training views after the labelled ones,
-    with label edgekd.losses.UNLABELED (teacher term only)."""
-    from .augment import AugmentPlan, Views, decode_split, stratified_subset
 
-    data = load_data(cfg["data"], cfg.get("data_root"), input_spec=input_spec)
-    progress, workers = cfg.get("progress", True), cfg.get("workers", 0)
-    subset = None
-    if cfg.get("train_subset"):
-        subset = stratified_subset(_targets(data.train), cfg["train_subset"], seed=cfg.get("subset_seed", 0))
-    skip = cfg.get("skip_bad_images", False)
-    train_images, train_labels = decode_split(data.train, data.input, subset, workers, "decode train", progress, skip)
-    skipped = list(decode_split.skipped)
-    test_images, test_labels = decode_split(data.test, data.input, None, workers, "decode test", progress, skip)
-    data.skipped_images = skipped + list(decode_split.skipped)
-    data.norm_source = _settle_norm(data, cfg, input_spec, train_images, pretrained)
-    data.labelled_images, data.unlabeled = len(train_labels), None
-    if cfg.get("unlabeled"):
-        extra, data.unlabeled = _decode_unlabeled(cfg, data, subset, workers, progress, skip)
-        train_images = torch.cat([train_images, extra])
-        train_labels = torch.cat([train_labels, torch.full((len(extra),), UNLABELED, dtype=train_labels.dtype)])
-    augment = cfg.get("augment") or "auto"
+def resolve_augment(cfg, data):
+    """The augmentation kind of a run: --augment, with auto (none for digits) and standard chosen by size."""
+    augment = cfg.augment or "auto"
     if augment == "auto":  # flips and shifts turn digits into other digits; photos take them well
         augment = "none" if data.spec == "digits" else "standard"
-    plan = AugmentPlan(augment, len(train_labels), seed=cfg.get("aug_seed", 0))
-    train = Views(train_images, train_labels, data.input.mean, data.input.std, plan)
-    test = Views(test_images, test_labels, data.input.mean, data.input.std)
+    if augment == "standard":
+        augment = "standard" if min(data.input.height, data.input.width) <= SMALL_SIDE else "random-resized-crop"
+    return {"pad-crop": "standard"}.get(augment, augment)
+
+
+def choose_pipeline(cfg, data, kind, n, teacher):
+    """memory or stream for this run's training images (logged): memory when the decoded images fit, the
+    augmentation works on them (pad-crop or none) and, with a teacher, the files hold no more pixels than the
+    student's input (then the teacher's own view of the original is the student's view, resized)."""
+    from ..base.progress import REPORT
+    from .augment import DECODE_LIMIT_BYTES
+
+    spec = data.input
+    nbytes = n * spec.channels * spec.height * spec.width
+    larger = any(w > spec.width or h > spec.height for w, h in (data.sizes or ()))
+    wanted = cfg.pipeline or "auto"
+    if wanted == "memory" and kind == "random-resized-crop":
+        raise EdgeKDError("--pipeline memory holds images at the student's size, where a random-resized crop cannot "
+                          "be cut from the original picture: use --pipeline stream (or auto), or --augment pad-crop")
+    if wanted == "auto":
+        fits = nbytes <= DECODE_LIMIT_BYTES
+        wanted = "memory" if fits and kind in ("none", "standard") and not (teacher and larger) else "stream"
+    say = REPORT.info if cfg.progress else log.info  # the CLI's stdout lines; the log otherwise
+    if wanted == "memory":
+        say("data: %d training images at %dx%d decoded into memory (%.0f MB), %s augmentation", n, spec.height,
+            spec.width, nbytes / 1e6, kind)
+    else:
+        say("data: %d training images at %dx%d streamed from their files, decoded per batch in %d worker processes, "
+            "%s augmentation", n, spec.height, spec.width, cfg.workers, kind)
+    return wanted
+
+
+def prepare_data(cfg, input_spec=None, pretrained=None, unlabeled=None, teacher=False, pretrained_view=None):
+    """Load the data spec, decode the (subset of the) train split and the test split into memory or serve them
+    from the files (choose_pipeline), settle the normalisation (from the train split unless given; a pretrained
+    student's own with ``pretrained`` = (mean, std, source) and --norm auto), and build the augmentation plan.
+    ``teacher``: the run has a teacher (distill, quantize), which should see images larger than the student's
+    input at their own resolution; ``pretrained_view``: a pretrained student's (size, crop_pct, source).
+
+    With ``unlabeled`` (a folder: --unlabeled) the images of that folder join the training views after the labelled ones,
+    with label edgekd.losses.UNLABELED (teacher term only)."""
+    from .augment import AugmentPlan, stratified_subset
+    from .data import SizeChoice
+
+    data = load_data(cfg.data, cfg.data_root, input_spec=input_spec,
+                     choice=SizeChoice(parse_size(cfg.input_size), cfg.crop_pct, pretrained_view))
+    subset = None
+    if cfg.train_subset:
+        subset = stratified_subset(_targets(data.train), cfg.train_subset, seed=0)
+    kind = resolve_augment(cfg, data)
+    n = len(data.train) if subset is None else len(subset)
+    data.pipeline = choose_pipeline(cfg, data, kind, n, teacher)
+    if data.pipeline == "memory":
+        train_images, train_labels = _memory_train(cfg, data, subset, input_spec, pretrained, unlabeled)
+        plan = AugmentPlan(kind, len(train_labels), seed=cfg.aug_seed)
+        train = Views(train_images, train_labels, data.input.mean, data.input.std, plan)
+    else:
+        train = _stream_train(cfg, data, subset, input_spec, pretrained, unlabeled, kind)
+    test = _test_views(cfg, data)
     data.train_size = len(train)
     return data, train, test
+
+
+def _memory_train(cfg, data, subset, input_spec, pretrained, unlabeled):
+    """The training images decoded once into a uint8 tensor (with the --unlabeled ones after them)."""
+    from .augment import decode_split
+
+    progress, workers, skip = cfg.progress, cfg.workers, cfg.skip_bad_images
+    train_images, train_labels = decode_split(data.train, data.input, subset, workers, "decode train", progress, skip)
+    data.skipped_images = list(decode_split.skipped)
+    data.norm_source = _settle_norm(data, cfg, input_spec, train_images, pretrained)
+    data.labelled_images, data.unlabeled = len(train_labels), None
+    if unlabeled:
+        extra, data.unlabeled = _decode_unlabeled(unlabeled, data, subset, workers, progress, skip)
+        train_images = torch.cat([train_images, extra])
+        train_labels = torch.cat([train_labels, torch.full((len(extra),), UNLABELED, dtype=train_labels.dtype)])
+    return train_images, train_labels
+
+
+def _stream_train(cfg, data, subset, input_spec, pretrained, unlabeled, kind):
+    """Training views served from the files (edgekd.core.stream); the train split's statistics from a
+    class-stratified sample of them."""
+    from .augment import AugmentPlan, decode_split, stratified_subset
+    from .stream import StreamViews
+
+    data.skipped_images = []
+    sample, norm = None, cfg.norm or "auto"
+    if input_spec is None and (norm == "train" or (norm == "auto" and pretrained is None and data.spec != "digits")):
+        pool = torch.as_tensor(subset) if subset is not None else torch.arange(len(data.train))
+        picked = pool[stratified_subset(torch.as_tensor(_targets(data.train))[pool], STATS_SAMPLE, seed=0)]
+        sample, _ = decode_split(data.train, data.input, picked, cfg.workers, "decode statistics sample",
+                                 cfg.progress, skip_bad=True)
+    data.norm_source = _settle_norm(data, cfg, input_spec, sample, pretrained)
+    labelled = len(data.train) if subset is None else len(subset)
+    if data.norm_source == "train split" and len(sample) < labelled:
+        data.norm_source = f"train split (a stratified sample of {len(sample)} images)"
+    parts = [(data.train, subset, None)]
+    data.labelled_images, data.unlabeled = labelled, None
+    if unlabeled:
+        folder = _unlabeled_folder(unlabeled, data, subset)
+        parts.append((folder, None, UNLABELED))
+        data.unlabeled = {"folder": folder.folder, "files": folder.found, "images": len(folder),
+                          "skipped": dict(folder.skipped), "compared_by_path": hasattr(data.train, "samples")}
+    views = StreamViews.of(parts, data.input, None, workers=cfg.workers, skip_bad=cfg.skip_bad_images,
+                           scale=cfg.crop_scale, desc="train")
+    views.plan = AugmentPlan(kind, len(views), seed=cfg.aug_seed, scale=cfg.crop_scale)
+    return views
+
+
+def _test_views(cfg, data):
+    """The test split: decoded into memory at the student's input when it fits, else served from the files."""
+    from .augment import decode_split
+
+    spec = data.input
+    if len(data.test) * spec.channels * spec.height * spec.width <= TEST_MEMORY_BYTES:
+        images, labels = decode_split(data.test, spec, None, cfg.workers, "decode test", cfg.progress,
+                                      cfg.skip_bad_images)
+        data.skipped_images = list(getattr(data, "skipped_images", [])) + list(decode_split.skipped)
+        return Views(images, labels, spec.mean, spec.std)
+    from .stream import StreamViews
+
+    log.info("data: the test split's %d images are streamed from their files", len(data.test))
+    return StreamViews.of([(data.test, None, None)], spec, None, workers=cfg.workers, skip_bad=cfg.skip_bad_images,
+                          desc="test")
 
 
 def _settle_norm(data, cfg, input_spec, train_images, pretrained):
@@ -120,7 +259,7 @@ def _settle_norm(data, cfg, input_spec, train_images, pretrained):
     normalised like the same run without it."""
     from .augment import channel_stats
 
-    norm = cfg.get("norm") or "auto"
+    norm = cfg.norm or "auto"
     if input_spec is not None:
         return "checkpoint"
     if norm == "auto" and pretrained is not None:
@@ -143,23 +282,31 @@ def _fit_channels(values, channels):
     return [sum(values) / len(values)] * channels
 
 
-def _decode_unlabeled(cfg, data, subset, workers, progress, skip):
+def _decode_unlabeled(unlabeled, data, subset, workers, progress, skip):
     """The --unlabeled folder's images at the data's input (uint8), and their record for metrics.json."""
     from .augment import decode_split
-    from .data import load_unlabeled, split_paths
+    from .data import split_paths
 
     labelled = split_paths(data.train, subset)
-    if labelled is None:
-        log.info("%s has no image files: --unlabeled images cannot be compared with it by path", data.spec)
-    folder = load_unlabeled(cfg["unlabeled"], labelled, split_paths(data.test))
+    folder = _unlabeled_folder(unlabeled, data, subset)
     images, _ = decode_split(folder, data.input, None, workers, "decode unlabeled", progress, skip)
     if not len(images):
-        raise EdgeKDError(f"--unlabeled {cfg['unlabeled']!r}: none of its {folder.found} image files could be read")
+        raise EdgeKDError(f"--unlabeled {unlabeled!r}: none of its {folder.found} image files could be read")
     record = {"folder": folder.folder, "files": folder.found, "images": len(images),
               "skipped": {**folder.skipped, "unreadable": len(decode_split.skipped)},
               "compared_by_path": labelled is not None}
     log.info("--unlabeled %s: %d images join %d labelled ones", folder.folder, len(images), data.labelled_images)
     return images, record
+
+
+def _unlabeled_folder(unlabeled, data, subset):
+    """The --unlabeled folder's images, without those of the labelled training set or the test split."""
+    from .data import load_unlabeled, split_paths
+
+    labelled = split_paths(data.train, subset)
+    if labelled is None:
+        log.info("%s has no image files: --unlabeled images cannot be compared with it by path", data.spec)
+    return load_unlabeled(unlabeled, labelled, split_paths(data.test))
 
 
 def _targets(dataset):
@@ -170,22 +317,26 @@ def _targets(dataset):
 
 def _data_record(data, train, cfg):
     labelled = getattr(data, "labelled_images", len(train))
+    skipped = len(getattr(data, "skipped_images", [])) + len(getattr(train, "skipped", ()))
     return {"spec": data.spec, "train_images": len(train), "labelled_images": labelled,
             "unlabeled_images": len(train) - labelled, "unlabeled": getattr(data, "unlabeled", None),
-            "train_subset": cfg.get("train_subset"), "skipped_bad_images": len(getattr(data, "skipped_images", [])),
+            "train_subset": cfg.train_subset, "skipped_bad_images": skipped,
             "test_images": None, **train.plan.describe(), "mean": data.input.mean, "std": data.input.std,
-            "norm": getattr(data, "norm_source", None)}
+            "norm": getattr(data, "norm_source", None), "input_size": [data.input.height, data.input.width],
+            "crop_pct": data.input.crop_pct, "pipeline": getattr(data, "pipeline", None),
+            "teacher_view_size": list(train.teacher_size) if getattr(train, "teacher_size", None) else None}
 
 
 def _joined(run_fn):
-    """Run ``run_fn(cfg, ctx)`` inside the torchrun job (or alone); cfg['device'] becomes this rank's."""
+    """Run ``run_fn(saved, options, ctx)`` inside the torchrun job (or alone): ``saved`` is what config.yaml
+    records (the options as given), ``options.device`` becomes this rank's."""
 
     def wrapper(cfg):
         from . import distributed
 
-        ctx, device = distributed.init(cfg["device"])
+        ctx, device = distributed.init(cfg.device)
         try:
-            return run_fn(cfg, {**cfg, "device": device}, ctx)
+            return run_fn(saved(cfg), replace(cfg, device=device), ctx)
         finally:
             ctx.close()
 
@@ -196,39 +347,40 @@ def _joined(run_fn):
 def _distributed_record(ctx, cfg, run):
     from .distributed import rank_record
 
-    return {**ctx.describe(cfg["batch_size"]), "ranks": ctx.gather_objects(rank_record(ctx, cfg["device"], run.local_images))}
+    return {**ctx.describe(cfg.batch_size), "ranks": ctx.gather_objects(rank_record(ctx, cfg.device, run.local_images))}
 
 
 @_joined
 def run_train(saved_cfg, cfg, ctx):
     """``edgekd train``: supervised training of one model. Writes model.pt, metrics.json, config.yaml."""
-    if cfg.get("unlabeled"):
+    if cfg.unlabeled:
         raise EdgeKDError("--unlabeled images are learned from the teacher's answers and edgekd train has no teacher: "
                           "use edgekd distill --unlabeled DIR")
-    check_student(cfg["model"], cfg.get("weights"))
-    fetch_pretrained(cfg["model"])
-    seed_everything(cfg["seed"])
-    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg["model"], cfg.get("weights")))
-    model, init = build_pretrained(cfg["model"], len(data.classes), data.input, cfg.get("weights"))
+    check_student(cfg.model, cfg.weights)
+    fetch_pretrained(cfg.model)
+    seed_everything(cfg.seed)
+    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg.model, cfg.weights),
+                                     pretrained_view=pretrained_view(cfg.model, cfg.weights))
+    model, init = build_pretrained(cfg.model, len(data.classes), data.input, cfg.weights)
     if ctx.is_main:
-        _save_config(cfg["out"], saved_cfg)
-    loss_fn, _ = make_loss("ce", label_smoothing=cfg.get("label_smoothing"))
+        save_config(cfg.out, saved_cfg)
+    loss_fn, _ = make_loss("ce", label_smoothing=cfg.label_smoothing)
     run = TrainRun(train, test, loss_fn, dist=ctx)
-    history = fit(model, run, cfg, desc=cfg["model"], state_path=os.path.join(cfg["out"], "model.state.pt"))
-    metrics = _finish(model, run, cfg, _summary(cfg["model"], cfg["epochs"], history, model, data))
+    history = fit(model, run, cfg, desc=cfg.model, state_path=os.path.join(cfg.out, "model.state.pt"))
+    metrics = _finish(model, run, cfg, _summary(cfg.model, cfg.epochs, history, model, data))
     metrics["pretrained"] = init
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     if ctx.is_main:
-        _save(os.path.join(cfg["out"], "model.pt"), model.cpu(), cfg["model"], data, metrics, saved_cfg)
-        _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
+        _save(os.path.join(cfg.out, "model.pt"), model.cpu(), cfg.model, data, metrics, saved_cfg)
+        write_json(os.path.join(cfg.out, "metrics.json"), metrics)
     return metrics
 
 
 def _loss_overrides(cfg):
     keys = ("temperature", "alpha", "beta", "student_layer", "teacher_layer")
-    overrides = {k: cfg.get(k) for k in keys}
-    overrides["warmup"] = cfg.get("dkd_warmup")
+    overrides = {k: getattr(cfg, k) for k in keys}
+    overrides["warmup"] = cfg.dkd_warmup
     return overrides
 
 
@@ -246,47 +398,56 @@ def _feature_taps(loss_fn, student, teacher, data):
 @_joined
 def run_distill(saved_cfg, cfg, ctx):
     """``edgekd distill``: train the student against the teacher. Writes student.pt, metrics.json, config.yaml."""
-    meta = LOSSES.meta(cfg["loss"])
+    meta = LOSSES.meta(cfg.loss)
     if not meta["needs_teacher"]:
-        raise EdgeKDError(f"loss {cfg['loss']!r} uses no teacher; use `edgekd train` or one of "
+        raise EdgeKDError(f"loss {cfg.loss!r} uses no teacher; use `edgekd train` or one of "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]))
-    check_student(cfg["student"], cfg.get("student_weights"))
-    t_options = teachers.TeacherOptions.from_cfg(cfg)
-    teachers.check(cfg["teacher"], t_options, meta)
-    fetch_pretrained(cfg["student"])
-    seed_everything(cfg["seed"])
-    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg["student"], cfg.get("student_weights")))
-    student, student_init = build_pretrained(cfg["student"], len(data.classes), data.input, cfg.get("student_weights"))
-    loss_fn, loss_params = make_loss(cfg["loss"], label_smoothing=cfg.get("label_smoothing"), **_loss_overrides(cfg))
+    check_student(cfg.student, cfg.student_weights)
+    t_options = teachers.TeacherOptions.from_options(cfg)
+    teachers.check(cfg.teacher, t_options, meta)
+    fetch_pretrained(cfg.student)
+    seed_everything(cfg.seed)
+    data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg.student, cfg.student_weights),
+                                     unlabeled=cfg.unlabeled, teacher=True,
+                                     pretrained_view=pretrained_view(cfg.student, cfg.student_weights))
+    student, student_init = build_pretrained(cfg.student, len(data.classes), data.input, cfg.student_weights)
+    loss_fn, loss_params = make_loss(cfg.loss, label_smoothing=cfg.label_smoothing, **_loss_overrides(cfg))
     if ctx.is_main:
-        _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params})
-    # a teacher trained here learns from the labelled images only
-    teacher = teachers.load_teacher(cfg, t_options, data, train.labelled(), test, ctx, evaluate_on=test)
+        save_config(cfg.out, {**saved_cfg, "loss_params": loss_params})
+    # a teacher given as a model spec is trained here first, on the labelled images only
+    trained = None
+    if teachers.resolve(cfg.teacher, t_options).kind == "model":
+        trained = train_teacher(cfg, cfg.teacher, data, train.labelled(), test, ctx,
+                                cfg.teacher_epochs or cfg.epochs)
+    teacher = teachers.load_teacher(cfg, t_options, data, train.labelled(), test, ctx, evaluate_on=test, trained=trained)
     if ctx.is_main:  # again, now with what the teacher turned out to be
-        _save_config(cfg["out"], {**saved_cfg, "loss_params": loss_params, "teacher_resolved": teacher.describe()})
+        save_config(cfg.out, {**saved_cfg, "loss_params": loss_params,
+                              "teacher_resolved": portable(teacher.describe(), cfg.out)})
     if t_options.views:  # after a teacher trained here: it learnt from every epoch's views
         train.plan.replay(t_options.views)
+    if hasattr(train, "set_teacher_size"):  # views from the files: the teacher sees each crop at its own size
+        train.set_teacher_size(teacher.loaded.size)
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None
     cache, cache_seconds = None, None
-    if cfg.get("teacher_cache"):
+    if cfg.teacher_cache:
         if taps is not None:
-            log.warning("loss %s needs the teacher's features, which are not cached: the teacher runs live", cfg["loss"])
+            log.warning("loss %s needs the teacher's features, which are not cached: the teacher runs live", cfg.loss)
         else:
             from .teacher_cache import TeacherCache
 
-            cache = TeacherCache(cfg["teacher_cache"], teacher, train)
+            cache = TeacherCache(cfg.teacher_cache, teacher, train)
             if ctx.is_main:  # rank 0 computes and writes the cache; the others then read it
-                cache_seconds = cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=cfg.get("progress", True))
+                cache_seconds = cache.build(teacher, cfg.epochs, device=cfg.device, progress=cfg.progress)
             ctx.barrier()
             if not ctx.is_main:
-                cache.build(teacher, cfg["epochs"], device=cfg["device"], progress=False)
+                cache.build(teacher, cfg.epochs, device=cfg.device, progress=False)
             cache_seconds = ctx.broadcast_object(cache_seconds)
-    seed_everything(cfg["seed"])  # the student's run does not depend on whether a teacher was trained
+    seed_everything(cfg.seed)  # the student's run does not depend on whether a teacher was trained
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache, taps=taps, dist=ctx)
-    history = fit(student, run, cfg, desc=f"student {cfg['student']}",
-                  state_path=os.path.join(cfg["out"], "student.state.pt"))
-    metrics = _finish(student, run, cfg, _summary(cfg["student"], cfg["epochs"], history, student, data))
-    metrics.update(loss=cfg["loss"], loss_params=loss_params, teacher={
+    history = fit(student, run, cfg, desc=f"student {cfg.student}",
+                  state_path=os.path.join(cfg.out, "student.state.pt"))
+    metrics = _finish(student, run, cfg, _summary(cfg.student, cfg.epochs, history, student, data))
+    metrics.update(loss=cfg.loss, loss_params=loss_params, teacher={
         **{k: teacher.metrics.get(k) for k in ("model", "source", "epochs", "test_top1", "params", "flops", "history")},
         **teacher.describe()})
     metrics["pretrained"] = student_init
@@ -296,6 +457,6 @@ def run_distill(saved_cfg, cfg, ctx):
                                                            "views": train.plan.views}
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     if ctx.is_main:
-        _save(os.path.join(cfg["out"], "student.pt"), student.cpu(), cfg["student"], data, metrics, saved_cfg)
-        _write_json(os.path.join(cfg["out"], "metrics.json"), metrics)
+        _save(os.path.join(cfg.out, "student.pt"), student.cpu(), cfg.student, data, metrics, saved_cfg)
+        write_json(os.path.join(cfg.out, "metrics.json"), metrics)
     return metrics

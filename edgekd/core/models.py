@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import EdgeKDError
 from ..base.registry import Registry
+from ..bundle.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +368,7 @@ def _check_forward(model, spec, c, h, w):
         with torch.no_grad():
             model(example_input(model, c, h, w))
     except RuntimeError as e:
-        raise EdgeKDError(f"model {spec!r} cannot run on {c}x{h}x{w} inputs: {str(e).splitlines()[0]}") from None
+        raise EdgeKDError(f"model {spec!r} cannot run on {c}x{h}x{w} inputs: {str(e).splitlines()[0]}") from e
 
 
 def count_params(model):
@@ -426,6 +427,31 @@ def pretrained_norm(spec, weights_path=None):
     return None
 
 
+def pretrained_view(spec, weights_path=None):
+    """((height, width), crop_pct, source) that a pretrained student's weights were evaluated at (torchvision's
+    weights transforms, timm's pretrained config), or None; the default input for folders of mixed sizes."""
+    import math
+
+    try:
+        if spec.startswith(TORCHVISION_PREFIX):
+            name, weights, _ = parse_torchvision_spec(spec)
+            if weights:
+                member = _torchvision_weights(name, weights)
+                t = member.transforms()
+                crop = int(t.crop_size[0])
+                return (crop, crop), crop / int(t.resize_size[0]), f"torchvision {member}"
+        if spec.startswith(TIMM_PREFIX):
+            name, pretrained, _ = parse_timm_spec(spec)
+            if (pretrained or weights_path) and not name.startswith(("hf-hub:", "hf_hub:")):
+                cfg = _import_timm().models.get_pretrained_cfg(name)
+                if cfg is not None and cfg.input_size:
+                    crop = cfg.crop_pct if cfg.crop_pct and math.isfinite(cfg.crop_pct) else 0.875
+                    return tuple(cfg.input_size[1:]), min(float(crop), 1.0), f"timm {name} pretrained config"
+    except EdgeKDError:
+        return None  # the spec's own checks say what is wrong, later and better
+    return None
+
+
 def build_pretrained(spec, num_classes, input_spec, weights_path=None):
     """(model, record): ``spec``'s architecture started from pretrained weights, or (build_model, None) when
     neither the spec names weights nor ``weights_path`` is given.
@@ -442,9 +468,7 @@ def build_pretrained(spec, num_classes, input_spec, weights_path=None):
     record = {"source": source, "head": [], "adapted": []}
     if weights_path:
         state = read_weights_file(weights_path)
-        from .checkpoint import file_sha256
-
-        record["sha256"] = file_sha256(weights_path)
+        record["sha256"] = sha256_file(weights_path)
         load = lambda model: load_state(model, state, num_classes, f"weights file {weights_path!r}", record)  # noqa: E731
     elif spec.startswith(TORCHVISION_PREFIX):
         name, weights, _ = parse_torchvision_spec(spec)
@@ -467,7 +491,7 @@ def _weights_source(spec, weights_path):
         raise EdgeKDError(f"model {spec!r} names its pretrained weights and a weights file {weights_path!r} was given "
                           "too: use one of them")
     if weights_path:
-        return f"file {os.path.abspath(weights_path)}"
+        return f"file {os.path.basename(weights_path)}"  # its sha256 beside it; no path of this machine
     if not named:
         return None
     if spec.startswith(TORCHVISION_PREFIX):
@@ -487,7 +511,7 @@ def _download_torchvision(member):
     try:
         return member.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as e:  # no network, a proxy, a damaged file: say what to do instead
-        raise _no_download(f"torchvision weights {member}", e) from None
+        raise _no_download(f"torchvision weights {member}", e) from e
 
 
 def _timm_pretrained_loader(spec, num_classes, input_spec, record):
@@ -499,12 +523,12 @@ def _timm_pretrained_loader(spec, num_classes, input_spec, record):
     except EdgeKDError:
         raise
     except Exception as e:
-        raise _no_download(f"timm weights for {name!r}", e) from None
-    cfg = getattr(ref, "pretrained_cfg", {}) or {}
-    head, classes = cfg.get("classifier"), cfg.get("num_classes")
+        raise _no_download(f"timm weights for {name!r}", e) from e
+    timm_config = getattr(ref, "pretrained_cfg", {}) or {}
+    head, classes = timm_config.get("classifier"), timm_config.get("num_classes")
     if head and classes and classes != num_classes:
         record["head"].append(f"{head if isinstance(head, str) else '/'.join(head)} {classes} -> {num_classes}")
-    if input_spec.channels != cfg.get("input_size", (3,))[0]:
+    if input_spec.channels != timm_config.get("input_size", (3,))[0]:
         record["adapted"].append(f"stem convolution fitted to {input_spec.channels}-channel input by timm")
 
     def load(model):
@@ -513,37 +537,38 @@ def _timm_pretrained_loader(spec, num_classes, input_spec, record):
     return load
 
 
-def read_weights_file(path):
+# Where training scripts keep the weights inside a checkpoint: the trained ones first, then an EMA copy
+# (timm's state_dict_ema, DeiT's model_ema) when that is all the file holds.
+WEIGHTS_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+# Prefixes that wrappers put before every key: DistributedDataParallel/DataParallel and EMA wrappers
+# ("module."), torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_weights_file(path, flag="weights file"):
     """A state dict (parameter name -> tensor) from a .pth/.pt file (read with weights_only=True: no pickled
-    code runs) or a .safetensors file. A training checkpoint holding one under 'state_dict' or 'model' is
-    unwrapped, and DistributedDataParallel's 'module.' prefix is dropped."""
+    code runs) or a .safetensors file: the one reader of --weights, --student-weights and --teacher-weights.
+    A training checkpoint holding one under a key of WEIGHTS_KEYS is unwrapped, and the prefixes of
+    WRAPPER_PREFIXES (DDP's 'module.', torch.compile's '_orig_mod.') are dropped. ``flag`` names the file
+    in errors."""
     if not os.path.isfile(path):
-        raise EdgeKDError(f"weights file {path!r} does not exist")
-    try:
-        if path.endswith(".safetensors"):
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise EdgeKDError("reading .safetensors files needs the safetensors package: pip install safetensors") from None
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except EdgeKDError:
-        raise
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            reason = "it contains pickled Python objects (save model.state_dict(), not the model)"
-        raise EdgeKDError(f"cannot read weights file {path!r}: {reason}") from None
-    for key in ("state_dict", "model"):
+        raise EdgeKDError(f"{flag} {path!r} does not exist")
+    from .safe_load import weights_file
+
+    state = weights_file(path, flag)  # edgekd's one loader of files that can carry a pickle
+    for key in WEIGHTS_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EdgeKDError(f"weights file {path!r} holds no state dict (a dict of parameter name -> tensor, as "
+        raise EdgeKDError(f"{flag} {path!r} holds no state dict (a dict of parameter name -> tensor, as "
                           "torch.save(model.state_dict(), path) writes)")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state, stripped = {k[len(prefix):]: v for k, v in state.items()}, True
     return state
 
 
@@ -634,4 +659,4 @@ def fetch_pretrained(spec):
             try:
                 _import_timm().create_model(name, pretrained=True)
             except Exception as e:
-                raise _no_download(f"timm weights for {name!r}", e) from None
+                raise _no_download(f"timm weights for {name!r}", e) from e

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 def data_fingerprint(views):
     """A hash of the training images, labels and normalisation: the cache is only valid for these."""
+    if hasattr(views, "fingerprint"):  # views decoded from the files (edgekd.stream): files, labels, geometry
+        return views.fingerprint()
     h = hashlib.sha256()
     h.update(views.images.contiguous().numpy().tobytes())
     h.update(views.targets.numpy().tobytes())
@@ -61,8 +63,14 @@ class TeacherCache:
 
     def load(self):
         if os.path.isfile(self.path):
-            blob = torch.load(self.path, map_location="cpu", weights_only=True)
-            if blob.get("key") == self.key:
+            from .. import EdgeKDError
+            from .safe_load import torch_file
+
+            try:
+                blob = torch_file(self.path, "teacher cache")
+            except EdgeKDError:  # a damaged cache file is computed again
+                return
+            if isinstance(blob, dict) and blob.get("key") == self.key:
                 self.logits = blob["logits"]
 
     @property
@@ -87,11 +95,17 @@ class TeacherCache:
         teacher.eval().to(device)
         new = []
         for epoch in range(self.epochs + 1, epochs + 1):
-            out = []
-            for x, _, _ in bar(self.views.batches(batch_size, epoch=epoch), total=-(-n // batch_size),
-                               desc=f"teacher cache epoch {epoch}/{epochs}", unit="batch", disable=not progress):
-                out.append(teacher(x.to(device)).float().cpu())
-            new.append(torch.cat(out))
+            out, rows = [], []
+            for x, xt, _, idx in bar(self.views.batches(batch_size, epoch=epoch, teacher_view=True),
+                                     total=-(-n // batch_size), desc=f"teacher cache epoch {epoch}/{epochs}",
+                                     unit="batch", disable=not progress):
+                out.append(teacher((xt if xt is not None else x).to(device)).float().cpu())
+                rows.append(idx)
+            logits = torch.cat(out)
+            # by index: an unreadable image left out (--skip-bad-images) keeps a zero row that is never looked up
+            placed = logits.new_zeros((n, logits.shape[1]))
+            placed[torch.cat(rows)] = logits
+            new.append(placed)
         stacked = torch.stack(new)
         self.logits = stacked if self.logits is None else torch.cat([self.logits, stacked])
         blob = {"key": self.key, "logits": self.logits}

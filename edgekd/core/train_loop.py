@@ -10,7 +10,7 @@ import time
 import torch
 
 from .. import EdgeKDError, Interrupted
-from .checkpoint import atomic_write
+from ..base.files import atomic_write
 from ..base.progress import REPORT, bar
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,11 @@ def evaluate(model, views, device="cpu", batch_size=256, dist=None):
 
 def make_optimizer(params, cfg):
     params = [p for p in params if p.requires_grad]
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                               nesterov=cfg.get("nesterov", False))
-    if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    raise EdgeKDError(f"unknown optimizer {cfg['optimizer']!r}: choose from adamw, sgd")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise EdgeKDError(f"unknown optimizer {cfg.optimizer!r}: choose from adamw, sgd")
 
 
 def lr_factor(step, total, warmup, schedule):
@@ -66,8 +65,8 @@ def lr_factor(step, total, warmup, schedule):
 
 
 def make_scheduler(optimizer, cfg, steps, steps_per_epoch):
-    warmup = int(round(cfg.get("warmup_epochs", 0) * steps_per_epoch))
-    schedule = cfg.get("schedule", "cosine")
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    schedule = cfg.schedule
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup, schedule))
 
 
@@ -87,15 +86,15 @@ class TrainRun:
 def cuda_speedups(cfg):
     """(autocast dtype or None, channels_last) for a run. Mixed precision is for CUDA: bf16 where the GPU
     supports it (no loss scaling needed), fp16 with a gradient scaler otherwise."""
-    on_cuda = str(cfg["device"]).startswith("cuda")
-    amp = cfg.get("amp") or "auto"
+    on_cuda = str(cfg.device).startswith("cuda")
+    amp = cfg.amp or "auto"
     if not on_cuda or amp == "off":
         dtype = None
     elif amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
         dtype = torch.bfloat16
     else:
         dtype = torch.float16
-    layout = cfg.get("channels_last") or "auto"
+    layout = cfg.channels_last or "auto"
     return dtype, layout == "on" or (layout == "auto" and on_cuda)
 
 
@@ -115,19 +114,21 @@ def _to_device(x, y, device, channels_last):
     return x, y
 
 
-def _teacher_logits(run, x, idx, epoch):
+def _teacher_logits(run, x, idx, epoch, xt=None):
     if run.cache is not None and run.taps is None:
         return run.cache.lookup(epoch, idx).to(x.device)
-    return run.teacher(x) if run.teacher is not None else None
+    if run.teacher is None:
+        return None
+    return run.teacher(xt if xt is not None else x)  # the teacher's own view of the same crop when there is one
 
 
-def _step(net, run, x, y, idx, epoch):
-    t_logits = _teacher_logits(run, x, idx, epoch)
+def _step(net, run, x, y, idx, epoch, xt=None):
+    t_logits = _teacher_logits(run, x, idx, epoch, xt)
     s_logits = net(x)
     extra = {}
     if run.taps is not None:  # the teacher's map is an inference-mode tensor: a clone can join autograd
         extra["features"] = (run.taps[0].output, run.taps[1].output.clone())
-    return s_logits, run.loss_fn(s_logits, t_logits, y, **extra)
+    return s_logits, t_logits, run.loss_fn(s_logits, t_logits, y, **extra)
 
 
 class _StopOnSigint:
@@ -200,10 +201,12 @@ def _resume_error(path, e):
 
 
 def read_state(path):
+    from .safe_load import Refused, torch_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise _resume_error(path, e) from None
+        return torch_file(path, "training state")
+    except Refused as e:
+        raise _resume_error(path, e.__cause__ or e) from e.__cause__
 
 
 def apply_state(state, path, model, run, optimizer, scheduler, scaler=None):
@@ -217,18 +220,18 @@ def apply_state(state, path, model, run, optimizer, scheduler, scaler=None):
             scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
     except Exception as e:
-        raise _resume_error(path, e) from None
+        raise _resume_error(path, e) from e
     return state["epoch"], state["history"]
 
 
 def fit(model, run, cfg, desc="train", state_path=None):
-    """Train ``model`` for cfg['epochs'] epochs, evaluating on the test views after each. Returns the history.
+    """Train ``model`` for cfg.epochs epochs, evaluating on the test views after each. Returns the history.
 
     With ``state_path`` the training state is saved there after every epoch (by rank 0), and a run
-    started with cfg['resume'] continues from the last complete epoch found there. Under torchrun the
+    started with cfg.resume continues from the last complete epoch found there. Under torchrun the
     model is trained through DistributedDataParallel; ``model`` itself stays unwrapped.
     """
-    dist, device = run.dist, cfg["device"]
+    dist, device = run.dist, cfg.device
     amp_dtype, channels_last = cuda_speedups(cfg)
     model.to(device).train()
     run.loss_fn.to(device)
@@ -238,25 +241,25 @@ def fit(model, run, cfg, desc="train", state_path=None):
         model.to(memory_format=torch.channels_last)
         if run.teacher is not None:
             run.teacher.to(memory_format=torch.channels_last)
-    steps_per_epoch = run.train.steps_per_epoch(cfg["batch_size"], dist.world_size)
+    steps_per_epoch = run.train.steps_per_epoch(cfg.batch_size, dist.world_size)
     optimizer = make_optimizer(list(model.parameters()) + list(run.loss_fn.parameters()), cfg)
-    scheduler = make_scheduler(optimizer, cfg, cfg["epochs"] * steps_per_epoch, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     history, done = [], 0
-    if state_path and cfg.get("resume"):
+    if state_path and cfg.resume:
         # rank 0 reads the state and sends it to every rank: other machines need not see the file
         state = dist.broadcast_object(read_state(state_path) if dist.is_main and os.path.isfile(state_path) else None)
         if state is not None:
             done, history = apply_state(state, state_path, model, run, optimizer, scheduler, scaler)
             log.info("%s: resuming after epoch %d from %s", desc, done, state_path)
-            if cfg.get("progress", True) and dist.is_main:
-                REPORT.info("%s: resuming after epoch %d/%d", desc, done, cfg["epochs"])
+            if cfg.progress and dist.is_main:
+                REPORT.info("%s: resuming after epoch %d/%d", desc, done, cfg.epochs)
     net = dist.wrap(model, device)
-    if cfg.get("compile"):
+    if cfg.compile:
         net = torch.compile(net)
     loop = _Loop(model, net, optimizer, scheduler, scaler, amp_dtype, channels_last)
     with _StopOnSigint() as stop:
-        for epoch in range(done + 1, cfg["epochs"] + 1):
+        for epoch in range(done + 1, cfg.epochs + 1):
             record = _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop)
             history.append(record)
             if state_path and dist.is_main:
@@ -265,11 +268,14 @@ def fit(model, run, cfg, desc="train", state_path=None):
 
 
 def _train_batches(run, cfg, epoch):
-    """This process's batches of one epoch: the global batch alone, or its share of it under DDP."""
-    dist, bs = run.dist, cfg["batch_size"]
+    """This process's (x, x_teacher or None, y, idx) batches of one epoch: the global batch alone, or its share
+    of it under DDP. x_teacher is the same view at the teacher's own size when the views are decoded from the
+    files (edgekd.core.stream) and a live teacher needs it."""
+    dist, bs = run.dist, cfg.batch_size
     if dist.enabled:
-        return run.train.distributed_batches(bs // dist.world_size, epoch, cfg["seed"], dist.rank, dist.world_size)
-    return run.train.batches(bs, epoch=epoch, shuffle_seed=cfg["seed"] * 100_003 + epoch)
+        return run.train.distributed_batches(bs // dist.world_size, epoch, cfg.seed, dist.rank, dist.world_size,
+                                             teacher_view=True)
+    return run.train.batches(bs, epoch=epoch, shuffle_seed=cfg.seed * 100_003 + epoch, teacher_view=True)
 
 
 def _backward(loop, run, loss):
@@ -288,19 +294,21 @@ def _backward(loop, run, loss):
 
 def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
     """One epoch of training and its evaluation; returns the epoch's record (counts summed over ranks)."""
-    dist, device = run.dist, cfg["device"]
+    dist, device = run.dist, cfg.device
     if hasattr(run.loss_fn, "set_epoch"):
         run.loss_fn.set_epoch(epoch)
     timed_teacher = run.teacher is not None and hasattr(run.teacher, "take_seconds")
     if timed_teacher:
         run.teacher.take_seconds()  # count this epoch's teacher forwards only
-    sums, seen, labelled, correct, start = {}, 0, 0, 0, time.perf_counter()
-    progress = bar(_train_batches(run, cfg, epoch), total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg['epochs']}",
-                   unit="batch", disable=not (cfg.get("progress", True) and dist.is_main), leave=True)
-    for batch, (x, y, idx) in enumerate(progress, 1):
+    sums, seen, labelled, correct, t_correct, start = {}, 0, 0, 0, 0, time.perf_counter()
+    progress = bar(_train_batches(run, cfg, epoch), total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg.epochs}",
+                   unit="batch", disable=not (cfg.progress and dist.is_main), leave=True)
+    for batch, (x, xt, y, idx) in enumerate(progress, 1):
         x, y = _to_device(x, y, device, loop.channels_last)
+        if xt is not None:
+            xt, _ = _to_device(xt, y, device, loop.channels_last)
         with _autocast(loop.amp_dtype):
-            s_logits, parts = _step(loop.net, run, x, y, idx, epoch)
+            s_logits, t_logits, parts = _step(loop.net, run, x, y, idx, epoch, xt)
         bad, stopping = not torch.isfinite(parts["loss"]).item(), stop.requested
         if dist.enabled:  # every rank must leave the loop at the same batch, or the others wait forever
             bad, stopping = (v > 0 for v in dist.all_reduce_sum(torch.tensor([float(bad), float(stopping)])).tolist())
@@ -312,6 +320,8 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
         has_label = y >= 0  # unlabelled images (--unlabeled, label -1) have no right answer to count
         labelled += has_label.sum().item()
         correct += (s_logits.detach().argmax(1) == y)[has_label].sum().item()
+        if t_logits is not None:  # how right the teacher is on the views it is shown (augmentation can hurt it)
+            t_correct += (t_logits.detach().argmax(1) == y)[has_label].sum().item()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(y)
         progress.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
@@ -322,20 +332,22 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
     seconds = time.perf_counter() - start
     run.local_images += seen
     keys = sorted(sums)
-    totals = dist.all_reduce_sum(torch.tensor([seen, labelled, correct] + [sums[k] for k in keys],
+    totals = dist.all_reduce_sum(torch.tensor([seen, labelled, correct, t_correct] + [sums[k] for k in keys],
                                               dtype=torch.float64)).tolist()
-    seen, labelled, correct, sums = totals[0], totals[1], totals[2], dict(zip(keys, totals[3:]))
+    seen, labelled, correct, t_correct, sums = totals[0], totals[1], totals[2], totals[3], dict(zip(keys, totals[4:]))
     dist.sync_buffers(loop.model)
     top1 = evaluate(loop.model, run.test, device, dist=dist)
     record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(labelled, 1),
               "test_top1": top1, "lr": loop.optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
               "seconds": seconds}
+    if run.teacher is not None or run.cache is not None:
+        record["teacher_train_top1"] = t_correct / max(labelled, 1)
     if timed_teacher:  # the live teacher's own forward time (0 when its logits come from the cache)
         record["teacher_seconds"] = run.teacher.take_seconds()
         record["teacher_share"] = record["teacher_seconds"] / seconds if seconds > 0 else None
     log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
-    if cfg.get("report_epochs", True) and dist.is_main:
+    if cfg.progress and dist.is_main:
         terms = "  ".join(f"{k} {record[k]:.4f}" for k in sums)
-        REPORT.info("%s %d/%d: %s  test top-1 %.4f  (%.0f img/s)", desc, epoch, cfg["epochs"], terms, top1,
+        REPORT.info("%s %d/%d: %s  test top-1 %.4f  (%.0f img/s)", desc, epoch, cfg.epochs, terms, top1,
                     record["images_per_s"])
     return record

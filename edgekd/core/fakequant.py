@@ -1,0 +1,80 @@
+"""The fake-quantized model (NNCF) of quantization-aware training: inserting the quantizers, reading their
+configuration as plain types for a checkpoint, and rebuilding the model from it. No training here: that is
+``edgekd quantize`` (quantize.py)."""
+
+import json
+import os
+
+import torch
+
+from .. import EdgeKDError
+from ..base.progress import nncf_quiet
+
+NNCF_HOOKS = "__nncf_hooks."
+
+
+def import_nncf():
+    """nncf (its telemetry is off in edgekd's processes: base/telemetry.py); its torch extension builds on first
+    use (about a minute on 2 cores, cached in ~/.cache/torch_extensions), longer than NNCF's default 60 s wait on
+    a busy machine."""
+    os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
+    import nncf
+    import nncf.torch  # noqa: F401  (get_config / load_from_config)
+
+    return nncf
+
+
+def plain_config(model):
+    """NNCF's quantizer config as JSON types (it holds enums, which torch.load(weights_only=True) refuses)."""
+    nncf = import_nncf()
+    return json.loads(json.dumps(nncf.torch.get_config(model)))
+
+
+def base_state(state_dict):
+    """The float model's own entries of a fake-quantized model's state dict (NNCF keeps its quantizers apart)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(NNCF_HOOKS)}
+
+
+def restore(ckpt, model):
+    """The fake-quantized model of a QAT checkpoint, from a freshly built float ``model``; in eval mode."""
+    nncf = import_nncf()
+    try:
+        qmodel = nncf.torch.load_from_config(model, ckpt["qat"]["quantizers"])
+        qmodel.load_state_dict(ckpt["state_dict"])
+    except Exception as e:
+        raise EdgeKDError(f"QAT checkpoint does not match model {ckpt['model']!r}: {str(e).splitlines()[0]}") from e
+    return qmodel.eval()
+
+
+def quantizer_modules(model):
+    from nncf.torch.quantization.layers import BaseQuantizer
+
+    return [m for m in model.modules() if isinstance(m, BaseQuantizer)]
+
+
+def quantized_layer_names(model):
+    """The student's modules that receive a weight quantizer: the layers that run in INT8."""
+    config = plain_config(model)["compression_state"]
+    names = []
+    for command in config:
+        for hook in command["hook_names_in_model"]:
+            # "pre_hooks.features/0/conv2d/0__1.0": port 1 is the weight of features.0's conv2d
+            if hook.startswith("pre_hooks.") and "__1." in hook:
+                names.append(hook.split(".", 1)[1].rsplit("/", 2)[0].replace("/", "."))
+    return sorted(set(names))
+
+
+def calibrate(model, views, size, seed, progress=True):
+    """Insert NNCF's fake quantizers and set their ranges on ``size`` un-augmented train images."""
+    nncf = import_nncf()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(views), generator=g)[:size]
+    images, _ = views.batch(idx)  # no epoch: the plain view, as calibration must see deployment inputs
+    dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
+    try:
+        with nncf_quiet(progress):  # NNCF's extension-build INFO lines and bars follow --no-progress too
+            return nncf.quantize(model.eval(), dataset, subset_size=len(images))
+    except Exception as e:
+        raise EdgeKDError(f"nncf.quantize (fake quantizers for QAT) failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0]}") from e

@@ -1,0 +1,313 @@
+"""Training views decoded per batch from the image files (``--pipeline stream``), for data that does not fit
+in memory or that is larger than the student's input.
+
+Each batch is decoded in DataLoader worker processes; memory holds a few batches in flight and the list of
+files, not the images. The augmentation of image ``i`` in epoch ``e`` is drawn from a generator seeded by
+(augmentation seed, view, i) alone, so any process that asks for that view gets the same pixels and a
+teacher cache stays exact. The random-resized crop (torchvision's ``RandomResizedCrop`` with a horizontal
+flip) picks its box on the *original* picture: the student's view is that box resized to the student's
+input, the teacher's view the same box resized to the teacher's own input (consistent teaching, each at its
+own resolution), never the student's pixels upsampled. JPEGs are decoded at a reduced scale (libjpeg's DCT
+scaling through Pillow's ``draft``) when the box still covers the larger output at that scale.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+
+import torch
+
+from .. import EdgeKDError
+from .augment import BAD_IMAGE, AugmentPlan, apply_views
+
+log = logging.getLogger(__name__)
+
+RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's RandomResizedCrop aspect range
+
+
+def rrc_box(rng, width, height, scale, ratio=RATIO):
+    """torchvision's ``RandomResizedCrop.get_params`` with a ``random.Random``: (left, top, w, h)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height  # fall back to a center crop of the allowed aspect
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def view_rng(seed, view, index):
+    """The generator of image ``index``'s view ``view``: the same in every process (a str seed hashes stably)."""
+    return random.Random(f"edgekd-view/{int(seed)}/{int(view)}/{int(index)}")
+
+
+class _Items:
+    """(dataset, index, label) triples kept as small parallel lists: the images themselves stay in the files."""
+
+    def __init__(self, parts):
+        self.sources, src, local, labels = [], [], [], []
+        for dataset, indices, label in parts:
+            k = len(self.sources)
+            self.sources.append(dataset)
+            idx = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+            targets = _targets(dataset)
+            src += [k] * len(idx)
+            local += idx
+            labels += [targets[i] if label is None else label for i in idx]
+        self.src, self.local = torch.tensor(src, dtype=torch.int16), torch.tensor(local, dtype=torch.int64)
+        self.targets = torch.tensor(labels, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def path(self, i):
+        dataset = self.sources[int(self.src[i])]
+        samples = getattr(dataset, "samples", None)
+        return samples[int(self.local[i])][0] if samples is not None else None
+
+    def open(self, i):
+        """A PIL image, lazily decoded when it comes from a file (its header read, its pixels not yet)."""
+        from .augment import _pil_item
+        from .data import open_image
+
+        path = self.path(i)
+        if path is not None and path.lower().endswith((".jpg", ".jpeg")):
+            return open_image(path), True
+        img, _ = _pil_item(self.sources[int(self.src[i])], int(self.local[i]))
+        return img, False
+
+
+def _targets(dataset):
+    if hasattr(dataset, "targets"):
+        return [int(t) for t in dataset.targets]
+    return [int(label) for _, label in dataset.samples]
+
+
+class _Decoder(torch.utils.data.Dataset):
+    """Item i of one epoch's view: (student uint8 CHW, teacher uint8 CHW or an empty tensor, label, i, ok).
+    A worker process gets a copy; the epoch and the pad-crop parameters are set before the workers start."""
+
+    def __init__(self, items, spec, plan, teacher_size, scale, draft=True):
+        self.items, self.spec, self.plan, self.teacher_size = items, spec, plan, teacher_size
+        self.scale, self.draft = scale, draft
+        self.epoch, self.pad_params = None, None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        c, h, w = self._shape()
+        try:
+            student, teacher = self._views(i)
+            return student, teacher, int(self.items.targets[i]), i, True
+        except (OSError, SyntaxError, ValueError):  # PIL's errors for truncated or non-image files
+            student = torch.zeros(c, h, w, dtype=torch.uint8)
+            return student, _empty(None, student), BAD_IMAGE, i, False
+
+    def _shape(self):
+        return (1 if self.spec["color"] == "L" else 3, *self.spec["resize"])
+
+    def _views(self, i):
+        img, lazy = self.items.open(i)
+        try:
+            return self._decode(img, lazy, i)
+        finally:
+            if lazy:  # a file this call opened (never an in-memory image of the dataset itself)
+                img.close()
+
+    def _decode(self, img, lazy, i):
+        from PIL import Image
+
+        kind = self.plan.kind if (self.plan is not None and self.epoch is not None) else "none"
+        if kind != "random-resized-crop":
+            student = _pixels(_eval_geometry(img, self.spec, lazy=lazy))
+            teacher = None
+            if self.teacher_size:
+                teacher = _pixels(_eval_geometry(img, {**self.spec, "resize": list(self.teacher_size)}, lazy=lazy))
+            if kind == "standard":
+                dy, dx, flip = (p[i:i + 1] for p in self.pad_params)
+                student = apply_views(student[None], dy, dx, flip, self.plan.pad)[0]
+                teacher = None  # pad-crop is for images of the student's size: the teacher resizes that view
+            return student, _empty(teacher, student)
+        rng = view_rng(self.plan.seed, self.plan.view_of(self.epoch), i)
+        width, height = img.size
+        left, top, bw, bh = rrc_box(rng, width, height, self.scale)
+        flip = rng.random() < 0.5
+        outs = [tuple(self.spec["resize"])] + ([tuple(self.teacher_size)] if self.teacher_size else [])
+        if lazy and self.draft:  # decode at 1/2, 1/4, 1/8 while the box still covers the largest output
+            need_w = max(o[1] for o in outs) * width / bw
+            need_h = max(o[0] for o in outs) * height / bh
+            img.draft(self.spec["color"], (math.ceil(need_w), math.ceil(need_h)))
+        sx, sy = img.size[0] / width, img.size[1] / height
+        box = (left * sx, top * sy, (left + bw) * sx, (top + bh) * sy)
+        img = img.convert(self.spec["color"])
+        views = []
+        for oh, ow in outs:
+            view = img.resize((ow, oh), Image.BILINEAR, box=box)
+            if flip:
+                view = view.transpose(Image.FLIP_LEFT_RIGHT)
+            views.append(_pixels(view))
+        return views[0], _empty(views[1] if len(views) > 1 else None, views[0])
+
+
+def _empty(teacher, student):
+    return teacher if teacher is not None else student.new_zeros((0,))
+
+
+def _eval_geometry(img, spec, lazy=False):
+    from ..bundle.runner import preprocess_pixels
+
+    if lazy:
+        img.load()
+    return preprocess_pixels(img, spec)
+
+
+def _pixels(img):
+    import numpy as np
+
+    a = np.array(img, dtype=np.uint8)  # writable: torch shares it
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _collate(batch):
+    student = torch.stack([b[0] for b in batch])
+    shaped = next((b[1] for b in batch if b[1].numel()), None)  # an unreadable item has no teacher view
+    teacher = None if shaped is None else torch.stack([b[1] if b[1].numel() else torch.zeros_like(shaped)
+                                                       for b in batch])
+    labels = torch.tensor([b[2] for b in batch], dtype=torch.long)
+    idx = torch.tensor([b[3] for b in batch], dtype=torch.long)
+    ok = torch.tensor([b[4] for b in batch], dtype=torch.bool)
+    return student, teacher, labels, idx, ok
+
+
+class StreamViews:
+    """A split served from its files, batch by batch: the same interface as edgekd.augment.Views."""
+
+    def __init__(self, items, spec, plan=None, workers=0, skip_bad=False, scale=0.08, desc="train"):
+        self.items, self.input, self.plan, self.workers = items, spec, plan, int(workers)
+        self.targets = items.targets
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.skip_bad, self.scale, self.desc = skip_bad, float(scale), desc
+        self.teacher_size = None
+        self.skipped = set()  # unreadable files met so far (left out with --skip-bad-images)
+
+    @classmethod
+    def of(cls, parts, spec, plan=None, **kw):
+        """Views over ``parts``: (dataset, indices or None, label or None for the dataset's own) triples."""
+        return cls(_Items(parts), spec, plan, **kw)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def set_teacher_size(self, size):
+        """Also decode each view at the teacher's (height, width) from the same box of the original picture."""
+        size = None if size is None else (int(size[0]), int(size[1]))
+        self.teacher_size = None if size == (self.input.height, self.input.width) else size
+
+    def labelled(self):
+        keep = (self.targets >= 0).nonzero().flatten()
+        if len(keep) == len(self):
+            return self
+        items = _Items([])
+        items.sources, items.src, items.local = self.items.sources, self.items.src[keep], self.items.local[keep]
+        items.targets = self.targets[keep]
+        plan = None if self.plan is None else AugmentPlan(self.plan.kind, len(keep), self.plan.seed, self.plan.pad,
+                                                         scale=self.plan.scale)
+        return StreamViews(items, self.input, plan, self.workers, self.skip_bad, self.scale, self.desc)
+
+    def fingerprint(self):
+        """What the teacher cache is valid for: the files (path, size, mtime) or items, labels, geometry."""
+        h = hashlib.sha256()
+        for i in range(len(self)):
+            path = self.items.path(i)
+            if path is not None:
+                st = os.stat(path)
+                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            else:
+                h.update(f"{int(self.items.src[i])}:{int(self.items.local[i])}\n".encode())
+        h.update(self.targets.numpy().tobytes())
+        h.update(json.dumps([self.input.manifest(), self.scale, self.teacher_size]).encode())
+        return h.hexdigest()
+
+    def _decoder(self, epoch, teacher_view):
+        decoder = _Decoder(self.items, self.input.manifest(), self.plan, self.teacher_size if teacher_view else None,
+                           (self.scale, 1.0))
+        decoder.epoch = epoch
+        if epoch is not None and self.plan is not None and self.plan.kind == "standard":
+            decoder.pad_params = self.plan.params(epoch)
+        return decoder
+
+    def _normalise(self, x):
+        return (x.float().div_(255.0) - self.mean) / self.std
+
+    def _finish(self, student, teacher, labels, idx, ok, teacher_view):
+        if not ok.all():
+            bad = [self.items.path(int(i)) or f"item {int(i)}" for i in idx[~ok]]
+            if not self.skip_bad:
+                from .augment import _bad_image_reason
+
+                raise EdgeKDError(f"{_bad_image_reason(bad[0])} ({self.desc}); remove it, or pass --skip-bad-images "
+                                  "to leave unreadable images out")
+            new = [p for p in bad if p not in self.skipped]
+            if new:
+                log.warning("%s: skipped unreadable images %s", self.desc, ", ".join(new[:3]))
+            self.skipped.update(bad)
+            student, labels, idx = student[ok], labels[ok], idx[ok]
+            teacher = None if teacher is None else teacher[ok]
+        x = self._normalise(student)
+        if teacher_view:
+            return x, None if teacher is None else self._normalise(teacher), labels, idx
+        return x, labels, idx
+
+    def batch(self, idx, epoch=None, teacher_view=False):
+        """Images ``idx`` as seen in ``epoch``, decoded here (no workers): (x, y), or (x, x_teacher, y)."""
+        decoder = self._decoder(epoch, teacher_view)
+        out = self._finish(*_collate([decoder[int(i)] for i in torch.as_tensor(idx).flatten()]),
+                           teacher_view=teacher_view)
+        return out[:-1]
+
+    def _run(self, index_batches, epoch, teacher_view):
+        decoder = self._decoder(epoch, teacher_view)
+        workers = self.workers if len(index_batches) > 1 else 0
+        loader = torch.utils.data.DataLoader(decoder, batch_sampler=index_batches, num_workers=workers,
+                                             collate_fn=_collate, prefetch_factor=4 if workers else None,
+                                             persistent_workers=False)
+        for out in loader:
+            yield self._finish(*out, teacher_view=teacher_view)
+
+    def batches(self, batch_size, epoch=None, shuffle_seed=None, shard=None, teacher_view=False):
+        """Yield (x, y, idx), or (x, x_teacher or None, y, idx) with ``teacher_view``; as Views.batches."""
+        n = len(self)
+        order = torch.arange(n) if shuffle_seed is None else torch.randperm(
+            n, generator=torch.Generator().manual_seed(int(shuffle_seed)))
+        if shard is not None:
+            order = order[shard[0]::shard[1]]
+        yield from self._run([order[s:s + batch_size].tolist() for s in range(0, len(order), batch_size)], epoch,
+                             teacher_view)
+
+    def distributed_batches(self, batch_size, epoch, seed, rank, world, teacher_view=False):
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, seed=int(seed))
+        sampler.set_epoch(int(epoch))
+        order = list(sampler)
+        yield from self._run([order[s:s + batch_size] for s in range(0, len(order), batch_size)], epoch, teacher_view)
+
+    def steps_per_epoch(self, batch_size, world=1):
+        per_rank = -(-len(self) // world)
+        return -(-per_rank // (batch_size // world))

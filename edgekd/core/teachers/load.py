@@ -1,0 +1,113 @@
+"""Loading a teacher: resolve the spec to its source, load, settle the view, check the outputs, match the classes."""
+
+import logging
+
+import torch
+
+from ... import EdgeKDError
+from .classes import class_index
+from .source import TEACHERS
+from .view import Teacher, as_logits
+
+log = logging.getLogger(__name__)
+
+
+class Env:
+    """What a source may need besides the spec: the run's config, data and process group."""
+
+    def __init__(self, cfg, data=None, train=None, test=None, ctx=None, trained=None):
+        self.cfg, self.data, self.train, self.test, self.ctx = cfg, data, train, test, ctx
+        self.trained = trained  # a teacher trained from a model spec by the caller (teachers.Trained)
+
+
+def resolve(spec, options):
+    """The registered source that reads ``spec`` (exactly one matches: the fallback is a model spec)."""
+    found = [name for name in TEACHERS.names() if name != "model" and TEACHERS.get(name).matches(spec, options)]
+    if len(found) > 1:
+        raise AssertionError(f"teacher spec {spec!r} matches sources {found}")  # a bug in the matchers
+    return TEACHERS.get(found[0] if found else "model")
+
+
+def check(spec, options, loss_meta=None):
+    """Cheap checks before any data is loaded: the spec resolves, its file exists, fitnet gets a PyTorch model."""
+    source = resolve(spec, options)
+    source.check(spec, options)
+    if options.weights and source.kind not in ("torchvision", "timm", "factory"):
+        raise EdgeKDError(f"--teacher-weights loads weights into torchvision:NAME, timm:NAME or MODULE:FUNCTION, "
+                          f"not into a {source.kind} teacher ({spec!r})")
+    if loss_meta and loss_meta.get("needs_features") and not source.hookable:
+        raise EdgeKDError(f"loss fitnet needs the teacher's feature maps, but teacher {spec!r} is a black box "
+                          f"({source.kind}: logits only); use a PyTorch teacher (an edgekd checkpoint, torchvision:, "
+                          "timm:, MODULE:FUNCTION) or a logit loss (kd, dkd, seed, mse)")
+    return source
+
+
+def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_on=None, trained=None):
+    """The Teacher of ``cfg.teacher`` (``cfg``: the command's options) for this data: loaded, its view settled, its classes matched. A teacher
+    given as a model spec is never trained here: pass the caller's ``trained`` (teachers.Trained)."""
+    spec = cfg.teacher
+    source = check(spec, options)
+    loaded = source.load(spec, options, Env(cfg, data, train, test, ctx, trained))
+    _settle_input(loaded, options, data.input, spec)
+    outputs = _probe(loaded, spec)
+    index, record = class_index(data.classes, outputs, loaded.names, loaded.names_from, options.classes, spec)
+    teacher = Teacher(loaded, data.input, index, record, spec)
+    log.info("teacher %s (%s): %dx%dx%d %s, %s, classes %s", spec, loaded.kind, loaded.channels, *loaded.size,
+             loaded.color, teacher.outputs, record["matched"])
+    if evaluate_on is not None and teacher.metrics.get("test_top1") is None:
+        from ..train_loop import evaluate
+
+        teacher.to(cfg.device)
+        teacher.metrics["test_top1"] = evaluate(teacher, evaluate_on, cfg.device, dist=ctx)
+        teacher.metrics["test_top1_measured"] = "here, on the data's test split through the teacher's view"
+        teacher.take_seconds()
+    return teacher
+
+
+def _settle_input(lo, options, data_input, spec):
+    """Fill the teacher's input view from options (which win), the teacher itself, or the data."""
+    for name in ("mean", "std", "color", "outputs"):
+        value = getattr(options, name)
+        if value is not None:
+            setattr(lo, name, value)
+            lo.found[name] = f"--teacher-{name}"
+    if options.input_size is not None:
+        lo.size, lo.found["size"] = tuple(options.input_size), "--teacher-input-size"
+    if lo.color is not None:
+        lo.channels = 1 if lo.color == "L" else 3
+    if lo.channels is None:
+        lo.channels, lo.found["channels"] = data_input.channels, "the data's"
+    lo.color = lo.color or ("L" if lo.channels == 1 else "RGB")
+    if (lo.color == "L") != (lo.channels == 1):
+        raise EdgeKDError(f"teacher {spec!r} takes {lo.channels} channels, which colour {lo.color} does not have; "
+                          "fix --teacher-color (RGB, BGR or L)")
+    if lo.size is None:
+        lo.size, lo.found["size"] = (data_input.height, data_input.width), "the data's (set --teacher-input-size)"
+        log.warning("teacher %s gives no input size: it sees the data's %dx%d (set --teacher-input-size)", spec, *lo.size)
+    if lo.mean is None or lo.std is None:
+        raise EdgeKDError(f"teacher {spec!r} carries no input normalisation: pass --teacher-mean and --teacher-std "
+                          "in [0, 1] pixel units (ImageNet: 0.485,0.456,0.406 and 0.229,0.224,0.225; 0 and 1 for "
+                          "plain [0, 1] pixels)")
+    lo.mean = lo.mean * lo.channels if len(lo.mean) == 1 else list(lo.mean)
+    lo.std = lo.std * lo.channels if len(lo.std) == 1 else list(lo.std)
+    if len(lo.mean) != lo.channels or len(lo.std) != lo.channels:
+        raise EdgeKDError(f"teacher {spec!r} takes {lo.channels} channels but its mean/std give "
+                          f"{len(lo.mean)}/{len(lo.std)} values")
+
+
+def _probe(lo, spec):
+    """Run the teacher once on two blank images of its view: the number of outputs, or a one-line error."""
+    x = (torch.zeros(2, lo.channels, *lo.size) - torch.tensor(lo.mean).view(1, -1, 1, 1)) / torch.tensor(lo.std).view(1, -1, 1, 1)
+    try:
+        with torch.inference_mode():
+            out = as_logits(lo.module.eval()(x) if lo.module is not None else lo.run(x))
+    except EdgeKDError:
+        raise
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgeKDError(f"teacher {spec!r} cannot run on {lo.channels}x{lo.size[0]}x{lo.size[1]} inputs "
+                          f"(set --teacher-input-size / --teacher-color): {reason[:300]}") from e
+    if out.dim() != 2 or out.shape[0] != 2:
+        raise EdgeKDError(f"teacher {spec!r} returns a {tuple(out.shape)} output for 2 images; a classifier's "
+                          "(images, classes) logits or probabilities are needed")
+    return int(out.shape[1])

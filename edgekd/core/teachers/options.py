@@ -1,0 +1,84 @@
+"""The CLI's --teacher-* flags as one object, validated here so a config file or Python caller is checked too."""
+
+import math
+import os
+from dataclasses import dataclass
+
+from ... import EdgeKDError
+
+COLORS = ("RGB", "BGR", "L")
+OUTPUTS = ("logits", "probs")
+
+
+@dataclass
+class TeacherOptions:
+    """How to read a teacher that does not describe itself; ``None``: from the teacher, else a default."""
+
+    input_size: tuple = None   # (height, width) the teacher takes
+    mean: list = None          # per-channel mean of the teacher's normalisation, [0, 1] pixel units
+    std: list = None
+    color: str = None          # RGB, BGR or L (L: one grey channel)
+    outputs: str = None        # logits or probs
+    classes: str = None        # a --teacher-classes file
+    weights: str = None        # a local state dict / safetensors file for torchvision:, timm:, MODULE:FUNCTION
+    views: int = None          # --teacher-views K: K fixed augmented views per image, replayed across epochs
+    threads: int = None        # ONNX Runtime / OpenVINO threads (default: torch's)
+
+    @classmethod
+    def from_options(cls, cfg):
+        """From a command's options (edgekd.core.config: distill's --teacher-* options)."""
+        o = cls(input_size=_size(cfg.teacher_input_size), mean=_floats(cfg.teacher_mean, "--teacher-mean"),
+                std=_floats(cfg.teacher_std, "--teacher-std"), color=cfg.teacher_color,
+                outputs=cfg.teacher_outputs, classes=cfg.teacher_classes,
+                weights=cfg.teacher_weights,
+                views=_positive(cfg.teacher_views, "--teacher-views"),
+                threads=_positive(cfg.teacher_threads, "--teacher-threads"))
+        if o.color is not None and o.color.upper() not in COLORS:
+            raise EdgeKDError(f"--teacher-color {o.color!r}: choose from {', '.join(COLORS)}")
+        o.color = o.color.upper() if o.color else None
+        if o.outputs is not None and o.outputs not in OUTPUTS:
+            raise EdgeKDError(f"--teacher-outputs {o.outputs!r}: choose from {', '.join(OUTPUTS)}")
+        if o.std is not None and min(o.std) <= 0:
+            raise EdgeKDError(f"--teacher-std {o.std}: every std must be positive")
+        for flag, path in (("--teacher-classes", o.classes), ("--teacher-weights", o.weights)):
+            if path is not None and not os.path.isfile(path):
+                raise EdgeKDError(f"{flag} {path!r} does not exist")
+        return o
+
+
+def _floats(value, flag):
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).replace("/", ",").split(",")
+    try:
+        out = [float(v) for v in items if str(v).strip()]
+    except ValueError:
+        raise EdgeKDError(f"{flag} {value!r}: give one number or one per channel, e.g. 0.485,0.456,0.406") from None
+    if not out or len(out) > 3 or not all(math.isfinite(v) for v in out):
+        raise EdgeKDError(f"{flag} {value!r}: give one number or one per channel, e.g. 0.485,0.456,0.406")
+    return out
+
+
+def _size(value):
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        sizes = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        sizes = []
+    if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
+        raise EdgeKDError(f"--teacher-input-size {value!r}: give SIZE or HEIGHT,WIDTH in pixels, e.g. 224")
+    return (sizes[0], sizes[-1])
+
+
+def _positive(value, flag):
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise EdgeKDError(f"{flag} {value!r}: expected a positive whole number")
+    return number

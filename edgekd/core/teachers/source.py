@@ -1,0 +1,106 @@
+"""The registry of teacher sources (one entry per kind of ``--teacher`` spec), their base class, and the helpers
+several sources share."""
+
+import hashlib
+import json
+import os
+
+import torch
+from torch import nn
+
+from ... import EdgeKDError
+from ...base.registry import Registry
+from ..checkpoint import file_sha256
+
+TEACHERS = Registry("teacher source")
+
+
+class Source:
+    """A kind of teacher spec: ``matches(spec, options)``, ``check`` (cheap), ``load -> Loaded``."""
+
+    kind = ""
+    hookable = False
+
+    def matches(self, spec, options):
+        raise NotImplementedError
+
+    def check(self, spec, options):
+        pass
+
+    def load(self, spec, options, env):
+        raise NotImplementedError
+
+
+def register_source(name):
+    def add(cls):
+        obj = cls()
+        obj.kind = name
+        TEACHERS.register(name, hookable=cls.hookable)(obj)
+        return cls
+
+    return add
+
+
+def has_suffix(spec, prefix, suffixes):
+    return spec.startswith(prefix + ":") or (":" not in spec[2:] and spec.lower().endswith(suffixes))
+
+
+def files_sha256(paths):
+    """One sha256 for several files (an IR's .xml and .bin, an ONNX file and its external data)."""
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    return hashlib.sha256(json.dumps([file_sha256(p) for p in paths]).encode()).hexdigest()
+
+
+def state_sha256(model, spec):
+    """For models built from code and downloaded weights: the spec and every tensor of the state dict."""
+    h = hashlib.sha256(spec.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def split_spec(spec, prefix):
+    return spec[len(prefix) + 1:] if spec.startswith(prefix + ":") else spec
+
+
+def need_file(path, what):
+    if not os.path.exists(path):
+        raise EdgeKDError(f"{what} {path!r} does not exist")
+
+
+def threads_of(options):
+    return options.threads or torch.get_num_threads()
+
+
+def apply_shape(lo, dims, where):
+    dims = [d if isinstance(d, int) and d > 0 else None for d in (dims or [])]
+    if len(dims) == 4:
+        if dims[1] in (1, 3):
+            lo.channels, lo.found["channels"] = dims[1], where
+        if dims[2] and dims[3]:
+            lo.size, lo.found["size"] = (dims[2], dims[3]), where
+
+
+def first_conv_channels(module):
+    for p in module.parameters():
+        if p.dim() == 4:
+            return p.shape[1] if p.shape[1] in (1, 3) else None
+    return None
+
+
+class Opaque(nn.Module):
+    """Holds a module whose train()/eval()/requires_grad_() raise (torch.export's, TorchScript's): the teacher is
+    frozen anyway."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.inner = module
+
+    def train(self, mode=True):
+        return self
+
+    def forward(self, x):
+        return self.inner(x)

@@ -1,0 +1,150 @@
+"""The teacher seen through the student's data: the student's normalised view in, logits in the data's
+class order out (back to [0, 1] pixels, grey <-> RGB, RGB -> BGR, an antialiased resize, the teacher's own
+mean/std; outputs permuted or sliced to the data's classes)."""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# Probabilities of exactly 0 would give -inf logits: clamp before the log (KD losses see log-probs).
+PROB_FLOOR = 1e-12
+
+
+@dataclass
+class Loaded:
+    """A teacher as its source found it, before the view and the classes are settled."""
+
+    kind: str
+    run: object                  # callable: teacher-view float tensor -> outputs tensor
+    module: nn.Module = None     # the PyTorch model when there is one (moved to the device)
+    hookable: bool = False       # feature hooks work (fitnet)
+    channels: int = None
+    size: tuple = None           # (height, width)
+    mean: list = None
+    std: list = None
+    color: str = None
+    names: list = None           # class names in output order, when the teacher carries them
+    names_from: str = None
+    outputs: str = None
+    file: str = None
+    sha256: str = None
+    metrics: dict = field(default_factory=dict)
+    runtime: dict = None
+    found: dict = field(default_factory=dict)   # where each input setting came from
+    keep: object = None          # e.g. an unpacked bundle whose folder must live as long as the teacher
+
+
+class Teacher(nn.Module):
+    """A frozen teacher seen through the student's data: view in, logits in the data's class order out."""
+
+    def __init__(self, loaded, student_input, index=None, classes_record=None, spec=None):
+        super().__init__()
+        self.kind, self.spec, self.loaded = loaded.kind, spec, loaded
+        self.model = loaded.module.eval().requires_grad_(False) if loaded.module is not None else None
+        self.run = loaded.run if loaded.module is None else None
+        self.is_module = loaded.hookable
+        self.sha256, self.metrics = loaded.sha256, dict(loaded.metrics)
+        self.input = _input_spec(loaded)
+        self.color, self.outputs = loaded.color, loaded.outputs or "logits"
+        s = student_input
+        self.student = (s.channels, s.height, s.width)
+        self.resize = (s.height, s.width) != (loaded.size[0], loaded.size[1])
+        self.recolor = s.channels != loaded.channels or self.color == "BGR"
+        self.renorm = (list(s.mean), list(s.std)) != (list(loaded.mean), list(loaded.std))
+        shape = (1, -1, 1, 1)
+        self.register_buffer("s_mean", torch.tensor(s.mean, dtype=torch.float32).view(shape))
+        self.register_buffer("s_std", torch.tensor(s.std, dtype=torch.float32).view(shape))
+        self.register_buffer("t_mean", torch.tensor(loaded.mean, dtype=torch.float32).view(shape))
+        self.register_buffer("t_std", torch.tensor(loaded.std, dtype=torch.float32).view(shape))
+        self.index = None if index is None else torch.as_tensor(index, dtype=torch.long)
+        self.classes_record = classes_record or {}
+        self.seconds = 0.0  # the teacher's own forward time since the last take_seconds()
+
+    def train(self, mode=True):  # the teacher never leaves eval mode
+        return super().train(False)
+
+    def view(self, x):
+        """The student's normalised batch as the teacher expects it (resized unless it already comes at the
+        teacher's size: edgekd.core.stream decodes the teacher's own view of each crop)."""
+        resize = tuple(x.shape[-2:]) != tuple(self.loaded.size)
+        if not (resize or self.recolor):
+            return (x * self.s_std + self.s_mean - self.t_mean) / self.t_std if self.renorm else x
+        pixels = x * self.s_std + self.s_mean
+        channels = self.loaded.channels
+        if pixels.shape[1] == 1 and channels == 3:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        elif pixels.shape[1] == 3 and channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
+            pixels = (pixels * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if self.color == "BGR":
+            pixels = pixels.flip(1)
+        if resize:
+            pixels = F.interpolate(pixels, size=tuple(self.loaded.size), mode="bilinear", align_corners=False,
+                                   antialias=True)
+        return (pixels - self.t_mean) / self.t_std
+
+    def forward(self, x):
+        start = time.perf_counter()
+        with torch.inference_mode():  # cheaper than no_grad: no version counters, no autograd metadata
+            out = self.model(self.view(x)) if self.model is not None else self.run(self.view(x))
+            out = as_logits(out)
+            if self.outputs == "probs":  # log-probabilities are logits up to a constant per image
+                out = out.float().clamp_min(PROB_FLOOR).log()
+            if self.index is not None:
+                out = out[:, self.index.to(out.device)]
+        out = out.float().to(x.device).clone()  # a normal tensor again, so the loss may save it for backward
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def take_seconds(self):
+        """The teacher's forward seconds since the last call (the training loop asks once per epoch)."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+    def cache_key(self):
+        """What besides the file decides the teacher's answer: its view of the data and the class mapping."""
+        d = self.describe()
+        return {k: d[k] for k in ("input", "outputs")} | {"index": d["classes"].get("index")}
+
+    def describe(self):
+        """The resolved teacher: kind, file, sha256, input view, outputs, class mapping (config.yaml, metrics.json)."""
+        lo = self.loaded
+        return {"kind": self.kind, "spec": self.spec, "file": lo.file, "sha256": self.sha256,
+                "input": {"channels": lo.channels, "size": list(lo.size), "color": lo.color, "mean": list(lo.mean),
+                          "std": list(lo.std), "from": dict(lo.found)},
+                "view": {"from": list(self.student), "resize": self.resize, "interpolation": "bilinear, antialias",
+                         "channels": f"{self.student[0]} -> {lo.channels}"},
+                "outputs": self.outputs, "classes": dict(self.classes_record), "black_box": lo.module is None,
+                "runtime": lo.runtime}
+
+
+class FrozenTeacher(Teacher):
+    """A PyTorch teacher of the data's own size in eval mode with no gradients, re-normalising inputs made for
+    the student when the two were trained with different mean/std (the pre-registry form, kept for callers)."""
+
+    def __init__(self, model, teacher_input, student_input):
+        loaded = Loaded("module", None, module=model, hookable=True, channels=teacher_input.channels,
+                        size=(teacher_input.height, teacher_input.width), mean=list(teacher_input.mean),
+                        std=list(teacher_input.std), color=teacher_input.color)
+        super().__init__(loaded, student_input)
+
+
+def _input_spec(loaded):
+    from ..data import InputSpec
+
+    return InputSpec(loaded.channels, loaded.size[0], loaded.size[1], list(loaded.mean), list(loaded.std))
+
+
+def as_logits(out):
+    """A model's output as an (N, K) tensor: the first of several outputs, trailing 1x1 dims dropped."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    elif isinstance(out, dict):
+        out = out.get("logits", next(iter(out.values())))
+    if out.dim() == 4 and out.shape[2:] == (1, 1):
+        out = out.flatten(1)
+    return out
