@@ -34,9 +34,10 @@ def run_main(capsys, *args):
     """Run ``edgekd ARGS`` in this process through ``edgekd.cli.main``; return a CompletedProcess as
     ``run_cli`` does: the exit code (main's return value or SystemExit's), stdout and stderr. Warnings a
     fresh interpreter would print count as stderr lines. What a run sets for its process (the edgekd
-    loggers' handlers, torch's thread count and random state) is put back, so cases do not leak into
-    each other."""
+    loggers' handlers, torch's thread count and random state, the Ctrl-C handler) is put back, so cases
+    do not leak into each other."""
     import logging
+    import signal
     import warnings
 
     from edgekd.cli import main
@@ -45,6 +46,7 @@ def run_main(capsys, *args):
     saved = [(log, list(log.handlers), log.level, log.propagate) for log in loggers]
     torch = sys.modules.get("torch")
     threads, rng = (torch.get_num_threads(), torch.get_rng_state()) if torch else (None, None)
+    sigint = signal.getsignal(signal.SIGINT)  # training installs its own Ctrl-C handler
     capsys.readouterr()
     argv = [str(a) for a in args]
     try:
@@ -57,6 +59,7 @@ def run_main(capsys, *args):
             except SystemExit as e:  # argparse's errors, --help
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
+        signal.signal(signal.SIGINT, sigint)
         for log, handlers, level, propagate in saved:
             log.handlers[:], log.level, log.propagate = handlers, level, propagate
         if torch:
