@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow check clean
+.PHONY: demo test test-slow test-arm check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: check
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The device tests on the emulated ARM64 board (tools/arm_device.sh: root and binfmt_misc; built once
+# into /var/cache/edgekd-arm, 4-8 minutes, then reused). Skipped, with the reason, where it cannot run.
+test-arm: $(STAMP)
+	$(BIN)/python -m pytest -q -rs --durations=10 -m arm tests/test_devices.py tests/test_arm.py
 
 clean:
 	rm -rf runs .pytest_cache build/layers

@@ -54,6 +54,9 @@ def _measure_remote(jobs, targets, settings, timeout, bar):
         for job in group:
             r = results[job.model]
             job.status, job.accuracy, job.load, job.times = r["status"], r.get("accuracy"), r.get("load"), r.get("times", {})
+            job.batch_status.update(r.get("batch_status") or {})
+            if env.get("emulated"):  # detected on the device by the runner: its timings are not latency
+                job.emulated = env["emulated"]
             job.round_p50 = {b: [summarize(t, b)["latency_ms"]["p50"]] for b, t in job.times.items()}
             bar.update(per_job)
     return envs

@@ -28,6 +28,7 @@ class Model:
     input: Any = None              # edgekd.core.data.InputSpec
     classes: List[str] = field(default_factory=list)
     data: Optional[str] = None     # the data spec it was trained on
+    static_batch: Optional[int] = None  # a bundle with a static batch (export --target arm64, OpenVINO) runs only that
 
 
 @dataclass(kw_only=True)
@@ -53,6 +54,7 @@ class Job(Model):
     round_p50: Dict[int, List[float]] = field(default_factory=dict)
     visit_log: Dict[int, List[Dict[str, Any]]] = field(default_factory=dict)
     profile: Optional[Dict[int, Any]] = None
+    emulated: Optional[str] = None  # "qemu": the device runner found itself emulated (timings are not latency)
 
     @classmethod
     def of(cls, described: Model, **values: Any) -> "Job":
@@ -79,6 +81,7 @@ def describe(path):
     from ..core.checkpoint import load_checkpoint
     from ..core.data import InputSpec
     from ..base.files import spec_from_file
+    from ..bundle.runner import static_batch
     from ..bundle.runtime import verify_bundle
 
     name = os.path.basename(os.path.normpath(path))
@@ -91,7 +94,8 @@ def describe(path):
                      params=m.record("params"), flops=m.record("flops"), size_mb=size / 1e6,
                      input=InputSpec(m.channels, *m.input["resize"], m.input["mean"], m.input["std"],
                                      m.input.get("crop_pct")),
-                     classes=m.classes, data=spec_from_file(m.record("data"), path))
+                     classes=m.classes, data=spec_from_file(m.record("data"), path),
+                     static_batch=static_batch({"input": m.input}))
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
         return Model(model=name[:-3] if name.endswith(".pt") else name, path=path, kind="checkpoint",

@@ -65,5 +65,6 @@ def bench_bundles(target, bundles, images, labels, batch_sizes, warmup, runs, th
     by_name = {}
     for r in result["rows"]:
         r["times"] = {int(b): t for b, t in (r.get("times") or {}).items()}
+        r["batch_status"] = {int(b): t for b, t in (r.get("batch_status") or {}).items()}
         by_name[bundles[names.index(r.pop("bundle"))][0]] = r
     return result["environment"], by_name

@@ -36,7 +36,8 @@ def _table(rows):
     for r in rows:
         delta = r.get("top1_delta_vs_teacher")
         cells = [
-            r["model"], r["backend"], r["precision"], r["device"], _num(r.get("top1"), ".4f"),
+            r["model"], r["backend"], r["precision"],
+            r["device"] + (f" (emulated: {r['emulated']})" if r.get("emulated") else ""), _num(r.get("top1"), ".4f"),
             "-" if delta is None else f"{delta * 100:+.2f}", _num(r.get("top5"), ".4f"),
             _num(r.get("agreement_vs_teacher"), ".4f"),
             _num(_lat(r, "p50"), ".3f"), _num(_lat(r, "p90"), ".3f"), _num(_lat(r, "p99"), ".3f"),
@@ -69,7 +70,8 @@ def summary(rows, max_drop):
 
 def _fastest(group):
     """The fastest measured row outside the accuracy budget, named so the reader still sees the trade-off."""
-    timed = [r for r in group[1:] if r["status"] == "ok" and r.get("top1_delta_vs_teacher") is not None]
+    timed = [r for r in group[1:] if r["status"] == "ok" and not r.get("emulated")
+             and r.get("top1_delta_vs_teacher") is not None]
     if not timed:
         return ""
     r = min(timed, key=lambda r: r["latency_ms"]["p50"])
@@ -138,6 +140,11 @@ def markdown_report(result, comparison=None):
     if ov:
         lines.append("- OpenVINO CPU inference precision (fp32 bundles are held to f32; the CPU plugin would pick bf16 "
                      f"on CPUs with AVX-512 BF16 or AMX): {', '.join(ov)}.")
+    emulated = sorted({f"{r['device']} ({r['emulated']})" for r in rows if r.get("emulated")})
+    if emulated:
+        lines.append(f"- Emulated devices: {', '.join(emulated)}. Their rows are numerics (top-1, agreement) only: "
+                     "emulated timings are not latency (hundreds to thousands of times slower than the board, and "
+                     "not by a constant factor), so they are neither ranked nor compared for speed.")
     remeasured = _remeasured(rows, s)
     if remeasured:
         lines.append(remeasured)
@@ -247,7 +254,8 @@ def plot_accuracy_latency(rows, path):
     """Top-1 against median latency at the smallest batch size, log latency axis, with the Pareto front."""
     plt = pyplot()
     b = min(r["batch_size"] for r in rows)
-    ok = [r for r in rows if r["batch_size"] == b and r["status"] == "ok" and r.get("top1") is not None]
+    ok = [r for r in rows if r["batch_size"] == b and r["status"] == "ok" and not r.get("emulated")
+          and r.get("top1") is not None]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     points = [(r["latency_ms"]["p50"], r["top1"] * 100, r) for r in ok]
     front = pareto_front(points)
@@ -279,7 +287,7 @@ def plot_latency(rows, path):
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes) + 2.8, 0.45 * len(labels) + 1.7), dpi=120,
                              squeeze=False, sharey=True)
     for ax, b in zip(axes[0], sizes):
-        by_name = {_name(r): r for r in rows if r["batch_size"] == b and r["status"] == "ok"}
+        by_name = {_name(r): r for r in rows if r["batch_size"] == b and r["status"] == "ok" and not r.get("emulated")}
         for i, n in enumerate(labels):
             r = by_name.get(n)
             if r is None:

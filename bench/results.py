@@ -32,6 +32,8 @@ def build_rows(jobs, batch_sizes):
         for b in batch_sizes:
             row = {k: getattr(job, k) for k in ROW_FROM_JOB}
             row.update(batch_size=b, images=job.images_n, top1=acc.get("top1"), top5=acc.get("top5"))
+            if job.emulated:
+                row["emulated"] = job.emulated
             row.update({k: load[k] for k in ROW_FROM_LOAD if k in load})
             row.update({k: close[k] for k in ("peak_rss_mb", "gpu_peak_mb") if k in close})
             times = (job.times or {}).get(b)
@@ -54,7 +56,8 @@ def job_of(jobs, row):
 
 
 def _against_reference(row, ref_row, job, ref_job):
-    timed = row["status"] == "ok" and ref_row["status"] == "ok"
+    # an emulated device's timings are not latency: no speedup against a real one (nor the other way)
+    timed = row["status"] == "ok" and ref_row["status"] == "ok" and not row.get("emulated") and not ref_row.get("emulated")
     row["speedup_vs_teacher"] = ref_row["latency_ms"]["p50"] / row["latency_ms"]["p50"] if timed else None
     both = row["top1"] is not None and ref_row["top1"] is not None
     row["top1_delta_vs_teacher"] = row["top1"] - ref_row["top1"] if both else None
@@ -75,7 +78,8 @@ def mark_best(rows, max_drop):
             r["best"] = False
         if ref["top1"] is None:
             continue
-        fit = [r for r in group[1:] if r["status"] == "ok" and r["top1"] is not None and r["top1"] >= ref["top1"] - max_drop]
+        fit = [r for r in group[1:] if r["status"] == "ok" and not r.get("emulated") and r["top1"] is not None
+               and r["top1"] >= ref["top1"] - max_drop]
         if fit:
             min(fit, key=lambda r: r["latency_ms"]["p50"])["best"] = True
 

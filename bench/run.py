@@ -117,6 +117,7 @@ def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> Di
     described = [describe(p) for p in plan.models]
     check_batch_memory(described, m.batch_sizes)
     jobs = plan_jobs(described, plan.backends, devices)
+    _static_batch_status(jobs, m.batch_sizes)
     data_spec = plan.data or described[0].data or "digits"
     settings = _settings(plan, m, results, devices, cpus, threads)
     env = environment(threads, cpus)
@@ -142,3 +143,12 @@ def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> Di
     comparison = compare_results(old, result, results.compare, results.compare_tolerance) if old else None
     write_outputs(results.out, result, comparison)
     return {**result, "table": table(rows), "comparison": comparison}
+
+
+def _static_batch_status(jobs, batch_sizes):
+    """A bundle with a static batch (``edgekd export --target arm64`` for OpenVINO) is timed at that batch only."""
+    from ..bundle.runner import unsupported_batch
+
+    for job in jobs:
+        if job.static_batch:
+            job.batch_status = {b: unsupported_batch(job.static_batch, b) for b in batch_sizes if b != job.static_batch}

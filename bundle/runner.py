@@ -7,12 +7,15 @@ for ``predict``) - never torch, never an edgekd install. Python 3.8+ (Raspberry 
     python3 device_runner.py verify BUNDLE_DIR
     python3 device_runner.py bench JOB.json          # prints {"environment": ..., "rows": [...]}
     python3 device_runner.py predict BUNDLE_DIR IMAGE... [--json] [--top-k K]
+    python3 device_runner.py check BUNDLE_DIR        # verify, load, one batch, the manifest's parity images
+    python3 device_runner.py logits JOB.json         # export's gate on a device: a model file's logits
 """
 
 import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -64,19 +67,55 @@ def usable_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def environment():
-    cpu = platform.processor() or platform.machine()
+def _cpuinfo():
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "model\t")):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+            return f.read()
+    except OSError:
+        return ""
+
+
+def emulation(cpuinfo=None, machine=None):
+    """``"qemu"`` when this Python runs under QEMU user-mode emulation (an ARM board emulated on an x86
+    machine), else None. Emulated timings are not latency: the bench labels such rows and ranks none.
+
+    Three signs, any one enough: a /proc/cpuinfo that says so (edgekd's tools/arm_device.sh writes one);
+    qemu-user's own view of the host's x86 cpuinfo under an ARM Python; a binfmt_misc entry that hands
+    this machine's own binaries to qemu.
+    """
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    machine = (machine or platform.machine()).lower()
+    if re.search(r"^model name\s*:.*emulated: qemu", text, re.M | re.I):
+        return "qemu"
+    x86 = re.search(r"^vendor_id\s*:\s*(GenuineIntel|AuthenticAMD)", text, re.M)
+    if machine in ("aarch64", "arm64", "armv7l") and x86:
+        return "qemu"
+    try:
+        with open("/proc/sys/fs/binfmt_misc/qemu-" + machine) as f:
+            if f.readline().strip() == "enabled":
+                return "qemu"
     except OSError:
         pass
+    return None
+
+
+def environment():
+    cpu = platform.processor() or platform.machine()
+    text = _cpuinfo()
+    flags: list[str] = []
+    for line in text.splitlines():
+        if line.lower().startswith(("model name", "hardware", "model\t")) and cpu == (platform.processor() or platform.machine()):
+            cpu = line.split(":", 1)[1].strip()
+        elif line.startswith(("flags", "Features")) and not flags:
+            flags = line.split(":", 1)[1].split()
     versions = {name: _version(name) for name in ("numpy", "onnxruntime", "openvino", "pillow")}
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform(),
-            "python": platform.python_version(), "versions": {k: v for k, v in versions.items() if v}}
+    env = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform(),
+           "python": platform.python_version(), "versions": {k: v for k, v in versions.items() if v},
+           "cpu_flags": flags}
+    emulated = emulation(text)
+    if emulated:
+        env["emulated"] = emulated
+    return env
 
 
 def read_manifest(folder):
@@ -140,11 +179,45 @@ def precision_hint(manifest):
     return (manifest.get("runtime") or {}).get("inference_precision") or "f32"
 
 
+def static_batch(manifest):
+    """The one batch size a static-batch bundle accepts (``input.shape[0]``), or None for a dynamic batch.
+
+    OpenVINO for aarch64 cannot compile some dynamic-batch models (MobileNetV3-small), so ``edgekd export
+    --target arm64`` writes OpenVINO bundles with a static batch.
+    """
+    n = (manifest.get("input") or {}).get("shape", [-1])[0]
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def in_batches_of(run, n):
+    """``run`` for a model with a static batch of ``n``: any batch goes through in slices of ``n``, the last
+    one padded with zeros (images do not interact in an inference-mode classifier)."""
+    import numpy as np
+
+    def sliced(batch):
+        if len(batch) == n:
+            return run(batch)
+        outputs = []
+        for i in range(0, len(batch), n):
+            part = np.asarray(batch[i:i + n], dtype=np.float32)
+            if len(part) < n:
+                pad = np.zeros((n - len(part),) + part.shape[1:], dtype=np.float32)
+                outputs.append(np.asarray(run(np.concatenate([part, pad])))[:len(part)])
+            else:
+                outputs.append(np.asarray(run(part)))
+        return np.concatenate(outputs)
+
+    return sliced
+
+
 def open_session(folder, manifest, threads=None, device="cpu", runtime=None):
     """``(run, info)`` for a verified bundle: ``run(batch float32 NCHW) -> logits``, and ``info`` with the
-    device, threads and precision the runtime actually uses. ``runtime`` defaults to the format's."""
-    return open_model(model_path(folder, manifest), manifest["format"], threads, device, precision_hint(manifest),
-                      runtime)
+    device, threads and precision the runtime actually uses. ``runtime`` defaults to the format's.
+    A static-batch bundle's ``run`` takes any batch (in slices of its batch size)."""
+    run, info = open_model(model_path(folder, manifest), manifest["format"], threads, device, precision_hint(manifest),
+                           runtime)
+    n = static_batch(manifest)
+    return (in_batches_of(run, n), dict(info, static_batch=n)) if n else (run, info)
 
 
 def open_model(path, fmt, threads=None, device="cpu", precision="f32", runtime=None):
@@ -165,8 +238,17 @@ def open_model(path, fmt, threads=None, device="cpu", precision="f32", runtime=N
     except BundleError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError("%s %s cannot load this bundle: %s" % (runtime, _version(runtime), first))
+        raise BundleError("%s %s cannot load this bundle: %s" % (runtime, _version(runtime), message(e)))
+
+
+def message(e):
+    """The line of a runtime's exception that says what failed: OpenVINO's first lines only name its source
+    files ("Exception from src/inference/src/cpp/core.cpp:112:")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if not re.match(r"^(Exception from )?\S+\.(cpp|hpp|h|c):\d+:?$", line):
+            return line
+    return lines[0] if lines else type(e).__name__
 
 
 def _onnxruntime(ort, path, threads, device):
@@ -282,16 +364,23 @@ def bench_one(folder, job, images, labels):
         return {"status": str(e)}
     logits = np.concatenate([np.asarray(run(images[i:i + 64])) for i in range(0, len(images), 64)])
     top5 = np.argsort(-logits, axis=1)[:, :5]
-    times = {}
+    times, skipped, static = {}, {}, static_batch(manifest)
     for b in job.batch_sizes:
+        if static and b != static:
+            skipped[str(b)] = unsupported_batch(static, b)
+            continue
         count = max(1, min(job.runs, len(images) // b))
         batches = [np.ascontiguousarray(images[i * b:(i + 1) * b]) for i in range(count)]
         times[str(b)] = time_calls(run, batches, job.warmup, job.runs)
-    return {"status": None, "times": times,
+    return {"status": None, "times": times, "batch_status": skipped,
             "accuracy": {"top1": float((logits.argmax(1) == labels).mean()),
                          "top5": float((top5 == labels[:, None]).any(1).mean()),
                          "predictions": logits.argmax(1).tolist()},
             "load": {"first_inference_ms": first_ms, "threads": info.get("threads") or job.threads or os.cpu_count()}}
+
+
+def unsupported_batch(static, b):
+    return "not run: the bundle has a static batch of %d (exported for a target whose runtime needs it)" % static
 
 
 def bench(job_path):
@@ -400,8 +489,78 @@ def predict(folder, paths, k=1):
     return ranked(paths, run(load_images(paths, manifest["input"])), manifest["classes"], k)
 
 
+def agreement(manifest, logits):
+    """Why the logits of the manifest's parity images disagree with the exporting machine's, or None.
+
+    FP32 and FP16 are held to the bundle's own logit tolerance; INT8 (whose integer kernels differ between
+    CPUs) to top-1 agreement on at least ``min_agreement`` of the images.
+    """
+    import numpy as np
+
+    parity = manifest["parity"]
+    expected = np.asarray(parity["logits"], dtype=np.float64)
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.shape != expected.shape:
+        return "output shape %s, the exporting machine's was %s" % (logits.shape, expected.shape)
+    if not np.isfinite(logits).all():
+        return "the output holds NaN or infinity"
+    if parity.get("atol") is not None:
+        diff = float(np.abs(logits - expected).max())
+        if not diff <= parity["atol"]:
+            return "max |logit difference| %.3g from the exporting machine's exceeds %g on %d parity images" % (
+                diff, parity["atol"], len(expected))
+    same = float((logits.argmax(1) == expected.argmax(1)).mean())
+    if not same >= parity.get("min_agreement", 1.0):
+        return "top-1 agrees with the exporting machine's on %.0f%% of %d parity images (needs %.0f%%)" % (
+            same * 100, len(expected), parity.get("min_agreement", 1.0) * 100)
+    return None
+
+
+def check(folder):
+    """What deploy runs on the device before installing: verify, load (compile), one batch, and the
+    manifest's parity images against the logits the exporting machine recorded."""
+    import numpy as np
+
+    manifest = verify(folder)
+    run, info = open_session(folder, manifest)
+    c, h, w = manifest["input"]["shape"][1], manifest["input"]["resize"][0], manifest["input"]["resize"][1]
+    try:
+        out = np.asarray(run(np.zeros((static_batch(manifest) or 1, c, h, w), dtype=np.float32)))
+        result = {"ok": True, "output_shape": list(out.shape), "runtime_device": info.get("runtime_device"),
+                  "runtime_precision": info.get("runtime_precision"), "parity_images": 0}
+        if manifest.get("parity"):
+            images = np.load(os.path.join(folder, manifest["parity"]["file"]))
+            problem = agreement(manifest, run(images))
+            if problem:
+                raise BundleError("parity check failed on this device: " + problem)
+            result["parity_images"] = len(images)
+    except BundleError:
+        raise
+    except Exception as e:
+        runtime = RUNTIME_PACKAGE.get(manifest["format"])
+        raise BundleError("%s %s cannot run this bundle: %s" % (runtime, _version(runtime), message(e)))
+    return result
+
+
+def logits(job_path):
+    """Export's parity gate on a device: ``{"model", "format", "precision", "images", "out", "static_batch"}``
+    -> the model file's logits on the images, saved to ``out`` (.npy)."""
+    import numpy as np
+
+    with open(job_path) as f:
+        job = json.load(f)
+    base = os.path.dirname(os.path.abspath(job_path))
+    run, info = open_model(os.path.join(base, job["model"]), job["format"], precision=job.get("precision") or "f32")
+    if job.get("static_batch"):
+        run = in_batches_of(run, job["static_batch"])
+    images = np.load(os.path.join(base, job["images"]))
+    out = np.concatenate([np.asarray(run(images[i:i + 64])) for i in range(0, len(images), 64)])
+    np.save(os.path.join(base, job["out"]), out.astype(np.float32))
+    return {"environment": environment(), "runtime": info}
+
+
 def main(argv):
-    if not argv or argv[0] not in ("env", "verify", "bench", "predict"):
+    if not argv or argv[0] not in ("env", "verify", "bench", "predict", "check", "logits"):
         print(__doc__, file=sys.stderr)
         return 2
     try:
@@ -412,6 +571,10 @@ def main(argv):
             print(json.dumps({"ok": True}))
         elif argv[0] == "bench":
             print(json.dumps(bench(argv[1])))
+        elif argv[0] == "check":
+            print(json.dumps(check(argv[1])))
+        elif argv[0] == "logits":
+            print(json.dumps(logits(argv[1])))
         else:
             args = [a for a in argv[1:] if not a.startswith("--")]
             top_k = int(argv[argv.index("--top-k") + 1]) if "--top-k" in argv else 1

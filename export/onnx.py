@@ -127,7 +127,7 @@ def onnx_fp16(job):
 def onnx_int8(job):
     """INT8 through ONNX Runtime's quantizer: static QDQ on the calibration images, or dynamic on request."""
     o = job.options
-    settings = q.int8_settings(o["int8_types"], o["reduce_range"], o["per_channel"])
+    settings = q.int8_settings(o["int8_types"], o["reduce_range"], o["per_channel"], o.get("target_features"))
     pre = q.preprocess(job.info["fp32_reference"], os.path.join(job.scratch, "preprocessed.onnx"))
     out = os.path.join(job.folder, MODEL_FILE)
     if o["quant"] == "dynamic":
@@ -152,7 +152,7 @@ def restore_onnx(job, tune, max_drop, max_layers):
     o = job.options
     if o["quant"] == "dynamic":
         raise EdgeKDError("the INT8 fallback works on static quantization; drop --quant dynamic")
-    settings = q.int8_settings(o["int8_types"], o["reduce_range"], o["per_channel"])
+    settings = q.int8_settings(o["int8_types"], o["reduce_range"], o["per_channel"], o.get("target_features"))
     pre = os.path.join(job.scratch, "preprocessed.onnx")
     restored = q.restore_layers(pre, os.path.join(job.folder, MODEL_FILE), job.scratch, job.calib, tune, settings,
                                 o["calib_method"], max_drop, max_layers, job.progress)

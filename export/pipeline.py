@@ -67,15 +67,21 @@ class Plan:
     int8: bool
     static: bool
     atol: float
+    target: object = None        # export/target.py's Target: the device the bundle is for (--target)
+    outputs: object = None       # the bundle's logits on the gate's images, from the last validation
 
 
 def _plan(opts):
+    from .target import resolve
+
     meta = check_request(opts.format, opts.precision, opts.quant, opts.calib_method, opts.int8_types)
     int8 = opts.precision == "int8"
     if int8 and not opts.max_drop >= 0:  # NaN fails too
         raise EdgeKDError(f"--max-drop must be 0 or more points, got {opts.max_drop}")
     atol = opts.atol if opts.atol is not None else meta["atol"].get(opts.precision)
-    return Plan(meta, int8, int8 and meta["quant"] == "static", atol)
+    # an ssh:// target is probed here, before anything is loaded
+    target = resolve(getattr(opts, "target", None), getattr(opts, "ssh_config", None), getattr(opts, "timeout", 600))
+    return Plan(meta, int8, int8 and meta["quant"] == "static", atol, target)
 
 
 @dataclass
@@ -156,17 +162,18 @@ def _build(ref, opts, plan, calib, train_qat):
     scratch = tempfile.mkdtemp(prefix=temp_prefix("export"))
     job = ExportJob(ref.model, ref.spec, staging, scratch, opts.precision,
                     {**asdict(opts), "quant": plan.meta["quant"], "calib_method": plan.meta["calib_method"],
-                     "int8_types": opts.int8_types or "auto", "classes": list(ref.ckpt["classes"])},
+                     "int8_types": opts.int8_types or "auto", "classes": list(ref.ckpt["classes"]),
+                     "target_features": (plan.target.arch, plan.target.flags), "target": plan.target.name},
                     calib.images if calib else None, opts.progress)
     job.state["ckpt"] = ref.ckpt
     try:
         seconds = convert(job, opts.format, ref.qat)
-        validation = validate(ref, staging, job.info["model_file"], opts, plan.atol)
+        validation = validate(ref, staging, job.info["model_file"], opts, plan.atol, plan)
         if plan.int8:
             manifest = _int8(ref, opts, plan, job, calib, validation, seconds, train_qat)
         else:
             fail_if(gate(validation, opts.precision, atol=plan.atol))
-            manifest = build_manifest(ref, opts, staging, job.info, validation, seconds)
+            manifest = build_manifest(ref, opts, staging, job.info, validation, seconds, plan)
         # the machine's absolute paths (calibration data, sources) relative to the bundle folder
         manifest = portable(manifest, out)
         write_manifest(staging, manifest)
@@ -186,20 +193,22 @@ def _build(ref, opts, plan, calib, train_qat):
 
 def _int8(ref, opts, plan, job, calib, validation, seconds, train_qat):
     """INT8: the ladder, the speed check, the per-layer report, and their parts of the manifest."""
-    ladder = Int8Ladder(ref, opts, plan.static, lambda folder, name: validate(ref, folder, name, opts, plan.atol),
+    ladder = Int8Ladder(ref, opts, plan.static, lambda folder, name: validate(ref, folder, name, opts, plan.atol, plan),
                         lambda spec: calibration_set(ref, opts, spec), calib, train_qat)
     validation, fallback = ladder.climb(job, validation)
     seconds += ladder.seconds
     info, staging = job.info, job.folder
     speed = None
-    if opts.speed_check:
+    if opts.speed_check and not plan.target.here:
+        speed = {"status": f"skipped: the bundle is for {plan.target.name}, not this machine"}
+    elif opts.speed_check:
         speed = speed_check(opts.format, os.path.join(staging, info["model_file"]), info["fp32_reference"],
                             (ref.spec.channels, ref.spec.height, ref.spec.width))
     data = ladder.calib.data if ladder.calib else ref.dataset
     # the QAT model keeps every layer INT8: no fallback layers to mark
     layers = _layer_report(opts, job, data, None if ladder.qat_used else fallback)
     calib = ladder.calib  # the last rung may have calibrated again
-    manifest = build_manifest(ref, opts, staging, info, validation, seconds)
+    manifest = build_manifest(ref, opts, staging, info, validation, seconds, plan)
     manifest["calibration"] = calib.record if calib else {
         "images": 0, "note": "QAT: the quantizer ranges were trained (edgekd quantize)" if ref.qat
         else "dynamic INT8 uses no calibration"}
@@ -234,21 +243,66 @@ def convert(job, fmt, qat):
     return time.perf_counter() - start
 
 
-def validate(ref, folder, model_file, opts, atol):
-    """The bundle's model file run by its runtime on the reference images, compared with the PyTorch logits."""
+def validate(ref, folder, model_file, opts, atol, plan):
+    """The bundle's model file run by its runtime on the reference images, compared with the PyTorch logits: on
+    this machine, or with --target ssh:// on the device itself."""
     from ..base.progress import bar
-    from ..bundle.runner import open_model
+    from ..bundle.runner import in_batches_of, open_model
+    from .target import remote_logits, where
 
-    session, _ = open_model(os.path.join(folder, model_file), opts.format)
-    with bar(total=len(ref.images), desc="validating", unit="img", disable=not opts.progress) as progress:
-        def run(batch):
-            progress.update(len(batch))
-            return session(batch)
+    static = plan.target.static_batch(opts.format)
+    if static:
+        set_static_batch(os.path.join(folder, model_file), static, opts.precision)
+    if plan.target.device is not None:
+        log.info("parity gate on %s (%d images)", plan.target.name, len(ref.images))
+        outputs = remote_logits(plan.target, folder, model_file, opts.format, ref.images, static)
+    else:
+        session, _ = open_model(os.path.join(folder, model_file), opts.format)
+        if static:
+            session = in_batches_of(session, static)
+        with bar(total=len(ref.images), desc="validating", unit="img", disable=not opts.progress) as progress:
+            def run(batch):
+                progress.update(len(batch))
+                return session(batch)
 
-        outputs = run_batched(run, ref.images)
+            outputs = run_batched(run, ref.images)
+    plan.outputs = outputs
     validation = compare(ref.logits, outputs, ref.labels)
-    validation.update(data=ref.dataset.spec, split="test", atol=atol)
+    validation.update(data=ref.dataset.spec, split="test", atol=atol, ran_on=where(plan.target))
     return validation
+
+
+PARITY_FILE = "parity.npy"
+
+
+def write_parity(ref, opts, plan, staging, count=8):
+    """--target: a few test images and the bundle's logits on them where the gate ran, which ``edgekd deploy``
+    checks on the device before installing (``device_runner.py check``)."""
+    np.save(os.path.join(staging, PARITY_FILE), np.ascontiguousarray(ref.images[:count], dtype=np.float32))
+    loose = opts.precision != "fp32"  # fp16/int8 kernels differ between CPUs: a near-tie may flip
+    return {"file": PARITY_FILE, "images": min(count, len(ref.images)),
+            "logits": np.asarray(plan.outputs[:count], dtype=np.float64).round(6).tolist(),
+            "atol": plan.atol if opts.precision in ("fp32", "fp16") else None,
+            "min_agreement": 0.875 if loose else 1.0,
+            "from": plan.target.name if plan.target.device is not None else "this machine"}
+
+
+def set_static_batch(path, batch, precision):
+    """Give an OpenVINO IR a static batch in place (a no-op when it has it already)."""
+    from .openvino import import_openvino
+
+    ov = import_openvino()
+    model = ov.Core().read_model(path)
+    shape = model.input(0).get_partial_shape()
+    if shape.is_static and shape[0].get_length() == batch:
+        return
+    dims = [batch] + [d.get_length() for d in list(shape)[1:]]
+    model.reshape({model.input(0): ov.PartialShape(dims)})
+    tmp = os.path.join(os.path.dirname(path), ".static-" + os.path.basename(path))
+    ov.save_model(model, tmp, compress_to_fp16=precision == "fp16")
+    del model
+    os.replace(tmp, path)
+    os.replace(tmp[:-4] + ".bin", path[:-4] + ".bin")
 
 
 def _layer_report(opts, job, data, fallback):
@@ -268,16 +322,18 @@ def _layer_report(opts, job, data, fallback):
                         folder=job.folder, in_float=(fallback or {}).get("layers_in_float", ()))
 
 
-def build_manifest(ref, opts, staging, info, validation, seconds):
+def build_manifest(ref, opts, staging, info, validation, seconds, plan):
     """The bundle's manifest.json: its files and their sha256, the input contract, classes, provenance, parity."""
     spec, ckpt = ref.spec, ref.ckpt
+    parity = write_parity(ref, opts, plan, staging) if getattr(opts, "target", None) else None
+    static = plan.target.static_batch(opts.format)
     files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
     missing = [name for name in FORMATS.meta(opts.format)["files"] if name not in files]
     if missing:  # the format table names the files its steps publish; a step that did not is our bug
         raise RuntimeError(f"the {opts.format} export steps wrote no {', '.join(missing)}")
-    return {
+    manifest = {
         "format": opts.format, "precision": opts.precision, "model_file": info["model_file"], "files": files,
-        "input": {"shape": [-1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
+        "input": {"shape": [static or -1, spec.channels, spec.height, spec.width], "layout": "NCHW", "dtype": "float32",
                   "mean": spec.mean, "std": spec.std, "color": spec.color, "resize": [spec.height, spec.width],
                   "scale": 1 / 255, "resample": "bilinear",
                   **({"crop_pct": spec.crop_pct, "resize_mode": "shorter side, center crop"}
@@ -291,6 +347,13 @@ def build_manifest(ref, opts, staging, info, validation, seconds):
                     "inference_precision": FORMATS.meta(opts.format)["inference_precision"]},
         "versions": library_versions(),
     }
+    if parity:
+        quant = info.get("quantization") or {}
+        types = ("".join(("u" if quant[k] == "uint8" else "s") + "8" for k in ("activation_type", "weight_type"))
+                 if "activation_type" in quant else None)
+        manifest.update(parity=parity, target=plan.target.record(opts.format, types),
+                        batch_sizes=[static] if static else "any")
+    return manifest
 
 
 def speed_check(fmt, int8_path, fp32_path, shape):

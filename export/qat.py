@@ -36,9 +36,9 @@ def build_qat(job):
 
     ckpt = job.state["ckpt"]
     fp32 = float_model(ckpt)
-    if job.options["fmt"] == "onnx" and job.options.get("qat_onnx", "ort") == "ort":
+    if job.options["format"] == "onnx" and job.options.get("qat_onnx", "ort") == "ort":
         info = _onnx_runtime_placement(job, fp32)
-    elif job.options["fmt"] == "onnx":
+    elif job.options["format"] == "onnx":
         info = _onnx(job, fp32)
     else:
         info = _openvino(job, fp32)

@@ -37,7 +37,8 @@ def cpu_features():
 
 
 def int8_settings(types="auto", reduce_range=None, per_channel=True, features=None):
-    """Activation/weight types and range for this CPU, unless the user chose them. Returns a manifest record."""
+    """Activation/weight types and range for the target's CPU (``features``: (arch, flags), default this
+    machine's; ``edgekd export --target``), unless the user chose them. Returns a manifest record."""
     arch, flags = features or cpu_features()
     vnni = sorted(flags & set(VNNI_FLAGS))
     if types == "auto":

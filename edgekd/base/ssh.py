@@ -87,6 +87,13 @@ def _check_parts(url, host, user, port, python, folder):
                               "./~+@%=,_-; no spaces, quotes or control characters; not starting with '-')")
 
 
+def check_path(url, what, path):
+    """Refuse a path (given apart from the URL) that the device's shell could read as an option or as code."""
+    if not _PATH.match(path):
+        raise EdgeKDError(f"bad {what} {path!r} for {url}: must be a plain path (letters, digits and ./~+@%=,_-; "
+                          "not starting with '-')")
+
+
 def _options(target):
     opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={target.connect_timeout}",
             "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3"]

@@ -30,6 +30,8 @@ class Command:
 def _check_training_args(args):
     """Rules across options (each value was checked on its own in edgekd/config.py); CPU threads set
     here, before any torch work."""
+    from ..base import cpu
+
     if args.warmup_epochs > args.epochs:
         raise EdgeKDError(f"--warmup-epochs must be between 0 and --epochs ({args.epochs}), got {args.warmup_epochs}")
     if not args.out:
@@ -38,10 +40,12 @@ def _check_training_args(args):
     _check_device(args.device)
     if args.amp in ("bf16", "fp16") and not args.device.startswith("cuda"):
         raise EdgeKDError(f"--amp {args.amp} needs --device cuda; CPU training is float32 (use --amp auto or off)")
-    if args.threads:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
+    elif cpu.usable_cpus() < torch.get_num_threads():  # a container's CPU quota: torch counts the host's cores
+        torch.set_num_threads(cpu.usable_cpus())
 
 
 def _run_folder(args, inputs):
@@ -304,14 +308,16 @@ class Predict(Command):
 class Deploy(Command):
     name = "deploy"
     help = "install a bundle on an edge device over SSH (checksummed, atomic)"
-    description = ("Copy a bundle to a device over SSH with your own ssh config and keys (never a password), verify "
-                   "its sha256 sums there with the device's Python, and move it into place atomically. The device "
-                   "needs Python 3.8+, numpy, Pillow and the bundle's runtime (onnxruntime or openvino); no torch.")
+    description = ("Copy a bundle to a device over SSH with your own ssh config and keys (never a password), check "
+                   "it there with the device's Python and runtime (sha256 sums, load and compile, one batch, the "
+                   "parity images of a bundle exported with --target), and move it into place atomically; a bundle "
+                   "that fails the check is refused with the device's error. The device needs Python 3.8+, numpy, "
+                   "Pillow and the bundle's runtime (onnxruntime or openvino); no torch.")
 
     def run(self, args):
         from .deploy import RUNNER_NAME, deploy
 
-        target, dest, env = deploy(args.bundle, args.device, args.ssh_config, args.timeout)
+        target, dest, env = deploy(args.bundle, args.device, args.ssh_config, args.timeout, args.python)
         folder = dest.rsplit("/", 1)[0]
         print(f"installed {args.bundle} on {target} at {dest} ({env['cpu']}, Python {env['python']}, "
               + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())) + ")")
@@ -373,6 +379,11 @@ def _os_error_line(e):
     return f"{e.strerror or type(e).__name__}{where}"
 
 
+# Commands that train: their OpenMP threads sleep at barriers unless the user chose otherwise (bench and
+# export keep the libraries' defaults, so latencies are measured as a deployment would run them).
+TRAINING_COMMANDS = ("train", "distill", "quantize")
+
+
 def main(argv=None):
     from ..base.telemetry import switch_off
 
@@ -383,6 +394,10 @@ def main(argv=None):
     from ..base.progress import report_to_stdout
 
     report_to_stdout()  # the per-epoch lines the library logs to edgekd.report
+    if args.command in TRAINING_COMMANDS:  # before any import of torch loads OpenMP: see edgekd/base/cpu.py
+        from ..base.cpu import passive_wait
+
+        passive_wait()
     opts = None
     try:
         opts = options.parse_args(args)  # defaults < --config / --resume's config.yaml < command line, all checked

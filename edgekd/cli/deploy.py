@@ -1,8 +1,10 @@
 """``edgekd deploy BUNDLE ssh://host[:DIR]``: install a bundle on a device, atomically, verified by checksum.
 
-The bundle is copied into a hidden temporary folder beside its destination, its sha256 sums are
-checked on the device by the device's own Python, and only then is it renamed into place, so a
-half-copied bundle is never where a program on the device would look for it.
+The bundle is copied into a hidden temporary folder beside its destination and checked there by the
+device's own Python and runtime (``device_runner.py check``: sha256 sums, load and compile, one batch,
+and the manifest's parity images where ``edgekd export --target`` recorded them); only then is it
+renamed into place, so a half-copied bundle, or one that does not run or agree on this device, is never
+where a program on the device would look for it.
 """
 
 import json
@@ -17,7 +19,27 @@ DEFAULT_FOLDER = "edgekd-bundles"  # relative to the device user's home
 RUNNER_NAME = "edgekd_device_runner.py"
 
 
-def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S):
+def check_on_device(target, runner, staging, name, timeout):
+    """The runner's ``check`` on the device; a bundle that fails it is refused with the device's own error."""
+    q = ssh.quote
+    try:
+        out = ssh.run(target, f"{q(target.python)} {q(runner)} check {q(staging)}", timeout)
+    except EdgeKDError as e:
+        why = str(e).split(" failed: ", 1)[-1].replace("edgekd device runner: error: ", "")
+        if " is not installed here: pip install " not in why:
+            raise EdgeKDError(f"{target} refused bundle {name!r}, nothing installed: {why}") from None
+        # installing a runtime later is the user's business: the bundle is checked as far as this Python can
+        log.warning("%s with %s cannot load the bundle (%s); checked its sha256 sums only (--python names the "
+                    "device's Python with the runtime)", target, target.python, why)
+        ssh.run(target, f"{q(target.python)} {q(runner)} verify {q(staging)}", timeout)
+        return {}
+    result = json.loads(out.decode())
+    log.info("checked on %s: output %s%s", target, result.get("output_shape"),
+             f", {result['parity_images']} parity images agree" if result.get("parity_images") else "")
+    return result
+
+
+def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=None):
     """Install ``bundle`` on the device; return (target, remote bundle path, device environment)."""
     from ..bundle.runner import MANIFEST_FILE, BundleError, RUNTIME_PACKAGE, verify
     from ..bench.remote import RUNNER, check_device
@@ -29,6 +51,9 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S):
     except BundleError as e:
         raise EdgeKDError(f"bundle {bundle!r}: {e}") from e
     target = ssh.parse_target(url, ssh_config)
+    if python:
+        ssh.check_path(url, "python path", python)
+        target.python = python
     check_device(target, timeout)
     folder = (target.folder or DEFAULT_FOLDER).rstrip("/") or "/"
     name = os.path.basename(os.path.normpath(bundle))
@@ -36,18 +61,20 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S):
     q = ssh.quote
     staging = ssh.run(target, f"mkdir -p {q(folder)} && mktemp -d {q(folder + '/.' + name + '.tmp-XXXXXX')}",
                       timeout).decode().strip()
+    tools = staging + ".runner"  # the runner beside the bundle, not in it: a bundle is exactly its listed files
     try:
         files = [os.path.join(bundle, f) for f in list(manifest["files"]) + [MANIFEST_FILE]]
         ssh.copy_to(target, files, staging, timeout)
-        ssh.copy_to(target, [RUNNER], staging, timeout)
-        runner = f"{staging}/{os.path.basename(RUNNER)}"
-        ssh.run(target, f"{q(target.python)} {q(runner)} verify {q(staging)}", timeout)
-        ssh.run(target, f"mv {q(runner)} {q(folder + '/' + RUNNER_NAME)} && "
+        ssh.run(target, f"mkdir {q(tools)}", timeout)
+        ssh.copy_to(target, [RUNNER], tools, timeout)
+        runner = f"{tools}/{os.path.basename(RUNNER)}"
+        check_on_device(target, runner, staging, name, timeout)
+        ssh.run(target, f"mv {q(runner)} {q(folder + '/' + RUNNER_NAME)} && rmdir {q(tools)} && "
                         f"if [ -e {q(dest)} ]; then mv {q(dest)} {q(staging + '.old')}; fi && "
                         f"mv {q(staging)} {q(dest)} && rm -rf {q(staging + '.old')}", timeout)
     except BaseException:
         try:
-            ssh.run(target, f"rm -rf {q(staging)}", 60)
+            ssh.run(target, f"rm -rf {q(staging)} {q(tools)}", 60)
         except EdgeKDError:
             pass
         raise

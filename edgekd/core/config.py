@@ -230,7 +230,8 @@ TRAINING = [
     Opt("progress", "bool", True, "hide progress bars", negate="--no-progress", group="training"),
     Opt("amp", "str", "auto", "mixed precision on CUDA: bf16 where the GPU supports it, else fp16 with a gradient "
         "scaler (auto); off for float32. CPU runs are float32", choices=("auto", "bf16", "fp16", "off"), group="gpu"),
-    Opt("channels_last", "str", "auto", "NHWC memory layout for convolutions (auto: on for CUDA, off for CPU)",
+    Opt("channels_last", "str", "auto", "NHWC memory layout for convolutions (auto: on for CUDA; on a CPU for a "
+        "PyTorch teacher only, where it measured faster, not for the student)",
         choices=("auto", "on", "off"), group="gpu"),
     Opt("compile", "bool", False, "torch.compile the student (first steps are slow while it compiles; default: off)",
         group="gpu"),
@@ -278,6 +279,15 @@ DISTILL = [
     Opt("teacher_cache", "str", None, "compute the teacher's logits once per (image, epoch) view into DIR (keyed by "
         "the teacher checkpoint's sha256, the augmentation seed and the data) and replay them, instead of running the "
         "teacher every step (logit losses; default: off)", metavar="DIR"),
+    Opt("teacher_cache_dtype", "str", "float16", "how --teacher-cache stores logits: float16 (half the size; each "
+        "logit rounded to 11 significant bits) or float32 (bit-exact)", choices=("float16", "float32"),
+        group="teacher"),
+    Opt("teacher_cache_topk", "int", None, "keep only the K largest teacher logits per view in --teacher-cache, the "
+        "rest one value that keeps their share of the softmax at the loss's temperature (for teachers with many "
+        "classes; default: all)", low=1, metavar="K", group="teacher"),
+    Opt("teacher_dtype", "str", "auto", "the frozen teacher's compute dtype: auto is bfloat16 on a CPU with native "
+        "bfloat16 (AMX-BF16 or AVX512-BF16) for a PyTorch teacher above 48 px, else float32; recorded in metrics.json",
+        choices=("auto", "float32", "bfloat16"), group="teacher"),
 ] + TEACHER_SOURCE + _data() + TRAINING + _pretrained("student_weights") + _common(out_default=DEFAULT_OUT, resumable=True)
 
 # edgekd quantize starts from a trained student: a short run at a small learning rate, no warm-up.
@@ -288,7 +298,8 @@ QUANTIZE = [
     Opt("teacher", "str", None, "teacher checkpoint (default: the one the student was distilled from, or teacher.pt "
         "beside it)", metavar="PATH"),
     Opt("loss", "str", "kd", "a logit distillation loss: kd, dkd, seed, mse", metavar="NAME"),
-] + [o for o in DISTILL if o.name in ("temperature", "alpha", "beta", "teacher_cache")] + [
+] + [o for o in DISTILL if o.name in ("temperature", "alpha", "beta", "teacher_cache", "teacher_cache_dtype",
+                                        "teacher_cache_topk", "teacher_dtype")] + [
     Opt("calib_size", "int", 300, "train images that set the initial quantizer ranges", low=1),
 ] + _data(default=None) + [replace(o, default=_QAT_DEFAULTS.get(o.name, o.default)) for o in TRAINING] + _common(
     resumable=True)
@@ -334,6 +345,12 @@ EXPORT = [
     Opt("speed_check", "bool", True, "skip the short FP32-vs-INT8 timing on this machine", negate="--no-speed-check",
         group="int8"),
     Opt("zip", "bool", False, "also pack the bundle into DIR.zip"),
+    Opt("target", "str", None, "the device the bundle is for: cpu (this machine, the default), arm64, x86-avx2, "
+        "x86-vnni, or ssh://[user@]host[:port][/python] (its CPU asked over SSH; the parity gate and the INT8 check "
+        "run there). Sets INT8 types and, for OpenVINO on ARM, a static batch; adds parity images that deploy "
+        "checks on the device", metavar="T"),
+    Opt("ssh_config", "str", None, "--target ssh://: an ssh_config file (default: ~/.ssh/config)", metavar="FILE"),
+    Opt("timeout", "int", 600, "--target ssh://: seconds to wait for the device at each step", low=1),
     Opt("progress", "bool", True, "hide progress bars", negate="--no-progress"),
 ] + _data(default=None) + _common()
 
@@ -407,6 +424,8 @@ DEPLOY = [
         metavar="DEVICE", positional=True),
     Opt("ssh_config", "str", None, "an ssh_config file (default: ~/.ssh/config)", metavar="FILE"),
     Opt("timeout", "int", 600, "seconds to wait for the device at each step", low=1),
+    Opt("python", "str", None, "the device's Python that checks and runs the bundle (default: python3)",
+        metavar="PATH"),
 ]
 
 COMMANDS = {"train": TRAIN, "distill": DISTILL, "quantize": QUANTIZE, "export": EXPORT, "bench": BENCH, "predict": PREDICT, "deploy": DEPLOY}

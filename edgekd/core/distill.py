@@ -20,6 +20,7 @@ from .losses import LOSSES, UNLABELED, make_loss
 from .loading import load_model
 from .models import (build_model, build_pretrained, check_student, count_flops, count_params,
                      fetch_pretrained, pretrained_norm, pretrained_view)
+from .teacher_speed import check_dtype, settle_teacher_dtype
 from .teachers import FrozenTeacher  # noqa: F401  (its old home; tests and scripts import it from here)
 from .train_loop import TrainRun, evaluate, fit, seed_everything
 
@@ -371,6 +372,7 @@ def run_train(saved_cfg, cfg, ctx):
     metrics["pretrained"] = init
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
+    metrics["cpu"] = cpu_record()
     if ctx.is_main:
         _save(os.path.join(cfg.out, "model.pt"), model.cpu(), cfg.model, data, metrics, saved_cfg)
         write_json(os.path.join(cfg.out, "metrics.json"), metrics)
@@ -395,6 +397,39 @@ def _feature_taps(loss_fn, student, teacher, data):
     return s_tap, t_tap
 
 
+def check_cache_options(cfg):
+    """--teacher-cache-topk without --teacher-cache would silently do nothing: refuse it."""
+    if cfg.teacher_cache_topk and not cfg.teacher_cache:
+        raise EdgeKDError("--teacher-cache-topk K applies to the teacher cache: add --teacher-cache DIR")
+
+
+def _teacher_cache(cfg, teacher, train, taps, loss_params, ctx):
+    """The run's TeacherCache, built by rank 0 (the others read it), and the seconds spent; (None, None) without."""
+    if not cfg.teacher_cache:
+        return None, None
+    if taps is not None:
+        log.warning("loss %s needs the teacher's features, which are not cached: the teacher runs live", cfg.loss)
+        return None, None
+    from .teacher_cache import TeacherCache
+
+    cache = TeacherCache(cfg.teacher_cache, teacher, train, dtype=cfg.teacher_cache_dtype or "float16",
+                         topk=cfg.teacher_cache_topk, temperature=loss_params.get("temperature"))
+    seconds = None
+    if ctx.is_main:  # rank 0 computes and writes the cache; the others then read it
+        seconds = cache.build(teacher, cfg.epochs, device=cfg.device, progress=cfg.progress)
+    ctx.barrier()
+    if not ctx.is_main:
+        cache.build(teacher, cfg.epochs, device=cfg.device, progress=False)
+    return cache, ctx.broadcast_object(seconds)
+
+
+def cpu_record():
+    """Threads, usable cores, the OpenMP wait policy, native bf16 and the load, for metrics.json."""
+    from ..base import cpu
+
+    return cpu.describe(torch.get_num_threads())
+
+
 @_joined
 def run_distill(saved_cfg, cfg, ctx):
     """``edgekd distill``: train the student against the teacher. Writes student.pt, metrics.json, config.yaml."""
@@ -403,8 +438,9 @@ def run_distill(saved_cfg, cfg, ctx):
         raise EdgeKDError(f"loss {cfg.loss!r} uses no teacher; use `edgekd train` or one of "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]))
     check_student(cfg.student, cfg.student_weights)
+    check_cache_options(cfg)
     t_options = teachers.TeacherOptions.from_options(cfg)
-    teachers.check(cfg.teacher, t_options, meta)
+    check_dtype(cfg.teacher_dtype, cfg.teacher, teachers.check(cfg.teacher, t_options, meta).kind)
     fetch_pretrained(cfg.student)
     seed_everything(cfg.seed)
     data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg.student, cfg.student_weights),
@@ -427,34 +463,30 @@ def run_distill(saved_cfg, cfg, ctx):
         train.plan.replay(t_options.views)
     if hasattr(train, "set_teacher_size"):  # views from the files: the teacher sees each crop at its own size
         train.set_teacher_size(teacher.loaded.size)
+    teacher_dtype = settle_teacher_dtype(teacher, cfg.teacher_dtype, cfg.device, train, cfg.channels_last)
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None
-    cache, cache_seconds = None, None
-    if cfg.teacher_cache:
-        if taps is not None:
-            log.warning("loss %s needs the teacher's features, which are not cached: the teacher runs live", cfg.loss)
-        else:
-            from .teacher_cache import TeacherCache
+    cache, cache_seconds = _teacher_cache(cfg, teacher, train, taps, loss_params, ctx)
+    memo = None
+    if cache is None and taps is None:  # views that cannot differ: ask the live teacher once per image
+        from .teacher_cache import LiveMemo
 
-            cache = TeacherCache(cfg.teacher_cache, teacher, train)
-            if ctx.is_main:  # rank 0 computes and writes the cache; the others then read it
-                cache_seconds = cache.build(teacher, cfg.epochs, device=cfg.device, progress=cfg.progress)
-            ctx.barrier()
-            if not ctx.is_main:
-                cache.build(teacher, cfg.epochs, device=cfg.device, progress=False)
-            cache_seconds = ctx.broadcast_object(cache_seconds)
+        memo = LiveMemo.for_run(train.plan, len(train), len(data.classes))
     seed_everything(cfg.seed)  # the student's run does not depend on whether a teacher was trained
-    run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache, taps=taps, dist=ctx)
+    run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache, taps=taps, dist=ctx, memo=memo)
     history = fit(student, run, cfg, desc=f"student {cfg.student}",
                   state_path=os.path.join(cfg.out, "student.state.pt"))
     metrics = _finish(student, run, cfg, _summary(cfg.student, cfg.epochs, history, student, data))
     metrics.update(loss=cfg.loss, loss_params=loss_params, teacher={
         **{k: teacher.metrics.get(k) for k in ("model", "source", "epochs", "test_top1", "params", "flops", "history")},
-        **teacher.describe()})
+        **teacher.describe(), "dtype": teacher_dtype})
     metrics["pretrained"] = student_init
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["teacher_cache"] = None if cache is None else {"path": cache.path, "build_seconds": cache_seconds,
                                                            "teacher_sha256": cache.teacher_sha,
-                                                           "views": train.plan.views}
+                                                           "views": train.plan.views, **cache.describe()}
+    metrics["teacher_memo"] = None if memo is None else {"teacher_calls": memo.teacher_calls,
+                                                         "why": "every epoch shows the same views"}
+    metrics["cpu"] = cpu_record()
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     if ctx.is_main:
         _save(os.path.join(cfg.out, "student.pt"), student.cpu(), cfg.student, data, metrics, saved_cfg)

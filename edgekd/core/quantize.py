@@ -22,11 +22,12 @@ from . import teachers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import saved
 from .data import InputSpec
-from .distill import prepare_data, save_config, train_teacher, write_json
+from .distill import check_cache_options, prepare_data, save_config, train_teacher, write_json
 from .distributed import Context
 from .fakequant import calibrate, import_nncf, plain_config, quantized_layer_names
 from .loading import load_model
 from .losses import LOSSES, make_loss
+from .teacher_speed import settle_teacher_dtype
 from .train_loop import TrainRun, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def run_quantize(cfg):
         raise EdgeKDError(f"--loss {cfg.loss!r}: quantization-aware distillation takes a logit loss with a teacher: "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]
                                       and not LOSSES.meta(n).get("needs_features")))
+    check_cache_options(cfg)
     student, ckpt = _student(cfg)
     seed_everything(cfg.seed)
     from ..base.files import spec_from_file
@@ -120,11 +122,13 @@ def run_quantize(cfg):
     if hasattr(train, "set_teacher_size"):  # views from the files: the teacher sees each crop at its own size
         train.set_teacher_size(teacher.loaded.size)
     t_metrics = teacher.metrics
+    teacher_dtype = settle_teacher_dtype(teacher, cfg.teacher_dtype, cfg.device, train, cfg.channels_last)
     cache = None
     if cfg.teacher_cache:
         from .teacher_cache import TeacherCache
 
-        cache = TeacherCache(cfg.teacher_cache, teacher, train)
+        cache = TeacherCache(cfg.teacher_cache, teacher, train, dtype=cfg.teacher_cache_dtype or "float16",
+                             topk=cfg.teacher_cache_topk, temperature=loss_params.get("temperature"))
         cache.build(teacher, cfg.epochs, device=cfg.device, progress=cfg.progress)
     seed_everything(cfg.seed)
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache)
@@ -137,7 +141,7 @@ def run_quantize(cfg):
                        "drop_before": round((fp32_top1 - int8_before) * 100, 4),
                        "drop_after": None if not history else round((fp32_top1 - history[-1]["test_top1"]) * 100, 4),
                        "layers_int8": layers, "tool": "nncf.quantize (torch) + distillation fine-tuning"},
-               "teacher": {k: t_metrics.get(k) for k in ("model", "source", "test_top1")}}
+               "teacher": {**{k: t_metrics.get(k) for k in ("model", "source", "test_top1")}, "dtype": teacher_dtype}}
     # the FP32 student, relative to this run's folder (export finds it from the QAT checkpoint's folder)
     qat = {"quantizers": plain_config(qmodel), "source": os.path.relpath(os.path.abspath(cfg.student),
                                                                          os.path.abspath(out)),

@@ -74,11 +74,12 @@ class TrainRun:
     """What one call of ``fit`` needs besides the model: data views, loss, teacher, cache, feature taps,
     and the process group (a single process unless run under torchrun)."""
 
-    def __init__(self, train, test, loss_fn, teacher=None, cache=None, taps=None, dist=None):
+    def __init__(self, train, test, loss_fn, teacher=None, cache=None, taps=None, dist=None, memo=None):
         from .distributed import Context
 
         self.train, self.test, self.loss_fn = train, test, loss_fn
         self.teacher, self.cache, self.taps = teacher, cache, taps
+        self.memo = memo  # a LiveMemo: a live teacher asked once per image when views cannot differ
         self.dist = dist or Context()
         self.local_images = 0  # training images this process stepped through (all epochs of this run)
 
@@ -119,7 +120,10 @@ def _teacher_logits(run, x, idx, epoch, xt=None):
         return run.cache.lookup(epoch, idx).to(x.device)
     if run.teacher is None:
         return None
-    return run.teacher(xt if xt is not None else x)  # the teacher's own view of the same crop when there is one
+    xt = xt if xt is not None else x  # the teacher's own view of the same crop when there is one
+    if run.memo is not None and run.taps is None:
+        return run.memo(run.teacher, xt, idx)
+    return run.teacher(xt)
 
 
 def _step(net, run, x, y, idx, epoch, xt=None):
@@ -127,7 +131,7 @@ def _step(net, run, x, y, idx, epoch, xt=None):
     s_logits = net(x)
     extra = {}
     if run.taps is not None:  # the teacher's map is an inference-mode tensor: a clone can join autograd
-        extra["features"] = (run.taps[0].output, run.taps[1].output.clone())
+        extra["features"] = (run.taps[0].output, run.taps[1].output.float().clone())  # float: a bf16 teacher's too
     return s_logits, t_logits, run.loss_fn(s_logits, t_logits, y, **extra)
 
 
