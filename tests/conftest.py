@@ -119,13 +119,13 @@ def digits_folder(tmp_path_factory):
     return root
 
 
-<<<<<<< HEAD
 @pytest.fixture(scope="session")
 def one_line_error():
     """``one_line_error(proc, message)``: assert exit 2, exactly one line on stderr holding ``message``, no
     traceback; returns the line."""
     return _one_line_error
-=======
+
+
 # --- SSH devices: an OpenSSH server on loopback ("loopback") and the emulated ARM64 board ("arm") ---------
 # Shared by tests/test_devices.py and tests/test_arm.py. The ARM board is tools/arm_device.sh's (root and
 # binfmt_misc needed); its tests carry the `arm` marker and run with `make test-arm`.
@@ -283,4 +283,3 @@ def device(request):
     from pathlib import Path
 
     return Device("loopback", config, python, bare=lambda tmp_path: make_venv(Path(tmp_path) / "bare-device", ["numpy"]))
->>>>>>> main
