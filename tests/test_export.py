@@ -172,7 +172,8 @@ def test_int8_gate_fails_on_a_perturbed_model_with_and_without_fallback(digits_r
     """The fallback runs (ONNX ranking, NNCF accuracy control) but cannot undo a wrong model: still refused."""
     _perturbing(monkeypatch, 3.0)
     out = tmp_path / "bundle"
-    opts = dict(format=fmt, precision="int8", out=str(out), val_size=VAL, calib_size=CALIB, progress=False,
+    # half the usual images: the fallback's search (ranking, NNCF accuracy control) evaluates them many times
+    opts = dict(format=fmt, precision="int8", out=str(out), val_size=VAL // 2, calib_size=CALIB // 2, progress=False,
                 speed_check=False, qat_epochs=0)  # the perturbation is in the PTQ exporters only
     with pytest.raises(EdgeKDError, match=r"INT8 top-1 .* points below FP32 .* over --max-drop 1 .*fallback is off"):
         export_checkpoint(str(digits_run / "student.pt"), ExportOptions(**opts, max_fallback_layers=0))

@@ -327,9 +327,9 @@ def test_the_cache_is_keyed_by_the_onnx_teachers_sha256_and_replays_k_views(tiny
         train.plan.replay(None)
 
 
-def test_fitnet_with_a_black_box_teacher_is_one_line(tiny, tmp_path, cli):
+def test_fitnet_with_a_black_box_teacher_is_one_line(tiny, tmp_path, cli_main):
     path = _onnx(tiny, tmp_path / "t.onnx")
-    proc = cli("distill", "--loss", "fitnet", "--teacher", path, "--out", tmp_path / "run", check=False)
+    proc = cli_main("distill", "--loss", "fitnet", "--teacher", path, "--out", tmp_path / "run")
     assert proc.returncode == 2 and "black box" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
