@@ -284,7 +284,7 @@ def test_a_teacher_loader_never_trains_a_model_spec(digits, tmp_path):
 
 def test_teacher_options_are_checked_in_the_library():
     for cfg, message in [({"teacher_std": "0.2,0"}, "every std must be positive"),
-                         ({"teacher_input_size": "0"}, "give SIZE or HEIGHT,WIDTH"),
+                         ({"teacher_input_size": "0"}, "SIZE or HEIGHT,WIDTH in pixels"),
                          ({"teacher_mean": "a,b"}, "one number or one per channel"),
                          ({"teacher_views": "0"}, "positive whole number"),
                          ({"teacher_color": "CMYK"}, "expected one of RGB, BGR, L"),
