@@ -183,7 +183,7 @@ def check_files(folder, manifest):
     and matches its sha256, and the folder holds nothing else (a file nobody checked could be what a runtime
     reads: OpenVINO finds model.bin beside model.xml whether or not it is listed)."""
     root = os.path.realpath(folder)
-    unlisted = sorted(n for n in os.listdir(root) if n != "manifest.json" and n not in manifest["files"])
+    unlisted = sorted(n for n in os.listdir(root) if n != MANIFEST_FILE and n not in manifest["files"])
     if unlisted:
         raise BundleError("bundle %r holds %s, which its manifest.json does not list (a bundle is exactly the files "
                           "its manifest lists: remove them, or export again)" % (folder, ", ".join(unlisted)[:200]))
