@@ -86,7 +86,7 @@ def _input_size_check(value):
     items = [t.strip() for t in value.split(",")]
     if 1 <= len(items) <= 2 and all(t.isdecimal() and len(t) <= 5 and 1 <= int(t) <= MAX_INPUT_SIDE for t in items):
         return None
-    return f"expected SIZE or HEIGHT,WIDTH in pixels, whole numbers from 1 to {MAX_INPUT_SIDE}, e.g. 224"
+    return f"give SIZE or HEIGHT,WIDTH in pixels, whole numbers from 1 to {MAX_INPUT_SIDE}, e.g. 224"
 
 
 def _size_check(value):
