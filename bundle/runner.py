@@ -100,14 +100,16 @@ def emulation(cpuinfo=None, machine=None):
 
 
 def environment():
-    cpu = platform.processor() or platform.machine()
     text = _cpuinfo()
-    flags: list[str] = []
+    fields: dict = {}  # the first value of each /proc/cpuinfo key
     for line in text.splitlines():
-        if line.lower().startswith(("model name", "hardware", "model\t")) and cpu == (platform.processor() or platform.machine()):
-            cpu = line.split(":", 1)[1].strip()
-        elif line.startswith(("flags", "Features")) and not flags:
-            flags = line.split(":", 1)[1].split()
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    # x86 names its CPU in "model name" ("model" is a number there); ARM boards in "Hardware" or "Model"
+    names = [fields.get(k) for k in ("model name", "hardware", "model")]
+    cpu = next((n for n in names if n and not n.isdigit()), None) or platform.processor() or platform.machine()
+    flags = (fields.get("flags") or fields.get("features") or "").split()
     versions = {name: _version(name) for name in ("numpy", "onnxruntime", "openvino", "pillow")}
     env = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform(),
            "python": platform.python_version(), "versions": {k: v for k, v in versions.items() if v},
