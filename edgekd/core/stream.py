@@ -286,7 +286,8 @@ class StreamViews:
         workers = self.workers if len(index_batches) > 1 else 0
         loader = torch.utils.data.DataLoader(decoder, batch_sampler=index_batches, num_workers=workers,
                                              collate_fn=_collate, prefetch_factor=4 if workers else None,
-                                             persistent_workers=False)
+                                             persistent_workers=False,
+                                             multiprocessing_context=_worker_context() if workers else None)
         for out in loader:
             yield self._finish(*out, teacher_view=teacher_view)
 
@@ -311,3 +312,14 @@ class StreamViews:
     def steps_per_epoch(self, batch_size, world=1):
         per_rank = -(-len(self) // world)
         return -(-per_rank // (batch_size // world))
+
+
+def _worker_context():
+    """Decoding workers start from a fork server, not as forks of this process: thread pools that live here
+    (ONNX Runtime or OpenVINO teachers, OpenMP) do not survive a fork, and a forked worker can crash or hang.
+    The server imports this module once, so each worker still starts in a fraction of a second."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
