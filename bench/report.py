@@ -363,13 +363,11 @@ def load_results(path):
     """An earlier results.json, checked to be one."""
     if os.path.isdir(path):
         path = os.path.join(path, "results.json")
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except FileNotFoundError:
-        raise EdgeKDError(f"--compare: {path!r} does not exist (expected an earlier results.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeKDError(f"--compare: {path!r} is not valid JSON: {e}") from e
+    from ..bundle.runner import load_json
+
+    if not os.path.isfile(path):
+        raise EdgeKDError(f"--compare: {path!r} does not exist (expected an earlier results.json)")
+    old = load_json(path, "--compare: results file", EdgeKDError)  # bounded: size, nesting
     if not isinstance(old, dict) or not isinstance(old.get("rows"), list):
         raise EdgeKDError(f"--compare: {path!r} is not an edgekd results.json (no rows)")
     return old

@@ -118,17 +118,55 @@ def environment():
     return env
 
 
+# A manifest is a few kilobytes (the calibration record lists image ids: a few megabytes at most), and a
+# few levels deep; anything far beyond is damage or an attack, refused before it is parsed or walked.
+MAX_JSON_BYTES = 64 * 1024 ** 2
+MAX_JSON_DEPTH = 32
+
+
+def json_depth_problem(value, limit=MAX_JSON_DEPTH):
+    """'nested N levels deep' when a parsed JSON/YAML value nests deeper than ``limit``, else None (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return "nested more than %d levels deep (at most %d)" % (limit, limit)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return None
+
+
+def load_json(path, what, error=None, max_bytes=MAX_JSON_BYTES):
+    """The JSON value in ``path``, or ``error`` (an exception class, BundleError by default) in one line naming
+    ``what``: too large, not UTF-8 JSON, or nested too deeply (json's recursion ends in RecursionError)."""
+    error = error or BundleError
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise error("%s %r is %.1f MB; a valid one is far smaller (at most %d MB)"
+                    % (what, path, size / 1e6, max_bytes // 1024 ** 2))
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise error("%s %r is not valid JSON: %s" % (what, path, str(e).splitlines()[0] if str(e) else
+                                                     type(e).__name__)) from e
+    except RecursionError as e:
+        raise error("%s %r is not valid: nested too deeply (at most %d levels)" % (what, path, MAX_JSON_DEPTH)) from e
+    deep = json_depth_problem(value)
+    if deep:
+        raise error("%s %r is not valid: %s" % (what, path, deep))
+    return value
+
+
 def read_manifest(folder):
     """The JSON of a bundle's manifest.json: the one place that reads the file (edgekd.bundle.manifest.Manifest
     checks its fields; on a device the runner uses what it needs)."""
     path = os.path.join(folder, MANIFEST_FILE)
     if not os.path.isfile(path):
         raise BundleError("%r is not a bundle: it has no %s" % (folder, MANIFEST_FILE))
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
-        raise BundleError("%r is not valid JSON: %s" % (path, e)) from e
+    return load_json(path, "bundle manifest")  # bounded: size, nesting
 
 
 def sha256_file(path, chunk=1 << 20):
@@ -145,7 +183,7 @@ def check_files(folder, manifest):
     and matches its sha256, and the folder holds nothing else (a file nobody checked could be what a runtime
     reads: OpenVINO finds model.bin beside model.xml whether or not it is listed)."""
     root = os.path.realpath(folder)
-    unlisted = sorted(n for n in os.listdir(root) if n != "manifest.json" and n not in manifest["files"])
+    unlisted = sorted(n for n in os.listdir(root) if n != MANIFEST_FILE and n not in manifest["files"])
     if unlisted:
         raise BundleError("bundle %r holds %s, which its manifest.json does not list (a bundle is exactly the files "
                           "its manifest lists: remove them, or export again)" % (folder, ", ".join(unlisted)[:200]))
@@ -162,6 +200,8 @@ def check_files(folder, manifest):
 def verify(folder):
     """The bundle's manifest, after checking every listed file."""
     manifest = read_manifest(folder)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):  # (edgekd checks the schema)
+        raise BundleError("bundle manifest in %r is not an edgekd manifest (no 'files' map)" % folder)
     check_files(folder, manifest)
     return manifest
 
@@ -176,7 +216,14 @@ def precision_hint(manifest):
     Left alone, the plugin silently runs FP32 models in bf16 on CPUs with AVX512_BF16 or AMX, which moves
     logits by about 1e-2: an fp32 bundle (or row of a benchmark) would no longer be fp32.
     """
-    return (manifest.get("runtime") or {}).get("inference_precision") or "f32"
+    runtime = manifest.get("runtime")
+    hint = runtime.get("inference_precision") if isinstance(runtime, dict) else None
+    if hint is None:
+        return "f32"
+    if hint not in ("f32", "f16", "bf16"):  # what edgekd writes; anything else is damage
+        raise BundleError("manifest field 'runtime.inference_precision' must be f32, f16 or bf16, got %r" % (hint,))
+    return hint
+
 
 
 def static_batch(manifest):
@@ -213,9 +260,12 @@ def in_batches_of(run, n):
 def open_session(folder, manifest, threads=None, device="cpu", runtime=None):
     """``(run, info)`` for a verified bundle: ``run(batch float32 NCHW) -> logits``, and ``info`` with the
     device, threads and precision the runtime actually uses. ``runtime`` defaults to the format's.
-    A static-batch bundle's ``run`` takes any batch (in slices of its batch size)."""
+    A static-batch bundle's ``run`` takes any batch (in slices of its batch size). A model whose number of
+    outputs (when the model states it) is not the manifest's number of classes is refused."""
     run, info = open_model(model_path(folder, manifest), manifest["format"], threads, device, precision_hint(manifest),
                            runtime)
+    if isinstance(manifest.get("classes"), list):
+        check_outputs(info.get("outputs"), manifest["classes"])
     n = static_batch(manifest)
     return (in_batches_of(run, n), dict(info, static_batch=n)) if n else (run, info)
 
@@ -227,6 +277,7 @@ def open_model(path, fmt, threads=None, device="cpu", precision="f32", runtime=N
         raise BundleError("no runtime %r for bundle format %r: this runner runs onnx (onnxruntime, openvino) "
                           "and openvino (openvino)" % (runtime, fmt))
     os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # before the import: else a device id under ~/.cache/Microsoft
     try:
         module = __import__(runtime)
     except ImportError:
@@ -276,10 +327,16 @@ def _onnxruntime(ort, path, threads, device):
     name = session.get_inputs()[0].name
 
     def run(batch):  # session.run copies outputs to host memory, so CUDA timings are synchronised
-        return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        try:
+            return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        except Exception as e:  # ONNX Runtime's own error types: a manifest whose input does not fit the model
+            raise BundleError("onnxruntime cannot run this bundle on a %s input: %s"
+                              % ("x".join(map(str, np.shape(batch))), message(e)[:300]))
 
+    last = session.get_outputs()[0].shape[-1] if session.get_outputs()[0].shape else None
     return run, {"threads": session.get_session_options().intra_op_num_threads or usable_cpus(),
-                 "runtime_device": provider}
+                 "runtime_device": provider, "outputs": last if isinstance(last, int) else None}
+
 
 
 def openvino_device(device):
@@ -315,9 +372,16 @@ def _openvino(ov, path, threads, name, precision):
     output = compiled.output(0)
 
     def run(batch):
-        return request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)[output]
+        try:
+            return request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)[output]
+        except RuntimeError as e:  # OpenVINO's error type: a manifest whose input does not fit the model
+            raise BundleError("openvino cannot run this bundle on a %s input: %s"
+                              % ("x".join(map(str, np.shape(batch))), message(e)[:300]))
 
-    info = {"runtime_device": name}
+    shape = output.get_partial_shape()
+    last = shape[shape.rank.get_length() - 1] if shape.rank.is_static and shape.rank.get_length() else None
+    info = {"runtime_device": name, "outputs": last.get_length() if last is not None and last.is_static else None}
+
     if base == "CPU":
         info["threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS")) or usable_cpus()
         info["runtime_precision"] = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
@@ -396,6 +460,67 @@ def bench(job_path):
     return {"environment": environment(), "rows": rows}
 
 
+# The most pixels edgekd decodes from one image, everywhere it reads images (training, unlabelled folders,
+# calibration, predict, the device runner): Pillow's own decompression-bomb threshold (about 89
+# megapixels, 0.27 GB decoded as RGB). A larger file is refused from its header, before any pixel is decoded.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def image_too_large(path, pixels, size=None):
+    """The one-line refusal of an image above MAX_IMAGE_PIXELS."""
+    dims = "%dx%d pixels, " % tuple(size) if size else ""
+    return ("image %r is too large to decode (%s%.0f megapixels; edgekd reads images up to %.0f megapixels)"
+            % (printable(str(path)), dims, pixels / 1e6, MAX_IMAGE_PIXELS / 1e6))
+
+
+def open_image(path, error=None):
+    """An image file opened lazily (header only); ``error`` (BundleError by default) when its header claims more
+    than MAX_IMAGE_PIXELS. Pillow warns above its own limit and raises above twice it: both become this refusal."""
+    import re
+    import warnings
+
+    from PIL import Image
+
+    error = error or BundleError
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            raise error(image_too_large(path, int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1)) from e
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise error(image_too_large(path, img.width * img.height, img.size))
+    return img
+
+
+# Pillow's modes that hold more than 8 bits per pixel (16-bit grey PNG and TIFF, 32-bit integer, float):
+# its own convert("L"/"RGB") clips them to 0..255, which turns a 16-bit grey image into black and white.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(image):
+    """A PIL image with at most 8 bits per channel; 16-bit and float images scaled to 0..255, not clipped.
+
+    16-bit modes (and mode I, which Pillow uses for 16-bit PNGs too) are scaled by 255/65535; float images
+    are taken as [0, 1] when every value lies there, else as 0..255. Other modes are returned unchanged.
+    """
+    if image.mode not in WIDE_MODES:
+        return image
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        finite = np.nan_to_num(pixels, nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0 else 1.0
+        pixels = finite * scale
+    else:
+        pixels = pixels * (255.0 / 65535.0)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+
+
 def resize_crop(size, out_hw, crop_pct):
     """Where an image of ``size`` (width, height) goes: ``(resized (w, h), crop box (left, top, right, bottom))``.
 
@@ -426,9 +551,11 @@ def resize_crop(size, out_hw, crop_pct):
 
 
 def preprocess_pixels(image, spec):
-    """PIL image -> the manifest's geometry and colour, as a PIL image (the pixels before /255 and normalising)."""
+    """PIL image -> the manifest's geometry and colour, as a PIL image (the pixels before /255 and normalising);
+    16-bit and float images scaled to 8 bits first (Pillow's own conversion clips them)."""
     from PIL import Image
 
+    image = to_8bit(image)
     if image.mode != spec["color"]:
         image = image.convert(spec["color"])
     height, width = spec["resize"]
@@ -454,33 +581,66 @@ def preprocess(image, spec):
 
 
 def load_images(paths, spec):
-    """The image files as one preprocessed batch; an unreadable file is a BundleError naming it."""
+    """The image files as one preprocessed batch; an unreadable or oversized file is a BundleError naming it."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     batch = []
     for path in paths:
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 batch.append(preprocess(img, spec))
-        except (UnidentifiedImageError, OSError) as e:
-            raise BundleError("cannot read image %r: %s" % (path, e))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # truncated, damaged, not an image
+            raise BundleError("cannot read image %r: %s" % (printable(str(path)), printable(str(e) or type(e).__name__))) \
+                from e
     return np.stack(batch)
 
 
+def printable(text):
+    """``text`` with control characters (escape sequences, carriage returns, bidi overrides) escaped, so a name
+    read from a file cannot move the cursor, recolour or rewrite what the terminal shows."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def check_outputs(count, classes):
+    """A BundleError when the model's number of outputs is not the manifest's number of class names."""
+    if count is not None and count != len(classes):
+        raise BundleError("the bundle's model has %d outputs but its manifest names %d classes: the manifest does not "
+                          "describe this model (export it again)" % (count, len(classes)))
+
+
 def ranked(paths, logits, classes, k=1):
-    """``[{"image", "top": [{"label", "index", "score"}, ...]}]``: softmax scores, best first."""
+    """``[{"image", "top": [{"label", "index", "score"}, ...]}]``: softmax scores, best first. An image whose logits
+    are not all finite gets ``"finite": false`` and null scores (never a bare NaN: the JSON stays valid)."""
     import numpy as np
 
     logits = np.asarray(logits, dtype=np.float64)
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
+    if logits.ndim != 2:
+        raise BundleError("the bundle's model returned a %s output; a classifier's (images, classes) is needed"
+                          % (logits.shape,))
+    check_outputs(logits.shape[1], classes)
     results = []
-    for path, p in zip(paths, probs):
-        order = np.argsort(-p)[:k]
-        results.append({"image": path, "top": [{"label": classes[i], "index": int(i), "score": float(p[i])}
-                                               for i in order]})
+    for path, row in zip(paths, logits):
+        finite = bool(np.isfinite(row).all())
+        p = np.exp(row - row.max()) if finite else np.full_like(row, np.nan)
+        p = p / p.sum() if finite else p
+        order = np.argsort(-p)[:k] if finite else np.arange(min(k, len(p)))
+        top = [{"label": classes[i], "index": int(i), "score": float(p[i]) if finite else None} for i in order]
+        results.append({"image": path, "top": top} if finite else {"image": path, "top": top, "finite": False})
     return results
+
+
+def text_lines(results):
+    """predict's text output: one line per image, names from files escaped."""
+    lines = []
+    for r in results:
+        scores = ", ".join("%s %s" % (printable(t["label"]), "nan" if t["score"] is None else "%.4f" % t["score"])
+                           for t in r["top"])
+        lines.append(printable(str(r["image"])) + ": " + scores + ("" if r.get("finite", True) else
+                                                                      " (the model returned non-finite scores)"))
+    return lines
 
 
 def predict(folder, paths, k=1):
@@ -560,7 +720,13 @@ def logits(job_path):
 
 
 def main(argv):
-    if not argv or argv[0] not in ("env", "verify", "bench", "predict", "check", "logits"):
+    try:  # the arguments: a command, its path(s), predict's --top-k K (a whole number from 1)
+        top_k = int(argv[argv.index("--top-k") + 1]) if "--top-k" in argv else 1
+        known = argv[0] in ("env", "verify", "bench", "predict", "check", "logits") and top_k >= 1 \
+            and len(argv) > {"env": 0, "predict": 2}.get(argv[0], 1)
+    except (IndexError, ValueError):
+        known = False
+    if not known:
         print(__doc__, file=sys.stderr)
         return 2
     try:
@@ -577,17 +743,15 @@ def main(argv):
             print(json.dumps(logits(argv[1])))
         else:
             args = [a for a in argv[1:] if not a.startswith("--")]
-            top_k = int(argv[argv.index("--top-k") + 1]) if "--top-k" in argv else 1
             if "--top-k" in argv:
                 args.remove(argv[argv.index("--top-k") + 1])
             results = predict(args[0], args[1:], top_k)
             if "--json" in argv:
-                print(json.dumps(results, indent=2))
+                print(json.dumps(results, indent=2, allow_nan=False))
             else:
-                for r in results:
-                    print(r["image"] + ": " + ", ".join("%s %.4f" % (t["label"], t["score"]) for t in r["top"]))
+                print("\n".join(text_lines(results)))
     except BundleError as e:
-        print("edgekd device runner: error: %s" % e, file=sys.stderr)
+        print("edgekd device runner: error: %s" % printable(str(e)), file=sys.stderr)
         return 2
     return 0
 

@@ -132,6 +132,17 @@ def safe_extract(archive, folder):
     return folder
 
 
+def renamed(error, tmp, name):
+    """``error`` with a temporary folder's path replaced by the name the user knows (a zip: ``b.zip/b/model.onnx``;
+    an export's staging folder: its --out): the folder is gone by the time the message is read."""
+    name = str(name)
+    text = str(error).replace(os.path.realpath(tmp), name).replace(str(tmp), name)
+    try:
+        return type(error)(text)
+    except TypeError:  # an error class with other arguments: the message is what the user needs
+        return EdgeKDError(text)
+
+
 class ZippedBundle(Bundle):
     """A Bundle unpacked from its zip into a private temporary folder (removed when closed)."""
 
@@ -139,6 +150,9 @@ class ZippedBundle(Bundle):
         self.tmp = tempfile.mkdtemp(prefix="edgekd-bundle-")
         try:
             super().__init__(safe_extract(archive, self.tmp), threads, device, runtime)
+        except EdgeKDError as e:  # its message names files in the folder removed below: name them in the zip
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise renamed(e, self.tmp, archive) from e
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise

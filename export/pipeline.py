@@ -181,6 +181,10 @@ def _build(ref, opts, plan, calib, train_qat):
         if opts.zip:
             write_zip(staging, out)
         _publish(staging, out)
+    except EdgeKDError as e:  # a message naming a file in the staging folder, removed below: name --out instead
+        from ..bundle.runtime import renamed
+
+        raise renamed(e, staging, out) from e
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if os.path.isdir(staging):

@@ -101,7 +101,7 @@ def _ssh_target(spec, ssh_config, timeout):
             raise
         raise EdgeKDError(f"--target {spec}: cannot run the device runner with {device.python!r} there "
                           f"({str(e).split(' failed: ', 1)[-1]}); give the device's Python 3.8+: "
-                          "ssh://host/path/to/python") from None
+                          "ssh://host/path/to/python") from e
     env = json.loads(out.decode().strip().splitlines()[-1])
     log.info("target %s: %s (%s)%s", device, env.get("cpu"), env.get("machine"),
              ", emulated" if env.get("emulated") else "")
@@ -147,7 +147,7 @@ def remote_logits(target, folder, model_file, fmt, images, static_batch=None):
         try:
             ssh.run(device, f"cd {q(remote)} && {q(device.python)} device_runner.py logits gate.json", timeout)
         except EdgeKDError as e:
-            raise EdgeKDError(f"the parity gate on {device} failed: {e}") from None
+            raise EdgeKDError(f"the parity gate on {device} failed: {e}") from e
         return np.load(io.BytesIO(ssh.run(device, f"cat {q(remote + '/logits.npy')}", timeout)))
     finally:
         shutil.rmtree(stage, ignore_errors=True)

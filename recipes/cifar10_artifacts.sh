@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CIFAR-10 artifacts that docs/bench.md and docs/export.md measure, built from the repository:
+# The CIFAR-10 artifacts that docs/records/bench.md and docs/records/export.md measure, built from the repository:
 #
 #   recipes/cifar10_artifacts.sh            # -> runs/cifar10/{teacher,student}.pt, runs/cifar10-bundles/*
 #   DATA=/path/to/cifar10 recipes/cifar10_artifacts.sh

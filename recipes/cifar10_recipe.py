@@ -1,5 +1,5 @@
 """The CIFAR-10 distillation recipe: teacher, baseline student, kd, dkd and fitnet students over
-several seeds, the teacher-cache speed comparison, and the results table in docs/distillation.md.
+several seeds, the teacher-cache speed comparison, and the results table in docs/records/distillation.md.
 
     python recipes/cifar10_recipe.py [--recipe recipes/cifar10.yaml] [--out runs/cifar10-recipe]
 
@@ -148,7 +148,7 @@ def _speed(recipe, out):
 
 
 def results_markdown(recipe, runs, out, recipe_path):
-    """The results section of docs/distillation.md, from the finished runs' metrics.json files."""
+    """The results section of docs/records/distillation.md, from the finished runs' metrics.json files."""
     teacher, rows, speed = _load(out, "teacher"), _method_rows(recipe, out), _speed(recipe, out)
     seeds = ", ".join(map(str, recipe["seeds"]))
     c = recipe["common"]
@@ -286,7 +286,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default=os.path.join(REPO, "recipes", "cifar10.yaml"), help="recipe YAML")
     p.add_argument("--out", default=os.path.join(REPO, "runs", "cifar10-recipe"), help="output folder")
-    p.add_argument("--doc", default=os.path.join(REPO, "docs", "distillation.md"), help="results document to update")
+    p.add_argument("--doc", default=os.path.join(REPO, "docs", "records", "distillation.md"), help="results document to update")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table from finished runs")
     p.add_argument("--measure-data", action="store_true",
                    help="also time the data pipeline (JPEG DataLoader against decoded views) into OUT/data_speed.json")

@@ -2,7 +2,7 @@
 (post-training, post-training with the float fallback, quantization-aware distillation) into ONNX and
 OpenVINO bundles, all measured on the 10,000 test images and benchmarked at batch 1 and 32 with --profile.
 
-    python recipes/int8_cifar10.py --teacher runs/byot/teacher/model.pt   # the run in docs/export.md
+    python recipes/int8_cifar10.py --teacher runs/byot/teacher/model.pt   # the run in docs/records/export.md
     python recipes/int8_cifar10.py --epochs 1 --train-subset 1000 --qat-epochs 1 --qat-subset 500 \\
         --val-size 500 --quick-bench --out runs/int8-smoke                  # a smoke run
 

@@ -19,39 +19,33 @@ BAD_VALUES = [
 ]
 
 
-def _one_line_error(proc):
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize("command", ["train", "distill"])
 @pytest.mark.parametrize("text, argv, message", BAD_VALUES, ids=[c[0].split(":")[0] for c in BAD_VALUES])
-def test_a_bad_value_is_the_same_error_from_yaml_and_the_command_line(tmp_path, cli, command, text, argv, message):
+def test_a_bad_value_is_the_same_error_from_yaml_and_the_command_line(tmp_path, cli_main, one_line_error, command, text,
+                                                                      argv, message):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
     out = tmp_path / "out"
-    from_yaml = _one_line_error(cli(command, "--config", cfg, "--out", out, check=False))
-    from_cli = _one_line_error(cli(command, *argv, "--out", out, check=False))
+    from_yaml = one_line_error(cli_main(command, "--config", cfg, "--out", out))
+    from_cli = one_line_error(cli_main(command, *argv, "--out", out))
     assert message in from_cli
     key = text.split(":")[0]
     assert from_yaml == from_cli + f" (key {key} in config file {str(cfg)!r})"
     assert not out.exists()
 
 
-def test_an_unknown_key_is_named_with_the_closest_valid_one(tmp_path, cli):
+def test_an_unknown_key_is_named_with_the_closest_valid_one(tmp_path, cli_main, one_line_error):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("epochs: 1\nbatchsize: 32\n")
-    line = _one_line_error(cli("train", "--config", cfg, "--out", tmp_path / "o", check=False))
+    line = one_line_error(cli_main("train", "--config", cfg, "--out", tmp_path / "o"))
     assert "unknown key 'batchsize'" in line and "did you mean 'batch_size'?" in line
     assert not (tmp_path / "o").exists()
 
 
-def test_control_options_and_record_keys_in_yaml(tmp_path, cli):
+def test_control_options_and_record_keys_in_yaml(tmp_path, cli_main, one_line_error):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("force: true\n")
-    line = _one_line_error(cli("train", "--config", cfg, "--out", tmp_path / "o", check=False))
+    line = one_line_error(cli_main("train", "--config", cfg, "--out", tmp_path / "o"))
     assert "unknown key 'force'" in line and "give --force on the command line" in line
     # keys a saved config.yaml carries for the record are accepted and set nothing
     resolved = options.resolve("distill", {}, None)
@@ -59,7 +53,8 @@ def test_control_options_and_record_keys_in_yaml(tmp_path, cli):
     assert options.resolve("distill", {}, str(cfg)) == resolved
 
 
-@pytest.mark.parametrize("argv, message", [
+# (command line, what the one-line error says); each its own test id, the command line itself
+REFUSED = [
     (["distill", "--loss", "kd", "--beta", "5"], "--loss kd takes --temperature and --alpha; it does not use --beta"),
     (["distill", "--loss", "mse", "-T", "2"], "--loss mse takes --alpha; it does not use --temperature"),
     (["distill", "--loss", "seed", "--student-layer", "layer1"], "it does not use --student-layer"),
@@ -71,19 +66,22 @@ def test_control_options_and_record_keys_in_yaml(tmp_path, cli):
     (["distill", "--alpha", "nan"], "--alpha: expected a number of 0 or more, got 'nan'"),
     (["distill", "--alpha", "1.5"], "--alpha must be between 0 and 1"),
     (["bench", "x.pt", "--remeasure-slow", "nan"], "--remeasure-slow: expected a number of 0 or more, got 'nan'"),
-])
-def test_refused_on_the_command_line(tmp_path, cli, argv, message):
+]
+
+
+@pytest.mark.parametrize("argv, message", REFUSED, ids=[" ".join(argv) for argv, _ in REFUSED])
+def test_refused_on_the_command_line(tmp_path, cli_main, one_line_error, argv, message):
     out = tmp_path / "out"
-    line = _one_line_error(cli(*argv, "--out", out, check=False))
+    line = one_line_error(cli_main(*argv, "--out", out))
     assert message in line
     assert not out.exists()
 
 
-def test_resume_checks_the_saved_config_like_any_other(tmp_path, cli):
+def test_resume_checks_the_saved_config_like_any_other(tmp_path, cli_main, one_line_error):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("epochs: 2\nschedule: linear\nout: x\n")
-    line = _one_line_error(cli("train", "--resume", run, check=False))
+    line = one_line_error(cli_main("train", "--resume", run))
     assert "--schedule: expected one of cosine, step, constant, got 'linear'" in line and "being resumed" in line
 
 

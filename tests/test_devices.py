@@ -117,11 +117,11 @@ def _slow_python(device, tmp_path):
     ("ssh://edgedevice{slow}", ["--timeout", "2"], "did not answer within 2 s"),
     ("ssh://", [], "bad device 'ssh://'"),
 ])
-def test_device_failures_are_one_line_errors(device, digits_run, onnx_bundle, tmp_path, cli, url, extra, message):
+def test_device_failures_are_one_line_errors(device, digits_run, onnx_bundle, tmp_path, cli_main, url, extra, message):
     fill = {"closed": _free_port(), "slow": _slow_python(device, tmp_path) if "{slow}" in url else ""}
     start = time.monotonic()
-    proc = cli("bench", onnx_bundle, "--device", url.format(**fill), "--ssh-config", device.ssh_config, *extra,
-               "--runs", 5, "--warmup", 1, "--out", tmp_path / "out", "--no-progress", check=False)
+    proc = cli_main("bench", onnx_bundle, "--device", url.format(**fill), "--ssh-config", device.ssh_config, *extra,
+                    "--runs", 5, "--warmup", 1, "--out", tmp_path / "out", "--no-progress")
     assert proc.returncode == 2, proc.stderr
     assert message.format(**fill) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and time.monotonic() - start < 120

@@ -129,17 +129,17 @@ def test_a_killed_two_process_run_resumes_under_torchrun(tmp_path, digits_run):
     assert metrics["test_top1"] > 0.5
 
 
-def test_global_batch_must_split_evenly(tmp_path, cli):
-    env = dict(os.environ, WORLD_SIZE="3", RANK="0", LOCAL_RANK="0")
-    proc = subprocess.run([sys.executable, "-m", "edgekd", "distill", "--batch-size", "64", "--out", str(tmp_path / "x")],
-                          capture_output=True, text=True, env=env)
+def test_global_batch_must_split_evenly(tmp_path, cli_main, monkeypatch):
+    for name, value in (("WORLD_SIZE", "3"), ("RANK", "0"), ("LOCAL_RANK", "0")):  # rank 0 of a torchrun job of 3
+        monkeypatch.setenv(name, value)
+    proc = cli_main("distill", "--batch-size", "64", "--out", tmp_path / "x")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--batch-size 64 is the global batch and must split evenly over the 3 processes" in proc.stderr
     assert not (tmp_path / "x").exists()
 
 
-def test_amp_needs_cuda(tmp_path, cli):
-    proc = cli("train", "--amp", "fp16", "--out", tmp_path / "x", check=False)
+def test_amp_needs_cuda(tmp_path, cli_main):
+    proc = cli_main("train", "--amp", "fp16", "--out", tmp_path / "x")
     assert proc.returncode == 2 and "--amp fp16 needs --device cuda" in proc.stderr
 
 

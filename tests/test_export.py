@@ -172,7 +172,8 @@ def test_int8_gate_fails_on_a_perturbed_model_with_and_without_fallback(digits_r
     """The fallback runs (ONNX ranking, NNCF accuracy control) but cannot undo a wrong model: still refused."""
     _perturbing(monkeypatch, 3.0)
     out = tmp_path / "bundle"
-    opts = dict(format=fmt, precision="int8", out=str(out), val_size=VAL, calib_size=CALIB, progress=False,
+    # half the usual images: the fallback's search (ranking, NNCF accuracy control) evaluates them many times
+    opts = dict(format=fmt, precision="int8", out=str(out), val_size=VAL // 2, calib_size=CALIB // 2, progress=False,
                 speed_check=False, qat_epochs=0)  # the perturbation is in the PTQ exporters only
     with pytest.raises(EdgeKDError, match=r"INT8 top-1 .* points below FP32 .* over --max-drop 1 .*fallback is off"):
         export_checkpoint(str(digits_run / "student.pt"), ExportOptions(**opts, max_fallback_layers=0))
@@ -206,6 +207,8 @@ def test_runtime_never_imports_torch_in_a_fresh_interpreter(bundles, tmp_path, f
     load_data("digits").test.images[3].save(image)
     code = ("import sys, json\n"
             "from edgekd.bundle import load_bundle\n"
+            "from edgekd.runtime import load_bundle as by_its_earlier_name\n"
+            "assert by_its_earlier_name is load_bundle\n"
             "r = load_bundle(sys.argv[1]).predict_files([sys.argv[2]], top_k=2)\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'nncf'))\n"
             "print(json.dumps({'heavy': heavy, 'result': r}))\n")

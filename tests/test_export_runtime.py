@@ -27,7 +27,7 @@ def _images(tmp_path, n=8):
     return paths
 
 
-def test_zip_round_trip_predicts_like_the_folder_and_pytorch(zipped, digits_run, tmp_path, cli):
+def test_zip_round_trip_predicts_like_the_folder_and_pytorch(zipped, digits_run, tmp_path, cli_main):
     import torch
 
     from edgekd.core.loading import load_model
@@ -37,8 +37,8 @@ def test_zip_round_trip_predicts_like_the_folder_and_pytorch(zipped, digits_run,
     with zipfile.ZipFile(archive) as z:
         assert sorted(z.namelist()) == sorted(f"student-onnx/{p.name}" for p in zipped.iterdir())
     paths = _images(tmp_path)
-    from_zip = json.loads(cli("predict", archive, *paths, "--json").stdout)
-    from_folder = json.loads(cli("predict", zipped, *paths, "--json").stdout)
+    from_zip = json.loads(cli_main("predict", archive, *paths, "--json").stdout)
+    from_folder = json.loads(cli_main("predict", zipped, *paths, "--json").stdout)
     assert from_zip == from_folder
     data = load_data("digits")
     model, _ = load_model(str(digits_run / "student.pt"))
@@ -48,7 +48,7 @@ def test_zip_round_trip_predicts_like_the_folder_and_pytorch(zipped, digits_run,
 
 
 @pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil.txt", "b/../../evil.txt"])
-def test_zip_members_that_escape_the_folder_are_refused(tmp_path, member, cli):
+def test_zip_members_that_escape_the_folder_are_refused(tmp_path, member, cli_main):
     from edgekd.bundle import load_bundle
 
     archive = tmp_path / "bad.zip"
@@ -58,7 +58,7 @@ def test_zip_members_that_escape_the_folder_are_refused(tmp_path, member, cli):
     with pytest.raises(EdgeKDError, match="escapes the bundle folder; refusing to unpack it"):
         load_bundle(str(archive))
     assert not (tmp_path.parent / "evil.txt").exists()
-    proc = cli("predict", archive, tmp_path / "x.png", check=False)
+    proc = cli_main("predict", archive, tmp_path / "x.png")
     assert proc.returncode == 2 and "escapes the bundle folder" in proc.stderr
 
 
@@ -74,9 +74,9 @@ def test_zip_symlink_members_are_refused(tmp_path):
         load_bundle(str(archive))
 
 
-def test_a_damaged_zip_is_one_line_error(tmp_path, cli):
+def test_a_damaged_zip_is_one_line_error(tmp_path, cli_main):
     archive = tmp_path / "broken.zip"
     archive.write_bytes(b"PK\x03\x04 not really a zip")
-    proc = cli("predict", archive, tmp_path / "x.png", check=False)
+    proc = cli_main("predict", archive, tmp_path / "x.png")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "is a file but not a bundle zip" in proc.stderr

@@ -275,7 +275,7 @@ def test_cached_teacher_logits_equal_the_live_teacher_on_the_streamed_views(phot
     teacher = FrozenTeacher(build_model("resnet8", 3, t_input), t_input, data.input)
     ckpt = tmp_path / "t.pt"
     torch.save({"x": 1}, ckpt)
-    cache = TeacherCache(str(tmp_path / "cache"), str(ckpt), views)
+    cache = TeacherCache(str(tmp_path / "cache"), str(ckpt), views, dtype="float32")  # exact: float16 is its own test
     cache.build(teacher, 2, batch_size=8, progress=False)
     for epoch in (1, 2):
         for x, xt, _, idx in views.batches(5, epoch=epoch, shuffle_seed=1, teacher_view=True):

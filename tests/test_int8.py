@@ -11,14 +11,6 @@ import torch
 from edgekd.export.pipeline import ExportOptions, export_checkpoint
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, cli):
-    """A short real distillation on a digits subset (teacher trained first)."""
-    out = tmp_path_factory.mktemp("int8run")
-    cli("distill", "--epochs", 2, "--teacher-epochs", 2, "--train-subset", 400, "--out", out, "--force", "--no-progress")
-    return out
-
-
 def _conv_names_onnx(path):
     import onnx
 
@@ -39,8 +31,8 @@ def _broken_checkpoint(src, dst):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
-def test_layer_report_ranks_the_broken_layer_first(tiny_run, tmp_path, fmt):
-    ckpt = _broken_checkpoint(tiny_run / "student.pt", tmp_path / "broken.pt")
+def test_layer_report_ranks_the_broken_layer_first(digits_run, tmp_path, fmt):
+    ckpt = _broken_checkpoint(digits_run / "student.pt", tmp_path / "broken.pt")
     out = tmp_path / f"broken-{fmt}"
     m = export_checkpoint(str(ckpt), ExportOptions(format=fmt, precision="int8", out=str(out), val_size=100,
                                                    calib_size=50, max_drop=100.0, speed_check=False, progress=False))
@@ -75,9 +67,9 @@ def test_layer_report_ranks_the_broken_layer_first(tiny_run, tmp_path, fmt):
 
 
 @pytest.mark.slow
-def test_quantization_aware_distillation_gives_int8_bundles(tiny_run, tmp_path, cli):
+def test_quantization_aware_distillation_gives_int8_bundles(digits_run, tmp_path, cli):
     qat = tmp_path / "qat"
-    cli("quantize", tiny_run / "student.pt", "--epochs", 1, "--calib-size", 50, "--train-subset", 300,
+    cli("quantize", digits_run / "student.pt", "--epochs", 1, "--calib-size", 50, "--train-subset", 300,
         "--out", qat, "--no-progress")
     ckpt = torch.load(qat / "student-qat.pt", weights_only=True)  # plain types only
     assert ckpt["qat"]["layers_int8"] == ["classifier", "features.0", "features.4", "features.8"]
@@ -144,24 +136,26 @@ def black_calibration(tmp_path_factory):
     return root
 
 
-def _int8(cli, student, out, *extra, check=True):
-    return cli("export", student, "--format", "onnx", "--precision", "int8", "--val-size", 200, "--no-speed-check",
-               "--no-progress", "--out", out, *extra, check=check)
+def _int8(run, student, out, *extra, **kw):
+    """``edgekd export`` to ONNX INT8 through ``run`` (the ``cli`` or ``cli_main`` fixture)."""
+    return run("export", student, "--format", "onnx", "--precision", "int8", "--val-size", 200, "--no-speed-check",
+               "--no-progress", "--out", out, *extra, **kw)
 
 
-def test_int8_ladder_stops_at_the_first_rung_that_passes(digits_run, black_calibration, tmp_path, cli):
+def test_int8_ladder_stops_at_the_first_rung_that_passes(digits_run, black_calibration, tmp_path, cli_main):
     student = digits_run / "student.pt"
     # (rung 1 passing on proper calibration, with nothing else tried: tests/test_export.py::test_each_format_and_precision_exports_and_passes_its_gate)
     # black calibration: rung 1 fails, rung 2 (the first conv in float) passes, so rung 3 is not taken
     bad = ("--calib-data", black_calibration, "--calib-size", 30)
-    _int8(cli, student, tmp_path / "fallback", *bad, "--max-fallback-layers", 1)
+    proc = _int8(cli_main, student, tmp_path / "fallback", *bad, "--max-fallback-layers", 1)
+    assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "fallback" / "manifest.json").read_text())
     assert [(r["rung"], r["passed"]) for r in m["ladder"]] == [("ptq", False), ("fallback", True)]
     assert m["ladder"][0]["drop"] > 10 and len(m["fallback"]["layers_in_float"]) == 1
     assert m["quantization"]["mode"] == "static"
 
     # rungs 2 and 3 off: refused in one line, naming both, and nothing written
-    proc = _int8(cli, student, tmp_path / "none", *bad, "--max-fallback-layers", 0, "--qat-epochs", 0, check=False)
+    proc = _int8(cli_main, student, tmp_path / "none", *bad, "--max-fallback-layers", 0, "--qat-epochs", 0)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "fallback is off" in proc.stderr and "quantization-aware distillation is off (--qat-epochs 0)" in proc.stderr
     assert not (tmp_path / "none").exists()

@@ -1,6 +1,7 @@
 """Nothing lost: an output never replaces an input, --force replaces only edgekd's own outputs, one run
 per folder at a time, no temporary left behind by a killed run, a failed run leaves the folder as it
-found it. The CLI runs as a subprocess, as a user runs it."""
+found it. Refusals run through the CLI's entry point in this process; runs that hold a lock, are killed or
+must finish run as a subprocess, as a user runs them."""
 
 import os
 import signal
@@ -51,10 +52,10 @@ def _wait_for(proc, found, what, timeout=600):
     raise AssertionError(f"no {what}")
 
 
-def test_export_into_the_folder_of_its_checkpoint_is_refused_and_the_folder_is_intact(run, cli):
+def test_export_into_the_folder_of_its_checkpoint_is_refused_and_the_folder_is_intact(run, cli_main):
     before = _tree(run)
     for extra in ([], ["--force"], ["--force", "--zip"]):
-        proc = cli("export", run / "model.pt", "--format", "onnx", "--out", run, *extra, check=False)
+        proc = cli_main("export", run / "model.pt", "--format", "onnx", "--out", run, *extra)
         _one_line_error(proc, f"CHECKPOINT '{run / 'model.pt'}' is inside --out '{run}', which this run replaces")
         assert _tree(run) == before
     assert not (run.parent / "run.zip").exists()
@@ -65,20 +66,19 @@ def test_export_into_the_folder_of_its_checkpoint_is_refused_and_the_folder_is_i
     ("distill", ["--teacher", "{run}/model.pt"], "--teacher"),
     ("bench", ["{run}/model.pt"], "MODEL"),
 ])
-def test_a_run_into_the_folder_holding_its_input_is_refused(run, cli, command, args, option):
+def test_a_run_into_the_folder_holding_its_input_is_refused(run, cli_main, command, args, option):
     before = _tree(run)
-    proc = cli(command, *[a.format(run=run) for a in args], "--out", run, "--force", check=False)
+    proc = cli_main(command, *[a.format(run=run) for a in args], "--out", run, "--force")
     _one_line_error(proc, f"{option} '{run}/model.pt' is inside --out '{run}', which this run replaces")
     assert _tree(run) == before
 
 
-def test_zip_and_force_never_replace_what_edgekd_did_not_write(run, tmp_path, cli):
+def test_zip_and_force_never_replace_what_edgekd_did_not_write(run, tmp_path, cli_main):
     unrelated = tmp_path / "bundle.zip"
     unrelated.write_bytes(b"my own archive, not a bundle")
-    proc = cli("export", run / "model.pt", "--format", "onnx", "--zip", "--out", tmp_path / "bundle", check=False)
+    proc = cli_main("export", run / "model.pt", "--format", "onnx", "--zip", "--out", tmp_path / "bundle")
     _one_line_error(proc, f"'{unrelated}' already exists; pass --force")
-    proc = cli("export", run / "model.pt", "--format", "onnx", "--zip", "--force", "--out", tmp_path / "bundle",
-               check=False)
+    proc = cli_main("export", run / "model.pt", "--format", "onnx", "--zip", "--force", "--out", tmp_path / "bundle")
     _one_line_error(proc, f"'{unrelated}' is not a bundle zip written by edgekd")
     assert unrelated.read_bytes() == b"my own archive, not a bundle" and not (tmp_path / "bundle").exists()
 
@@ -87,7 +87,7 @@ def test_zip_and_force_never_replace_what_edgekd_did_not_write(run, tmp_path, cl
     (mine / "notes.txt").write_text("my notes")
     for command, args in (("export", [run / "model.pt", "--format", "onnx"]), ("bench", [run / "model.pt"]),
                           ("train", []), ("distill", [])):
-        proc = cli(command, *args, "--out", mine, "--force", check=False)
+        proc = cli_main(command, *args, "--out", mine, "--force")
         _one_line_error(proc, f"output folder '{mine}' was not written by edgekd (it holds notes.txt)")
         assert sorted(os.listdir(mine)) == ["notes.txt"], command
 
@@ -153,24 +153,23 @@ def _two_class_folder(root):
     return root
 
 
-def test_a_failed_run_leaves_the_folder_as_it_found_it_so_the_retry_needs_no_force(run, tmp_path, cli):
+def test_a_failed_run_leaves_the_folder_as_it_found_it_so_the_retry_needs_no_force(run, tmp_path, cli, cli_main):
     # Bad input found after config.yaml was written: the teacher has 10 classes, the data 2.
     data = _two_class_folder(tmp_path / "two")
     new, empty = tmp_path / "new", tmp_path / "empty"
     empty.mkdir()
     for out in (new, empty):
-        proc = cli("distill", "--teacher", run / "model.pt", "--data", data, "--epochs", 1, "--out", out,
-                   "--no-progress", check=False)
+        proc = cli_main("distill", "--teacher", run / "model.pt", "--data", data, "--epochs", 1, "--out", out,
+                        "--no-progress")
         _one_line_error(proc, "has 10 classes but the data has 2")
     assert not new.exists() and os.listdir(empty) == []
     # A NaN loss mid-training: nothing of the failed run stays, and the earlier run's files come back.
     before = _tree(run)
-    proc = cli("train", "--model", "seed-teacher", "--lr", "9", "--epochs", 1, "--out", run, "--force",
-               "--no-progress", check=False)
+    proc = cli_main("train", "--model", "seed-teacher", "--lr", "9", "--epochs", 1, "--out", run, "--force",
+                    "--no-progress")
     _one_line_error(proc, "in epoch 1, batch")
     assert _tree(run) == before
-    proc = cli("train", "--model", "seed-teacher", "--lr", "9", "--epochs", 1, "--out", empty, "--no-progress",
-               check=False)
+    proc = cli_main("train", "--model", "seed-teacher", "--lr", "9", "--epochs", 1, "--out", empty, "--no-progress")
     _one_line_error(proc, "in epoch 1, batch")
     assert os.listdir(empty) == []
     cli("distill", "--teacher", run / "model.pt", "--epochs", 1, "--out", empty, "--no-progress")  # no --force needed

@@ -3,6 +3,8 @@
 import errno
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -88,66 +90,84 @@ def _two_class_folder(root, extra=None):
     return _folder(root, layout)
 
 
-def _cases(tmp, run, student):
-    """(name, args, message) for each bad input; paths are made here."""
+def _run(request):
+    """The shared digits run, asked of its session fixture only by the cases that need it."""
+    return request.getfixturevalue("digits_run")
+
+
+def _student(request):
+    return str(_run(request) / "student.pt")
+
+
+def _file(tmp, name, text):
+    (tmp / name).write_text(text)
+    return str(tmp / name)
+
+
+def _flat(tmp):
+    (tmp / "flat").mkdir()
+    return str(tmp / "flat")
+
+
+# (name, (tmp_path, request) -> args, message) for each bad input; paths are made in tmp_path by the case.
+CASES = [
+    ("missing data path", lambda t, r: ["train", "--data", str(t / "nope")], "does not exist"),
+    ("no train/test", lambda t, r: ["train", "--data", _flat(t)], "needs train/ and test/"),
+    ("empty class folder",
+     lambda t, r: ["train", "--data", str(_two_class_folder(t / "d", {"train/c2/.keep": None, "test/c2/.keep": None}))],
+     "c2"),
+    ("class folders differ",
+     lambda t, r: ["train", "--data", str(_two_class_folder(t / "d", {"train/c9/x.png": _blank()}))],
+     "only in train: ['c9']"),
+    ("corrupt image",
+     lambda t, r: ["train", "--data", str(_two_class_folder(t / "d", {"train/c1/broken.png": b"this is not a png"}))],
+     "broken.png"),
+    ("teacher/student class count",
+     lambda t, r: ["distill", "--teacher", str(_run(r) / "teacher.pt"), "--data", str(_two_class_folder(t / "d"))],
+     "has 10 classes but the data has 2"),
+    ("checkpoint vs data classes",
+     lambda t, r: ["export", _student(r), "--format", "onnx", "--data",
+                   str(_two_class_folder(t / "d", {"train/c1/broken.png": b"this is not a png"}))], "classes"),
+    ("not a checkpoint", lambda t, r: ["export", _file(t, "notes.pt", "hello"), "--format", "onnx"],
+     "not a usable edgekd checkpoint"),
+    ("unknown format", lambda t, r: ["export", _student(r), "--format", "tflite"], "unknown export format 'tflite'"),
+    ("unknown precision", lambda t, r: ["export", _student(r), "--format", "onnx", "--precision", "int4"],
+     "precision 'int4'"),
+    ("unknown device", lambda t, r: ["bench", _student(r), "--device", "tpu"], "unknown device 'tpu'"),
+    ("unknown backend", lambda t, r: ["bench", _student(r), "--backends", "tensorrt"],
+     "unknown bench backend 'tensorrt'"),
+    ("calibration set empty",
+     lambda t, r: ["export", _student(r), "--format", "onnx", "--precision", "int8", "--calib-size", "0"],
+     "expected a positive whole number"),
+    ("device not present", lambda t, r: ["train", "--device", "cuda"], "no CUDA GPU"),
+    ("output not writable", lambda t, r: ["train", "--out", str(Path(_file(t, "blocker", "a file")) / "out")],
+     "not writable"),
+    ("epochs 0", lambda t, r: ["train", "--epochs", "0"], "expected a positive whole number, got '0'"),
+    ("negative batch size", lambda t, r: ["train", "--batch-size", "-4"], "expected a positive whole number, got '-4'"),
+    ("absurd epochs", lambda t, r: ["train", "--epochs", "100000000"], "--epochs"),
+    ("absurd lr", lambda t, r: ["train", "--lr", "1e9"], "--lr"),
+    ("nan lr", lambda t, r: ["train", "--lr", "nan"], "expected a positive number"),
+]
+
+
+def _blank():
     from PIL import Image
 
-    flat = tmp / "flat"
-    flat.mkdir()
-    empty_class = _two_class_folder(tmp / "empty_class", {"train/c2/.keep": None, "test/c2/.keep": None})
-    differ = _two_class_folder(tmp / "differ", {"train/c9/x.png": Image.new("RGB", (8, 8))})
-    corrupt = _two_class_folder(tmp / "corrupt", {"train/c1/broken.png": b"this is not a png"})
-    clean = _two_class_folder(tmp / "clean")
-    notckpt = tmp / "notes.pt"
-    notckpt.write_text("hello")
-    blocker = tmp / "blocker"
-    blocker.write_text("a file")
-    return [
-        ("missing data path", ["train", "--data", str(tmp / "nope")], "does not exist"),
-        ("no train/test", ["train", "--data", str(flat)], "needs train/ and test/"),
-        ("empty class folder", ["train", "--data", str(empty_class)], "c2"),
-        ("class folders differ", ["train", "--data", str(differ)], "only in train: ['c9']"),
-        ("corrupt image", ["train", "--data", str(corrupt)], "broken.png"),
-        ("teacher/student class count", ["distill", "--teacher", str(run / "teacher.pt"), "--data", str(clean)],
-         "has 10 classes but the data has 2"),
-        ("checkpoint vs data classes", ["export", str(student), "--format", "onnx", "--data", str(corrupt)], "classes"),
-        ("not a checkpoint", ["export", str(notckpt), "--format", "onnx"], "not a usable edgekd checkpoint"),
-        ("unknown format", ["export", str(student), "--format", "tflite"], "unknown export format 'tflite'"),
-        ("unknown precision", ["export", str(student), "--format", "onnx", "--precision", "int4"], "precision 'int4'"),
-        ("unknown device", ["bench", str(student), "--device", "tpu"], "unknown device 'tpu'"),
-        ("unknown backend", ["bench", str(student), "--backends", "tensorrt"], "unknown bench backend 'tensorrt'"),
-        ("calibration set empty", ["export", str(student), "--format", "onnx", "--precision", "int8", "--calib-size", "0"],
-         "expected a positive whole number"),
-        ("device not present", ["train", "--device", "cuda"], "no CUDA GPU"),
-        ("output not writable", ["train", "--out", str(blocker / "out")], "not writable"),
-        ("epochs 0", ["train", "--epochs", "0"], "expected a positive whole number, got '0'"),
-        ("negative batch size", ["train", "--batch-size", "-4"], "expected a positive whole number, got '-4'"),
-        ("absurd epochs", ["train", "--epochs", "100000000"], "--epochs"),
-        ("absurd lr", ["train", "--lr", "1e9"], "--lr"),
-        ("nan lr", ["train", "--lr", "nan"], "expected a positive number"),
-    ]
+    return Image.new("RGB", (8, 8))
 
 
-def test_every_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, digits_run, cli):
-    failures = []
-    for name, args, message in _cases(tmp_path, digits_run, digits_run / "student.pt"):
-        out = tmp_path / f"out-{name.replace(' ', '_').replace('/', '_')}"
-        if "--out" not in args:
-            args = args + ["--out", str(out)]
-        proc = cli(*args, "--no-progress" if args[0] in ("train", "distill", "bench") else "--force", check=False)
-        lines = proc.stderr.strip().splitlines()
-        problems = []
-        if proc.returncode != 2:
-            problems.append(f"exit {proc.returncode}")
-        if len(lines) != 1 or "Traceback" in proc.stderr:
-            problems.append(f"{len(lines)} stderr lines")
-        if message not in proc.stderr:
-            problems.append(f"no {message!r}")
-        if out.exists() and any(p.suffix in (".pt", ".json", ".onnx", ".md") for p in out.rglob("*")):
-            problems.append(f"left {sorted(p.name for p in out.rglob('*'))}")
-        if problems:
-            failures.append(f"{name}: {', '.join(problems)}: {proc.stderr.strip()[-300:]}")
-    assert not failures, "\n".join(failures)
+@pytest.mark.parametrize("make, message", [c[1:] for c in CASES],
+                         ids=[re.sub(r"[^a-z0-9]+", "-", c[0].lower()).strip("-") for c in CASES])
+def test_a_bad_input_is_one_line_exit_2_and_leaves_nothing(request, tmp_path, cli_main, one_line_error, make, message):
+    if message == "no CUDA GPU" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    args = make(tmp_path, request)
+    out = tmp_path / "out"
+    if "--out" not in args:
+        args = args + ["--out", str(out)]
+    proc = cli_main(*args, "--no-progress" if args[0] in ("train", "distill", "bench") else "--force")
+    one_line_error(proc, message)
+    assert not (out.exists() and any(p.suffix in (".pt", ".json", ".onnx", ".md") for p in out.rglob("*")))
 
 
 def test_mixed_modes_and_sizes_are_converted_and_resized(tmp_path, cli):
@@ -176,13 +196,13 @@ def test_skip_bad_images_skips_and_counts(tmp_path, cli):
     assert metrics["train_data"]["skipped_bad_images"] == 2 and metrics["train_data"]["train_images"] == 30
 
 
-def test_nan_loss_names_epoch_and_batch_and_keeps_the_previous_checkpoint(tmp_path, cli):
+def test_nan_loss_names_epoch_and_batch_and_keeps_the_previous_checkpoint(tmp_path, cli_main):
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.pt").write_bytes(b"the previous good model")
     (out / ".edgekd").write_text('{"command": "train", "files": ["model.pt"]}')  # an earlier edgekd run's
-    proc = cli("train", "--model", "seed-teacher", "--lr", "9", "--epochs", 2, "--out", out, "--force",
-               "--no-progress", check=False)
+    proc = cli_main("train", "--model", "seed-teacher", "--lr", "9", "--epochs", 2, "--out", out, "--force",
+                    "--no-progress")
     assert proc.returncode == 2 and "in epoch 1, batch" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert (out / "model.pt").read_bytes() == b"the previous good model"
 
@@ -274,29 +294,27 @@ def test_distill_resumes_after_the_teacher_phase(tmp_path, cli):
 # ---------------------------------------------------------------------------------------------
 # Loads that cannot run code; bundles that cannot reach outside their folder.
 
-def test_manifest_schema_errors_name_the_field(tmp_path, onnx_bundle, cli):
+@pytest.mark.parametrize("field, value, message", [
+    ("format", "tflite", "field 'format' must be onnx or openvino"),
+    ("classes", [], "field 'classes' must be a non-empty list"),
+    ("files", {"../model.onnx": "0" * 64}, "field 'files' must map plain file names"),
+])
+def test_manifest_schema_errors_name_the_field(tmp_path, onnx_bundle, cli_main, one_line_error, field, value, message):
     import shutil
 
-    cases = {
-        "format": ("tflite", "field 'format' must be onnx or openvino"),
-        "classes": ([], "field 'classes' must be a non-empty list"),
-        "files": ({"../model.onnx": "0" * 64}, "field 'files' must map plain file names"),
-    }
-    img = tmp_path / "x.png"
     from PIL import Image
 
+    img = tmp_path / "x.png"
     Image.new("L", (8, 8)).save(img)
-    for field, (value, message) in cases.items():
-        copy = tmp_path / f"b-{field}"
-        shutil.copytree(onnx_bundle, copy)
-        manifest = json.loads((copy / "manifest.json").read_text())
-        manifest[field] = value
-        (copy / "manifest.json").write_text(json.dumps(manifest))
-        proc = cli("predict", copy, img, check=False)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    copy = tmp_path / f"b-{field}"
+    shutil.copytree(onnx_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest[field] = value
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(cli_main("predict", copy, img), message)
 
 
-def test_onnx_external_data_outside_the_bundle_is_refused(tmp_path, onnx_bundle, cli):
+def test_onnx_external_data_outside_the_bundle_is_refused(tmp_path, onnx_bundle, cli_main):
     import shutil
 
     import onnx
@@ -318,11 +336,11 @@ def test_onnx_external_data_outside_the_bundle_is_refused(tmp_path, onnx_bundle,
     from PIL import Image
 
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
-    proc = cli("predict", copy, tmp_path / "x.png", check=False)
+    proc = cli_main("predict", copy, tmp_path / "x.png")
     assert proc.returncode == 2 and "not a file of the bundle" in proc.stderr, proc.stderr
 
 
-def test_a_symlink_in_a_bundle_pointing_outside_is_refused(tmp_path, onnx_bundle, cli):
+def test_a_symlink_in_a_bundle_pointing_outside_is_refused(tmp_path, onnx_bundle, cli_main):
     import shutil
 
     copy = tmp_path / "b"
@@ -333,5 +351,5 @@ def test_a_symlink_in_a_bundle_pointing_outside_is_refused(tmp_path, onnx_bundle
     from PIL import Image
 
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
-    proc = cli("predict", copy, tmp_path / "x.png", check=False)
+    proc = cli_main("predict", copy, tmp_path / "x.png")
     assert proc.returncode == 2 and "points outside the bundle folder" in proc.stderr

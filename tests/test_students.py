@@ -215,7 +215,7 @@ def test_unlabeled_folder_reads_any_nesting_and_refuses_empty_folders(tmp_path):
         load_unlabeled(str(tmp_path / "seen"), labelled=both)
 
 
-def test_distill_with_unlabeled_images_counts_labelled_unlabelled_and_skipped(cli, digits_folder, tmp_path):
+def test_distill_with_unlabeled_images_counts_labelled_unlabelled_and_skipped(cli, cli_main, digits_folder, tmp_path):
     # --unlabeled at the whole folder: the 50 labelled train images and the 80 test images are skipped, the
     # other 270 train images join as unlabelled; the teacher cache treats them as ordinary views.
     out = tmp_path / "few"
@@ -227,19 +227,19 @@ def test_distill_with_unlabeled_images_counts_labelled_unlabelled_and_skipped(cl
     assert d["unlabeled"]["skipped"] == {"in_labelled_train": 50, "in_test": 80, "unreadable": 0}
     assert d["unlabeled"]["files"] == 400 and d["unlabeled"]["compared_by_path"] is True
     # edgekd train has no teacher for them: one line, exit 2.
-    proc = cli("train", "--data", digits_folder, "--unlabeled", digits_folder, "--out", tmp_path / "t", check=False)
+    proc = cli_main("train", "--data", digits_folder, "--unlabeled", digits_folder, "--out", tmp_path / "t")
     assert proc.returncode == 2 and "use edgekd distill --unlabeled DIR" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_unreadable_unlabeled_images_stop_or_are_skipped(cli, digits_folder, tmp_path):
+def test_unreadable_unlabeled_images_stop_or_are_skipped(cli, cli_main, digits_folder, tmp_path):
     unl = tmp_path / "unl"
     for i in range(6):
         _png(unl / "x" / f"{i}.png", value=40 * i)
     (unl / "x" / "broken.png").write_bytes(b"not a png at all")
     args = ["distill", "--data", digits_folder, "--train-subset", 30, "--unlabeled", unl, "--epochs", 1,
             "--teacher", "compact-student", "--workers", 0, "--no-progress"]
-    proc = cli(*args, "--out", tmp_path / "a", check=False)
+    proc = cli_main(*args, "--out", tmp_path / "a")
     assert proc.returncode == 2 and "broken.png" in proc.stderr and "--skip-bad-images" in proc.stderr
     cli(*args, "--skip-bad-images", "--out", tmp_path / "b")
     d = json.loads((tmp_path / "b" / "metrics.json").read_text())["train_data"]

@@ -1,6 +1,7 @@
 """The teacher cache on disk (memory-mapped, float16, top-k), views computed once, the bf16 teacher and
 the CPU settings: real digits, a tiny real teacher, tmp_path."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -197,6 +198,11 @@ def test_teacher_dtype_auto_follows_the_cpus_bf16_flags(digits, monkeypatch):
     data, _, _ = digits
     teacher = _teacher(data)
     monkeypatch.setattr("edgekd.core.teacher_speed.native_bf16", lambda: "AMX-BF16")
+    # a 32 px teacher keeps float32 (digits and CIFAR-10 results unchanged); above 48 px auto takes bfloat16
+    assert resolve_dtype("auto", teacher, "cpu") == ("float32", "auto: a teacher at 32 px (<= 48) keeps float32 "
+                                                                "(--teacher-dtype bfloat16 to use it)")
+    assert resolve_dtype("bfloat16", teacher, "cpu")[0] == "bfloat16"
+    monkeypatch.setattr(teacher, "loaded", dataclasses.replace(teacher.loaded, size=(160, 160)))
     assert resolve_dtype("auto", teacher, "cpu")[0] == "bfloat16"
     assert resolve_dtype("auto", teacher, "cuda")[0] == "float32"
     monkeypatch.setattr("edgekd.core.teacher_speed.native_bf16", lambda: None)

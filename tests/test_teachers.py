@@ -284,7 +284,7 @@ def test_a_teacher_loader_never_trains_a_model_spec(digits, tmp_path):
 
 def test_teacher_options_are_checked_in_the_library():
     for cfg, message in [({"teacher_std": "0.2,0"}, "every std must be positive"),
-                         ({"teacher_input_size": "0"}, "give SIZE or HEIGHT,WIDTH"),
+                         ({"teacher_input_size": "0"}, "SIZE or HEIGHT,WIDTH in pixels"),
                          ({"teacher_mean": "a,b"}, "one number or one per channel"),
                          ({"teacher_views": "0"}, "positive whole number"),
                          ({"teacher_color": "CMYK"}, "expected one of RGB, BGR, L"),
@@ -327,9 +327,9 @@ def test_the_cache_is_keyed_by_the_onnx_teachers_sha256_and_replays_k_views(tiny
         train.plan.replay(None)
 
 
-def test_fitnet_with_a_black_box_teacher_is_one_line(tiny, tmp_path, cli):
+def test_fitnet_with_a_black_box_teacher_is_one_line(tiny, tmp_path, cli_main):
     path = _onnx(tiny, tmp_path / "t.onnx")
-    proc = cli("distill", "--loss", "fitnet", "--teacher", path, "--out", tmp_path / "run", check=False)
+    proc = cli_main("distill", "--loss", "fitnet", "--teacher", path, "--out", tmp_path / "run")
     assert proc.returncode == 2 and "black box" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 

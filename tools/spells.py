@@ -7,7 +7,7 @@ One ONNX Runtime session per thread count, all in this process; they take turns,
 point of a time series. On a quiet machine the series is flat; on a shared VM it has spells where
 every call runs slower for seconds at a time, whatever the code does. A window counts as slow when
 its median is more than ``--tolerance`` percent above the series' fastest window. This is the reason
-``edgekd bench --remeasure-slow`` exists, and the command docs/bench.md names for its figures.
+``edgekd bench --remeasure-slow`` exists, and the command docs/records/bench.md names for its figures.
 """
 
 import argparse

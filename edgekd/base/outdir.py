@@ -127,7 +127,7 @@ def read_marker(folder):
     try:
         with open(path) as f:
             marker = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past json's limit
         return None
     return marker if isinstance(marker, dict) else None
 
@@ -149,7 +149,7 @@ def bundle_problem(folder):
     try:
         with open(os.path.join(folder, BUNDLE_MANIFEST)) as f:
             files = json.loads(f.read(16 << 20)).get("files")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: nested past json's limit
         return "it has no readable manifest.json"
     if not isinstance(files, dict):
         return "its manifest.json lists no files"

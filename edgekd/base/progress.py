@@ -14,11 +14,29 @@ import time
 REPORT = logging.getLogger("edgekd.report")
 
 
+def printable(text):
+    """``text`` with control characters (escape sequences, carriage returns, bidi overrides) escaped, line breaks
+    kept: a class name or path read from a file cannot move the cursor, recolour or rewrite the terminal.
+    (bundle/runner.py, which runs on devices without edgekd, has its own copy.)"""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "\n".join("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
+                     for line in text.split("\n"))
+
+
+class PrintableFormatter(logging.Formatter):
+    """A log formatter whose lines are ``printable``."""
+
+    def format(self, record):
+        return printable(super().format(record))
+
+
 def report_to_stdout():
     """Show REPORT's lines on stdout as plain lines (the CLI calls this once)."""
     if not REPORT.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(PrintableFormatter("%(message)s"))
         REPORT.addHandler(handler)
         REPORT.setLevel(logging.INFO)
         REPORT.propagate = False  # not again through the "edgekd" logger's stderr handler

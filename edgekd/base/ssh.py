@@ -52,6 +52,10 @@ def parse_target(url, ssh_config=None):
                           "(deploy: ssh://[user@]host[:port][:DIR])")
     rest = m.group("rest") or ""
     python, folder = DEFAULT_PYTHON, None
+    if rest.startswith(":") and not rest.startswith((":/", ":~", ":-")):  # ":-x" is refused as a folder below
+        # host:notaport is a mistyped port (silently port 22 before), or a deploy folder without its / or ~
+        raise EdgeKDError(f"bad device {url!r}: port {rest[1:]!r} must be a number from 1 to 65535 (a deploy "
+                          "folder starts with / or ~: ssh://host:/opt/models, ssh://host:~/models)")
     if rest.startswith(":"):
         folder = rest[1:]
     elif rest.startswith("/") and rest != "/":

@@ -11,10 +11,18 @@ id and a usage count under ``~/intel`` and send events to Google Analytics. The 
 (``opt_in_out --opt_out``) writes the user's consent file, a choice for every OpenVINO tool that is
 not ours to make. So edgekd answers the consent check "declined" inside its own processes: then
 nothing is counted, written or sent, and the user's files are untouched.
+
+ONNX Runtime 1.32 (its "1DS" telemetry on Linux) writes a persistent ``deviceid`` and an event queue
+(``onnxruntime.db``) under ``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` as soon as it is imported.
+It reads ``ORT_DISABLE_TELEMETRY`` when it starts: switch_off sets it, before anything imports it, and it is
+inherited by every process edgekd starts (bench workers, export's converters); the device runner sets it too.
 """
 
 import importlib.machinery
+import os
 import sys
+
+ORT_OPT_OUT = "ORT_DISABLE_TELEMETRY"
 
 _CHECKER = "openvino_telemetry.utils.opt_in_checker"
 
@@ -52,7 +60,8 @@ class _DeclineOnImport:
 
 
 def switch_off():
-    """Keep OpenVINO/NNCF telemetry off in this process; cheap: openvino_telemetry is not imported here."""
+    """Keep OpenVINO/NNCF and ONNX Runtime telemetry off in this process; cheap: neither is imported here."""
+    os.environ[ORT_OPT_OUT] = "1"  # not setdefault: edgekd sends nothing, whatever the shell says
     if _CHECKER in sys.modules:
         decline(sys.modules[_CHECKER])
     elif not any(isinstance(f, _DeclineOnImport) for f in sys.meta_path):

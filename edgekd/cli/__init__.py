@@ -182,7 +182,9 @@ class Distill(Command):
         t = m["teacher"]
         params = f", {t['params']:,} params" if t.get("params") else ""
         top1 = f"{t['test_top1']:.4f}" if t.get("test_top1") is not None else "unknown"
-        print(f"teacher {t['model'] or t['spec']} ({t['kind']}): test top-1 {top1}{params}")
+        from ..base.progress import printable
+
+        print(printable(f"teacher {t['model'] or t['spec']} ({t['kind']}): test top-1 {top1}{params}"))
         print(f"student {m['model']}: test top-1 {m['test_top1']:.4f}, {m['params']:,} params "
               f"({m['loss']} loss, {m['epochs']} epochs) -> {args.out}/student.pt")
 
@@ -239,8 +241,10 @@ def _log_to_stderr():
     """Show the library's INFO lines (export time, size, warnings) on stderr, as one plain line each."""
     import logging
 
+    from ..base.progress import PrintableFormatter
+
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("edgekd")
     if not logger.handlers:
         logger.addHandler(handler)
@@ -273,14 +277,15 @@ class Bench(Command):
                    "latency.png, and prints the table.")
 
     def run(self, args):
+        from ..base.progress import printable
         from ..bench.run import request, run_bench
 
         inputs = [("MODEL", m) for m in args.models] + [("--compare", args.compare), ("--data", args.data)]
         with _run_folder(args, inputs):
             result = run_bench(*request(args))  # plan, measurement, results from the BenchOptions
-        print(result["table"])
+        print(printable(result["table"]))
         if result["comparison"]:
-            print("\n" + result["comparison"])
+            print("\n" + printable(result["comparison"]))
         print(f"\nwrote {args.out}/results.json, results.csv, report.md, accuracy_vs_latency.png, latency.png"
               + (", profile.png" if args.profile else ""))
 
@@ -296,13 +301,14 @@ class Predict(Command):
 
         from ..bundle import load_bundle
 
+        from ..bundle.runner import text_lines
+
         bundle = load_bundle(args.bundle, threads=args.threads, device=args.device)
         results = bundle.predict_files(args.images, top_k=min(args.top_k, len(bundle.classes)))
-        if args.json:
-            print(json.dumps(results, indent=2))
+        if args.json:  # strict JSON: a non-finite score is null with "finite": false, never a bare NaN
+            print(json.dumps(results, indent=2, allow_nan=False))
         else:
-            for r in results:
-                print(r["image"] + ": " + ", ".join(f"{p['label']} {p['score']:.4f}" for p in r["top"]))
+            print("\n".join(text_lines(results)))
 
 
 class Deploy(Command):
@@ -391,7 +397,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser, sub = build_parser()
     args = parser.parse_args(argv)
-    from ..base.progress import report_to_stdout
+    from ..base.progress import printable, report_to_stdout
 
     report_to_stdout()  # the per-epoch lines the library logs to edgekd.report
     if args.command in TRAINING_COMMANDS:  # before any import of torch loads OpenMP: see edgekd/base/cpu.py
@@ -410,12 +416,12 @@ def main(argv=None):
     except EdgeKDError as e:
         if args.debug:
             raise
-        print(f"edgekd {args.command}: error: {e}", file=sys.stderr)
+        print(f"edgekd {args.command}: error: {printable(e)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
         if args.debug:
             raise
-        print(f"edgekd {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
+        print(f"edgekd {args.command}: error: {printable(_os_error_line(e))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"edgekd {args.command}: interrupted", file=sys.stderr)
@@ -423,7 +429,7 @@ def main(argv=None):
     except Exception as e:  # a bug: say so in one line; --debug shows the traceback
         if args.debug:
             raise
-        print(f"edgekd {args.command}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        print(f"edgekd {args.command}: internal error: {type(e).__name__}: {printable(str(e).splitlines()[0]) if str(e) else ''} "
               "(rerun with --debug for the traceback and report it)", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK

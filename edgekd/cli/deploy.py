@@ -27,7 +27,7 @@ def check_on_device(target, runner, staging, name, timeout):
     except EdgeKDError as e:
         why = str(e).split(" failed: ", 1)[-1].replace("edgekd device runner: error: ", "")
         if " is not installed here: pip install " not in why:
-            raise EdgeKDError(f"{target} refused bundle {name!r}, nothing installed: {why}") from None
+            raise EdgeKDError(f"{target} refused bundle {name!r}, nothing installed: {why}") from e
         # installing a runtime later is the user's business: the bundle is checked as far as this Python can
         log.warning("%s with %s cannot load the bundle (%s); checked its sha256 sums only (--python names the "
                     "device's Python with the runtime)", target, target.python, why)

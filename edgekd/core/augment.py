@@ -268,10 +268,23 @@ def _bad_image_reason(path):
     return f"cannot read image {path!r}: corrupt or not an image"
 
 
-def channel_stats(images):
-    """Per-channel mean and std of a uint8 (N, C, H, W) tensor, in [0, 1] units."""
-    x = images.transpose(0, 1).reshape(images.shape[1], -1).double().div(255.0)
-    return x.mean(1).tolist(), x.std(1).tolist()
+def channel_stats(images, chunk=64):
+    """Per-channel mean and std (unbiased) of a uint8 (N, C, H, W) tensor, in [0, 1] units.
+
+    Summed exactly in integers a few images at a time: a float64 copy of the whole tensor would take 8x its
+    size (2.4 GB for CIFAR-10's train split, or 2,000 images at 160 px)."""
+    import math
+
+    n_channels = images.shape[1]
+    total, squares = [0] * n_channels, [0] * n_channels
+    for part in images.split(chunk):
+        x = part.transpose(0, 1).reshape(n_channels, -1).long()
+        total = [t + v for t, v in zip(total, x.sum(1).tolist())]
+        squares = [q + v for q, v in zip(squares, (x * x).sum(1).tolist())]
+    n = images.numel() // n_channels
+    mean = [t / (n * 255) for t in total]
+    std = [math.sqrt((q * n - t * t) / (n * (n - 1) * 255 ** 2)) if n > 1 else 0.0 for t, q in zip(total, squares)]
+    return mean, std
 
 
 def stratified_subset(targets, size, seed=0):

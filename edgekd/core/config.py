@@ -38,6 +38,18 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type
 from .. import EdgeKDError
 
 DEFAULT_OUT = os.path.join("runs", "default")
+# Upper bounds of the size options: beyond them a value is a typo (or an attack), not a plan, and would
+# only fail later after allocating memory. Seeds are what numpy and torch's generators all take.
+MAX_SEED = 2 ** 32 - 1
+MAX_BATCH = 65_536
+MAX_IMAGES = 10_000_000    # images in a sample (--val-size, --calib-size, --limit, --train-subset)
+MAX_THREADS = 1024
+MAX_TIMEOUT = 7 * 24 * 3600
+MAX_INPUT_SIDE = 4096      # --teacher-input-size: a 4096x4096 RGB view is already 200 MB per image in float32
+# A config file is a few hundred bytes of option: value lines; these bound what parsing one may cost.
+MAX_CONFIG_BYTES = 1024 ** 2
+MAX_YAML_DEPTH = 16
+MAX_YAML_NODES = 100_000   # nodes after alias expansion: a 1 KB "billion laughs" file would expand to billions
 # Keys that saved config.yaml files carry for the record; a config file may hold them, they set nothing.
 RECORD_ONLY = ("loss_params", "command", "resume", "teacher_resolved")
 
@@ -67,6 +79,14 @@ class Opt:
     @property
     def flag(self) -> str:
         return self.name if self.positional else "--" + self.name.replace("_", "-")
+
+
+def _input_size_check(value):
+    """--teacher-input-size: H or H,W, whole numbers from 1 to MAX_INPUT_SIDE (edgekd.teachers reads it)."""
+    items = [t.strip() for t in value.split(",")]
+    if 1 <= len(items) <= 2 and all(t.isdecimal() and len(t) <= 5 and 1 <= int(t) <= MAX_INPUT_SIDE for t in items):
+        return None
+    return f"expected SIZE or HEIGHT,WIDTH in pixels, whole numbers from 1 to {MAX_INPUT_SIDE}, e.g. 224"
 
 
 def _size_check(value):
@@ -142,7 +162,8 @@ def _pretrained(weights_option):
 TEACHER_SOURCE = [
     Opt("teacher_input_size", "str", None, "the teacher's input size in pixels, H or H,W; each view is resized to "
         "it, bilinear with antialias (default: from the teacher: bundle manifest, ONNX/IR/.pt2 input shape, ONNX "
-        "metadata, torchvision/timm data config; else the data's)", metavar="H[,W]", group="teacher"),
+        "metadata, torchvision/timm data config; else the data's)", metavar="H[,W]", check=_input_size_check,
+        group="teacher"),
     Opt("teacher_mean", "str", None, "the teacher's per-channel normalisation mean, in [0, 1] pixel units (default: "
         "from the teacher; required for foreign files without edgekd.* ONNX metadata)", metavar="M[,M,M]",
         group="teacher"),
@@ -163,7 +184,7 @@ TEACHER_SOURCE = [
         "(e-1) mod K + 1): with --teacher-cache a long run pays for K teacher passes, not one per epoch (default: a "
         "new view every epoch)", low=1, high=10_000, metavar="K", group="teacher"),
     Opt("teacher_threads", "int", None, "ONNX Runtime / OpenVINO threads of a black-box teacher (default: torch's)",
-        low=1, metavar="N", group="teacher"),
+        low=1, high=MAX_THREADS, metavar="N", group="teacher"),
 ]
 
 
@@ -181,7 +202,7 @@ TRAINING = [
     Opt("epochs", "int", 15, "epochs of training", low=1, high=10_000, group="training"),
     Opt("skip_bad_images", "bool", False, "leave unreadable image files out (counted in metrics.json) instead of "
         "stopping at the first", group="training"),
-    Opt("batch_size", "int", 64, "images per step", low=1, high=65_536, group="training"),
+    Opt("batch_size", "int", 64, "images per step", low=1, high=MAX_BATCH, group="training"),
     Opt("optimizer", "str", "sgd", "sgd (with momentum) or adamw (try --lr 0.002 --weight-decay 0.05)",
         choices=("sgd", "adamw"), group="training"),
     Opt("lr", "float", 0.05, "peak learning rate", low=0, low_open=True, high=10.0, group="training"),
@@ -211,20 +232,20 @@ TRAINING = [
         "data of one size that fits in 2 GB with pad-crop or no augmentation, stream otherwise",
         choices=("auto", "memory", "stream"), group="training"),
     Opt("aug_seed", "int", 0, "seed of the augmentation parameters per (image, epoch); runs with the same seed see "
-        "the same views and share a teacher cache", group="training"),
+        "the same views and share a teacher cache", low=0, high=MAX_SEED, group="training"),
     Opt("train_subset", "int", None, "train on N images of the train split, class-stratified, fixed choice "
-        "(default: all)", low=1, metavar="N", group="training"),
+        "(default: all)", low=1, high=MAX_IMAGES, metavar="N", group="training"),
     Opt("norm", "str", "auto", "input normalisation: train (mean/std of the train split), seed (0.5/0.5), MEAN/STD "
         "(e.g. 0.49,0.48,0.45/0.25,0.24,0.26), auto: train except digits", metavar="STATS", check=_norm_check,
         group="training"),
     Opt("bn_recalibrate", "str", "auto", "after training, compare eval-mode with batch-statistics accuracy on "
         "training images and re-estimate batch-norm statistics when they disagree (auto), always, or never",
         choices=("auto", "always", "never"), group="training"),
-    Opt("seed", "int", 0, "random seed for weights and shuffling", group="training"),
+    Opt("seed", "int", 0, "random seed for weights and shuffling", low=0, high=MAX_SEED, group="training"),
     Opt("workers", "int", 2, "worker processes that decode folder images (once into memory, or every batch with "
-        "--pipeline stream)", low=0, group="training"),
+        "--pipeline stream)", low=0, high=MAX_THREADS, group="training"),
     Opt("threads", "int", None, "torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)",
-        low=1, group="training"),
+        low=1, high=MAX_THREADS, group="training"),
     Opt("device", "str", "cpu", "torch device to train on: cpu or cuda; under torchrun each process takes "
         "cuda:LOCAL_RANK", group="training"),
     Opt("progress", "bool", True, "hide progress bars", negate="--no-progress", group="training"),
@@ -286,7 +307,7 @@ DISTILL = [
         "rest one value that keeps their share of the softmax at the loss's temperature (for teachers with many "
         "classes; default: all)", low=1, metavar="K", group="teacher"),
     Opt("teacher_dtype", "str", "auto", "the frozen teacher's compute dtype: auto is bfloat16 on a CPU with native "
-        "bfloat16 (AMX-BF16 or AVX512-BF16) for a PyTorch teacher, else float32; recorded in metrics.json",
+        "bfloat16 (AMX-BF16 or AVX512-BF16) for a PyTorch teacher above 48 px, else float32; recorded in metrics.json",
         choices=("auto", "float32", "bfloat16"), group="teacher"),
 ] + TEACHER_SOURCE + _data() + TRAINING + _pretrained("student_weights") + _common(out_default=DEFAULT_OUT, resumable=True)
 
@@ -300,7 +321,7 @@ QUANTIZE = [
     Opt("loss", "str", "kd", "a logit distillation loss: kd, dkd, seed, mse", metavar="NAME"),
 ] + [o for o in DISTILL if o.name in ("temperature", "alpha", "beta", "teacher_cache", "teacher_cache_dtype",
                                         "teacher_cache_topk", "teacher_dtype")] + [
-    Opt("calib_size", "int", 300, "train images that set the initial quantizer ranges", low=1),
+    Opt("calib_size", "int", 300, "train images that set the initial quantizer ranges", low=1, high=MAX_IMAGES),
 ] + _data(default=None) + [replace(o, default=_QAT_DEFAULTS.get(o.name, o.default)) for o in TRAINING] + _common(
     resumable=True)
 
@@ -310,27 +331,27 @@ EXPORT = [
     Opt("format", "str", None, "bundle format: onnx or openvino", metavar="FORMAT", required=True),
     Opt("precision", "str", "fp32", "fp32, fp16 (weights halved; inputs and outputs stay float32) or int8",
         metavar="P"),
-    Opt("val_size", "int", 1000, "held-out test images for the parity gate", low=1),
+    Opt("val_size", "int", 1000, "held-out test images for the parity gate", low=1, high=MAX_IMAGES),
     Opt("atol", "float", None, "largest allowed |logit difference| from PyTorch (default: 1e-4 for fp32, 5e-2 for "
         "fp16)", low=0, low_open=True),
-    Opt("opset", "int", None, "ONNX opset (default: the exporter's)", low=1),
+    Opt("opset", "int", None, "ONNX opset (default: the exporter's)", low=1, high=99),
     Opt("quant", "str", None, "static (calibrated, the default) or dynamic (ONNX only; slow for conv nets)",
         choices=("static", "dynamic"), group="int8"),
     Opt("calib_data", "str", None, "data whose train split calibrates INT8 (default: the checkpoint's data)",
         metavar="SPEC", group="int8"),
-    Opt("calib_size", "int", 300, "calibration images, class-stratified", low=1, group="int8"),
+    Opt("calib_size", "int", 300, "calibration images, class-stratified", low=1, high=MAX_IMAGES, group="int8"),
     Opt("calib_method", "str", None, "ONNX: minmax (default), entropy or percentile; OpenVINO: nncf (its own "
         "statistics)", metavar="M", group="int8"),
-    Opt("seed", "int", 0, "seed of the calibration sample", group="int8"),
+    Opt("seed", "int", 0, "seed of the calibration sample", low=0, high=MAX_SEED, group="int8"),
     Opt("max_drop", "float", 1.0, "fail INT8 when its top-1 is more than P points below FP32", low=0, metavar="P",
         group="int8"),
     Opt("max_fallback_layers", "int", 10, "most layers kept in float to meet --max-drop; 0 turns the fallback off",
-        low=0, group="int8"),
+        low=0, high=100_000, group="int8"),
     Opt("tune_size", "int", None, "train images that steer the fallback (default: as many as --val-size); its cost "
-        "grows with them times the number of layers", low=1, group="int8"),
+        "grows with them times the number of layers", low=1, high=MAX_IMAGES, group="int8"),
     Opt("qat_epochs", "int", 1, "the INT8 ladder's last rung: when post-training INT8 and the fallback both miss "
         "--max-drop, fine-tune the student with fake quantizers against its teacher for N epochs (edgekd quantize) "
-        "and export that, every layer INT8; 0 turns it off", low=0, metavar="N", group="int8"),
+        "and export that, every layer INT8; 0 turns it off", low=0, high=10_000, metavar="N", group="int8"),
     Opt("qat_teacher", "str", None, "teacher of that rung: any --teacher spec of distill (default: the teacher the "
         "student was distilled from, else the FP32 student itself)", metavar="SPEC", group="int8"),
     Opt("qat_onnx", "str", "ort", "ONNX from a QAT checkpoint: ort (its trained weights re-quantized in ONNX Runtime's "
@@ -371,16 +392,18 @@ BENCH = [
         "device's own runtime (see docs/devices.md); a device or backend that is not available becomes a row with "
         "the reason", metavar="DEV[,DEV...]"),
     Opt("ssh_config", "str", None, "an ssh_config file for ssh:// devices (default: ~/.ssh/config)", metavar="FILE"),
-    Opt("timeout", "int", 600, "seconds to wait for an ssh:// device at each step", low=1),
+    Opt("timeout", "int", 600, "seconds to wait for an ssh:// device at each step", low=1, high=MAX_TIMEOUT),
     Opt("backends", "list", None, "torch, onnxruntime, openvino: run each model in every listed backend that can read "
         "it (a checkpoint through ONNX Runtime/OpenVINO is exported to ONNX first) (default: each model in its own "
         "format's runtime)", metavar="B[,B...]"),
+    # no upper bound here: bench names the largest batch that fits the test images it has
     Opt("batch_sizes", "list", [1], "batch sizes to time, e.g. 1,8,32", item="int", low=1, metavar="N[,N...]"),
-    Opt("warmup", "int", None, "untimed calls before timing each batch size " + _preset("warmup"), low=1),
+    Opt("warmup", "int", None, "untimed calls before timing each batch size " + _preset("warmup"), low=1,
+        high=1_000_000),
     Opt("runs", "int", None, "timed calls per model and batch size, each on different test images " + _preset("runs"),
-        low=1),
+        low=1, high=1_000_000),
     Opt("rounds", "int", None, "interleaved rounds the runs are split into, visiting the models in turn "
-        + _preset("rounds"), low=1),
+        + _preset("rounds"), low=1, high=1000),
     Opt("max_time", "float", None, "at most S seconds of timed calls per model and batch size " + _preset("max_time"),
         low=0, low_open=True, metavar="S"),
     Opt("min_time", "float", None, "at least S seconds of timed calls per model and batch size: a model faster than "
@@ -392,10 +415,11 @@ BENCH = [
         "visits; the others are repeated in extra rounds (at most twice --rounds). Every visit stays in "
         "results.json. 0 keeps every visit", low=0, metavar="PCT"),
     Opt("threads", "int", None, "threads for every backend: torch threads, ONNX Runtime intra-op threads, OpenVINO "
-        "INFERENCE_NUM_THREADS (default: each library's own choice, or the number of --cpus)", low=1),
+        "INFERENCE_NUM_THREADS (default: each library's own choice, or the number of --cpus)", low=1, high=MAX_THREADS),
     Opt("cpus", "str", None, "pin every worker to these CPUs, e.g. 0 or 0,1 or 0-3 (an edge profile: a smaller CPU; "
         "default: all)", metavar="LIST"),
-    Opt("limit", "int", None, "accuracy on N test images spread over the split " + _preset("limit"), low=1),
+    Opt("limit", "int", None, "accuracy on N test images spread over the split " + _preset("limit"), low=1,
+        high=MAX_IMAGES),
     Opt("max_drop", "float", 1.0, "the best deployment is the fastest row within PTS top-1 points of the teacher",
         low=0, metavar="PTS"),
     Opt("compare", "str", None, "an earlier results.json (or its folder): print what got faster, slower, more or less "
@@ -412,9 +436,9 @@ BENCH = [
 PREDICT = [
     Opt("bundle", "str", None, "a bundle folder or .zip written by edgekd export", metavar="BUNDLE", positional=True),
     Opt("images", "list", None, "image files", metavar="IMAGE", positional=True, nargs="+"),
-    Opt("top_k", "int", 1, "classes to show per image", low=1),
+    Opt("top_k", "int", 1, "classes to show per image", low=1, high=100_000),
     Opt("json", "bool", False, "print JSON instead of text"),
-    Opt("threads", "int", None, "runtime threads (default: the library's)", low=1),
+    Opt("threads", "int", None, "runtime threads (default: the library's)", low=1, high=MAX_THREADS),
     Opt("device", "str", "cpu", "cpu, cuda for ONNX Runtime with CUDA, or an OpenVINO device name such as GPU"),
 ]
 
@@ -423,7 +447,7 @@ DEPLOY = [
     Opt("device", "str", None, "ssh://[user@]host[:port][:DIR]; DIR defaults to ~/edgekd-bundles on the device",
         metavar="DEVICE", positional=True),
     Opt("ssh_config", "str", None, "an ssh_config file (default: ~/.ssh/config)", metavar="FILE"),
-    Opt("timeout", "int", 600, "seconds to wait for the device at each step", low=1),
+    Opt("timeout", "int", 600, "seconds to wait for the device at each step", low=1, high=MAX_TIMEOUT),
     Opt("python", "str", None, "the device's Python that checks and runs the bundle (default: python3)",
         metavar="PATH"),
 ]
@@ -512,10 +536,19 @@ def check(opt, value, source=None):
         if not error and opt.check:
             error = opt.check(result)
     if error:
-        shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        shown = _shown(value)
         where = f" (key {opt.name} in {source})" if source else ""
         raise EdgeKDError(f"{opt.flag}: {error}, got {shown!r}{where}{hint}")
     return result
+
+
+def _shown(value, limit=80):
+    """A value as an error message quotes it: a list as typed, cut at ``limit`` characters (a YAML value can be
+    a structure of any size; only its start is converted to text)."""
+    if isinstance(value, (list, dict)):
+        return "a list" if isinstance(value, list) else "a mapping"
+    text = str(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,19 +586,60 @@ def add_options(parser, command):
 
 
 def read_yaml(path):
-    """The mapping in a YAML config file, or EdgeKDError in one line."""
+    """The mapping in a YAML config file, or EdgeKDError in one line. Bounded: the file's size, its nesting and
+    the nodes its aliases expand to (a 1 KB alias bomb under a known key would otherwise grow to gigabytes)."""
     import yaml
 
     if not os.path.isfile(path):
         raise EdgeKDError(f"config file {path!r} does not exist")
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise EdgeKDError(f"config file {path!r} is {size / 1e6:.1f} MB; a config file is a list of option: value "
+                          f"lines (at most {MAX_CONFIG_BYTES // 1024 ** 2} MB)")
+    with open(path, "rb") as f:
+        text = f.read()
     try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        values = yaml.load(text, Loader=_bounded_loader(path)) or {}
     except yaml.YAMLError as e:
         raise EdgeKDError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits; a structure nested too deeply
+        raise EdgeKDError(f"config file {path!r} is not a valid config file: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(values, dict):
         raise EdgeKDError(f"config file {path!r} must hold a mapping of option: value")
     return values
+
+
+def _bounded_loader(path):
+    """PyYAML's SafeLoader that refuses, while composing, nesting deeper than MAX_YAML_DEPTH and documents whose
+    aliases expand to more than MAX_YAML_NODES nodes. Sizes are counted once per node (a shared anchor is
+    not walked again), so the count itself costs as much as the file, not as its expansion."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            if self.depth > MAX_YAML_DEPTH:
+                raise EdgeKDError(f"config file {path!r} nests more than {MAX_YAML_DEPTH} levels deep; a config file "
+                                  "is a mapping of option: value")
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+            sizes = self.__dict__.setdefault("sizes", {})
+            if id(node) not in sizes:
+                if isinstance(node, yaml.MappingNode):
+                    children = [n for pair in node.value for n in pair]
+                else:
+                    children = node.value if isinstance(node, yaml.SequenceNode) else []
+                sizes[id(node)] = (node, 1 + sum(sizes[id(c)][1] if id(c) in sizes else 1 for c in children))
+            if sizes[id(node)][1] > MAX_YAML_NODES:
+                raise EdgeKDError(f"config file {path!r} expands to more than {MAX_YAML_NODES:,} values through its "
+                                  "aliases (&anchor / *alias); a config file is a mapping of option: value")
+            return node
+
+    return Loader
 
 
 def _from_yaml(command, values, source, resumed=False):

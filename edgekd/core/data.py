@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from .. import EdgeKDError
+from ..bundle import runner
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +21,10 @@ DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.5
 DIGITS_SIZE = 32
 DIGITS_TEST_FRACTION = 0.2
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-# Pillow's own decompression-bomb threshold (about 89 megapixels, 0.27 GB decoded as RGB): a larger file is
+# One limit for every image edgekd reads (training, unlabelled, calibration, predict, the device runner):
+# Pillow's own decompression-bomb threshold (about 89 megapixels, 0.27 GB decoded as RGB). A larger file is
 # refused before it is decoded, so a tiny PNG that claims 15000x15000 pixels cannot take gigabytes.
-MAX_IMAGE_PIXELS = 89_478_485
+MAX_IMAGE_PIXELS = runner.MAX_IMAGE_PIXELS
 
 
 class ImageTooLarge(EdgeKDError, ValueError):
@@ -31,36 +33,14 @@ class ImageTooLarge(EdgeKDError, ValueError):
 
 def open_image(path):
     """Open an image file lazily (header only), refusing one above MAX_IMAGE_PIXELS before any pixel is decoded."""
-    import re
-    import warnings
-
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        # Pillow warns above its limit and raises above twice it; both become one refusal here.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(path)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            found = re.search(r"\((\d+) pixels\)", str(e))
-            pixels = int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1
-            raise ImageTooLarge(_too_large(path, pixels)) from e
-    if img.width * img.height > MAX_IMAGE_PIXELS:
-        img.close()
-        raise ImageTooLarge(_too_large(path, img.width * img.height, img.size))
-    return img
-
-
-def _too_large(path, pixels, size=None):
-    dims = f"{size[0]}x{size[1]} pixels, " if size else ""
-    return (f"image {str(path)!r} is too large to decode ({dims}{pixels / 1e6:.0f} megapixels; edgekd reads images "
-            f"up to {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)")
+    return runner.open_image(path, ImageTooLarge)
 
 
 def load_image(path):
-    """The ImageFolder loader: torchvision's (RGB), behind edgekd's size limit."""
+    """The loader of every image folder (labelled and unlabelled): behind edgekd's size limit, 16-bit and float
+    images scaled to 8 bits (Pillow's own conversion clips them), then RGB like torchvision's loader."""
     with open_image(path) as img:
-        return img.convert("RGB")
+        return runner.to_8bit(img).convert("RGB")
 
 
 @dataclass
@@ -374,7 +354,7 @@ def _probe_sizes(train_dir):
         try:
             with open_image(path) as img:
                 if channels is None:
-                    channels = 1 if img.mode in ("L", "1", "I;16", "I;16B", "I;16L", "I") else 3
+                    channels = 1 if img.mode in ("L", "1") + runner.WIDE_MODES else 3
                 sizes.add(img.size)
         except (OSError, SyntaxError, ValueError):
             continue
@@ -427,11 +407,9 @@ class UnlabeledFolder:
     """
 
     def __init__(self, folder, paths, skipped, found):
-        from torchvision.datasets.folder import default_loader
-
         self.folder, self.samples, self.skipped, self.found = folder, [(p, 0) for p in paths], skipped, found
         self.targets = [0] * len(paths)
-        self.loader = default_loader
+        self.loader = load_image  # the labelled folders' loader: the same size limit, the same 8-bit scaling
 
     def __len__(self):
         return len(self.samples)

@@ -20,6 +20,9 @@ from ..base.cpu import native_bf16
 log = logging.getLogger(__name__)
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
+# auto leaves teachers of small inputs in float32 (the same bound as the small-image augmentation): their
+# forward is cheap, and the digits and CIFAR-10 results stay what they were.
+SMALL_INPUT = 48
 # Training views compared between the float32 and bfloat16 teacher before a run (recorded in metrics.json).
 AGREEMENT_IMAGES = 256
 
@@ -60,6 +63,10 @@ def resolve_dtype(choice, teacher, device):
         return "float32", f"auto: a {teacher.kind} graph stays as it was saved (--teacher-dtype bfloat16 to try)"
     if str(device).startswith("cuda"):
         return "float32", "auto: on CUDA the teacher follows --amp"
+    size = getattr(getattr(teacher, "loaded", None), "size", None)
+    if size and max(size) <= SMALL_INPUT:  # small-image runs (digits, CIFAR) keep the results they always had
+        return "float32", (f"auto: a teacher at {max(size)} px (<= {SMALL_INPUT}) keeps float32 "
+                           "(--teacher-dtype bfloat16 to use it)")
     native = native_bf16()
     if native is None:
         return "float32", "auto: this CPU has no native bfloat16 (AMX-BF16 / AVX512-BF16)"

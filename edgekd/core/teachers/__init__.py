@@ -25,5 +25,5 @@ from .onnx import ort_runner, ort_session  # noqa: F401
 from .openvino import openvino_runner  # noqa: F401
 from .options import COLORS, OUTPUTS, TeacherOptions  # noqa: F401
 from .source import TEACHERS, Source  # noqa: F401
-from .view import FrozenTeacher, Loaded, Teacher  # noqa: F401
+from .view import FrozenTeacher, Loaded, Teacher, check_probs  # noqa: F401
 from .weights import load_state_dict  # noqa: F401

@@ -7,7 +7,7 @@ import torch
 from ... import EdgeKDError
 from .classes import class_index
 from .source import TEACHERS
-from .view import Teacher, as_logits
+from .view import Teacher, as_logits, check_probs
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_o
     source = check(spec, options)
     loaded = source.load(spec, options, Env(cfg, data, train, test, ctx, trained))
     _settle_input(loaded, options, data.input, spec)
-    outputs = _probe(loaded, spec)
+    outputs = _probe(loaded, spec, loaded.outputs == "probs")
     index, record = class_index(data.classes, outputs, loaded.names, loaded.names_from, options.classes, spec)
     teacher = Teacher(loaded, data.input, index, record, spec)
     log.info("teacher %s (%s): %dx%dx%d %s, %s, classes %s", spec, loaded.kind, loaded.channels, *loaded.size,
@@ -95,19 +95,23 @@ def _settle_input(lo, options, data_input, spec):
                           f"{len(lo.mean)}/{len(lo.std)} values")
 
 
-def _probe(lo, spec):
-    """Run the teacher once on two blank images of its view: the number of outputs, or a one-line error."""
+def _probe(lo, spec, probs=False):
+    """Run the teacher once on two blank images of its view: the number of outputs, or a one-line error
+    (``probs``: also when the outputs cannot be probabilities)."""
     x = (torch.zeros(2, lo.channels, *lo.size) - torch.tensor(lo.mean).view(1, -1, 1, 1)) / torch.tensor(lo.std).view(1, -1, 1, 1)
     try:
         with torch.inference_mode():
             out = as_logits(lo.module.eval()(x) if lo.module is not None else lo.run(x))
     except EdgeKDError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # noqa: B036 - the user's forward: contained
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = f"{type(e).__name__}({reason})" if not isinstance(e, Exception) else reason
         raise EdgeKDError(f"teacher {spec!r} cannot run on {lo.channels}x{lo.size[0]}x{lo.size[1]} inputs "
                           f"(set --teacher-input-size / --teacher-color): {reason[:300]}") from e
     if out.dim() != 2 or out.shape[0] != 2:
         raise EdgeKDError(f"teacher {spec!r} returns a {tuple(out.shape)} output for 2 images; a classifier's "
                           "(images, classes) logits or probabilities are needed")
+    if probs:
+        check_probs(out, spec)
     return int(out.shape[1])

@@ -8,6 +8,7 @@ import torch
 
 from ... import EdgeKDError
 from ...bundle.manifest import METADATA_KEYS
+from ..config import MAX_INPUT_SIDE
 from .options import COLORS, OUTPUTS
 from .source import Source, apply_shape, files_sha256, need_file, has_suffix, split_spec, threads_of, register_source
 from .view import Loaded
@@ -94,17 +95,24 @@ def _apply_metadata(lo, meta, spec):
             return None
         try:
             return json.loads(text) if key != "color" and key != "outputs" else text
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, or nested past json's recursion limit
             raise EdgeKDError(f"teacher {spec!r}: metadata {METADATA_KEYS[key]!r} is not JSON: {text[:80]!r}") from None
 
     for key in ("mean", "std", "color", "outputs", "classes", "input_size"):
         v = value(key)
         if v is None:
             continue
+        if key in ("classes", "mean", "std", "input_size") and not (
+                isinstance(v, list) and v and all(isinstance(i, (str, int, float)) and not isinstance(i, bool) for i in v)):
+            raise EdgeKDError(f"teacher {spec!r}: metadata {METADATA_KEYS[key]!r} must be a JSON list of "
+                              f"{'names' if key == 'classes' else 'numbers'}, got {str(v)[:80]!r}")
         if key == "classes":
             lo.names, lo.names_from = [str(c) for c in v], f"ONNX metadata {METADATA_KEYS['classes']}"
         elif key == "input_size":
-            lo.size, lo.found["size"] = tuple(int(s) for s in v), "ONNX metadata"
+            if len(v) != 2 or not all(isinstance(i, int) and 1 <= i <= MAX_INPUT_SIDE for i in v):
+                raise EdgeKDError(f"teacher {spec!r}: metadata {METADATA_KEYS[key]!r} must be [height, width], whole "
+                                  f"numbers from 1 to {MAX_INPUT_SIDE}, got {str(v)[:80]!r}")
+            lo.size, lo.found["size"] = tuple(v), "ONNX metadata"
         else:
             setattr(lo, key, v)
             lo.found[key] = "ONNX metadata"

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 
 from ... import EdgeKDError
+from ..config import MAX_INPUT_SIDE
 
 COLORS = ("RGB", "BGR", "L")
 OUTPUTS = ("logits", "probs")
@@ -60,6 +61,7 @@ def _floats(value, flag):
 
 
 def _size(value):
+    """--teacher-input-size as (height, width), each from 1 to MAX_INPUT_SIDE."""
     if value is None:
         return None
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
@@ -67,8 +69,9 @@ def _size(value):
         sizes = [int(str(v).strip()) for v in items if str(v).strip()]
     except ValueError:
         sizes = []
-    if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
-        raise EdgeKDError(f"--teacher-input-size {value!r}: give SIZE or HEIGHT,WIDTH in pixels, e.g. 224")
+    if not 1 <= len(sizes) <= 2 or min(sizes) < 1 or max(sizes) > MAX_INPUT_SIDE:
+        raise EdgeKDError(f"--teacher-input-size {value!r}: give SIZE or HEIGHT,WIDTH in pixels from 1 to "
+                          f"{MAX_INPUT_SIDE}, e.g. 224")
     return (sizes[0], sizes[-1])
 
 

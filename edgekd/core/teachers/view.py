@@ -2,12 +2,15 @@
 class order out (back to [0, 1] pixels, grey <-> RGB, RGB -> BGR, an antialiased resize, the teacher's own
 mean/std; outputs permuted or sliced to the data's classes)."""
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ... import EdgeKDError
 
 # Probabilities of exactly 0 would give -inf logits: clamp before the log (KD losses see log-probs).
 PROB_FLOOR = 1e-12
@@ -62,6 +65,7 @@ class Teacher(nn.Module):
         self.index = None if index is None else torch.as_tensor(index, dtype=torch.long)
         self.classes_record = classes_record or {}
         self.seconds = 0.0  # the teacher's own forward time since the last take_seconds()
+        self.probs_checked = False
 
     def train(self, mode=True):  # the teacher never leaves eval mode
         return super().train(False)
@@ -91,6 +95,9 @@ class Teacher(nn.Module):
             out = self.model(self.view(x)) if self.model is not None else self.run(self.view(x))
             out = as_logits(out)
             if self.outputs == "probs":  # log-probabilities are logits up to a constant per image
+                if not self.probs_checked:  # the first real batch: the blank probe may not show logits for what they are
+                    check_probs(out, self.spec)
+                    self.probs_checked = True
                 out = out.float().clamp_min(PROB_FLOOR).log()
             if self.index is not None:
                 out = out[:, self.index.to(out.device)]
@@ -137,6 +144,28 @@ def _input_spec(loaded):
     from ..data import InputSpec
 
     return InputSpec(loaded.channels, loaded.size[0], loaded.size[1], list(loaded.mean), list(loaded.std))
+
+
+PROBS_TOLERANCE = 1e-3  # float16/int8 teachers' softmax rows sum to 1 within about this
+
+
+def check_probs(out, spec):
+    """EdgeKDError unless ``out`` (N, K) looks like probabilities, as --teacher-outputs probs (or the teacher's
+    metadata) claims: every value in [0, 1] and every row summing to 1. Logits taken for probabilities are
+    clamped and logged into nonsense (a KD loss hundreds of times too large), silently."""
+    out = out.detach().double()
+    if not out.numel():
+        return
+    low, high = out.min().item(), out.max().item()
+    sums = out.sum(1)
+    far = (sums - 1).abs().max().item()
+    if math.isfinite(low) and math.isfinite(high) and low >= -PROBS_TOLERANCE and high <= 1 + PROBS_TOLERANCE \
+            and far <= PROBS_TOLERANCE * max(1, out.shape[1] ** 0.5):
+        return
+    raise EdgeKDError(f"teacher {spec!r} is said to return probabilities (--teacher-outputs probs or its metadata), "
+                      f"but its outputs look like logits: values from {low:.4g} to {high:.4g}, rows summing to "
+                      f"{sums.min().item():.4g}..{sums.max().item():.4g} (probabilities lie in [0, 1] and sum to 1); "
+                      "pass --teacher-outputs logits")
 
 
 def as_logits(out):
