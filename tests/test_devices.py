@@ -89,7 +89,13 @@ def test_a_bundle_the_devices_runtime_cannot_load_is_a_row(device, onnx_bundle, 
 
     broken = tmp_path / "broken"
     shutil.copytree(onnx_bundle, broken)
-    (broken / "model.onnx").write_bytes(b"not an onnx model")
+    import onnx
+
+    # a well-formed ONNX file (it passes the checks here) whose graph names an operator no runtime has
+    model = onnx.load(broken / "model.onnx", load_external_data=False)
+    model.graph.node[0].op_type, model.graph.node[0].domain = "NoSuchOp", "edgekd.test"
+    model.opset_import.add(domain="edgekd.test", version=1)
+    onnx.save(model, broken / "model.onnx")
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["files"]["model.onnx"] = sha256_file(broken / "model.onnx")
     (broken / "manifest.json").write_text(json.dumps(manifest))
