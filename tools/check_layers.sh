@@ -6,10 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 stage=build/layers
-rm -rf "$stage" && mkdir -p "$stage"
-cp -r edgekd "$stage/edgekd"
-for sub in export bench bundle; do cp -r "$sub" "$stage/edgekd/$sub"; done
-find "$stage" -name __pycache__ -prune -exec rm -rf {} +
+tools/stage_layout.sh "$stage"
 # Through the venv's python, not its lint-imports script: a worktree venv that reuses another
 # venv's packages (a .pth file) has the package but not the script.
 cd "$stage" && PYTHONPATH=. "../../$BIN/python" -c \

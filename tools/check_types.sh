@@ -6,8 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 stage=build/types
-rm -rf "$stage" && mkdir -p "$stage"
-cp -r edgekd "$stage/edgekd"
-for sub in export bench bundle; do cp -r "$sub" "$stage/edgekd/$sub"; done
-find "$stage" -name __pycache__ -prune -exec rm -rf {} +
+tools/stage_layout.sh "$stage"
 cd "$stage" && "../../$BIN/python" -m mypy --config-file ../../pyproject.toml --cache-dir ../mypy-cache
