@@ -24,7 +24,7 @@ demo: $(STAMP)
 		runs/default/student-openvino-int8 --device cpu --out runs/default/bench --force
 
 # The import layers (import-linter) and the types of the bundle layer and the options (mypy), then the
-# suite; the 15 slowest tests are printed at the end.
+# suite (three pytest processes, each printing its 15 slowest tests).
 check: $(STAMP)
 	tools/check_layers.sh
 	tools/check_types.sh
