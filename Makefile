@@ -51,4 +51,4 @@ test-arm: $(STAMP)
 	$(BIN)/python -m pytest -q -rs --durations=10 -m arm tests/test_devices.py tests/test_arm.py
 
 clean:
-	rm -rf runs .pytest_cache build/layers
+	rm -rf runs .pytest_cache build/mypy-cache

@@ -1,4 +1,4 @@
-"""Trust no file (issue 22, part A): files that carry pickles, folders edgekd does not own, outputs that
+"""Trust no file: files that carry pickles, folders edgekd does not own, outputs that
 would replace inputs, bundles with files their manifest does not list, paths that reach further than asked.
 
 Each test builds the hostile file itself, small, and runs the real command (in-process where it can).

@@ -1,4 +1,4 @@
-"""Hostile inputs (issue 22, part B): bounded parsing, wide images, user code, claims checked, terminal-safe output.
+"""Hostile inputs: bounded parsing, wide images, user code, claims checked, terminal-safe output.
 
 Each test is one case of the issue. They run the CLI in-process (``edgekd.cli.main``) where they can, on
 ONNX bundles built by hand (a real ONNX model of a flatten and a matrix product, run by ONNX Runtime),

@@ -205,7 +205,7 @@ def test_unlabeled_folder_reads_any_nesting_and_refuses_empty_folders(tmp_path):
         load_unlabeled(str(tmp_path / "text"))
     with pytest.raises(EdgeKDError, match="is not a folder"):
         load_unlabeled(str(tmp_path / "missing"))
-    # a/b's link back up leads to a folder that holds a/b itself: refused, never walked (issue 22)
+    # a/b's link back up leads to a folder that holds a/b itself: refused, never walked
     with pytest.raises(EdgeKDError, match="which holds the folder itself"):
         load_unlabeled(str(root / "a" / "b"))
     _png(tmp_path / "seen" / "c" / "4.png")

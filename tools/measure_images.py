@@ -1,4 +1,4 @@
-"""Measure edgekd's input pipeline on photos of mixed sizes (issue 20): peak memory, images/s of distillation
+"""Measure edgekd's input pipeline on photos of mixed sizes: peak memory, images/s of distillation
 with a cached teacher against the student's bare training step, and the decode rate.
 
     python tools/measure_images.py --images 2000 --work /tmp/edgekd-measure          # small

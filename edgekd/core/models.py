@@ -355,7 +355,7 @@ def _replace_first_conv(model, in_channels):
 
 def example_input(model, c, h, w):
     """One zero image on the device (and floating dtype) of ``model``'s weights: a CPU tensor fed to a
-    model on the GPU fails, and counting FLOPs after a CUDA run did (issue 13)."""
+    model on the GPU fails, and counting FLOPs after a CUDA run did."""
     tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
     device, dtype = (tensors[0].device, tensors[0].dtype) if tensors else (torch.device("cpu"), torch.float32)
     return torch.zeros(1, c, h, w, device=device, dtype=dtype)
