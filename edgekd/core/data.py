@@ -2,7 +2,8 @@
 
 Specs: ``digits`` (scikit-learn's handwritten digits, embedded), ``PATH`` or ``imagefolder:PATH``
 (a folder with ``train/`` and ``test/`` or ``val/``, one sub-folder per class), ``cifar10`` /
-``cifar100`` (torchvision; ``data_root`` may also point at an ImageFolder copy).
+``cifar100`` (torchvision; ``data_root`` may also point at an ImageFolder copy), ``webdataset:PATH`` (a
+folder with ``train/`` and ``test/`` or ``val/`` of WebDataset .tar shards: edgekd.core.shards).
 """
 
 import logging
@@ -209,11 +210,15 @@ def load_data(spec="digits", data_root=None, input_spec=None, choice=None):
         return _digits(input_spec, choice)
     if spec in ("cifar10", "cifar100"):
         return _torchvision_cifar(spec, data_root, input_spec, choice)
+    if spec.startswith("webdataset:"):
+        from .shards import load_shards
+
+        return load_shards(spec[len("webdataset:"):], input_spec, choice)
     path = spec[len("imagefolder:"):] if spec.startswith("imagefolder:") else spec
     if spec.startswith("imagefolder:") or os.sep in spec or os.path.exists(spec):
         return _imagefolder(spec, path, input_spec, choice)
     raise EdgeKDError(
-        f"unknown data {spec!r}: use digits, cifar10, cifar100, a folder PATH or imagefolder:PATH"
+        f"unknown data {spec!r}: use digits, cifar10, cifar100, a folder PATH, imagefolder:PATH or webdataset:PATH"
     )
 
 
