@@ -182,6 +182,26 @@ def test_views_from_shards_equal_views_from_the_same_images_in_a_folder(folder, 
     assert b.fingerprint() != a.fingerprint()
 
 
+def test_cached_teacher_logits_equal_the_live_teacher_on_views_dealt_to_a_rank(shards, tmp_path):
+    """The cache is keyed by item index: the views a rank streams from its own shards find their logits."""
+    from edgekd.core.data import InputSpec
+    from edgekd.core.models import build_model
+    from edgekd.core.teacher_cache import TeacherCache
+    from edgekd.core.teachers import FrozenTeacher
+
+    data, views = _views(f"webdataset:{shards}", "random-resized-crop", teacher=(32, 32))
+    torch.manual_seed(0)
+    t_input = InputSpec(3, 32, 32, [0.4] * 3, [0.3] * 3)
+    teacher = FrozenTeacher(build_model("resnet8", 3, t_input), t_input, data.input)
+    ckpt = tmp_path / "t.pt"
+    torch.save({"x": 1}, ckpt)
+    cache = TeacherCache(str(tmp_path / "cache"), str(ckpt), views, dtype="float32")
+    cache.build(teacher, 2, batch_size=8, progress=False)
+    for epoch in (1, 2):
+        for x, xt, _, idx in views.distributed_batches(5, epoch, seed=1, rank=1, world=2, teacher_view=True):
+            torch.testing.assert_close(cache.lookup(epoch, idx), teacher(xt), rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # torchrun: whole shards dealt to ranks
 
@@ -238,7 +258,6 @@ def test_each_rank_streams_only_its_own_shards(shards):
     assert not owned[0] & owned[1] and owned[0] | owned[1] == set(range(5))
 
 
-@pytest.mark.slow  # two torchrun processes: interpreter and torch start-up twice, then one tiny epoch
 def test_torchrun_two_processes_train_on_shards(shards, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "edgekd",
