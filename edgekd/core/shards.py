@@ -12,7 +12,8 @@ every sample); an image is then read by seek + read from its shard. So every sam
 image of a folder: the per-index views of edgekd.core.stream, the teacher cache's fingerprint (shard path,
 size, mtime and member offsets) and ``--teacher-views`` stay exact. Nothing is extracted to disk: only
 regular-file members are read (links, devices and folders are passed over) and a member's name is only a
-key. Under torchrun whole shards are dealt to ranks (``deal_shards``).
+key. Under torchrun whole shards are dealt to ranks (``deal_shards``). edgekd.core.data resolves the spec
+(``_webdataset``); tools/make_shards.py writes shards from an image folder.
 """
 
 import io
@@ -162,14 +163,17 @@ def _shard_files(split):
 
 class ShardSet:
     """One split of sharded data: per sample its shard, its image member's offset, size and extension, and its
-    label; the images stay in the shards. Item i is (transform(RGB image), label), like an ImageFolder's."""
+    label; the images stay in the shards. Item i is (transform(RGB image), label), like an ImageFolder's.
+    ``too_large``: the error of an image above edgekd's limits (edgekd.core.data.ImageTooLarge, a ValueError, so
+    --skip-bad-images skips it as a folder's image)."""
 
     stream_only = True  # training views are always decoded per batch from the shards (edgekd.core.stream)
 
-    def __init__(self, split, classes, transform=None):
+    def __init__(self, split, classes, too_large, transform=None):
         import numpy as np
 
         self.root, self.classes, self.transform = os.path.abspath(split), classes, transform
+        self.too_large = too_large
         self.shards, self.stats = [], []
         shard_of, offsets, sizes, self.names, self.exts, self.targets = [], [], [], [], [], []
         for path in _shard_files(split):
@@ -215,9 +219,7 @@ class ShardSet:
         """The image member's bytes, by seek + read from its shard (an OSError when they cannot be had)."""
         size = int(self.sizes[i])
         if size > MAX_MEMBER_BYTES:
-            from .data import ImageTooLarge
-
-            raise ImageTooLarge(f"image {_quote(self.item_name(i))} is too large to read ({size / 1e6:.0f} MB; "
+            raise self.too_large(f"image {_quote(self.item_name(i))} is too large to read ({size / 1e6:.0f} MB; "
                                 f"edgekd reads image members up to {MAX_MEMBER_BYTES / 1e6:.0f} MB)")
         with open(self.shards[self.shard_of[i]], "rb") as f:
             f.seek(int(self.offsets[i]))
@@ -227,22 +229,22 @@ class ShardSet:
                           f"{self.names[i]} has {len(data)} of its {size} bytes")
         return data
 
-    def _open(self, i):
-        from .data import ImageTooLarge
+    def open(self, i):
+        """Sample i's image, opened lazily (header only) behind edgekd's pixel limit."""
         from ..bundle.runner import open_image
 
-        return open_image(_Member(self.read(i), self.item_name(i)), ImageTooLarge)
+        return open_image(_Member(self.read(i), self.item_name(i)), self.too_large)
 
     def open_item(self, i):
         """(PIL image, lazy) as edgekd.core.stream opens a folder's file: JPEGs header-only (decoded later, at a
         reduced scale where that suffices), other images loaded as a folder's loader loads them."""
         if self.exts[i] in LAZY_EXTS:
-            return self._open(i), True
+            return self.open(i), True
         return self.pil_item(i), False
 
     def pil_item(self, i):
         """Sample i as RGB, exactly as an image folder's loader (edgekd.core.data.load_image) gives its file."""
-        with self._open(i) as img:
+        with self.open(i) as img:
             return to_8bit(img).convert("RGB")
 
     def __getitem__(self, i):
@@ -251,12 +253,10 @@ class ShardSet:
 
     def bad_reason(self, i):
         """Why sample i cannot be decoded, found again here (a loader worker's exception is lost)."""
-        from .data import ImageTooLarge
-
         try:
-            with self._open(i) as img:
+            with self.open(i) as img:
                 img.load()
-        except (ImageTooLarge, ShardCutShort) as e:
+        except (self.too_large, ShardCutShort) as e:
             return str(e)
         except Exception:  # unreadable: the usual case, said below
             pass
@@ -280,51 +280,6 @@ def read_classes(path):
     if doubles:
         raise EdgeKDError(f"{_quote(path)} names a class twice: {_quote(doubles[0])}")
     return names
-
-
-def load_shards(path, input_spec=None, choice=None):
-    """The ``webdataset:PATH`` spec as a Data: its two splits as ShardSets, the classes, the input spec."""
-    from .data import Data, check_reach, choose_input, eval_transform
-
-    if not os.path.isdir(path):
-        raise EdgeKDError(f"webdataset folder {_quote(path)} does not exist (expected a folder with train/ and "
-                          "test/ or val/, each holding .tar shards)")
-    train_dir = os.path.join(path, "train")
-    test_dir = next((os.path.join(path, s) for s in ("test", "val") if os.path.isdir(os.path.join(path, s))), None)
-    if not os.path.isdir(train_dir) or test_dir is None:
-        found = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-        raise EdgeKDError(f"webdataset folder {_quote(path)} needs train/ and test/ (or val/) sub-folders of .tar "
-                          f"shards; found: {', '.join(found) or 'no sub-folders'}")
-    check_reach(path, "webdataset folder", walk=[train_dir, test_dir])
-    named = read_classes(os.path.join(path, "classes.txt"))
-    train, test = ShardSet(train_dir, named), ShardSet(test_dir, named)
-    classes = named or [f"class{c}" for c in range(max(max(train.targets), max(test.targets)) + 1)]
-    channels, sizes = _probe_sizes(train)
-    spec_in = input_spec or choose_input(channels, sizes, choice, where=train_dir)
-    train.classes = test.classes = classes
-    train.transform = test.transform = eval_transform(spec_in)
-    return Data(f"{SPEC}{os.path.abspath(path)}", train, test, classes, spec_in, sizes)
-
-
-def _probe_sizes(split):
-    """(channels, {(width, height)}) from the headers of up to SIZE_PROBES images spread over the split, as
-    edgekd.core.data does for a folder; unreadable ones are passed over (decoding names or skips them)."""
-    from .data import SIZE_PROBES
-    from ..bundle.runner import WIDE_MODES
-
-    step = max(1, len(split) // SIZE_PROBES)
-    channels, sizes = None, set()
-    for i in range(0, len(split), step)[:SIZE_PROBES]:
-        try:
-            with split._open(i) as img:
-                if channels is None:
-                    channels = 1 if img.mode in ("L", "1") + WIDE_MODES else 3
-                sizes.add(img.size)
-        except (OSError, SyntaxError, ValueError):
-            continue
-    if channels is None:
-        raise EdgeKDError(f"no readable images found in the shards under {_quote(split.root)}")
-    return channels, sizes
 
 
 # --- torchrun: whole shards dealt to ranks -----------------------------------------------------------------
@@ -360,93 +315,3 @@ def deal_shards(groups, world, epoch, seed):
             mine += (mine * -(-(per_rank - len(mine)) // len(mine)))[:per_rank - len(mine)]
         dealt.append(mine[:per_rank])
     return dealt
-
-
-# --- writing shards from an image folder (tools/make_shards.py) --------------------------------------------
-
-def write_shards(folder, out, shard_size=1000, seed=0):
-    """Write ``folder`` (an image folder: train/ and test/ or val/, one sub-folder per class) as WebDataset
-    shards under ``out``: ``out/train/shard-000000.tar``, ..., the same for the test split, and
-    ``out/classes.txt``. Samples are shuffled with ``seed`` before they are cut into shards of ``shard_size``
-    (so a shard holds every class); image bytes are copied as they are (JPEG, PNG, WebP), other formats are
-    written as PNG. Returns {split: number of shards}."""
-    from torchvision.datasets import ImageFolder
-
-    from .data import check_link_loops, check_reach
-
-    if int(shard_size) < 1:
-        raise EdgeKDError(f"--shard-size {shard_size}: give a number of samples per shard, at least 1")
-    src, dst = os.path.realpath(folder), os.path.realpath(out)
-    if not os.path.isdir(src):
-        raise EdgeKDError(f"{_quote(folder)} is not a folder (expected train/ and test/ or val/, one folder per class)")
-    if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
-        raise EdgeKDError(f"the shards {_quote(out)} must be written outside the image folder {_quote(folder)}")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise EdgeKDError(f"{_quote(out)} already exists and is not an empty folder: shards never overwrite files")
-    splits = [s for s in ("train", "test", "val") if os.path.isdir(os.path.join(src, s))]
-    if "train" not in splits or len(splits) < 2:
-        raise EdgeKDError(f"{_quote(folder)} needs train/ and test/ (or val/) sub-folders, one folder per class")
-    check_reach(src, "image folder")
-    classes, counts = None, {}
-    for split in splits:
-        check_link_loops(os.path.join(src, split))
-        found = ImageFolder(os.path.join(src, split), loader=str)  # paths only: the bytes are copied
-        if classes is not None and found.classes != classes:
-            raise EdgeKDError(f"class folders differ between the splits of {_quote(folder)}")
-        classes = found.classes
-        samples = list(found.samples)
-        random.Random(int(seed)).shuffle(samples)
-        os.makedirs(os.path.join(out, split), exist_ok=True)
-        starts = range(0, len(samples), int(shard_size))
-        for n, start in enumerate(starts):
-            _write_shard(os.path.join(out, split, f"shard-{n:06d}.tar"), samples[start:start + int(shard_size)],
-                         start)
-        counts[split] = len(starts)
-    _atomic_text(os.path.join(out, "classes.txt"), "".join(f"{c}\n" for c in classes))
-    return counts
-
-
-def _member(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _write_shard(path, samples, first):
-    """One shard, written under a temporary name and renamed: a shard is whole or absent."""
-    tmp = path + ".partial"
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for k, (image, label) in enumerate(samples):
-                key = f"{first + k:08d}"
-                ext, data = _image_bytes(image)
-                _member(tar, f"{key}.{ext}", data)
-                _member(tar, f"{key}.cls", str(int(label)).encode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _image_bytes(path):
-    """(extension, bytes) of an image file for a shard: JPEG, PNG and WebP as they are, others as PNG."""
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
-    if ext in IMAGE_EXTS:
-        with open(path, "rb") as f:
-            return ext, f.read()
-    from .data import open_image
-
-    buf = io.BytesIO()
-    with open_image(path) as img:
-        img = to_8bit(img)  # grey stays grey
-        if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
-            img = img.convert("RGB")
-        img.save(buf, format="PNG")
-    return "png", buf.getvalue()
-
-
-def _atomic_text(path, text):
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
