@@ -80,7 +80,11 @@ def scan_shard(path):
     samples = []
     try:
         with tarfile.open(path, "r:") as tar:  # "r:": uncompressed only (random access needs plain tar)
-            for member in tar:  # headers only: tarfile seeks over the data
+            while True:
+                member = tar.next()  # a header; tarfile seeks over the data
+                if member is None:
+                    break
+                tar.members.clear()  # tarfile keeps every header it read: memory would grow with the shard
                 if not member.isreg() or member.issparse():  # links, devices, folders: never read
                     continue
                 if member.offset_data + member.size > size:
@@ -206,8 +210,8 @@ class ShardSet:
         return len(self.targets)
 
     def item_name(self, i):
-        """``shard.tar:KEY.ext`` of sample i, as errors name it."""
-        return f"{self.shards[self.shard_of[i]]}:{self.names[i]}"
+        """``shard.tar:KEY.ext`` of sample i, as errors and logs name it (control characters escaped)."""
+        return printable(f"{self.shards[self.shard_of[i]]}:{self.names[i]}")
 
     def item_fingerprint(self, i):
         """What sample i's pixels depend on: its shard (path, size, mtime) and its member's place in it."""
