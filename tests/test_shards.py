@@ -220,15 +220,20 @@ def test_shards_are_dealt_whole_and_disjoint_with_equal_steps(world, sizes):
     assert len(dealt) == world and all(len(order) == per_rank for order in dealt)  # the same steps everywhere
     owned = [{shard_of[i] for i in order} for order in dealt]
     assert all(not (owned[r] & owned[q]) for r in range(world) for q in range(r))  # no shard read by two ranks
-    # every shard is dealt: the union of the ranks' items is the whole set but for trimmed ones
-    seen = set().union(*map(set, dealt))
-    assert len(seen) >= start - world * max(sizes)
+    assert set().union(*owned) == set(range(len(sizes)))  # every shard dealt
+    trimmed = 0
+    for order, mine in zip(dealt, owned):
+        own = sum(sizes[s] for s in mine)
+        head = order[:min(own, per_rank)]
+        assert len(set(head)) == len(head)  # each of its images once...
+        runs = [shard_of[i] for k, i in enumerate(head) if k == 0 or shard_of[i] != shard_of[head[k - 1]]]
+        assert len(runs) == len(set(runs))  # ...read shard after shard
+        if own < per_rank:  # padded with its own images, from the start
+            assert order[own:] == (order[:own] * per_rank)[:per_rank - own]
+        trimmed += max(0, own - per_rank)
+    assert len(set().union(*map(set, dealt))) == start - trimmed
     if sizes == [5] * 6:  # equal shards, a count the world divides: each image exactly once
-        assert sorted(i for order in dealt for i in order) == list(range(start))
-    # a rank reads its shards one after another
-    for order in dealt:
-        runs = [shard_of[i] for k, i in enumerate(order) if k == 0 or shard_of[i] != shard_of[order[k - 1]]]
-        assert len(runs) == len(set(runs)) or len(order) > len(set(order))  # only padding goes back
+        assert trimmed == 0 and sorted(i for order in dealt for i in order) == list(range(start))
     assert deal_shards(groups, world, 1, 7) == dealt and deal_shards(groups, world, 2, 7) != dealt
 
 
@@ -338,6 +343,13 @@ def _damaged(root, damage):
         del samples[2][1]["cls"]
         _write_tar(shard, samples)
         return "part-1.tar', sample 'k002' has no k002.cls"
+    if damage == "no-image":
+        samples[1] = ("k001", {"cls": b"0", "json": b"{}"})
+        _write_tar(shard, samples)
+        return "part-1.tar', sample 'k001' has no image member"
+    if damage in ("dangling-link", "device"):
+        os.symlink(root / "gone.tar" if damage == "dangling-link" else "/dev/zero", shard)
+        return "part-1.tar' cannot be read" if damage == "dangling-link" else "part-1.tar' is not a regular file"
     if damage in ("not-integer", "out-of-range", "negative"):
         samples[1][1]["cls"] = {"not-integer": b"cat", "out-of-range": b"7", "negative": b"-1"}[damage]
         _write_tar(shard, samples)
@@ -364,7 +376,8 @@ def _damaged(root, damage):
     raise AssertionError(damage)
 
 
-DAMAGE = ["truncated", "corrupt", "not-tar", "gzip", "no-cls", "not-integer", "out-of-range", "negative"]
+DAMAGE = ["truncated", "corrupt", "not-tar", "gzip", "dangling-link", "device", "no-cls", "no-image", "not-integer",
+          "out-of-range", "negative"]
 
 
 @pytest.mark.parametrize("damage", DAMAGE)

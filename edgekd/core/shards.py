@@ -144,6 +144,13 @@ def _read_label(f, path, key, where, classes):
     return label
 
 
+def _sample(f, path, key, members, classes):
+    """(image extension, label) of one sample; EdgeKDError naming shard and key when it lacks either."""
+    if "cls" not in members:
+        raise EdgeKDError(f"shard {_quote(path)}, sample {_quote(key)} has no {key}.cls member (its class index)")
+    return _image_member(path, key, members), _read_label(f, path, key, members["cls"], classes)
+
+
 def _image_member(path, key, members):
     for ext in IMAGE_EXTS:
         if ext in members:
@@ -154,13 +161,17 @@ def _image_member(path, key, members):
 
 def _shard_files(split):
     """The .tar files of one split folder, sorted; each must be a regular file."""
-    names = sorted(n for n in os.listdir(split) if n.endswith(".tar"))
+    names = sorted(n for n in os.listdir(split) if n.lower().endswith(".tar"))
     if not names:
         raise EdgeKDError(f"{_quote(split)} holds no .tar shards (compressed shards such as .tar.gz are not read: "
                           "random access needs plain tar)")
     paths = [os.path.join(split, n) for n in names]
     for p in paths:
-        if not stat.S_ISREG(os.stat(p).st_mode):
+        try:
+            regular = stat.S_ISREG(os.stat(p).st_mode)
+        except OSError as e:  # a dangling link, no permission
+            raise EdgeKDError(f"shard {_quote(p)} cannot be read: {e.strerror}") from None
+        if not regular:
             raise EdgeKDError(f"shard {_quote(p)} is not a regular file")
     return paths
 
@@ -181,26 +192,26 @@ class ShardSet:
         self.shards, self.stats = [], []
         shard_of, offsets, sizes, self.names, self.exts, self.targets = [], [], [], [], [], []
         for path in _shard_files(split):
-            st = os.stat(path)
-            samples = scan_shard(path)
-            if not samples:
-                log.warning("shard %s holds no samples: left out", printable(path))
-                continue
-            k = len(self.shards)
-            self.shards.append(os.path.abspath(path))
-            self.stats.append((st.st_size, st.st_mtime_ns))
-            with open(path, "rb") as f:
-                for key, members in samples:
-                    if "cls" not in members:
-                        raise EdgeKDError(f"shard {_quote(path)}, sample {_quote(key)} has no {key}.cls member "
-                                          "(its class index)")
-                    ext = _image_member(path, key, members)
-                    self.targets.append(_read_label(f, path, key, members["cls"], classes))
-                    shard_of.append(k)
-                    offsets.append(members[ext][0])
-                    sizes.append(members[ext][1])
-                    self.names.append(f"{key}.{ext}")
-                    self.exts.append(ext)
+            try:
+                st = os.stat(path)
+                samples = scan_shard(path)
+                if not samples:
+                    log.warning("shard %s holds no samples: left out", printable(path))
+                    continue
+                k = len(self.shards)
+                self.shards.append(os.path.abspath(path))
+                self.stats.append((st.st_size, st.st_mtime_ns))
+                with open(path, "rb") as f:
+                    for key, members in samples:
+                        ext, label = _sample(f, path, key, members, classes)
+                        self.targets.append(label)
+                        shard_of.append(k)
+                        offsets.append(members[ext][0])
+                        sizes.append(members[ext][1])
+                        self.names.append(f"{key}.{ext}")
+                        self.exts.append(ext)
+            except OSError as e:  # no permission, a read error of the disk
+                raise EdgeKDError(f"shard {_quote(path)} cannot be read: {e.strerror or e}") from None
         if not self.targets:
             raise EdgeKDError(f"the shards under {_quote(split)} hold no samples")
         self.shard_of = np.asarray(shard_of, dtype=np.int32)
