@@ -63,11 +63,9 @@ class _Member(io.BytesIO):
 
 def split_name(name):
     """(key, extension) of a member name as WebDataset splits it (the key keeps any folders), or None for a
-    name without an extension or a WebDataset meta file (``__name__``)."""
+    name WebDataset passes over too: no extension, or a hidden file (``._x.jpg``, macOS's resource forks)."""
     folder, _, base = name.rpartition("/")
     if "." not in base or base.startswith("."):
-        return None
-    if not folder and base.startswith("__") and base.endswith("__"):
         return None
     stem, _, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
@@ -241,7 +239,7 @@ class ShardSet:
             data = f.read(size)
         if len(data) != size:
             raise ShardCutShort(f"shard {_quote(self.shards[self.shard_of[i]])} was cut short after it was scanned: "
-                          f"{self.names[i]} has {len(data)} of its {size} bytes")
+                                f"{_quote(self.names[i])} has {len(data)} of its {size} bytes")
         return data
 
     def open(self, i):
@@ -273,6 +271,8 @@ class ShardSet:
                 img.load()
         except (self.too_large, ShardCutShort) as e:
             return str(e)
+        except (FileNotFoundError, PermissionError) as e:  # the shard went away after it was scanned
+            return f"cannot read image {_quote(self.item_name(i))}: {e.strerror}"
         except Exception:  # unreadable: the usual case, said below
             pass
         return f"cannot read image {_quote(self.item_name(i))}: corrupt or not an image"
