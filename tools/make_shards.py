@@ -33,8 +33,6 @@ def write_shards(folder, out, shard_size=1000, seed=0):
     ``out/classes.txt``. Samples are shuffled with ``seed`` before they are cut into shards of ``shard_size``
     (so a shard holds every class); image bytes are copied as they are (JPEG, PNG, WebP), other formats are
     written as PNG. Returns {split: number of shards}."""
-    from torchvision.datasets import ImageFolder
-
     from edgekd.core.data import check_link_loops, check_reach
 
     if int(shard_size) < 1:
@@ -53,11 +51,10 @@ def write_shards(folder, out, shard_size=1000, seed=0):
     classes, counts = None, {}
     for split in splits:
         check_link_loops(os.path.join(src, split))
-        found = ImageFolder(os.path.join(src, split), loader=str)  # paths only: the bytes are copied
-        if classes is not None and found.classes != classes:
+        found, samples = _folder_samples(os.path.join(src, split))
+        if classes is not None and found != classes:
             raise EdgeKDError(f"class folders differ between the splits of {_quote(folder)}")
-        classes = found.classes
-        samples = list(found.samples)
+        classes = found
         random.Random(int(seed)).shuffle(samples)
         os.makedirs(os.path.join(out, split), exist_ok=True)
         starts = range(0, len(samples), int(shard_size))
@@ -67,6 +64,24 @@ def write_shards(folder, out, shard_size=1000, seed=0):
         counts[split] = len(starts)
     _atomic_text(os.path.join(out, "classes.txt"), "".join(f"{c}\n" for c in classes))
     return counts
+
+
+def _folder_samples(split):
+    """(classes, [(path, class index)]) of one split as torchvision's ImageFolder lists them (class folders
+    sorted, files sorted, links followed), without importing torchvision (most of a gigabyte of memory)."""
+    from edgekd.core.data import IMAGE_EXTENSIONS
+
+    classes = sorted(e.name for e in os.scandir(split) if e.is_dir())
+    if not classes:
+        raise EdgeKDError(f"{_quote(split)} holds no class folders")
+    samples = []
+    for index, name in enumerate(classes):
+        mine = [os.path.join(root, f) for root, _, files in sorted(os.walk(os.path.join(split, name), followlinks=True))
+                for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not mine:
+            raise EdgeKDError(f"class folder {_quote(os.path.join(split, name))} holds no images")
+        samples += [(path, index) for path in mine]
+    return classes, samples
 
 
 def _member(tar, name, data):
