@@ -59,6 +59,7 @@ def _fsync_folder(folder):
 PATH_KEYS = ("file", "source", "path", "folder", "checkpoint", "bundle")
 SPEC_KEYS = ("data", "spec")
 FOLDER_SPEC = "imagefolder:"
+FOLDER_SPECS = (FOLDER_SPEC, "webdataset:")  # data specs that name a folder
 
 
 def _relative(path, folder):
@@ -78,8 +79,9 @@ def spec_for_file(spec, folder):
 
 def spec_from_file(spec, folder):
     """A data spec read from a file in ``folder`` (spec_for_file's inverse; absolute specs of older files stay)."""
-    if isinstance(spec, str) and spec.startswith(FOLDER_SPEC) and not os.path.isabs(spec[len(FOLDER_SPEC):]):
-        return FOLDER_SPEC + os.path.normpath(os.path.join(os.path.abspath(folder), spec[len(FOLDER_SPEC):]))
+    for kind in FOLDER_SPECS:
+        if isinstance(spec, str) and spec.startswith(kind) and not os.path.isabs(spec[len(kind):]):
+            return kind + os.path.normpath(os.path.join(os.path.abspath(folder), spec[len(kind):]))
     return spec
 
 

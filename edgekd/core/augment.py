@@ -195,11 +195,15 @@ BAD_IMAGE = -1  # the label an unreadable image gets while decoding
 
 
 def _path_of(dataset, i):
+    if hasattr(dataset, "item_name"):  # edgekd.core.shards.ShardSet: shard.tar:KEY.ext
+        return dataset.item_name(i)
     return dataset.samples[i][0] if hasattr(dataset, "samples") else f"item {i}"
 
 
 def _pil_item(dataset, i):
-    """The untransformed (PIL image, label) of item i for ImageFolder, torchvision CIFAR and _PILList."""
+    """The untransformed (PIL image, label) of item i for ImageFolder, ShardSet, torchvision CIFAR and _PILList."""
+    if hasattr(dataset, "pil_item"):  # edgekd.core.shards.ShardSet
+        return dataset.pil_item(i), dataset.targets[i]
     if hasattr(dataset, "loader") and hasattr(dataset, "samples"):  # ImageFolder
         path, label = dataset.samples[i]
         return dataset.loader(path), label
@@ -243,7 +247,7 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
     decode_split.skipped = [_path_of(dataset, order[i]) for i in bad]
     if bad and not skip_bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise EdgeKDError(f"{_bad_image_reason(decode_split.skipped[0])}{more} ({desc}); "
+        raise EdgeKDError(f"{bad_reason(dataset, order[bad[0]])}{more} ({desc}); "
                           "remove it, or pass --skip-bad-images to leave unreadable images out")
     if bad:
         log.warning("%s: skipped %d unreadable images, e.g. %s", desc, len(bad), decode_split.skipped[0])
@@ -253,6 +257,13 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
 
 
 decode_split.skipped = []
+
+
+def bad_reason(dataset, i):
+    """Why item i of ``dataset`` could not be decoded (a shard's member or a file)."""
+    if hasattr(dataset, "bad_reason"):  # edgekd.core.shards.ShardSet
+        return dataset.bad_reason(i)
+    return _bad_image_reason(_path_of(dataset, i))
 
 
 def _bad_image_reason(path):

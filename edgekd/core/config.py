@@ -191,7 +191,8 @@ TEACHER_SOURCE = [
 def _data(default="digits"):
     return [
         Opt("data", "str", default, "digits (scikit-learn, embedded), a folder PATH or imagefolder:PATH with train/ "
-            "and test/ (or val/), cifar10 or cifar100" + ("" if default else " (default: the checkpoint's data)"),
+            "and test/ (or val/), webdataset:PATH (the same sub-folders holding .tar shards), cifar10 or cifar100"
+            + ("" if default else " (default: the checkpoint's data)"),
             metavar="SPEC"),
         Opt("data_root", "str", None, "where cifar10/cifar100 live or are downloaded to (an ImageFolder copy is read "
             "in place)", metavar="DIR"),

@@ -2,7 +2,8 @@
 
 Specs: ``digits`` (scikit-learn's handwritten digits, embedded), ``PATH`` or ``imagefolder:PATH``
 (a folder with ``train/`` and ``test/`` or ``val/``, one sub-folder per class), ``cifar10`` /
-``cifar100`` (torchvision; ``data_root`` may also point at an ImageFolder copy).
+``cifar100`` (torchvision; ``data_root`` may also point at an ImageFolder copy), ``webdataset:PATH`` (a
+folder with ``train/`` and ``test/`` or ``val/`` of WebDataset .tar shards: edgekd.core.shards).
 """
 
 import logging
@@ -209,11 +210,13 @@ def load_data(spec="digits", data_root=None, input_spec=None, choice=None):
         return _digits(input_spec, choice)
     if spec in ("cifar10", "cifar100"):
         return _torchvision_cifar(spec, data_root, input_spec, choice)
+    if spec.startswith("webdataset:"):
+        return _webdataset(spec[len("webdataset:"):], input_spec, choice)
     path = spec[len("imagefolder:"):] if spec.startswith("imagefolder:") else spec
     if spec.startswith("imagefolder:") or os.sep in spec or os.path.exists(spec):
         return _imagefolder(spec, path, input_spec, choice)
     raise EdgeKDError(
-        f"unknown data {spec!r}: use digits, cifar10, cifar100, a folder PATH or imagefolder:PATH"
+        f"unknown data {spec!r}: use digits, cifar10, cifar100, a folder PATH, imagefolder:PATH or webdataset:PATH"
     )
 
 
@@ -288,6 +291,34 @@ def _imagefolder(spec, path, input_spec, choice=None):
     return Data(f"imagefolder:{os.path.abspath(path)}", train, test, list(train.classes), spec_in, sizes)
 
 
+def _webdataset(path, input_spec, choice=None):
+    """``webdataset:PATH``: its two splits as edgekd.core.shards.ShardSets, the classes, the input spec."""
+    from .shards import SPEC, ShardSet, read_classes
+
+    if not os.path.isdir(path):
+        raise EdgeKDError(f"webdataset folder {_q(path)} does not exist (expected a folder with train/ and "
+                          "test/ or val/, each holding .tar shards)")
+    train_dir = os.path.join(path, "train")
+    test_dir = next((os.path.join(path, s) for s in ("test", "val") if os.path.isdir(os.path.join(path, s))), None)
+    if not os.path.isdir(train_dir) or test_dir is None:
+        found = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        raise EdgeKDError(f"webdataset folder {_q(path)} needs train/ and test/ (or val/) sub-folders of .tar "
+                          f"shards; found: {', '.join(found) or 'no sub-folders'}")
+    check_reach(path, "webdataset folder", walk=[train_dir, test_dir])
+    named = read_classes(os.path.join(path, "classes.txt"))
+    train, test = ShardSet(train_dir, named, ImageTooLarge), ShardSet(test_dir, named, ImageTooLarge)
+    classes = named or [f"class{c}" for c in range(max(max(train.targets), max(test.targets)) + 1)]
+    channels, sizes = _probe(len(train), train.open, f"no readable images found in the shards under {_q(train_dir)}")
+    spec_in = input_spec or choose_input(channels, sizes, choice, where=train_dir)
+    train.classes = test.classes = classes
+    train.transform = test.transform = eval_transform(spec_in)
+    return Data(f"{SPEC}{os.path.abspath(path)}", train, test, classes, spec_in, sizes)
+
+
+def _q(text):
+    return repr(runner.printable(str(text)))
+
+
 SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # views of the running system, not folders of images
 
 
@@ -348,18 +379,25 @@ def _probe_sizes(train_dir):
     """
     paths = [os.path.join(root, name) for root, _, files in sorted(os.walk(train_dir, followlinks=True))
              for name in sorted(files) if name.lower().endswith(IMAGE_EXTENSIONS)]
-    step = max(1, len(paths) // SIZE_PROBES)
+    return _probe(len(paths), lambda i: open_image(paths[i]),
+                  f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under {train_dir!r}")
+
+
+def _probe(n, open_at, nothing):
+    """(channels, sizes) from the headers of up to SIZE_PROBES of ``n`` images (``open_at(i)`` opens image i
+    lazily) spread over the split; EdgeKDError(``nothing``) when none can be read."""
+    step = max(1, n // SIZE_PROBES)
     channels, sizes = None, set()
-    for path in paths[::step][:SIZE_PROBES]:
+    for i in range(0, n, step)[:SIZE_PROBES]:
         try:
-            with open_image(path) as img:
+            with open_at(i) as img:
                 if channels is None:
                     channels = 1 if img.mode in ("L", "1") + runner.WIDE_MODES else 3
                 sizes.add(img.size)
         except (OSError, SyntaxError, ValueError):
             continue
     if channels is None:
-        raise EdgeKDError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under {train_dir!r}")
+        raise EdgeKDError(nothing)
     return channels, sizes
 
 

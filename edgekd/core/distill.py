@@ -141,19 +141,24 @@ def choose_pipeline(cfg, data, kind, n, teacher):
     nbytes = n * spec.channels * spec.height * spec.width
     larger = any(w > spec.width or h > spec.height for w, h in (data.sizes or ()))
     wanted = cfg.pipeline or "auto"
+    shards = getattr(data.train, "stream_only", False)  # WebDataset shards: read per batch, never all at once
+    if wanted == "memory" and shards:
+        raise EdgeKDError(f"--pipeline memory: {data.spec} is sharded data, which is always streamed from its "
+                          "shards; use --pipeline stream or auto")
     if wanted == "memory" and kind == "random-resized-crop":
         raise EdgeKDError("--pipeline memory holds images at the student's size, where a random-resized crop cannot "
                           "be cut from the original picture: use --pipeline stream (or auto), or --augment pad-crop")
     if wanted == "auto":
         fits = nbytes <= DECODE_LIMIT_BYTES
-        wanted = "memory" if fits and kind in ("none", "standard") and not (teacher and larger) else "stream"
+        small = fits and kind in ("none", "standard") and not (teacher and larger)
+        wanted = "memory" if small and not shards else "stream"
     say = REPORT.info if cfg.progress else log.info  # the CLI's stdout lines; the log otherwise
     if wanted == "memory":
         say("data: %d training images at %dx%d decoded into memory (%.0f MB), %s augmentation", n, spec.height,
             spec.width, nbytes / 1e6, kind)
     else:
-        say("data: %d training images at %dx%d streamed from their files, decoded per batch in %d worker processes, "
-            "%s augmentation", n, spec.height, spec.width, cfg.workers, kind)
+        say("data: %d training images at %dx%d streamed from their %s, decoded per batch in %d worker processes, "
+            "%s augmentation", n, spec.height, spec.width, "shards" if shards else "files", cfg.workers, kind)
     return wanted
 
 

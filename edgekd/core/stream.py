@@ -58,6 +58,7 @@ class _Items:
     """(dataset, index, label) triples kept as small parallel lists: the images themselves stay in the files."""
 
     def __init__(self, parts):
+        self._groups = None  # shard groups, found once (shard_groups)
         self.sources, src, local, labels = [], [], [], []
         for dataset, indices, label in parts:
             k = len(self.sources)
@@ -78,11 +79,56 @@ class _Items:
         samples = getattr(dataset, "samples", None)
         return samples[int(self.local[i])][0] if samples is not None else None
 
+    def name(self, i):
+        """What an error calls item i: its file, its shard member (shard.tar:KEY.ext), or its number."""
+        dataset = self.sources[int(self.src[i])]
+        if hasattr(dataset, "item_name"):
+            return dataset.item_name(int(self.local[i]))
+        return self.path(i) or f"item {int(i)}"
+
+    def reason(self, i):
+        from .augment import bad_reason
+
+        return bad_reason(self.sources[int(self.src[i])], int(self.local[i]))
+
+    def fingerprint(self, i):
+        """What item i's pixels depend on: its file (path, size, mtime), its shard member, or its place."""
+        dataset = self.sources[int(self.src[i])]
+        if hasattr(dataset, "item_fingerprint"):
+            return dataset.item_fingerprint(int(self.local[i]))
+        path = self.path(i)
+        if path is not None:
+            st = os.stat(path)
+            return f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
+        return f"{int(self.src[i])}:{int(self.local[i])}"
+
+    def shard_groups(self):
+        """Each shard's item indices (in member order) when every item comes from WebDataset shards, else None."""
+        if self._groups is None:
+            import numpy as np
+
+            if not self.sources or not all(hasattr(s, "shard_of") for s in self.sources):
+                self._groups = []
+            else:
+                src, local = self.src.numpy().astype(np.int64), self.local.numpy()
+                shard = np.zeros(len(local), dtype=np.int64)
+                for k, source in enumerate(self.sources):
+                    mine = src == k
+                    shard[mine] = source.shard_of[local[mine]]
+                key = (src << 32) + shard
+                order = np.argsort(key, kind="stable")
+                cuts = np.flatnonzero(np.diff(key[order])) + 1
+                self._groups = [g.tolist() for g in np.split(order, cuts)] if len(order) else []
+        return self._groups or None
+
     def open(self, i):
         """A PIL image, lazily decoded when it comes from a file (its header read, its pixels not yet)."""
         from .augment import _pil_item
         from .data import open_image
 
+        dataset = self.sources[int(self.src[i])]
+        if hasattr(dataset, "open_item"):  # a shard's member, read by seek + read (edgekd.core.shards)
+            return dataset.open_item(int(self.local[i]))
         path = self.path(i)
         if path is not None and path.lower().endswith((".jpg", ".jpeg")):
             return open_image(path), True
@@ -234,12 +280,7 @@ class StreamViews:
         """What the teacher cache is valid for: the files (path, size, mtime) or items, labels, geometry."""
         h = hashlib.sha256()
         for i in range(len(self)):
-            path = self.items.path(i)
-            if path is not None:
-                st = os.stat(path)
-                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            else:
-                h.update(f"{int(self.items.src[i])}:{int(self.items.local[i])}\n".encode())
+            h.update(f"{self.items.fingerprint(i)}\n".encode())
         h.update(self.targets.numpy().tobytes())
         h.update(json.dumps([self.input.manifest(), self.scale, self.teacher_size]).encode())
         return h.hexdigest()
@@ -257,12 +298,10 @@ class StreamViews:
 
     def _finish(self, student, teacher, labels, idx, ok, teacher_view):
         if not ok.all():
-            bad = [self.items.path(int(i)) or f"item {int(i)}" for i in idx[~ok]]
+            bad = [self.items.name(int(i)) for i in idx[~ok]]
             if not self.skip_bad:
-                from .augment import _bad_image_reason
-
-                raise EdgeKDError(f"{_bad_image_reason(bad[0])} ({self.desc}); remove it, or pass --skip-bad-images "
-                                  "to leave unreadable images out")
+                raise EdgeKDError(f"{self.items.reason(int(idx[~ok][0]))} ({self.desc}); remove it, or pass "
+                                  "--skip-bad-images to leave unreadable images out")
             new = [p for p in bad if p not in self.skipped]
             if new:
                 log.warning("%s: skipped unreadable images %s", self.desc, ", ".join(new[:3]))
@@ -302,14 +341,28 @@ class StreamViews:
                              teacher_view)
 
     def distributed_batches(self, batch_size, epoch, seed, rank, world, teacher_view=False):
-        from torch.utils.data import DistributedSampler
+        """This rank's batches of one epoch under torchrun. Views of WebDataset shards: whole shards dealt to
+        ranks (edgekd.core.shards.deal_shards); otherwise a DistributedSampler's share. Either way every rank
+        takes ceil(N / world) items, so all take the same number of steps."""
+        groups = self.items.shard_groups()
+        if groups is not None:
+            from .shards import deal_shards
 
-        sampler = DistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, seed=int(seed))
-        sampler.set_epoch(int(epoch))
-        order = list(sampler)
+            order = deal_shards(groups, world, epoch, seed)[rank]
+        else:
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, seed=int(seed))
+            sampler.set_epoch(int(epoch))
+            order = list(sampler)
         yield from self._run([order[s:s + batch_size] for s in range(0, len(order), batch_size)], epoch, teacher_view)
 
     def steps_per_epoch(self, batch_size, world=1):
+        groups = self.items.shard_groups() if world > 1 else None
+        if groups is not None and len(groups) < world:  # refused before the first step, on every rank alike
+            from .shards import deal_shards
+
+            deal_shards(groups, world, 0, 0)
         per_rank = -(-len(self) // world)
         return -(-per_rank // (batch_size // world))
 
