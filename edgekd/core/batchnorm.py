@@ -43,15 +43,24 @@ def recalibrate_bn(model, views, device="cpu", batch_size=256, max_images=10000)
     return model
 
 
+CHUNK = 256  # images decoded and run at once: batch statistics over 256 images, memory bounded at any input size
+
+
 @torch.no_grad()
-def _batchstat_top1(model, x, y):
-    """Accuracy with batch statistics (train-mode BN) without changing the running statistics."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    pred = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
-    model.load_state_dict(state)
+def _top1(model, chunks, device, batch_stats=False):
+    """Top-1 over the chunks, with the running statistics (eval mode) or with each chunk's batch statistics
+    (train-mode BN, the running statistics left as they were)."""
+    state = {k: v.clone() for k, v in model.state_dict().items()} if batch_stats else None
+    model.train(batch_stats)
+    right = total = 0
+    for x, y in chunks():
+        x, y = x.to(device), y.to(device)
+        right += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    if state is not None:
+        model.load_state_dict(state)
     model.eval()
-    return (pred == y).float().mean().item()
+    return right / max(total, 1)
 
 
 def check_batchnorm(model, run, cfg, sample=2000):
@@ -68,12 +77,13 @@ def check_batchnorm(model, run, cfg, sample=2000):
     # batch statistics that describe no real batch.
     labelled = run.train.labelled()  # accuracy needs labels: unlabelled images (--unlabeled) stay out
     idx = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(0))[:sample]
-    x, y = labelled.batch(idx)
-    x, y = x.to(device), y.to(device)
-    model.eval()
-    with torch.no_grad():
-        eval_top1 = (model(x).argmax(1) == y).float().mean().item()
-    batch_top1 = _batchstat_top1(model, x, y)
+
+    def chunks():  # decoded a chunk at a time: 2,000 images at 224 px would be 1.2 GB at once, more in the model
+        for start in range(0, len(idx), CHUNK):
+            yield labelled.batch(idx[start:start + CHUNK])
+
+    eval_top1 = _top1(model, chunks, device)
+    batch_top1 = _top1(model, chunks, device, batch_stats=True)
     trapped = eval_top1 < batch_top1 - BN_TRAP_GAP
     mode = cfg.bn_recalibrate
     report = {"train_sample": len(idx), "eval_top1": eval_top1, "batchstat_top1": batch_top1, "trapped": trapped,
@@ -84,8 +94,7 @@ def check_batchnorm(model, run, cfg, sample=2000):
     if mode == "always" or (mode == "auto" and trapped):
         report["test_top1_before"] = evaluate(model, run.test, device, dist=run.dist)
         recalibrate_bn(model, run.train, device)
-        with torch.no_grad():
-            report["eval_top1_after"] = (model(x).argmax(1) == y).float().mean().item()
+        report["eval_top1_after"] = _top1(model, chunks, device)
         report["recalibrated"] = True
     model.eval()
     return report

@@ -128,8 +128,9 @@ def settle_teacher_layout(teacher, choice, device):
 
 
 @torch.no_grad()
-def _top1(teacher, x):
-    return teacher(x).argmax(1)
+def _top1(teacher, x, chunk=64):
+    """The teacher's top-1 in chunks: 256 views of a large teacher at once would peak at gigabytes."""
+    return torch.cat([teacher(x[i:i + chunk]).argmax(1) for i in range(0, len(x), chunk)])
 
 
 def settle_teacher_dtype(teacher, choice, device, views=None, channels_last="auto"):

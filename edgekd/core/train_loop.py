@@ -276,10 +276,14 @@ def _train_batches(run, cfg, epoch):
     of it under DDP. x_teacher is the same view at the teacher's own size when the views are decoded from the
     files (edgekd.core.stream) and a live teacher needs it."""
     dist, bs = run.dist, cfg.batch_size
+    # Decoding the teacher's view costs a second resize per image: only for a teacher that runs live.
+    live = run.teacher is not None and (run.cache is None or run.taps is not None)
     if dist.enabled:
-        return run.train.distributed_batches(bs // dist.world_size, epoch, cfg.seed, dist.rank, dist.world_size,
-                                             teacher_view=True)
-    return run.train.batches(bs, epoch=epoch, shuffle_seed=cfg.seed * 100_003 + epoch, teacher_view=True)
+        batches = run.train.distributed_batches(bs // dist.world_size, epoch, cfg.seed, dist.rank, dist.world_size,
+                                                teacher_view=live)
+    else:
+        batches = run.train.batches(bs, epoch=epoch, shuffle_seed=cfg.seed * 100_003 + epoch, teacher_view=live)
+    return batches if live else ((x, None, y, idx) for x, y, idx in batches)
 
 
 def _backward(loop, run, loss):
