@@ -158,6 +158,11 @@ def main():
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    # The bare step below runs in this process: give its OpenMP threads the wait policy edgekd's own
+    # training commands use (set before torch loads), so the two rates differ by the input pipeline only.
+    from edgekd.base.cpu import passive_wait
+
+    passive_wait()
     photos = make_photos(os.path.abspath(args.cifar), os.path.join(args.work, f"photos-{args.images}"), args.images,
                          max(20, args.images // 10))
     edgekd = [sys.executable, "-m", "edgekd"]

@@ -161,7 +161,10 @@ print(n / (time.perf_counter() - start))
 """
 
 POLICIES = {"default": ({}, None), "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, None), "1-thread": ({}, 1),
-            "edgekd": ({}, None)}
+            "edgekd": ({}, None),
+            # a short spin before sleeping (libgomp's default is 300,000 pause loops): not in the default set
+            "spin-3k": ({"GOMP_SPINCOUNT": "3000"}, None), "spin-30k": ({"GOMP_SPINCOUNT": "30000"}, None)}
+DEFAULT_POLICIES = ["default", "passive", "1-thread", "edgekd"]
 
 
 def _kd_rate(threads, seconds, policy):
@@ -256,7 +259,8 @@ def main(argv=None):
     c = sub.add_parser("contention", help="a 2-thread distillation alone and beside one busy process")
     c.add_argument("--seconds", type=float, default=10.0)
     c.add_argument("--threads", type=int, default=2)
-    c.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
+    c.add_argument("--policies", type=lambda s: s.split(","), default=DEFAULT_POLICIES,
+                   help=f"comma list of {', '.join(POLICIES)} (default: %(default)s)")
     k = sub.add_parser("topk", help="student accuracy from a full teacher cache against top-k ones")
     k.add_argument("--teacher", required=True, help="a trained teacher checkpoint")
     k.add_argument("--student", default="resnet8")

@@ -249,6 +249,9 @@ def _log_to_stderr():
     if not logger.handlers:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    # torch's C++-extension builder warns, when NNCF imports it, that an nvcc without a CUDA runtime was
+    # found: nothing edgekd builds, and a stray line in the output of a CPU export.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def csv_list(kind, convert=str):
