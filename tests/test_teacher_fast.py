@@ -240,24 +240,24 @@ def test_cli_refuses_bad_teacher_speed_options_in_one_line(args, message, tmp_pa
     assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
 
 
-def test_cpu_limits_and_the_passive_wait_policy(tmp_path, monkeypatch):
+def test_cpu_limits_and_the_short_spin_wait_policy(tmp_path, monkeypatch):
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     assert cpu.cgroup_cpu_limit(str(tmp_path)) == 1.5
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert cpu.cgroup_cpu_limit(str(tmp_path)) is None
     monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: 1.5)
     assert cpu.usable_cpus() == 1
-    # Before torch is imported edgekd sets OMP_WAIT_POLICY=PASSIVE; a user's own choice is kept.
-    code = ("import os, edgekd.base.cpu as c; r = c.passive_wait(); import torch, json; "
-            "print(json.dumps([r, os.environ.get('OMP_WAIT_POLICY')]))")
+    # Before torch is imported edgekd sets GOMP_SPINCOUNT=3000; a user's own choice is kept.
+    code = ("import os, edgekd.base.cpu as c; r = c.short_spin_wait(); import torch, json; "
+            "print(json.dumps([r, os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY')]))")
     env = {k: v for k, v in os.environ.items() if k not in cpu.WAIT_VARIABLES}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    record, policy = json.loads(out.stdout)
-    assert policy == "PASSIVE" and record["set_by"] == "edgekd"
+    record, spin, policy = json.loads(out.stdout)
+    assert spin == "3000" and policy is None and record["set_by"] == "edgekd"
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
                          text=True, check=True)
-    record, policy = json.loads(out.stdout)
-    assert policy == "ACTIVE" and record["set_by"] == "user"
+    record, spin, policy = json.loads(out.stdout)
+    assert policy == "ACTIVE" and spin is None and record["set_by"] == "user"
     for name in cpu.WAIT_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     assert cpu._settle_wait()["set_by"] == "nobody (torch was imported first)"  # here torch is: too late to matter

@@ -160,9 +160,9 @@ def main():
     args = ap.parse_args()
     # The bare step below runs in this process: give its OpenMP threads the wait policy edgekd's own
     # training commands use (set before torch loads), so the two rates differ by the input pipeline only.
-    from edgekd.base.cpu import passive_wait
+    from edgekd.base.cpu import short_spin_wait
 
-    passive_wait()
+    short_spin_wait()
     photos = make_photos(os.path.abspath(args.cifar), os.path.join(args.work, f"photos-{args.images}"), args.images,
                          max(20, args.images // 10))
     edgekd = [sys.executable, "-m", "edgekd"]

@@ -1,7 +1,7 @@
 """How fast a frozen teacher runs on this CPU, and how a distillation shares the CPU with others.
 
     python tools/measure_teacher.py dtype [--teacher SPEC|CKPT] [--sizes 32,160] [--images 256] [--batch 64]
-    python tools/measure_teacher.py contention [--seconds 10] [--threads 2] [--policies default,passive,edgekd]
+    python tools/measure_teacher.py contention [--seconds 10] [--threads 2] [--policies default,passive,spin-3k,edgekd]
     python tools/measure_teacher.py topk --teacher CKPT [--ks 1,2,5] [--train-subset 5000] [--epochs 5]
 
 ``dtype``: the teacher in float32 and bfloat16 (weights cast, as edgekd's --teacher-dtype bfloat16
@@ -14,7 +14,7 @@ for a trained teacher, e.g. one from ``edgekd train --model resnet20``).
 ``contention``: a real distillation step (resnet20 teacher live, resnet8 student, Hinton KD, batch 64,
 32 px) in a fresh process per case: alone, and with one busy process (``python -c 'while True:
 pass'``) started beside it; for each wait policy: libgomp's default (spinning), OMP_WAIT_POLICY=PASSIVE,
-1 thread, and edgekd's own setting (edgekd.base.cpu.passive_wait, what `edgekd distill` does).
+1 thread, and edgekd's own setting (edgekd.base.cpu.short_spin_wait, what `edgekd distill` does).
 
 ``topk``: the same distillation (seeds, views, teacher) from a float16 cache (the default), a float32
 one, one made by the teacher in float32 rather than --teacher-dtype auto, and top-k ones: the
@@ -62,7 +62,7 @@ def _teacher(spec, size):
     from edgekd.core.models import build_model
 
     if spec.endswith(".pt"):
-        from edgekd.core.checkpoint import load_model
+        from edgekd.core.loading import load_model
 
         return load_model(spec)[0].eval()
     torch.manual_seed(0)
@@ -135,8 +135,8 @@ KD_STEPS = r"""
 import sys, time
 threads, seconds, policy = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 if policy == "edgekd":
-    from edgekd.base.cpu import passive_wait
-    passive_wait()
+    from edgekd.base.cpu import short_spin_wait
+    short_spin_wait()
 import torch
 torch.set_num_threads(threads)
 from edgekd.core.data import InputSpec

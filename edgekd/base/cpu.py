@@ -5,28 +5,31 @@ Why the wait policy: PyTorch's CPU kernels run on GNU OpenMP (libgomp), whose th
 barrier for GOMP_SPINCOUNT = 300,000 pause loops (milliseconds on current Xeons) before sleeping.
 When another process takes one of the cores, an OpenMP thread that has finished its share spins
 through its whole time slice waiting for a peer that is not running, at every parallel region of
-every layer. Measured on this project's 2-core machine (tools/measure_teacher.py contention): a
-2-thread distillation fell 10x beside one busy process, not the 2x that losing a core costs; with
-OMP_WAIT_POLICY=PASSIVE (threads sleep at once) it fell in proportion to the CPU left to it.
+every layer. Measured on this project's 2-core Xeon (tools/measure_teacher.py contention, four
+rounds on a quiet machine, docs/distillation.md): a 2-thread distillation step fell from 720-748 to
+88-209 images/s beside one busy process. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) kept 332-361
+beside it but cost 18-26 % alone (555-608 images/s); a short spin of 3,000 pause loops keeps most of both:
+659-699 alone, 303-324 beside a busy process (the 0.5x that losing one of two cores costs).
 """
 
 import os
 import sys
 
-# What training commands set when the user has not chosen: sleep at barriers, do not spin.
-WAIT_POLICY = "PASSIVE"
+# What training commands set when the user has not chosen: spin briefly at barriers, then sleep.
+SPIN_COUNT = "3000"
 # Variables that already express the user's choice of waiting (libgomp's and Intel OpenMP's).
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
-def passive_wait():
-    """Make OpenMP threads sleep at barriers (OMP_WAIT_POLICY=PASSIVE) unless the user chose a policy.
+def short_spin_wait():
+    """Make OpenMP threads spin only briefly at barriers (GOMP_SPINCOUNT=3000) unless the user chose how
+    they wait.
 
     Must run before torch is imported: libgomp reads its environment once, when it is loaded. Returns
-    a record for metrics.json (also kept as ``passive_wait.record``): the policy in force and who set it."""
-    if passive_wait.record is None:
-        passive_wait.record = _settle_wait()
-    return passive_wait.record
+    a record for metrics.json (also kept as ``short_spin_wait.record``): the setting in force and who set it."""
+    if short_spin_wait.record is None:
+        short_spin_wait.record = _settle_wait()
+    return short_spin_wait.record
 
 
 def _settle_wait():
@@ -35,11 +38,11 @@ def _settle_wait():
         return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "set_by": "user", "env": chosen}
     if "torch" in sys.modules:  # too late to matter: say so rather than pretend
         return {"omp_wait_policy": None, "set_by": "nobody (torch was imported first)", "env": {}}
-    os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
-    return {"omp_wait_policy": WAIT_POLICY, "set_by": "edgekd", "env": {"OMP_WAIT_POLICY": WAIT_POLICY}}
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    return {"omp_wait_policy": None, "set_by": "edgekd", "env": {"GOMP_SPINCOUNT": SPIN_COUNT}}
 
 
-passive_wait.record = None
+short_spin_wait.record = None
 
 
 def cgroup_cpu_limit(root="/sys/fs/cgroup"):
@@ -110,5 +113,5 @@ def describe(threads):
     except OSError:
         load = None
     return {"usable_cpus": usable_cpus(), "cgroup_limit": cgroup_cpu_limit(), "threads": threads,
-            "wait": passive_wait.record, "native_bf16": native_bf16(), "load_1min": load,
+            "wait": short_spin_wait.record, "native_bf16": native_bf16(), "load_1min": load,
             "others_running": others_running()}

@@ -404,9 +404,9 @@ def main(argv=None):
 
     report_to_stdout()  # the per-epoch lines the library logs to edgekd.report
     if args.command in TRAINING_COMMANDS:  # before any import of torch loads OpenMP: see edgekd/base/cpu.py
-        from ..base.cpu import passive_wait
+        from ..base.cpu import short_spin_wait
 
-        passive_wait()
+        short_spin_wait()
     opts = None
     try:
         opts = options.parse_args(args)  # defaults < --config / --resume's config.yaml < command line, all checked
