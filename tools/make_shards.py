@@ -19,12 +19,9 @@ import sys
 import tarfile
 
 from edgekd import EdgeKDError
-from edgekd.bundle.runner import printable
+from edgekd.base.files import atomic_write
 from edgekd.core.shards import IMAGE_EXTS as SHARD_IMAGE_EXTS
-
-
-def _quote(text):
-    return repr(printable(str(text)))
+from edgekd.core.shards import quoted as _quote
 
 
 def write_shards(folder, out, shard_size=1000, seed=0):
@@ -62,7 +59,12 @@ def write_shards(folder, out, shard_size=1000, seed=0):
             _write_shard(os.path.join(out, split, f"shard-{n:06d}.tar"), samples[start:start + int(shard_size)],
                          start)
         counts[split] = len(starts)
-    _atomic_text(os.path.join(out, "classes.txt"), "".join(f"{c}\n" for c in classes))
+
+    def write_classes(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(f"{c}\n" for c in classes)
+
+    atomic_write(os.path.join(out, "classes.txt"), write_classes)
     return counts
 
 
@@ -91,7 +93,8 @@ def _member(tar, name, data):
 
 
 def _write_shard(path, samples, first):
-    """One shard, written under a temporary name and renamed: a shard is whole or absent."""
+    """One shard, written under a temporary name and renamed: a shard is whole or absent. Its temporary name
+    ends in .partial, not .tar (atomic_write's would), so a killed run's leftover is never read as a shard."""
     tmp = path + ".partial"
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -123,12 +126,6 @@ def _image_bytes(path):
         img.save(buf, format="PNG")
     return "png", buf.getvalue()
 
-
-def _atomic_text(path, text):
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

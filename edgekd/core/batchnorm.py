@@ -48,19 +48,23 @@ CHUNK = 256  # images decoded and run at once: batch statistics over 256 images,
 
 @torch.no_grad()
 def _top1(model, chunks, device, batch_stats=False):
-    """Top-1 over the chunks, with the running statistics (eval mode) or with each chunk's batch statistics
-    (train-mode BN, the running statistics left as they were)."""
+    """Eval-mode top-1 over the chunks, each chunk decoded once; with ``batch_stats`` also (as a pair) the top-1
+    with each chunk's batch statistics (train-mode BN). The running statistics a train-mode forward moves are
+    put back after every chunk, so each eval-mode answer sees the model as it was."""
     state = {k: v.clone() for k, v in model.state_dict().items()} if batch_stats else None
-    model.train(batch_stats)
-    right = total = 0
+    right_eval = right_batch = total = 0
     for x, y in chunks():
         x, y = x.to(device), y.to(device)
-        right += (model(x).argmax(1) == y).sum().item()
+        model.eval()
+        right_eval += (model(x).argmax(1) == y).sum().item()
+        if state is not None:
+            model.train()
+            right_batch += (model(x).argmax(1) == y).sum().item()
+            model.load_state_dict(state)
         total += len(y)
-    if state is not None:
-        model.load_state_dict(state)
     model.eval()
-    return right / max(total, 1)
+    total = max(total, 1)
+    return (right_eval / total, right_batch / total) if batch_stats else right_eval / total
 
 
 def check_batchnorm(model, run, cfg, sample=2000):
@@ -82,8 +86,7 @@ def check_batchnorm(model, run, cfg, sample=2000):
         for start in range(0, len(idx), CHUNK):
             yield labelled.batch(idx[start:start + CHUNK])
 
-    eval_top1 = _top1(model, chunks, device)
-    batch_top1 = _top1(model, chunks, device, batch_stats=True)
+    eval_top1, batch_top1 = _top1(model, chunks, device, batch_stats=True)
     trapped = eval_top1 < batch_top1 - BN_TRAP_GAP
     mode = cfg.bn_recalibrate
     report = {"train_sample": len(idx), "eval_top1": eval_top1, "batchstat_top1": batch_top1, "trapped": trapped,

@@ -293,7 +293,7 @@ def _imagefolder(spec, path, input_spec, choice=None):
 
 def _webdataset(path, input_spec, choice=None):
     """``webdataset:PATH``: its two splits as edgekd.core.shards.ShardSets, the classes, the input spec."""
-    from .shards import SPEC, ShardSet, read_classes
+    from .shards import SPEC, ShardSet, quoted as _q, read_classes
 
     if not os.path.isdir(path):
         raise EdgeKDError(f"webdataset folder {_q(path)} does not exist (expected a folder with train/ and "
@@ -313,10 +313,6 @@ def _webdataset(path, input_spec, choice=None):
     train.classes = test.classes = classes
     train.transform = test.transform = eval_transform(spec_in)
     return Data(f"{SPEC}{os.path.abspath(path)}", train, test, classes, spec_in, sizes)
-
-
-def _q(text):
-    return repr(runner.printable(str(text)))
 
 
 SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # views of the running system, not folders of images

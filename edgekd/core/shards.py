@@ -22,6 +22,7 @@ import os
 import random
 import stat
 import tarfile
+from collections import Counter
 
 from .. import EdgeKDError
 from ..bundle.runner import MAX_IMAGE_PIXELS, printable, to_8bit
@@ -42,7 +43,8 @@ MAX_CLASSES_FILE = 16 * 1024 ** 2
 BLOCK = 512  # tar's block: the end-of-archive marker is two zero blocks
 
 
-def _quote(text):
+def quoted(text):
+    """A name as messages print it: quoted, control characters escaped."""
     return repr(printable(str(text)))
 
 
@@ -86,7 +88,7 @@ def scan_shard(path):
                 if not member.isreg() or member.issparse():  # links, devices, folders: never read
                     continue
                 if member.offset_data + member.size > size:
-                    raise EdgeKDError(f"shard {_quote(path)} is truncated: member {_quote(member.name)} ends at byte "
+                    raise EdgeKDError(f"shard {quoted(path)} is truncated: member {quoted(member.name)} ends at byte "
                                       f"{member.offset_data + member.size} of {size}; write the shard again")
                 parts = split_name(member.name)
                 if parts is None:
@@ -98,9 +100,9 @@ def scan_shard(path):
             end = tar.offset
     except (tarfile.TarError, EOFError) as e:
         if "unexpected end of data" in str(e):  # tarfile's words for a member cut off by the end of the file
-            raise EdgeKDError(f"shard {_quote(path)} is truncated: its last member is cut off at byte {size}; "
+            raise EdgeKDError(f"shard {quoted(path)} is truncated: its last member is cut off at byte {size}; "
                               "write the shard again") from None
-        raise EdgeKDError(f"shard {_quote(path)} is not a readable uncompressed tar file ({e}); "
+        raise EdgeKDError(f"shard {quoted(path)} is not a readable uncompressed tar file ({e}); "
                           "give .tar shards in WebDataset format") from None
     _check_end(path, end, size)
     return samples
@@ -110,7 +112,7 @@ def _check_end(path, end, size):
     """tarfile stops quietly at a damaged or missing header: what follows the last member must be the end
     marker (zero blocks), or the shard was cut or overwritten there."""
     if size - end < BLOCK:
-        raise EdgeKDError(f"shard {_quote(path)} is truncated: it ends at byte {size} without tar's end-of-archive "
+        raise EdgeKDError(f"shard {quoted(path)} is truncated: it ends at byte {size} without tar's end-of-archive "
                           "marker; write the shard again")
     with open(path, "rb") as f:
         f.seek(end)
@@ -119,13 +121,13 @@ def _check_end(path, end, size):
             if not chunk:
                 return
             if chunk.count(0) != len(chunk):
-                raise EdgeKDError(f"shard {_quote(path)} is corrupt: the tar header at byte {end} cannot be read, "
+                raise EdgeKDError(f"shard {quoted(path)} is corrupt: the tar header at byte {end} cannot be read, "
                                   "so the members after it would be lost; write the shard again")
 
 
 def _read_label(f, path, key, where, classes):
     offset, size = where
-    name = f"{_quote(path)}, sample {_quote(key)}"
+    name = f"{quoted(path)}, sample {quoted(key)}"
     if size > MAX_LABEL_BYTES:
         raise EdgeKDError(f"shard {name}: {key}.cls holds {size} bytes, not an integer class index")
     f.seek(offset)
@@ -133,7 +135,7 @@ def _read_label(f, path, key, where, classes):
     try:
         label = int(text.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
-        raise EdgeKDError(f"shard {name}: {key}.cls holds {_quote(text[:MAX_LABEL_BYTES])}, not an integer "
+        raise EdgeKDError(f"shard {name}: {key}.cls holds {quoted(text[:MAX_LABEL_BYTES])}, not an integer "
                           "class index") from None
     top = len(classes) if classes is not None else MAX_CLASSES
     if not 0 <= label < top:
@@ -145,7 +147,7 @@ def _read_label(f, path, key, where, classes):
 def _sample(f, path, key, members, classes):
     """(image extension, label) of one sample; EdgeKDError naming shard and key when it lacks either."""
     if "cls" not in members:
-        raise EdgeKDError(f"shard {_quote(path)}, sample {_quote(key)} has no {key}.cls member (its class index)")
+        raise EdgeKDError(f"shard {quoted(path)}, sample {quoted(key)} has no {key}.cls member (its class index)")
     return _image_member(path, key, members), _read_label(f, path, key, members["cls"], classes)
 
 
@@ -153,7 +155,7 @@ def _image_member(path, key, members):
     for ext in IMAGE_EXTS:
         if ext in members:
             return ext
-    raise EdgeKDError(f"shard {_quote(path)}, sample {_quote(key)} has no image member "
+    raise EdgeKDError(f"shard {quoted(path)}, sample {quoted(key)} has no image member "
                       f"({key}.{'|'.join(IMAGE_EXTS)}); found: {', '.join(sorted(members)) or 'none'}")
 
 
@@ -161,16 +163,16 @@ def _shard_files(split):
     """The .tar files of one split folder, sorted; each must be a regular file."""
     names = sorted(n for n in os.listdir(split) if n.lower().endswith(".tar"))
     if not names:
-        raise EdgeKDError(f"{_quote(split)} holds no .tar shards (compressed shards such as .tar.gz are not read: "
+        raise EdgeKDError(f"{quoted(split)} holds no .tar shards (compressed shards such as .tar.gz are not read: "
                           "random access needs plain tar)")
     paths = [os.path.join(split, n) for n in names]
     for p in paths:
         try:
             regular = stat.S_ISREG(os.stat(p).st_mode)
         except OSError as e:  # a dangling link, no permission
-            raise EdgeKDError(f"shard {_quote(p)} cannot be read: {e.strerror}") from None
+            raise EdgeKDError(f"shard {quoted(p)} cannot be read: {e.strerror}") from None
         if not regular:
-            raise EdgeKDError(f"shard {_quote(p)} is not a regular file")
+            raise EdgeKDError(f"shard {quoted(p)} is not a regular file")
     return paths
 
 
@@ -209,9 +211,9 @@ class ShardSet:
                         self.names.append(f"{key}.{ext}")
                         self.exts.append(ext)
             except OSError as e:  # no permission, a read error of the disk
-                raise EdgeKDError(f"shard {_quote(path)} cannot be read: {e.strerror or e}") from None
+                raise EdgeKDError(f"shard {quoted(path)} cannot be read: {e.strerror or e}") from None
         if not self.targets:
-            raise EdgeKDError(f"the shards under {_quote(split)} hold no samples")
+            raise EdgeKDError(f"the shards under {quoted(split)} hold no samples")
         self.shard_of = np.asarray(shard_of, dtype=np.int32)
         self.offsets, self.sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
 
@@ -232,14 +234,14 @@ class ShardSet:
         """The image member's bytes, by seek + read from its shard (an OSError when they cannot be had)."""
         size = int(self.sizes[i])
         if size > MAX_MEMBER_BYTES:
-            raise self.too_large(f"image {_quote(self.item_name(i))} is too large to read ({size / 1e6:.0f} MB; "
+            raise self.too_large(f"image {quoted(self.item_name(i))} is too large to read ({size / 1e6:.0f} MB; "
                                 f"edgekd reads image members up to {MAX_MEMBER_BYTES / 1e6:.0f} MB)")
         with open(self.shards[self.shard_of[i]], "rb") as f:
             f.seek(int(self.offsets[i]))
             data = f.read(size)
         if len(data) != size:
-            raise ShardCutShort(f"shard {_quote(self.shards[self.shard_of[i]])} was cut short after it was scanned: "
-                                f"{_quote(self.names[i])} has {len(data)} of its {size} bytes")
+            raise ShardCutShort(f"shard {quoted(self.shards[self.shard_of[i]])} was cut short after it was scanned: "
+                                f"{quoted(self.names[i])} has {len(data)} of its {size} bytes")
         return data
 
     def open(self, i):
@@ -272,10 +274,10 @@ class ShardSet:
         except (self.too_large, ShardCutShort) as e:
             return str(e)
         except (FileNotFoundError, PermissionError) as e:  # the shard went away after it was scanned
-            return f"cannot read image {_quote(self.item_name(i))}: {e.strerror}"
+            return f"cannot read image {quoted(self.item_name(i))}: {e.strerror}"
         except Exception:  # unreadable: the usual case, said below
             pass
-        return f"cannot read image {_quote(self.item_name(i))}: corrupt or not an image"
+        return f"cannot read image {quoted(self.item_name(i))}: corrupt or not an image"
 
 
 def read_classes(path):
@@ -283,21 +285,29 @@ def read_classes(path):
     if not os.path.exists(path):
         return None
     if not os.path.isfile(path) or os.path.getsize(path) > MAX_CLASSES_FILE:
-        raise EdgeKDError(f"{_quote(path)} is not a class list (a text file of at most "
+        raise EdgeKDError(f"{quoted(path)} is not a class list (a text file of at most "
                           f"{MAX_CLASSES_FILE // 1024 ** 2} MB, one class name a line)")
     with open(path, encoding="utf-8", errors="replace") as f:
         names = [line.strip() for line in f.read().splitlines()]
     while names and not names[-1]:
         names.pop()
     if not names or not all(names):
-        raise EdgeKDError(f"{_quote(path)} must name one class a line, with no empty lines")
-    doubles = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
+        raise EdgeKDError(f"{quoted(path)} must name one class a line, with no empty lines")
+    doubles = sorted(n for n, count in Counter(names).items() if count > 1)
     if doubles:
-        raise EdgeKDError(f"{_quote(path)} names a class twice: {_quote(doubles[0])}")
+        raise EdgeKDError(f"{quoted(path)} names a class twice: {quoted(doubles[0])}")
     return names
 
 
 # --- torchrun: whole shards dealt to ranks -----------------------------------------------------------------
+
+def check_shard_count(shards, world):
+    """Each torchrun process reads whole shards: there must be at least as many as processes."""
+    if shards < world:
+        raise EdgeKDError(f"{shards} shards for {world} torchrun processes: each process reads whole shards, "
+                          "so there must be at least as many shards as processes; write smaller shards "
+                          "(tools/make_shards.py --shard-size) or run fewer processes")
+
 
 def deal_shards(groups, world, epoch, seed):
     """Every rank's item order for one epoch: a list of ``world`` lists of item indices.
@@ -311,10 +321,7 @@ def deal_shards(groups, world, epoch, seed):
     changes every epoch, so no image is always left out). With shards of equal size and a shard count that
     world divides, neither happens.
     """
-    if len(groups) < world:
-        raise EdgeKDError(f"{len(groups)} shards for {world} torchrun processes: each process reads whole shards, "
-                          "so there must be at least as many shards as processes; write smaller shards "
-                          "(tools/make_shards.py --shard-size) or run fewer processes")
+    check_shard_count(len(groups), world)
     rng = random.Random(f"edgekd-shards/{int(seed)}/{int(epoch)}")
     order = list(range(len(groups)))
     rng.shuffle(order)

@@ -359,10 +359,10 @@ class StreamViews:
 
     def steps_per_epoch(self, batch_size, world=1):
         groups = self.items.shard_groups() if world > 1 else None
-        if groups is not None and len(groups) < world:  # refused before the first step, on every rank alike
-            from .shards import deal_shards
+        if groups is not None:  # refused before the first step, on every rank alike
+            from .shards import check_shard_count
 
-            deal_shards(groups, world, 0, 0)
+            check_shard_count(len(groups), world)
         per_rank = -(-len(self) // world)
         return -(-per_rank // (batch_size // world))
 
