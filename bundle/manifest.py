@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Union
 
+from ..base.bounds import geometry_problem
 from .runner import FORMAT_FILES, MANIFEST_FILE, read_manifest as _read_json, sha256_file
 
 MANIFEST = MANIFEST_FILE  # its older name
@@ -169,4 +170,5 @@ def schema_problem(m):
     crop = spec.get("crop_pct")  # absent in manifests written before it: the image is stretched to resize
     if crop is not None and not (_is_number_list([crop]) and 0 < crop <= 1):
         return "field 'input.crop_pct' must be a number in (0, 1]"
-    return None
+    too_big = geometry_problem(spec["resize"][0], spec["resize"][1], crop)  # bounded in memory (base.bounds)
+    return f"field 'input.crop_pct': {too_big}" if too_big else None

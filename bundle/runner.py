@@ -37,6 +37,28 @@ class BundleError(_Base):
     """A bundle that cannot be used here; the message says why and what to install."""
 
 
+try:  # edgekd's one regular-file check (edgekd.base.files); on a device the runner stands alone with the same rule
+    from edgekd.base.files import require_regular as _require_regular
+except ImportError:
+    def _require_regular(path, what, shown=None):  # type: ignore[misc]
+        import stat
+
+        st = os.stat(path)  # stat, never open: opening a FIFO waits for a writer for ever
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError("%s %r is not a regular file; edgekd reads only regular files" % (what, shown or path))
+        return st
+
+
+def _unique_keys(pairs):
+    """json's object_pairs_hook: a key given twice is an error, never 'the last one wins'."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError("the key %r appears twice in one object" % key)
+        out[key] = value
+    return out
+
+
 # This file is edgekd's one implementation of bundle verification, preprocessing and session creation:
 # edgekd.export.runtime (predict, export validation) and edgekd.bench.backends import it from here.
 
@@ -144,13 +166,16 @@ def load_json(path, what, error=None, max_bytes=MAX_JSON_BYTES):
     """The JSON value in ``path``, or ``error`` (an exception class, BundleError by default) in one line naming
     ``what``: too large, not UTF-8 JSON, or nested too deeply (json's recursion ends in RecursionError)."""
     error = error or BundleError
-    size = os.path.getsize(path)
+    try:
+        size = _require_regular(path, what).st_size
+    except (OSError, ValueError) as e:
+        raise error(str(e)) from None
     if size > max_bytes:
         raise error("%s %r is %.1f MB; a valid one is far smaller (at most %d MB)"
                     % (what, path, size / 1e6, max_bytes // 1024 ** 2))
     try:
         with open(path, "rb") as f:
-            value = json.loads(f.read().decode("utf-8"))
+            value = json.loads(f.read().decode("utf-8"), object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise error("%s %r is not valid JSON: %s" % (what, path, str(e).splitlines()[0] if str(e) else
                                                      type(e).__name__)) from e
@@ -166,8 +191,11 @@ def read_manifest(folder):
     """The JSON of a bundle's manifest.json: the one place that reads the file (edgekd.bundle.manifest.Manifest
     checks its fields; on a device the runner uses what it needs)."""
     path = os.path.join(folder, MANIFEST_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise BundleError("%r is not a bundle: it has no %s" % (folder, MANIFEST_FILE))
+    if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
+        raise BundleError("bundle %r: its %s is a link; links out of a bundle are refused (copy the file in)"
+                          % (folder, MANIFEST_FILE))
     return load_json(path, "bundle manifest")  # bounded: size, nesting
 
 
@@ -484,6 +512,11 @@ def open_image(path, error=None):
     from PIL import Image
 
     error = error or BundleError
+    if isinstance(path, (str, os.PathLike)) and os.path.exists(path):  # a FIFO would hang Image.open: stat first
+        try:
+            _require_regular(path, "image", printable(str(path)))
+        except (OSError, ValueError) as e:
+            raise error(str(e)) from None
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -547,6 +580,9 @@ def resize_crop(size, out_hw, crop_pct):
         target_h, target_w = int(math.floor(out_h / crop_pct)), int(math.floor(out_w / crop_pct))
         ratio = min(height / target_h, width / target_w)
         new = (int(round(width / ratio)), int(round(height / ratio)))
+    if new[0] * new[1] > MAX_IMAGE_PIXELS:  # bounded before the resize allocates it (edgekd.base.bounds' rule)
+        raise BundleError("crop_pct %r resizes a %dx%d image to %dx%d pixels (%.3g; at most %.0f megapixels)"
+                          % (crop_pct, width, height, new[0], new[1], new[0] * new[1], MAX_IMAGE_PIXELS / 1e6))
     left = int(round((new[0] - out_w) / 2.0))
     top = int(round((new[1] - out_h) / 2.0))
     return new, (left, top, left + out_w, top + out_h)

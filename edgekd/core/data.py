@@ -11,6 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from .. import EdgeKDError
+from ..base.bounds import check_geometry
+from ..base.files import SYSTEM_FOLDERS, check_link_loops, check_reach, require_regular  # noqa: F401
 from ..bundle import runner
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d):
+        check_geometry(d["height"], d["width"], d.get("crop_pct"), "the checkpoint's input crop_pct")
         return cls(d["channels"], d["height"], d["width"], list(d["mean"]), list(d["std"]), d.get("crop_pct"))
 
     def manifest(self):
@@ -199,6 +202,7 @@ def choose_input(channels, sizes, choice=None, where="the data"):
     crop = choice.crop_pct
     if crop is None:
         crop = 1.0 if uniform else (choice.pretrained[1] if choice.pretrained is not None else MIXED_CROP_PCT)
+    check_geometry(size[0], size[1], crop, "--crop-pct")  # bounded in memory before any image is resized
     return default_input(channels, size[0], size[1], crop)
 
 
@@ -313,57 +317,6 @@ def _webdataset(path, input_spec, choice=None):
     train.classes = test.classes = classes
     train.transform = test.transform = eval_transform(spec_in)
     return Data(f"{SPEC}{os.path.abspath(path)}", train, test, classes, spec_in, sizes)
-
-
-SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # views of the running system, not folders of images
-
-
-def _system(real):
-    return any(real == p or real.startswith(p + "/") for p in SYSTEM_FOLDERS)
-
-
-def check_reach(root, what, walk=None):
-    """Refuse a data folder that would be read beyond itself: the file-system root or a system folder
-    (/proc, /sys, /dev), or a symbolic link under it leading to the root, to an ancestor of the folder or into
-    a system folder (``--unlabeled /proc`` would otherwise read the whole disk through /proc/self/root).
-    Links to files and to folders elsewhere are followed as usual. ``walk`` lists the sub-folders to walk
-    (default: all of ``root``)."""
-    top = os.path.realpath(root)
-    if top == os.sep or _system(top):
-        where = "the file-system root" if top == os.sep else f"a system folder ({top})"
-        raise EdgeKDError(f"{what} {root!r} is {where}, not a folder of images")
-    seen = set()
-    for start in walk or [root]:
-        for folder, dirs, _ in os.walk(start, followlinks=True):
-            real = os.path.realpath(folder)
-            if real in seen:  # a second link to a folder already checked (loops are check_link_loops' refusal)
-                dirs[:] = []
-                continue
-            seen.add(real)
-            for d in dirs:
-                path = os.path.join(folder, d)
-                target = os.path.realpath(path)
-                if target == os.sep or top == target or top.startswith(target + os.sep) or _system(target):
-                    where = ("the file-system root" if target == os.sep else f"a system folder ({target})"
-                             if _system(target) else f"{target!r}, which holds the folder itself")
-                    raise EdgeKDError(f"{what} {root!r}: the link {path!r} leads to {where}; edgekd reads nothing "
-                                      "outside the folders it is given: remove the link")
-
-
-def check_link_loops(root):
-    """Refuse a folder tree where a symbolic link leads back to a folder that contains it.
-
-    torchvision's ImageFolder walks with followlinks=True: such a loop would be walked forever, with
-    memory growing. A link to a folder elsewhere is fine (it is walked once).
-    """
-    root = os.path.normpath(root)
-    for folder, _, _ in os.walk(root, followlinks=True):
-        real, ancestor = os.path.realpath(folder), folder
-        while ancestor != root and os.path.dirname(ancestor) != ancestor:
-            ancestor = os.path.dirname(ancestor)
-            if os.path.realpath(ancestor) == real:
-                raise EdgeKDError(f"data folder {root!r} has a symbolic-link loop: {folder!r} leads back to "
-                                  f"{ancestor!r}; remove the link")
 
 
 def _probe_sizes(train_dir):

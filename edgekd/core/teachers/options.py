@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 
 from ... import EdgeKDError
+from ...base.bounds import batch_bytes, check_bytes
 from ..config import MAX_INPUT_SIDE
 
 COLORS = ("RGB", "BGR", "L")
@@ -34,6 +35,11 @@ class TeacherOptions:
                 weights=cfg.teacher_weights,
                 views=_positive(cfg.teacher_views, "--teacher-views"),
                 threads=_positive(cfg.teacher_threads, "--teacher-threads"))
+        if o.input_size is not None:  # bounded by the bytes of one batch of the teacher's views, not only by side
+            batch = int(getattr(cfg, "batch_size", None) or 1)
+            check_bytes("--teacher-input-size", cfg.teacher_input_size, batch_bytes(batch, 3, *o.input_size),
+                        hint=f"one batch of {batch} views of 3x{o.input_size[0]}x{o.input_size[1]} float32; lower "
+                        "it or --batch-size")
         if o.color is not None and o.color.upper() not in COLORS:
             raise EdgeKDError(f"--teacher-color {o.color!r}: choose from {', '.join(COLORS)}")
         o.color = o.color.upper() if o.color else None
