@@ -20,7 +20,9 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
+from typing import Dict, Optional, Set
 
 from .. import EdgeKDError, Interrupted, __version__
 from .files import TMP, atomic_write, host_tag, temp_prefix  # noqa: F401  (temp_prefix: re-exported)
@@ -132,16 +134,40 @@ def read_marker(folder):
     return marker if isinstance(marker, dict) else None
 
 
-def owned(folder):
-    """The names in ``folder`` that edgekd's marker says an edgekd run wrote (a marker from before markers
-    listed files: the names its command writes)."""
+def entry_kind(path: str) -> str:
+    """'file' (a regular file), 'folder' (a real folder, not a link to one) or 'other' (links, FIFOs, ...)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "missing"
+    return "folder" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
+
+
+def owned_kinds(folder: str) -> Dict[str, str]:
+    """{name: kind} of what edgekd's marker in ``folder`` says an edgekd run wrote. A marker from before markers
+    listed files names its command's outputs; one from before they recorded kinds gives each name the kind
+    both its command writes and a run could have left: 'file' (every name in OUTPUTS is a file)."""
     marker = read_marker(folder)
     if marker is None:
-        return set()
+        return {}
     files = marker.get("files")
     if not isinstance(files, list):
-        files = OUTPUTS.get(marker.get("command"), ())
-    return {n for n in files if isinstance(n, str)}
+        files = list(OUTPUTS.get(marker.get("command"), ()))
+    kinds = marker.get("kinds") if isinstance(marker.get("kinds"), dict) else {}
+    return {n: (kinds[n] if kinds.get(n) in ("file", "folder") else "file") for n in files if isinstance(n, str)}
+
+
+def owned(folder: str) -> Set[str]:
+    """The names in ``folder`` that edgekd's marker says an edgekd run wrote and that still are what it wrote
+    (the same kind: a user's folder named like one of the run's files is never edgekd's)."""
+    return {n for n, kind in owned_kinds(folder).items() if entry_kind(os.path.join(folder, n)) == kind}
+
+
+def marker_command(folder: str) -> Optional[str]:
+    """The command (train, distill, ...) whose run the marker in ``folder`` records, or None."""
+    marker = read_marker(folder)
+    command = marker.get("command") if marker else None
+    return command if isinstance(command, str) else None
 
 
 def bundle_problem(folder):
@@ -186,7 +212,11 @@ def check_contents(out, force, bundle=False, resume=False, command=None):
     if read_marker(out) is None:
         raise EdgeKDError(f"output folder {out!r} was not written by edgekd (it holds {', '.join(names)[:120]}): it "
                           f"has no {MARKER} marker; --force only replaces edgekd's own outputs: choose another --out")
-    writes = OUTPUTS.get(command, ALL_OUTPUTS)
+    wrote = marker_command(out)
+    if command is not None and wrote is not None and wrote != command:
+        raise EdgeKDError(f"output folder {out!r} holds a run of edgekd {wrote[:40]!r}; edgekd {command} "
+                          "never replaces another command's run: choose another --out")
+    writes = OUTPUTS.get(command, ALL_OUTPUTS) if command is not None else ALL_OUTPUTS
     clash = [n for n in names if n in writes and n not in owned(out)]
     if clash:
         raise _not_ours(out, clash)
@@ -355,7 +385,9 @@ class RunFolder:
         if files is None:
             files = sorted(self.mine | set(OUTPUTS.get(self.command, ())))
             self.mine = set(files)
-        self._write_marker({"command": self.command, "edgekd": __version__, "files": list(files)})
+        kinds = {n: entry_kind(os.path.join(self.out, n)) for n in files}
+        kinds = {n: (k if k in ("file", "folder") else "file") for n, k in kinds.items()}  # not yet written: a file
+        self._write_marker({"command": self.command, "edgekd": __version__, "files": list(files), "kinds": kinds})
 
     def _write_marker(self, marker):
         def write(tmp):

@@ -52,13 +52,16 @@ def _run_folder(args, inputs):
     """The locked, checked run folder (rank 0 only: the other ranks of a torchrun job write nothing)."""
     import contextlib
 
+    from ..base.files import refuse_inside
     from ..base.outdir import OUTPUTS, RunFolder, refuse_inputs_inside
+    from ..core.data import data_folders
 
     if _rank() != 0:
         return contextlib.nullcontext()
     replaced = None if args.command == "bench" else set().union(*OUTPUTS.values())
     # every file a command reads is an input: the --config file too (the run writes its own config.yaml)
     refuse_inputs_inside(args.out, inputs + [("--config", getattr(args, "config", None))], replaced)
+    refuse_inside(args.out, "--out", data_folders(args))  # an output inside the data is read back as data
     return RunFolder(args.out, args.command, force=args.force, resume=bool(getattr(args, "resume", None)))
 
 

@@ -224,6 +224,16 @@ def load_data(spec="digits", data_root=None, input_spec=None, choice=None):
     )
 
 
+def data_folders(options: object) -> list:
+    """The folders a command reads as data (``options``: its data, data_root and unlabeled options): a derived
+    folder (--out, --teacher-cache) inside one would be read back as images or a class of its own."""
+    spec = str(getattr(options, "data", None) or "")
+    path = spec.split(":", 1)[1] if spec.startswith(("imagefolder:", "webdataset:")) else spec
+    found = [path if path and os.path.isdir(path) else None, getattr(options, "data_root", None),
+             getattr(options, "unlabeled", None)]
+    return [f for f in found if f and os.path.isdir(f)]
+
+
 class _PILList:
     """A list of (PIL image, label) with a transform, like a torchvision dataset."""
 

@@ -415,7 +415,11 @@ def _teacher_cache(cfg, teacher, train, taps, loss_params, ctx):
     if taps is not None:
         log.warning("loss %s needs the teacher's features, which are not cached: the teacher runs live", cfg.loss)
         return None, None
+    from ..base.files import refuse_inside
+    from .data import data_folders
     from .teacher_cache import TeacherCache
+
+    refuse_inside(cfg.teacher_cache, "--teacher-cache", data_folders(cfg))  # it would become a class of the data
 
     cache = TeacherCache(cfg.teacher_cache, teacher, train, dtype=cfg.teacher_cache_dtype or "float16",
                          topk=cfg.teacher_cache_topk, temperature=loss_params.get("temperature"))

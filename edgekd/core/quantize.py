@@ -125,8 +125,11 @@ def run_quantize(cfg):
     teacher_dtype = settle_teacher_dtype(teacher, cfg.teacher_dtype, cfg.device, train, cfg.channels_last)
     cache = None
     if cfg.teacher_cache:
+        from ..base.files import refuse_inside
+        from .data import data_folders
         from .teacher_cache import TeacherCache
 
+        refuse_inside(cfg.teacher_cache, "--teacher-cache", data_folders(cfg))  # it would become a class of the data
         cache = TeacherCache(cfg.teacher_cache, teacher, train, dtype=cfg.teacher_cache_dtype or "float16",
                              topk=cfg.teacher_cache_topk, temperature=loss_params.get("temperature"))
         cache.build(teacher, cfg.epochs, device=cfg.device, progress=cfg.progress)

@@ -27,11 +27,16 @@ import json
 import logging
 import math
 import os
+import re
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
 from .. import EdgeKDError
-from .checkpoint import atomic_write, file_sha256  # noqa: F401  (file_sha256: its old home)
+from ..base.bounds import MAX_CLASSES
+from ..base.files import require_regular
+from ..base.integrity import Index, read_description, read_record
+from .checkpoint import atomic_write, file_sha256  # noqa: F401  (their old home: imported from here)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ DTYPES = ("float16", "float32")
 FORMAT = 2
 # float16's largest finite value is 65504; a teacher whose logits reach this is refused in float16.
 FLOAT16_MAX = 65000.0
+META = "meta.json"  # the cache's description and its views' checksums (an edgekd.base.integrity index)
+_VIEW_NAME = re.compile(r"^view-(\d{4})\.npy$")
 
 
 def data_fingerprint(views):
@@ -117,7 +124,9 @@ class TeacherCache:
         legacy = hashlib.sha256(json.dumps(self.legacy_key, sort_keys=True).encode()).hexdigest()[:16]
         self.legacy_path = os.path.join(folder, f"{name}-{legacy}.pt")
         self.views, self.classes = views, None
-        self._arrays = {}  # view number -> memory-mapped array
+        self._arrays: Dict[int, Any] = {}  # view number -> memory-mapped array
+        self._integrity: Optional[Index] = None
+        self._verified: Set[int] = set()  # views whose checksum and header were checked in this process
 
     # -- what is on disk ---------------------------------------------------------------------------
 
@@ -127,23 +136,76 @@ class TeacherCache:
     def _meta(self):
         return {"key": self.key, "storage": self.storage, "images": len(self.views), "classes": self.classes}
 
-    def load(self):
-        """Read meta.json when its key matches (another key in this folder is an error: never served)."""
-        meta_path = os.path.join(self.path, "meta.json")
-        if not os.path.isfile(meta_path):
-            return
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("key") != self.key or meta.get("storage") != self.storage:
-            raise EdgeKDError(f"teacher cache {self.path} was written for another teacher, data or storage; "
-                              "delete that folder (edgekd wrote it) and run again")
-        self.classes = meta["classes"]
+    def _damaged(self, why: str) -> EdgeKDError:
+        return EdgeKDError(f"teacher cache {self.path} {why}; delete that folder (edgekd wrote it) and run again")
 
-    def held(self):
-        """The view numbers stored complete on disk."""
+    def load(self) -> None:
+        """Read meta.json when its key matches (another key in this folder is an error: never served); a meta.json
+        that is not one edgekd wrote is refused in one line, never trusted."""
+        meta_path = os.path.join(self.path, META)
+        if not os.path.lexists(meta_path):
+            return
+        try:  # an index (edgekd.base.integrity) describing the cache; before checksums, the description alone
+            meta = read_description(meta_path) or read_record(meta_path)
+        except ValueError as e:  # not a regular file, not JSON, too large, nested too deeply
+            raise self._damaged(f"has an unreadable {META} ({str(e)[:100]})") from None
+        if not isinstance(meta, dict) or meta.get("key") != self.key or meta.get("storage") != self.storage:
+            raise self._damaged("was written for another teacher, data or storage")
+        classes = meta.get("classes")
+        if meta.get("images") != len(self.views) or isinstance(classes, bool) or not isinstance(classes, int) \
+                or not 1 <= classes <= MAX_CLASSES:
+            raise self._damaged(f"describes {meta.get('images')!r} images of {classes!r} classes, not "
+                                f"{len(self.views)} images of 1 to {MAX_CLASSES} classes")
+        self.classes = classes
+
+    def held(self) -> List[int]:
+        """The view numbers stored complete on disk (named view-NNNN.npy; other names are not views)."""
         if not os.path.isdir(self.path):
             return []
-        return sorted(int(n[5:9]) for n in os.listdir(self.path) if n.startswith("view-") and n.endswith(".npy"))
+        return sorted(int(m.group(1)) for m in map(_VIEW_NAME.match, os.listdir(self.path)) if m)
+
+    def _index(self) -> Index:
+        """The checksummed index of the views (edgekd.base.integrity), for this key, storage and shape."""
+        if self._integrity is None:
+            self._integrity = Index.open(self.path, self._meta(), name=META)
+            if self._integrity.problem:
+                log.warning("teacher cache %s: %s; its views are computed again", self.path, self._integrity.problem)
+        return self._integrity
+
+    def _view_problem(self, v: int) -> Optional[str]:
+        """Why view ``v`` on disk cannot be trusted (checksum, or a header of another dtype or shape), or None."""
+        import numpy as np
+
+        name = os.path.basename(self._view_file(v))
+        problem = self._index().check(name)
+        if problem:
+            return problem
+        dtype, tail = self._row_dtype()
+        try:
+            with open(self._view_file(v), "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in read:
+                    return f"{name} is a numpy file of version {version}, which edgekd does not write"
+                shape, _, found = read[version](f)  # the header only: no data, never a pickle
+        except (OSError, ValueError) as e:
+            return f"{name} is not a numpy array file ({str(e)[:80]})"
+        if found != np.dtype(dtype) or tuple(shape) != (len(self.views), *tail):
+            return f"{name} holds {found} {tuple(shape)}, {np.dtype(dtype)} {(len(self.views), *tail)} was expected"
+        return None
+
+    def _check_views(self) -> None:
+        """Every view on disk proves itself before use; one that does not is removed and computed again."""
+        if self.classes is None:
+            return
+        for v in self.held():
+            problem = self._view_problem(v)
+            if problem:
+                log.warning("teacher cache %s: %s: not trusted, computed again", self.path, problem)
+                self._index().forget(os.path.basename(self._view_file(v)))
+                os.remove(self._view_file(v))
+            else:
+                self._verified.add(v)
 
     @property
     def epochs(self):
@@ -160,7 +222,12 @@ class TeacherCache:
 
             if not os.path.isfile(self._view_file(v)):
                 raise EdgeKDError(f"teacher cache {self.path} holds views {self.held()}, view {v} was asked for")
-            self._arrays[v] = np.load(self._view_file(v), mmap_mode="r")
+            if v not in self._verified:  # a rank that did not build it checks it too: never trusted as found
+                problem = self._view_problem(v) if self.classes is not None else "the cache has no meta.json"
+                if problem:
+                    raise self._damaged(f"cannot be used: {problem}")
+                self._verified.add(v)
+            self._arrays[v] = np.load(self._view_file(v), mmap_mode="r", allow_pickle=False)
         return self._arrays[v]
 
     # -- writing -------------------------------------------------------------------------------------
@@ -175,9 +242,8 @@ class TeacherCache:
             raise EdgeKDError(f"--teacher-cache-topk stores class indices as int16: {classes} classes are too many")
         self.classes = classes
         os.makedirs(self.path, exist_ok=True)
-        meta_path = os.path.join(self.path, "meta.json")
-        if not os.path.isfile(meta_path):
-            atomic_write(meta_path, lambda tmp: _write_json(tmp, self._meta()))
+        if not os.path.lexists(os.path.join(self.path, META)):
+            self._index().save()
 
     def _row_dtype(self):
         import numpy as np
@@ -221,7 +287,10 @@ class TeacherCache:
                 out[idx.numpy()] = self._encode(logits)
             out.flush()
             del out
+            self._index().forget(os.path.basename(final))
             os.replace(tmp, final)
+            self._index().record(os.path.basename(final))
+            self._verified.add(v)
         except BaseException:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -236,6 +305,7 @@ class TeacherCache:
         from ..base.progress import bar
 
         self.load()
+        self._check_views()
         missing = [v for v in self.needed(epochs) if v not in self.held()]
         if not missing:
             log.info("teacher cache hit: %s (%d views)", self.path, self.epochs)
@@ -298,12 +368,6 @@ class TeacherCache:
         """The cache's record for metrics.json."""
         return {"path": self.path, "views_held": self.epochs, "storage": self.storage, "classes": self.classes,
                 "bytes": sum(os.path.getsize(self._view_file(v)) for v in self.held())}
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 # A live teacher's answers are kept in memory up to this size when every epoch shows the same views.
