@@ -39,13 +39,15 @@ def require_regular(path: "str | os.PathLike[str]", what: str, shown: Optional[s
     shown = str(path) if shown is None else shown
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise NotRegularFile(f"{what} {shown!r} does not exist") from None
+    except FileNotFoundError as e:
+        if not os.path.lexists(path):
+            raise NotRegularFile(f"{what} {shown!r} does not exist") from None
+        raise NotRegularFile(f"{what} {shown!r} cannot be read: {e.strerror} (a link to nothing)") from None
     except OSError as e:  # a dangling link, no permission, a name too long
         raise NotRegularFile(f"{what} {shown!r} cannot be read: {e.strerror or e}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise NotRegularFile(f"{what} {shown!r} is {file_kind(st.st_mode)}, not a regular file; edgekd reads only "
-                             "regular files")
+        raise NotRegularFile(f"{what} {shown!r} is not a regular file (it is {file_kind(st.st_mode)}); edgekd reads "
+                             "only regular files")
     return st
 
 

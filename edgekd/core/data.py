@@ -307,7 +307,7 @@ def _imagefolder(spec, path, input_spec, choice=None):
 
 def _webdataset(path, input_spec, choice=None):
     """``webdataset:PATH``: its two splits as edgekd.core.shards.ShardSets, the classes, the input spec."""
-    from .shards import SPEC, ShardSet, quoted as _q, read_classes
+    from .shards import SPEC, ShardSet, label_classes, quoted as _q, read_classes
 
     if not os.path.isdir(path):
         raise EdgeKDError(f"webdataset folder {_q(path)} does not exist (expected a folder with train/ and "
@@ -321,7 +321,7 @@ def _webdataset(path, input_spec, choice=None):
     check_reach(path, "webdataset folder", walk=[train_dir, test_dir])
     named = read_classes(os.path.join(path, "classes.txt"))
     train, test = ShardSet(train_dir, named, ImageTooLarge), ShardSet(test_dir, named, ImageTooLarge)
-    classes = named or [f"class{c}" for c in range(max(max(train.targets), max(test.targets)) + 1)]
+    classes = named or label_classes(train.targets + test.targets, f"the shards under {_q(path)}")
     channels, sizes = _probe(len(train), train.open, f"no readable images found in the shards under {_q(train_dir)}")
     spec_in = input_spec or choose_input(channels, sizes, choice, where=train_dir)
     train.classes = test.classes = classes

@@ -20,11 +20,14 @@ import io
 import logging
 import os
 import random
-import stat
 import tarfile
 from collections import Counter
 
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
 from .. import EdgeKDError
+from ..base.bounds import MAX_CLASSES as _BOUND, check_classes
+from ..base.files import require_regular
 from ..bundle.runner import MAX_IMAGE_PIXELS, printable, to_8bit
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,9 @@ LAZY_EXTS = ("jpg", "jpeg")  # opened header-only and decoded at reduced scale, 
 # A .cls member is a short decimal integer; anything longer is not a class index.
 MAX_LABEL_BYTES = 32
 # Labels without classes.txt name classes class0..classN-1: a label this large is a broken file, not a class.
-MAX_CLASSES = 100_000
+MAX_CLASSES = _BOUND
+# Without classes.txt, classes without a sample are tolerated up to this many (or as many as have samples).
+MAX_EMPTY_CLASSES = 16
 # The largest image member read into memory: an uncompressed 32-bit picture at edgekd's pixel limit. The
 # pixel limit itself is checked on the decoded header, as for a folder's image.
 MAX_MEMBER_BYTES = 4 * MAX_IMAGE_PIXELS
@@ -159,21 +164,35 @@ def _image_member(path, key, members):
                       f"({key}.{'|'.join(IMAGE_EXTS)}); found: {', '.join(sorted(members)) or 'none'}")
 
 
-def _shard_files(split):
-    """The .tar files of one split folder, sorted; each must be a regular file."""
-    names = sorted(n for n in os.listdir(split) if n.lower().endswith(".tar"))
+def _shard_files(split: str) -> List[str]:
+    """The .tar files of one split folder, sorted; each must be a regular file, and nothing else may lie there
+    (a .tar.gz or any other file would otherwise be passed over without a word)."""
+    names = sorted(os.listdir(split))
+    other = [n for n in names if not n.lower().endswith(".tar")]
+    if other:
+        raise EdgeKDError(f"{quoted(split)} holds {', '.join(quoted(n) for n in other[:3])}"
+                          f"{' and more' if len(other) > 3 else ''}, which is not a .tar shard (compressed shards such "
+                          "as .tar.gz are not read: random access needs plain tar); move it out of the split folder")
     if not names:
-        raise EdgeKDError(f"{quoted(split)} holds no .tar shards (compressed shards such as .tar.gz are not read: "
-                          "random access needs plain tar)")
+        raise EdgeKDError(f"{quoted(split)} holds no .tar shards")
     paths = [os.path.join(split, n) for n in names]
-    for p in paths:
-        try:
-            regular = stat.S_ISREG(os.stat(p).st_mode)
-        except OSError as e:  # a dangling link, no permission
-            raise EdgeKDError(f"shard {quoted(p)} cannot be read: {e.strerror}") from None
-        if not regular:
-            raise EdgeKDError(f"shard {quoted(p)} is not a regular file")
+    for p in paths:  # a FIFO would hang the first read; a dangling link, no permission
+        require_regular(p, "shard", printable(p))
     return paths
+
+
+def label_classes(targets: Sequence[int], where: str) -> List[str]:
+    """Class names ``class0 .. classN-1`` for labels without classes.txt, N the largest label + 1. Most classes
+    must have a sample (at most MAX_EMPTY_CLASSES or as many empty ones as classes with samples): a stray label
+    99999 would otherwise make a 100,000-class model. Bounded by MAX_CLASSES too."""
+    count = max(targets) + 1
+    check_classes(count, f"the labels of {where}")
+    seen = len(set(targets))
+    if count - seen > max(MAX_EMPTY_CLASSES, seen):
+        raise EdgeKDError(f"the labels of {where} reach class index {count - 1} but only {seen} of the {count} "
+                          "classes this implies have a sample: a stray label, or classes numbered with gaps; name "
+                          "the classes in classes.txt (one a line) or fix the label")
+    return [f"class{c}" for c in range(count)]
 
 
 class ShardSet:
@@ -282,9 +301,9 @@ class ShardSet:
 
 def read_classes(path):
     """The class names of ``classes.txt`` (one a line), or None when there is no such file."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
-    if not os.path.isfile(path) or os.path.getsize(path) > MAX_CLASSES_FILE:
+    if require_regular(path, "class list", printable(path)).st_size > MAX_CLASSES_FILE:
         raise EdgeKDError(f"{quoted(path)} is not a class list (a text file of at most "
                           f"{MAX_CLASSES_FILE // 1024 ** 2} MB, one class name a line)")
     with open(path, encoding="utf-8", errors="replace") as f:
