@@ -15,16 +15,18 @@ import argparse
 import io
 import os
 import random
+import shutil
 import sys
 import tarfile
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from edgekd import EdgeKDError
-from edgekd.base.files import atomic_write
+from edgekd.base.files import atomic_write, open_regular, require_regular
 from edgekd.core.shards import IMAGE_EXTS as SHARD_IMAGE_EXTS
 from edgekd.core.shards import quoted as _quote
 
 
-def write_shards(folder, out, shard_size=1000, seed=0):
+def write_shards(folder: str, out: str, shard_size: int = 1000, seed: int = 0) -> Dict[str, int]:
     """Write ``folder`` (an image folder: train/ and test/ or val/, one sub-folder per class) as WebDataset
     shards under ``out``: ``out/train/shard-000000.tar``, ..., the same for the test split, and
     ``out/classes.txt``. Samples are shuffled with ``seed`` before they are cut into shards of ``shard_size``
@@ -45,30 +47,49 @@ def write_shards(folder, out, shard_size=1000, seed=0):
     if "train" not in splits or len(splits) < 2:
         raise EdgeKDError(f"{_quote(folder)} needs train/ and test/ (or val/) sub-folders, one folder per class")
     check_reach(src, "image folder")
-    classes, counts = None, {}
-    for split in splits:
+    listed = {}
+    for split in splits:  # every file is listed and checked (regular files only) before anything is written
         check_link_loops(os.path.join(src, split))
-        found, samples = _folder_samples(os.path.join(src, split))
-        if classes is not None and found != classes:
+        listed[split] = _folder_samples(os.path.join(src, split))
+        if listed[split][0] != listed[splits[0]][0]:
             raise EdgeKDError(f"class folders differ between the splits of {_quote(folder)}")
-        classes = found
-        random.Random(int(seed)).shuffle(samples)
-        os.makedirs(os.path.join(out, split), exist_ok=True)
-        starts = range(0, len(samples), int(shard_size))
-        for n, start in enumerate(starts):
-            _write_shard(os.path.join(out, split, f"shard-{n:06d}.tar"), samples[start:start + int(shard_size)],
-                         start)
-        counts[split] = len(starts)
-
-    def write_classes(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(f"{c}\n" for c in classes)
-
-    atomic_write(os.path.join(out, "classes.txt"), write_classes)
+    created = not os.path.exists(out)
+    written = []
+    try:
+        counts = {split: _write_split(out, split, samples, shard_size, seed, written)
+                  for split, (_, samples) in listed.items()}
+        atomic_write(os.path.join(out, "classes.txt"), lambda tmp: _write_classes(tmp, listed[splits[0]][0]))
+    except BaseException:  # a failed run leaves nothing behind: out as it was (absent, or the empty folder)
+        for path in reversed(written):
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return counts
 
 
-def _folder_samples(split):
+def _write_classes(tmp: str, classes: List[str]) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(f"{c}\n" for c in classes)
+
+
+def _write_split(out: str, split: str, samples: List[Tuple[str, int]], shard_size: int, seed: int,
+                 written: List[str]) -> int:
+    """One split's shards (``written`` lists each path made, for the undo); returns how many."""
+    random.Random(int(seed)).shuffle(samples)
+    folder = os.path.join(out, split)
+    if not os.path.isdir(folder):
+        os.makedirs(folder)
+        written.append(folder)
+    starts = range(0, len(samples), int(shard_size))
+    for n, start in enumerate(starts):
+        path = os.path.join(folder, f"shard-{n:06d}.tar")
+        _write_shard(path, samples[start:start + int(shard_size)], start)
+        written.append(path)
+    return len(starts)
+
+
+def _folder_samples(split: str) -> Tuple[List[str], List[Tuple[str, int]]]:
     """(classes, [(path, class index)]) of one split as torchvision's ImageFolder lists them (class folders
     sorted, files sorted, links followed), without importing torchvision (most of a gigabyte of memory)."""
     from edgekd.core.data import IMAGE_EXTENSIONS
@@ -82,17 +103,19 @@ def _folder_samples(split):
                 for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not mine:
             raise EdgeKDError(f"class folder {_quote(os.path.join(split, name))} holds no images")
+        for path in mine:  # a FIFO named like an image would hang the copy: stat, never open
+            require_regular(path, "image")
         samples += [(path, index) for path in mine]
     return classes, samples
 
 
-def _member(tar, name, data):
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, 0
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(path, samples, first):
+def _write_shard(path: str, samples: Sequence[Tuple[str, int]], first: int) -> None:
     """One shard, written under a temporary name and renamed: a shard is whole or absent. Its temporary name
     ends in .partial, not .tar (atomic_write's would), so a killed run's leftover is never read as a shard."""
     tmp = path + ".partial"
@@ -109,11 +132,11 @@ def _write_shard(path, samples, first):
             os.remove(tmp)
 
 
-def _image_bytes(path):
+def _image_bytes(path: str) -> Tuple[str, bytes]:
     """(extension, bytes) of an image file for a shard: JPEG, PNG and WebP as they are, others as PNG."""
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     if ext in SHARD_IMAGE_EXTS:
-        with open(path, "rb") as f:
+        with open_regular(path, "image") as f:
             return ext, f.read()
     from edgekd.bundle.runner import to_8bit
     from edgekd.core.data import open_image
@@ -127,8 +150,7 @@ def _image_bytes(path):
     return "png", buf.getvalue()
 
 
-
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="image folder: train/ and test/ (or val/), one sub-folder per class")
     parser.add_argument("out", help="where to write the shards (a new or empty folder)")
