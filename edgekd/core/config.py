@@ -591,9 +591,9 @@ def read_yaml(path):
     the nodes its aliases expand to (a 1 KB alias bomb under a known key would otherwise grow to gigabytes)."""
     import yaml
 
-    if not os.path.isfile(path):
-        raise EdgeKDError(f"config file {path!r} does not exist")
-    size = os.path.getsize(path)
+    from ..base.files import require_regular
+
+    size = require_regular(path, "config file").st_size  # stat, never open: a FIFO would hang the read
     if size > MAX_CONFIG_BYTES:
         raise EdgeKDError(f"config file {path!r} is {size / 1e6:.1f} MB; a config file is a list of option: value "
                           f"lines (at most {MAX_CONFIG_BYTES // 1024 ** 2} MB)")

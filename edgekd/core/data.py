@@ -295,6 +295,8 @@ def _imagefolder(spec, path, input_spec, choice=None):
         test = ImageFolder(test_dir, transform=tf, loader=load_image)
     except (FileNotFoundError, OSError) as e:
         raise EdgeKDError(f"cannot read image folder {path!r}: {e}") from e
+    for image, _ in train.samples + test.samples:  # stat, never open: a FIFO named like an image would hang
+        require_regular(image, "image")
     if train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
@@ -444,6 +446,8 @@ def load_unlabeled(folder, labelled=None, test=None):
         raise EdgeKDError(f"--unlabeled {folder!r} is not a folder (expected a folder of images, any nesting)")
     check_reach(folder, "--unlabeled")
     paths = image_files(folder)
+    for path in paths:  # stat, never open: a FIFO named like an image would hang
+        require_regular(path, "--unlabeled image")
     if not paths:
         raise EdgeKDError(f"--unlabeled {folder!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     in_train = [p for p in paths if labelled and p in labelled]
