@@ -140,6 +140,10 @@ def _measure(jobs, folder, settings, bar):
                 bar.update()
                 bar.set_postfix_str(f"accuracy {_label(job)}")
                 job.accuracy = worker.request("accuracy", batch_size=ACCURACY_BATCH)
+                if job.accuracy.get("nonfinite"):  # a top-1 of NaN rows is no answer: the row fails, by name
+                    bad, job.accuracy = job.accuracy["nonfinite"], None
+                    raise EdgeKDError(f"failed: the model returned non-finite outputs (NaN or infinity) for {bad} "
+                                      "images")
                 live.append((job, worker))
             except EdgeKDError as e:
                 job.status = str(e)

@@ -81,7 +81,8 @@ class Worker:
         top5 = np.argsort(-logits, axis=1)[:, :5]
         return {"top1": float((preds == self.labels).mean()),
                 "top5": float((top5 == self.labels[:, None]).any(1).mean()),
-                "predictions": preds.tolist()}
+                "predictions": preds.tolist(),
+                "nonfinite": int((~np.isfinite(logits)).any(1).sum())}  # NaN rows would argmax to class 0
 
     def batches(self, batch_size, count):
         """``count`` batches of real images, continuing where the last visit stopped (views, no copies)."""

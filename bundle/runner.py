@@ -457,6 +457,9 @@ def bench_one(folder, job, images, labels):
     except BundleError as e:
         return {"status": str(e)}
     logits = np.concatenate([np.asarray(run(images[i:i + 64])) for i in range(0, len(images), 64)])
+    bad = int((~np.isfinite(logits)).any(1).sum())
+    if bad:  # a top-1 of NaN rows is no answer: the row fails, by name
+        return {"status": "failed: the model returned non-finite outputs (NaN or infinity) for %d images" % bad}
     top5 = np.argsort(-logits, axis=1)[:, :5]
     times, skipped, static = {}, {}, static_batch(manifest)
     for b in job.batch_sizes:
