@@ -8,6 +8,7 @@ import os
 
 from .. import EdgeKDError
 from ..bundle.manifest import FORMAT_FILES, METADATA_KEYS
+from ..core.config import MIN_OPSET
 
 from . import quantize_onnx as q
 
@@ -23,6 +24,11 @@ def export_onnx(model, input_spec, folder, opset=None):
     import onnx
     import torch
 
+    from torch.onnx import _constants
+
+    if opset and not MIN_OPSET <= opset <= _constants.ONNX_MAX_OPSET:  # else another opset is written without a word
+        raise EdgeKDError(f"--opset {opset}: torch {torch.__version__}'s ONNX exporter writes opsets {MIN_OPSET} to "
+                          f"{_constants.ONNX_MAX_OPSET}")
     example = torch.zeros(2, input_spec.channels, input_spec.height, input_spec.width)
     path = os.path.join(folder, MODEL_FILE)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())

@@ -45,6 +45,9 @@ MAX_BATCH = 65_536
 MAX_IMAGES = 10_000_000    # images in a sample (--val-size, --calib-size, --limit, --train-subset)
 MAX_THREADS = 1024
 MAX_TIMEOUT = 7 * 24 * 3600
+# --opset: torch's dynamo ONNX exporter writes opsets 18 to torch.onnx's ONNX_MAX_OPSET (23 in torch 2.14; export
+# checks it again against the installed torch); below 18 it converts down or silently writes another opset.
+MIN_OPSET, MAX_OPSET = 18, 23
 MAX_INPUT_SIDE = 4096      # --teacher-input-size: a 4096x4096 RGB view is already 200 MB per image in float32
 # A config file is a few hundred bytes of option: value lines; these bound what parsing one may cost.
 MAX_CONFIG_BYTES = 1024 ** 2
@@ -335,7 +338,9 @@ EXPORT = [
     Opt("val_size", "int", 1000, "held-out test images for the parity gate", low=1, high=MAX_IMAGES),
     Opt("atol", "float", None, "largest allowed |logit difference| from PyTorch (default: 1e-4 for fp32, 5e-2 for "
         "fp16)", low=0, low_open=True),
-    Opt("opset", "int", None, "ONNX opset (default: the exporter's)", low=1, high=99),
+    Opt("opset", "int", None, f"ONNX opset, {MIN_OPSET} to {MAX_OPSET}: the range torch's ONNX exporter writes "
+        "(default: the exporter's)", low=1, high=99, check=lambda v: None if MIN_OPSET <= int(v) <= MAX_OPSET else
+        f"torch's ONNX exporter writes opsets {MIN_OPSET} to {MAX_OPSET}"),
     Opt("quant", "str", None, "static (calibrated, the default) or dynamic (ONNX only; slow for conv nets)",
         choices=("static", "dynamic"), group="int8"),
     Opt("calib_data", "str", None, "data whose train split calibrates INT8 (default: the checkpoint's data)",
