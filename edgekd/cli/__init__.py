@@ -327,13 +327,16 @@ class Deploy(Command):
                    "Pillow and the bundle's runtime (onnxruntime or openvino); no torch.")
 
     def run(self, args):
+        import shlex
+
         from .deploy import RUNNER_NAME, deploy
 
         target, dest, env = deploy(args.bundle, args.device, args.ssh_config, args.timeout, args.python)
         folder = dest.rsplit("/", 1)[0]
         print(f"installed {args.bundle} on {target} at {dest} ({env['cpu']}, Python {env['python']}, "
               + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())) + ")")
-        print(f"run it there: {target.python} {folder}/{RUNNER_NAME} predict {dest} IMAGE...")
+        q = shlex.quote  # a line to paste into the device's shell: names with spaces or $ stay one word
+        print(f"run it there: {q(target.python)} {q(folder + '/' + RUNNER_NAME)} predict {q(dest)} IMAGE...")
 
 class Quantize(Command):
     name = "quantize"

@@ -300,6 +300,19 @@ def _backward(loop, run, loss):
     loop.scheduler.step()
 
 
+def _nan_source(x, t_logits, s_logits):
+    """Where a non-finite loss came from, in the order the numbers flow (data, teacher, student, the loss), and
+    what to do: only a student that diverged is the learning rate's doing."""
+    if not torch.isfinite(x).all():
+        return "the input images hold NaN or infinity (the data, not the learning rate): check the data"
+    if t_logits is not None and not torch.isfinite(t_logits).all():
+        return ("the teacher's outputs hold NaN or infinity on this batch (the teacher, not the learning rate): "
+                "check the teacher file, its --teacher-dtype and its input")
+    if not torch.isfinite(s_logits).all():
+        return "the student's outputs became NaN or infinity (training diverged): lower --lr and start again"
+    return "the inputs and outputs are finite, the loss is not: check the loss's options (--temperature, --alpha)"
+
+
 def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
     """One epoch of training and its evaluation; returns the epoch's record (counts summed over ranks)."""
     dist, device = run.dist, cfg.device
@@ -321,8 +334,8 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
         if dist.enabled:  # every rank must leave the loop at the same batch, or the others wait forever
             bad, stopping = (v > 0 for v in dist.all_reduce_sum(torch.tensor([float(bad), float(stopping)])).tolist())
         if bad:
-            raise EdgeKDError(f"{desc}: loss became {parts['loss'].item()} in epoch {epoch}, batch {batch}; "
-                              f"the last complete epoch ({epoch - 1}) is kept; lower --lr and start again")
+            raise EdgeKDError(f"{desc}: loss became {parts['loss'].item()} in epoch {epoch}, batch {batch}: "
+                              f"{_nan_source(x, t_logits, s_logits)}; the last complete epoch ({epoch - 1}) is kept")
         _backward(loop, run, parts["loss"])
         seen += len(y)
         has_label = y >= 0  # unlabelled images (--unlabeled, label -1) have no right answer to count
