@@ -22,6 +22,8 @@ MAX_CLASSES = 100_000
 
 def human(nbytes: float) -> str:
     """Bytes in words: '51.5 GB'."""
+    if nbytes != nbytes:  # NaN
+        return "an unknown number of bytes"
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if nbytes >= scale:
             return f"{nbytes / scale:.1f} {unit}"

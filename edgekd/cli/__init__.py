@@ -327,16 +327,13 @@ class Deploy(Command):
                    "Pillow and the bundle's runtime (onnxruntime or openvino); no torch.")
 
     def run(self, args):
-        import shlex
-
-        from .deploy import RUNNER_NAME, deploy
+        from .deploy import RUNNER_NAME, deploy, run_hint
 
         target, dest, env = deploy(args.bundle, args.device, args.ssh_config, args.timeout, args.python)
         folder = dest.rsplit("/", 1)[0]
         print(f"installed {args.bundle} on {target} at {dest} ({env['cpu']}, Python {env['python']}, "
               + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())) + ")")
-        q = shlex.quote  # a line to paste into the device's shell: names with spaces or $ stay one word
-        print(f"run it there: {q(target.python)} {q(folder + '/' + RUNNER_NAME)} predict {q(dest)} IMAGE...")
+        print("run it there: " + run_hint(target.python, folder + "/" + RUNNER_NAME, dest))
 
 class Quantize(Command):
     name = "quantize"

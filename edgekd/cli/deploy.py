@@ -83,3 +83,12 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=N
     if package and package not in env["versions"]:
         log.warning("%s is not installed on %s: pip install %s", package, target, package)
     return target, dest, env
+
+
+def run_hint(python: str, runner: str, bundle: str) -> str:
+    """The line to paste into the device's shell to run the bundle: every name shell-quoted (spaces, $, quotes
+    in a folder or a Python path stay one word and run nothing)."""
+    import shlex
+
+    q = shlex.quote
+    return f"{q(python)} {q(runner)} predict {q(bundle)} IMAGE..."
