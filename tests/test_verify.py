@@ -420,7 +420,8 @@ def test_bench_marks_a_row_with_non_finite_outputs_as_failed(tmp_path, cli_main)
 def test_duplicate_keys_in_a_json_manifest_are_an_error(tmp_path, cli_main, one_line_error):
     bundle = _bundle(tmp_path / "b", ["a", "b"])
     text = (bundle / "manifest.json").read_text()
-    (bundle / "manifest.json").write_text(text.replace('"precision": "fp32"', '"precision": "fp32", "precision": "int8"'))
+    twice = text.replace('"precision": "fp32"', '"precision": "fp32", "precision": "int8"')
+    (bundle / "manifest.json").write_text(twice)
     one_line_error(cli_main("predict", bundle, _png(tmp_path / "x.png")), "appears twice")
 
 

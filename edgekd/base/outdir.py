@@ -22,7 +22,7 @@ import re
 import shutil
 import stat
 import tempfile
-from typing import Dict, Optional, Set
+from typing import Any, Dict, Iterable, List, Literal, Optional, Set, Tuple
 
 from .. import EdgeKDError, Interrupted, __version__
 from .files import TMP, atomic_write, host_tag, temp_prefix  # noqa: F401  (temp_prefix: re-exported)
@@ -46,7 +46,7 @@ OUTPUTS = {
 ALL_OUTPUTS = frozenset(n for names in OUTPUTS.values() for n in names)
 
 
-def _alive(pid):
+def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -58,7 +58,7 @@ def _alive(pid):
     return True
 
 
-def clean_stale(folder):
+def clean_stale(folder: str) -> None:
     """Remove edgekd's temporary files and folders in ``folder`` whose process is gone."""
     try:
         names = os.listdir(folder)
@@ -79,11 +79,12 @@ def clean_stale(folder):
             pass
 
 
-def _real(path):
+def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
 
 
-def refuse_inputs_inside(out, inputs, replaced=None):
+def refuse_inputs_inside(out: str, inputs: Iterable[Tuple[str, Optional[str]]],
+                         replaced: Optional[Iterable[str]] = None) -> None:
     """``inputs`` lists (option, path or None) pairs, e.g. ("CHECKPOINT", "run/student.pt"). Refuse an input
     inside ``out`` that this run replaces: any (``replaced`` None: the whole folder is replaced) or one
     of the names in ``replaced``."""
@@ -98,7 +99,7 @@ def refuse_inputs_inside(out, inputs, replaced=None):
                               "--out (an output never overwrites an input)")
 
 
-def check_writable(out):
+def check_writable(out: str) -> None:
     """Refuse an --out that is a file, or that cannot be created or written."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise EdgeKDError(f"output path {out!r} is a file, not a folder")
@@ -109,7 +110,7 @@ def check_writable(out):
         raise EdgeKDError(f"output folder {out!r} is not writable ({existing!r} does not allow it); choose another --out")
 
 
-def _contents(out):
+def _contents(out: str) -> List[str]:
     """The folder's entries that count: not the lock, the marker, or stale temporaries."""
     if not os.path.isdir(out):
         return []
@@ -121,7 +122,7 @@ def _contents(out):
 BUNDLE_MANIFEST = "manifest.json"
 
 
-def read_marker(folder):
+def read_marker(folder: str) -> Optional[Dict[str, Any]]:
     """The run folder's marker as a dict ({command, edgekd, files}), or None where there is none."""
     path = os.path.join(folder, MARKER)
     if not os.path.isfile(path) or os.path.islink(path):
@@ -152,8 +153,9 @@ def owned_kinds(folder: str) -> Dict[str, str]:
         return {}
     files = marker.get("files")
     if not isinstance(files, list):
-        files = list(OUTPUTS.get(marker.get("command"), ()))
-    kinds = marker.get("kinds") if isinstance(marker.get("kinds"), dict) else {}
+        files = list(OUTPUTS.get(str(marker.get("command")), ()))
+    given = marker.get("kinds")
+    kinds: Dict[str, Any] = given if isinstance(given, dict) else {}
     return {n: (kinds[n] if kinds.get(n) in ("file", "folder") else "file") for n in files if isinstance(n, str)}
 
 
@@ -170,7 +172,7 @@ def marker_command(folder: str) -> Optional[str]:
     return command if isinstance(command, str) else None
 
 
-def bundle_problem(folder):
+def bundle_problem(folder: str) -> Optional[str]:
     """Why ``folder`` is not a bundle edgekd wrote (its manifest.json lists every file in it), else None."""
     try:
         with open(os.path.join(folder, BUNDLE_MANIFEST)) as f:
@@ -185,13 +187,14 @@ def bundle_problem(folder):
     return None
 
 
-def _not_ours(out, names):
+def _not_ours(out: str, names: List[str]) -> EdgeKDError:
     shown = ", ".join(names)[:160]
     return EdgeKDError(f"output folder {out!r} holds {shown}, which edgekd did not write; --force only replaces "
                        "edgekd's own outputs: move them or choose another --out")
 
 
-def check_contents(out, force, bundle=False, resume=False, command=None):
+def check_contents(out: str, force: bool, bundle: bool = False, resume: bool = False,
+                   command: Optional[str] = None) -> None:
     """Refuse a non-empty ``out`` without --force, and with --force anything in it that edgekd did not write:
     a bundle folder must be exactly what its manifest lists; a run folder needs edgekd's marker, and none of
     the names ``command`` writes may be a file the marker does not list (other files are left alone)."""
@@ -212,17 +215,17 @@ def check_contents(out, force, bundle=False, resume=False, command=None):
     if read_marker(out) is None:
         raise EdgeKDError(f"output folder {out!r} was not written by edgekd (it holds {', '.join(names)[:120]}): it "
                           f"has no {MARKER} marker; --force only replaces edgekd's own outputs: choose another --out")
+    writes = OUTPUTS.get(command, ALL_OUTPUTS) if command is not None else ALL_OUTPUTS
+    clash = [n for n in names if n in writes and n not in owned(out)]
+    if clash:  # the user's own files first: they are what would be lost
+        raise _not_ours(out, clash)
     wrote = marker_command(out)
     if command is not None and wrote is not None and wrote != command:
         raise EdgeKDError(f"output folder {out!r} holds a run of edgekd {wrote[:40]!r}; edgekd {command} "
                           "never replaces another command's run: choose another --out")
-    writes = OUTPUTS.get(command, ALL_OUTPUTS) if command is not None else ALL_OUTPUTS
-    clash = [n for n in names if n in writes and n not in owned(out)]
-    if clash:
-        raise _not_ours(out, clash)
 
 
-def prepare_bundle_out(out, force, zip_too, inputs):
+def prepare_bundle_out(out: str, force: bool, zip_too: bool, inputs: List[Tuple[str, Optional[str]]]) -> None:
     """Export's checks before any work: no input inside the bundle folder it replaces, a folder that
     is empty or (with --force) an edgekd bundle, DIR.zip likewise; stale temporaries removed."""
     refuse_inputs_inside(out, inputs)
@@ -240,13 +243,13 @@ class BundleFolder:
     beside it (``.NAME.edgekd.lock``), removed when the export ends; a second export into the same folder is
     refused at once with the holder's pid."""
 
-    def __init__(self, out, force, zip_too, inputs):
+    def __init__(self, out: str, force: bool, zip_too: bool, inputs: List[Tuple[str, Optional[str]]]) -> None:
         self.out, self.force, self.zip_too, self.inputs = out, force, zip_too, inputs
-        self.fd = None
         name = os.path.basename(os.path.normpath(os.path.abspath(out)))
         self.lock = os.path.join(os.path.dirname(os.path.abspath(out).rstrip(os.sep)), f".{name}{LOCK}")
+        self.fd: Optional[int] = None
 
-    def __enter__(self):
+    def __enter__(self) -> "BundleFolder":
         refuse_inputs_inside(self.out, self.inputs)
         check_writable(self.out)
         os.makedirs(os.path.dirname(self.lock), exist_ok=True)
@@ -258,11 +261,11 @@ class BundleFolder:
             raise
         return self
 
-    def __exit__(self, kind, exc, tb):
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> Literal[False]:
         self._release()
         return False
 
-    def _release(self):
+    def _release(self) -> None:
         if self.fd is not None:
             try:
                 os.unlink(self.lock)  # while still held: a run that opens it after this takes a new file
@@ -272,7 +275,7 @@ class BundleFolder:
             self.fd = None
 
 
-def _take_lock(path, out, command):
+def _take_lock(path: str, out: str, command: str) -> int:
     """An exclusive flock on ``path`` (created if needed), with this process named in it; refused in one
     line naming the holder. A lock file removed by its holder between our open and flock is taken again."""
     import fcntl
@@ -298,7 +301,7 @@ def _take_lock(path, out, command):
     raise EdgeKDError(f"output folder {out!r} is in use by another edgekd run; choose another --out")
 
 
-def check_zip(path, force):
+def check_zip(path: str, force: bool) -> None:
     """Export's DIR.zip: refuse to replace one without --force, or one that is not an edgekd bundle."""
     import zipfile
 
@@ -311,8 +314,8 @@ def check_zip(path, force):
             names = z.namelist()
             top = {n.split("/", 1)[0] for n in names}
             manifest = f"{next(iter(top))}/{BUNDLE_MANIFEST}" if len(top) == 1 else None
-            small = manifest in names and z.getinfo(manifest).file_size < 16 << 20
-            files = json.loads(z.read(manifest)).get("files") if small else None
+            small = manifest is not None and manifest in names and z.getinfo(manifest).file_size < 16 << 20
+            files = json.loads(z.read(manifest)).get("files") if small and manifest else None
             ours = isinstance(files, dict) and {n.split("/", 1)[1] for n in names if n != manifest} <= set(files)
     except (OSError, ValueError, AttributeError, IndexError, KeyError, zipfile.BadZipFile):
         ours = False
@@ -325,13 +328,16 @@ class RunFolder:
     """``with RunFolder(out, command, force, resume):`` the folder of a train, distill or bench run:
     checked, locked, marked; set back as it was if the run fails."""
 
-    def __init__(self, out, command, force=False, resume=False):
+    def __init__(self, out: str, command: str, force: bool = False, resume: bool = False) -> None:
         self.out, self.command, self.force, self.resume = out, command, force, resume
-        self.fd = self.aside = self.previous = None
+        self.fd: Optional[int] = None
+        self.aside: Optional[str] = None
+        self.previous: Optional[Dict[str, Any]] = None
+        self.before: Set[str] = set()
         self.created = self.lock_created = False
-        self.mine = set()  # what the marker lists: a resumed run's earlier files, then what this run writes
+        self.mine: Set[str] = set()  # what the marker lists: a resumed run's earlier files, then what this run writes
 
-    def __enter__(self):
+    def __enter__(self) -> "RunFolder":
         check_writable(self.out)
         clean_stale(tempfile.gettempdir())
         self.created = not os.path.isdir(self.out)
@@ -352,7 +358,7 @@ class RunFolder:
             raise
         return self
 
-    def __exit__(self, kind, exc, tb):
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> Literal[False]:
         if kind is None or issubclass(kind, (Interrupted, KeyboardInterrupt)):
             if self.aside:  # the new run replaced the old one (an interrupted run stays resumable)
                 shutil.rmtree(self.aside, ignore_errors=True)
@@ -364,22 +370,22 @@ class RunFolder:
             self._undo()
         return False
 
-    def _lock(self):
+    def _lock(self) -> None:
         path = os.path.join(self.out, LOCK)
         self.lock_created = not os.path.exists(path)
         self.fd = _take_lock(path, self.out, self.command)
 
-    def _unlock(self):
+    def _unlock(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the flock
             self.fd = None
 
-    def _written(self):
+    def _written(self) -> List[str]:
         """The names this run (and a run it resumed) wrote: what the marker listed, and what is new here."""
         here = set(_contents(self.out))
         return sorted(n for n in here if n in self.mine or n not in self.before)
 
-    def _mark(self, files=None):
+    def _mark(self, files: Optional[Iterable[str]] = None) -> None:
         """Write the marker; while the run goes on it lists every name the command may write (a killed run's
         files stay edgekd's), at the end exactly what it wrote."""
         if files is None:
@@ -389,26 +395,26 @@ class RunFolder:
         kinds = {n: (k if k in ("file", "folder") else "file") for n, k in kinds.items()}  # not yet written: a file
         self._write_marker({"command": self.command, "edgekd": __version__, "files": list(files), "kinds": kinds})
 
-    def _write_marker(self, marker):
-        def write(tmp):
+    def _write_marker(self, marker: Dict[str, Any]) -> None:
+        def write(tmp: str) -> None:
             with open(tmp, "w") as f:
                 json.dump(marker, f)
                 f.write("\n")
 
         atomic_write(os.path.join(self.out, MARKER), write)
 
-    def _set_aside(self):
+    def _set_aside(self) -> None:
         """Move the earlier run's outputs into a hidden folder: deleted when this run succeeds, put back
         when it fails (and, after a SIGKILL, removed by the next run as a stale temporary)."""
         mine = owned(self.out)
         names = [n for n in os.listdir(self.out) if n in mine and n not in (LOCK, MARKER) and not _TMP_NAME.match(n)]
         if not names:
             return
-        self.aside = tempfile.mkdtemp(dir=self.out, prefix="." + temp_prefix("previous"))
+        aside = self.aside = tempfile.mkdtemp(dir=self.out, prefix="." + temp_prefix("previous"))
         for name in names:
-            os.replace(os.path.join(self.out, name), os.path.join(self.aside, name))
+            os.replace(os.path.join(self.out, name), os.path.join(aside, name))
 
-    def _undo(self):
+    def _undo(self) -> None:
         """Leave the folder as this run found it: remove what it wrote, put back what it set aside."""
         try:
             if self.fd is None:  # refused before the lock was ours: another run may be writing here

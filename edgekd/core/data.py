@@ -9,6 +9,7 @@ folder with ``train/`` and ``test/`` or ``val/`` of WebDataset .tar shards: edge
 import logging
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import EdgeKDError
 from ..base.bounds import check_geometry
@@ -34,12 +35,12 @@ class ImageTooLarge(EdgeKDError, ValueError):
     """An image whose header claims more pixels than edgekd decodes (a ValueError, so --skip-bad-images skips it)."""
 
 
-def open_image(path):
+def open_image(path: Any) -> Any:
     """Open an image file lazily (header only), refusing one above MAX_IMAGE_PIXELS before any pixel is decoded."""
     return runner.open_image(path, ImageTooLarge)
 
 
-def load_image(path):
+def load_image(path: Any) -> Any:
     """The loader of every image folder (labelled and unlabelled): behind edgekd's size limit, 16-bit and float
     images scaled to 8 bits (Pillow's own conversion clips them), then RGB like torchvision's loader."""
     with open_image(path) as img:
@@ -60,10 +61,10 @@ class InputSpec:
     crop_pct: float = None
 
     @property
-    def color(self):
+    def color(self) -> str:
         return "L" if self.channels == 1 else "RGB"
 
-    def to_dict(self):
+    def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["color"] = self.color
         d["resize"] = [self.height, self.width]
@@ -72,11 +73,11 @@ class InputSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: Dict[str, Any]) -> "InputSpec":
         check_geometry(d["height"], d["width"], d.get("crop_pct"), "the checkpoint's input crop_pct")
         return cls(d["channels"], d["height"], d["width"], list(d["mean"]), list(d["std"]), d.get("crop_pct"))
 
-    def manifest(self):
+    def manifest(self) -> Dict[str, Any]:
         """The runner's view of this spec (bundle/runner.preprocess reads color, resize, crop_pct, mean, std)."""
         d = {"color": self.color, "resize": [self.height, self.width], "mean": list(self.mean), "std": list(self.std)}
         if self.crop_pct is not None:
@@ -96,17 +97,17 @@ class Data:
     sizes: set = None   # (width, height) of the training images probed (a sample spread over the split)
 
 
-def default_input(channels, height, width, crop_pct=None):
+def default_input(channels: int, height: int, width: int, crop_pct: Optional[float] = None) -> InputSpec:
     return InputSpec(channels, height, width, [DEFAULT_MEAN] * channels, [DEFAULT_STD] * channels, crop_pct)
 
 
 class ConvertMode:
     """Convert a PIL image to L or RGB (a class, not a lambda, so loader workers can pickle it)."""
 
-    def __init__(self, mode):
+    def __init__(self, mode: str) -> None:
         self.mode = mode
 
-    def __call__(self, img):
+    def __call__(self, img: Any) -> Any:
         return img if img.mode == self.mode else img.convert(self.mode)
 
 
@@ -114,10 +115,10 @@ class EvalTransform:
     """PIL image -> normalised float tensor: the bundle runner's own preprocessing (bundle/runner.preprocess),
     so training's evaluation, export's parity images, predict and the device runner give the same tensor."""
 
-    def __init__(self, spec):
+    def __init__(self, spec: InputSpec) -> None:
         self.spec = spec.manifest()
 
-    def __call__(self, img):
+    def __call__(self, img: Any) -> Any:
         import torch
 
         from ..bundle.runner import preprocess
@@ -128,7 +129,7 @@ class EvalTransform:
 class EvalPixels(EvalTransform):
     """PIL image -> uint8 (C, H, W) tensor of the evaluation geometry (before /255 and normalising)."""
 
-    def __call__(self, img):
+    def __call__(self, img: Any) -> Any:
         import numpy as np
         import torch
 
@@ -139,7 +140,7 @@ class EvalPixels(EvalTransform):
         return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
-def eval_transform(spec):
+def eval_transform(spec: InputSpec) -> EvalTransform:
     """PIL image -> normalised tensor. The torch-free runtime reproduces these exact steps (it runs the same code)."""
     return EvalTransform(spec)
 
@@ -161,7 +162,7 @@ class SizeChoice:
     pretrained: tuple = None   # ((height, width), crop_pct, source) of a pretrained student, or None
 
 
-def parse_size(value, flag="--input-size"):
+def parse_size(value: Any, flag: str = "--input-size") -> Optional[Tuple[int, int]]:
     """'H' or 'H,W' (or a list) -> (height, width); None stays None."""
     if value is None:
         return None
@@ -175,7 +176,8 @@ def parse_size(value, flag="--input-size"):
     return (sizes[0], sizes[-1])
 
 
-def choose_input(channels, sizes, choice=None, where="the data"):
+def choose_input(channels: int, sizes: Set[Tuple[int, int]], choice: Optional["SizeChoice"] = None,
+                 where: str = "the data") -> InputSpec:
     """The student's InputSpec from the image sizes found ((width, height) set) and the user's choice.
 
     The data's own size when every image has it and no size is given (CIFAR-10, digits, thumbnails: the
@@ -206,7 +208,8 @@ def choose_input(channels, sizes, choice=None, where="the data"):
     return default_input(channels, size[0], size[1], crop)
 
 
-def load_data(spec="digits", data_root=None, input_spec=None, choice=None):
+def load_data(spec: Any = "digits", data_root: Optional[str] = None, input_spec: Optional[InputSpec] = None,
+              choice: Optional[SizeChoice] = None) -> Data:
     """Resolve a data spec. ``input_spec`` (from a checkpoint) overrides the data's own; ``choice`` (a
     SizeChoice: --input-size, --crop-pct) sets the student's size and crop when there is no checkpoint's."""
     spec = str(spec)
@@ -237,17 +240,17 @@ def data_folders(options: object) -> list:
 class _PILList:
     """A list of (PIL image, label) with a transform, like a torchvision dataset."""
 
-    def __init__(self, images, labels, transform):
+    def __init__(self, images: List[Any], labels: Any, transform: Callable[[Any], Any]) -> None:
         self.images, self.targets, self.transform = images, list(labels), transform
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Tuple[Any, int]:
         return self.transform(self.images[i]), self.targets[i]
 
 
-def _digits(input_spec, choice=None):
+def _digits(input_spec: Optional[InputSpec], choice: Optional[SizeChoice] = None) -> Data:
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -264,14 +267,14 @@ def _digits(input_spec, choice=None):
     spec = input_spec or choose_input(1, {(DIGITS_SIZE, DIGITS_SIZE)}, choice)
     tf = eval_transform(spec)
 
-    def split(idx):
+    def split(idx: Any) -> _PILList:
         return _PILList([Image.fromarray(pixels[i], "L") for i in idx], digits.target[idx], tf)
 
     classes = [str(c) for c in digits.target_names]
     return Data("digits", split(idx_train), split(idx_test), classes, spec, {(8, 8)})
 
 
-def _imagefolder(spec, path, input_spec, choice=None):
+def _imagefolder(spec: str, path: str, input_spec: Optional[InputSpec], choice: Optional[SizeChoice] = None) -> Data:
     from torchvision.datasets import ImageFolder
 
     if not os.path.isdir(path):
@@ -307,7 +310,7 @@ def _imagefolder(spec, path, input_spec, choice=None):
     return Data(f"imagefolder:{os.path.abspath(path)}", train, test, list(train.classes), spec_in, sizes)
 
 
-def _webdataset(path, input_spec, choice=None):
+def _webdataset(path: str, input_spec: Optional[InputSpec], choice: Optional[SizeChoice] = None) -> Data:
     """``webdataset:PATH``: its two splits as edgekd.core.shards.ShardSets, the classes, the input spec."""
     from .shards import SPEC, ShardSet, label_classes, quoted as _q, read_classes
 
@@ -331,7 +334,7 @@ def _webdataset(path, input_spec, choice=None):
     return Data(f"{SPEC}{os.path.abspath(path)}", train, test, classes, spec_in, sizes)
 
 
-def _probe_sizes(train_dir):
+def _probe_sizes(train_dir: str) -> Tuple[int, Set[Tuple[int, int]]]:
     """(channels, {(width, height)}) from the headers of up to SIZE_PROBES images spread over the split: grey
     folders stay 1-channel, the rest are RGB.
 
@@ -344,7 +347,7 @@ def _probe_sizes(train_dir):
                   f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under {train_dir!r}")
 
 
-def _probe(n, open_at, nothing):
+def _probe(n: int, open_at: Callable[[int], Any], nothing: str) -> Tuple[int, Set[Tuple[int, int]]]:
     """(channels, sizes) from the headers of up to SIZE_PROBES of ``n`` images (``open_at(i)`` opens image i
     lazily) spread over the split; EdgeKDError(``nothing``) when none can be read."""
     step = max(1, n // SIZE_PROBES)
@@ -362,7 +365,8 @@ def _probe(n, open_at, nothing):
     return channels, sizes
 
 
-def _torchvision_cifar(spec, data_root, input_spec, choice=None):
+def _torchvision_cifar(spec: str, data_root: Optional[str], input_spec: Optional[InputSpec],
+                       choice: Optional[SizeChoice] = None) -> Data:
     from torchvision import datasets
 
     root = data_root or os.path.join(os.path.expanduser("~"), ".cache", "edgekd", spec)
@@ -385,7 +389,7 @@ def _torchvision_cifar(spec, data_root, input_spec, choice=None):
     return Data(spec, train, test, list(train.classes), spec_in, {(32, 32)})
 
 
-def take_images(dataset, limit=None):
+def take_images(dataset: Any, limit: Optional[int] = None) -> Tuple[Any, Any]:
     """The first ``limit`` items of a split as one (N, C, H, W) tensor and a label tensor."""
     import torch
 
@@ -405,16 +409,16 @@ class UnlabeledFolder:
     the caller turns them into edgekd.losses.UNLABELED afterwards. ``skipped`` counts what was left out.
     """
 
-    def __init__(self, folder, paths, skipped, found):
+    def __init__(self, folder: str, paths: List[str], skipped: Dict[str, int], found: int) -> None:
         self.folder, self.samples, self.skipped, self.found = folder, [(p, 0) for p in paths], skipped, found
         self.targets = [0] * len(paths)
         self.loader = load_image  # the labelled folders' loader: the same size limit, the same 8-bit scaling
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.samples)
 
 
-def image_files(folder):
+def image_files(folder: str) -> List[str]:
     """Real paths of the image files under ``folder``, sorted; a folder linked back to one above is visited once."""
     seen, found = set(), []
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -428,7 +432,7 @@ def image_files(folder):
     return sorted(dict.fromkeys(found))
 
 
-def split_paths(dataset, indices=None):
+def split_paths(dataset: Any, indices: Optional[Any] = None) -> Optional[Set[str]]:
     """Real paths of a split's image files (those of ``indices`` only), or None for data without files."""
     samples = getattr(dataset, "samples", None)
     if samples is None:
@@ -437,7 +441,8 @@ def split_paths(dataset, indices=None):
     return {os.path.realpath(path) for path, _ in picked}
 
 
-def load_unlabeled(folder, labelled=None, test=None):
+def load_unlabeled(folder: str, labelled: Optional[Set[str]] = None,
+                   test: Optional[Set[str]] = None) -> UnlabeledFolder:
     """The unlabelled images of ``folder`` for distillation, without those already in the labelled training
     set or the test split (same real path): a labelled image must not come back as an unlabelled one, and
     a test image must not be trained on. ``labelled``/``test`` are sets of real paths (None: data without

@@ -48,7 +48,7 @@ MAX_CLASSES_FILE = 16 * 1024 ** 2
 BLOCK = 512  # tar's block: the end-of-archive marker is two zero blocks
 
 
-def quoted(text):
+def quoted(text: object) -> str:
     """A name as messages print it: quoted, control characters escaped."""
     return repr(printable(str(text)))
 
@@ -60,15 +60,15 @@ class ShardCutShort(OSError):
 class _Member(io.BytesIO):
     """An image member's bytes, named ``shard.tar:member`` where an error prints it (runner.open_image)."""
 
-    def __init__(self, data, name):
+    def __init__(self, data: bytes, name: str) -> None:
         super().__init__(data)
         self.label = name
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.label
 
 
-def split_name(name):
+def split_name(name: str) -> Optional[Tuple[str, str]]:
     """(key, extension) of a member name as WebDataset splits it (the key keeps any folders), or None for a
     name WebDataset passes over too: no extension, or a hidden file (``._x.jpg``, macOS's resource forks)."""
     folder, _, base = name.rpartition("/")
@@ -78,7 +78,7 @@ def split_name(name):
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def scan_shard(path):
+def scan_shard(path: str) -> List[Tuple[str, Dict[str, Tuple[int, int]]]]:
     """[(key, {extension: (offset, size)})] of one shard, read from its headers only. A shard that is not a
     plain tar file, or that is truncated or corrupt past some member, is an EdgeKDError naming it."""
     size = os.stat(path).st_size
@@ -113,7 +113,7 @@ def scan_shard(path):
     return samples
 
 
-def _check_end(path, end, size):
+def _check_end(path: str, end: int, size: int) -> None:
     """tarfile stops quietly at a damaged or missing header: what follows the last member must be the end
     marker (zero blocks), or the shard was cut or overwritten there."""
     if size - end < BLOCK:
@@ -130,7 +130,7 @@ def _check_end(path, end, size):
                                   "so the members after it would be lost; write the shard again")
 
 
-def _read_label(f, path, key, where, classes):
+def _read_label(f: Any, path: str, key: str, where: Tuple[int, int], classes: Optional[List[str]]) -> int:
     offset, size = where
     name = f"{quoted(path)}, sample {quoted(key)}"
     if size > MAX_LABEL_BYTES:
@@ -149,14 +149,15 @@ def _read_label(f, path, key, where, classes):
     return label
 
 
-def _sample(f, path, key, members, classes):
+def _sample(f: Any, path: str, key: str, members: Dict[str, Tuple[int, int]],
+            classes: Optional[List[str]]) -> Tuple[str, int]:
     """(image extension, label) of one sample; EdgeKDError naming shard and key when it lacks either."""
     if "cls" not in members:
         raise EdgeKDError(f"shard {quoted(path)}, sample {quoted(key)} has no {key}.cls member (its class index)")
     return _image_member(path, key, members), _read_label(f, path, key, members["cls"], classes)
 
 
-def _image_member(path, key, members):
+def _image_member(path: str, key: str, members: Dict[str, Tuple[int, int]]) -> str:
     for ext in IMAGE_EXTS:
         if ext in members:
             return ext
@@ -203,7 +204,8 @@ class ShardSet:
 
     stream_only = True  # training views are always decoded per batch from the shards (edgekd.core.stream)
 
-    def __init__(self, split, classes, too_large, transform=None):
+    def __init__(self, split: str, classes: Optional[List[str]], too_large: Callable[[str], Exception],
+                 transform: Optional[Callable[[Any], Any]] = None) -> None:
         import numpy as np
 
         self.root, self.classes, self.transform = os.path.abspath(split), classes, transform
@@ -236,20 +238,20 @@ class ShardSet:
         self.shard_of = np.asarray(shard_of, dtype=np.int32)
         self.offsets, self.sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.targets)
 
-    def item_name(self, i):
+    def item_name(self, i: int) -> str:
         """``shard.tar:KEY.ext`` of sample i, as errors and logs name it (control characters escaped)."""
         return printable(f"{self.shards[self.shard_of[i]]}:{self.names[i]}")
 
-    def item_fingerprint(self, i):
+    def item_fingerprint(self, i: int) -> str:
         """What sample i's pixels depend on: its shard (path, size, mtime) and its member's place in it."""
         k = int(self.shard_of[i])
         size, mtime = self.stats[k]
         return f"{self.shards[k]}\0{size}\0{mtime}\0{int(self.offsets[i])}\0{int(self.sizes[i])}"
 
-    def read(self, i):
+    def read(self, i: int) -> bytes:
         """The image member's bytes, by seek + read from its shard (an OSError when they cannot be had)."""
         size = int(self.sizes[i])
         if size > MAX_MEMBER_BYTES:
@@ -263,29 +265,29 @@ class ShardSet:
                                 f"{quoted(self.names[i])} has {len(data)} of its {size} bytes")
         return data
 
-    def open(self, i):
+    def open(self, i: int) -> Any:
         """Sample i's image, opened lazily (header only) behind edgekd's pixel limit."""
         from ..bundle.runner import open_image
 
         return open_image(_Member(self.read(i), self.item_name(i)), self.too_large)
 
-    def open_item(self, i):
+    def open_item(self, i: int) -> Tuple[Any, bool]:
         """(PIL image, lazy) as edgekd.core.stream opens a folder's file: JPEGs header-only (decoded later, at a
         reduced scale where that suffices), other images loaded as a folder's loader loads them."""
         if self.exts[i] in LAZY_EXTS:
             return self.open(i), True
         return self.pil_item(i), False
 
-    def pil_item(self, i):
+    def pil_item(self, i: int) -> Any:
         """Sample i as RGB, exactly as an image folder's loader (edgekd.core.data.load_image) gives its file."""
         with self.open(i) as img:
             return to_8bit(img).convert("RGB")
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Tuple[Any, int]:
         img = self.pil_item(i)
         return (self.transform(img) if self.transform is not None else img), self.targets[i]
 
-    def bad_reason(self, i):
+    def bad_reason(self, i: int) -> str:
         """Why sample i cannot be decoded, found again here (a loader worker's exception is lost)."""
         try:
             with self.open(i) as img:
@@ -299,7 +301,7 @@ class ShardSet:
         return f"cannot read image {quoted(self.item_name(i))}: corrupt or not an image"
 
 
-def read_classes(path):
+def read_classes(path: str) -> Optional[List[str]]:
     """The class names of ``classes.txt`` (one a line), or None when there is no such file."""
     if not os.path.lexists(path):
         return None
@@ -320,7 +322,7 @@ def read_classes(path):
 
 # --- torchrun: whole shards dealt to ranks -----------------------------------------------------------------
 
-def check_shard_count(shards, world):
+def check_shard_count(shards: int, world: int) -> None:
     """Each torchrun process reads whole shards: there must be at least as many as processes."""
     if shards < world:
         raise EdgeKDError(f"{shards} shards for {world} torchrun processes: each process reads whole shards, "
@@ -328,7 +330,7 @@ def check_shard_count(shards, world):
                           "(tools/make_shards.py --shard-size) or run fewer processes")
 
 
-def deal_shards(groups, world, epoch, seed):
+def deal_shards(groups: Sequence[Sequence[int]], world: int, epoch: int, seed: int) -> List[List[int]]:
     """Every rank's item order for one epoch: a list of ``world`` lists of item indices.
 
     ``groups`` holds each shard's items (in member order). The shards are shuffled from (seed, epoch) and

@@ -48,7 +48,7 @@ META = "meta.json"  # the cache's description and its views' checksums (an edgek
 _VIEW_NAME = re.compile(r"^view-(\d{4})\.npy$")
 
 
-def data_fingerprint(views):
+def data_fingerprint(views: Any) -> str:
     """A hash of the training images, labels and normalisation: the cache is only valid for these."""
     if hasattr(views, "fingerprint"):  # views decoded from the files (edgekd.stream): files, labels, geometry
         return views.fingerprint()
@@ -59,19 +59,19 @@ def data_fingerprint(views):
     return h.hexdigest()
 
 
-def distinct_views(plan):
+def distinct_views(plan: Any) -> int:
     """How many different views an image has under ``plan`` (None: a new one every epoch)."""
     if plan.kind == "none":  # no augmentation: every epoch shows the same pixels
         return 1
     return plan.views
 
 
-def view_number(plan, epoch):
+def view_number(plan: Any, epoch: int) -> int:
     """The view (1-based) that ``epoch`` shows; epochs whose views cannot differ share one."""
     return 1 if distinct_views(plan) == 1 else plan.view_of(epoch)
 
 
-def fill_value(logits, top_values, temperature):
+def fill_value(logits: torch.Tensor, top_values: torch.Tensor, temperature: Optional[float]) -> torch.Tensor:
     """One logit for every class outside the top k, per row: what the KD loss sees for them.
 
     With a temperature T it keeps the rest's share of the teacher's softmax at T exact:
@@ -98,7 +98,8 @@ class TeacherCache:
     ``fill_value`` at ``temperature`` (the KD loss's; None for logit matching).
     """
 
-    def __init__(self, folder, teacher, views, dtype="float16", topk=None, temperature=None):
+    def __init__(self, folder: str, teacher: Any, views: Any, dtype: str = "float16", topk: Optional[int] = None,
+                 temperature: Optional[float] = None) -> None:
         if views.plan is None:
             raise EdgeKDError("the teacher cache needs an augmentation plan")
         if dtype not in DTYPES:
@@ -130,10 +131,10 @@ class TeacherCache:
 
     # -- what is on disk ---------------------------------------------------------------------------
 
-    def _view_file(self, v):
+    def _view_file(self, v: int) -> str:
         return os.path.join(self.path, f"view-{v:04d}.npy")
 
-    def _meta(self):
+    def _meta(self) -> Dict[str, Any]:
         return {"key": self.key, "storage": self.storage, "images": len(self.views), "classes": self.classes}
 
     def _damaged(self, why: str) -> EdgeKDError:
@@ -208,15 +209,15 @@ class TeacherCache:
                 self._verified.add(v)
 
     @property
-    def epochs(self):
+    def epochs(self) -> int:
         """Views held (the old name: one view per epoch before views could be shared)."""
         return len(self.held())
 
-    def needed(self, epochs):
+    def needed(self, epochs: int) -> List[int]:
         """The view numbers that epochs 1..``epochs`` show."""
         return sorted({view_number(self.views.plan, e) for e in range(1, int(epochs) + 1)})
 
-    def _array(self, v):
+    def _array(self, v: int) -> Any:
         if v not in self._arrays:
             import numpy as np
 
@@ -232,7 +233,7 @@ class TeacherCache:
 
     # -- writing -------------------------------------------------------------------------------------
 
-    def _start(self, classes):
+    def _start(self, classes: int) -> None:
         if self.classes is not None and self.classes != classes:
             raise EdgeKDError(f"teacher cache {self.path} holds {self.classes} classes, the teacher gives {classes}")
         if self.storage["topk"] and self.storage["topk"] >= classes:
@@ -245,7 +246,7 @@ class TeacherCache:
         if not os.path.lexists(os.path.join(self.path, META)):
             self._index().save()
 
-    def _row_dtype(self):
+    def _row_dtype(self) -> Tuple[Any, Tuple[int, ...]]:
         import numpy as np
 
         dt = np.float16 if self.storage["dtype"] == "float16" else np.float32
@@ -254,7 +255,7 @@ class TeacherCache:
             return dt, (self.classes,)
         return np.dtype([("values", dt, (k,)), ("index", np.int16, (k,)), ("fill", dt)]), ()
 
-    def _encode(self, logits):
+    def _encode(self, logits: torch.Tensor) -> Any:
         """A batch of float32 logits as storage rows (a numpy array)."""
         import numpy as np
 
@@ -271,7 +272,7 @@ class TeacherCache:
         rows["fill"] = fill_value(logits, top.values, self.storage["fill_temperature"]).numpy()
         return rows
 
-    def _write_view(self, v, batches):
+    def _write_view(self, v: int, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write view ``v`` from an iterator of (idx, float32 logits) into a file of its own, renamed when whole.
         Rows never given (an image left out by --skip-bad-images) stay zero and are never looked up."""
         from numpy.lib.format import open_memmap
@@ -297,7 +298,8 @@ class TeacherCache:
             raise
 
     @torch.no_grad()
-    def build(self, teacher, epochs, batch_size=256, device="cpu", progress=True):
+    def build(self, teacher: Any, epochs: int, batch_size: int = 256, device: str = "cpu",
+              progress: bool = True) -> float:
         """Make sure the views of epochs 1..``epochs`` are cached, computing only the missing ones (one view
         with --augment none, at most K with ``--teacher-views K``). Returns seconds spent."""
         import time
@@ -315,7 +317,7 @@ class TeacherCache:
             return time.perf_counter() - start
         teacher.eval().to(device)
         for v in missing:
-            def logits(v=v):  # the teacher's own view of each crop when there is one (edgekd.stream)
+            def logits(v: int = v) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:  # the teacher's own view of each crop when there is one (edgekd.stream)
                 for x, xt, _, idx in bar(self.views.batches(batch_size, epoch=v, teacher_view=True),
                                          total=-(-n // batch_size), desc=f"teacher cache view {v}", unit="batch",
                                          disable=not progress):
@@ -325,7 +327,7 @@ class TeacherCache:
         log.info("teacher cache: %d views x %d images in %.1f s -> %s", len(missing), n, seconds, self.path)
         return seconds
 
-    def _import_legacy(self, missing):
+    def _import_legacy(self, missing: List[int]) -> bool:
         """Convert a one-file cache of an earlier edgekd (same key) instead of running the teacher again."""
         from .safe_load import torch_file
 
@@ -348,7 +350,7 @@ class TeacherCache:
 
     # -- reading -------------------------------------------------------------------------------------
 
-    def lookup(self, epoch, idx):
+    def lookup(self, epoch: int, idx: Any) -> torch.Tensor:
         """The cached teacher logits (float32) of images ``idx`` as seen in ``epoch`` (1-based)."""
         import numpy as np
 
@@ -360,11 +362,11 @@ class TeacherCache:
                            torch.from_numpy(rows["fill"].astype(np.float32)), self.classes)
 
     @staticmethod
-    def expand(values, index, fill, classes):
+    def expand(values: torch.Tensor, index: torch.Tensor, fill: torch.Tensor, classes: int) -> torch.Tensor:
         """Full logits from the top-k ``values`` at ``index`` and one ``fill`` per row for the rest."""
         return fill.view(-1, 1).expand(len(fill), classes).clone().scatter_(1, index, values)
 
-    def describe(self):
+    def describe(self) -> Dict[str, Any]:
         """The cache's record for metrics.json."""
         return {"path": self.path, "views_held": self.epochs, "storage": self.storage, "classes": self.classes,
                 "bytes": sum(os.path.getsize(self._view_file(v)) for v in self.held())}
@@ -382,12 +384,12 @@ class LiveMemo:
     asking again. Images are remembered as they come, so a resumed run or a DDP rank fills its own share.
     """
 
-    def __init__(self, images):
+    def __init__(self, images: int) -> None:
         self.images, self.logits, self.known = int(images), None, torch.zeros(int(images), dtype=torch.bool)
         self.teacher_calls = 0
 
     @classmethod
-    def for_run(cls, plan, images, classes):
+    def for_run(cls, plan: Any, images: int, classes: int) -> Optional["LiveMemo"]:
         """A memo for this run, or None when views differ by epoch or the logits would not fit the limit."""
         if plan is None or distinct_views(plan) != 1:
             return None
@@ -397,7 +399,7 @@ class LiveMemo:
             return None
         return cls(images)
 
-    def __call__(self, teacher, x, idx):
+    def __call__(self, teacher: Any, x: torch.Tensor, idx: Any) -> torch.Tensor:
         idx = torch.as_tensor(idx, dtype=torch.long).cpu()
         if self.logits is not None and bool(self.known[idx].all()):
             return self.logits[idx].to(x.device)
