@@ -318,3 +318,169 @@ def test_fuzz_option_values(place, examples):
             assert code == 2
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Derived files and geometry (issue 26): the teacher cache, shards, a manifest's crop_pct / resize / shape
+
+GEOMETRY = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10 ** 12), st.none(),
+                     st.booleans(), st.text(max_size=5), st.sampled_from([1e-9, 1e-6, 0.01, 0.875, 1.0, 1.0000001]))
+SIDES = st.lists(st.integers(-2, 70_000), min_size=0, max_size=3) | st.lists(st.floats(), max_size=2)
+
+
+@pytest.mark.parametrize("examples", BUDGETS)
+def test_fuzz_manifest_geometry(place, examples):
+    """crop_pct, resize and the input shape of a manifest: exit 0 or 2, never a resize the memory cannot hold."""
+    base = json.loads((place / "bundle" / "manifest.json").read_text())
+
+    @_settings(examples)
+    @given(GEOMETRY, SIDES, st.lists(st.integers(-1, 9), max_size=5))
+    @example(1e-9, [8, 8], [1, 1, 8, 8])
+    @example(0.0001, [4096, 4096], [1, 1, 4096, 4096])
+    def check(crop_pct, resize, shape):
+        manifest = json.loads(json.dumps(base))
+        manifest["input"]["crop_pct"] = crop_pct
+        if resize:
+            manifest["input"]["resize"] = resize
+        if shape:
+            manifest["input"]["shape"] = shape
+        folder = place / "geometry-bundle"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(place / "bundle", folder)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            run_edgekd(["predict", folder, place / "x.png", "--json"], place, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    check()
+
+
+@pytest.fixture(scope="module")
+def cache_place(tmp_path_factory):
+    """A tiny real teacher, digits views and one built teacher cache (float32, 2 views) to damage."""
+    import torch
+    from torch import nn
+
+    from edgekd.core.config import TrainOptions
+    from edgekd.core.distill import FrozenTeacher, prepare_data
+    from edgekd.core.teacher_cache import TeacherCache
+
+    data, train, _ = prepare_data(TrainOptions(data="digits", progress=False, workers=0, train_subset=40,
+                                               augment="standard", aug_seed=1, device="cpu"))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10))
+    teacher = FrozenTeacher(net, data.input, data.input)
+    teacher.sha256 = "ef" * 32
+    root = tmp_path_factory.mktemp("cache")
+    cache = TeacherCache(str(root / "built"), teacher, train, dtype="float32")
+    cache.build(teacher, 2, progress=False)
+    return root, teacher, train, cache.path
+
+
+CACHE_DAMAGE = st.sampled_from(["flip", "truncate", "append", "npy", "meta-json", "meta-text", "extra-file"])
+
+
+@pytest.mark.parametrize("examples", BUDGETS)
+def test_fuzz_teacher_cache(cache_place, examples):
+    """A damaged cache is rebuilt (and then answers exactly as the teacher) or refused with EdgeKDError."""
+    import torch
+
+    from edgekd import EdgeKDError
+    from edgekd.core.teacher_cache import TeacherCache
+
+    root, teacher, train, built = cache_place
+
+    @_settings(examples)
+    @given(CACHE_DAMAGE, st.sampled_from(["view-0001.npy", "view-0002.npy"]), st.integers(0, 10 ** 6),
+           st.binary(max_size=64), JSON, st.sampled_from(["float16", "float64", "int16", "object"]))
+    def check(damage, view, where, blob, value, dtype):
+        work = root / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(os.path.dirname(built), work)
+        folder = work / os.path.basename(built)
+        path = folder / view
+        data = path.read_bytes()
+        if damage == "flip":
+            i = where % len(data)
+            path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+        elif damage == "truncate":
+            path.write_bytes(data[:where % len(data)])
+        elif damage == "append":
+            path.write_bytes(data + blob)
+        elif damage == "npy":
+            arr = np.zeros((len(train), 10), dtype=object if dtype == "object" else dtype)
+            np.save(path, arr, allow_pickle=dtype == "object")
+        elif damage in ("meta-json", "meta-text"):
+            (folder / "meta.json").write_bytes(json.dumps(value).encode() if damage == "meta-json" else blob)
+        else:
+            (folder / "view-abcd.npy").write_bytes(blob)
+        cache = TeacherCache(str(work), teacher, train, dtype="float32")
+        try:
+            cache.build(teacher, 2, progress=False)
+        except EdgeKDError:
+            return
+        idx = torch.arange(len(train))
+        for epoch in (1, 2):
+            x, _ = train.batch(idx, epoch=epoch)
+            torch.testing.assert_close(cache.lookup(epoch, idx), teacher(x), rtol=0, atol=1e-5)
+
+    check()
+
+
+def _tar_bytes(members):
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+SHARD_NAMES = st.sampled_from(["k0.png", "k0.cls", "k1.png", "k1.cls", "k1.jpg", "k2.cls", ".hidden.png", "noext",
+                               "a/b.png", "a/b.cls", "k3.PNG", "k3.cls"])
+LABELS = st.one_of(st.integers(-3, 200_000).map(lambda n: str(n).encode()), st.binary(max_size=40))
+EXTRA = st.sampled_from([None, "part-9.tar.gz", "notes.txt", "part-8.tar"])
+
+
+@pytest.mark.parametrize("examples", BUDGETS)
+def test_fuzz_shards(place, examples):
+    """Shards with any members, labels and neighbours: data loaded, or EdgeKDError naming a shard or a file."""
+    from PIL import Image
+
+    from edgekd import EdgeKDError
+    from edgekd.core.data import load_data
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(png, format="PNG")
+
+    @_settings(examples)
+    @given(st.lists(st.tuples(SHARD_NAMES, LABELS, st.booleans()), max_size=8), EXTRA, st.integers(0, 4),
+           st.booleans())
+    def check(members, extra, cut, classes_txt):
+        root = place / "wds"
+        shutil.rmtree(root, ignore_errors=True)
+        tars = []
+        for name, label, good_image in members:
+            data = label if name.endswith(".cls") else png.getvalue() if good_image else label
+            tars.append((name, data))
+        blob = _tar_bytes(tars)
+        for split in ("train", "test"):
+            (root / split).mkdir(parents=True)
+            (root / split / "part-0.tar").write_bytes(blob[:len(blob) - 512 * cut] if split == "train" else blob)
+        if extra:
+            (root / "train" / extra).write_bytes(b"\x1f\x8b not a tar")
+        if classes_txt:
+            (root / "classes.txt").write_text("a\nb\n")
+        try:
+            data = load_data(f"webdataset:{root}")
+        except EdgeKDError as e:
+            assert "\n" not in str(e)
+            return
+        assert len(data.classes) <= 100_000 and data.train.targets
+        shutil.rmtree(root, ignore_errors=True)
+
+    check()
