@@ -209,6 +209,25 @@ def test_a_teacher_cache_changed_after_the_build_is_refused_on_use(digits, tmp_p
         reader.lookup(1, torch.arange(3))
 
 
+def test_views_without_their_description_are_computed_again_and_a_folder_view_is_refused(digits, tmp_path):
+    from edgekd.core.teacher_cache import TeacherCache
+
+    data, train, _ = digits
+    teacher = _Counted(data)
+    cache = TeacherCache(str(tmp_path / "c"), teacher, train, dtype="float32")
+    cache.build(teacher, 1, progress=False)
+    os.remove(os.path.join(cache.path, "meta.json"))
+    calls = teacher.model.calls
+    again = TeacherCache(str(tmp_path / "c"), teacher, train, dtype="float32")
+    assert again.build(teacher, 1, progress=False) > 0 and teacher.model.calls > calls
+    assert again._view_problem(1) is None
+    os.remove(os.path.join(cache.path, "view-0001.npy"))
+    os.mkdir(os.path.join(cache.path, "view-0001.npy"))
+    with pytest.raises(EdgeKDError, match="not a regular file"):
+        TeacherCache(str(tmp_path / "c"), teacher, train, dtype="float32").build(teacher, 1, progress=False)
+    assert os.path.isdir(os.path.join(cache.path, "view-0001.npy"))
+
+
 @pytest.mark.parametrize("how", ["not-json", "bad-classes", "another-key", "a-fifo"])
 def test_a_badly_described_teacher_cache_is_refused_in_one_line(digits, tmp_path, how):
     from edgekd.core.teacher_cache import TeacherCache

@@ -197,16 +197,18 @@ class TeacherCache:
 
     def _check_views(self) -> None:
         """Every view on disk proves itself before use; one that does not is removed and computed again."""
-        if self.classes is None:
-            return
         for v in self.held():
-            problem = self._view_problem(v)
-            if problem:
-                log.warning("teacher cache %s: %s: not trusted, computed again", self.path, problem)
-                self._index().forget(os.path.basename(self._view_file(v)))
-                os.remove(self._view_file(v))
-            else:
+            path = self._view_file(v)
+            problem = self._view_problem(v) if self.classes is not None else f"the cache has no {META}"
+            if not problem:
                 self._verified.add(v)
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):  # not a file edgekd wrote: never removed
+                raise self._damaged(f"cannot be used: {problem}")
+            log.warning("teacher cache %s: %s: not trusted, computed again", self.path, problem)
+            if self.classes is not None:
+                self._index().forget(os.path.basename(path))
+            os.remove(path)
 
     @property
     def epochs(self) -> int:
