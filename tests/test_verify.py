@@ -109,6 +109,20 @@ def test_a_marker_records_each_outputs_kind_and_the_command(tmp_path):
     assert owned(str(out)) == {"metrics.json"}
 
 
+def test_export_force_into_a_fifo_manifest_or_zip_is_refused_not_waited_on(tmp_path):
+    from edgekd.base.outdir import bundle_problem
+
+    (tmp_path / "b").mkdir()
+    os.mkfifo(tmp_path / "b" / "manifest.json")
+    with no_hang():
+        assert bundle_problem(str(tmp_path / "b")) == "it has no readable manifest.json"
+    os.mkfifo(tmp_path / "b.zip")
+    from edgekd.base.outdir import check_zip
+
+    with no_hang(), pytest.raises(EdgeKDError, match="is not a bundle zip written by edgekd"):
+        check_zip(str(tmp_path / "b.zip"), force=True)
+
+
 def test_a_command_never_replaces_another_commands_run(tmp_path, cli_main, one_line_error):
     out = tmp_path / "run"
     out.mkdir()

@@ -25,7 +25,7 @@ import tempfile
 from typing import Any, Dict, Iterable, List, Literal, Optional, Set, Tuple
 
 from .. import EdgeKDError, Interrupted, __version__
-from .files import TMP, atomic_write, host_tag, temp_prefix  # noqa: F401  (temp_prefix: re-exported)
+from .files import TMP, atomic_write, host_tag, open_regular, temp_prefix  # noqa: F401  (temp_prefix: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +174,10 @@ def marker_command(folder: str) -> Optional[str]:
 
 def bundle_problem(folder: str) -> Optional[str]:
     """Why ``folder`` is not a bundle edgekd wrote (its manifest.json lists every file in it), else None."""
-    try:
-        with open(os.path.join(folder, BUNDLE_MANIFEST)) as f:
+    try:  # stat before open: a FIFO named manifest.json would block the open for ever
+        with open_regular(os.path.join(folder, BUNDLE_MANIFEST), "bundle manifest", "r") as f:
             files = json.loads(f.read(16 << 20)).get("files")
-    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: nested past json's limit
+    except (OSError, ValueError, AttributeError, RecursionError):  # NotRegularFile is a ValueError
         return "it has no readable manifest.json"
     if not isinstance(files, dict):
         return "its manifest.json lists no files"
@@ -309,8 +309,8 @@ def check_zip(path: str, force: bool) -> None:
         return
     if not force:
         raise EdgeKDError(f"{path!r} already exists; pass --force to replace it or choose another --out")
-    try:  # ours: one top folder holding a manifest.json that lists every other member
-        with zipfile.ZipFile(path) as z:
+    try:  # ours: one top folder holding a manifest.json that lists every other member (a regular file: stat first)
+        with open_regular(path, "bundle zip") as handle, zipfile.ZipFile(handle) as z:
             names = z.namelist()
             top = {n.split("/", 1)[0] for n in names}
             manifest = f"{next(iter(top))}/{BUNDLE_MANIFEST}" if len(top) == 1 else None
