@@ -202,6 +202,7 @@ def read_manifest(folder):
 def sha256_file(path, chunk=1 << 20):
     """The sha256 of a file, read in 1 MiB blocks: edgekd's one implementation (checkpoints, teachers, bundles)."""
     h = hashlib.sha256()
+    _require_regular(path, "file")  # every file edgekd hashes (teachers, checkpoints, bundles): a FIFO never opened
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)

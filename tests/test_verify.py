@@ -327,6 +327,15 @@ def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path, cli_main,
         one_line_error(cli_main(*argv), "pipe.png' is not a regular file (it is a FIFO")
 
 
+@pytest.mark.parametrize("name", ["pipe.onnx", "pipe.pt"])
+def test_a_fifo_teacher_file_is_refused_not_waited_on(tmp_path, cli_main, one_line_error, name):
+    os.mkfifo(tmp_path / name)
+    with no_hang(120):
+        proc = cli_main("distill", "--teacher", tmp_path / name, "--teacher-mean", "0.5", "--teacher-std", "0.5",
+                        "--epochs", 1, "--out", tmp_path / "out", "--no-progress")
+    one_line_error(proc, name)
+
+
 def test_a_fifo_shard_and_a_fifo_class_list_are_refused(tmp_path):
     from edgekd.core.data import load_data
 

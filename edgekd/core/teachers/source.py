@@ -67,8 +67,12 @@ def split_spec(spec, prefix):
 
 
 def need_file(path, what):
-    if not os.path.exists(path):
-        raise EdgeKDError(f"{what} {path!r} does not exist")
+    """A teacher's file (or a bundle's folder): a regular file, checked by stat (a FIFO named model.onnx would
+    block the loader for ever)."""
+    from ...base.files import require_regular
+
+    if not os.path.isdir(path):
+        require_regular(path, what)
 
 
 def threads_of(options):
