@@ -33,7 +33,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 import torch
 
 from .. import EdgeKDError
-from ..base.bounds import MAX_CLASSES
+from ..base.bounds import MAX_BATCH_BYTES, MAX_CLASSES, batch_bytes
 from ..base.files import require_regular
 from ..base.integrity import Index, read_description, read_record
 from .checkpoint import atomic_write, file_sha256  # noqa: F401  (their old home: imported from here)
@@ -315,6 +315,9 @@ class TeacherCache:
             log.info("teacher cache hit: %s (%d views)", self.path, self.epochs)
             return 0.0
         start, n = time.perf_counter(), len(self.views)
+        size = getattr(self.views, "teacher_size", None)
+        if size:  # the teacher's own views: a batch of them stays within edgekd's batch memory bound
+            batch_size = max(1, min(int(batch_size), MAX_BATCH_BYTES // batch_bytes(1, 3, *size)))
         if self._import_legacy(missing):
             return time.perf_counter() - start
         teacher.eval().to(device)
