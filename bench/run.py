@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .. import EdgeKDError
-from ..core.config import BENCH_DEFAULTS, BENCH_QUICK
+from .options import BENCH_DEFAULTS, BENCH_QUICK
 # The building blocks, importable from here as before the split (tools/ and the tests use them).
 from .measure import (CHECK_S, EXTRA_ROUNDS, _measure, _measure_remote, _prepare, _progress_bar, save_images,  # noqa: F401
                       _ssh_targets, _timed_rounds, kept_visits)

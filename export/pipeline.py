@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import EdgeKDError
-from ..core.config import ExportOptions  # noqa: F401  (every option of edgekd export, declared once there)
+from .options import ExportOptions  # noqa: F401  (every option of edgekd export, declared once there)
 from ..base.files import portable
 from ..base.outdir import temp_prefix
 

@@ -4,8 +4,12 @@ import argparse
 import sys
 
 from .. import EdgeKDError, Interrupted, __version__
-from ..core import config as options
+from ..core import config
 from ..core.config import DEFAULT_OUT
+# Importing a command's options class registers it (edgekd.core.optionspec.register) for add_options and resolve.
+from ..bench.options import BenchOptions  # noqa: F401
+from ..export.options import ExportOptions  # noqa: F401
+from .options import DeployOptions, PredictOptions  # noqa: F401
 
 
 class Parser(argparse.ArgumentParser):
@@ -21,7 +25,7 @@ class Command:
     name = help = description = ""
 
     def add_arguments(self, p):
-        options.add_options(p, self.name)  # every option is declared in edgekd/config.py
+        config.add_options(p, self.name)  # from the command's options class (edgekd/core/config.py)
 
     def run(self, args):
         raise NotImplementedError
@@ -220,7 +224,7 @@ class Export(Command):
             ("--config", getattr(args, "config", None))])
         with folder:  # checked and locked for the whole export
             _log_to_stderr()
-            m = export_checkpoint(args.checkpoint, args, train_qat=train_qat)  # args: core/config.py's ExportOptions
+            m = export_checkpoint(args.checkpoint, args, train_qat=train_qat)  # args: export/options.py's ExportOptions
         v = m["validation"]
         print(f"{m['format']} {m['precision']} bundle -> {args.out}{' (+ ' + args.out.rstrip('/') + '.zip)' if args.zip else ''}"
               f": {m['size_bytes'] / 1e6:.3f} MB, exported in {m['export_seconds']:.1f} s")
@@ -409,7 +413,7 @@ def main(argv=None):
         short_spin_wait()
     opts = None
     try:
-        opts = options.parse_args(args)  # defaults < --config / --resume's config.yaml < command line, all checked
+        opts = config.parse_args(args)  # defaults < --config / --resume's config.yaml < command line, all checked
         args.func(opts)  # the command's typed options (a frozen dataclass of edgekd/core/config.py)
     except Interrupted as e:
         if _rank() == 0:  # every rank stops at the same batch; one of them says so
