@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 
 from .. import EdgeKDError
 from .options import DistillOptions, QuantizeOptions, TrainOptions
-from .optionspec import CLASSES, COMMANDS, DEFAULT_OUT, MAX_INPUT_SIDE, Opt, Options, check
+from .optionspec import CLASSES, COMMANDS, DEFAULT_OUT, MAX_INPUT_SIDE, Opt, Options, shown_value, check
 
 __all__ = ["CLASSES", "COMMANDS", "DEFAULT_OUT", "MAX_INPUT_SIDE", "DistillOptions", "Options", "QuantizeOptions",
            "TrainOptions", "add_options", "check", "parse_args", "read_yaml", "resolve", "saved"]
@@ -67,7 +67,7 @@ GROUPS = {
 
 
 
-def _help(opt):
+def _help(opt: Opt) -> str:
     text = opt.help
     if "default" not in text and opt.default is not None and opt.kind != "bool":
         shown = "on" if opt.default is True and opt.negate else opt.default
@@ -77,10 +77,10 @@ def _help(opt):
     return text
 
 
-def add_options(parser, command):
+def add_options(parser: argparse.ArgumentParser, command: str) -> None:
     """Add the command's options to an argparse parser. Every option's argparse default is None
     ("not given"), and every value arrives as text: ``resolve`` converts and checks it."""
-    groups = {}
+    groups: Dict[str, Any] = {}
     for opt in COMMANDS[command]:
         target = parser
         if opt.group:
@@ -98,7 +98,7 @@ def add_options(parser, command):
             target.add_argument(opt.flag, *opt.flags, dest=opt.name, default=None, metavar=metavar, help=_help(opt))
 
 
-def read_yaml(path):
+def read_yaml(path: str) -> Dict[str, Any]:
     """The mapping in a YAML config file, or EdgeKDError in one line. Bounded: the file's size, its nesting and
     the nodes its aliases expand to (a 1 KB alias bomb under a known key would otherwise grow to gigabytes)."""
     import yaml
@@ -122,7 +122,7 @@ def read_yaml(path):
     return values
 
 
-def _bounded_loader(path):
+def _bounded_loader(path: str) -> Any:
     """PyYAML's SafeLoader that refuses, while composing, nesting deeper than MAX_YAML_DEPTH and documents whose
     aliases expand to more than MAX_YAML_NODES nodes. Sizes are counted once per node (a shared anchor is
     not walked again), so the count itself costs as much as the file, not as its expansion."""
@@ -131,7 +131,7 @@ def _bounded_loader(path):
     class Loader(yaml.SafeLoader):
         depth = 0
 
-        def compose_node(self, parent, index):
+        def compose_node(self, parent: Any, index: Any) -> Any:
             self.depth += 1
             if self.depth > MAX_YAML_DEPTH:
                 raise EdgeKDError(f"config file {path!r} nests more than {MAX_YAML_DEPTH} levels deep; a config file "
@@ -152,10 +152,26 @@ def _bounded_loader(path):
                                   "aliases (&anchor / *alias); a config file is a mapping of option: value")
             return node
 
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            # PyYAML lets the last of two equal keys win without a word; at any depth that is a typo, not a plan
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise EdgeKDError(f"config file {path!r} has the key {shown_value(key)!r} more than once; give "
+                                          "each key once")
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the constructor below refuses it as invalid YAML
+                    break
+            return super().construct_mapping(node, deep=deep)
+
     return Loader
 
 
-def _from_yaml(command, values, source, resumed=False):
+def _from_yaml(command: str, values: Dict[Any, Any], source: str, resumed: bool = False) -> Dict[str, Any]:
     opts = {o.name: o for o in COMMANDS[command]}
     takes = sorted(n for n, o in opts.items() if o.yaml and not o.positional)
     out = {}

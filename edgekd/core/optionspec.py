@@ -153,7 +153,8 @@ def register(command: str) -> Callable[[C], C]:
 def _describe(spec: Opt, kind: Optional[str] = None) -> str:
     kind = kind or spec.kind
     if kind == "int":
-        return {1: "a positive whole number", 0: "a whole number of 0 or more"}.get(spec.low, "a whole number")
+        named: Dict[Optional[float], str] = {1: "a positive whole number", 0: "a whole number of 0 or more"}
+        return named.get(spec.low, "a whole number")
     if spec.low == 0:
         return "a positive number" if spec.low_open else "a number of 0 or more"
     return "a finite number"
@@ -232,11 +233,11 @@ def check(spec: Opt, value: Any, source: Optional[str] = None) -> Any:
             error = spec.check(result)
     if error:
         where = f" (key {spec.name} in {source})" if source else ""
-        raise EdgeKDError(f"{spec.flag}: {error}, got {_shown(value)!r}{where}{hint}")
+        raise EdgeKDError(f"{spec.flag}: {error}, got {shown_value(value)!r}{where}{hint}")
     return result
 
 
-def _shown(value: Any, limit: int = 80) -> str:
+def shown_value(value: Any, limit: int = 80) -> str:
     """A value as an error message quotes it: a list as typed, cut at ``limit`` characters (a YAML value can be
     a structure of any size; only its start is converted to text)."""
     if isinstance(value, (list, dict)):
