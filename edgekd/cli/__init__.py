@@ -32,18 +32,14 @@ class Command:
 
 
 def _check_training_args(args):
-    """Rules across options (each value was checked on its own in edgekd/config.py); CPU threads set
-    here, before any torch work."""
+    """Rules that depend on this machine (the rules across options are the options classes' ``validate``);
+    CPU threads set here, before any torch work."""
     from ..base import cpu
 
-    if args.warmup_epochs > args.epochs:
-        raise EdgeKDError(f"--warmup-epochs must be between 0 and --epochs ({args.epochs}), got {args.warmup_epochs}")
     if not args.out:
         raise EdgeKDError("--out DIR is required (or --resume DIR to continue a run)")
     _check_distributed(args)
     _check_device(args.device)
-    if args.amp in ("bf16", "fp16") and not args.device.startswith("cuda"):
-        raise EdgeKDError(f"--amp {args.amp} needs --device cuda; CPU training is float32 (use --amp auto or off)")
     import torch
 
     if args.threads:

@@ -104,9 +104,19 @@ class Training(Options):
     compile: bool = opt(False, 'torch.compile the student (first steps are slow while it compiles; default: off)',
         group='gpu')
 
+    def validate(self) -> None:
+        """Warm-up within the run; mixed precision only where it exists (CPU training is float32)."""
+        if self.warmup_epochs > self.epochs:
+            raise EdgeKDError(f"--warmup-epochs must be between 0 and --epochs ({self.epochs}), got "
+                              f"{self.warmup_epochs}")
+        if self.amp in ("bf16", "fp16") and not self.device.startswith("cuda"):
+            raise EdgeKDError(f"--amp {self.amp} needs --device cuda; CPU training is float32 (use --amp auto or off)")
+
 
 @dataclass(frozen=True, kw_only=True)
 class _TrainHead(Options):
+    """The options of train before the training group (their place in --help)."""
+
     model: str = opt('seed-teacher', MODEL_HELP, metavar='SPEC')
     data: str = opt('digits', 'digits (scikit-learn, embedded), a folder PATH or imagefolder:PATH with train/ and '
         'test/ (or val/), webdataset:PATH (the same sub-folders holding .tar shards), cifar10 or cifar100',
@@ -134,9 +144,18 @@ class TrainOptions(Training, _TrainHead):
     config: Optional[str] = opt(None, 'YAML file of option values (keys as in the saved config.yaml); the command '
         'line wins (default: none)', metavar='FILE', yaml=False)
 
+    def validate(self) -> None:
+        """Unlabelled images are learned from a teacher's answers, and train has none."""
+        super().validate()
+        if self.unlabeled:
+            raise EdgeKDError("--unlabeled images are learned from the teacher's answers and edgekd train has no "
+                              "teacher: use edgekd distill --unlabeled DIR")
+
 
 @dataclass(frozen=True, kw_only=True)
 class _DistillHead(Options):
+    """The options of distill before the training group (their place in --help)."""
+
     teacher: str = opt('seed-teacher', 'the teacher: an edgekd checkpoint, a model spec to train first, or a model '
         "you bring (see 'bring your own teacher' below)", metavar='SPEC')
     student: str = opt('compact-student', MODEL_HELP, metavar='SPEC')
@@ -218,9 +237,15 @@ class DistillOptions(Training, _DistillHead):
     config: Optional[str] = opt(None, 'YAML file of option values (keys as in the saved config.yaml); the command '
         'line wins (default: none)', metavar='FILE', yaml=False)
 
+    def validate(self) -> None:
+        super().validate()
+        _check_cache_topk(self.teacher_cache_topk, self.teacher_cache)
+
 
 @dataclass(frozen=True, kw_only=True)
 class _QuantizeHead(Options):
+    """The options of quantize before the training group (their place in --help)."""
+
     student: Optional[str] = opt(None, 'an FP32 student checkpoint (.pt) from edgekd distill/train (with --resume '
         'DIR: the one DIR was started from)', metavar='STUDENT', positional=True, nargs='?', required=True)
     teacher: Optional[str] = opt(None, 'teacher checkpoint (default: the one the student was distilled from, or '
@@ -266,3 +291,13 @@ class QuantizeOptions(Training, _QuantizeHead):
         'write; default: refuse a non-empty --out)', yaml=False)
     config: Optional[str] = opt(None, 'YAML file of option values (keys as in the saved config.yaml); the command '
         'line wins (default: none)', metavar='FILE', yaml=False)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_cache_topk(self.teacher_cache_topk, self.teacher_cache)
+
+
+def _check_cache_topk(topk: Optional[int], cache: Optional[str]) -> None:
+    """--teacher-cache-topk without --teacher-cache would silently do nothing: refuse it."""
+    if topk and not cache:
+        raise EdgeKDError("--teacher-cache-topk K applies to the teacher cache: add --teacher-cache DIR")
