@@ -58,7 +58,7 @@ def _run_folder(args, inputs):
         return contextlib.nullcontext()
     replaced = None if args.command == "bench" else set().union(*OUTPUTS.values())
     # every file a command reads is an input: the --config file too (the run writes its own config.yaml)
-    refuse_inputs_inside(args.out, inputs + [("--config", getattr(args, "config", None))], replaced)
+    refuse_inputs_inside(args.out, inputs + [("--config", args.config)], replaced)
     return RunFolder(args.out, args.command, force=args.force, resume=bool(getattr(args, "resume", None)))
 
 
@@ -217,7 +217,7 @@ class Export(Command):
         folder = BundleFolder(args.out, args.force, args.zip, [
             ("CHECKPOINT", args.checkpoint), ("--data", args.data), ("--calib-data", args.calib_data),
             ("--data-root", args.data_root), ("--qat-teacher", args.qat_teacher),
-            ("--config", getattr(args, "config", None))])
+            ("--config", args.config)])
         with folder:  # checked and locked for the whole export
             _log_to_stderr()
             m = export_checkpoint(args.checkpoint, args, train_qat=train_qat)  # args: export/options.py's ExportOptions
