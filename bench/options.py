@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ..core.optionspec import MAX_IMAGES, MAX_SEED, MAX_THREADS, MAX_TIMEOUT, Options, opt, register
+from ..core.optionspec import MAX_IMAGES, MAX_THREADS, MAX_TIMEOUT, Options, opt, register
 
 # Full and --quick values of the timing options (None in the configuration means "the preset's").
 BENCH_DEFAULTS = {"warmup": 20, "runs": 200, "rounds": 5, "max_time": 30.0, "min_time": 2.0}

@@ -1,9 +1,9 @@
 """The options of ``edgekd export``, one field per option (see edgekd.core.optionspec)."""
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
-from ..core.optionspec import MAX_IMAGES, MAX_SEED, MAX_THREADS, MAX_TIMEOUT, Options, opt, register
+from ..core.optionspec import MAX_IMAGES, MAX_SEED, Options, opt, register
 
 @register("export")
 @dataclass(frozen=True, kw_only=True)

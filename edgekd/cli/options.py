@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ..core.optionspec import MAX_IMAGES, MAX_SEED, MAX_THREADS, MAX_TIMEOUT, Options, opt, register
+from ..core.optionspec import MAX_THREADS, MAX_TIMEOUT, Options, opt, register
 
 
 @register("predict")

@@ -6,8 +6,8 @@ from typing import Optional
 
 from .. import EdgeKDError
 from .data import parse_size
-from .optionspec import DEFAULT_OUT, MAX_BATCH, MAX_IMAGES, MAX_INPUT_SIDE, MAX_SEED, MAX_THREADS, Options, opt, \
-    register, with_default
+from .optionspec import (DEFAULT_OUT, MAX_BATCH, MAX_IMAGES, MAX_INPUT_SIDE, MAX_SEED, MAX_THREADS, Options, opt,
+                         register, with_default)
 
 
 def _input_size_check(value: str) -> Optional[str]:
