@@ -32,10 +32,12 @@ class Command:
 
 
 def _check_training_args(args):
-    """Rules that depend on this machine (the rules across options are the options classes' ``validate``);
-    CPU threads set here, before any torch work."""
+    """Rules of the command line and of this machine (the other rules across options are the options classes'
+    ``validate``); CPU threads set here, before any torch work."""
     from ..base import cpu
 
+    if args.warmup_epochs > args.epochs:  # not in TrainOptions: distill's teacher runs with --teacher-epochs
+        raise EdgeKDError(f"--warmup-epochs must be between 0 and --epochs ({args.epochs}), got {args.warmup_epochs}")
     if not args.out:
         raise EdgeKDError("--out DIR is required (or --resume DIR to continue a run)")
     _check_distributed(args)

@@ -105,10 +105,8 @@ class Training(Options):
         group="gpu")
 
     def validate(self) -> None:
-        """Warm-up within the run; mixed precision only where it exists (CPU training is float32)."""
-        if self.warmup_epochs > self.epochs:
-            raise EdgeKDError(f"--warmup-epochs must be between 0 and --epochs ({self.epochs}), got "
-                              f"{self.warmup_epochs}")
+        """Mixed precision only where it exists (CPU training is float32). --warmup-epochs against --epochs is
+        checked by the command line only: a teacher trained first runs these options with --teacher-epochs."""
         if self.amp in ("bf16", "fp16") and not self.device.startswith("cuda"):
             raise EdgeKDError(f"--amp {self.amp} needs --device cuda; CPU training is float32 (use --amp auto or off)")
 
