@@ -91,11 +91,11 @@ def metadata(manifest, block):
     if training.get("command") == "distill":
         tags.append("knowledge-distillation")
     results = eval_results(manifest, block)
-    from huggingface_hub.utils import yaml_dump
+    import yaml
 
     meta = ModelCardData(library_name=manifest["format"], pipeline_tag=TASK, tags=tags,
                          model_name=model_name(manifest), eval_results=results or None).to_dict()
-    return yaml_dump({**meta, "edgekd": block}, sort_keys=False).strip()  # the records last: people read the top
+    return yaml.safe_dump({**meta, "edgekd": block}, sort_keys=False, allow_unicode=True).strip()  # the records last: people read the top
 
 
 # ---------------------------------------------------------------------------------------------- prose
