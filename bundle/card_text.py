@@ -120,7 +120,7 @@ def _summary(manifest, block):
         f"# {model_name(manifest)}", "",
         f"An image classifier for {len(classes)} classes (output index order): {shown}{more}.", "",
         f"- Model: `{_or(manifest.get('model'))}`, {_num(manifest.get('params'))} parameters, "
-        f"{_num(manifest.get('flops'))} FLOPs per image; {made.get(t.get('command'), 'made by edgekd')}.",
+        f"{_num(manifest.get('flops'))} FLOPs per image; {made.get(str(t.get('command')), 'made by edgekd')}.",
         f"- Bundle: {manifest['format']} {manifest['precision']}, run by "
         f"{(manifest.get('runtime') or {}).get('library')}; model file `{manifest['model_file']}`.",
         f"- Input: {spec.get('color')} images resized to {spec.get('resize')} ({spec.get('resize_mode', 'stretched')}), "
@@ -285,7 +285,7 @@ def _reproduce(manifest, block):
              f"1. Train (edgekd {_or(t.get('edgekd'))}): `{_or(t.get('command_line'))}`",
              f"2. Export ({versions}): `{_or(block.get('export_command'))}` from `{_or(source.get('checkpoint'))}` "
              f"(sha256 `{_or(source.get('sha256'))}`)."]
-    commands = {}
+    commands: dict = {}
     for m in ok_rows(block):
         commands.setdefault(m.get("command"), m)
     for i, (command, m) in enumerate(commands.items(), 3):

@@ -110,3 +110,24 @@ def test_a_bundle_from_before_cards_still_runs_and_is_left_alone(run, tmp_path, 
              "latency_ms": {"p50": 1.0, "p90": 2.0}, "top1": 0.5, "status": "ok"}]
     assert record_bench({"environment": {}, "rows": rows}) == []
     assert not (bundle / CARD_FILE).exists() and (bundle / "manifest.json").read_text() == before
+
+
+def test_deploy_notes_where_it_was_installed_in_both_copies(run, tmp_path, sshd, device_python, cli):
+    """The loopback SSH device (tests/conftest.py's sshd): the card says where the bundle was installed and checked,
+    and the copy on the device is the same, updated bundle (it verifies there)."""
+    bundle, device = tmp_path / "bundle", tmp_path / "device"
+    shutil.copytree(run / "bundle", bundle)
+    device.mkdir()
+    cli("deploy", bundle, f"ssh://edgedevice:{device}", "--ssh-config", sshd, "--python", device_python)
+    installed = device / "bundle"
+    assert (installed / CARD_FILE).read_text() == (bundle / CARD_FILE).read_text()
+    assert (installed / "manifest.json").read_text() == (bundle / "manifest.json").read_text()
+    [entry] = load_card(bundle).data.edgekd["deployments"]
+    assert entry["device"] == "ssh://edgedevice" and entry["path"] == str(installed)
+    assert entry["checked"].startswith("sha256, load, one batch") and "onnxruntime" in entry["versions"]
+    text = load_card(installed).text
+    assert "## Installed" in text and "ssh://edgedevice: installed and checked, not timed there." in text
+    read_manifest(str(installed))  # and it verifies, here as there
+    from edgekd.bundle.runtime import verify_bundle
+
+    verify_bundle(str(installed))
