@@ -16,12 +16,13 @@ Torch-free (the bundle layer); huggingface_hub writes the metadata block, import
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shlex
 from datetime import datetime, timezone
 
-from ..base.files import portable
+from ..base.files import portable, spec_for_file
 from .card_text import CARD_SCHEMA, render
 from .manifest import read_manifest, sha256_file, write_manifest
 
@@ -40,14 +41,17 @@ RECIPE_CONFIG_KEYS = ("batch_size", "optimizer", "lr", "schedule", "warmup_epoch
 
 # ---------------------------------------------------------------------------------------------- records
 
-def command_line(command, values, table, positional=None, skip=SKIP_IN_COMMAND):
+def command_line(command, values, table, positional=None, skip=SKIP_IN_COMMAND, folder=None):
     """``edgekd COMMAND`` with the options of ``values`` that differ from their defaults in ``table`` (core.config's
-    option list for the command: objects with name, flag, default, kind, negate, positional, yaml)."""
+    option list for the command: objects with name, flag, default, kind, negate, positional, yaml). With ``folder``,
+    absolute paths (a teacher file, ``imagefolder:/data/x``) are written relative to it, as every edgekd record is."""
     if not values or table is None:
         return None
     words = ["edgekd", command]
     for opt in table:
         value = values.get(opt.name)
+        if folder and isinstance(value, str):
+            value = spec_for_file(value, folder)
         if opt.positional:
             words.append(shlex.quote(str(positional if positional is not None else value)))
             continue
@@ -66,10 +70,16 @@ def _pick(record, keys):
     return {k: record[k] for k in keys if record.get(k) is not None}
 
 
-def training_record(ckpt, tables=None):
+def _plain(record):
+    """JSON's plain types only (a value of another type, say a tensor in an old checkpoint's metrics, as text)."""
+    return json.loads(json.dumps(record, default=str))
+
+
+def training_record(ckpt, tables=None, folder=None):
     """What the card says of how the model was made, from a checkpoint's plain fields (its metrics and config):
-    the command, the teacher, the data and the recipe. ``tables``: core.config's COMMANDS (for the command line)."""
-    metrics, config = ckpt.get("metrics") or {}, ckpt.get("config") or {}
+    the command, the teacher, the data and the recipe. ``tables``: core.config's COMMANDS (for the command line);
+    ``folder``: the bundle folder, which paths are made relative to."""
+    metrics, config = _plain(ckpt.get("metrics") or {}), _plain(ckpt.get("config") or {})
     command = "quantize" if "qat" in ckpt else ("distill" if "student" in config else "train")
     data = _pick(metrics.get("train_data"), DATA_KEYS)
     recipe = {"loss": metrics.get("loss") or config.get("loss"), "loss_params": metrics.get("loss_params"),
@@ -77,7 +87,7 @@ def training_record(ckpt, tables=None):
               "augment": data.get("augment") or config.get("augment"), "pretrained": metrics.get("pretrained"),
               **_pick(config, RECIPE_CONFIG_KEYS)}
     return {"command": command,
-            "command_line": command_line(command, config, (tables or {}).get(command)),
+            "command_line": command_line(command, config, (tables or {}).get(command), folder=folder),
             "edgekd": ckpt.get("edgekd_version"), "model": ckpt.get("model"), "params": ckpt.get("params"),
             "flops": ckpt.get("flops"), "data_spec": ckpt.get("data"),
             "test_top1": metrics.get("test_top1"), "best_top1": metrics.get("best_top1"),
@@ -141,14 +151,15 @@ def read_block(path):
 def add_card(folder, manifest, ckpt, export_options=None, tables=None):
     """Export: write MODEL_CARD.md into the staging ``folder`` and return ``manifest`` (a dict, not yet written)
     with the card among its checksummed files. ``export_options``: the export's options as a dict."""
-    training = portable(training_record(ckpt, tables), (export_options or {}).get("out") or folder)
+    bundle = (export_options or {}).get("out") or folder  # where the bundle will be: paths are relative to it
+    training = portable(training_record(ckpt, tables, bundle), bundle)
     opts = dict(export_options or {})
     if opts.get("out"):
         opts["out"] = os.path.basename(os.path.normpath(opts["out"]))
     source = (manifest.get("source") or {}).get("checkpoint")
     block = {"card": CARD_SCHEMA, "training": training, "measurements": [], "deployments": [],
              "export_command": command_line("export", opts, (tables or {}).get("export"), positional=source,
-                                           skip=[s for s in SKIP_IN_COMMAND if s != "out"])}
+                                           skip=[s for s in SKIP_IN_COMMAND if s != "out"], folder=bundle)}
     return _write(folder, manifest, render(manifest, block))
 
 

@@ -281,7 +281,7 @@ def _reproduce(manifest, block):
     t = block.get("training") or {}
     versions = ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())
     source = manifest.get("source") or {}
-    lines = ["## Reproduce", "",
+    lines = ["## Reproduce", "", "Paths in the training and export commands are relative to the bundle folder.", "",
              f"1. Train (edgekd {_or(t.get('edgekd'))}): `{_or(t.get('command_line'))}`",
              f"2. Export ({versions}): `{_or(block.get('export_command'))}` from `{_or(source.get('checkpoint'))}` "
              f"(sha256 `{_or(source.get('sha256'))}`)."]

@@ -131,3 +131,16 @@ def test_deploy_notes_where_it_was_installed_in_both_copies(run, tmp_path, sshd,
     from edgekd.bundle.runtime import verify_bundle
 
     verify_bundle(str(installed))
+
+
+def test_fit_records_how_the_model_was_chosen(run, tmp_path):
+    from edgekd.bundle.card import record_fit
+    from edgekd.bundle.runtime import verify_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run / "bundle", bundle)
+    assert record_fit(str(bundle), {"budget": "p50_ms<=5", "device": "cpu", "trials": 12})
+    card = load_card(bundle)
+    assert card.data.edgekd["fit"] == {"budget": "p50_ms<=5", "device": "cpu", "trials": 12}
+    assert "## How it was chosen (edgekd fit)" in card.text and "- budget: p50_ms<=5" in card.text
+    verify_bundle(str(bundle))
