@@ -47,9 +47,10 @@ def command_line(command, values, table, positional=None, skip=SKIP_IN_COMMAND, 
     absolute paths (a teacher file, ``imagefolder:/data/x``) are written relative to it, as every edgekd record is."""
     if not values or table is None:
         return None
+    get = values.get if isinstance(values, dict) else (lambda name: getattr(values, name, None))  # options object
     words = ["edgekd", command]
     for opt in table:
-        value = values.get(opt.name)
+        value = get(opt.name)
         if folder and isinstance(value, str):
             value = spec_for_file(value, folder)
         if opt.positional:
@@ -150,10 +151,12 @@ def read_block(path):
 
 def add_card(folder, manifest, ckpt, export_options=None, tables=None):
     """Export: write MODEL_CARD.md into the staging ``folder`` and return ``manifest`` (a dict, not yet written)
-    with the card among its checksummed files. ``export_options``: the export's options as a dict."""
-    bundle = (export_options or {}).get("out") or folder  # where the bundle will be: paths are relative to it
+    with the card among its checksummed files. ``ckpt``: the checkpoint (its dict, or a Mapping of it);
+    ``export_options``: the export's options (ExportOptions, or a dict of them); ``tables``: core.config's COMMANDS."""
+    opts = {n: getattr(export_options, n) for n in export_options.__dataclass_fields__} if hasattr(
+        export_options, "__dataclass_fields__") else dict(export_options or {})
+    bundle = opts.get("out") or folder  # where the bundle will be: its paths are relative to it
     training = portable(training_record(ckpt, tables, bundle), bundle)
-    opts = dict(export_options or {})
     if opts.get("out"):
         opts["out"] = os.path.basename(os.path.normpath(opts["out"]))
     source = (manifest.get("source") or {}).get("checkpoint")

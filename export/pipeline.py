@@ -178,7 +178,7 @@ def _build(ref, opts, plan, calib, train_qat):
             manifest = build_manifest(ref, opts, staging, job.info, validation, seconds, plan)
         # the machine's absolute paths (calibration data, sources) relative to the bundle folder
         manifest = portable(manifest, out)
-        manifest = add_card(staging, manifest, ref.ckpt, asdict(opts), COMMANDS)  # MODEL_CARD.md, checksummed
+        manifest = add_card(staging, manifest, ref.ckpt, opts, COMMANDS)  # MODEL_CARD.md, checksummed
         write_manifest(staging, manifest)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         if opts.zip:
