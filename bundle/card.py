@@ -170,12 +170,17 @@ def _write(folder, manifest, text):
     """Write the card (fsynced, then renamed into place) and return the manifest with its sha256 and size."""
     path = os.path.join(folder, CARD_FILE)
     tmp = os.path.join(folder, "." + CARD_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        # then the manifest (update_card): two renames; a crash between them leaves a card that fails verification
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # a file the manifest does not list would fail the bundle's verification
+            os.unlink(tmp)
     files = {**manifest["files"], CARD_FILE: sha256_file(path)}
     out = {**manifest, "files": dict(sorted(files.items()))}
     if "size_bytes" in out:  # the bundle's size is that of every listed file, the card included
