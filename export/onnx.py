@@ -8,7 +8,7 @@ import os
 
 from .. import EdgeKDError
 from ..bundle.manifest import FORMAT_FILES, METADATA_KEYS
-from ..core.config import MIN_OPSET
+from .options import MIN_OPSET
 
 from . import quantize_onnx as q
 
