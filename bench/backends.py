@@ -7,7 +7,7 @@ Registry metadata: ``reads`` (artifact kinds it runs: checkpoint, onnx, openvino
 first-inference clock starts, so that import time is not charged to the model).
 """
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
 from ..base.registry import Registry
 
 BACKENDS = Registry("bench backend")

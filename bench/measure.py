@@ -6,7 +6,7 @@ import logging
 import os
 import time
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
 from ..bundle.manifest import MANIFEST_FILE
 from .process import WorkerProcess
 from .stats import schedule, split_runs, summarize

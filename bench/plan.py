@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
+from ..bundle.checks import static_batch
 from .backends import BACKENDS, unsupported
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,6 @@ def describe(path):
     from ..core.checkpoint import load_checkpoint
     from ..core.data import InputSpec
     from ..base.files import spec_from_file
-    from ..bundle.runner import static_batch
     from ..bundle.runtime import verify_bundle
 
     name = os.path.basename(os.path.normpath(path))

@@ -12,7 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
+from ..bundle.device import unsupported_batch
 from ..core.config import BENCH_DEFAULTS, BENCH_QUICK
 # The building blocks, importable from here as before the split (tools/ and the tests use them).
 from .measure import (CHECK_S, EXTRA_ROUNDS, _measure, _measure_remote, _prepare, _progress_bar, save_images,  # noqa: F401
@@ -147,8 +148,6 @@ def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> Di
 
 def _static_batch_status(jobs, batch_sizes):
     """A bundle with a static batch (``edgekd export --target arm64`` for OpenVINO) is timed at that batch only."""
-    from ..bundle.runner import unsupported_batch
-
     for job in jobs:
         if job.static_batch:
             job.batch_status = {b: unsupported_batch(job.static_batch, b) for b in batch_sizes if b != job.static_batch}

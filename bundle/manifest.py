@@ -1,13 +1,16 @@
 """Bundle manifests: the ``Manifest`` type, read, checked and written here only; the bundle's file names
-and the one sha256 (both bundle/runner.py's, which devices run alone, re-exported here)."""
+and the one sha256 (both bundle/checks.py's, which the device runner carries, re-exported here)."""
 
+import dataclasses
+import json
 import math
 import os
-import dataclasses
 from dataclasses import dataclass, replace
+from importlib import metadata
 from typing import Any, Dict, List, Union
 
-from .runner import FORMAT_FILES, MANIFEST_FILE, read_manifest as _read_json, sha256_file
+from ..base.errors import EdgeKDError
+from .checks import FORMAT_FILES, MANIFEST_FILE, read_manifest as _read_json, sha256_file
 
 MANIFEST = MANIFEST_FILE  # its older name
 # edgekd's metadata inside an ONNX file (written by export, read by the ONNX teacher source):
@@ -37,8 +40,6 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> "Manifest":
         """The manifest of a JSON object, or EdgeKDError naming the first field that is missing or malformed."""
-        from .. import EdgeKDError
-
         problem = schema_problem(data)
         if problem:
             raise EdgeKDError(f"{where} fails the manifest schema: {problem}")
@@ -57,8 +58,6 @@ class Manifest:
 
     def write(self, folder: str) -> None:
         """Write ``folder``/manifest.json atomically (fsynced before it replaces an older one)."""
-        import json
-
         path = os.path.join(folder, MANIFEST_FILE)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -89,8 +88,6 @@ class Manifest:
 
 def library_versions(names=("edgekd", "torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "numpy")):
     """Installed versions by distribution name (openvino's __version__ is not PEP 440, metadata is)."""
-    from importlib import metadata
-
     versions = {}
     for name in names:
         try:

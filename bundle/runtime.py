@@ -3,7 +3,8 @@ preprocess images exactly as training did, run the model, return class names and
 
 Needs numpy, Pillow and the bundle's runtime (onnxruntime for ONNX, openvino for OpenVINO IR), never
 PyTorch; ``edgekd.runtime`` is its public import path. The session, preprocessing and checksum code is
-bundle/runner.py's: one implementation for predict, export validation, bench and devices.
+bundle/{checks,preprocessing,sessions}.py's (which the device runner,
+bundle/runner.py, carries): one implementation for predict, export validation, bench and devices.
 """
 
 import os
@@ -12,9 +13,8 @@ import tempfile
 import zipfile
 import zlib
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
 from . import runner
-
 from .manifest import Manifest
 
 

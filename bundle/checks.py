@@ -1,0 +1,139 @@
+"""Bundle verification, torch-free and standalone (part of the device runner): the bundle's file names, the
+bounded JSON reader, manifest.json's JSON, sha256 sums, and what a manifest says about its session."""
+
+import hashlib
+import json
+import os
+
+from ..base.errors import BundleError
+
+
+# The names of a bundle's files, for all of edgekd (edgekd.bundle.manifest re-exports them): the manifest,
+# and per format the files its export writes, the model file the runtime opens first.
+MANIFEST_FILE = "manifest.json"
+FORMAT_FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
+RUNTIME_PACKAGE = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+# A manifest is a few kilobytes (the calibration record lists image ids: a few megabytes at most), and a
+# few levels deep; anything far beyond is damage or an attack, refused before it is parsed or walked.
+MAX_JSON_BYTES = 64 * 1024 ** 2
+MAX_JSON_DEPTH = 32
+
+
+def json_depth_problem(value, limit=MAX_JSON_DEPTH):
+    """'nested N levels deep' when a parsed JSON/YAML value nests deeper than ``limit``, else None (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return "nested more than %d levels deep (at most %d)" % (limit, limit)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return None
+
+
+def load_json(path, what, error=None, max_bytes=MAX_JSON_BYTES):
+    """The JSON value in ``path``, or ``error`` (an exception class, BundleError by default) in one line naming
+    ``what``: too large, not UTF-8 JSON, or nested too deeply (json's recursion ends in RecursionError)."""
+    error = error or BundleError
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise error("%s %r is %.1f MB; a valid one is far smaller (at most %d MB)"
+                    % (what, path, size / 1e6, max_bytes // 1024 ** 2))
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise error("%s %r is not valid JSON: %s" % (what, path, str(e).splitlines()[0] if str(e) else
+                                                     type(e).__name__)) from e
+    except RecursionError as e:
+        raise error("%s %r is not valid: nested too deeply (at most %d levels)" % (what, path, MAX_JSON_DEPTH)) from e
+    deep = json_depth_problem(value)
+    if deep:
+        raise error("%s %r is not valid: %s" % (what, path, deep))
+    return value
+
+
+def read_manifest(folder):
+    """The JSON of a bundle's manifest.json: the one place that reads the file (edgekd.bundle.manifest.Manifest
+    checks its fields; on a device the runner uses what it needs)."""
+    path = os.path.join(folder, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise BundleError("%r is not a bundle: it has no %s" % (folder, MANIFEST_FILE))
+    return load_json(path, "bundle manifest")  # bounded: size, nesting
+
+
+def sha256_file(path, chunk=1 << 20):
+    """The sha256 of a file, read in 1 MiB blocks: edgekd's one implementation (checkpoints, teachers, bundles)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_files(folder, manifest):
+    """A bundle is exactly its manifest: every file the manifest lists lies inside the folder (no links, no ../)
+    and matches its sha256, and the folder holds nothing else (a file nobody checked could be what a runtime
+    reads: OpenVINO finds model.bin beside model.xml whether or not it is listed)."""
+    root = os.path.realpath(folder)
+    unlisted = sorted(n for n in os.listdir(root) if n != MANIFEST_FILE and n not in manifest["files"])
+    if unlisted:
+        raise BundleError("bundle %r holds %s, which its manifest.json does not list (a bundle is exactly the files "
+                          "its manifest lists: remove them, or export again)" % (folder, ", ".join(unlisted)[:200]))
+    for name, digest in manifest["files"].items():
+        path = os.path.join(root, name)
+        if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != root:
+            raise BundleError("bundle file %r points outside the bundle folder" % name)
+        if not os.path.isfile(path):
+            raise BundleError("bundle %r is missing %r" % (folder, name))
+        if sha256_file(path) != digest:
+            raise BundleError("bundle file %r does not match its sha256 in manifest.json (corrupt or edited)" % name)
+
+
+def verify(folder):
+    """The bundle's manifest, after checking every listed file."""
+    manifest = read_manifest(folder)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):  # (edgekd checks the schema)
+        raise BundleError("bundle manifest in %r is not an edgekd manifest (no 'files' map)" % folder)
+    check_files(folder, manifest)
+    return manifest
+
+
+def model_path(folder, manifest):
+    return os.path.join(folder, manifest.get("model_file") or FORMAT_FILES[manifest["format"]][0])
+
+
+def precision_hint(manifest):
+    """The precision OpenVINO's CPU plugin must compute in: the one the bundle was validated at (f32).
+
+    Left alone, the plugin silently runs FP32 models in bf16 on CPUs with AVX512_BF16 or AMX, which moves
+    logits by about 1e-2: an fp32 bundle (or row of a benchmark) would no longer be fp32.
+    """
+    runtime = manifest.get("runtime")
+    hint = runtime.get("inference_precision") if isinstance(runtime, dict) else None
+    if hint is None:
+        return "f32"
+    if hint not in ("f32", "f16", "bf16"):  # what edgekd writes; anything else is damage
+        raise BundleError("manifest field 'runtime.inference_precision' must be f32, f16 or bf16, got %r" % (hint,))
+    return hint
+
+
+
+def static_batch(manifest):
+    """The one batch size a static-batch bundle accepts (``input.shape[0]``), or None for a dynamic batch.
+
+    OpenVINO for aarch64 cannot compile some dynamic-batch models (MobileNetV3-small), so ``edgekd export
+    --target arm64`` writes OpenVINO bundles with a static batch.
+    """
+    n = (manifest.get("input") or {}).get("shape", [-1])[0]
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_outputs(count, classes):
+    """A BundleError when the model's number of outputs is not the manifest's number of class names."""
+    if count is not None and count != len(classes):
+        raise BundleError("the bundle's model has %d outputs but its manifest names %d classes: the manifest does not "
+                          "describe this model (export it again)" % (count, len(classes)))
