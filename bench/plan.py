@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from ..base.errors import EdgeKDError
-from ..bundle.checks import static_batch
 from .backends import BACKENDS, unsupported
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ def describe(path):
                      input=InputSpec(m.channels, *m.input["resize"], m.input["mean"], m.input["std"],
                                      m.input.get("crop_pct")),
                      classes=m.classes, data=spec_from_file(m.record("data"), path),
-                     static_batch=static_batch({"input": m.input}))
+                     static_batch=m.static_batch)
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
         return Model(model=name[:-3] if name.endswith(".pt") else name, path=path, kind="checkpoint",

@@ -1,5 +1,6 @@
 """Bundle verification, torch-free and standalone (part of the device runner): the bundle's file names, the
-bounded JSON reader, manifest.json's JSON, sha256 sums, and what a manifest says about its session."""
+bounded JSON reader, manifest.json's JSON, sha256 sums, the files against their sums, the model's outputs against
+the class names."""
 
 import hashlib
 import json
@@ -56,7 +57,7 @@ def load_json(path, what, error=None, max_bytes=MAX_JSON_BYTES):
     return value
 
 
-def read_manifest(folder):
+def manifest_json(folder):
     """The JSON of a bundle's manifest.json: the one place that reads the file (edgekd.bundle.manifest.Manifest
     checks its fields; on a device the runner uses what it needs)."""
     path = os.path.join(folder, MANIFEST_FILE)
@@ -74,16 +75,16 @@ def sha256_file(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def check_files(folder, manifest):
+def check_files(folder, files):
     """A bundle is exactly its manifest: every file the manifest lists lies inside the folder (no links, no ../)
     and matches its sha256, and the folder holds nothing else (a file nobody checked could be what a runtime
     reads: OpenVINO finds model.bin beside model.xml whether or not it is listed)."""
     root = os.path.realpath(folder)
-    unlisted = sorted(n for n in os.listdir(root) if n != MANIFEST_FILE and n not in manifest["files"])
+    unlisted = sorted(n for n in os.listdir(root) if n != MANIFEST_FILE and n not in files)
     if unlisted:
         raise BundleError("bundle %r holds %s, which its manifest.json does not list (a bundle is exactly the files "
                           "its manifest lists: remove them, or export again)" % (folder, ", ".join(unlisted)[:200]))
-    for name, digest in manifest["files"].items():
+    for name, digest in files.items():
         path = os.path.join(root, name)
         if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != root:
             raise BundleError("bundle file %r points outside the bundle folder" % name)
@@ -91,45 +92,6 @@ def check_files(folder, manifest):
             raise BundleError("bundle %r is missing %r" % (folder, name))
         if sha256_file(path) != digest:
             raise BundleError("bundle file %r does not match its sha256 in manifest.json (corrupt or edited)" % name)
-
-
-def verify(folder):
-    """The bundle's manifest, after checking every listed file."""
-    manifest = read_manifest(folder)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):  # (edgekd checks the schema)
-        raise BundleError("bundle manifest in %r is not an edgekd manifest (no 'files' map)" % folder)
-    check_files(folder, manifest)
-    return manifest
-
-
-def model_path(folder, manifest):
-    return os.path.join(folder, manifest.get("model_file") or FORMAT_FILES[manifest["format"]][0])
-
-
-def precision_hint(manifest):
-    """The precision OpenVINO's CPU plugin must compute in: the one the bundle was validated at (f32).
-
-    Left alone, the plugin silently runs FP32 models in bf16 on CPUs with AVX512_BF16 or AMX, which moves
-    logits by about 1e-2: an fp32 bundle (or row of a benchmark) would no longer be fp32.
-    """
-    runtime = manifest.get("runtime")
-    hint = runtime.get("inference_precision") if isinstance(runtime, dict) else None
-    if hint is None:
-        return "f32"
-    if hint not in ("f32", "f16", "bf16"):  # what edgekd writes; anything else is damage
-        raise BundleError("manifest field 'runtime.inference_precision' must be f32, f16 or bf16, got %r" % (hint,))
-    return hint
-
-
-
-def static_batch(manifest):
-    """The one batch size a static-batch bundle accepts (``input.shape[0]``), or None for a dynamic batch.
-
-    OpenVINO for aarch64 cannot compile some dynamic-batch models (MobileNetV3-small), so ``edgekd export
-    --target arm64`` writes OpenVINO bundles with a static batch.
-    """
-    n = (manifest.get("input") or {}).get("shape", [-1])[0]
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def check_outputs(count, classes):

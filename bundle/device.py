@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import List, Optional
 
 from ..base.errors import BundleError
-from .checks import RUNTIME_PACKAGE, check_outputs, static_batch, verify
+from .checks import RUNTIME_PACKAGE, check_outputs
 from .environment import environment, library_version, time_calls
+from .manifest import Manifest, verify
 from .preprocessing import load_images, printable
 from .sessions import in_batches_of, message, open_model, open_session
 
@@ -51,6 +52,26 @@ class BenchJob:
         return json.dumps(asdict(self))
 
 
+@dataclass
+class LogitsJob:
+    """What ``logits JOB.json`` asks for (edgekd.export.target writes it): a model file, its format and precision,
+    the images (.npy beside the job file), where to save the logits, and a static batch if the model has one."""
+
+    model: str
+    format: str
+    images: str
+    out: str
+    precision: Optional[str] = None
+    static_batch: Optional[int] = None
+
+    @classmethod
+    def read(cls, path):
+        with open(path) as f:
+            values = json.load(f)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
 def bench_one(folder, job, images, labels):
     """Accuracy on every image, then raw per-call times for each batch size, each call on different
     images; the caller computes the statistics. A failure is the row's status."""
@@ -66,7 +87,7 @@ def bench_one(folder, job, images, labels):
         return {"status": str(e)}
     logits = np.concatenate([np.asarray(run(images[i:i + 64])) for i in range(0, len(images), 64)])
     top5 = np.argsort(-logits, axis=1)[:, :5]
-    times, skipped, static = {}, {}, static_batch(manifest)
+    times, skipped, static = {}, {}, manifest.static_batch
     for b in job.batch_sizes:
         if static and b != static:
             skipped[str(b)] = unsupported_batch(static, b)
@@ -133,33 +154,32 @@ def text_lines(results):
 def predict(folder, paths, k=1):
     manifest = verify(folder)
     run, _ = open_session(folder, manifest)
-    return ranked(paths, run(load_images(paths, manifest["input"])), manifest["classes"], k)
+    return ranked(paths, run(load_images(paths, manifest.input)), manifest.classes, k)
 
 
-def agreement(manifest, logits):
-    """Why the logits of the manifest's parity images disagree with the exporting machine's, or None.
+def agreement(parity, logits):
+    """Why the logits of the manifest's parity images disagree with the exporting machine's (``parity``), or None.
 
     FP32 and FP16 are held to the bundle's own logit tolerance; INT8 (whose integer kernels differ between
     CPUs) to top-1 agreement on at least ``min_agreement`` of the images.
     """
     import numpy as np
 
-    parity = manifest["parity"]
-    expected = np.asarray(parity["logits"], dtype=np.float64)
+    expected = np.asarray(parity.logits, dtype=np.float64)
     logits = np.asarray(logits, dtype=np.float64)
     if logits.shape != expected.shape:
         return "output shape %s, the exporting machine's was %s" % (logits.shape, expected.shape)
     if not np.isfinite(logits).all():
         return "the output holds NaN or infinity"
-    if parity.get("atol") is not None:
+    if parity.atol is not None:
         diff = float(np.abs(logits - expected).max())
-        if not diff <= parity["atol"]:
+        if not diff <= parity.atol:
             return "max |logit difference| %.3g from the exporting machine's exceeds %g on %d parity images" % (
-                diff, parity["atol"], len(expected))
+                diff, parity.atol, len(expected))
     same = float((logits.argmax(1) == expected.argmax(1)).mean())
-    if not same >= parity.get("min_agreement", 1.0):
+    if not same >= parity.min_agreement:
         return "top-1 agrees with the exporting machine's on %.0f%% of %d parity images (needs %.0f%%)" % (
-            same * 100, len(expected), parity.get("min_agreement", 1.0) * 100)
+            same * 100, len(expected), parity.min_agreement * 100)
     return None
 
 
@@ -170,39 +190,38 @@ def check(folder):
 
     manifest = verify(folder)
     run, info = open_session(folder, manifest)
-    c, h, w = manifest["input"]["shape"][1], manifest["input"]["resize"][0], manifest["input"]["resize"][1]
+    (h, w), parity = manifest.resize, manifest.parity
     try:
-        out = np.asarray(run(np.zeros((static_batch(manifest) or 1, c, h, w), dtype=np.float32)))
+        out = np.asarray(run(np.zeros((manifest.static_batch or 1, manifest.channels, h, w), dtype=np.float32)))
         result = {"ok": True, "output_shape": list(out.shape), "runtime_device": info.get("runtime_device"),
                   "runtime_precision": info.get("runtime_precision"), "parity_images": 0}
-        if manifest.get("parity"):
-            images = np.load(os.path.join(folder, manifest["parity"]["file"]))
-            problem = agreement(manifest, run(images))
+        if parity:
+            images = np.load(os.path.join(folder, parity.file))
+            problem = agreement(parity, run(images))
             if problem:
                 raise BundleError("parity check failed on this device: " + problem)
             result["parity_images"] = len(images)
     except BundleError:
         raise
     except Exception as e:
-        runtime = RUNTIME_PACKAGE.get(manifest["format"])
+        runtime = RUNTIME_PACKAGE.get(manifest.format)
         raise BundleError("%s %s cannot run this bundle: %s" % (runtime, library_version(runtime), message(e)))
     return result
 
 
 def logits(job_path):
-    """Export's parity gate on a device: ``{"model", "format", "precision", "images", "out", "static_batch"}``
-    -> the model file's logits on the images, saved to ``out`` (.npy)."""
+    """Export's parity gate on a device: a LogitsJob -> the model file's logits on the images, saved to ``out``
+    (.npy)."""
     import numpy as np
 
-    with open(job_path) as f:
-        job = json.load(f)
+    job = LogitsJob.read(job_path)
     base = os.path.dirname(os.path.abspath(job_path))
-    run, info = open_model(os.path.join(base, job["model"]), job["format"], precision=job.get("precision") or "f32")
-    if job.get("static_batch"):
-        run = in_batches_of(run, job["static_batch"])
-    images = np.load(os.path.join(base, job["images"]))
+    run, info = open_model(os.path.join(base, job.model), job.format, precision=job.precision or "f32")
+    if job.static_batch:
+        run = in_batches_of(run, job.static_batch)
+    images = np.load(os.path.join(base, job.images))
     out = np.concatenate([np.asarray(run(images[i:i + 64])) for i in range(0, len(images), 64)])
-    np.save(os.path.join(base, job["out"]), out.astype(np.float32))
+    np.save(os.path.join(base, job.out), out.astype(np.float32))
     return {"environment": environment(), "runtime": info}
 
 

@@ -15,7 +15,7 @@ import zlib
 
 from ..base.errors import EdgeKDError
 from . import runner
-from .manifest import Manifest
+from .manifest import verify
 
 
 def check_external_data(model_path, listed):
@@ -41,8 +41,7 @@ def check_external_data(model_path, listed):
 def verify_bundle(folder):
     """The bundle's Manifest (schema-checked), after checking every listed file against its sha256 and that
     ONNX external data stays inside the bundle."""
-    manifest = Manifest.read(folder)
-    runner.check_files(folder, manifest.to_dict())
+    manifest = verify(folder)
     if manifest.format == "onnx":
         check_external_data(os.path.join(folder, manifest.model_file), manifest.files)
     return manifest
@@ -59,7 +58,7 @@ class Bundle:
         self.folder = folder
         self.manifest = verify_bundle(folder)
         self.classes = self.manifest.classes
-        self.run, self.info = runner.open_session(folder, self.manifest.to_dict(), threads, device, runtime)
+        self.run, self.info = runner.open_session(folder, self.manifest, threads, device, runtime)
 
     def preprocess(self, image):
         """PIL image -> (C, H, W) float32, the same steps as the training transform: mode, resize, /255, normalise."""

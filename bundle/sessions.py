@@ -6,8 +6,9 @@ import re
 from typing import Any, List
 
 from ..base.errors import BundleError
-from .checks import RUNTIME_PACKAGE, check_outputs, model_path, precision_hint, static_batch
+from .checks import RUNTIME_PACKAGE, check_outputs
 from .environment import affinity_cpu_count, library_version
+from .manifest import Manifest
 
 
 def in_batches_of(run, n):
@@ -36,11 +37,10 @@ def open_session(folder, manifest, threads=None, device="cpu", runtime=None):
     device, threads and precision the runtime actually uses. ``runtime`` defaults to the format's.
     A static-batch bundle's ``run`` takes any batch (in slices of its batch size). A model whose number of
     outputs (when the model states it) is not the manifest's number of classes is refused."""
-    run, info = open_model(model_path(folder, manifest), manifest["format"], threads, device, precision_hint(manifest),
+    run, info = open_model(manifest.model_path(folder), manifest.format, threads, device, manifest.inference_precision,
                            runtime)
-    if isinstance(manifest.get("classes"), list):
-        check_outputs(info.get("outputs"), manifest["classes"])
-    n = static_batch(manifest)
+    check_outputs(info.get("outputs"), manifest.classes)
+    n = manifest.static_batch
     return (in_batches_of(run, n), dict(info, static_batch=n)) if n else (run, info)
 
 

@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_the_shipped_runner_is_generated_from_the_bundle_modules():
-    """bundle/runner.py is what ``python -m edgekd.bundle.assemble`` writes (edit the modules, then run it)."""
+    """bundle/runner.py is what ``python bundle/assemble.py`` writes (edit the modules, then run it)."""
     assert (ROOT / "bundle/runner.py").read_text() == assemble.runner_source()
 
 
