@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from ..base.errors import EdgeKDError
+from ..base.files import spec_from_file
+from ..bundle.manifest import read_manifest
+from ..bundle.runtime import verify_bundle
 from .backends import BACKENDS, unsupported
 
 log = logging.getLogger(__name__)
@@ -80,8 +83,6 @@ def describe(path):
     """What a MODEL argument is: a checkpoint (.pt) or a bundle folder, with its size, params and FLOPs."""
     from ..core.checkpoint import load_checkpoint
     from ..core.data import InputSpec
-    from ..base.files import spec_from_file
-    from ..bundle.runtime import verify_bundle
 
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
@@ -154,7 +155,6 @@ def activation_bytes(d):
 
 
 def read_manifest_of(folder):
-    from ..bundle.manifest import read_manifest
 
     return read_manifest(folder)
 

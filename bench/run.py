@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..base.errors import EdgeKDError
+from ..base.outdir import temp_prefix
 from ..bundle.device import unsupported_batch
 from ..core.config import BENCH_DEFAULTS, BENCH_QUICK
 # The building blocks, importable from here as before the split (tools/ and the tests use them).
@@ -20,7 +21,8 @@ from .measure import (CHECK_S, EXTRA_ROUNDS, _measure, _measure_remote, _prepare
                       _ssh_targets, _timed_rounds, kept_visits)
 from .plan import (NATIVE_BACKEND, Job, Model, check_batch_memory, check_device, describe, parse_cpus,  # noqa: F401
                    plan_jobs)
-from .results import _loadavg, attach_profiles, build_rows, environment, job_of, mark_best, write_outputs  # noqa: F401
+from .report import compare_results, load_results, table
+from .results import _loadavg, attach_profiles, bench_environment, build_rows, job_of, mark_best, write_outputs  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +108,6 @@ def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> Di
 
     Returns the result dict plus ``table`` (markdown) and ``comparison`` (text, when ``results.compare`` is given).
     """
-    from ..base.outdir import temp_prefix
-    from .report import compare_results, load_results, table
 
     m = measurement
     devices = [check_device(d) for d in plan.devices]
@@ -121,7 +121,7 @@ def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> Di
     _static_batch_status(jobs, m.batch_sizes)
     data_spec = plan.data or described[0].data or "digits"
     settings = _settings(plan, m, results, devices, cpus, threads)
-    env = environment(threads, cpus)
+    env = bench_environment(threads, cpus)
     bar = _progress_bar(jobs, settings, m.progress)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("bench")) as folder:
         try:
