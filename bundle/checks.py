@@ -5,6 +5,7 @@ the class names."""
 import hashlib
 import json
 import os
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 from ..base.errors import BundleError
 
@@ -21,9 +22,9 @@ MAX_JSON_BYTES = 64 * 1024 ** 2
 MAX_JSON_DEPTH = 32
 
 
-def json_depth_problem(value, limit=MAX_JSON_DEPTH):
+def json_depth_problem(value: Any, limit: int = MAX_JSON_DEPTH) -> Optional[str]:
     """'nested N levels deep' when a parsed JSON/YAML value nests deeper than ``limit``, else None (no recursion)."""
-    stack = [(value, 1)]
+    stack: List[Tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > limit:
@@ -35,7 +36,7 @@ def json_depth_problem(value, limit=MAX_JSON_DEPTH):
     return None
 
 
-def load_json(path, what, error=None, max_bytes=MAX_JSON_BYTES):
+def load_json(path: str, what: str, error: Optional[Type[Exception]] = None, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """The JSON value in ``path``, or ``error`` (an exception class, BundleError by default) in one line naming
     ``what``: too large, not UTF-8 JSON, or nested too deeply (json's recursion ends in RecursionError)."""
     error = error or BundleError
@@ -57,7 +58,7 @@ def load_json(path, what, error=None, max_bytes=MAX_JSON_BYTES):
     return value
 
 
-def manifest_json(folder):
+def manifest_json(folder: str) -> Any:
     """The JSON of a bundle's manifest.json: the one place that reads the file (edgekd.bundle.manifest.Manifest
     checks its fields; on a device the runner uses what it needs)."""
     path = os.path.join(folder, MANIFEST_FILE)
@@ -66,7 +67,7 @@ def manifest_json(folder):
     return load_json(path, "bundle manifest")  # bounded: size, nesting
 
 
-def sha256_file(path, chunk=1 << 20):
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     """The sha256 of a file, read in 1 MiB blocks: edgekd's one implementation (checkpoints, teachers, bundles)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -75,7 +76,7 @@ def sha256_file(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def check_files(folder, files):
+def check_files(folder: str, files: Dict[str, str]) -> None:
     """A bundle is exactly its manifest: every file the manifest lists lies inside the folder (no links, no ../)
     and matches its sha256, and the folder holds nothing else (a file nobody checked could be what a runtime
     reads: OpenVINO finds model.bin beside model.xml whether or not it is listed)."""
@@ -94,7 +95,7 @@ def check_files(folder, files):
             raise BundleError("bundle file %r does not match its sha256 in manifest.json (corrupt or edited)" % name)
 
 
-def check_outputs(count, classes):
+def check_outputs(count: Optional[int], classes: List[str]) -> None:
     """A BundleError when the model's number of outputs is not the manifest's number of class names."""
     if count is not None and count != len(classes):
         raise BundleError("the bundle's model has %d outputs but its manifest names %d classes: the manifest does not "

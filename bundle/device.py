@@ -204,7 +204,7 @@ def check(folder):
     except BundleError:
         raise
     except Exception as e:
-        runtime = RUNTIME_PACKAGE.get(manifest.format)
+        runtime = RUNTIME_PACKAGE[manifest.format]  # the schema allows only its keys
         raise BundleError("%s %s cannot run this bundle: %s" % (runtime, library_version(runtime), message(e)))
     return result
 

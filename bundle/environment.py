@@ -6,13 +6,14 @@ import platform
 import re
 import time
 from importlib import metadata
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 
-def time_calls(run, inputs, warmup, runs):
+def time_calls(run: Callable[[Any], Any], inputs: Sequence[Any], warmup: int, runs: int) -> List[float]:
     """Per-call wall times in ms: ``warmup`` untimed calls, then ``runs`` timed ones cycling through inputs."""
     for i in range(warmup):
         run(inputs[i % len(inputs)])
-    times = []
+    times: List[float] = []
     for i in range(runs):
         x = inputs[i % len(inputs)]
         t0 = time.perf_counter()
@@ -21,7 +22,7 @@ def time_calls(run, inputs, warmup, runs):
     return times
 
 
-def library_version(module_name):
+def library_version(module_name: str) -> Optional[str]:
     """An installed distribution's version, or None."""
     try:
         return metadata.version(module_name)
@@ -29,12 +30,13 @@ def library_version(module_name):
         return None
 
 
-def affinity_cpu_count():
+def affinity_cpu_count() -> int:
     """The CPUs in this process's affinity mask (no cgroup quota applied: edgekd.base.cpu.usable_cpus does that)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _cpuinfo():
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             return f.read()
@@ -42,7 +44,7 @@ def _cpuinfo():
         return ""
 
 
-def emulation(cpuinfo=None, machine=None):
+def emulation(cpuinfo: Optional[str] = None, machine: Optional[str] = None) -> Optional[str]:
     """``"qemu"`` when this Python runs under QEMU user-mode emulation (an ARM board emulated on an x86
     machine), else None. Emulated timings are not latency: the bench labels such rows and ranks none.
 
@@ -66,9 +68,9 @@ def emulation(cpuinfo=None, machine=None):
     return None
 
 
-def environment():
+def environment() -> Dict[str, Any]:
     text = _cpuinfo()
-    fields: dict = {}  # the first value of each /proc/cpuinfo key
+    fields: Dict[str, str] = {}  # the first value of each /proc/cpuinfo key
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
@@ -78,7 +80,7 @@ def environment():
     cpu = next((n for n in names if n and not n.isdigit()), None) or platform.processor() or platform.machine()
     flags = (fields.get("flags") or fields.get("features") or "").split()
     versions = {name: library_version(name) for name in ("numpy", "onnxruntime", "openvino", "pillow")}
-    env = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform(),
+    env: Dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform(),
            "python": platform.python_version(), "versions": {k: v for k, v in versions.items() if v},
            "cpu_flags": flags}
     emulated = emulation(text)

@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from importlib import metadata
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 try:  # inside edgekd a bundle error is the CLI's one-line user error (exit 2); on a device the runner stands alone
     from edgekd.base.errors import BundleError
@@ -36,11 +36,11 @@ except ImportError:
 
 # ---------------------------------------- bundle/environment.py
 
-def time_calls(run, inputs, warmup, runs):
+def time_calls(run: Callable[[Any], Any], inputs: Sequence[Any], warmup: int, runs: int) -> List[float]:
     """Per-call wall times in ms: ``warmup`` untimed calls, then ``runs`` timed ones cycling through inputs."""
     for i in range(warmup):
         run(inputs[i % len(inputs)])
-    times = []
+    times: List[float] = []
     for i in range(runs):
         x = inputs[i % len(inputs)]
         t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def time_calls(run, inputs, warmup, runs):
     return times
 
 
-def library_version(module_name):
+def library_version(module_name: str) -> Optional[str]:
     """An installed distribution's version, or None."""
     try:
         return metadata.version(module_name)
@@ -57,12 +57,13 @@ def library_version(module_name):
         return None
 
 
-def affinity_cpu_count():
+def affinity_cpu_count() -> int:
     """The CPUs in this process's affinity mask (no cgroup quota applied: edgekd.base.cpu.usable_cpus does that)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _cpuinfo():
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             return f.read()
@@ -70,7 +71,7 @@ def _cpuinfo():
         return ""
 
 
-def emulation(cpuinfo=None, machine=None):
+def emulation(cpuinfo: Optional[str] = None, machine: Optional[str] = None) -> Optional[str]:
     """``"qemu"`` when this Python runs under QEMU user-mode emulation (an ARM board emulated on an x86
     machine), else None. Emulated timings are not latency: the bench labels such rows and ranks none.
 
@@ -94,9 +95,9 @@ def emulation(cpuinfo=None, machine=None):
     return None
 
 
-def environment():
+def environment() -> Dict[str, Any]:
     text = _cpuinfo()
-    fields: dict = {}  # the first value of each /proc/cpuinfo key
+    fields: Dict[str, str] = {}  # the first value of each /proc/cpuinfo key
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
@@ -106,7 +107,7 @@ def environment():
     cpu = next((n for n in names if n and not n.isdigit()), None) or platform.processor() or platform.machine()
     flags = (fields.get("flags") or fields.get("features") or "").split()
     versions = {name: library_version(name) for name in ("numpy", "onnxruntime", "openvino", "pillow")}
-    env = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform(),
+    env: Dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform(),
            "python": platform.python_version(), "versions": {k: v for k, v in versions.items() if v},
            "cpu_flags": flags}
     emulated = emulation(text)
@@ -129,9 +130,9 @@ MAX_JSON_BYTES = 64 * 1024 ** 2
 MAX_JSON_DEPTH = 32
 
 
-def json_depth_problem(value, limit=MAX_JSON_DEPTH):
+def json_depth_problem(value: Any, limit: int = MAX_JSON_DEPTH) -> Optional[str]:
     """'nested N levels deep' when a parsed JSON/YAML value nests deeper than ``limit``, else None (no recursion)."""
-    stack = [(value, 1)]
+    stack: List[Tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > limit:
@@ -143,7 +144,7 @@ def json_depth_problem(value, limit=MAX_JSON_DEPTH):
     return None
 
 
-def load_json(path, what, error=None, max_bytes=MAX_JSON_BYTES):
+def load_json(path: str, what: str, error: Optional[Type[Exception]] = None, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """The JSON value in ``path``, or ``error`` (an exception class, BundleError by default) in one line naming
     ``what``: too large, not UTF-8 JSON, or nested too deeply (json's recursion ends in RecursionError)."""
     error = error or BundleError
@@ -165,7 +166,7 @@ def load_json(path, what, error=None, max_bytes=MAX_JSON_BYTES):
     return value
 
 
-def manifest_json(folder):
+def manifest_json(folder: str) -> Any:
     """The JSON of a bundle's manifest.json: the one place that reads the file (edgekd.bundle.manifest.Manifest
     checks its fields; on a device the runner uses what it needs)."""
     path = os.path.join(folder, MANIFEST_FILE)
@@ -174,7 +175,7 @@ def manifest_json(folder):
     return load_json(path, "bundle manifest")  # bounded: size, nesting
 
 
-def sha256_file(path, chunk=1 << 20):
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     """The sha256 of a file, read in 1 MiB blocks: edgekd's one implementation (checkpoints, teachers, bundles)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -183,7 +184,7 @@ def sha256_file(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def check_files(folder, files):
+def check_files(folder: str, files: Dict[str, str]) -> None:
     """A bundle is exactly its manifest: every file the manifest lists lies inside the folder (no links, no ../)
     and matches its sha256, and the folder holds nothing else (a file nobody checked could be what a runtime
     reads: OpenVINO finds model.bin beside model.xml whether or not it is listed)."""
@@ -202,7 +203,7 @@ def check_files(folder, files):
             raise BundleError("bundle file %r does not match its sha256 in manifest.json (corrupt or edited)" % name)
 
 
-def check_outputs(count, classes):
+def check_outputs(count: Optional[int], classes: List[str]) -> None:
     """A BundleError when the model's number of outputs is not the manifest's number of class names."""
     if count is not None and count != len(classes):
         raise BundleError("the bundle's model has %d outputs but its manifest names %d classes: the manifest does not "
@@ -933,7 +934,7 @@ def check(folder):
     except BundleError:
         raise
     except Exception as e:
-        runtime = RUNTIME_PACKAGE.get(manifest.format)
+        runtime = RUNTIME_PACKAGE[manifest.format]  # the schema allows only its keys
         raise BundleError("%s %s cannot run this bundle: %s" % (runtime, library_version(runtime), message(e)))
     return result
 
