@@ -1,4 +1,4 @@
-"""The torch-free bundle runtime, for devices: ``from edgekd.runtime import load_bundle``.
+"""The torch-free bundle runtime, for devices: ``from edgekd.bundle import load_bundle``.
 
 It imports only numpy, Pillow and the bundle's runtime (onnxruntime or openvino); never PyTorch
 (tests/test_export_runtime.py proves it in a fresh interpreter). Example::

@@ -2,7 +2,7 @@
 preprocess images exactly as training did, run the model, return class names and scores.
 
 Needs numpy, Pillow and the bundle's runtime (onnxruntime for ONNX, openvino for OpenVINO IR), never
-PyTorch; ``edgekd.runtime`` is its public import path. The session, preprocessing and checksum code is
+PyTorch; ``edgekd.bundle`` is its public import path. The session, preprocessing and checksum code is
 bundle/{checks,preprocessing,sessions}.py's (which the device runner,
 bundle/runner.py, carries): one implementation for predict, export validation, bench and devices.
 """
