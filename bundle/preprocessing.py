@@ -4,6 +4,7 @@ exactly as training's evaluation transform, and names made safe to print."""
 import math
 import re
 import warnings
+from typing import Any, Mapping, Optional, Sequence, Tuple, Type
 
 from ..base.errors import BundleError
 
@@ -14,14 +15,14 @@ from ..base.errors import BundleError
 MAX_IMAGE_PIXELS = 89_478_485
 
 
-def image_too_large(path, pixels, size=None):
+def image_too_large(path: Any, pixels: float, size: Optional[Sequence[int]] = None) -> str:
     """The one-line refusal of an image above MAX_IMAGE_PIXELS."""
     dims = "%dx%d pixels, " % tuple(size) if size else ""
     return ("image %r is too large to decode (%s%.0f megapixels; edgekd reads images up to %.0f megapixels)"
             % (printable(str(path)), dims, pixels / 1e6, MAX_IMAGE_PIXELS / 1e6))
 
 
-def open_image(path, error=None):
+def open_image(path: Any, error: Optional[Type[Exception]] = None) -> Any:
     """An image file opened lazily (header only); ``error`` (BundleError by default) when its header claims more
     than MAX_IMAGE_PIXELS. Pillow warns above its own limit and raises above twice it: both become this refusal."""
     from PIL import Image
@@ -45,7 +46,7 @@ def open_image(path, error=None):
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def to_8bit(image):
+def to_8bit(image: Any) -> Any:
     """A PIL image with at most 8 bits per channel; 16-bit and float images scaled to 0..255, not clipped.
 
     16-bit modes (and mode I, which Pillow uses for 16-bit PNGs too) are scaled by 255/65535; float images
@@ -66,7 +67,8 @@ def to_8bit(image):
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
 
 
-def resize_crop(size, out_hw, crop_pct):
+def resize_crop(size: Tuple[int, int], out_hw: Tuple[int, int], crop_pct: Optional[float]
+                ) -> Tuple[Tuple[int, int], Tuple[int, int, int, int]]:
     """Where an image of ``size`` (width, height) goes: ``(resized (w, h), crop box (left, top, right, bottom))``.
 
     torchvision's and timm's evaluation geometry: resize the shorter side to ``out / crop_pct`` keeping the
@@ -93,7 +95,7 @@ def resize_crop(size, out_hw, crop_pct):
     return new, (left, top, left + out_w, top + out_h)
 
 
-def preprocess_pixels(image, spec):
+def preprocess_pixels(image: Any, spec: Mapping[str, Any]) -> Any:
     """PIL image -> the manifest's geometry and colour, as a PIL image (the pixels before /255 and normalising);
     16-bit and float images scaled to 8 bits first (Pillow's own conversion clips them)."""
     from PIL import Image
@@ -111,7 +113,7 @@ def preprocess_pixels(image, spec):
     return image
 
 
-def preprocess(image, spec):
+def preprocess(image: Any, spec: Mapping[str, Any]) -> Any:
     """PIL image -> (C, H, W) float32 exactly as the manifest's input spec says (training's evaluation transform):
     mode, bilinear resize of the shorter side to size / crop_pct, center crop, /255, normalise."""
     import numpy as np
@@ -123,7 +125,7 @@ def preprocess(image, spec):
     return (pixels - mean) / std
 
 
-def load_images(paths, spec):
+def load_images(paths: Sequence[Any], spec: Mapping[str, Any]) -> Any:
     """The image files as one preprocessed batch; an unreadable or oversized file is a BundleError naming it."""
     import numpy as np
     from PIL import UnidentifiedImageError
@@ -139,7 +141,7 @@ def load_images(paths, spec):
     return np.stack(batch)
 
 
-def printable(text):
+def printable(text: str) -> str:
     """``text`` with control characters (escape sequences, carriage returns, bidi overrides) escaped, so a name
     read from a file cannot move the cursor, recolour or rewrite what the terminal shows."""
     if text.isprintable():

@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from importlib import metadata
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 try:  # inside edgekd a bundle error is the CLI's one-line user error (exit 2); on a device the runner stands alone
     from edgekd.base.errors import BundleError
@@ -456,14 +456,14 @@ def schema_problem(m):
 MAX_IMAGE_PIXELS = 89_478_485
 
 
-def image_too_large(path, pixels, size=None):
+def image_too_large(path: Any, pixels: float, size: Optional[Sequence[int]] = None) -> str:
     """The one-line refusal of an image above MAX_IMAGE_PIXELS."""
     dims = "%dx%d pixels, " % tuple(size) if size else ""
     return ("image %r is too large to decode (%s%.0f megapixels; edgekd reads images up to %.0f megapixels)"
             % (printable(str(path)), dims, pixels / 1e6, MAX_IMAGE_PIXELS / 1e6))
 
 
-def open_image(path, error=None):
+def open_image(path: Any, error: Optional[Type[Exception]] = None) -> Any:
     """An image file opened lazily (header only); ``error`` (BundleError by default) when its header claims more
     than MAX_IMAGE_PIXELS. Pillow warns above its own limit and raises above twice it: both become this refusal."""
     from PIL import Image
@@ -487,7 +487,7 @@ def open_image(path, error=None):
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def to_8bit(image):
+def to_8bit(image: Any) -> Any:
     """A PIL image with at most 8 bits per channel; 16-bit and float images scaled to 0..255, not clipped.
 
     16-bit modes (and mode I, which Pillow uses for 16-bit PNGs too) are scaled by 255/65535; float images
@@ -508,7 +508,8 @@ def to_8bit(image):
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
 
 
-def resize_crop(size, out_hw, crop_pct):
+def resize_crop(size: Tuple[int, int], out_hw: Tuple[int, int], crop_pct: Optional[float]
+                ) -> Tuple[Tuple[int, int], Tuple[int, int, int, int]]:
     """Where an image of ``size`` (width, height) goes: ``(resized (w, h), crop box (left, top, right, bottom))``.
 
     torchvision's and timm's evaluation geometry: resize the shorter side to ``out / crop_pct`` keeping the
@@ -535,7 +536,7 @@ def resize_crop(size, out_hw, crop_pct):
     return new, (left, top, left + out_w, top + out_h)
 
 
-def preprocess_pixels(image, spec):
+def preprocess_pixels(image: Any, spec: Mapping[str, Any]) -> Any:
     """PIL image -> the manifest's geometry and colour, as a PIL image (the pixels before /255 and normalising);
     16-bit and float images scaled to 8 bits first (Pillow's own conversion clips them)."""
     from PIL import Image
@@ -553,7 +554,7 @@ def preprocess_pixels(image, spec):
     return image
 
 
-def preprocess(image, spec):
+def preprocess(image: Any, spec: Mapping[str, Any]) -> Any:
     """PIL image -> (C, H, W) float32 exactly as the manifest's input spec says (training's evaluation transform):
     mode, bilinear resize of the shorter side to size / crop_pct, center crop, /255, normalise."""
     import numpy as np
@@ -565,7 +566,7 @@ def preprocess(image, spec):
     return (pixels - mean) / std
 
 
-def load_images(paths, spec):
+def load_images(paths: Sequence[Any], spec: Mapping[str, Any]) -> Any:
     """The image files as one preprocessed batch; an unreadable or oversized file is a BundleError naming it."""
     import numpy as np
     from PIL import UnidentifiedImageError
@@ -581,7 +582,7 @@ def load_images(paths, spec):
     return np.stack(batch)
 
 
-def printable(text):
+def printable(text: str) -> str:
     """``text`` with control characters (escape sequences, carriage returns, bidi overrides) escaped, so a name
     read from a file cannot move the cursor, recolour or rewrite what the terminal shows."""
     if text.isprintable():
@@ -591,12 +592,15 @@ def printable(text):
 
 # ---------------------------------------- bundle/sessions.py
 
-def in_batches_of(run, n):
+Runner = Callable[[Any], Any]  # a float32 NCHW batch -> the model's logits
+
+
+def in_batches_of(run: Runner, n: int) -> Runner:
     """``run`` for a model with a static batch of ``n``: any batch goes through in slices of ``n``, the last
     one padded with zeros (images do not interact in an inference-mode classifier)."""
     import numpy as np
 
-    def sliced(batch):
+    def sliced(batch: Any) -> Any:
         if len(batch) == n:
             return run(batch)
         outputs = []
@@ -612,7 +616,8 @@ def in_batches_of(run, n):
     return sliced
 
 
-def open_session(folder, manifest, threads=None, device="cpu", runtime=None):
+def open_session(folder: str, manifest: Manifest, threads: Optional[int] = None, device: str = "cpu",
+                 runtime: Optional[str] = None) -> Tuple[Runner, Dict[str, Any]]:
     """``(run, info)`` for a verified bundle: ``run(batch float32 NCHW) -> logits``, and ``info`` with the
     device, threads and precision the runtime actually uses. ``runtime`` defaults to the format's.
     A static-batch bundle's ``run`` takes any batch (in slices of its batch size). A model whose number of
@@ -624,7 +629,8 @@ def open_session(folder, manifest, threads=None, device="cpu", runtime=None):
     return (in_batches_of(run, n), dict(info, static_batch=n)) if n else (run, info)
 
 
-def open_model(path, fmt, threads=None, device="cpu", precision="f32", runtime=None):
+def open_model(path: str, fmt: str, threads: Optional[int] = None, device: str = "cpu", precision: str = "f32",
+               runtime: Optional[str] = None) -> Tuple[Runner, Dict[str, Any]]:
     """``(run, info)`` for one model file (see open_session); a BundleError names what is missing."""
     runtime = runtime or RUNTIME_PACKAGE.get(fmt)
     if runtime not in ("onnxruntime", "openvino") or (runtime == "onnxruntime" and fmt != "onnx"):
@@ -646,7 +652,7 @@ def open_model(path, fmt, threads=None, device="cpu", precision="f32", runtime=N
         raise BundleError("%s %s cannot load this bundle: %s" % (runtime, library_version(runtime), message(e)))
 
 
-def message(e):
+def message(e: BaseException) -> str:
     """The line of a runtime's exception that says what failed: OpenVINO's first lines only name its source
     files ("Exception from src/inference/src/cpp/core.cpp:112:")."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -656,7 +662,7 @@ def message(e):
     return lines[0] if lines else type(e).__name__
 
 
-def _onnxruntime(ort, path, threads, device):
+def _onnxruntime(ort: Any, path: str, threads: Optional[int], device: str) -> Tuple[Runner, Dict[str, Any]]:
     """ONNX Runtime on the CPU, or on a GPU through its CUDA execution provider (cuda or cuda:N)."""
     import numpy as np
 
@@ -680,7 +686,7 @@ def _onnxruntime(ort, path, threads, device):
         raise BundleError("ONNX Runtime could not start its CUDA execution provider (fell back to %s)" % provider)
     name = session.get_inputs()[0].name
 
-    def run(batch):  # session.run copies outputs to host memory, so CUDA timings are synchronised
+    def run(batch: Any) -> Any:  # session.run copies outputs to host memory, so CUDA timings are synchronised
         try:
             return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
         except Exception as e:  # ONNX Runtime's own error types: a manifest whose input does not fit the model
@@ -693,7 +699,7 @@ def _onnxruntime(ort, path, threads, device):
 
 
 
-def openvino_device(device):
+def openvino_device(device: str) -> str:
     """OpenVINO's device name: cpu -> CPU, openvino:GPU -> GPU, gpu -> GPU."""
     device = str(device)
     if device.lower() == "cpu":
@@ -701,10 +707,10 @@ def openvino_device(device):
     return device.split(":", 1)[1] if device.lower().startswith("openvino:") else device.upper()
 
 
-def openvino_config(name, threads, precision):
+def openvino_config(name: str, threads: Optional[int], precision: str) -> Dict[str, Any]:
     """LATENCY hint (one synchronous request, the way an edge application calls it); on the CPU, the
     bundle's precision and the thread count, which are CPU-plugin properties."""
-    config = {"PERFORMANCE_HINT": "LATENCY"}
+    config: Dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
     if name.split(".")[0] == "CPU":
         config["INFERENCE_PRECISION_HINT"] = precision
         if threads:
@@ -712,7 +718,7 @@ def openvino_config(name, threads, precision):
     return config
 
 
-def _openvino(ov, path, threads, name, precision):
+def _openvino(ov: Any, path: str, threads: Optional[int], name: str, precision: str) -> Tuple[Runner, Dict[str, Any]]:
     import numpy as np
 
     core = ov.Core()
@@ -725,7 +731,7 @@ def _openvino(ov, path, threads, name, precision):
     request = compiled.create_infer_request()
     output = compiled.output(0)
 
-    def run(batch):
+    def run(batch: Any) -> Any:
         try:
             return request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)[output]
         except RuntimeError as e:  # OpenVINO's error type: a manifest whose input does not fit the model
@@ -734,7 +740,7 @@ def _openvino(ov, path, threads, name, precision):
 
     shape = output.get_partial_shape()
     last = shape[shape.rank.get_length() - 1] if shape.rank.is_static and shape.rank.get_length() else None
-    info = {"runtime_device": name, "outputs": last.get_length() if last is not None and last.is_static else None}
+    info: Dict[str, Any] = {"runtime_device": name, "outputs": last.get_length() if last is not None and last.is_static else None}
 
     if base == "CPU":
         info["threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS")) or affinity_cpu_count()
@@ -1006,7 +1012,7 @@ if __package__:  # imported as edgekd.bundle.runner: the package's own objects, 
         MAX_IMAGE_PIXELS, WIDE_MODES, image_too_large, load_images, open_image, preprocess, preprocess_pixels,
         printable, resize_crop, to_8bit)
     from .sessions import (  # noqa: F811
-        _onnxruntime, _openvino, in_batches_of, message, open_model, open_session, openvino_config,
+        Runner, _onnxruntime, _openvino, in_batches_of, message, open_model, open_session, openvino_config,
         openvino_device)
     from .device import (  # noqa: F811
         BenchJob, LogitsJob, USAGE, agreement, bench, bench_one, check, logits, main, predict, ranked,

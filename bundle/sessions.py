@@ -3,20 +3,22 @@ OpenVINO, one precision policy, static-batch slicing."""
 
 import os
 import re
-from typing import Any, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..base.errors import BundleError
 from .checks import RUNTIME_PACKAGE, check_outputs
 from .environment import affinity_cpu_count, library_version
 from .manifest import Manifest
 
+Runner = Callable[[Any], Any]  # a float32 NCHW batch -> the model's logits
 
-def in_batches_of(run, n):
+
+def in_batches_of(run: Runner, n: int) -> Runner:
     """``run`` for a model with a static batch of ``n``: any batch goes through in slices of ``n``, the last
     one padded with zeros (images do not interact in an inference-mode classifier)."""
     import numpy as np
 
-    def sliced(batch):
+    def sliced(batch: Any) -> Any:
         if len(batch) == n:
             return run(batch)
         outputs = []
@@ -32,7 +34,8 @@ def in_batches_of(run, n):
     return sliced
 
 
-def open_session(folder, manifest, threads=None, device="cpu", runtime=None):
+def open_session(folder: str, manifest: Manifest, threads: Optional[int] = None, device: str = "cpu",
+                 runtime: Optional[str] = None) -> Tuple[Runner, Dict[str, Any]]:
     """``(run, info)`` for a verified bundle: ``run(batch float32 NCHW) -> logits``, and ``info`` with the
     device, threads and precision the runtime actually uses. ``runtime`` defaults to the format's.
     A static-batch bundle's ``run`` takes any batch (in slices of its batch size). A model whose number of
@@ -44,7 +47,8 @@ def open_session(folder, manifest, threads=None, device="cpu", runtime=None):
     return (in_batches_of(run, n), dict(info, static_batch=n)) if n else (run, info)
 
 
-def open_model(path, fmt, threads=None, device="cpu", precision="f32", runtime=None):
+def open_model(path: str, fmt: str, threads: Optional[int] = None, device: str = "cpu", precision: str = "f32",
+               runtime: Optional[str] = None) -> Tuple[Runner, Dict[str, Any]]:
     """``(run, info)`` for one model file (see open_session); a BundleError names what is missing."""
     runtime = runtime or RUNTIME_PACKAGE.get(fmt)
     if runtime not in ("onnxruntime", "openvino") or (runtime == "onnxruntime" and fmt != "onnx"):
@@ -66,7 +70,7 @@ def open_model(path, fmt, threads=None, device="cpu", precision="f32", runtime=N
         raise BundleError("%s %s cannot load this bundle: %s" % (runtime, library_version(runtime), message(e)))
 
 
-def message(e):
+def message(e: BaseException) -> str:
     """The line of a runtime's exception that says what failed: OpenVINO's first lines only name its source
     files ("Exception from src/inference/src/cpp/core.cpp:112:")."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -76,7 +80,7 @@ def message(e):
     return lines[0] if lines else type(e).__name__
 
 
-def _onnxruntime(ort, path, threads, device):
+def _onnxruntime(ort: Any, path: str, threads: Optional[int], device: str) -> Tuple[Runner, Dict[str, Any]]:
     """ONNX Runtime on the CPU, or on a GPU through its CUDA execution provider (cuda or cuda:N)."""
     import numpy as np
 
@@ -100,7 +104,7 @@ def _onnxruntime(ort, path, threads, device):
         raise BundleError("ONNX Runtime could not start its CUDA execution provider (fell back to %s)" % provider)
     name = session.get_inputs()[0].name
 
-    def run(batch):  # session.run copies outputs to host memory, so CUDA timings are synchronised
+    def run(batch: Any) -> Any:  # session.run copies outputs to host memory, so CUDA timings are synchronised
         try:
             return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
         except Exception as e:  # ONNX Runtime's own error types: a manifest whose input does not fit the model
@@ -113,7 +117,7 @@ def _onnxruntime(ort, path, threads, device):
 
 
 
-def openvino_device(device):
+def openvino_device(device: str) -> str:
     """OpenVINO's device name: cpu -> CPU, openvino:GPU -> GPU, gpu -> GPU."""
     device = str(device)
     if device.lower() == "cpu":
@@ -121,10 +125,10 @@ def openvino_device(device):
     return device.split(":", 1)[1] if device.lower().startswith("openvino:") else device.upper()
 
 
-def openvino_config(name, threads, precision):
+def openvino_config(name: str, threads: Optional[int], precision: str) -> Dict[str, Any]:
     """LATENCY hint (one synchronous request, the way an edge application calls it); on the CPU, the
     bundle's precision and the thread count, which are CPU-plugin properties."""
-    config = {"PERFORMANCE_HINT": "LATENCY"}
+    config: Dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
     if name.split(".")[0] == "CPU":
         config["INFERENCE_PRECISION_HINT"] = precision
         if threads:
@@ -132,7 +136,7 @@ def openvino_config(name, threads, precision):
     return config
 
 
-def _openvino(ov, path, threads, name, precision):
+def _openvino(ov: Any, path: str, threads: Optional[int], name: str, precision: str) -> Tuple[Runner, Dict[str, Any]]:
     import numpy as np
 
     core = ov.Core()
@@ -145,7 +149,7 @@ def _openvino(ov, path, threads, name, precision):
     request = compiled.create_infer_request()
     output = compiled.output(0)
 
-    def run(batch):
+    def run(batch: Any) -> Any:
         try:
             return request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)[output]
         except RuntimeError as e:  # OpenVINO's error type: a manifest whose input does not fit the model
@@ -154,7 +158,7 @@ def _openvino(ov, path, threads, name, precision):
 
     shape = output.get_partial_shape()
     last = shape[shape.rank.get_length() - 1] if shape.rank.is_static and shape.rank.get_length() else None
-    info = {"runtime_device": name, "outputs": last.get_length() if last is not None and last.is_static else None}
+    info: Dict[str, Any] = {"runtime_device": name, "outputs": last.get_length() if last is not None and last.is_static else None}
 
     if base == "CPU":
         info["threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS")) or affinity_cpu_count()
