@@ -5,12 +5,12 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..base.errors import BundleError
 from .checks import RUNTIME_PACKAGE, check_outputs
 from .environment import environment, library_version, time_calls
-from .manifest import Manifest, verify
+from .manifest import Parity, verify
 from .preprocessing import load_images, printable
 from .sessions import in_batches_of, message, open_model, open_session
 
@@ -42,13 +42,15 @@ class BenchJob:
     openvino_device: str = "CPU"
 
     @classmethod
-    def read(cls, path):
+    def read(cls, path: str) -> "BenchJob":
+        """The job in a JSON file; keys this runner does not know (from a newer edgekd) are left alone."""
         with open(path) as f:
             values = json.load(f)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
-    def to_json(self):
+    def to_json(self) -> str:
+        """The job as JSON, for the device."""
         return json.dumps(asdict(self))
 
 
@@ -65,14 +67,15 @@ class LogitsJob:
     static_batch: Optional[int] = None
 
     @classmethod
-    def read(cls, path):
+    def read(cls, path: str) -> "LogitsJob":
+        """The job in a JSON file; keys this runner does not know are left alone."""
         with open(path) as f:
             values = json.load(f)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def bench_one(folder, job, images, labels):
+def bench_one(folder: str, job: BenchJob, images: Any, labels: Any) -> Dict[str, Any]:
     """Accuracy on every image, then raw per-call times for each batch size, each call on different
     images; the caller computes the statistics. A failure is the row's status."""
     import numpy as np
@@ -102,11 +105,13 @@ def bench_one(folder, job, images, labels):
             "load": {"first_inference_ms": first_ms, "threads": info.get("threads") or job.threads or os.cpu_count()}}
 
 
-def unsupported_batch(static, b):
+def unsupported_batch(static: int, b: int) -> str:
+    """The status of a batch size that a static-batch bundle cannot run."""
     return "not run: the bundle has a static batch of %d (exported for a target whose runtime needs it)" % static
 
 
-def bench(job_path):
+def bench(job_path: str) -> Dict[str, Any]:
+    """The device's environment and one row per bundle of the BenchJob in ``job_path``."""
     job = BenchJob.read(job_path)
     base = os.path.dirname(os.path.abspath(job_path))
     try:
@@ -119,7 +124,7 @@ def bench(job_path):
     return {"environment": environment(), "rows": rows}
 
 
-def ranked(paths, logits, classes, k=1):
+def ranked(paths: Sequence[Any], logits: Any, classes: List[str], k: int = 1) -> List[Dict[str, Any]]:
     """``[{"image", "top": [{"label", "index", "score"}, ...]}]``: softmax scores, best first. An image whose logits
     are not all finite gets ``"finite": false`` and null scores (never a bare NaN: the JSON stays valid)."""
     import numpy as np
@@ -140,7 +145,7 @@ def ranked(paths, logits, classes, k=1):
     return results
 
 
-def text_lines(results):
+def text_lines(results: List[Dict[str, Any]]) -> List[str]:
     """predict's text output: one line per image, names from files escaped."""
     lines = []
     for r in results:
@@ -151,13 +156,14 @@ def text_lines(results):
     return lines
 
 
-def predict(folder, paths, k=1):
+def predict(folder: str, paths: Sequence[Any], k: int = 1) -> List[Dict[str, Any]]:
+    """The top ``k`` classes of each image file, by the verified bundle in ``folder``."""
     manifest = verify(folder)
     run, _ = open_session(folder, manifest)
     return ranked(paths, run(load_images(paths, manifest.input)), manifest.classes, k)
 
 
-def agreement(parity, logits):
+def agreement(parity: Parity, logits: Any) -> Optional[str]:
     """Why the logits of the manifest's parity images disagree with the exporting machine's (``parity``), or None.
 
     FP32 and FP16 are held to the bundle's own logit tolerance; INT8 (whose integer kernels differ between
@@ -183,7 +189,7 @@ def agreement(parity, logits):
     return None
 
 
-def check(folder):
+def check(folder: str) -> Dict[str, Any]:
     """What deploy runs on the device before installing: verify, load (compile), one batch, and the
     manifest's parity images against the logits the exporting machine recorded."""
     import numpy as np
@@ -209,7 +215,7 @@ def check(folder):
     return result
 
 
-def logits(job_path):
+def logits(job_path: str) -> Dict[str, Any]:
     """Export's parity gate on a device: a LogitsJob -> the model file's logits on the images, saved to ``out``
     (.npy)."""
     import numpy as np
@@ -225,7 +231,8 @@ def logits(job_path):
     return {"environment": environment(), "runtime": info}
 
 
-def main(argv):
+def main(argv: List[str]) -> int:
+    """The runner's command line; exit status 0, or 2 with one line on stderr."""
     try:  # the arguments: a command, its path(s), predict's --top-k K (a whole number from 1)
         top_k = int(argv[argv.index("--top-k") + 1]) if "--top-k" in argv else 1
         known = argv[0] in ("env", "verify", "bench", "predict", "check", "logits") and top_k >= 1 \

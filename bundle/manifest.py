@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from importlib import metadata
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..base.errors import BundleError
 from .checks import FORMAT_FILES, MANIFEST_FILE, check_files, manifest_json, sha256_file
@@ -94,6 +94,7 @@ class Manifest:
 
     @property
     def channels(self) -> int:
+        """The model's input channels (1 or 3)."""
         return int(self.input["shape"][1])
 
     @property
@@ -165,9 +166,10 @@ def verify(folder: str) -> Manifest:
     return manifest
 
 
-def library_versions(names=("edgekd", "torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "numpy")):
+def library_versions(names: Sequence[str] = ("edgekd", "torch", "torchvision", "onnx", "onnxruntime", "onnxscript",
+                                             "openvino", "nncf", "numpy")) -> Dict[str, str]:
     """Installed versions by distribution name (openvino's __version__ is not PEP 440, metadata is)."""
-    versions = {}
+    versions: Dict[str, str] = {}
     for name in names:
         try:
             versions[name] = metadata.version(name)
@@ -192,19 +194,19 @@ def read_manifest(folder: str) -> Manifest:
     return Manifest.read(folder)
 
 
-def _is_number_list(value, length=None, kind=(int, float)):
+def _is_number_list(value: Any, length: Optional[int] = None, kind: Any = (int, float)) -> bool:
     """A list of finite numbers (json.load reads NaN and Infinity, which no preprocessing can use)."""
     return (isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
                                             for v in value)
             and (length is None or len(value) == length))
 
 
-def _plain_name(name):
+def _plain_name(name: Any) -> bool:
     """A file name that stays inside the bundle folder: no folders, no '..', not absolute."""
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
-def schema_problem(m):
+def schema_problem(m: Any) -> Optional[str]:
     """The first field of a manifest that is missing or malformed, as 'field X: what is wrong', else None."""
     if not isinstance(m, dict):
         return "the manifest is not a JSON object"

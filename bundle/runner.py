@@ -294,6 +294,7 @@ class Manifest:
 
     @property
     def channels(self) -> int:
+        """The model's input channels (1 or 3)."""
         return int(self.input["shape"][1])
 
     @property
@@ -365,9 +366,10 @@ def verify(folder: str) -> Manifest:
     return manifest
 
 
-def library_versions(names=("edgekd", "torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "numpy")):
+def library_versions(names: Sequence[str] = ("edgekd", "torch", "torchvision", "onnx", "onnxruntime", "onnxscript",
+                                             "openvino", "nncf", "numpy")) -> Dict[str, str]:
     """Installed versions by distribution name (openvino's __version__ is not PEP 440, metadata is)."""
-    versions = {}
+    versions: Dict[str, str] = {}
     for name in names:
         try:
             versions[name] = metadata.version(name)
@@ -392,19 +394,19 @@ def read_manifest(folder: str) -> Manifest:
     return Manifest.read(folder)
 
 
-def _is_number_list(value, length=None, kind=(int, float)):
+def _is_number_list(value: Any, length: Optional[int] = None, kind: Any = (int, float)) -> bool:
     """A list of finite numbers (json.load reads NaN and Infinity, which no preprocessing can use)."""
     return (isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
                                             for v in value)
             and (length is None or len(value) == length))
 
 
-def _plain_name(name):
+def _plain_name(name: Any) -> bool:
     """A file name that stays inside the bundle folder: no folders, no '..', not absolute."""
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
-def schema_problem(m):
+def schema_problem(m: Any) -> Optional[str]:
     """The first field of a manifest that is missing or malformed, as 'field X: what is wrong', else None."""
     if not isinstance(m, dict):
         return "the manifest is not a JSON object"
@@ -778,13 +780,15 @@ class BenchJob:
     openvino_device: str = "CPU"
 
     @classmethod
-    def read(cls, path):
+    def read(cls, path: str) -> "BenchJob":
+        """The job in a JSON file; keys this runner does not know (from a newer edgekd) are left alone."""
         with open(path) as f:
             values = json.load(f)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
-    def to_json(self):
+    def to_json(self) -> str:
+        """The job as JSON, for the device."""
         return json.dumps(asdict(self))
 
 
@@ -801,14 +805,15 @@ class LogitsJob:
     static_batch: Optional[int] = None
 
     @classmethod
-    def read(cls, path):
+    def read(cls, path: str) -> "LogitsJob":
+        """The job in a JSON file; keys this runner does not know are left alone."""
         with open(path) as f:
             values = json.load(f)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def bench_one(folder, job, images, labels):
+def bench_one(folder: str, job: BenchJob, images: Any, labels: Any) -> Dict[str, Any]:
     """Accuracy on every image, then raw per-call times for each batch size, each call on different
     images; the caller computes the statistics. A failure is the row's status."""
     import numpy as np
@@ -838,11 +843,13 @@ def bench_one(folder, job, images, labels):
             "load": {"first_inference_ms": first_ms, "threads": info.get("threads") or job.threads or os.cpu_count()}}
 
 
-def unsupported_batch(static, b):
+def unsupported_batch(static: int, b: int) -> str:
+    """The status of a batch size that a static-batch bundle cannot run."""
     return "not run: the bundle has a static batch of %d (exported for a target whose runtime needs it)" % static
 
 
-def bench(job_path):
+def bench(job_path: str) -> Dict[str, Any]:
+    """The device's environment and one row per bundle of the BenchJob in ``job_path``."""
     job = BenchJob.read(job_path)
     base = os.path.dirname(os.path.abspath(job_path))
     try:
@@ -855,7 +862,7 @@ def bench(job_path):
     return {"environment": environment(), "rows": rows}
 
 
-def ranked(paths, logits, classes, k=1):
+def ranked(paths: Sequence[Any], logits: Any, classes: List[str], k: int = 1) -> List[Dict[str, Any]]:
     """``[{"image", "top": [{"label", "index", "score"}, ...]}]``: softmax scores, best first. An image whose logits
     are not all finite gets ``"finite": false`` and null scores (never a bare NaN: the JSON stays valid)."""
     import numpy as np
@@ -876,7 +883,7 @@ def ranked(paths, logits, classes, k=1):
     return results
 
 
-def text_lines(results):
+def text_lines(results: List[Dict[str, Any]]) -> List[str]:
     """predict's text output: one line per image, names from files escaped."""
     lines = []
     for r in results:
@@ -887,13 +894,14 @@ def text_lines(results):
     return lines
 
 
-def predict(folder, paths, k=1):
+def predict(folder: str, paths: Sequence[Any], k: int = 1) -> List[Dict[str, Any]]:
+    """The top ``k`` classes of each image file, by the verified bundle in ``folder``."""
     manifest = verify(folder)
     run, _ = open_session(folder, manifest)
     return ranked(paths, run(load_images(paths, manifest.input)), manifest.classes, k)
 
 
-def agreement(parity, logits):
+def agreement(parity: Parity, logits: Any) -> Optional[str]:
     """Why the logits of the manifest's parity images disagree with the exporting machine's (``parity``), or None.
 
     FP32 and FP16 are held to the bundle's own logit tolerance; INT8 (whose integer kernels differ between
@@ -919,7 +927,7 @@ def agreement(parity, logits):
     return None
 
 
-def check(folder):
+def check(folder: str) -> Dict[str, Any]:
     """What deploy runs on the device before installing: verify, load (compile), one batch, and the
     manifest's parity images against the logits the exporting machine recorded."""
     import numpy as np
@@ -945,7 +953,7 @@ def check(folder):
     return result
 
 
-def logits(job_path):
+def logits(job_path: str) -> Dict[str, Any]:
     """Export's parity gate on a device: a LogitsJob -> the model file's logits on the images, saved to ``out``
     (.npy)."""
     import numpy as np
@@ -961,7 +969,8 @@ def logits(job_path):
     return {"environment": environment(), "runtime": info}
 
 
-def main(argv):
+def main(argv: List[str]) -> int:
+    """The runner's command line; exit status 0, or 2 with one line on stderr."""
     try:  # the arguments: a command, its path(s), predict's --top-k K (a whole number from 1)
         top_k = int(argv[argv.index("--top-k") + 1]) if "--top-k" in argv else 1
         known = argv[0] in ("env", "verify", "bench", "predict", "check", "logits") and top_k >= 1 \
