@@ -518,3 +518,10 @@ def test_a_missing_image_is_named_as_the_user_typed_it(tmp_path, cli_main, one_l
     bundle = _bundle(tmp_path / "b", ["a", "b"])
     monkeypatch.chdir(tmp_path)
     one_line_error(cli_main("predict", bundle, "nothing here.png"), "'nothing here.png'")
+
+
+def test_the_pixel_bounds_are_one_number_everywhere():
+    from edgekd.base.bounds import MAX_RESIZE_PIXELS
+    from edgekd.bundle import manifest, runner
+
+    assert MAX_RESIZE_PIXELS == runner.MAX_IMAGE_PIXELS == manifest.MAX_RESIZE_PIXELS
