@@ -22,8 +22,15 @@ import platform
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Set
+
+import numpy as np
 
 from .. import EdgeKDError
+from ..base import ssh
+from ..bundle import runner
+from .quantize_onnx import cpu_features
+from .records import RanOn
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +45,22 @@ class Target:
 
     name: str
     arch: str
-    flags: set = field(default_factory=set)
-    device: object = None        # an edgekd.ssh.Target for ssh:// targets
-    environment: dict = None     # the device runner's ``env`` there
+    flags: Set[str] = field(default_factory=set)
+    device: Optional[ssh.Target] = None           # the device, for ssh:// targets
+    environment: Optional[Dict[str, Any]] = None  # the device runner's ``env`` there (its JSON)
     timeout: int = 600
 
     @property
-    def here(self):
+    def here(self) -> bool:
         return self.name == "cpu"
 
-    def static_batch(self, fmt):
+    def static_batch(self, fmt: str) -> Optional[int]:
         """The static batch a bundle of ``fmt`` needs on this target, or None (dynamic batch)."""
         return STATIC_BATCH if fmt == "openvino" and self.arch in ARM else None
 
-    def record(self, fmt, int8_types=None):
+    def record(self, fmt: str, int8_types: Optional[str] = None) -> Dict[str, Any]:
         """The manifest's ``target`` entry."""
-        rec = {"name": self.name, "arch": self.arch, "static_batch": self.static_batch(fmt)}
+        rec: Dict[str, Any] = {"name": self.name, "arch": self.arch, "static_batch": self.static_batch(fmt)}
         if fmt == "openvino":
             rec["openvino_inference_precision"] = "f32"
             rec["openvino_inference_precision_note"] = (
@@ -67,10 +74,8 @@ class Target:
         return rec
 
 
-def resolve(spec, ssh_config=None, timeout=600):
+def resolve(spec: Optional[str], ssh_config: Optional[str] = None, timeout: int = 600) -> Target:
     """``--target`` -> Target; a bad name, or an ssh:// device that does not answer, is one line (exit 2)."""
-    from .quantize_onnx import cpu_features
-
     if spec in (None, "", "cpu"):
         arch, flags = cpu_features()
         return Target("cpu", arch, flags)
@@ -85,9 +90,7 @@ def resolve(spec, ssh_config=None, timeout=600):
     raise EdgeKDError(f"unknown --target {spec!r}: choose {', '.join(NAMES)} or ssh://[user@]host[:port][/python]")
 
 
-def _ssh_target(spec, ssh_config, timeout):
-    from ..base import ssh
-
+def _ssh_target(spec: str, ssh_config: Optional[str], timeout: int) -> Target:
     device = ssh.parse_target(spec, ssh_config)
     if device.folder:
         raise EdgeKDError(f"--target {spec!r}: give the device's Python after the host (ssh://host/path/to/python), "
@@ -109,29 +112,24 @@ def _ssh_target(spec, ssh_config, timeout):
                   env.get("machine", "?").lower(), set(env.get("cpu_flags") or ()), device, env, timeout)
 
 
-def _runner():
+def _runner() -> str:
     """The self-contained bundle runner's file, which is copied to (or piped into) the device's Python."""
-    from ..bundle import runner
-
     return runner.__file__
 
 
-def _remove(device, remote):
-    from ..base import ssh
-
+def _remove(device: ssh.Target, remote: str) -> None:
     try:
         ssh.run(device, f"rm -rf {ssh.quote(remote)}", 60)
     except EdgeKDError as e:
         log.warning("could not remove %s on %s: %s", remote, device, e)
 
 
-def remote_logits(target, folder, model_file, fmt, images, static_batch=None):
+def remote_logits(target: Target, folder: str, model_file: str, fmt: str, images: np.ndarray,
+                  static_batch: Optional[int] = None) -> np.ndarray:
     """The model file's logits on ``images``, computed on the target device by the device runner."""
-    import numpy as np
-
-    from ..base import ssh
-
     device, timeout, q = target.device, target.timeout, ssh.quote
+    if device is None:
+        raise ValueError("remote_logits needs an ssh:// target")
     stage = tempfile.mkdtemp(prefix="edgekd-gate-")
     remote = None
     try:
@@ -155,13 +153,10 @@ def remote_logits(target, folder, model_file, fmt, images, static_batch=None):
             _remove(device, remote)
 
 
-def where(target):
+def where(target: Target) -> RanOn:
     """The manifest's ``validation.ran_on``: where the parity gate (and INT8 check) ran."""
     if target.device is None:
-        return {"where": "this machine", "machine": platform.machine()}
-    env = target.environment or {}
-    rec = {"where": target.name, "machine": env.get("machine"), "cpu": env.get("cpu"),
-           "runtime_versions": env.get("versions")}
-    if env.get("emulated"):
-        rec["emulated"] = env["emulated"]
-    return rec
+        return RanOn("this machine", platform.machine())
+    env = target.environment or {}  # the device runner's JSON
+    return RanOn(target.name, env.get("machine"), env.get("cpu"), env.get("versions"), env.get("emulated"),
+                 remote=True)

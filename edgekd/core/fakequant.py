@@ -5,10 +5,14 @@ configuration as plain types for a checkpoint, and rebuilding the model from it.
 import json
 import os
 
+from typing import Any, Dict, List
+
 import torch
+from torch import nn
 
 from .. import EdgeKDError
 from ..base.progress import nncf_quiet
+from .checkpoint import Checkpoint
 
 NNCF_HOOKS = "__nncf_hooks."
 
@@ -36,14 +40,16 @@ def base_state(state_dict):
     return {k: v for k, v in state_dict.items() if not k.startswith(NNCF_HOOKS)}
 
 
-def restore(ckpt, model):
+def restore(ckpt: Checkpoint, model: nn.Module) -> nn.Module:
     """The fake-quantized model of a QAT checkpoint, from a freshly built float ``model``; in eval mode."""
+    if ckpt.qat is None:
+        raise ValueError("restore() takes a QAT checkpoint")
     nncf = import_nncf()
     try:
-        qmodel = nncf.torch.load_from_config(model, ckpt["qat"]["quantizers"])
-        qmodel.load_state_dict(ckpt["state_dict"])
+        qmodel = nncf.torch.load_from_config(model, ckpt.qat.quantizers)
+        qmodel.load_state_dict(ckpt.state_dict)
     except Exception as e:
-        raise EdgeKDError(f"QAT checkpoint does not match model {ckpt['model']!r}: {str(e).splitlines()[0]}") from e
+        raise EdgeKDError(f"QAT checkpoint does not match model {ckpt.model!r}: {str(e).splitlines()[0]}") from e
     return qmodel.eval()
 
 
@@ -55,7 +61,7 @@ def quantizer_modules(model):
 
 def quantized_layer_names(model):
     """The student's modules that receive a weight quantizer: the layers that run in INT8."""
-    config = plain_config(model)["compression_state"]
+    config = plain_config(model)["compression_state"]  # NNCF's JSON, read here only
     names = []
     for command in config:
         for hook in command["hook_names_in_model"]:
