@@ -6,18 +6,10 @@ import torch
 
 from ... import EdgeKDError
 from .classes import class_index
-from .source import TEACHERS
+from .source import TEACHERS, Env
 from .view import Teacher, as_logits, check_probs
 
 log = logging.getLogger(__name__)
-
-
-class Env:
-    """What a source may need besides the spec: the run's config, data and process group."""
-
-    def __init__(self, cfg, data=None, train=None, test=None, ctx=None, trained=None):
-        self.cfg, self.data, self.train, self.test, self.ctx = cfg, data, train, test, ctx
-        self.trained = trained  # a teacher trained from a model spec by the caller (teachers.Trained)
 
 
 def resolve(spec, options):

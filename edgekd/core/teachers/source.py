@@ -4,6 +4,7 @@ several sources share."""
 import hashlib
 import json
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +14,15 @@ from ...base.registry import Registry
 from ..checkpoint import file_sha256
 
 TEACHERS = Registry("teacher source")
+
+
+class Env:
+    """What a source may need besides the spec: the run's config, data and process group."""
+
+    def __init__(self, cfg: Any, data: Any = None, train: Any = None, test: Any = None, ctx: Any = None,
+                 trained: Any = None) -> None:
+        self.cfg, self.data, self.train, self.test, self.ctx = cfg, data, train, test, ctx
+        self.trained = trained  # a teacher trained from a model spec by the caller (teachers.Trained)
 
 
 class Source:
