@@ -9,7 +9,7 @@ import hashlib
 import logging
 import os
 
-from typing import Any, Dict, List, Optional, Sequence, Sized, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,6 +26,11 @@ def targets_of(dataset: Any) -> np.ndarray:
     if targets is None:
         targets = [int(dataset[i][1]) for i in range(len(dataset))]
     return np.asarray(targets, dtype=np.int64)
+
+
+def count(dataset: Any) -> int:
+    """How many items a dataset holds (datasets of every kind have a length)."""
+    return len(dataset)
 
 
 def item_ids(dataset: Any, indices: Sequence[int]) -> List[str]:
@@ -50,7 +55,7 @@ def stratified_indices(targets: np.ndarray, size: int, seed: int) -> List[int]:
     return np.sort(np.concatenate(picked)).tolist()
 
 
-def draw(dataset: Sized, size: int, seed: int, *, data_spec: str, split: str, class_names: Sequence[str],
+def draw(dataset: Any, size: int, seed: int, *, data_spec: str, split: str, class_names: Sequence[str],
          purpose: str = "calibration") -> Tuple[List[int], Sample]:
     """Choose ``size`` images of ``dataset``; refuse an empty or too-small split. Returns (indices, Sample)."""
     targets = targets_of(dataset)
@@ -76,7 +81,7 @@ def draw(dataset: Sized, size: int, seed: int, *, data_spec: str, split: str, cl
                            files=ids)
 
 
-def select(dataset: Sized, size: int, seed: int, *, data_spec: str, split: str, class_names: Sequence[str],
+def select(dataset: Any, size: int, seed: int, *, data_spec: str, split: str, class_names: Sequence[str],
            purpose: str = "calibration") -> Tuple[List[int], Dict[str, Any]]:
     """``draw``, with the sample as the manifest records it."""
     indices, sample = draw(dataset, size, seed, data_spec=data_spec, split=split, class_names=class_names,

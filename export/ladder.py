@@ -124,7 +124,7 @@ class Int8Ladder:
         if self.calib is None:
             raise RuntimeError("the fallback runs on static INT8, which was calibrated")  # our bug
         data, o = self.calib.data, self.o
-        size = min(o.tune_size or o.val_size, len(data.train))
+        size = min(o.tune_size or o.val_size, calibration.count(data.train))
         indices, sample = calibration.draw(data.train, size, o.seed + 1, data_spec=data.spec, split="train",
                                            class_names=data.classes, purpose="fallback tuning")
         sample.files = None

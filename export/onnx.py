@@ -34,14 +34,13 @@ def export_onnx(model: "nn.Module", input_spec: InputSpec, folder: str, opset: O
     example = torch.zeros(2, input_spec.channels, input_spec.height, input_spec.width)
     path = os.path.join(folder, MODEL_FILE)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    kwargs = {"opset_version": opset} if opset else {}
     chatter = io.StringIO()  # the exporter prints progress lines; keep them for --debug logs only
     try:
         with contextlib.redirect_stdout(chatter):
             torch.onnx.export(
                 model.eval(), (example,), path, dynamo=True, input_names=["input"], output_names=["logits"],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                external_data=weight_bytes > EXTERNAL_DATA_BYTES, **kwargs,
+                external_data=weight_bytes > EXTERNAL_DATA_BYTES, opset_version=opset or None,
             )
     except Exception as e:
         log.debug(chatter.getvalue())

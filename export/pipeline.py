@@ -311,7 +311,7 @@ def _layer_report(opts: ExportOptions, job: ExportJob, data: Data, in_float: Lis
     fp32 = result.quantized_from or result.fp32_reference
     if fp32 is None:
         return None
-    size = min(64, len(data.train))
+    size = min(64, calibration.count(data.train))
     indices, _ = calibration.draw(data.train, size, opts.seed + 2, data_spec=data.spec, split="train",
                                   class_names=data.classes, purpose="layer report")
     images, _ = calibration.load_images(data.train, indices, "layer report images", bool(opts.progress))

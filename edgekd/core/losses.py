@@ -5,6 +5,8 @@ Every loss is called as ``loss(student_logits, teacher_logits, labels)`` and ret
 Each registration carries its defaults; ``make_loss(name, **overrides)`` builds one.
 """
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -150,7 +152,7 @@ class FitNetHint(_Loss):
         super().__init__()
         self.beta, self.temperature, self.alpha = float(beta), float(temperature), float(alpha)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
-        self.adapter = None
+        self.adapter: Optional[nn.Module] = None
 
     def build_adapter(self, s_shape, t_shape):
         """Create the adapter for these feature shapes (called once, before the optimizer is made).
@@ -163,6 +165,8 @@ class FitNetHint(_Loss):
     def forward(self, student, teacher, labels, features=None, **_):
         task = self.task(student, labels)
         s_feat, t_feat = features
+        if self.adapter is None:
+            raise RuntimeError("build_adapter() must run before the first step")  # fit() calls it: our bug
         s_feat = self.adapter(s_feat)
         if s_feat.shape[-2:] != t_feat.shape[-2:]:
             s_feat = F.interpolate(s_feat, size=t_feat.shape[-2:], mode="bilinear", align_corners=False)

@@ -18,6 +18,7 @@ pretrained weights (named in the spec, or a local ``.pth``/``.pt``/``.safetensor
 import logging
 import os
 import re
+from typing import Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -346,8 +347,10 @@ def _replace_first_conv(model, in_channels):
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
-                new = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride,
-                                child.padding, child.dilation, 1, child.bias is not None, child.padding_mode)
+                pair = Tuple[int, int]  # a Conv2d's kernel, stride, padding and dilation are pairs
+                new = nn.Conv2d(in_channels, child.out_channels, cast(pair, child.kernel_size), cast(pair, child.stride),
+                                cast(Union[str, pair], child.padding), cast(pair, child.dilation), 1,
+                                child.bias is not None, child.padding_mode)
                 setattr(parent, child_name, new)
                 return
     raise EdgeKDError("cannot find the first convolution to adapt to the input channels")
@@ -445,8 +448,8 @@ def pretrained_view(spec, weights_path=None):
             if (pretrained or weights_path) and not name.startswith(("hf-hub:", "hf_hub:")):
                 cfg = _import_timm().models.get_pretrained_cfg(name)
                 if cfg is not None and cfg.input_size:
-                    crop = cfg.crop_pct if cfg.crop_pct and math.isfinite(cfg.crop_pct) else 0.875
-                    return tuple(cfg.input_size[1:]), min(float(crop), 1.0), f"timm {name} pretrained config"
+                    crop_pct = cfg.crop_pct if cfg.crop_pct and math.isfinite(cfg.crop_pct) else 0.875
+                    return tuple(cfg.input_size[1:]), min(float(crop_pct), 1.0), f"timm {name} pretrained config"
     except EdgeKDError:
         return None  # the spec's own checks say what is wrong, later and better
     return None

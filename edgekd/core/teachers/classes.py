@@ -4,6 +4,7 @@ teacher without names) taken by position."""
 import logging
 import os
 import re
+from typing import Dict, List
 
 from ... import EdgeKDError
 
@@ -29,7 +30,7 @@ def read_classes_file(path):
         bad = lines[parsed.index(None)]
         raise EdgeKDError(f"--teacher-classes {path!r} mixes 'INDEX NAME' lines and name lines (e.g. {bad!r}); "
                           "use one form for the whole file")
-    pairs = [(int(m.group(1)), m.group(2)) for m in parsed]
+    pairs = [(int(m.group(1)), m.group(2)) for m in parsed if m]
     if len({name is None for _, name in pairs}) > 1:
         raise EdgeKDError(f"--teacher-classes {path!r} mixes 'INDEX NAME' and bare 'INDEX' lines; use one form")
     return "index", pairs
@@ -56,7 +57,7 @@ def class_index(data_classes, outputs, names=None, names_from=None, classes_file
         return None, {"matched": "by position (the teacher carries no class names)", "teacher_outputs": outputs}
     if len(names) != outputs:
         raise EdgeKDError(f"teacher {spec!r} names {len(names)} classes ({names_from}) but has {outputs} outputs")
-    where = {}
+    where: Dict[str, List[int]] = {}
     for i, name in enumerate(names):
         where.setdefault(name, []).append(i)
     index = []

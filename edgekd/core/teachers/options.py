@@ -3,6 +3,7 @@
 import math
 import os
 from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 from ... import EdgeKDError
 from ..config import MAX_INPUT_SIDE
@@ -15,15 +16,15 @@ OUTPUTS = ("logits", "probs")
 class TeacherOptions:
     """How to read a teacher that does not describe itself; ``None``: from the teacher, else a default."""
 
-    input_size: tuple = None   # (height, width) the teacher takes
-    mean: list = None          # per-channel mean of the teacher's normalisation, [0, 1] pixel units
-    std: list = None
-    color: str = None          # RGB, BGR or L (L: one grey channel)
-    outputs: str = None        # logits or probs
-    classes: str = None        # a --teacher-classes file
-    weights: str = None        # a local state dict / safetensors file for torchvision:, timm:, MODULE:FUNCTION
-    views: int = None          # --teacher-views K: K fixed augmented views per image, replayed across epochs
-    threads: int = None        # ONNX Runtime / OpenVINO threads (default: torch's)
+    input_size: Optional[Tuple[int, int]] = None   # (height, width) the teacher takes
+    mean: Optional[List[float]] = None  # per-channel mean of the teacher's normalisation, [0, 1] pixel units
+    std: Optional[List[float]] = None
+    color: Optional[str] = None    # RGB, BGR or L (L: one grey channel)
+    outputs: Optional[str] = None  # logits or probs
+    classes: Optional[str] = None  # a --teacher-classes file
+    weights: Optional[str] = None  # a local state dict / safetensors file for torchvision:, timm:, MODULE:FUNCTION
+    views: Optional[int] = None    # --teacher-views K: K fixed augmented views per image, replayed across epochs
+    threads: Optional[int] = None  # ONNX Runtime / OpenVINO threads (default: torch's)
 
     @classmethod
     def from_options(cls, cfg):

@@ -5,6 +5,7 @@ mean/std; outputs permuted or sliced to the data's classes)."""
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,22 +22,22 @@ class Loaded:
     """A teacher as its source found it, before the view and the classes are settled."""
 
     kind: str
-    run: object                  # callable: teacher-view float tensor -> outputs tensor
-    module: nn.Module = None     # the PyTorch model when there is one (moved to the device)
+    run: Optional[Callable[[torch.Tensor], Any]]  # teacher-view float tensor -> outputs (no module: a runtime)
+    module: Optional[nn.Module] = None  # the PyTorch model when there is one (moved to the device)
     hookable: bool = False       # feature hooks work (fitnet)
-    channels: int = None
-    size: tuple = None           # (height, width)
-    mean: list = None
-    std: list = None
-    color: str = None
-    names: list = None           # class names in output order, when the teacher carries them
-    names_from: str = None
-    outputs: str = None
-    file: str = None
-    sha256: str = None
-    metrics: dict = field(default_factory=dict)
-    runtime: dict = None
-    found: dict = field(default_factory=dict)   # where each input setting came from
+    channels: Optional[int] = None
+    size: Optional[Tuple[int, int]] = None  # (height, width)
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    color: Optional[str] = None
+    names: Optional[List[str]] = None  # class names in output order, when the teacher carries them
+    names_from: Optional[str] = None
+    outputs: Optional[str] = None
+    file: Optional[str] = None
+    sha256: Optional[str] = None
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    runtime: Optional[Dict[str, Any]] = None
+    found: Dict[str, str] = field(default_factory=dict)   # where each input setting came from
     keep: object = None          # e.g. an unpacked bundle whose folder must live as long as the teacher
 
 
@@ -92,7 +93,10 @@ class Teacher(nn.Module):
     def forward(self, x):
         start = time.perf_counter()
         with torch.inference_mode():  # cheaper than no_grad: no version counters, no autograd metadata
-            out = self.model(self.view(x)) if self.model is not None else self.run(self.view(x))
+            runner = self.model if self.model is not None else self.run
+            if runner is None:
+                raise RuntimeError("a teacher has a module or a runtime")  # every source gives one: our bug
+            out = runner(self.view(x))
             out = as_logits(out)
             if self.outputs == "probs":  # log-probabilities are logits up to a constant per image
                 if not self.probs_checked:  # the first real batch: the blank probe may not show logits for what they are
