@@ -8,9 +8,9 @@ import numpy as np
 
 from ..core.checkpoint import Checkpoint
 from ..core.config import ExportOptions
-from ..core.data import InputSpec
+from ..core.data import Data, InputSpec
 from .quantize_onnx import Int8Settings, choose_int8_settings
-from .records import Conversion
+from .records import Conversion, Sample
 from .target import Target
 
 if TYPE_CHECKING:  # heavy: only for the type checker
@@ -75,3 +75,35 @@ class ExportJob:
         o = self.options
         return choose_int8_settings(o.int8_types or "auto", o.reduce_range, o.per_channel,
                                     (self.target.arch, self.target.flags))
+
+
+@dataclass
+class Reference:
+    """The checkpoint and what each bundle of it is checked against: its PyTorch model's logits on test images."""
+
+    checkpoint: str
+    model: "nn.Module"
+    ckpt: Checkpoint
+    spec: InputSpec              # the checkpoint's input
+    dataset: Data                # the validation data (and, by default, the calibration data)
+    images: np.ndarray           # the held-out test images of the gate, and their labels
+    labels: np.ndarray
+    logits: np.ndarray           # the PyTorch model's logits on them
+
+    @property
+    def qat(self) -> bool:
+        """A QAT checkpoint (edgekd quantize): exported as it was trained, INT8 only."""
+        return self.ckpt.qat is not None
+
+    def data_spec(self) -> str:
+        """The checkpoint's data spec (an image folder is recorded relative to the checkpoint's folder)."""
+        return self.ckpt.data_spec(self.checkpoint) or "digits"
+
+
+@dataclass
+class Calibration:
+    """Class-stratified train images that set INT8 ranges, the data they came from, and their record."""
+
+    images: np.ndarray
+    record: Sample
+    data: Data

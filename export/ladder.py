@@ -8,19 +8,16 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .. import EdgeKDError
 from ..core.config import ExportOptions
 from ..core.loading import load_model
 from . import calibration
 from .formats import get_format
-from .job import ExportJob
+from .job import Calibration, ExportJob, Reference
 from .records import CalibrationRecord, Conversion, Fallback, Rung, Sample, Tuning, Validation
 from .validate import gate
-
-if TYPE_CHECKING:  # the pipeline's records, which import this module
-    from .pipeline import Calibration, Reference
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +38,7 @@ class QatRequest:
 
 
 Validate = Callable[[str, str], Validation]                 # (bundle folder, model file) -> its parity
-Calibrate = Callable[[str], "Calibration"]                  # data spec -> a calibration set
+Calibrate = Callable[[str], Calibration]                  # data spec -> a calibration set
 TrainQat = Callable[[QatRequest], str]                      # -> the QAT checkpoint's path
 
 
@@ -55,8 +52,8 @@ class Int8Ladder:
     the bundle. ``validate(folder, model_file)`` checks a bundle's files against the reference; ``calibrate(spec)``
     gives a calibration set; ``train_qat(QatRequest)`` trains the last rung (None: the ladder stops at rung 2)."""
 
-    def __init__(self, ref: "Reference", opts: ExportOptions, static: bool, validate: Validate, calibrate: Calibrate,
-                 calib: Optional["Calibration"] = None, train_qat: Optional[TrainQat] = None) -> None:
+    def __init__(self, ref: Reference, opts: ExportOptions, static: bool, validate: Validate, calibrate: Calibrate,
+                 calib: Optional[Calibration] = None, train_qat: Optional[TrainQat] = None) -> None:
         self.ref, self.o, self.static = ref, opts, static
         self.validate, self.calibrate, self.train_qat = validate, calibrate, train_qat
         self.calib = calib           # the Calibration of rungs 1-2 (None: a QAT checkpoint or dynamic INT8)

@@ -12,7 +12,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -23,13 +23,12 @@ from ..base.progress import bar
 from ..bundle.manifest import library_versions, sha256_file, write_manifest
 from ..bundle.runner import in_batches_of, open_model
 from ..bundle.runtime import renamed
-from ..core.checkpoint import Checkpoint
 from ..core.config import ExportOptions  # every option of edgekd export, declared once there
 from ..core.data import Data, InputSpec, load_data
 from ..core.loading import load_model
 from . import calibration
 from .formats import Format, check_request, get_format
-from .job import ExportJob, Request
+from .job import Calibration, ExportJob, Reference, Request
 from .ladder import Int8Ladder, TrainQat, fail_if
 from .layer_report import layer_report
 from .openvino import import_openvino
@@ -40,9 +39,6 @@ from .records import (CalibrationRecord, Fallback, Int8Settings, LayerReport, Pa
 from .speed import FASTER, SpeedJob
 from .target import Target, remote_logits, resolve, where
 from .validate import compare, gate, run_batched
-
-if TYPE_CHECKING:  # heavy: only for the type checker
-    from torch import nn
 
 log = logging.getLogger(__name__)
 PARITY_FILE = "parity.npy"
@@ -85,29 +81,6 @@ def _plan(opts: ExportOptions) -> Plan:
     return Plan(fmt, request, atol, resolve(opts.target, opts.ssh_config, opts.timeout))
 
 
-@dataclass
-class Reference:
-    """The checkpoint and what each bundle of it is checked against: its PyTorch model's logits on test images."""
-
-    checkpoint: str
-    model: "nn.Module"
-    ckpt: Checkpoint
-    spec: InputSpec              # the checkpoint's input
-    dataset: Data                # the validation data (and, by default, the calibration data)
-    images: np.ndarray           # the held-out test images of the gate, and their labels
-    labels: np.ndarray
-    logits: np.ndarray           # the PyTorch model's logits on them
-
-    @property
-    def qat(self) -> bool:
-        """A QAT checkpoint (edgekd quantize): exported as it was trained, INT8 only."""
-        return self.ckpt.qat is not None
-
-    def data_spec(self) -> str:
-        """The checkpoint's data spec (an image folder is recorded relative to the checkpoint's folder)."""
-        return self.ckpt.data_spec(self.checkpoint) or "digits"
-
-
 def load_reference(checkpoint: str, opts: ExportOptions) -> Reference:
     """The checkpoint's model, the validation data (``opts.data``, default: the checkpoint's) and the model's logits
     on ``opts.val_size`` of its test images, strided over the split."""
@@ -126,15 +99,6 @@ def load_reference(checkpoint: str, opts: ExportOptions) -> Reference:
     with torch.no_grad():
         logits = run_batched(lambda b: model(torch.from_numpy(b)).numpy(), images)
     return Reference(checkpoint, model, ckpt, spec, dataset, images, labels, logits)
-
-
-@dataclass
-class Calibration:
-    """Class-stratified train images that set INT8 ranges, the data they came from, and their record."""
-
-    images: np.ndarray
-    record: Sample
-    data: Data
 
 
 def calibration_set(ref: Reference, opts: ExportOptions, spec: Optional[str] = None) -> Calibration:

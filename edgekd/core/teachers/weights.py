@@ -1,11 +1,11 @@
 """--teacher-weights: a local state dict loaded into a teacher built from code (torchvision, timm, a factory)."""
 
 from ... import EdgeKDError
-from ..models import read_weights_file
+from ..pretrained import read_weights_file
 
 
 def load_state_dict(path):
-    """The state dict of a --teacher-weights file: edgekd.core.models.read_weights_file, the students' reader
+    """The state dict of a --teacher-weights file: edgekd.core.pretrained.read_weights_file, the students' reader
     (DDP and torch.compile prefixes, EMA copies and safetensors handled there, once)."""
     return read_weights_file(path, "--teacher-weights")
 
