@@ -9,12 +9,12 @@ with signed activations and weights, so the defaults differ by CPU; every choice
 import logging
 import os
 import platform
-
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from .. import EdgeKDError
+from ..base.progress import bar
 from .records import Int8Settings, Restored, Tuning
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,6 @@ class ImageReader:
     """ONNX Runtime's CalibrationDataReader over preprocessed images, with a progress bar."""
 
     def __init__(self, images, input_name="input", batch_size=32, progress=True):
-        from ..base.progress import bar
-
         self.batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
         self.bar = bar(total=len(images), desc="calibrating", unit="img", disable=not progress)
         self.input_name, self.i = input_name, 0
@@ -165,8 +163,6 @@ def rank_sensitivity(pre_path: str, scratch: str, calib_images: Optional[np.ndar
                      settings: Int8Settings, method: str, progress: bool = True) -> Tuple[List[str], Dict[str, float]]:
     """Layers ordered from most to least harmful when quantized: for each, the logit error against FP32
     on the tuning images when only that layer is kept in float (lower error = more sensitive)."""
-    from ..base.progress import bar
-
     reference = _logits(pre_path, tune_images)
     cache = os.path.join(scratch, "calibration-cache.json")
     errors: Dict[str, float] = {}

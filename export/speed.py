@@ -13,6 +13,7 @@ from typing import Callable, List, Tuple
 
 import numpy as np
 
+from ..base.telemetry import switch_off
 from ..bundle.runner import open_model
 from .records import SpeedRow
 
@@ -80,8 +81,6 @@ def measure(job: SpeedJob) -> List[SpeedRow]:
 
 
 def main(job_path: str) -> None:
-    from ..base.telemetry import switch_off
-
     switch_off()  # an edgekd process: OpenVINO telemetry off before the runtime is imported
     print(json.dumps([row.to_dict() for row in measure(SpeedJob.read(job_path))]))
 

@@ -2,8 +2,8 @@
 "Artifacts"), written atomically and loaded with weights_only=True. The dict exists only here, at the edge."""
 
 import os
-from dataclasses import dataclass, field, replace
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -14,6 +14,7 @@ from ..base.files import atomic_write, portable, spec_for_file, spec_from_file
 from ..bundle.runner import sha256_file as file_sha256  # noqa: F401  (edgekd's one sha256, by the core's name)
 from .data import InputSpec
 from .models import count_flops, count_params
+from .safe_load import Refused, torch_file
 
 CHECKPOINT_FORMAT = "edgekd-checkpoint/1"
 REQUIRED_KEYS = ("model", "state_dict", "classes", "input")
@@ -130,8 +131,6 @@ def read_checkpoint(path: str) -> Checkpoint:
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """The checkpoint file's dict, read without running any pickled code; anything that is not ours is refused."""
-    from .safe_load import Refused, torch_file
-
     if not os.path.isfile(path):
         raise EdgeKDError(f"checkpoint {path!r} does not exist")
     try:

@@ -1,8 +1,11 @@
 """Intermediate features by layer name, for feature-based distillation (FitNets hints)."""
 
+import difflib
+
 from torch import nn
 
 from .. import EdgeKDError
+from .models import example_input
 
 # The middle stage of the built-in models: where FitNets puts its hint (half-way through the network).
 AUTO_LAYERS = {"CifarResNet": "layer2", "CompactStudent": "features.6", "ResNet": "layer2",
@@ -18,8 +21,6 @@ def resolve_layer(model, name):
                               "--student-layer/--teacher-layer (see model.named_modules())")
     modules = dict(model.named_modules())
     if name not in modules:
-        import difflib
-
         close = difflib.get_close_matches(name, list(modules), n=3)
         raise EdgeKDError(f"no layer {name!r} in {type(model).__name__}" + (f"; close: {', '.join(close)}" if close else ""))
     return name, modules[name]
@@ -43,8 +44,6 @@ class FeatureTap:
 def feature_shape(model, tap, input_spec):
     """The shape of the tapped layer's output for one image (runs one forward in eval mode)."""
     import torch
-
-    from .models import example_input
 
     was_training = model.training
     model.eval()

@@ -15,6 +15,7 @@ student rebuilds from its spec and loads its own state dict. ``build_pretrained`
 the pretrained weights; architectures.py holds the models edgekd defines itself.
 """
 
+import difflib
 import logging
 import os
 import re
@@ -116,8 +117,6 @@ def _timm_name(name: str) -> None:
     timm = import_timm()
     if name.startswith("hf-hub:") or name.startswith("hf_hub:") or timm.is_model(name):
         return
-    import difflib
-
     close = difflib.get_close_matches(name, timm.list_models(), n=1)
     hint = f"; did you mean '{TIMM_PREFIX}{close[0]}'?" if close else ""
     raise EdgeKDError(f"unknown timm model {name!r}{hint} (see timm.list_models())")
@@ -174,8 +173,6 @@ def _torchvision_name(name: str) -> None:
 
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        import difflib
-
         close = difflib.get_close_matches(name, available, n=1)
         hint = f"; did you mean '{TORCHVISION_PREFIX}{close[0]}'?" if close else ""
         raise EdgeKDError(f"unknown torchvision classification model {name!r}{hint} (see torchvision.models.list_models())")

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 
+from ...bundle import load_bundle
 from ...bundle.manifest import MANIFEST_FILE
 from ..checkpoint import file_sha256
 from .onnx import ort_runner, ort_session
@@ -25,8 +26,6 @@ class BundleSource(Source):
         need_file(split_spec(spec, "bundle"), "teacher bundle")
 
     def load(self, spec, options, env):
-        from ...bundle import load_bundle
-
         path = split_spec(spec, "bundle")
         bundle = load_bundle(path, threads=1)
         bundle.session = None  # the bundle's own session spins; the teacher opens one that does not

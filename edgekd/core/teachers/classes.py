@@ -1,6 +1,7 @@
 """Class order: the teacher's outputs matched to the data's classes by name, picked by index, or (for a
 teacher without names) taken by position."""
 
+import difflib
 import logging
 import os
 import re
@@ -63,8 +64,6 @@ def class_index(data_classes, outputs, names=None, names_from=None, classes_file
     index = []
     for name in data_classes:
         if name not in where:
-            import difflib
-
             close = difflib.get_close_matches(name, list(where), n=3)
             hint = f" (close: {', '.join(close)})" if close else f" (it knows e.g. {', '.join(names[:3])})"
             counts = (f"teacher {spec!r} has {outputs} classes but the data has {len(data_classes)}, and "

@@ -1,6 +1,7 @@
 """``MODULE:FUNCTION``: a function in the user's own code that returns the teacher module."""
 
 import contextlib
+import importlib
 import os
 import re
 
@@ -47,8 +48,6 @@ class FactorySource(Source):
         return bool(FACTORY.match(spec)) and spec.split(":")[0] not in PREFIXES and not os.path.exists(spec)
 
     def load(self, spec, options, env):
-        import importlib
-
         module_name, fn_name = spec.split(":")
         with user_code(f"importing {module_name!r} for teacher {spec!r}"):
             try:

@@ -5,6 +5,7 @@ import logging
 import torch
 
 from ... import EdgeKDError
+from ..train_loop import evaluate
 from .classes import class_index
 from .source import TEACHERS, Env
 from .view import Teacher, as_logits, check_probs
@@ -47,8 +48,6 @@ def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_o
     log.info("teacher %s (%s): %dx%dx%d %s, %s, classes %s", spec, loaded.kind, loaded.channels, *loaded.size,
              loaded.color, teacher.outputs, record["matched"])
     if evaluate_on is not None and teacher.metrics.get("test_top1") is None:
-        from ..train_loop import evaluate
-
         teacher.to(cfg.device)
         teacher.metrics["test_top1"] = evaluate(teacher, evaluate_on, cfg.device, dist=ctx)
         teacher.metrics["test_top1_measured"] = "here, on the data's test split through the teacher's view"

@@ -4,6 +4,7 @@ source shares."""
 import json
 import os
 
+import numpy as np
 import torch
 
 from ... import EdgeKDError
@@ -31,8 +32,6 @@ def ort_session(path, threads):
 
 def ort_runner(session):
     """A torch-in, torch-out call of an ONNX Runtime session; a fixed batch size is served in chunks."""
-    import numpy as np
-
     first = session.get_inputs()[0]
     fixed = first.shape[0] if first.shape and isinstance(first.shape[0], int) and first.shape[0] > 0 else None
 

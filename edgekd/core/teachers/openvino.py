@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import torch
 
 from ... import EdgeKDError
@@ -13,7 +14,6 @@ def openvino_runner(path, threads):
     """OpenVINO on the CPU with a latency hint (one stream), torch's thread count, no thread pinning, f32 for
     float layers (INT8 layers stay INT8)."""
     os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
-    import numpy as np
     import openvino as ov
 
     core = ov.Core()

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import file_sha256
+from ..safe_load import exported_program
 from .source import Opaque, Source, apply_shape, need_file, has_suffix, split_spec, register_source
 from .view import Loaded, as_logits
 
@@ -19,8 +20,6 @@ class ExportedProgramSource(Source):
         need_file(split_spec(spec, "pt2"), "teacher torch.export file")
 
     def load(self, spec, options, env):
-        from ..safe_load import exported_program
-
         path = split_spec(spec, "pt2")
         program = exported_program(path, "teacher torch.export file")  # weights-only, its graph checked first
         lo = Loaded(self.kind, None, module=Opaque(program.module()), file=os.path.abspath(path),

@@ -1,16 +1,16 @@
 """A TorchScript file as a teacher."""
 
 import os
+import zipfile
 
 from ..checkpoint import file_sha256
+from ..safe_load import torchscript
 from .source import Opaque, Source, first_conv_channels, need_file, split_spec, register_source
 from .view import Loaded
 
 
 def is_torchscript(path):
     """A TorchScript archive holds code/ and constants.pkl; torch.save's zip (a checkpoint) does not."""
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
@@ -28,8 +28,6 @@ class TorchScriptSource(Source):
         need_file(split_spec(spec, "torchscript"), "teacher TorchScript file")
 
     def load(self, spec, options, env):
-        from ..safe_load import torchscript
-
         path = split_spec(spec, "torchscript")
         module = torchscript(path, "teacher TorchScript file")
         return Loaded(self.kind, None, module=Opaque(module.eval()), channels=first_conv_channels(module),

@@ -6,6 +6,7 @@ import torch
 
 from ... import EdgeKDError
 from ..checkpoint import file_sha256
+from ..models import STEMS, TORCHVISION_PREFIX, check_spec
 from .source import Source, state_sha256, register_source
 from .view import Loaded, as_logits
 from .weights import head_classes, load_state_dict, load_weights
@@ -21,8 +22,6 @@ class TorchvisionSource(Source):
     def matches(self, spec, options):
         if not spec.startswith("torchvision:"):
             return False
-        from ..models import STEMS
-
         _, _, weights = spec[len("torchvision:"):].partition(":")
         return weights not in STEMS or bool(options.weights)
 
@@ -31,8 +30,6 @@ class TorchvisionSource(Source):
 
         name, _, weights_name = spec[len("torchvision:"):].partition(":")
         if name not in torchvision.models.list_models(module=torchvision.models):
-            from ..models import TORCHVISION_PREFIX, check_spec
-
             check_spec(TORCHVISION_PREFIX + name)  # raises the unknown-model error with a suggestion
         enum = torchvision.models.get_model_weights(name)
         try:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ... import EdgeKDError
+from ..data import InputSpec
 
 # Probabilities of exactly 0 would give -inf logits: clamp before the log (KD losses see log-probs).
 PROB_FLOOR = 1e-12
@@ -145,8 +146,6 @@ class FrozenTeacher(Teacher):
 
 
 def _input_spec(loaded):
-    from ..data import InputSpec
-
     return InputSpec(loaded.channels, loaded.size[0], loaded.size[1], list(loaded.mean), list(loaded.std))
 
 
