@@ -170,6 +170,16 @@ class Validation:
     max_drop: Optional[float] = None    # INT8: the --max-drop it was held to
     reference: Optional[str] = None     # QAT: what the logits were compared with
 
+    @classmethod
+    def from_dict(cls, d: JSON) -> "Validation":
+        """The measurements of a manifest's ``validation`` (where it ran is left out)."""
+        return cls(images=int(d["images"]), not_finite=int(d.get("not_finite") or 0),
+                   output_shape=list(d.get("output_shape") or []), max_abs_diff=float(d["max_abs_diff"]),
+                   mean_abs_diff=float(d.get("mean_abs_diff") or 0.0), top1_agreement=float(d["top1_agreement"]),
+                   top1=float(d["top1"]), reference_top1=float(d["reference_top1"]), drop=float(d["drop"]),
+                   data=d.get("data"), split=d.get("split"), atol=d.get("atol"), max_drop=d.get("max_drop"),
+                   reference=d.get("reference"))
+
     def to_dict(self) -> JSON:
         d: JSON = {"images": self.images, "not_finite": self.not_finite, "output_shape": list(self.output_shape),
                    "max_abs_diff": self.max_abs_diff, "mean_abs_diff": self.mean_abs_diff,

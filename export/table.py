@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from ..bundle.manifest import Manifest, read_manifest
-from .records import SpeedCheck
+from .records import SpeedCheck, Validation
 
 HEADER = ("| bundle | format | precision | size (MB) | size vs FP32 | max abs diff | top-1 agreement | top-1 | "
           "drop vs FP32 (points) | images | export (s) | INT8 speedup here (b1 / b32) | layers kept in float |\n"
@@ -26,29 +26,24 @@ class Row:
     precision: str
     size_bytes: int
     export_seconds: float
-    max_abs_diff: float
-    top1_agreement: float
-    top1: float
-    drop: float
-    images: int
+    validation: Validation
     speed: Optional[SpeedCheck]
     kept_in_float: Optional[List[str]]
 
     @classmethod
     def of(cls, name: str, m: Manifest) -> "Row":
-        v = m.validation
         fallback = m.record("fallback") or {}
         return cls(name, m.format, m.precision, int(m.record("size_bytes")), float(m.record("export_seconds")),
-                   float(v["max_abs_diff"]), float(v["top1_agreement"]), float(v["top1"]), float(v["drop"]),
-                   int(v["images"]), SpeedCheck.from_dict(m.record("speed_check")), fallback.get("layers_in_float"))
+                   Validation.from_dict(m.validation), SpeedCheck.from_dict(m.record("speed_check")),
+                   fallback.get("layers_in_float"))
 
     def line(self, fp32_size: Dict[str, int]) -> str:
         ratio = f"{self.size_bytes / fp32_size[self.format]:.0%}" if self.format in fp32_size else "-"
         speedup = " / ".join(f"{r.speedup:.2f}x" for r in self.speed.rows) if self.speed else ""
-        kept = self.kept_in_float
+        kept, v = self.kept_in_float, self.validation
         return (f"| {self.name} | {self.format} | {self.precision} | {self.size_bytes / 1e6:.3f} | {ratio} | "
-                f"{self.max_abs_diff:.2e} | {self.top1_agreement:.4f} | {self.top1:.4f} | {self.drop:+.2f} | "
-                f"{self.images} | {self.export_seconds:.1f} | {speedup or '-'} | "
+                f"{v.max_abs_diff:.2e} | {v.top1_agreement:.4f} | {v.top1:.4f} | {v.drop:+.2f} | "
+                f"{v.images} | {self.export_seconds:.1f} | {speedup or '-'} | "
                 f"{', '.join(kept) if kept else ('none' if kept is not None else '-')} |")
 
 
