@@ -132,7 +132,7 @@ def environment(threads, cpus):
 
 def write_outputs(out, result, comparison=None):
     """results.json, results.csv, report.md, the two plots (and compare.md), each written atomically."""
-    from ..core.checkpoint import atomic_write
+    from ..base.files import atomic_write
     from .report import csv_text, markdown_report, plot_accuracy_latency, plot_latency, plot_profile
 
     os.makedirs(out, exist_ok=True)

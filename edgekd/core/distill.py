@@ -11,8 +11,8 @@ import torch
 from .. import EdgeKDError
 from . import teachers
 from .batchnorm import check_batchnorm
-from ..base.files import portable
-from .checkpoint import atomic_write, save_checkpoint
+from ..base.files import atomic_write, portable
+from .checkpoint import save_checkpoint
 from .config import saved
 from .augment import Views
 from .data import load_data, parse_size
