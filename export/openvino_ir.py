@@ -14,11 +14,11 @@ import tempfile
 
 from .. import EdgeKDError
 from ..base.telemetry import switch_off
-from ..bundle.manifest import FORMAT_FILES, sha256_file, write_manifest
+from ..bundle.manifest import FORMAT_FILES, Manifest, sha256_file, write_manifest
 from ..bundle.runtime import verify_bundle
 
 
-def onnx_bundle_to_openvino(src, out):
+def onnx_bundle_to_openvino(src: str, out: str) -> Manifest:
     """Convert ``src`` (an ONNX bundle) into a new OpenVINO bundle folder ``out``; return its manifest."""
     import openvino as ov
 

@@ -9,13 +9,16 @@ with signed activations and weights, so the defaults differ by CPU; every choice
 import logging
 import os
 import platform
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from .. import EdgeKDError
 from ..base.progress import bar
 from .records import Int8Settings, Restored, Tuning
+
+if TYPE_CHECKING:  # heavy: only for the type checker
+    from onnxruntime.quantization import CalibrationMethod, QuantType
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +73,13 @@ def int8_settings(types: str = "auto", reduce_range: Optional[bool] = None, per_
     return choose_int8_settings(types, reduce_range, per_channel, features).to_dict()
 
 
-def _qtype(name):
+def _qtype(name: str) -> "QuantType":
     from onnxruntime.quantization import QuantType
 
     return QuantType.QUInt8 if name == "uint8" else QuantType.QInt8
 
 
-def _method(name):
+def _method(name: str) -> "CalibrationMethod":
     from onnxruntime.quantization import CalibrationMethod
 
     return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -86,12 +89,13 @@ def _method(name):
 class ImageReader:
     """ONNX Runtime's CalibrationDataReader over preprocessed images, with a progress bar."""
 
-    def __init__(self, images, input_name="input", batch_size=32, progress=True):
+    def __init__(self, images: np.ndarray, input_name: str = "input", batch_size: int = 32,
+                 progress: bool = True) -> None:
         self.batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
         self.bar = bar(total=len(images), desc="calibrating", unit="img", disable=not progress)
         self.input_name, self.i = input_name, 0
 
-    def get_next(self):
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
         if self.i >= len(self.batches):
             self.bar.close()
             return None
@@ -100,11 +104,11 @@ class ImageReader:
         self.bar.update(len(batch))
         return {self.input_name: np.ascontiguousarray(batch)}
 
-    def rewind(self):
+    def rewind(self) -> None:
         self.i = 0
 
 
-def preprocess(fp32_path, out_path):
+def preprocess(fp32_path: str, out_path: str) -> str:
     """ONNX Runtime's quant_pre_process (shape inference + graph optimisation) before quantizing."""
     from onnxruntime.quantization import quant_pre_process
 
@@ -120,7 +124,11 @@ def quantize_static_file(pre_path: str, out_path: str, calib_images: Optional[np
     """Static QDQ quantization; calibration ranges are cached so a fallback retry does not recalibrate."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
-    reader = None if os.path.isfile(cache_path) else ImageReader(calib_images, progress=progress)
+    reader = None
+    if not os.path.isfile(cache_path):  # the ranges are not cached yet: calibrate
+        if calib_images is None:
+            raise RuntimeError("static INT8 needs calibration images")  # the pipeline calibrates first: our bug
+        reader = ImageReader(calib_images, progress=progress)
     try:
         quantize_static(pre_path, out_path, reader, quant_format=QuantFormat.QDQ,
                         per_channel=settings.per_channel, reduce_range=settings.reduce_range,
@@ -144,7 +152,7 @@ def quantize_dynamic_file(pre_path: str, out_path: str, settings: Int8Settings) 
         raise EdgeKDError(f"ONNX Runtime dynamic quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
-def quantizable_nodes(path):
+def quantizable_nodes(path: str) -> List[str]:
     """Names of the nodes whose weights INT8 quantizes (Conv, Gemm, MatMul), in graph order."""
     import onnx
 
@@ -152,7 +160,7 @@ def quantizable_nodes(path):
     return [n.name for n in graph.node if n.op_type in QUANTIZED_OPS]
 
 
-def _logits(path, images):
+def _logits(path: str, images: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -8,7 +8,8 @@ import re
 from torch import nn
 
 from ... import EdgeKDError
-from .source import Source, first_conv_channels, state_sha256, register_source
+from .options import TeacherOptions
+from .source import Env, Source, first_conv_channels, state_sha256, register_source
 from .view import Loaded
 from .weights import load_weights
 
@@ -44,10 +45,10 @@ class FactorySource(Source):
 
     hookable = True
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return bool(FACTORY.match(spec)) and spec.split(":")[0] not in PREFIXES and not os.path.exists(spec)
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         module_name, fn_name = spec.split(":")
         with user_code(f"importing {module_name!r} for teacher {spec!r}"):
             try:

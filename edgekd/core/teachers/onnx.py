@@ -10,8 +10,8 @@ import torch
 from ... import EdgeKDError
 from ...bundle.manifest import METADATA_KEYS
 from ..config import MAX_INPUT_SIDE
-from .options import COLORS, OUTPUTS
-from .source import Source, apply_shape, files_sha256, need_file, has_suffix, split_spec, threads_of, register_source
+from .options import COLORS, OUTPUTS, TeacherOptions
+from .source import Env, Source, apply_shape, files_sha256, need_file, has_suffix, split_spec, threads_of, register_source
 from .view import Loaded
 
 
@@ -67,13 +67,13 @@ def _onnx_files(path):
 class OnnxSource(Source):
     """A foreign ONNX file, run by ONNX Runtime: a black box whose view comes from options or its metadata."""
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return has_suffix(spec, "onnx", (".onnx",))
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         need_file(split_spec(spec, "onnx"), "teacher ONNX file")
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         path = split_spec(spec, "onnx")
         threads = threads_of(options)
         session = ort_session(path, threads)

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from ... import EdgeKDError
-from .source import Source, apply_shape, files_sha256, need_file, has_suffix, split_spec, threads_of, register_source
+from .options import TeacherOptions
+from .source import Env, Source, apply_shape, files_sha256, need_file, has_suffix, split_spec, threads_of, register_source
 from .view import Loaded
 
 
@@ -38,15 +39,15 @@ def openvino_runner(path, threads):
 class OpenVINOSource(Source):
     """A foreign OpenVINO IR (.xml + .bin), run by OpenVINO: a black box whose view comes from options."""
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return has_suffix(spec, "openvino", (".xml",))
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         path = split_spec(spec, "openvino")
         need_file(path, "teacher OpenVINO IR")
         need_file(os.path.splitext(path)[0] + ".bin", "the weights of the OpenVINO IR")
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         path = split_spec(spec, "openvino")
         threads = threads_of(options)
         run, dims = openvino_runner(path, threads)

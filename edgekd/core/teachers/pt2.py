@@ -7,19 +7,20 @@ from torch import nn
 
 from ..checkpoint import file_sha256
 from ..safe_load import exported_program
-from .source import Opaque, Source, apply_shape, need_file, has_suffix, split_spec, register_source
+from .options import TeacherOptions
+from .source import Env, Opaque, Source, apply_shape, need_file, has_suffix, split_spec, register_source
 from .view import Loaded, as_logits
 
 
 @register_source("pt2")
 class ExportedProgramSource(Source):
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return has_suffix(spec, "pt2", (".pt2",))
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         need_file(split_spec(spec, "pt2"), "teacher torch.export file")
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         path = split_spec(spec, "pt2")
         program = exported_program(path, "teacher torch.export file")  # weights-only, its graph checked first
         lo = Loaded(self.kind, None, module=Opaque(program.module()), file=os.path.abspath(path),

@@ -12,6 +12,8 @@ from torch import nn
 from ... import EdgeKDError
 from ...base.registry import Registry
 from ..checkpoint import file_sha256
+from .options import TeacherOptions
+from .view import Loaded
 
 TEACHERS = Registry("teacher source")
 
@@ -31,13 +33,13 @@ class Source:
     kind = ""
     hookable = False
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         raise NotImplementedError
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         pass
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         raise NotImplementedError
 
 

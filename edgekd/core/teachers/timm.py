@@ -4,7 +4,8 @@ import os
 
 from ... import EdgeKDError
 from ..checkpoint import file_sha256
-from .source import Source, state_sha256, register_source
+from .options import TeacherOptions
+from .source import Env, Source, state_sha256, register_source
 from .view import Loaded
 from .weights import head_classes, load_state_dict, load_weights
 
@@ -16,13 +17,13 @@ class TimmSource(Source):
 
     hookable = True
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return spec.startswith("timm:")
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         _import_timm()
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         timm = _import_timm()
         name = spec[len("timm:"):]
         if options.weights:

@@ -5,7 +5,8 @@ import zipfile
 
 from ..checkpoint import file_sha256
 from ..safe_load import torchscript
-from .source import Opaque, Source, first_conv_channels, need_file, split_spec, register_source
+from .options import TeacherOptions
+from .source import Env, Opaque, Source, first_conv_channels, need_file, split_spec, register_source
 from .view import Loaded
 
 
@@ -20,14 +21,14 @@ def is_torchscript(path):
 
 @register_source("torchscript")
 class TorchScriptSource(Source):
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return spec.startswith("torchscript:") or (os.path.isfile(spec) and not spec.lower().endswith(
             (".onnx", ".xml", ".pt2", ".zip")) and is_torchscript(spec))
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         need_file(split_spec(spec, "torchscript"), "teacher TorchScript file")
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         path = split_spec(spec, "torchscript")
         module = torchscript(path, "teacher TorchScript file")
         return Loaded(self.kind, None, module=Opaque(module.eval()), channels=first_conv_channels(module),

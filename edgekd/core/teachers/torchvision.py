@@ -7,7 +7,8 @@ import torch
 from ... import EdgeKDError
 from ..checkpoint import file_sha256
 from ..models import STEMS, TORCHVISION_PREFIX, check_spec
-from .source import Source, state_sha256, register_source
+from .options import TeacherOptions
+from .source import Env, Source, state_sha256, register_source
 from .view import Loaded, as_logits
 from .weights import head_classes, load_state_dict, load_weights
 
@@ -19,13 +20,13 @@ class TorchvisionSource(Source):
 
     hookable = True
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         if not spec.startswith("torchvision:"):
             return False
         _, _, weights = spec[len("torchvision:"):].partition(":")
         return weights not in STEMS or bool(options.weights)
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         import torchvision
 
         name, _, weights_name = spec[len("torchvision:"):].partition(":")
