@@ -1,6 +1,8 @@
 """The architectures edgekd defines itself, registered by name in ``MODELS``: the seed article's two CNNs,
 edgekd's compact student, and the CIFAR ResNets of the distillation literature."""
 
+from typing import Callable, List, Optional, Tuple
+
 import torch
 from torch import nn
 
@@ -13,7 +15,7 @@ MODELS = Registry("model")
 class SeedTeacher(nn.Module):
     """The article's teacher: two 3x3 convolutions with 2x pooling, then fc 1024 -> 512 -> classes."""
 
-    def __init__(self, num_classes, in_channels, height, width):
+    def __init__(self, num_classes: int, in_channels: int, height: int, width: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1)
         self.conv2 = nn.Conv2d(64, 128, 3, padding=1)
@@ -21,7 +23,7 @@ class SeedTeacher(nn.Module):
         self.fc2 = nn.Linear(1024, 512)
         self.fc3 = nn.Linear(512, num_classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.max_pool2d(nn.functional.relu(self.conv1(x)), 2, 2)
         x = nn.functional.max_pool2d(nn.functional.relu(self.conv2(x)), 2, 2)
         x = torch.flatten(x, 1)
@@ -31,20 +33,20 @@ class SeedTeacher(nn.Module):
 class SeedStudent(nn.Module):
     """The article's student: the teacher's convolutions, then fc 512 -> classes (saves little compute)."""
 
-    def __init__(self, num_classes, in_channels, height, width):
+    def __init__(self, num_classes: int, in_channels: int, height: int, width: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1)
         self.conv2 = nn.Conv2d(64, 128, 3, padding=1)
         self.fc1 = nn.Linear(128 * (height // 4) * (width // 4), 512)
         self.fc2 = nn.Linear(512, num_classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.max_pool2d(nn.functional.relu(self.conv1(x)), 2, 2)
         x = nn.functional.max_pool2d(nn.functional.relu(self.conv2(x)), 2, 2)
         return self.fc2(nn.functional.relu(self.fc1(torch.flatten(x, 1))))
 
 
-def _conv_bn(cin, cout):
+def _conv_bn(cin: int, cout: int) -> List[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
@@ -55,7 +57,8 @@ class CompactStudent(nn.Module):
     of seed-teacher's parameters and 1/8 of its multiply-adds at 32x32, and it accepts any size.
     """
 
-    def __init__(self, num_classes, in_channels, height=None, width=None, widths=(16, 32, 64)):
+    def __init__(self, num_classes: int, in_channels: int, height: Optional[int] = None, width: Optional[int] = None,
+                 widths: Tuple[int, int, int] = (16, 32, 64)) -> None:
         super().__init__()
         c1, c2, c3 = widths
         self.features = nn.Sequential(
@@ -65,14 +68,14 @@ class CompactStudent(nn.Module):
         )
         self.classifier = nn.Linear(c3, num_classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN, when the shape changes) shortcut."""
 
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
@@ -82,7 +85,7 @@ class BasicBlock(nn.Module):
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = nn.functional.relu(self.bn1(self.conv1(x)))
         return nn.functional.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
@@ -95,7 +98,8 @@ class CifarResNet(nn.Module):
     so feature methods can pick them by name.
     """
 
-    def __init__(self, num_classes, in_channels, height=None, width=None, depth=20, widths=(16, 16, 32, 64)):
+    def __init__(self, num_classes: int, in_channels: int, height: Optional[int] = None, width: Optional[int] = None,
+                 depth: int = 20, widths: Tuple[int, ...] = (16, 16, 32, 64)) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise EdgeKDError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -115,14 +119,14 @@ class CifarResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def _cifar_resnet(depth, widths):
-    def make(num_classes, in_channels, height=None, width=None):
+def _cifar_resnet(depth: int, widths: Tuple[int, ...]) -> Callable[..., nn.Module]:
+    def make(num_classes: int, in_channels: int, height: Optional[int] = None, width: Optional[int] = None) -> nn.Module:
         return CifarResNet(num_classes, in_channels, height, width, depth=depth, widths=widths)
 
     return make

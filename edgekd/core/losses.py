@@ -5,7 +5,7 @@ Every loss is called as ``loss(student_logits, teacher_logits, labels)`` and ret
 Each registration carries its defaults; ``make_loss(name, **overrides)`` builds one.
 """
 
-from typing import Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -182,15 +182,15 @@ class FitNetHint(_Loss):
         return {"loss": task + kd, "task_loss": task, "kd_loss": kd, **parts}
 
 
-def _flag(param):
+def _flag(param: str) -> str:
     return {"warmup": "--dkd-warmup"}.get(param, "--" + param.replace("_", "-"))
 
 
-def _and(items):
+def _and(items: List[str]) -> str:
     return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def check_options(name, given):
+def check_options(name: str, given: Dict[str, Any]) -> None:
     """Refuse options the loss does not use (``given``: parameter name -> value, None for not given),
     so that ``--loss kd --beta 5`` is an error rather than a silently ignored value."""
     takes = [k for k in LOSSES.meta(name)["defaults"] if k != "ce_weight"]  # ce_weight has no option
@@ -200,7 +200,7 @@ def check_options(name, given):
         raise EdgeKDError(f"--loss {name} {offered}; it does not use {_and([_flag(k) for k in unused])}")
 
 
-def make_loss(name, label_smoothing=0.0, **overrides):
+def make_loss(name: str, label_smoothing: Optional[float] = 0.0, **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
     """The named loss with its registered defaults, overridden by any non-None value given; a value
     for an option the loss does not take is refused."""
     meta = LOSSES.meta(name)
