@@ -5,6 +5,7 @@ Every loss is called as ``loss(student_logits, teacher_logits, labels)`` and ret
 Each registration carries its defaults; ``make_loss(name, **overrides)`` builds one.
 """
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -16,6 +17,24 @@ from ..base.registry import Registry
 
 LOSSES = Registry("loss")
 UNLABELED = -1  # the label of an unlabelled image (--unlabeled): it gets the teacher term only
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """What a registered loss needs and takes (its registration's metadata, read in one place)."""
+
+    name: str
+    needs_teacher: bool
+    needs_features: bool                # feature hooks on student and teacher (fitnet)
+    defaults: Dict[str, Any]            # its parameters and their defaults
+    summary: str
+
+    @classmethod
+    def of(cls, name: str) -> "LossInfo":
+        """The loss registered as ``name`` (EdgeKDError naming the losses there are)."""
+        meta = LOSSES.meta(name)
+        return cls(name, bool(meta["needs_teacher"]), bool(meta.get("needs_features")), dict(meta["defaults"]),
+                   str(meta.get("summary", "")))
 
 
 class _Loss(nn.Module):
@@ -193,8 +212,9 @@ def _and(items: List[str]) -> str:
 def check_options(name: str, given: Dict[str, Any]) -> None:
     """Refuse options the loss does not use (``given``: parameter name -> value, None for not given),
     so that ``--loss kd --beta 5`` is an error rather than a silently ignored value."""
-    takes = [k for k in LOSSES.meta(name)["defaults"] if k != "ce_weight"]  # ce_weight has no option
-    unused = [k for k, v in given.items() if v is not None and k not in LOSSES.meta(name)["defaults"]]
+    defaults = LossInfo.of(name).defaults
+    takes = [k for k in defaults if k != "ce_weight"]  # ce_weight has no option
+    unused = [k for k, v in given.items() if v is not None and k not in defaults]
     if unused:
         offered = f"takes {_and([_flag(k) for k in takes])}" if takes else "takes no options"
         raise EdgeKDError(f"--loss {name} {offered}; it does not use {_and([_flag(k) for k in unused])}")
@@ -203,9 +223,8 @@ def check_options(name: str, given: Dict[str, Any]) -> None:
 def make_loss(name: str, label_smoothing: Optional[float] = 0.0, **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
     """The named loss with its registered defaults, overridden by any non-None value given; a value
     for an option the loss does not take is refused."""
-    meta = LOSSES.meta(name)
     check_options(name, overrides)
-    params = dict(meta["defaults"])
+    params = LossInfo.of(name).defaults
     params.update({k: v for k, v in overrides.items() if v is not None})
     loss = LOSSES.get(name)(**params)
     loss.label_smoothing = float(label_smoothing or 0.0)

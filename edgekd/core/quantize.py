@@ -29,7 +29,7 @@ from .distill import check_cache_options, prepare_data, save_config, train_teach
 from .distributed import Context
 from .fakequant import calibrate, import_nncf, plain_config, quantized_layer_names
 from .loading import load_model
-from .losses import LOSSES, make_loss
+from .losses import LOSSES, LossInfo, make_loss
 from .teacher_cache import TeacherCache
 from .teacher_speed import settle_teacher_dtype
 from .train_loop import TrainRun, evaluate, fit, seed_everything
@@ -77,7 +77,8 @@ def _input_for(cfg: QuantizeOptions, student: InputSpec) -> InputSpec:
 
 
 def _check_loss(cfg: QuantizeOptions) -> None:
-    logit_losses = [n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"] and not LOSSES.meta(n).get("needs_features")]
+    infos = [LossInfo.of(n) for n in LOSSES.names()]
+    logit_losses = [i.name for i in infos if i.needs_teacher and not i.needs_features]
     if cfg.loss not in logit_losses:
         raise EdgeKDError(f"--loss {cfg.loss!r}: quantization-aware distillation takes a logit loss with a teacher: "
                           + ", ".join(logit_losses))
