@@ -3,7 +3,7 @@ steps that make it. It drives both the validation of a request (refused up front
 and the dispatch to the exporter."""
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, List, Mapping, Optional, Tuple
 
 from .. import EdgeKDError
 from ..base.registry import Registry

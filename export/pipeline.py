@@ -34,8 +34,8 @@ from .layer_report import layer_report
 from .openvino import import_openvino
 from .qat import fp32_student_record
 from .quantize_onnx import cpu_features
-from .records import (CalibrationRecord, Fallback, Int8Settings, LayerReport, Parity, QatSource, Rung, Sample,
-                      SpeedCheck, SpeedRow, Validation)
+from .records import (CalibrationRecord, Fallback, Int8Settings, LayerReport, Parity, QatSource, Rung, SpeedCheck,
+                      SpeedRow, Validation)
 from .speed import FASTER, SpeedJob
 from .target import Target, remote_logits, resolve, where
 from .validate import compare, gate, run_batched
