@@ -40,6 +40,30 @@ STATIC_BATCH = 1  # OpenVINO bundles for ARM: the batch edge applications call w
 
 
 @dataclass
+class DeviceEnv:
+    """What the device runner's ``env`` says about the device (its JSON, read here)."""
+
+    machine: str
+    cpu: Optional[str] = None
+    cores: Optional[int] = None
+    versions: Optional[Dict[str, str]] = None
+    emulated: Any = None                     # what says so (qemu), when the CPU is emulated
+    cpu_flags: Set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DeviceEnv":
+        d = json.loads(text)
+        return cls(str(d.get("machine", "?")), d.get("cpu"), d.get("cores"), d.get("versions"), d.get("emulated"),
+                   set(d.get("cpu_flags") or ()))
+
+    def record(self) -> Dict[str, Any]:
+        """The manifest's ``target.device``: what is known of it."""
+        known = {"cpu": self.cpu, "machine": self.machine, "cores": self.cores, "versions": self.versions,
+                 "emulated": self.emulated}
+        return {k: v for k, v in known.items() if v is not None}
+
+
+@dataclass
 class Target:
     """What ``--target`` resolved to: a name, the CPU (architecture and feature flags) and, for ssh://, the device."""
 
@@ -47,7 +71,7 @@ class Target:
     arch: str
     flags: Set[str] = field(default_factory=set)
     device: Optional[ssh.Target] = None           # the device, for ssh:// targets
-    environment: Optional[Dict[str, Any]] = None  # the device runner's ``env`` there (its JSON)
+    environment: Optional[DeviceEnv] = None  # what the device runner says there
     timeout: int = 600
 
     @property
@@ -69,8 +93,7 @@ class Target:
         if int8_types:
             rec["int8_types"] = int8_types
         if self.environment:
-            rec["device"] = {k: self.environment.get(k) for k in ("cpu", "machine", "cores", "versions", "emulated")
-                             if self.environment.get(k) is not None}
+            rec["device"] = self.environment.record()
         return rec
 
 
@@ -105,11 +128,10 @@ def _ssh_target(spec: str, ssh_config: Optional[str], timeout: int) -> Target:
         raise EdgeKDError(f"--target {spec}: cannot run the device runner with {device.python!r} there "
                           f"({str(e).split(' failed: ', 1)[-1]}); give the device's Python 3.8+: "
                           "ssh://host/path/to/python") from e
-    env = json.loads(out.decode().strip().splitlines()[-1])
-    log.info("target %s: %s (%s)%s", device, env.get("cpu"), env.get("machine"),
-             ", emulated" if env.get("emulated") else "")
+    env = DeviceEnv.from_json(out.decode().strip().splitlines()[-1])
+    log.info("target %s: %s (%s)%s", device, env.cpu, env.machine, ", emulated" if env.emulated else "")
     return Target(str(device) + (device.python if device.python != ssh.DEFAULT_PYTHON else ""),
-                  env.get("machine", "?").lower(), set(env.get("cpu_flags") or ()), device, env, timeout)
+                  env.machine.lower(), env.cpu_flags, device, env, timeout)
 
 
 def _runner() -> str:
@@ -157,6 +179,7 @@ def where(target: Target) -> RanOn:
     """The manifest's ``validation.ran_on``: where the parity gate (and INT8 check) ran."""
     if target.device is None:
         return RanOn("this machine", platform.machine())
-    env = target.environment or {}  # the device runner's JSON
-    return RanOn(target.name, env.get("machine"), env.get("cpu"), env.get("versions"), env.get("emulated"),
-                 remote=True)
+    env = target.environment
+    if env is None:
+        return RanOn(target.name, None, remote=True)
+    return RanOn(target.name, env.machine, env.cpu, env.versions, env.emulated, remote=True)
