@@ -4,6 +4,7 @@ import contextlib
 import importlib
 import os
 import re
+from typing import Iterator
 
 from torch import nn
 
@@ -19,7 +20,7 @@ FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @contextlib.contextmanager
-def user_code(what):
+def user_code(what: str) -> Iterator[None]:
     """Run the user's own code (a factory, the module it lives in): whatever it raises, SystemExit and
     KeyboardInterrupt included (sys.exit() at import would end edgekd with exit 0 having done nothing), becomes
     one EdgeKDError line naming ``what``; edgekd's own errors pass through."""

@@ -1,6 +1,7 @@
 """A foreign OpenVINO IR (.xml + .bin), run by OpenVINO (a black box: logits only)."""
 
 import os
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from .source import Env, Source, apply_shape, files_sha256, need_file, has_suffi
 from .view import Loaded
 
 
-def openvino_runner(path, threads):
+def openvino_runner(path: str, threads: int) -> Tuple[Callable[[torch.Tensor], torch.Tensor], List[Optional[int]]]:
     """OpenVINO on the CPU with a latency hint (one stream), torch's thread count, no thread pinning, f32 for
     float layers (INT8 layers stay INT8)."""
     os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
@@ -26,7 +27,7 @@ def openvino_runner(path, threads):
         raise EdgeKDError(f"OpenVINO cannot load {path!r}: {str(e).strip().splitlines()[0][:300]}") from e
     request = compiled.create_infer_request()
 
-    def run(x):
+    def run(x: torch.Tensor) -> torch.Tensor:
         request.infer({0: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
 

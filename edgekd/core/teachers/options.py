@@ -3,7 +3,7 @@
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from ... import EdgeKDError
 from ..config import MAX_INPUT_SIDE
@@ -27,7 +27,7 @@ class TeacherOptions:
     threads: Optional[int] = None  # ONNX Runtime / OpenVINO threads (default: torch's)
 
     @classmethod
-    def from_options(cls, cfg):
+    def from_options(cls, cfg: Any) -> "TeacherOptions":
         """From a command's options (edgekd.core.config: distill's --teacher-* options)."""
         o = cls(input_size=_size(cfg.teacher_input_size), mean=_floats(cfg.teacher_mean, "--teacher-mean"),
                 std=_floats(cfg.teacher_std, "--teacher-std"), color=cfg.teacher_color,
@@ -48,7 +48,7 @@ class TeacherOptions:
         return o
 
 
-def _floats(value, flag):
+def _floats(value: Any, flag: str) -> Optional[List[float]]:
     if value is None:
         return None
     items = value if isinstance(value, (list, tuple)) else str(value).replace("/", ",").split(",")
@@ -61,7 +61,7 @@ def _floats(value, flag):
     return out
 
 
-def _size(value):
+def _size(value: Any) -> Optional[Tuple[int, int]]:
     """--teacher-input-size as (height, width), each from 1 to MAX_INPUT_SIDE."""
     if value is None:
         return None
@@ -76,7 +76,7 @@ def _size(value):
     return (sizes[0], sizes[-1])
 
 
-def _positive(value, flag):
+def _positive(value: Any, flag: str) -> Optional[int]:
     if value is None:
         return None
     try:

@@ -1,6 +1,7 @@
 """A ``torch.export`` program (.pt2) as a teacher."""
 
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,14 +41,14 @@ class FixedBatch(nn.Module):
     """A teacher exported for one batch size (torch.export without dynamic_shapes): the batch is cut into
     pieces of that size, the last one padded with copies of its last image and the padding's outputs dropped."""
 
-    def __init__(self, module, batch):
+    def __init__(self, module: Any, batch: int) -> None:
         super().__init__()
         self.inner, self.batch = module, batch
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "FixedBatch":
         return self
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> Any:
         outs = []
         for start in range(0, x.shape[0], self.batch):
             piece = x[start:start + self.batch]

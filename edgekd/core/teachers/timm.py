@@ -1,6 +1,10 @@
 """``timm:NAME``: a timm model with pretrained weights (or --teacher-weights FILE), its own data config."""
 
 import os
+from types import ModuleType
+from typing import Any, Optional
+
+from torch import nn
 
 from ... import EdgeKDError
 from ..checkpoint import file_sha256
@@ -48,7 +52,7 @@ class TimmSource(Source):
         return lo
 
 
-def _create(timm, name, weights, **kwargs):
+def _create(timm: ModuleType, name: str, weights: Optional[str], **kwargs: Any) -> nn.Module:
     """timm.create_model, its failures (an unknown name, no internet) as one line."""
     try:
         return timm.create_model(name, **kwargs)
@@ -60,7 +64,7 @@ def _create(timm, name, weights, **kwargs):
                           + ("" if weights else "; on a machine without internet pass --teacher-weights FILE")) from e
 
 
-def _import_timm():
+def _import_timm() -> ModuleType:
     try:
         import timm
         import timm.data

@@ -10,7 +10,7 @@ from .source import Env, Opaque, Source, first_conv_channels, need_file, split_s
 from .view import Loaded
 
 
-def is_torchscript(path):
+def is_torchscript(path: str) -> bool:
     """A TorchScript archive holds code/ and constants.pkl; torch.save's zip (a checkpoint) does not."""
     if not zipfile.is_zipfile(path):
         return False

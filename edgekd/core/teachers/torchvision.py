@@ -1,8 +1,10 @@
 """``torchvision:NAME[:WEIGHTS]``: a torchvision model with pretrained weights (or --teacher-weights FILE)."""
 
 import os
+from typing import Tuple
 
 import torch
+from torch import nn
 
 from ... import EdgeKDError
 from ..checkpoint import file_sha256
@@ -64,6 +66,6 @@ class TorchvisionSource(Source):
         return lo
 
 
-def _probe_count(model, size):
+def _probe_count(model: nn.Module, size: Tuple[int, int]) -> int:
     with torch.inference_mode():
         return as_logits(model.eval()(torch.zeros(1, 3, *size))).shape[1]
