@@ -6,16 +6,17 @@ Each registration carries its defaults; ``make_loss(name, **overrides)`` builds 
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import EdgeKDError
 from ..base.registry import Registry
 
 LOSSES = Registry("loss")
+Parts = Dict[str, Tensor]  # the loss and its parts: loss, task_loss, kd_loss, ...
 UNLABELED = -1  # the label of an unlabelled image (--unlabeled): it gets the teacher term only
 
 
@@ -42,7 +43,7 @@ class _Loss(nn.Module):
 
     label_smoothing = 0.0
 
-    def task(self, student, labels):
+    def task(self, student: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy averaged over the labelled samples only; 0 for a batch with none (still a graph
         node, so a loss made only of it can be back-propagated)."""
         if not (labels != UNLABELED).any():
@@ -53,7 +54,7 @@ class _Loss(nn.Module):
 @LOSSES.register("ce", needs_teacher=False, defaults={},
                  summary="plain cross-entropy on the labels (supervised training, no teacher)")
 class CrossEntropy(_Loss):
-    def forward(self, student, teacher, labels, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor, **_: Any) -> Parts:
         task = self.task(student, labels)
         return {"loss": task, "task_loss": task, "kd_loss": torch.zeros_like(task)}
 
@@ -63,11 +64,11 @@ class CrossEntropy(_Loss):
 class HintonKD(_Loss):
     """KL between temperature-softened distributions, scaled by T^2 so its gradients keep their size."""
 
-    def __init__(self, temperature=4.0, alpha=0.9):
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9) -> None:
         super().__init__()
         self.temperature, self.alpha = float(temperature), float(alpha)
 
-    def forward(self, student, teacher, labels, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor, **_: Any) -> Parts:
         t = self.temperature
         task = self.task(student, labels)
         kd = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
@@ -85,11 +86,11 @@ class SeedLoss(_Loss):
     unchanged, so this is the soft cross-entropy below, on matching batches.
     """
 
-    def __init__(self, temperature=0.5, alpha=0.5):
+    def __init__(self, temperature: float = 0.5, alpha: float = 0.5) -> None:
         super().__init__()
         self.temperature, self.alpha = float(temperature), float(alpha)
 
-    def forward(self, student, teacher, labels, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor, **_: Any) -> Parts:
         t = self.temperature
         task = self.task(student, labels)
         soft_targets = F.softmax(teacher / t, dim=1)
@@ -102,11 +103,11 @@ class SeedLoss(_Loss):
 class LogitMSE(_Loss):
     """Squared logit difference, averaged over classes and batch (Ba & Caruana's logit regression)."""
 
-    def __init__(self, alpha=0.9):
+    def __init__(self, alpha: float = 0.9) -> None:
         super().__init__()
         self.alpha = float(alpha)
 
-    def forward(self, student, teacher, labels, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor, **_: Any) -> Parts:
         task = self.task(student, labels)
         kd = F.mse_loss(student, teacher)
         return {"loss": self.alpha * kd + (1.0 - self.alpha) * task, "task_loss": task, "kd_loss": kd}
@@ -124,15 +125,16 @@ class DecoupledKD(_Loss):
     linearly over the first 20 of 240 epochs (``warmup``, in epochs; ``set_epoch`` drives it).
     """
 
-    def __init__(self, alpha=1.0, beta=8.0, temperature=4.0, ce_weight=1.0, warmup=20):
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, ce_weight: float = 1.0,
+                 warmup: float = 20) -> None:
         super().__init__()
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
-        self.ce_weight, self.warmup, self.epoch = float(ce_weight), float(warmup), 1
+        self.ce_weight, self.warmup, self.epoch = float(ce_weight), float(warmup), 1.0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: float) -> None:
         self.epoch = epoch
 
-    def forward(self, student, teacher, labels, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor, **_: Any) -> Parts:
         t = self.temperature
         task = self.task(student, labels)
         # An unlabelled image has no true class to split target from non-target: the teacher's top class
@@ -167,13 +169,14 @@ class FitNetHint(_Loss):
     a middle stage. ``alpha`` > 0 adds the Hinton KD term on logits (0 by default: a pure hint).
     """
 
-    def __init__(self, beta=100.0, student_layer="auto", teacher_layer="auto", temperature=4.0, alpha=0.0):
+    def __init__(self, beta: float = 100.0, student_layer: str = "auto", teacher_layer: str = "auto",
+                 temperature: float = 4.0, alpha: float = 0.0) -> None:
         super().__init__()
         self.beta, self.temperature, self.alpha = float(beta), float(temperature), float(alpha)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.adapter: Optional[nn.Module] = None
 
-    def build_adapter(self, s_shape, t_shape):
+    def build_adapter(self, s_shape: Sequence[int], t_shape: Sequence[int]) -> None:
         """Create the adapter for these feature shapes (called once, before the optimizer is made).
 
         FitNets always regresses through a learned layer: even when shapes match, asking the
@@ -181,11 +184,12 @@ class FitNetHint(_Loss):
         """
         self.adapter = nn.Sequential(nn.Conv2d(s_shape[1], t_shape[1], 1, bias=False), nn.BatchNorm2d(t_shape[1]))
 
-    def forward(self, student, teacher, labels, features=None, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor,
+                features: Optional[Tuple[Tensor, Tensor]] = None, **_: Any) -> Parts:
         task = self.task(student, labels)
+        if features is None or self.adapter is None:  # fit() taps both layers and builds the adapter: our bug
+            raise RuntimeError("fitnet needs the tapped features and build_adapter() before the first step")
         s_feat, t_feat = features
-        if self.adapter is None:
-            raise RuntimeError("build_adapter() must run before the first step")  # fit() calls it: our bug
         s_feat = self.adapter(s_feat)
         if s_feat.shape[-2:] != t_feat.shape[-2:]:
             s_feat = F.interpolate(s_feat, size=t_feat.shape[-2:], mode="bilinear", align_corners=False)
