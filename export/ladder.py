@@ -14,7 +14,7 @@ from .. import EdgeKDError
 from ..core.config import ExportOptions
 from ..core.loading import load_model
 from . import calibration
-from .formats import get_format
+from .formats import Format
 from .job import Calibration, ExportJob, Reference
 from .records import CalibrationRecord, Conversion, Fallback, Rung, Sample, Tuning, Validation
 from .validate import gate
@@ -52,16 +52,15 @@ class Int8Ladder:
     the bundle. ``validate(folder, model_file)`` checks a bundle's files against the reference; ``calibrate(spec)``
     gives a calibration set; ``train_qat(QatRequest)`` trains the last rung (None: the ladder stops at rung 2)."""
 
-    def __init__(self, ref: Reference, opts: ExportOptions, static: bool, validate: Validate, calibrate: Calibrate,
-                 calib: Optional[Calibration] = None, train_qat: Optional[TrainQat] = None) -> None:
-        self.ref, self.o, self.static = ref, opts, static
+    def __init__(self, ref: Reference, opts: ExportOptions, fmt: Format, static: bool, validate: Validate,
+                 calibrate: Calibrate, calib: Optional[Calibration] = None, train_qat: Optional[TrainQat] = None) -> None:
+        self.ref, self.o, self.format, self.static = ref, opts, fmt, static
         self.validate, self.calibrate, self.train_qat = validate, calibrate, train_qat
         self.calib = calib           # the Calibration of rungs 1-2 (None: a QAT checkpoint or dynamic INT8)
         self.rungs: List[Rung] = []
         self.qat_used = False
         self.tune_record: Optional[Sample] = None
         self.seconds = 0.0           # time spent on rungs 2 and 3
-        self.format = get_format(opts.format)
 
     def _gate(self, validation: Validation) -> List[str]:
         validation.max_drop = self.o.max_drop

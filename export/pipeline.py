@@ -68,17 +68,20 @@ class Plan:
     request: Request
     atol: Optional[float]
     target: Target
+    out: str                     # the bundle folder
     outputs: Optional[np.ndarray] = None
 
 
 def _plan(opts: ExportOptions) -> Plan:
+    if opts.format is None or opts.out is None:  # the options refuse a missing --format or --out before this
+        raise EdgeKDError("edgekd export needs --format and --out")
     request = check_request(opts.format, opts.precision, opts.quant, opts.calib_method, opts.int8_types)
     fmt = get_format(opts.format)
     if request.int8 and not opts.max_drop >= 0:  # NaN fails too
         raise EdgeKDError(f"--max-drop must be 0 or more points, got {opts.max_drop}")
     atol = opts.atol if opts.atol is not None else fmt.atol.get(opts.precision)
     # an ssh:// target is probed here, before anything is loaded
-    return Plan(fmt, request, atol, resolve(opts.target, opts.ssh_config, opts.timeout))
+    return Plan(fmt, request, atol, resolve(opts.target, opts.ssh_config, opts.timeout), opts.out)
 
 
 def load_reference(checkpoint: str, opts: ExportOptions) -> Reference:
@@ -130,7 +133,7 @@ class Outcome:
 def _build(ref: Reference, opts: ExportOptions, plan: Plan, calib: Optional[Calibration],
            train_qat: Optional[TrainQat]) -> Dict[str, Any]:
     """Convert in a staging folder beside ``opts.out``, gate, write the manifest, publish; nothing half-written."""
-    out = opts.out
+    out, fmt = plan.out, plan.request.format
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix="." + temp_prefix("bundle"))
@@ -159,14 +162,15 @@ def _build(ref: Reference, opts: ExportOptions, plan: Plan, calib: Optional[Cali
         if os.path.isdir(staging):
             shutil.rmtree(staging)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in manifest["files"])
-    log.info("exported %s %s in %.1f s, %.3f MB (%s)", opts.format, opts.precision, outcome.seconds, size / 1e6, out)
+    log.info("exported %s %s in %.1f s, %.3f MB (%s)", fmt, opts.precision, outcome.seconds, size / 1e6, out)
     return manifest
 
 
 def _int8(ref: Reference, opts: ExportOptions, plan: Plan, job: ExportJob, calib: Optional[Calibration],
           validation: Validation, seconds: float, train_qat: Optional[TrainQat]) -> Outcome:
     """INT8: the ladder, the speed check, the per-layer report, and their records."""
-    ladder = Int8Ladder(ref, opts, plan.request.static, lambda folder, name: validate(ref, folder, name, opts, plan),
+    ladder = Int8Ladder(ref, opts, plan.format, plan.request.static,
+                        lambda folder, name: validate(ref, folder, name, opts, plan),
                         lambda spec: calibration_set(ref, opts, spec), calib, train_qat)
     validation, fallback = ladder.climb(job, validation)
     outcome = Outcome(validation, seconds + ladder.seconds, fallback=fallback, rungs=ladder.rungs)
@@ -198,7 +202,7 @@ def _speed(opts: ExportOptions, plan: Plan, job: ExportJob) -> Optional[SpeedChe
     if job.result.fp32_reference is None:
         raise RuntimeError("the conversion recorded no FP32 counterpart")  # the format's steps: our bug
     spec = job.input_spec
-    return speed_check(opts.format, os.path.join(job.folder, job.result.model_file), job.result.fp32_reference,
+    return speed_check(plan.request.format, os.path.join(job.folder, job.result.model_file), job.result.fp32_reference,
                        (spec.channels, spec.height, spec.width))
 
 
@@ -216,14 +220,15 @@ def convert(job: ExportJob, fmt: Format, qat: bool) -> float:
 def validate(ref: Reference, folder: str, model_file: str, opts: ExportOptions, plan: Plan) -> Validation:
     """The bundle's model file run by its runtime on the reference images, compared with the PyTorch logits: on
     this machine, or with --target ssh:// on the device itself."""
-    static = plan.target.static_batch(opts.format)
+    fmt = plan.request.format
+    static = plan.target.static_batch(fmt)
     if static:
         set_static_batch(os.path.join(folder, model_file), static, opts.precision)
     if plan.target.device is not None:
         log.info("parity gate on %s (%d images)", plan.target.name, len(ref.images))
-        outputs = remote_logits(plan.target, folder, model_file, opts.format, ref.images, static)
+        outputs = remote_logits(plan.target, folder, model_file, fmt, ref.images, static)
     else:
-        session, _ = open_model(os.path.join(folder, model_file), opts.format)
+        session, _ = open_model(os.path.join(folder, model_file), fmt)
         if static:
             session = in_batches_of(session, static)
         with bar(total=len(ref.images), desc="validating", unit="img", disable=not opts.progress) as progress:
@@ -279,7 +284,7 @@ def _layer_report(opts: ExportOptions, job: ExportJob, data: Data, in_float: Lis
     indices, _ = calibration.draw(data.train, size, opts.seed + 2, data_spec=data.spec, split="train",
                                   class_names=data.classes, purpose="layer report")
     images, _ = calibration.load_images(data.train, indices, "layer report images", bool(opts.progress))
-    return layer_report(opts.format, fp32, os.path.join(job.folder, result.model_file), images, job.scratch,
+    return layer_report(job.request.format, fp32, os.path.join(job.folder, result.model_file), images, job.scratch,
                         folder=job.folder, in_float=in_float)
 
 
@@ -290,11 +295,12 @@ def build_manifest(ref: Reference, opts: ExportOptions, staging: str, job: Expor
     parity = write_parity(ref, opts, plan, staging) if opts.target else None
     files = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
     missing = [name for name in plan.format.files if name not in files]
+    fmt = plan.request.format
     if missing:  # the format table names the files its steps publish; a step that did not is our bug
-        raise RuntimeError(f"the {opts.format} export steps wrote no {', '.join(missing)}")
-    ckpt, static = ref.ckpt, plan.target.static_batch(opts.format)
+        raise RuntimeError(f"the {fmt} export steps wrote no {', '.join(missing)}")
+    ckpt, static = ref.ckpt, plan.target.static_batch(fmt)
     manifest: Dict[str, Any] = {
-        "format": opts.format, "precision": opts.precision, "model_file": job.result.model_file, "files": files,
+        "format": fmt, "precision": opts.precision, "model_file": job.result.model_file, "files": files,
         "input": _input_record(ref.spec, static), "classes": list(ckpt.classes),
         "model": ckpt.model, "params": ckpt.params, "flops": ckpt.flops, "data": ref.dataset.spec,
         "source": {"checkpoint": os.path.basename(ref.checkpoint), "sha256": sha256_file(ref.checkpoint)},
@@ -306,7 +312,7 @@ def build_manifest(ref: Reference, opts: ExportOptions, staging: str, job: Expor
     if parity:
         quant = job.result.quantization
         types = quant.types if isinstance(quant, Int8Settings) else None
-        manifest.update(parity=parity.to_dict(), target=plan.target.record(opts.format, types),
+        manifest.update(parity=parity.to_dict(), target=plan.target.record(fmt, types),
                         batch_sizes=[static] if static else "any")
     if plan.request.int8:
         manifest.update(_int8_records(job, outcome))

@@ -41,23 +41,23 @@ QUANTIZER_FILE = "quantizers.json"  # written right after calibration, so --resu
 BEFORE_FILE = "qat.before.json"  # the fake-quantized top-1 right after calibration, for a resumed run's metrics
 
 
-def _student(cfg: QuantizeOptions) -> Tuple[nn.Module, Checkpoint]:
-    if read_checkpoint(cfg.student).qat is not None:
-        raise EdgeKDError(f"{cfg.student!r} is already a QAT checkpoint; give the FP32 student it came from")
-    return load_model(cfg.student)
+def _student(path: str) -> Tuple[nn.Module, Checkpoint]:
+    if read_checkpoint(path).qat is not None:
+        raise EdgeKDError(f"{path!r} is already a QAT checkpoint; give the FP32 student it came from")
+    return load_model(path)
 
 
-def _teacher_spec(cfg: QuantizeOptions, ckpt: Checkpoint) -> str:
+def _teacher_spec(cfg: QuantizeOptions, ckpt: Checkpoint, student: str) -> str:
     """--teacher, else the teacher the student was distilled from (its config, or teacher.pt beside it)."""
     if cfg.teacher:  # any teacher spec distill takes; edgekd.teachers checks it
         return cfg.teacher
     spec = ckpt.config.get("teacher")  # the config.yaml values the student was made with
-    beside = os.path.join(os.path.dirname(os.path.abspath(cfg.student)), "teacher.pt")
+    beside = os.path.join(os.path.dirname(os.path.abspath(student)), "teacher.pt")
     if not (spec and os.path.isfile(spec)) and os.path.isfile(beside):
         spec = beside
     if not spec or not os.path.isfile(spec):
         raise EdgeKDError(f"quantization-aware distillation needs a teacher: --teacher SPEC (a checkpoint, bundle, ...) "
-                          f"(found none for {cfg.student!r} in its config or beside it)")
+                          f"(found none for {student!r} in its config or beside it)")
     return str(spec)
 
 
@@ -87,24 +87,26 @@ def _check_loss(cfg: QuantizeOptions) -> None:
 def run_quantize(cfg: QuantizeOptions) -> Dict[str, Any]:
     """``edgekd quantize``: calibrate fake quantizers into the student, distill for cfg.epochs epochs,
     write DIR/student-qat.pt, DIR/metrics.json, DIR/config.yaml. Resumable like ``distill``."""
-    out = cfg.out
+    out, student_path = cfg.out, cfg.student
+    if out is None or student_path is None:  # the options refuse a missing STUDENT or --out before this
+        raise EdgeKDError("edgekd quantize needs STUDENT and --out")
     os.makedirs(out, exist_ok=True)
     _check_loss(cfg)
     check_cache_options(cfg)
-    student, ckpt = _student(cfg)
+    student, ckpt = _student(student_path)
     seed_everything(cfg.seed)
     # the checkpoint records an image folder relative to its own folder
-    data_cfg = replace(cfg, data=cfg.data or ckpt.data_spec(cfg.student) or "digits")
+    data_cfg = replace(cfg, data=cfg.data or ckpt.data_spec(student_path) or "digits")
     data, train, test = prepare_data(data_cfg, input_spec=_input_for(cfg, ckpt.input), teacher=True)
     if len(data.classes) != len(ckpt.classes):
         raise EdgeKDError(f"student has {len(ckpt.classes)} classes but data {data.spec!r} has {len(data.classes)}")
-    teacher_spec = _teacher_spec(cfg, ckpt)
+    teacher_spec = _teacher_spec(cfg, ckpt, student_path)
     loss_fn, loss_params = make_loss(cfg.loss, label_smoothing=cfg.label_smoothing,
                                      temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta)
     save_config(out, {**saved(cfg), "data": data.spec, "teacher": teacher_spec, "loss_params": loss_params})
     fp32_top1 = evaluate(student, test)
     qmodel = _quantized_student(cfg, student, train, out)
-    int8_before = _top1_before(cfg, qmodel, test, fp32_top1)
+    int8_before = _top1_before(cfg, out, qmodel, test, fp32_top1)
     teacher, teacher_dtype, cache = _teacher(cfg, teacher_spec, data, train, test, loss_params)
     seed_everything(cfg.seed)
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache)
@@ -121,7 +123,7 @@ def run_quantize(cfg: QuantizeOptions) -> Dict[str, Any]:
                "teacher": {**{k: teacher.metrics.get(k) for k in ("model", "source", "test_top1")},
                            "dtype": teacher_dtype}}
     # the FP32 student, relative to this run's folder (export finds it from the QAT checkpoint's folder)
-    qat = QatState(quantizers=plain_config(qmodel), source=os.path.relpath(os.path.abspath(cfg.student),
+    qat = QatState(quantizers=plain_config(qmodel), source=os.path.relpath(os.path.abspath(student_path),
                                                                            os.path.abspath(out)),
                    source_top1=fp32_top1, layers_int8=layers, calib_size=cfg.calib_size)
     save_checkpoint(os.path.join(out, QAT_FILE), qmodel, spec=ckpt.model, classes=ckpt.classes, input_spec=ckpt.input,
@@ -132,10 +134,10 @@ def run_quantize(cfg: QuantizeOptions) -> Dict[str, Any]:
     return metrics
 
 
-def _top1_before(cfg: QuantizeOptions, qmodel: nn.Module, test: Any, fp32_top1: float) -> float:
+def _top1_before(cfg: QuantizeOptions, out: str, qmodel: nn.Module, test: Any, fp32_top1: float) -> float:
     """The fake-quantized top-1 right after calibration (a resumed run reads its record: the rebuilt quantizers
     get their calibrated scales only with the training state)."""
-    before_path = os.path.join(cfg.out, BEFORE_FILE)
+    before_path = os.path.join(out, BEFORE_FILE)
     if cfg.resume and os.path.isfile(before_path):
         with open(before_path) as f:
             int8_before = float(json.load(f)["int8_top1_before"])
