@@ -8,7 +8,7 @@ from typing import Callable, List, Mapping, Optional, Tuple
 from .. import EdgeKDError
 from ..base.registry import Registry
 from ..bundle.manifest import FORMAT_FILES
-from ..core.config import ExportOptions
+from .options import ExportOptions
 from .job import ExportJob, Request
 from .onnx import onnx_describe, onnx_fp16, onnx_fp32, onnx_int8, restore_onnx
 from .openvino import openvino_convert, openvino_int8, openvino_save, restore_openvino

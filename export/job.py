@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from ..core.checkpoint import Checkpoint
-from ..core.config import ExportOptions
 from ..core.data import Data, InputSpec
+from .options import ExportOptions
 from .quantize_onnx import Int8Settings, choose_int8_settings
 from .records import Conversion, Sample
 from .target import Target

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 from .. import EdgeKDError
-from ..core.config import ExportOptions
 from ..core.loading import load_model
+from .options import ExportOptions
 from . import calibration
 from .formats import Format
 from .job import Calibration, ExportJob, Reference

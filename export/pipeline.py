@@ -20,10 +20,11 @@ from .. import EdgeKDError
 from ..base.files import portable
 from ..base.outdir import temp_prefix
 from ..base.progress import bar
+from ..bundle.card import add_card
 from ..bundle.manifest import library_versions, sha256_file, write_manifest
 from ..bundle.runner import in_batches_of, open_model
 from ..bundle.runtime import renamed
-from ..core.config import ExportOptions  # every option of edgekd export, declared once there
+from ..core.config import COMMANDS
 from ..core.data import Data, InputSpec, load_data
 from ..core.loading import load_model
 from . import calibration
@@ -32,6 +33,7 @@ from .job import Calibration, ExportJob, Reference, Request
 from .ladder import Int8Ladder, TrainQat, fail_if
 from .layer_report import layer_report
 from .openvino import import_openvino
+from .options import ExportOptions  # every option of edgekd export, declared once there
 from .qat import fp32_student_record
 from .quantize_onnx import cpu_features
 from .records import (CalibrationRecord, Fallback, Int8Settings, LayerReport, Parity, QatSource, Rung, SpeedCheck,
@@ -150,6 +152,7 @@ def _build(ref: Reference, opts: ExportOptions, plan: Plan, calib: Optional[Cali
             outcome = Outcome(validation, seconds)
         # the machine's absolute paths (calibration data, sources) relative to the bundle folder
         manifest = portable(build_manifest(ref, opts, staging, job, outcome, plan), out)
+        manifest = add_card(staging, manifest, ref.ckpt, opts, COMMANDS)  # MODEL_CARD.md, checksummed
         write_manifest(staging, manifest)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         if opts.zip:

@@ -23,13 +23,14 @@ from torch import nn
 from .. import EdgeKDError
 from . import teachers
 from .checkpoint import Checkpoint, QatState, read_checkpoint, save_checkpoint
-from .config import QuantizeOptions, saved
+from .config import saved
 from .data import Data, InputSpec, parse_size
-from .distill import check_cache_options, prepare_data, save_config, train_teacher, write_json
+from .distill import prepare_data, save_config, train_teacher, write_json
 from .distributed import Context
 from .fakequant import calibrate, import_nncf, plain_config, quantized_layer_names
 from .loading import load_model
 from .losses import LOSSES, LossInfo, make_loss
+from .options import QuantizeOptions
 from .teacher_cache import TeacherCache
 from .teacher_speed import settle_teacher_dtype
 from .train_loop import TrainRun, evaluate, fit, seed_everything
@@ -92,7 +93,6 @@ def run_quantize(cfg: QuantizeOptions) -> Dict[str, Any]:
         raise EdgeKDError("edgekd quantize needs STUDENT and --out")
     os.makedirs(out, exist_ok=True)
     _check_loss(cfg)
-    check_cache_options(cfg)
     student, ckpt = _student(student_path)
     seed_everything(cfg.seed)
     # the checkpoint records an image folder relative to its own folder
