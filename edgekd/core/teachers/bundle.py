@@ -29,7 +29,7 @@ class BundleSource(Source):
     def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         path = split_spec(spec, "bundle")
         bundle = load_bundle(path, threads=1)
-        bundle.session = None  # the bundle's own session spins; the teacher opens one that does not
+        del bundle.run  # the bundle's own session spins; the teacher opens one that does not
         m = bundle.manifest
         model_path = os.path.join(bundle.folder, m.model_file)
         threads = threads_of(options)
