@@ -34,9 +34,9 @@ import torch
 
 from .. import EdgeKDError
 from ..base.bounds import MAX_BATCH_BYTES, MAX_CLASSES, batch_bytes
-from ..base.files import require_regular
+from ..base.files import atomic_write, require_regular  # noqa: F401  (atomic_write: imported from here)
 from ..base.integrity import Index, read_description, read_record
-from .checkpoint import atomic_write, file_sha256  # noqa: F401  (their old home: imported from here)
+from .checkpoint import file_sha256  # noqa: F401  (file_sha256: its old home)
 
 log = logging.getLogger(__name__)
 
