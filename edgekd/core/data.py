@@ -90,8 +90,8 @@ class Data:
     """A resolved data spec: the two splits, the class names and the input spec."""
 
     spec: str
-    train: object
-    test: object
+    train: Any  # a split: a torchvision dataset, a ShardSet, a list of images
+    test: Any
     classes: list
     input: InputSpec
     sizes: set = None   # (width, height) of the training images probed (a sample spread over the split)
