@@ -356,7 +356,9 @@ class Quantize(Command):
               f"{len(q['layers_int8'])} layers INT8 -> {args.out}/student-qat.pt")
 
 
-COMMANDS = [Train(), Distill(), Quantize(), Export(), Bench(), Predict(), Deploy()]
+from .fit import Fit  # noqa: E402  (edgekd fit: its options are declared in fit/options.py)
+
+COMMANDS = [Train(), Distill(), Quantize(), Export(), Bench(), Predict(), Deploy(), Fit()]
 
 
 def build_parser():
@@ -409,7 +411,7 @@ def main(argv=None):
         short_spin_wait()
     opts = None
     try:
-        opts = options.parse_args(args)  # defaults < --config / --resume's config.yaml < command line, all checked
+        opts = getattr(args, "parse", options.parse_args)(args)  # defaults < --config / --resume's config.yaml < command line, all checked
         args.func(opts)  # the command's typed options (a frozen dataclass of edgekd/core/config.py)
     except Interrupted as e:
         if _rank() == 0:  # every rank stops at the same batch; one of them says so
