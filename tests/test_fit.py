@@ -92,7 +92,13 @@ def test_fit_returns_a_bundle_within_the_budget(first_fit):
 def test_teacher_runs_once_per_image_and_view(first_fit):
     out, _ = first_fit
     p = json.loads((out / "trials.json").read_text())["teacher_passes"]
-    assert p["images"] == SUBSET and p["passes"] == p["images"] * p["views"] and p["views"] >= 1
+    trials = [json.loads((t / "metrics.json").read_text()) for t in sorted((out / "trials").iterdir())]
+    assert len(trials) == 2 and {t["train_data"]["images"] for t in trials} == {p["images"]}
+    assert SUBSET - 10 <= p["images"] <= SUBSET  # class-stratified: a few fewer than asked
+    assert p["passes"] == p["images"] * p["views"] and p["views"] >= 1
+    # the second trial and the finalist found every view in the cache: the teacher did not run again
+    final = json.loads((out / "work" / "final" / "00" / "metrics.json").read_text())
+    assert trials[1]["teacher_cache"]["build_seconds"] == 0.0 and final["teacher_cache"]["build_seconds"] == 0.0
     assert f"teacher forward passes: {p['passes']}" in (out / "report.md").read_text()
 
 
@@ -172,25 +178,52 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _as_postgres_user():
+    """The command prefix that runs PostgreSQL's tools: as is, or (PostgreSQL refuses root) as the postgres user."""
+    if os.geteuid() != 0:
+        return []
+    import pwd
+
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("PostgreSQL refuses to run as root and there is no postgres user to run it as")
+    if not shutil.which("runuser"):
+        pytest.skip("PostgreSQL refuses to run as root and runuser is not installed")
+    return ["runuser", "-u", "postgres", "--"]
+
+
 @pytest.fixture
-def postgres(tmp_path):
-    """A real PostgreSQL server on a free port in tmp_path (initdb, pg_ctl); skipped with the reason elsewhere."""
+def postgres():
+    """A real PostgreSQL server on a free port (initdb, pg_ctl, in a fresh folder); skipped with the reason where it
+    cannot start. Yields the storage URL of an empty database."""
+    import tempfile
+
     for tool in ("initdb", "pg_ctl", "createdb"):
         if not shutil.which(tool):
             pytest.skip(f"PostgreSQL's {tool} is not installed")
-    if os.geteuid() == 0:
-        pytest.skip("PostgreSQL refuses to run as root")
-    data, port = tmp_path / "pg", _free_port()
-    proc = subprocess.run(["initdb", "-D", data, "-A", "trust", "-U", "edgekd"], capture_output=True, text=True)
-    if proc.returncode:
-        pytest.skip(f"initdb failed: {proc.stderr.strip()[-200:]}")
-    start = subprocess.run(["pg_ctl", "-D", data, "-w", "-l", tmp_path / "pg.log", "-o",
-                            f"-p {port} -k {tmp_path} -c listen_addresses=127.0.0.1", "start"], capture_output=True)
-    if start.returncode:
-        pytest.skip(f"PostgreSQL could not start: {(tmp_path / 'pg.log').read_text()[-200:]}")
-    subprocess.run(["createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "edgekd", "fit"], check=True)
-    yield f"postgresql+psycopg://edgekd@127.0.0.1:{port}/fit"
-    subprocess.run(["pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
+    user = _as_postgres_user()
+    folder = tempfile.mkdtemp(prefix="edgekd-pg-")  # not under pytest's root-only tmp: the postgres user reads it
+    if user:
+        shutil.chown(folder, "postgres")
+    data, log, port = os.path.join(folder, "data"), os.path.join(folder, "pg.log"), _free_port()
+    try:
+        proc = subprocess.run(user + ["initdb", "-D", data, "-A", "trust", "-U", "edgekd"], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            pytest.skip(f"initdb failed: {proc.stderr.strip()[-200:]}")
+        start = subprocess.run(user + ["pg_ctl", "-D", data, "-w", "-l", log, "-o",
+                                       f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+                               capture_output=True, text=True)
+        if start.returncode:
+            pytest.skip(f"PostgreSQL could not start: {start.stderr.strip()[-200:]}")
+        try:
+            subprocess.run(["createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "edgekd", "fit"], check=True)
+            yield f"postgresql+psycopg://edgekd@127.0.0.1:{port}/fit"
+        finally:
+            subprocess.run(user + ["pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.slow
