@@ -75,6 +75,9 @@ def pareto_png(path, rows, finalists, budget) -> None:
     limit = budget.get("p50_ms")
     if limit:
         ax.axvline(limit.value, color="k", ls="--", lw=1, label=f"budget {limit}")
+    xs = [x for x, _ in pts + fin] + ([limit.value] if limit else [])
+    if xs and min(xs) > 0:
+        ax.set_xscale("log")  # candidates span orders of magnitude; the budget line stays in view
     ax.set_xlabel("p50 latency on the device (ms)")
     ax.set_ylabel("top-1")
     ax.legend(fontsize=7)

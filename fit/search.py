@@ -83,8 +83,8 @@ class _EpochWatch:
     """A logging filter on the training loop's per-epoch record: reports its test top-1 to the twin trial and
     stops training (raises) when the pruner says the trial is hopeless."""
 
-    def __init__(self, twin):
-        self.twin, self.history = twin, []
+    def __init__(self, twin, epochs):
+        self.twin, self.history, self.epochs = twin, [], epochs
 
     def filter(self, record):
         args = record.args if isinstance(record.args, tuple) else ()
@@ -92,7 +92,8 @@ class _EpochWatch:
             top1 = float(args[2]["test_top1"])
             self.history.append(top1)
             self.twin.report(top1 if math.isfinite(top1) else 0.0, len(self.history))
-            if self.twin.should_prune():
+            # the last epoch is never pruned: its result is paid for already
+            if len(self.history) < self.epochs and self.twin.should_prune():
                 raise _Prune()
         return False  # the line is the library's debug record; fit prints its own
 
@@ -106,7 +107,7 @@ def distill_trial(cand: Dict[str, Any], settings: Dict[str, Any], folder: str, e
                              "epochs": epochs, "out": folder, "progress": False, "force": True})
     os.makedirs(folder, exist_ok=True)
     logger = logging.getLogger(TRAIN_LOGGER)
-    watch = _EpochWatch(twin) if twin is not None else None
+    watch = _EpochWatch(twin, epochs) if twin is not None else None
     level = logger.level
     if watch:
         logger.addFilter(watch)

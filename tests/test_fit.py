@@ -53,6 +53,36 @@ def test_space_default_and_file(tmp_path):
     assert isinstance(s, Space) and s.input_sizes == [16] and s.runtimes == ["onnxruntime"]
 
 
+def test_short_schedules_are_pruned_by_successive_halving():
+    import optuna
+
+    from edgekd.fit.search import _EpochWatch, _Prune, screen_study, storage
+
+    screen = screen_study(storage("sqlite:///:memory:", 0))
+    for top1 in (0.9, 0.8, 0.85):
+        good = screen.ask()
+        for epoch in (1, 2, 3):
+            good.report(top1, epoch)
+        screen.tell(good, top1)
+    watch = _EpochWatch(screen.ask(), epochs=3)
+    record = type("R", (), {"args": ("student", 1, {"test_top1": 0.1})})()
+    with pytest.raises(_Prune):
+        watch.filter(record)
+    last = _EpochWatch(screen.ask(), epochs=1)  # a trial's last epoch is never pruned
+    assert last.filter(record) is False and last.history == [0.1]
+    assert optuna.__version__
+
+
+def test_an_emulated_device_is_refused_as_a_latency_basis(monkeypatch):
+    from edgekd.bundle import runner
+    from edgekd.fit.options import FitOptions
+    from edgekd.fit.run import check_device
+
+    monkeypatch.setattr(runner, "_cpuinfo", lambda: "processor\t: 0\nmodel name\t: Cortex-A72 (emulated: qemu)\n")
+    with pytest.raises(EdgeKDError, match="runs under qemu emulation: its timings are not latency"):
+        check_device(FitOptions(budget="p50_ms<=5"), parse_budget("p50_ms<=5"))
+
+
 def _fit_args(teacher, space, out, cache, *extra):
     return ["fit", "--teacher", teacher, "--space", space, "--trials", 2, "--epochs-short", 1, "--epochs", 1,
             "--finalists", 1, "--quick", "--threads", 1, "--train-threads", 1, "--train-subset", SUBSET,
@@ -99,7 +129,7 @@ def test_teacher_runs_once_per_image_and_view(first_fit):
     # the second trial and the finalist found every view in the cache: the teacher did not run again
     final = json.loads((out / "work" / "final" / "00" / "metrics.json").read_text())
     assert trials[1]["teacher_cache"]["build_seconds"] == 0.0 and final["teacher_cache"]["build_seconds"] == 0.0
-    assert f"teacher forward passes: {p['passes']}" in (out / "report.md").read_text()
+    assert f"Teacher forward passes: {p['passes']} " in (out / "report.md").read_text()
 
 
 def test_latency_table_reused_and_a_budget_nobody_meets(setup, first_fit, cli, one_line_error):
