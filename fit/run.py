@@ -154,7 +154,11 @@ def run_fit(opts: FitOptions, train_qat=None, say: Callable[[str], None] = log.i
 def _save_settings(out, opts):
     from ..base.files import atomic_write
 
-    text = json.dumps(asdict(opts), indent=2) + "\n"
+    saved = asdict(opts)
+    for k in ("teacher", "data", "data_root", "space", "unlabeled", "teacher_classes", "teacher_weights",
+              "latency_cache", "ssh_config"):
+        saved[k] = _abs(saved[k])  # --resume may start from another folder
+    text = json.dumps(saved, indent=2) + "\n"
     atomic_write(os.path.join(out, SETTINGS_FILE), lambda tmp: open(tmp, "w").write(text))
 
 

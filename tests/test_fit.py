@@ -59,10 +59,11 @@ def test_short_schedules_are_pruned_by_successive_halving():
     from edgekd.fit.search import _EpochWatch, _Prune, screen_study, storage
 
     screen = screen_study(storage("sqlite:///:memory:", 0))
-    for top1 in (0.9, 0.8, 0.85):
+    for top1 in (0.8, 0.85, 0.9):  # each the best so far: none is pruned
         good = screen.ask()
         for epoch in (1, 2, 3):
             good.report(top1, epoch)
+            assert not good.should_prune()  # the pruner records each rung when it is asked
         screen.tell(good, top1)
     watch = _EpochWatch(screen.ask(), epochs=3)
     record = type("R", (), {"args": ("student", 1, {"test_top1": 0.1})})()
