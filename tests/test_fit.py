@@ -264,8 +264,8 @@ def test_two_workers_on_postgresql(setup, first_fit, postgres, tmp_path):
                      "--storage", postgres)
     args[args.index("--trials") + 1] = 4
     main = subprocess.Popen([sys.executable, "-m", "edgekd", *map(str, args)], stdout=subprocess.PIPE, text=True)
-    worker = subprocess.run([sys.executable, "-m", "edgekd", "fit", "--join", postgres, "--out", tmp_path / "w",
-                             "--train-threads", 1], capture_output=True, text=True, timeout=900)
+    worker = subprocess.run([sys.executable, "-m", "edgekd", "fit", "--join", postgres, "--out", str(tmp_path / "w"),
+                             "--train-threads", "1"], capture_output=True, text=True, timeout=900)
     out, _ = main.communicate(timeout=900)
     assert main.returncode == 0 and worker.returncode == 0, worker.stderr
     import optuna
