@@ -28,7 +28,7 @@ def run_finalists(finalists: List[Dict[str, Any]], budget: Budget, settings: Dic
 
 
 def _one(i, cand, budget, settings, opts, out, train_qat):
-    from ..core.config import ExportOptions
+    from ..export.options import ExportOptions
     from ..export.pipeline import export_checkpoint
 
     start = time.time()

@@ -139,7 +139,7 @@ def untrained_checkpoint(student: str, size: int, data, path: str) -> str:
 def export_untrained(ckpt: str, c: Candidate, out: str, data_root: Optional[str]) -> Optional[str]:
     """An untrained bundle of ``c`` (no accuracy gate: an untrained model has no accuracy to keep); None and the
     reason logged when the export fails (the candidate is then left out, with its reason)."""
-    from ..core.config import ExportOptions
+    from ..export.options import ExportOptions
     from ..export.pipeline import export_checkpoint
 
     opts = ExportOptions(format=c.format, precision=c.precision, out=out, data_root=data_root, val_size=32,

@@ -1,6 +1,5 @@
 """``edgekd fit`` from start to end: device, space, latency before training, the study, the finalists, outputs."""
 
-import json
 import logging
 import math
 import os
@@ -10,7 +9,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional
 
 from .. import EdgeKDError
-from ..core.config import BENCH_DEFAULTS, BENCH_QUICK
+from ..bench.options import BENCH_DEFAULTS, BENCH_QUICK
 from . import latency, report, search
 from .budget import DEVICE_KEYS, Budget, parse_budget
 from .options import FitOptions
@@ -18,7 +17,7 @@ from .space import Candidate, default_space, load_space
 
 log = logging.getLogger(__name__)
 
-SETTINGS_FILE = "fit.json"  # the fit's settings in --out, what --resume reads back
+SETTINGS_FILE = "config.yaml"  # the fit's options in --out, what --resume reads back (edgekd.core.config)
 DISTILL_KEYS = ("teacher", "data", "data_root", "teacher_views", "train_subset", "unlabeled", "teacher_input_size",
                 "teacher_mean", "teacher_std", "teacher_classes", "teacher_weights", "seed")
 
@@ -43,7 +42,7 @@ def settings_of(opts: FitOptions, out: str) -> Dict[str, Any]:
 
 def check_teacher(opts: FitOptions) -> None:
     from ..core import teachers
-    from ..core.config import DistillOptions
+    from ..core.options import DistillOptions
 
     if not opts.teacher:
         raise EdgeKDError("--teacher SPEC is required: a trained teacher (checkpoint, bundle, ONNX, pretrained ...)")
@@ -114,14 +113,14 @@ def run_fit(opts: FitOptions, train_qat=None, say: Callable[[str], None] = log.i
     """A whole fit into ``opts.out``; returns the summary (winner, trials, teacher passes)."""
     if opts.join:
         return join_fit(opts, say)
-    out = opts.resume or opts.out
-    if opts.resume:
-        opts = _resumed(opts)
+    out = opts.out  # with --resume DIR: DIR (edgekd.core.config read its config.yaml)
     budget = parse_budget(opts.budget) if opts.budget else None
     if budget is None:
         raise EdgeKDError("--budget EXPR is required, e.g. --budget p50_ms<=5,size_mb<=4")
     if not out:
         raise EdgeKDError("--out DIR is required (or --resume DIR, --join DIR|URL)")
+    if opts.resume and not os.path.isfile(os.path.join(out, "study.db")) and not opts.storage:
+        raise EdgeKDError(f"cannot resume {out!r}: it holds no study.db (not an edgekd fit folder)")
     check_teacher(opts)
     env = check_device(opts, budget)
     data = _load_data(opts)
@@ -152,24 +151,23 @@ def run_fit(opts: FitOptions, train_qat=None, say: Callable[[str], None] = log.i
 
 
 def _save_settings(out, opts):
-    from ..base.files import atomic_write
+    """The fit's options as OUT/config.yaml (paths absolute: --resume may start from another folder)."""
+    import yaml
 
-    saved = asdict(opts)
+    from ..base.files import atomic_write
+    from ..core.config import saved
+
+    record = saved(opts)
     for k in ("teacher", "data", "data_root", "space", "unlabeled", "teacher_classes", "teacher_weights",
               "latency_cache", "ssh_config"):
-        saved[k] = _abs(saved[k])  # --resume may start from another folder
-    text = json.dumps(saved, indent=2) + "\n"
-    atomic_write(os.path.join(out, SETTINGS_FILE), lambda tmp: open(tmp, "w").write(text))
+        record[k] = _abs(record[k])
+    record.pop("resume", None)
 
+    def write(tmp):
+        with open(tmp, "w") as f:
+            yaml.safe_dump(record, f, sort_keys=True)
 
-def _resumed(opts: FitOptions) -> FitOptions:
-    path = os.path.join(opts.resume, SETTINGS_FILE)
-    if not os.path.isfile(path):
-        raise EdgeKDError(f"cannot resume {opts.resume!r}: it has no {SETTINGS_FILE} (not an edgekd fit folder)")
-    with open(path) as f:
-        saved = json.load(f)
-    saved.update(out=opts.resume, resume=opts.resume, force=True, join=None)
-    return FitOptions(**saved)
+    atomic_write(os.path.join(out, SETTINGS_FILE), write)
 
 
 def run_trials(study, store, budget, feasible, settings, trials, hours, say):

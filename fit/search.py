@@ -100,7 +100,7 @@ class _EpochWatch:
 
 def distill_trial(cand: Dict[str, Any], settings: Dict[str, Any], folder: str, epochs: int, twin=None):
     """Distil ``cand`` from the shared teacher cache into ``folder``; returns (metrics, per-epoch top-1, pruned)."""
-    from ..core.config import DistillOptions
+    from ..core.options import DistillOptions
     from ..core.distill import run_distill
 
     opts = DistillOptions(**{**settings["distill"], "student": cand["student"], "input_size": str(cand["size"]),

@@ -4,6 +4,8 @@ from .. import EdgeKDError
 
 
 class Fit:
+    """Its options: fit/options.py's FitOptions (the command line is made from its fields)."""
+
     name = "fit"
     help = "search students, input sizes, precisions and runtimes for the most accurate bundle within a device budget"
     description = ("Export every candidate of the search space untrained and time it on --device (a latency table "
@@ -14,16 +16,9 @@ class Fit:
                    "latency.json. A budget nothing meets, an empty space or an unreachable device: exit 2.")
 
     def add_arguments(self, p):
-        from ..fit.options import add_arguments
+        from ..core.config import add_options
 
-        add_arguments(p)
-        p.set_defaults(parse=self.parse)
-
-    @staticmethod
-    def parse(ns):
-        from ..fit.options import from_namespace
-
-        return from_namespace(ns)
+        add_options(p, self.name)
 
     def run(self, opts):
         from ..base.outdir import check_contents, check_writable
