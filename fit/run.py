@@ -203,10 +203,7 @@ def join_fit(opts: FitOptions, say) -> Dict[str, Any]:
             raise EdgeKDError(f"--join {target!r}: no study.db there (start the fit with --out {target} first)")
         url, out = f"sqlite:///{os.path.abspath(os.path.join(target, 'study.db'))}", target
     store = search.storage(url, opts.heartbeat)
-    study = search.open_study(store, opts.seed, create=False)
-    attrs = search.wait_ready(study, opts.timeout)
-    if attrs is None:
-        raise EdgeKDError(f"--join: the study did not become ready within {opts.timeout} s")
+    study, attrs = search.wait_ready(store, opts.seed, opts.timeout)
     settings = {**attrs["settings"], "work": os.path.abspath(out)}
     budget = parse_budget(attrs["budget"])
     before = {r["number"] for r in search.trial_rows(study)}

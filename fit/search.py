@@ -181,14 +181,21 @@ def trial_rows(study) -> List[Dict[str, Any]]:
     return rows
 
 
-def wait_ready(study, timeout: float) -> Optional[Dict[str, Any]]:
-    """A joining worker waits for the starting fit to publish its settings and feasible candidates."""
+def wait_ready(store, seed: int, timeout: float):
+    """A joining worker waits (up to ``timeout`` s) for the starting fit to create the study and publish its
+    settings and feasible candidates (it measures latency first); returns (study, its user attributes)."""
     import time
 
     start = time.time()
-    while time.time() - start < timeout:
-        attrs = study.user_attrs
-        if attrs.get("ready"):
-            return attrs
+    while True:
+        try:
+            study = open_study(store, seed, create=False)
+            attrs = study.user_attrs
+            if attrs.get("ready"):
+                return study, attrs
+        except EdgeKDError:
+            if time.time() - start >= timeout:
+                raise
+        if time.time() - start >= timeout:
+            raise EdgeKDError(f"--join: the study did not become ready within {timeout} s")
         time.sleep(1.0)
-    return None
