@@ -35,10 +35,10 @@ def default_cache() -> str:
 def device_environment(device: str, ssh_config: Optional[str], timeout: int) -> Dict[str, Any]:
     """The device runner's own environment record (CPU, machine, runtime versions, ``emulated``), read on the
     device itself: here for a local device, over SSH for ssh:// (unreachable: one-line EdgeKDError)."""
-    from ..bundle import runner
+    from ..bundle import environment, runner
 
     if not device.startswith("ssh://"):
-        return {**runner.environment(), "device": device}
+        return {**environment.environment(), "device": device}
     from ..base import ssh
     from ..bench.remote import check_device
 

@@ -75,11 +75,11 @@ def test_short_schedules_are_pruned_by_successive_halving():
 
 
 def test_an_emulated_device_is_refused_as_a_latency_basis(monkeypatch):
-    from edgekd.bundle import runner
+    from edgekd.bundle import environment
     from edgekd.fit.options import FitOptions
     from edgekd.fit.run import check_device
 
-    monkeypatch.setattr(runner, "_cpuinfo", lambda: "processor\t: 0\nmodel name\t: Cortex-A72 (emulated: qemu)\n")
+    monkeypatch.setattr(environment, "_cpuinfo", lambda: "processor\t: 0\nmodel name\t: Cortex-A72 (emulated: qemu)\n")
     with pytest.raises(EdgeKDError, match="runs under qemu emulation: its timings are not latency"):
         check_device(FitOptions(budget="p50_ms<=5"), parse_budget("p50_ms<=5"))
 
