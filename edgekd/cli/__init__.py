@@ -10,6 +10,7 @@ from ..core.config import DEFAULT_OUT
 from ..bench.options import BenchOptions  # noqa: F401
 from ..export.options import ExportOptions  # noqa: F401
 from .options import DeployOptions, PredictOptions  # noqa: F401
+from ..fit.options import FitOptions  # noqa: F401
 
 
 class Parser(argparse.ArgumentParser):
@@ -361,7 +362,9 @@ class Quantize(Command):
               f"{len(q['layers_int8'])} layers INT8 -> {args.out}/student-qat.pt")
 
 
-COMMANDS = [Train(), Distill(), Quantize(), Export(), Bench(), Predict(), Deploy()]
+from .fit import Fit  # noqa: E402  (edgekd fit: its options are declared in fit/options.py)
+
+COMMANDS = [Train(), Distill(), Quantize(), Export(), Bench(), Predict(), Deploy(), Fit()]
 
 
 def build_parser():

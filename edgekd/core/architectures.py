@@ -142,3 +142,8 @@ for _depth in (8, 32):
 MODELS.register("seed-teacher", summary="the seed article's teacher CNN")(SeedTeacher)
 MODELS.register("seed-student", summary="the seed article's student (keeps the teacher's convolutions)")(SeedStudent)
 MODELS.register("compact-student", summary="edgekd's default student (<1/4 of seed-teacher's params and FLOPs)")(CompactStudent)
+# Narrower and wider compact students: the widths edgekd fit searches.
+MODELS.register("compact-student-s", summary="compact-student at half width (8-16-32)")(
+    lambda num_classes, in_channels, height=None, width=None: CompactStudent(num_classes, in_channels, widths=(8, 16, 32)))
+MODELS.register("compact-student-l", summary="compact-student at double width (32-64-128)")(
+    lambda num_classes, in_channels, height=None, width=None: CompactStudent(num_classes, in_channels, widths=(32, 64, 128)))

@@ -1,0 +1,205 @@
+"""Latency before training: every candidate exported untrained and timed on the device, kept in a latency table
+per device (keyed by what identifies the device and its runtime versions) that later fits reuse.
+
+A table is JSON with a sha256 over its contents: a table whose checksum does not match (damaged, edited) is
+measured again, never trusted. Each device runs one measurement at a time (a lock file beside the table).
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from typing import Any, Dict, List, Optional
+
+from .. import EdgeKDError
+from ..base.files import atomic_write
+from .space import Candidate
+
+log = logging.getLogger(__name__)
+
+TABLE_FORMAT = 1
+# what identifies a device's timings: the machine, the runtimes' versions, and how it is asked to run
+IDENTITY = ("cpu", "machine", "cores", "platform", "python")
+RUNTIME_VERSIONS = ("onnxruntime", "openvino", "numpy")
+
+
+def default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "edgekd", "latency")
+
+
+def device_environment(device: str, ssh_config: Optional[str], timeout: int) -> Dict[str, Any]:
+    """The device runner's own environment record (CPU, machine, runtime versions, ``emulated``), read on the
+    device itself: here for a local device, over SSH for ssh:// (unreachable: one-line EdgeKDError)."""
+    from ..bundle import environment, runner
+
+    if not device.startswith("ssh://"):
+        return {**environment.environment(), "device": device}
+    from ..base import ssh
+    from ..bench.remote import check_device
+
+    target = ssh.parse_target(device, ssh_config)
+    check_device(target, timeout)
+    with open(runner.__file__, "rb") as f:
+        source = f.read()
+    out = ssh.run(target, f"{ssh.quote(target.python)} - env", timeout, input_bytes=source)
+    try:
+        env = json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise EdgeKDError(f"{device}: the device runner's environment could not be read: {out[:200]!r}") from None
+    return {**env, "device": device}
+
+
+def device_key(env: Dict[str, Any], threads: Optional[int], batch_size: int) -> str:
+    """A short name for (device, runtime versions, threads, batch): the latency table's file name."""
+    versions = env.get("versions") or {}
+    ident = {**{k: env.get(k) for k in IDENTITY}, "device": env.get("device"), "threads": threads,
+             "batch_size": batch_size, "versions": {k: versions.get(k) for k in RUNTIME_VERSIONS}}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{env.get('machine', 'device')}-{digest}"
+
+
+def _checksum(table: Dict[str, Any]) -> str:
+    body = {k: v for k, v in table.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class LatencyTable:
+    """Measured entries by candidate key for one device key; ``load`` ignores (and logs) a damaged file."""
+
+    def __init__(self, folder: str, key: str, env: Dict[str, Any]):
+        self.folder, self.key, self.env = folder, key, env
+        self.path = os.path.join(folder, key + ".json")
+        self.entries: Dict[str, Dict[str, Any]] = {}
+        self.reused = 0
+        self.damaged = False
+
+    def load(self) -> "LatencyTable":
+        if not os.path.isfile(self.path):
+            return self
+        try:
+            with open(self.path) as f:
+                table = json.load(f)
+            ok = (isinstance(table, dict) and table.get("sha256") == _checksum(table)
+                  and table.get("format") == TABLE_FORMAT and table.get("key") == self.key)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            log.warning("latency table %s is damaged (checksum or format): it is measured again", self.path)
+            self.damaged = True
+            return self
+        self.entries = dict(table["entries"])
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        table = {"format": TABLE_FORMAT, "key": self.key, "device": self.env, "entries": self.entries}
+        table["sha256"] = _checksum(table)
+        return table
+
+    def save(self, *copies: str) -> None:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        for path in (self.path,) + copies:
+            atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+
+
+def entry_key(c: Candidate, channels: int, classes: int) -> str:
+    return f"{c.key}/c{channels}/k{classes}"
+
+
+@contextlib.contextmanager
+def device_lock(folder: str, key: str):
+    """One measurement at a time on a device: an exclusive lock on FOLDER/KEY.lock, held while timing."""
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, key + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def untrained_checkpoint(student: str, size: int, data, path: str) -> str:
+    """The architecture at ``size`` px with fresh weights, as a checkpoint export reads (latency only)."""
+    from ..core.checkpoint import save_checkpoint
+    from ..core.models import build_model
+
+    spec = replace(data.input, height=size, width=size, crop_pct=None)
+    model = build_model(student, len(data.classes), spec).eval()
+    save_checkpoint(path, model, spec=student, classes=data.classes, input_spec=spec, data_spec=data.spec,
+                    metrics={"untrained": True, "why": "edgekd fit: exported untrained to time it"}, config={})
+    return path
+
+
+def export_untrained(ckpt: str, c: Candidate, out: str, data_root: Optional[str]) -> Optional[str]:
+    """An untrained bundle of ``c`` (no accuracy gate: an untrained model has no accuracy to keep); None and the
+    reason logged when the export fails (the candidate is then left out, with its reason)."""
+    from ..export.options import ExportOptions
+    from ..export.pipeline import export_checkpoint
+
+    opts = ExportOptions(format=c.format, precision=c.precision, out=out, data_root=data_root, val_size=32,
+                         calib_size=32, max_drop=100.0, max_fallback_layers=0, speed_check=False, progress=False,
+                         force=True)
+    export_checkpoint(ckpt, opts)
+    return out
+
+
+def measure(bundles: Dict[str, str], device: str, settings: Dict[str, Any], work: str) -> Dict[str, Dict[str, Any]]:
+    """Time ``bundles`` (name -> folder) on ``device`` with edgekd bench's measurement; name -> entry with
+    p50_ms, p90_ms, size_mb, mem_mb (None where the device cannot report it), top1 and status."""
+    from ..bench.run import BenchPlan, Measurement, Results, run_bench
+
+    names = list(bundles)
+    plan = BenchPlan(models=[bundles[n] for n in names], devices=[device], data=settings["data"],
+                     data_root=settings.get("data_root"), limit=settings.get("limit"),
+                     ssh_config=settings.get("ssh_config"), ssh_timeout=settings.get("timeout", 600))
+    m = Measurement(batch_sizes=(settings["batch_size"],), threads=settings.get("threads"), progress=False,
+                    remeasure_slow=0.0, **settings["timing"])
+    out = tempfile.mkdtemp(dir=work, prefix="bench-")
+    try:
+        result = run_bench(plan, m, Results(out=out, max_drop=1.0))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    by_name = {os.path.basename(os.path.normpath(bundles[n])): n for n in names}
+    entries = {}
+    for row in result["rows"]:
+        lat = row.get("latency_ms") or {}
+        entries[by_name[row["model"]]] = {
+            "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "size_mb": row.get("size_mb"),
+            "mem_mb": row.get("peak_rss_mb"), "top1": row.get("top1"), "status": row["status"],
+            "emulated": row.get("emulated")}
+    return entries
+
+
+def measure_missing(table: LatencyTable, todo: List[Candidate], data, settings: Dict[str, Any], work: str,
+                    progress=None) -> None:
+    """Export and time every candidate of ``todo`` that the table lacks, one device measurement for all."""
+    bundles, failed = {}, {}
+    folder = tempfile.mkdtemp(dir=work, prefix="untrained-")
+    try:
+        ckpts: Dict[tuple, str] = {}
+        for i, c in enumerate(todo):
+            k = (c.student, c.size)
+            try:
+                if k not in ckpts:
+                    ckpts[k] = untrained_checkpoint(c.student, c.size, data, os.path.join(folder, f"m{len(ckpts)}.pt"))
+                bundles[c.key] = export_untrained(ckpts[k], c, os.path.join(folder, f"c{i:04d}"), settings.get("data_root"))
+            except EdgeKDError as e:
+                failed[c.key] = f"export failed: {e}"
+            if progress:
+                progress(f"exported {i + 1}/{len(todo)} untrained candidates ({c.key})")
+        entries = {}
+        if bundles:
+            with device_lock(table.folder, table.key):
+                entries = measure(bundles, settings["device"], settings, work)
+        channels, classes = data.input.channels, len(data.classes)
+        for c in todo:
+            entry = entries.get(c.key) or {"status": failed.get(c.key, "not measured")}
+            table.entries[entry_key(c, channels, classes)] = entry
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

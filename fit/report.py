@@ -1,0 +1,139 @@
+"""What a fit hands back: report.md, trials.csv / trials.json, pareto.png (and the failure report)."""
+
+import csv
+import io
+import json
+import math
+import os
+from typing import Any, Dict, List
+
+from ..base.files import atomic_write
+
+COLUMNS = ("number", "state", "student", "size", "precision", "runtime", "p50_ms", "p90_ms", "size_mb", "mem_mb",
+           "top1_short", "seconds", "worker")
+
+
+def teacher_passes(cache: str) -> Dict[str, int]:
+    """Teacher forward passes of the whole fit, counted from the shared cache: images x views held, per cache."""
+    images = views = passes = 0
+    if os.path.isdir(cache):
+        for name in sorted(os.listdir(cache)):
+            meta = os.path.join(cache, name, "meta.json")
+            if not os.path.isfile(meta):
+                continue
+            with open(meta) as f:
+                n = json.load(f).get("images") or 0
+            held = len([v for v in os.listdir(os.path.join(cache, name)) if v.startswith("view-") and v.endswith(".npy")])
+            images, views, passes = images + n, views + held, passes + n * held
+    return {"images": images, "views": views, "passes": passes}
+
+
+def _write(path, text):
+    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+
+
+def trial_table(summary) -> List[Dict[str, Any]]:
+    by_key = {c["key"]: c for c in summary["candidates"]}
+    rows = []
+    for t in summary["trials"]:
+        c = by_key.get(t["candidate"], {})
+        rows.append({**{k: c.get(k) for k in ("student", "size", "precision", "runtime")},
+                     **(c.get("measured") or {}), **{k: t.get(k) for k in ("number", "state", "top1_short", "seconds",
+                                                                            "worker")}})
+    return rows
+
+
+def write_outputs(out: str, summary: Dict[str, Any], budget) -> None:
+    rows = trial_table(summary)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    _write(os.path.join(out, "trials.csv"), buf.getvalue())
+    record = {k: v for k, v in summary.items() if k != "command"}
+    record["options"] = {k: v for k, v in vars(summary["command"]).items()}
+    _write(os.path.join(out, "trials.json"), json.dumps(record, indent=2, default=str) + "\n")
+    pareto_png(os.path.join(out, "pareto.png"), rows, summary["finalists"], budget)
+    _write(os.path.join(out, "report.md"), report_md(summary, rows))
+
+
+def pareto_png(path, rows, finalists, budget) -> None:
+    """Top-1 against measured device latency: every trial (untrained latency), the finalists (trained), the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [(r["p50_ms"], r["top1_short"]) for r in rows if r.get("p50_ms") is not None and r.get("top1_short") is not None]
+    if pts:
+        ax.scatter(*zip(*pts), s=18, alpha=0.6, label="trials (short schedule, untrained p50)")
+    fin = [(f["measured"].get("p50_ms"), f["top1"]) for f in finalists if f.get("top1") is not None
+           and f["measured"].get("p50_ms") is not None]
+    if fin:
+        ax.scatter(*zip(*fin), s=40, marker="*", color="C3", label="finalists (full schedule, measured trained)")
+    limit = budget.get("p50_ms")
+    if limit:
+        ax.axvline(limit.value, color="k", ls="--", lw=1, label=f"budget {limit}")
+    xs = [x for x, _ in pts + fin] + ([limit.value] if limit else [])
+    if xs and min(xs) > 0:
+        ax.set_xscale("log")  # candidates span orders of magnitude; the budget line stays in view
+    ax.set_xlabel("p50 latency on the device (ms)")
+    ax.set_ylabel("top-1")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _num(v, fmt=".3f"):
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def report_md(summary, rows) -> str:
+    w, p = summary["winner"], summary["teacher_passes"]
+    lines = [f"# edgekd fit: {w['key']} on {summary['device']}", "",
+             f"Budget `{summary['budget']}`. Winner: {w['student']} at {w['size']} px, {w['precision']}, {w['runtime']}: "
+             f"top-1 {_num(w['top1'], '.4f')}, p50 {_num(w['measured']['p50_ms'])} ms, p90 "
+             f"{_num(w['measured']['p90_ms'])} ms, {_num(w['measured']['size_mb'])} MB, peak memory "
+             f"{_num(w['measured']['mem_mb'], '.1f')} MB (measured again, trained, on the device). Bundle: `bundle/`.",
+             "", f"Teacher forward passes: {p['passes']} ({p['images']} images x views, {p['views']} view(s) held, "
+             f"for all {len(rows)} trials together).", "",
+             "## Finalists (full schedule; untrained estimate against the trained bundle's measurement)", "",
+             "| candidate | top-1 | p50 ms trained | p50 ms untrained | estimate error | size MB | meets |",
+             "|---|---|---|---|---|---|---|"]
+    for f in summary["finalists"]:
+        m, u = f.get("measured") or {}, f.get("untrained") or {}
+        err = (u.get("p50_ms") / m["p50_ms"] - 1) * 100 if m.get("p50_ms") and u.get("p50_ms") else None
+        lines.append(f"| {f['key']} | {_num(f.get('top1'), '.4f')} | {_num(m.get('p50_ms'))} | {_num(u.get('p50_ms'))} | "
+                     f"{_num(err, '+.1f')}% | {_num(m.get('size_mb'))} | {'yes' if not f['misses'] else 'no'} |")
+    lines += ["", "## Trials (short schedule)", "", "| # | state | candidate | p50 ms | size MB | top-1 | worker |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['number']} | {r['state']} | {r['student']}@{r['size']}/{r['precision']}/{r['runtime']} | "
+                     f"{_num(r.get('p50_ms'))} | {_num(r.get('size_mb'))} | {_num(r.get('top1_short'), '.4f')} | "
+                     f"{r.get('worker') or '-'} |")
+    lines += ["", "Files: trials.csv, trials.json, pareto.png, latency.json (the device's latency table), bundle/.", ""]
+    return "\n".join(lines)
+
+
+def write_failure(out, budget, candidates, opts, trials=None, finalists=None) -> None:
+    """report.md of a fit that found nothing within the budget: the closest candidates and by how much they miss."""
+    ok = sorted((c for c in candidates if c["status"] == "ok"), key=lambda c: c["relative_miss"])
+    lines = [f"# edgekd fit FAILED: nothing meets `{budget}` on {opts.device}", "",
+             "No bundle was written. The closest candidates (untrained, measured on the device):", "",
+             "| candidate | p50 ms | p90 ms | size MB | memory MB | misses by |", "|---|---|---|---|---|---|"]
+    for c in ok[:10]:
+        m = c["measured"]
+        miss = ", ".join(f"{k} {v:.3g}" for k, v in (c["misses"] or {}).items()) or "-"
+        lines.append(f"| {c['key']} | {_num(m['p50_ms'])} | {_num(m['p90_ms'])} | {_num(m['size_mb'])} | "
+                     f"{_num(m['mem_mb'], '.1f')} | {miss} |")
+    bad = [c for c in candidates if c["status"] != "ok"]
+    if bad:
+        lines += ["", "Not measurable: " + "; ".join(f"{c['key']}: {c['status']}" for c in bad[:10])]
+    for f in finalists or []:
+        lines.append(f"- finalist {f['key']}: top-1 {_num(f.get('top1'), '.4f')}, misses "
+                     + ", ".join(f"{k} by {v:.3g}" for k, v in f["misses"].items()))
+    _write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")

@@ -1,0 +1,247 @@
+"""``edgekd fit`` from start to end: device, space, latency before training, the study, the finalists, outputs."""
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from typing import Any, Callable, Dict, List, Optional
+
+from .. import EdgeKDError
+from ..bench.options import BENCH_DEFAULTS, BENCH_QUICK
+from . import latency, report, search
+from .budget import DEVICE_KEYS, Budget, parse_budget
+from .options import FitOptions
+from .space import Candidate, default_space, load_space
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "config.yaml"  # the fit's options in --out, what --resume reads back (edgekd.core.config)
+DISTILL_KEYS = ("teacher", "data", "data_root", "teacher_views", "train_subset", "unlabeled", "teacher_input_size",
+                "teacher_mean", "teacher_std", "teacher_classes", "teacher_weights", "seed")
+
+
+def _abs(path: Optional[str]) -> Optional[str]:
+    return os.path.abspath(path) if path and os.path.exists(path) else path
+
+
+def settings_of(opts: FitOptions, out: str) -> Dict[str, Any]:
+    """What every worker needs to run a trial, with paths made absolute (workers may start elsewhere)."""
+    distill = {k: getattr(opts, k) for k in DISTILL_KEYS}
+    for k in ("teacher", "data", "unlabeled", "teacher_classes", "teacher_weights", "data_root"):
+        distill[k] = _abs(distill[k])
+    distill.update(teacher_cache=os.path.abspath(os.path.join(out, "teacher-cache")), threads=opts.train_threads)
+    timing = dict(BENCH_QUICK if opts.quick else BENCH_DEFAULTS)
+    limit = timing.pop("limit", None)
+    return {"distill": distill, "epochs_short": opts.epochs_short, "epochs": opts.epochs, "work": os.path.abspath(out),
+            "device": opts.device, "data": distill["data"], "data_root": distill["data_root"], "limit": limit,
+            "threads": opts.threads, "batch_size": opts.batch_size, "timing": timing, "ssh_config": opts.ssh_config,
+            "timeout": opts.timeout}
+
+
+def check_teacher(opts: FitOptions) -> None:
+    from ..core import teachers
+    from ..core.options import DistillOptions
+
+    if not opts.teacher:
+        raise EdgeKDError("--teacher SPEC is required: a trained teacher (checkpoint, bundle, ONNX, pretrained ...)")
+    d = DistillOptions(teacher=opts.teacher, teacher_input_size=opts.teacher_input_size, teacher_mean=opts.teacher_mean,
+                       teacher_std=opts.teacher_std, teacher_classes=opts.teacher_classes,
+                       teacher_weights=opts.teacher_weights, teacher_views=opts.teacher_views, out="unused")
+    if teachers.resolve(opts.teacher, teachers.TeacherOptions.from_options(d)).kind == "model":
+        raise EdgeKDError(f"--teacher {opts.teacher!r} is a model spec to train or a path that does not exist; fit "
+                          f"needs a trained teacher: train it first (edgekd train --model {opts.teacher} ...)")
+
+
+def check_device(opts: FitOptions, budget: Budget) -> Dict[str, Any]:
+    """The device's environment; refuses an emulated device and a memory limit the device cannot report."""
+    from ..bench.plan import check_device as known
+
+    known(opts.device)
+    if opts.device.startswith("ssh://") and budget.get("mem_mb"):
+        raise EdgeKDError("--budget mem_mb: peak memory is measured for local devices only (bench's workers); an "
+                          "ssh:// device runs every bundle in one runner process. Drop mem_mb or use a local device")
+    env = latency.device_environment(opts.device, opts.ssh_config, opts.timeout)
+    if env.get("emulated"):
+        raise EdgeKDError(f"{opts.device} runs under {env['emulated']} emulation: its timings are not latency "
+                          "(hundreds of times slower, not by a constant factor); refused as a latency basis")
+    return env
+
+
+def latency_phase(opts, budget, env, data, space, out, say) -> List[Dict[str, Any]]:
+    """Every candidate timed untrained (the table first); returns every candidate with its measurement."""
+    folder = opts.latency_cache or latency.default_cache()
+    key = latency.device_key(env, opts.threads, opts.batch_size)
+    table = latency.LatencyTable(folder, key, env).load()
+    cands = space.candidates()
+    channels, classes = data.input.channels, len(data.classes)
+    todo = [c for c in cands if latency.entry_key(c, channels, classes) not in table.entries]
+    table.reused = len(cands) - len(todo)
+    say(f"latency table {table.path}: {table.reused} of {len(cands)} candidates known"
+        + (" (the stored table was damaged: measured again)" if table.damaged else "")
+        + (f"; exporting and timing {len(todo)} untrained on {opts.device}" if todo else ""))
+    if todo:
+        settings = settings_of(opts, out)
+        work = os.path.join(out, "work")
+        os.makedirs(work, exist_ok=True)
+        latency.measure_missing(table, todo, data, settings, work, progress=log.info)
+    table.save(os.path.join(out, "latency.json"))
+    rows = []
+    for c in cands:
+        e = table.entries[latency.entry_key(c, channels, classes)]
+        measured = {k: e.get(k) for k in DEVICE_KEYS}
+        ok = e.get("status") == "ok"
+        rows.append({"key": c.key, **asdict(c), "measured": measured, "status": e.get("status"),
+                     "misses": budget.misses(measured, DEVICE_KEYS) if ok else None,
+                     "relative_miss": budget.relative_miss(measured, DEVICE_KEYS) if ok else math.inf})
+    return rows
+
+
+def _load_data(opts):
+    from ..core.data import load_data
+
+    return load_data(opts.data, opts.data_root)
+
+
+def _closest(rows, n=3):
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["relative_miss"])[:n]
+    return "; ".join(f"{r['key']} misses " + ", ".join(f"{k} by {v:.3g}" for k, v in r["misses"].items()) for r in ok)
+
+
+def run_fit(opts: FitOptions, train_qat=None, say: Callable[[str], None] = log.info) -> Dict[str, Any]:
+    """A whole fit into ``opts.out``; returns the summary (winner, trials, teacher passes)."""
+    if opts.join:
+        return join_fit(opts, say)
+    out = opts.out  # with --resume DIR: DIR (edgekd.core.config read its config.yaml)
+    budget = parse_budget(opts.budget) if opts.budget else None
+    if budget is None:
+        raise EdgeKDError("--budget EXPR is required, e.g. --budget p50_ms<=5,size_mb<=4")
+    if not out:
+        raise EdgeKDError("--out DIR is required (or --resume DIR, --join DIR|URL)")
+    if opts.resume and not os.path.isfile(os.path.join(out, "study.db")) and not opts.storage:
+        raise EdgeKDError(f"cannot resume {out!r}: it holds no study.db (not an edgekd fit folder)")
+    check_teacher(opts)
+    env = check_device(opts, budget)
+    data = _load_data(opts)
+    space = default_space(data.input.height, data.input.channels)
+    if opts.space:
+        space = load_space(opts.space, space)
+    os.makedirs(out, exist_ok=True)
+    _save_settings(out, opts)
+    start = time.time()
+    rows = latency_phase(opts, budget, env, data, space, out, say)
+    feasible = [r for r in rows if r["status"] == "ok" and not r["misses"]]
+    say(f"{len(feasible)} of {len(rows)} candidates meet {budget} untrained on {opts.device}; only those are trained")
+    if not feasible:
+        report.write_failure(out, budget, rows, opts)
+        raise EdgeKDError(f"no candidate meets the budget {budget} on {opts.device}; closest: {_closest(rows)} "
+                          f"(see {out}/report.md)")
+    settings = settings_of(opts, out)
+    url = opts.storage or f"sqlite:///{os.path.abspath(os.path.join(out, 'study.db'))}"
+    store = search.storage(url, opts.heartbeat)
+    study = search.open_study(store, opts.seed, create=True)
+    if not study.user_attrs.get("ready"):
+        search.enqueue_spread(study, feasible, min(len(feasible), opts.trials))
+    for k, v in {"settings": settings, "feasible": feasible, "budget": str(budget), "trials": opts.trials,
+                 "ready": True}.items():
+        study.set_user_attr(k, v)
+    run_trials(study, store, budget, feasible, settings, opts.trials, opts.hours, say)
+    return finish(study, budget, feasible, rows, settings, opts, out, env, train_qat, say, time.time() - start)
+
+
+def _save_settings(out, opts):
+    """The fit's options as OUT/config.yaml (paths absolute: --resume may start from another folder)."""
+    import yaml
+
+    from ..base.files import atomic_write
+    from ..core.config import saved
+
+    record = saved(opts)
+    for k in ("teacher", "data", "data_root", "space", "unlabeled", "teacher_classes", "teacher_weights",
+              "latency_cache", "ssh_config"):
+        record[k] = _abs(record[k])
+    record.pop("resume", None)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            yaml.safe_dump(record, f, sort_keys=True)
+
+    atomic_write(os.path.join(out, SETTINGS_FILE), write)
+
+
+def run_trials(study, store, budget, feasible, settings, trials, hours, say):
+    """Trials until ``trials`` are finished in the study (all workers together) or ``hours`` pass."""
+    import optuna
+
+    done0, start = search.finished(study), time.time()
+    if done0 >= trials:
+        return
+
+    def progress(number, cand, top1, pruned):
+        done = search.finished(study) + 1
+        per = (time.time() - start) / max(done - done0, 1)
+        left = max(trials - done, 0) * per
+        say(f"trial {number}: {cand['key']} top-1 {top1:.4f}{' (pruned)' if pruned else ''}, p50 "
+            f"{cand['measured']['p50_ms']:.3f} ms untrained; {done}/{trials} trials, about {left / 60:.1f} min left")
+
+    objective = search.objective_for(budget, feasible, settings, store, progress)
+    stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                          optuna.trial.TrialState.PRUNED))
+    study.optimize(objective, timeout=hours * 3600 if hours else None, callbacks=[stop], catch=(EdgeKDError,))
+
+
+def join_fit(opts: FitOptions, say) -> Dict[str, Any]:
+    """A worker on an existing fit's study (its folder's SQLite file or a storage URL): trials only."""
+    target = opts.join
+    if "://" in target:
+        url, out = target, opts.out
+        if not out:
+            raise EdgeKDError("--join URL needs --out DIR for this worker's trials")
+    else:
+        if not os.path.isfile(os.path.join(target, "study.db")):
+            raise EdgeKDError(f"--join {target!r}: no study.db there (start the fit with --out {target} first)")
+        url, out = f"sqlite:///{os.path.abspath(os.path.join(target, 'study.db'))}", target
+    store = search.storage(url, opts.heartbeat)
+    study, attrs = search.wait_ready(store, opts.seed, opts.timeout)
+    settings = {**attrs["settings"], "work": os.path.abspath(out)}
+    budget = parse_budget(attrs["budget"])
+    before = {r["number"] for r in search.trial_rows(study)}
+    run_trials(study, store, budget, attrs["feasible"], settings, attrs["trials"], opts.hours, say)
+    mine = [r for r in search.trial_rows(study) if r["number"] not in before and r["state"] in ("COMPLETE", "PRUNED")]
+    return {"joined": search.redact(url), "trials_run": len(mine)}
+
+
+def finish(study, budget, feasible, rows, settings, opts, out, env, train_qat, say, seconds):
+    """The finalists on the full schedule, exported, gated and measured again; the winner and the outputs."""
+    from .final import run_finalists
+
+    trials = search.trial_rows(study)
+    by_key = {c["key"]: c for c in feasible}
+    done = [t for t in trials if t["state"] == "COMPLETE" and t["top1_short"] is not None
+            and all(v <= 0 for v in (t["constraints"] or [1.0]))]
+    best: Dict[str, Dict[str, Any]] = {}
+    for t in sorted(done, key=lambda t: -t["top1_short"]):
+        best.setdefault(t["candidate"], t)
+    finalists = list(best.values())[:opts.finalists]
+    if not finalists:
+        report.write_failure(out, budget, rows, opts, trials)
+        raise EdgeKDError("no trial finished within the budget (every trial was pruned, failed, or missed the "
+                          f"top-1 floor); see {out}/report.md")
+    results = run_finalists([by_key[t["candidate"]] for t in finalists], budget, settings, opts, out, train_qat, say)
+    winner = next((r for r in sorted(results, key=lambda r: -(r["top1"] or -1)) if not r["misses"]), None)
+    passes = report.teacher_passes(settings["distill"]["teacher_cache"])
+    summary = {"budget": str(budget), "device": opts.device, "device_environment": env, "trials": trials,
+               "candidates": rows, "finalists": results, "winner": winner, "teacher_passes": passes,
+               "seconds": seconds + sum(r.get("seconds", 0) for r in results), "command": opts}
+    if winner is None:
+        report.write_failure(out, budget, rows, opts, trials, results)
+        raise EdgeKDError("no finalist meets the budget once trained and measured again: closest "
+                          + "; ".join(f"{r['key']} misses " + ", ".join(f"{k} by {v:.3g}" for k, v in r["misses"].items())
+                                      for r in results) + f" (see {out}/report.md)")
+    bundle = os.path.join(out, "bundle")
+    if os.path.exists(bundle):
+        shutil.rmtree(bundle)
+    shutil.copytree(winner["bundle"], bundle)
+    report.write_outputs(out, summary, budget)
+    return summary

@@ -1,0 +1,201 @@
+"""The Optuna study: multi-objective (maximise top-1, minimise the measured untrained latency) over the candidates
+that meet the budget on the device, the budget as constraints (TPESampler's constraints_func), RDB storage with a
+heartbeat so a killed worker's trial is retried and no finished trial is lost. Short schedules are stopped early by
+a SuccessiveHalvingPruner on per-epoch top-1 (Optuna prunes single-objective studies only: each trial has a twin
+in a one-objective "screen" study that the pruner judges)."""
+
+import logging
+import math
+import os
+import socket
+from typing import Any, Dict, List, Optional
+
+from .. import EdgeKDError
+from .budget import KEYS, Budget
+
+log = logging.getLogger(__name__)
+
+STUDY = "edgekd-fit"
+SCREEN = "edgekd-fit-screen"
+TRAIN_LOGGER = "edgekd.core.train_loop"  # logs one record per epoch with its test_top1
+
+
+def storage(url: str, heartbeat: int):
+    """Optuna RDB storage (SQLite file or PostgreSQL through psycopg) with a heartbeat: a trial whose worker died
+    is marked failed after 2 heartbeats and retried with the same parameters."""
+    import optuna
+
+    import warnings
+
+    kwargs: Dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if not heartbeat:  # the screen study's twins are asked and told by hand: no heartbeat there
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+    except Exception as e:  # SQLAlchemy/psycopg: a wrong URL, a server that does not answer
+        raise EdgeKDError(f"study storage {redact(url)} cannot be opened: {str(e).splitlines()[0][:200]}") from None
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def open_study(store, seed: int, create: bool):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)  # constraints: Trial.set_constraint
+    if not create:
+        try:
+            return optuna.load_study(study_name=STUDY, storage=store, sampler=sampler)
+        except KeyError:
+            raise EdgeKDError("no edgekd fit study in that storage yet: start the fit first (edgekd fit ... "
+                              "--storage URL), then --join it") from None
+    return optuna.create_study(study_name=STUDY, storage=store, sampler=sampler, load_if_exists=True,
+                               directions=["maximize", "minimize"])
+
+
+def screen_study(store):
+    import optuna
+
+    return optuna.create_study(study_name=SCREEN, storage=store, direction="maximize", load_if_exists=True,
+                               pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2))
+
+
+def finished(study) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+class _Prune(Exception):
+    pass
+
+
+class _EpochWatch:
+    """A logging filter on the training loop's per-epoch record: reports its test top-1 to the twin trial and
+    stops training (raises) when the pruner says the trial is hopeless."""
+
+    def __init__(self, twin, epochs):
+        self.twin, self.history, self.epochs = twin, [], epochs
+
+    def filter(self, record):
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) == 3 and isinstance(args[2], dict) and "test_top1" in args[2]:
+            top1 = float(args[2]["test_top1"])
+            self.history.append(top1)
+            self.twin.report(top1 if math.isfinite(top1) else 0.0, len(self.history))
+            # the last epoch is never pruned: its result is paid for already
+            if len(self.history) < self.epochs and self.twin.should_prune():
+                raise _Prune()
+        return False  # the line is the library's debug record; fit prints its own
+
+
+def distill_trial(cand: Dict[str, Any], settings: Dict[str, Any], folder: str, epochs: int, twin=None):
+    """Distil ``cand`` from the shared teacher cache into ``folder``; returns (metrics, per-epoch top-1, pruned)."""
+    from ..core.options import DistillOptions
+    from ..core.distill import run_distill
+
+    opts = DistillOptions(**{**settings["distill"], "student": cand["student"], "input_size": str(cand["size"]),
+                             "epochs": epochs, "out": folder, "progress": False, "force": True})
+    os.makedirs(folder, exist_ok=True)
+    logger = logging.getLogger(TRAIN_LOGGER)
+    watch = _EpochWatch(twin, epochs) if twin is not None else None
+    level = logger.level
+    if watch:
+        logger.addFilter(watch)
+        logger.setLevel(logging.INFO)
+    try:
+        return run_distill(opts), (watch.history if watch else []), False
+    except _Prune:
+        return None, watch.history, True
+    finally:
+        if watch:
+            logger.removeFilter(watch)
+            logger.setLevel(level)
+
+
+def objective_for(budget: Budget, feasible: List[Dict[str, Any]], settings: Dict[str, Any], store, report=None):
+    """The trial function: pick a feasible candidate, distil it on the short schedule, return (top-1, p50 ms)."""
+    import optuna
+
+    by_key = {c["key"]: c for c in feasible}
+    screen = screen_study(storage(store.url, 0))
+
+    def objective(trial):
+        cand = by_key[trial.suggest_categorical("candidate", sorted(by_key))]
+        twin = screen.ask()
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("screen_trial", twin.number)
+        folder = os.path.join(settings["work"], "trials", f"{trial.number:04d}")
+        metrics, history, pruned = distill_trial(cand, settings, folder, settings["epochs_short"], twin)
+        trial.set_user_attr("history", history)
+        top1 = history[-1] if history else math.nan
+        if metrics is not None:
+            top1 = metrics["test_top1"]
+            trial.set_user_attr("seconds", sum(h.get("seconds", 0.0) for h in metrics.get("history", [])))
+        values = {**cand["measured"], "top1": top1}
+        trial.set_user_attr("top1", top1)
+        constraints = {k: budget.get(k).excess(values.get(k)) for k in KEYS if budget.get(k)}
+        for k, v in constraints.items():  # feasible when every value is <= 0 (Optuna 5's constraints)
+            trial.set_constraint(k, min(v, 1e9) if math.isfinite(v) else 1e9)
+        trial.set_user_attr("constraints", [min(v, 1e9) for v in constraints.values()])
+        if report:
+            report(trial.number, cand, top1, pruned)
+        if pruned:
+            screen.tell(twin, state=optuna.trial.TrialState.PRUNED)
+            raise optuna.TrialPruned()
+        if not math.isfinite(top1):
+            screen.tell(twin, state=optuna.trial.TrialState.FAIL)
+            raise EdgeKDError(f"trial {trial.number}: top-1 is not a number")
+        screen.tell(twin, top1)
+        return top1, cand["measured"]["p50_ms"]
+
+    return objective
+
+
+def enqueue_spread(study, feasible: List[Dict[str, Any]], n: int) -> None:
+    """Start with up to ``n`` candidates spread over the latency range, each once (a categorical TPE would
+    otherwise start from random draws, repeats included)."""
+    ordered = sorted(feasible, key=lambda c: c["measured"]["p50_ms"])
+    n = min(n, len(ordered))
+    picks = [ordered[round(i * (len(ordered) - 1) / max(n - 1, 1))] for i in range(n)] if n else []
+    for c in dict.fromkeys(p["key"] for p in picks):
+        study.enqueue_trial({"candidate": c}, skip_if_exists=True)
+
+
+def trial_rows(study) -> List[Dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({"number": t.number, "state": t.state.name, "candidate": t.params.get("candidate"),
+                     "top1_short": t.user_attrs.get("top1"), "history": t.user_attrs.get("history"),
+                     "seconds": t.user_attrs.get("seconds"), "worker": t.user_attrs.get("worker"),
+                     "constraints": t.user_attrs.get("constraints")})
+    return rows
+
+
+def wait_ready(store, seed: int, timeout: float):
+    """A joining worker waits (up to ``timeout`` s) for the starting fit to create the study and publish its
+    settings and feasible candidates (it measures latency first); returns (study, its user attributes)."""
+    import time
+
+    start = time.time()
+    while True:
+        try:
+            study = open_study(store, seed, create=False)
+            attrs = study.user_attrs
+            if attrs.get("ready"):
+                return study, attrs
+        except EdgeKDError:
+            if time.time() - start >= timeout:
+                raise
+        if time.time() - start >= timeout:
+            raise EdgeKDError(f"--join: the study did not become ready within {timeout} s")
+        time.sleep(1.0)
