@@ -133,6 +133,7 @@ def test_teacher_runs_once_per_image_and_view(first_fit):
     assert f"Teacher forward passes: {p['passes']} " in (out / "report.md").read_text()
 
 
+@pytest.mark.slow  # a second (and third) real fit: minutes on 2 cores
 def test_latency_table_reused_and_a_budget_nobody_meets(setup, first_fit, cli, one_line_error):
     d, teacher = setup
     out = d / "none"
@@ -168,6 +169,7 @@ def _states(db):
     return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
 
 
+@pytest.mark.slow  # a second (and third) real fit: minutes on 2 cores
 def test_resume_after_kill_loses_no_finished_trial(setup, first_fit, tmp_path):
     d, teacher = setup
     out = tmp_path / "k"
@@ -191,6 +193,7 @@ def test_resume_after_kill_loses_no_finished_trial(setup, first_fit, tmp_path):
     assert (out / "bundle" / "manifest.json").exists()
 
 
+@pytest.mark.slow  # a second (and third) real fit: minutes on 2 cores
 def test_fit_on_an_ssh_device(setup, first_fit, cli, sshd, device_python, tmp_path):
     d, teacher = setup
     url = f"ssh://edgedevice{device_python}"
@@ -224,35 +227,43 @@ def _as_postgres_user():
     return ["runuser", "-u", "postgres", "--"]
 
 
+def _pg_tool(name):
+    """A PostgreSQL tool on PATH, or where Debian's postgresql package puts it (/usr/lib/postgresql/N/bin)."""
+    import glob
+
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if not found:
+        pytest.skip(f"PostgreSQL's {name} is not installed")
+    return found
+
+
 @pytest.fixture
 def postgres():
     """A real PostgreSQL server on a free port (initdb, pg_ctl, in a fresh folder); skipped with the reason where it
     cannot start. Yields the storage URL of an empty database."""
     import tempfile
 
-    for tool in ("initdb", "pg_ctl", "createdb"):
-        if not shutil.which(tool):
-            pytest.skip(f"PostgreSQL's {tool} is not installed")
+    tools = {tool: _pg_tool(tool) for tool in ("initdb", "pg_ctl", "createdb")}
     user = _as_postgres_user()
     folder = tempfile.mkdtemp(prefix="edgekd-pg-")  # not under pytest's root-only tmp: the postgres user reads it
     if user:
         shutil.chown(folder, "postgres")
     data, log, port = os.path.join(folder, "data"), os.path.join(folder, "pg.log"), _free_port()
     try:
-        proc = subprocess.run(user + ["initdb", "-D", data, "-A", "trust", "-U", "edgekd"], capture_output=True,
+        proc = subprocess.run(user + [tools["initdb"], "-D", data, "-A", "trust", "-U", "edgekd"], capture_output=True,
                               text=True)
         if proc.returncode:
             pytest.skip(f"initdb failed: {proc.stderr.strip()[-200:]}")
-        start = subprocess.run(user + ["pg_ctl", "-D", data, "-w", "-l", log, "-o",
+        start = subprocess.run(user + [tools["pg_ctl"], "-D", data, "-w", "-l", log, "-o",
                                        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
                                capture_output=True, text=True)
         if start.returncode:
             pytest.skip(f"PostgreSQL could not start: {start.stderr.strip()[-200:]}")
         try:
-            subprocess.run(["createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "edgekd", "fit"], check=True)
+            subprocess.run([tools["createdb"], "-h", "127.0.0.1", "-p", str(port), "-U", "edgekd", "fit"], check=True)
             yield f"postgresql+psycopg://edgekd@127.0.0.1:{port}/fit"
         finally:
-            subprocess.run(user + ["pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
+            subprocess.run(user + [tools["pg_ctl"], "-D", data, "-m", "fast", "stop"], capture_output=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
