@@ -36,6 +36,7 @@ class AugmentPlan:
             raise EdgeKDError(f"unknown augmentation {kind!r}: choose from {', '.join(AUGMENTS)}")
         self.kind, self.size, self.seed, self.pad = kind, int(size), int(seed), int(pad)
         self.scale = scale  # the random-resized crop's smallest area fraction
+        self.mix = None  # an edgekd.core.mixing.MixPlan under --mix (set by attach_mix)
         self.views = None
         self.replay(views)
 
@@ -67,6 +68,8 @@ class AugmentPlan:
             d.update(pad=0, scale=[self.scale, 1.0], ratio=[3 / 4, 4 / 3], flip=0.5)
         if self.views:  # only when set, so caches made before --teacher-views keep their key
             d["views"] = self.views
+        if self.mix is not None:  # likewise: a cache of unmixed views is never served for mixed ones
+            d["mix"] = self.mix.describe()
         return d
 
 
@@ -141,9 +144,7 @@ class Views:
             order = order[shard[0]::shard[1]]
             n = len(order)
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            x, y = self._batch(idx, epoch)
-            yield (x, None, y, idx) if teacher_view else (x, y, idx)
+            yield self._served(order[start:start + batch_size], epoch, teacher_view)
 
     def distributed_batches(self, batch_size, epoch, seed, rank, world, teacher_view=False):
         """This rank's (x, y, idx) batches of one training epoch under DDP.
@@ -158,9 +159,21 @@ class Views:
         sampler.set_epoch(int(epoch))
         order = torch.tensor(list(sampler), dtype=torch.long)
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            yield self._served(order[start:start + batch_size], epoch, teacher_view)
+
+    def _served(self, idx, epoch, teacher_view):
+        """One training batch, its pictures mixed with their partners' under --mix (edgekd.core.mixing)."""
+        mix = None if self.plan is None or epoch is None else self.plan.mix
+        if mix is None:
             x, y = self._batch(idx, epoch)
-            yield (x, None, y, idx) if teacher_view else (x, y, idx)
+        else:
+            from .mixing import mix_loaded, with_partners
+
+            view = self.plan.view_of(epoch)
+            load = with_partners(mix, view, idx)
+            x, y = self._batch(load, epoch)
+            x, _, y, idx = mix_loaded(mix, view, idx, x, None, y, load)
+        return (x, None, y, idx) if teacher_view else (x, y, idx)
 
     def steps_per_epoch(self, batch_size, world=1):
         """Optimizer steps in one epoch at a global ``batch_size`` over ``world`` processes."""

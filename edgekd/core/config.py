@@ -310,6 +310,12 @@ DISTILL = [
     Opt("teacher_dtype", "str", "auto", "the frozen teacher's compute dtype: auto is bfloat16 on a CPU with native "
         "bfloat16 (AMX-BF16 or AVX512-BF16) for a PyTorch teacher above 48 px, else float32; recorded in metrics.json",
         choices=("auto", "float32", "bfloat16"), group="teacher"),
+    # issue 27 (function matching); the check of the choices and alpha is edgekd.core.mixing's too
+    Opt("mix", "str", "none", "function matching: mix pairs of training views (labelled and unlabelled alike), the "
+        "student learning the teacher's answer for the mixed picture; pairs and ratios replayed from --aug-seed, so "
+        "--teacher-cache holds them", choices=("none", "mixup", "cutmix"), group="training"),
+    Opt("mix_alpha", "float", 1.0, "--mix strength: ratios drawn from Beta(alpha, alpha) (1: uniform)", low=0,
+        low_open=True, high=100, group="training"),
 ] + TEACHER_SOURCE + _data() + TRAINING + _pretrained("student_weights") + _common(out_default=DEFAULT_OUT, resumable=True)
 
 # edgekd quantize starts from a trained student: a short run at a small learning rate, no warm-up.

@@ -18,6 +18,7 @@ from .augment import Views
 from .data import load_data, parse_size
 from .losses import LOSSES, UNLABELED, make_loss
 from .loading import load_model
+from .mixing import attach_mix
 from .models import (build_model, build_pretrained, check_student, count_flops, count_params,
                      fetch_pretrained, pretrained_norm, pretrained_view)
 from .teacher_speed import check_dtype, settle_teacher_dtype
@@ -31,13 +32,9 @@ def write_json(path, obj):
     """``obj`` as indented JSON at ``path``, written atomically, with the machine's absolute paths made relative
     to its folder (base/files.py portable)."""
     obj = portable(obj, os.path.dirname(os.path.abspath(path)))
+    from pathlib import Path
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def save_config(out, cfg):
@@ -466,6 +463,7 @@ def run_distill(saved_cfg, cfg, ctx):
                               "teacher_resolved": portable(teacher.describe(), cfg.out)})
     if t_options.views:  # after a teacher trained here: it learnt from every epoch's views
         train.plan.replay(t_options.views)
+    attach_mix(train, cfg.mix, cfg.mix_alpha)  # function matching; the teacher trained here saw unmixed views
     if hasattr(train, "set_teacher_size"):  # views from the files: the teacher sees each crop at its own size
         train.set_teacher_size(teacher.loaded.size)
     teacher_dtype = settle_teacher_dtype(teacher, cfg.teacher_dtype, cfg.device, train, cfg.channels_last)

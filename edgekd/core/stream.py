@@ -321,14 +321,31 @@ class StreamViews:
         return out[:-1]
 
     def _run(self, index_batches, epoch, teacher_view):
+        mix = None if self.plan is None or epoch is None else self.plan.mix
+        wanted_batches = index_batches
+        if mix is not None:  # each batch also loads its pictures' partners (edgekd.core.mixing)
+            from .mixing import with_partners
+
+            view = self.plan.view_of(epoch)
+            index_batches = [with_partners(mix, view, b).tolist() for b in index_batches]
         decoder = self._decoder(epoch, teacher_view)
         workers = self.workers if len(index_batches) > 1 else 0
         loader = torch.utils.data.DataLoader(decoder, batch_sampler=index_batches, num_workers=workers,
                                              collate_fn=_collate, prefetch_factor=4 if workers else None,
                                              persistent_workers=False,
                                              multiprocessing_context=_worker_context() if workers else None)
-        for out in loader:
-            yield self._finish(*out, teacher_view=teacher_view)
+        mix = None if self.plan is None or epoch is None else self.plan.mix
+        if mix is None:
+            for out in loader:
+                yield self._finish(*out, teacher_view=teacher_view)
+            return
+        from .mixing import mix_loaded
+
+        view = self.plan.view_of(epoch)
+        for wanted, out in zip(wanted_batches, loader):  # the loader keeps the batches' order
+            x, xt, y, idx = self._finish(*out, teacher_view=True)
+            x, xt, y, idx = mix_loaded(mix, view, wanted, x, xt, y, idx)
+            yield (x, xt, y, idx) if teacher_view else (x, y, idx)
 
     def batches(self, batch_size, epoch=None, shuffle_seed=None, shard=None, teacher_view=False):
         """Yield (x, y, idx), or (x, x_teacher or None, y, idx) with ``teacher_view``; as Views.batches."""

@@ -80,6 +80,7 @@ class TrainRun:
         self.train, self.test, self.loss_fn = train, test, loss_fn
         self.teacher, self.cache, self.taps = teacher, cache, taps
         self.memo = memo  # a LiveMemo: a live teacher asked once per image when views cannot differ
+        self.mix = getattr(getattr(train, "plan", None), "mix", None)  # --mix: edgekd.core.mixing.MixPlan
         self.dist = dist or Context()
         self.local_images = 0  # training images this process stepped through (all epochs of this run)
 
@@ -132,6 +133,12 @@ def _step(net, run, x, y, idx, epoch, xt=None):
     extra = {}
     if run.taps is not None:  # the teacher's map is an inference-mode tensor: a clone can join autograd
         extra["features"] = (run.taps[0].output, run.taps[1].output.float().clone())  # float: a bf16 teacher's too
+    if run.mix is not None:  # function matching: the teacher's answer for the mixed picture, mixed labels
+        from .mixing import mixed_loss
+
+        view = run.train.plan.view_of(epoch)
+        return s_logits, t_logits, mixed_loss(run.loss_fn, run.mix, view, tuple(x.shape[-2:]), s_logits, t_logits,
+                                              y, idx, **extra)
     return s_logits, t_logits, run.loss_fn(s_logits, t_logits, y, **extra)
 
 

@@ -1,0 +1,116 @@
+"""Issue 27 (patient and consistent): function matching on replayed, cacheable mixed views; the decode-once image
+store; bf16 student steps; the teacher's top-1 on its own view."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgekd import EdgeKDError
+from edgekd.core.augment import AugmentPlan, Views
+from edgekd.core.losses import UNLABELED, make_loss
+from edgekd.core.mixing import MixPlan, attach_mix, mixed_loss
+from edgekd.core.teacher_cache import TeacherCache
+
+
+def _views(n=24, size=16, kind="standard", seed=3, mix=None, labels=None):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    targets = labels if labels is not None else torch.arange(n) % 4
+    views = Views(images, targets, [0.5] * 3, [0.25] * 3, AugmentPlan(kind, n, seed=seed))
+    if mix:
+        attach_mix(views, mix, 1.0)
+    return views
+
+
+def _by_index(views, epoch, batch_size, shuffle_seed):
+    out = {}
+    for x, y, idx in views.batches(batch_size, epoch=epoch, shuffle_seed=shuffle_seed):
+        for k, i in enumerate(idx.tolist()):
+            out[i] = x[k]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixed_views_are_the_same_in_any_batch_and_differ_from_unmixed(kind):
+    views = _views(mix=kind)
+    a, b = _by_index(views, 2, 5, shuffle_seed=1), _by_index(views, 2, 11, shuffle_seed=7)
+    assert sorted(a) == list(range(24)) and all(torch.equal(a[i], b[i]) for i in a)
+    plain = _by_index(_views(), 2, 24, shuffle_seed=None)
+    changed = sum(not torch.equal(a[i], plain[i]) for i in a)
+    assert changed >= 20  # a partner can be the picture itself; nearly all are mixed
+    assert not all(torch.equal(a[i], _by_index(views, 3, 24, None)[i]) for i in a)  # another epoch, other pairs
+    # the mixed picture is the rule applied to the two unmixed views
+    mix, view = views.plan.mix, 2
+    i, p = 0, int(views.plan.mix.partners(view, [0])[0])
+    expect = mix.mix(plain[i][None], plain[p][None], view, torch.tensor([i]))[0]
+    torch.testing.assert_close(a[i], expect)
+    if kind == "cutmix":  # a box of the partner's pixels, its area what lam leaves
+        lam = float(mix.lam(view, [i], (16, 16))[0])
+        assert ((a[i] == plain[p]).all(0).float().mean() >= 1 - lam - 1e-6)
+
+
+def test_mix_settings_are_in_the_cache_key_and_none_keeps_the_old_key(tmp_path):
+    path = tmp_path / "t.pt"
+    torch.save({"x": 1}, path)
+    plain, mixed, cut = _views(), _views(mix="mixup"), _views(mix="cutmix")
+    paths = {TeacherCache(str(tmp_path), str(path), v).path for v in (plain, mixed, cut)}
+    assert len(paths) == 3
+    assert "mix" not in plain.plan.describe() and mixed.plan.describe()["mix"]["kind"] == "mixup"
+    with pytest.raises(EdgeKDError, match="--mix-alpha"):
+        MixPlan("mixup", float("nan"), 0, [0])
+    with pytest.raises(EdgeKDError, match="--mix"):
+        MixPlan("blend", 1.0, 0, [0])
+
+
+@pytest.mark.parametrize("kind,augment", [("mixup", "standard"), ("cutmix", "none")])
+def test_cached_teacher_answers_for_mixed_views_equal_the_live_teacher(tmp_path, kind, augment):
+    from edgekd.core.data import InputSpec
+    from edgekd.core.models import build_model
+    from edgekd.core.teachers import FrozenTeacher
+
+    views = _views(n=30, kind=augment, mix=kind)
+    spec = InputSpec(3, 16, 16, [0.5] * 3, [0.25] * 3)
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(build_model("seed-student", 4, spec), spec, spec)
+    path = tmp_path / "t.pt"
+    torch.save({"x": 1}, path)
+    cache = TeacherCache(str(tmp_path / "cache"), str(path), views, dtype="float32")
+    cache.build(teacher, 2, batch_size=7, progress=False)
+    assert len(cache.held()) == 2  # mixed views differ by epoch even without augmentation
+    for epoch in (1, 2):
+        for x, y, idx in views.batches(8, epoch=epoch, shuffle_seed=epoch):
+            torch.testing.assert_close(cache.lookup(epoch, idx), teacher(x), rtol=0, atol=1e-5)
+
+
+def test_mixed_labels_follow_the_usual_rule_and_an_unlabelled_side_gets_the_teacher_term_only():
+    labels = torch.tensor([0, 1, 2, 3, UNLABELED, 1, 2, 0])
+    views = _views(n=8, labels=labels, mix="mixup")
+    mix, loss_fn = views.plan.mix, make_loss("kd")[0]
+    idx = torch.arange(8)
+    torch.manual_seed(1)
+    s, t = torch.randn(8, 4), torch.randn(8, 4)
+    parts = mixed_loss(loss_fn, mix, 1, (16, 16), s, t, labels, idx)
+    partner, lam = mix.partners(1, idx), mix.lam(1, idx, (16, 16))
+    yb = labels[partner]
+    both = (labels >= 0) & (yb >= 0)
+    ce = torch.nn.functional.cross_entropy
+    expect = torch.stack([lam[k] * ce(s[k:k + 1], labels[k:k + 1]) + (1 - lam[k]) * ce(s[k:k + 1], yb[k:k + 1])
+                          for k in range(8) if both[k]]).mean()
+    torch.testing.assert_close(parts["task_loss"], expect)
+    kd_only = loss_fn(s, t, torch.full_like(labels, UNLABELED))
+    torch.testing.assert_close(parts["loss"], kd_only["loss"] + (1 - loss_fn.alpha) * expect)
+    torch.testing.assert_close(parts["kd_loss"], kd_only["kd_loss"])
+
+
+def test_distill_cli_with_cutmix_and_cache_records_the_mix(tmp_path, cli):
+    out = tmp_path / "run"
+    args = ["distill", "--teacher-epochs", "1", "--epochs", "2", "--mix", "cutmix", "--mix-alpha", "0.5",
+            "--teacher-cache", tmp_path / "cache", "--no-progress", "--out", out]
+    cli(*args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_data"]["mix"] == {"kind": "cutmix", "alpha": 0.5, "pairs": "per image from (aug seed, view)"}
+    assert metrics["teacher_cache"]["views_held"] == 2 and metrics["history"][-1]["test_top1"] > 0.1  # above chance
