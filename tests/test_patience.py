@@ -114,3 +114,79 @@ def test_distill_cli_with_cutmix_and_cache_records_the_mix(tmp_path, cli):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_data"]["mix"] == {"kind": "cutmix", "alpha": 0.5, "pairs": "per image from (aug seed, view)"}
     assert metrics["teacher_cache"]["views_held"] == 2 and metrics["history"][-1]["test_top1"] > 0.1  # above chance
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the decode-once image store
+
+SIZES = [(96, 64), (64, 96), (72, 72), (128, 72)]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """An ImageFolder of smooth random JPEG pictures of mixed sizes and aspect ratios (3 classes)."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for c in ("a", "b", "c"):
+            (root / split / c).mkdir(parents=True)
+            for k in range(n):
+                small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+                small.resize(SIZES[k % len(SIZES)], Image.BICUBIC).save(root / split / c / f"{k}.jpg", quality=95)
+    return root
+
+
+def _stream_views(photos, size=24):
+    from edgekd.core.data import SizeChoice, load_data, parse_size
+    from edgekd.core.stream import StreamViews
+
+    data = load_data(str(photos), choice=SizeChoice(size=parse_size([size, size])))
+    views = StreamViews.of([(data.train, None, None)], data.input, None, workers=0)
+    views.plan = AugmentPlan("random-resized-crop", len(views), seed=3, scale=0.3)
+    return data, views
+
+
+def test_store_views_are_the_files_crops_and_a_damaged_store_is_refused(photos, tmp_path):
+    from edgekd.core.image_store import attach_store
+
+    _, files = _stream_views(photos)
+    _, stored = _stream_views(photos)
+    record = attach_store(stored, str(tmp_path / "store"), max_size=256)
+    assert record["images"] == len(files) == 18 and record["max_size"] == 256
+    idx = torch.arange(len(files))
+    a, _ = files.batch(idx, epoch=2)
+    b, _ = stored.batch(idx, epoch=2)
+    assert (a - b).abs().mean() < 0.05  # the same boxes; the files' views are decoded at a reduced JPEG scale
+    assert stored.fingerprint() != files.fingerprint()  # a teacher cache of one is not served for the other
+    _, small = _stream_views(photos)
+    shrunk = attach_store(small, str(tmp_path / "store"), max_size=48)  # another size: another store
+    assert shrunk["path"] != record["path"] and shrunk["bytes"] < record["bytes"]
+    c, _ = small.batch(idx, epoch=2)
+    assert c.shape == a.shape and (a - c).abs().mean() < 0.15  # cut in the original picture's coordinates
+    # reused as it is; damaged -> refused in one line
+    _, again = _stream_views(photos)
+    assert attach_store(again, str(tmp_path / "store"), max_size=256)["path"] == record["path"]
+    with open(os.path.join(record["path"], "pixels.u8"), "r+b") as f:
+        f.seek(100)
+        f.write(b"\x01\x02\x03")
+    with pytest.raises(EdgeKDError, match="damaged"):
+        attach_store(_stream_views(photos)[1], str(tmp_path / "store"), max_size=256)
+    with pytest.raises(EdgeKDError, match="inside the data folder"):
+        from edgekd.core.image_store import open_store
+
+        open_store(str(photos / "store"), files.items, "RGB", 64, data_roots=[str(photos)])
+
+
+def test_prepare_cli_builds_a_store_that_distill_reuses(photos, tmp_path, cli, one_line_error):
+    store = tmp_path / "store"
+    first = cli("prepare", photos, "--max-size", 64, "--out", store, "--workers", 0, "--no-progress")
+    assert "18 pictures" in first.stdout
+    out = tmp_path / "run"
+    cli("distill", "--data", photos, "--input-size", 24, "--teacher", "seed-student", "--teacher-epochs", 1,
+        "--epochs", 1, "--image-store", store, "--image-store-size", 64, "--workers", 0, "--no-progress",
+        "--mix", "mixup", "--out", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["image_store"]["images"] == 18 and metrics["image_store"]["max_size"] == 64
+    assert len(os.listdir(store)) == 1  # the store prepare wrote, reused
+    one_line_error(cli("prepare", photos, "--max-size", 64, "--out", photos / "inside", check=False),
+                   "inside the data folder")

@@ -277,8 +277,23 @@ LOSS_HELP = ("distillation loss: kd (Hinton: alpha*T^2*KL + (1-alpha)*CE), dkd (
              "beta*NCKD), fitnet (FitNets hint on a middle layer through a learned adapter), seed (the seed "
              "article's CE + 0.5*soft CE at T=0.5), mse (logit matching)")
 
+# issue 27 (patient schedules): the decode-once image store and the student's compute dtype, train and distill
+PATIENCE = [
+    Opt("image_store", "str", None, "decode every training picture once into a memory-mapped store under DIR "
+        "(built on first use, reused by later runs on the same files; see edgekd prepare); streamed views then cut "
+        "their crops from it with no JPEG decode (default: decode the files every epoch)", metavar="DIR",
+        group="training"),
+    Opt("image_store_size", "int", None, "the store's longest picture side in pixels (default: twice the larger "
+        "of the student's and the teacher's input side)", low=8, high=2 * MAX_INPUT_SIDE, metavar="N",
+        group="training"),
+    Opt("student_dtype", "str", "float32", "the student's forward/backward on a CPU: bfloat16 autocast (losses, "
+        "soft targets, optimizer state and checkpoints stay float32), or auto: time a few steps of both on this "
+        "student and input size and keep the faster (recorded in metrics.json)",
+        choices=("float32", "bfloat16", "auto"), group="training"),
+]
+
 TRAIN = ([Opt("model", "str", "seed-teacher", MODEL_HELP, metavar="SPEC")] + _data() + TRAINING + _pretrained("weights")
-         + _common(resumable=True))
+         + PATIENCE + _common(resumable=True))
 
 DISTILL = [
     Opt("teacher", "str", "seed-teacher", "the teacher: an edgekd checkpoint, a model spec to train first, or a model "
@@ -316,7 +331,8 @@ DISTILL = [
         "--teacher-cache holds them", choices=("none", "mixup", "cutmix"), group="training"),
     Opt("mix_alpha", "float", 1.0, "--mix strength: ratios drawn from Beta(alpha, alpha) (1: uniform)", low=0,
         low_open=True, high=100, group="training"),
-] + TEACHER_SOURCE + _data() + TRAINING + _pretrained("student_weights") + _common(out_default=DEFAULT_OUT, resumable=True)
+] + TEACHER_SOURCE + _data() + TRAINING + _pretrained("student_weights") + PATIENCE + _common(out_default=DEFAULT_OUT,
+                                                                                             resumable=True)
 
 # edgekd quantize starts from a trained student: a short run at a small learning rate, no warm-up.
 _QAT_DEFAULTS = {"epochs": 1, "lr": 0.001, "warmup_epochs": 0.0}
@@ -459,7 +475,24 @@ DEPLOY = [
         metavar="PATH"),
 ]
 
-COMMANDS = {"train": TRAIN, "distill": DISTILL, "quantize": QUANTIZE, "export": EXPORT, "bench": BENCH, "predict": PREDICT, "deploy": DEPLOY}
+PREPARE = [
+    Opt("data", "str", None, "the data to store: a folder PATH or imagefolder:PATH, webdataset:PATH, cifar10 or "
+        "cifar100 (its training split)", metavar="DATA", positional=True, nargs="?", required=True),
+    Opt("max_size", "int", None, "longest stored picture side in pixels; give what training will use (its "
+        "--image-store-size, or twice the larger of the student's and the teacher's input side)", low=8,
+        high=2 * MAX_INPUT_SIDE, metavar="N", required=True),
+    Opt("out", "str", None, "the store folder (the same DIR as training's --image-store); never inside the data",
+        metavar="DIR", required=True),
+    Opt("data_root", "str", None, "where cifar10/cifar100 live", metavar="DIR"),
+    Opt("unlabeled", "str", None, "also store this folder's images, as distill --unlabeled DIR adds them",
+        metavar="DIR"),
+    Opt("train_subset", "int", None, "store the same N-image subset as training's --train-subset N", low=1,
+        high=MAX_IMAGES, metavar="N"),
+    Opt("workers", "int", 2, "worker processes that decode the pictures", low=0, high=MAX_THREADS),
+    Opt("progress", "bool", True, "hide progress bars", negate="--no-progress"),
+]
+
+COMMANDS = {"prepare": PREPARE, "train": TRAIN, "distill": DISTILL, "quantize": QUANTIZE, "export": EXPORT, "bench": BENCH, "predict": PREDICT, "deploy": DEPLOY}
 
 
 # ---------------------------------------------------------------------------------------------
