@@ -190,3 +190,43 @@ def test_prepare_cli_builds_a_store_that_distill_reuses(photos, tmp_path, cli, o
     assert len(os.listdir(store)) == 1  # the store prepare wrote, reused
     one_line_error(cli("prepare", photos, "--max-size", 64, "--out", photos / "inside", check=False),
                    "inside the data folder")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bf16 student steps; the teacher's own view
+
+def test_student_dtype_bfloat16_keeps_float32_state_and_auto_keeps_the_faster(tmp_path, cli):
+    out = tmp_path / "bf16"
+    cli("train", "--model", "seed-student", "--epochs", 1, "--student-dtype", "bfloat16", "--no-progress",
+        "--out", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["student_dtype"]["chosen"] == "bfloat16" and metrics["test_top1"] > 0.3
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert {v.dtype for v in ckpt["state_dict"].values() if v.is_floating_point()} == {torch.float32}
+    auto = tmp_path / "auto"
+    cli("train", "--model", "seed-student", "--epochs", 1, "--student-dtype", "auto", "--no-progress", "--out", auto)
+    record = json.loads((auto / "metrics.json").read_text())["student_dtype"]
+    speed = record["images_per_s"]
+    assert record["chosen"] == max(speed, key=speed.get) and set(speed) == {"float32", "bfloat16"}
+
+
+def test_teacher_top1_on_its_own_view_is_decoded_at_its_size(photos):
+    from types import SimpleNamespace
+
+    from edgekd.core.data import InputSpec
+    from edgekd.core.distributed import Context
+    from edgekd.core.models import build_model
+    from edgekd.core.teacher_eval import own_view_top1
+    from edgekd.core.teachers import FrozenTeacher
+
+    data, _ = _stream_views(photos, size=24)
+    t_input = InputSpec(3, 48, 48, [0.4] * 3, [0.3] * 3)
+    torch.manual_seed(0)
+    model = build_model("seed-student", 3, t_input)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    teacher = FrozenTeacher(model, t_input, data.input)
+    cfg = SimpleNamespace(workers=0, skip_bad_images=False, device="cpu")
+    record = own_view_top1(teacher, data, cfg, Context())
+    assert 0 <= record["test_top1_own_view"] <= 1 and len(record["test_top1_views"]) == 2
+    assert seen and set(seen) == {(48, 48)}

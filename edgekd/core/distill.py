@@ -23,6 +23,7 @@ from .mixing import attach_mix
 from .norm import settle_norm as _settle_norm
 from .models import (build_model, build_pretrained, check_student, count_flops, count_params,
                      fetch_pretrained, pretrained_norm, pretrained_view)
+from .teacher_eval import own_view_top1
 from .teacher_speed import check_dtype, settle_teacher_dtype
 from .teachers import FrozenTeacher  # noqa: F401  (its old home; tests and scripts import it from here)
 from .train_loop import TrainRun, evaluate, fit, seed_everything
@@ -328,7 +329,7 @@ def run_train(saved_cfg, cfg, ctx):
     run = TrainRun(train, test, loss_fn, dist=ctx)
     history = fit(model, run, cfg, desc=cfg.model, state_path=os.path.join(cfg.out, "model.state.pt"))
     metrics = _finish(model, run, cfg, _summary(cfg.model, cfg.epochs, history, model, data))
-    metrics["pretrained"], metrics["image_store"] = init, store
+    metrics["pretrained"], metrics["image_store"], metrics["student_dtype"] = init, store, run.student_dtype
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     metrics["cpu"] = cpu_record()
@@ -439,8 +440,8 @@ def run_distill(saved_cfg, cfg, ctx):
     metrics = _finish(student, run, cfg, _summary(cfg.student, cfg.epochs, history, student, data))
     metrics.update(loss=cfg.loss, loss_params=loss_params, teacher={
         **{k: teacher.metrics.get(k) for k in ("model", "source", "epochs", "test_top1", "params", "flops", "history")},
-        **teacher.describe(), "dtype": teacher_dtype})
-    metrics["pretrained"], metrics["image_store"] = student_init, store
+        **teacher.describe(), "dtype": teacher_dtype, **own_view_top1(teacher, data, cfg, ctx)})
+    metrics["pretrained"], metrics["image_store"], metrics["student_dtype"] = student_init, store, run.student_dtype
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["teacher_cache"] = None if cache is None else {"path": cache.path, "build_seconds": cache_seconds,
                                                            "teacher_sha256": cache.teacher_sha,

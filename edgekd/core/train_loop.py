@@ -83,6 +83,8 @@ class TrainRun:
         self.mix = getattr(getattr(train, "plan", None), "mix", None)  # --mix: edgekd.core.mixing.MixPlan
         self.dist = dist or Context()
         self.local_images = 0  # training images this process stepped through (all epochs of this run)
+        # --student-dtype: the CPU autocast dtype of the student's forward (None: float32) and why (metrics.json)
+        self.student_autocast, self.student_dtype = None, None
 
 
 def cuda_speedups(cfg):
@@ -129,7 +131,14 @@ def _teacher_logits(run, x, idx, epoch, xt=None):
 
 def _step(net, run, x, y, idx, epoch, xt=None):
     t_logits = _teacher_logits(run, x, idx, epoch, xt)
-    s_logits = net(x)
+    if run.student_autocast is None:
+        s_logits = net(x)
+    else:  # bf16 student on a CPU: its logits back to float32, so the loss and soft targets are float32
+        from .precision import student_autocast
+
+        with student_autocast(run.student_autocast):
+            s_logits = net(x)
+        s_logits = s_logits.float()
     extra = {}
     if run.taps is not None:  # the teacher's map is an inference-mode tensor: a clone can join autograd
         extra["features"] = (run.taps[0].output, run.taps[1].output.float().clone())  # float: a bf16 teacher's too
@@ -265,6 +274,9 @@ def fit(model, run, cfg, desc="train", state_path=None):
             log.info("%s: resuming after epoch %d from %s", desc, done, state_path)
             if cfg.progress and dist.is_main:
                 REPORT.info("%s: resuming after epoch %d/%d", desc, done, cfg.epochs)
+    from .precision import settle_student_dtype
+
+    run.student_autocast, run.student_dtype = settle_student_dtype(model, run.train, cfg, channels_last)
     net = dist.wrap(model, device)
     if cfg.compile:
         net = torch.compile(net)
