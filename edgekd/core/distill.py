@@ -383,6 +383,15 @@ def _teacher_cache(cfg, teacher, train, taps, loss_params, ctx):
     return cache, ctx.broadcast_object(seconds)
 
 
+def _live_memo(cache, taps, train, classes):
+    """A LiveMemo when the teacher runs live on views that cannot differ: it is asked once per image."""
+    if cache is not None or taps is not None:
+        return None
+    from .teacher_cache import LiveMemo
+
+    return LiveMemo.for_run(train.plan, len(train), classes)
+
+
 def cpu_record():
     """Threads, usable cores, the OpenMP wait policy, native bf16 and the load, for metrics.json."""
     from ..base import cpu
@@ -428,11 +437,7 @@ def run_distill(saved_cfg, cfg, ctx):
     teacher_dtype = settle_teacher_dtype(teacher, cfg.teacher_dtype, cfg.device, train, cfg.channels_last)
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None
     cache, cache_seconds = _teacher_cache(cfg, teacher, train, taps, loss_params, ctx)
-    memo = None
-    if cache is None and taps is None:  # views that cannot differ: ask the live teacher once per image
-        from .teacher_cache import LiveMemo
-
-        memo = LiveMemo.for_run(train.plan, len(train), len(data.classes))
+    memo = _live_memo(cache, taps, train, len(data.classes))
     seed_everything(cfg.seed)  # the student's run does not depend on whether a teacher was trained
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache, taps=taps, dist=ctx, memo=memo)
     history = fit(student, run, cfg, desc=f"student {cfg.student}",

@@ -264,17 +264,17 @@ def run_prepare(opts):
     """``edgekd prepare``: build (or check) the store of a data set's training pictures, the same items in the
     same order as a training run with the same --unlabeled and --train-subset streams them. Returns its record."""
     from .augment import stratified_subset
-    from .data import load_data
-    from .distill import _targets, _unlabeled_folder
+    from .data import load_data, load_unlabeled, split_paths
     from .losses import UNLABELED
-    from .stream import _Items
+    from .stream import _Items, _targets
 
     _check_outside(opts.out, data_roots(opts.data, opts.unlabeled))
     data = load_data(opts.data, opts.data_root)
     subset = stratified_subset(_targets(data.train), opts.train_subset, seed=0) if opts.train_subset else None
     parts = [(data.train, subset, None)]
-    if opts.unlabeled:
-        parts.append((_unlabeled_folder(opts.unlabeled, data, subset), None, UNLABELED))
+    if opts.unlabeled:  # as distill's --unlabeled: without the labelled pictures and the test split's
+        folder = load_unlabeled(opts.unlabeled, split_paths(data.train, subset), split_paths(data.test))
+        parts.append((folder, None, UNLABELED))
     items = _Items(parts)
     store = open_store(opts.out, items, data.input.manifest()["color"], opts.max_size, (), opts.workers,
                        opts.progress)
