@@ -230,3 +230,18 @@ def test_teacher_top1_on_its_own_view_is_decoded_at_its_size(photos):
     record = own_view_top1(teacher, data, cfg, Context())
     assert 0 <= record["test_top1_own_view"] <= 1 and len(record["test_top1_views"]) == 2
     assert seen and set(seen) == {(48, 48)}
+
+
+def test_default_crop_scale_widens_with_the_schedule_and_is_milder_for_small_inputs(photos):
+    from edgekd.core.augment import FULL_SCALE, default_crop_scale
+    from edgekd.core.config import DistillOptions
+    from edgekd.core.distill import prepare_data
+
+    assert default_crop_scale(64, 3) > default_crop_scale(224, 3) > default_crop_scale(224, 15) > FULL_SCALE
+    assert default_crop_scale(32, 100) == default_crop_scale(224, 1000) == FULL_SCALE
+    assert default_crop_scale(64, 1) == default_crop_scale(64, 3)  # short schedules: the mildest range
+    cfg = dict(data=str(photos), input_size="64", workers=0, progress=False, epochs=3)
+    _, train, _ = prepare_data(DistillOptions(**cfg), teacher=True)
+    assert train.plan.describe()["scale"] == [default_crop_scale(64, 3), 1.0]
+    _, train, _ = prepare_data(DistillOptions(**cfg, crop_scale=0.2), teacher=True)  # --crop-scale wins
+    assert train.plan.describe()["scale"] == [0.2, 1.0]

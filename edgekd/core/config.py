@@ -226,8 +226,9 @@ TRAINING = [
         "up to 48 px, random-resized crop (scale --crop-scale..1, aspect 3/4..4/3) + horizontal flip above; auto: "
         "standard for photos, none for digits", choices=("auto", "none", "standard", "pad-crop",
                                                          "random-resized-crop"), group="training"),
-    Opt("crop_scale", "float", 0.08, "smallest area fraction of the random-resized crop (torchvision's 0.08)", low=0,
-        low_open=True, high=1, metavar="F", group="training"),
+    Opt("crop_scale", "float", None, "smallest area fraction of the random-resized crop (default: by the schedule "
+        "and the input: 0.5 at 64 px and 3 epochs, 0.35 at 160 px, widening to torchvision's 0.08 at 100 epochs; "
+        "edgekd.core.augment.default_crop_scale)", low=0, low_open=True, high=1, metavar="F", group="training"),
     Opt("pipeline", "str", "auto", "memory: decode the training images once into memory; stream: decode each batch "
         "from the files in --workers processes (memory does not grow with the number of images); auto: memory for "
         "data of one size that fits in 2 GB with pad-crop or no augmentation, stream otherwise",

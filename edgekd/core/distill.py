@@ -14,7 +14,7 @@ from .batchnorm import check_batchnorm
 from ..base.files import portable
 from .checkpoint import atomic_write, save_checkpoint
 from .config import saved
-from .augment import Views
+from .augment import Views, default_crop_scale
 from .data import load_data, parse_size
 from .losses import LOSSES, UNLABELED, make_loss
 from .loading import load_model
@@ -219,9 +219,10 @@ def _stream_train(cfg, data, subset, input_spec, pretrained, unlabeled, kind):
         parts.append((folder, None, UNLABELED))
         data.unlabeled = {"folder": folder.folder, "files": folder.found, "images": len(folder),
                           "skipped": dict(folder.skipped), "compared_by_path": hasattr(data.train, "samples")}
+    scale = cfg.crop_scale or default_crop_scale(min(data.input.height, data.input.width), cfg.epochs)
     views = StreamViews.of(parts, data.input, None, workers=cfg.workers, skip_bad=cfg.skip_bad_images,
-                           scale=cfg.crop_scale, desc="train")
-    views.plan = AugmentPlan(kind, len(views), seed=cfg.aug_seed, scale=cfg.crop_scale)
+                           scale=scale, desc="train")
+    views.plan = AugmentPlan(kind, len(views), seed=cfg.aug_seed, scale=scale)
     return views
 
 
