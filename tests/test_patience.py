@@ -245,3 +245,26 @@ def test_default_crop_scale_widens_with_the_schedule_and_is_milder_for_small_inp
     assert train.plan.describe()["scale"] == [default_crop_scale(64, 3), 1.0]
     _, train, _ = prepare_data(DistillOptions(**cfg, crop_scale=0.2), teacher=True)  # --crop-scale wins
     assert train.plan.describe()["scale"] == [0.2, 1.0]
+
+
+def test_streamed_mixed_views_with_the_teachers_own_size_are_cached_exactly(photos, tmp_path):
+    from edgekd.core.data import InputSpec
+    from edgekd.core.models import build_model
+    from edgekd.core.teachers import FrozenTeacher
+
+    data, views = _stream_views(photos, size=24)
+    views.set_teacher_size((40, 40))
+    attach_mix(views, "cutmix", 1.0)
+    t_input = InputSpec(3, 40, 40, [0.4] * 3, [0.3] * 3)
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(build_model("seed-student", 3, t_input), t_input, data.input)
+    path = tmp_path / "t.pt"
+    torch.save({"x": 1}, path)
+    cache = TeacherCache(str(tmp_path / "cache"), str(path), views, dtype="float32")
+    cache.build(teacher, 1, batch_size=4, progress=False)
+    seen = 0
+    for x, xt, _, idx in views.batches(5, epoch=1, shuffle_seed=2, teacher_view=True):
+        assert x.shape[-1] == 24 and xt.shape[-1] == 40
+        torch.testing.assert_close(cache.lookup(1, idx), teacher(xt), rtol=1e-4, atol=1e-5)
+        seen += len(idx)
+    assert seen == len(views)
