@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .. import EdgeKDError
-from ..core.config import BENCH_DEFAULTS, BENCH_QUICK
+from ..bundle.card import record_bench
+from .options import BENCH_DEFAULTS, BENCH_QUICK
 # The building blocks, importable from here as before the split (tools/ and the tests use them).
 from .measure import (CHECK_S, EXTRA_ROUNDS, _measure, _measure_remote, _prepare, _progress_bar, save_images,  # noqa: F401
                       _ssh_targets, _timed_rounds, kept_visits)
@@ -142,6 +143,7 @@ def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> Di
         result["device_environments"] = device_envs
     comparison = compare_results(old, result, results.compare, results.compare_tolerance) if old else None
     write_outputs(results.out, result, comparison)
+    record_bench(result)  # each measured bundle's MODEL_CARD.md gains its rows
     return {**result, "table": table(rows), "comparison": comparison}
 
 

@@ -15,13 +15,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import EdgeKDError
-from ..core.config import ExportOptions  # noqa: F401  (every option of edgekd export, declared once there)
+from .options import ExportOptions  # noqa: F401  (every option of edgekd export, declared once there)
 from ..base.files import portable
 from ..base.outdir import temp_prefix
 
 from . import calibration
 from .formats import FORMATS, check_request
 from ..bundle.manifest import library_versions, sha256_file, write_manifest
+from ..bundle.card import add_card
+from ..core.config import COMMANDS
 from .ladder import Int8Ladder, fail_if
 from .validate import compare, gate, run_batched
 
@@ -176,6 +178,7 @@ def _build(ref, opts, plan, calib, train_qat):
             manifest = build_manifest(ref, opts, staging, job.info, validation, seconds, plan)
         # the machine's absolute paths (calibration data, sources) relative to the bundle folder
         manifest = portable(manifest, out)
+        manifest = add_card(staging, manifest, ref.ckpt, opts, COMMANDS)  # MODEL_CARD.md, checksummed
         write_manifest(staging, manifest)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         if opts.zip:

@@ -196,7 +196,7 @@ def _targets(rows, speed, base):
         return statistics.mean(rows[m]["last"]) if rows.get(m, {}).get("last") else None
 
     kd, dkd = mean("kd"), mean("dkd")
-    out = ["Targets of the issue, checked on these figures:", ""]
+    out = ["Targets, checked on these figures:", ""]
     if kd is not None and base is not None:
         out.append(f"- KD at least 1.0 point above the baseline: {100 * (kd - base):+.2f} points — "
                    f"{'met' if kd - base >= 0.01 else 'missed'}.")

@@ -151,3 +151,60 @@ def test_bench_library_refuses_a_nan_max_drop(tmp_path):
 
     with pytest.raises(EdgeKDError, match="max_drop"):
         Results(out=str(tmp_path / "o"), max_drop=float("nan"))
+
+
+@pytest.mark.parametrize("text, key", [
+    ("epochs: 2\nlr: 0.1\nepochs: 3\n", "epochs"),
+    ("loss_params:\n  a: 1\n  b: [1, 2]\n  a: 2\n", "a"),
+    ("epochs: 2\nloss_params:\n  x:\n    y: 1\n    y: 1\n", "y"),
+], ids=["top", "nested", "deeper"])
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, cli_main, one_line_error, text, key):
+    """PyYAML lets the last of two equal keys win without a word; at any depth edgekd names the key and the file."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    message = one_line_error(cli_main("train", "--config", cfg, "--out", tmp_path / "out"))
+    assert f"has the key {key!r} more than once" in message and str(cfg) in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_key_given_twice_in_the_config_yaml_resume_reads_is_refused(tmp_path, cli_main, one_line_error):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 2\nepochs: 3\n")
+    message = one_line_error(cli_main("train", "--resume", run))
+    assert "has the key 'epochs' more than once" in message and "config.yaml" in message
+
+
+def test_a_yaml_merge_key_is_not_a_duplicate(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("loss_params:\n  base: &b {a: 1}\n  more:\n    <<: *b\n    a: 2\nepochs: 2\n")
+    assert options.resolve("train", {}, str(cfg)).epochs == 2
+
+
+def test_a_python_caller_gets_the_same_checks_and_rules():
+    from edgekd.export.options import ExportOptions
+
+    opts = ExportOptions(format="onnx", out="b")
+    assert (opts.format, opts.precision, opts.val_size) == ("onnx", "fp32", 1000)
+    with pytest.raises(EdgeKDError, match="--val-size: expected a positive whole number, got '0'"):
+        ExportOptions(format="onnx", out="b", val_size=0)
+    with pytest.raises(AttributeError, match="edgekd export has no option 'no_such_option'"):
+        getattr(opts, "no_such_option")
+    with pytest.raises(EdgeKDError, match="--amp fp16 needs --device cuda"):
+        options.TrainOptions(amp="fp16")
+    with pytest.raises(EdgeKDError, match="--teacher-cache-topk K applies to the teacher cache"):
+        options.DistillOptions(teacher_cache_topk=5)
+    with pytest.raises(EdgeKDError, match="--unlabeled images are learned from the teacher's answers"):
+        options.TrainOptions(unlabeled="u")
+
+
+def test_the_options_classes_are_the_declaration():
+    """Every command's class is registered, its fields are its options in --help order, and each is typed."""
+    import dataclasses
+
+    import edgekd.cli  # noqa: F401  (imports every command's options class)
+
+    assert sorted(options.CLASSES) == ["bench", "deploy", "distill", "export", "predict", "quantize", "train"]
+    for command, cls in options.CLASSES.items():
+        assert [f.name for f in dataclasses.fields(cls)] == [o.name for o in options.COMMANDS[command]], command
+    assert options.QuantizeOptions().epochs == 1 and options.TrainOptions().epochs == 15

@@ -4,8 +4,12 @@ import argparse
 import sys
 
 from .. import EdgeKDError, Interrupted, __version__
-from ..core import config as options
+from ..core import config
 from ..core.config import DEFAULT_OUT
+# Importing a command's options class registers it (edgekd.core.optionspec.register) for add_options and resolve.
+from ..bench.options import BenchOptions  # noqa: F401
+from ..export.options import ExportOptions  # noqa: F401
+from .options import DeployOptions, PredictOptions  # noqa: F401
 
 
 class Parser(argparse.ArgumentParser):
@@ -21,25 +25,23 @@ class Command:
     name = help = description = ""
 
     def add_arguments(self, p):
-        options.add_options(p, self.name)  # every option is declared in edgekd/config.py
+        config.add_options(p, self.name)  # from the command's options class (edgekd/core/config.py)
 
     def run(self, args):
         raise NotImplementedError
 
 
 def _check_training_args(args):
-    """Rules across options (each value was checked on its own in edgekd/config.py); CPU threads set
-    here, before any torch work."""
+    """Rules of the command line and of this machine (the other rules across options are the options classes'
+    ``validate``); CPU threads set here, before any torch work."""
     from ..base import cpu
 
-    if args.warmup_epochs > args.epochs:
+    if args.warmup_epochs > args.epochs:  # not in TrainOptions: distill's teacher runs with --teacher-epochs
         raise EdgeKDError(f"--warmup-epochs must be between 0 and --epochs ({args.epochs}), got {args.warmup_epochs}")
     if not args.out:
         raise EdgeKDError("--out DIR is required (or --resume DIR to continue a run)")
     _check_distributed(args)
     _check_device(args.device)
-    if args.amp in ("bf16", "fp16") and not args.device.startswith("cuda"):
-        raise EdgeKDError(f"--amp {args.amp} needs --device cuda; CPU training is float32 (use --amp auto or off)")
     import torch
 
     if args.threads:
@@ -58,7 +60,7 @@ def _run_folder(args, inputs):
         return contextlib.nullcontext()
     replaced = None if args.command == "bench" else set().union(*OUTPUTS.values())
     # every file a command reads is an input: the --config file too (the run writes its own config.yaml)
-    refuse_inputs_inside(args.out, inputs + [("--config", getattr(args, "config", None))], replaced)
+    refuse_inputs_inside(args.out, inputs + [("--config", args.config)], replaced)
     return RunFolder(args.out, args.command, force=args.force, resume=bool(getattr(args, "resume", None)))
 
 
@@ -217,10 +219,10 @@ class Export(Command):
         folder = BundleFolder(args.out, args.force, args.zip, [
             ("CHECKPOINT", args.checkpoint), ("--data", args.data), ("--calib-data", args.calib_data),
             ("--data-root", args.data_root), ("--qat-teacher", args.qat_teacher),
-            ("--config", getattr(args, "config", None))])
+            ("--config", args.config)])
         with folder:  # checked and locked for the whole export
             _log_to_stderr()
-            m = export_checkpoint(args.checkpoint, args, train_qat=train_qat)  # args: core/config.py's ExportOptions
+            m = export_checkpoint(args.checkpoint, args, train_qat=train_qat)  # args: export/options.py's ExportOptions
         v = m["validation"]
         print(f"{m['format']} {m['precision']} bundle -> {args.out}{' (+ ' + args.out.rstrip('/') + '.zip)' if args.zip else ''}"
               f": {m['size_bytes'] / 1e6:.3f} MB, exported in {m['export_seconds']:.1f} s")
@@ -423,7 +425,7 @@ def main(argv=None):
         short_spin_wait()
     opts = None
     try:
-        opts = options.parse_args(args)  # defaults < --config / --resume's config.yaml < command line, all checked
+        opts = config.parse_args(args)  # defaults < --config / --resume's config.yaml < command line, all checked
         args.func(opts)  # the command's typed options (a frozen dataclass of edgekd/core/config.py)
     except Interrupted as e:
         if _rank() == 0:  # every rank stops at the same batch; one of them says so

@@ -13,6 +13,7 @@ import os
 
 from .. import EdgeKDError
 from ..base import ssh
+from ..bundle.card import CARD_FILE, record_deploy
 
 log = logging.getLogger(__name__)
 DEFAULT_FOLDER = "edgekd-bundles"  # relative to the device user's home
@@ -68,7 +69,12 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=N
         ssh.run(target, f"mkdir {q(tools)}", timeout)
         ssh.copy_to(target, [RUNNER], tools, timeout)
         runner = f"{tools}/{os.path.basename(RUNNER)}"
-        check_on_device(target, runner, staging, name, timeout)
+        checked = check_on_device(target, runner, staging, name, timeout)
+        # MODEL_CARD.md notes where it was installed and checked, in the bundle here and in the copy there
+        there = json.loads(ssh.run(target, f"{q(target.python)} {q(runner)} env", timeout).decode())
+        if record_deploy(bundle, str(target), dest, there, checked):
+            ssh.copy_to(target, [os.path.join(bundle, n) for n in (CARD_FILE, MANIFEST_FILE)], staging, timeout)
+            ssh.run(target, f"{q(target.python)} {q(runner)} verify {q(staging)}", timeout)
         ssh.run(target, f"mv {q(runner)} {q(folder + '/' + RUNNER_NAME)} && rmdir {q(tools)} && "
                         f"if [ -e {q(dest)} ]; then mv {q(dest)} {q(staging + '.old')}; fi && "
                         f"mv {q(staging)} {q(dest)} && rm -rf {q(staging + '.old')}", timeout)

@@ -314,9 +314,6 @@ def _distributed_record(ctx, cfg, run):
 @_joined
 def run_train(saved_cfg, cfg, ctx):
     """``edgekd train``: supervised training of one model. Writes model.pt, metrics.json, config.yaml."""
-    if cfg.unlabeled:
-        raise EdgeKDError("--unlabeled images are learned from the teacher's answers and edgekd train has no teacher: "
-                          "use edgekd distill --unlabeled DIR")
     check_student(cfg.model, cfg.weights)
     fetch_pretrained(cfg.model)
     seed_everything(cfg.seed)
@@ -356,12 +353,6 @@ def _feature_taps(loss_fn, student, teacher, data):
     loss_fn.build_adapter(s_shape, t_shape)
     log.info("feature hint: student %s %s -> teacher %s %s", s_tap.name, s_shape[1:], t_tap.name, t_shape[1:])
     return s_tap, t_tap
-
-
-def check_cache_options(cfg):
-    """--teacher-cache-topk without --teacher-cache would silently do nothing: refuse it."""
-    if cfg.teacher_cache_topk and not cfg.teacher_cache:
-        raise EdgeKDError("--teacher-cache-topk K applies to the teacher cache: add --teacher-cache DIR")
 
 
 def _teacher_cache(cfg, teacher, train, taps, loss_params, ctx):
@@ -408,7 +399,6 @@ def run_distill(saved_cfg, cfg, ctx):
         raise EdgeKDError(f"loss {cfg.loss!r} uses no teacher; use `edgekd train` or one of "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]))
     check_student(cfg.student, cfg.student_weights)
-    check_cache_options(cfg)
     t_options = teachers.TeacherOptions.from_options(cfg)
     check_dtype(cfg.teacher_dtype, cfg.teacher, teachers.check(cfg.teacher, t_options, meta).kind)
     fetch_pretrained(cfg.student)

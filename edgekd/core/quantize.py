@@ -22,7 +22,7 @@ from . import teachers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import saved
 from .data import InputSpec
-from .distill import check_cache_options, prepare_data, save_config, train_teacher, write_json
+from .distill import prepare_data, save_config, train_teacher, write_json
 from .distributed import Context
 from .fakequant import calibrate, import_nncf, plain_config, quantized_layer_names
 from .loading import load_model
@@ -84,7 +84,6 @@ def run_quantize(cfg):
         raise EdgeKDError(f"--loss {cfg.loss!r}: quantization-aware distillation takes a logit loss with a teacher: "
                           + ", ".join(n for n in LOSSES.names() if LOSSES.meta(n)["needs_teacher"]
                                       and not LOSSES.meta(n).get("needs_features")))
-    check_cache_options(cfg)
     student, ckpt = _student(cfg)
     seed_everything(cfg.seed)
     from ..base.files import spec_from_file
