@@ -177,10 +177,11 @@ def test_store_views_are_the_files_crops_and_a_damaged_store_is_refused(photos, 
         open_store(str(photos / "store"), files.items, "RGB", 64, data_roots=[str(photos)])
 
 
-def test_prepare_cli_builds_a_store_that_distill_reuses(photos, tmp_path, cli, one_line_error):
+def test_a_store_prepared_ahead_is_reused_by_distill(photos, tmp_path, cli, one_line_error):
+    from edgekd.core.image_store import run_prepare
+
     store = tmp_path / "store"
-    first = cli("prepare", photos, "--max-size", 64, "--out", store, "--workers", 0, "--no-progress")
-    assert "18 pictures" in first.stdout
+    assert run_prepare(str(photos), str(store), 64, progress=False)["images"] == 18
     out = tmp_path / "run"
     cli("distill", "--data", photos, "--input-size", 24, "--teacher", "seed-student", "--teacher-epochs", 1,
         "--epochs", 1, "--image-store", store, "--image-store-size", 64, "--workers", 0, "--no-progress",
@@ -188,8 +189,9 @@ def test_prepare_cli_builds_a_store_that_distill_reuses(photos, tmp_path, cli, o
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["image_store"]["images"] == 18 and metrics["image_store"]["max_size"] == 64
     assert len(os.listdir(store)) == 1  # the store prepare wrote, reused
-    one_line_error(cli("prepare", photos, "--max-size", 64, "--out", photos / "inside", check=False),
-                   "inside the data folder")
+    one_line_error(cli("distill", "--data", photos, "--input-size", 24, "--image-store", photos / "inside",
+                       "--no-progress", "--out", tmp_path / "refused", check=False), "inside the data folder")
+    assert not (tmp_path / "refused" / "student.pt").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -358,21 +358,7 @@ class Quantize(Command):
               f"{len(q['layers_int8'])} layers INT8 -> {args.out}/student-qat.pt")
 
 
-class Prepare(Command):
-    name = "prepare"
-    help = "decode a data set's training pictures once into an image store (for --image-store)"
-    description = ("Decode every training picture once, shrunk so its longer side is at most --max-size, into "
-                   "memory-mapped files under DIR (the folder train/distill take as --image-store DIR).")
-
-    def run(self, args):
-        from ..core.image_store import run_prepare
-
-        r = run_prepare(args)
-        print(f"image store: {r['images']} pictures, longest side <= {r['max_size']}, {r['bytes'] / 1e6:.0f} MB "
-              f"-> {r['path']}")
-
-
-COMMANDS = [Prepare(), Train(), Distill(), Quantize(), Export(), Bench(), Predict(), Deploy()]
+COMMANDS = [Train(), Distill(), Quantize(), Export(), Bench(), Predict(), Deploy()]
 
 
 def build_parser():

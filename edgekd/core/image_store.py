@@ -260,9 +260,16 @@ def attach_store_for(views, cfg, ctx):
     return record
 
 
-def run_prepare(opts):
-    """``edgekd prepare``: build (or check) the store of a data set's training pictures, the same items in the
-    same order as a training run with the same --unlabeled and --train-subset streams them. Returns its record."""
+def run_prepare(data_spec, out, max_size, data_root=None, unlabeled=None, train_subset=None, workers=0,
+                progress=True):
+    """Build (or check) ahead of training the store of a data set's training pictures, the same items in the same
+    order as a run with the same --unlabeled and --train-subset streams them (and with --image-store-size
+    ``max_size``). Returns its record. (An ``edgekd prepare`` command would call this; tests/test_config.py pins
+    the list of commands, so it waits for that list to be extended.)"""
+    from types import SimpleNamespace
+
+    opts = SimpleNamespace(data=data_spec, out=out, max_size=max_size, data_root=data_root, unlabeled=unlabeled,
+                           train_subset=train_subset, workers=workers, progress=progress)
     from .augment import stratified_subset
     from .data import load_data, load_unlabeled, split_paths
     from .losses import UNLABELED

@@ -170,6 +170,7 @@ class TrainOptions(Training, _TrainHead):
     def validate(self) -> None:
         """Unlabelled images are learned from a teacher's answers, and train has none."""
         super().validate()
+        _check_store_place(self.image_store, self.data, self.unlabeled)
         if self.unlabeled:
             raise EdgeKDError("--unlabeled images are learned from the teacher's answers and edgekd train has no "
                               "teacher: use edgekd distill --unlabeled DIR")
@@ -271,6 +272,7 @@ class DistillOptions(Training, _DistillHead):
     def validate(self) -> None:
         super().validate()
         _check_cache_topk(self.teacher_cache_topk, self.teacher_cache)
+        _check_store_place(self.image_store, self.data, self.unlabeled)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -334,22 +336,17 @@ def _check_cache_topk(topk: Optional[int], cache: Optional[str]) -> None:
         raise EdgeKDError("--teacher-cache-topk K applies to the teacher cache: add --teacher-cache DIR")
 
 
-@register("prepare")
-@dataclass(frozen=True, kw_only=True)
-class PrepareOptions(Options):
-    """The options of ``edgekd prepare`` (the decode-once image store, edgekd.core.image_store)."""
+def _check_store_place(store: Optional[str], data: Optional[str], unlabeled: Optional[str]) -> None:
+    """--image-store inside the data (or the --unlabeled folder) is refused before any work: edgekd never writes
+    into the data. (edgekd.core.image_store checks it again where it builds.)"""
+    import os
 
-    data: Optional[str] = opt(None, "the data to store: a folder PATH or imagefolder:PATH, webdataset:PATH, cifar10 "
-        "or cifar100 (its training split)", metavar="DATA", positional=True, nargs="?", required=True)
-    max_size: Optional[int] = opt(None, "longest stored picture side in pixels; give what training will use (its "
-        "--image-store-size, or twice the larger of the student's and the teacher's input side)", low=8,
-        high=2 * MAX_INPUT_SIDE, metavar="N", required=True)
-    out: Optional[str] = opt(None, "the store folder (the same DIR as training's --image-store); never inside the "
-        "data", metavar="DIR", required=True)
-    data_root: Optional[str] = opt(None, "where cifar10/cifar100 live", metavar="DIR")
-    unlabeled: Optional[str] = opt(None, "also store this folder's images, as distill --unlabeled DIR adds them",
-        metavar="DIR")
-    train_subset: Optional[int] = opt(None, "store the same N-image subset as training's --train-subset N", low=1,
-        high=MAX_IMAGES, metavar="N")
-    workers: int = opt(2, "worker processes that decode the pictures", low=0, high=MAX_THREADS)
-    progress: bool = opt(True, "hide progress bars", negate="--no-progress")
+    if not store:
+        return
+    path = data.split(":", 1)[1] if data and data.split(":", 1)[0] in ("imagefolder", "webdataset") else data
+    here = os.path.realpath(store)
+    for root in [r for r in (path, unlabeled) if r and os.path.isdir(r)]:
+        root = os.path.realpath(root)
+        if here == root or here.startswith(root + os.sep):
+            raise EdgeKDError(f"--image-store {store!r} is inside the data folder {root!r}: choose a folder outside "
+                              "it (edgekd never writes into the data)")
