@@ -15,6 +15,9 @@ would teach the student that a picture that is partly something else is, with we
 labelled class, which is the teacher's job to say. ``lam`` is the picture's own share: the ratio drawn for
 mixup, the area left uncovered for cutmix (timm's corrected lambda, at the student's size).
 
+The epoch's ``train_top1`` (and ``teacher_train_top1``) under mixing count the argmax against each mixed
+picture's own first label: a rough figure only; test top-1 is measured on unmixed test views as always.
+
 Mixing is applied to the normalised float views; normalisation is affine, so this equals mixing pixels.
 The student's and the teacher's views of one picture are mixed with the same partner and ratio, and a
 cutmix box is one box in relative coordinates, cut at each view's own resolution.
