@@ -7,8 +7,9 @@ Registry metadata: ``reads`` (artifact kinds it runs: checkpoint, onnx, openvino
 first-inference clock starts, so that import time is not charged to the model).
 """
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
 from ..base.registry import Registry
+from ..bundle.runtime import load_bundle
 
 BACKENDS = Registry("bench backend")
 
@@ -70,7 +71,6 @@ def load_openvino(path, threads, device):
 
 def _bundle(path, threads, device, runtime):
     """The bundle runtime's verified bundle (the callable that is timed) and what its session uses."""
-    from ..bundle.runtime import load_bundle
 
     bundle = load_bundle(path, threads=threads, device=device, runtime=runtime)
     return bundle, dict(bundle.info)

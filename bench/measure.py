@@ -6,9 +6,12 @@ import logging
 import os
 import time
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
+from ..base import ssh
+from ..base.progress import bar as progress_bar
 from ..bundle.manifest import MANIFEST_FILE
 from .process import WorkerProcess
+from .remote import bench_bundles, check_device as probe
 from .stats import schedule, split_runs, summarize
 
 log = logging.getLogger(__name__)
@@ -23,9 +26,6 @@ PROFILE_RUNS = 20  # --profile: profiled calls per row and batch size (operator 
 
 def _ssh_targets(devices, ssh_config, timeout):
     """Parse and probe every ssh:// device up front, so an unreachable one fails before any measuring."""
-    from ..base import ssh
-    from .remote import check_device as probe
-
     targets = {}
     for device in devices:
         if device.startswith("ssh://"):
@@ -36,8 +36,6 @@ def _ssh_targets(devices, ssh_config, timeout):
 
 def _measure_remote(jobs, targets, settings, timeout, bar):
     """Run the bundles on each SSH device (one trip per device and input spec); fill the jobs as local workers do."""
-    from .remote import bench_bundles
-
     per_job = 2 + settings["rounds"] * len(settings["batch_sizes"])
     envs, groups = {}, {}
     for job in jobs:
@@ -115,11 +113,10 @@ def _export_onnx(checkpoint, data_spec, data_root, out):
 
 def _progress_bar(jobs, settings, progress):
     """One bar over the whole benchmark: preparing images, then per job a load, an accuracy pass and its visits."""
-    from ..base.progress import bar
 
     per_job = 2 + settings["rounds"] * len(settings["batch_sizes"])
     total = 1 + per_job * sum(1 for j in jobs if not j.status)
-    return bar(total=total, desc="bench", unit="step", disable=not progress, leave=True)
+    return progress_bar(total=total, desc="bench", unit="step", disable=not progress, leave=True)
 
 
 def _measure(jobs, folder, settings, bar):

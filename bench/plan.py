@@ -7,7 +7,10 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
+from ..base.files import spec_from_file
+from ..bundle.manifest import read_manifest
+from ..bundle.runtime import verify_bundle
 from .backends import BACKENDS, unsupported
 
 log = logging.getLogger(__name__)
@@ -80,9 +83,6 @@ def describe(path):
     """What a MODEL argument is: a checkpoint (.pt) or a bundle folder, with its size, params and FLOPs."""
     from ..core.checkpoint import load_checkpoint
     from ..core.data import InputSpec
-    from ..base.files import spec_from_file
-    from ..bundle.runner import static_batch
-    from ..bundle.runtime import verify_bundle
 
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
@@ -95,7 +95,7 @@ def describe(path):
                      input=InputSpec(m.channels, *m.input["resize"], m.input["mean"], m.input["std"],
                                      m.input.get("crop_pct")),
                      classes=m.classes, data=spec_from_file(m.record("data"), path),
-                     static_batch=static_batch({"input": m.input}))
+                     static_batch=m.static_batch)
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
         return Model(model=name[:-3] if name.endswith(".pt") else name, path=path, kind="checkpoint",
@@ -155,7 +155,6 @@ def activation_bytes(d):
 
 
 def read_manifest_of(folder):
-    from ..bundle.manifest import read_manifest
 
     return read_manifest(folder)
 

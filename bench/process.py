@@ -6,7 +6,7 @@ import select
 import subprocess
 import sys
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
 
 REQUEST_TIMEOUT_S = 1800
 

@@ -7,13 +7,13 @@ import os
 import shutil
 import tempfile
 
-from .. import EdgeKDError
 from ..base import ssh
-from ..bundle import runner as runner_module
-from ..bundle.runner import BenchJob
+from ..base.errors import EdgeKDError
+from ..bundle.assemble import RUNNER_PATH
+from ..bundle.device import BenchJob
 
 log = logging.getLogger(__name__)
-RUNNER = runner_module.__file__  # the self-contained bundle runner, copied to devices as device_runner.py
+RUNNER = RUNNER_PATH  # the self-contained bundle runner (generated from bundle/), copied to devices as device_runner.py
 MIN_PYTHON = (3, 8)
 
 

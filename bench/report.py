@@ -5,7 +5,8 @@ import io
 import json
 import os
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
+from ..bundle.checks import load_json
 
 BEST = "★ best"
 
@@ -363,8 +364,6 @@ def load_results(path):
     """An earlier results.json, checked to be one."""
     if os.path.isdir(path):
         path = os.path.join(path, "results.json")
-    from ..bundle.runner import load_json
-
     if not os.path.isfile(path):
         raise EdgeKDError(f"--compare: {path!r} does not exist (expected an earlier results.json)")
     old = load_json(path, "--compare: results file", EdgeKDError)  # bounded: size, nesting

@@ -4,8 +4,14 @@ best deployment, the environment, and results.json, results.csv, report.md and t
 import json
 import logging
 import os
+import subprocess
 import sys
+from datetime import datetime, timezone
 
+from .. import __version__
+from ..bundle.environment import environment
+from ..bundle.manifest import library_versions
+from .report import csv_text, markdown_report, plot_accuracy_latency, plot_latency, plot_profile
 from .stats import summarize
 
 log = logging.getLogger(__name__)
@@ -93,8 +99,6 @@ def _loadavg():
 
 def _git_commit():
     """The commit of the edgekd source tree this runs from (None outside a git checkout), '+dirty' if edited."""
-    import subprocess
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -107,33 +111,24 @@ def _git_commit():
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def environment(threads, cpus):
-    """The machine and software a result was measured on."""
-    import platform
-    from datetime import datetime, timezone
-
-    from .. import __version__
-    from ..bundle.manifest import library_versions
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+def bench_environment(threads, cpus):
+    """The machine and software a benchmark was measured on: the bundle layer's ``environment()`` (the record
+    the device runner also reports) with the benchmark's own settings, the CPU ids it may run on
+    (``usable_cpus`` in results.json) and its library versions."""
+    env = environment()
     versions = library_versions(("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "numpy",
                                  "matplotlib"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cpus": sorted(os.sched_getaffinity(0)),
-            "threads_requested": threads, "cpus_pinned": cpus, "platform": platform.platform(),
-            "python": platform.python_version(), "edgekd": __version__, "git_commit": _git_commit(),
-            "versions": versions, "command": " ".join(["edgekd"] + sys.argv[1:]),
-            "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "loadavg_start": _loadavg()}
+    allowed_cpu_ids = sorted(os.sched_getaffinity(0))
+    env.update({"usable_cpus": allowed_cpu_ids, "threads_requested": threads, "cpus_pinned": cpus,
+                "edgekd": __version__, "git_commit": _git_commit(), "versions": versions,
+                "command": " ".join(["edgekd"] + sys.argv[1:]),
+                "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "loadavg_start": _loadavg()})
+    return env
 
 
 def write_outputs(out, result, comparison=None):
     """results.json, results.csv, report.md, the two plots (and compare.md), each written atomically."""
     from ..core.checkpoint import atomic_write
-    from .report import csv_text, markdown_report, plot_accuracy_latency, plot_latency, plot_profile
 
     os.makedirs(out, exist_ok=True)
     texts = {"results.json": json.dumps(result, indent=2) + "\n", "results.csv": csv_text(result["rows"]),

@@ -12,15 +12,18 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
+from ..base.outdir import temp_prefix
 from ..bundle.card import record_bench
+from ..bundle.device import unsupported_batch
 from .options import BENCH_DEFAULTS, BENCH_QUICK
 # The building blocks, importable from here as before the split (tools/ and the tests use them).
 from .measure import (CHECK_S, EXTRA_ROUNDS, _measure, _measure_remote, _prepare, _progress_bar, save_images,  # noqa: F401
                       _ssh_targets, _timed_rounds, kept_visits)
 from .plan import (NATIVE_BACKEND, Job, Model, check_batch_memory, check_device, describe, parse_cpus,  # noqa: F401
                    plan_jobs)
-from .results import _loadavg, attach_profiles, build_rows, environment, job_of, mark_best, write_outputs  # noqa: F401
+from .report import compare_results, load_results, table
+from .results import _loadavg, attach_profiles, bench_environment, build_rows, job_of, mark_best, write_outputs  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +109,6 @@ def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> Di
 
     Returns the result dict plus ``table`` (markdown) and ``comparison`` (text, when ``results.compare`` is given).
     """
-    from ..base.outdir import temp_prefix
-    from .report import compare_results, load_results, table
 
     m = measurement
     devices = [check_device(d) for d in plan.devices]
@@ -121,7 +122,7 @@ def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> Di
     _static_batch_status(jobs, m.batch_sizes)
     data_spec = plan.data or described[0].data or "digits"
     settings = _settings(plan, m, results, devices, cpus, threads)
-    env = environment(threads, cpus)
+    env = bench_environment(threads, cpus)
     bar = _progress_bar(jobs, settings, m.progress)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("bench")) as folder:
         try:
@@ -149,8 +150,6 @@ def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> Di
 
 def _static_batch_status(jobs, batch_sizes):
     """A bundle with a static batch (``edgekd export --target arm64`` for OpenVINO) is timed at that batch only."""
-    from ..bundle.runner import unsupported_batch
-
     for job in jobs:
         if job.static_batch:
             job.batch_status = {b: unsupported_batch(job.static_batch, b) for b in batch_sizes if b != job.static_batch}

@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from ..base.errors import EdgeKDError
+
 IN_MEMORY_LIMIT = 1 << 30  # bytes of preprocessed images a worker holds in memory
 
 
@@ -142,7 +144,6 @@ class Worker:
         return sorted(times)[len(times) // 2]
 
     def profile(self, req):
-        from .. import EdgeKDError
         from .profile import profile_bundle
 
         if self.backend not in ("onnxruntime", "openvino") or self.device not in ("cpu", "openvino:CPU"):
@@ -159,8 +160,6 @@ class Worker:
 
 
 def answer(worker, req):
-    from .. import EdgeKDError
-
     try:
         return getattr(worker, req["op"])(req)
     except EdgeKDError as e:

@@ -1,4 +1,4 @@
-"""The torch-free bundle runtime, for devices: ``from edgekd.runtime import load_bundle``.
+"""The torch-free bundle runtime, for devices: ``from edgekd.bundle import load_bundle``.
 
 It imports only numpy, Pillow and the bundle's runtime (onnxruntime or openvino); never PyTorch
 (tests/test_export_runtime.py proves it in a fresh interpreter). Example::
@@ -8,7 +8,8 @@ It imports only numpy, Pillow and the bundle's runtime (onnxruntime or openvino)
     logits = bundle(bundle.preprocess(pil_image)[None])
 """
 
-from .runner import BundleError, open_model
+from ..base.errors import BundleError
+from .sessions import open_model
 from .runtime import Bundle, ZippedBundle, load_bundle, safe_extract, verify_bundle
 
 __all__ = ["Bundle", "BundleError", "ZippedBundle", "load_bundle", "open_model", "safe_extract", "verify_bundle"]

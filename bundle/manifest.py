@@ -1,13 +1,16 @@
-"""Bundle manifests: the ``Manifest`` type, read, checked and written here only; the bundle's file names
-and the one sha256 (both bundle/runner.py's, which devices run alone, re-exported here)."""
+"""Bundle manifests: the ``Manifest`` record, parsed from manifest.json and written back here only (part of the
+device runner); the bundle's file names and the one sha256 (bundle/checks.py's, re-exported here)."""
 
+import dataclasses
+import json
 import math
 import os
-import dataclasses
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Union
+from importlib import metadata
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .runner import FORMAT_FILES, MANIFEST_FILE, read_manifest as _read_json, sha256_file
+from ..base.errors import BundleError
+from .checks import FORMAT_FILES, MANIFEST_FILE, check_files, manifest_json, sha256_file
 
 MANIFEST = MANIFEST_FILE  # its older name
 # edgekd's metadata inside an ONNX file (written by export, read by the ONNX teacher source):
@@ -16,8 +19,27 @@ MANIFEST = MANIFEST_FILE  # its older name
 METADATA_KEYS = {"classes": "edgekd.classes", "mean": "edgekd.mean", "std": "edgekd.std", "color": "edgekd.color",
                  "input_size": "edgekd.input_size", "outputs": "edgekd.outputs"}
 MAX_SIDE = 8192  # an input height or width beyond this is a damaged field, not a model
-__all__ = ["FORMAT_FILES", "MANIFEST", "MANIFEST_FILE", "METADATA_KEYS", "Manifest", "library_versions",
-           "read_manifest", "schema_problem", "sha256_file", "write_manifest"]
+INFERENCE_PRECISIONS = ("f32", "f16", "bf16")  # OpenVINO CPU plugin precisions that edgekd writes
+
+
+@dataclass(frozen=True)
+class Parity:
+    """The manifest's parity record: images saved in the bundle and the logits the exporting machine computed on
+    them, with the tolerance a device must meet (a logit ``atol`` for FP32/FP16, top-1 agreement for INT8)."""
+
+    file: str
+    logits: List[List[float]]
+    atol: Optional[float] = None
+    min_agreement: float = 1.0
+
+    @classmethod
+    def from_json(cls, value: Any) -> "Optional[Parity]":
+        """The record of the JSON object (None when the manifest has none)."""
+        if not isinstance(value, dict) or not value:
+            return None
+        atol = value.get("atol")
+        return cls(file=str(value["file"]), logits=value["logits"], atol=None if atol is None else float(atol),
+                   min_agreement=float(value.get("min_agreement", 1.0)))
 
 
 @dataclass(frozen=True)
@@ -36,19 +58,17 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> "Manifest":
-        """The manifest of a JSON object, or EdgeKDError naming the first field that is missing or malformed."""
-        from .. import EdgeKDError
-
+        """The manifest of a JSON object, or BundleError naming the first field that is missing or malformed."""
         problem = schema_problem(data)
         if problem:
-            raise EdgeKDError(f"{where} fails the manifest schema: {problem}")
+            raise BundleError("%s fails the manifest schema: %s" % (where, problem))
         core = {name: data[name] for name in ("format", "precision", "model_file", "files", "input", "classes")}
         return cls(**core, extra={k: v for k, v in data.items() if k not in core})
 
     @classmethod
     def read(cls, folder: str) -> "Manifest":
         """The manifest of a bundle folder, checked (not its files: bundle.runtime.verify_bundle does that)."""
-        return cls.from_dict(_read_json(folder), repr(os.path.join(folder, MANIFEST_FILE)))
+        return cls.from_dict(manifest_json(folder), repr(os.path.join(folder, MANIFEST_FILE)))
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object, as written to manifest.json."""
@@ -57,8 +77,6 @@ class Manifest:
 
     def write(self, folder: str) -> None:
         """Write ``folder``/manifest.json atomically (fsynced before it replaces an older one)."""
-        import json
-
         path = os.path.join(folder, MANIFEST_FILE)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -76,22 +94,82 @@ class Manifest:
 
     @property
     def channels(self) -> int:
+        """The model's input channels (1 or 3)."""
         return int(self.input["shape"][1])
 
     @property
     def validation(self) -> Dict[str, Any]:
+        """The parity gate's results at export (max_abs_diff, top1_agreement, top1, reference_top1, images)."""
         return self.extra.get("validation") or {}
+
+    @property
+    def parity(self) -> Optional[Parity]:
+        """The parity images and logits a device checks the bundle against, when the export saved them."""
+        return Parity.from_json(self.extra.get("parity"))
+
+    @property
+    def inference_precision(self) -> str:
+        """The precision OpenVINO's CPU plugin must compute in: the one the bundle was validated at (f32).
+
+        Left alone, the plugin silently runs FP32 models in bf16 on CPUs with AVX512_BF16 or AMX, which moves
+        logits by about 1e-2: an fp32 bundle (or row of a benchmark) would no longer be fp32.
+        """
+        return _inference_precision(self.extra.get("runtime"))
+
+    @property
+    def static_batch(self) -> Optional[int]:
+        """The one batch size a static-batch bundle accepts (``input.shape[0]``), or None for a dynamic batch.
+
+        OpenVINO for aarch64 cannot compile some dynamic-batch models (MobileNetV3-small), so ``edgekd export
+        --target arm64`` writes OpenVINO bundles with a static batch.
+        """
+        n = self.input["shape"][0]
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+    @property
+    def resize(self) -> Tuple[int, int]:
+        """The model's input (height, width)."""
+        height, width = self.input["resize"]
+        return int(height), int(width)
+
+    def model_path(self, folder: str) -> str:
+        """The file the runtime opens, in the bundle ``folder``."""
+        return os.path.join(folder, self.model_file)
 
     def record(self, name: str, default: Any = None) -> Any:
         """One of the export's records (``validation``, ``model``, ``params``, ``size_bytes``, ...)."""
         return self.extra.get(name, default)
 
 
-def library_versions(names=("edgekd", "torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "numpy")):
-    """Installed versions by distribution name (openvino's __version__ is not PEP 440, metadata is)."""
-    from importlib import metadata
+def _inference_precision(runtime: Any) -> str:
+    """``runtime.inference_precision`` of a manifest's JSON (f32 when absent), or BundleError when damaged."""
+    hint = runtime.get("inference_precision") if isinstance(runtime, dict) else None
+    if hint is None:
+        return "f32"
+    if hint not in INFERENCE_PRECISIONS:  # what edgekd writes; anything else is damage
+        raise BundleError("manifest field 'runtime.inference_precision' must be f32, f16 or bf16, got %r" % (hint,))
+    return str(hint)
 
-    versions = {}
+
+def precision_hint(manifest: Union[Manifest, Dict[str, Any]]) -> str:
+    """OpenVINO's CPU precision for a Manifest, or for a manifest's JSON object (see Manifest.inference_precision)."""
+    if isinstance(manifest, Manifest):
+        return manifest.inference_precision
+    return _inference_precision(manifest.get("runtime"))
+
+
+def verify(folder: str) -> Manifest:
+    """The bundle's Manifest (schema-checked), after checking every listed file against its sha256 and that the
+    folder holds nothing else."""
+    manifest = Manifest.read(folder)
+    check_files(folder, manifest.files)
+    return manifest
+
+
+def library_versions(names: Sequence[str] = ("edgekd", "torch", "torchvision", "onnx", "onnxruntime", "onnxscript",
+                                             "openvino", "nncf", "numpy")) -> Dict[str, str]:
+    """Installed versions by distribution name (openvino's __version__ is not PEP 440, metadata is)."""
+    versions: Dict[str, str] = {}
     for name in names:
         try:
             versions[name] = metadata.version(name)
@@ -116,19 +194,19 @@ def read_manifest(folder: str) -> Manifest:
     return Manifest.read(folder)
 
 
-def _is_number_list(value, length=None, kind=(int, float)):
+def _is_number_list(value: Any, length: Optional[int] = None, kind: Any = (int, float)) -> bool:
     """A list of finite numbers (json.load reads NaN and Infinity, which no preprocessing can use)."""
     return (isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
                                             for v in value)
             and (length is None or len(value) == length))
 
 
-def _plain_name(name):
+def _plain_name(name: Any) -> bool:
     """A file name that stays inside the bundle folder: no folders, no '..', not absolute."""
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
-def schema_problem(m):
+def schema_problem(m: Any) -> Optional[str]:
     """The first field of a manifest that is missing or malformed, as 'field X: what is wrong', else None."""
     if not isinstance(m, dict):
         return "the manifest is not a JSON object"

@@ -2,8 +2,9 @@
 preprocess images exactly as training did, run the model, return class names and scores.
 
 Needs numpy, Pillow and the bundle's runtime (onnxruntime for ONNX, openvino for OpenVINO IR), never
-PyTorch; ``edgekd.runtime`` is its public import path. The session, preprocessing and checksum code is
-bundle/runner.py's: one implementation for predict, export validation, bench and devices.
+PyTorch; ``edgekd.bundle`` is its public import path. The session, preprocessing and checksum code is
+bundle/{checks,preprocessing,sessions}.py's (which the device runner,
+bundle/runner.py, carries): one implementation for predict, export validation, bench and devices.
 """
 
 import os
@@ -11,14 +12,14 @@ import shutil
 import tempfile
 import zipfile
 import zlib
+from typing import Any, Dict, List, Optional, Sequence
 
-from .. import EdgeKDError
+from ..base.errors import EdgeKDError
 from . import runner
+from .manifest import Manifest, verify
 
-from .manifest import Manifest
 
-
-def check_external_data(model_path, listed):
+def check_external_data(model_path: str, listed: Dict[str, str]) -> None:
     """ONNX weights stored beside the model must be checksummed files of the bundle, never paths outside it."""
     try:
         import onnx
@@ -38,11 +39,10 @@ def check_external_data(model_path, listed):
                               "(external data must stay inside the bundle folder)")
 
 
-def verify_bundle(folder):
+def verify_bundle(folder: str) -> Manifest:
     """The bundle's Manifest (schema-checked), after checking every listed file against its sha256 and that
     ONNX external data stays inside the bundle."""
-    manifest = Manifest.read(folder)
-    runner.check_files(folder, manifest.to_dict())
+    manifest = verify(folder)
     if manifest.format == "onnx":
         check_external_data(os.path.join(folder, manifest.model_file), manifest.files)
     return manifest
@@ -55,24 +55,29 @@ class Bundle:
     also copied to devices); ``runtime`` picks another runtime than the format's (openvino for ONNX).
     """
 
-    def __init__(self, folder, threads=None, device="cpu", runtime=None):
+    def __init__(self, folder: str, threads: Optional[int] = None, device: str = "cpu",
+                 runtime: Optional[str] = None) -> None:
         self.folder = folder
         self.manifest = verify_bundle(folder)
         self.classes = self.manifest.classes
-        self.run, self.info = runner.open_session(folder, self.manifest.to_dict(), threads, device, runtime)
+        # runner.open_session is sessions.open_session (runner.py re-imports the package's names); mypy reads the
+        # generated file's standalone copy, whose Manifest is its own class
+        self.run, self.info = runner.open_session(folder, self.manifest, threads, device,  # type: ignore[arg-type]
+                                                  runtime)
 
-    def preprocess(self, image):
+    def preprocess(self, image: Any) -> Any:
         """PIL image -> (C, H, W) float32, the same steps as the training transform: mode, resize, /255, normalise."""
         return runner.preprocess(image, self.manifest.input)
 
-    def __call__(self, batch):
+    def __call__(self, batch: Any) -> Any:
         return self.run(batch)
 
-    def predict_files(self, paths, top_k=1):
+    def predict_files(self, paths: Sequence[Any], top_k: int = 1) -> List[Dict[str, Any]]:
+        """The top ``top_k`` classes of each image file."""
         return runner.ranked(paths, self(runner.load_images(paths, self.manifest.input)), self.classes, top_k)
 
 
-def load_bundle(path, threads=None, device="cpu", runtime=None):
+def load_bundle(path: str, threads: Optional[int] = None, device: str = "cpu", runtime: Optional[str] = None) -> Bundle:
     """A verified Bundle from a bundle folder or a ``.zip`` written by ``edgekd export --zip``."""
     if os.path.isfile(path):
         if not zipfile.is_zipfile(path):
@@ -91,7 +96,7 @@ ZIP_MAX_RATIO = 200                # unpacked / packed size of a member larger t
 ZIP_RATIO_FROM = 1024 ** 2
 
 
-def _zip_bomb_problem(infos):
+def _zip_bomb_problem(infos: List[zipfile.ZipInfo]) -> Optional[str]:
     """Why a zip's members are too big to unpack (their sizes as the central directory states them), or None.
 
     zipfile stops reading a member at its stated size, so the stated sizes bound what extractall writes.
@@ -108,7 +113,7 @@ def _zip_bomb_problem(infos):
     return None
 
 
-def safe_extract(archive, folder):
+def safe_extract(archive: str, folder: str) -> str:
     """Unpack a bundle zip into ``folder``, refusing members that would land outside it or are links, and zip bombs."""
     root = os.path.realpath(folder)
     try:
@@ -132,7 +137,7 @@ def safe_extract(archive, folder):
     return folder
 
 
-def renamed(error, tmp, name):
+def renamed(error: Exception, tmp: str, name: Any) -> Exception:
     """``error`` with a temporary folder's path replaced by the name the user knows (a zip: ``b.zip/b/model.onnx``;
     an export's staging folder: its --out): the folder is gone by the time the message is read."""
     name = str(name)
@@ -146,7 +151,8 @@ def renamed(error, tmp, name):
 class ZippedBundle(Bundle):
     """A Bundle unpacked from its zip into a private temporary folder (removed when closed)."""
 
-    def __init__(self, archive, threads=None, device="cpu", runtime=None):
+    def __init__(self, archive: str, threads: Optional[int] = None, device: str = "cpu",
+                 runtime: Optional[str] = None) -> None:
         self.tmp = tempfile.mkdtemp(prefix="edgekd-bundle-")
         try:
             super().__init__(safe_extract(archive, self.tmp), threads, device, runtime)
@@ -158,8 +164,9 @@ class ZippedBundle(Bundle):
             raise
         self.archive = archive
 
-    def close(self):
+    def close(self) -> None:
+        """Remove the unpacked copy."""
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __del__(self):
+    def __del__(self) -> None:
         self.close()

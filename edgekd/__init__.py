@@ -2,11 +2,6 @@
 
 __version__ = "0.1.0"
 
+from .base.errors import EdgeKDError, Interrupted  # noqa: E402 (after __version__, which base/outdir.py reads)
 
-class EdgeKDError(Exception):
-    """An error in the user's input or environment, shown as one line with exit code 2."""
-
-
-class Interrupted(EdgeKDError):
-    """Ctrl-C during training: the last complete epoch is on disk and the run can be resumed."""
-
+__all__ = ["EdgeKDError", "Interrupted", "__version__"]

@@ -207,7 +207,7 @@ def test_runtime_never_imports_torch_in_a_fresh_interpreter(bundles, tmp_path, f
     load_data("digits").test.images[3].save(image)
     code = ("import sys, json\n"
             "from edgekd.bundle import load_bundle\n"
-            "from edgekd.runtime import load_bundle as by_its_earlier_name\n"
+            "from edgekd.bundle.runtime import load_bundle as by_its_earlier_name\n"
             "assert by_its_earlier_name is load_bundle\n"
             "r = load_bundle(sys.argv[1]).predict_files([sys.argv[2]], top_k=2)\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'nncf'))\n"

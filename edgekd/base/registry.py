@@ -2,7 +2,7 @@
 
 import difflib
 
-from .. import EdgeKDError
+from .errors import EdgeKDError
 
 
 class Registry:

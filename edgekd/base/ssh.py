@@ -10,7 +10,7 @@ import shlex
 import subprocess
 from dataclasses import dataclass
 
-from .. import EdgeKDError
+from .errors import EdgeKDError
 
 SCHEME = "ssh://"
 DEFAULT_PYTHON = "python3"

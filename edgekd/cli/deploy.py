@@ -64,7 +64,7 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=N
                       timeout).decode().strip()
     tools = staging + ".runner"  # the runner beside the bundle, not in it: a bundle is exactly its listed files
     try:
-        files = [os.path.join(bundle, f) for f in list(manifest["files"]) + [MANIFEST_FILE]]
+        files = [os.path.join(bundle, f) for f in list(manifest.files) + [MANIFEST_FILE]]
         ssh.copy_to(target, files, staging, timeout)
         ssh.run(target, f"mkdir {q(tools)}", timeout)
         ssh.copy_to(target, [RUNNER], tools, timeout)
@@ -85,7 +85,7 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=N
             pass
         raise
     env = json.loads(ssh.run(target, f"{q(target.python)} {q(folder + '/' + RUNNER_NAME)} env", timeout).decode())
-    package = RUNTIME_PACKAGE.get(manifest["format"])
+    package = RUNTIME_PACKAGE.get(manifest.format)
     if package and package not in env["versions"]:
         log.warning("%s is not installed on %s: pip install %s", package, target, package)
     return target, dest, env
