@@ -128,7 +128,7 @@ def bench_environment(threads, cpus):
 
 def write_outputs(out, result, comparison=None):
     """results.json, results.csv, report.md, the two plots (and compare.md), each written atomically."""
-    from ..core.checkpoint import atomic_write
+    from ..base.files import atomic_write
 
     os.makedirs(out, exist_ok=True)
     texts = {"results.json": json.dumps(result, indent=2) + "\n", "results.csv": csv_text(result["rows"]),

@@ -9,14 +9,18 @@ import hashlib
 import logging
 import os
 
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
 import numpy as np
 
 from .. import EdgeKDError
+from ..base.progress import bar
+from .records import Sample
 
 log = logging.getLogger(__name__)
 
 
-def targets_of(dataset):
+def targets_of(dataset: Any) -> np.ndarray:
     """Integer labels of every item without decoding any image (ImageFolder, CIFAR, digits all keep them)."""
     targets = getattr(dataset, "targets", None)
     if targets is None:
@@ -24,7 +28,12 @@ def targets_of(dataset):
     return np.asarray(targets, dtype=np.int64)
 
 
-def item_ids(dataset, indices):
+def count(dataset: Any) -> int:
+    """How many items a dataset holds (datasets of every kind have a length)."""
+    return len(dataset)
+
+
+def item_ids(dataset: Any, indices: Sequence[int]) -> List[str]:
     """Stable names for items: file paths relative to the data root for folders, else ``#index``."""
     samples = getattr(dataset, "samples", None)
     if samples is not None:
@@ -33,7 +42,7 @@ def item_ids(dataset, indices):
     return [f"#{i}" for i in indices]
 
 
-def stratified_indices(targets, size, seed):
+def stratified_indices(targets: np.ndarray, size: int, seed: int) -> List[int]:
     """``size`` indices drawn per class in proportion to the class counts (largest remainder), seeded."""
     classes, counts = np.unique(targets, return_counts=True)
     exact = size * counts / counts.sum()
@@ -46,8 +55,9 @@ def stratified_indices(targets, size, seed):
     return np.sort(np.concatenate(picked)).tolist()
 
 
-def select(dataset, size, seed, *, data_spec, split, class_names, purpose="calibration"):
-    """Choose ``size`` images of ``dataset``; refuse an empty or too-small split. Returns (indices, record)."""
+def draw(dataset: Any, size: int, seed: int, *, data_spec: str, split: str, class_names: Sequence[str],
+         purpose: str = "calibration") -> Tuple[List[int], Sample]:
+    """Choose ``size`` images of ``dataset``; refuse an empty or too-small split. Returns (indices, Sample)."""
     targets = targets_of(dataset)
     available = len(targets)
     where = f"the {split} split of {data_spec!r}"
@@ -62,29 +72,32 @@ def select(dataset, size, seed, *, data_spec, split, class_names, purpose="calib
                           f"per class ({n_classes} classes in {where})")
     indices = stratified_indices(targets, size, seed)
     ids = item_ids(dataset, indices)
-    per_class = {}
+    per_class: Dict[str, int] = {}
     for i in indices:
         name = class_names[targets[i]] if targets[i] < len(class_names) else str(targets[i])
         per_class[name] = per_class.get(name, 0) + 1
-    record = {
-        "data": data_spec, "split": split, "images": len(indices), "available": available, "seed": seed,
-        "stratified": "by class, proportional to class counts", "per_class": per_class,
-        "files_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "files": ids,
-    }
-    return indices, record
+    return indices, Sample(data=data_spec, split=split, images=len(indices), available=available, seed=seed,
+                           per_class=per_class, files_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+                           files=ids)
 
 
-def strided_indices(n_items, limit):
+def select(dataset: Any, size: int, seed: int, *, data_spec: str, split: str, class_names: Sequence[str],
+           purpose: str = "calibration") -> Tuple[List[int], Dict[str, Any]]:
+    """``draw``, with the sample as the manifest records it."""
+    indices, sample = draw(dataset, size, seed, data_spec=data_spec, split=split, class_names=class_names,
+                           purpose=purpose)
+    return indices, sample.to_dict()
+
+
+def strided_indices(n_items: int, limit: Optional[int]) -> List[int]:
     """The validation images: ``limit`` items spread evenly over the split (ImageFolder is class-sorted)."""
     n = n_items if limit is None else min(limit, n_items)
     step = max(1, n_items // n) if n else 1
     return list(range(0, step * n, step))[:n]
 
 
-def load_images(dataset, indices, desc, progress=True):
+def load_images(dataset: Any, indices: Sequence[int], desc: str, progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
     """Decode and preprocess the chosen items (the training transform) into float32 NCHW and int64 labels."""
-    from ..base.progress import bar
-
     images, labels = [], []
     for i in bar(indices, desc=desc, unit="img", disable=not progress):
         x, y = dataset[i]

@@ -16,8 +16,17 @@ are matched by name, else by (op, weight shape, occurrence).
 import logging
 import math
 import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .openvino import WEIGHTED_OPS, import_openvino
+from .records import LayerReport, LayerRow
+
+if TYPE_CHECKING:  # heavy: only for the type checker
+    import onnx
+    import openvino
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +35,24 @@ TOP = 20
 PLOT_FILE = "int8_layers.png"
 
 
-def sqnr_db(signal, noise):
+@dataclass
+class Layer:
+    """A weighted layer of one model: its name and op, and the points compared (its input and its output after
+    the affine tail): tensor names in ONNX, output ports in OpenVINO (``node`` is the op itself)."""
+
+    name: str
+    op: str
+    inp: Any
+    out: Any
+    shape: Optional[str] = None
+    node: Any = None
+
+
+Pairs = List[Tuple[Layer, Layer]]
+Sums = Dict[Tuple[int, str], List[float]]  # (pair, "in" | "out") -> [signal power, noise power]
+
+
+def sqnr_db(signal: float, noise: float) -> float:
     if noise <= 0:
         return CAP_DB
     if signal <= 0:
@@ -34,17 +60,18 @@ def sqnr_db(signal, noise):
     return max(-CAP_DB, min(CAP_DB, 10 * math.log10(signal / noise)))
 
 
-def _match(fp_layers, q_layers):
-    """Pairs (fp, q) of layer records: by name where the names agree, else by (op, weight shape, occurrence)."""
-    by_name = {layer["name"]: layer for layer in fp_layers}
-    pairs = [(by_name[q["name"]], q) for q in q_layers if q["name"] in by_name]
+def _match(fp_layers: List[Layer], q_layers: List[Layer]) -> Pairs:
+    """Pairs (fp, q) of layers: by name where the names agree, else by (op, weight shape, occurrence)."""
+    by_name = {layer.name: layer for layer in fp_layers}
+    pairs = [(by_name[q.name], q) for q in q_layers if q.name in by_name]
     if len(pairs) == len(q_layers):
         return pairs
 
-    def keyed(layers):
-        seen, out = {}, {}
+    def keyed(layers: List[Layer]) -> Dict[Tuple[str, Optional[str], int], Layer]:
+        seen: Dict[Tuple[str, Optional[str]], int] = {}
+        out = {}
         for layer in layers:
-            sig = (layer["op"], layer.get("shape"))
+            sig = (layer.op, layer.shape)
             seen[sig] = seen.get(sig, 0) + 1
             out[sig + (seen[sig],)] = layer
         return out
@@ -53,7 +80,10 @@ def _match(fp_layers, q_layers):
     return [(fp_keys[k], q) for k, q in keyed(q_layers).items() if k in fp_keys]
 
 
-def _accumulate(pairs, fp_out, q_out, sums):
+Outputs = Dict[Tuple[int, str], np.ndarray]
+
+
+def _accumulate(pairs: Pairs, fp_out: Outputs, q_out: Outputs, sums: Sums) -> None:
     for k, _ in enumerate(pairs):
         for port in ("in", "out"):
             f = np.asarray(fp_out[(k, port)], dtype=np.float64)
@@ -76,12 +106,12 @@ AFFINE = ("BatchNormalization", "BatchNormInference", "Mul", "Add", "Multiply", 
           "QuantizeLinear", "DequantizeLinear", "FakeQuantize")
 
 
-def _onnx_layers(model):
+def _onnx_layers(model: "onnx.ModelProto") -> List[Layer]:
     """Weighted nodes with the tensor after their affine tail (batch norm, bias, scale): a graph where batch
     norm was folded into the Conv and one where it was not (QDQ weights block folding) meet there."""
     g = model.graph
     consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    consumers = {}
+    consumers: Dict[str, List[Any]] = {}
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
@@ -95,11 +125,14 @@ def _onnx_layers(model):
             if c.op_type not in AFFINE or any(i != out and i not in consts for i in c.input):
                 break
             out = c.output[0]
-        layers.append({"name": n.name or n.output[0], "op": n.op_type, "in": n.input[0], "out": out})
+        layers.append(Layer(n.name or n.output[0], n.op_type, n.input[0], out))
     return layers
 
 
-def _onnx_runner(model, tensors, path):
+Runner = Callable[[np.ndarray], Any]
+
+
+def _onnx_runner(model: "onnx.ModelProto", tensors: List[str], path: str) -> Runner:
     """A session on ``model`` with ``tensors`` added as outputs; returns run(batch) -> {tensor: array}."""
     import onnx
     import onnxruntime as ort
@@ -115,31 +148,35 @@ def _onnx_runner(model, tensors, path):
     names = [o.name for o in session.get_outputs()]
     feed = session.get_inputs()[0].name
 
-    def run(batch):
+    def run(batch: np.ndarray) -> Dict[str, np.ndarray]:
         return dict(zip(names, session.run(names, {feed: batch})))
 
     return run
 
 
-def onnx_report(fp32_path, int8_path, images, scratch):
+def _ends(layer: Layer) -> Dict[str, Any]:
+    return {"in": layer.inp, "out": layer.out}
+
+
+def onnx_report(fp32_path: str, int8_path: str, images: np.ndarray, scratch: str) -> Tuple[Pairs, Sums]:
     import onnx
 
     fp, q = onnx.load(fp32_path), onnx.load(int8_path)
     pairs = _match(_onnx_layers(fp), _onnx_layers(q))
-    fp_run = _onnx_runner(fp, [t for a, _ in pairs for t in (a["in"], a["out"])], os.path.join(scratch, "report-fp32.onnx"))
-    q_run = _onnx_runner(q, [t for _, b in pairs for t in (b["in"], b["out"])], os.path.join(scratch, "report-int8.onnx"))
-    sums = {}
+    fp_run = _onnx_runner(fp, [t for a, _ in pairs for t in (a.inp, a.out)], os.path.join(scratch, "report-fp32.onnx"))
+    q_run = _onnx_runner(q, [t for _, b in pairs for t in (b.inp, b.out)], os.path.join(scratch, "report-int8.onnx"))
+    sums: Sums = {}
     for i in range(0, len(images), 32):
         batch = np.ascontiguousarray(images[i:i + 32])
         f, g = fp_run(batch), q_run(batch)
-        _accumulate(pairs, {(k, p): f[a[p]] for k, (a, _) in enumerate(pairs) for p in ("in", "out")},
-                    {(k, p): g[b[p]] for k, (_, b) in enumerate(pairs) for p in ("in", "out")}, sums)
+        _accumulate(pairs, {(k, p): f[_ends(a)[p]] for k, (a, _) in enumerate(pairs) for p in ("in", "out")},
+                    {(k, p): g[_ends(b)[p]] for k, (_, b) in enumerate(pairs) for p in ("in", "out")}, sums)
     return pairs, sums
 
 
 # --- OpenVINO -----------------------------------------------------------------------------------------
 
-def _ov_constant(node, depth):
+def _ov_constant(node: "openvino.Node", depth: int) -> bool:
     """A constant, or computed from constants only (a bias reshaped or converted on its way to the Add)."""
     if node.get_type_name() in ("Constant", "ShapeOf"):  # a shape is bookkeeping, not data
         return True
@@ -147,7 +184,7 @@ def _ov_constant(node, depth):
     return depth > 0 and bool(inputs) and all(_ov_constant(n, depth - 1) for n in inputs)
 
 
-def _ov_tail(port):
+def _ov_tail(port: "openvino.Output") -> "openvino.Output":
     """Follow a single-consumer chain of Multiply/Add by constants (batch norm, bias) from ``port``."""
     while True:
         # a ShapeOf reading the tensor (dynamic-shape bookkeeping of the ONNX frontend) is not a consumer
@@ -161,18 +198,16 @@ def _ov_tail(port):
         port = node.output(0)
 
 
-def _ov_layers(model):
-    from .openvino import WEIGHTED_OPS
-
-    return [{"name": op.get_friendly_name(), "op": op.get_type_name(), "node": op,
-             "shape": str(op.input(1).get_partial_shape()), "out": _ov_tail(op.output(0))}
+def _ov_layers(model: "openvino.Model") -> List[Layer]:
+    return [Layer(op.get_friendly_name(), op.get_type_name(), op.input(0).get_source_output(), _ov_tail(op.output(0)),
+                  shape=str(op.input(1).get_partial_shape()), node=op)
             for op in model.get_ordered_ops() if op.get_type_name() in WEIGHTED_OPS]
 
 
-def _ov_runner(core, model, layers):
+def _ov_runner(core: "openvino.Core", model: "openvino.Model", layers: List[Layer]) -> Runner:
     ports = []
     for layer in layers:
-        ports += [layer["node"].input(0).get_source_output(), layer["out"]]
+        ports += [layer.inp, layer.out]
     added = model.add_outputs(ports)  # a port that already is a result (the logits) is not added twice
     outputs = list(model.outputs)
     index = [next(i for i, o in enumerate(outputs) if o.get_node() == a.get_node() and o.get_index() == a.get_index())
@@ -181,34 +216,36 @@ def _ov_runner(core, model, layers):
     # is observable (with them on, a Result inside a fused INT8 chain read back wrong values in our tests).
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"})
 
-    def run(batch):
+    def run(batch: np.ndarray) -> List[np.ndarray]:
         res = compiled(batch)
         return [res[i] for i in index]
 
     return run
 
 
-def openvino_report(fp32_path, int8_path, images, scratch=None):
-    from .openvino import import_openvino
-
+def openvino_report(fp32_path: str, int8_path: str, images: np.ndarray,
+                    scratch: Optional[str] = None) -> Tuple[Pairs, Sums]:
     ov = import_openvino()
     core = ov.Core()
     fp, q = core.read_model(fp32_path), core.read_model(int8_path)
     pairs = _match(_ov_layers(fp), _ov_layers(q))
     fp_run = _ov_runner(core, fp, [a for a, _ in pairs])
     q_run = _ov_runner(core, q, [b for _, b in pairs])
-    sums = {}
+    sums: Sums = {}
+
+    def keyed(values: List[np.ndarray]) -> Outputs:
+        return {(k, p): values[2 * k + (p == "out")] for k in range(len(pairs)) for p in ("in", "out")}
+
     for i in range(0, len(images), 32):
         batch = np.ascontiguousarray(images[i:i + 32])
-        f, g = fp_run(batch), q_run(batch)
-        keyed = lambda values: {(k, p): values[2 * k + (p == "out")] for k in range(len(pairs)) for p in ("in", "out")}
-        _accumulate(pairs, keyed(f), keyed(g), sums)
+        _accumulate(pairs, keyed(fp_run(batch)), keyed(q_run(batch)), sums)
     return pairs, sums
 
 
 # --- the report ---------------------------------------------------------------------------------------
 
-def layer_report(fmt, fp32_path, int8_path, images, scratch, folder=None, in_float=(), top=TOP):
+def layer_report(fmt: str, fp32_path: str, int8_path: str, images: np.ndarray, scratch: str,
+                 folder: Optional[str] = None, in_float: Sequence[str] = (), top: int = TOP) -> Optional[LayerReport]:
     """The ranked per-layer record for the manifest (top ``top`` layers + summary); with ``folder``, also
     writes the plot there as int8_layers.png. Returns None (with a warning) when it cannot be measured."""
     try:
@@ -217,31 +254,37 @@ def layer_report(fmt, fp32_path, int8_path, images, scratch, folder=None, in_flo
     except Exception as e:  # a report must never cost the user the bundle
         log.warning("per-layer INT8 report skipped: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
-    layers = []
+    layers = _rows(pairs, sums, set(in_float))
+    if not layers:
+        log.warning("per-layer INT8 report skipped: no layer of the INT8 model matched the FP32 model")
+        return None
+    layers.sort(key=lambda r: -r.loss_db)
+    worst = layers[0]
+    report = LayerReport(metric="SQNR (dB) of each weighted layer's output vs FP32; loss_db = input SQNR - output "
+                                "SQNR (what the layer adds); ranked by loss_db, worst first",
+                         images=int(len(images)), split="train (tuning images)", count=len(layers), worst=worst.name,
+                         median_sqnr_db=float(np.median([r.sqnr_db for r in layers])),
+                         min_sqnr_db=min(r.sqnr_db for r in layers), layers=layers[:top])
+    if folder is not None and _plot(layers[:top], os.path.join(folder, PLOT_FILE), fmt):
+        report.plot = PLOT_FILE
+    log.info("INT8 per-layer report: worst %s (loses %.1f dB, output SQNR %.1f dB)", worst.name, worst.loss_db,
+             worst.sqnr_db)
+    return report
+
+
+def _rows(pairs: Pairs, sums: Sums, in_float: set) -> List[LayerRow]:
+    rows = []
     for k, (a, b) in enumerate(pairs):
         if (k, "out") not in sums:
             continue
         out = sqnr_db(*sums[(k, "out")])
         inp = sqnr_db(*sums[(k, "in")]) if (k, "in") in sums else CAP_DB
-        layers.append({"name": b["name"], "fp32_name": a["name"], "op": b["op"], "sqnr_db": round(out, 2), "input_sqnr_db": round(inp, 2),
-                       "loss_db": round(inp - out, 2), "in_float": b["name"] in set(in_float)})
-    if not layers:
-        log.warning("per-layer INT8 report skipped: no layer of the INT8 model matched the FP32 model")
-        return None
-    layers.sort(key=lambda r: -r["loss_db"])
-    record = {"metric": "SQNR (dB) of each weighted layer's output vs FP32; loss_db = input SQNR - output SQNR "
-                        "(what the layer adds); ranked by loss_db, worst first",
-              "images": int(len(images)), "split": "train (tuning images)", "count": len(layers),
-              "worst": layers[0]["name"], "median_sqnr_db": float(np.median([r["sqnr_db"] for r in layers])),
-              "min_sqnr_db": min(r["sqnr_db"] for r in layers), "layers": layers[:top]}
-    if folder is not None and _plot(layers[:top], os.path.join(folder, PLOT_FILE), fmt):
-        record["plot"] = PLOT_FILE
-    log.info("INT8 per-layer report: worst %s (loses %.1f dB, output SQNR %.1f dB)", layers[0]["name"],
-             layers[0]["loss_db"], layers[0]["sqnr_db"])
-    return record
+        rows.append(LayerRow(name=b.name, fp32_name=a.name, op=b.op, sqnr_db=round(out, 2),
+                             input_sqnr_db=round(inp, 2), loss_db=round(inp - out, 2), in_float=b.name in in_float))
+    return rows
 
 
-def _plot(layers, path, fmt):
+def _plot(layers: List[LayerRow], path: str, fmt: str) -> bool:
     try:
         import matplotlib
 
@@ -250,10 +293,10 @@ def _plot(layers, path, fmt):
     except ImportError:
         log.warning("matplotlib is not installed; %s not written", os.path.basename(path))
         return False
-    names = [r["name"][-40:] for r in layers][::-1]
+    names = [r.name[-40:] for r in layers][::-1]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(layers) + 1.5))
-    ax.barh(names, [r["loss_db"] for r in layers][::-1], color="tab:red", label="dB lost in the layer")
-    ax.barh(names, [r["sqnr_db"] for r in layers][::-1], color="tab:blue", alpha=0.35, label="output SQNR (dB)")
+    ax.barh(names, [r.loss_db for r in layers][::-1], color="tab:red", label="dB lost in the layer")
+    ax.barh(names, [r.sqnr_db for r in layers][::-1], color="tab:blue", alpha=0.35, label="output SQNR (dB)")
     ax.set_xlabel("dB")
     ax.set_title(f"INT8 quantization error per layer ({fmt}); worst at the top")
     ax.legend(loc="lower right", fontsize=8)

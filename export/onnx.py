@@ -3,13 +3,21 @@ outputs, INT8 through ONNX Runtime's quantizer (static QDQ by default, dynamic o
 
 import contextlib
 import io
+import json
 import logging
 import os
+from typing import TYPE_CHECKING, List, Optional
 
 from .. import EdgeKDError
 from ..bundle.manifest import FORMAT_FILES, METADATA_KEYS
-
+from ..core.data import InputSpec
 from . import quantize_onnx as q
+from .job import ExportJob
+from .records import Restored, Tuning
+
+if TYPE_CHECKING:  # heavy: only for the type checker
+    import onnx
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +26,7 @@ log = logging.getLogger(__name__)
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
-def export_onnx(model, input_spec, folder, opset=None):
+def export_onnx(model: "nn.Module", input_spec: InputSpec, folder: str, opset: Optional[int] = None) -> str:
     """Write ``folder/model.onnx`` (+ ``model.onnx.data`` for huge models); return the model file name."""
     import onnx
     import torch
@@ -26,14 +34,13 @@ def export_onnx(model, input_spec, folder, opset=None):
     example = torch.zeros(2, input_spec.channels, input_spec.height, input_spec.width)
     path = os.path.join(folder, MODEL_FILE)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    kwargs = {"opset_version": opset} if opset else {}
     chatter = io.StringIO()  # the exporter prints progress lines; keep them for --debug logs only
     try:
         with contextlib.redirect_stdout(chatter):
             torch.onnx.export(
                 model.eval(), (example,), path, dynamo=True, input_names=["input"], output_names=["logits"],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                external_data=weight_bytes > EXTERNAL_DATA_BYTES, **kwargs,
+                external_data=weight_bytes > EXTERNAL_DATA_BYTES, opset_version=opset or None,
             )
     except Exception as e:
         log.debug(chatter.getvalue())
@@ -48,7 +55,7 @@ def export_onnx(model, input_spec, folder, opset=None):
     return MODEL_FILE
 
 
-def _strip_debug_metadata(path):
+def _strip_debug_metadata(path: str) -> None:
     """Drop the exporter's per-node stack traces and scope names: a device never reads them, and on a
     small model they are a tenth of the file (11 KB of the CIFAR-10 student's 114 KB)."""
     import onnx
@@ -60,10 +67,8 @@ def _strip_debug_metadata(path):
     onnx.save(model, path)
 
 
-def write_metadata(path, classes, input_spec):
+def write_metadata(path: str, classes: List[str], input_spec: InputSpec) -> None:
     """Describe the model inside the ONNX file (METADATA_KEYS), so the file alone is a usable teacher."""
-    import json
-
     import onnx
 
     model = onnx.load(path, load_external_data=False)  # external weights stay where they are
@@ -78,7 +83,7 @@ def write_metadata(path, classes, input_spec):
     onnx.save(model, path)
 
 
-def to_fp16(src, dst):
+def to_fp16(src: str, dst: str) -> None:
     """FP16 weights and arithmetic, float32 input and output (callers keep feeding float32 images)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -93,7 +98,7 @@ def to_fp16(src, dst):
         raise EdgeKDError(f"FP16 ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from e
 
 
-def _sort_topologically(graph):
+def _sort_topologically(graph: "onnx.GraphProto") -> None:
     """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable otherwise)."""
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     pending, ordered = list(graph.node), []
@@ -109,52 +114,57 @@ def _sort_topologically(graph):
     graph.node.extend(ordered)
 
 
-# The format table's steps (export/formats.py): each reads the job, writes its files, and returns what it
-# adds to ``job.info``; the pipeline runs the ones listed for the requested precision, in order.
+# The format table's steps (export/formats.py): each reads the job, writes its files, and records what it made
+# in ``job.result``; the pipeline runs the ones listed for the requested precision, in order.
 
 
-def onnx_fp32(job):
+def onnx_fp32(job: ExportJob) -> None:
     """FP32 ONNX from torch: the bundle's model at fp32, otherwise the reference the next step starts from."""
     folder = job.folder if job.precision == "fp32" else job.scratch
-    export_onnx(job.model, job.input_spec, folder, job.options.get("opset"))
-    return {"model_file": MODEL_FILE, "fp32_reference": os.path.join(folder, MODEL_FILE)}
+    export_onnx(job.model, job.input_spec, folder, job.options.opset)
+    job.result.model_file, job.result.fp32_reference = MODEL_FILE, os.path.join(folder, MODEL_FILE)
 
 
-def onnx_fp16(job):
-    to_fp16(job.info["fp32_reference"], os.path.join(job.folder, MODEL_FILE))
+def onnx_fp16(job: ExportJob) -> None:
+    to_fp16(_fp32_reference(job), os.path.join(job.folder, MODEL_FILE))
 
 
-def onnx_int8(job):
+def _fp32_reference(job: ExportJob) -> str:
+    if job.result.fp32_reference is None:
+        raise RuntimeError("the FP32 ONNX step must run first")  # the format table's order: our bug
+    return job.result.fp32_reference
+
+
+def onnx_int8(job: ExportJob) -> None:
     """INT8 through ONNX Runtime's quantizer: static QDQ on the calibration images, or dynamic on request."""
-    o = job.options
-    settings = q.int8_settings(o["int8_types"], o["reduce_range"], o["per_channel"], o.get("target_features"))
-    pre = q.preprocess(job.info["fp32_reference"], os.path.join(job.scratch, "preprocessed.onnx"))
+    settings = job.int8_settings()
+    pre = q.preprocess(_fp32_reference(job), os.path.join(job.scratch, "preprocessed.onnx"))
     out = os.path.join(job.folder, MODEL_FILE)
-    if o["quant"] == "dynamic":
+    if job.request.quant == "dynamic":
         log.warning("dynamic INT8 runs convolutions as ConvInteger, measured several times slower than FP32 "
                     "on CPU; static INT8 is the default for conv nets")
         q.quantize_dynamic_file(pre, out, settings)
-        settings.update(mode="dynamic", format="QOperator")
+        settings.mode, settings.format = "dynamic", "QOperator"
     else:
-        q.quantize_static_file(pre, out, job.calib, settings, o["calib_method"],
+        q.quantize_static_file(pre, out, job.calib, settings, job.request.calib_method,
                                os.path.join(job.scratch, "calibration-cache.json"), progress=job.progress)
-        settings.update(mode="static", calib_method=o["calib_method"])
-    return {"quantization": settings, "quantizable_layers": len(q.quantizable_nodes(pre)), "quantized_from": pre}
+        settings.mode, settings.calib_method = "static", job.request.calib_method
+    job.result.quantization = settings
+    job.result.quantizable_layers = len(q.quantizable_nodes(pre))
+    job.result.quantized_from = pre
 
 
-def onnx_describe(job):
+def onnx_describe(job: ExportJob) -> None:
     """The last ONNX step: class names and preprocessing travel inside the file (a teacher needs them)."""
-    write_metadata(os.path.join(job.folder, MODEL_FILE), job.options["classes"], job.input_spec)
+    write_metadata(os.path.join(job.folder, MODEL_FILE), job.checkpoint.classes, job.input_spec)
 
 
-def restore_onnx(job, tune, max_drop, max_layers):
+def restore_onnx(job: ExportJob, tune: Tuning, max_drop: float, max_layers: int) -> Restored:
     """Accuracy-aware retry for ONNX INT8: keep the most sensitive layers in float (nodes_to_exclude)."""
-    o = job.options
-    if o["quant"] == "dynamic":
+    if job.request.quant == "dynamic":
         raise EdgeKDError("the INT8 fallback works on static quantization; drop --quant dynamic")
-    settings = q.int8_settings(o["int8_types"], o["reduce_range"], o["per_channel"], o.get("target_features"))
     pre = os.path.join(job.scratch, "preprocessed.onnx")
-    restored = q.restore_layers(pre, os.path.join(job.folder, MODEL_FILE), job.scratch, job.calib, tune, settings,
-                                o["calib_method"], max_drop, max_layers, job.progress)
+    restored = q.restore_layers(pre, os.path.join(job.folder, MODEL_FILE), job.scratch, job.calib, tune,
+                                job.int8_settings(), job.request.calib_method, max_drop, max_layers, job.progress)
     onnx_describe(job)  # the re-quantized file is a new file
     return restored

@@ -13,14 +13,14 @@ import sys
 import tempfile
 
 from .. import EdgeKDError
+from ..base.telemetry import switch_off
+from ..bundle.manifest import FORMAT_FILES, Manifest, sha256_file, write_manifest
+from ..bundle.runtime import verify_bundle
 
 
-def onnx_bundle_to_openvino(src, out):
+def onnx_bundle_to_openvino(src: str, out: str) -> Manifest:
     """Convert ``src`` (an ONNX bundle) into a new OpenVINO bundle folder ``out``; return its manifest."""
     import openvino as ov
-
-    from ..bundle.manifest import FORMAT_FILES, sha256_file, write_manifest
-    from ..bundle.runtime import verify_bundle
 
     manifest = verify_bundle(src)
     if manifest.format != "onnx":
@@ -45,8 +45,6 @@ def onnx_bundle_to_openvino(src, out):
 
 
 if __name__ == "__main__":
-    from ..base.telemetry import switch_off
-
     switch_off()  # an edgekd process: OpenVINO telemetry off before openvino is imported
     if len(sys.argv) != 3:
         sys.exit("usage: python -m edgekd.export.openvino_ir ONNX_BUNDLE OUT")

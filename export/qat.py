@@ -20,50 +20,65 @@ import io
 import logging
 import os
 import warnings
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+import numpy as np
 
 from .. import EdgeKDError
+from ..base.files import path_from_file
 from ..bundle.manifest import FORMAT_FILES
+from ..core.checkpoint import Checkpoint
+from ..core.fakequant import quantizer_modules
+from ..core.loading import float_model, load_model
+from .job import ExportJob
+from .onnx import onnx_fp32, onnx_int8
+from .openvino import import_openvino, quantized_layers
+from .records import Int8Settings, QatQuantization, QatSource
+
+if TYPE_CHECKING:  # heavy: only for the type checker
+    import onnx
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 ONNX_FILE, OV_FILE = FORMAT_FILES["onnx"][0], FORMAT_FILES["openvino"][0]
 QDQ_OPSET = 17
+AS_TRAINED = "as trained (NNCF's quantizers)"
 
 
-def build_qat(job):
-    """The exporter for a QAT checkpoint at int8, either format; returns the format exporter's info dict."""
-    from ..core.loading import float_model
-
-    ckpt = job.state["ckpt"]
-    fp32 = float_model(ckpt)
-    if job.options["format"] == "onnx" and job.options.get("qat_onnx", "ort") == "ort":
-        info = _onnx_runtime_placement(job, fp32)
-    elif job.options["format"] == "onnx":
-        info = _onnx(job, fp32)
+def build_qat(job: ExportJob) -> None:
+    """The exporter for a QAT checkpoint at int8, either format: fills ``job.result``."""
+    qat = job.checkpoint.qat
+    if qat is None:
+        raise RuntimeError("build_qat converts QAT checkpoints only")  # the pipeline chose the steps: our bug
+    fp32 = float_model(job.checkpoint)
+    if job.request.format == "onnx" and job.options.qat_onnx == "ort":
+        placement = _onnx_runtime_placement(job, fp32)
+    elif job.request.format == "onnx":
+        placement = _onnx(job, fp32)
     else:
-        info = _openvino(job, fp32)
-    qat = ckpt["qat"]
-    runtime_settings = info.pop("quantization", None)  # --qat-onnx ort: ONNX Runtime's settings, kept below
-    info["quantization"] = {"mode": "qat", "tool": "edgekd quantize (NNCF fake quantizers, distillation fine-tuning)",
-                            "source_student": qat.get("source"), "layers_int8": qat.get("layers_int8"),
-                            "calibration_images": qat.get("calib_size"), "int8_graph_layers": info["int8_layers"],
-                            "placement": info.pop("placement", "as trained (NNCF's quantizers)")}
-    if runtime_settings:
-        info["quantization"]["onnxruntime"] = runtime_settings
-    info["quantizable_layers"] = info.get("quantizable_layers") or len(info["int8_layers"])
-    if not info["int8_layers"]:
+        placement = _openvino(job, fp32)
+    result = job.result
+    int8_layers = result.int8_layers or []
+    runtime = result.quantization  # --qat-onnx ort: ONNX Runtime's settings, kept below
+    result.quantization = QatQuantization(
+        source_student=qat.source, layers_int8=qat.layers_int8, calibration_images=qat.calib_size,
+        int8_graph_layers=int8_layers, placement=placement,
+        onnxruntime=runtime if isinstance(runtime, Int8Settings) else None)
+    result.quantizable_layers = result.quantizable_layers or len(int8_layers)
+    if not int8_layers:
         raise EdgeKDError("the converted QAT model holds no INT8 layer (no quantize/dequantize feeds a weighted op)")
-    return info
 
 
-def _example(job):
+def _example(job: ExportJob) -> "torch.Tensor":
     import torch
 
     s = job.input_spec
     return torch.zeros(2, s.channels, s.height, s.width)
 
 
-def _torchscript_onnx(model, example, path):
+def _torchscript_onnx(model: "nn.Module", example: "torch.Tensor", path: str) -> None:
     import torch
 
     chatter = io.StringIO()
@@ -74,11 +89,10 @@ def _torchscript_onnx(model, example, path):
     log.debug(chatter.getvalue())
 
 
-def _onnx(job, fp32):
+def _onnx(job: ExportJob, fp32: "nn.Module") -> str:
+    """--qat-onnx nncf: NNCF's quantizers exported as QDQ pairs; returns the placement."""
     import onnx
     from nncf.torch.quantization.layers import QuantizerExportMode
-
-    from ..core.fakequant import quantizer_modules
 
     qmodel = copy.deepcopy(job.model).eval()
     for q in quantizer_modules(qmodel):
@@ -93,11 +107,13 @@ def _onnx(job, fp32):
     folded = fold_batchnorm(out)
     onnx.checker.check_model(out, full_check=True)
     log.info("ONNX QAT model: %d batch norm(s) folded into their quantized convolutions", folded)
-    return {"model_file": ONNX_FILE, "fp32_reference": reference, "int8_layers": qdq_layers(out),
-            "batchnorms_folded": folded}
+    result = job.result
+    result.model_file, result.fp32_reference, result.int8_layers = ONNX_FILE, reference, qdq_layers(out)
+    result.batchnorms_folded = folded
+    return AS_TRAINED
 
 
-def fold_batchnorm(path):
+def fold_batchnorm(path: str) -> int:
     """Fold every BatchNormalization that follows a Conv whose weight is a constant through a per-channel
     symmetric QuantizeLinear -> DequantizeLinear into that Conv; return how many were folded.
 
@@ -108,70 +124,109 @@ def fold_batchnorm(path):
     Q(w * s, scale * |s|) = sign(s) * Q(w, scale) for a symmetric quantizer (zero point 0, round half to
     even), so the INT8 weights keep their values up to sign and BN(conv(x)) = conv'(x) + (b - mean) * s + beta.
     """
-    import numpy as np
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(path)
-    g = model.graph
-    tensors = {t.name: t for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            tensors[n.output[0]] = n.attribute[0].t
-    value = (lambda name: numpy_helper.to_array(tensors[name]) if name in tensors else None)
-    producer = {o: n for n in g.node for o in n.output}
-    readers = {}
-    for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    attr = (lambda node, name, default: next((onnx.helper.get_attribute_value(a) for a in node.attribute
-                                              if a.name == name), default))
-    dead = []
-    for bn in [n for n in g.node if n.op_type == "BatchNormalization"]:
-        conv = producer.get(bn.input[0])
-        if conv is None or conv.op_type != "Conv" or readers.get(conv.output[0]) != 1 or len(bn.output) != 1:
-            continue
-        dq = producer.get(conv.input[1])
-        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if q is None or q.op_type != "QuantizeLinear" or readers.get(q.output[0]) != 1 or readers.get(dq.output[0]) != 1:
-            continue
-        w, scale = value(q.input[0]), value(q.input[1])
-        zero = value(q.input[2]) if len(q.input) > 2 else None
-        gamma, beta, mean, var = (value(name) for name in bn.input[1:5])
-        if any(x is None for x in (w, scale, gamma, beta, mean, var)) or dq.input[1:] != q.input[1:]:
-            continue
-        if (zero is not None and np.any(zero != 0)) or scale.ndim != 1 or attr(q, "axis", 1) != 0 \
-                or len(scale) != w.shape[0]:
-            continue  # per-tensor or asymmetric weights: folding would change the INT8 values
-        s = (gamma / np.sqrt(var + attr(bn, "epsilon", 1e-5))).astype(np.float64)
-        bias = value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0])
-        if bias is None:
-            continue
-        folded = {"weight": (w * s.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype),
-                  "scale": (scale * np.abs(s)).astype(scale.dtype),
-                  "bias": ((bias - mean) * s + beta).astype(w.dtype)}
-        names = {k: f"{conv.name or conv.output[0]}.folded_{k}" for k in folded}
-        g.initializer.extend(numpy_helper.from_array(v, names[k]) for k, v in folded.items())
-        q.input[0], q.input[1], dq.input[1] = names["weight"], names["scale"], names["scale"]
-        if len(conv.input) > 2:
-            conv.input[2] = names["bias"]
-        else:
-            conv.input.append(names["bias"])
-        conv.output[0] = bn.output[0]
-        dead.append(bn)
+    graph = _Graph(model.graph)
+    dead = [bn for bn in list(model.graph.node) if bn.op_type == "BatchNormalization" and graph.fold(bn)]
     for bn in dead:
-        g.node.remove(bn)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    for n in [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]:
-        g.node.remove(n)  # the old scales
-    keep = [t for t in g.initializer if t.name in used or t.name in {i.name for i in g.input}]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+        model.graph.node.remove(bn)
+    _prune(model.graph)
     onnx.save(model, path)
     return len(dead)
 
 
-def _onnx_runtime_placement(job, fp32):
+class _Graph:
+    """An ONNX graph's constants, producers and reader counts, for folding batch norms into QDQ convolutions."""
+
+    def __init__(self, g: "onnx.GraphProto") -> None:
+        self.g = g
+        self.tensors = {t.name: t for t in g.initializer}
+        for n in g.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.tensors[n.output[0]] = n.attribute[0].t
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.readers: Dict[str, int] = {}
+        for n in g.node:
+            for i in n.input:
+                self.readers[i] = self.readers.get(i, 0) + 1
+
+    def value(self, name: str) -> Optional[np.ndarray]:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.tensors[name]) if name in self.tensors else None
+
+    def _single(self, name: str) -> bool:
+        return self.readers.get(name) == 1
+
+    def _chain(self, bn: "onnx.NodeProto") -> Optional[Tuple["onnx.NodeProto", "onnx.NodeProto", "onnx.NodeProto"]]:
+        """(conv, quantize, dequantize) when ``bn`` follows a Conv whose weight is a constant through a QDQ pair."""
+        conv = self.producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or not self._single(conv.output[0]) or len(bn.output) != 1:
+            return None
+        dq = self.producer.get(conv.input[1])
+        q = self.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if dq is None or q is None or q.op_type != "QuantizeLinear" or not self._single(q.output[0]) \
+                or not self._single(dq.output[0]) or dq.input[1:] != q.input[1:]:
+            return None
+        return conv, q, dq
+
+    def fold(self, bn: "onnx.NodeProto") -> bool:
+        """Fold ``bn`` into its quantized Conv when that is exact; whether it was."""
+        chain = self._chain(bn)
+        if chain is None:
+            return False
+        conv, q, dq = chain
+        w, scale = self.value(q.input[0]), self.value(q.input[1])
+        zero = self.value(q.input[2]) if len(q.input) > 2 else None
+        gamma, beta, mean, var = (self.value(name) for name in bn.input[1:5])
+        if w is None or scale is None or gamma is None or beta is None or mean is None or var is None:
+            return False
+        if (zero is not None and np.any(zero != 0)) or scale.ndim != 1 or _attr(q, "axis", 1) != 0 \
+                or len(scale) != w.shape[0]:
+            return False  # per-tensor or asymmetric weights: folding would change the INT8 values
+        bias = self.value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0])
+        if bias is None:
+            return False
+        s = (gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))).astype(np.float64)
+        folded = {"weight": (w * s.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype),
+                  "scale": (scale * np.abs(s)).astype(scale.dtype),
+                  "bias": ((bias - mean) * s + beta).astype(w.dtype)}
+        self._rewire(conv, q, dq, bn, folded)
+        return True
+
+    def _rewire(self, conv: "onnx.NodeProto", q: "onnx.NodeProto", dq: "onnx.NodeProto", bn: "onnx.NodeProto",
+                folded: Dict[str, np.ndarray]) -> None:
+        from onnx import numpy_helper
+
+        weight, scale, bias = (f"{conv.name or conv.output[0]}.folded_{k}" for k in ("weight", "scale", "bias"))
+        self.g.initializer.extend(numpy_helper.from_array(v, name) for v, name in
+                                  ((folded["weight"], weight), (folded["scale"], scale), (folded["bias"], bias)))
+        q.input[0], q.input[1], dq.input[1] = weight, scale, scale
+        if len(conv.input) > 2:
+            conv.input[2] = bias
+        else:
+            conv.input.append(bias)
+        conv.output[0] = bn.output[0]
+
+
+def _attr(node: "onnx.NodeProto", name: str, default: object) -> object:
+    import onnx
+
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _prune(g: "onnx.GraphProto") -> None:
+    """Drop the constants and initializers nothing reads any more (the old scales and weights)."""
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for n in [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]:
+        g.node.remove(n)
+    keep = [t for t in g.initializer if t.name in used or t.name in {i.name for i in g.input}]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def _onnx_runtime_placement(job: ExportJob, fp32: "nn.Module") -> str:
     """ONNX, the default (--qat-onnx ort): the QAT-trained weights (the fine-tuned model without its fake
     quantizers) through the same FP32 export and ONNX Runtime static quantization as post-training INT8,
     calibrated on train images. Why not the trained quantizers as they are: NNCF places them where OpenVINO
@@ -180,24 +235,20 @@ def _onnx_runtime_placement(job, fp32):
     Conv runs in fp32 on dequantized tensors (MobileNetV3-small on CIFAR-10: 7 of 52 convolutions fused, 0.12x
     the FP32 speed at batch 32). The weights still carry the training: ONNX Runtime quantizes them per channel,
     symmetric, to 8 bits as NNCF did; the activation ranges come from calibration."""
-    from .onnx import MODEL_FILE, onnx_fp32, onnx_int8
-
     if job.calib is None:
         raise EdgeKDError("--qat-onnx ort re-quantizes the QAT-trained weights with ONNX Runtime and needs "
                           "calibration images; --quant dynamic cannot convert a QAT model")
     qmodel, job.model = job.model, fp32
     try:
-        job.info.update(onnx_fp32(job))  # the next step reads the FP32 file from job.info
-        info = {**job.info, **onnx_int8(job)}
+        onnx_fp32(job)  # the next step reads the FP32 file from job.result
+        onnx_int8(job)
     finally:
         job.model = qmodel
-    path = os.path.join(job.folder, MODEL_FILE)
-    info.update(int8_layers=qdq_layers(path), placement="ONNX Runtime static QDQ (the trained weights re-quantized, "
-                                                         "activations calibrated)")
-    return info
+    job.result.int8_layers = qdq_layers(os.path.join(job.folder, ONNX_FILE))
+    return "ONNX Runtime static QDQ (the trained weights re-quantized, activations calibrated)"
 
 
-def qdq_layers(path):
+def qdq_layers(path: str) -> List[str]:
     """Names of the Conv/Gemm/MatMul nodes of an ONNX graph fed by a DequantizeLinear (they run in INT8)."""
     import onnx
 
@@ -206,9 +257,7 @@ def qdq_layers(path):
     return [n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and any(i in dq for i in n.input)]
 
 
-def _openvino(job, fp32):
-    from .openvino import import_openvino, quantized_layers
-
+def _openvino(job: ExportJob, fp32: "nn.Module") -> str:
     ov = import_openvino()
     s = job.input_spec
     shape = [-1, s.channels, s.height, s.width]
@@ -223,30 +272,30 @@ def _openvino(job, fp32):
         raise EdgeKDError(f"openvino.convert_model of the QAT model failed: {type(e).__name__}: "
                           f"{str(e).splitlines()[0]}") from e
     ov.save_model(model, os.path.join(job.folder, OV_FILE), compress_to_fp16=False)
-    return {"model_file": OV_FILE, "fp32_reference": reference, "int8_layers": quantized_layers(model)}
+    result = job.result
+    result.model_file, result.fp32_reference, result.int8_layers = OV_FILE, reference, quantized_layers(model)
+    return AS_TRAINED
 
 
-def fp32_student_record(ckpt, images, labels, bundle_top1, folder="."):
+def fp32_student_record(ckpt: Checkpoint, images: np.ndarray, labels: np.ndarray, bundle_top1: float,
+                        folder: str = ".") -> QatSource:
     """Top-1 of the FP32 student the QAT started from, on the gate's images, and the bundle's drop against it
     (the gate itself compares the bundle with the fake-quantized model in torch: like with like)."""
-    import numpy as np
     import torch
 
-    from ..core.loading import load_model
-
-    from ..base.files import path_from_file
-
-    source = path_from_file(ckpt["qat"].get("source"), folder)  # recorded relative to the QAT checkpoint's folder
-    record = {"source": ckpt["qat"].get("source"), "top1": None, "drop_vs_fp32_student": None}
+    qat = ckpt.qat
+    recorded = qat.source if qat else None
+    source = path_from_file(recorded, folder)  # recorded relative to the QAT checkpoint's folder
+    record = QatSource(recorded)
     if source and os.path.isfile(source):
         model, _ = load_model(source)
         with torch.no_grad():
             preds = np.concatenate([model(torch.from_numpy(images[i:i + 256])).argmax(1).numpy()
                                     for i in range(0, len(images), 256)])
-        record["top1"] = float((preds == labels).mean())
+        record.top1 = float((preds == labels).mean())
     else:
-        record["top1"] = ckpt["qat"].get("source_top1")
-        record["note"] = "source checkpoint not found: its test top-1 at QAT time is used"
-    if record["top1"] is not None:
-        record["drop_vs_fp32_student"] = round((record["top1"] - bundle_top1) * 100, 4)
+        record.top1 = qat.source_top1 if qat else None
+        record.note = "source checkpoint not found: its test top-1 at QAT time is used"
+    if record.top1 is not None:
+        record.drop_vs_fp32_student = round((record.top1 - bundle_top1) * 100, 4)
     return record

@@ -9,10 +9,16 @@ with signed activations and weights, so the defaults differ by CPU; every choice
 import logging
 import os
 import platform
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from .. import EdgeKDError
+from ..base.progress import bar
+from .records import Int8Settings, Restored, Tuning
+
+if TYPE_CHECKING:  # heavy: only for the type checker
+    from onnxruntime.quantization import CalibrationMethod, QuantType
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +26,12 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_TYPES = ("auto", "u8s8", "u8u8", "s8s8")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+Features = Tuple[str, Set[str]]  # a CPU's architecture and instruction-set flags
 
 
-def cpu_features():
+def cpu_features() -> Features:
     """The CPU's architecture and its instruction-set flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    flags = set()
+    flags: Set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -36,9 +43,10 @@ def cpu_features():
     return platform.machine().lower(), flags
 
 
-def int8_settings(types="auto", reduce_range=None, per_channel=True, features=None):
+def choose_int8_settings(types: str = "auto", reduce_range: Optional[bool] = None, per_channel: Optional[bool] = True,
+                         features: Optional[Features] = None) -> Int8Settings:
     """Activation/weight types and range for the target's CPU (``features``: (arch, flags), default this
-    machine's; ``edgekd export --target``), unless the user chose them. Returns a manifest record."""
+    machine's; ``edgekd export --target``), unless the user chose them."""
     arch, flags = features or cpu_features()
     vnni = sorted(flags & set(VNNI_FLAGS))
     if types == "auto":
@@ -54,19 +62,24 @@ def int8_settings(types="auto", reduce_range=None, per_channel=True, features=No
         reason = "chosen with --int8-types"
     if types not in INT8_TYPES[1:]:
         raise EdgeKDError(f"unknown --int8-types {types!r}: choose from {', '.join(INT8_TYPES)}")
-    return {"activation_type": "uint8" if types[0] == "u" else "int8",
-            "weight_type": "uint8" if types[2] == "u" else "int8",
-            "reduce_range": bool(reduce_range), "per_channel": bool(per_channel), "format": "QDQ",
-            "chosen_because": reason, "cpu": {"arch": arch, "vnni": vnni}}
+    return Int8Settings(activation_type="uint8" if types[0] == "u" else "int8",
+                        weight_type="uint8" if types[2] == "u" else "int8", reduce_range=bool(reduce_range),
+                        per_channel=bool(per_channel), chosen_because=reason, cpu_arch=arch, vnni=vnni)
 
 
-def _qtype(name):
+def int8_settings(types: str = "auto", reduce_range: Optional[bool] = None, per_channel: Optional[bool] = True,
+                  features: Optional[Features] = None) -> Dict[str, Any]:
+    """``choose_int8_settings`` as the manifest records it."""
+    return choose_int8_settings(types, reduce_range, per_channel, features).to_dict()
+
+
+def _qtype(name: str) -> "QuantType":
     from onnxruntime.quantization import QuantType
 
     return QuantType.QUInt8 if name == "uint8" else QuantType.QInt8
 
 
-def _method(name):
+def _method(name: str) -> "CalibrationMethod":
     from onnxruntime.quantization import CalibrationMethod
 
     return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -76,14 +89,13 @@ def _method(name):
 class ImageReader:
     """ONNX Runtime's CalibrationDataReader over preprocessed images, with a progress bar."""
 
-    def __init__(self, images, input_name="input", batch_size=32, progress=True):
-        from ..base.progress import bar
-
+    def __init__(self, images: np.ndarray, input_name: str = "input", batch_size: int = 32,
+                 progress: bool = True) -> None:
         self.batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
         self.bar = bar(total=len(images), desc="calibrating", unit="img", disable=not progress)
         self.input_name, self.i = input_name, 0
 
-    def get_next(self):
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
         if self.i >= len(self.batches):
             self.bar.close()
             return None
@@ -92,11 +104,11 @@ class ImageReader:
         self.bar.update(len(batch))
         return {self.input_name: np.ascontiguousarray(batch)}
 
-    def rewind(self):
+    def rewind(self) -> None:
         self.i = 0
 
 
-def preprocess(fp32_path, out_path):
+def preprocess(fp32_path: str, out_path: str) -> str:
     """ONNX Runtime's quant_pre_process (shape inference + graph optimisation) before quantizing."""
     from onnxruntime.quantization import quant_pre_process
 
@@ -107,15 +119,20 @@ def preprocess(fp32_path, out_path):
     return out_path
 
 
-def quantize_static_file(pre_path, out_path, calib_images, settings, method, cache_path, exclude=(), progress=True):
+def quantize_static_file(pre_path: str, out_path: str, calib_images: Optional[np.ndarray], settings: Int8Settings,
+                         method: str, cache_path: str, exclude: Sequence[str] = (), progress: bool = True) -> None:
     """Static QDQ quantization; calibration ranges are cached so a fallback retry does not recalibrate."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
-    reader = None if os.path.isfile(cache_path) else ImageReader(calib_images, progress=progress)
+    reader = None
+    if not os.path.isfile(cache_path):  # the ranges are not cached yet: calibrate
+        if calib_images is None:
+            raise RuntimeError("static INT8 needs calibration images")  # the pipeline calibrates first: our bug
+        reader = ImageReader(calib_images, progress=progress)
     try:
         quantize_static(pre_path, out_path, reader, quant_format=QuantFormat.QDQ,
-                        per_channel=settings["per_channel"], reduce_range=settings["reduce_range"],
-                        activation_type=_qtype(settings["activation_type"]), weight_type=_qtype(settings["weight_type"]),
+                        per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                        activation_type=_qtype(settings.activation_type), weight_type=_qtype(settings.weight_type),
                         calibrate_method=_method(method), nodes_to_exclude=list(exclude) or None,
                         calibration_cache_path=cache_path)
     except EdgeKDError:
@@ -124,18 +141,18 @@ def quantize_static_file(pre_path, out_path, calib_images, settings, method, cac
         raise EdgeKDError(f"ONNX Runtime static quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
-def quantize_dynamic_file(pre_path, out_path, settings):
+def quantize_dynamic_file(pre_path: str, out_path: str, settings: Int8Settings) -> None:
     """Dynamic INT8 (weights only, activations quantized at run time). Slow for conv nets: never a default."""
     from onnxruntime.quantization import quantize_dynamic
 
     try:
-        quantize_dynamic(pre_path, out_path, per_channel=settings["per_channel"],
-                         reduce_range=settings["reduce_range"], weight_type=_qtype(settings["weight_type"]))
+        quantize_dynamic(pre_path, out_path, per_channel=settings.per_channel,
+                         reduce_range=settings.reduce_range, weight_type=_qtype(settings.weight_type))
     except Exception as e:
         raise EdgeKDError(f"ONNX Runtime dynamic quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
-def quantizable_nodes(path):
+def quantizable_nodes(path: str) -> List[str]:
     """Names of the nodes whose weights INT8 quantizes (Conv, Gemm, MatMul), in graph order."""
     import onnx
 
@@ -143,36 +160,38 @@ def quantizable_nodes(path):
     return [n.name for n in graph.node if n.op_type in QUANTIZED_OPS]
 
 
-def _logits(path, images):
+def _logits(path: str, images: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(None, {"input": images[i:i + 256]})[0] for i in range(0, len(images), 256)])
 
 
-def rank_sensitivity(pre_path, scratch, calib_images, tune_images, settings, method, progress=True):
+def rank_sensitivity(pre_path: str, scratch: str, calib_images: Optional[np.ndarray], tune_images: np.ndarray,
+                     settings: Int8Settings, method: str, progress: bool = True) -> Tuple[List[str], Dict[str, float]]:
     """Layers ordered from most to least harmful when quantized: for each, the logit error against FP32
     on the tuning images when only that layer is kept in float (lower error = more sensitive)."""
-    from ..base.progress import bar
-
     reference = _logits(pre_path, tune_images)
     cache = os.path.join(scratch, "calibration-cache.json")
-    errors = {}
+    errors: Dict[str, float] = {}
     for name in bar(quantizable_nodes(pre_path), desc="ranking layers", unit="layer", disable=not progress):
         trial = os.path.join(scratch, "trial.onnx")
         quantize_static_file(pre_path, trial, calib_images, settings, method, cache, exclude=[name], progress=progress)
         errors[name] = float(np.mean((_logits(trial, tune_images) - reference) ** 2))
-    return sorted(errors, key=errors.get), errors
+    return sorted(errors, key=lambda name: errors[name]), errors
 
 
-def restore_layers(pre_path, out_path, scratch, calib_images, tune, settings, method, max_drop, max_layers, progress=True):
+def restore_layers(pre_path: str, out_path: str, scratch: str, calib_images: Optional[np.ndarray], tune: Tuning,
+                   settings: Int8Settings, method: str, max_drop: float, max_layers: int,
+                   progress: bool = True) -> Restored:
     """Keep the most sensitive layers in float, one more at a time, until the top-1 drop on the tuning
     images (train split, never the test split) fits ``max_drop`` points or ``max_layers`` is reached."""
     tune_images, tune_labels = tune
     reference_top1 = float((_logits(pre_path, tune_images).argmax(1) == tune_labels).mean())
     order, errors = rank_sensitivity(pre_path, scratch, calib_images, tune_images, settings, method, progress)
     cache = os.path.join(scratch, "calibration-cache.json")
-    kept, drop = [], None
+    kept: List[str] = []
+    drop: Optional[float] = None
     for name in order[:max_layers]:
         kept.append(name)
         quantize_static_file(pre_path, out_path, calib_images, settings, method, cache, exclude=kept, progress=progress)
@@ -181,5 +200,5 @@ def restore_layers(pre_path, out_path, scratch, calib_images, tune, settings, me
         log.info("INT8 fallback: %d layer(s) in float, tuning drop %.2f points", len(kept), drop)
         if drop <= max_drop:
             break
-    return {"layers_in_float": kept, "tuning_drop": drop, "ranking": {n: errors[n] for n in order},
-            "method": "per-layer sensitivity (logit MSE vs FP32 with the layer in float), nodes_to_exclude"}
+    return Restored(kept, "per-layer sensitivity (logit MSE vs FP32 with the layer in float), nodes_to_exclude",
+                    tuning_drop=drop, ranking={n: errors[n] for n in order})

@@ -22,8 +22,15 @@ import platform
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Set
+
+import numpy as np
 
 from .. import EdgeKDError
+from ..base import ssh
+from ..bundle import runner
+from .quantize_onnx import cpu_features
+from .records import RanOn
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +40,51 @@ STATIC_BATCH = 1  # OpenVINO bundles for ARM: the batch edge applications call w
 
 
 @dataclass
+class DeviceEnv:
+    """What the device runner's ``env`` says about the device (its JSON, read here)."""
+
+    machine: str
+    cpu: Optional[str] = None
+    cores: Optional[int] = None
+    versions: Optional[Dict[str, str]] = None
+    emulated: Any = None                     # what says so (qemu), when the CPU is emulated
+    cpu_flags: Set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DeviceEnv":
+        d = json.loads(text)
+        return cls(str(d.get("machine", "?")), d.get("cpu"), d.get("cores"), d.get("versions"), d.get("emulated"),
+                   set(d.get("cpu_flags") or ()))
+
+    def record(self) -> Dict[str, Any]:
+        """The manifest's ``target.device``: what is known of it."""
+        known = {"cpu": self.cpu, "machine": self.machine, "cores": self.cores, "versions": self.versions,
+                 "emulated": self.emulated}
+        return {k: v for k, v in known.items() if v is not None}
+
+
+@dataclass
 class Target:
     """What ``--target`` resolved to: a name, the CPU (architecture and feature flags) and, for ssh://, the device."""
 
     name: str
     arch: str
-    flags: set = field(default_factory=set)
-    device: object = None        # an edgekd.ssh.Target for ssh:// targets
-    environment: dict = None     # the device runner's ``env`` there
+    flags: Set[str] = field(default_factory=set)
+    device: Optional[ssh.Target] = None           # the device, for ssh:// targets
+    environment: Optional[DeviceEnv] = None  # what the device runner says there
     timeout: int = 600
 
     @property
-    def here(self):
+    def here(self) -> bool:
         return self.name == "cpu"
 
-    def static_batch(self, fmt):
+    def static_batch(self, fmt: str) -> Optional[int]:
         """The static batch a bundle of ``fmt`` needs on this target, or None (dynamic batch)."""
         return STATIC_BATCH if fmt == "openvino" and self.arch in ARM else None
 
-    def record(self, fmt, int8_types=None):
+    def record(self, fmt: str, int8_types: Optional[str] = None) -> Dict[str, Any]:
         """The manifest's ``target`` entry."""
-        rec = {"name": self.name, "arch": self.arch, "static_batch": self.static_batch(fmt)}
+        rec: Dict[str, Any] = {"name": self.name, "arch": self.arch, "static_batch": self.static_batch(fmt)}
         if fmt == "openvino":
             rec["openvino_inference_precision"] = "f32"
             rec["openvino_inference_precision_note"] = (
@@ -62,15 +93,12 @@ class Target:
         if int8_types:
             rec["int8_types"] = int8_types
         if self.environment:
-            rec["device"] = {k: self.environment.get(k) for k in ("cpu", "machine", "cores", "versions", "emulated")
-                             if self.environment.get(k) is not None}
+            rec["device"] = self.environment.record()
         return rec
 
 
-def resolve(spec, ssh_config=None, timeout=600):
+def resolve(spec: Optional[str], ssh_config: Optional[str] = None, timeout: int = 600) -> Target:
     """``--target`` -> Target; a bad name, or an ssh:// device that does not answer, is one line (exit 2)."""
-    from .quantize_onnx import cpu_features
-
     if spec in (None, "", "cpu"):
         arch, flags = cpu_features()
         return Target("cpu", arch, flags)
@@ -85,9 +113,7 @@ def resolve(spec, ssh_config=None, timeout=600):
     raise EdgeKDError(f"unknown --target {spec!r}: choose {', '.join(NAMES)} or ssh://[user@]host[:port][/python]")
 
 
-def _ssh_target(spec, ssh_config, timeout):
-    from ..base import ssh
-
+def _ssh_target(spec: str, ssh_config: Optional[str], timeout: int) -> Target:
     device = ssh.parse_target(spec, ssh_config)
     if device.folder:
         raise EdgeKDError(f"--target {spec!r}: give the device's Python after the host (ssh://host/path/to/python), "
@@ -102,36 +128,30 @@ def _ssh_target(spec, ssh_config, timeout):
         raise EdgeKDError(f"--target {spec}: cannot run the device runner with {device.python!r} there "
                           f"({str(e).split(' failed: ', 1)[-1]}); give the device's Python 3.8+: "
                           "ssh://host/path/to/python") from e
-    env = json.loads(out.decode().strip().splitlines()[-1])
-    log.info("target %s: %s (%s)%s", device, env.get("cpu"), env.get("machine"),
-             ", emulated" if env.get("emulated") else "")
+    env = DeviceEnv.from_json(out.decode().strip().splitlines()[-1])
+    log.info("target %s: %s (%s)%s", device, env.cpu, env.machine, ", emulated" if env.emulated else "")
     return Target(str(device) + (device.python if device.python != ssh.DEFAULT_PYTHON else ""),
-                  env.get("machine", "?").lower(), set(env.get("cpu_flags") or ()), device, env, timeout)
+                  env.machine.lower(), env.cpu_flags, device, env, timeout)
 
 
-def _runner():
+def _runner() -> str:
     """The self-contained bundle runner's file, which is copied to (or piped into) the device's Python."""
-    from ..bundle import runner
-
     return runner.__file__
 
 
-def _remove(device, remote):
-    from ..base import ssh
-
+def _remove(device: ssh.Target, remote: str) -> None:
     try:
         ssh.run(device, f"rm -rf {ssh.quote(remote)}", 60)
     except EdgeKDError as e:
         log.warning("could not remove %s on %s: %s", remote, device, e)
 
 
-def remote_logits(target, folder, model_file, fmt, images, static_batch=None):
+def remote_logits(target: Target, folder: str, model_file: str, fmt: str, images: np.ndarray,
+                  static_batch: Optional[int] = None) -> np.ndarray:
     """The model file's logits on ``images``, computed on the target device by the device runner."""
-    import numpy as np
-
-    from ..base import ssh
-
     device, timeout, q = target.device, target.timeout, ssh.quote
+    if device is None:
+        raise ValueError("remote_logits needs an ssh:// target")
     stage = tempfile.mkdtemp(prefix="edgekd-gate-")
     remote = None
     try:
@@ -155,13 +175,11 @@ def remote_logits(target, folder, model_file, fmt, images, static_batch=None):
             _remove(device, remote)
 
 
-def where(target):
+def where(target: Target) -> RanOn:
     """The manifest's ``validation.ran_on``: where the parity gate (and INT8 check) ran."""
     if target.device is None:
-        return {"where": "this machine", "machine": platform.machine()}
-    env = target.environment or {}
-    rec = {"where": target.name, "machine": env.get("machine"), "cpu": env.get("cpu"),
-           "runtime_versions": env.get("versions")}
-    if env.get("emulated"):
-        rec["emulated"] = env["emulated"]
-    return rec
+        return RanOn("this machine", platform.machine())
+    env = target.environment
+    if env is None:
+        return RanOn(target.name, None, remote=True)
+    return RanOn(target.name, env.machine, env.cpu, env.versions, env.emulated, remote=True)

@@ -16,7 +16,8 @@ import torch
 from edgekd import EdgeKDError
 from edgekd.core.data import InputSpec, load_unlabeled
 from edgekd.core.losses import make_loss
-from edgekd.core.models import build_model, build_pretrained, check_spec, parse_timm_spec, parse_torchvision_spec
+from edgekd.core.models import build_model, check_spec, parse_timm_spec, parse_torchvision_spec
+from edgekd.core.pretrained import build_pretrained
 
 GREY8 = InputSpec(1, 8, 8, [0.5], [0.5])  # the digits_folder fixture's images
 RGB32 = InputSpec(3, 32, 32, [0.5] * 3, [0.5] * 3)

@@ -7,7 +7,8 @@ from torch import nn
 
 from edgekd import EdgeKDError
 from edgekd.core.data import InputSpec
-from edgekd.core.models import build_model, build_pretrained, read_weights_file
+from edgekd.core.models import build_model
+from edgekd.core.pretrained import build_pretrained, read_weights_file
 from edgekd.core.teachers import TEACHERS, TeacherOptions
 
 GREY8 = InputSpec(1, 8, 8, [0.5], [0.5])

@@ -11,8 +11,8 @@ import torch
 from .. import EdgeKDError
 from . import teachers
 from .batchnorm import check_batchnorm
-from ..base.files import portable
-from .checkpoint import atomic_write, save_checkpoint
+from ..base.files import atomic_write, portable
+from .checkpoint import save_checkpoint
 from .config import saved
 from .augment import Views, default_crop_scale
 from .data import load_data, parse_size
@@ -21,8 +21,8 @@ from .loading import load_model
 from .image_store import attach_store_for
 from .mixing import attach_mix
 from .norm import settle_norm as _settle_norm
-from .models import (build_model, build_pretrained, check_student, count_flops, count_params,
-                     fetch_pretrained, pretrained_norm, pretrained_view)
+from .models import build_model, count_flops, count_params
+from .pretrained import build_pretrained, check_student, fetch_pretrained, pretrained_norm, pretrained_view
 from .teacher_eval import own_view_top1
 from .teacher_speed import check_dtype, settle_teacher_dtype
 from .teachers import FrozenTeacher  # noqa: F401  (its old home; tests and scripts import it from here)

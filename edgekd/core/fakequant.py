@@ -5,15 +5,23 @@ configuration as plain types for a checkpoint, and rebuilding the model from it.
 import json
 import os
 
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Dict, List
+
 import torch
+from torch import nn
 
 from .. import EdgeKDError
 from ..base.progress import nncf_quiet
+from .checkpoint import Checkpoint
+
+if TYPE_CHECKING:  # heavy: only for the type checker
+    from nncf.torch.quantization.layers import BaseQuantizer
 
 NNCF_HOOKS = "__nncf_hooks."
 
 
-def import_nncf():
+def import_nncf() -> ModuleType:
     """nncf (its telemetry is off in edgekd's processes: base/telemetry.py); its torch extension builds on first
     use (about a minute on 2 cores, cached in ~/.cache/torch_extensions), longer than NNCF's default 60 s wait on
     a busy machine."""
@@ -25,37 +33,39 @@ def import_nncf():
     return nncf
 
 
-def plain_config(model):
+def plain_config(model: nn.Module) -> Dict[str, Any]:
     """NNCF's quantizer config as JSON types (it holds enums, which torch.load(weights_only=True) refuses)."""
     nncf = import_nncf()
     return json.loads(json.dumps(nncf.torch.get_config(model)))
 
 
-def base_state(state_dict):
+def base_state(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The float model's own entries of a fake-quantized model's state dict (NNCF keeps its quantizers apart)."""
     return {k: v for k, v in state_dict.items() if not k.startswith(NNCF_HOOKS)}
 
 
-def restore(ckpt, model):
+def restore(ckpt: Checkpoint, model: nn.Module) -> nn.Module:
     """The fake-quantized model of a QAT checkpoint, from a freshly built float ``model``; in eval mode."""
+    if ckpt.qat is None:
+        raise ValueError("restore() takes a QAT checkpoint")
     nncf = import_nncf()
     try:
-        qmodel = nncf.torch.load_from_config(model, ckpt["qat"]["quantizers"])
-        qmodel.load_state_dict(ckpt["state_dict"])
+        qmodel = nncf.torch.load_from_config(model, ckpt.qat.quantizers)
+        qmodel.load_state_dict(ckpt.state_dict)
     except Exception as e:
-        raise EdgeKDError(f"QAT checkpoint does not match model {ckpt['model']!r}: {str(e).splitlines()[0]}") from e
+        raise EdgeKDError(f"QAT checkpoint does not match model {ckpt.model!r}: {str(e).splitlines()[0]}") from e
     return qmodel.eval()
 
 
-def quantizer_modules(model):
+def quantizer_modules(model: nn.Module) -> List["BaseQuantizer"]:
     from nncf.torch.quantization.layers import BaseQuantizer
 
     return [m for m in model.modules() if isinstance(m, BaseQuantizer)]
 
 
-def quantized_layer_names(model):
+def quantized_layer_names(model: nn.Module) -> List[str]:
     """The student's modules that receive a weight quantizer: the layers that run in INT8."""
-    config = plain_config(model)["compression_state"]
+    config = plain_config(model)["compression_state"]  # NNCF's JSON, read here only
     names = []
     for command in config:
         for hook in command["hook_names_in_model"]:
@@ -65,7 +75,7 @@ def quantized_layer_names(model):
     return sorted(set(names))
 
 
-def calibrate(model, views, size, seed, progress=True):
+def calibrate(model: nn.Module, views: Any, size: int, seed: int, progress: bool = True) -> nn.Module:
     """Insert NNCF's fake quantizers and set their ranges on ``size`` un-augmented train images."""
     nncf = import_nncf()
     g = torch.Generator().manual_seed(seed)

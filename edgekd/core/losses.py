@@ -5,15 +5,37 @@ Every loss is called as ``loss(student_logits, teacher_logits, labels)`` and ret
 Each registration carries its defaults; ``make_loss(name, **overrides)`` builds one.
 """
 
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import EdgeKDError
 from ..base.registry import Registry
 
 LOSSES = Registry("loss")
+Parts = Dict[str, Tensor]  # the loss and its parts: loss, task_loss, kd_loss, ...
 UNLABELED = -1  # the label of an unlabelled image (--unlabeled): it gets the teacher term only
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """What a registered loss needs and takes (its registration's metadata, read in one place)."""
+
+    name: str
+    needs_teacher: bool
+    needs_features: bool                # feature hooks on student and teacher (fitnet)
+    defaults: Dict[str, Any]            # its parameters and their defaults
+    summary: str
+
+    @classmethod
+    def of(cls, name: str) -> "LossInfo":
+        """The loss registered as ``name`` (EdgeKDError naming the losses there are)."""
+        meta = LOSSES.meta(name)
+        return cls(name, bool(meta["needs_teacher"]), bool(meta.get("needs_features")), dict(meta["defaults"]),
+                   str(meta.get("summary", "")))
 
 
 class _Loss(nn.Module):
@@ -21,7 +43,7 @@ class _Loss(nn.Module):
 
     label_smoothing = 0.0
 
-    def task(self, student, labels):
+    def task(self, student: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy averaged over the labelled samples only; 0 for a batch with none (still a graph
         node, so a loss made only of it can be back-propagated)."""
         if not (labels != UNLABELED).any():
@@ -32,7 +54,7 @@ class _Loss(nn.Module):
 @LOSSES.register("ce", needs_teacher=False, defaults={},
                  summary="plain cross-entropy on the labels (supervised training, no teacher)")
 class CrossEntropy(_Loss):
-    def forward(self, student, teacher, labels, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor, **_: Any) -> Parts:
         task = self.task(student, labels)
         return {"loss": task, "task_loss": task, "kd_loss": torch.zeros_like(task)}
 
@@ -42,11 +64,11 @@ class CrossEntropy(_Loss):
 class HintonKD(_Loss):
     """KL between temperature-softened distributions, scaled by T^2 so its gradients keep their size."""
 
-    def __init__(self, temperature=4.0, alpha=0.9):
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9) -> None:
         super().__init__()
         self.temperature, self.alpha = float(temperature), float(alpha)
 
-    def forward(self, student, teacher, labels, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor, **_: Any) -> Parts:
         t = self.temperature
         task = self.task(student, labels)
         kd = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
@@ -64,11 +86,11 @@ class SeedLoss(_Loss):
     unchanged, so this is the soft cross-entropy below, on matching batches.
     """
 
-    def __init__(self, temperature=0.5, alpha=0.5):
+    def __init__(self, temperature: float = 0.5, alpha: float = 0.5) -> None:
         super().__init__()
         self.temperature, self.alpha = float(temperature), float(alpha)
 
-    def forward(self, student, teacher, labels, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor, **_: Any) -> Parts:
         t = self.temperature
         task = self.task(student, labels)
         soft_targets = F.softmax(teacher / t, dim=1)
@@ -81,11 +103,11 @@ class SeedLoss(_Loss):
 class LogitMSE(_Loss):
     """Squared logit difference, averaged over classes and batch (Ba & Caruana's logit regression)."""
 
-    def __init__(self, alpha=0.9):
+    def __init__(self, alpha: float = 0.9) -> None:
         super().__init__()
         self.alpha = float(alpha)
 
-    def forward(self, student, teacher, labels, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor, **_: Any) -> Parts:
         task = self.task(student, labels)
         kd = F.mse_loss(student, teacher)
         return {"loss": self.alpha * kd + (1.0 - self.alpha) * task, "task_loss": task, "kd_loss": kd}
@@ -103,15 +125,16 @@ class DecoupledKD(_Loss):
     linearly over the first 20 of 240 epochs (``warmup``, in epochs; ``set_epoch`` drives it).
     """
 
-    def __init__(self, alpha=1.0, beta=8.0, temperature=4.0, ce_weight=1.0, warmup=20):
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, ce_weight: float = 1.0,
+                 warmup: float = 20) -> None:
         super().__init__()
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
-        self.ce_weight, self.warmup, self.epoch = float(ce_weight), float(warmup), 1
+        self.ce_weight, self.warmup, self.epoch = float(ce_weight), float(warmup), 1.0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: float) -> None:
         self.epoch = epoch
 
-    def forward(self, student, teacher, labels, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor, **_: Any) -> Parts:
         t = self.temperature
         task = self.task(student, labels)
         # An unlabelled image has no true class to split target from non-target: the teacher's top class
@@ -146,13 +169,14 @@ class FitNetHint(_Loss):
     a middle stage. ``alpha`` > 0 adds the Hinton KD term on logits (0 by default: a pure hint).
     """
 
-    def __init__(self, beta=100.0, student_layer="auto", teacher_layer="auto", temperature=4.0, alpha=0.0):
+    def __init__(self, beta: float = 100.0, student_layer: str = "auto", teacher_layer: str = "auto",
+                 temperature: float = 4.0, alpha: float = 0.0) -> None:
         super().__init__()
         self.beta, self.temperature, self.alpha = float(beta), float(temperature), float(alpha)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
-        self.adapter = None
+        self.adapter: Optional[nn.Module] = None
 
-    def build_adapter(self, s_shape, t_shape):
+    def build_adapter(self, s_shape: Sequence[int], t_shape: Sequence[int]) -> None:
         """Create the adapter for these feature shapes (called once, before the optimizer is made).
 
         FitNets always regresses through a learned layer: even when shapes match, asking the
@@ -160,8 +184,11 @@ class FitNetHint(_Loss):
         """
         self.adapter = nn.Sequential(nn.Conv2d(s_shape[1], t_shape[1], 1, bias=False), nn.BatchNorm2d(t_shape[1]))
 
-    def forward(self, student, teacher, labels, features=None, **_):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor,
+                features: Optional[Tuple[Tensor, Tensor]] = None, **_: Any) -> Parts:
         task = self.task(student, labels)
+        if features is None or self.adapter is None:  # fit() taps both layers and builds the adapter: our bug
+            raise RuntimeError("fitnet needs the tapped features and build_adapter() before the first step")
         s_feat, t_feat = features
         s_feat = self.adapter(s_feat)
         if s_feat.shape[-2:] != t_feat.shape[-2:]:
@@ -178,30 +205,30 @@ class FitNetHint(_Loss):
         return {"loss": task + kd, "task_loss": task, "kd_loss": kd, **parts}
 
 
-def _flag(param):
+def _flag(param: str) -> str:
     return {"warmup": "--dkd-warmup"}.get(param, "--" + param.replace("_", "-"))
 
 
-def _and(items):
+def _and(items: List[str]) -> str:
     return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def check_options(name, given):
+def check_options(name: str, given: Dict[str, Any]) -> None:
     """Refuse options the loss does not use (``given``: parameter name -> value, None for not given),
     so that ``--loss kd --beta 5`` is an error rather than a silently ignored value."""
-    takes = [k for k in LOSSES.meta(name)["defaults"] if k != "ce_weight"]  # ce_weight has no option
-    unused = [k for k, v in given.items() if v is not None and k not in LOSSES.meta(name)["defaults"]]
+    defaults = LossInfo.of(name).defaults
+    takes = [k for k in defaults if k != "ce_weight"]  # ce_weight has no option
+    unused = [k for k, v in given.items() if v is not None and k not in defaults]
     if unused:
         offered = f"takes {_and([_flag(k) for k in takes])}" if takes else "takes no options"
         raise EdgeKDError(f"--loss {name} {offered}; it does not use {_and([_flag(k) for k in unused])}")
 
 
-def make_loss(name, label_smoothing=0.0, **overrides):
+def make_loss(name: str, label_smoothing: Optional[float] = 0.0, **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
     """The named loss with its registered defaults, overridden by any non-None value given; a value
     for an option the loss does not take is refused."""
-    meta = LOSSES.meta(name)
     check_options(name, overrides)
-    params = dict(meta["defaults"])
+    params = LossInfo.of(name).defaults
     params.update({k: v for k, v in overrides.items() if v is not None})
     loss = LOSSES.get(name)(**params)
     loss.label_smoothing = float(label_smoothing or 0.0)

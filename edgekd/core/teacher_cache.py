@@ -31,7 +31,8 @@ import os
 import torch
 
 from .. import EdgeKDError
-from .checkpoint import atomic_write, file_sha256  # noqa: F401  (file_sha256: its old home)
+from ..base.files import atomic_write
+from .checkpoint import file_sha256  # noqa: F401  (file_sha256: its old home)
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ data's classes out), ``classes`` (class matching), ``source`` (the registry of s
 from . import bundle, checkpoint, factory, onnx, openvino, pt2, timm, torchscript, torchvision  # noqa: F401
 from .checkpoint import Trained  # noqa: F401
 from .classes import class_index, read_classes_file  # noqa: F401
-from .load import Env, check, load_teacher, resolve  # noqa: F401
+from .load import check, load_teacher, resolve  # noqa: F401
 from .onnx import ort_runner, ort_session  # noqa: F401
 from .openvino import openvino_runner  # noqa: F401
 from .options import COLORS, OUTPUTS, TeacherOptions  # noqa: F401
-from .source import TEACHERS, Source  # noqa: F401
+from .source import TEACHERS, Env, Source  # noqa: F401
 from .view import FrozenTeacher, Loaded, Teacher, check_probs  # noqa: F401
 from .weights import load_state_dict  # noqa: F401

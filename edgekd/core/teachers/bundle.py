@@ -4,11 +4,13 @@ import hashlib
 import json
 import os
 
+from ...bundle import load_bundle
 from ...bundle.manifest import MANIFEST_FILE
 from ..checkpoint import file_sha256
 from .onnx import ort_runner, ort_session
 from .openvino import openvino_runner
-from .source import Source, need_file, split_spec, threads_of, register_source
+from .options import TeacherOptions
+from .source import Env, Source, need_file, split_spec, threads_of, register_source
 from .view import Loaded
 
 
@@ -16,20 +18,18 @@ from .view import Loaded
 class BundleSource(Source):
     """An edgekd bundle (folder or .zip): checksums verified, the manifest's view and class names."""
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         path = split_spec(spec, "bundle")
         return spec.startswith("bundle:") or (os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST_FILE))) \
             or (os.path.isfile(path) and path.lower().endswith(".zip"))
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         need_file(split_spec(spec, "bundle"), "teacher bundle")
 
-    def load(self, spec, options, env):
-        from ...bundle import load_bundle
-
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         path = split_spec(spec, "bundle")
         bundle = load_bundle(path, threads=1)
-        bundle.session = None  # the bundle's own session spins; the teacher opens one that does not
+        del bundle.run  # the bundle's own session spins; the teacher opens one that does not
         m = bundle.manifest
         model_path = os.path.join(bundle.folder, m.model_file)
         threads = threads_of(options)

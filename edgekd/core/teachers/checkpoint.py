@@ -2,35 +2,40 @@
 
 import os
 from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Tuple
+
+from torch import nn
 
 from ... import EdgeKDError
-from .source import Source, register_source
+from ..checkpoint import Checkpoint, file_sha256
+from ..data import InputSpec
+from ..loading import load_model
+from ..models import check_spec
+from .options import TeacherOptions
+from .source import Env, Source, register_source
 from .torchscript import is_torchscript
 from .view import Loaded
-from ..checkpoint import file_sha256
 
 @register_source("checkpoint")
 class CheckpointSource(Source):
     hookable = True
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return os.path.isfile(spec) and not is_torchscript(spec) and not spec.lower().endswith(
             (".onnx", ".xml", ".pt2", ".zip"))
 
-    def load(self, spec, options, env):
-        from ..loading import load_model
-
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         model, ckpt = load_model(spec)
-        metrics = dict(ckpt.get("metrics") or {})
-        metrics.update(source=os.path.abspath(spec), model=ckpt["model"])
-        return from_checkpoint(self.kind, model, ckpt, spec, metrics)
+        metrics = dict(ckpt.metrics)
+        metrics.update(source=os.path.abspath(spec), model=ckpt.model)
+        return from_checkpoint(self.kind, model, ckpt.input, ckpt.classes, spec, metrics)
 
 
-def from_checkpoint(kind, model, ckpt, path, metrics):
-    spec_in = ckpt["input"]
-    return Loaded(kind, None, module=model, hookable=True, channels=spec_in["channels"],
-                  size=(spec_in["height"], spec_in["width"]), mean=list(spec_in["mean"]), std=list(spec_in["std"]),
-                  names=[str(c) for c in ckpt["classes"]], names_from="the checkpoint", file=os.path.abspath(path),
+def from_checkpoint(kind: str, model: nn.Module, spec_in: InputSpec, classes: List[str], path: str,
+                    metrics: Dict[str, Any]) -> Loaded:
+    return Loaded(kind, None, module=model, hookable=True, channels=spec_in.channels,
+                  size=(spec_in.height, spec_in.width), mean=list(spec_in.mean), std=list(spec_in.std),
+                  names=[str(c) for c in classes], names_from="the checkpoint", file=os.path.abspath(path),
                   sha256=file_sha256(path), metrics=metrics, found={"input": "the checkpoint"})
 
 
@@ -38,10 +43,16 @@ def from_checkpoint(kind, model, ckpt, path, metrics):
 class Trained:
     """A teacher that this run trained from a model spec (edgekd distill trains it before loading the teacher)."""
 
-    model: object
-    ckpt: dict      # its input spec and classes, as a checkpoint holds them
-    path: str       # the teacher.pt it was saved to
-    metrics: dict
+    model: nn.Module
+    ckpt: Mapping[str, Any]   # its Checkpoint, or its input spec and classes as a checkpoint holds them
+    path: str                 # the teacher.pt it was saved to
+    metrics: Dict[str, Any]
+
+    def described(self) -> Tuple[InputSpec, List[str]]:
+        """Its input spec and class names."""
+        if isinstance(self.ckpt, Checkpoint):
+            return self.ckpt.input, self.ckpt.classes
+        return InputSpec.from_dict(self.ckpt["input"]), [str(c) for c in self.ckpt["classes"]]
 
 
 @register_source("model")
@@ -51,17 +62,16 @@ class TrainedSource(Source):
 
     hookable = True
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return True  # the fallback: resolve() asks it last
 
-    def check(self, spec, options):
-        from ..models import check_spec
-
+    def check(self, spec: str, options: TeacherOptions) -> None:
         check_spec(spec)
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         trained = env.trained
         if trained is None:
             raise EdgeKDError(f"teacher {spec!r} is a model spec, which must be trained first (edgekd distill does "
                               "that); give a trained teacher: a checkpoint, a bundle, an ONNX file, ...")
-        return from_checkpoint(self.kind, trained.model, trained.ckpt, trained.path, trained.metrics)
+        spec_in, classes = trained.described()
+        return from_checkpoint(self.kind, trained.model, spec_in, classes, trained.path, trained.metrics)

@@ -1,16 +1,18 @@
 """Class order: the teacher's outputs matched to the data's classes by name, picked by index, or (for a
 teacher without names) taken by position."""
 
+import difflib
 import logging
 import os
 import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ... import EdgeKDError
 
 log = logging.getLogger(__name__)
 
 
-def read_classes_file(path):
+def read_classes_file(path: str) -> Tuple[str, List[Any]]:
     """``--teacher-classes FILE``: ('names', [NAME...]) or ('index', [(INDEX, NAME or None)...]).
 
     One entry per line; blank lines and lines starting with '#' are skipped. ``NAME`` lines name the
@@ -29,13 +31,15 @@ def read_classes_file(path):
         bad = lines[parsed.index(None)]
         raise EdgeKDError(f"--teacher-classes {path!r} mixes 'INDEX NAME' lines and name lines (e.g. {bad!r}); "
                           "use one form for the whole file")
-    pairs = [(int(m.group(1)), m.group(2)) for m in parsed]
+    pairs = [(int(m.group(1)), m.group(2)) for m in parsed if m]
     if len({name is None for _, name in pairs}) > 1:
         raise EdgeKDError(f"--teacher-classes {path!r} mixes 'INDEX NAME' and bare 'INDEX' lines; use one form")
     return "index", pairs
 
 
-def class_index(data_classes, outputs, names=None, names_from=None, classes_file=None, spec="teacher"):
+def class_index(data_classes: Sequence[str], outputs: int, names: Optional[List[str]] = None,
+                names_from: Optional[str] = None, classes_file: Optional[str] = None,
+                spec: str = "teacher") -> Tuple[Optional[List[int]], Dict[str, Any]]:
     """The teacher output for each data class (``None`` when that is the identity) and a record of how."""
     data_classes = list(data_classes)
     if classes_file:
@@ -56,14 +60,12 @@ def class_index(data_classes, outputs, names=None, names_from=None, classes_file
         return None, {"matched": "by position (the teacher carries no class names)", "teacher_outputs": outputs}
     if len(names) != outputs:
         raise EdgeKDError(f"teacher {spec!r} names {len(names)} classes ({names_from}) but has {outputs} outputs")
-    where = {}
+    where: Dict[str, List[int]] = {}
     for i, name in enumerate(names):
         where.setdefault(name, []).append(i)
     index = []
     for name in data_classes:
         if name not in where:
-            import difflib
-
             close = difflib.get_close_matches(name, list(where), n=3)
             hint = f" (close: {', '.join(close)})" if close else f" (it knows e.g. {', '.join(names[:3])})"
             counts = (f"teacher {spec!r} has {outputs} classes but the data has {len(data_classes)}, and "
@@ -79,11 +81,12 @@ def class_index(data_classes, outputs, names=None, names_from=None, classes_file
     return (None if index == list(range(outputs)) else index), record
 
 
-def _index_pairs(data_classes, outputs, pairs, path, spec):
+def _index_pairs(data_classes: List[str], outputs: int, pairs: List[Tuple[int, Optional[str]]], path: str,
+                 spec: str) -> Tuple[Optional[List[int]], Dict[str, Any]]:
     if len(pairs) != len(data_classes):
         raise EdgeKDError(f"--teacher-classes {path!r} picks {len(pairs)} outputs but the data has "
                           f"{len(data_classes)} classes: one line per data class")
-    index = [None] * len(data_classes)
+    index: List[Optional[int]] = [None] * len(data_classes)
     for k, (i, name) in enumerate(pairs):
         if i >= outputs:
             raise EdgeKDError(f"--teacher-classes {path!r} picks output {i}, but teacher {spec!r} has {outputs} "
@@ -99,6 +102,7 @@ def _index_pairs(data_classes, outputs, pairs, path, spec):
         index[data_classes.index(name)] = i
     if len(set(index)) != len(index):
         raise EdgeKDError(f"--teacher-classes {path!r} picks the same teacher output for two data classes")
+    picked = [i for i in index if i is not None]  # every data class: one line each, no class twice
     record = {"matched": "by index (--teacher-classes)", "file": os.path.abspath(path), "teacher_outputs": outputs,
-              "index": index}
-    return (None if index == list(range(outputs)) else index), record
+              "index": picked}
+    return (None if picked == list(range(outputs)) else picked), record

@@ -1,13 +1,16 @@
 """``MODULE:FUNCTION``: a function in the user's own code that returns the teacher module."""
 
 import contextlib
+import importlib
 import os
 import re
+from typing import Iterator
 
 from torch import nn
 
 from ... import EdgeKDError
-from .source import Source, first_conv_channels, state_sha256, register_source
+from .options import TeacherOptions
+from .source import Env, Source, first_conv_channels, state_sha256, register_source
 from .view import Loaded
 from .weights import load_weights
 
@@ -17,7 +20,7 @@ FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @contextlib.contextmanager
-def user_code(what):
+def user_code(what: str) -> Iterator[None]:
     """Run the user's own code (a factory, the module it lives in): whatever it raises, SystemExit and
     KeyboardInterrupt included (sys.exit() at import would end edgekd with exit 0 having done nothing), becomes
     one EdgeKDError line naming ``what``; edgekd's own errors pass through."""
@@ -43,12 +46,10 @@ class FactorySource(Source):
 
     hookable = True
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return bool(FACTORY.match(spec)) and spec.split(":")[0] not in PREFIXES and not os.path.exists(spec)
 
-    def load(self, spec, options, env):
-        import importlib
-
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         module_name, fn_name = spec.split(":")
         with user_code(f"importing {module_name!r} for teacher {spec!r}"):
             try:

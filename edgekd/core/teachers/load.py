@@ -1,26 +1,23 @@
 """Loading a teacher: resolve the spec to its source, load, settle the view, check the outputs, match the classes."""
 
 import logging
+from typing import Any, Dict, Optional
 
 import torch
 
 from ... import EdgeKDError
+from ..data import Data, InputSpec
+from ..train_loop import evaluate
+from .checkpoint import Trained
 from .classes import class_index
-from .source import TEACHERS
-from .view import Teacher, as_logits, check_probs
+from .options import TeacherOptions
+from .source import TEACHERS, Env, Source
+from .view import Loaded, Teacher, as_logits, check_probs
 
 log = logging.getLogger(__name__)
 
 
-class Env:
-    """What a source may need besides the spec: the run's config, data and process group."""
-
-    def __init__(self, cfg, data=None, train=None, test=None, ctx=None, trained=None):
-        self.cfg, self.data, self.train, self.test, self.ctx = cfg, data, train, test, ctx
-        self.trained = trained  # a teacher trained from a model spec by the caller (teachers.Trained)
-
-
-def resolve(spec, options):
+def resolve(spec: str, options: TeacherOptions) -> Source:
     """The registered source that reads ``spec`` (exactly one matches: the fallback is a model spec)."""
     found = [name for name in TEACHERS.names() if name != "model" and TEACHERS.get(name).matches(spec, options)]
     if len(found) > 1:
@@ -28,7 +25,7 @@ def resolve(spec, options):
     return TEACHERS.get(found[0] if found else "model")
 
 
-def check(spec, options, loss_meta=None):
+def check(spec: str, options: TeacherOptions, loss_meta: Optional[Dict[str, Any]] = None) -> Source:
     """Cheap checks before any data is loaded: the spec resolves, its file exists, fitnet gets a PyTorch model."""
     source = resolve(spec, options)
     source.check(spec, options)
@@ -42,21 +39,20 @@ def check(spec, options, loss_meta=None):
     return source
 
 
-def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_on=None, trained=None):
+def load_teacher(cfg: Any, options: TeacherOptions, data: Data, train: Any = None, test: Any = None, ctx: Any = None,
+                 evaluate_on: Any = None, trained: Optional[Trained] = None) -> Teacher:
     """The Teacher of ``cfg.teacher`` (``cfg``: the command's options) for this data: loaded, its view settled, its classes matched. A teacher
     given as a model spec is never trained here: pass the caller's ``trained`` (teachers.Trained)."""
     spec = cfg.teacher
     source = check(spec, options)
     loaded = source.load(spec, options, Env(cfg, data, train, test, ctx, trained))
-    _settle_input(loaded, options, data.input, spec)
-    outputs = _probe(loaded, spec, loaded.outputs == "probs")
+    view = _settle_input(loaded, options, data.input, spec)
+    outputs = _probe(loaded, spec, view, loaded.outputs == "probs")
     index, record = class_index(data.classes, outputs, loaded.names, loaded.names_from, options.classes, spec)
     teacher = Teacher(loaded, data.input, index, record, spec)
-    log.info("teacher %s (%s): %dx%dx%d %s, %s, classes %s", spec, loaded.kind, loaded.channels, *loaded.size,
+    log.info("teacher %s (%s): %dx%dx%d %s, %s, classes %s", spec, loaded.kind, view.channels, view.height, view.width,
              loaded.color, teacher.outputs, record["matched"])
     if evaluate_on is not None and teacher.metrics.get("test_top1") is None:
-        from ..train_loop import evaluate
-
         teacher.to(cfg.device)
         teacher.metrics["test_top1"] = evaluate(teacher, evaluate_on, cfg.device, dist=ctx)
         teacher.metrics["test_top1_measured"] = "here, on the data's test split through the teacher's view"
@@ -64,15 +60,15 @@ def load_teacher(cfg, options, data, train=None, test=None, ctx=None, evaluate_o
     return teacher
 
 
-def _settle_input(lo, options, data_input, spec):
-    """Fill the teacher's input view from options (which win), the teacher itself, or the data."""
+def _settle_input(lo: Loaded, options: TeacherOptions, data_input: InputSpec, spec: str) -> InputSpec:
+    """Fill the teacher's input view from options (which win), the teacher itself, or the data; return it."""
     for name in ("mean", "std", "color", "outputs"):
         value = getattr(options, name)
         if value is not None:
             setattr(lo, name, value)
             lo.found[name] = f"--teacher-{name}"
     if options.input_size is not None:
-        lo.size, lo.found["size"] = tuple(options.input_size), "--teacher-input-size"
+        lo.size, lo.found["size"] = (options.input_size[0], options.input_size[1]), "--teacher-input-size"
     if lo.color is not None:
         lo.channels = 1 if lo.color == "L" else 3
     if lo.channels is None:
@@ -93,21 +89,26 @@ def _settle_input(lo, options, data_input, spec):
     if len(lo.mean) != lo.channels or len(lo.std) != lo.channels:
         raise EdgeKDError(f"teacher {spec!r} takes {lo.channels} channels but its mean/std give "
                           f"{len(lo.mean)}/{len(lo.std)} values")
+    return InputSpec(lo.channels, lo.size[0], lo.size[1], list(lo.mean), list(lo.std))
 
 
-def _probe(lo, spec, probs=False):
-    """Run the teacher once on two blank images of its view: the number of outputs, or a one-line error
+def _probe(lo: Loaded, spec: str, view: InputSpec, probs: bool = False) -> int:
+    """Run the teacher once on two blank images of its ``view``: the number of outputs, or a one-line error
     (``probs``: also when the outputs cannot be probabilities)."""
-    x = (torch.zeros(2, lo.channels, *lo.size) - torch.tensor(lo.mean).view(1, -1, 1, 1)) / torch.tensor(lo.std).view(1, -1, 1, 1)
+    x = ((torch.zeros(2, view.channels, view.height, view.width) - torch.tensor(view.mean).view(1, -1, 1, 1))
+         / torch.tensor(view.std).view(1, -1, 1, 1))
+    runner = lo.module.eval() if lo.module is not None else lo.run
+    if runner is None:  # every source gives a module or a runtime: our bug
+        raise RuntimeError(f"teacher {spec!r} has neither a module nor a runtime")
     try:
         with torch.inference_mode():
-            out = as_logits(lo.module.eval()(x) if lo.module is not None else lo.run(x))
+            out = as_logits(runner(x))
     except EdgeKDError:
         raise
     except (Exception, SystemExit, KeyboardInterrupt) as e:  # noqa: B036 - the user's forward: contained
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         reason = f"{type(e).__name__}({reason})" if not isinstance(e, Exception) else reason
-        raise EdgeKDError(f"teacher {spec!r} cannot run on {lo.channels}x{lo.size[0]}x{lo.size[1]} inputs "
+        raise EdgeKDError(f"teacher {spec!r} cannot run on {view.channels}x{view.height}x{view.width} inputs "
                           f"(set --teacher-input-size / --teacher-color): {reason[:300]}") from e
     if out.dim() != 2 or out.shape[0] != 2:
         raise EdgeKDError(f"teacher {spec!r} returns a {tuple(out.shape)} output for 2 images; a classifier's "

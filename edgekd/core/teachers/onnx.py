@@ -3,18 +3,23 @@ source shares."""
 
 import json
 import os
+from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
+import numpy as np
 import torch
 
 from ... import EdgeKDError
 from ...bundle.manifest import METADATA_KEYS
 from ..config import MAX_INPUT_SIDE
-from .options import COLORS, OUTPUTS
-from .source import Source, apply_shape, files_sha256, need_file, has_suffix, split_spec, threads_of, register_source
+from .options import COLORS, OUTPUTS, TeacherOptions
+from .source import Env, Source, apply_shape, files_sha256, need_file, has_suffix, split_spec, threads_of, register_source
 from .view import Loaded
 
+if TYPE_CHECKING:  # heavy: only for the type checker
+    import onnxruntime as ort
 
-def ort_session(path, threads):
+
+def ort_session(path: str, threads: int) -> "ort.InferenceSession":
     """ONNX Runtime with torch's thread count and no spinning: its idle workers must not steal the cores
     torch needs for the student's step between two teacher calls."""
     import onnxruntime as ort
@@ -29,14 +34,12 @@ def ort_session(path, threads):
         raise EdgeKDError(f"ONNX Runtime cannot load {path!r}: {str(e).strip().splitlines()[0][:300]}") from e
 
 
-def ort_runner(session):
+def ort_runner(session: "ort.InferenceSession") -> Callable[[torch.Tensor], torch.Tensor]:
     """A torch-in, torch-out call of an ONNX Runtime session; a fixed batch size is served in chunks."""
-    import numpy as np
-
     first = session.get_inputs()[0]
     fixed = first.shape[0] if first.shape and isinstance(first.shape[0], int) and first.shape[0] > 0 else None
 
-    def run(x):
+    def run(x: torch.Tensor) -> torch.Tensor:
         batch = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         if fixed is None or len(batch) == fixed:
             return torch.from_numpy(session.run(None, {first.name: batch})[0])
@@ -52,7 +55,7 @@ def ort_runner(session):
     return run
 
 
-def _onnx_files(path):
+def _onnx_files(path: str) -> List[str]:
     """The ONNX file and the external-data files it names (all of them decide its answers)."""
     try:
         import onnx
@@ -68,13 +71,13 @@ def _onnx_files(path):
 class OnnxSource(Source):
     """A foreign ONNX file, run by ONNX Runtime: a black box whose view comes from options or its metadata."""
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return has_suffix(spec, "onnx", (".onnx",))
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         need_file(split_spec(spec, "onnx"), "teacher ONNX file")
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         path = split_spec(spec, "onnx")
         threads = threads_of(options)
         session = ort_session(path, threads)
@@ -87,9 +90,9 @@ class OnnxSource(Source):
         return lo
 
 
-def _apply_metadata(lo, meta, spec):
+def _apply_metadata(lo: Loaded, meta: Dict[str, str], spec: str) -> None:
     """Read edgekd's ONNX metadata_props keys (export.onnx.METADATA_KEYS) when the file carries them."""
-    def value(key):
+    def value(key: str) -> Any:
         text = meta.get(METADATA_KEYS[key])
         if text is None:
             return None

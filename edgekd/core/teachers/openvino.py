@@ -1,19 +1,21 @@
 """A foreign OpenVINO IR (.xml + .bin), run by OpenVINO (a black box: logits only)."""
 
 import os
+from typing import Callable, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ... import EdgeKDError
-from .source import Source, apply_shape, files_sha256, need_file, has_suffix, split_spec, threads_of, register_source
+from .options import TeacherOptions
+from .source import Env, Source, apply_shape, files_sha256, need_file, has_suffix, split_spec, threads_of, register_source
 from .view import Loaded
 
 
-def openvino_runner(path, threads):
+def openvino_runner(path: str, threads: int) -> Tuple[Callable[[torch.Tensor], torch.Tensor], List[Optional[int]]]:
     """OpenVINO on the CPU with a latency hint (one stream), torch's thread count, no thread pinning, f32 for
     float layers (INT8 layers stay INT8)."""
     os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
-    import numpy as np
     import openvino as ov
 
     core = ov.Core()
@@ -25,7 +27,7 @@ def openvino_runner(path, threads):
         raise EdgeKDError(f"OpenVINO cannot load {path!r}: {str(e).strip().splitlines()[0][:300]}") from e
     request = compiled.create_infer_request()
 
-    def run(x):
+    def run(x: torch.Tensor) -> torch.Tensor:
         request.infer({0: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
 
@@ -38,15 +40,15 @@ def openvino_runner(path, threads):
 class OpenVINOSource(Source):
     """A foreign OpenVINO IR (.xml + .bin), run by OpenVINO: a black box whose view comes from options."""
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return has_suffix(spec, "openvino", (".xml",))
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         path = split_spec(spec, "openvino")
         need_file(path, "teacher OpenVINO IR")
         need_file(os.path.splitext(path)[0] + ".bin", "the weights of the OpenVINO IR")
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         path = split_spec(spec, "openvino")
         threads = threads_of(options)
         run, dims = openvino_runner(path, threads)

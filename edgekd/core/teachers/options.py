@@ -3,6 +3,7 @@
 import math
 import os
 from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
 
 from ... import EdgeKDError
 from ..config import MAX_INPUT_SIDE
@@ -15,18 +16,18 @@ OUTPUTS = ("logits", "probs")
 class TeacherOptions:
     """How to read a teacher that does not describe itself; ``None``: from the teacher, else a default."""
 
-    input_size: tuple = None   # (height, width) the teacher takes
-    mean: list = None          # per-channel mean of the teacher's normalisation, [0, 1] pixel units
-    std: list = None
-    color: str = None          # RGB, BGR or L (L: one grey channel)
-    outputs: str = None        # logits or probs
-    classes: str = None        # a --teacher-classes file
-    weights: str = None        # a local state dict / safetensors file for torchvision:, timm:, MODULE:FUNCTION
-    views: int = None          # --teacher-views K: K fixed augmented views per image, replayed across epochs
-    threads: int = None        # ONNX Runtime / OpenVINO threads (default: torch's)
+    input_size: Optional[Tuple[int, int]] = None   # (height, width) the teacher takes
+    mean: Optional[List[float]] = None  # per-channel mean of the teacher's normalisation, [0, 1] pixel units
+    std: Optional[List[float]] = None
+    color: Optional[str] = None    # RGB, BGR or L (L: one grey channel)
+    outputs: Optional[str] = None  # logits or probs
+    classes: Optional[str] = None  # a --teacher-classes file
+    weights: Optional[str] = None  # a local state dict / safetensors file for torchvision:, timm:, MODULE:FUNCTION
+    views: Optional[int] = None    # --teacher-views K: K fixed augmented views per image, replayed across epochs
+    threads: Optional[int] = None  # ONNX Runtime / OpenVINO threads (default: torch's)
 
     @classmethod
-    def from_options(cls, cfg):
+    def from_options(cls, cfg: Any) -> "TeacherOptions":
         """From a command's options (edgekd.core.config: distill's --teacher-* options)."""
         o = cls(input_size=_size(cfg.teacher_input_size), mean=_floats(cfg.teacher_mean, "--teacher-mean"),
                 std=_floats(cfg.teacher_std, "--teacher-std"), color=cfg.teacher_color,
@@ -47,7 +48,7 @@ class TeacherOptions:
         return o
 
 
-def _floats(value, flag):
+def _floats(value: Any, flag: str) -> Optional[List[float]]:
     if value is None:
         return None
     items = value if isinstance(value, (list, tuple)) else str(value).replace("/", ",").split(",")
@@ -60,7 +61,7 @@ def _floats(value, flag):
     return out
 
 
-def _size(value):
+def _size(value: Any) -> Optional[Tuple[int, int]]:
     """--teacher-input-size as (height, width), each from 1 to MAX_INPUT_SIDE."""
     if value is None:
         return None
@@ -75,7 +76,7 @@ def _size(value):
     return (sizes[0], sizes[-1])
 
 
-def _positive(value, flag):
+def _positive(value: Any, flag: str) -> Optional[int]:
     if value is None:
         return None
     try:

@@ -1,26 +1,27 @@
 """A ``torch.export`` program (.pt2) as a teacher."""
 
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..checkpoint import file_sha256
-from .source import Opaque, Source, apply_shape, need_file, has_suffix, split_spec, register_source
+from ..safe_load import exported_program
+from .options import TeacherOptions
+from .source import Env, Opaque, Source, apply_shape, need_file, has_suffix, split_spec, register_source
 from .view import Loaded, as_logits
 
 
 @register_source("pt2")
 class ExportedProgramSource(Source):
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return has_suffix(spec, "pt2", (".pt2",))
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         need_file(split_spec(spec, "pt2"), "teacher torch.export file")
 
-    def load(self, spec, options, env):
-        from ..safe_load import exported_program
-
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         path = split_spec(spec, "pt2")
         program = exported_program(path, "teacher torch.export file")  # weights-only, its graph checked first
         lo = Loaded(self.kind, None, module=Opaque(program.module()), file=os.path.abspath(path),
@@ -40,14 +41,14 @@ class FixedBatch(nn.Module):
     """A teacher exported for one batch size (torch.export without dynamic_shapes): the batch is cut into
     pieces of that size, the last one padded with copies of its last image and the padding's outputs dropped."""
 
-    def __init__(self, module, batch):
+    def __init__(self, module: Any, batch: int) -> None:
         super().__init__()
         self.inner, self.batch = module, batch
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "FixedBatch":
         return self
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> Any:
         outs = []
         for start in range(0, x.shape[0], self.batch):
             piece = x[start:start + self.batch]

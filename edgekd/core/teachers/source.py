@@ -4,6 +4,7 @@ several sources share."""
 import hashlib
 import json
 import os
+from typing import Any, Callable, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -11,8 +12,19 @@ from torch import nn
 from ... import EdgeKDError
 from ...base.registry import Registry
 from ..checkpoint import file_sha256
+from .options import TeacherOptions
+from .view import Loaded
 
 TEACHERS = Registry("teacher source")
+
+
+class Env:
+    """What a source may need besides the spec: the run's config, data and process group."""
+
+    def __init__(self, cfg: Any, data: Any = None, train: Any = None, test: Any = None, ctx: Any = None,
+                 trained: Any = None) -> None:
+        self.cfg, self.data, self.train, self.test, self.ctx = cfg, data, train, test, ctx
+        self.trained = trained  # a teacher trained from a model spec by the caller (teachers.Trained)
 
 
 class Source:
@@ -21,18 +33,18 @@ class Source:
     kind = ""
     hookable = False
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         raise NotImplementedError
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         pass
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         raise NotImplementedError
 
 
-def register_source(name):
-    def add(cls):
+def register_source(name: str) -> Callable[[Type[Source]], Type[Source]]:
+    def add(cls: Type[Source]) -> Type[Source]:
         obj = cls()
         obj.kind = name
         TEACHERS.register(name, hookable=cls.hookable)(obj)
@@ -41,18 +53,18 @@ def register_source(name):
     return add
 
 
-def has_suffix(spec, prefix, suffixes):
+def has_suffix(spec: str, prefix: str, suffixes: Tuple[str, ...]) -> bool:
     return spec.startswith(prefix + ":") or (":" not in spec[2:] and spec.lower().endswith(suffixes))
 
 
-def files_sha256(paths):
+def files_sha256(paths: List[str]) -> str:
     """One sha256 for several files (an IR's .xml and .bin, an ONNX file and its external data)."""
     if len(paths) == 1:
         return file_sha256(paths[0])
     return hashlib.sha256(json.dumps([file_sha256(p) for p in paths]).encode()).hexdigest()
 
 
-def state_sha256(model, spec):
+def state_sha256(model: nn.Module, spec: str) -> str:
     """For models built from code and downloaded weights: the spec and every tensor of the state dict."""
     h = hashlib.sha256(spec.encode())
     for name, tensor in sorted(model.state_dict().items()):
@@ -62,20 +74,20 @@ def state_sha256(model, spec):
     return h.hexdigest()
 
 
-def split_spec(spec, prefix):
+def split_spec(spec: str, prefix: str) -> str:
     return spec[len(prefix) + 1:] if spec.startswith(prefix + ":") else spec
 
 
-def need_file(path, what):
+def need_file(path: str, what: str) -> None:
     if not os.path.exists(path):
         raise EdgeKDError(f"{what} {path!r} does not exist")
 
 
-def threads_of(options):
+def threads_of(options: TeacherOptions) -> int:
     return options.threads or torch.get_num_threads()
 
 
-def apply_shape(lo, dims, where):
+def apply_shape(lo: Loaded, dims: Optional[List[Any]], where: str) -> None:
     dims = [d if isinstance(d, int) and d > 0 else None for d in (dims or [])]
     if len(dims) == 4:
         if dims[1] in (1, 3):
@@ -84,7 +96,7 @@ def apply_shape(lo, dims, where):
             lo.size, lo.found["size"] = (dims[2], dims[3]), where
 
 
-def first_conv_channels(module):
+def first_conv_channels(module: nn.Module) -> Optional[int]:
     for p in module.parameters():
         if p.dim() == 4:
             return p.shape[1] if p.shape[1] in (1, 3) else None
@@ -95,12 +107,12 @@ class Opaque(nn.Module):
     """Holds a module whose train()/eval()/requires_grad_() raise (torch.export's, TorchScript's): the teacher is
     frozen anyway."""
 
-    def __init__(self, module):
+    def __init__(self, module: Any) -> None:
         super().__init__()
         self.inner = module
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "Opaque":
         return self
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> Any:
         return self.inner(x)

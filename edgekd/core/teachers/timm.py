@@ -1,10 +1,15 @@
 """``timm:NAME``: a timm model with pretrained weights (or --teacher-weights FILE), its own data config."""
 
 import os
+from types import ModuleType
+from typing import Any, Optional
+
+from torch import nn
 
 from ... import EdgeKDError
 from ..checkpoint import file_sha256
-from .source import Source, state_sha256, register_source
+from .options import TeacherOptions
+from .source import Env, Source, state_sha256, register_source
 from .view import Loaded
 from .weights import head_classes, load_state_dict, load_weights
 
@@ -16,13 +21,13 @@ class TimmSource(Source):
 
     hookable = True
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return spec.startswith("timm:")
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         _import_timm()
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         timm = _import_timm()
         name = spec[len("timm:"):]
         if options.weights:
@@ -47,7 +52,7 @@ class TimmSource(Source):
         return lo
 
 
-def _create(timm, name, weights, **kwargs):
+def _create(timm: ModuleType, name: str, weights: Optional[str], **kwargs: Any) -> nn.Module:
     """timm.create_model, its failures (an unknown name, no internet) as one line."""
     try:
         return timm.create_model(name, **kwargs)
@@ -59,7 +64,7 @@ def _create(timm, name, weights, **kwargs):
                           + ("" if weights else "; on a machine without internet pass --teacher-weights FILE")) from e
 
 
-def _import_timm():
+def _import_timm() -> ModuleType:
     try:
         import timm
         import timm.data

@@ -1,16 +1,17 @@
 """A TorchScript file as a teacher."""
 
 import os
+import zipfile
 
 from ..checkpoint import file_sha256
-from .source import Opaque, Source, first_conv_channels, need_file, split_spec, register_source
+from ..safe_load import torchscript
+from .options import TeacherOptions
+from .source import Env, Opaque, Source, first_conv_channels, need_file, split_spec, register_source
 from .view import Loaded
 
 
-def is_torchscript(path):
+def is_torchscript(path: str) -> bool:
     """A TorchScript archive holds code/ and constants.pkl; torch.save's zip (a checkpoint) does not."""
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
@@ -20,16 +21,14 @@ def is_torchscript(path):
 
 @register_source("torchscript")
 class TorchScriptSource(Source):
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         return spec.startswith("torchscript:") or (os.path.isfile(spec) and not spec.lower().endswith(
             (".onnx", ".xml", ".pt2", ".zip")) and is_torchscript(spec))
 
-    def check(self, spec, options):
+    def check(self, spec: str, options: TeacherOptions) -> None:
         need_file(split_spec(spec, "torchscript"), "teacher TorchScript file")
 
-    def load(self, spec, options, env):
-        from ..safe_load import torchscript
-
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         path = split_spec(spec, "torchscript")
         module = torchscript(path, "teacher TorchScript file")
         return Loaded(self.kind, None, module=Opaque(module.eval()), channels=first_conv_channels(module),

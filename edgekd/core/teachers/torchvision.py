@@ -1,12 +1,16 @@
 """``torchvision:NAME[:WEIGHTS]``: a torchvision model with pretrained weights (or --teacher-weights FILE)."""
 
 import os
+from typing import Tuple
 
 import torch
+from torch import nn
 
 from ... import EdgeKDError
 from ..checkpoint import file_sha256
-from .source import Source, state_sha256, register_source
+from ..models import STEMS, TORCHVISION_PREFIX, check_spec
+from .options import TeacherOptions
+from .source import Env, Source, state_sha256, register_source
 from .view import Loaded, as_logits
 from .weights import head_classes, load_state_dict, load_weights
 
@@ -18,21 +22,17 @@ class TorchvisionSource(Source):
 
     hookable = True
 
-    def matches(self, spec, options):
+    def matches(self, spec: str, options: TeacherOptions) -> bool:
         if not spec.startswith("torchvision:"):
             return False
-        from ..models import STEMS
-
         _, _, weights = spec[len("torchvision:"):].partition(":")
         return weights not in STEMS or bool(options.weights)
 
-    def load(self, spec, options, env):
+    def load(self, spec: str, options: TeacherOptions, env: Env) -> Loaded:
         import torchvision
 
         name, _, weights_name = spec[len("torchvision:"):].partition(":")
         if name not in torchvision.models.list_models(module=torchvision.models):
-            from ..models import TORCHVISION_PREFIX, check_spec
-
             check_spec(TORCHVISION_PREFIX + name)  # raises the unknown-model error with a suggestion
         enum = torchvision.models.get_model_weights(name)
         try:
@@ -66,6 +66,6 @@ class TorchvisionSource(Source):
         return lo
 
 
-def _probe_count(model, size):
+def _probe_count(model: nn.Module, size: Tuple[int, int]) -> int:
     with torch.inference_mode():
         return as_logits(model.eval()(torch.zeros(1, 3, *size))).shape[1]

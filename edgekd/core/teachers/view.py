@@ -5,12 +5,14 @@ mean/std; outputs permuted or sliced to the data's classes)."""
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ... import EdgeKDError
+from ..data import InputSpec
 
 # Probabilities of exactly 0 would give -inf logits: clamp before the log (KD losses see log-probs).
 PROB_FLOOR = 1e-12
@@ -21,63 +23,70 @@ class Loaded:
     """A teacher as its source found it, before the view and the classes are settled."""
 
     kind: str
-    run: object                  # callable: teacher-view float tensor -> outputs tensor
-    module: nn.Module = None     # the PyTorch model when there is one (moved to the device)
+    run: Optional[Callable[[torch.Tensor], Any]]  # teacher-view float tensor -> outputs (no module: a runtime)
+    module: Optional[nn.Module] = None  # the PyTorch model when there is one (moved to the device)
     hookable: bool = False       # feature hooks work (fitnet)
-    channels: int = None
-    size: tuple = None           # (height, width)
-    mean: list = None
-    std: list = None
-    color: str = None
-    names: list = None           # class names in output order, when the teacher carries them
-    names_from: str = None
-    outputs: str = None
-    file: str = None
-    sha256: str = None
-    metrics: dict = field(default_factory=dict)
-    runtime: dict = None
-    found: dict = field(default_factory=dict)   # where each input setting came from
+    channels: Optional[int] = None
+    size: Optional[Tuple[int, int]] = None  # (height, width)
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    color: Optional[str] = None
+    names: Optional[List[str]] = None  # class names in output order, when the teacher carries them
+    names_from: Optional[str] = None
+    outputs: Optional[str] = None
+    file: Optional[str] = None
+    sha256: Optional[str] = None
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    runtime: Optional[Dict[str, Any]] = None
+    found: Dict[str, str] = field(default_factory=dict)   # where each input setting came from
     keep: object = None          # e.g. an unpacked bundle whose folder must live as long as the teacher
 
 
 class Teacher(nn.Module):
     """A frozen teacher seen through the student's data: view in, logits in the data's class order out."""
 
-    def __init__(self, loaded, student_input, index=None, classes_record=None, spec=None):
+    s_mean: torch.Tensor  # buffers: the student's and the teacher's normalisation, (1, C, 1, 1)
+    s_std: torch.Tensor
+    t_mean: torch.Tensor
+    t_std: torch.Tensor
+
+    def __init__(self, loaded: Loaded, student_input: InputSpec, index: Optional[List[int]] = None,
+                 classes_record: Optional[Dict[str, Any]] = None, spec: Optional[str] = None) -> None:
         super().__init__()
         self.kind, self.spec, self.loaded = loaded.kind, spec, loaded
         self.model = loaded.module.eval().requires_grad_(False) if loaded.module is not None else None
         self.run = loaded.run if loaded.module is None else None
         self.is_module = loaded.hookable
         self.sha256, self.metrics = loaded.sha256, dict(loaded.metrics)
-        self.input = _input_spec(loaded)
+        self.input = t = _input_spec(loaded, spec)
         self.color, self.outputs = loaded.color, loaded.outputs or "logits"
         s = student_input
         self.student = (s.channels, s.height, s.width)
-        self.resize = (s.height, s.width) != (loaded.size[0], loaded.size[1])
-        self.recolor = s.channels != loaded.channels or self.color == "BGR"
-        self.renorm = (list(s.mean), list(s.std)) != (list(loaded.mean), list(loaded.std))
+        self.resize = (s.height, s.width) != (t.height, t.width)
+        self.recolor = s.channels != t.channels or self.color == "BGR"
+        self.renorm = (list(s.mean), list(s.std)) != (list(t.mean), list(t.std))
         shape = (1, -1, 1, 1)
         self.register_buffer("s_mean", torch.tensor(s.mean, dtype=torch.float32).view(shape))
         self.register_buffer("s_std", torch.tensor(s.std, dtype=torch.float32).view(shape))
-        self.register_buffer("t_mean", torch.tensor(loaded.mean, dtype=torch.float32).view(shape))
-        self.register_buffer("t_std", torch.tensor(loaded.std, dtype=torch.float32).view(shape))
+        self.register_buffer("t_mean", torch.tensor(t.mean, dtype=torch.float32).view(shape))
+        self.register_buffer("t_std", torch.tensor(t.std, dtype=torch.float32).view(shape))
         self.index = None if index is None else torch.as_tensor(index, dtype=torch.long)
         self.classes_record = classes_record or {}
         self.seconds = 0.0  # the teacher's own forward time since the last take_seconds()
         self.probs_checked = False
 
-    def train(self, mode=True):  # the teacher never leaves eval mode
+    def train(self, mode: bool = True) -> "Teacher":  # the teacher never leaves eval mode
         return super().train(False)
 
-    def view(self, x):
+    def view(self, x: torch.Tensor) -> torch.Tensor:
         """The student's normalised batch as the teacher expects it (resized unless it already comes at the
         teacher's size: edgekd.core.stream decodes the teacher's own view of each crop)."""
-        resize = tuple(x.shape[-2:]) != tuple(self.loaded.size)
+        size = (self.input.height, self.input.width)
+        resize = tuple(x.shape[-2:]) != size
         if not (resize or self.recolor):
             return (x * self.s_std + self.s_mean - self.t_mean) / self.t_std if self.renorm else x
         pixels = x * self.s_std + self.s_mean
-        channels = self.loaded.channels
+        channels = self.input.channels
         if pixels.shape[1] == 1 and channels == 3:
             pixels = pixels.expand(-1, 3, -1, -1)
         elif pixels.shape[1] == 3 and channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
@@ -85,14 +94,16 @@ class Teacher(nn.Module):
         if self.color == "BGR":
             pixels = pixels.flip(1)
         if resize:
-            pixels = F.interpolate(pixels, size=tuple(self.loaded.size), mode="bilinear", align_corners=False,
-                                   antialias=True)
+            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
         return (pixels - self.t_mean) / self.t_std
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         with torch.inference_mode():  # cheaper than no_grad: no version counters, no autograd metadata
-            out = self.model(self.view(x)) if self.model is not None else self.run(self.view(x))
+            runner = self.model if self.model is not None else self.run
+            if runner is None:
+                raise RuntimeError("a teacher has a module or a runtime")  # every source gives one: our bug
+            out = runner(self.view(x))
             out = as_logits(out)
             if self.outputs == "probs":  # log-probabilities are logits up to a constant per image
                 if not self.probs_checked:  # the first real batch: the blank probe may not show logits for what they are
@@ -107,24 +118,24 @@ class Teacher(nn.Module):
         self.seconds += time.perf_counter() - start
         return out
 
-    def take_seconds(self):
+    def take_seconds(self) -> float:
         """The teacher's forward seconds since the last call (the training loop asks once per epoch)."""
         seconds, self.seconds = self.seconds, 0.0
         return seconds
 
-    def cache_key(self):
+    def cache_key(self) -> Dict[str, Any]:
         """What besides the file decides the teacher's answer: its view of the data and the class mapping."""
         d = self.describe()
         return {k: d[k] for k in ("input", "outputs")} | {"index": d["classes"].get("index")}
 
-    def describe(self):
+    def describe(self) -> Dict[str, Any]:
         """The resolved teacher: kind, file, sha256, input view, outputs, class mapping (config.yaml, metrics.json)."""
-        lo = self.loaded
+        lo, t = self.loaded, self.input
         return {"kind": self.kind, "spec": self.spec, "file": lo.file, "sha256": self.sha256,
-                "input": {"channels": lo.channels, "size": list(lo.size), "color": lo.color, "mean": list(lo.mean),
-                          "std": list(lo.std), "from": dict(lo.found)},
+                "input": {"channels": t.channels, "size": [t.height, t.width], "color": lo.color, "mean": list(t.mean),
+                          "std": list(t.std), "from": dict(lo.found)},
                 "view": {"from": list(self.student), "resize": self.resize, "interpolation": "bilinear, antialias",
-                         "channels": f"{self.student[0]} -> {lo.channels}"},
+                         "channels": f"{self.student[0]} -> {t.channels}"},
                 "outputs": self.outputs, "classes": dict(self.classes_record), "black_box": lo.module is None,
                 "runtime": lo.runtime}
 
@@ -133,23 +144,25 @@ class FrozenTeacher(Teacher):
     """A PyTorch teacher of the data's own size in eval mode with no gradients, re-normalising inputs made for
     the student when the two were trained with different mean/std (the pre-registry form, kept for callers)."""
 
-    def __init__(self, model, teacher_input, student_input):
+    def __init__(self, model: nn.Module, teacher_input: InputSpec, student_input: InputSpec) -> None:
         loaded = Loaded("module", None, module=model, hookable=True, channels=teacher_input.channels,
                         size=(teacher_input.height, teacher_input.width), mean=list(teacher_input.mean),
                         std=list(teacher_input.std), color=teacher_input.color)
         super().__init__(loaded, student_input)
 
 
-def _input_spec(loaded):
-    from ..data import InputSpec
-
-    return InputSpec(loaded.channels, loaded.size[0], loaded.size[1], list(loaded.mean), list(loaded.std))
+def _input_spec(loaded: Loaded, spec: Optional[str]) -> InputSpec:
+    """The teacher's input, as load_teacher settled it (from the teacher, the options or the data)."""
+    channels, size, mean, std = loaded.channels, loaded.size, loaded.mean, loaded.std
+    if channels is None or size is None or mean is None or std is None:  # load_teacher settles all four: our bug
+        raise RuntimeError(f"teacher {spec!r}: its input is not settled")
+    return InputSpec(channels, size[0], size[1], list(mean), list(std))
 
 
 PROBS_TOLERANCE = 1e-3  # float16/int8 teachers' softmax rows sum to 1 within about this
 
 
-def check_probs(out, spec):
+def check_probs(out: torch.Tensor, spec: Optional[str]) -> None:
     """EdgeKDError unless ``out`` (N, K) looks like probabilities, as --teacher-outputs probs (or the teacher's
     metadata) claims: every value in [0, 1] and every row summing to 1. Logits taken for probabilities are
     clamped and logged into nonsense (a KD loss hundreds of times too large), silently."""
@@ -168,7 +181,7 @@ def check_probs(out, spec):
                       "pass --teacher-outputs logits")
 
 
-def as_logits(out):
+def as_logits(out: Any) -> torch.Tensor:
     """A model's output as an (N, K) tensor: the first of several outputs, trailing 1x1 dims dropped."""
     if isinstance(out, (tuple, list)):
         out = out[0]
