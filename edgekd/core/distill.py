@@ -14,12 +14,16 @@ from .batchnorm import check_batchnorm
 from ..base.files import atomic_write, portable
 from .checkpoint import save_checkpoint
 from .config import saved
-from .augment import Views
+from .augment import Views, default_crop_scale
 from .data import load_data, parse_size
 from .losses import LOSSES, UNLABELED, make_loss
 from .loading import load_model
+from .image_store import attach_store_for
+from .mixing import attach_mix
+from .norm import settle_norm as _settle_norm
 from .models import build_model, count_flops, count_params
 from .pretrained import build_pretrained, check_student, fetch_pretrained, pretrained_norm, pretrained_view
+from .teacher_eval import own_view_top1
 from .teacher_speed import check_dtype, settle_teacher_dtype
 from .teachers import FrozenTeacher  # noqa: F401  (its old home; tests and scripts import it from here)
 from .train_loop import TrainRun, evaluate, fit, seed_everything
@@ -31,13 +35,9 @@ def write_json(path, obj):
     """``obj`` as indented JSON at ``path``, written atomically, with the machine's absolute paths made relative
     to its folder (base/files.py portable)."""
     obj = portable(obj, os.path.dirname(os.path.abspath(path)))
+    from pathlib import Path
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def save_config(out, cfg):
@@ -95,20 +95,6 @@ def train_teacher(cfg, spec, data, train, test, ctx, epochs):
     ctx.barrier()  # the others hash teacher.pt for the teacher cache: wait until it is written
     ckpt = {"input": data.input.to_dict(), "classes": data.classes}
     return teachers.Trained(model.eval().cpu(), ckpt, path, metrics)
-
-
-def _parse_stats(text, channels):
-    """'M1,M2,M3/S1,S2,S3' (or one value each) -> (mean, std) lists."""
-    try:
-        mean_text, std_text = text.split("/")
-        mean = [float(v) for v in mean_text.split(",")]
-        std = [float(v) for v in std_text.split(",")]
-    except ValueError:
-        raise EdgeKDError(f"--norm {text!r}: use auto, train, seed or MEAN/STD such as 0.49,0.48,0.45/0.25,0.24,0.26") from None
-    mean, std = (mean * channels if len(mean) == 1 else mean), (std * channels if len(std) == 1 else std)
-    if len(mean) != channels or len(std) != channels or min(std) <= 0:
-        raise EdgeKDError(f"--norm {text!r}: need {channels} means and {channels} positive stds")
-    return mean, std
 
 
 # Inputs up to this side keep the small-image recipe (pad-crop + flip, CIFAR's); larger ones get the
@@ -233,9 +219,10 @@ def _stream_train(cfg, data, subset, input_spec, pretrained, unlabeled, kind):
         parts.append((folder, None, UNLABELED))
         data.unlabeled = {"folder": folder.folder, "files": folder.found, "images": len(folder),
                           "skipped": dict(folder.skipped), "compared_by_path": hasattr(data.train, "samples")}
+    scale = cfg.crop_scale or default_crop_scale(min(data.input.height, data.input.width), cfg.epochs)
     views = StreamViews.of(parts, data.input, None, workers=cfg.workers, skip_bad=cfg.skip_bad_images,
-                           scale=cfg.crop_scale, desc="train")
-    views.plan = AugmentPlan(kind, len(views), seed=cfg.aug_seed, scale=cfg.crop_scale)
+                           scale=scale, desc="train")
+    views.plan = AugmentPlan(kind, len(views), seed=cfg.aug_seed, scale=scale)
     return views
 
 
@@ -254,38 +241,6 @@ def _test_views(cfg, data):
     log.info("data: the test split's %d images are streamed from their files", len(data.test))
     return StreamViews.of([(data.test, None, None)], spec, None, workers=cfg.workers, skip_bad=cfg.skip_bad_images,
                           desc="test")
-
-
-def _settle_norm(data, cfg, input_spec, train_images, pretrained):
-    """Set data.input's mean/std for this run; returns where they came from (recorded in metrics.json).
-
-    A pretrained student keeps the statistics its weights were trained with (ImageNet's, usually) unless
-    --norm says otherwise: its first layers expect inputs scaled that way, as in any fine-tuning recipe.
-    The train split's statistics come from the labelled images only, so a run with --unlabeled is
-    normalised like the same run without it."""
-    from .augment import channel_stats
-
-    norm = cfg.norm or "auto"
-    if input_spec is not None:
-        return "checkpoint"
-    if norm == "auto" and pretrained is not None:
-        mean, std, source = pretrained
-        data.input.mean, data.input.std = _fit_channels(mean, data.input.channels), _fit_channels(std, data.input.channels)
-        return f"pretrained: {source}"
-    if norm == "train" or (norm == "auto" and data.spec != "digits"):
-        data.input.mean, data.input.std = channel_stats(train_images)
-        return "train split"
-    if norm not in ("auto", "seed"):
-        data.input.mean, data.input.std = _parse_stats(norm, data.input.channels)
-        return "given (--norm)"
-    return "seed (0.5/0.5)"
-
-
-def _fit_channels(values, channels):
-    """RGB statistics for ``channels`` inputs: their average for grey (whose stem weights are RGB summed)."""
-    if len(values) == channels:
-        return list(values)
-    return [sum(values) / len(values)] * channels
 
 
 def _decode_unlabeled(unlabeled, data, subset, workers, progress, skip):
@@ -365,13 +320,14 @@ def run_train(saved_cfg, cfg, ctx):
     data, train, test = prepare_data(cfg, pretrained=pretrained_norm(cfg.model, cfg.weights),
                                      pretrained_view=pretrained_view(cfg.model, cfg.weights))
     model, init = build_pretrained(cfg.model, len(data.classes), data.input, cfg.weights)
+    store = attach_store_for(train, cfg, ctx)
     if ctx.is_main:
         save_config(cfg.out, saved_cfg)
     loss_fn, _ = make_loss("ce", label_smoothing=cfg.label_smoothing)
     run = TrainRun(train, test, loss_fn, dist=ctx)
     history = fit(model, run, cfg, desc=cfg.model, state_path=os.path.join(cfg.out, "model.state.pt"))
     metrics = _finish(model, run, cfg, _summary(cfg.model, cfg.epochs, history, model, data))
-    metrics["pretrained"] = init
+    metrics["pretrained"], metrics["image_store"], metrics["student_dtype"] = init, store, run.student_dtype
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["distributed"] = _distributed_record(ctx, cfg, run)
     metrics["cpu"] = cpu_record()
@@ -423,6 +379,15 @@ def _teacher_cache(cfg, teacher, train, taps, loss_params, ctx):
     return cache, ctx.broadcast_object(seconds)
 
 
+def _live_memo(cache, taps, train, classes):
+    """A LiveMemo when the teacher runs live on views that cannot differ: it is asked once per image."""
+    if cache is not None or taps is not None:
+        return None
+    from .teacher_cache import LiveMemo
+
+    return LiveMemo.for_run(train.plan, len(train), classes)
+
+
 def cpu_record():
     """Threads, usable cores, the OpenMP wait policy, native bf16 and the load, for metrics.json."""
     from ..base import cpu
@@ -460,16 +425,14 @@ def run_distill(saved_cfg, cfg, ctx):
                               "teacher_resolved": portable(teacher.describe(), cfg.out)})
     if t_options.views:  # after a teacher trained here: it learnt from every epoch's views
         train.plan.replay(t_options.views)
+    attach_mix(train, cfg.mix, cfg.mix_alpha)  # function matching; the teacher trained here saw unmixed views
     if hasattr(train, "set_teacher_size"):  # views from the files: the teacher sees each crop at its own size
         train.set_teacher_size(teacher.loaded.size)
+    store = attach_store_for(train, cfg, ctx)  # after the teacher's size is known: it sets the default stored size
     teacher_dtype = settle_teacher_dtype(teacher, cfg.teacher_dtype, cfg.device, train, cfg.channels_last)
     taps = _feature_taps(loss_fn, student, teacher, data) if meta.get("needs_features") else None
     cache, cache_seconds = _teacher_cache(cfg, teacher, train, taps, loss_params, ctx)
-    memo = None
-    if cache is None and taps is None:  # views that cannot differ: ask the live teacher once per image
-        from .teacher_cache import LiveMemo
-
-        memo = LiveMemo.for_run(train.plan, len(train), len(data.classes))
+    memo = _live_memo(cache, taps, train, len(data.classes))
     seed_everything(cfg.seed)  # the student's run does not depend on whether a teacher was trained
     run = TrainRun(train, test, loss_fn, teacher=teacher, cache=cache, taps=taps, dist=ctx, memo=memo)
     history = fit(student, run, cfg, desc=f"student {cfg.student}",
@@ -477,8 +440,8 @@ def run_distill(saved_cfg, cfg, ctx):
     metrics = _finish(student, run, cfg, _summary(cfg.student, cfg.epochs, history, student, data))
     metrics.update(loss=cfg.loss, loss_params=loss_params, teacher={
         **{k: teacher.metrics.get(k) for k in ("model", "source", "epochs", "test_top1", "params", "flops", "history")},
-        **teacher.describe(), "dtype": teacher_dtype})
-    metrics["pretrained"] = student_init
+        **teacher.describe(), "dtype": teacher_dtype, **own_view_top1(teacher, data, cfg, ctx)})
+    metrics["pretrained"], metrics["image_store"], metrics["student_dtype"] = student_init, store, run.student_dtype
     metrics["train_data"] = {**_data_record(data, train, cfg), "test_images": len(test)}
     metrics["teacher_cache"] = None if cache is None else {"path": cache.path, "build_seconds": cache_seconds,
                                                            "teacher_sha256": cache.teacher_sha,

@@ -72,8 +72,10 @@ class Training(Options):
         "up to 48 px, random-resized crop (scale --crop-scale..1, aspect 3/4..4/3) + horizontal flip above; auto: "
         "standard for photos, none for digits",
         choices=("auto", "none", "standard", "pad-crop", "random-resized-crop"), group="training")
-    crop_scale: float = opt(0.08, "smallest area fraction of the random-resized crop (torchvision's 0.08)", low=0,
-        high=1, low_open=True, metavar="F", group="training")
+    crop_scale: Optional[float] = opt(None, "smallest area fraction of the random-resized crop (default: by the "
+        "schedule and the input: 0.5 at 64 px and 3 epochs, 0.35 at 160 px, widening to torchvision's 0.08 at 100 "
+        "epochs; edgekd.core.augment.default_crop_scale)", low=0, high=1, low_open=True, metavar="F",
+        group="training")
     pipeline: str = opt("auto", "memory: decode the training images once into memory; stream: decode each batch "
         "from the files in --workers processes (memory does not grow with the number of images); auto: memory for "
         "data of one size that fits in 2 GB with pad-crop or no augmentation, stream otherwise",
@@ -111,6 +113,26 @@ class Training(Options):
             raise EdgeKDError(f"--amp {self.amp} needs --device cuda; CPU training is float32 (use --amp auto or off)")
 
 
+# issue 27 (patient schedules): options of train and distill (not quantize), made by functions so that both
+# classes declare the same field.
+def _image_store() -> Optional[str]:
+    return opt(None, "decode every training picture once into a memory-mapped store under DIR (built on first "
+        "use, reused by later runs on the same files; see edgekd prepare); streamed views then cut their crops from "
+        "it with no JPEG decode (default: decode the files every epoch)", metavar="DIR", group="training")
+
+
+def _image_store_size() -> Optional[int]:
+    return opt(None, "the store's longest picture side in pixels (default: twice the larger of the student's and "
+        "the teacher's input side)", low=8, high=2 * MAX_INPUT_SIDE, metavar="N", group="training")
+
+
+def _student_dtype() -> str:
+    return opt("float32", "the student's forward/backward on a CPU: bfloat16 autocast (losses, soft targets, "
+        "optimizer state and checkpoints stay float32), or auto: time a few steps of both on this student and "
+        "input size and keep the faster (recorded in metrics.json)", choices=("float32", "bfloat16", "auto"),
+        group="training")
+
+
 @dataclass(frozen=True, kw_only=True)
 class _TrainHead(Options):
     """The options of train before the training group (their place in --help)."""
@@ -134,6 +156,9 @@ class TrainOptions(Training, _TrainHead):
     unlabeled: Optional[str] = opt(None, "distill: a folder of images (any nesting, no class folders) that join the "
         "training set with the teacher term only; images also in the labelled training set or the test split are "
         "skipped (default: none)", metavar="DIR", group="pretrained")
+    image_store: Optional[str] = _image_store()
+    image_store_size: Optional[int] = _image_store_size()
+    student_dtype: str = _student_dtype()
     out: Optional[str] = opt(None, "output folder (default: none)", metavar="DIR")
     resume: Optional[str] = opt(None, "continue an interrupted run in DIR from its last complete epoch, with the "
         "options saved in DIR/config.yaml (default: a new run)", metavar="DIR")
@@ -145,6 +170,7 @@ class TrainOptions(Training, _TrainHead):
     def validate(self) -> None:
         """Unlabelled images are learned from a teacher's answers, and train has none."""
         super().validate()
+        _check_store_place(self.image_store, self.data, self.unlabeled)
         if self.unlabeled:
             raise EdgeKDError("--unlabeled images are learned from the teacher's answers and edgekd train has no "
                               "teacher: use edgekd distill --unlabeled DIR")
@@ -227,6 +253,14 @@ class DistillOptions(Training, _DistillHead):
     unlabeled: Optional[str] = opt(None, "distill: a folder of images (any nesting, no class folders) that join the "
         "training set with the teacher term only; images also in the labelled training set or the test split are "
         "skipped (default: none)", metavar="DIR", group="pretrained")
+    mix: str = opt("none", "function matching: mix pairs of training views (labelled and unlabelled alike), the "
+        "student learning the teacher's answer for the mixed picture; pairs and ratios replayed from --aug-seed, so "
+        "--teacher-cache holds them", choices=("none", "mixup", "cutmix"), group="training")
+    mix_alpha: float = opt(1.0, "--mix strength: ratios drawn from Beta(alpha, alpha) (1: uniform)", low=0,
+        low_open=True, high=100, group="training")
+    image_store: Optional[str] = _image_store()
+    image_store_size: Optional[int] = _image_store_size()
+    student_dtype: str = _student_dtype()
     out: str = opt(DEFAULT_OUT, "output folder", metavar="DIR")
     resume: Optional[str] = opt(None, "continue an interrupted run in DIR from its last complete epoch, with the "
         "options saved in DIR/config.yaml (default: a new run)", metavar="DIR")
@@ -238,6 +272,7 @@ class DistillOptions(Training, _DistillHead):
     def validate(self) -> None:
         super().validate()
         _check_cache_topk(self.teacher_cache_topk, self.teacher_cache)
+        _check_store_place(self.image_store, self.data, self.unlabeled)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -299,3 +334,19 @@ def _check_cache_topk(topk: Optional[int], cache: Optional[str]) -> None:
     """--teacher-cache-topk without --teacher-cache would silently do nothing: refuse it."""
     if topk and not cache:
         raise EdgeKDError("--teacher-cache-topk K applies to the teacher cache: add --teacher-cache DIR")
+
+
+def _check_store_place(store: Optional[str], data: Optional[str], unlabeled: Optional[str]) -> None:
+    """--image-store inside the data (or the --unlabeled folder) is refused before any work: edgekd never writes
+    into the data. (edgekd.core.image_store checks it again where it builds.)"""
+    import os
+
+    if not store:
+        return
+    path = data.split(":", 1)[1] if data and data.split(":", 1)[0] in ("imagefolder", "webdataset") else data
+    here = os.path.realpath(store)
+    for root in [r for r in (path, unlabeled) if r and os.path.isdir(r)]:
+        root = os.path.realpath(root)
+        if here == root or here.startswith(root + os.sep):
+            raise EdgeKDError(f"--image-store {store!r} is inside the data folder {root!r}: choose a folder outside "
+                              "it (edgekd never writes into the data)")

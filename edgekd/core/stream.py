@@ -57,6 +57,8 @@ def view_rng(seed, view, index):
 class _Items:
     """(dataset, index, label) triples kept as small parallel lists: the images themselves stay in the files."""
 
+    store = None  # an edgekd.core.image_store.ImageStore: pictures decoded once (--image-store)
+
     def __init__(self, parts):
         self._groups = None  # shard groups, found once (shard_groups)
         self.sources, src, local, labels = [], [], [], []
@@ -102,6 +104,13 @@ class _Items:
             return f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
         return f"{int(self.src[i])}:{int(self.local[i])}"
 
+    def source_size(self, i, img):
+        """Item i's original (width, height): the stored copy is smaller, the crop geometry is the original's."""
+        if self.store is None:
+            return img.size
+        row = self.store.index[int(i)]
+        return int(row["orig_width"]), int(row["orig_height"])
+
     def shard_groups(self):
         """Each shard's item indices (in member order) when every item comes from WebDataset shards, else None."""
         if self._groups is None:
@@ -126,6 +135,11 @@ class _Items:
         from .augment import _pil_item
         from .data import open_image
 
+        if self.store is not None:  # the stored pixels; the crop's box is drawn on the original size
+            stored = self.store.image(i)
+            if stored is None:
+                raise OSError(f"item {int(i)} was unreadable when the image store was built")
+            return stored[0], False
         dataset = self.sources[int(self.src[i])]
         if hasattr(dataset, "open_item"):  # a shard's member, read by seek + read (edgekd.core.shards)
             return dataset.open_item(int(self.local[i]))
@@ -189,7 +203,7 @@ class _Decoder(torch.utils.data.Dataset):
                 teacher = None  # pad-crop is for images of the student's size: the teacher resizes that view
             return student, _empty(teacher, student)
         rng = view_rng(self.plan.seed, self.plan.view_of(self.epoch), i)
-        width, height = img.size
+        width, height = self.items.source_size(i, img)
         left, top, bw, bh = rrc_box(rng, width, height, self.scale)
         flip = rng.random() < 0.5
         outs = [tuple(self.spec["resize"])] + ([tuple(self.teacher_size)] if self.teacher_size else [])
@@ -283,6 +297,8 @@ class StreamViews:
             h.update(f"{self.items.fingerprint(i)}\n".encode())
         h.update(self.targets.numpy().tobytes())
         h.update(json.dumps([self.input.manifest(), self.scale, self.teacher_size]).encode())
+        if self.items.store is not None:  # pixels resampled from the stored copy are not the files' own
+            h.update(json.dumps({"image_store": self.items.store.meta["key"]}).encode())
         return h.hexdigest()
 
     def _decoder(self, epoch, teacher_view):
@@ -321,14 +337,31 @@ class StreamViews:
         return out[:-1]
 
     def _run(self, index_batches, epoch, teacher_view):
+        mix = None if self.plan is None or epoch is None else self.plan.mix
+        wanted_batches = index_batches
+        if mix is not None:  # each batch also loads its pictures' partners (edgekd.core.mixing)
+            from .mixing import with_partners
+
+            view = self.plan.view_of(epoch)
+            index_batches = [with_partners(mix, view, b).tolist() for b in index_batches]
         decoder = self._decoder(epoch, teacher_view)
         workers = self.workers if len(index_batches) > 1 else 0
         loader = torch.utils.data.DataLoader(decoder, batch_sampler=index_batches, num_workers=workers,
                                              collate_fn=_collate, prefetch_factor=4 if workers else None,
                                              persistent_workers=False,
                                              multiprocessing_context=_worker_context() if workers else None)
-        for out in loader:
-            yield self._finish(*out, teacher_view=teacher_view)
+        mix = None if self.plan is None or epoch is None else self.plan.mix
+        if mix is None:
+            for out in loader:
+                yield self._finish(*out, teacher_view=teacher_view)
+            return
+        from .mixing import mix_loaded
+
+        view = self.plan.view_of(epoch)
+        for wanted, out in zip(wanted_batches, loader):  # the loader keeps the batches' order
+            x, xt, y, idx = self._finish(*out, teacher_view=True)
+            x, xt, y, idx = mix_loaded(mix, view, wanted, x, xt, y, idx)
+            yield (x, xt, y, idx) if teacher_view else (x, y, idx)
 
     def batches(self, batch_size, epoch=None, shuffle_seed=None, shard=None, teacher_view=False):
         """Yield (x, y, idx), or (x, x_teacher or None, y, idx) with ``teacher_view``; as Views.batches."""

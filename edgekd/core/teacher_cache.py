@@ -61,7 +61,7 @@ def data_fingerprint(views: Any) -> str:
 
 def distinct_views(plan: Any) -> int:
     """How many different views an image has under ``plan`` (None: a new one every epoch)."""
-    if plan.kind == "none":  # no augmentation: every epoch shows the same pixels
+    if plan.kind == "none" and getattr(plan, "mix", None) is None:  # every epoch shows the same pixels (a mix: not)
         return 1
     return plan.views
 

@@ -80,8 +80,11 @@ class TrainRun:
         self.train, self.test, self.loss_fn = train, test, loss_fn
         self.teacher, self.cache, self.taps = teacher, cache, taps
         self.memo = memo  # a LiveMemo: a live teacher asked once per image when views cannot differ
+        self.mix = getattr(getattr(train, "plan", None), "mix", None)  # --mix: edgekd.core.mixing.MixPlan
         self.dist = dist or Context()
         self.local_images = 0  # training images this process stepped through (all epochs of this run)
+        # --student-dtype: the CPU autocast dtype of the student's forward (None: float32) and why (metrics.json)
+        self.student_autocast, self.student_dtype = None, None
 
 
 def cuda_speedups(cfg):
@@ -128,10 +131,23 @@ def _teacher_logits(run, x, idx, epoch, xt=None):
 
 def _step(net, run, x, y, idx, epoch, xt=None):
     t_logits = _teacher_logits(run, x, idx, epoch, xt)
-    s_logits = net(x)
+    if run.student_autocast is None:
+        s_logits = net(x)
+    else:  # bf16 student on a CPU: its logits back to float32, so the loss and soft targets are float32
+        from .precision import student_autocast
+
+        with student_autocast(run.student_autocast):
+            s_logits = net(x)
+        s_logits = s_logits.float()
     extra = {}
     if run.taps is not None:  # the teacher's map is an inference-mode tensor: a clone can join autograd
         extra["features"] = (run.taps[0].output, run.taps[1].output.float().clone())  # float: a bf16 teacher's too
+    if run.mix is not None:  # function matching: the teacher's answer for the mixed picture, mixed labels
+        from .mixing import mixed_loss
+
+        view = run.train.plan.view_of(epoch)
+        return s_logits, t_logits, mixed_loss(run.loss_fn, run.mix, view, tuple(x.shape[-2:]), s_logits, t_logits,
+                                              y, idx, **extra)
     return s_logits, t_logits, run.loss_fn(s_logits, t_logits, y, **extra)
 
 
@@ -258,6 +274,9 @@ def fit(model, run, cfg, desc="train", state_path=None):
             log.info("%s: resuming after epoch %d from %s", desc, done, state_path)
             if cfg.progress and dist.is_main:
                 REPORT.info("%s: resuming after epoch %d/%d", desc, done, cfg.epochs)
+    from .precision import settle_student_dtype
+
+    run.student_autocast, run.student_dtype = settle_student_dtype(model, run.train, cfg, channels_last)
     net = dist.wrap(model, device)
     if cfg.compile:
         net = torch.compile(net)
