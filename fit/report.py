@@ -22,7 +22,9 @@ def teacher_passes(cache: str) -> Dict[str, int]:
             if not os.path.isfile(meta):
                 continue
             with open(meta) as f:
-                n = json.load(f).get("images") or 0
+                record = json.load(f)
+            # the cache's checksummed index keeps what it holds in its description (edgekd.base.integrity)
+            n = (record.get("description") or record).get("images") or 0
             held = len([v for v in os.listdir(os.path.join(cache, name)) if v.startswith("view-") and v.endswith(".npy")])
             images, views, passes = images + n, views + held, passes + n * held
     return {"images": images, "views": views, "passes": passes}

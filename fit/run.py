@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from .. import EdgeKDError
 from ..bench.options import BENCH_DEFAULTS, BENCH_QUICK
+from ..bundle.card import record_fit
 from . import latency, report, search
 from .budget import DEVICE_KEYS, Budget, parse_budget
 from .options import FitOptions
@@ -243,5 +244,8 @@ def finish(study, budget, feasible, rows, settings, opts, out, env, train_qat, s
     if os.path.exists(bundle):
         shutil.rmtree(bundle)
     shutil.copytree(winner["bundle"], bundle)
+    record_fit(bundle, {"budget": str(budget), "device": opts.device, "chosen": winner["key"],
+                        "measured": winner["measured"], "untrained estimate": winner["untrained"],
+                        "trials": len(trials), "finalists": len(results), "report": "report.md of the fit"})
     report.write_outputs(out, summary, budget)
     return summary

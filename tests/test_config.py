@@ -204,7 +204,7 @@ def test_the_options_classes_are_the_declaration():
 
     import edgekd.cli  # noqa: F401  (imports every command's options class)
 
-    assert sorted(options.CLASSES) == ["bench", "deploy", "distill", "export", "fit", "predict", "quantize", "train"]
+    assert sorted(options.CLASSES) == ["bench", "deploy", "distill", "export", "fit", "predict", "prepare", "quantize", "train"]
     for command, cls in options.CLASSES.items():
         assert [f.name for f in dataclasses.fields(cls)] == [o.name for o in options.COMMANDS[command]], command
     assert options.QuantizeOptions().epochs == 1 and options.TrainOptions().epochs == 15

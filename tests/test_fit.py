@@ -120,6 +120,19 @@ def test_fit_returns_a_bundle_within_the_budget(first_fit):
     assert len(table["entries"]) == 2 and table["sha256"]
 
 
+def test_the_winning_bundle_carries_a_model_card_with_the_fit(first_fit):
+    from huggingface_hub import ModelCard
+
+    from edgekd.bundle.runtime import verify_bundle
+
+    out, _ = first_fit
+    verify_bundle(str(out / "bundle"))  # the card's update kept every sha256 of the manifest true
+    card = ModelCard.load(out / "bundle" / "MODEL_CARD.md")
+    winner = json.loads((out / "trials.json").read_text())["winner"]
+    assert "How it was chosen (edgekd fit)" in card.text and winner["key"] in card.text
+    assert card.data.eval_results, "the card's model-index has no results"
+
+
 def test_teacher_runs_once_per_image_and_view(first_fit):
     out, _ = first_fit
     p = json.loads((out / "trials.json").read_text())["teacher_passes"]

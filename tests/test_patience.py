@@ -178,10 +178,8 @@ def test_store_views_are_the_files_crops_and_a_damaged_store_is_refused(photos, 
 
 
 def test_a_store_prepared_ahead_is_reused_by_distill(photos, tmp_path, cli, one_line_error):
-    from edgekd.core.image_store import run_prepare
-
     store = tmp_path / "store"
-    assert run_prepare(str(photos), str(store), 64, progress=False)["images"] == 18
+    assert "images 18" in cli("prepare", photos, "--out", store, "--max-size", 64, "--no-progress").stdout
     out = tmp_path / "run"
     cli("distill", "--data", photos, "--input-size", 24, "--teacher", "seed-student", "--teacher-epochs", 1,
         "--epochs", 1, "--image-store", store, "--image-store-size", 64, "--workers", 0, "--no-progress",

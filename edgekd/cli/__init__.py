@@ -320,6 +320,23 @@ class Predict(Command):
             print("\n".join(text_lines(results)))
 
 
+class Prepare(Command):
+    name = "prepare"
+    help = "decode a data set's training pictures once into an image store for --image-store"
+    description = ("Decode every training picture of DATA once, shrunk so its longest side is at most --max-size, "
+                   "into memory-mapped files with an index under --out; train and distill given --image-store "
+                   "with the same folder and size then cut their crops from it with no JPEG decode. Keyed by the "
+                   "files and the size, checksummed; a damaged store is refused.")
+
+    def run(self, args):
+        from ..core.image_store import run_prepare
+
+        record = run_prepare(args.data, args.out, args.max_size, data_root=args.data_root, unlabeled=args.unlabeled,
+                             train_subset=args.train_subset, workers=args.workers, progress=args.progress)
+        print(f"image store -> {record.get('path', args.out)}: " + ", ".join(
+            f"{k} {v}" for k, v in record.items() if k in ("images", "max_size", "bytes", "build_seconds")))
+
+
 class Deploy(Command):
     name = "deploy"
     help = "install a bundle on an edge device over SSH (checksummed, atomic)"
@@ -364,7 +381,7 @@ class Quantize(Command):
 
 from .fit import Fit  # noqa: E402  (edgekd fit: its options are declared in fit/options.py)
 
-COMMANDS = [Train(), Distill(), Quantize(), Export(), Bench(), Predict(), Deploy(), Fit()]
+COMMANDS = [Train(), Distill(), Quantize(), Prepare(), Export(), Bench(), Predict(), Deploy(), Fit()]
 
 
 def build_parser():

@@ -264,8 +264,8 @@ def run_prepare(data_spec, out, max_size, data_root=None, unlabeled=None, train_
                 progress=True):
     """Build (or check) ahead of training the store of a data set's training pictures, the same items in the same
     order as a run with the same --unlabeled and --train-subset streams them (and with --image-store-size
-    ``max_size``). Returns its record. (An ``edgekd prepare`` command would call this; tests/test_config.py pins
-    the list of commands, so it waits for that list to be extended.)"""
+    ``max_size``; None: twice the data's own input side, the default student's). Returns its record.
+    ``edgekd prepare`` calls it."""
     from types import SimpleNamespace
 
     opts = SimpleNamespace(data=data_spec, out=out, max_size=max_size, data_root=data_root, unlabeled=unlabeled,
@@ -283,6 +283,7 @@ def run_prepare(data_spec, out, max_size, data_root=None, unlabeled=None, train_
         folder = load_unlabeled(opts.unlabeled, split_paths(data.train, subset), split_paths(data.test))
         parts.append((folder, None, UNLABELED))
     items = _Items(parts)
-    store = open_store(opts.out, items, data.input.manifest()["color"], opts.max_size, (), opts.workers,
+    max_size = opts.max_size or default_max_size((data.input.height, data.input.width))
+    store = open_store(opts.out, items, data.input.manifest()["color"], max_size, (), opts.workers,
                        opts.progress)
     return store.describe()

@@ -113,11 +113,11 @@ class Training(Options):
             raise EdgeKDError(f"--amp {self.amp} needs --device cuda; CPU training is float32 (use --amp auto or off)")
 
 
-# issue 27 (patient schedules): options of train and distill (not quantize), made by functions so that both
+# Patient schedules: options of train and distill (not quantize), made by functions so that both
 # classes declare the same field.
 def _image_store() -> Optional[str]:
     return opt(None, "decode every training picture once into a memory-mapped store under DIR (built on first "
-        "use, reused by later runs on the same files; see edgekd prepare); streamed views then cut their crops from "
+        "use, reused by later runs on the same files; edgekd prepare builds it ahead); streamed views then cut their crops from "
         "it with no JPEG decode (default: decode the files every epoch)", metavar="DIR", group="training")
 
 
@@ -350,3 +350,31 @@ def _check_store_place(store: Optional[str], data: Optional[str], unlabeled: Opt
         if here == root or here.startswith(root + os.sep):
             raise EdgeKDError(f"--image-store {store!r} is inside the data folder {root!r}: choose a folder outside "
                               "it (edgekd never writes into the data)")
+
+
+@register("prepare")
+@dataclass(frozen=True, kw_only=True)
+class PrepareOptions(Options):
+    """The options of ``edgekd prepare``: the decode-once image store, built ahead of training."""
+
+    data: Optional[str] = opt(None, "the data whose training pictures go into the store: a folder PATH, "
+        "imagefolder:PATH, webdataset:PATH, cifar10 or cifar100", metavar="DATA", positional=True)
+    out: Optional[str] = opt(None, "the store's folder: give the same DIR as --image-store to train and distill, "
+        "which then cut their crops from it", metavar="DIR", required=True)
+    max_size: Optional[int] = opt(None, "the stored pictures' longest side in pixels; give the runs the same N "
+        "as --image-store-size (default: twice the data's own input side, which is what a run's default is for the "
+        "default student when the teacher's input is not larger)",
+        low=8, high=2 * MAX_INPUT_SIDE, metavar="N")
+    data_root: Optional[str] = opt(None, "where cifar10/cifar100 live (as train and distill)", metavar="DIR")
+    unlabeled: Optional[str] = opt(None, "the --unlabeled folder of the runs that will use the store", metavar="DIR")
+    train_subset: Optional[int] = opt(None, "the --train-subset of the runs that will use the store", low=1,
+        high=MAX_IMAGES, metavar="N")
+    workers: int = opt(0, "decoding processes", low=0, high=MAX_THREADS)
+    progress: bool = opt(True, "hide the progress bar", negate="--no-progress")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.data:
+            raise EdgeKDError("edgekd prepare needs DATA: a folder PATH, imagefolder:PATH, webdataset:PATH, cifar10 "
+                              "or cifar100")
+        _check_store_place(self.out, self.data, self.unlabeled)

@@ -1,4 +1,4 @@
-"""The teacher's test top-1 on its own view (issue 27, item 9): each test picture decoded from the file at the
+"""The teacher's test top-1 on its own view: each test picture decoded from the file at the
 teacher's input size (the evaluation geometry: shorter side to size / crop_pct, center crop), as training now feeds
 it, beside the figure on the student's view resized to the teacher's input. A 224 px teacher scored 1.6 points
 lower on a 64 px student's view upsampled than on its own on photos: the second figure is the teacher's."""
