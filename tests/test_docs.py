@@ -32,6 +32,7 @@ def _quick_start_lines():
     return [line.split() for line in block.group(1).splitlines() if line.startswith("edgekd ")]
 
 
+@pytest.mark.slow  # a whole CLI pipeline in subprocesses: make test-slow
 def test_the_readme_quick_start_runs_as_written(tmp_path):
     lines = _quick_start_lines()
     assert [line[1] for line in lines] == ["distill", "export", "bench"]

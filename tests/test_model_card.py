@@ -62,6 +62,7 @@ def test_export_writes_a_card_whose_numbers_are_the_manifests_and_the_checkpoint
         assert name in text
 
 
+@pytest.mark.slow  # a whole CLI pipeline in subprocesses: make test-slow
 def test_bench_adds_its_rows_and_the_bundle_still_verifies(run, tmp_path, image, cli):
     bundle = tmp_path / "bundle"
     shutil.copytree(run / "bundle", bundle)

@@ -106,6 +106,7 @@ def test_mixed_labels_follow_the_usual_rule_and_an_unlabelled_side_gets_the_teac
     torch.testing.assert_close(parts["kd_loss"], kd_only["kd_loss"])
 
 
+@pytest.mark.slow  # a whole CLI pipeline in subprocesses: make test-slow
 def test_distill_cli_with_cutmix_and_cache_records_the_mix(tmp_path, cli):
     out = tmp_path / "run"
     args = ["distill", "--teacher-epochs", "1", "--epochs", "2", "--mix", "cutmix", "--mix-alpha", "0.5",
@@ -195,6 +196,7 @@ def test_a_store_prepared_ahead_is_reused_by_distill(photos, tmp_path, cli, one_
 # ----------------------------------------------------------------------------------------------------------
 # bf16 student steps; the teacher's own view
 
+@pytest.mark.slow  # a whole CLI pipeline in subprocesses: make test-slow
 def test_student_dtype_bfloat16_keeps_float32_state_and_auto_keeps_the_faster(tmp_path, cli):
     out = tmp_path / "bf16"
     cli("train", "--model", "seed-student", "--epochs", 1, "--student-dtype", "bfloat16", "--no-progress",

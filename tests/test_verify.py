@@ -293,6 +293,16 @@ def test_a_cache_or_an_output_inside_the_data_is_refused(tmp_path, cli_main, one
     assert not inside.exists()
 
 
+def test_an_export_inside_its_validation_or_calibration_data_is_refused(tmp_path, cli_main, one_line_error,
+                                                                        digits_run):
+    data = _folder(tmp_path / "data")
+    for option in ("--data", "--calib-data"):
+        inside = data / "test" / "bundle"
+        argv = ["export", digits_run / "student.pt", "--format", "onnx", option, data, "--out", inside]
+        one_line_error(cli_main(*argv), f"--out {str(inside)!r} is inside the data")
+        assert not inside.exists()
+
+
 # --- 3. regular files only ------------------------------------------------------------------------------------
 
 def test_fifo_socket_and_device_are_refused_before_open(tmp_path):

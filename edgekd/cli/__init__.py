@@ -220,6 +220,13 @@ class Export(Command):
         from ..export.pipeline import export_checkpoint
         from .int8 import train_qat
 
+        from types import SimpleNamespace
+
+        from ..base.files import refuse_inside
+        from ..core.data import data_folders
+
+        # a bundle inside the data it validates or calibrates on would be read back as images of that data
+        refuse_inside(args.out, "--out", data_folders(args) + data_folders(SimpleNamespace(data=args.calib_data)))
         folder = BundleFolder(args.out, args.force, args.zip, [
             ("CHECKPOINT", args.checkpoint), ("--data", args.data), ("--calib-data", args.calib_data),
             ("--data-root", args.data_root), ("--qat-teacher", args.qat_teacher),
