@@ -6,15 +6,30 @@ import os
 import shutil
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+import yaml
 
 from .. import EdgeKDError
+from ..base.files import atomic_write
+from ..base.outdir import OUTPUTS, RunFolder, refuse_inputs_inside
 from ..bench.options import BENCH_DEFAULTS, BENCH_QUICK
+from ..bench.plan import check_device as known_device
 from ..bundle.card import record_fit
+from ..core.config import saved
+from ..core.data import Data, load_data
+from ..core.options import DistillOptions
 from . import latency, report, search
 from .budget import DEVICE_KEYS, Budget, parse_budget
+from .final import run_finalists
 from .options import FitOptions
-from .space import Candidate, default_space, load_space
+from .space import Space, default_space, load_space
+
+if TYPE_CHECKING:  # heavy (torch): only for the type checker
+    from ..export.ladder import TrainQat
+
+Say = Callable[[str], None]
+Row = Dict[str, Any]  # a candidate with its measurement (fit's trial records stay JSON: they live in the study)
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +57,22 @@ def settings_of(opts: FitOptions, out: str) -> Dict[str, Any]:
 
 
 def check_teacher(opts: FitOptions) -> None:
-    from ..core import teachers
-    from ..core.options import DistillOptions
+    """Refuse a missing teacher, or one that is a model to train rather than a trained teacher."""
+    from ..core.teachers import TeacherOptions, resolve  # heavy: torch
 
     if not opts.teacher:
         raise EdgeKDError("--teacher SPEC is required: a trained teacher (checkpoint, bundle, ONNX, pretrained ...)")
     d = DistillOptions(teacher=opts.teacher, teacher_input_size=opts.teacher_input_size, teacher_mean=opts.teacher_mean,
                        teacher_std=opts.teacher_std, teacher_classes=opts.teacher_classes,
                        teacher_weights=opts.teacher_weights, teacher_views=opts.teacher_views, out="unused")
-    if teachers.resolve(opts.teacher, teachers.TeacherOptions.from_options(d)).kind == "model":
+    if resolve(opts.teacher, TeacherOptions.from_options(d)).kind == "model":
         raise EdgeKDError(f"--teacher {opts.teacher!r} is a model spec to train or a path that does not exist; fit "
                           f"needs a trained teacher: train it first (edgekd train --model {opts.teacher} ...)")
 
 
 def check_device(opts: FitOptions, budget: Budget) -> Dict[str, Any]:
     """The device's environment; refuses an emulated device and a memory limit the device cannot report."""
-    from ..bench.plan import check_device as known
-
-    known(opts.device)
+    known_device(opts.device)
     if opts.device.startswith("ssh://") and budget.get("mem_mb"):
         raise EdgeKDError("--budget mem_mb: peak memory is measured for local devices only (bench's workers); an "
                           "ssh:// device runs every bundle in one runner process. Drop mem_mb or use a local device")
@@ -70,7 +83,8 @@ def check_device(opts: FitOptions, budget: Budget) -> Dict[str, Any]:
     return env
 
 
-def latency_phase(opts, budget, env, data, space, out, say) -> List[Dict[str, Any]]:
+def latency_phase(opts: FitOptions, budget: Budget, env: Dict[str, Any], data: Data, space: Space, out: str,
+                  say: Say) -> List[Row]:
     """Every candidate timed untrained (the table first); returns every candidate with its measurement."""
     folder = opts.latency_cache or latency.default_cache()
     key = latency.device_key(env, opts.threads, opts.batch_size)
@@ -99,32 +113,47 @@ def latency_phase(opts, budget, env, data, space, out, say) -> List[Dict[str, An
     return rows
 
 
-def _load_data(opts):
-    from ..core.data import load_data
-
-    return load_data(opts.data, opts.data_root)
-
-
-def _closest(rows, n=3):
+def _closest(rows: List[Row], n: int = 3) -> str:
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["relative_miss"])[:n]
     return "; ".join(f"{r['key']} misses " + ", ".join(f"{k} by {v:.3g}" for k, v in r["misses"].items()) for r in ok)
 
 
-def run_fit(opts: FitOptions, train_qat=None, say: Callable[[str], None] = log.info) -> Dict[str, Any]:
-    """A whole fit into ``opts.out``; returns the summary (winner, trials, teacher passes)."""
+def run_fit(opts: FitOptions, train_qat: Optional["TrainQat"] = None,
+            say: Callable[[str], None] = log.info) -> Dict[str, Any]:
+    """A whole fit into ``opts.out``; returns the summary (winner, trials, teacher passes).
+
+    The fit owns its --out like every run (edgekd.base.outdir.RunFolder): checked, locked, marked with what it
+    wrote, so ``--force`` later replaces only that; a fit that fails after writing keeps its failure report and
+    its finished trials (``keep_failed``), one that fails before leaves the folder as it was."""
     if opts.join:
         return join_fit(opts, say)
-    out = opts.out  # with --resume DIR: DIR (edgekd.core.config read its config.yaml)
+    budget, out = _checked_request(opts)
+    inputs = [("--teacher", opts.teacher), ("--data", opts.data), ("--space", opts.space),
+              ("--unlabeled", opts.unlabeled), ("--teacher-classes", opts.teacher_classes),
+              ("--teacher-weights", opts.teacher_weights), ("--config", opts.config)]
+    refuse_inputs_inside(out, inputs, set(OUTPUTS["fit"]))
+    with RunFolder(out, "fit", force=opts.force, resume=bool(opts.resume), keep_failed=True):
+        return _fit(opts, budget, out, train_qat, say)
+
+
+def _checked_request(opts: FitOptions) -> Tuple[Budget, str]:
+    """The budget and --out of a fit that starts or resumes, refused in one line before anything is written."""
     budget = parse_budget(opts.budget) if opts.budget else None
     if budget is None:
         raise EdgeKDError("--budget EXPR is required, e.g. --budget p50_ms<=5,size_mb<=4")
+    out = opts.out  # with --resume DIR: DIR (edgekd.core.config read its config.yaml)
     if not out:
         raise EdgeKDError("--out DIR is required (or --resume DIR, --join DIR|URL)")
     if opts.resume and not os.path.isfile(os.path.join(out, "study.db")) and not opts.storage:
         raise EdgeKDError(f"cannot resume {out!r}: it holds no study.db (not an edgekd fit folder)")
+    return budget, out
+
+
+def _fit(opts: FitOptions, budget: Budget, out: str, train_qat: Optional["TrainQat"],
+         say: Callable[[str], None]) -> Dict[str, Any]:
     check_teacher(opts)
     env = check_device(opts, budget)
-    data = _load_data(opts)
+    data = load_data(opts.data, opts.data_root)
     space = default_space(data.input.height, data.input.channels)
     if opts.space:
         space = load_space(opts.space, space)
@@ -151,27 +180,23 @@ def run_fit(opts: FitOptions, train_qat=None, say: Callable[[str], None] = log.i
     return finish(study, budget, feasible, rows, settings, opts, out, env, train_qat, say, time.time() - start)
 
 
-def _save_settings(out, opts):
+def _save_settings(out: str, opts: FitOptions) -> None:
     """The fit's options as OUT/config.yaml (paths absolute: --resume may start from another folder)."""
-    import yaml
-
-    from ..base.files import atomic_write
-    from ..core.config import saved
-
     record = saved(opts)
     for k in ("teacher", "data", "data_root", "space", "unlabeled", "teacher_classes", "teacher_weights",
               "latency_cache", "ssh_config"):
         record[k] = _abs(record[k])
     record.pop("resume", None)
 
-    def write(tmp):
+    def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             yaml.safe_dump(record, f, sort_keys=True)
 
     atomic_write(os.path.join(out, SETTINGS_FILE), write)
 
 
-def run_trials(study, store, budget, feasible, settings, trials, hours, say):
+def run_trials(study: Any, store: Any, budget: Budget, feasible: List[Row], settings: Dict[str, Any], trials: int,
+               hours: Optional[float], say: Say) -> None:
     """Trials until ``trials`` are finished in the study (all workers together) or ``hours`` pass."""
     import optuna
 
@@ -179,7 +204,7 @@ def run_trials(study, store, budget, feasible, settings, trials, hours, say):
     if done0 >= trials:
         return
 
-    def progress(number, cand, top1, pruned):
+    def progress(number: int, cand: Row, top1: float, pruned: bool) -> None:
         done = search.finished(study) + 1
         per = (time.time() - start) / max(done - done0, 1)
         left = max(trials - done, 0) * per
@@ -192,13 +217,13 @@ def run_trials(study, store, budget, feasible, settings, trials, hours, say):
     study.optimize(objective, timeout=hours * 3600 if hours else None, callbacks=[stop], catch=(EdgeKDError,))
 
 
-def join_fit(opts: FitOptions, say) -> Dict[str, Any]:
+def join_fit(opts: FitOptions, say: Say) -> Dict[str, Any]:
     """A worker on an existing fit's study (its folder's SQLite file or a storage URL): trials only."""
-    target = opts.join
+    target = opts.join or ""
     if "://" in target:
-        url, out = target, opts.out
-        if not out:
+        if not opts.out:
             raise EdgeKDError("--join URL needs --out DIR for this worker's trials")
+        url, out = target, opts.out
     else:
         if not os.path.isfile(os.path.join(target, "study.db")):
             raise EdgeKDError(f"--join {target!r}: no study.db there (start the fit with --out {target} first)")
@@ -213,10 +238,10 @@ def join_fit(opts: FitOptions, say) -> Dict[str, Any]:
     return {"joined": search.redact(url), "trials_run": len(mine)}
 
 
-def finish(study, budget, feasible, rows, settings, opts, out, env, train_qat, say, seconds):
+def finish(study: Any, budget: Budget, feasible: List[Row], rows: List[Row], settings: Dict[str, Any],
+           opts: FitOptions, out: str, env: Dict[str, Any], train_qat: Optional["TrainQat"], say: Say,
+           seconds: float) -> Dict[str, Any]:
     """The finalists on the full schedule, exported, gated and measured again; the winner and the outputs."""
-    from .final import run_finalists
-
     trials = search.trial_rows(study)
     by_key = {c["key"]: c for c in feasible}
     done = [t for t in trials if t["state"] == "COMPLETE" and t["top1_short"] is not None

@@ -146,6 +146,26 @@ def test_teacher_runs_once_per_image_and_view(first_fit):
     assert f"Teacher forward passes: {p['passes']} " in (out / "report.md").read_text()
 
 
+def test_a_fit_owns_its_out_folder(first_fit, cli_main, tmp_path):
+    """The fit marks what it wrote: --force over a fit's folder is a fit's to replace (a refusal after it, here a
+    teacher that is not trained, leaves the folder as it was), and other commands refuse it, naming fit."""
+    from edgekd.base.outdir import owned_kinds, read_marker
+
+    out = tmp_path / "f"
+    shutil.copytree(first_fit[0], out)
+    marker = read_marker(str(out))
+    assert marker is not None and marker.command == "fit"
+    assert owned_kinds(str(out))["bundle"] == "folder" and owned_kinds(str(out))["report.md"] == "file"
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    proc = cli_main("fit", "--teacher", "compact-student", "--budget", "p50_ms<=5", "--out", out, "--force")
+    assert proc.returncode == 2 and "needs a trained teacher" in proc.stderr, proc.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / "notes.txt").read_text() == "mine" and read_marker(str(out)) == marker
+    proc = cli_main("bench", first_fit[0] / "bundle", "--out", out, "--force")
+    assert proc.returncode == 2 and "holds a run of edgekd 'fit'" in proc.stderr, proc.stderr
+
+
 @pytest.mark.slow  # a second (and third) real fit: minutes on 2 cores
 def test_latency_table_reused_and_a_budget_nobody_meets(setup, first_fit, cli, one_line_error):
     d, teacher = setup

@@ -102,7 +102,8 @@ def test_a_marker_records_each_outputs_kind_and_the_command(tmp_path):
         (out / "model.pt").write_bytes(b"m")
         (out / "metrics.json").write_text("{}")
     marker = read_marker(str(out))
-    assert marker["command"] == "train" and marker["kinds"] == {"metrics.json": "file", "model.pt": "file"}
+    assert marker is not None
+    assert marker.command == "train" and marker.kinds == {"metrics.json": "file", "model.pt": "file"}
     assert owned_kinds(str(out)) == {"metrics.json": "file", "model.pt": "file"}
     os.remove(out / "model.pt")
     (out / "model.pt").mkdir()  # the same name, now a folder: not what edgekd wrote

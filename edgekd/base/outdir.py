@@ -22,6 +22,7 @@ import re
 import shutil
 import stat
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Literal, Optional, Set, Tuple
 
 from .. import EdgeKDError, Interrupted, __version__
@@ -42,8 +43,48 @@ OUTPUTS = {
     "quantize": ("student-qat.pt", "metrics.json", "config.yaml", "qat.state.pt", "quantizers.json", "qat.before.json"),
     "bench": ("results.json", "results.csv", "report.md", "accuracy_vs_latency.png", "latency.png", "profile.png",
               "compare.md"),
+    # the study's SQLite file comes with its journal: a hot journal left by a kill belongs to that study only
+    "fit": ("config.yaml", "study.db", "study.db-journal", "study.db-wal", "study.db-shm", "latency.json", "report.md",
+            "trials.csv", "trials.json", "pareto.png", "bundle", "work", "trials", "teacher-cache"),
 }
 ALL_OUTPUTS = frozenset(n for names in OUTPUTS.values() for n in names)
+# The names in OUTPUTS that a run writes as folders (every other name is a file).
+FOLDERS = frozenset({"bundle", "work", "trials", "teacher-cache"})
+
+
+def output_kind(name: str) -> str:
+    """The kind a command writes ``name`` as: 'folder' for FOLDERS, else 'file'."""
+    return "folder" if name in FOLDERS else "file"
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A run folder's ``.edgekd`` marker: the command whose run it is, the edgekd version, and what the run wrote
+    (name -> 'file' or 'folder'). Read from JSON here, at the edge; anything malformed reads as no marker."""
+
+    command: Optional[str]
+    edgekd: Optional[str]
+    kinds: Dict[str, str]
+
+    @classmethod
+    def from_json(cls, record: Any) -> Optional["Marker"]:
+        """The marker of a parsed ``.edgekd`` file. One from before markers listed files names its command's outputs;
+        one from before they recorded kinds gives each name the kind its command writes it as."""
+        if not isinstance(record, dict):
+            return None
+        command, version = record.get("command"), record.get("edgekd")
+        command = command if isinstance(command, str) else None
+        files = record.get("files")
+        if not isinstance(files, list):
+            files = list(OUTPUTS.get(str(command), ()))
+        given = record.get("kinds")
+        stored: Dict[Any, Any] = given if isinstance(given, dict) else {}
+        kinds = {n: stored[n] if stored.get(n) in ("file", "folder") else output_kind(n)
+                 for n in files if isinstance(n, str)}
+        return cls(command, version if isinstance(version, str) else None, kinds)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"command": self.command, "edgekd": self.edgekd, "files": list(self.kinds), "kinds": dict(self.kinds)}
 
 
 def _alive(pid: int) -> bool:
@@ -122,17 +163,16 @@ def _contents(out: str) -> List[str]:
 BUNDLE_MANIFEST = "manifest.json"
 
 
-def read_marker(folder: str) -> Optional[Dict[str, Any]]:
-    """The run folder's marker as a dict ({command, edgekd, files}), or None where there is none."""
+def read_marker(folder: str) -> Optional[Marker]:
+    """The run folder's marker, or None where there is none (or none that reads as one)."""
     path = os.path.join(folder, MARKER)
     if not os.path.isfile(path) or os.path.islink(path):
         return None
     try:
         with open(path) as f:
-            marker = json.loads(f.read(1 << 20))
+            return Marker.from_json(json.loads(f.read(1 << 20)))
     except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past json's limit
         return None
-    return marker if isinstance(marker, dict) else None
 
 
 def entry_kind(path: str) -> str:
@@ -144,19 +184,21 @@ def entry_kind(path: str) -> str:
     return "folder" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
 
 
+def _marker_bytes(folder: str) -> Optional[bytes]:
+    """The marker file's bytes as they are (None where ``read_marker`` finds no marker)."""
+    if read_marker(folder) is None:
+        return None
+    try:
+        with open(os.path.join(folder, MARKER), "rb") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return None
+
+
 def owned_kinds(folder: str) -> Dict[str, str]:
-    """{name: kind} of what edgekd's marker in ``folder`` says an edgekd run wrote. A marker from before markers
-    listed files names its command's outputs; one from before they recorded kinds gives each name the kind
-    both its command writes and a run could have left: 'file' (every name in OUTPUTS is a file)."""
+    """{name: kind} of what edgekd's marker in ``folder`` says an edgekd run wrote (see ``Marker.from_json``)."""
     marker = read_marker(folder)
-    if marker is None:
-        return {}
-    files = marker.get("files")
-    if not isinstance(files, list):
-        files = list(OUTPUTS.get(str(marker.get("command")), ()))
-    given = marker.get("kinds")
-    kinds: Dict[str, Any] = given if isinstance(given, dict) else {}
-    return {n: (kinds[n] if kinds.get(n) in ("file", "folder") else "file") for n in files if isinstance(n, str)}
+    return dict(marker.kinds) if marker else {}
 
 
 def owned(folder: str) -> Set[str]:
@@ -168,8 +210,7 @@ def owned(folder: str) -> Set[str]:
 def marker_command(folder: str) -> Optional[str]:
     """The command (train, distill, ...) whose run the marker in ``folder`` records, or None."""
     marker = read_marker(folder)
-    command = marker.get("command") if marker else None
-    return command if isinstance(command, str) else None
+    return marker.command if marker else None
 
 
 def bundle_problem(folder: str) -> Optional[str]:
@@ -325,14 +366,18 @@ def check_zip(path: str, force: bool) -> None:
 
 
 class RunFolder:
-    """``with RunFolder(out, command, force, resume):`` the folder of a train, distill or bench run:
-    checked, locked, marked; set back as it was if the run fails."""
+    """``with RunFolder(out, command, force, resume):`` the folder of a train, distill, bench or fit run:
+    checked, locked, marked; set back as it was if the run fails. With ``keep_failed`` (fit) a run that fails
+    after writing something keeps it, marked as its own like an interrupted run (a fit's failure report and its
+    finished trials are worth keeping); one that fails before writing anything still leaves the folder as it was."""
 
-    def __init__(self, out: str, command: str, force: bool = False, resume: bool = False) -> None:
+    def __init__(self, out: str, command: str, force: bool = False, resume: bool = False,
+                 keep_failed: bool = False) -> None:
         self.out, self.command, self.force, self.resume = out, command, force, resume
+        self.keep_failed = keep_failed
         self.fd: Optional[int] = None
         self.aside: Optional[str] = None
-        self.previous: Optional[Dict[str, Any]] = None
+        self.previous: Optional[bytes] = None  # the earlier run's marker as it was, put back if this run fails
         self.before: Set[str] = set()
         self.created = self.lock_created = False
         self.mine: Set[str] = set()  # what the marker lists: a resumed run's earlier files, then what this run writes
@@ -348,7 +393,7 @@ class RunFolder:
             clean_stale(self.out)
             self.before = {n for n in self.before if os.path.lexists(os.path.join(self.out, n))}
             check_contents(self.out, self.force, resume=self.resume, command=self.command)
-            self.previous = read_marker(self.out)
+            self.previous = _marker_bytes(self.out)
             self.mine = owned(self.out) if self.resume else set()
             if self.force and not self.resume:
                 self._set_aside()
@@ -359,7 +404,8 @@ class RunFolder:
         return self
 
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> Literal[False]:
-        if kind is None or issubclass(kind, (Interrupted, KeyboardInterrupt)):
+        kept = kind is None or issubclass(kind, (Interrupted, KeyboardInterrupt))
+        if kept or (self.keep_failed and self.fd is not None and self._wrote_something()):
             if self.aside:  # the new run replaced the old one (an interrupted run stays resumable)
                 shutil.rmtree(self.aside, ignore_errors=True)
             try:  # the marker lists exactly what edgekd wrote here: what --force may replace later
@@ -385,6 +431,10 @@ class RunFolder:
         here = set(_contents(self.out))
         return sorted(n for n in here if n in self.mine or n not in self.before)
 
+    def _wrote_something(self) -> bool:
+        """Whether this run wrote anything here (beyond its lock and marker)."""
+        return any(n not in self.before for n in _contents(self.out))
+
     def _mark(self, files: Optional[Iterable[str]] = None) -> None:
         """Write the marker; while the run goes on it lists every name the command may write (a killed run's
         files stay edgekd's), at the end exactly what it wrote."""
@@ -392,14 +442,15 @@ class RunFolder:
             files = sorted(self.mine | set(OUTPUTS.get(self.command, ())))
             self.mine = set(files)
         kinds = {n: entry_kind(os.path.join(self.out, n)) for n in files}
-        kinds = {n: (k if k in ("file", "folder") else "file") for n, k in kinds.items()}  # not yet written: a file
-        self._write_marker({"command": self.command, "edgekd": __version__, "files": list(files), "kinds": kinds})
+        # not yet written: the kind the command writes it as
+        kinds = {n: (k if k in ("file", "folder") else output_kind(n)) for n, k in kinds.items()}
+        marker = Marker(self.command, __version__, kinds)
+        self._write_marker((json.dumps(marker.to_json()) + "\n").encode())
 
-    def _write_marker(self, marker: Dict[str, Any]) -> None:
+    def _write_marker(self, text: bytes) -> None:
         def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(marker, f)
-                f.write("\n")
+            with open(tmp, "wb") as f:
+                f.write(text)
 
         atomic_write(os.path.join(self.out, MARKER), write)
 

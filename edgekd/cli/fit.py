@@ -1,6 +1,20 @@
 """``edgekd fit``: the most accurate student that meets a device's budget (the work is in fit/)."""
 
+import argparse
+from typing import Any, Dict
+
 from .. import EdgeKDError
+from ..base.progress import printable
+from ..core.config import add_options
+from ..fit.budget import parse_budget
+from ..fit.options import FitOptions
+from ..fit.run import run_fit
+from .int8 import train_qat
+
+
+def say(line: str) -> None:
+    """One line of the fit's progress on stdout (control characters made printable)."""
+    print(printable(line), flush=True)
 
 
 class Fit:
@@ -15,33 +29,26 @@ class Fit:
                    "gate and measure them again; write bundle/, report.md, trials.csv, trials.json, pareto.png, "
                    "latency.json. A budget nothing meets, an empty space or an unreachable device: exit 2.")
 
-    def add_arguments(self, p):
-        from ..core.config import add_options
-
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        """The options of FitOptions."""
         add_options(p, self.name)
 
-    def run(self, opts):
-        from ..base.outdir import check_contents, check_writable
-        from ..base.progress import printable
-        from ..fit.budget import parse_budget
-        from ..fit.run import run_fit
-        from .int8 import train_qat
-
+    def run(self, opts: FitOptions) -> None:
+        """Run the fit (the fit owns --out: edgekd.fit.run.run_fit checks, locks and marks it) and print its result."""
         if not (opts.join or opts.resume):
             parse_budget(opts.budget or "")  # a bad budget fails before anything is written
             if not opts.out:
                 raise EdgeKDError("--out DIR is required (or --resume DIR, --join DIR|URL)")
-            check_writable(opts.out)
-            check_contents(opts.out, opts.force)
-
-        def say(line):
-            print(printable(line), flush=True)
-
         summary = run_fit(opts, train_qat=train_qat, say=say)
         if opts.join:
             say(f"worker done: {summary['trials_run']} trial(s) run on {summary['joined']}")
             return
-        w, p = summary["winner"], summary["teacher_passes"]
-        say(f"winner {w['key']}: top-1 {w['top1']:.4f}, p50 {w['measured']['p50_ms']:.3f} ms on {opts.device}, "
-            f"{w['measured']['size_mb']:.3f} MB -> {opts.resume or opts.out}/bundle")
-        say(f"teacher forward passes: {p['passes']} ({p['images']} images x {p['views']} view(s))")
+        _say_winner(summary, opts)
+
+
+def _say_winner(summary: Dict[str, Any], opts: FitOptions) -> None:
+    winner, passes = summary["winner"], summary["teacher_passes"]
+    measured = winner["measured"]
+    say(f"winner {winner['key']}: top-1 {winner['top1']:.4f}, p50 {measured['p50_ms']:.3f} ms on {opts.device}, "
+        f"{measured['size_mb']:.3f} MB -> {opts.resume or opts.out}/bundle")
+    say(f"teacher forward passes: {passes['passes']} ({passes['images']} images x {passes['views']} view(s))")
