@@ -8,7 +8,7 @@ from typing import Callable, List, Mapping, Optional, Tuple
 from .. import EdgeKDError
 from ..base.registry import Registry
 from ..bundle.manifest import FORMAT_FILES
-from .options import ExportOptions
+from .options import ONNX, OPENVINO, ExportOptions
 from .job import ExportJob, Request
 from .onnx import onnx_describe, onnx_fp16, onnx_fp32, onnx_int8, restore_onnx
 from .openvino import openvino_convert, openvino_int8, openvino_save, restore_openvino
@@ -60,16 +60,16 @@ def register(fmt: Format) -> Format:
 
 
 register(Format(
-    name="onnx", summary="ONNX (ONNX Runtime); INT8 as QDQ via onnxruntime.quantization", suffix=".onnx",
-    files=tuple(FORMAT_FILES["onnx"]), runtime="onnxruntime", inference_precision=None,
+    name=ONNX, summary="ONNX (ONNX Runtime); INT8 as QDQ via onnxruntime.quantization", suffix=".onnx",
+    files=tuple(FORMAT_FILES[ONNX]), runtime="onnxruntime", inference_precision=None,
     steps={"fp32": (onnx_fp32, onnx_describe), "fp16": (onnx_fp32, onnx_fp16, onnx_describe),
            "int8": (onnx_fp32, onnx_int8, onnx_describe)},
     qat_steps=(build_qat, onnx_describe), restore=restore_onnx,
     qat_calibrates=lambda options: options.qat_onnx == "ort",
     quant_modes=("static", "dynamic"), calib_methods=CALIB_METHODS, int8_types=True))
 register(Format(
-    name="openvino", summary="OpenVINO IR; INT8 via NNCF post-training quantization", suffix=".xml",
-    files=tuple(FORMAT_FILES["openvino"]), runtime="openvino", inference_precision="f32",
+    name=OPENVINO, summary="OpenVINO IR; INT8 via NNCF post-training quantization", suffix=".xml",
+    files=tuple(FORMAT_FILES[OPENVINO]), runtime="openvino", inference_precision="f32",
     steps={"fp32": (openvino_convert, openvino_save), "fp16": (openvino_convert, openvino_save),
            "int8": (openvino_convert, openvino_int8, openvino_save)},
     qat_steps=(build_qat,), restore=restore_openvino, qat_calibrates=lambda options: False,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, List, Optional
 from .. import EdgeKDError
 from ..bundle.manifest import FORMAT_FILES, METADATA_KEYS
 from ..core.data import InputSpec
-from .options import MIN_OPSET
+from .options import MIN_OPSET, ONNX
 from . import quantize_onnx as q
 from .job import ExportJob
 from .records import Restored, Tuning
@@ -22,7 +22,9 @@ if TYPE_CHECKING:  # heavy: only for the type checker
 
 log = logging.getLogger(__name__)
 
-(MODEL_FILE,) = FORMAT_FILES["onnx"]
+(MODEL_FILE,) = FORMAT_FILES[ONNX]
+# The graph's input and output names (the bundle's runner feeds its first input and reads its first output).
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # Weights go into external data only when the protobuf would pass its 2 GB limit.
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
@@ -44,7 +46,7 @@ def export_onnx(model: "nn.Module", input_spec: InputSpec, folder: str, opset: O
     try:
         with contextlib.redirect_stdout(chatter):
             torch.onnx.export(
-                model.eval(), (example,), path, dynamo=True, input_names=["input"], output_names=["logits"],
+                model.eval(), (example,), path, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
                 external_data=weight_bytes > EXTERNAL_DATA_BYTES, opset_version=opset or None,
             )

@@ -17,6 +17,7 @@ from ..base.progress import nncf_quiet
 from ..bundle.manifest import FORMAT_FILES
 from .job import ExportJob
 from .onnx import MODEL_FILE as ONNX_FILE, export_onnx
+from .options import OPENVINO
 from .records import NncfQuantization, Restored, Tuning
 
 if TYPE_CHECKING:  # heavy: only for the type checker
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # heavy: only for the type checker
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE, WEIGHTS_FILE = FORMAT_FILES["openvino"]
+MODEL_FILE, WEIGHTS_FILE = FORMAT_FILES[OPENVINO]
 WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData")
 
 

@@ -16,6 +16,7 @@ from .. import EdgeKDError
 from ..base.telemetry import switch_off
 from ..bundle.manifest import FORMAT_FILES, Manifest, sha256_file, write_manifest
 from ..bundle.runtime import verify_bundle
+from .options import ONNX, OPENVINO
 
 
 def onnx_bundle_to_openvino(src: str, out: str) -> Manifest:
@@ -23,17 +24,17 @@ def onnx_bundle_to_openvino(src: str, out: str) -> Manifest:
     import openvino as ov
 
     manifest = verify_bundle(src)
-    if manifest.format != "onnx":
+    if manifest.format != ONNX:
         raise EdgeKDError(f"{src!r} is a {manifest.format} bundle; expected an onnx bundle")
     if os.path.exists(out):
         raise EdgeKDError(f"{out!r} already exists")
     staging = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".ir-")
     try:
-        model_file = FORMAT_FILES["openvino"][0]
+        model_file = FORMAT_FILES[OPENVINO][0]
         model = ov.convert_model(os.path.join(src, manifest.model_file))
         ov.save_model(model, os.path.join(staging, model_file), compress_to_fp16=False)
-        files = {name: sha256_file(os.path.join(staging, name)) for name in FORMAT_FILES["openvino"]}
-        manifest = manifest.with_changes(format="openvino", model_file=model_file, files=files,
+        files = {name: sha256_file(os.path.join(staging, name)) for name in FORMAT_FILES[OPENVINO]}
+        manifest = manifest.with_changes(format=OPENVINO, model_file=model_file, files=files,
                                          converted_from={"bundle": os.path.abspath(src), "files": manifest.files})
         write_manifest(staging, manifest)
         os.chmod(staging, 0o755)

@@ -8,6 +8,8 @@ from ..core.optionspec import MAX_IMAGES, MAX_SEED, Options, opt, register
 # --opset: torch's dynamo ONNX exporter writes opsets 18 to torch.onnx's ONNX_MAX_OPSET (23 in torch 2.14; export
 # checks it again against the installed torch); below 18 it converts down or silently writes another opset.
 MIN_OPSET, MAX_OPSET = 18, 23
+# The bundle formats' names (edgekd.export.formats holds their table; the bundle layer names their files).
+ONNX, OPENVINO = "onnx", "openvino"
 
 @register("export")
 @dataclass(frozen=True, kw_only=True)

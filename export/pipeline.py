@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import EdgeKDError
-from ..base.files import portable
-from ..base.outdir import temp_prefix
+from ..base.files import portable, temp_prefix
+from ..base.outdir import BUNDLE_MANIFEST
 from ..base.progress import bar
 from ..bundle.card import add_card
 from ..bundle.manifest import library_versions, sha256_file, write_manifest
@@ -37,7 +37,7 @@ from .options import ExportOptions  # every option of edgekd export, declared on
 from .qat import fp32_student_record
 from .quantize_onnx import cpu_features
 from .records import (CalibrationRecord, Fallback, Int8Settings, LayerReport, Parity, QatSource, Rung, SpeedCheck,
-                      SpeedRow, Validation)
+                      SpeedRow, Validation, with_set)
 from .speed import FASTER, SpeedJob
 from .target import Target, remote_logits, resolve, where
 from .validate import compare, gate, run_batched
@@ -164,7 +164,8 @@ def _build(ref: Reference, opts: ExportOptions, plan: Plan, calib: Optional[Cali
         shutil.rmtree(scratch, ignore_errors=True)
         if os.path.isdir(staging):
             shutil.rmtree(staging)
-    size = sum(os.path.getsize(os.path.join(out, f)) for f in manifest["files"])
+    # the bundle is exactly the files its manifest lists, and the manifest
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f != BUNDLE_MANIFEST)
     log.info("exported %s %s in %.1f s, %.3f MB (%s)", fmt, opts.precision, outcome.seconds, size / 1e6, out)
     return manifest
 
@@ -335,19 +336,15 @@ def _input_record(spec: InputSpec, static: Optional[int]) -> Dict[str, Any]:
 
 def _int8_records(job: ExportJob, outcome: Outcome) -> Dict[str, Any]:
     quant = job.result.quantization
-    records: Dict[str, Any] = {
+    records: Dict[str, Any] = with_set({
         "calibration": outcome.calibration.to_dict() if outcome.calibration else None,
         "quantization": {**(quant.to_dict() if quant else {}), "layers": job.result.quantizable_layers},
         "fallback": outcome.fallback.to_dict() if outcome.fallback else None,
         "speed_check": outcome.speed.to_dict() if outcome.speed else None,
-    }
-    if outcome.warnings:
-        records["warnings"] = list(outcome.warnings)
-    records["int8_layers"] = outcome.layers.to_dict() if outcome.layers else None
-    records["ladder"] = [r.to_dict() for r in outcome.rungs]
-    if outcome.qat:
-        records["qat"] = outcome.qat.to_dict()
-    return records
+    }, warnings=list(outcome.warnings) or None)
+    records.update(int8_layers=outcome.layers.to_dict() if outcome.layers else None,
+                   ladder=[r.to_dict() for r in outcome.rungs])
+    return with_set(records, qat=outcome.qat.to_dict() if outcome.qat else None)
 
 
 def speed_check(fmt: str, int8_path: str, fp32_path: str, shape: Tuple[int, int, int]) -> SpeedCheck:

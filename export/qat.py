@@ -31,8 +31,9 @@ from ..core.checkpoint import Checkpoint
 from ..core.fakequant import quantizer_modules
 from ..core.loading import float_model, load_model
 from .job import ExportJob
-from .onnx import onnx_fp32, onnx_int8
+from .onnx import INPUT_NAME, OUTPUT_NAME, onnx_fp32, onnx_int8
 from .openvino import import_openvino, quantized_layers
+from .options import ONNX, OPENVINO
 from .records import Int8Settings, QatQuantization, QatSource
 
 if TYPE_CHECKING:  # heavy: only for the type checker
@@ -42,7 +43,7 @@ if TYPE_CHECKING:  # heavy: only for the type checker
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE, OV_FILE = FORMAT_FILES["onnx"][0], FORMAT_FILES["openvino"][0]
+ONNX_FILE, OV_FILE = FORMAT_FILES[ONNX][0], FORMAT_FILES[OPENVINO][0]
 QDQ_OPSET = 17
 AS_TRAINED = "as trained (NNCF's quantizers)"
 
@@ -84,8 +85,8 @@ def _torchscript_onnx(model: "nn.Module", example: "torch.Tensor", path: str) ->
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), path, dynamo=False, opset_version=QDQ_OPSET, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(model, (example,), path, dynamo=False, opset_version=QDQ_OPSET, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     log.debug(chatter.getvalue())
 
 
@@ -189,19 +190,19 @@ class _Graph:
         if bias is None:
             return False
         s = (gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))).astype(np.float64)
-        folded = {"weight": (w * s.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype),
-                  "scale": (scale * np.abs(s)).astype(scale.dtype),
-                  "bias": ((bias - mean) * s + beta).astype(w.dtype)}
+        folded = ((w * s.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype), (scale * np.abs(s)).astype(scale.dtype),
+                  ((bias - mean) * s + beta).astype(w.dtype))
         self._rewire(conv, q, dq, bn, folded)
         return True
 
     def _rewire(self, conv: "onnx.NodeProto", q: "onnx.NodeProto", dq: "onnx.NodeProto", bn: "onnx.NodeProto",
-                folded: Dict[str, np.ndarray]) -> None:
+                folded: Tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Point ``conv`` at the folded (weight, scale, bias) and take over ``bn``'s output."""
         from onnx import numpy_helper
 
-        weight, scale, bias = (f"{conv.name or conv.output[0]}.folded_{k}" for k in ("weight", "scale", "bias"))
-        self.g.initializer.extend(numpy_helper.from_array(v, name) for v, name in
-                                  ((folded["weight"], weight), (folded["scale"], scale), (folded["bias"], bias)))
+        names = tuple(f"{conv.name or conv.output[0]}.folded_{k}" for k in ("weight", "scale", "bias"))
+        self.g.initializer.extend(numpy_helper.from_array(v, name) for v, name in zip(folded, names))
+        weight, scale, bias = names
         q.input[0], q.input[1], dq.input[1] = weight, scale, scale
         if len(conv.input) > 2:
             conv.input[2] = bias

@@ -1,11 +1,19 @@
 """What the export steps produce, as typed records: the conversion (model file, FP32 counterpart, quantization),
 the image samples that calibrated or tuned INT8, the parity result, the INT8 ladder's rungs and fallback, the
-speed check and the per-layer report. Each turns into JSON only where manifest.json is written (``to_dict``)."""
+speed check and the per-layer report. Each turns into JSON only where manifest.json is written (``to_dict``), and
+is read back from a manifest by ``edgekd.base.jsonrec`` (``from_dict``, ``ExportSummary.from_manifest``)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from ..base.jsonrec import read_json
+
 JSON = Dict[str, Any]
+
+
+def with_set(record: JSON, **optional: Any) -> JSON:
+    """``record`` and, after it, each of ``optional`` that is not None (a manifest leaves unset entries out)."""
+    return {**record, **{k: v for k, v in optional.items() if v is not None}}
 
 
 @dataclass
@@ -32,11 +40,7 @@ class Int8Settings:
         d: JSON = {"activation_type": self.activation_type, "weight_type": self.weight_type,
                    "reduce_range": self.reduce_range, "per_channel": self.per_channel, "format": self.format,
                    "chosen_because": self.chosen_because, "cpu": {"arch": self.cpu_arch, "vnni": list(self.vnni)}}
-        if self.mode is not None:
-            d["mode"] = self.mode
-        if self.calib_method is not None:
-            d["calib_method"] = self.calib_method
-        return d
+        return with_set(d, mode=self.mode, calib_method=self.calib_method)
 
 
 @dataclass
@@ -70,9 +74,7 @@ class QatQuantization:
         d: JSON = {"mode": "qat", "tool": self.tool, "source_student": self.source_student,
                    "layers_int8": self.layers_int8, "calibration_images": self.calibration_images,
                    "int8_graph_layers": self.int8_graph_layers, "placement": self.placement}
-        if self.onnxruntime is not None:
-            d["onnxruntime"] = self.onnxruntime.to_dict()
-        return d
+        return with_set(d, onnxruntime=self.onnxruntime.to_dict() if self.onnxruntime else None)
 
 
 Quantization = Union[Int8Settings, NncfQuantization, QatQuantization]
@@ -110,9 +112,7 @@ class Sample:
         d: JSON = {"data": self.data, "split": self.split, "images": self.images, "available": self.available,
                    "seed": self.seed, "stratified": self.stratified, "per_class": dict(self.per_class),
                    "files_sha256": self.files_sha256}
-        if self.files is not None:
-            d["files"] = list(self.files)
-        return d
+        return with_set(d, files=list(self.files) if self.files is not None else None)
 
 
 @dataclass
@@ -123,10 +123,7 @@ class CalibrationRecord:
     note: Optional[str] = None
 
     def to_dict(self) -> JSON:
-        d: JSON = self.sample.to_dict() if self.sample else {"images": 0}
-        if self.note is not None:
-            d["note"] = self.note
-        return d
+        return with_set(self.sample.to_dict() if self.sample else {"images": 0}, note=self.note)
 
 
 @dataclass
@@ -145,9 +142,7 @@ class RanOn:
             return {"where": self.where, "machine": self.machine}
         d: JSON = {"where": self.where, "machine": self.machine, "cpu": self.cpu,
                    "runtime_versions": self.runtime_versions}
-        if self.emulated:
-            d["emulated"] = self.emulated
-        return d
+        return with_set(d, emulated=self.emulated or None)
 
 
 @dataclass
@@ -172,13 +167,13 @@ class Validation:
 
     @classmethod
     def from_dict(cls, d: JSON) -> "Validation":
-        """The measurements of a manifest's ``validation`` (where it ran is left out)."""
-        return cls(images=int(d["images"]), not_finite=int(d.get("not_finite") or 0),
-                   output_shape=list(d.get("output_shape") or []), max_abs_diff=float(d["max_abs_diff"]),
-                   mean_abs_diff=float(d.get("mean_abs_diff") or 0.0), top1_agreement=float(d["top1_agreement"]),
-                   top1=float(d["top1"]), reference_top1=float(d["reference_top1"]), drop=float(d["drop"]),
-                   data=d.get("data"), split=d.get("split"), atol=d.get("atol"), max_drop=d.get("max_drop"),
-                   reference=d.get("reference"))
+        """The measurements of a manifest's ``validation`` (where it ran is left out); a manifest from before
+        not_finite, output_shape and mean_abs_diff were recorded reads them as 0, [] and 0.0."""
+        given = {k: v for k, v in d.items() if v is not None}
+        validation = read_json(cls, {**dict(not_finite=0, output_shape=[], mean_abs_diff=0.0), **given})
+        if validation is None:
+            raise ValueError("the manifest's validation record lacks a measurement")
+        return replace(validation, ran_on=None)
 
     def to_dict(self) -> JSON:
         d: JSON = {"images": self.images, "not_finite": self.not_finite, "output_shape": list(self.output_shape),
@@ -188,11 +183,7 @@ class Validation:
         if self.data is not None:
             d.update(data=self.data, split=self.split, atol=self.atol,
                      ran_on=self.ran_on.to_dict() if self.ran_on else None)
-        if self.max_drop is not None:
-            d["max_drop"] = self.max_drop
-        if self.reference is not None:
-            d["reference"] = self.reference
-        return d
+        return with_set(d, max_drop=self.max_drop, reference=self.reference)
 
 
 @dataclass
@@ -224,13 +215,11 @@ class Fallback:
             r = self.restored
             if r.tuning_drop is not None or r.ranking is not None:
                 d.update(tuning_drop=r.tuning_drop, ranking=r.ranking)
-            d["method"] = r.method
+            d.update(method=r.method)
         if self.max_layers is not None:
             d.update(drop_after=self.drop_after, max_layers=self.max_layers,
                      tuning=self.tuning.to_dict() if self.tuning else None)
-        if self.used is not None:
-            d["used"] = self.used
-        return d
+        return with_set(d, used=self.used)
 
 
 @dataclass
@@ -247,9 +236,8 @@ class Rung:
     qat_test_top1: Optional[float] = None
 
     def to_dict(self) -> JSON:
-        d: JSON = {"rung": self.rung, "drop": self.drop, "passed": self.passed}
-        if self.layers_in_float is not None:
-            d["layers_in_float"] = list(self.layers_in_float)
+        d = with_set({"rung": self.rung, "drop": self.drop, "passed": self.passed},
+                     layers_in_float=list(self.layers_in_float) if self.layers_in_float is not None else None)
         if self.epochs is not None:
             d.update(epochs=self.epochs, teacher=self.teacher, layers_int8=self.layers_int8,
                      qat_test_top1=self.qat_test_top1)
@@ -265,7 +253,11 @@ class SpeedRow:
 
     @classmethod
     def from_dict(cls, d: JSON) -> "SpeedRow":
-        return cls(int(d["batch_size"]), float(d["fp32_ms"]), float(d["int8_ms"]), float(d["speedup"]))
+        """A row of the speed check's JSON (ValueError when it is not one)."""
+        row = read_json(cls, d)
+        if row is None:
+            raise ValueError(f"not a speed check row: {str(d)[:120]}")
+        return row
 
     def to_dict(self) -> JSON:
         return {"batch_size": self.batch_size, "fp32_ms": self.fp32_ms, "int8_ms": self.int8_ms,
@@ -285,10 +277,7 @@ class SpeedCheck:
     @classmethod
     def from_dict(cls, d: Optional[JSON]) -> Optional["SpeedCheck"]:
         """The manifest's record (None when the check did not run)."""
-        if not d:
-            return None
-        return cls([SpeedRow.from_dict(r) for r in d.get("rows", ())], d.get("int8_faster"), d.get("threshold"),
-                   d.get("machine"), d.get("status"))
+        return read_json(cls, d) if d else None
 
     def to_dict(self) -> JSON:
         if self.status is not None:
@@ -332,9 +321,7 @@ class LayerReport:
         d: JSON = {"metric": self.metric, "images": self.images, "split": self.split, "count": self.count,
                    "worst": self.worst, "median_sqnr_db": self.median_sqnr_db, "min_sqnr_db": self.min_sqnr_db,
                    "layers": [r.to_dict() for r in self.layers]}
-        if self.plot is not None:
-            d["plot"] = self.plot
-        return d
+        return with_set(d, plot=self.plot)
 
 
 @dataclass
@@ -348,9 +335,7 @@ class QatSource:
 
     def to_dict(self) -> JSON:
         d: JSON = {"source": self.source, "top1": self.top1, "drop_vs_fp32_student": self.drop_vs_fp32_student}
-        if self.note is not None:
-            d["note"] = self.note
-        return d
+        return with_set(d, note=self.note)
 
 
 @dataclass
@@ -370,3 +355,43 @@ class Parity:
 
 
 Tuning = Tuple[Any, Any]  # (images, labels) as numpy arrays
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What ``edgekd export`` reports of the bundle it wrote, read from its manifest's JSON."""
+
+    format: str
+    precision: str
+    size_bytes: int
+    export_seconds: float
+    validation: Validation
+    ladder: List[Rung] = field(default_factory=list)
+    fallback: Optional[Fallback] = None
+    warnings: List[str] = field(default_factory=list)
+
+    @classmethod
+    def from_manifest(cls, manifest: JSON) -> "ExportSummary":
+        """The summary of a manifest export wrote (one that lacks its records is our bug: RuntimeError)."""
+        summary = read_json(cls, manifest)
+        if summary is None:
+            raise RuntimeError("the manifest export wrote lacks its format, size or validation records")
+        return summary
+
+    def lines(self, out: str, zipped: bool) -> List[str]:
+        """The lines ``edgekd export`` prints: the bundle, the parity gate, the INT8 ladder, what stayed in float."""
+        v = self.validation
+        shown = f"{out} (+ {out.rstrip('/')}.zip)" if zipped else out
+        lines = [f"{self.format} {self.precision} bundle -> {shown}: {self.size_bytes / 1e6:.3f} MB, exported in "
+                 f"{self.export_seconds:.1f} s",
+                 f"parity on {v.images} test images: max |diff| {v.max_abs_diff:.2e}, top-1 agreement "
+                 f"{v.top1_agreement:.4f}, top-1 {v.top1:.4f} (PyTorch {v.reference_top1:.4f}, drop {v.drop:+.2f} "
+                 "points)"]
+        if len(self.ladder) > 1:
+            lines.append("INT8 ladder: " + " -> ".join(f"{r.rung} drop {r.drop:.2f} ({'pass' if r.passed else 'fail'})"
+                                                      for r in self.ladder))
+        f = self.fallback
+        if f is not None and f.layers_in_float and f.used is not False:
+            lines.append(f"kept in float: {', '.join(f.layers_in_float)} (drop {f.drop_before:.2f} -> "
+                         f"{f.drop_after:.2f})")
+        return lines + [f"warning: {w}" for w in self.warnings]

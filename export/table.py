@@ -9,8 +9,9 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+from ..base.jsonrec import read_json
 from ..bundle.manifest import Manifest, read_manifest
-from .records import SpeedCheck, Validation
+from .records import Fallback, SpeedCheck, Validation
 
 HEADER = ("| bundle | format | precision | size (MB) | size vs FP32 | max abs diff | top-1 agreement | top-1 | "
           "drop vs FP32 (points) | images | export (s) | INT8 speedup here (b1 / b32) | layers kept in float |\n"
@@ -32,10 +33,10 @@ class Row:
 
     @classmethod
     def of(cls, name: str, m: Manifest) -> "Row":
-        fallback = m.record("fallback") or {}
+        fallback = read_json(Fallback, m.record("fallback"))
         return cls(name, m.format, m.precision, int(m.record("size_bytes")), float(m.record("export_seconds")),
                    Validation.from_dict(m.validation), SpeedCheck.from_dict(m.record("speed_check")),
-                   fallback.get("layers_in_float"))
+                   fallback.layers_in_float if fallback else None)
 
     def line(self, fp32_size: Dict[str, int]) -> str:
         ratio = f"{self.size_bytes / fp32_size[self.format]:.0%}" if self.format in fp32_size else "-"

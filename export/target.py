@@ -28,9 +28,10 @@ import numpy as np
 
 from .. import EdgeKDError
 from ..base import ssh
+from ..base.jsonrec import read_json
 from ..bundle import runner
 from .quantize_onnx import cpu_features
-from .records import RanOn
+from .records import RanOn, with_set
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,21 @@ STATIC_BATCH = 1  # OpenVINO bundles for ARM: the batch edge applications call w
 class DeviceEnv:
     """What the device runner's ``env`` says about the device (its JSON, read here)."""
 
-    machine: str
+    machine: str = "?"
     cpu: Optional[str] = None
     cores: Optional[int] = None
-    versions: Optional[Dict[str, str]] = None
+    versions: Optional[Dict[str, Any]] = None
     emulated: Any = None                     # what says so (qemu), when the CPU is emulated
+    python: Optional[str] = None             # the device's Python version
     cpu_flags: Set[str] = field(default_factory=set)
 
     @classmethod
     def from_json(cls, text: str) -> "DeviceEnv":
-        d = json.loads(text)
-        return cls(str(d.get("machine", "?")), d.get("cpu"), d.get("cores"), d.get("versions"), d.get("emulated"),
-                   set(d.get("cpu_flags") or ()))
+        """The runner's ``env`` line (ValueError when it is not a JSON object)."""
+        env = read_json(cls, json.loads(text))
+        if env is None:
+            raise ValueError(f"the device runner's env is not a JSON object: {text[:120]!r}")
+        return env
 
     def record(self) -> Dict[str, Any]:
         """The manifest's ``target.device``: what is known of it."""
@@ -86,15 +90,11 @@ class Target:
         """The manifest's ``target`` entry."""
         rec: Dict[str, Any] = {"name": self.name, "arch": self.arch, "static_batch": self.static_batch(fmt)}
         if fmt == "openvino":
-            rec["openvino_inference_precision"] = "f32"
-            rec["openvino_inference_precision_note"] = (
+            rec.update(openvino_inference_precision="f32", openvino_inference_precision_note=(
                 "pinned: the CPU plugin would pick f16 on ARM (bf16 on x86 with AMX/AVX512_BF16); the bundle "
-                "is validated at f32")
-        if int8_types:
-            rec["int8_types"] = int8_types
-        if self.environment:
-            rec["device"] = self.environment.record()
-        return rec
+                "is validated at f32"))
+        return with_set(rec, int8_types=int8_types or None,
+                        device=self.environment.record() if self.environment else None)
 
 
 def resolve(spec: Optional[str], ssh_config: Optional[str] = None, timeout: int = 600) -> Target:

@@ -3,7 +3,7 @@
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Collection, Dict, Optional, Tuple
 
 from .. import EdgeKDError
 
@@ -46,12 +46,14 @@ class Budget:
     limits: Tuple[Limit, ...]
 
     def get(self, key: str) -> Optional[Limit]:
+        """The limit on ``key``, None when the budget sets none."""
         return next((lim for lim in self.limits if lim.key == key), None)
 
     def device_limits(self) -> Tuple[Limit, ...]:
+        """The limits measured before training (all but the accuracy floor)."""
         return tuple(lim for lim in self.limits if lim.key in DEVICE_KEYS)
 
-    def misses(self, values: Dict[str, Optional[float]], keys=None) -> Dict[str, float]:
+    def misses(self, values: Dict[str, Optional[float]], keys: Optional[Collection[str]] = None) -> Dict[str, float]:
         """The limits ``values`` miss (key -> excess, in the key's unit); empty when every one is met."""
         out = {}
         for lim in self.limits:
@@ -62,12 +64,11 @@ class Budget:
                 out[lim.key] = over
         return out
 
-    def relative_miss(self, values: Dict[str, Optional[float]], keys=None) -> float:
+    def relative_miss(self, values: Dict[str, Optional[float]], keys: Optional[Collection[str]] = None) -> float:
         """The largest miss as a fraction of its limit (0 when met): how close a candidate comes."""
-        worst = 0.0
-        for key, over in self.misses(values, keys).items():
-            worst = max(worst, over / max(abs(self.get(key).value), 1e-12))
-        return worst
+        missed = self.misses(values, keys)
+        return max((missed[lim.key] / max(abs(lim.value), 1e-12) for lim in self.limits if lim.key in missed),
+                   default=0.0)
 
     def __str__(self) -> str:
         return ",".join(map(str, self.limits))

@@ -5,17 +5,24 @@ device of the trained bundle (which must meet the budget itself, not its untrain
 import logging
 import os
 import time
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from .. import EdgeKDError
+from ..export.options import ExportOptions
 from . import latency, search
 from .budget import DEVICE_KEYS, Budget
+from .options import FitOptions
+from .space import RUNTIMES
+
+if TYPE_CHECKING:  # heavy (torch): only for the type checker
+    from ..export.ladder import TrainQat
 
 log = logging.getLogger(__name__)
 
 
-def run_finalists(finalists: List[Dict[str, Any]], budget: Budget, settings: Dict[str, Any], opts, out: str,
-                  train_qat, say) -> List[Dict[str, Any]]:
+def run_finalists(finalists: List[Dict[str, Any]], budget: Budget, settings: Dict[str, Any], opts: FitOptions,
+                  out: str, train_qat: Optional["TrainQat"], say: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Each finalist distilled on the full schedule, exported, gated and measured again on the device."""
     results = []
     for i, cand in enumerate(finalists):
         say(f"finalist {i + 1}/{len(finalists)}: {cand['key']}, {settings['epochs']} epochs")
@@ -27,13 +34,15 @@ def run_finalists(finalists: List[Dict[str, Any]], budget: Budget, settings: Dic
     return results
 
 
-def _one(i, cand, budget, settings, opts, out, train_qat):
-    from ..export.options import ExportOptions
-    from ..export.pipeline import export_checkpoint
+def _one(i: int, cand: Dict[str, Any], budget: Budget, settings: Dict[str, Any], opts: FitOptions, out: str,
+         train_qat: Optional["TrainQat"]) -> Dict[str, Any]:
+    from ..export.pipeline import export_checkpoint  # heavy: torch, onnx
 
     start = time.time()
     folder = os.path.join(out, "work", "final", f"{i:02d}")
     metrics, _, _ = search.distill_trial(cand, settings, folder, settings["epochs"])
+    if metrics is None:  # only a pruned trial has none, and a finalist is never pruned
+        raise RuntimeError(f"finalist {cand['key']} ended without metrics")
     bundle = os.path.join(folder, "bundle")
     eopts = ExportOptions(format=cand["format"] if "format" in cand else _format(cand), precision=cand["precision"],
                           out=bundle, data_root=settings["data_root"], progress=False, speed_check=False, force=True)
@@ -54,11 +63,9 @@ def _one(i, cand, budget, settings, opts, out, train_qat):
             "ladder": [r.get("rung") for r in manifest.get("ladder", [])], "seconds": time.time() - start}
 
 
-def _format(cand):
-    from .space import RUNTIMES
-
+def _format(cand: Dict[str, Any]) -> str:
     return RUNTIMES[cand["runtime"]]
 
 
-def _safe(text):
+def _safe(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text)[:64]

@@ -6,6 +6,7 @@ measured again, never trusted. Each device runs one measurement at a time (a loc
 """
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -13,10 +14,15 @@ import os
 import shutil
 import tempfile
 from dataclasses import replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import EdgeKDError
+from ..base import ssh
 from ..base.files import atomic_write
+from ..bench.remote import check_device
+from ..bench.run import BenchPlan, Measurement, Results, run_bench
+from ..core.data import Data
+from ..export.options import ExportOptions
 from .space import Candidate
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,7 @@ RUNTIME_VERSIONS = ("onnxruntime", "openvino", "numpy")
 
 
 def default_cache() -> str:
+    """Where latency tables live by default: ~/.cache/edgekd/latency (or under $XDG_CACHE_HOME)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "edgekd", "latency")
 
@@ -39,9 +46,6 @@ def device_environment(device: str, ssh_config: Optional[str], timeout: int) -> 
 
     if not device.startswith("ssh://"):
         return {**environment.environment(), "device": device}
-    from ..base import ssh
-    from ..bench.remote import check_device
-
     target = ssh.parse_target(device, ssh_config)
     check_device(target, timeout)
     with open(runner.__file__, "rb") as f:
@@ -71,7 +75,7 @@ def _checksum(table: Dict[str, Any]) -> str:
 class LatencyTable:
     """Measured entries by candidate key for one device key; ``load`` ignores (and logs) a damaged file."""
 
-    def __init__(self, folder: str, key: str, env: Dict[str, Any]):
+    def __init__(self, folder: str, key: str, env: Dict[str, Any]) -> None:
         self.folder, self.key, self.env = folder, key, env
         self.path = os.path.join(folder, key + ".json")
         self.entries: Dict[str, Dict[str, Any]] = {}
@@ -79,6 +83,7 @@ class LatencyTable:
         self.damaged = False
 
     def load(self) -> "LatencyTable":
+        """The stored table's entries, when its checksum, format and key hold (else it is measured again)."""
         if not os.path.isfile(self.path):
             return self
         try:
@@ -96,25 +101,26 @@ class LatencyTable:
         return self
 
     def to_dict(self) -> Dict[str, Any]:
+        """The table's JSON, with its checksum."""
         table = {"format": TABLE_FORMAT, "key": self.key, "device": self.env, "entries": self.entries}
         table["sha256"] = _checksum(table)
         return table
 
     def save(self, *copies: str) -> None:
+        """Write the table (atomically) to its own file and to each of ``copies``."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         for path in (self.path,) + copies:
             atomic_write(path, lambda tmp: open(tmp, "w").write(text))
 
 
 def entry_key(c: Candidate, channels: int, classes: int) -> str:
+    """A candidate's key in a latency table (the same architecture differs by its input channels and classes)."""
     return f"{c.key}/c{channels}/k{classes}"
 
 
 @contextlib.contextmanager
-def device_lock(folder: str, key: str):
+def device_lock(folder: str, key: str) -> Iterator[None]:
     """One measurement at a time on a device: an exclusive lock on FOLDER/KEY.lock, held while timing."""
-    import fcntl
-
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, key + ".lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -124,9 +130,9 @@ def device_lock(folder: str, key: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def untrained_checkpoint(student: str, size: int, data, path: str) -> str:
+def untrained_checkpoint(student: str, size: int, data: Data, path: str) -> str:
     """The architecture at ``size`` px with fresh weights, as a checkpoint export reads (latency only)."""
-    from ..core.checkpoint import save_checkpoint
+    from ..core.checkpoint import save_checkpoint  # heavy: torch
     from ..core.models import build_model
 
     spec = replace(data.input, height=size, width=size, crop_pct=None)
@@ -136,11 +142,10 @@ def untrained_checkpoint(student: str, size: int, data, path: str) -> str:
     return path
 
 
-def export_untrained(ckpt: str, c: Candidate, out: str, data_root: Optional[str]) -> Optional[str]:
-    """An untrained bundle of ``c`` (no accuracy gate: an untrained model has no accuracy to keep); None and the
-    reason logged when the export fails (the candidate is then left out, with its reason)."""
-    from ..export.options import ExportOptions
-    from ..export.pipeline import export_checkpoint
+def export_untrained(ckpt: str, c: Candidate, out: str, data_root: Optional[str]) -> str:
+    """An untrained bundle of ``c`` in ``out`` (no accuracy gate: an untrained model has no accuracy to keep); a
+    failed export raises EdgeKDError (the candidate is then left out, with its reason)."""
+    from ..export.pipeline import export_checkpoint  # heavy: torch, onnx
 
     opts = ExportOptions(format=c.format, precision=c.precision, out=out, data_root=data_root, val_size=32,
                          calib_size=32, max_drop=100.0, max_fallback_layers=0, speed_check=False, progress=False,
@@ -152,8 +157,6 @@ def export_untrained(ckpt: str, c: Candidate, out: str, data_root: Optional[str]
 def measure(bundles: Dict[str, str], device: str, settings: Dict[str, Any], work: str) -> Dict[str, Dict[str, Any]]:
     """Time ``bundles`` (name -> folder) on ``device`` with edgekd bench's measurement; name -> entry with
     p50_ms, p90_ms, size_mb, mem_mb (None where the device cannot report it), top1 and status."""
-    from ..bench.run import BenchPlan, Measurement, Results, run_bench
-
     names = list(bundles)
     plan = BenchPlan(models=[bundles[n] for n in names], devices=[device], data=settings["data"],
                      data_root=settings.get("data_root"), limit=settings.get("limit"),
@@ -166,7 +169,7 @@ def measure(bundles: Dict[str, str], device: str, settings: Dict[str, Any], work
     finally:
         shutil.rmtree(out, ignore_errors=True)
     by_name = {os.path.basename(os.path.normpath(bundles[n])): n for n in names}
-    entries = {}
+    entries: Dict[str, Dict[str, Any]] = {}
     for row in result["rows"]:
         lat = row.get("latency_ms") or {}
         entries[by_name[row["model"]]] = {
@@ -176,13 +179,14 @@ def measure(bundles: Dict[str, str], device: str, settings: Dict[str, Any], work
     return entries
 
 
-def measure_missing(table: LatencyTable, todo: List[Candidate], data, settings: Dict[str, Any], work: str,
-                    progress=None) -> None:
+def measure_missing(table: LatencyTable, todo: List[Candidate], data: Data, settings: Dict[str, Any], work: str,
+                    progress: Optional[Callable[[str], None]] = None) -> None:
     """Export and time every candidate of ``todo`` that the table lacks, one device measurement for all."""
-    bundles, failed = {}, {}
+    bundles: Dict[str, str] = {}
+    failed: Dict[str, str] = {}
     folder = tempfile.mkdtemp(dir=work, prefix="untrained-")
     try:
-        ckpts: Dict[tuple, str] = {}
+        ckpts: Dict[Tuple[str, int], str] = {}
         for i, c in enumerate(todo):
             k = (c.student, c.size)
             try:
@@ -193,7 +197,7 @@ def measure_missing(table: LatencyTable, todo: List[Candidate], data, settings: 
                 failed[c.key] = f"export failed: {e}"
             if progress:
                 progress(f"exported {i + 1}/{len(todo)} untrained candidates ({c.key})")
-        entries = {}
+        entries: Dict[str, Dict[str, Any]] = {}
         if bundles:
             with device_lock(table.folder, table.key):
                 entries = measure(bundles, settings["device"], settings, work)

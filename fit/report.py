@@ -5,9 +5,10 @@ import io
 import json
 import math
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ..base.files import atomic_write
+from .budget import Budget
 
 COLUMNS = ("number", "state", "student", "size", "precision", "runtime", "p50_ms", "p90_ms", "size_mb", "mem_mb",
            "top1_short", "seconds", "worker")
@@ -30,11 +31,12 @@ def teacher_passes(cache: str) -> Dict[str, int]:
     return {"images": images, "views": views, "passes": passes}
 
 
-def _write(path, text):
+def _write(path: str, text: str) -> None:
     atomic_write(path, lambda tmp: open(tmp, "w").write(text))
 
 
-def trial_table(summary) -> List[Dict[str, Any]]:
+def trial_table(summary: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per trial: its candidate, the candidate's untrained measurement and the trial's result."""
     by_key = {c["key"]: c for c in summary["candidates"]}
     rows = []
     for t in summary["trials"]:
@@ -45,7 +47,8 @@ def trial_table(summary) -> List[Dict[str, Any]]:
     return rows
 
 
-def write_outputs(out: str, summary: Dict[str, Any], budget) -> None:
+def write_outputs(out: str, summary: Dict[str, Any], budget: Budget) -> None:
+    """A finished fit's trials.csv, trials.json, pareto.png and report.md in ``out``."""
     rows = trial_table(summary)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
@@ -59,7 +62,7 @@ def write_outputs(out: str, summary: Dict[str, Any], budget) -> None:
     _write(os.path.join(out, "report.md"), report_md(summary, rows))
 
 
-def pareto_png(path, rows, finalists, budget) -> None:
+def pareto_png(path: str, rows: List[Dict[str, Any]], finalists: List[Dict[str, Any]], budget: Budget) -> None:
     """Top-1 against measured device latency: every trial (untrained latency), the finalists (trained), the budget."""
     import matplotlib
 
@@ -69,16 +72,18 @@ def pareto_png(path, rows, finalists, budget) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = [(r["p50_ms"], r["top1_short"]) for r in rows if r.get("p50_ms") is not None and r.get("top1_short") is not None]
     if pts:
-        ax.scatter(*zip(*pts), s=18, alpha=0.6, label="trials (short schedule, untrained p50)")
+        xs, ys = zip(*pts)
+        ax.scatter(xs, ys, s=18, alpha=0.6, label="trials (short schedule, untrained p50)")
     fin = [(f["measured"].get("p50_ms"), f["top1"]) for f in finalists if f.get("top1") is not None
            and f["measured"].get("p50_ms") is not None]
     if fin:
-        ax.scatter(*zip(*fin), s=40, marker="*", color="C3", label="finalists (full schedule, measured trained)")
+        xs, ys = zip(*fin)
+        ax.scatter(xs, ys, s=40, marker="*", color="C3", label="finalists (full schedule, measured trained)")
     limit = budget.get("p50_ms")
     if limit:
         ax.axvline(limit.value, color="k", ls="--", lw=1, label=f"budget {limit}")
-    xs = [x for x, _ in pts + fin] + ([limit.value] if limit else [])
-    if xs and min(xs) > 0:
+    spread = [x for x, _ in pts + fin] + ([limit.value] if limit else [])
+    if spread and min(spread) > 0:
         ax.set_xscale("log")  # candidates span orders of magnitude; the budget line stays in view
     ax.set_xlabel("p50 latency on the device (ms)")
     ax.set_ylabel("top-1")
@@ -90,11 +95,12 @@ def pareto_png(path, rows, finalists, budget) -> None:
     os.replace(tmp, path)
 
 
-def _num(v, fmt=".3f"):
+def _num(v: Any, fmt: str = ".3f") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
-def report_md(summary, rows) -> str:
+def report_md(summary: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+    """The report of a fit that found a winner: the winner, the finalists' estimates, every trial."""
     w, p = summary["winner"], summary["teacher_passes"]
     lines = [f"# edgekd fit: {w['key']} on {summary['device']}", "",
              f"Budget `{summary['budget']}`. Winner: {w['student']} at {w['size']} px, {w['precision']}, {w['runtime']}: "
@@ -121,7 +127,9 @@ def report_md(summary, rows) -> str:
     return "\n".join(lines)
 
 
-def write_failure(out, budget, candidates, opts, trials=None, finalists=None) -> None:
+def write_failure(out: str, budget: Budget, candidates: List[Dict[str, Any]], opts: Any,
+                  trials: Optional[List[Dict[str, Any]]] = None,
+                  finalists: Optional[List[Dict[str, Any]]] = None) -> None:
     """report.md of a fit that found nothing within the budget: the closest candidates and by how much they miss."""
     ok = sorted((c for c in candidates if c["status"] == "ok"), key=lambda c: c["relative_miss"])
     lines = [f"# edgekd fit FAILED: nothing meets `{budget}` on {opts.device}", "",
@@ -139,3 +147,13 @@ def write_failure(out, budget, candidates, opts, trials=None, finalists=None) ->
         lines.append(f"- finalist {f['key']}: top-1 {_num(f.get('top1'), '.4f')}, misses "
                      + ", ".join(f"{k} by {v:.3g}" for k, v in f["misses"].items()))
     _write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+
+
+def summary_lines(summary: Dict[str, Any], device: str, out: str) -> List[str]:
+    """What ``edgekd fit`` prints at the end: the winner and the teacher's forward passes (a worker: its trials)."""
+    if "joined" in summary:
+        return [f"worker done: {summary['trials_run']} trial(s) run on {summary['joined']}"]
+    w, p = summary["winner"], summary["teacher_passes"]
+    return [f"winner {w['key']}: top-1 {w['top1']:.4f}, p50 {w['measured']['p50_ms']:.3f} ms on {device}, "
+            f"{w['measured']['size_mb']:.3f} MB -> {out}/bundle",
+            f"teacher forward passes: {p['passes']} ({p['images']} images x {p['views']} view(s))"]

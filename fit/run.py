@@ -12,7 +12,8 @@ import yaml
 
 from .. import EdgeKDError
 from ..base.files import atomic_write
-from ..base.outdir import OUTPUTS, RunFolder, refuse_inputs_inside
+from ..base.marker import OUTPUTS
+from ..base.outdir import RunFolder, refuse_inputs_inside
 from ..bench.options import BENCH_DEFAULTS, BENCH_QUICK
 from ..bench.plan import check_device as known_device
 from ..bundle.card import record_fit
@@ -25,7 +26,10 @@ from .final import run_finalists
 from .options import FitOptions
 from .space import Space, default_space, load_space
 
-if TYPE_CHECKING:  # heavy (torch): only for the type checker
+if TYPE_CHECKING:  # heavy (torch), or a dependency of fit only (optuna): for the type checker
+    from optuna import Study
+    from optuna.storages import RDBStorage
+
     from ..export.ladder import TrainQat
 
 Say = Callable[[str], None]
@@ -195,7 +199,7 @@ def _save_settings(out: str, opts: FitOptions) -> None:
     atomic_write(os.path.join(out, SETTINGS_FILE), write)
 
 
-def run_trials(study: Any, store: Any, budget: Budget, feasible: List[Row], settings: Dict[str, Any], trials: int,
+def run_trials(study: "Study", store: "RDBStorage", budget: Budget, feasible: List[Row], settings: Dict[str, Any], trials: int,
                hours: Optional[float], say: Say) -> None:
     """Trials until ``trials`` are finished in the study (all workers together) or ``hours`` pass."""
     import optuna
@@ -238,7 +242,7 @@ def join_fit(opts: FitOptions, say: Say) -> Dict[str, Any]:
     return {"joined": search.redact(url), "trials_run": len(mine)}
 
 
-def finish(study: Any, budget: Budget, feasible: List[Row], rows: List[Row], settings: Dict[str, Any],
+def finish(study: "Study", budget: Budget, feasible: List[Row], rows: List[Row], settings: Dict[str, Any],
            opts: FitOptions, out: str, env: Dict[str, Any], train_qat: Optional["TrainQat"], say: Say,
            seconds: float) -> Dict[str, Any]:
     """The finalists on the full schedule, exported, gated and measured again; the winner and the outputs."""

@@ -7,10 +7,14 @@ in a one-objective "screen" study that the pruner judges)."""
 import logging
 import math
 import os
+import re
 import socket
-from typing import Any, Dict, List, Optional
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from .. import EdgeKDError
+from ..core.options import DistillOptions
 from .budget import KEYS, Budget
 
 log = logging.getLogger(__name__)
@@ -19,13 +23,17 @@ STUDY = "edgekd-fit"
 SCREEN = "edgekd-fit-screen"
 TRAIN_LOGGER = "edgekd.core.train_loop"  # logs one record per epoch with its test_top1
 
+if TYPE_CHECKING:  # optuna is imported where it is used (a dependency of fit only)
+    from optuna import Study, Trial
+    from optuna.storages import RDBStorage as Storage
 
-def storage(url: str, heartbeat: int):
+Report = Callable[[int, Dict[str, Any], float, bool], None]  # trial number, candidate, top-1, pruned
+
+
+def storage(url: str, heartbeat: int) -> "Storage":
     """Optuna RDB storage (SQLite file or PostgreSQL through psycopg) with a heartbeat: a trial whose worker died
     is marked failed after 2 heartbeats and retried with the same parameters."""
     import optuna
-
-    import warnings
 
     kwargs: Dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     if not heartbeat:  # the screen study's twins are asked and told by hand: no heartbeat there
@@ -41,12 +49,11 @@ def storage(url: str, heartbeat: int):
 
 def redact(url: str) -> str:
     """A storage URL without its password."""
-    import re
-
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
-def open_study(store, seed: int, create: bool):
+def open_study(store: "Storage", seed: int, create: bool) -> "Study":
+    """The fit's study in ``store``: created (or loaded) with ``create``, else loaded (one line when it is not there)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -61,14 +68,16 @@ def open_study(store, seed: int, create: bool):
                                directions=["maximize", "minimize"])
 
 
-def screen_study(store):
+def screen_study(store: "Storage") -> "Study":
+    """The one-objective twin study whose SuccessiveHalvingPruner judges the short schedules."""
     import optuna
 
     return optuna.create_study(study_name=SCREEN, storage=store, direction="maximize", load_if_exists=True,
                                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2))
 
 
-def finished(study) -> int:
+def finished(study: "Study") -> int:
+    """Trials of ``study`` that are finished: complete or pruned (all workers together)."""
     import optuna
 
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -83,10 +92,11 @@ class _EpochWatch:
     """A logging filter on the training loop's per-epoch record: reports its test top-1 to the twin trial and
     stops training (raises) when the pruner says the trial is hopeless."""
 
-    def __init__(self, twin, epochs):
-        self.twin, self.history, self.epochs = twin, [], epochs
+    def __init__(self, twin: "Trial", epochs: int) -> None:
+        self.twin, self.epochs = twin, epochs
+        self.history: List[float] = []
 
-    def filter(self, record):
+    def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
         if len(args) == 3 and isinstance(args[2], dict) and "test_top1" in args[2]:
             top1 = float(args[2]["test_top1"])
@@ -98,10 +108,10 @@ class _EpochWatch:
         return False  # the line is the library's debug record; fit prints its own
 
 
-def distill_trial(cand: Dict[str, Any], settings: Dict[str, Any], folder: str, epochs: int, twin=None):
+def distill_trial(cand: Dict[str, Any], settings: Dict[str, Any], folder: str, epochs: int,
+                  twin: Optional["Trial"] = None) -> Tuple[Optional[Dict[str, Any]], List[float], bool]:
     """Distil ``cand`` from the shared teacher cache into ``folder``; returns (metrics, per-epoch top-1, pruned)."""
-    from ..core.options import DistillOptions
-    from ..core.distill import run_distill
+    from ..core.distill import run_distill  # heavy: torch
 
     opts = DistillOptions(**{**settings["distill"], "student": cand["student"], "input_size": str(cand["size"]),
                              "epochs": epochs, "out": folder, "progress": False, "force": True})
@@ -115,21 +125,22 @@ def distill_trial(cand: Dict[str, Any], settings: Dict[str, Any], folder: str, e
     try:
         return run_distill(opts), (watch.history if watch else []), False
     except _Prune:
-        return None, watch.history, True
+        return None, watch.history if watch else [], True
     finally:
         if watch:
             logger.removeFilter(watch)
             logger.setLevel(level)
 
 
-def objective_for(budget: Budget, feasible: List[Dict[str, Any]], settings: Dict[str, Any], store, report=None):
+def objective_for(budget: Budget, feasible: List[Dict[str, Any]], settings: Dict[str, Any], store: "Storage",
+                  report: Optional[Report] = None) -> Callable[["Trial"], Tuple[float, float]]:
     """The trial function: pick a feasible candidate, distil it on the short schedule, return (top-1, p50 ms)."""
     import optuna
 
     by_key = {c["key"]: c for c in feasible}
     screen = screen_study(storage(store.url, 0))
 
-    def objective(trial):
+    def objective(trial: "Trial") -> Tuple[float, float]:
         cand = by_key[trial.suggest_categorical("candidate", sorted(by_key))]
         twin = screen.ask()
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -143,7 +154,8 @@ def objective_for(budget: Budget, feasible: List[Dict[str, Any]], settings: Dict
             trial.set_user_attr("seconds", sum(h.get("seconds", 0.0) for h in metrics.get("history", [])))
         values = {**cand["measured"], "top1": top1}
         trial.set_user_attr("top1", top1)
-        constraints = {k: budget.get(k).excess(values.get(k)) for k in KEYS if budget.get(k)}
+        limits = [lim for lim in (budget.get(k) for k in KEYS) if lim is not None]  # in KEYS' order, as stored
+        constraints = {lim.key: lim.excess(values.get(lim.key)) for lim in limits}
         for k, v in constraints.items():  # feasible when every value is <= 0 (Optuna 5's constraints)
             trial.set_constraint(k, min(v, 1e9) if math.isfinite(v) else 1e9)
         trial.set_user_attr("constraints", [min(v, 1e9) for v in constraints.values()])
@@ -161,7 +173,7 @@ def objective_for(budget: Budget, feasible: List[Dict[str, Any]], settings: Dict
     return objective
 
 
-def enqueue_spread(study, feasible: List[Dict[str, Any]], n: int) -> None:
+def enqueue_spread(study: "Study", feasible: List[Dict[str, Any]], n: int) -> None:
     """Start with up to ``n`` candidates spread over the latency range, each once (a categorical TPE would
     otherwise start from random draws, repeats included)."""
     ordered = sorted(feasible, key=lambda c: c["measured"]["p50_ms"])
@@ -171,7 +183,8 @@ def enqueue_spread(study, feasible: List[Dict[str, Any]], n: int) -> None:
         study.enqueue_trial({"candidate": c}, skip_if_exists=True)
 
 
-def trial_rows(study) -> List[Dict[str, Any]]:
+def trial_rows(study: "Study") -> List[Dict[str, Any]]:
+    """Every trial of the study as the JSON row trials.json and the report show."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({"number": t.number, "state": t.state.name, "candidate": t.params.get("candidate"),
@@ -181,11 +194,9 @@ def trial_rows(study) -> List[Dict[str, Any]]:
     return rows
 
 
-def wait_ready(store, seed: int, timeout: float):
+def wait_ready(store: "Storage", seed: int, timeout: float) -> Tuple["Study", Dict[str, Any]]:
     """A joining worker waits (up to ``timeout`` s) for the starting fit to create the study and publish its
     settings and feasible candidates (it measures latency first); returns (study, its user attributes)."""
-    import time
-
     start = time.time()
     while True:
         try:

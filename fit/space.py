@@ -4,9 +4,10 @@ the data and the teacher, ``--space FILE`` (YAML) changes it. ``candidates`` lis
 import difflib
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .. import EdgeKDError
+from ..core.config import read_yaml
 
 PRECISIONS = ("fp32", "fp16", "int8")
 RUNTIMES = {"onnxruntime": "onnx", "openvino": "openvino"}  # runtime -> edgekd export format
@@ -42,14 +43,16 @@ class Space:
     runtimes: Sequence[str]
 
     def candidates(self) -> List[Candidate]:
+        """Every combination of the space."""
         return [Candidate(s, z, p, r) for s in self.students for z in self.input_sizes
                 for p in self.precisions for r in self.runtimes]
 
-    def to_dict(self) -> Dict[str, list]:
+    def to_dict(self) -> Dict[str, List[Any]]:
+        """The space as its YAML keys."""
         return {k: list(getattr(self, k)) for k in KEYS}
 
 
-def default_space(data_size: int, channels: int, teacher_size=None) -> Space:
+def default_space(data_size: int, channels: int, teacher_size: Optional[int] = None) -> Space:
     """Students that make sense for the data: our compact students at three widths, CIFAR ResNets for small
     inputs, torchvision's (and, where timm is installed, timm's) mobile models for inputs of 32 px and more.
     Input sizes: the data's own, and for large images 3/4 and 1/2 of it (never above the teacher's view)."""
@@ -71,12 +74,12 @@ def _has_timm() -> bool:
     return importlib.util.find_spec("timm") is not None
 
 
-def _list(path, key, value, check):
+def _list(path: str, key: str, value: Any, check: Callable[[Any], Optional[str]]) -> List[Any]:
     if isinstance(value, (str, int)) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list):
         raise EdgeKDError(f"space file {path!r}: {key} must be a list, got {type(value).__name__}")
-    out = []
+    out: List[Any] = []
     for item in value:
         problem = check(item)
         if problem:
@@ -86,8 +89,8 @@ def _list(path, key, value, check):
     return out
 
 
-def _student_problem(spec):
-    from ..core.models import MODELS, TIMM_PREFIX, TORCHVISION_PREFIX
+def _student_problem(spec: Any) -> Optional[str]:
+    from ..core.models import MODELS, TIMM_PREFIX, TORCHVISION_PREFIX  # heavy: torch
 
     if not isinstance(spec, str):
         return "expected a model spec"
@@ -97,18 +100,17 @@ def _student_problem(spec):
     return "unknown student" + (f" (did you mean {close[0]!r}?)" if close else "; use a model spec of edgekd distill")
 
 
-def _size_problem(size):
+def _size_problem(size: Any) -> Optional[str]:
     ok = isinstance(size, int) and not isinstance(size, bool) and 8 <= size <= 1024
     return None if ok else "expected a whole number of pixels from 8 to 1024"
 
 
-def _choice(choices):
+def _choice(choices: Sequence[str]) -> Callable[[Any], Optional[str]]:
     return lambda v: None if v in choices else f"expected one of {', '.join(choices)}"
 
 
 def load_space(path: str, default: Space) -> Space:
     """The YAML file's space: its keys replace the default's; unknown keys are named, an empty list refused."""
-    from ..core.config import read_yaml
 
     if not os.path.isfile(path):
         raise EdgeKDError(f"--space {path!r} does not exist")

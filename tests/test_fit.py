@@ -149,7 +149,7 @@ def test_teacher_runs_once_per_image_and_view(first_fit):
 def test_a_fit_owns_its_out_folder(first_fit, cli_main, tmp_path):
     """The fit marks what it wrote: --force over a fit's folder is a fit's to replace (a refusal after it, here a
     teacher that is not trained, leaves the folder as it was), and other commands refuse it, naming fit."""
-    from edgekd.base.outdir import owned_kinds, read_marker
+    from edgekd.base.marker import owned_kinds, read_marker
 
     out = tmp_path / "f"
     shutil.copytree(first_fit[0], out)

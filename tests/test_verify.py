@@ -95,7 +95,8 @@ def test_force_never_removes_a_user_folder_named_like_an_output(tmp_path, cli_ma
 
 
 def test_a_marker_records_each_outputs_kind_and_the_command(tmp_path):
-    from edgekd.base.outdir import RunFolder, owned, owned_kinds, read_marker
+    from edgekd.base.marker import owned, owned_kinds, read_marker
+    from edgekd.base.outdir import RunFolder
 
     out = tmp_path / "run"
     with RunFolder(str(out), "train"):

@@ -14,6 +14,7 @@ beside it but cost 18-26 % alone (555-608 images/s); a short spin of 3,000 pause
 
 import os
 import sys
+from typing import Any, Dict, Optional, Set
 
 # What training commands set when the user has not chosen: spin briefly at barriers, then sleep.
 SPIN_COUNT = "3000"
@@ -21,18 +22,24 @@ SPIN_COUNT = "3000"
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
-def short_spin_wait():
+class _Wait:
+    """The wait policy this process settled on (``short_spin_wait``'s record), None until it has."""
+
+    record: Optional[Dict[str, Any]] = None
+
+
+def short_spin_wait() -> Dict[str, Any]:
     """Make OpenMP threads spin only briefly at barriers (GOMP_SPINCOUNT=3000) unless the user chose how
     they wait.
 
     Must run before torch is imported: libgomp reads its environment once, when it is loaded. Returns
-    a record for metrics.json (also kept as ``short_spin_wait.record``): the setting in force and who set it."""
-    if short_spin_wait.record is None:
-        short_spin_wait.record = _settle_wait()
-    return short_spin_wait.record
+    a record for metrics.json (also the ``wait`` of ``describe``): the setting in force and who set it."""
+    if _Wait.record is None:
+        _Wait.record = _settle_wait()
+    return _Wait.record
 
 
-def _settle_wait():
+def _settle_wait() -> Dict[str, Any]:
     chosen = {k: os.environ[k] for k in WAIT_VARIABLES if k in os.environ}
     if chosen:
         return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "set_by": "user", "env": chosen}
@@ -42,15 +49,12 @@ def _settle_wait():
     return {"omp_wait_policy": None, "set_by": "edgekd", "env": {"GOMP_SPINCOUNT": SPIN_COUNT}}
 
 
-short_spin_wait.record = None
-
-
-def cgroup_cpu_limit(root="/sys/fs/cgroup"):
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> Optional[float]:
     """The CPU quota of this process's cgroup in cores (a container's --cpus), or None when unlimited."""
     try:  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
         with open(os.path.join(root, "cpu.max")) as f:
-            quota, period = f.read().split()[:2]
-        return None if quota == "max" else max(int(quota) / int(period), 0.0)
+            quota_text, period_text = f.read().split()[:2]
+        return None if quota_text == "max" else max(int(quota_text) / int(period_text), 0.0)
     except (OSError, ValueError):
         pass
     try:  # cgroup v1
@@ -63,7 +67,7 @@ def cgroup_cpu_limit(root="/sys/fs/cgroup"):
         return None
 
 
-def usable_cpus():
+def usable_cpus() -> int:
     """Cores this process may run on: its affinity mask, capped by a cgroup quota (rounded down, at least 1).
 
     torch's default thread count is the affinity mask's size; in a container limited to 2 CPUs of a
@@ -73,7 +77,7 @@ def usable_cpus():
     return max(1, min(cpus, int(limit))) if limit else cpus
 
 
-def cpu_flags(path="/proc/cpuinfo"):
+def cpu_flags(path: str = "/proc/cpuinfo") -> Set[str]:
     """The first processor's feature flags (Linux; an empty set elsewhere)."""
     try:
         with open(path) as f:
@@ -85,14 +89,14 @@ def cpu_flags(path="/proc/cpuinfo"):
     return set()
 
 
-def native_bf16(flags=None):
+def native_bf16(flags: Optional[Set[str]] = None) -> Optional[str]:
     """Which bfloat16 instructions the CPU has (AMX-BF16 and/or AVX512-BF16), or None without either."""
     flags = cpu_flags() if flags is None else flags
     found = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
     return ", ".join(found) or None
 
 
-def others_running():
+def others_running() -> Optional[int]:
     """Runnable tasks on the machine besides this process's own threads, now (a snapshot, for the record)."""
     try:
         with open("/proc/stat") as f:
@@ -106,12 +110,13 @@ def others_running():
         return None
 
 
-def describe(threads):
+def describe(threads: int) -> Dict[str, Any]:
     """The CPU record of a run (metrics.json -> cpu): cores usable, threads, wait policy, bf16, load now."""
+    load: Optional[float]
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = None
     return {"usable_cpus": usable_cpus(), "cgroup_limit": cgroup_cpu_limit(), "threads": threads,
-            "wait": short_spin_wait.record, "native_bf16": native_bf16(), "load_1min": load,
+            "wait": _Wait.record, "native_bf16": native_bf16(), "load_1min": load,
             "others_running": others_running()}

@@ -25,9 +25,11 @@ cannot be rebuilt).
 import hashlib
 import json
 import os
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
 from .files import NotRegularFile, atomic_write, require_regular
+from .jsonrec import read_json
 
 INDEX = "index.json"
 FORMAT = 1
@@ -41,6 +43,23 @@ def digest(path: str, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of an index: its size and BLAKE2b digest when it was recorded."""
+
+    bytes: int
+    blake2b: str
+
+
+@dataclass(frozen=True)
+class StoredIndex:
+    """An index file as stored (read by ``edgekd.base.jsonrec``); ``files`` holds each entry as it was found."""
+
+    format: Optional[int] = None
+    description: Any = None
+    files: Optional[Dict[str, Any]] = None
 
 
 def _canonical(value: Any) -> str:
@@ -65,17 +84,17 @@ def read_record(path: str) -> Any:
 def read_description(path: str) -> Any:
     """The description an index file records, or None when it is not a checksummed index (ValueError when it
     cannot be read at all)."""
-    stored = read_record(path)
-    return stored.get("description") if isinstance(stored, dict) and stored.get("format") == FORMAT else None
+    stored = read_json(StoredIndex, read_record(path))
+    return stored.description if stored is not None and stored.format == FORMAT else None
 
 
 class Index:
     """The checksummed index of one folder of derived files (see the module's docstring)."""
 
-    def __init__(self, folder: str, description: Any, files: Optional[Dict[str, Dict[str, Any]]] = None,
+    def __init__(self, folder: str, description: Any, files: Optional[Dict[str, FileEntry]] = None,
                  problem: Optional[str] = None, name: str = INDEX) -> None:
         self.folder, self.description, self.name = folder, description, name
-        self.files: Dict[str, Dict[str, Any]] = dict(files or {})
+        self.files: Dict[str, FileEntry] = dict(files or {})
         self.problem = problem  # why an index on disk was not taken (None: taken, or there was none)
 
     @classmethod
@@ -85,24 +104,23 @@ class Index:
         if not os.path.lexists(path):
             return cls(folder, description, name=name)
         try:
-            stored = read_record(path)
+            stored = read_json(StoredIndex, read_record(path))
         except ValueError as e:
             return cls(folder, description, problem=f"its {name} cannot be read ({str(e)[:120]})", name=name)
-        files = stored.get("files") if isinstance(stored, dict) else None
-        if not isinstance(files, dict) or stored.get("format") != FORMAT:
+        if stored is None or stored.files is None or stored.format != FORMAT:
             return cls(folder, description, problem=f"its {name} is not a checksummed index", name=name)
-        if _canonical(stored.get("description")) != _canonical(description):
+        if _canonical(stored.description) != _canonical(description):
             return cls(folder, description, problem=f"its {name} describes other contents", name=name)
-        good = {n: e for n, e in files.items() if isinstance(n, str) and isinstance(e, dict)
-                and isinstance(e.get("bytes"), int) and isinstance(e.get("blake2b"), str)}
-        return cls(folder, description, good, name=name)
+        entries = {n: read_json(FileEntry, e) for n, e in stored.files.items()}
+        return cls(folder, description, {n: e for n, e in entries.items() if e is not None}, name=name)
 
     def save(self) -> None:
         """Write the index as it is (atomically)."""
         self._write()
 
     def _write(self) -> None:
-        record = {"format": FORMAT, "description": self.description, "files": self.files}
+        files = {n: asdict(e) for n, e in self.files.items()}
+        record = asdict(StoredIndex(FORMAT, self.description, files))
 
         def write(tmp: str) -> None:
             with open(tmp, "w") as f:
@@ -114,7 +132,7 @@ class Index:
         """Hash ``name`` as it is now and write the index with it."""
         path = os.path.join(self.folder, name)
         st = require_regular(path, "derived file")
-        self.files[name] = {"bytes": st.st_size, "blake2b": digest(path)}
+        self.files[name] = FileEntry(st.st_size, digest(path))
         self._write()
 
     def forget(self, name: str) -> None:
@@ -132,8 +150,8 @@ class Index:
             st = require_regular(path, "derived file")
         except NotRegularFile as e:
             return str(e)
-        if st.st_size != entry["bytes"]:
-            return f"{name} holds {st.st_size} bytes, {entry['bytes']} were written"
-        if digest(path) != entry["blake2b"]:
+        if st.st_size != entry.bytes:
+            return f"{name} holds {st.st_size} bytes, {entry.bytes} were written"
+        if digest(path) != entry.blake2b:
             return f"{name} does not match its checksum (its contents changed after edgekd wrote it)"
         return None

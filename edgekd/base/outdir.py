@@ -12,7 +12,10 @@
   ``.NAME.edgekd.lock`` beside it; a second run into it is refused with the holder's pid.
 - Temporary files and folders are named ``[.]edgekd-tmp-<pid>-<host>-...``: removed on failure, and those
   of a process that no longer exists (a SIGKILLed run) are removed by the next run.
-- A failed run (not an interrupted one, which stays resumable) leaves the folder as it found it.
+- A failed run (not an interrupted one, which stays resumable) leaves the folder as it found it; a fit that
+  fails after writing keeps what it wrote (its failure report, its finished trials), marked as its own.
+
+What a marker says is edgekd.base.marker's; this module keeps the folders.
 """
 
 import json
@@ -20,71 +23,20 @@ import logging
 import os
 import re
 import shutil
-import stat
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Literal, Optional, Set, Tuple
 
 from .. import EdgeKDError, Interrupted, __version__
 from .files import TMP, atomic_write, host_tag, open_regular, temp_prefix  # noqa: F401  (temp_prefix: re-exported)
+from .jsonrec import read_json
+from .marker import (ALL_OUTPUTS, MARKER, OUTPUTS, Marker, entry_kind, marker_bytes, marker_command, output_kind,
+                     owned, read_marker)
 
 log = logging.getLogger(__name__)
 
-MARKER = ".edgekd"
 LOCK = ".edgekd.lock"
 _TMP_NAME = re.compile(r"^\.?" + TMP + r"(\d+)-([a-z0-9]*)-")
-
-
-# Every name each command may write into its folder. A run refuses a folder where one of these names is a file
-# edgekd did not write; the marker lists what a run did write, and --force sets aside only what the marker lists.
-OUTPUTS = {
-    "train": ("model.pt", "metrics.json", "config.yaml", "model.state.pt"),
-    "distill": ("student.pt", "teacher.pt", "metrics.json", "config.yaml", "student.state.pt", "teacher.state.pt"),
-    "quantize": ("student-qat.pt", "metrics.json", "config.yaml", "qat.state.pt", "quantizers.json", "qat.before.json"),
-    "bench": ("results.json", "results.csv", "report.md", "accuracy_vs_latency.png", "latency.png", "profile.png",
-              "compare.md"),
-    # the study's SQLite file comes with its journal: a hot journal left by a kill belongs to that study only
-    "fit": ("config.yaml", "study.db", "study.db-journal", "study.db-wal", "study.db-shm", "latency.json", "report.md",
-            "trials.csv", "trials.json", "pareto.png", "bundle", "work", "trials", "teacher-cache"),
-}
-ALL_OUTPUTS = frozenset(n for names in OUTPUTS.values() for n in names)
-# The names in OUTPUTS that a run writes as folders (every other name is a file).
-FOLDERS = frozenset({"bundle", "work", "trials", "teacher-cache"})
-
-
-def output_kind(name: str) -> str:
-    """The kind a command writes ``name`` as: 'folder' for FOLDERS, else 'file'."""
-    return "folder" if name in FOLDERS else "file"
-
-
-@dataclass(frozen=True)
-class Marker:
-    """A run folder's ``.edgekd`` marker: the command whose run it is, the edgekd version, and what the run wrote
-    (name -> 'file' or 'folder'). Read from JSON here, at the edge; anything malformed reads as no marker."""
-
-    command: Optional[str]
-    edgekd: Optional[str]
-    kinds: Dict[str, str]
-
-    @classmethod
-    def from_json(cls, record: Any) -> Optional["Marker"]:
-        """The marker of a parsed ``.edgekd`` file. One from before markers listed files names its command's outputs;
-        one from before they recorded kinds gives each name the kind its command writes it as."""
-        if not isinstance(record, dict):
-            return None
-        command, version = record.get("command"), record.get("edgekd")
-        command = command if isinstance(command, str) else None
-        files = record.get("files")
-        if not isinstance(files, list):
-            files = list(OUTPUTS.get(str(command), ()))
-        given = record.get("kinds")
-        stored: Dict[Any, Any] = given if isinstance(given, dict) else {}
-        kinds = {n: stored[n] if stored.get(n) in ("file", "folder") else output_kind(n)
-                 for n in files if isinstance(n, str)}
-        return cls(command, version if isinstance(version, str) else None, kinds)
-
-    def to_json(self) -> Dict[str, Any]:
-        return {"command": self.command, "edgekd": self.edgekd, "files": list(self.kinds), "kinds": dict(self.kinds)}
 
 
 def _alive(pid: int) -> bool:
@@ -163,61 +115,26 @@ def _contents(out: str) -> List[str]:
 BUNDLE_MANIFEST = "manifest.json"
 
 
-def read_marker(folder: str) -> Optional[Marker]:
-    """The run folder's marker, or None where there is none (or none that reads as one)."""
-    path = os.path.join(folder, MARKER)
-    if not os.path.isfile(path) or os.path.islink(path):
-        return None
-    try:
-        with open(path) as f:
-            return Marker.from_json(json.loads(f.read(1 << 20)))
-    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past json's limit
-        return None
+@dataclass(frozen=True)
+class BundleListing:
+    """What a bundle's manifest.json says of its files (the rest of it is the bundle layer's)."""
+
+    files: Optional[Dict[str, Any]] = None
 
 
-def entry_kind(path: str) -> str:
-    """'file' (a regular file), 'folder' (a real folder, not a link to one) or 'other' (links, FIFOs, ...)."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return "missing"
-    return "folder" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
-
-
-def _marker_bytes(folder: str) -> Optional[bytes]:
-    """The marker file's bytes as they are (None where ``read_marker`` finds no marker)."""
-    if read_marker(folder) is None:
-        return None
-    try:
-        with open(os.path.join(folder, MARKER), "rb") as f:
-            return f.read(1 << 20)
-    except OSError:
-        return None
-
-
-def owned_kinds(folder: str) -> Dict[str, str]:
-    """{name: kind} of what edgekd's marker in ``folder`` says an edgekd run wrote (see ``Marker.from_json``)."""
-    marker = read_marker(folder)
-    return dict(marker.kinds) if marker else {}
-
-
-def owned(folder: str) -> Set[str]:
-    """The names in ``folder`` that edgekd's marker says an edgekd run wrote and that still are what it wrote
-    (the same kind: a user's folder named like one of the run's files is never edgekd's)."""
-    return {n for n, kind in owned_kinds(folder).items() if entry_kind(os.path.join(folder, n)) == kind}
-
-
-def marker_command(folder: str) -> Optional[str]:
-    """The command (train, distill, ...) whose run the marker in ``folder`` records, or None."""
-    marker = read_marker(folder)
-    return marker.command if marker else None
+def listed_files(text: "str | bytes") -> Optional[Dict[str, Any]]:
+    """The ``files`` of a manifest's JSON text (None when it lists none); ValueError when it is not a JSON object."""
+    listing = read_json(BundleListing, json.loads(text))
+    if listing is None:
+        raise ValueError("a manifest is a JSON object")
+    return listing.files
 
 
 def bundle_problem(folder: str) -> Optional[str]:
     """Why ``folder`` is not a bundle edgekd wrote (its manifest.json lists every file in it), else None."""
     try:  # stat before open: a FIFO named manifest.json would block the open for ever
         with open_regular(os.path.join(folder, BUNDLE_MANIFEST), "bundle manifest", "r") as f:
-            files = json.loads(f.read(16 << 20)).get("files")
+            files = listed_files(f.read(16 << 20))
     except (OSError, ValueError, AttributeError, RecursionError):  # NotRegularFile is a ValueError
         return "it has no readable manifest.json"
     if not isinstance(files, dict):
@@ -356,7 +273,7 @@ def check_zip(path: str, force: bool) -> None:
             top = {n.split("/", 1)[0] for n in names}
             manifest = f"{next(iter(top))}/{BUNDLE_MANIFEST}" if len(top) == 1 else None
             small = manifest is not None and manifest in names and z.getinfo(manifest).file_size < 16 << 20
-            files = json.loads(z.read(manifest)).get("files") if small and manifest else None
+            files = listed_files(z.read(manifest)) if small and manifest else None
             ours = isinstance(files, dict) and {n.split("/", 1)[1] for n in names if n != manifest} <= set(files)
     except (OSError, ValueError, AttributeError, IndexError, KeyError, zipfile.BadZipFile):
         ours = False
@@ -393,7 +310,7 @@ class RunFolder:
             clean_stale(self.out)
             self.before = {n for n in self.before if os.path.lexists(os.path.join(self.out, n))}
             check_contents(self.out, self.force, resume=self.resume, command=self.command)
-            self.previous = _marker_bytes(self.out)
+            self.previous = marker_bytes(self.out)
             self.mine = owned(self.out) if self.resume else set()
             if self.force and not self.resume:
                 self._set_aside()

@@ -10,11 +10,12 @@ import contextlib
 import logging
 import sys
 import time
+from typing import Any, Dict, Iterable, Iterator, Optional, Sized
 
 REPORT = logging.getLogger("edgekd.report")
 
 
-def printable(text):
+def printable(text: object) -> str:
     """``text`` with control characters (escape sequences, carriage returns, bidi overrides) escaped, line breaks
     kept: a class name or path read from a file cannot move the cursor, recolour or rewrite the terminal.
     (bundle/runner.py, which runs on devices without edgekd, has its own copy.)"""
@@ -28,11 +29,11 @@ def printable(text):
 class PrintableFormatter(logging.Formatter):
     """A log formatter whose lines are ``printable``."""
 
-    def format(self, record):
+    def format(self, record: logging.LogRecord) -> str:
         return printable(super().format(record))
 
 
-def report_to_stdout():
+def report_to_stdout() -> None:
     """Show REPORT's lines on stdout as plain lines (the CLI calls this once)."""
     if not REPORT.handlers:
         handler = logging.StreamHandler(sys.stdout)
@@ -42,7 +43,8 @@ def report_to_stdout():
         REPORT.propagate = False  # not again through the "edgekd" logger's stderr handler
 
 
-def bar(iterable=None, total=None, desc="", unit="it", disable=False, leave=False):
+def bar(iterable: Optional[Iterable[Any]] = None, total: Optional[int] = None, desc: str = "", unit: str = "it",
+        disable: bool = False, leave: bool = False) -> Any:
     """A progress bar over ``iterable`` (or updated by hand up to ``total``); silent when ``disable``."""
     if not disable and _stderr_is_terminal():
         from tqdm import tqdm
@@ -51,7 +53,7 @@ def bar(iterable=None, total=None, desc="", unit="it", disable=False, leave=Fals
     return LineBar(iterable, total, desc, unit, silent=disable)
 
 
-def _stderr_is_terminal():
+def _stderr_is_terminal() -> bool:
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # replaced or closed streams
@@ -61,29 +63,31 @@ def _stderr_is_terminal():
 class LineBar:
     """tqdm's interface (iterate, update, set_postfix, close, with) that writes one line when closed."""
 
-    def __init__(self, iterable=None, total=None, desc="", unit="it", silent=False):
+    def __init__(self, iterable: Optional[Iterable[Any]] = None, total: Optional[int] = None, desc: str = "",
+                 unit: str = "it", silent: bool = False) -> None:
         self.iterable, self.desc, self.unit, self.silent = iterable, desc, unit, silent
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n, self.postfix, self.start, self.closed = 0, {}, time.perf_counter(), False
+        self.total = total if total is not None else (len(iterable) if isinstance(iterable, Sized) else None)
+        self.n, self.start, self.closed = 0, time.perf_counter(), False
+        self.postfix: Dict[str, Any] = {}
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         try:
-            for item in self.iterable:
+            for item in self.iterable or ():
                 yield item
                 self.n += 1
         finally:
             self.close()
 
-    def update(self, n=1):
+    def update(self, n: int = 1) -> None:
         self.n += n
 
-    def set_postfix(self, **values):
+    def set_postfix(self, **values: Any) -> None:
         self.postfix = values
 
-    def set_postfix_str(self, text):
+    def set_postfix_str(self, text: str) -> None:
         self.postfix = {"at": text}
 
-    def close(self):
+    def close(self) -> None:
         if self.closed:
             return
         self.closed = True
@@ -95,15 +99,15 @@ class LineBar:
         sys.stderr.write(f"{self.desc}: {count} {self.unit} in {seconds:.1f} s{extra}\n")
         sys.stderr.flush()
 
-    def __enter__(self):
+    def __enter__(self) -> "LineBar":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
 
 @contextlib.contextmanager
-def nncf_quiet(progress):
+def nncf_quiet(progress: bool) -> Iterator[None]:
     """Without --progress, NNCF prints neither its INFO lines nor its progress bars. Its bars
     (nncf.common.logging.track_progress) are rich Progress objects on rich's global console, which has a
     ``quiet`` switch; its lines go to the "nncf" logger."""

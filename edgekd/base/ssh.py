@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 from .errors import EdgeKDError
 
@@ -27,31 +28,32 @@ class Target:
     """
 
     host: str
-    user: str = None
-    port: int = None
+    user: Optional[str] = None
+    port: Optional[int] = None
     python: str = DEFAULT_PYTHON
-    folder: str = None
-    ssh_config: str = None
+    folder: Optional[str] = None
+    ssh_config: Optional[str] = None
     connect_timeout: int = 15
     openvino_device: str = "CPU"
 
     @property
-    def destination(self):
+    def destination(self) -> str:
         return f"{self.user}@{self.host}" if self.user else self.host
 
-    def __str__(self):
+    def __str__(self) -> str:
         port = f":{self.port}" if self.port else ""
         return f"{SCHEME}{self.destination}{port}"
 
 
-def parse_target(url, ssh_config=None):
+def parse_target(url: Optional[str], ssh_config: Optional[str] = None) -> Target:
     """Parse a device URL; ``/path`` after the host names the device's Python, ``:DIR`` a deploy folder."""
     m = _URL.match(url or "")
     if not m:
         raise EdgeKDError(f"bad device {url!r}: expected ssh://[user@]host[:port][/path/to/python] "
                           "(deploy: ssh://[user@]host[:port][:DIR])")
     rest = m.group("rest") or ""
-    python, folder = DEFAULT_PYTHON, None
+    python: str = DEFAULT_PYTHON
+    folder: Optional[str] = None
     if rest.startswith(":") and not rest.startswith((":/", ":~", ":-")):  # ":-x" is refused as a folder below
         # host:notaport is a mistyped port (silently port 22 before), or a deploy folder without its / or ~
         raise EdgeKDError(f"bad device {url!r}: port {rest[1:]!r} must be a number from 1 to 65535 (a deploy "
@@ -75,7 +77,8 @@ _USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _PATH = re.compile(r"^[A-Za-z0-9_./~+@%=,][A-Za-z0-9_./~+@%=,-]*$")
 
 
-def _check_parts(url, host, user, port, python, folder):
+def _check_parts(url: Optional[str], host: str, user: Optional[str], port: Optional[int], python: str,
+                 folder: Optional[str]) -> None:
     """Refuse any part of a device URL that ssh or the device's shell could read as an option or as code."""
     if not _HOST.match(host):
         raise EdgeKDError(f"bad device {url!r}: host {host!r} must be a host name, alias or address (letters, digits, "
@@ -91,14 +94,14 @@ def _check_parts(url, host, user, port, python, folder):
                               "./~+@%=,_-; no spaces, quotes or control characters; not starting with '-')")
 
 
-def check_path(url, what, path):
+def check_path(url: str, what: str, path: str) -> None:
     """Refuse a path (given apart from the URL) that the device's shell could read as an option or as code."""
     if not _PATH.match(path):
         raise EdgeKDError(f"bad {what} {path!r} for {url}: must be a plain path (letters, digits and ./~+@%=,_-; "
                           "not starting with '-')")
 
 
-def _options(target):
+def _options(target: Target) -> List[str]:
     opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={target.connect_timeout}",
             "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3"]
     if target.ssh_config:
@@ -106,18 +109,20 @@ def _options(target):
     return opts
 
 
-def run(target, command, timeout=DEFAULT_TIMEOUT_S, input_bytes=None):
+def run(target: Target, command: str, timeout: float = DEFAULT_TIMEOUT_S,
+        input_bytes: Optional[bytes] = None) -> bytes:
     """Run a shell command on the device; return its stdout (bytes). Raise one clear line on failure."""
     # "--" ends ssh's options: nothing after it is read as one, whatever it holds.
-    args = (["ssh"] + _options(target) + (["-p", str(target.port)] if target.port else [])
-            + ["--", target.destination, command])
+    port = ["-p", str(target.port)] if target.port else []
+    args = ["ssh", *_options(target), *port, "--", target.destination, command]
     proc = _call(args, target, timeout, input_bytes)
     if proc.returncode != 0:
         raise EdgeKDError(_explain(target, proc))
     return proc.stdout
 
 
-def copy_to(target, local_paths, remote_folder, timeout=DEFAULT_TIMEOUT_S):
+def copy_to(target: Target, local_paths: Sequence[str], remote_folder: str,
+            timeout: float = DEFAULT_TIMEOUT_S) -> None:
     """Copy files and folders into an existing folder on the device (scp -r, batch mode)."""
     args = ["scp", "-r", "-q"] + _options(target) + (["-P", str(target.port)] if target.port else [])
     args += ["--"] + list(local_paths) + [f"{target.destination}:{remote_folder}/"]
@@ -126,7 +131,8 @@ def copy_to(target, local_paths, remote_folder, timeout=DEFAULT_TIMEOUT_S):
         raise EdgeKDError(_explain(target, proc, "copying to"))
 
 
-def _call(args, target, timeout, input_bytes=None):
+def _call(args: List[str], target: Target, timeout: float,
+          input_bytes: Optional[bytes] = None) -> "subprocess.CompletedProcess[bytes]":
     try:
         return subprocess.run(args, input=input_bytes, capture_output=True, timeout=timeout)
     except FileNotFoundError:
@@ -135,7 +141,7 @@ def _call(args, target, timeout, input_bytes=None):
         raise EdgeKDError(f"{target} did not answer within {timeout} s (--timeout)") from None
 
 
-def _explain(target, proc, doing="running on"):
+def _explain(target: Target, proc: "subprocess.CompletedProcess[bytes]", doing: str = "running on") -> str:
     """Turn ssh's exit and stderr into one line that says what to do."""
     err = proc.stderr.decode(errors="replace").strip()
     last = err.splitlines()[-1] if err else f"exit code {proc.returncode}"
@@ -150,5 +156,6 @@ def _explain(target, proc, doing="running on"):
     return f"{doing} {target} failed: {last}"
 
 
-def quote(text):
+def quote(text: object) -> str:
+    """``text`` quoted for the device's shell (one word, nothing run)."""
     return shlex.quote(str(text))

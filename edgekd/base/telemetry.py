@@ -21,13 +21,15 @@ inherited by every process edgekd starts (bench workers, export's converters); t
 import importlib.machinery
 import os
 import sys
+from types import ModuleType
+from typing import Any, Optional, Sequence
 
 ORT_OPT_OUT = "ORT_DISABLE_TELEMETRY"
 
 _CHECKER = "openvino_telemetry.utils.opt_in_checker"
 
 
-def decline(module):
+def decline(module: ModuleType) -> None:
     """Make the consent check of an imported ``opt_in_checker`` module answer DECLINED, and silence any
     Telemetry object made before this (a singleton: later inits re-check consent, and are declined)."""
     declined = module.ConsentCheckResult.DECLINED
@@ -43,23 +45,25 @@ class _DeclineOnImport:
     right after it runs: before openvino or nncf can create their Telemetry object. (A meta path finder
     and loader by duck typing: importlib.abc alone costs 30 ms at every edgekd start.)"""
 
-    def find_spec(self, name, path=None, target=None):
+    def find_spec(self, name: str, path: Optional[Sequence[str]] = None,
+                  target: Optional[ModuleType] = None) -> Optional[importlib.machinery.ModuleSpec]:
         if name != _CHECKER:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path, target)
         if spec is not None and spec.loader is not None:
-            self._loader, spec.loader = spec.loader, self
+            self._loader: Any = spec.loader
+            spec.loader = self  # type: ignore[assignment]  # a loader by duck typing (see the class docstring)
         return spec
 
-    def create_module(self, spec):
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[ModuleType]:
         return self._loader.create_module(spec)
 
-    def exec_module(self, module):
+    def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
         decline(module)
 
 
-def switch_off():
+def switch_off() -> None:
     """Keep OpenVINO/NNCF and ONNX Runtime telemetry off in this process; cheap: neither is imported here."""
     os.environ[ORT_OPT_OUT] = "1"  # not setdefault: edgekd sends nothing, whatever the shell says
     if _CHECKER in sys.modules:

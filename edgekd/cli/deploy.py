@@ -10,18 +10,32 @@ where a program on the device would look for it.
 import json
 import logging
 import os
+import shlex
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import EdgeKDError
 from ..base import ssh
+from ..base.jsonrec import read_json
 from ..bundle.card import CARD_FILE, record_deploy
+from ..export.target import DeviceEnv
 
 log = logging.getLogger(__name__)
 DEFAULT_FOLDER = "edgekd-bundles"  # relative to the device user's home
 RUNNER_NAME = "edgekd_device_runner.py"
 
 
-def check_on_device(target, runner, staging, name, timeout):
-    """The runner's ``check`` on the device; a bundle that fails it is refused with the device's own error."""
+@dataclass(frozen=True)
+class Checked:
+    """What the device runner's ``check`` reports (its JSON line, read here)."""
+
+    output_shape: Optional[List[Any]] = None
+    parity_images: Optional[int] = None
+
+
+def check_on_device(target: ssh.Target, runner: str, staging: str, name: str, timeout: float) -> Dict[str, Any]:
+    """The runner's ``check`` on the device (its JSON, {} when only the checksums could be checked); a bundle that
+    fails it is refused with the device's own error."""
     q = ssh.quote
     try:
         out = ssh.run(target, f"{q(target.python)} {q(runner)} check {q(staging)}", timeout)
@@ -35,12 +49,14 @@ def check_on_device(target, runner, staging, name, timeout):
         ssh.run(target, f"{q(target.python)} {q(runner)} verify {q(staging)}", timeout)
         return {}
     result = json.loads(out.decode())
-    log.info("checked on %s: output %s%s", target, result.get("output_shape"),
-             f", {result['parity_images']} parity images agree" if result.get("parity_images") else "")
-    return result
+    checked = read_json(Checked, result) or Checked()
+    log.info("checked on %s: output %s%s", target, checked.output_shape,
+             f", {checked.parity_images} parity images agree" if checked.parity_images else "")
+    return dict(result)
 
 
-def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=None):
+def deploy(bundle: str, url: str, ssh_config: Optional[str] = None, timeout: float = ssh.DEFAULT_TIMEOUT_S,
+           python: Optional[str] = None) -> Tuple[ssh.Target, str, DeviceEnv]:
     """Install ``bundle`` on the device; return (target, remote bundle path, device environment)."""
     from ..bundle.runner import MANIFEST_FILE, BundleError, RUNTIME_PACKAGE, verify
     from ..bench.remote import RUNNER, check_device
@@ -84,9 +100,10 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=N
         except EdgeKDError:
             pass
         raise
-    env = json.loads(ssh.run(target, f"{q(target.python)} {q(folder + '/' + RUNNER_NAME)} env", timeout).decode())
+    env = DeviceEnv.from_json(ssh.run(target, f"{q(target.python)} {q(folder + '/' + RUNNER_NAME)} env",
+                                      timeout).decode())
     package = RUNTIME_PACKAGE.get(manifest.format)
-    if package and package not in env["versions"]:
+    if package and package not in (env.versions or {}):
         log.warning("%s is not installed on %s: pip install %s", package, target, package)
     return target, dest, env
 
@@ -94,7 +111,5 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=N
 def run_hint(python: str, runner: str, bundle: str) -> str:
     """The line to paste into the device's shell to run the bundle: every name shell-quoted (spaces, $, quotes
     in a folder or a Python path stay one word and run nothing)."""
-    import shlex
-
     q = shlex.quote
     return f"{q(python)} {q(runner)} predict {q(bundle)} IMAGE..."

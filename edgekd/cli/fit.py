@@ -1,14 +1,12 @@
 """``edgekd fit``: the most accurate student that meets a device's budget (the work is in fit/)."""
 
-import argparse
-from typing import Any, Dict
-
 from .. import EdgeKDError
 from ..base.progress import printable
-from ..core.config import add_options
 from ..fit.budget import parse_budget
 from ..fit.options import FitOptions
+from ..fit.report import summary_lines
 from ..fit.run import run_fit
+from .command import Command
 from .int8 import train_qat
 
 
@@ -17,7 +15,7 @@ def say(line: str) -> None:
     print(printable(line), flush=True)
 
 
-class Fit:
+class Fit(Command):
     """Its options: fit/options.py's FitOptions (the command line is made from its fields)."""
 
     name = "fit"
@@ -29,10 +27,6 @@ class Fit:
                    "gate and measure them again; write bundle/, report.md, trials.csv, trials.json, pareto.png, "
                    "latency.json. A budget nothing meets, an empty space or an unreachable device: exit 2.")
 
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        """The options of FitOptions."""
-        add_options(p, self.name)
-
     def run(self, opts: FitOptions) -> None:
         """Run the fit (the fit owns --out: edgekd.fit.run.run_fit checks, locks and marks it) and print its result."""
         if not (opts.join or opts.resume):
@@ -40,15 +34,5 @@ class Fit:
             if not opts.out:
                 raise EdgeKDError("--out DIR is required (or --resume DIR, --join DIR|URL)")
         summary = run_fit(opts, train_qat=train_qat, say=say)
-        if opts.join:
-            say(f"worker done: {summary['trials_run']} trial(s) run on {summary['joined']}")
-            return
-        _say_winner(summary, opts)
-
-
-def _say_winner(summary: Dict[str, Any], opts: FitOptions) -> None:
-    winner, passes = summary["winner"], summary["teacher_passes"]
-    measured = winner["measured"]
-    say(f"winner {winner['key']}: top-1 {winner['top1']:.4f}, p50 {measured['p50_ms']:.3f} ms on {opts.device}, "
-        f"{measured['size_mb']:.3f} MB -> {opts.resume or opts.out}/bundle")
-    say(f"teacher forward passes: {passes['passes']} ({passes['images']} images x {passes['views']} view(s))")
+        for line in summary_lines(summary, opts.device, str(opts.resume or opts.out)):
+            say(line)

@@ -7,15 +7,23 @@ training and export, so the two meet here.
 """
 
 import os
+from typing import TYPE_CHECKING
+
+from ..core.config import resolve
+from ..core.options import QuantizeOptions
+
+if TYPE_CHECKING:  # heavy (torch): only for the type checker
+    from ..export.ladder import QatRequest
 
 
-def train_qat(request):
+def train_qat(request: "QatRequest") -> str:
     """Run ``edgekd quantize`` as ``request`` (an export.ladder.QatRequest) asks; return the QAT checkpoint's path."""
-    from ..core.config import resolve
-    from ..core.quantize import QAT_FILE, run_quantize
+    from ..core.quantize import QAT_FILE, run_quantize  # heavy: torch, nncf
 
     given = {"student": request.student, "teacher": request.teacher, "epochs": request.epochs, "data": request.data,
              "data_root": request.data_root, "seed": request.seed, "out": request.folder,
              "progress": request.progress}
-    run_quantize(resolve("quantize", {k: v for k, v in given.items() if v is not None}))
+    options = resolve("quantize", {k: v for k, v in given.items() if v is not None})
+    assert isinstance(options, QuantizeOptions)  # resolve("quantize", ...) makes the quantize command's options
+    run_quantize(options)
     return os.path.join(request.folder, QAT_FILE)
