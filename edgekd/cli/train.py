@@ -2,7 +2,7 @@
 checks of the command line and of this machine, and the run folder they write into."""
 
 import contextlib
-from typing import Any, ContextManager, List, Optional, Tuple
+from typing import Any, ContextManager, List, Optional, Tuple, Union
 
 from .. import EdgeKDError
 from ..base import cpu
@@ -13,6 +13,7 @@ from ..base.progress import printable
 from ..core.config import DEFAULT_OUT
 from ..core.data import data_folders
 from ..core.distributed import env_local_rank, env_rank, env_world_size
+from ..bench.options import BenchOptions
 from ..core.options import DistillOptions, PrepareOptions, QuantizeOptions, TrainOptions
 from .command import Command, KeepLines
 
@@ -21,7 +22,7 @@ from .command import Command, KeepLines
 # would run them.
 TRAINING_COMMANDS = ("train", "distill", "quantize")
 Inputs = List[Tuple[str, Optional[str]]]
-Training = Any  # TrainOptions, DistillOptions or QuantizeOptions: the options every training command has
+Training = Union[TrainOptions, DistillOptions, QuantizeOptions]
 
 
 def check_training_args(args: Training) -> None:
@@ -41,10 +42,12 @@ def check_training_args(args: Training) -> None:
         torch.set_num_threads(cpu.usable_cpus())
 
 
-def run_folder(args: Any, inputs: Inputs) -> ContextManager[Any]:
+def run_folder(args: Union[Training, BenchOptions], inputs: Inputs) -> ContextManager[Any]:
     """The locked, checked run folder (rank 0 only: the other ranks of a torchrun job write nothing)."""
     if env_rank() != 0:
         return contextlib.nullcontext()
+    if not args.out:  # refused before this by the options and check_training_args
+        raise EdgeKDError("--out DIR is required")
     # the names a training command replaces (and bench: the whole folder); fit's folders are a fit's own
     replaced = None if args.command == "bench" else set().union(*(OUTPUTS[c] for c in TRAINING_COMMANDS + ("bench",)))
     # every file a command reads is an input: the --config file too (the run writes its own config.yaml)
