@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 from .. import EdgeKDError
+from ..base.jsonrec import read_json
 from ..core.loading import load_model
 from .options import ExportOptions
 from . import calibration
@@ -45,6 +46,13 @@ TrainQat = Callable[[QatRequest], str]                      # -> the QAT checkpo
 def fail_if(failures: List[str], suffix: str = "") -> None:
     if failures:
         raise EdgeKDError("parity check failed: " + "; ".join(failures) + suffix + "; no bundle written")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the ladder reads of a checkpoint's config (the options it was made with): the teacher it learnt from."""
+
+    teacher: Optional[str] = None
 
 
 class Int8Ladder:
@@ -167,7 +175,8 @@ class Int8Ladder:
     def _teacher(self) -> str:
         """The teacher the student was distilled from (its config, or teacher.pt beside it); for a student
         trained without one, the FP32 student itself teaches its INT8 copy (self-distillation)."""
-        spec = self.ref.ckpt.config.get("teacher")  # the config.yaml values the checkpoint was made with
+        recipe = read_json(Recipe, self.ref.ckpt.config) or Recipe()  # the config.yaml it was made with
+        spec = recipe.teacher
         beside = os.path.join(os.path.dirname(os.path.abspath(self.ref.checkpoint)), "teacher.pt")
         for candidate in (spec, beside):
             if isinstance(candidate, str) and candidate and os.path.isfile(candidate):
