@@ -55,10 +55,6 @@ def positive_float(text: str) -> float:
     return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
-def _nonnegative_float(text: str) -> float:
-    return _number(text, float, lambda v: 0 <= v < float("inf"), "a number of 0 or more")
-
-
 def _check_out(out: str, force: bool) -> None:
     """Refuse an --out that is a file or not writable, or (without --force) not empty; creates nothing."""
     check_writable(out)
