@@ -7,14 +7,13 @@ import math
 import os
 from dataclasses import dataclass, replace
 from importlib import metadata
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..base.errors import BundleError
 from .checks import FORMAT_FILES, MANIFEST_FILE, check_files, manifest_json, sha256_file
 
 # The most pixels a resize may ask for: edgekd.base.bounds.MAX_RESIZE_PIXELS (the runner carries this module alone).
 MAX_RESIZE_PIXELS = 89_478_485
-MANIFEST = MANIFEST_FILE  # its older name
 # edgekd's metadata inside an ONNX file (written by export, read by the ONNX teacher source):
 # classes, mean, std and input_size as JSON ([names], [floats] in [0, 1] pixel units, [height, width]);
 # color as RGB, BGR or L; outputs as logits or probs.
@@ -110,15 +109,6 @@ class Manifest:
         return Parity.from_json(self.extra.get("parity"))
 
     @property
-    def inference_precision(self) -> str:
-        """The precision OpenVINO's CPU plugin must compute in: the one the bundle was validated at (f32).
-
-        Left alone, the plugin silently runs FP32 models in bf16 on CPUs with AVX512_BF16 or AMX, which moves
-        logits by about 1e-2: an fp32 bundle (or row of a benchmark) would no longer be fp32.
-        """
-        return _inference_precision(self.extra.get("runtime"))
-
-    @property
     def static_batch(self) -> Optional[int]:
         """The one batch size a static-batch bundle accepts (``input.shape[0]``), or None for a dynamic batch.
 
@@ -143,21 +133,20 @@ class Manifest:
         return self.extra.get(name, default)
 
 
-def _inference_precision(runtime: Any) -> str:
-    """``runtime.inference_precision`` of a manifest's JSON (f32 when absent), or BundleError when damaged."""
+def precision_hint(manifest: Manifest) -> str:
+    """The precision OpenVINO's CPU plugin must compute a bundle in: the one it was validated at
+    (``runtime.inference_precision``, f32 when absent); BundleError when that field is damaged.
+
+    Left alone, the plugin silently runs FP32 models in bf16 on CPUs with AVX512_BF16 or AMX, which moves
+    logits by about 1e-2: an fp32 bundle (or row of a benchmark) would no longer be fp32.
+    """
+    runtime = manifest.extra.get("runtime")
     hint = runtime.get("inference_precision") if isinstance(runtime, dict) else None
     if hint is None:
         return "f32"
     if hint not in INFERENCE_PRECISIONS:  # what edgekd writes; anything else is damage
         raise BundleError("manifest field 'runtime.inference_precision' must be f32, f16 or bf16, got %r" % (hint,))
     return str(hint)
-
-
-def precision_hint(manifest: Union[Manifest, Dict[str, Any]]) -> str:
-    """OpenVINO's CPU precision for a Manifest, or for a manifest's JSON object (see Manifest.inference_precision)."""
-    if isinstance(manifest, Manifest):
-        return manifest.inference_precision
-    return _inference_precision(manifest.get("runtime"))
 
 
 def verify(folder: str) -> Manifest:
@@ -180,13 +169,13 @@ def library_versions(names: Sequence[str] = ("edgekd", "torch", "torchvision", "
     return versions
 
 
-def write_manifest(folder: str, manifest: Union[Manifest, Dict[str, Any]]) -> Manifest:
-    """Check ``manifest`` against the schema and write it into ``folder``: the one writer of manifest.json."""
-    if not isinstance(manifest, Manifest):
-        problem = schema_problem(manifest)
-        if problem:  # edgekd's own export wrote it: a bug (exit 1), not the user's input
-            raise ValueError(f"edgekd built a malformed manifest: {problem}")
-        manifest = Manifest.from_dict(manifest)
+def write_manifest(folder: str, data: Dict[str, Any]) -> Manifest:
+    """Check the JSON object ``data`` against the schema and write it into ``folder`` as manifest.json (a Manifest
+    writes itself: ``Manifest.write``); returns its Manifest."""
+    problem = schema_problem(data)
+    if problem:  # edgekd's own export wrote it: a bug (exit 1), not the user's input
+        raise ValueError(f"edgekd built a malformed manifest: {problem}")
+    manifest = Manifest.from_dict(data)
     manifest.write(folder)
     return manifest
 

@@ -228,7 +228,7 @@ def _empty(teacher, student):
 
 
 def _eval_geometry(img, spec, lazy=False):
-    from ..bundle.runner import preprocess_pixels
+    from ..bundle.preprocessing import preprocess_pixels
 
     if lazy:
         img.load()
