@@ -239,10 +239,11 @@ def test_16_bit_images_train_as_their_8_bit_twins(tmp_path):
 def test_16_bit_and_float_images_are_scaled_in_the_torch_free_runner(tmp_path):
     from PIL import Image
 
+    from edgekd.bundle.manifest import ModelInput
     from edgekd.bundle.preprocessing import preprocess
 
     paths = _wide_images(tmp_path)
-    spec = {"color": "L", "resize": [8, 8], "mean": [0.0], "std": [1.0]}
+    spec = ModelInput.from_json({"color": "L", "resize": [8, 8], "mean": [0.0], "std": [1.0]})
     reference = preprocess(Image.open(paths["L"]), spec)
     for mode in ("I;16", "F"):
         assert np.abs(preprocess(Image.open(paths[mode]), spec) - reference).max() <= 1 / 255 + 1e-6, mode

@@ -52,7 +52,7 @@ from PIL import Image
 sys.path.insert(0, sys.argv[1])
 import device_runner as runner
 job = json.load(open(sys.argv[2]))
-out = [runner.preprocess(Image.open(p), job["spec"]) for p in job["paths"]]
+out = [runner.preprocess(Image.open(p), runner.ModelInput.from_json(job["spec"])) for p in job["paths"]]
 np.save(sys.argv[3], np.stack(out))
 """
 
@@ -108,14 +108,14 @@ def test_timm_keep_ratio_geometry_for_a_non_square_input():
 
 
 def test_an_old_manifest_without_crop_pct_still_stretches_and_bad_crop_pct_is_refused():
-    from edgekd.bundle.manifest import schema_problem
+    from edgekd.bundle.manifest import ModelInput, schema_problem
     from edgekd.bundle.preprocessing import preprocess
     from edgekd.core.data import InputSpec
 
     old = {"color": "RGB", "resize": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}  # no crop_pct: made before it
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 80, 3), dtype=np.uint8))
     expected = (np.asarray(img.resize((32, 32), Image.BILINEAR), np.float32) / 255 - 0.5) / 0.5
-    np.testing.assert_allclose(preprocess(img, old), expected.transpose(2, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(preprocess(img, ModelInput.from_json(old)), expected.transpose(2, 0, 1), atol=1e-6)
     assert InputSpec.from_dict({"channels": 3, "height": 32, "width": 32, "mean": [0.5] * 3, "std": [0.5] * 3}).crop_pct is None
     manifest = {"format": "onnx", "precision": "fp32", "files": {"model.onnx": "0" * 64}, "model_file": "model.onnx",
                 "classes": ["a"], "input": {"shape": [-1, 3, 32, 32], **old}}

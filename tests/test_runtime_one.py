@@ -79,7 +79,7 @@ def test_predict_bench_and_device_agree_on_a_bundle(onnx_bundle):
     from edgekd.bundle import load_bundle
 
     bundle = load_bundle(str(onnx_bundle), threads=1)
-    batch = np.random.default_rng(0).standard_normal((3, *bundle.manifest.input["shape"][1:]), dtype=np.float32)
+    batch = np.random.default_rng(0).standard_normal((3, *bundle.manifest.input.shape[1:]), dtype=np.float32)
     bench_run, info = BACKENDS.get("onnxruntime")(str(onnx_bundle), 1, "cpu")
     device_run, _ = sessions.open_session(str(onnx_bundle), verify(str(onnx_bundle)), threads=1)
     ov_run, ov_info = BACKENDS.get("openvino")(str(onnx_bundle), 1, "cpu")

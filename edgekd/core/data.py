@@ -15,6 +15,7 @@ from .. import EdgeKDError
 from ..base.bounds import check_geometry
 from ..base.files import SYSTEM_FOLDERS, check_link_loops, check_reach, require_regular  # noqa: F401
 from ..bundle import preprocessing
+from ..bundle.manifest import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class EvalTransform:
     so training's evaluation, export's parity images, predict and the device runner give the same tensor."""
 
     def __init__(self, spec: InputSpec) -> None:
-        self.spec = spec.manifest()
+        self.spec = ModelInput.from_json(spec.manifest())
 
     def __call__(self, img: Any) -> Any:
         import torch

@@ -21,6 +21,7 @@ import random
 import torch
 
 from .. import EdgeKDError
+from ..bundle.manifest import ModelInput
 from .augment import BAD_IMAGE, AugmentPlan, apply_views
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def _eval_geometry(img, spec, lazy=False):
 
     if lazy:
         img.load()
-    return preprocess_pixels(img, spec)
+    return preprocess_pixels(img, ModelInput.from_json(spec))
 
 
 def _pixels(img):
