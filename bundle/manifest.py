@@ -60,7 +60,7 @@ class ModelInput:
     crop_pct: Optional[float] = None  # None: the image is stretched to resize (manifests written before it)
     shape: Optional[List[int]] = None  # [batch (-1: any), channels, height, width]; every manifest states it
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    keys: Tuple[str, ...] = dataclasses.field(default=(), compare=False)  # the JSON keys, in the order read
+    order: Tuple[str, ...] = dataclasses.field(default=(), compare=False)  # the JSON keys, in the order read
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> "ModelInput":
@@ -70,15 +70,15 @@ class ModelInput:
         height, width = value["resize"]
         return cls(color=value["color"], resize=(height, width), mean=list(value["mean"]), std=list(value["std"]),
                    crop_pct=value.get("crop_pct"), shape=value.get("shape"),
-                   extra={k: v for k, v in value.items() if k not in typed}, keys=tuple(value))
+                   extra={k: v for k, v in value.items() if k not in typed}, order=tuple(value))
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON object, keys in the order they were read (new ones last)."""
         values: Dict[str, Any] = {"shape": self.shape, "color": self.color, "resize": list(self.resize),
                                   "mean": list(self.mean), "std": list(self.std), "crop_pct": self.crop_pct,
                                   **self.extra}
-        present = {k: v for k, v in values.items() if v is not None or k in self.keys}
-        return {**{k: present[k] for k in self.keys if k in present}, **present}
+        present = {k: v for k, v in values.items() if v is not None or k in self.order}
+        return {**{k: present[k] for k in self.order if k in present}, **present}
 
 
 @dataclass(frozen=True)

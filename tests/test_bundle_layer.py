@@ -70,3 +70,16 @@ def test_edgekds_error_types_live_in_base():
 
     assert edgekd.EdgeKDError is errors.EdgeKDError and edgekd.Interrupted is errors.Interrupted
     assert BundleError is errors.BundleError is checks.BundleError and issubclass(BundleError, edgekd.EdgeKDError)
+
+
+def test_the_manifests_input_is_a_record_written_back_key_for_key():
+    from edgekd.bundle.manifest import ModelInput
+
+    exported = {"shape": [-1, 3, 32, 48], "layout": "NCHW", "dtype": "float32", "mean": [0.5, 0.5, 1], "std": [0.25] * 3,
+                "color": "RGB", "resize": [32, 48], "scale": 1 / 255, "resample": "bilinear", "crop_pct": 0.875,
+                "resize_mode": "shorter side, center crop", "from_a_newer_edgekd": {"x": 1}}
+    spec = ModelInput.from_json(exported)
+    assert (spec.color, spec.resize, spec.crop_pct, spec.shape) == ("RGB", (32, 48), 0.875, [-1, 3, 32, 48])
+    assert json.dumps(spec.to_json()) == json.dumps(exported)  # the same keys, order and values (1 stays 1)
+    old = {"color": "L", "resize": [8, 8], "mean": [0.5], "std": [0.5]}  # before crop_pct was recorded
+    assert ModelInput.from_json(old).crop_pct is None and json.dumps(ModelInput.from_json(old).to_json()) == json.dumps(old)
