@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 
 from .. import EdgeKDError
 from ..base.files import atomic_write
+from ..bundle import environment
+from ..bundle.assemble import runner_source
 from .space import Candidate
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,6 @@ def default_cache() -> str:
 def device_environment(device: str, ssh_config: Optional[str], timeout: int) -> Dict[str, Any]:
     """The device runner's own environment record (CPU, machine, runtime versions, ``emulated``), read on the
     device itself: here for a local device, over SSH for ssh:// (unreachable: one-line EdgeKDError)."""
-    from ..bundle import environment
-    from ..bundle.assemble import runner_source
-
     if not device.startswith("ssh://"):
         return {**environment.environment(), "device": device}
     from ..base import ssh

@@ -13,7 +13,11 @@ import os
 
 from .. import EdgeKDError
 from ..base import ssh
+from ..base.errors import BundleError
+from ..bundle.assemble import runner_source
 from ..bundle.card import CARD_FILE, record_deploy
+from ..bundle.checks import MANIFEST_FILE, RUNTIME_PACKAGE
+from ..bundle.manifest import verify
 
 log = logging.getLogger(__name__)
 DEFAULT_FOLDER = "edgekd-bundles"  # relative to the device user's home
@@ -42,11 +46,7 @@ def check_on_device(target, runner, staging, name, timeout):
 
 def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=None):
     """Install ``bundle`` on the device; return (target, remote bundle path, device environment)."""
-    from ..base.errors import BundleError
     from ..bench.remote import check_device
-    from ..bundle.assemble import runner_source
-    from ..bundle.checks import MANIFEST_FILE, RUNTIME_PACKAGE
-    from ..bundle.manifest import verify
 
     if not os.path.isdir(bundle):
         raise EdgeKDError(f"bundle folder {bundle!r} does not exist")
