@@ -96,17 +96,33 @@ def _check_package_imports(name: str, package: Dict[str, List[str]], done: List[
     return needed
 
 
+def _alias(a: ast.alias) -> str:
+    return a.name + (" as " + a.asname if a.asname else "")
+
+
 def _import_lines(nodes: List[ast.stmt]) -> List[str]:
     """One sorted ``import X`` line per module and one ``from X import ...`` line per source module."""
     plain: Set[str] = set()
     froms: Dict[str, Set[str]] = {}
     for node in nodes:
         if isinstance(node, ast.Import):
-            plain.update(a.name for a in node.names)
+            plain.update(_alias(a) for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
-            froms.setdefault(node.module, set()).update(a.name for a in node.names)
+            froms.setdefault(node.module, set()).update(_alias(a) for a in node.names)
     lines = ["import %s" % m for m in sorted(plain)]
     return lines + ["from %s import %s" % (m, ", ".join(sorted(n))) for m, n in sorted(froms.items())]
+
+
+def _defined(code: str) -> List[str]:
+    """The names a module's code defines at its top level (functions, classes, assignments)."""
+    names: List[str] = []
+    for node in ast.parse(code).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
 
 
 def runner_source() -> str:
@@ -114,9 +130,14 @@ def runner_source() -> str:
     imports: List[ast.stmt] = []
     parts: List[str] = []
     standalone: Set[str] = set()
+    owner: Dict[str, str] = {}  # one file, one namespace: a name two modules define would silently be the last one's
     for i, name in enumerate(RUNNER_MODULES):
         found, code, package = _split(name)
         standalone |= _check_package_imports(name, package, list(RUNNER_MODULES[:i]))
+        for defined in _defined(code):
+            if owner.setdefault(defined, name) != name:
+                raise ValueError("bundle/%s.py and bundle/%s.py both define %s; the device runner is one file, one "
+                                 "namespace: rename one" % (owner[defined], name, defined))
         imports += found
         parts.append("# " + "-" * 40 + " bundle/%s.py\n\n%s\n" % (name, code))
     stand_ins = "\n\n\n".join(STANDALONE[n].strip("\n") for n in STANDALONE if n in standalone)

@@ -83,3 +83,14 @@ def test_the_manifests_input_is_a_record_written_back_key_for_key():
     assert json.dumps(spec.to_json()) == json.dumps(exported)  # the same keys, order and values (1 stays 1)
     old = {"color": "L", "resize": [8, 8], "mean": [0.5], "std": [0.5]}  # before crop_pct was recorded
     assert ModelInput.from_json(old).crop_pct is None and json.dumps(ModelInput.from_json(old).to_json()) == json.dumps(old)
+
+
+def test_a_name_two_runner_modules_define_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "a.py").write_text('"""A."""\n\nimport os\n\nLIMIT = 1\n\n\ndef size():\n    return os.sep\n')
+    (tmp_path / "b.py").write_text('"""B."""\n\nimport json as j\n\nfrom .a import size\n\nLIMIT = 2\n')
+    monkeypatch.setattr(assemble, "HERE", str(tmp_path))
+    monkeypatch.setattr(assemble, "RUNNER_MODULES", ("a", "b"))
+    with pytest.raises(ValueError, match="bundle/a.py and bundle/b.py both define LIMIT"):
+        assemble.runner_source()
+    (tmp_path / "b.py").write_text('"""B."""\n\nimport json as j\n\nfrom .a import size\n\nOTHER = 2\n')
+    assert "import json as j\nimport os\n" in assemble.runner_source()  # an import's own name is kept
