@@ -8,7 +8,7 @@ import warnings
 from typing import Any, Optional, Sequence, Tuple, Type
 
 from ..base.errors import BundleError
-from .checks import require_regular
+from ..base.files import require_regular
 from .manifest import ModelInput
 
 
