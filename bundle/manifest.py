@@ -141,12 +141,12 @@ class Manifest:
     @property
     def validation(self) -> Dict[str, Any]:
         """The parity gate's results at export (max_abs_diff, top1_agreement, top1, reference_top1, images)."""
-        return self.extra.get("validation") or {}
+        return self.record("validation") or {}
 
     @property
     def parity(self) -> Optional[Parity]:
         """The parity images and logits a device checks the bundle against, when the export saved them."""
-        return Parity.from_json(self.extra.get("parity"))
+        return Parity.from_json(self.record("parity"))
 
     @property
     def static_batch(self) -> Optional[int]:
@@ -180,7 +180,7 @@ def precision_hint(manifest: Manifest) -> str:
     Left alone, the plugin silently runs FP32 models in bf16 on CPUs with AVX512_BF16 or AMX, which moves
     logits by about 1e-2: an fp32 bundle (or row of a benchmark) would no longer be fp32.
     """
-    runtime = manifest.extra.get("runtime")
+    runtime = manifest.record("runtime")
     hint = runtime.get("inference_precision") if isinstance(runtime, dict) else None
     if hint is None:
         return "f32"
