@@ -21,6 +21,8 @@ from ..base import ssh
 from ..base.files import atomic_write
 from ..bench.remote import check_device
 from ..bench.run import BenchPlan, Measurement, Results, run_bench
+from ..bundle import environment
+from ..bundle.assemble import runner_source
 from ..core.data import Data
 from ..export.options import ExportOptions
 from .space import Candidate
@@ -42,15 +44,11 @@ def default_cache() -> str:
 def device_environment(device: str, ssh_config: Optional[str], timeout: int) -> Dict[str, Any]:
     """The device runner's own environment record (CPU, machine, runtime versions, ``emulated``), read on the
     device itself: here for a local device, over SSH for ssh:// (unreachable: one-line EdgeKDError)."""
-    from ..bundle import environment, runner
-
     if not device.startswith("ssh://"):
         return {**environment.environment(), "device": device}
     target = ssh.parse_target(device, ssh_config)
     check_device(target, timeout)
-    with open(runner.__file__, "rb") as f:
-        source = f.read()
-    out = ssh.run(target, f"{ssh.quote(target.python)} - env", timeout, input_bytes=source)
+    out = ssh.run(target, f"{ssh.quote(target.python)} - env", timeout, input_bytes=runner_source().encode())
     try:
         env = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):

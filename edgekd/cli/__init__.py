@@ -17,6 +17,8 @@ from ..base.telemetry import switch_off
 # Importing a command's options class registers it (edgekd.core.optionspec.register) for add_options and resolve.
 from ..bench.options import BenchOptions
 from ..bench.run import request, run_bench
+from ..bundle import load_bundle
+from ..bundle.device import text_lines
 from ..core import config
 from ..core.data import data_folders
 from ..core.distributed import env_rank
@@ -145,10 +147,6 @@ class Predict(Command):
                    "(onnxruntime or openvino): verify its checksums, preprocess as training did, print labels and scores.")
 
     def run(self, args: PredictOptions) -> None:
-        from ..bundle import load_bundle
-
-        from ..bundle.runner import text_lines
-
         bundle = load_bundle(str(args.bundle), threads=args.threads, device=args.device)
         results = bundle.predict_files(args.images or [], top_k=min(args.top_k, len(bundle.classes)))
         if args.json:  # strict JSON: a non-finite score is null with "finite": false, never a bare NaN

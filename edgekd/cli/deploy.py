@@ -16,8 +16,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import EdgeKDError
 from ..base import ssh
+from ..base.errors import BundleError
 from ..base.jsonrec import read_json
+from ..bench.remote import check_device
+from ..bundle.assemble import runner_source
 from ..bundle.card import CARD_FILE, record_deploy
+from ..bundle.checks import MANIFEST_FILE, RUNTIME_PACKAGE
+from ..bundle.manifest import verify
 from ..export.target import DeviceEnv
 
 log = logging.getLogger(__name__)
@@ -58,9 +63,6 @@ def check_on_device(target: ssh.Target, runner: str, staging: str, name: str, ti
 def deploy(bundle: str, url: str, ssh_config: Optional[str] = None, timeout: float = ssh.DEFAULT_TIMEOUT_S,
            python: Optional[str] = None) -> Tuple[ssh.Target, str, DeviceEnv]:
     """Install ``bundle`` on the device; return (target, remote bundle path, device environment)."""
-    from ..bundle.runner import MANIFEST_FILE, BundleError, RUNTIME_PACKAGE, verify
-    from ..bench.remote import RUNNER, check_device
-
     if not os.path.isdir(bundle):
         raise EdgeKDError(f"bundle folder {bundle!r} does not exist")
     try:
@@ -83,8 +85,8 @@ def deploy(bundle: str, url: str, ssh_config: Optional[str] = None, timeout: flo
         files = [os.path.join(bundle, f) for f in list(manifest.files) + [MANIFEST_FILE]]
         ssh.copy_to(target, files, staging, timeout)
         ssh.run(target, f"mkdir {q(tools)}", timeout)
-        ssh.copy_to(target, [RUNNER], tools, timeout)
-        runner = f"{tools}/{os.path.basename(RUNNER)}"
+        runner = f"{tools}/{RUNNER_NAME}"
+        ssh.run(target, f"cat > {q(runner)}", timeout, input_bytes=runner_source().encode())
         checked = check_on_device(target, runner, staging, name, timeout)
         # MODEL_CARD.md notes where it was installed and checked, in the bundle here and in the copy there
         there = json.loads(ssh.run(target, f"{q(target.python)} {q(runner)} env", timeout).decode())
