@@ -13,6 +13,8 @@ import torch
 from torch.nn import functional as F
 
 from .. import EdgeKDError
+from ..base.progress import bar
+from .data import EvalPixels, ImageTooLarge, open_image
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +212,6 @@ class _Raw:
     """Wrap a split so items come back as uint8 CHW tensors at the input size (for decoding)."""
 
     def __init__(self, dataset, input_spec):
-        from .data import EvalPixels
-
         self.dataset = dataset
         self.shape = (input_spec.channels, input_spec.height, input_spec.width)
         self.tf = EvalPixels(input_spec)  # the evaluation geometry (shorter side, center crop), before normalising
@@ -261,8 +261,6 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
     to the input size. An unreadable image is an error that names the file, or with ``skip_bad``
     is left out and counted (``decode_split.skipped`` holds the paths of the last call).
     """
-    from ..base.progress import bar
-
     n = len(dataset) if indices is None else len(indices)
     nbytes = n * input_spec.channels * input_spec.height * input_spec.width
     if nbytes > DECODE_LIMIT_BYTES:
@@ -306,8 +304,6 @@ def bad_reason(dataset, i):
 
 def _bad_image_reason(path):
     """Why an image could not be decoded, found again in this process (a loader worker's exception is lost)."""
-    from .data import ImageTooLarge, open_image
-
     try:
         open_image(path).close()
     except ImageTooLarge as e:

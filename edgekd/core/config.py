@@ -18,6 +18,7 @@ import os
 from typing import Any, Dict, Optional
 
 from .. import EdgeKDError
+from ..base.files import require_regular
 from .options import DistillOptions, QuantizeOptions, TrainOptions
 from .optionspec import CLASSES, COMMANDS, DEFAULT_OUT, MAX_INPUT_SIDE, Opt, Options, shown_value, check
 
@@ -102,8 +103,6 @@ def read_yaml(path: str) -> Dict[str, Any]:
     """The mapping in a YAML config file, or EdgeKDError in one line. Bounded: the file's size, its nesting and
     the nodes its aliases expand to (a 1 KB alias bomb under a known key would otherwise grow to gigabytes)."""
     import yaml
-
-    from ..base.files import require_regular
 
     size = require_regular(path, "config file").st_size  # stat, never open: a FIFO would hang the read
     if size > MAX_CONFIG_BYTES:

@@ -8,13 +8,15 @@ folder with ``train/`` and ``test/`` or ``val/`` of WebDataset .tar shards: edge
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import EdgeKDError
 from ..base.bounds import check_geometry
-from ..base.files import SYSTEM_FOLDERS, check_link_loops, check_reach, require_regular  # noqa: F401
+from ..base.files import check_link_loops, check_reach, require_regular
 from ..bundle import runner
+from .records import record_dict, record_from
+from .shards import SPEC, ShardSet, label_classes, quoted as _q, read_classes
 
 log = logging.getLogger(__name__)
 
@@ -54,35 +56,39 @@ class InputSpec:
     channels: int
     height: int
     width: int
-    mean: list = field(default_factory=list)
-    std: list = field(default_factory=list)
+    mean: List[float] = field(default_factory=list)
+    std: List[float] = field(default_factory=list)
     # Evaluation geometry (timm's crop_pct): resize the shorter side to size / crop_pct, center-crop to size.
     # None: stretch to (height, width), what checkpoints and bundles made before it was recorded mean.
-    crop_pct: float = None
+    crop_pct: Optional[float] = None
 
     @property
     def color(self) -> str:
         return "L" if self.channels == 1 else "RGB"
 
+    @property
+    def size(self) -> Tuple[int, int]:
+        """(height, width)."""
+        return self.height, self.width
+
     def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["color"] = self.color
-        d["resize"] = [self.height, self.width]
-        if self.crop_pct is None:
-            del d["crop_pct"]
-        return d
+        """The checkpoint's ``input`` entry: the fields (crop_pct only when set), the colour and the resize."""
+        d = record_dict(self, omit_none=frozenset({"crop_pct"}))
+        return {**d, "mean": list(self.mean), "std": list(self.std), "color": self.color,
+                "resize": [self.height, self.width]}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "InputSpec":
-        check_geometry(d["height"], d["width"], d.get("crop_pct"), "the checkpoint's input crop_pct")
-        return cls(d["channels"], d["height"], d["width"], list(d["mean"]), list(d["std"]), d.get("crop_pct"))
+        """The spec of a checkpoint's checked ``input`` entry (its color and resize follow from the fields)."""
+        spec = record_from(cls, d)
+        check_geometry(spec.height, spec.width, spec.crop_pct, "the checkpoint's input crop_pct")
+        return replace(spec, mean=list(spec.mean), std=list(spec.std))
 
     def manifest(self) -> Dict[str, Any]:
         """The runner's view of this spec (bundle/runner.preprocess reads color, resize, crop_pct, mean, std)."""
-        d = {"color": self.color, "resize": [self.height, self.width], "mean": list(self.mean), "std": list(self.std)}
-        if self.crop_pct is not None:
-            d["crop_pct"] = self.crop_pct
-        return d
+        d: Dict[str, Any] = {"color": self.color, "resize": [self.height, self.width], "mean": list(self.mean),
+                             "std": list(self.std)}
+        return d if self.crop_pct is None else {**d, "crop_pct": self.crop_pct}
 
 
 @dataclass
@@ -92,9 +98,16 @@ class Data:
     spec: str
     train: Any  # a split: a torchvision dataset, a ShardSet, a list of images
     test: Any
-    classes: list
+    classes: List[str]
     input: InputSpec
-    sizes: set = None   # (width, height) of the training images probed (a sample spread over the split)
+    sizes: Optional[Set[Tuple[int, int]]] = None   # (width, height) of the training images probed (a sample)
+    # Settled by the run that prepares the data (edgekd.core.distill.prepare_data), for metrics.json:
+    pipeline: Optional[str] = None            # memory or stream
+    train_size: Optional[int] = None          # training views (labelled and --unlabeled)
+    labelled_images: Optional[int] = None
+    unlabeled: Optional[Dict[str, Any]] = None   # the --unlabeled folder's record
+    skipped_images: List[str] = field(default_factory=list)   # unreadable files left out (--skip-bad-images)
+    norm_source: Optional[str] = None         # where the mean and std came from
 
 
 def default_input(channels: int, height: int, width: int, crop_pct: Optional[float] = None) -> InputSpec:
@@ -157,9 +170,9 @@ SIZE_PROBES = 256
 class SizeChoice:
     """--input-size and --crop-pct as given (None: chosen from the data), and a pretrained student's own view."""
 
-    size: tuple = None
-    crop_pct: float = None
-    pretrained: tuple = None   # ((height, width), crop_pct, source) of a pretrained student, or None
+    size: Optional[Tuple[int, int]] = None
+    crop_pct: Optional[float] = None
+    pretrained: Optional[Tuple[Tuple[int, int], float, str]] = None   # ((height, width), crop_pct, source), or None
 
 
 def parse_size(value: Any, flag: str = "--input-size") -> Optional[Tuple[int, int]]:
@@ -312,8 +325,6 @@ def _imagefolder(spec: str, path: str, input_spec: Optional[InputSpec], choice: 
 
 def _webdataset(path: str, input_spec: Optional[InputSpec], choice: Optional[SizeChoice] = None) -> Data:
     """``webdataset:PATH``: its two splits as edgekd.core.shards.ShardSets, the classes, the input spec."""
-    from .shards import SPEC, ShardSet, label_classes, quoted as _q, read_classes
-
     if not os.path.isdir(path):
         raise EdgeKDError(f"webdataset folder {_q(path)} does not exist (expected a folder with train/ and "
                           "test/ or val/, each holding .tar shards)")

@@ -33,6 +33,11 @@ import torch
 
 from .. import EdgeKDError
 from ..base.files import atomic_write, temp_prefix
+from ..base.progress import bar
+from .augment import stratified_subset
+from .data import load_data, load_unlabeled, split_paths
+from .losses import UNLABELED
+from .stream import _Items, _targets, _worker_context
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +191,6 @@ def open_store(folder, items, color, max_size, data_roots=(), workers=0, progres
 def _build(path, items, color, max_size, digest, sources, workers, progress):
     """Decode every picture once (in ``workers`` processes), appending its pixels as they come: memory holds a
     few batches, not the store. Written into a temporary folder renamed when whole."""
-    from ..base.progress import bar
-    from .stream import _worker_context
-
     start = time.perf_counter()
     tmp = os.path.join(os.path.dirname(path), "." + temp_prefix("store") + os.path.basename(path))
     os.makedirs(tmp, exist_ok=True)
@@ -270,11 +272,6 @@ def run_prepare(data_spec, out, max_size, data_root=None, unlabeled=None, train_
 
     opts = SimpleNamespace(data=data_spec, out=out, max_size=max_size, data_root=data_root, unlabeled=unlabeled,
                            train_subset=train_subset, workers=workers, progress=progress)
-    from .augment import stratified_subset
-    from .data import load_data, load_unlabeled, split_paths
-    from .losses import UNLABELED
-    from .stream import _Items, _targets
-
     _check_outside(opts.out, data_roots(opts.data, opts.unlabeled))
     data = load_data(opts.data, opts.data_root)
     subset = stratified_subset(_targets(data.train), opts.train_subset, seed=0) if opts.train_subset else None

@@ -21,7 +21,9 @@ import random
 import torch
 
 from .. import EdgeKDError
-from .augment import BAD_IMAGE, AugmentPlan, apply_views
+from .augment import BAD_IMAGE, AugmentPlan, _pil_item, apply_views, bad_reason
+from .data import open_image
+from .shards import check_shard_count, deal_shards
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,6 @@ class _Items:
         return self.path(i) or f"item {int(i)}"
 
     def reason(self, i):
-        from .augment import bad_reason
-
         return bad_reason(self.sources[int(self.src[i])], int(self.local[i]))
 
     def fingerprint(self, i):
@@ -132,8 +132,6 @@ class _Items:
 
     def open(self, i):
         """A PIL image, lazily decoded when it comes from a file (its header read, its pixels not yet)."""
-        from .augment import _pil_item
-        from .data import open_image
 
         if self.store is not None:  # the stored pixels; the crop's box is drawn on the original size
             stored = self.store.image(i)
@@ -379,8 +377,6 @@ class StreamViews:
         takes ceil(N / world) items, so all take the same number of steps."""
         groups = self.items.shard_groups()
         if groups is not None:
-            from .shards import deal_shards
-
             order = deal_shards(groups, world, epoch, seed)[rank]
         else:
             from torch.utils.data import DistributedSampler
@@ -393,8 +389,6 @@ class StreamViews:
     def steps_per_epoch(self, batch_size, world=1):
         groups = self.items.shard_groups() if world > 1 else None
         if groups is not None:  # refused before the first step, on every rank alike
-            from .shards import check_shard_count
-
             check_shard_count(len(groups), world)
         per_rank = -(-len(self) // world)
         return -(-per_rank // (batch_size // world))

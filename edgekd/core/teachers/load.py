@@ -25,14 +25,15 @@ def resolve(spec: str, options: TeacherOptions) -> Source:
     return TEACHERS.get(found[0] if found else "model")
 
 
-def check(spec: str, options: TeacherOptions, loss_meta: Optional[Dict[str, Any]] = None) -> Source:
-    """Cheap checks before any data is loaded: the spec resolves, its file exists, fitnet gets a PyTorch model."""
+def check(spec: str, options: TeacherOptions, needs_features: bool = False) -> Source:
+    """Cheap checks before any data is loaded: the spec resolves, its file exists, a loss that ``needs_features``
+    (fitnet) gets a PyTorch model."""
     source = resolve(spec, options)
     source.check(spec, options)
     if options.weights and source.kind not in ("torchvision", "timm", "factory"):
         raise EdgeKDError(f"--teacher-weights loads weights into torchvision:NAME, timm:NAME or MODULE:FUNCTION, "
                           f"not into a {source.kind} teacher ({spec!r})")
-    if loss_meta and loss_meta.get("needs_features") and not source.hookable:
+    if needs_features and not source.hookable:
         raise EdgeKDError(f"loss fitnet needs the teacher's feature maps, but teacher {spec!r} is a black box "
                           f"({source.kind}: logits only); use a PyTorch teacher (an edgekd checkpoint, torchvision:, "
                           "timm:, MODULE:FUNCTION) or a logit loss (kd, dkd, seed, mse)")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ... import EdgeKDError
+from ...base.files import require_regular
 from ...base.registry import Registry
 from ..checkpoint import file_sha256
 from .options import TeacherOptions
@@ -81,8 +82,6 @@ def split_spec(spec: str, prefix: str) -> str:
 def need_file(path: str, what: str) -> None:
     """A teacher's file (or a bundle's folder): a regular file, checked by stat (a FIFO named model.onnx would
     block the loader for ever)."""
-    from ...base.files import require_regular
-
     if not os.path.isdir(path):
         require_regular(path, what)
 
