@@ -8,9 +8,11 @@ teacher would say about the student's batch.
 """
 
 import logging
+from typing import Any, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch.nn import functional as F
+from torch.utils.data import Dataset, DistributedSampler
 
 from .. import EdgeKDError
 from ..base.progress import bar
@@ -124,7 +126,9 @@ class Views:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.plan = plan
-        self._epoch, self._params = None, None  # the (plan views, view) whose crop parameters are held
+        # the (plan views, view) whose crop parameters are held, and those parameters (dy, dx, flip)
+        self._epoch: Optional[Tuple[Any, int]] = None
+        self._params: Tuple[torch.Tensor, ...] = ()
 
     def __len__(self):
         return len(self.targets)
@@ -180,11 +184,7 @@ class Views:
         ceil(N / world) images (padding with repeats, as torch does, so every rank takes the same
         number of steps) and ``batch_size`` is the per-process batch.
         """
-        from torch.utils.data import DistributedSampler
-
-        sampler = DistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, seed=int(seed))
-        sampler.set_epoch(int(epoch))
-        order = torch.tensor(list(sampler), dtype=torch.long)
+        order = torch.tensor(distributed_order(len(self), world, rank, seed, epoch), dtype=torch.long)
         for start in range(0, len(order), batch_size):
             yield self._served(order[start:start + batch_size], epoch, teacher_view)
 
@@ -208,7 +208,16 @@ class Views:
         return -(-per_rank // (batch_size // world))
 
 
-class _Raw:
+def distributed_order(n: int, world: int, rank: int, seed: int, epoch: int) -> List[int]:
+    """This rank's share of one epoch's shuffled indices 0..n-1, as torch's DistributedSampler deals them (it
+    reads only the length of what it samples)."""
+    sampler: DistributedSampler = DistributedSampler(cast(Dataset, range(n)), num_replicas=world, rank=rank,
+                                                     shuffle=True, seed=int(seed))
+    sampler.set_epoch(int(epoch))
+    return list(sampler)
+
+
+class _Raw(Dataset):
     """Wrap a split so items come back as uint8 CHW tensors at the input size (for decoding)."""
 
     def __init__(self, dataset, input_spec):
@@ -254,12 +263,14 @@ def _pil_item(dataset, i):
     raise EdgeKDError(f"cannot read raw images from a {type(dataset).__name__}")
 
 
-def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", progress=True, skip_bad=False):
+def decode_split(dataset: Any, input_spec: Any, indices: Any = None, workers: int = 0,
+                 desc: str = "decode", progress: bool = True, skip_bad: bool = False,
+                 skipped: Optional[List[str]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Decode (a subset of) a split once into a uint8 tensor and a label tensor.
 
     Grey, RGBA and palette images are converted to the data's colour mode and every image is resized
     to the input size. An unreadable image is an error that names the file, or with ``skip_bad``
-    is left out and counted (``decode_split.skipped`` holds the paths of the last call).
+    is left out and counted (its path appended to the list ``skipped`` when one is given).
     """
     n = len(dataset) if indices is None else len(indices)
     nbytes = n * input_spec.channels * input_spec.height * input_spec.width
@@ -267,32 +278,29 @@ def decode_split(dataset, input_spec, indices=None, workers=0, desc="decode", pr
         raise EdgeKDError(f"{n} images of {input_spec.height}x{input_spec.width} need {nbytes / 1e9:.1f} GB decoded; "
                           f"edgekd keeps training images in memory up to {DECODE_LIMIT_BYTES / 1e9:.1f} GB: "
                           "use --train-subset or smaller images")
-    raw = _Raw(dataset, input_spec)
+    raw: Dataset = _Raw(dataset, input_spec)
     if indices is not None:
         raw = torch.utils.data.Subset(raw, [int(i) for i in indices])
-    loader = torch.utils.data.DataLoader(raw, batch_size=256, num_workers=workers if len(raw) > 2000 else 0)
-    images, labels = [], []
-    for x, y in bar(loader, desc=desc, unit="batch", disable=not progress):
-        images.append(x)
-        labels.append(y)
-    if not images:
+    loader: torch.utils.data.DataLoader = torch.utils.data.DataLoader(
+        raw, batch_size=256, num_workers=workers if n > 2000 else 0)
+    batches = list(bar(loader, desc=desc, unit="batch", disable=not progress))
+    if not batches:
         raise EdgeKDError(f"{desc}: the split holds no images")
-    images, labels = torch.cat(images), torch.cat(labels)
+    images, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
     bad = (labels == BAD_IMAGE).nonzero().flatten().tolist()
     order = [int(i) for i in indices] if indices is not None else range(n)
-    decode_split.skipped = [_path_of(dataset, order[i]) for i in bad]
+    paths = [_path_of(dataset, order[i]) for i in bad]
     if bad and not skip_bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise EdgeKDError(f"{bad_reason(dataset, order[bad[0]])}{more} ({desc}); "
                           "remove it, or pass --skip-bad-images to leave unreadable images out")
     if bad:
-        log.warning("%s: skipped %d unreadable images, e.g. %s", desc, len(bad), decode_split.skipped[0])
+        log.warning("%s: skipped %d unreadable images, e.g. %s", desc, len(bad), paths[0])
         keep = labels != BAD_IMAGE
         images, labels = images[keep], labels[keep]
+    if skipped is not None:
+        skipped.extend(paths)
     return images, labels
-
-
-decode_split.skipped = []
 
 
 def bad_reason(dataset, i):

@@ -172,7 +172,7 @@ class SizeChoice:
 
     size: Optional[Tuple[int, int]] = None
     crop_pct: Optional[float] = None
-    pretrained: Optional[Tuple[Tuple[int, int], float, str]] = None   # ((height, width), crop_pct, source), or None
+    pretrained: Optional[Tuple[Tuple[int, ...], float, str]] = None   # ((height, width), crop_pct, source), or None
 
 
 def parse_size(value: Any, flag: str = "--input-size") -> Optional[Tuple[int, int]]:
@@ -211,7 +211,8 @@ def choose_input(channels: int, sizes: Set[Tuple[int, int]], choice: Optional["S
         size, why = (side, side), f"edgekd's default for mixed sizes ({MIXED_DEFAULT_SIZE}"
         why += ")" if side == MIXED_DEFAULT_SIZE else f", lowered to the images' median shorter side {side})"
         if choice.pretrained is not None:
-            size, why = tuple(choice.pretrained[0]), f"the pretrained student's own ({choice.pretrained[2]})"
+            (height, width), why = choice.pretrained[0], f"the pretrained student's own ({choice.pretrained[2]})"
+            size = (int(height), int(width))
         log.warning("%s holds images of %d different sizes: the student's input is %dx%d, %s; set --input-size",
                     where, len(sizes), size[0], size[1], why)
     crop = choice.crop_pct

@@ -152,7 +152,7 @@ def choose_pipeline(cfg: Any, data: Data, kind: str, n: int, teacher: bool) -> s
 
 def prepare_data(cfg: Any, input_spec: Any = None, pretrained: Optional[Tuple[List[float], List[float], str]] = None,
                  unlabeled: Optional[str] = None, teacher: bool = False,
-                 pretrained_view: Optional[Tuple[Tuple[int, int], float, str]] = None) -> Tuple[Data, Any, Any]:
+                 pretrained_view: Optional[Tuple[Tuple[int, ...], float, str]] = None) -> Tuple[Data, Any, Any]:
     """Load the data spec, decode the (subset of the) train split and the test split into memory or serve them
     from the files (choose_pipeline), settle the normalisation (from the train split unless given; a pretrained
     student's own with ``pretrained`` = (mean, std, source) and --norm auto), and build the augmentation plan.
@@ -184,8 +184,9 @@ def _memory_train(cfg: Any, data: Data, subset: Any, input_spec: Any, pretrained
                   unlabeled: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The training images decoded once into a uint8 tensor (with the --unlabeled ones after them)."""
     progress, workers, skip = cfg.progress, cfg.workers, cfg.skip_bad_images
-    train_images, train_labels = decode_split(data.train, data.input, subset, workers, "decode train", progress, skip)
-    data.skipped_images = list(decode_split.skipped)
+    data.skipped_images = []
+    train_images, train_labels = decode_split(data.train, data.input, subset, workers, "decode train", progress, skip,
+                                              skipped=data.skipped_images)
     data.norm_source = _settle_norm(data, cfg, input_spec, train_images, pretrained)
     data.labelled_images, data.unlabeled = len(train_labels), None
     if unlabeled:
@@ -229,8 +230,7 @@ def _test_views(cfg: Any, data: Data) -> Any:
     spec = data.input
     if len(data.test) * spec.channels * spec.height * spec.width <= TEST_MEMORY_BYTES:
         images, labels = decode_split(data.test, spec, None, cfg.workers, "decode test", cfg.progress,
-                                      cfg.skip_bad_images)
-        data.skipped_images = list(data.skipped_images) + list(decode_split.skipped)
+                                      cfg.skip_bad_images, skipped=data.skipped_images)
         return Views(images, labels, spec.mean, spec.std)
     log.info("data: the test split's %d images are streamed from their files", len(data.test))
     return StreamViews.of([(data.test, None, None)], spec, None, workers=cfg.workers, skip_bad=cfg.skip_bad_images,
@@ -242,11 +242,12 @@ def _decode_unlabeled(unlabeled: str, data: Data, subset: Any, workers: int, pro
     """The --unlabeled folder's images at the data's input (uint8), and their record for metrics.json."""
     labelled = split_paths(data.train, subset)
     folder = _unlabeled_folder(unlabeled, data, subset)
-    images, _ = decode_split(folder, data.input, None, workers, "decode unlabeled", progress, skip)
+    unreadable: List[str] = []
+    images, _ = decode_split(folder, data.input, None, workers, "decode unlabeled", progress, skip, skipped=unreadable)
     if not len(images):
         raise EdgeKDError(f"--unlabeled {unlabeled!r}: none of its {folder.found} image files could be read")
     record = {"folder": folder.folder, "files": folder.found, "images": len(images),
-              "skipped": {**folder.skipped, "unreadable": len(decode_split.skipped)},
+              "skipped": {**folder.skipped, "unreadable": len(unreadable)},
               "compared_by_path": labelled is not None}
     log.info("--unlabeled %s: %d images join %d labelled ones", folder.folder, len(images), data.labelled_images)
     return images, record

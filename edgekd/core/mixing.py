@@ -133,9 +133,9 @@ def mix_loaded(mix, view, wanted, x, xt, y, idx):
         return x[:0], None if xt is None else xt[:0], y[:0], idx[:0]
     me = torch.tensor([row[i] for i in keep])
     them = torch.tensor([row.get(int(p), row[i]) for i, p in zip(keep, mix.partners(view, keep).tolist())])
-    keep = torch.tensor(keep, dtype=torch.long)
-    xm = mix.mix(x[me], x[them], view, keep)
-    xtm = None if xt is None else mix.mix(xt[me], xt[them], view, keep)
+    kept = torch.tensor(keep, dtype=torch.long)
+    xm = mix.mix(x[me], x[them], view, kept)
+    xtm = None if xt is None else mix.mix(xt[me], xt[them], view, kept)
     return xm, xtm, y[me], idx[me]
 
 

@@ -17,12 +17,14 @@ import logging
 import math
 import os
 import random
+from dataclasses import replace
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 
 from .. import EdgeKDError
-from .augment import BAD_IMAGE, AugmentPlan, _pil_item, apply_views, bad_reason
-from .data import open_image
+from .augment import BAD_IMAGE, AugmentPlan, _pil_item, apply_views, bad_reason, distributed_order
+from .data import InputSpec, open_image
 from .shards import check_shard_count, deal_shards
 
 log = logging.getLogger(__name__)
@@ -59,11 +61,14 @@ def view_rng(seed, view, index):
 class _Items:
     """(dataset, index, label) triples kept as small parallel lists: the images themselves stay in the files."""
 
-    store = None  # an edgekd.core.image_store.ImageStore: pictures decoded once (--image-store)
+    store: Any = None  # an edgekd.core.image_store.ImageStore: pictures decoded once (--image-store)
 
-    def __init__(self, parts):
-        self._groups = None  # shard groups, found once (shard_groups)
-        self.sources, src, local, labels = [], [], [], []
+    def __init__(self, parts: List[Tuple[Any, Any, Optional[int]]]) -> None:
+        self._groups: Optional[List[List[int]]] = None  # shard groups, found once (shard_groups)
+        self.sources: List[Any] = []
+        src: List[int] = []
+        local: List[int] = []
+        labels: List[int] = []
         for dataset, indices, label in parts:
             k = len(self.sources)
             self.sources.append(dataset)
@@ -108,8 +113,8 @@ class _Items:
         """Item i's original (width, height): the stored copy is smaller, the crop geometry is the original's."""
         if self.store is None:
             return img.size
-        row = self.store.index[int(i)]
-        return int(row["orig_width"]), int(row["orig_height"])
+        row = self.store.row(i)
+        return row.orig_width, row.orig_height
 
     def shard_groups(self):
         """Each shard's item indices (in member order) when every item comes from WebDataset shards, else None."""
@@ -158,10 +163,13 @@ class _Decoder(torch.utils.data.Dataset):
     """Item i of one epoch's view: (student uint8 CHW, teacher uint8 CHW or an empty tensor, label, i, ok).
     A worker process gets a copy; the epoch and the pad-crop parameters are set before the workers start."""
 
-    def __init__(self, items, spec, plan, teacher_size, scale, draft=True):
-        self.items, self.spec, self.plan, self.teacher_size = items, spec, plan, teacher_size
+    def __init__(self, items: "_Items", spec: InputSpec, plan: Optional[AugmentPlan],
+                 teacher_size: Optional[Tuple[int, int]], scale: Tuple[float, float], draft: bool = True) -> None:
+        self.items, self.input, self.plan, self.teacher_size = items, spec, plan, teacher_size
+        self.spec = spec.manifest()  # what the bundle runner's preprocessing reads
         self.scale, self.draft = scale, draft
-        self.epoch, self.pad_params = None, None
+        self.epoch: Optional[int] = None
+        self.pad_params: Any = None
 
     def __len__(self):
         return len(self.items)
@@ -175,8 +183,8 @@ class _Decoder(torch.utils.data.Dataset):
             student = torch.zeros(c, h, w, dtype=torch.uint8)
             return student, _empty(None, student), BAD_IMAGE, i, False
 
-    def _shape(self):
-        return (1 if self.spec["color"] == "L" else 3, *self.spec["resize"])
+    def _shape(self) -> Tuple[int, int, int]:
+        return self.input.channels, self.input.height, self.input.width
 
     def _views(self, i):
         img, lazy = self.items.open(i)
@@ -186,37 +194,39 @@ class _Decoder(torch.utils.data.Dataset):
             if lazy:  # a file this call opened (never an in-memory image of the dataset itself)
                 img.close()
 
-    def _decode(self, img, lazy, i):
+    def _decode(self, img: Any, lazy: bool, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
 
-        kind = self.plan.kind if (self.plan is not None and self.epoch is not None) else "none"
-        if kind != "random-resized-crop":
+        plan, epoch = self.plan, self.epoch
+        if plan is None or epoch is None or plan.kind != "random-resized-crop":
             student = _pixels(_eval_geometry(img, self.spec, lazy=lazy))
             teacher = None
             if self.teacher_size:
-                teacher = _pixels(_eval_geometry(img, {**self.spec, "resize": list(self.teacher_size)}, lazy=lazy))
-            if kind == "standard":
+                height, width = self.teacher_size
+                teacher = _pixels(_eval_geometry(img, replace(self.input, height=height, width=width).manifest(),
+                                                 lazy=lazy))
+            if plan is not None and epoch is not None and plan.kind == "standard":
                 dy, dx, flip = (p[i:i + 1] for p in self.pad_params)
-                student = apply_views(student[None], dy, dx, flip, self.plan.pad)[0]
+                student = apply_views(student[None], dy, dx, flip, plan.pad)[0]
                 teacher = None  # pad-crop is for images of the student's size: the teacher resizes that view
             return student, _empty(teacher, student)
-        rng = view_rng(self.plan.seed, self.plan.view_of(self.epoch), i)
+        rng = view_rng(plan.seed, plan.view_of(epoch), i)
         width, height = self.items.source_size(i, img)
         left, top, bw, bh = rrc_box(rng, width, height, self.scale)
         flip = rng.random() < 0.5
-        outs = [tuple(self.spec["resize"])] + ([tuple(self.teacher_size)] if self.teacher_size else [])
+        outs = [self.input.size] + ([tuple(self.teacher_size)] if self.teacher_size else [])
         if lazy and self.draft:  # decode at 1/2, 1/4, 1/8 while the box still covers the largest output
             need_w = max(o[1] for o in outs) * width / bw
             need_h = max(o[0] for o in outs) * height / bh
-            img.draft(self.spec["color"], (math.ceil(need_w), math.ceil(need_h)))
+            img.draft(self.input.color, (math.ceil(need_w), math.ceil(need_h)))
         sx, sy = img.size[0] / width, img.size[1] / height
         box = (left * sx, top * sy, (left + bw) * sx, (top + bh) * sy)
-        img = img.convert(self.spec["color"])
+        img = img.convert(self.input.color)
         views = []
         for oh, ow in outs:
-            view = img.resize((ow, oh), Image.BILINEAR, box=box)
+            view = img.resize((ow, oh), Image.Resampling.BILINEAR, box=box)
             if flip:
-                view = view.transpose(Image.FLIP_LEFT_RIGHT)
+                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             views.append(_pixels(view))
         return views[0], _empty(views[1] if len(views) > 1 else None, views[0])
 
@@ -241,7 +251,10 @@ def _pixels(img):
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _collate(batch):
+_Batch = Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _collate(batch: List[Tuple[Any, ...]]) -> _Batch:
     student = torch.stack([b[0] for b in batch])
     shaped = next((b[1] for b in batch if b[1].numel()), None)  # an unreadable item has no teacher view
     teacher = None if shaped is None else torch.stack([b[1] if b[1].numel() else torch.zeros_like(shaped)
@@ -296,11 +309,11 @@ class StreamViews:
         h.update(self.targets.numpy().tobytes())
         h.update(json.dumps([self.input.manifest(), self.scale, self.teacher_size]).encode())
         if self.items.store is not None:  # pixels resampled from the stored copy are not the files' own
-            h.update(json.dumps({"image_store": self.items.store.meta["key"]}).encode())
+            h.update(json.dumps({"image_store": self.items.store.meta.key}).encode())
         return h.hexdigest()
 
     def _decoder(self, epoch, teacher_view):
-        decoder = _Decoder(self.items, self.input.manifest(), self.plan, self.teacher_size if teacher_view else None,
+        decoder = _Decoder(self.items, self.input, self.plan, self.teacher_size if teacher_view else None,
                            (self.scale, 1.0))
         decoder.epoch = epoch
         if epoch is not None and self.plan is not None and self.plan.kind == "standard":
@@ -310,7 +323,8 @@ class StreamViews:
     def _normalise(self, x):
         return (x.float().div_(255.0) - self.mean) / self.std
 
-    def _finish(self, student, teacher, labels, idx, ok, teacher_view):
+    def _finish(self, batch: "_Batch", teacher_view: bool) -> Tuple[Any, ...]:
+        student, teacher, labels, idx, ok = batch
         if not ok.all():
             bad = [self.items.name(int(i)) for i in idx[~ok]]
             if not self.skip_bad:
@@ -330,8 +344,7 @@ class StreamViews:
     def batch(self, idx, epoch=None, teacher_view=False):
         """Images ``idx`` as seen in ``epoch``, decoded here (no workers): (x, y), or (x, x_teacher, y)."""
         decoder = self._decoder(epoch, teacher_view)
-        out = self._finish(*_collate([decoder[int(i)] for i in torch.as_tensor(idx).flatten()]),
-                           teacher_view=teacher_view)
+        out = self._finish(_collate([decoder[int(i)] for i in torch.as_tensor(idx).flatten()]), teacher_view)
         return out[:-1]
 
     def _run(self, index_batches, epoch, teacher_view):
@@ -351,13 +364,13 @@ class StreamViews:
         mix = None if self.plan is None or epoch is None else self.plan.mix
         if mix is None:
             for out in loader:
-                yield self._finish(*out, teacher_view=teacher_view)
+                yield self._finish(out, teacher_view)
             return
         from .mixing import mix_loaded
 
         view = self.plan.view_of(epoch)
         for wanted, out in zip(wanted_batches, loader):  # the loader keeps the batches' order
-            x, xt, y, idx = self._finish(*out, teacher_view=True)
+            x, xt, y, idx = self._finish(out, True)
             x, xt, y, idx = mix_loaded(mix, view, wanted, x, xt, y, idx)
             yield (x, xt, y, idx) if teacher_view else (x, y, idx)
 
@@ -379,11 +392,7 @@ class StreamViews:
         if groups is not None:
             order = deal_shards(groups, world, epoch, seed)[rank]
         else:
-            from torch.utils.data import DistributedSampler
-
-            sampler = DistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, seed=int(seed))
-            sampler.set_epoch(int(epoch))
-            order = list(sampler)
+            order = distributed_order(len(self), world, rank, seed, epoch)
         yield from self._run([order[s:s + batch_size] for s in range(0, len(order), batch_size)], epoch, teacher_view)
 
     def steps_per_epoch(self, batch_size, world=1):

@@ -9,7 +9,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ def evaluate(model: torch.nn.Module, views: Any, device: str = "cpu", batch_size
     for x, y, _ in views.batches(batch_size, shard=shard):
         correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     model.train(was_training)
-    if shard is not None:
+    if shard is not None and dist is not None:
         correct = dist.all_reduce_sum(torch.tensor([correct], dtype=torch.float64)).item()
     return correct / max(len(views), 1)
 
@@ -176,10 +176,9 @@ class _StopOnSigint:
             self._previous = None
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 @dataclass
@@ -192,7 +191,7 @@ class RngState:
 
     @classmethod
     def now(cls) -> "RngState":
-        np_state = np.random.get_state()
+        np_state = cast(Tuple[Any, ...], np.random.get_state())  # the legacy tuple (MT19937)
         return cls(torch.get_rng_state(), random.getstate(),
                    [np_state[0], torch.from_numpy(np_state[1].astype("int64")), *np_state[2:]])
 
