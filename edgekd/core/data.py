@@ -84,6 +84,13 @@ class InputSpec:
         check_geometry(spec.height, spec.width, spec.crop_pct, "the checkpoint's input crop_pct")
         return replace(spec, mean=list(spec.mean), std=list(spec.std))
 
+    @classmethod
+    def from_manifest(cls, d: Dict[str, Any]) -> "InputSpec":
+        """The spec of the bundle runner's preprocessing spec (``manifest``): its colour gives the channels."""
+        values: List[Any] = [d.get(k) for k in ("color", "resize", "mean", "std", "crop_pct")]
+        color, (height, width), mean, std, crop_pct = values
+        return cls(1 if color == "L" else 3, int(height), int(width), list(mean), list(std), crop_pct)
+
     def manifest(self) -> Dict[str, Any]:
         """The runner's view of this spec (bundle/runner.preprocess reads color, resize, crop_pct, mean, std)."""
         d: Dict[str, Any] = {"color": self.color, "resize": [self.height, self.width], "mean": list(self.mean),

@@ -18,7 +18,7 @@ import math
 import os
 import random
 from dataclasses import replace
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -163,10 +163,11 @@ class _Decoder(torch.utils.data.Dataset):
     """Item i of one epoch's view: (student uint8 CHW, teacher uint8 CHW or an empty tensor, label, i, ok).
     A worker process gets a copy; the epoch and the pad-crop parameters are set before the workers start."""
 
-    def __init__(self, items: "_Items", spec: InputSpec, plan: Optional[AugmentPlan],
+    def __init__(self, items: "_Items", spec: Dict[str, Any], plan: Optional[AugmentPlan],
                  teacher_size: Optional[Tuple[int, int]], scale: Tuple[float, float], draft: bool = True) -> None:
-        self.items, self.input, self.plan, self.teacher_size = items, spec, plan, teacher_size
-        self.spec = spec.manifest()  # what the bundle runner's preprocessing reads
+        # ``spec``: the bundle runner's preprocessing spec (InputSpec.manifest), what its preprocessing reads
+        self.items, self.spec, self.plan, self.teacher_size = items, spec, plan, teacher_size
+        self.input = InputSpec.from_manifest(spec)
         self.scale, self.draft = scale, draft
         self.epoch: Optional[int] = None
         self.pad_params: Any = None
@@ -313,7 +314,7 @@ class StreamViews:
         return h.hexdigest()
 
     def _decoder(self, epoch, teacher_view):
-        decoder = _Decoder(self.items, self.input, self.plan, self.teacher_size if teacher_view else None,
+        decoder = _Decoder(self.items, self.input.manifest(), self.plan, self.teacher_size if teacher_view else None,
                            (self.scale, 1.0))
         decoder.epoch = epoch
         if epoch is not None and self.plan is not None and self.plan.kind == "standard":
