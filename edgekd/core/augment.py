@@ -8,7 +8,7 @@ teacher would say about the student's batch.
 """
 
 import logging
-from typing import Any, List, Optional, Sequence, Tuple, cast
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch.nn import functional as F
@@ -91,14 +91,15 @@ class AugmentPlan:
         flip = torch.randint(0, 2, (self.size,), generator=g)
         return dy, dx, flip
 
-    def describe(self):
-        d = {"augment": self.kind, "pad": self.pad, "seed": self.seed, "images": self.size}
+    def describe(self) -> Dict[str, Any]:
+        """The plan as the teacher cache's key and metrics.json record it."""
+        d: Dict[str, Any] = {"augment": self.kind, "pad": self.pad, "seed": self.seed, "images": self.size}
         if self.kind == "random-resized-crop":
             d.update(pad=0, scale=[self.scale, 1.0], ratio=[3 / 4, 4 / 3], flip=0.5)
         if self.views:  # only when set, so caches made before --teacher-views keep their key
-            d["views"] = self.views
+            d.update(views=self.views)
         if self.mix is not None:  # likewise: a cache of unmixed views is never served for mixed ones
-            d["mix"] = self.mix.describe()
+            d.update(mix=self.mix.describe())
         return d
 
 

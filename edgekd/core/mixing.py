@@ -165,6 +165,4 @@ def mixed_loss(loss_fn, mix, view, size, s_logits, t_logits, y, idx, **extra):
         task = (lam[both] * ce_a + (1 - lam[both]) * ce_b).mean()
     else:
         task = s_logits.sum() * 0.0
-    parts["loss"] = parts["loss"] + task_weight(loss_fn) * task
-    parts["task_loss"] = task
-    return parts
+    return {**parts, "loss": parts["loss"] + task_weight(loss_fn) * task, "task_loss": task}

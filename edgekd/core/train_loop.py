@@ -452,7 +452,7 @@ def _epoch_record(loop: _Loop, run: TrainRun, cfg: Any, desc: str, epoch: int, t
     t_seconds = run.teacher.take_seconds() if timed_teacher else None  # 0 when its logits come from the cache
     record = EpochRecord(
         epoch, {k: v / seen for k, v in total.sums.items()}, total.correct / labelled, top1,
-        loop.optimizer.param_groups[0]["lr"], total.seen / seconds, seconds,
+        loop.scheduler.get_last_lr()[0], total.seen / seconds, seconds,
         teacher_train_top1=total.t_correct / labelled if run.teacher is not None or run.cache is not None else None,
         teacher_seconds=t_seconds,
         teacher_share=t_seconds / seconds if t_seconds is not None and seconds > 0 else None)

@@ -94,9 +94,9 @@ def apply_shape(lo: Loaded, dims: Optional[List[Any]], where: str) -> None:
     dims = [d if isinstance(d, int) and d > 0 else None for d in (dims or [])]
     if len(dims) == 4:
         if dims[1] in (1, 3):
-            lo.channels, lo.found["channels"] = dims[1], where
+            lo.settle(where, channels=dims[1])
         if dims[2] and dims[3]:
-            lo.size, lo.found["size"] = (dims[2], dims[3]), where
+            lo.settle(where, size=(dims[2], dims[3]))
 
 
 def first_conv_channels(module: nn.Module) -> Optional[int]:
