@@ -8,7 +8,7 @@ teacher would say about the student's batch.
 """
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import torch
 from torch.nn import functional as F

@@ -1,7 +1,7 @@
 """What ``edgekd train`` and ``edgekd distill`` record: one epoch's figures (``EpochRecord``) and a run's
 metrics.json (``RunMetrics``, DESIGN.md "Machine-readable outputs"), written as JSON at the edge (``to_json``)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from .records import field_names, record_dict, record_from

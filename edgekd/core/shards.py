@@ -23,7 +23,7 @@ import random
 import tarfile
 from collections import Counter
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from .. import EdgeKDError
 from ..base.bounds import MAX_CLASSES as _BOUND, check_classes

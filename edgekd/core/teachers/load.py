@@ -1,7 +1,7 @@
 """Loading a teacher: resolve the spec to its source, load, settle the view, check the outputs, match the classes."""
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 

@@ -9,7 +9,6 @@ from typing import Any, Callable, List, Optional, Tuple, Type
 import torch
 from torch import nn
 
-from ... import EdgeKDError
 from ...base.files import require_regular
 from ...base.registry import Registry
 from ..checkpoint import file_sha256
