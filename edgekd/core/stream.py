@@ -18,13 +18,14 @@ import math
 import os
 import random
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 
 from .. import EdgeKDError
 from .augment import BAD_IMAGE, AugmentPlan, _pil_item, apply_views, bad_reason, distributed_order
 from .data import InputSpec, open_image
+from .mixing import mix_loaded, with_partners
 from .shards import check_shard_count, deal_shards
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's RandomResizedCrop aspect range
 
 
-def rrc_box(rng, width, height, scale, ratio=RATIO):
+def rrc_box(rng: random.Random, width: int, height: int, scale: Tuple[float, float],
+            ratio: Tuple[float, float] = RATIO) -> Tuple[int, int, int, int]:
     """torchvision's ``RandomResizedCrop.get_params`` with a ``random.Random``: (left, top, w, h)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -53,7 +55,7 @@ def rrc_box(rng, width, height, scale, ratio=RATIO):
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def view_rng(seed, view, index):
+def view_rng(seed: int, view: int, index: int) -> random.Random:
     """The generator of image ``index``'s view ``view``: the same in every process (a str seed hashes stably)."""
     return random.Random(f"edgekd-view/{int(seed)}/{int(view)}/{int(index)}")
 
@@ -80,25 +82,25 @@ class _Items:
         self.src, self.local = torch.tensor(src, dtype=torch.int16), torch.tensor(local, dtype=torch.int64)
         self.targets = torch.tensor(labels, dtype=torch.long)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.targets)
 
-    def path(self, i):
+    def path(self, i: int) -> Optional[str]:
         dataset = self.sources[int(self.src[i])]
         samples = getattr(dataset, "samples", None)
         return samples[int(self.local[i])][0] if samples is not None else None
 
-    def name(self, i):
+    def name(self, i: int) -> str:
         """What an error calls item i: its file, its shard member (shard.tar:KEY.ext), or its number."""
         dataset = self.sources[int(self.src[i])]
         if hasattr(dataset, "item_name"):
             return dataset.item_name(int(self.local[i]))
         return self.path(i) or f"item {int(i)}"
 
-    def reason(self, i):
+    def reason(self, i: int) -> str:
         return bad_reason(self.sources[int(self.src[i])], int(self.local[i]))
 
-    def fingerprint(self, i):
+    def fingerprint(self, i: int) -> str:
         """What item i's pixels depend on: its file (path, size, mtime), its shard member, or its place."""
         dataset = self.sources[int(self.src[i])]
         if hasattr(dataset, "item_fingerprint"):
@@ -109,14 +111,14 @@ class _Items:
             return f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
         return f"{int(self.src[i])}:{int(self.local[i])}"
 
-    def source_size(self, i, img):
+    def source_size(self, i: int, img: Any) -> Tuple[int, int]:
         """Item i's original (width, height): the stored copy is smaller, the crop geometry is the original's."""
         if self.store is None:
             return img.size
         row = self.store.row(i)
         return row.orig_width, row.orig_height
 
-    def shard_groups(self):
+    def shard_groups(self) -> Optional[List[List[int]]]:
         """Each shard's item indices (in member order) when every item comes from WebDataset shards, else None."""
         if self._groups is None:
             import numpy as np
@@ -135,7 +137,7 @@ class _Items:
                 self._groups = [g.tolist() for g in np.split(order, cuts)] if len(order) else []
         return self._groups or None
 
-    def open(self, i):
+    def open(self, i: int) -> Tuple[Any, bool]:
         """A PIL image, lazily decoded when it comes from a file (its header read, its pixels not yet)."""
 
         if self.store is not None:  # the stored pixels; the crop's box is drawn on the original size
@@ -153,7 +155,7 @@ class _Items:
         return img, False
 
 
-def _targets(dataset):
+def _targets(dataset: Any) -> List[int]:
     if hasattr(dataset, "targets"):
         return [int(t) for t in dataset.targets]
     return [int(label) for _, label in dataset.samples]
@@ -172,10 +174,10 @@ class _Decoder(torch.utils.data.Dataset):
         self.epoch: Optional[int] = None
         self.pad_params: Any = None
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, int, int, bool]:
         c, h, w = self._shape()
         try:
             student, teacher = self._views(i)
@@ -187,7 +189,7 @@ class _Decoder(torch.utils.data.Dataset):
     def _shape(self) -> Tuple[int, int, int]:
         return self.input.channels, self.input.height, self.input.width
 
-    def _views(self, i):
+    def _views(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         img, lazy = self.items.open(i)
         try:
             return self._decode(img, lazy, i)
@@ -232,11 +234,11 @@ class _Decoder(torch.utils.data.Dataset):
         return views[0], _empty(views[1] if len(views) > 1 else None, views[0])
 
 
-def _empty(teacher, student):
+def _empty(teacher: Optional[torch.Tensor], student: torch.Tensor) -> torch.Tensor:
     return teacher if teacher is not None else student.new_zeros((0,))
 
 
-def _eval_geometry(img, spec, lazy=False):
+def _eval_geometry(img: Any, spec: Dict[str, Any], lazy: bool = False) -> Any:
     from ..bundle.runner import preprocess_pixels
 
     if lazy:
@@ -244,7 +246,7 @@ def _eval_geometry(img, spec, lazy=False):
     return preprocess_pixels(img, spec)
 
 
-def _pixels(img):
+def _pixels(img: Any) -> torch.Tensor:
     import numpy as np
 
     a = np.array(img, dtype=np.uint8)  # writable: torch shares it
@@ -269,29 +271,31 @@ def _collate(batch: List[Tuple[Any, ...]]) -> _Batch:
 class StreamViews:
     """A split served from its files, batch by batch: the same interface as edgekd.augment.Views."""
 
-    def __init__(self, items, spec, plan=None, workers=0, skip_bad=False, scale=0.08, desc="train"):
+    def __init__(self, items: _Items, spec: InputSpec, plan: Optional[AugmentPlan] = None, workers: int = 0,
+                 skip_bad: bool = False, scale: float = 0.08, desc: str = "train") -> None:
         self.items, self.input, self.plan, self.workers = items, spec, plan, int(workers)
         self.targets = items.targets
         self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
         self.skip_bad, self.scale, self.desc = skip_bad, float(scale), desc
-        self.teacher_size = None
-        self.skipped = set()  # unreadable files met so far (left out with --skip-bad-images)
+        self.teacher_size: Optional[Tuple[int, int]] = None
+        self.skipped: Set[str] = set()  # unreadable files met so far (left out with --skip-bad-images)
 
     @classmethod
-    def of(cls, parts, spec, plan=None, **kw):
+    def of(cls, parts: List[Tuple[Any, Any, Optional[int]]], spec: InputSpec, plan: Optional[AugmentPlan] = None,
+           **kw: Any) -> "StreamViews":
         """Views over ``parts``: (dataset, indices or None, label or None for the dataset's own) triples."""
         return cls(_Items(parts), spec, plan, **kw)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.targets)
 
-    def set_teacher_size(self, size):
+    def set_teacher_size(self, size: Optional[Tuple[int, int]]) -> None:
         """Also decode each view at the teacher's (height, width) from the same box of the original picture."""
         size = None if size is None else (int(size[0]), int(size[1]))
         self.teacher_size = None if size == (self.input.height, self.input.width) else size
 
-    def labelled(self):
+    def labelled(self) -> "StreamViews":
         keep = (self.targets >= 0).nonzero().flatten()
         if len(keep) == len(self):
             return self
@@ -302,7 +306,7 @@ class StreamViews:
                                                          scale=self.plan.scale)
         return StreamViews(items, self.input, plan, self.workers, self.skip_bad, self.scale, self.desc)
 
-    def fingerprint(self):
+    def fingerprint(self) -> str:
         """What the teacher cache is valid for: the files (path, size, mtime) or items, labels, geometry."""
         h = hashlib.sha256()
         for i in range(len(self)):
@@ -313,7 +317,7 @@ class StreamViews:
             h.update(json.dumps({"image_store": self.items.store.meta.key}).encode())
         return h.hexdigest()
 
-    def _decoder(self, epoch, teacher_view):
+    def _decoder(self, epoch: Optional[int], teacher_view: bool) -> _Decoder:
         decoder = _Decoder(self.items, self.input.manifest(), self.plan, self.teacher_size if teacher_view else None,
                            (self.scale, 1.0))
         decoder.epoch = epoch
@@ -321,7 +325,7 @@ class StreamViews:
             decoder.pad_params = self.plan.params(epoch)
         return decoder
 
-    def _normalise(self, x):
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float().div_(255.0) - self.mean) / self.std
 
     def _finish(self, batch: "_Batch", teacher_view: bool) -> Tuple[Any, ...]:
@@ -342,19 +346,18 @@ class StreamViews:
             return x, None if teacher is None else self._normalise(teacher), labels, idx
         return x, labels, idx
 
-    def batch(self, idx, epoch=None, teacher_view=False):
+    def batch(self, idx: Any, epoch: Optional[int] = None, teacher_view: bool = False) -> Tuple[Any, ...]:
         """Images ``idx`` as seen in ``epoch``, decoded here (no workers): (x, y), or (x, x_teacher, y)."""
         decoder = self._decoder(epoch, teacher_view)
         out = self._finish(_collate([decoder[int(i)] for i in torch.as_tensor(idx).flatten()]), teacher_view)
         return out[:-1]
 
-    def _run(self, index_batches, epoch, teacher_view):
-        mix = None if self.plan is None or epoch is None else self.plan.mix
+    def _run(self, index_batches: List[List[int]], epoch: Optional[int],
+             teacher_view: bool) -> Iterator[Tuple[Any, ...]]:
+        mixing = None if self.plan is None else self.plan.mix_view(epoch)
         wanted_batches = index_batches
-        if mix is not None:  # each batch also loads its pictures' partners (edgekd.core.mixing)
-            from .mixing import with_partners
-
-            view = self.plan.view_of(epoch)
+        if mixing is not None:  # each batch also loads its pictures' partners (edgekd.core.mixing)
+            mix, view = mixing
             index_batches = [with_partners(mix, view, b).tolist() for b in index_batches]
         decoder = self._decoder(epoch, teacher_view)
         workers = self.workers if len(index_batches) > 1 else 0
@@ -362,20 +365,18 @@ class StreamViews:
                                              collate_fn=_collate, prefetch_factor=4 if workers else None,
                                              persistent_workers=False,
                                              multiprocessing_context=_worker_context() if workers else None)
-        mix = None if self.plan is None or epoch is None else self.plan.mix
-        if mix is None:
+        if mixing is None:
             for out in loader:
                 yield self._finish(out, teacher_view)
             return
-        from .mixing import mix_loaded
-
-        view = self.plan.view_of(epoch)
+        mix, view = mixing
         for wanted, out in zip(wanted_batches, loader):  # the loader keeps the batches' order
             x, xt, y, idx = self._finish(out, True)
             x, xt, y, idx = mix_loaded(mix, view, wanted, x, xt, y, idx)
             yield (x, xt, y, idx) if teacher_view else (x, y, idx)
 
-    def batches(self, batch_size, epoch=None, shuffle_seed=None, shard=None, teacher_view=False):
+    def batches(self, batch_size: int, epoch: Optional[int] = None, shuffle_seed: Optional[int] = None,
+                shard: Optional[Tuple[int, int]] = None, teacher_view: bool = False) -> Iterator[Tuple[Any, ...]]:
         """Yield (x, y, idx), or (x, x_teacher or None, y, idx) with ``teacher_view``; as Views.batches."""
         n = len(self)
         order = torch.arange(n) if shuffle_seed is None else torch.randperm(
@@ -385,7 +386,8 @@ class StreamViews:
         yield from self._run([order[s:s + batch_size].tolist() for s in range(0, len(order), batch_size)], epoch,
                              teacher_view)
 
-    def distributed_batches(self, batch_size, epoch, seed, rank, world, teacher_view=False):
+    def distributed_batches(self, batch_size: int, epoch: int, seed: int, rank: int, world: int,
+                            teacher_view: bool = False) -> Iterator[Tuple[Any, ...]]:
         """This rank's batches of one epoch under torchrun. Views of WebDataset shards: whole shards dealt to
         ranks (edgekd.core.shards.deal_shards); otherwise a DistributedSampler's share. Either way every rank
         takes ceil(N / world) items, so all take the same number of steps."""
@@ -396,7 +398,7 @@ class StreamViews:
             order = distributed_order(len(self), world, rank, seed, epoch)
         yield from self._run([order[s:s + batch_size] for s in range(0, len(order), batch_size)], epoch, teacher_view)
 
-    def steps_per_epoch(self, batch_size, world=1):
+    def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
         groups = self.items.shard_groups() if world > 1 else None
         if groups is not None:  # refused before the first step, on every rank alike
             check_shard_count(len(groups), world)
@@ -404,7 +406,7 @@ class StreamViews:
         return -(-per_rank // (batch_size // world))
 
 
-def _worker_context():
+def _worker_context() -> Any:
     """Decoding workers start from a fork server, not as forks of this process: thread pools that live here
     (ONNX Runtime or OpenVINO teachers, OpenMP) do not survive a fork, and a forked worker can crash or hang.
     The server imports this module once, so each worker still starts in a fraction of a second."""

@@ -153,8 +153,8 @@ def _step(net: Any, run: TrainRun, x: torch.Tensor, y: torch.Tensor, idx: Any, e
         extra.update(features=(run.taps[0].output, run.taps[1].output.float().clone()))  # float: a bf16 teacher's too
     if run.mix is not None:  # function matching: the teacher's answer for the mixed picture, mixed labels
         view = run.train.plan.view_of(epoch)
-        return s_logits, t_logits, mixed_loss(run.loss_fn, run.mix, view, tuple(x.shape[-2:]), s_logits, t_logits,
-                                              y, idx, **extra)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        return s_logits, t_logits, mixed_loss(run.loss_fn, run.mix, view, size, s_logits, t_logits, y, idx, **extra)
     return s_logits, t_logits, run.loss_fn(s_logits, t_logits, y, **extra)
 
 
