@@ -39,19 +39,19 @@ class EpochRecord:
         return record_from(cls, d, terms={k: float(v) for k, v in d.items() if k not in names})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunMetrics:
-    """A run's metrics.json. The teacher trained by distill writes the first group (and ``source``); train adds
-    the run's records, distill also the loss, the teacher and how its logits were served."""
+    """A run's metrics.json (its keys in this order). The teacher trained by distill writes the first group (and
+    ``source``); train adds the run's records, distill also the loss, the teacher and how its logits were served."""
 
     model: str
     epochs: int
+    test_top1: Optional[float] = None            # the last epoch's, or after the batch-norm re-estimation
+    best_top1: Optional[float] = None
     history: List[EpochRecord]
     params: int
     flops: Optional[int]
     data: str
-    test_top1: Optional[float] = None            # the last epoch's, or after the batch-norm re-estimation
-    best_top1: Optional[float] = None
     batchnorm: Optional[JSON] = None             # edgekd.core.batchnorm's report (models with batch norm)
     source: Optional[str] = None                 # "trained": a teacher trained by distill
     loss: Optional[str] = None                   # distill only, from here on
@@ -63,9 +63,9 @@ class RunMetrics:
     def of(cls, spec: str, epochs: int, history: List[EpochRecord], params: int, flops: Optional[int],
            data: str) -> "RunMetrics":
         """The summary of a finished ``history``: the last and the best test top-1."""
-        return cls(spec, epochs, history, params, flops, data,
-                   test_top1=history[-1].test_top1 if history else None,
-                   best_top1=max((h.test_top1 for h in history), default=None))
+        return cls(model=spec, epochs=epochs, test_top1=history[-1].test_top1 if history else None,
+                   best_top1=max((h.test_top1 for h in history), default=None), history=history, params=params,
+                   flops=flops, data=data)
 
     def to_json(self) -> JSON:
         """metrics.json's dict (JSON types only; paths are made relative by the writer)."""
@@ -89,5 +89,10 @@ class RunRecords:
     teacher_memo: Optional[JSON] = None    # distill: the live teacher's memo, or None
 
     def to_json(self, distill: bool) -> JSON:
-        omit = frozenset() if distill else frozenset({"teacher_cache", "teacher_memo"})
-        return record_dict(self, omit_none=omit)
+        """The run's part of metrics.json: distill records its teacher's cache and memo, then the CPU and the job;
+        train the job, then the CPU."""
+        d = record_dict(self)
+        cpu, job, cache, memo = (d.pop(k) for k in ("cpu", "distributed", "teacher_cache", "teacher_memo"))
+        if distill:
+            return {**d, "teacher_cache": cache, "teacher_memo": memo, "cpu": cpu, "distributed": job}
+        return {**d, "distributed": job, "cpu": cpu}

@@ -26,7 +26,9 @@ class ClassMatch:
     teacher_names: Optional[List[str]] = None
 
     def to_json(self) -> Dict[str, Any]:
-        return record_dict(self, omit_none=frozenset({"names_from", "file", "index", "teacher_names"}))
+        """The record, its provenance (names_from or file) before the outputs as teacher records show it."""
+        d = record_dict(self, omit_none=frozenset({"names_from", "file", "index", "teacher_names"}))
+        return {"matched": d.pop("matched"), **{k: d.pop(k) for k in ("names_from", "file") if k in d}, **d}
 
 
 def read_classes_file(path: str) -> Tuple[str, List[Any]]:
