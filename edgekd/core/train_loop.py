@@ -254,20 +254,20 @@ def _resume_error(path: str, e: BaseException) -> EdgeKDError:
     return EdgeKDError(f"cannot resume from {path!r}: {reason}; start again with --force")
 
 
-def read_state(path: str) -> TrainState:
-    """The training state file at ``path``, read without running pickled code (EdgeKDError when unusable)."""
+def read_state(path: str) -> Any:
+    """The training state file at ``path`` as loaded, without running pickled code (EdgeKDError when refused);
+    ``apply_state`` reads it into a TrainState on every rank."""
     try:
-        return TrainState.from_dict(torch_file(path, "training state"))
+        return torch_file(path, "training state")
     except Refused as e:
         raise _resume_error(path, e.__cause__ or e) from e.__cause__
-    except (KeyError, TypeError) as e:
-        raise _resume_error(path, e) from e
 
 
-def apply_state(state: TrainState, path: str, model: torch.nn.Module, run: TrainRun, optimizer: torch.optim.Optimizer,
+def apply_state(loaded: Any, path: str, model: torch.nn.Module, run: TrainRun, optimizer: torch.optim.Optimizer,
                 scheduler: Any, scaler: Any = None) -> Tuple[int, List[EpochRecord]]:
-    """Restore a training state; returns (epochs done, history)."""
+    """Restore a training state (``read_state``'s); returns (epochs done, history)."""
     try:
+        state = TrainState.from_dict(loaded)
         model.load_state_dict(state.model)
         run.loss_fn.load_state_dict(state.loss_fn)
         optimizer.load_state_dict(state.optimizer)
