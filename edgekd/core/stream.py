@@ -23,6 +23,8 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 import torch
 
 from .. import EdgeKDError
+from ..bundle.manifest import ModelInput
+from ..bundle.preprocessing import preprocess_pixels
 from .augment import BAD_IMAGE, AugmentPlan, _pil_item, apply_views, bad_reason, distributed_order
 from .data import InputSpec, open_image
 from .mixing import mix_loaded, with_partners
@@ -239,11 +241,9 @@ def _empty(teacher: Optional[torch.Tensor], student: torch.Tensor) -> torch.Tens
 
 
 def _eval_geometry(img: Any, spec: Dict[str, Any], lazy: bool = False) -> Any:
-    from ..bundle.runner import preprocess_pixels
-
     if lazy:
         img.load()
-    return preprocess_pixels(img, spec)
+    return preprocess_pixels(img, ModelInput.from_json(spec))
 
 
 def _pixels(img: Any) -> torch.Tensor:
