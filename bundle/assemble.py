@@ -13,7 +13,7 @@ import textwrap
 from typing import Dict, List, Set, Tuple
 
 # The modules the runner carries, each after the ones it imports.
-RUNNER_MODULES = ("environment", "checks", "manifest", "preprocessing", "sessions", "device")
+RUNNER_MODULES = ("environment", "checks", "manifest", "preprocessing", "sessions", "rows", "device")
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNNER_PATH = os.path.join(HERE, "runner.py")
 
