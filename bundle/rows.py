@@ -52,7 +52,7 @@ class Record:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         values = {k: _parse(hints[k], v, k) for k, v in data.items() if k in names and k != "extra"}
         if "extra" in names:
-            values["extra"] = {k: v for k, v in data.items() if k not in names}
+            values.update(extra={k: v for k, v in data.items() if k not in names})
         try:
             return cls(**values)
         except TypeError as e:  # a required field is missing
@@ -76,9 +76,9 @@ def _is_record(tp: Any) -> bool:
 
 def _parse(tp: Any, value: Any, name: str) -> Any:
     """A JSON value as the field's type wants it: records (also in lists and dict values) parsed, others as they are."""
-    if value is None:
-        return None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if value is None:  # a record, list or mapping field that JSON leaves null: that, with nothing recorded
+        return tp.from_json({}) if _is_record(tp) else origin() if origin in (list, dict) else None
     if origin is typing.Union:  # Optional[X]
         inner = [a for a in args if a is not type(None)]
         return _parse(inner[0], value, name) if len(inner) == 1 else value
@@ -188,8 +188,8 @@ class Profile(Record):
 class BenchRow(Record):
     """One row of results.json: a model in one backend, on one device, at one batch size (DESIGN.md's ROW)."""
 
-    model: str
-    backend: str
+    model: str = ""
+    backend: str = ""
     precision: str = "fp32"
     device: str = "cpu"
     arch: Optional[str] = None
