@@ -219,9 +219,9 @@ class BenchRow(Record):
     speedup_vs_teacher: Optional[float] = None
     top1_delta_vs_teacher: Optional[float] = None
     agreement_vs_teacher: Optional[float] = None
-    best: bool = False
     profile: Optional[Profile] = None
     profile_note: Optional[str] = None    # why a profiled run has no profile for this row
+    best: bool = False                    # the fastest row within --max-drop of the reference's top-1
     OPTIONAL = frozenset({"emulated", "peak_rss_mb", "gpu_peak_mb", "round_p50_ms", "visits", "profile",
                           "profile_note"}) | Load.OPTIONAL
     KEPT_BY = {"profile": "profile_note"}
