@@ -5,7 +5,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
 from ..base.errors import EdgeKDError
 from ..base.files import spec_from_file
@@ -105,7 +105,8 @@ def describe(path: str) -> Model:
         view = InputView.from_json(m.input)
         return Model(model=name, path=path, kind=m.format, precision=m.precision, arch=m.record("model"),
                      params=m.record("params"), flops=m.record("flops"), size_mb=size / 1e6,
-                     input=InputSpec(m.channels, *m.resize, view.mean, view.std, view.crop_pct),
+                     input=InputSpec(m.channels, *m.resize, view.mean, view.std,
+                                     view.crop_pct),  # type: ignore[arg-type]  # None: stretched, as InputSpec reads it
                      classes=m.classes, data=spec_from_file(m.record("data"), path),
                      static_batch=m.static_batch)
     if os.path.isfile(path):
@@ -209,7 +210,7 @@ def _openvino_activations(path: str) -> int:
     total = 0
     for layer in ET.parse(path).getroot().iter("layer"):
         for port in layer.findall("./output/port"):
-            dims = [int(d.text) for d in port.findall("dim")]
+            dims = [int(d.text or 0) for d in port.findall("dim")]
             total += 4 * _product([max(1, d) for d in dims])
     return total
 
@@ -271,7 +272,7 @@ def _unique(names: Sequence[str]) -> List[str]:
 
 def parse_cpus(text: str) -> List[int]:
     """``0``, ``0,1`` or ``0-3`` -> sorted CPU ids, which must be ones this process may use."""
-    cpus = set()
+    cpus: Set[int] = set()
     try:
         for part in str(text).split(","):
             lo, _, hi = part.partition("-")

@@ -238,7 +238,7 @@ def csv_text(rows: Sequence[BenchRow]) -> str:
 
 def pareto_front(points: Sequence[tuple]) -> List[tuple]:
     """The (latency, accuracy, ...) points no other point beats on both: sorted by latency, accuracy rising."""
-    front = []
+    front: List[tuple] = []
     for p in sorted(points, key=lambda p: (p[0], -p[1])):
         if not front or p[1] > front[-1][1]:
             front.append(p)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from datetime import datetime, timezone
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .. import __version__
@@ -136,19 +137,19 @@ def write_outputs(out: str, result: BenchResult, comparison: Optional[str] = Non
     if comparison:
         texts["compare.md"] = comparison + "\n"
     for name, text in texts.items():
-        atomic_write(os.path.join(out, name), lambda tmp, text=text: _write_text(tmp, text))
+        atomic_write(os.path.join(out, name), partial(_write_text, text=text))
         os.chmod(os.path.join(out, name), 0o644)  # the temporary file was private; a report is for sharing
     plots: List[tuple] = [("accuracy_vs_latency.png", plot_accuracy_latency), ("latency.png", plot_latency)]
     if result.settings.profile:
         plots.append(("profile.png", plot_profile))
     for name, plot in plots:
         try:
-            atomic_write(os.path.join(out, name), lambda tmp, plot=plot: plot(result.rows, tmp))
+            atomic_write(os.path.join(out, name), partial(plot, result.rows))
             os.chmod(os.path.join(out, name), 0o644)
         except ImportError:
             log.warning("matplotlib is not installed; %s not written", name)
 
 
-def _write_text(path: str, text: str) -> None:
+def _write_text(path: str, *, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)

@@ -111,7 +111,7 @@ def _settings(plan: BenchPlan, m: Measurement, results: Results, devices: List[s
                          remeasure_slow=m.remeasure_slow, check_s=CHECK_S if m.remeasure_slow else 0.0,
                          max_extra_rounds=EXTRA_ROUNDS * rounds if m.remeasure_slow else 0,
                          threads=threads, cpus=cpus, limit=plan.limit, max_drop=results.max_drop,
-                         devices=devices, backends=list(plan.backends) if plan.backends else plan.backends,
+                         devices=devices, backends=list(plan.backends) if plan.backends is not None else None,
                          profile=m.profile)
 
 

@@ -182,7 +182,7 @@ class Worker:
 def answer(worker: Worker, op: str, req: JSON) -> JSON:
     """The worker's answer to one request, or ``{"error": reason}``."""
     try:
-        return getattr(worker, op)(req)  # type: ignore[no-any-return]
+        return getattr(worker, op)(req)
     except EdgeKDError as e:
         return {"error": str(e)}
     except Exception as e:  # a failing model becomes a row with its reason, never a crashed benchmark

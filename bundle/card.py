@@ -22,6 +22,7 @@ import os
 import shlex
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
@@ -279,10 +280,14 @@ def record_bench(result: BenchResult) -> List[str]:
         if not os.path.isdir(path):
             continue  # a checkpoint (the teacher) has no card
         rows = bench_measurements(result, path)
-        if rows and _safely(path, lambda b, rows=rows: replace(b, measurements=merged(b.measurements, rows)),
-                            "bench"):
+        if rows and _safely(path, partial(_measured, rows=rows), "bench"):
             done.append(path)
     return done
+
+
+def _measured(block: CardBlock, rows: List[Measurement]) -> CardBlock:
+    """``block`` with bench's new ``rows`` merged into its measurements."""
+    return replace(block, measurements=merged(block.measurements, rows))
 
 
 def record_deploy(folder: str, device: str, dest: str, env: Dict[str, Any],
