@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from .. import __version__
 from ..base.files import atomic_write
