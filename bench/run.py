@@ -18,13 +18,10 @@ from ..bundle.card import record_bench
 from ..bundle.device import unsupported_batch
 from ..bundle.rows import BenchResult, BenchSettings
 from .options import BENCH_DEFAULTS, BENCH_QUICK, TIMING_FIELDS
-# The building blocks, importable from here as before the split (tools/ and the tests use them).
-from .measure import (CHECK_S, EXTRA_ROUNDS, _measure, _measure_remote, _prepare, _progress_bar, save_images,  # noqa: F401
-                      _ssh_targets, _timed_rounds, kept_visits)
-from .plan import (NATIVE_BACKEND, Job, Model, check_batch_memory, check_device, describe, parse_cpus,  # noqa: F401
-                   plan_jobs)
+from .measure import CHECK_S, EXTRA_ROUNDS, _measure, _measure_remote, _prepare, _progress_bar, _ssh_targets
+from .plan import Job, check_batch_memory, check_device, describe, parse_cpus, plan_jobs
 from .report import compare_results, load_results, table
-from .results import _loadavg, attach_profiles, bench_environment, build_rows, job_of, mark_best, write_outputs  # noqa: F401
+from .results import _loadavg, attach_profiles, bench_environment, build_rows, mark_best, write_outputs
 
 log = logging.getLogger(__name__)
 
