@@ -9,7 +9,6 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
 from ..base.errors import EdgeKDError
 from ..base.files import spec_from_file
-from ..bundle.card_records import InputView
 from ..bundle.manifest import read_manifest
 from ..bundle.rows import Accuracy, Load, Profile, VisitLog
 from ..bundle.runtime import verify_bundle
@@ -102,11 +101,9 @@ def describe(path: str) -> Model:
         if m.format not in NATIVE_BACKEND:
             raise EdgeKDError(f"bundle {path!r} has format {m.format!r}; bench runs onnx and openvino bundles")
         size = sum(os.path.getsize(os.path.join(path, f)) for f in m.files if os.path.isfile(os.path.join(path, f)))
-        view = InputView.from_json(m.input)
         return Model(model=name, path=path, kind=m.format, precision=m.precision, arch=m.record("model"),
                      params=m.record("params"), flops=m.record("flops"), size_mb=size / 1e6,
-                     input=InputSpec(m.channels, *m.resize, view.mean, view.std,
-                                     view.crop_pct),  # type: ignore[arg-type]  # None: stretched, as InputSpec reads it
+                     input=InputSpec(m.channels, *m.input.resize, m.input.mean, m.input.std, m.input.crop_pct),
                      classes=m.classes, data=spec_from_file(m.record("data"), path),
                      static_batch=m.static_batch)
     if os.path.isfile(path):

@@ -10,12 +10,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..base import ssh
 from ..base.errors import EdgeKDError
-from ..bundle.assemble import RUNNER_PATH
+from ..bundle.assemble import write_runner
 from ..bundle.device import BenchJob
 from ..bundle.rows import DeviceBench, DeviceRow, MachineEnvironment, RecordError
 
 log = logging.getLogger(__name__)
-RUNNER = RUNNER_PATH  # the self-contained bundle runner (generated from bundle/), copied to devices as device_runner.py
 MIN_PYTHON = (3, 8)
 
 
@@ -46,7 +45,7 @@ def bench_bundles(target: ssh.Target, bundles: Sequence[Tuple[str, str]], images
             local = os.path.join(stage, f"bundle{i}")
             shutil.copytree(folder, local)
             names.append(f"bundle{i}")
-        shutil.copy(RUNNER, os.path.join(stage, "device_runner.py"))
+        write_runner(os.path.join(stage, "device_runner.py"))  # the self-contained bundle runner
         shutil.copy(images, os.path.join(stage, "images.npy"))
         shutil.copy(labels, os.path.join(stage, "labels.npy"))
         job = BenchJob(bundles=names, images="images.npy", labels="labels.npy", warmup=warmup, runs=runs,

@@ -8,10 +8,10 @@ import os
 from typing import Any, Dict, List, Optional, Tuple, Type
 
 from ..base.errors import BundleError
+from ..base.files import require_regular
 
-
-# The names of a bundle's files, for all of edgekd (edgekd.bundle.manifest re-exports them): the manifest,
-# and per format the files its export writes, the model file the runtime opens first.
+# The names of a bundle's files, for all of edgekd: the manifest, and per format the files its export writes,
+# the model file the runtime opens first.
 MANIFEST_FILE = "manifest.json"
 FORMAT_FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
 RUNTIME_PACKAGE = {"onnx": "onnxruntime", "openvino": "openvino"}
@@ -34,18 +34,6 @@ def json_depth_problem(value: Any, limit: int = MAX_JSON_DEPTH) -> Optional[str]
         elif isinstance(item, list):
             stack.extend((v, depth + 1) for v in item)
     return None
-
-
-try:  # edgekd's one regular-file check (edgekd.base.files); on a device the runner stands alone with the same rule
-    from edgekd.base.files import require_regular
-except ImportError:
-    def require_regular(path: Any, what: str, shown: Optional[str] = None) -> os.stat_result:  # type: ignore[misc]
-        import stat
-
-        st = os.stat(path)  # stat, never open: opening a FIFO waits for a writer for ever
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleError("%s %r is not a regular file; edgekd reads only regular files" % (what, shown or path))
-        return st
 
 
 def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:

@@ -69,6 +69,9 @@ def emulation(cpuinfo: Optional[str] = None, machine: Optional[str] = None) -> O
 
 
 def environment() -> Dict[str, Any]:
+    """The machine this Python runs on, as a JSON record: the CPU's name and flags, cores, platform, Python, the
+    runtime libraries' versions, and ``emulated`` under QEMU (what the device runner's ``env`` prints, and the base
+    of a benchmark's environment)."""
     text = _cpuinfo()
     fields: Dict[str, str] = {}  # the first value of each /proc/cpuinfo key
     for line in text.splitlines():

@@ -1,5 +1,6 @@
-"""Bundle manifests: the ``Manifest`` record, parsed from manifest.json and written back here only (part of the
-device runner); the bundle's file names and the one sha256 (bundle/checks.py's, re-exported here)."""
+"""Bundle manifests: the ``Manifest`` record and its ``ModelInput`` and ``Parity`` records, parsed from
+manifest.json and written back here only (part of the device runner); the bundle's file names and the one sha256
+(bundle/checks.py's, imported from here by edgekd's export)."""
 
 import dataclasses
 import json
@@ -7,14 +8,13 @@ import math
 import os
 from dataclasses import dataclass, replace
 from importlib import metadata
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..base.errors import BundleError
 from .checks import FORMAT_FILES, MANIFEST_FILE, check_files, manifest_json, sha256_file
 
 # The most pixels a resize may ask for: edgekd.base.bounds.MAX_RESIZE_PIXELS (the runner carries this module alone).
 MAX_RESIZE_PIXELS = 89_478_485
-MANIFEST = MANIFEST_FILE  # its older name
 # edgekd's metadata inside an ONNX file (written by export, read by the ONNX teacher source):
 # classes, mean, std and input_size as JSON ([names], [floats] in [0, 1] pixel units, [height, width]);
 # color as RGB, BGR or L; outputs as logits or probs.
@@ -45,6 +45,43 @@ class Parity:
 
 
 @dataclass(frozen=True)
+class ModelInput:
+    """A bundle's ``input`` record: the preprocessing contract (training's evaluation transform, which
+    bundle/preprocessing.py reproduces) and the model's input shape.
+
+    Written back exactly as read: the keys in their order, the values as given, the records edgekd does not read
+    (layout, dtype, scale, resample, resize_mode) kept in ``extra``.
+    """
+
+    color: str                      # L or RGB
+    resize: Tuple[int, int]         # the model's (height, width)
+    mean: List[float]               # per channel, in [0, 1] pixel units
+    std: List[float]
+    crop_pct: Optional[float] = None  # None: the image is stretched to resize (manifests written before it)
+    shape: Optional[List[int]] = None  # [batch (-1: any), channels, height, width]; every manifest states it
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    order: Tuple[str, ...] = dataclasses.field(default=(), compare=False)  # the JSON keys, in the order read
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> "ModelInput":
+        """The record of an ``input`` JSON object (a manifest's, checked by ``schema_problem``, or a checkpoint's
+        preprocessing view: color, resize, mean, std and crop_pct)."""
+        typed = ("color", "resize", "mean", "std", "crop_pct", "shape")
+        height, width = value["resize"]
+        return cls(color=value["color"], resize=(height, width), mean=list(value["mean"]), std=list(value["std"]),
+                   crop_pct=value.get("crop_pct"), shape=value.get("shape"),
+                   extra={k: v for k, v in value.items() if k not in typed}, order=tuple(value))
+
+    def to_json(self) -> Dict[str, Any]:
+        """The JSON object, keys in the order they were read (new ones last)."""
+        values: Dict[str, Any] = {"shape": self.shape, "color": self.color, "resize": list(self.resize),
+                                  "mean": list(self.mean), "std": list(self.std), "crop_pct": self.crop_pct,
+                                  **self.extra}
+        present = {k: v for k, v in values.items() if v is not None or k in self.order}
+        return {**{k: present[k] for k in self.order if k in present}, **present}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A bundle's manifest.json (DESIGN.md, "Machine-readable outputs"). The fields every bundle has and
     every reader needs are typed and checked (``schema_problem``); the export's records (validation,
@@ -54,7 +91,7 @@ class Manifest:
     precision: str              # fp32 | fp16 | int8
     model_file: str             # the file the runtime opens, one of ``files``
     files: Dict[str, str]       # plain file name -> sha256
-    input: Dict[str, Any]       # shape, layout, mean, std, color, resize: the preprocessing contract
+    input: ModelInput           # shape, mean, std, color, resize, crop_pct: the preprocessing contract
     classes: List[str]
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -64,8 +101,10 @@ class Manifest:
         problem = schema_problem(data)
         if problem:
             raise BundleError("%s fails the manifest schema: %s" % (where, problem))
-        core = {name: data[name] for name in ("format", "precision", "model_file", "files", "input", "classes")}
-        return cls(**core, extra={k: v for k, v in data.items() if k not in core})
+        typed = ("format", "precision", "model_file", "files", "input", "classes")
+        return cls(format=data["format"], precision=data["precision"], model_file=data["model_file"],
+                   files=data["files"], input=ModelInput.from_json(data["input"]), classes=data["classes"],
+                   extra={k: v for k, v in data.items() if k not in typed})
 
     @classmethod
     def read(cls, folder: str) -> "Manifest":
@@ -75,7 +114,7 @@ class Manifest:
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object, as written to manifest.json."""
         return {"format": self.format, "precision": self.precision, "model_file": self.model_file,
-                "files": dict(self.files), "input": self.input, "classes": list(self.classes), **self.extra}
+                "files": dict(self.files), "input": self.input.to_json(), "classes": list(self.classes), **self.extra}
 
     def write(self, folder: str) -> None:
         """Write ``folder``/manifest.json atomically (fsynced before it replaces an older one)."""
@@ -97,26 +136,17 @@ class Manifest:
     @property
     def channels(self) -> int:
         """The model's input channels (1 or 3)."""
-        return int(self.input["shape"][1])
+        return len(self.input.mean)  # the schema holds it to input.shape[1]
 
     @property
     def validation(self) -> Dict[str, Any]:
         """The parity gate's results at export (max_abs_diff, top1_agreement, top1, reference_top1, images)."""
-        return self.extra.get("validation") or {}
+        return self.record("validation") or {}
 
     @property
     def parity(self) -> Optional[Parity]:
         """The parity images and logits a device checks the bundle against, when the export saved them."""
-        return Parity.from_json(self.extra.get("parity"))
-
-    @property
-    def inference_precision(self) -> str:
-        """The precision OpenVINO's CPU plugin must compute in: the one the bundle was validated at (f32).
-
-        Left alone, the plugin silently runs FP32 models in bf16 on CPUs with AVX512_BF16 or AMX, which moves
-        logits by about 1e-2: an fp32 bundle (or row of a benchmark) would no longer be fp32.
-        """
-        return _inference_precision(self.extra.get("runtime"))
+        return Parity.from_json(self.record("parity"))
 
     @property
     def static_batch(self) -> Optional[int]:
@@ -125,13 +155,13 @@ class Manifest:
         OpenVINO for aarch64 cannot compile some dynamic-batch models (MobileNetV3-small), so ``edgekd export
         --target arm64`` writes OpenVINO bundles with a static batch.
         """
-        n = self.input["shape"][0]
+        n = self.input.shape[0] if self.input.shape else None
         return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
     @property
     def resize(self) -> Tuple[int, int]:
         """The model's input (height, width)."""
-        height, width = self.input["resize"]
+        height, width = self.input.resize
         return int(height), int(width)
 
     def model_path(self, folder: str) -> str:
@@ -143,21 +173,20 @@ class Manifest:
         return self.extra.get(name, default)
 
 
-def _inference_precision(runtime: Any) -> str:
-    """``runtime.inference_precision`` of a manifest's JSON (f32 when absent), or BundleError when damaged."""
+def precision_hint(manifest: Manifest) -> str:
+    """The precision OpenVINO's CPU plugin must compute a bundle in: the one it was validated at
+    (``runtime.inference_precision``, f32 when absent); BundleError when that field is damaged.
+
+    Left alone, the plugin silently runs FP32 models in bf16 on CPUs with AVX512_BF16 or AMX, which moves
+    logits by about 1e-2: an fp32 bundle (or row of a benchmark) would no longer be fp32.
+    """
+    runtime = manifest.record("runtime")
     hint = runtime.get("inference_precision") if isinstance(runtime, dict) else None
     if hint is None:
         return "f32"
     if hint not in INFERENCE_PRECISIONS:  # what edgekd writes; anything else is damage
         raise BundleError("manifest field 'runtime.inference_precision' must be f32, f16 or bf16, got %r" % (hint,))
     return str(hint)
-
-
-def precision_hint(manifest: Union[Manifest, Dict[str, Any]]) -> str:
-    """OpenVINO's CPU precision for a Manifest, or for a manifest's JSON object (see Manifest.inference_precision)."""
-    if isinstance(manifest, Manifest):
-        return manifest.inference_precision
-    return _inference_precision(manifest.get("runtime"))
 
 
 def verify(folder: str) -> Manifest:
@@ -180,13 +209,13 @@ def library_versions(names: Sequence[str] = ("edgekd", "torch", "torchvision", "
     return versions
 
 
-def write_manifest(folder: str, manifest: Union[Manifest, Dict[str, Any]]) -> Manifest:
-    """Check ``manifest`` against the schema and write it into ``folder``: the one writer of manifest.json."""
-    if not isinstance(manifest, Manifest):
-        problem = schema_problem(manifest)
-        if problem:  # edgekd's own export wrote it: a bug (exit 1), not the user's input
-            raise ValueError(f"edgekd built a malformed manifest: {problem}")
-        manifest = Manifest.from_dict(manifest)
+def write_manifest(folder: str, data: Dict[str, Any]) -> Manifest:
+    """Check the JSON object ``data`` against the schema and write it into ``folder`` as manifest.json (a Manifest
+    writes itself: ``Manifest.write``); returns its Manifest."""
+    problem = schema_problem(data)
+    if problem:  # edgekd's own export wrote it: a bug (exit 1), not the user's input
+        raise ValueError(f"edgekd built a malformed manifest: {problem}")
+    manifest = Manifest.from_dict(data)
     manifest.write(folder)
     return manifest
 

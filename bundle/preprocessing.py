@@ -5,10 +5,11 @@ import math
 import os
 import re
 import warnings
-from typing import Any, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Optional, Sequence, Tuple, Type
 
 from ..base.errors import BundleError
-from .checks import require_regular
+from ..base.files import require_regular
+from .manifest import ModelInput
 
 
 # The most pixels edgekd decodes from one image, everywhere it reads images (training, unlabelled folders,
@@ -105,16 +106,15 @@ def resize_crop(size: Tuple[int, int], out_hw: Tuple[int, int], crop_pct: Option
     return new, (left, top, left + out_w, top + out_h)
 
 
-def preprocess_pixels(image: Any, spec: Mapping[str, Any]) -> Any:
+def preprocess_pixels(image: Any, spec: ModelInput) -> Any:
     """PIL image -> the manifest's geometry and colour, as a PIL image (the pixels before /255 and normalising);
     16-bit and float images scaled to 8 bits first (Pillow's own conversion clips them)."""
     from PIL import Image
 
     image = to_8bit(image)
-    if image.mode != spec["color"]:
-        image = image.convert(spec["color"])
-    height, width = spec["resize"]
-    new, box = resize_crop(image.size, (height, width), spec.get("crop_pct"))
+    if image.mode != spec.color:
+        image = image.convert(spec.color)
+    new, box = resize_crop(image.size, spec.resize, spec.crop_pct)
     if image.size != new:
         # Image.Resampling since Pillow 9.1; a device's older Pillow has the constant on Image itself
         image = image.resize(new, getattr(Image, "Resampling", Image).BILINEAR)
@@ -123,19 +123,19 @@ def preprocess_pixels(image: Any, spec: Mapping[str, Any]) -> Any:
     return image
 
 
-def preprocess(image: Any, spec: Mapping[str, Any]) -> Any:
+def preprocess(image: Any, spec: ModelInput) -> Any:
     """PIL image -> (C, H, W) float32 exactly as the manifest's input spec says (training's evaluation transform):
     mode, bilinear resize of the shorter side to size / crop_pct, center crop, /255, normalise."""
     import numpy as np
 
     pixels = np.asarray(preprocess_pixels(image, spec), dtype=np.float32) / 255.0
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    mean = np.asarray(spec["mean"], dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(spec["std"], dtype=np.float32).reshape(-1, 1, 1)
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
     return (pixels - mean) / std
 
 
-def load_images(paths: Sequence[Any], spec: Mapping[str, Any]) -> Any:
+def load_images(paths: Sequence[Any], spec: ModelInput) -> Any:
     """The image files as one preprocessed batch; an unreadable or oversized file is a BundleError naming it."""
     import numpy as np
     from PIL import UnidentifiedImageError

@@ -3,8 +3,8 @@ preprocess images exactly as training did, run the model, return class names and
 
 Needs numpy, Pillow and the bundle's runtime (onnxruntime for ONNX, openvino for OpenVINO IR), never
 PyTorch; ``edgekd.bundle`` is its public import path. The session, preprocessing and checksum code is
-bundle/{checks,preprocessing,sessions}.py's (which the device runner,
-bundle/runner.py, carries): one implementation for predict, export validation, bench and devices.
+bundle/{checks,preprocessing,sessions}.py's, which the device runner carries too (edgekd.bundle.assemble): one
+implementation for predict, export validation, bench and devices.
 """
 
 import os
@@ -15,8 +15,10 @@ import zlib
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..base.errors import EdgeKDError
-from . import runner
+from .device import ranked
 from .manifest import Manifest, verify
+from .preprocessing import load_images, preprocess
+from .sessions import open_session
 
 
 def check_external_data(model_path: str, listed: Dict[str, str]) -> None:
@@ -51,8 +53,8 @@ def verify_bundle(folder: str) -> Manifest:
 class Bundle:
     """A verified bundle folder: its manifest, its session, and the manifest's preprocessing.
 
-    Verification, preprocessing and the session are bundle/runner.py's (the one implementation,
-    also copied to devices); ``runtime`` picks another runtime than the format's (openvino for ONNX).
+    Verification, preprocessing and the session are the device runner's (the one implementation, also copied
+    to devices); ``runtime`` picks another runtime than the format's (openvino for ONNX).
     """
 
     def __init__(self, folder: str, threads: Optional[int] = None, device: str = "cpu",
@@ -60,21 +62,18 @@ class Bundle:
         self.folder = folder
         self.manifest = verify_bundle(folder)
         self.classes = self.manifest.classes
-        # runner.open_session is sessions.open_session (runner.py re-imports the package's names); mypy reads the
-        # generated file's standalone copy, whose Manifest is its own class
-        self.run, self.info = runner.open_session(folder, self.manifest, threads, device,  # type: ignore[arg-type]
-                                                  runtime)
+        self.run, self.info = open_session(folder, self.manifest, threads, device, runtime)
 
     def preprocess(self, image: Any) -> Any:
         """PIL image -> (C, H, W) float32, the same steps as the training transform: mode, resize, /255, normalise."""
-        return runner.preprocess(image, self.manifest.input)
+        return preprocess(image, self.manifest.input)
 
     def __call__(self, batch: Any) -> Any:
         return self.run(batch)
 
     def predict_files(self, paths: Sequence[Any], top_k: int = 1) -> List[Dict[str, Any]]:
         """The top ``top_k`` classes of each image file."""
-        return runner.ranked(paths, self(runner.load_images(paths, self.manifest.input)), self.classes, top_k)
+        return ranked(paths, self(load_images(paths, self.manifest.input)), self.classes, top_k)
 
 
 def load_bundle(path: str, threads: Optional[int] = None, device: str = "cpu", runtime: Optional[str] = None) -> Bundle:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..base.errors import BundleError
 from .checks import RUNTIME_PACKAGE, check_outputs
 from .environment import affinity_cpu_count, library_version
-from .manifest import Manifest
+from .manifest import Manifest, precision_hint
 
 Runner = Callable[[Any], Any]  # a float32 NCHW batch -> the model's logits
 
@@ -40,7 +40,7 @@ def open_session(folder: str, manifest: Manifest, threads: Optional[int] = None,
     device, threads and precision the runtime actually uses. ``runtime`` defaults to the format's.
     A static-batch bundle's ``run`` takes any batch (in slices of its batch size). A model whose number of
     outputs (when the model states it) is not the manifest's number of classes is refused."""
-    run, info = open_model(manifest.model_path(folder), manifest.format, threads, device, manifest.inference_precision,
+    run, info = open_model(manifest.model_path(folder), manifest.format, threads, device, precision_hint(manifest),
                            runtime)
     check_outputs(info.get("outputs"), manifest.classes)
     n = manifest.static_batch

@@ -14,7 +14,7 @@ import tempfile
 
 from .. import EdgeKDError
 from ..base.telemetry import switch_off
-from ..bundle.manifest import FORMAT_FILES, Manifest, sha256_file, write_manifest
+from ..bundle.manifest import FORMAT_FILES, Manifest, sha256_file
 from ..bundle.runtime import verify_bundle
 
 
@@ -35,7 +35,7 @@ def onnx_bundle_to_openvino(src: str, out: str) -> Manifest:
         files = {name: sha256_file(os.path.join(staging, name)) for name in FORMAT_FILES["openvino"]}
         manifest = manifest.with_changes(format="openvino", model_file=model_file, files=files,
                                          converted_from={"bundle": os.path.abspath(src), "files": manifest.files})
-        write_manifest(staging, manifest)
+        manifest.write(staging)
         os.chmod(staging, 0o755)
         os.replace(staging, out)
     finally:

@@ -22,7 +22,7 @@ from ..base.outdir import temp_prefix
 from ..base.progress import bar
 from ..bundle.card import add_card
 from ..bundle.manifest import library_versions, sha256_file, write_manifest
-from ..bundle.runner import in_batches_of, open_model
+from ..bundle.sessions import in_batches_of, open_model
 from ..bundle.runtime import renamed
 from ..core.config import COMMANDS
 from ..core.data import Data, InputSpec, load_data

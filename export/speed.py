@@ -14,7 +14,7 @@ from typing import Callable, List, Tuple
 import numpy as np
 
 from ..base.telemetry import switch_off
-from ..bundle.runner import open_model
+from ..bundle.sessions import open_model
 from .records import SpeedRow
 
 BATCHES = (1, 32)

@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import EdgeKDError
 from ..base import ssh
-from ..bundle import runner
+from ..bundle.assemble import runner_source, write_runner
 from .quantize_onnx import cpu_features
 from .records import RanOn
 
@@ -118,8 +118,7 @@ def _ssh_target(spec: str, ssh_config: Optional[str], timeout: int) -> Target:
     if device.folder:
         raise EdgeKDError(f"--target {spec!r}: give the device's Python after the host (ssh://host/path/to/python), "
                           "not a folder")
-    with open(_runner(), "rb") as f:  # the runner's ``env``, its source sent on stdin: nothing left behind
-        source = f.read()
+    source = runner_source().encode()  # the runner's ``env``, its source sent on stdin: nothing left behind
     try:
         out = ssh.run(device, f"{ssh.quote(device.python)} - env", timeout, input_bytes=source)
     except EdgeKDError as e:
@@ -132,11 +131,6 @@ def _ssh_target(spec: str, ssh_config: Optional[str], timeout: int) -> Target:
     log.info("target %s: %s (%s)%s", device, env.cpu, env.machine, ", emulated" if env.emulated else "")
     return Target(str(device) + (device.python if device.python != ssh.DEFAULT_PYTHON else ""),
                   env.machine.lower(), env.cpu_flags, device, env, timeout)
-
-
-def _runner() -> str:
-    """The self-contained bundle runner's file, which is copied to (or piped into) the device's Python."""
-    return runner.__file__
 
 
 def _remove(device: ssh.Target, remote: str) -> None:
@@ -157,7 +151,7 @@ def remote_logits(target: Target, folder: str, model_file: str, fmt: str, images
     try:
         for name in os.listdir(folder):  # the staging bundle: model files only
             shutil.copy(os.path.join(folder, name), stage)
-        shutil.copy(_runner(), os.path.join(stage, "device_runner.py"))
+        write_runner(os.path.join(stage, "device_runner.py"))
         np.save(os.path.join(stage, "images.npy"), np.ascontiguousarray(images, dtype=np.float32))
         with open(os.path.join(stage, "gate.json"), "w") as f:
             json.dump({"model": model_file, "format": fmt, "precision": "f32", "images": "images.npy",

@@ -14,27 +14,39 @@ from .budget import DEVICE_KEYS, Budget
 log = logging.getLogger(__name__)
 
 
-def run_finalists(finalists: List[Dict[str, Any]], budget: Budget, settings: Dict[str, Any], opts, out: str,
+def run_finalists(groups: List[List[Dict[str, Any]]], budget: Budget, settings: Dict[str, Any], opts, out: str,
                   train_qat, say) -> List[Dict[str, Any]]:
+    """Each group is one student at one size with its feasible precisions and runtimes: trained once on the full
+    schedule, then every variant exported, gated and measured again (one result per variant)."""
     results = []
-    for i, cand in enumerate(finalists):
-        say(f"finalist {i + 1}/{len(finalists)}: {cand['key']}, {settings['epochs']} epochs")
-        results.append(_one(i, cand, budget, settings, opts, out, train_qat))
-        r = results[-1]
-        say(f"finalist {cand['key']}: top-1 {r['top1']:.4f}, p50 {r['measured']['p50_ms'] or float('nan'):.3f} ms "
-            f"measured trained (untrained {cand['measured']['p50_ms']:.3f} ms)"
-            + ("" if not r["misses"] else f"; misses {', '.join(r['misses'])}"))
+    for i, group in enumerate(groups):
+        first = group[0]
+        say(f"finalist {i + 1}/{len(groups)}: {first['student']}@{first['size']}, {settings['epochs']} epochs, then "
+            f"{len(group)} export(s): " + ", ".join(f"{c['precision']}/{c['runtime']}" for c in group))
+        start = time.time()
+        folder = os.path.join(out, "work", "final", f"{i:02d}")
+        metrics, _, _ = search.distill_trial(first, settings, folder, settings["epochs"])
+        trained = time.time() - start
+        for j, cand in enumerate(group):
+            r = _export_and_measure(cand, folder, f"bundle-{j:02d}", metrics, budget, settings, opts, out, train_qat)
+            r["seconds"] += trained if j == 0 else 0.0  # the training is paid once, by the group's first export
+            results.append(r)
+            say(f"finalist {cand['key']}: top-1 {_f(r['top1'], '.4f')}, p50 {_f(r['measured'].get('p50_ms'), '.3f')} "
+                f"ms measured trained (untrained {cand['measured']['p50_ms']:.3f} ms)"
+                + ("" if not r["misses"] else f"; misses {', '.join(r['misses'])}"))
     return results
 
 
-def _one(i, cand, budget, settings, opts, out, train_qat):
+def _f(value, fmt):
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _export_and_measure(cand, folder, name, metrics, budget, settings, opts, out, train_qat):
     from ..export.options import ExportOptions
     from ..export.pipeline import export_checkpoint
 
     start = time.time()
-    folder = os.path.join(out, "work", "final", f"{i:02d}")
-    metrics, _, _ = search.distill_trial(cand, settings, folder, settings["epochs"])
-    bundle = os.path.join(folder, "bundle")
+    bundle = os.path.join(folder, name)
     eopts = ExportOptions(format=cand["format"] if "format" in cand else _format(cand), precision=cand["precision"],
                           out=bundle, data_root=settings["data_root"], progress=False, speed_check=False, force=True)
     try:

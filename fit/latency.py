@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 
 from .. import EdgeKDError
 from ..base.files import atomic_write
+from ..bundle import environment
+from ..bundle.assemble import runner_source
 from .space import Candidate
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,6 @@ def default_cache() -> str:
 def device_environment(device: str, ssh_config: Optional[str], timeout: int) -> Dict[str, Any]:
     """The device runner's own environment record (CPU, machine, runtime versions, ``emulated``), read on the
     device itself: here for a local device, over SSH for ssh:// (unreachable: one-line EdgeKDError)."""
-    from ..bundle import environment, runner
-
     if not device.startswith("ssh://"):
         return {**environment.environment(), "device": device}
     from ..base import ssh
@@ -44,9 +44,7 @@ def device_environment(device: str, ssh_config: Optional[str], timeout: int) -> 
 
     target = ssh.parse_target(device, ssh_config)
     check_device(target, timeout)
-    with open(runner.__file__, "rb") as f:
-        source = f.read()
-    out = ssh.run(target, f"{ssh.quote(target.python)} - env", timeout, input_bytes=source)
+    out = ssh.run(target, f"{ssh.quote(target.python)} - env", timeout, input_bytes=runner_source().encode())
     try:
         env = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -222,15 +222,19 @@ def finish(study, budget, feasible, rows, settings, opts, out, env, train_qat, s
     done = [t for t in trials if t["state"] == "COMPLETE" and t["top1_short"] is not None
             and all(v <= 0 for v in (t["constraints"] or [1.0]))]
     best: Dict[str, Dict[str, Any]] = {}
-    for t in sorted(done, key=lambda t: -t["top1_short"]):
-        best.setdefault(t["candidate"], t)
+    for t in sorted(done, key=lambda t: -t["top1_short"]):  # the best trained pairs (student, size), each once
+        best.setdefault(search.trained_key(by_key[t["candidate"]]), t)
     finalists = list(best.values())[:opts.finalists]
     if not finalists:
         report.write_failure(out, budget, rows, opts, trials)
         raise EdgeKDError("no trial finished within the budget (every trial was pruned, failed, or missed the "
                           f"top-1 floor); see {out}/report.md")
-    results = run_finalists([by_key[t["candidate"]] for t in finalists], budget, settings, opts, out, train_qat, say)
-    winner = next((r for r in sorted(results, key=lambda r: -(r["top1"] or -1)) if not r["misses"]), None)
+    groups = [[c for c in feasible if search.trained_key(c) == search.trained_key(by_key[t["candidate"]])]
+              for t in finalists]
+    results = run_finalists(groups, budget, settings, opts, out, train_qat, say)
+    # the most accurate bundle that meets the budget once trained and measured again; the faster one on a tie
+    ranked = sorted(results, key=lambda r: (-(r["top1"] or -1), r["measured"].get("p50_ms") or math.inf))
+    winner = next((r for r in ranked if not r["misses"]), None)
     passes = report.teacher_passes(settings["distill"]["teacher_cache"])
     summary = {"budget": str(budget), "device": opts.device, "device_environment": env, "trials": trials,
                "candidates": rows, "finalists": results, "winner": winner, "teacher_passes": passes,

@@ -131,8 +131,12 @@ def objective_for(budget: Budget, feasible: List[Dict[str, Any]], settings: Dict
 
     def objective(trial):
         cand = by_key[trial.suggest_categorical("candidate", sorted(by_key))]
-        twin = screen.ask()
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("trained", trained_key(cand))
+        earlier = _trained_before(trial, cand)
+        if earlier is not None:  # the same student at the same size: its short schedule is already paid for
+            return _reuse(trial, earlier, cand, budget, report)
+        twin = screen.ask()
         trial.set_user_attr("screen_trial", twin.number)
         folder = os.path.join(settings["work"], "trials", f"{trial.number:04d}")
         metrics, history, pruned = distill_trial(cand, settings, folder, settings["epochs_short"], twin)
@@ -141,12 +145,7 @@ def objective_for(budget: Budget, feasible: List[Dict[str, Any]], settings: Dict
         if metrics is not None:
             top1 = metrics["test_top1"]
             trial.set_user_attr("seconds", sum(h.get("seconds", 0.0) for h in metrics.get("history", [])))
-        values = {**cand["measured"], "top1": top1}
-        trial.set_user_attr("top1", top1)
-        constraints = {k: budget.get(k).excess(values.get(k)) for k in KEYS if budget.get(k)}
-        for k, v in constraints.items():  # feasible when every value is <= 0 (Optuna 5's constraints)
-            trial.set_constraint(k, min(v, 1e9) if math.isfinite(v) else 1e9)
-        trial.set_user_attr("constraints", [min(v, 1e9) for v in constraints.values()])
+        _constrain(trial, budget, cand, top1)
         if report:
             report(trial.number, cand, top1, pruned)
         if pruned:
@@ -161,14 +160,87 @@ def objective_for(budget: Budget, feasible: List[Dict[str, Any]], settings: Dict
     return objective
 
 
+def trained_key(cand: Dict[str, Any]) -> str:
+    """What a short schedule trains: the student at its input size. Precision and runtime change only the export,
+    so every candidate with the same student and size shares one training (the finalists measure the export)."""
+    return f"{cand['student']}@{cand['size']}"
+
+
+def _trained_before(trial, cand: Dict[str, Any]):
+    """A finished trial (any worker's) that trained the same student at the same size, or None."""
+    import optuna
+
+    key = trained_key(cand)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    for t in trial.study.get_trials(deepcopy=False, states=states):
+        if t.number != trial.number and t.user_attrs.get("trained") == key and "top1" in t.user_attrs:
+            return t
+    return None
+
+
+def _constrain(trial, budget: Budget, cand: Dict[str, Any], top1: float) -> None:
+    values = {**cand["measured"], "top1": top1}
+    trial.set_user_attr("top1", top1)
+    constraints = {k: budget.get(k).excess(values.get(k)) for k in KEYS if budget.get(k)}
+    for k, v in constraints.items():  # feasible when every value is <= 0 (Optuna 5's constraints)
+        trial.set_constraint(k, min(v, 1e9) if math.isfinite(v) else 1e9)
+    trial.set_user_attr("constraints", [min(v, 1e9) for v in constraints.values()])
+
+
+def _reuse(trial, earlier, cand: Dict[str, Any], budget: Budget, report):
+    """This trial's result is an earlier trial's training (same student and size): no second training, no twin."""
+    import optuna
+
+    top1 = earlier.user_attrs["top1"]
+    trial.set_user_attr("history", earlier.user_attrs.get("history"))
+    trial.set_user_attr("seconds", 0.0)
+    trial.set_user_attr("reused_from", earlier.number)
+    _constrain(trial, budget, cand, top1)
+    pruned = earlier.state == optuna.trial.TrialState.PRUNED
+    if report:
+        report(trial.number, cand, top1, pruned)
+    if pruned:
+        raise optuna.TrialPruned()
+    return top1, cand["measured"]["p50_ms"]
+
+
 def enqueue_spread(study, feasible: List[Dict[str, Any]], n: int) -> None:
-    """Start with up to ``n`` candidates spread over the latency range, each once (a categorical TPE would
-    otherwise start from random draws, repeats included)."""
-    ordered = sorted(feasible, key=lambda c: c["measured"]["p50_ms"])
-    n = min(n, len(ordered))
-    picks = [ordered[round(i * (len(ordered) - 1) / max(n - 1, 1))] for i in range(n)] if n else []
-    for c in dict.fromkeys(p["key"] for p in picks):
-        study.enqueue_trial({"candidate": c}, skip_if_exists=True)
+    """Start with every trained pair (student, size) once, in an order that spreads over the latency range from
+    both ends (the slowest feasible first: under a latency budget the largest students are the likeliest winners,
+    and a fit stopped by --hours has seen both ends), each pair followed by its other precisions and runtimes
+    (free: they reuse the pair's training). Up to ``n`` trials; TPE takes over after them."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for c in sorted(feasible, key=lambda c: (PRECISION_ORDER.get(c["precision"], 9), c["measured"]["p50_ms"])):
+        groups.setdefault(trained_key(c), []).append(c)
+    by_speed = sorted(groups.values(), key=lambda g: min(c["measured"]["p50_ms"] for c in g))
+    picks = [c for g in spread_order(by_speed) for c in g][:n]
+    for c in picks:
+        study.enqueue_trial({"candidate": c["key"]}, skip_if_exists=True)
+
+
+# fp32 first within a pair: it loses nothing to quantization, so its short-schedule top-1 is the pair's own
+PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+
+
+def spread_order(items: List[Any]) -> List[Any]:
+    """``items`` (sorted) reordered: last, first, then the midpoints of the widest gaps, so that any prefix covers
+    the range evenly."""
+    n = len(items)
+    if n <= 2:
+        return list(reversed(items))
+    order, seen = [n - 1, 0], {n - 1, 0}
+    gaps = [(0, n - 1)]
+    while gaps:
+        gaps.sort(key=lambda g: g[1] - g[0], reverse=True)
+        lo, hi = gaps.pop(0)
+        if hi - lo < 2:
+            continue
+        mid = (lo + hi) // 2
+        if mid not in seen:
+            order.append(mid)
+            seen.add(mid)
+        gaps += [(lo, mid), (mid, hi)]
+    return [items[i] for i in order]
 
 
 def trial_rows(study) -> List[Dict[str, Any]]:

@@ -185,11 +185,13 @@ def _ir_from_the_old_onnx_exporter(bundle, batch):
     import torch
     import torchvision
 
+    from dataclasses import replace
+
     from edgekd.bundle import load_bundle
     from edgekd.bundle.manifest import Manifest, sha256_file
 
     m = Manifest.read(str(bundle))
-    c, h, w = m.input["shape"][1:]
+    c, h, w = m.input.shape[1:]
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small(num_classes=len(m.classes))
     model.features[0][0] = torch.nn.Conv2d(c, 16, 3, 2, 1, bias=False)
@@ -199,7 +201,7 @@ def _ir_from_the_old_onnx_exporter(bundle, batch):
                       output_names=["logits"], dynamic_axes=axes, opset_version=17)
     ov.save_model(ov.convert_model(str(onnx)), str(bundle / m.model_file), compress_to_fp16=False)
     shape = [-1 if batch is None else batch, c, h, w]
-    m = m.with_changes(files={f: sha256_file(str(bundle / f)) for f in m.files}, input={**m.input, "shape": shape})
+    m = m.with_changes(files={f: sha256_file(str(bundle / f)) for f in m.files}, input=replace(m.input, shape=shape))
     m.write(str(bundle))
     images = np.load(bundle / m.record("parity")["file"])
     logits = np.concatenate([load_bundle(str(bundle))(images[i:i + 1]) for i in range(len(images))])

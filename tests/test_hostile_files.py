@@ -405,7 +405,9 @@ def test_a_file_the_manifest_does_not_list_fails_verification_everywhere(bundles
                   "--out", tmp_path / "run"]):
         assert _main(*argv) == 2, argv
         _one_line(capsys, weights, "does not list")
-    runner = subprocess.run([sys.executable, str(ROOT / "bundle" / "runner.py"), "verify", str(out)],
+    from edgekd.bundle.assemble import write_runner
+
+    runner = subprocess.run([sys.executable, write_runner(str(tmp_path / "device_runner.py")), "verify", str(out)],
                             capture_output=True, text=True)
     assert runner.returncode == 2 and weights in runner.stderr and "does not list" in runner.stderr
 

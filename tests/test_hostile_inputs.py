@@ -156,15 +156,15 @@ def test_deeply_nested_or_bad_manifest_json_exits_2_in_predict_and_deploy(tmp_pa
 
 
 def test_a_huge_manifest_is_refused_before_it_is_parsed(tmp_path, capsys, image, monkeypatch):
-    from edgekd.bundle import runner
+    from edgekd.bundle import checks
 
     bundle = make_bundle(tmp_path / "b", ["a", "b"])
-    monkeypatch.setattr(runner, "MAX_JSON_BYTES", 1024)
+    monkeypatch.setattr(checks, "MAX_JSON_BYTES", 1024)
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["padding"] = "x" * 2000
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EdgeKDError, match="far smaller"):
-        runner.load_json(str(bundle / "manifest.json"), "bundle manifest", EdgeKDError, max_bytes=1024)
+        checks.load_json(str(bundle / "manifest.json"), "bundle manifest", EdgeKDError, max_bytes=1024)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,10 +239,11 @@ def test_16_bit_images_train_as_their_8_bit_twins(tmp_path):
 def test_16_bit_and_float_images_are_scaled_in_the_torch_free_runner(tmp_path):
     from PIL import Image
 
-    from edgekd.bundle.runner import preprocess
+    from edgekd.bundle.manifest import ModelInput
+    from edgekd.bundle.preprocessing import preprocess
 
     paths = _wide_images(tmp_path)
-    spec = {"color": "L", "resize": [8, 8], "mean": [0.0], "std": [1.0]}
+    spec = ModelInput.from_json({"color": "L", "resize": [8, 8], "mean": [0.0], "std": [1.0]})
     reference = preprocess(Image.open(paths["L"]), spec)
     for mode in ("I;16", "F"):
         assert np.abs(preprocess(Image.open(paths[mode]), spec) - reference).max() <= 1 / 255 + 1e-6, mode
@@ -405,12 +406,12 @@ def test_onnxruntime_writes_nothing_under_home(tmp_path):
     # the device runner alone, as on a device: no edgekd to import (a stand-in module refuses the import)
     from PIL import Image
 
-    from edgekd.bundle import runner
+    from edgekd.bundle.assemble import write_runner
 
     (tmp_path / "device").mkdir()
     (tmp_path / "device" / "edgekd.py").write_text("raise ImportError('no edgekd on the device')\n")
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
-    proc = subprocess.run([sys.executable, runner.__file__, "predict", str(bundle), str(tmp_path / "x.png")],
+    proc = subprocess.run([sys.executable, write_runner(str(tmp_path / "device_runner.py")), "predict", str(bundle), str(tmp_path / "x.png")],
                           env={**env, "HOME": str(home_runner), "PYTHONPATH": str(tmp_path / "device")},
                           timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0 and "x.png: " in proc.stdout, proc.stderr
@@ -421,8 +422,8 @@ def test_onnxruntime_writes_nothing_under_home(tmp_path):
                                   ["predict", "B", "IMG", "--top-k"], ["verify"], ["bench"]],
                          ids=["no-bundle", "no-image", "top-k-text", "top-k-missing", "verify-nothing", "bench-nothing"])
 def test_the_device_runner_answers_bad_arguments_with_its_usage(tmp_path, capsys, image, argv):
-    from edgekd.bundle import runner
+    from edgekd.bundle import device
 
     bundle = make_bundle(tmp_path / "b", ["a", "b"])
-    code = runner.main([str(bundle) if a == "B" else str(image) if a == "IMG" else a for a in argv])
+    code = device.main([str(bundle) if a == "B" else str(image) if a == "IMG" else a for a in argv])
     assert code == 2 and "device_runner.py predict" in capsys.readouterr().err

@@ -50,9 +50,9 @@ import numpy as np
 sys.modules["torch"] = None  # the device runner must not need PyTorch
 from PIL import Image
 sys.path.insert(0, sys.argv[1])
-import runner
+import device_runner as runner
 job = json.load(open(sys.argv[2]))
-out = [runner.preprocess(Image.open(p), job["spec"]) for p in job["paths"]]
+out = [runner.preprocess(Image.open(p), runner.ModelInput.from_json(job["spec"])) for p in job["paths"]]
 np.save(sys.argv[3], np.stack(out))
 """
 
@@ -61,6 +61,7 @@ np.save(sys.argv[3], np.stack(out))
 @pytest.mark.parametrize("size,crop_pct", [((64, 64), 0.875), ((48, 80), 1.0), ((80, 48), 0.9)],
                          ids=["square-0.875", "wide-1.0", "tall-0.9"])
 def test_training_eval_transform_and_torch_free_runner_give_the_same_tensor(photos, tmp_path, size, crop_pct):
+    from edgekd.bundle.assemble import write_runner
     from edgekd.core.data import InputSpec, eval_transform
 
     spec = InputSpec(3, size[0], size[1], [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], crop_pct)
@@ -69,7 +70,7 @@ def test_training_eval_transform_and_torch_free_runner_give_the_same_tensor(phot
     ours = torch.stack([eval_transform(spec)(Image.open(p).convert("RGB")) for p in paths]).numpy()
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"spec": spec.manifest(), "paths": paths}))
-    runner_dir = os.path.join(os.path.dirname(__import__("edgekd.bundle", fromlist=["runner"]).__file__))
+    runner_dir = os.path.dirname(write_runner(str(tmp_path / "device_runner.py")))
     script = tmp_path / "run.py"
     script.write_text(RUNNER_SCRIPT)
     subprocess.run([sys.executable, str(script), runner_dir, str(job), str(tmp_path / "out.npy")], check=True,
@@ -96,7 +97,7 @@ def test_square_geometry_is_torchvisions_resize_shorter_side_then_center_crop(ph
 
 def test_timm_keep_ratio_geometry_for_a_non_square_input():
     timm_transforms = pytest.importorskip("timm.data.transforms")
-    from edgekd.bundle.runner import resize_crop
+    from edgekd.bundle.preprocessing import resize_crop
 
     for w, h in [(640, 480), (480, 640), (1024, 683), (1280, 720), (33, 100)]:
         img = Image.new("RGB", (w, h))
@@ -107,14 +108,14 @@ def test_timm_keep_ratio_geometry_for_a_non_square_input():
 
 
 def test_an_old_manifest_without_crop_pct_still_stretches_and_bad_crop_pct_is_refused():
-    from edgekd.bundle.manifest import schema_problem
-    from edgekd.bundle.runner import preprocess
+    from edgekd.bundle.manifest import ModelInput, schema_problem
+    from edgekd.bundle.preprocessing import preprocess
     from edgekd.core.data import InputSpec
 
     old = {"color": "RGB", "resize": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}  # no crop_pct: made before it
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 80, 3), dtype=np.uint8))
     expected = (np.asarray(img.resize((32, 32), Image.BILINEAR), np.float32) / 255 - 0.5) / 0.5
-    np.testing.assert_allclose(preprocess(img, old), expected.transpose(2, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(preprocess(img, ModelInput.from_json(old)), expected.transpose(2, 0, 1), atol=1e-6)
     assert InputSpec.from_dict({"channels": 3, "height": 32, "width": 32, "mean": [0.5] * 3, "std": [0.5] * 3}).crop_pct is None
     manifest = {"format": "onnx", "precision": "fp32", "files": {"model.onnx": "0" * 64}, "model_file": "model.onnx",
                 "classes": ["a"], "input": {"shape": [-1, 3, 32, 32], **old}}

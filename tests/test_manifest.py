@@ -7,7 +7,7 @@ import pytest
 
 from edgekd import EdgeKDError
 from edgekd.bundle import manifest as manifest_module
-from edgekd.bundle import runner
+from edgekd.bundle import checks, device
 from edgekd.bundle.manifest import Manifest, read_manifest, write_manifest
 
 
@@ -69,17 +69,17 @@ def test_file_names_and_sha256_have_one_home(tmp_path):
     from edgekd.core import checkpoint
     from edgekd.export import onnx, openvino, qat
 
-    assert outdir.BUNDLE_MANIFEST == runner.MANIFEST_FILE == manifest_module.MANIFEST  # base sits below bundle
+    assert outdir.BUNDLE_MANIFEST == checks.MANIFEST_FILE == manifest_module.MANIFEST_FILE  # base sits below bundle
     assert (onnx.MODEL_FILE, openvino.MODEL_FILE, openvino.WEIGHTS_FILE) == ("model.onnx", "model.xml", "model.bin")
     assert (qat.ONNX_FILE, qat.OV_FILE) == (onnx.MODEL_FILE, openvino.MODEL_FILE)
-    assert checkpoint.file_sha256 is runner.sha256_file and manifest_module.sha256_file is runner.sha256_file
+    assert checkpoint.file_sha256 is checks.sha256_file and manifest_module.sha256_file is checks.sha256_file
     path = tmp_path / "f"
     path.write_bytes(b"x" * 3_000_000)
-    assert runner.sha256_file(str(path)) == hashlib.sha256(b"x" * 3_000_000).hexdigest()
+    assert checks.sha256_file(str(path)) == hashlib.sha256(b"x" * 3_000_000).hexdigest()
 
 
 def test_the_device_runner_reads_its_job_into_a_dataclass(tmp_path):
-    job = runner.BenchJob(bundles=["bundle0"], images="i.npy", labels="l.npy", batch_sizes=[1, 8], warmup=2, runs=5)
+    job = device.BenchJob(bundles=["bundle0"], images="i.npy", labels="l.npy", batch_sizes=[1, 8], warmup=2, runs=5)
     path = tmp_path / "job.json"
     path.write_text(job.to_json()[:-1] + ', "from_a_newer_edgekd": 1}')  # unknown keys are left alone
-    assert runner.BenchJob.read(str(path)) == job
+    assert device.BenchJob.read(str(path)) == job

@@ -1,5 +1,5 @@
-"""One runtime: bundle verification, preprocessing and sessions live only in bundle/runner.py (the
-file copied to devices); predict, export validation and bench use it, with one OpenVINO precision policy.
+"""One runtime: bundle verification, preprocessing and sessions live only in the bundle modules the device runner
+carries (the file copied to devices); predict, export validation and bench use it, with one OpenVINO precision policy.
 Also the quiet switches: --no-progress silences NNCF, and bars off a terminal print one line."""
 
 import ast
@@ -12,14 +12,21 @@ import sys
 import numpy as np
 import pytest
 
-from edgekd.bundle import runner
+from edgekd.base.errors import BundleError
+from edgekd.bundle import assemble, preprocessing, sessions
+from edgekd.bundle.manifest import Manifest, precision_hint, verify
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _calls(path):
     """Every attribute or function name called in a source file."""
-    tree = ast.parse(pathlib.Path(path).read_text())
+    return _calls_in(pathlib.Path(path).read_text())
+
+
+def _calls_in(text):
+    """Every attribute or function name called in Python source."""
+    tree = ast.parse(text)
     return {getattr(n.func, "attr", getattr(n.func, "id", None)) for n in ast.walk(tree) if isinstance(n, ast.Call)}
 
 
@@ -28,18 +35,18 @@ def test_sessions_are_created_in_one_place_only():
     session_makers = {"InferenceSession", "compile_model", "sha256"}
     for path in ["bundle/runtime.py", "bench/backends.py", "export/pipeline.py", "export/speed.py", "edgekd/cli/__init__.py"]:
         assert not _calls(ROOT / path) & session_makers, path
-    assert session_makers <= _calls(ROOT / "bundle/runner.py")
+    assert session_makers <= _calls_in(assemble.runner_source())
 
 
 def test_the_runtime_and_bench_use_the_runners_functions():
     from edgekd.bench import backends
     from edgekd.bundle import runtime
 
-    assert runtime.runner is runner
+    assert runtime.open_session is sessions.open_session and runtime.preprocess is preprocessing.preprocess
     bundle_init = ast.get_source_segment((ROOT / "bundle/runtime.py").read_text(),
                                          next(n for n in ast.walk(ast.parse((ROOT / "bundle/runtime.py").read_text()))
                                               if isinstance(n, ast.ClassDef) and n.name == "Bundle"))
-    assert "runner.open_session" in bundle_init and "runner.preprocess" in bundle_init
+    assert "open_session(" in bundle_init and "preprocess(" in bundle_init
     assert "load_bundle" in (ROOT / "bench/backends.py").read_text()
     assert backends.BACKENDS.meta("openvino")["reads"] == ("openvino", "onnx")
 
@@ -49,7 +56,7 @@ def test_the_runner_stands_alone_without_edgekd_or_torch(onnx_bundle, tmp_path):
     from PIL import Image
 
     copy = tmp_path / "device_runner.py"
-    copy.write_text((ROOT / "bundle/runner.py").read_text())
+    copy.write_text(assemble.runner_source())
     image = tmp_path / "3.png"
     Image.fromarray(np.full((8, 8), 128, np.uint8), "L").save(image)
     code = ("import sys\n"
@@ -72,9 +79,9 @@ def test_predict_bench_and_device_agree_on_a_bundle(onnx_bundle):
     from edgekd.bundle import load_bundle
 
     bundle = load_bundle(str(onnx_bundle), threads=1)
-    batch = np.random.default_rng(0).standard_normal((3, *bundle.manifest.input["shape"][1:]), dtype=np.float32)
+    batch = np.random.default_rng(0).standard_normal((3, *bundle.manifest.input.shape[1:]), dtype=np.float32)
     bench_run, info = BACKENDS.get("onnxruntime")(str(onnx_bundle), 1, "cpu")
-    device_run, _ = runner.open_session(str(onnx_bundle), runner.verify(str(onnx_bundle)), threads=1)
+    device_run, _ = sessions.open_session(str(onnx_bundle), verify(str(onnx_bundle)), threads=1)
     ov_run, ov_info = BACKENDS.get("openvino")(str(onnx_bundle), 1, "cpu")
     assert info == {"threads": 1, "runtime_device": "CPUExecutionProvider", "outputs": len(bundle.manifest.classes)}
     np.testing.assert_array_equal(bundle(batch), bench_run(batch))
@@ -87,16 +94,20 @@ def test_predict_bench_and_device_agree_on_a_bundle(onnx_bundle):
                                             ({"runtime": {"inference_precision": "f32"}}, "f32")])
 def test_openvino_cpu_runs_every_bundle_at_the_precision_it_was_validated_at(manifest, hint):
     """The CPU plugin would run FP32 models in bf16 on CPUs with AVX512_BF16; every caller passes f32."""
-    assert runner.precision_hint(manifest) == hint
-    config = runner.openvino_config("CPU", 2, runner.precision_hint(manifest))
+    manifest = Manifest.from_dict({"format": "openvino", "precision": "fp32", "model_file": "model.xml",
+                                   "files": {"model.xml": "0" * 64, "model.bin": "1" * 64}, "classes": ["a"],
+                                   "input": {"shape": [-1, 1, 8, 8], "layout": "NCHW", "mean": [0.5], "std": [0.5],
+                                             "color": "L", "resize": [8, 8]}, **manifest})
+    assert precision_hint(manifest) == hint
+    config = sessions.openvino_config("CPU", 2, precision_hint(manifest))
     assert config == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
-    assert runner.openvino_config("GPU.0", 2, "f32") == {"PERFORMANCE_HINT": "LATENCY"}  # CPU-plugin properties
+    assert sessions.openvino_config("GPU.0", 2, "f32") == {"PERFORMANCE_HINT": "LATENCY"}  # CPU-plugin properties
 
 
 @pytest.mark.parametrize("device, name", [("cpu", "CPU"), ("openvino:GPU.1", "GPU.1"), ("npu", "NPU"),
                                           ("openvino:AUTO", "AUTO")])
 def test_openvino_device_names(device, name):
-    assert runner.openvino_device(device) == name
+    assert sessions.openvino_device(device) == name
 
 
 def test_a_tampered_bundle_is_refused_by_every_entry_point(onnx_bundle, tmp_path):
@@ -111,15 +122,15 @@ def test_a_tampered_bundle_is_refused_by_every_entry_point(onnx_bundle, tmp_path
     with open(copy / "model.onnx", "ab") as f:
         f.write(b"\0")
     for call in (lambda: load_bundle(str(copy)), lambda: BACKENDS.get("onnxruntime")(str(copy), 1, "cpu"),
-                 lambda: BACKENDS.get("openvino")(str(copy), 1, "cpu"), lambda: runner.verify(str(copy))):
+                 lambda: BACKENDS.get("openvino")(str(copy), 1, "cpu"), lambda: verify(str(copy))):
         with pytest.raises(EdgeKDError, match="does not match its sha256"):
             call()
 
 
 def test_a_missing_runtime_names_the_package(onnx_bundle, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(runner.BundleError, match="pip install onnxruntime"):
-        runner.open_session(str(onnx_bundle), runner.verify(str(onnx_bundle)))
+    with pytest.raises(BundleError, match="pip install onnxruntime"):
+        sessions.open_session(str(onnx_bundle), verify(str(onnx_bundle)))
 
 
 def test_cuda_without_its_provider_is_one_line(onnx_bundle):
@@ -127,8 +138,8 @@ def test_cuda_without_its_provider_is_one_line(onnx_bundle):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has ONNX Runtime's CUDA provider")
-    with pytest.raises(runner.BundleError, match="onnxruntime-gpu"):
-        runner.open_session(str(onnx_bundle), runner.verify(str(onnx_bundle)), device="cuda")
+    with pytest.raises(BundleError, match="onnxruntime-gpu"):
+        sessions.open_session(str(onnx_bundle), verify(str(onnx_bundle)), device="cuda")
 
 
 def test_bars_off_a_terminal_print_one_line(capsys):

@@ -416,7 +416,8 @@ def test_a_manifest_crop_pct_that_asks_for_billions_of_pixels_is_refused(tmp_pat
 
 
 def test_the_runner_refuses_a_resize_beyond_the_pixel_limit_before_allocating():
-    from edgekd.bundle.runner import BundleError, resize_crop
+    from edgekd.base.errors import BundleError
+    from edgekd.bundle.preprocessing import resize_crop
 
     with pytest.raises(BundleError, match="megapixels"):
         resize_crop((640, 480), (224, 224), 1e-9)
@@ -532,6 +533,6 @@ def test_a_missing_image_is_named_as_the_user_typed_it(tmp_path, cli_main, one_l
 
 def test_the_pixel_bounds_are_one_number_everywhere():
     from edgekd.base.bounds import MAX_RESIZE_PIXELS
-    from edgekd.bundle import manifest, runner
+    from edgekd.bundle import manifest, preprocessing
 
-    assert MAX_RESIZE_PIXELS == runner.MAX_IMAGE_PIXELS == manifest.MAX_RESIZE_PIXELS
+    assert MAX_RESIZE_PIXELS == preprocessing.MAX_IMAGE_PIXELS == manifest.MAX_RESIZE_PIXELS

@@ -138,7 +138,7 @@ def _image_bytes(path: str) -> Tuple[str, bytes]:
     if ext in SHARD_IMAGE_EXTS:
         with open_regular(path, "image") as f:
             return ext, f.read()
-    from edgekd.bundle.runner import to_8bit
+    from edgekd.bundle.preprocessing import to_8bit
     from edgekd.core.data import open_image
 
     buf = io.BytesIO()

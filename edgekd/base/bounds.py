@@ -14,7 +14,7 @@ from .. import EdgeKDError
 # would swap or be killed long after it started.
 MAX_BATCH_BYTES = 8 * 1024 ** 3
 # The largest image edgekd resizes to: Pillow's decompression-bomb threshold, the limit of every image it decodes
-# (edgekd.bundle.runner.MAX_IMAGE_PIXELS, kept equal by a test).
+# (edgekd.bundle.preprocessing.MAX_IMAGE_PIXELS, kept equal by a test).
 MAX_RESIZE_PIXELS = 89_478_485
 # Class count: a model's head and every logit row grow with it. A label file may hold many, a stray label may not.
 MAX_CLASSES = 100_000

@@ -12,5 +12,5 @@ class Interrupted(EdgeKDError):
 class BundleError(EdgeKDError):
     """A bundle that cannot be used here; the message says why and what to install.
 
-    The device runner (bundle/runner.py, which stands alone on a device) defines its own BundleError on
-    Exception when edgekd is not importable there."""
+    The device runner (edgekd.bundle.assemble's file, which stands alone on a device) defines its own
+    BundleError on Exception."""

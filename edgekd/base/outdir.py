@@ -117,7 +117,7 @@ def _contents(out: str) -> List[str]:
     return sorted(n for n in os.listdir(out) if n not in (LOCK, MARKER) and not _TMP_NAME.match(n))
 
 
-# The bundle manifest's name (edgekd.bundle.runner.MANIFEST_FILE, which this layer sits below; a test
+# The bundle manifest's name (edgekd.bundle.checks.MANIFEST_FILE, which this layer sits below; a test
 # keeps the two equal).
 BUNDLE_MANIFEST = "manifest.json"
 

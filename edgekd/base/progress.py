@@ -17,7 +17,7 @@ REPORT = logging.getLogger("edgekd.report")
 def printable(text):
     """``text`` with control characters (escape sequences, carriage returns, bidi overrides) escaped, line breaks
     kept: a class name or path read from a file cannot move the cursor, recolour or rewrite the terminal.
-    (bundle/runner.py, which runs on devices without edgekd, has its own copy.)"""
+    (bundle/preprocessing.py, which the device runner carries to devices without edgekd, has its own copy.)"""
     text = str(text)
     if text.isprintable():
         return text

@@ -317,7 +317,7 @@ class Predict(Command):
 
         from ..bundle import load_bundle
 
-        from ..bundle.runner import text_lines
+        from ..bundle.device import text_lines
 
         bundle = load_bundle(args.bundle, threads=args.threads, device=args.device)
         results = bundle.predict_files(args.images, top_k=min(args.top_k, len(bundle.classes)))

@@ -13,7 +13,11 @@ import os
 
 from .. import EdgeKDError
 from ..base import ssh
+from ..base.errors import BundleError
+from ..bundle.assemble import runner_source
 from ..bundle.card import CARD_FILE, record_deploy
+from ..bundle.checks import MANIFEST_FILE, RUNTIME_PACKAGE
+from ..bundle.manifest import verify
 
 log = logging.getLogger(__name__)
 DEFAULT_FOLDER = "edgekd-bundles"  # relative to the device user's home
@@ -42,8 +46,7 @@ def check_on_device(target, runner, staging, name, timeout):
 
 def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=None):
     """Install ``bundle`` on the device; return (target, remote bundle path, device environment)."""
-    from ..bundle.runner import MANIFEST_FILE, BundleError, RUNTIME_PACKAGE, verify
-    from ..bench.remote import RUNNER, check_device
+    from ..bench.remote import check_device
 
     if not os.path.isdir(bundle):
         raise EdgeKDError(f"bundle folder {bundle!r} does not exist")
@@ -67,8 +70,8 @@ def deploy(bundle, url, ssh_config=None, timeout=ssh.DEFAULT_TIMEOUT_S, python=N
         files = [os.path.join(bundle, f) for f in list(manifest.files) + [MANIFEST_FILE]]
         ssh.copy_to(target, files, staging, timeout)
         ssh.run(target, f"mkdir {q(tools)}", timeout)
-        ssh.copy_to(target, [RUNNER], tools, timeout)
-        runner = f"{tools}/{os.path.basename(RUNNER)}"
+        runner = f"{tools}/{RUNNER_NAME}"
+        ssh.run(target, f"cat > {q(runner)}", timeout, input_bytes=runner_source().encode())
         checked = check_on_device(target, runner, staging, name, timeout)
         # MODEL_CARD.md notes where it was installed and checked, in the bundle here and in the copy there
         there = json.loads(ssh.run(target, f"{q(target.python)} {q(runner)} env", timeout).decode())

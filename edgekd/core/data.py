@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from .. import EdgeKDError
 from ..base.bounds import check_geometry
 from ..base.files import SYSTEM_FOLDERS, check_link_loops, check_reach, require_regular  # noqa: F401
-from ..bundle import runner
+from ..bundle import preprocessing
+from ..bundle.manifest import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 # One limit for every image edgekd reads (training, unlabelled, calibration, predict, the device runner):
 # Pillow's own decompression-bomb threshold (about 89 megapixels, 0.27 GB decoded as RGB). A larger file is
 # refused before it is decoded, so a tiny PNG that claims 15000x15000 pixels cannot take gigabytes.
-MAX_IMAGE_PIXELS = runner.MAX_IMAGE_PIXELS
+MAX_IMAGE_PIXELS = preprocessing.MAX_IMAGE_PIXELS
 
 
 class ImageTooLarge(EdgeKDError, ValueError):
@@ -37,14 +38,14 @@ class ImageTooLarge(EdgeKDError, ValueError):
 
 def open_image(path: Any) -> Any:
     """Open an image file lazily (header only), refusing one above MAX_IMAGE_PIXELS before any pixel is decoded."""
-    return runner.open_image(path, ImageTooLarge)
+    return preprocessing.open_image(path, ImageTooLarge)
 
 
 def load_image(path: Any) -> Any:
     """The loader of every image folder (labelled and unlabelled): behind edgekd's size limit, 16-bit and float
     images scaled to 8 bits (Pillow's own conversion clips them), then RGB like torchvision's loader."""
     with open_image(path) as img:
-        return runner.to_8bit(img).convert("RGB")
+        return preprocessing.to_8bit(img).convert("RGB")
 
 
 @dataclass
@@ -78,7 +79,7 @@ class InputSpec:
         return cls(d["channels"], d["height"], d["width"], list(d["mean"]), list(d["std"]), d.get("crop_pct"))
 
     def manifest(self) -> Dict[str, Any]:
-        """The runner's view of this spec (bundle/runner.preprocess reads color, resize, crop_pct, mean, std)."""
+        """The runner's view of this spec (bundle/preprocessing.preprocess reads color, resize, crop_pct, mean, std)."""
         d = {"color": self.color, "resize": [self.height, self.width], "mean": list(self.mean), "std": list(self.std)}
         if self.crop_pct is not None:
             d["crop_pct"] = self.crop_pct
@@ -112,16 +113,16 @@ class ConvertMode:
 
 
 class EvalTransform:
-    """PIL image -> normalised float tensor: the bundle runner's own preprocessing (bundle/runner.preprocess),
+    """PIL image -> normalised float tensor: the bundle runner's own preprocessing (bundle/preprocessing.preprocess),
     so training's evaluation, export's parity images, predict and the device runner give the same tensor."""
 
     def __init__(self, spec: InputSpec) -> None:
-        self.spec = spec.manifest()
+        self.spec = ModelInput.from_json(spec.manifest())
 
     def __call__(self, img: Any) -> Any:
         import torch
 
-        from ..bundle.runner import preprocess
+        from ..bundle.preprocessing import preprocess
 
         return torch.from_numpy(preprocess(img, self.spec))
 
@@ -133,7 +134,7 @@ class EvalPixels(EvalTransform):
         import numpy as np
         import torch
 
-        from ..bundle.runner import preprocess_pixels
+        from ..bundle.preprocessing import preprocess_pixels
 
         pixels = np.array(preprocess_pixels(img, self.spec), dtype=np.uint8)  # writable: torch shares it
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
@@ -356,7 +357,7 @@ def _probe(n: int, open_at: Callable[[int], Any], nothing: str) -> Tuple[int, Se
         try:
             with open_at(i) as img:
                 if channels is None:
-                    channels = 1 if img.mode in ("L", "1") + runner.WIDE_MODES else 3
+                    channels = 1 if img.mode in ("L", "1") + preprocessing.WIDE_MODES else 3
                 sizes.add(img.size)
         except (OSError, SyntaxError, ValueError):
             continue

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from .. import EdgeKDError
 from ..base.bounds import MAX_CLASSES as _BOUND, check_classes
 from ..base.files import require_regular
-from ..bundle.runner import MAX_IMAGE_PIXELS, printable, to_8bit
+from ..bundle.preprocessing import MAX_IMAGE_PIXELS, printable, to_8bit
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ShardCutShort(OSError):
 
 
 class _Member(io.BytesIO):
-    """An image member's bytes, named ``shard.tar:member`` where an error prints it (runner.open_image)."""
+    """An image member's bytes, named ``shard.tar:member`` where an error prints it (preprocessing.open_image)."""
 
     def __init__(self, data: bytes, name: str) -> None:
         super().__init__(data)
@@ -267,7 +267,7 @@ class ShardSet:
 
     def open(self, i: int) -> Any:
         """Sample i's image, opened lazily (header only) behind edgekd's pixel limit."""
-        from ..bundle.runner import open_image
+        from ..bundle.preprocessing import open_image
 
         return open_image(_Member(self.read(i), self.item_name(i)), self.too_large)
 

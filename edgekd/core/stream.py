@@ -21,6 +21,7 @@ import random
 import torch
 
 from .. import EdgeKDError
+from ..bundle.manifest import ModelInput
 from .augment import BAD_IMAGE, AugmentPlan, apply_views
 
 log = logging.getLogger(__name__)
@@ -228,11 +229,11 @@ def _empty(teacher, student):
 
 
 def _eval_geometry(img, spec, lazy=False):
-    from ..bundle.runner import preprocess_pixels
+    from ..bundle.preprocessing import preprocess_pixels
 
     if lazy:
         img.load()
-    return preprocess_pixels(img, spec)
+    return preprocess_pixels(img, ModelInput.from_json(spec))
 
 
 def _pixels(img):

@@ -40,8 +40,8 @@ class BundleSource(Source):
         sha = file_sha256(path) if os.path.isfile(path) else hashlib.sha256(
             json.dumps(m.files, sort_keys=True).encode()).hexdigest()
         spec_in = m.input
-        return Loaded(self.kind, run, channels=spec_in["shape"][1], size=tuple(spec_in["resize"]),
-                      mean=list(spec_in["mean"]), std=list(spec_in["std"]), color=spec_in["color"],
+        return Loaded(self.kind, run, channels=m.channels, size=spec_in.resize,
+                      mean=list(spec_in.mean), std=list(spec_in.std), color=spec_in.color,
                       names=list(m.classes), names_from="the bundle manifest", file=os.path.abspath(path),
                       sha256=sha, runtime={"library": m.format, "precision": m.precision, "threads": threads},
                       metrics={"model": m.record("model"), "source": os.path.abspath(path),

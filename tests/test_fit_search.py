@@ -1,0 +1,42 @@
+"""fit's search order and its shared trainings, on a real Optuna study (SQLite in tmp_path) with the training
+replaced by a recorder: which candidates are trained, in which order, and what a reused trial reports."""
+
+from edgekd.fit import search
+from edgekd.fit.budget import parse_budget
+
+
+def _cand(student, precision, p50):
+    return {"key": f"{student}@32/{precision}/onnxruntime", "student": student, "size": 32, "precision": precision,
+            "runtime": "onnxruntime", "measured": {"p50_ms": p50}}
+
+
+def test_spread_order_covers_the_range_from_both_ends():
+    assert search.spread_order(list(range(7))) == [6, 0, 3, 1, 4, 2, 5]
+    assert search.spread_order([1, 2]) == [2, 1] and search.spread_order([]) == []
+    assert sorted(search.spread_order(list(range(10)))) == list(range(10))  # every item once
+
+
+def test_precisions_of_one_student_share_one_training(tmp_path, monkeypatch):
+    trained = []
+
+    def record(cand, settings, folder, epochs, twin=None):
+        trained.append(cand["key"])
+        top1 = 0.5 if cand["student"] == "s" else 0.7
+        twin.report(top1, 1)
+        return {"test_top1": top1, "history": [{"seconds": 2.0}]}, [top1], False
+
+    monkeypatch.setattr(search, "distill_trial", record)
+    feasible = [_cand("s", "int8", 1.0), _cand("s", "fp32", 2.0), _cand("t", "fp32", 3.0)]
+    store = search.storage(f"sqlite:///{tmp_path}/study.db", 0)
+    study = search.open_study(store, 0, create=True)
+    search.enqueue_spread(study, feasible, 3)
+    objective = search.objective_for(parse_budget("p50_ms<=5"), feasible, {"work": str(tmp_path), "epochs_short": 1},
+                                     store)
+    study.optimize(objective, n_trials=3)
+    # the slowest pair first, then the other; fp32 first within a pair; its int8 export reuses the fp32 training
+    assert [t.params["candidate"] for t in study.trials] == ["t@32/fp32/onnxruntime", "s@32/fp32/onnxruntime",
+                                                             "s@32/int8/onnxruntime"]
+    assert trained == ["t@32/fp32/onnxruntime", "s@32/fp32/onnxruntime"]
+    reused = study.trials[2]
+    assert reused.user_attrs["reused_from"] == 1 and reused.user_attrs["seconds"] == 0.0
+    assert reused.values == [0.5, 1.0]  # the shared top-1, its own latency
