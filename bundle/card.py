@@ -257,7 +257,8 @@ def update_card(folder: str, change: Callable[[CardBlock], CardBlock], why: str 
                         CARD_FILE, folder, why)
             return False
         block = change(read_block(path))
-        write_manifest(folder, _write(folder, manifest, render(CardManifest.from_json(manifest.to_dict()), block)))
+        card = render(CardManifest.from_json(manifest.to_dict()), block)
+        write_manifest(folder, _write(folder, manifest, card).to_dict())
     log.info("updated %s in %s (%s)", CARD_FILE, folder, why)
     return True
 
