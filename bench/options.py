@@ -1,13 +1,30 @@
 """The options of ``edgekd bench``, one field per option (see edgekd.core.optionspec)."""
 
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional
 
 from ..core.optionspec import MAX_IMAGES, MAX_THREADS, MAX_TIMEOUT, Options, opt, register
 
-# Full and --quick values of the timing options (None in the configuration means "the preset's").
-BENCH_DEFAULTS = {"warmup": 20, "runs": 200, "rounds": 5, "max_time": 30.0, "min_time": 2.0}
-BENCH_QUICK = {"warmup": 5, "runs": 30, "rounds": 3, "max_time": 5.0, "min_time": 0.2, "limit": 1000}
+
+@dataclass(frozen=True)
+class TimingPreset:
+    """The full or --quick values of the timing options (None in the configuration means "the preset's")."""
+
+    warmup: int
+    runs: int
+    rounds: int
+    max_time: float
+    min_time: float
+    limit: Optional[int] = None   # accuracy on at most this many test images (None: the whole split)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The preset as a dict (``limit`` only when the preset sets one), as edgekd fit's settings keep it."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+BENCH_DEFAULTS = TimingPreset(warmup=20, runs=200, rounds=5, max_time=30.0, min_time=2.0)
+BENCH_QUICK = TimingPreset(warmup=5, runs=30, rounds=3, max_time=5.0, min_time=0.2, limit=1000)
+TIMING_FIELDS = ("warmup", "runs", "rounds", "max_time", "min_time")
 
 
 @register("bench")

@@ -6,17 +6,19 @@ import logging
 import os
 import shutil
 import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..base import ssh
 from ..base.errors import EdgeKDError
 from ..bundle.assemble import write_runner
 from ..bundle.device import BenchJob
+from ..bundle.rows import DeviceBench, DeviceRow, MachineEnvironment, RecordError
 
 log = logging.getLogger(__name__)
 MIN_PYTHON = (3, 8)
 
 
-def check_device(target, timeout):
+def check_device(target: ssh.Target, timeout: int) -> None:
     """The device's Python answers and is new enough; returns its environment (CPU, cores, versions)."""
     probe = ("import sys, json; print(json.dumps(list(sys.version_info[:2])))")
     out = ssh.run(target, f"{ssh.quote(target.python)} -c {ssh.quote(probe)} 2>&1 || echo NO_PYTHON", timeout)
@@ -29,14 +31,16 @@ def check_device(target, timeout):
         raise EdgeKDError(f"{target}: Python {'.'.join(map(str, version))} is too old; the device runner needs 3.8+")
 
 
-def bench_bundles(target, bundles, images, labels, batch_sizes, warmup, runs, threads, timeout):
-    """Run ``bundles`` ([(name, folder)]) on the device; return (device environment, results by name):
-    each ``{"status", "accuracy", "load", "times": {batch_size: [ms, ...]}}``."""
+def bench_bundles(target: ssh.Target, bundles: Sequence[Tuple[str, str]], images: str, labels: str,
+                  batch_sizes: Sequence[int], warmup: int, runs: int, threads: Optional[int],
+                  timeout: int) -> Tuple[MachineEnvironment, Dict[str, DeviceRow]]:
+    """Run ``bundles`` ([(name, folder)]) on the device; return (device environment, its row by bundle name):
+    status, accuracy, load and the raw times by batch size."""
     check_device(target, timeout)
     stage = tempfile.mkdtemp(prefix="edgekd-device-")
     remote = None
     try:
-        names = []
+        names: List[str] = []
         for i, (name, folder) in enumerate(bundles):
             local = os.path.join(stage, f"bundle{i}")
             shutil.copytree(folder, local)
@@ -53,7 +57,7 @@ def bench_bundles(target, bundles, images, labels, batch_sizes, warmup, runs, th
         log.info("running the device runner on %s", target)
         out = ssh.run(target, f"cd {ssh.quote(remote)} && {ssh.quote(target.python)} device_runner.py bench job.json",
                       timeout)
-        result = json.loads(out.decode())
+        result = _parse(out, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if remote:
@@ -61,9 +65,12 @@ def bench_bundles(target, bundles, images, labels, batch_sizes, warmup, runs, th
                 ssh.run(target, f"rm -rf {ssh.quote(remote)}", 60)
             except EdgeKDError as e:
                 log.warning("could not remove %s on %s: %s", remote, target, e)
-    by_name = {}
-    for r in result["rows"]:
-        r["times"] = {int(b): t for b, t in (r.get("times") or {}).items()}
-        r["batch_status"] = {int(b): t for b, t in (r.get("batch_status") or {}).items()}
-        by_name[bundles[names.index(r.pop("bundle"))][0]] = r
-    return result["environment"], by_name
+    return result.environment, {bundles[names.index(r.bundle)][0]: r for r in result.rows}
+
+
+def _parse(out: bytes, target: ssh.Target) -> DeviceBench:
+    """The device runner's JSON answer as its record (EdgeKDError when it is not one)."""
+    try:
+        return DeviceBench.from_json(json.loads(out.decode()))
+    except (ValueError, RecordError) as e:
+        raise EdgeKDError(f"{target}: the device runner's answer is not its bench record: {e}") from e

@@ -9,21 +9,19 @@ options. The steps live in bench/plan.py (what each model is, which jobs make se
 
 import logging
 import tempfile
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ..base.errors import EdgeKDError
 from ..base.outdir import temp_prefix
 from ..bundle.card import record_bench
 from ..bundle.device import unsupported_batch
-from .options import BENCH_DEFAULTS, BENCH_QUICK
-# The building blocks, importable from here as before the split (tools/ and the tests use them).
-from .measure import (CHECK_S, EXTRA_ROUNDS, _measure, _measure_remote, _prepare, _progress_bar, save_images,  # noqa: F401
-                      _ssh_targets, _timed_rounds, kept_visits)
-from .plan import (NATIVE_BACKEND, Job, Model, check_batch_memory, check_device, describe, parse_cpus,  # noqa: F401
-                   plan_jobs)
+from ..bundle.rows import BenchResult, BenchSettings
+from .options import BENCH_DEFAULTS, BENCH_QUICK, TIMING_FIELDS
+from .measure import CHECK_S, EXTRA_ROUNDS, _measure, _measure_remote, _prepare, _progress_bar, _ssh_targets
+from .plan import Job, check_batch_memory, check_device, describe, parse_cpus, plan_jobs
 from .report import compare_results, load_results, table
-from .results import _loadavg, attach_profiles, bench_environment, build_rows, job_of, mark_best, write_outputs  # noqa: F401
+from .results import _loadavg, attach_profiles, bench_environment, build_rows, mark_best, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +46,11 @@ class Measurement:
     """How each job is timed (the full preset by default; ``request`` applies --quick's)."""
 
     batch_sizes: Sequence[int] = (1,)
-    warmup: int = BENCH_DEFAULTS["warmup"]
-    runs: int = BENCH_DEFAULTS["runs"]
-    rounds: int = BENCH_DEFAULTS["rounds"]
-    max_time: float = BENCH_DEFAULTS["max_time"]
-    min_time: float = BENCH_DEFAULTS["min_time"]
+    warmup: int = BENCH_DEFAULTS.warmup
+    runs: int = BENCH_DEFAULTS.runs
+    rounds: int = BENCH_DEFAULTS.rounds
+    max_time: float = BENCH_DEFAULTS.max_time
+    min_time: float = BENCH_DEFAULTS.min_time
     remeasure_slow: float = 0.15        # a fraction (the command line's --remeasure-slow is in percent)
     threads: Optional[int] = None
     cpus: Optional[str] = None          # "0", "0,1" or "0-3": pin every worker there
@@ -75,13 +73,23 @@ class Results:
             raise EdgeKDError(f"max_drop must be 0 or more, got {self.max_drop}")
 
 
+@dataclass(frozen=True)
+class BenchOutcome:
+    """What ``run_bench`` returns: the result written to results.json, its markdown table, and the comparison
+    with an earlier run (text) when one was asked for."""
+
+    result: BenchResult
+    table: str
+    comparison: Optional[str] = None
+
+
 def request(opts: Any) -> Tuple[BenchPlan, Measurement, Results]:
     """The three parts of a benchmark from ``edgekd bench``'s options (BenchOptions): timing options left
     unset take the full or --quick preset, percentages become fractions."""
     preset = BENCH_QUICK if opts.quick else BENCH_DEFAULTS
-    timing = {k: getattr(opts, k) if getattr(opts, k) is not None else preset[k] for k in BENCH_DEFAULTS}
+    timing = {f: getattr(opts, f) if getattr(opts, f) is not None else getattr(preset, f) for f in TIMING_FIELDS}
     plan = BenchPlan(models=opts.models, devices=opts.device, backends=opts.backends, data=opts.data,
-                     data_root=opts.data_root, limit=opts.limit if opts.limit is not None else preset.get("limit"),
+                     data_root=opts.data_root, limit=opts.limit if opts.limit is not None else preset.limit,
                      ssh_config=opts.ssh_config, ssh_timeout=opts.timeout)
     measurement = Measurement(batch_sizes=opts.batch_sizes, remeasure_slow=opts.remeasure_slow / 100,
                               threads=opts.threads, cpus=opts.cpus, profile=opts.profile, progress=opts.progress,
@@ -91,25 +99,24 @@ def request(opts: Any) -> Tuple[BenchPlan, Measurement, Results]:
     return plan, measurement, results
 
 
-def _settings(plan: BenchPlan, m: Measurement, results: Results, devices: list, cpus: Optional[list],
-              threads: Optional[int]) -> Dict[str, Any]:
+def _settings(plan: BenchPlan, m: Measurement, results: Results, devices: List[str], cpus: Optional[List[int]],
+              threads: Optional[int]) -> BenchSettings:
     """The settings as results.json records them (and as the measuring steps read them)."""
     rounds = min(m.rounds, m.runs)
-    return {"batch_sizes": list(m.batch_sizes), "warmup": m.warmup, "runs": m.runs, "rounds": rounds,
-            "max_time_s": m.max_time, "min_time_s": min(m.min_time, m.max_time),
-            "remeasure_slow": m.remeasure_slow, "check_s": CHECK_S if m.remeasure_slow else 0.0,
-            "max_extra_rounds": EXTRA_ROUNDS * rounds if m.remeasure_slow else 0,
-            "threads": threads, "cpus": cpus, "limit": plan.limit, "max_drop": results.max_drop,
-            "devices": devices, "backends": list(plan.backends) if plan.backends else plan.backends,
-            "profile": m.profile}
+    return BenchSettings(batch_sizes=list(m.batch_sizes), warmup=m.warmup, runs=m.runs, rounds=rounds,
+                         max_time_s=m.max_time, min_time_s=min(m.min_time, m.max_time),
+                         remeasure_slow=m.remeasure_slow, check_s=CHECK_S if m.remeasure_slow else 0.0,
+                         max_extra_rounds=EXTRA_ROUNDS * rounds if m.remeasure_slow else 0,
+                         threads=threads, cpus=cpus, limit=plan.limit, max_drop=results.max_drop,
+                         devices=devices, backends=list(plan.backends) if plan.backends is not None else None,
+                         profile=m.profile)
 
 
-def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> Dict[str, Any]:
+def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> BenchOutcome:
     """Benchmark ``plan.models`` (the first is the reference, the teacher); write the results into ``results.out``.
 
-    Returns the result dict plus ``table`` (markdown) and ``comparison`` (text, when ``results.compare`` is given).
+    Returns the result with its markdown table and, when ``results.compare`` is given, the comparison's text.
     """
-
     m = measurement
     devices = [check_device(d) for d in plan.devices]
     targets = _ssh_targets(devices, plan.ssh_config, plan.ssh_timeout)
@@ -138,17 +145,15 @@ def run_bench(plan: BenchPlan, measurement: Measurement, results: Results) -> Di
     if m.profile:
         attach_profiles(rows, jobs)
     mark_best(rows, results.max_drop)
-    env["loadavg_end"] = _loadavg()
-    result = {"environment": env, "data": data_spec, "settings": settings, "rows": rows}
-    if device_envs:
-        result["device_environments"] = device_envs
+    result = BenchResult(environment=replace(env, loadavg_end=_loadavg()), data=data_spec, settings=settings,
+                         rows=rows, device_environments=device_envs or None)
     comparison = compare_results(old, result, results.compare, results.compare_tolerance) if old else None
     write_outputs(results.out, result, comparison)
     record_bench(result)  # each measured bundle's MODEL_CARD.md gains its rows
-    return {**result, "table": table(rows), "comparison": comparison}
+    return BenchOutcome(result=result, table=table(rows), comparison=comparison)
 
 
-def _static_batch_status(jobs, batch_sizes):
+def _static_batch_status(jobs: Sequence[Job], batch_sizes: Sequence[int]) -> None:
     """A bundle with a static batch (``edgekd export --target arm64`` for OpenVINO) is timed at that batch only."""
     for job in jobs:
         if job.static_batch:

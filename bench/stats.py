@@ -1,9 +1,12 @@
 """Latency statistics from raw timings, and the interleaved order in which models are measured."""
 
 import math
+from typing import List, Sequence, Tuple
+
+from ..bundle.rows import Latency
 
 
-def percentile(sorted_values, q):
+def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Linearly interpolated percentile of an ascending list (numpy's default method)."""
     if not sorted_values:
         return float("nan")
@@ -13,7 +16,7 @@ def percentile(sorted_values, q):
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
-def summarize(times_ms, batch_size):
+def timing(times_ms: Sequence[float], batch_size: int) -> Tuple[Latency, float]:
     """p50/p90/p99, mean, sample std, min, max of per-call latencies (ms), and throughput in images/s.
 
     Throughput is batch_size / mean latency: what one caller calling back to back sustains.
@@ -24,14 +27,23 @@ def summarize(times_ms, batch_size):
         raise ValueError("no timings to summarize")
     mean = sum(times) / n
     std = math.sqrt(sum((t - mean) ** 2 for t in times) / (n - 1)) if n > 1 else 0.0
-    return {
-        "latency_ms": {"p50": percentile(times, 50), "p90": percentile(times, 90), "p99": percentile(times, 99),
-                       "mean": mean, "std": std, "min": times[0], "max": times[-1], "runs": n},
-        "throughput_ips": batch_size * 1000.0 / mean,
-    }
+    latency = Latency(p50=percentile(times, 50), p90=percentile(times, 90), p99=percentile(times, 99), mean=mean,
+                      std=std, min=times[0], max=times[-1], runs=n)
+    return latency, batch_size * 1000.0 / mean
 
 
-def schedule(n_models, batch_sizes, rounds):
+def summarize(times_ms: Sequence[float], batch_size: int) -> dict:
+    """``timing`` as results.json's row writes it: ``{"latency_ms": {...}, "throughput_ips": ...}``."""
+    latency, throughput = timing(times_ms, batch_size)
+    return {"latency_ms": latency.to_json(), "throughput_ips": throughput}
+
+
+def p50(times_ms: Sequence[float]) -> float:
+    """The median of per-call latencies (ms)."""
+    return percentile(sorted(float(t) for t in times_ms), 50)
+
+
+def schedule(n_models: int, batch_sizes: Sequence[int], rounds: int) -> List[Tuple[int, int, int]]:
     """The order of timed visits: ``[(round, batch_size, model_index), ...]``.
 
     Every round visits every batch size, and within it every model in turn, so slow drift of the
@@ -46,7 +58,7 @@ def schedule(n_models, batch_sizes, rounds):
     return order
 
 
-def split_runs(total, rounds):
+def split_runs(total: int, rounds: int) -> List[int]:
     """Timed runs per visit: ``total`` spread over ``rounds`` as evenly as possible (earlier rounds take the rest)."""
     base, extra = divmod(total, rounds)
     return [base + (1 if r < extra else 0) for r in range(rounds)]

@@ -12,7 +12,7 @@ import tempfile
 from typing import Dict, List, Set, Tuple
 
 # The modules the runner carries, each after the ones it imports.
-RUNNER_MODULES = ("environment", "checks", "manifest", "preprocessing", "sessions", "device")
+RUNNER_MODULES = ("environment", "checks", "manifest", "preprocessing", "sessions", "rows", "device")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 HEADER = '''"""The self-contained runner that edgekd copies to an edge device and runs with the device's Python.

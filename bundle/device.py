@@ -4,7 +4,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..base.errors import BundleError
@@ -12,6 +12,7 @@ from .checks import RUNTIME_PACKAGE, check_outputs
 from .environment import environment, library_version, time_calls
 from .manifest import Parity, verify
 from .preprocessing import load_images, printable
+from .rows import Accuracy, DeviceRow, Load, Record
 from .sessions import in_batches_of, message, open_model, open_session
 
 # What the runner prints when its arguments are not one of its commands.
@@ -75,7 +76,37 @@ class LogitsJob:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def bench_one(folder: str, job: BenchJob, images: Any, labels: Any) -> Dict[str, Any]:
+@dataclass
+class Scored(Record):
+    """One class of a prediction: its name, its index in the model's output, its softmax score (None: not finite)."""
+
+    label: str
+    index: int
+    score: Optional[float]
+
+
+@dataclass
+class Prediction(Record):
+    """predict's answer for one image: the top classes, best first; ``finite`` is written only when False."""
+
+    image: Any
+    top: List[Scored]
+    finite: Optional[bool] = None
+    OPTIONAL = frozenset({"finite"})
+
+
+@dataclass
+class CheckResult(Record):
+    """What ``check BUNDLE_DIR`` prints: the bundle ran one batch here, and how many parity images agreed."""
+
+    ok: bool
+    output_shape: List[int]
+    runtime_device: Optional[str]
+    runtime_precision: Optional[str]
+    parity_images: int = 0
+
+
+def bench_one(folder: str, job: BenchJob, images: Any, labels: Any) -> DeviceRow:
     """Accuracy on every image, then raw per-call times for each batch size, each call on different
     images; the caller computes the statistics. A failure is the row's status."""
     import numpy as np
@@ -87,13 +118,15 @@ def bench_one(folder: str, job: BenchJob, images: Any, labels: Any) -> Dict[str,
         run(images[:1])
         first_ms = (time.perf_counter() - start) * 1000.0
     except BundleError as e:
-        return {"status": str(e)}
+        return DeviceRow(status=str(e))
     logits = np.concatenate([np.asarray(run(images[i:i + 64])) for i in range(0, len(images), 64)])
     bad = int((~np.isfinite(logits)).any(1).sum())
     if bad:  # a top-1 of NaN rows is no answer: the row fails, by name
-        return {"status": "failed: the model returned non-finite outputs (NaN or infinity) for %d images" % bad}
+        return DeviceRow(status="failed: the model returned non-finite outputs (NaN or infinity) for %d images" % bad)
     top5 = np.argsort(-logits, axis=1)[:, :5]
-    times, skipped, static = {}, {}, manifest.static_batch
+    times = {}  # type: Dict[str, List[float]]
+    skipped = {}  # type: Dict[str, str]
+    static = manifest.static_batch
     for b in job.batch_sizes:
         if static and b != static:
             skipped[str(b)] = unsupported_batch(static, b)
@@ -101,11 +134,11 @@ def bench_one(folder: str, job: BenchJob, images: Any, labels: Any) -> Dict[str,
         count = max(1, min(job.runs, len(images) // b))
         batches = [np.ascontiguousarray(images[i * b:(i + 1) * b]) for i in range(count)]
         times[str(b)] = time_calls(run, batches, job.warmup, job.runs)
-    return {"status": None, "times": times, "batch_status": skipped,
-            "accuracy": {"top1": float((logits.argmax(1) == labels).mean()),
-                         "top5": float((top5 == labels[:, None]).any(1).mean()),
-                         "predictions": logits.argmax(1).tolist()},
-            "load": {"first_inference_ms": first_ms, "threads": info.get("threads") or job.threads or os.cpu_count()}}
+    accuracy = Accuracy(top1=float((logits.argmax(1) == labels).mean()),
+                        top5=float((top5 == labels[:, None]).any(1).mean()), predictions=logits.argmax(1).tolist())
+    threads = Load.from_json(info).threads or job.threads or os.cpu_count()
+    return DeviceRow(status=None, times=times, batch_status=skipped, accuracy=accuracy,
+                     load=Load(first_inference_ms=first_ms, threads=threads))
 
 
 def unsupported_batch(static: int, b: int) -> str:
@@ -123,8 +156,8 @@ def bench(job_path: str) -> Dict[str, Any]:
         raise BundleError("numpy is not installed on the device: pip install numpy")
     images = np.load(os.path.join(base, job.images))
     labels = np.load(os.path.join(base, job.labels))
-    rows = [dict(bench_one(os.path.join(base, b), job, images, labels), bundle=b) for b in job.bundles]
-    return {"environment": environment(), "rows": rows}
+    rows = [replace(bench_one(os.path.join(base, b), job, images, labels), bundle=b) for b in job.bundles]
+    return {"environment": environment(), "rows": [row.to_json() for row in rows]}
 
 
 def ranked(paths: Sequence[Any], logits: Any, classes: List[str], k: int = 1) -> List[Dict[str, Any]]:
@@ -143,19 +176,19 @@ def ranked(paths: Sequence[Any], logits: Any, classes: List[str], k: int = 1) ->
         p = np.exp(row - row.max()) if finite else np.full_like(row, np.nan)
         p = p / p.sum() if finite else p
         order = np.argsort(-p)[:k] if finite else np.arange(min(k, len(p)))
-        top = [{"label": classes[i], "index": int(i), "score": float(p[i]) if finite else None} for i in order]
-        results.append({"image": path, "top": top} if finite else {"image": path, "top": top, "finite": False})
+        top = [Scored(label=classes[i], index=int(i), score=float(p[i]) if finite else None) for i in order]
+        results.append(Prediction(image=path, top=top, finite=None if finite else False).to_json())
     return results
 
 
 def text_lines(results: List[Dict[str, Any]]) -> List[str]:
     """predict's text output: one line per image, names from files escaped."""
     lines = []
-    for r in results:
-        scores = ", ".join("%s %s" % (printable(t["label"]), "nan" if t["score"] is None else "%.4f" % t["score"])
-                           for t in r["top"])
-        lines.append(printable(str(r["image"])) + ": " + scores + ("" if r.get("finite", True) else
-                                                                      " (the model returned non-finite scores)"))
+    for r in map(Prediction.from_json, results):
+        scores = ", ".join("%s %s" % (printable(t.label), "nan" if t.score is None else "%.4f" % t.score)
+                           for t in r.top)
+        lines.append(printable(str(r.image)) + ": " + scores + ("" if r.finite is not False else
+                                                                   " (the model returned non-finite scores)"))
     return lines
 
 
@@ -202,20 +235,21 @@ def check(folder: str) -> Dict[str, Any]:
     (h, w), parity = manifest.resize, manifest.parity
     try:
         out = np.asarray(run(np.zeros((manifest.static_batch or 1, manifest.channels, h, w), dtype=np.float32)))
-        result = {"ok": True, "output_shape": list(out.shape), "runtime_device": info.get("runtime_device"),
-                  "runtime_precision": info.get("runtime_precision"), "parity_images": 0}
+        load = Load.from_json(info)
+        result = CheckResult(ok=True, output_shape=list(out.shape), runtime_device=load.runtime_device,
+                             runtime_precision=load.runtime_precision)
         if parity:
             images = np.load(os.path.join(folder, parity.file))
             problem = agreement(parity, run(images))
             if problem:
                 raise BundleError("parity check failed on this device: " + problem)
-            result["parity_images"] = len(images)
+            result.parity_images = len(images)
     except BundleError:
         raise
     except Exception as e:
         runtime = RUNTIME_PACKAGE[manifest.format]  # the schema allows only its keys
         raise BundleError("%s %s cannot run this bundle: %s" % (runtime, library_version(runtime), message(e)))
-    return result
+    return result.to_json()
 
 
 def logits(job_path: str) -> Dict[str, Any]:

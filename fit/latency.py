@@ -168,12 +168,10 @@ def measure(bundles: Dict[str, str], device: str, settings: Dict[str, Any], work
         shutil.rmtree(out, ignore_errors=True)
     by_name = {os.path.basename(os.path.normpath(bundles[n])): n for n in names}
     entries: Dict[str, Dict[str, Any]] = {}
-    for row in result["rows"]:
-        lat = row.get("latency_ms") or {}
-        entries[by_name[row["model"]]] = {
-            "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "size_mb": row.get("size_mb"),
-            "mem_mb": row.get("peak_rss_mb"), "top1": row.get("top1"), "status": row["status"],
-            "emulated": row.get("emulated")}
+    for row in result.result.rows:
+        entries[by_name[row.model]] = {
+            "p50_ms": row.latency_ms and row.latency_ms.p50, "p90_ms": row.p90, "size_mb": row.size_mb,
+            "mem_mb": row.peak_rss_mb, "top1": row.top1, "status": row.status, "emulated": row.emulated}
     return entries
 
 

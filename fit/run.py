@@ -52,7 +52,7 @@ def settings_of(opts: FitOptions, out: str) -> Dict[str, Any]:
     for k in ("teacher", "data", "unlabeled", "teacher_classes", "teacher_weights", "data_root"):
         distill[k] = _abs(distill[k])
     distill.update(teacher_cache=os.path.abspath(os.path.join(out, "teacher-cache")), threads=opts.train_threads)
-    timing = dict(BENCH_QUICK if opts.quick else BENCH_DEFAULTS)
+    timing = (BENCH_QUICK if opts.quick else BENCH_DEFAULTS).to_dict()
     limit = timing.pop("limit", None)
     return {"distill": distill, "epochs_short": opts.epochs_short, "epochs": opts.epochs, "work": os.path.abspath(out),
             "device": opts.device, "data": distill["data"], "data_root": distill["data_root"], "limit": limit,

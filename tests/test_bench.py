@@ -5,8 +5,9 @@ import pytest
 from tqdm import tqdm
 
 from edgekd import EdgeKDError
-from edgekd.bench import measure, report, run
-from edgekd.bench.plan import Job, Model
+from edgekd.bench import measure, plan, report, results
+from edgekd.bench.plan import Job, Model, Visit
+from edgekd.bundle.rows import Accuracy, BenchResult, BenchRow, BenchSettings
 from edgekd.bench.stats import percentile, schedule, split_runs, summarize
 
 
@@ -55,8 +56,8 @@ def test_timed_rounds_follow_the_schedule_and_a_failure_marks_only_its_batch(mon
     calls = []
     jobs = [Job(model=m, backend="x", device="cpu") for m in ("teacher", "student", "broken")]
     live = [(j, FakeWorker(j.model, calls)) for j in jobs]
-    settings = {"rounds": 2, "batch_sizes": [1, 8], "runs": 9, "warmup": 10, "max_time_s": 5.0}
-    run._timed_rounds(live, settings, tqdm(disable=True))
+    settings = BenchSettings.from_json({"rounds": 2, "batch_sizes": [1, 8], "runs": 9, "warmup": 10, "max_time_s": 5.0})
+    measure._timed_rounds(live, settings, tqdm(disable=True))
     visited = [(c[0], c[1]) for c in calls]
     names = ["teacher", "student", "broken"]
     expected = [(names[k], b) for _, b, k in schedule(3, [1, 8], 2) if not (names[k] == "broken" and b == 8 and _ > 0)]
@@ -68,16 +69,16 @@ def test_timed_rounds_follow_the_schedule_and_a_failure_marks_only_its_batch(mon
 
 
 def test_a_visit_counts_only_when_its_median_and_checks_are_near_the_fastest():
-    visits = [{"p50_ms": 1.0, "check_ms": [1.0, 1.05]}, {"p50_ms": 1.0, "check_ms": [1.0, 1.3]},
+    visits = [Visit([], **v) for v in ({"p50_ms": 1.0, "check_ms": [1.0, 1.05]}, {"p50_ms": 1.0, "check_ms": [1.0, 1.3]},
               {"p50_ms": 1.1, "check_ms": [1.12, 1.1]}, {"p50_ms": 1.2, "check_ms": [1.0, 1.0]},
-              {"p50_ms": 1.0, "check_ms": None}]
+              {"p50_ms": 1.0, "check_ms": None})]
     # check floor 1.0 (visit 4), p50 floor 1.0: visit 2's check (1.3) and visit 4's median (1.2) are slow.
-    assert run.kept_visits(visits, 0.15) == [True, False, True, False, True]
-    assert run.kept_visits(visits, 0.0) == [True] * 5  # 0 keeps every visit
-    assert run.kept_visits([{"p50_ms": 2.0, "check_ms": [2.0, 2.0]}], 0.15) == [True]
+    assert measure.kept_visits(visits, 0.15) == [True, False, True, False, True]
+    assert measure.kept_visits(visits, 0.0) == [True] * 5  # 0 keeps every visit
+    assert measure.kept_visits([Visit([], p50_ms=2.0, check_ms=[2.0, 2.0])], 0.15) == [True]
     # The fastest median had a slow check, the fastest check a slow median: the least slow visit still counts.
-    split = [{"p50_ms": 1.0, "check_ms": [1.0, 1.6]}, {"p50_ms": 1.5, "check_ms": [1.0, 1.0]}]
-    assert run.kept_visits(split, 0.15) == [False, True]  # slowness 1.6 against 1.5
+    split = [Visit([], p50_ms=1.0, check_ms=[1.0, 1.6]), Visit([], p50_ms=1.5, check_ms=[1.0, 1.0])]
+    assert measure.kept_visits(split, 0.15) == [False, True]  # slowness 1.6 against 1.5
 
 
 class SpellWorker:
@@ -100,23 +101,23 @@ def test_a_visit_in_a_slow_spell_is_measured_again_and_every_visit_stays_on_reco
     jobs = [Job(model=m, backend="x", device="cpu") for m in ("teacher", "student", "always-slow")]
     workers = [SpellWorker("teacher", set(), log), SpellWorker("student", {2}, log),
                SpellWorker("always-slow", set(range(2, 99)), log)]
-    settings = {"rounds": 3, "batch_sizes": [1], "runs": 6, "warmup": 3, "max_time_s": 5.0,
-                "remeasure_slow": 0.15, "check_s": 0.05, "max_extra_rounds": 3}
-    run._timed_rounds(list(zip(jobs, workers)), settings, tqdm(disable=True))
+    settings = BenchSettings.from_json({"rounds": 3, "batch_sizes": [1], "runs": 6, "warmup": 3, "max_time_s": 5.0,
+                                        "remeasure_slow": 0.15, "check_s": 0.05, "max_extra_rounds": 3})
+    measure._timed_rounds(list(zip(jobs, workers)), settings, tqdm(disable=True))
     teacher, student, slow = jobs
     assert log[:9] == [(m, 1) for m in ("teacher", "student", "always-slow", "student", "always-slow", "teacher",
                                         "always-slow", "teacher", "student")]  # the planned, interleaved rounds
-    assert [v["kept"] for v in teacher.visit_log[1]] == [True] * 3  # never slow: no extra visit
-    assert [v["kept"] for v in student.visit_log[1]] == [True, False, True, True]  # visit 2 done again
+    assert [v.kept for v in teacher.visit_log[1]] == [True] * 3  # never slow: no extra visit
+    assert [v.kept for v in student.visit_log[1]] == [True, False, True, True]  # visit 2 done again
     assert student.times[1] == [1.001] * 2 + [1.003] * 2 + [1.004] * 2  # the slow visit's timings left out
     assert student.round_p50[1] == [1.001, 1.003, 1.004]
     # A row that never gets back to its fast state stops after --rounds extra visits, keeping what it has.
-    assert len(slow.visit_log[1]) == 6 and [v["kept"] for v in slow.visit_log[1]] == [True] + [False] * 5
+    assert len(slow.visit_log[1]) == 6 and [v.kept for v in slow.visit_log[1]] == [True] + [False] * 5
     assert log.count(("teacher", 1)) == 3 and log.count(("student", 1)) == 4
     for j in jobs:
-        j.accuracy = {"top1": 0.5}
-    rows = run.build_rows(jobs, [1])
-    assert [len(r["visits"]) for r in rows] == [3, 4, 6] and rows[1]["latency_ms"]["runs"] == 6
+        j.accuracy = Accuracy(top1=0.5)
+    rows = results.build_rows(jobs, [1])
+    assert [len(r.visits) for r in rows] == [3, 4, 6] and rows[1].latency_ms.runs == 6
 
 
 def test_the_worker_checks_the_machine_before_and_after_its_timed_calls():
@@ -141,21 +142,22 @@ def test_pareto_front_keeps_only_points_nothing_beats():
 
 
 def _row(model, backend, b, p50, top1, status="ok"):
-    return {"model": model, "backend": backend, "precision": "fp32", "device": "cpu", "batch_size": b, "top1": top1,
-            "status": status, "latency_ms": {"p50": p50} if status == "ok" else None}
+    return BenchRow.from_json({"model": model, "backend": backend, "precision": "fp32", "device": "cpu", "batch_size": b,
+                               "top1": top1, "status": status, "latency_ms": {"p50": p50} if status == "ok" else None})
 
 
 def test_best_is_the_fastest_row_within_the_allowed_top1_drop():
     rows = [_row("teacher", "torch", 1, 10.0, 0.90), _row("s", "torch", 1, 3.0, 0.895),
             _row("s", "onnxruntime", 1, 1.0, 0.87), _row("s", "openvino", 1, 2.0, 0.89)]
-    run.mark_best(rows, max_drop=0.01)
-    assert [r["best"] for r in rows] == [False, False, False, True]
-    run.mark_best(rows, max_drop=0.05)
-    assert [r["best"] for r in rows] == [False, False, True, False]
+    results.mark_best(rows, max_drop=0.01)
+    assert [r.best for r in rows] == [False, False, False, True]
+    results.mark_best(rows, max_drop=0.05)
+    assert [r.best for r in rows] == [False, False, True, False]
 
 
 def _result(rows, cpu="AMD EPYC"):
-    return {"environment": {"cpu": cpu, "started_utc": "2026-01-01T00:00:00Z"}, "rows": rows}
+    return BenchResult.from_json({"environment": {"cpu": cpu, "started_utc": "2026-01-01T00:00:00Z"},
+                                  "rows": [r.to_json() for r in rows]})
 
 
 def test_compare_names_what_got_faster_slower_more_and_less_accurate():
@@ -189,35 +191,35 @@ def test_compare_refuses_a_file_that_is_not_results(tmp_path):
                                       ("tpu", False), ("openvino:", False), ("cuda:x", False)])
 def test_device_names(text, ok):
     if ok:
-        assert run.check_device(text) == text
+        assert plan.check_device(text) == text
     else:
         with pytest.raises(EdgeKDError, match="unknown device"):
-            run.check_device(text)
+            plan.check_device(text)
 
 
 def test_cpu_lists():
     import os
 
     first = min(os.sched_getaffinity(0))
-    assert run.parse_cpus(str(first)) == [first]
+    assert plan.parse_cpus(str(first)) == [first]
     with pytest.raises(EdgeKDError, match="cannot use"):
-        run.parse_cpus("4096")
+        plan.parse_cpus("4096")
     with pytest.raises(EdgeKDError, match="not a CPU list"):
-        run.parse_cpus("a-b")
+        plan.parse_cpus("a-b")
 
 
 def test_plan_runs_each_model_in_the_backends_that_can_read_it():
     ckpt, onnx, ir = (Model(model=n, kind=k) for n, k in (("t", "checkpoint"), ("s-onnx", "onnx"), ("s-ov", "openvino")))
-    native = run.plan_jobs([ckpt, onnx, ir], None, ["cpu"])
+    native = plan.plan_jobs([ckpt, onnx, ir], None, ["cpu"])
     assert [(j.model, j.backend, j.status) for j in native] == [
         ("t", "torch", None), ("s-onnx", "onnxruntime", None), ("s-ov", "openvino", None)]
-    every = run.plan_jobs([ckpt, onnx, ir], ["torch", "onnxruntime", "openvino"], ["cpu"])
+    every = plan.plan_jobs([ckpt, onnx, ir], ["torch", "onnxruntime", "openvino"], ["cpu"])
     assert [(j.model, j.backend) for j in every] == [
         ("t", "torch"), ("t", "onnxruntime"), ("t", "openvino"), ("s-onnx", "onnxruntime"), ("s-onnx", "openvino"),
         ("s-ov", "openvino")]
-    none = run.plan_jobs([onnx], ["torch"], ["cpu", "cuda"])
+    none = plan.plan_jobs([onnx], ["torch"], ["cpu", "cuda"])
     assert [j.status for j in none] == ["torch cannot run an onnx bundle (it runs in onnxruntime, openvino)"] * 2
-    assert run.plan_jobs([ckpt, ckpt], None, ["cpu"])[1].model == "t-2"  # two models of one name stay apart
+    assert plan.plan_jobs([ckpt, ckpt], None, ["cpu"])[1].model == "t-2"  # two models of one name stay apart
 
 
 def test_a_fast_model_gets_more_calls_until_the_minimum_time_is_covered():

@@ -15,7 +15,8 @@ from edgekd.core.checkpoint import save_checkpoint
 from edgekd.core.config import TrainOptions
 from edgekd.core.data import InputSpec
 from edgekd.core.batchnorm import check_batchnorm
-from edgekd.core.distill import FrozenTeacher, prepare_data
+from edgekd.core.distill import prepare_data
+from edgekd.core.teachers import FrozenTeacher
 from edgekd.core.train_loop import TrainRun, evaluate, fit
 from edgekd.core.losses import make_loss
 from edgekd.core.models import build_model, count_params
@@ -148,7 +149,7 @@ def test_batchnorm_trap_is_detected_on_training_images_and_fixed_by_reestimation
     run = TrainRun(train, test, make_loss("ce")[0])
     fit(model, run, cfg)
     healthy = check_batchnorm(model, run, cfg)
-    assert healthy["trapped"] is False and healthy["recalibrated"] is False
+    assert healthy.trapped is False and healthy.recalibrated is False
     # Stale statistics, as torchvision's MobileNetV3 (momentum 0.01) keeps after a short run.
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -156,9 +157,9 @@ def test_batchnorm_trap_is_detected_on_training_images_and_fixed_by_reestimation
             m.running_var.fill_(0.01)
     stale = evaluate(model, test)
     report = check_batchnorm(model, run, cfg)
-    assert report["trapped"] and report["recalibrated"] and report["test_top1_before"] == stale
-    assert report["eval_top1_after"] > report["eval_top1"] + 0.1
-    assert check_batchnorm(model, run, replace(cfg, bn_recalibrate="never"))["recalibrated"] is False
+    assert report.trapped and report.recalibrated and report.test_top1_before == stale
+    assert report.eval_top1_after > report.eval_top1 + 0.1
+    assert check_batchnorm(model, run, replace(cfg, bn_recalibrate="never")).recalibrated is False
 
 
 def test_distill_cli_dkd_with_cache_logs_every_part_and_reuses_the_cache(cifar_folder, tmp_path, cli):

@@ -363,7 +363,8 @@ def cache_place(tmp_path_factory):
     from torch import nn
 
     from edgekd.core.config import TrainOptions
-    from edgekd.core.distill import FrozenTeacher, prepare_data
+    from edgekd.core.distill import prepare_data
+    from edgekd.core.teachers import FrozenTeacher
     from edgekd.core.teacher_cache import TeacherCache
 
     data, train, _ = prepare_data(TrainOptions(data="digits", progress=False, workers=0, train_subset=40,

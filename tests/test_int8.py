@@ -60,10 +60,10 @@ def test_layer_report_ranks_the_broken_layer_first(digits_run, tmp_path, fmt):
 
     images = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
     prof = profile_bundle(str(out), images, batch_size=4, runs=3)
-    assert prof["runtime"] == ("onnxruntime" if fmt == "onnx" else "openvino") and prof["total_ms"] > 0
-    assert prof["by_type"] and all(r["ms"] >= 0 and r["op_type"] for r in prof["by_type"])
-    assert prof["by_layer"] and abs(sum(r["share"] for r in prof["by_type"]) - 1) < 0.01
-    assert prof["precision_share"].get("int8", 0) > 0  # some operator ran (or was fed) in INT8
+    assert prof.runtime == ("onnxruntime" if fmt == "onnx" else "openvino") and prof.total_ms > 0
+    assert prof.by_type and all(r.ms >= 0 and r.op_type for r in prof.by_type)
+    assert prof.by_layer and abs(sum(r.share for r in prof.by_type) - 1) < 0.01
+    assert prof.precision_share.get("int8", 0) > 0  # some operator ran (or was fed) in INT8
 
 
 @pytest.mark.slow

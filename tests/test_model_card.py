@@ -9,6 +9,7 @@ import pytest
 from edgekd.bundle.card import CARD_FILE, record_bench, update_card
 from edgekd.bundle.card_text import ms, pct
 from edgekd.bundle.manifest import read_manifest, sha256_file, write_manifest
+from edgekd.bundle.rows import BenchResult
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_a_bundle_from_before_cards_still_runs_and_is_left_alone(run, tmp_path, 
     assert "label" in cli("predict", bundle, image, "--json").stdout
     rows = [{"path": str(bundle), "device": "cpu", "backend": "onnxruntime", "precision": "fp32", "batch_size": 1,
              "latency_ms": {"p50": 1.0, "p90": 2.0}, "top1": 0.5, "status": "ok"}]
-    assert record_bench({"environment": {}, "rows": rows}) == []
+    assert record_bench(BenchResult.from_json({"environment": {}, "rows": rows})) == []
     assert not (bundle / CARD_FILE).exists() and (bundle / "manifest.json").read_text() == before
 
 

@@ -17,7 +17,8 @@ from edgekd.base import cpu
 from edgekd.core.augment import AugmentPlan, Views
 from edgekd.core.config import TrainOptions
 from edgekd.core.data import InputSpec
-from edgekd.core.distill import FrozenTeacher, prepare_data
+from edgekd.core.distill import prepare_data
+from edgekd.core.teachers import FrozenTeacher
 from edgekd.core.losses import make_loss
 from edgekd.core.teacher_cache import LiveMemo, TeacherCache, fill_value
 from edgekd.core.teacher_speed import check_dtype, resolve_dtype, settle_teacher_dtype

@@ -215,7 +215,7 @@ def test_timm_teacher_from_a_local_safetensors_file(digits, tmp_path):
 def test_class_order_is_matched_by_name_picked_by_index_or_refused(tmp_path):
     data = ["cat", "dog", "fox"]
     index, record = class_index(data, 3, names=["fox", "cat", "dog"], names_from="test")
-    assert index == [1, 2, 0] and record["matched"] == "by name"
+    assert index == [1, 2, 0] and record.matched == "by name"
     assert class_index(data, 3, names=list(data))[0] is None  # already in order: nothing to permute
     # A subset of a larger teacher by index: three of its 20 outputs, named, in any line order.
     picks = tmp_path / "picks.txt"

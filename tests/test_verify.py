@@ -155,7 +155,7 @@ class _Counted:
         import torch
         from torch import nn
 
-        from edgekd.core.distill import FrozenTeacher
+        from edgekd.core.teachers import FrozenTeacher
 
         class Net(nn.Module):
             def __init__(self):

@@ -133,9 +133,9 @@ class Bench(Command):
         inputs = [("MODEL", m) for m in args.models or []] + [("--compare", args.compare), ("--data", args.data)]
         with run_folder(args, inputs):
             result = run_bench(*request(args))  # plan, measurement, results from the BenchOptions
-        print(printable(result["table"]))
-        if result["comparison"]:
-            print("\n" + printable(result["comparison"]))
+        print(printable(result.table))
+        if result.comparison:
+            print("\n" + printable(result.comparison))
         print(f"\nwrote {args.out}/results.json, results.csv, report.md, accuracy_vs_latency.png, latency.png"
               + (", profile.png" if args.profile else ""))
 

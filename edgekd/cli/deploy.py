@@ -38,7 +38,7 @@ class Checked:
     parity_images: Optional[int] = None
 
 
-def check_on_device(target: ssh.Target, runner: str, staging: str, name: str, timeout: float) -> Dict[str, Any]:
+def check_on_device(target: ssh.Target, runner: str, staging: str, name: str, timeout: int) -> Dict[str, Any]:
     """The runner's ``check`` on the device (its JSON, {} when only the checksums could be checked); a bundle that
     fails it is refused with the device's own error."""
     q = ssh.quote
@@ -60,7 +60,7 @@ def check_on_device(target: ssh.Target, runner: str, staging: str, name: str, ti
     return dict(result)
 
 
-def deploy(bundle: str, url: str, ssh_config: Optional[str] = None, timeout: float = ssh.DEFAULT_TIMEOUT_S,
+def deploy(bundle: str, url: str, ssh_config: Optional[str] = None, timeout: int = ssh.DEFAULT_TIMEOUT_S,
            python: Optional[str] = None) -> Tuple[ssh.Target, str, DeviceEnv]:
     """Install ``bundle`` on the device; return (target, remote bundle path, device environment)."""
     if not os.path.isdir(bundle):

@@ -172,6 +172,8 @@ class Prepare(Command):
     def run(self, args: PrepareOptions) -> None:
         from ..core.image_store import run_prepare  # heavy: torch
 
+        if not args.data or not args.out:  # PrepareOptions.validate refuses these first
+            raise EdgeKDError("edgekd prepare needs DATA and --out DIR")
         record = run_prepare(args.data, args.out, args.max_size, data_root=args.data_root, unlabeled=args.unlabeled,
                              train_subset=args.train_subset, workers=args.workers, progress=args.progress)
         print(f"image store -> {record.get('path', args.out)}: " + ", ".join(

@@ -2,16 +2,37 @@
 make eval mode score near chance; compare with batch statistics and re-estimate them when they disagree."""
 
 import logging
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
 import torch
 
 from .features import is_batchnorm
+from .records import record_dict
 from .train_loop import evaluate
 
 log = logging.getLogger(__name__)
 
 
 BN_TRAP_GAP = 0.10  # eval-mode accuracy this far below batch-statistics accuracy means stale running stats
+
+
+@dataclass
+class BatchNormReport:
+    """The check's record (metrics.json's ``batchnorm``): eval-mode against batch-statistics top-1 on a sample of
+    training images, and, when the statistics were re-estimated, the figures before and after."""
+
+    train_sample: int
+    eval_top1: float
+    batchstat_top1: float
+    trapped: bool
+    recalibrated: bool = False
+    test_top1_before: Optional[float] = None
+    eval_top1_after: Optional[float] = None
+    test_top1_after: Optional[float] = None   # set by the run that reports the model as saved
+
+    def to_json(self) -> Dict[str, Any]:
+        return record_dict(self, omit_none=frozenset({"test_top1_before", "eval_top1_after", "test_top1_after"}))
 
 
 @torch.no_grad()
@@ -67,7 +88,7 @@ def _top1(model, chunks, device, batch_stats=False):
     return (right_eval / total, right_batch / total) if batch_stats else right_eval / total
 
 
-def check_batchnorm(model, run, cfg, sample=2000):
+def check_batchnorm(model: Any, run: Any, cfg: Any, sample: int = 2000) -> Optional[BatchNormReport]:
     """The batch-norm trap check: compare eval-mode with batch-statistics accuracy on training images.
 
     A gap over BN_TRAP_GAP means the running statistics do not describe the data; with
@@ -89,15 +110,14 @@ def check_batchnorm(model, run, cfg, sample=2000):
     eval_top1, batch_top1 = _top1(model, chunks, device, batch_stats=True)
     trapped = eval_top1 < batch_top1 - BN_TRAP_GAP
     mode = cfg.bn_recalibrate
-    report = {"train_sample": len(idx), "eval_top1": eval_top1, "batchstat_top1": batch_top1, "trapped": trapped,
-              "recalibrated": False}
+    report = BatchNormReport(len(idx), eval_top1, batch_top1, trapped)
     if trapped:
         log.warning("batch-norm trap: eval-mode top-1 %.3f vs %.3f with batch statistics on training images",
                     eval_top1, batch_top1)
     if mode == "always" or (mode == "auto" and trapped):
-        report["test_top1_before"] = evaluate(model, run.test, device, dist=run.dist)
+        report.test_top1_before = evaluate(model, run.test, device, dist=run.dist)
         recalibrate_bn(model, run.train, device)
-        report["eval_top1_after"] = _top1(model, chunks, device)
-        report["recalibrated"] = True
+        report.eval_top1_after = _top1(model, chunks, device)
+        report.recalibrated = True
     model.eval()
     return report

@@ -14,6 +14,7 @@ from ..base.files import atomic_write, portable, spec_for_file, spec_from_file
 from ..bundle.checks import sha256_file as file_sha256  # noqa: F401  (edgekd's one sha256, by the core's name)
 from .data import InputSpec
 from .models import count_flops, count_params
+from .records import field_names, record_dict, record_from
 from .safe_load import Refused, torch_file
 
 CHECKPOINT_FORMAT = "edgekd-checkpoint/1"
@@ -34,12 +35,12 @@ class QatState:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "QatState":
-        return cls(d.get("quantizers") or {}, d.get("source"), d.get("source_top1"), list(d.get("layers_int8") or []),
-                   d.get("calib_size"))
+        """The state in a checkpoint's ``qat`` dict (a field it lacks reads as None or empty)."""
+        state = record_from(cls, {**dict.fromkeys(field_names(cls)), **d})
+        return replace(state, quantizers=state.quantizers or {}, layers_int8=list(state.layers_int8 or []))
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"quantizers": self.quantizers, "source": self.source, "source_top1": self.source_top1,
-                "layers_int8": list(self.layers_int8), "calib_size": self.calib_size}
+        return {**record_dict(self), "layers_int8": list(self.layers_int8)}
 
 
 _FIELDS = ("format", "edgekd_version", "model", "state_dict", "classes", "input", "data", "params", "flops",
@@ -50,8 +51,8 @@ _FIELDS = ("format", "edgekd_version", "model", "state_dict", "classes", "input"
 class Checkpoint(Mapping[str, Any]):
     """A checkpoint: the model spec and weights, class names, the input spec, and what made it.
 
-    Read its attributes. It also reads as the dict it is on disk (``ckpt["metrics"]``, a read-only Mapping of the
-    file's keys), since DESIGN.md defines a checkpoint as that dict."""
+    Read its attributes. It also reads as the dict it is on disk (a read-only Mapping of the file's keys), since
+    DESIGN.md defines a checkpoint as that dict."""
 
     model: str                                  # the model spec build_model takes
     state_dict: Dict[str, torch.Tensor]
@@ -69,24 +70,22 @@ class Checkpoint(Mapping[str, Any]):
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Checkpoint":
-        """The record of a checked checkpoint dict (``checkpoint_problem`` found nothing)."""
-        return cls(model=d["model"], state_dict=d["state_dict"], classes=[str(c) for c in d["classes"]],
-                   input=InputSpec.from_dict(d["input"]), data=d.get("data"), params=d.get("params"),
-                   flops=d.get("flops"), metrics=dict(d.get("metrics") or {}), config=dict(d.get("config") or {}),
-                   qat=QatState.from_dict(d["qat"]) if isinstance(d.get("qat"), dict) else None,
-                   format=d.get("format"), edgekd_version=d.get("edgekd_version"),
-                   extra={k: v for k, v in d.items() if k not in _FIELDS})
+        """The record of a checked checkpoint dict (``checkpoint_problem`` found nothing); a field an older edgekd
+        did not write reads as None (or empty)."""
+        values: List[Any] = [d.get(k) for k in _FIELDS]
+        fmt, version, model, state, classes, spec, data, params, flops, metrics, config, qat = values
+        return cls(model=model, state_dict=state, classes=[str(c) for c in classes], input=InputSpec.from_dict(spec),
+                   data=data, params=params, flops=flops, metrics=dict(metrics or {}), config=dict(config or {}),
+                   qat=QatState.from_dict(qat) if isinstance(qat, dict) else None, format=fmt,
+                   edgekd_version=version, extra={k: v for k, v in d.items() if k not in _FIELDS})
 
     def to_dict(self) -> Dict[str, Any]:
-        """The dict torch.save writes: plain types and tensors only."""
-        d: Dict[str, Any] = {"format": self.format, "edgekd_version": self.edgekd_version, "model": self.model,
-                             "state_dict": self.state_dict, "classes": list(self.classes),
-                             "input": self.input.to_dict(), "data": self.data, "params": self.params,
-                             "flops": self.flops, "metrics": self.metrics, "config": self.config}
-        if self.qat is not None:
-            d["qat"] = self.qat.to_dict()
-        d.update(self.extra)
-        return d
+        """The dict torch.save writes: plain types and tensors only (``qat`` only on a QAT checkpoint)."""
+        values = (self.format, self.edgekd_version, self.model, self.state_dict, list(self.classes),
+                  self.input.to_dict(), self.data, self.params, self.flops, self.metrics, self.config,
+                  None if self.qat is None else self.qat.to_dict())
+        d = {k: v for k, v in zip(_FIELDS, values) if not (k == "qat" and v is None)}
+        return {**d, **self.extra}
 
     def data_spec(self, path: str) -> Optional[str]:
         """The data spec, an image folder resolved against the folder of the checkpoint file ``path``."""
@@ -155,16 +154,15 @@ def _numbers(value: Any, length: int) -> bool:
 
 def checkpoint_problem(ckpt: Dict[str, Any]) -> Optional[str]:
     """The first field of a checkpoint dict with the wrong type, as 'field X: what is wrong', else None."""
-    if not isinstance(ckpt["model"], str) or not ckpt["model"]:
+    model, state, classes, spec = (ckpt[k] for k in REQUIRED_KEYS)
+    if not isinstance(model, str) or not model:
         return "field 'model' must be a model spec (a string)"
-    state = ckpt["state_dict"]
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         return "field 'state_dict' must map parameter names to tensors"
-    classes = ckpt["classes"]
     if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
         return "field 'classes' must be a non-empty list of class names"
-    return _input_problem(ckpt["input"])
+    return _input_problem(spec)
 
 
 def _input_problem(spec: Any) -> Optional[str]:
@@ -174,11 +172,12 @@ def _input_problem(spec: Any) -> Optional[str]:
         value = spec.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIDE:
             return f"field 'input.{key}' must be a whole number from 1 to {MAX_SIDE}, got {value!r}"
-    channels = spec["channels"]
+    values: List[Any] = [spec.get(k) for k in ("channels", "mean", "std")]
+    channels, mean, std = values
     if channels not in (1, 3):
         return f"field 'input.channels' must be 1 or 3, got {channels!r}"
-    if not _numbers(spec.get("mean"), channels):
+    if not _numbers(mean, channels):
         return f"field 'input.mean' must hold {channels} numbers"
-    if not _numbers(spec.get("std"), channels) or min(spec["std"]) <= 0:
+    if not _numbers(std, channels) or min(std) <= 0:
         return f"field 'input.std' must hold {channels} positive numbers"
     return None

@@ -18,6 +18,7 @@ import os
 from typing import Any, Dict, Optional
 
 from .. import EdgeKDError
+from ..base.files import require_regular
 from .options import DistillOptions, QuantizeOptions, TrainOptions
 from .optionspec import CLASSES, COMMANDS, DEFAULT_OUT, MAX_INPUT_SIDE, Opt, Options, shown_value, check
 
@@ -102,8 +103,6 @@ def read_yaml(path: str) -> Dict[str, Any]:
     """The mapping in a YAML config file, or EdgeKDError in one line. Bounded: the file's size, its nesting and
     the nodes its aliases expand to (a 1 KB alias bomb under a known key would otherwise grow to gigabytes)."""
     import yaml
-
-    from ..base.files import require_regular
 
     size = require_regular(path, "config file").st_size  # stat, never open: a FIFO would hang the read
     if size > MAX_CONFIG_BYTES:
@@ -216,14 +215,14 @@ def parse_args(ns: Any) -> "Options":
     --config, or DIR/config.yaml with --resume DIR (then --out is DIR)."""
     command = ns.command
     given = {o.name: getattr(ns, o.name, None) for o in COMMANDS[command]}
-    yaml_path, yaml_name = given.get("config"), None
-    folder = given.get("resume")
+    yaml_path, folder = (given.get(name) for name in ("config", "resume"))  # the options that read a config.yaml
+    yaml_name = None
     if folder:
         yaml_path = os.path.join(folder, "config.yaml")
         if not os.path.isfile(yaml_path):
             raise EdgeKDError(f"cannot resume {folder!r}: it has no config.yaml (not an edgekd train/distill folder)")
         yaml_name = f"{yaml_path} (the run being resumed)"
-        given["out"] = None
+        given = {**given, "out": None}
     fixed = {"out": folder, "force": True, "resume": folder} if folder else None
     return resolve(command, given, yaml_path, yaml_name, resumed=bool(folder), fixed=fixed)
 

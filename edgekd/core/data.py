@@ -8,14 +8,16 @@ folder with ``train/`` and ``test/`` or ``val/`` of WebDataset .tar shards: edge
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import EdgeKDError
 from ..base.bounds import check_geometry
-from ..base.files import SYSTEM_FOLDERS, check_link_loops, check_reach, require_regular  # noqa: F401
+from ..base.files import check_link_loops, check_reach, require_regular
 from ..bundle import preprocessing
 from ..bundle.manifest import ModelInput
+from .records import record_dict, record_from
+from .shards import SPEC, ShardSet, label_classes, quoted as _q, read_classes
 
 log = logging.getLogger(__name__)
 
@@ -55,35 +57,46 @@ class InputSpec:
     channels: int
     height: int
     width: int
-    mean: list = field(default_factory=list)
-    std: list = field(default_factory=list)
+    mean: List[float] = field(default_factory=list)
+    std: List[float] = field(default_factory=list)
     # Evaluation geometry (timm's crop_pct): resize the shorter side to size / crop_pct, center-crop to size.
     # None: stretch to (height, width), what checkpoints and bundles made before it was recorded mean.
-    crop_pct: float = None
+    crop_pct: Optional[float] = None
 
     @property
     def color(self) -> str:
         return "L" if self.channels == 1 else "RGB"
 
+    @property
+    def size(self) -> Tuple[int, int]:
+        """(height, width)."""
+        return self.height, self.width
+
     def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["color"] = self.color
-        d["resize"] = [self.height, self.width]
-        if self.crop_pct is None:
-            del d["crop_pct"]
-        return d
+        """The checkpoint's ``input`` entry: the fields (crop_pct only when set), the colour and the resize."""
+        d = record_dict(self, omit_none=frozenset({"crop_pct"}))
+        return {**d, "mean": list(self.mean), "std": list(self.std), "color": self.color,
+                "resize": [self.height, self.width]}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "InputSpec":
-        check_geometry(d["height"], d["width"], d.get("crop_pct"), "the checkpoint's input crop_pct")
-        return cls(d["channels"], d["height"], d["width"], list(d["mean"]), list(d["std"]), d.get("crop_pct"))
+        """The spec of a checkpoint's checked ``input`` entry (its color and resize follow from the fields)."""
+        spec = record_from(cls, d)
+        check_geometry(spec.height, spec.width, spec.crop_pct, "the checkpoint's input crop_pct")
+        return replace(spec, mean=list(spec.mean), std=list(spec.std))
+
+    @classmethod
+    def from_manifest(cls, d: Dict[str, Any]) -> "InputSpec":
+        """The spec of the bundle runner's preprocessing spec (``manifest``): its colour gives the channels."""
+        values: List[Any] = [d.get(k) for k in ("color", "resize", "mean", "std", "crop_pct")]
+        color, (height, width), mean, std, crop_pct = values
+        return cls(1 if color == "L" else 3, int(height), int(width), list(mean), list(std), crop_pct)
 
     def manifest(self) -> Dict[str, Any]:
         """The runner's view of this spec (bundle/preprocessing.preprocess reads color, resize, crop_pct, mean, std)."""
-        d = {"color": self.color, "resize": [self.height, self.width], "mean": list(self.mean), "std": list(self.std)}
-        if self.crop_pct is not None:
-            d["crop_pct"] = self.crop_pct
-        return d
+        d: Dict[str, Any] = {"color": self.color, "resize": [self.height, self.width], "mean": list(self.mean),
+                             "std": list(self.std)}
+        return d if self.crop_pct is None else {**d, "crop_pct": self.crop_pct}
 
 
 @dataclass
@@ -93,9 +106,16 @@ class Data:
     spec: str
     train: Any  # a split: a torchvision dataset, a ShardSet, a list of images
     test: Any
-    classes: list
+    classes: List[str]
     input: InputSpec
-    sizes: set = None   # (width, height) of the training images probed (a sample spread over the split)
+    sizes: Optional[Set[Tuple[int, int]]] = None   # (width, height) of the training images probed (a sample)
+    # Settled by the run that prepares the data (edgekd.core.distill.prepare_data), for metrics.json:
+    pipeline: Optional[str] = None            # memory or stream
+    train_size: Optional[int] = None          # training views (labelled and --unlabeled)
+    labelled_images: Optional[int] = None
+    unlabeled: Optional[Dict[str, Any]] = None   # the --unlabeled folder's record
+    skipped_images: List[str] = field(default_factory=list)   # unreadable files left out (--skip-bad-images)
+    norm_source: Optional[str] = None         # where the mean and std came from
 
 
 def default_input(channels: int, height: int, width: int, crop_pct: Optional[float] = None) -> InputSpec:
@@ -122,9 +142,7 @@ class EvalTransform:
     def __call__(self, img: Any) -> Any:
         import torch
 
-        from ..bundle.preprocessing import preprocess
-
-        return torch.from_numpy(preprocess(img, self.spec))
+        return torch.from_numpy(preprocessing.preprocess(img, self.spec))
 
 
 class EvalPixels(EvalTransform):
@@ -134,9 +152,7 @@ class EvalPixels(EvalTransform):
         import numpy as np
         import torch
 
-        from ..bundle.preprocessing import preprocess_pixels
-
-        pixels = np.array(preprocess_pixels(img, self.spec), dtype=np.uint8)  # writable: torch shares it
+        pixels = np.array(preprocessing.preprocess_pixels(img, self.spec), dtype=np.uint8)  # writable: torch shares it
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         return torch.from_numpy(np.ascontiguousarray(pixels))
 
@@ -158,9 +174,9 @@ SIZE_PROBES = 256
 class SizeChoice:
     """--input-size and --crop-pct as given (None: chosen from the data), and a pretrained student's own view."""
 
-    size: tuple = None
-    crop_pct: float = None
-    pretrained: tuple = None   # ((height, width), crop_pct, source) of a pretrained student, or None
+    size: Optional[Tuple[int, int]] = None
+    crop_pct: Optional[float] = None
+    pretrained: Optional[Tuple[Tuple[int, ...], float, str]] = None   # ((height, width), crop_pct, source), or None
 
 
 def parse_size(value: Any, flag: str = "--input-size") -> Optional[Tuple[int, int]]:
@@ -199,7 +215,8 @@ def choose_input(channels: int, sizes: Set[Tuple[int, int]], choice: Optional["S
         size, why = (side, side), f"edgekd's default for mixed sizes ({MIXED_DEFAULT_SIZE}"
         why += ")" if side == MIXED_DEFAULT_SIZE else f", lowered to the images' median shorter side {side})"
         if choice.pretrained is not None:
-            size, why = tuple(choice.pretrained[0]), f"the pretrained student's own ({choice.pretrained[2]})"
+            (height, width), why = choice.pretrained[0], f"the pretrained student's own ({choice.pretrained[2]})"
+            size = (int(height), int(width))
         log.warning("%s holds images of %d different sizes: the student's input is %dx%d, %s; set --input-size",
                     where, len(sizes), size[0], size[1], why)
     crop = choice.crop_pct
@@ -313,8 +330,6 @@ def _imagefolder(spec: str, path: str, input_spec: Optional[InputSpec], choice: 
 
 def _webdataset(path: str, input_spec: Optional[InputSpec], choice: Optional[SizeChoice] = None) -> Data:
     """``webdataset:PATH``: its two splits as edgekd.core.shards.ShardSets, the classes, the input spec."""
-    from .shards import SPEC, ShardSet, label_classes, quoted as _q, read_classes
-
     if not os.path.isdir(path):
         raise EdgeKDError(f"webdataset folder {_q(path)} does not exist (expected a folder with train/ and "
                           "test/ or val/, each holding .tar shards)")

@@ -65,14 +65,11 @@ def quantizer_modules(model: nn.Module) -> List["BaseQuantizer"]:
 
 def quantized_layer_names(model: nn.Module) -> List[str]:
     """The student's modules that receive a weight quantizer: the layers that run in INT8."""
-    config = plain_config(model)["compression_state"]  # NNCF's JSON, read here only
-    names = []
-    for command in config:
-        for hook in command["hook_names_in_model"]:
-            # "pre_hooks.features/0/conv2d/0__1.0": port 1 is the weight of features.0's conv2d
-            if hook.startswith("pre_hooks.") and "__1." in hook:
-                names.append(hook.split(".", 1)[1].rsplit("/", 2)[0].replace("/", "."))
-    return sorted(set(names))
+    # NNCF's JSON, read here only: its commands, each naming the hooks it puts into the model
+    hooks = [hook for command in plain_config(model)["compression_state"] for hook in command["hook_names_in_model"]]
+    # "pre_hooks.features/0/conv2d/0__1.0": port 1 is the weight of features.0's conv2d
+    return sorted({hook.split(".", 1)[1].rsplit("/", 2)[0].replace("/", ".") for hook in hooks
+                   if hook.startswith("pre_hooks.") and "__1." in hook})
 
 
 def calibrate(model: nn.Module, views: Any, size: int, seed: int, progress: bool = True) -> nn.Module:

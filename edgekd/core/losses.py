@@ -16,6 +16,9 @@ from .. import EdgeKDError
 from ..base.registry import Registry
 
 LOSSES = Registry("loss")
+# What each loss registers beside its class (LossInfo reads them): whether it needs a teacher, feature maps,
+# its parameters with their defaults, and a line of help.
+REGISTERED = ("needs_teacher", "needs_features", "defaults", "summary")
 Parts = Dict[str, Tensor]  # the loss and its parts: loss, task_loss, kd_loss, ...
 UNLABELED = -1  # the label of an unlabelled image (--unlabeled): it gets the teacher term only
 
@@ -33,9 +36,9 @@ class LossInfo:
     @classmethod
     def of(cls, name: str) -> "LossInfo":
         """The loss registered as ``name`` (EdgeKDError naming the losses there are)."""
-        meta = LOSSES.meta(name)
-        return cls(name, bool(meta["needs_teacher"]), bool(meta.get("needs_features")), dict(meta["defaults"]),
-                   str(meta.get("summary", "")))
+        meta = LOSSES.meta(name)  # the keyword arguments of its registration
+        needs_teacher, needs_features, defaults, summary = (meta.get(k) for k in REGISTERED)
+        return cls(name, bool(needs_teacher), bool(needs_features), dict(defaults), str(summary or ""))
 
 
 class _Loss(nn.Module):
@@ -201,7 +204,7 @@ class FitNetHint(_Loss):
             logit_kd = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
                                 log_target=True) * t * t
             kd = kd + self.alpha * logit_kd
-            parts["logit_kd"] = logit_kd
+            parts.update(logit_kd=logit_kd)
         return {"loss": task + kd, "task_loss": task, "kd_loss": kd, **parts}
 
 

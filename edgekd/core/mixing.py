@@ -24,6 +24,7 @@ cutmix box is one box in relative coordinates, cut at each view's own resolution
 """
 
 import logging
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -42,20 +43,21 @@ DEFAULT_ALPHA = 1.0
 class MixPlan:
     """Partners, ratios and cutmix boxes of every image in every view, from (seed, view) alone."""
 
-    def __init__(self, kind, alpha, seed, targets):
+    def __init__(self, kind: str, alpha: float, seed: int, targets: Any) -> None:
         if kind not in MIXES or kind == "none":
             raise EdgeKDError(f"--mix {kind!r}: choose from {', '.join(MIXES)}")
         if not alpha > 0:  # also refuses NaN
             raise EdgeKDError(f"--mix-alpha {alpha!r}: expected a positive number (Beta(alpha, alpha) strength)")
         self.kind, self.alpha, self.seed = kind, float(alpha), int(seed)
         self.targets = torch.as_tensor(targets, dtype=torch.long)
-        self._view, self._draw = None, None
+        self._view: Optional[int] = None
+        self._draw: Tuple[torch.Tensor, torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0), torch.empty(0))
 
-    def describe(self):
+    def describe(self) -> Dict[str, Any]:
         """The mix settings, for metrics.json and the teacher cache's key."""
         return {"kind": self.kind, "alpha": self.alpha, "pairs": "per image from (aug seed, view)"}
 
-    def draw(self, view):
+    def draw(self, view: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(partner, lam, box) of every image in ``view``: partner indices, drawn ratios, and for cutmix the box
         as (top, left, bottom, right) fractions of the picture."""
         import numpy as np
@@ -71,10 +73,11 @@ class MixPlan:
             self._view, self._draw = view, (partner, lam, box.clamp(0, 1))
         return self._draw
 
-    def partners(self, view, idx):
+    def partners(self, view: int, idx: Any) -> torch.Tensor:
+        """The partner of each image ``idx`` in ``view``."""
         return self.draw(view)[0][torch.as_tensor(idx, dtype=torch.long)]
 
-    def lam(self, view, idx, size):
+    def lam(self, view: int, idx: Any, size: Tuple[int, int]) -> torch.Tensor:
         """Each picture's own share at (height, width) ``size``: the ratio (mixup), the uncovered area (cutmix)."""
         _, lam, box = self.draw(view)
         idx = torch.as_tensor(idx, dtype=torch.long)
@@ -84,7 +87,7 @@ class MixPlan:
         covered = torch.tensor([(y1 - y0) * (x1 - x0) for y0, x0, y1, x1 in rows], dtype=torch.float32)
         return 1.0 - covered / (size[0] * size[1])
 
-    def mix(self, x, xp, view, idx):
+    def mix(self, x: torch.Tensor, xp: torch.Tensor, view: int, idx: Any) -> torch.Tensor:
         """``x`` mixed with its partners' views ``xp`` (same shape), for the images ``idx`` of ``view``."""
         _, lam, box = self.draw(view)
         idx = torch.as_tensor(idx, dtype=torch.long)
@@ -98,7 +101,7 @@ class MixPlan:
         return out
 
 
-def attach_mix(views, kind, alpha):
+def attach_mix(views: Any, kind: Optional[str], alpha: Optional[float]) -> Optional[MixPlan]:
     """Mix ``views``' training batches from now on (--mix; nothing for none). Returns the MixPlan or None."""
     if kind in (None, "none"):
         return None
@@ -110,13 +113,13 @@ def attach_mix(views, kind, alpha):
     return views.plan.mix
 
 
-def _pixel_box(box, size):
+def _pixel_box(box: torch.Tensor, size: Any) -> Tuple[int, int, int, int]:
     h, w = int(size[0]), int(size[1])
     y0, x0, y1, x1 = box.tolist()
     return round(y0 * h), round(x0 * w), round(y1 * h), round(x1 * w)
 
 
-def with_partners(mix, view, idx):
+def with_partners(mix: MixPlan, view: int, idx: Any) -> torch.Tensor:
     """The indices to load for a batch ``idx``: the batch, then the partners not in it."""
     idx = torch.as_tensor(idx, dtype=torch.long)
     partner = mix.partners(view, idx)
@@ -124,7 +127,8 @@ def with_partners(mix, view, idx):
     return torch.cat([idx, extra])
 
 
-def mix_loaded(mix, view, wanted, x, xt, y, idx):
+def mix_loaded(mix: MixPlan, view: int, wanted: Any, x: torch.Tensor, xt: Optional[torch.Tensor], y: torch.Tensor,
+               idx: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Mix a loaded batch: ``idx`` (with partners, survivors of unreadable files) -> the ``wanted`` images that
     survived, each mixed with its partner (itself when the partner's file was unreadable)."""
     row = {int(i): k for k, i in enumerate(idx.tolist())}
@@ -133,13 +137,13 @@ def mix_loaded(mix, view, wanted, x, xt, y, idx):
         return x[:0], None if xt is None else xt[:0], y[:0], idx[:0]
     me = torch.tensor([row[i] for i in keep])
     them = torch.tensor([row.get(int(p), row[i]) for i, p in zip(keep, mix.partners(view, keep).tolist())])
-    keep = torch.tensor(keep, dtype=torch.long)
-    xm = mix.mix(x[me], x[them], view, keep)
-    xtm = None if xt is None else mix.mix(xt[me], xt[them], view, keep)
+    kept = torch.tensor(keep, dtype=torch.long)
+    xm = mix.mix(x[me], x[them], view, kept)
+    xtm = None if xt is None else mix.mix(xt[me], xt[them], view, kept)
     return xm, xtm, y[me], idx[me]
 
 
-def task_weight(loss_fn):
+def task_weight(loss_fn: Any) -> float:
     """The weight each loss gives its cross-entropy term (edgekd.core.losses' formulas)."""
     if isinstance(loss_fn, (HintonKD, LogitMSE)):
         return 1.0 - loss_fn.alpha
@@ -150,7 +154,9 @@ def task_weight(loss_fn):
     raise EdgeKDError(f"--mix does not know how {type(loss_fn).__name__} weighs its cross-entropy term")
 
 
-def mixed_loss(loss_fn, mix, view, size, s_logits, t_logits, y, idx, **extra):
+def mixed_loss(loss_fn: Any, mix: MixPlan, view: int, size: Tuple[int, int], s_logits: torch.Tensor,
+               t_logits: Optional[torch.Tensor], y: torch.Tensor, idx: torch.Tensor,
+               **extra: Any) -> Dict[str, torch.Tensor]:
     """The loss's parts for mixed pictures: its teacher term on the mixed picture (labels withheld: a mixed
     picture has no single true class) plus the mixed-label cross-entropy where both sides are labelled."""
     parts = dict(loss_fn(s_logits, t_logits, torch.full_like(y, UNLABELED), **extra))
@@ -165,6 +171,4 @@ def mixed_loss(loss_fn, mix, view, size, s_logits, t_logits, y, idx, **extra):
         task = (lam[both] * ce_a + (1 - lam[both]) * ce_b).mean()
     else:
         task = s_logits.sum() * 0.0
-    parts["loss"] = parts["loss"] + task_weight(loss_fn) * task
-    parts["task_loss"] = task
-    return parts
+    return {**parts, "loss": parts["loss"] + task_weight(loss_fn) * task, "task_loss": task}

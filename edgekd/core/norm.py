@@ -1,10 +1,13 @@
 """The run's input normalisation: the train split's statistics, a pretrained student's own, the seed's 0.5/0.5,
 or values given with --norm (moved out of distill.py, which runs them)."""
 
+from typing import Any, List, Optional, Tuple
+
 from .. import EdgeKDError
+from .augment import channel_stats
 
 
-def parse_stats(text, channels):
+def parse_stats(text: str, channels: int) -> Tuple[List[float], List[float]]:
     """'M1,M2,M3/S1,S2,S3' (or one value each) -> (mean, std) lists."""
     try:
         mean_text, std_text = text.split("/")
@@ -18,15 +21,14 @@ def parse_stats(text, channels):
     return mean, std
 
 
-def settle_norm(data, cfg, input_spec, train_images, pretrained):
+def settle_norm(data: Any, cfg: Any, input_spec: Any, train_images: Any,
+                pretrained: Optional[Tuple[List[float], List[float], str]]) -> str:
     """Set data.input's mean/std for this run; returns where they came from (recorded in metrics.json).
 
     A pretrained student keeps the statistics its weights were trained with (ImageNet's, usually) unless
     --norm says otherwise: its first layers expect inputs scaled that way, as in any fine-tuning recipe.
     The train split's statistics come from the labelled images only, so a run with --unlabeled is
     normalised like the same run without it."""
-    from .augment import channel_stats
-
     norm = cfg.norm or "auto"
     if input_spec is not None:
         return "checkpoint"

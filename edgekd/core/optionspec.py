@@ -70,18 +70,27 @@ class Opt:
         return self.name if self.positional else "--" + self.name.replace("_", "-")
 
 
+# The key of a field's metadata that holds its Opt.
+OPT = "opt"
+
+
 def opt(default: Any, help: str, **rules: Any) -> Any:
     """A field of an options class: its default, its --help text and its rules (the keywords of ``Opt``)."""
     spec = Opt(name="", kind="", default=default, help=help, **rules)
     if isinstance(default, list):
         items = list(default)
-        return dataclasses.field(default_factory=lambda: list(items), metadata={"opt": spec})
-    return dataclasses.field(default=default, metadata={"opt": spec})
+        return dataclasses.field(default_factory=lambda: list(items), metadata={OPT: spec})
+    return dataclasses.field(default=default, metadata={OPT: spec})
+
+
+def opt_of(f: dataclasses.Field) -> "Opt":
+    """The Opt of an options class's field (as ``opt`` made it)."""
+    return f.metadata[OPT]
 
 
 def with_default(cls: type, name: str, default: Any) -> Any:
     """The field ``name`` of ``cls`` again with another default (quantize's shorter training)."""
-    spec = cls.__dataclass_fields__[name].metadata["opt"]  # type: ignore[attr-defined]
+    spec = opt_of(next(f for f in dataclasses.fields(cls) if f.name == name))
     return opt(default, spec.help, **{f.name: getattr(spec, f.name) for f in dataclasses.fields(Opt)
                                       if f.name not in ("name", "kind", "default", "help")})
 
@@ -104,7 +113,7 @@ def options_of(cls: type) -> List[Opt]:
     out = []
     for f in dataclasses.fields(cls):
         kind, item = _kind(hints[f.name])
-        out.append(dataclasses.replace(f.metadata["opt"], name=f.name, kind=kind, item=item))
+        out.append(dataclasses.replace(opt_of(f), name=f.name, kind=kind, item=item))
     return out
 
 

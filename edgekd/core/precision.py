@@ -70,7 +70,7 @@ def settle_student_dtype(model, views, cfg, channels_last=False):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     speed = {"float32": time_steps(model, x, y, None), "bfloat16": time_steps(model, x, y, torch.bfloat16)}
-    chosen = max(speed, key=speed.get)
+    chosen = max(speed, key=lambda name: speed[name])
     record = {"requested": "auto", "chosen": chosen, "images_per_s": {k: round(v, 1) for k, v in speed.items()},
               "timed": f"{TIMED_STEPS} steps after {WARMUP_STEPS} of warm-up, batch {len(x)} at "
                        f"{x.shape[-2]}x{x.shape[-1]}",

@@ -16,6 +16,7 @@ from ..bundle.manifest import sha256_file
 from .data import InputSpec
 from .models import (TIMM_PREFIX, TORCHVISION_PREFIX, build_architecture, build_model, check_spec, import_timm,
                      parse_timm_spec, parse_torchvision_spec, timm_model, torchvision_weights)
+from .records import record_dict
 from .safe_load import weights_file
 
 # Building a model is one concern over two modules: these lines log as the model builder's (edgekd.core.models),
@@ -35,12 +36,8 @@ class Fitted:
     loaded_tensors: Optional[int] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        d: Dict[str, Any] = {"source": self.source, "head": list(self.head), "adapted": list(self.adapted)}
-        if self.sha256 is not None:
-            d["sha256"] = self.sha256
-        if self.loaded_tensors is not None:
-            d["loaded_tensors"] = self.loaded_tensors
-        return d
+        d = record_dict(self, omit_none=frozenset({"sha256", "loaded_tensors"}))
+        return {**d, "head": list(self.head), "adapted": list(self.adapted)}
 
 # What torchvision's classification weights were trained with (every one of them uses these).
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -167,11 +164,11 @@ def _timm_pretrained_loader(spec: str, num_classes: int, input_spec: InputSpec,
         raise
     except Exception as e:
         raise _no_download(f"timm weights for {name!r}", e) from e
-    timm_config = getattr(ref, "pretrained_cfg", {}) or {}
-    head, classes = timm_config.get("classifier"), timm_config.get("num_classes")
+    timm_config = getattr(ref, "pretrained_cfg", {}) or {}  # timm's dict of what the weights were trained with
+    head, classes, size = (timm_config.get(k) for k in ("classifier", "num_classes", "input_size"))
     if head and classes and classes != num_classes:
         record.head.append(f"{head if isinstance(head, str) else '/'.join(head)} {classes} -> {num_classes}")
-    if input_spec.channels != timm_config.get("input_size", (3,))[0]:
+    if input_spec.channels != (size or (3,))[0]:
         record.adapted.append(f"stem convolution fitted to {input_spec.channels}-channel input by timm")
 
     def load(model: nn.Module) -> None:

@@ -114,9 +114,9 @@ def run_quantize(cfg: QuantizeOptions) -> Dict[str, Any]:
     history = fit(qmodel, run, cfg, desc="qat", state_path=os.path.join(out, "qat.state.pt"))
     qmodel.cpu().eval()
     layers = quantized_layer_names(qmodel)
-    last = history[-1]["test_top1"] if history else None
+    last = history[-1].test_top1 if history else None
     metrics = {"model": ckpt.model, "epochs": cfg.epochs, "test_top1": last,
-               "history": history, "data": data.spec, "loss": cfg.loss, "loss_params": loss_params,
+               "history": [h.to_json() for h in history], "data": data.spec, "loss": cfg.loss, "loss_params": loss_params,
                "qat": {"fp32_top1": fp32_top1, "int8_top1_before": int8_before,
                        "drop_before": round((fp32_top1 - int8_before) * 100, 4),
                        "drop_after": None if last is None else round((fp32_top1 - last) * 100, 4),

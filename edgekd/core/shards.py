@@ -23,12 +23,12 @@ import random
 import tarfile
 from collections import Counter
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from .. import EdgeKDError
 from ..base.bounds import MAX_CLASSES as _BOUND, check_classes
 from ..base.files import require_regular
-from ..bundle.preprocessing import MAX_IMAGE_PIXELS, printable, to_8bit
+from ..bundle.preprocessing import MAX_IMAGE_PIXELS, open_image, printable, to_8bit
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +82,15 @@ def scan_shard(path: str) -> List[Tuple[str, Dict[str, Tuple[int, int]]]]:
     """[(key, {extension: (offset, size)})] of one shard, read from its headers only. A shard that is not a
     plain tar file, or that is truncated or corrupt past some member, is an EdgeKDError naming it."""
     size = os.stat(path).st_size
-    samples = []
+    samples: List[Tuple[str, Dict[str, Tuple[int, int]]]] = []
     try:
         with tarfile.open(path, "r:") as tar:  # "r:": uncompressed only (random access needs plain tar)
             while True:
                 member = tar.next()  # a header; tarfile seeks over the data
                 if member is None:
                     break
-                tar.members.clear()  # tarfile keeps every header it read: memory would grow with the shard
+                # tarfile keeps every header it read (a list its stubs do not declare): memory would grow with the shard
+                tar.members.clear()  # type: ignore[attr-defined]
                 if not member.isreg() or member.issparse():  # links, devices, folders: never read
                     continue
                 if member.offset_data + member.size > size:
@@ -204,13 +205,14 @@ class ShardSet:
 
     stream_only = True  # training views are always decoded per batch from the shards (edgekd.core.stream)
 
-    def __init__(self, split: str, classes: Optional[List[str]], too_large: Callable[[str], Exception],
+    def __init__(self, split: str, classes: Optional[List[str]], too_large: Type[Exception],
                  transform: Optional[Callable[[Any], Any]] = None) -> None:
         import numpy as np
 
         self.root, self.classes, self.transform = os.path.abspath(split), classes, transform
         self.too_large = too_large
-        self.shards, self.stats = [], []
+        self.shards: List[str] = []
+        self.stats: List[Any] = []
         shard_of, offsets, sizes, self.names, self.exts, self.targets = [], [], [], [], [], []
         for path in _shard_files(split):
             try:
@@ -267,8 +269,6 @@ class ShardSet:
 
     def open(self, i: int) -> Any:
         """Sample i's image, opened lazily (header only) behind edgekd's pixel limit."""
-        from ..bundle.preprocessing import open_image
-
         return open_image(_Member(self.read(i), self.item_name(i)), self.too_large)
 
     def open_item(self, i: int) -> Tuple[Any, bool]:

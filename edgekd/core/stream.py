@@ -17,19 +17,26 @@ import logging
 import math
 import os
 import random
+from dataclasses import replace
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 
 from .. import EdgeKDError
 from ..bundle.manifest import ModelInput
-from .augment import BAD_IMAGE, AugmentPlan, apply_views
+from ..bundle.preprocessing import preprocess_pixels
+from .augment import BAD_IMAGE, AugmentPlan, _pil_item, apply_views, bad_reason, distributed_order
+from .data import InputSpec, open_image
+from .mixing import mix_loaded, with_partners
+from .shards import check_shard_count, deal_shards
 
 log = logging.getLogger(__name__)
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's RandomResizedCrop aspect range
 
 
-def rrc_box(rng, width, height, scale, ratio=RATIO):
+def rrc_box(rng: random.Random, width: int, height: int, scale: Tuple[float, float],
+            ratio: Tuple[float, float] = RATIO) -> Tuple[int, int, int, int]:
     """torchvision's ``RandomResizedCrop.get_params`` with a ``random.Random``: (left, top, w, h)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -50,7 +57,7 @@ def rrc_box(rng, width, height, scale, ratio=RATIO):
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def view_rng(seed, view, index):
+def view_rng(seed: int, view: int, index: int) -> random.Random:
     """The generator of image ``index``'s view ``view``: the same in every process (a str seed hashes stably)."""
     return random.Random(f"edgekd-view/{int(seed)}/{int(view)}/{int(index)}")
 
@@ -58,11 +65,14 @@ def view_rng(seed, view, index):
 class _Items:
     """(dataset, index, label) triples kept as small parallel lists: the images themselves stay in the files."""
 
-    store = None  # an edgekd.core.image_store.ImageStore: pictures decoded once (--image-store)
+    store: Any = None  # an edgekd.core.image_store.ImageStore: pictures decoded once (--image-store)
 
-    def __init__(self, parts):
-        self._groups = None  # shard groups, found once (shard_groups)
-        self.sources, src, local, labels = [], [], [], []
+    def __init__(self, parts: List[Tuple[Any, Any, Optional[int]]]) -> None:
+        self._groups: Optional[List[List[int]]] = None  # shard groups, found once (shard_groups)
+        self.sources: List[Any] = []
+        src: List[int] = []
+        local: List[int] = []
+        labels: List[int] = []
         for dataset, indices, label in parts:
             k = len(self.sources)
             self.sources.append(dataset)
@@ -74,27 +84,25 @@ class _Items:
         self.src, self.local = torch.tensor(src, dtype=torch.int16), torch.tensor(local, dtype=torch.int64)
         self.targets = torch.tensor(labels, dtype=torch.long)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.targets)
 
-    def path(self, i):
+    def path(self, i: int) -> Optional[str]:
         dataset = self.sources[int(self.src[i])]
         samples = getattr(dataset, "samples", None)
         return samples[int(self.local[i])][0] if samples is not None else None
 
-    def name(self, i):
+    def name(self, i: int) -> str:
         """What an error calls item i: its file, its shard member (shard.tar:KEY.ext), or its number."""
         dataset = self.sources[int(self.src[i])]
         if hasattr(dataset, "item_name"):
             return dataset.item_name(int(self.local[i]))
         return self.path(i) or f"item {int(i)}"
 
-    def reason(self, i):
-        from .augment import bad_reason
-
+    def reason(self, i: int) -> str:
         return bad_reason(self.sources[int(self.src[i])], int(self.local[i]))
 
-    def fingerprint(self, i):
+    def fingerprint(self, i: int) -> str:
         """What item i's pixels depend on: its file (path, size, mtime), its shard member, or its place."""
         dataset = self.sources[int(self.src[i])]
         if hasattr(dataset, "item_fingerprint"):
@@ -105,14 +113,14 @@ class _Items:
             return f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
         return f"{int(self.src[i])}:{int(self.local[i])}"
 
-    def source_size(self, i, img):
+    def source_size(self, i: int, img: Any) -> Tuple[int, int]:
         """Item i's original (width, height): the stored copy is smaller, the crop geometry is the original's."""
         if self.store is None:
             return img.size
-        row = self.store.index[int(i)]
-        return int(row["orig_width"]), int(row["orig_height"])
+        row = self.store.row(i)
+        return row.orig_width, row.orig_height
 
-    def shard_groups(self):
+    def shard_groups(self) -> Optional[List[List[int]]]:
         """Each shard's item indices (in member order) when every item comes from WebDataset shards, else None."""
         if self._groups is None:
             import numpy as np
@@ -131,10 +139,8 @@ class _Items:
                 self._groups = [g.tolist() for g in np.split(order, cuts)] if len(order) else []
         return self._groups or None
 
-    def open(self, i):
+    def open(self, i: int) -> Tuple[Any, bool]:
         """A PIL image, lazily decoded when it comes from a file (its header read, its pixels not yet)."""
-        from .augment import _pil_item
-        from .data import open_image
 
         if self.store is not None:  # the stored pixels; the crop's box is drawn on the original size
             stored = self.store.image(i)
@@ -151,7 +157,7 @@ class _Items:
         return img, False
 
 
-def _targets(dataset):
+def _targets(dataset: Any) -> List[int]:
     if hasattr(dataset, "targets"):
         return [int(t) for t in dataset.targets]
     return [int(label) for _, label in dataset.samples]
@@ -161,15 +167,19 @@ class _Decoder(torch.utils.data.Dataset):
     """Item i of one epoch's view: (student uint8 CHW, teacher uint8 CHW or an empty tensor, label, i, ok).
     A worker process gets a copy; the epoch and the pad-crop parameters are set before the workers start."""
 
-    def __init__(self, items, spec, plan, teacher_size, scale, draft=True):
+    def __init__(self, items: "_Items", spec: Dict[str, Any], plan: Optional[AugmentPlan],
+                 teacher_size: Optional[Tuple[int, int]], scale: Tuple[float, float], draft: bool = True) -> None:
+        # ``spec``: the bundle runner's preprocessing spec (InputSpec.manifest), what its preprocessing reads
         self.items, self.spec, self.plan, self.teacher_size = items, spec, plan, teacher_size
+        self.input = InputSpec.from_manifest(spec)
         self.scale, self.draft = scale, draft
-        self.epoch, self.pad_params = None, None
+        self.epoch: Optional[int] = None
+        self.pad_params: Any = None
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, int, int, bool]:
         c, h, w = self._shape()
         try:
             student, teacher = self._views(i)
@@ -178,10 +188,10 @@ class _Decoder(torch.utils.data.Dataset):
             student = torch.zeros(c, h, w, dtype=torch.uint8)
             return student, _empty(None, student), BAD_IMAGE, i, False
 
-    def _shape(self):
-        return (1 if self.spec["color"] == "L" else 3, *self.spec["resize"])
+    def _shape(self) -> Tuple[int, int, int]:
+        return self.input.channels, self.input.height, self.input.width
 
-    def _views(self, i):
+    def _views(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         img, lazy = self.items.open(i)
         try:
             return self._decode(img, lazy, i)
@@ -189,54 +199,54 @@ class _Decoder(torch.utils.data.Dataset):
             if lazy:  # a file this call opened (never an in-memory image of the dataset itself)
                 img.close()
 
-    def _decode(self, img, lazy, i):
+    def _decode(self, img: Any, lazy: bool, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
 
-        kind = self.plan.kind if (self.plan is not None and self.epoch is not None) else "none"
-        if kind != "random-resized-crop":
+        plan, epoch = self.plan, self.epoch
+        if plan is None or epoch is None or plan.kind != "random-resized-crop":
             student = _pixels(_eval_geometry(img, self.spec, lazy=lazy))
             teacher = None
             if self.teacher_size:
-                teacher = _pixels(_eval_geometry(img, {**self.spec, "resize": list(self.teacher_size)}, lazy=lazy))
-            if kind == "standard":
+                height, width = self.teacher_size
+                teacher = _pixels(_eval_geometry(img, replace(self.input, height=height, width=width).manifest(),
+                                                 lazy=lazy))
+            if plan is not None and epoch is not None and plan.kind == "standard":
                 dy, dx, flip = (p[i:i + 1] for p in self.pad_params)
-                student = apply_views(student[None], dy, dx, flip, self.plan.pad)[0]
+                student = apply_views(student[None], dy, dx, flip, plan.pad)[0]
                 teacher = None  # pad-crop is for images of the student's size: the teacher resizes that view
             return student, _empty(teacher, student)
-        rng = view_rng(self.plan.seed, self.plan.view_of(self.epoch), i)
+        rng = view_rng(plan.seed, plan.view_of(epoch), i)
         width, height = self.items.source_size(i, img)
         left, top, bw, bh = rrc_box(rng, width, height, self.scale)
         flip = rng.random() < 0.5
-        outs = [tuple(self.spec["resize"])] + ([tuple(self.teacher_size)] if self.teacher_size else [])
+        outs = [self.input.size] + ([tuple(self.teacher_size)] if self.teacher_size else [])
         if lazy and self.draft:  # decode at 1/2, 1/4, 1/8 while the box still covers the largest output
             need_w = max(o[1] for o in outs) * width / bw
             need_h = max(o[0] for o in outs) * height / bh
-            img.draft(self.spec["color"], (math.ceil(need_w), math.ceil(need_h)))
+            img.draft(self.input.color, (math.ceil(need_w), math.ceil(need_h)))
         sx, sy = img.size[0] / width, img.size[1] / height
         box = (left * sx, top * sy, (left + bw) * sx, (top + bh) * sy)
-        img = img.convert(self.spec["color"])
+        img = img.convert(self.input.color)
         views = []
         for oh, ow in outs:
-            view = img.resize((ow, oh), Image.BILINEAR, box=box)
+            view = img.resize((ow, oh), Image.Resampling.BILINEAR, box=box)
             if flip:
-                view = view.transpose(Image.FLIP_LEFT_RIGHT)
+                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             views.append(_pixels(view))
         return views[0], _empty(views[1] if len(views) > 1 else None, views[0])
 
 
-def _empty(teacher, student):
+def _empty(teacher: Optional[torch.Tensor], student: torch.Tensor) -> torch.Tensor:
     return teacher if teacher is not None else student.new_zeros((0,))
 
 
-def _eval_geometry(img, spec, lazy=False):
-    from ..bundle.preprocessing import preprocess_pixels
-
+def _eval_geometry(img: Any, spec: Dict[str, Any], lazy: bool = False) -> Any:
     if lazy:
         img.load()
     return preprocess_pixels(img, ModelInput.from_json(spec))
 
 
-def _pixels(img):
+def _pixels(img: Any) -> torch.Tensor:
     import numpy as np
 
     a = np.array(img, dtype=np.uint8)  # writable: torch shares it
@@ -244,7 +254,10 @@ def _pixels(img):
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _collate(batch):
+_Batch = Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _collate(batch: List[Tuple[Any, ...]]) -> _Batch:
     student = torch.stack([b[0] for b in batch])
     shaped = next((b[1] for b in batch if b[1].numel()), None)  # an unreadable item has no teacher view
     teacher = None if shaped is None else torch.stack([b[1] if b[1].numel() else torch.zeros_like(shaped)
@@ -258,29 +271,31 @@ def _collate(batch):
 class StreamViews:
     """A split served from its files, batch by batch: the same interface as edgekd.augment.Views."""
 
-    def __init__(self, items, spec, plan=None, workers=0, skip_bad=False, scale=0.08, desc="train"):
+    def __init__(self, items: _Items, spec: InputSpec, plan: Optional[AugmentPlan] = None, workers: int = 0,
+                 skip_bad: bool = False, scale: float = 0.08, desc: str = "train") -> None:
         self.items, self.input, self.plan, self.workers = items, spec, plan, int(workers)
         self.targets = items.targets
         self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
         self.skip_bad, self.scale, self.desc = skip_bad, float(scale), desc
-        self.teacher_size = None
-        self.skipped = set()  # unreadable files met so far (left out with --skip-bad-images)
+        self.teacher_size: Optional[Tuple[int, int]] = None
+        self.skipped: Set[str] = set()  # unreadable files met so far (left out with --skip-bad-images)
 
     @classmethod
-    def of(cls, parts, spec, plan=None, **kw):
+    def of(cls, parts: List[Tuple[Any, Any, Optional[int]]], spec: InputSpec, plan: Optional[AugmentPlan] = None,
+           **kw: Any) -> "StreamViews":
         """Views over ``parts``: (dataset, indices or None, label or None for the dataset's own) triples."""
         return cls(_Items(parts), spec, plan, **kw)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.targets)
 
-    def set_teacher_size(self, size):
+    def set_teacher_size(self, size: Optional[Tuple[int, int]]) -> None:
         """Also decode each view at the teacher's (height, width) from the same box of the original picture."""
         size = None if size is None else (int(size[0]), int(size[1]))
         self.teacher_size = None if size == (self.input.height, self.input.width) else size
 
-    def labelled(self):
+    def labelled(self) -> "StreamViews":
         keep = (self.targets >= 0).nonzero().flatten()
         if len(keep) == len(self):
             return self
@@ -291,7 +306,7 @@ class StreamViews:
                                                          scale=self.plan.scale)
         return StreamViews(items, self.input, plan, self.workers, self.skip_bad, self.scale, self.desc)
 
-    def fingerprint(self):
+    def fingerprint(self) -> str:
         """What the teacher cache is valid for: the files (path, size, mtime) or items, labels, geometry."""
         h = hashlib.sha256()
         for i in range(len(self)):
@@ -299,10 +314,10 @@ class StreamViews:
         h.update(self.targets.numpy().tobytes())
         h.update(json.dumps([self.input.manifest(), self.scale, self.teacher_size]).encode())
         if self.items.store is not None:  # pixels resampled from the stored copy are not the files' own
-            h.update(json.dumps({"image_store": self.items.store.meta["key"]}).encode())
+            h.update(json.dumps({"image_store": self.items.store.meta.key}).encode())
         return h.hexdigest()
 
-    def _decoder(self, epoch, teacher_view):
+    def _decoder(self, epoch: Optional[int], teacher_view: bool) -> _Decoder:
         decoder = _Decoder(self.items, self.input.manifest(), self.plan, self.teacher_size if teacher_view else None,
                            (self.scale, 1.0))
         decoder.epoch = epoch
@@ -310,10 +325,11 @@ class StreamViews:
             decoder.pad_params = self.plan.params(epoch)
         return decoder
 
-    def _normalise(self, x):
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float().div_(255.0) - self.mean) / self.std
 
-    def _finish(self, student, teacher, labels, idx, ok, teacher_view):
+    def _finish(self, batch: "_Batch", teacher_view: bool) -> Tuple[Any, ...]:
+        student, teacher, labels, idx, ok = batch
         if not ok.all():
             bad = [self.items.name(int(i)) for i in idx[~ok]]
             if not self.skip_bad:
@@ -330,20 +346,18 @@ class StreamViews:
             return x, None if teacher is None else self._normalise(teacher), labels, idx
         return x, labels, idx
 
-    def batch(self, idx, epoch=None, teacher_view=False):
+    def batch(self, idx: Any, epoch: Optional[int] = None, teacher_view: bool = False) -> Tuple[Any, ...]:
         """Images ``idx`` as seen in ``epoch``, decoded here (no workers): (x, y), or (x, x_teacher, y)."""
         decoder = self._decoder(epoch, teacher_view)
-        out = self._finish(*_collate([decoder[int(i)] for i in torch.as_tensor(idx).flatten()]),
-                           teacher_view=teacher_view)
+        out = self._finish(_collate([decoder[int(i)] for i in torch.as_tensor(idx).flatten()]), teacher_view)
         return out[:-1]
 
-    def _run(self, index_batches, epoch, teacher_view):
-        mix = None if self.plan is None or epoch is None else self.plan.mix
+    def _run(self, index_batches: List[List[int]], epoch: Optional[int],
+             teacher_view: bool) -> Iterator[Tuple[Any, ...]]:
+        mixing = None if self.plan is None else self.plan.mix_view(epoch)
         wanted_batches = index_batches
-        if mix is not None:  # each batch also loads its pictures' partners (edgekd.core.mixing)
-            from .mixing import with_partners
-
-            view = self.plan.view_of(epoch)
+        if mixing is not None:  # each batch also loads its pictures' partners (edgekd.core.mixing)
+            mix, view = mixing
             index_batches = [with_partners(mix, view, b).tolist() for b in index_batches]
         decoder = self._decoder(epoch, teacher_view)
         workers = self.workers if len(index_batches) > 1 else 0
@@ -351,20 +365,18 @@ class StreamViews:
                                              collate_fn=_collate, prefetch_factor=4 if workers else None,
                                              persistent_workers=False,
                                              multiprocessing_context=_worker_context() if workers else None)
-        mix = None if self.plan is None or epoch is None else self.plan.mix
-        if mix is None:
+        if mixing is None:
             for out in loader:
-                yield self._finish(*out, teacher_view=teacher_view)
+                yield self._finish(out, teacher_view)
             return
-        from .mixing import mix_loaded
-
-        view = self.plan.view_of(epoch)
+        mix, view = mixing
         for wanted, out in zip(wanted_batches, loader):  # the loader keeps the batches' order
-            x, xt, y, idx = self._finish(*out, teacher_view=True)
+            x, xt, y, idx = self._finish(out, True)
             x, xt, y, idx = mix_loaded(mix, view, wanted, x, xt, y, idx)
             yield (x, xt, y, idx) if teacher_view else (x, y, idx)
 
-    def batches(self, batch_size, epoch=None, shuffle_seed=None, shard=None, teacher_view=False):
+    def batches(self, batch_size: int, epoch: Optional[int] = None, shuffle_seed: Optional[int] = None,
+                shard: Optional[Tuple[int, int]] = None, teacher_view: bool = False) -> Iterator[Tuple[Any, ...]]:
         """Yield (x, y, idx), or (x, x_teacher or None, y, idx) with ``teacher_view``; as Views.batches."""
         n = len(self)
         order = torch.arange(n) if shuffle_seed is None else torch.randperm(
@@ -374,34 +386,27 @@ class StreamViews:
         yield from self._run([order[s:s + batch_size].tolist() for s in range(0, len(order), batch_size)], epoch,
                              teacher_view)
 
-    def distributed_batches(self, batch_size, epoch, seed, rank, world, teacher_view=False):
+    def distributed_batches(self, batch_size: int, epoch: int, seed: int, rank: int, world: int,
+                            teacher_view: bool = False) -> Iterator[Tuple[Any, ...]]:
         """This rank's batches of one epoch under torchrun. Views of WebDataset shards: whole shards dealt to
         ranks (edgekd.core.shards.deal_shards); otherwise a DistributedSampler's share. Either way every rank
         takes ceil(N / world) items, so all take the same number of steps."""
         groups = self.items.shard_groups()
         if groups is not None:
-            from .shards import deal_shards
-
             order = deal_shards(groups, world, epoch, seed)[rank]
         else:
-            from torch.utils.data import DistributedSampler
-
-            sampler = DistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, seed=int(seed))
-            sampler.set_epoch(int(epoch))
-            order = list(sampler)
+            order = distributed_order(len(self), world, rank, seed, epoch)
         yield from self._run([order[s:s + batch_size] for s in range(0, len(order), batch_size)], epoch, teacher_view)
 
-    def steps_per_epoch(self, batch_size, world=1):
+    def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
         groups = self.items.shard_groups() if world > 1 else None
         if groups is not None:  # refused before the first step, on every rank alike
-            from .shards import check_shard_count
-
             check_shard_count(len(groups), world)
         per_rank = -(-len(self) // world)
         return -(-per_rank // (batch_size // world))
 
 
-def _worker_context():
+def _worker_context() -> Any:
     """Decoding workers start from a fork server, not as forks of this process: thread pools that live here
     (ONNX Runtime or OpenVINO teachers, OpenMP) do not survive a fork, and a forked worker can crash or hang.
     The server imports this module once, so each worker still starts in a fraction of a second."""

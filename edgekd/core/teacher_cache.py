@@ -28,15 +28,21 @@ import logging
 import math
 import os
 import re
+import time
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
+import numpy as np
 import torch
+from numpy.lib.format import open_memmap
 
 from .. import EdgeKDError
 from ..base.bounds import MAX_BATCH_BYTES, MAX_CLASSES, batch_bytes
-from ..base.files import atomic_write, require_regular  # noqa: F401  (atomic_write: imported from here)
 from ..base.integrity import Index, read_description, read_record
-from .checkpoint import file_sha256  # noqa: F401  (file_sha256: its old home)
+from ..base.progress import bar
+from .checkpoint import file_sha256
+from .records import field_names, record_dict, record_from
+from .safe_load import torch_file
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,57 @@ FORMAT = 2
 FLOAT16_MAX = 65000.0
 META = "meta.json"  # the cache's description and its views' checksums (an edgekd.base.integrity index)
 _VIEW_NAME = re.compile(r"^view-(\d{4})\.npy$")
+# A top-k row's fields: the k largest logits, their class indices, and the one logit of every other class.
+TOPK_FIELDS = ("values", "index", "fill")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How a cache stores the logits (meta.json's ``storage``): float16 or float32, all of them or the top k."""
+
+    format: int
+    dtype: str
+    topk: Optional[int]
+    fill_temperature: Optional[float]   # the top-k's fill value's temperature (None: all logits, or the mean)
+
+    def to_json(self) -> Dict[str, Any]:
+        return record_dict(self)
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """meta.json's description of a cache: its key, storage, and the images and classes of every view."""
+
+    key: Any
+    storage: Any
+    images: Any
+    classes: Any
+
+    @classmethod
+    def from_json(cls, d: Any) -> Optional["CacheMeta"]:
+        """The description in a parsed meta.json, or None when it is not one (not a dict, or fields missing)."""
+        if not isinstance(d, dict) or not field_names(cls) <= d.keys():
+            return None
+        return record_from(cls, d)
+
+
+@dataclass(frozen=True)
+class LegacyCache:
+    """A one-file cache of edgekd before the folder format: its key and (epochs, N, classes) float32 logits."""
+
+    key: Any
+    logits: Any
+
+    @classmethod
+    def read(cls, path: str) -> Optional["LegacyCache"]:
+        """The file at ``path`` when it is one (loaded without running pickled code), else None."""
+        try:
+            blob = torch_file(path, "teacher cache")
+        except EdgeKDError:  # a damaged old file: computed again
+            return None
+        if not isinstance(blob, dict) or not field_names(cls) <= blob.keys():
+            return None
+        return record_from(cls, blob)
 
 
 def data_fingerprint(views: Any) -> str:
@@ -107,24 +164,26 @@ class TeacherCache:
         if topk is not None and (int(topk) != topk or topk < 1):
             raise EdgeKDError(f"--teacher-cache-topk {topk!r}: expected a positive whole number")
         if isinstance(teacher, (str, os.PathLike)):
-            self.teacher_sha, view, compute = file_sha256(teacher), None, None
+            self.teacher_sha, view, compute = file_sha256(os.fspath(teacher)), None, None
         else:
             self.teacher_sha, view = teacher.sha256, teacher.cache_key()
             compute = getattr(teacher, "dtype_name", "float32")
-        self.key = {"teacher_sha256": self.teacher_sha, **views.plan.describe(), "data_sha256": data_fingerprint(views)}
-        if view is not None:
-            self.key["teacher_view"] = view
-        self.legacy_key = dict(self.key)  # what a one-file cache of earlier edgekd versions was keyed by
-        if compute not in (None, "float32"):  # a bf16 teacher's answers are not a float32 teacher's
-            self.key["teacher_dtype"] = f"{compute} (autocast)"  # how it was computed is part of the answer
-        self.storage = {"format": FORMAT, "dtype": dtype, "topk": None if topk is None else int(topk),
-                        "fill_temperature": None if topk is None else temperature}
-        digest = hashlib.sha256(json.dumps([self.key, self.storage], sort_keys=True).encode()).hexdigest()[:16]
+        # what a one-file cache of earlier edgekd versions was keyed by
+        self.legacy_key: Dict[str, Any] = {"teacher_sha256": self.teacher_sha, **views.plan.describe(),
+                                           "data_sha256": data_fingerprint(views),
+                                           **({} if view is None else {"teacher_view": view})}
+        # a bf16 teacher's answers are not a float32 teacher's: how it was computed is part of the answer
+        autocast = {} if compute in (None, "float32") else {"teacher_dtype": f"{compute} (autocast)"}
+        self.key: Dict[str, Any] = {**self.legacy_key, **autocast}
+        self.storage = Storage(FORMAT, dtype, None if topk is None else int(topk), None if topk is None else temperature)
+        digest = hashlib.sha256(json.dumps([self.key, self.storage.to_json()],
+                                           sort_keys=True).encode()).hexdigest()[:16]
         name = f"teacher-{self.teacher_sha[:12]}-aug{views.plan.seed}"
         self.path = os.path.join(folder, f"{name}-{digest}")
         legacy = hashlib.sha256(json.dumps(self.legacy_key, sort_keys=True).encode()).hexdigest()[:16]
         self.legacy_path = os.path.join(folder, f"{name}-{legacy}.pt")
-        self.views, self.classes = views, None
+        self.views = views
+        self.classes: Optional[int] = None
         self._arrays: Dict[int, Any] = {}  # view number -> memory-mapped array
         self._integrity: Optional[Index] = None
         self._verified: Set[int] = set()  # views whose checksum and header were checked in this process
@@ -135,7 +194,7 @@ class TeacherCache:
         return os.path.join(self.path, f"view-{v:04d}.npy")
 
     def _meta(self) -> Dict[str, Any]:
-        return {"key": self.key, "storage": self.storage, "images": len(self.views), "classes": self.classes}
+        return record_dict(CacheMeta(self.key, self.storage.to_json(), len(self.views), self.classes))
 
     def _damaged(self, why: str) -> EdgeKDError:
         return EdgeKDError(f"teacher cache {self.path} {why}; delete that folder (edgekd wrote it) and run again")
@@ -147,15 +206,15 @@ class TeacherCache:
         if not os.path.lexists(meta_path):
             return
         try:  # an index (edgekd.base.integrity) describing the cache; before checksums, the description alone
-            meta = read_description(meta_path) or read_record(meta_path)
+            meta = CacheMeta.from_json(read_description(meta_path) or read_record(meta_path))
         except ValueError as e:  # not a regular file, not JSON, too large, nested too deeply
             raise self._damaged(f"has an unreadable {META} ({str(e)[:100]})") from None
-        if not isinstance(meta, dict) or meta.get("key") != self.key or meta.get("storage") != self.storage:
+        if meta is None or meta.key != self.key or meta.storage != self.storage.to_json():
             raise self._damaged("was written for another teacher, data or storage")
-        classes = meta.get("classes")
-        if meta.get("images") != len(self.views) or isinstance(classes, bool) or not isinstance(classes, int) \
+        classes = meta.classes
+        if meta.images != len(self.views) or isinstance(classes, bool) or not isinstance(classes, int) \
                 or not 1 <= classes <= MAX_CLASSES:
-            raise self._damaged(f"describes {meta.get('images')!r} images of {classes!r} classes, not "
+            raise self._damaged(f"describes {meta.images!r} images of {classes!r} classes, not "
                                 f"{len(self.views)} images of 1 to {MAX_CLASSES} classes")
         self.classes = classes
 
@@ -175,8 +234,6 @@ class TeacherCache:
 
     def _view_problem(self, v: int) -> Optional[str]:
         """Why view ``v`` on disk cannot be trusted (checksum, or a header of another dtype or shape), or None."""
-        import numpy as np
-
         name = os.path.basename(self._view_file(v))
         problem = self._index().check(name)
         if problem:
@@ -221,8 +278,6 @@ class TeacherCache:
 
     def _array(self, v: int) -> Any:
         if v not in self._arrays:
-            import numpy as np
-
             if not os.path.isfile(self._view_file(v)):
                 raise EdgeKDError(f"teacher cache {self.path} holds views {self.held()}, view {v} was asked for")
             if v not in self._verified:  # a rank that did not build it checks it too: never trusted as found
@@ -238,10 +293,11 @@ class TeacherCache:
     def _start(self, classes: int) -> None:
         if self.classes is not None and self.classes != classes:
             raise EdgeKDError(f"teacher cache {self.path} holds {self.classes} classes, the teacher gives {classes}")
-        if self.storage["topk"] and self.storage["topk"] >= classes:
-            raise EdgeKDError(f"--teacher-cache-topk {self.storage['topk']}: the teacher has only {classes} classes; "
+        topk = self.storage.topk
+        if topk and topk >= classes:
+            raise EdgeKDError(f"--teacher-cache-topk {topk}: the teacher has only {classes} classes; "
                               "keep all logits (leave it out) or choose fewer")
-        if classes > 32767 and self.storage["topk"]:
+        if classes > 32767 and topk:
             raise EdgeKDError(f"--teacher-cache-topk stores class indices as int16: {classes} classes are too many")
         self.classes = classes
         os.makedirs(self.path, exist_ok=True)
@@ -249,36 +305,31 @@ class TeacherCache:
             self._index().save()
 
     def _row_dtype(self) -> Tuple[Any, Tuple[int, ...]]:
-        import numpy as np
-
-        dt = np.float16 if self.storage["dtype"] == "float16" else np.float32
-        k = self.storage["topk"]
+        dt = np.float16 if self.storage.dtype == "float16" else np.float32
+        k = self.storage.topk
         if not k:
-            return dt, (self.classes,)
-        return np.dtype([("values", dt, (k,)), ("index", np.int16, (k,)), ("fill", dt)]), ()
+            return dt, (int(self.classes or 0),)
+        return np.dtype(list(zip(TOPK_FIELDS, (dt, np.int16, dt), ((k,), (k,), ())))), ()
 
     def _encode(self, logits: torch.Tensor) -> Any:
         """A batch of float32 logits as storage rows (a numpy array)."""
-        import numpy as np
-
-        if self.storage["dtype"] == "float16" and logits.abs().max().item() > FLOAT16_MAX:
+        if self.storage.dtype == "float16" and logits.abs().max().item() > FLOAT16_MAX:
             raise EdgeKDError(f"the teacher's logits reach {logits.abs().max().item():.3g}, beyond float16; "
                               "use --teacher-cache-dtype float32")
         dtype, _ = self._row_dtype()
-        k = self.storage["topk"]
+        k = self.storage.topk
         if not k:
             return logits.numpy().astype(dtype)
         top = logits.topk(k, dim=1)
         rows = np.empty(len(logits), dtype=dtype)
-        rows["values"], rows["index"] = top.values.numpy(), top.indices.numpy().astype(np.int16)
-        rows["fill"] = fill_value(logits, top.values, self.storage["fill_temperature"]).numpy()
+        fill = fill_value(logits, top.values, self.storage.fill_temperature)
+        for name, column in zip(TOPK_FIELDS, (top.values.numpy(), top.indices.numpy().astype(np.int16), fill.numpy())):
+            rows[name] = column
         return rows
 
     def _write_view(self, v: int, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write view ``v`` from an iterator of (idx, float32 logits) into a file of its own, renamed when whole.
         Rows never given (an image left out by --skip-bad-images) stay zero and are never looked up."""
-        from numpy.lib.format import open_memmap
-
         final = self._view_file(v)
         tmp, out = f"{final}.tmp-{os.getpid()}", None
         try:
@@ -288,6 +339,8 @@ class TeacherCache:
                     dtype, tail = self._row_dtype()
                     out = open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(self.views), *tail))
                 out[idx.numpy()] = self._encode(logits)
+            if out is None:
+                raise EdgeKDError(f"teacher cache view {v}: the training views gave no batch")
             out.flush()
             del out
             self._index().forget(os.path.basename(final))
@@ -304,10 +357,6 @@ class TeacherCache:
               progress: bool = True) -> float:
         """Make sure the views of epochs 1..``epochs`` are cached, computing only the missing ones (one view
         with --augment none, at most K with ``--teacher-views K``). Returns seconds spent."""
-        import time
-
-        from ..base.progress import bar
-
         self.load()
         self._check_views()
         missing = [v for v in self.needed(epochs) if v not in self.held()]
@@ -334,17 +383,12 @@ class TeacherCache:
 
     def _import_legacy(self, missing: List[int]) -> bool:
         """Convert a one-file cache of an earlier edgekd (same key) instead of running the teacher again."""
-        from .safe_load import torch_file
-
         if not os.path.isfile(self.legacy_path) or self.key != self.legacy_key:
             return False
-        try:
-            blob = torch_file(self.legacy_path, "teacher cache")
-        except EdgeKDError:  # a damaged old file: computed again
+        legacy = LegacyCache.read(self.legacy_path)
+        if legacy is None or legacy.key != self.legacy_key:
             return False
-        if not isinstance(blob, dict) or blob.get("key") != self.legacy_key:
-            return False
-        logits = blob["logits"]  # (epochs, N, classes) float32; its epoch e was view e
+        logits = legacy.logits  # (epochs, N, classes) float32; its epoch e was view e
         if any(v > len(logits) for v in missing):
             return False
         for v in missing:
@@ -357,14 +401,12 @@ class TeacherCache:
 
     def lookup(self, epoch: int, idx: Any) -> torch.Tensor:
         """The cached teacher logits (float32) of images ``idx`` as seen in ``epoch`` (1-based)."""
-        import numpy as np
-
         rows = self._array(view_number(self.views.plan, epoch))[np.asarray(idx)]
-        if not self.storage["topk"]:
+        if not self.storage.topk:
             return torch.from_numpy(rows.astype(np.float32))
-        return self.expand(torch.from_numpy(rows["values"].astype(np.float32)),
-                           torch.from_numpy(rows["index"].astype(np.int64)),
-                           torch.from_numpy(rows["fill"].astype(np.float32)), self.classes)
+        values, index, fill = (torch.from_numpy(rows[name].astype(kind))
+                               for name, kind in zip(TOPK_FIELDS, (np.float32, np.int64, np.float32)))
+        return self.expand(values, index, fill, int(self.classes or 0))
 
     @staticmethod
     def expand(values: torch.Tensor, index: torch.Tensor, fill: torch.Tensor, classes: int) -> torch.Tensor:
@@ -372,9 +414,14 @@ class TeacherCache:
         return fill.view(-1, 1).expand(len(fill), classes).clone().scatter_(1, index, values)
 
     def describe(self) -> Dict[str, Any]:
-        """The cache's record for metrics.json."""
-        return {"path": self.path, "views_held": self.epochs, "storage": self.storage, "classes": self.classes,
-                "bytes": sum(os.path.getsize(self._view_file(v)) for v in self.held())}
+        """The cache's description: where, the views held, the storage, the classes and the bytes on disk."""
+        return {"path": self.path, "views_held": self.epochs, "storage": self.storage.to_json(),
+                "classes": self.classes, "bytes": sum(os.path.getsize(self._view_file(v)) for v in self.held())}
+
+    def record(self, build_seconds: Optional[float]) -> Dict[str, Any]:
+        """The cache's record for metrics.json: its description, the build's seconds and the teacher's sha256."""
+        return {"path": self.path, "build_seconds": build_seconds, "teacher_sha256": self.teacher_sha,
+                "views": self.views.plan.views, **self.describe()}
 
 
 # A live teacher's answers are kept in memory up to this size when every epoch shows the same views.
@@ -390,7 +437,8 @@ class LiveMemo:
     """
 
     def __init__(self, images: int) -> None:
-        self.images, self.logits, self.known = int(images), None, torch.zeros(int(images), dtype=torch.bool)
+        self.images, self.known = int(images), torch.zeros(int(images), dtype=torch.bool)
+        self.logits: Optional[torch.Tensor] = None
         self.teacher_calls = 0
 
     @classmethod
@@ -415,3 +463,7 @@ class LiveMemo:
         self.logits[idx] = out.detach().float().cpu()
         self.known[idx] = True
         return out
+
+    def describe(self) -> Dict[str, Any]:
+        """The memo's record for metrics.json."""
+        return {"teacher_calls": self.teacher_calls, "why": "every epoch shows the same views"}

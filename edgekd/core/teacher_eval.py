@@ -4,8 +4,11 @@ it, beside the figure on the student's view resized to the teacher's input. A 22
 lower on a 64 px student's view upsampled than on its own on photos: the second figure is the teacher's."""
 
 import logging
+from typing import Any, Dict
 
 import torch
+
+from .stream import StreamViews
 
 log = logging.getLogger(__name__)
 
@@ -15,11 +18,9 @@ OWN_VIEW = ("test_top1_own_view: each test picture decoded at the teacher's own 
 
 
 @torch.no_grad()
-def own_view_top1(teacher, data, cfg, ctx):
+def own_view_top1(teacher: Any, data: Any, cfg: Any, ctx: Any) -> Dict[str, Any]:
     """{"test_top1_own_view", "test_top1_views"} for metrics.json's teacher record; the own view equals the
     student's view when the sizes are equal (then no second pass)."""
-    from .stream import StreamViews
-
     size = tuple(teacher.loaded.size)
     if size == (data.input.height, data.input.width):
         return {"test_top1_own_view": teacher.metrics.get("test_top1"),

@@ -1,34 +1,42 @@
 """The training loop shared by ``edgekd train`` and ``edgekd distill``: optimizer, schedule, epochs,
 mixed precision, Ctrl-C, and the end-of-epoch state that ``--resume`` continues from."""
 
+import contextlib
 import logging
 import math
 import os
 import random
+import signal
 import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
+import numpy as np
 import torch
 
 from .. import EdgeKDError, Interrupted
 from ..base.files import atomic_write
 from ..base.progress import REPORT, bar
+from .distributed import Context
+from .metrics import EpochRecord
+from .mixing import mixed_loss
+from .precision import settle_student_dtype, student_autocast
+from .records import record_dict, record_from, required
+from .safe_load import Refused, torch_file
 
 log = logging.getLogger(__name__)
 
 
-def seed_everything(seed):
+def seed_everything(seed: int) -> None:
+    """Seed Python's, torch's and numpy's generators."""
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
+    np.random.seed(seed)
 
 
 @torch.no_grad()
-def evaluate(model, views, device="cpu", batch_size=256, dist=None):
+def evaluate(model: torch.nn.Module, views: Any, device: str = "cpu", batch_size: int = 256,
+             dist: Optional[Context] = None) -> float:
     """Top-1 accuracy of ``model`` (eval mode) on un-augmented views of a split; under DDP each rank
     scores every world-th image and the counts are summed, so the figure covers the whole split once."""
     was_training = model.training
@@ -38,12 +46,13 @@ def evaluate(model, views, device="cpu", batch_size=256, dist=None):
     for x, y, _ in views.batches(batch_size, shard=shard):
         correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     model.train(was_training)
-    if shard is not None:
+    if shard is not None and dist is not None:
         correct = dist.all_reduce_sum(torch.tensor([correct], dtype=torch.float64)).item()
     return correct / max(len(views), 1)
 
 
-def make_optimizer(params, cfg):
+def make_optimizer(params: Any, cfg: Any) -> torch.optim.Optimizer:
+    """--optimizer over the parameters that train."""
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -52,7 +61,7 @@ def make_optimizer(params, cfg):
     raise EdgeKDError(f"unknown optimizer {cfg.optimizer!r}: choose from adamw, sgd")
 
 
-def lr_factor(step, total, warmup, schedule):
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Learning-rate multiplier at ``step``: linear warm-up, then cosine to zero, x0.1 steps, or constant."""
     if step < warmup:
         return (step + 1) / warmup
@@ -64,7 +73,9 @@ def lr_factor(step, total, warmup, schedule):
     return 1.0
 
 
-def make_scheduler(optimizer, cfg, steps, steps_per_epoch):
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, steps: int,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """--schedule with --warmup-epochs, stepped once per batch."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     schedule = cfg.schedule
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup, schedule))
@@ -74,9 +85,8 @@ class TrainRun:
     """What one call of ``fit`` needs besides the model: data views, loss, teacher, cache, feature taps,
     and the process group (a single process unless run under torchrun)."""
 
-    def __init__(self, train, test, loss_fn, teacher=None, cache=None, taps=None, dist=None, memo=None):
-        from .distributed import Context
-
+    def __init__(self, train: Any, test: Any, loss_fn: Any, teacher: Any = None, cache: Any = None, taps: Any = None,
+                 dist: Optional[Context] = None, memo: Any = None) -> None:
         self.train, self.test, self.loss_fn = train, test, loss_fn
         self.teacher, self.cache, self.taps = teacher, cache, taps
         self.memo = memo  # a LiveMemo: a live teacher asked once per image when views cannot differ
@@ -84,10 +94,11 @@ class TrainRun:
         self.dist = dist or Context()
         self.local_images = 0  # training images this process stepped through (all epochs of this run)
         # --student-dtype: the CPU autocast dtype of the student's forward (None: float32) and why (metrics.json)
-        self.student_autocast, self.student_dtype = None, None
+        self.student_autocast: Optional[torch.dtype] = None
+        self.student_dtype: Optional[Dict[str, Any]] = None
 
 
-def cuda_speedups(cfg):
+def cuda_speedups(cfg: Any) -> Tuple[Optional[torch.dtype], bool]:
     """(autocast dtype or None, channels_last) for a run. Mixed precision is for CUDA: bf16 where the GPU
     supports it (no loss scaling needed), fp16 with a gradient scaler otherwise."""
     on_cuda = str(cfg.device).startswith("cuda")
@@ -102,15 +113,13 @@ def cuda_speedups(cfg):
     return dtype, layout == "on" or (layout == "auto" and on_cuda)
 
 
-def _autocast(dtype):
-    import contextlib
-
+def _autocast(dtype: Optional[torch.dtype]) -> Any:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def _to_device(x, y, device, channels_last):
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: str, channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     if str(device).startswith("cuda"):  # pinned pages let the copy overlap with the previous step
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     if channels_last:
@@ -118,7 +127,8 @@ def _to_device(x, y, device, channels_last):
     return x, y
 
 
-def _teacher_logits(run, x, idx, epoch, xt=None):
+def _teacher_logits(run: TrainRun, x: torch.Tensor, idx: Any, epoch: int,
+                    xt: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     if run.cache is not None and run.taps is None:
         return run.cache.lookup(epoch, idx).to(x.device)
     if run.teacher is None:
@@ -129,38 +139,33 @@ def _teacher_logits(run, x, idx, epoch, xt=None):
     return run.teacher(xt)
 
 
-def _step(net, run, x, y, idx, epoch, xt=None):
+def _step(net: Any, run: TrainRun, x: torch.Tensor, y: torch.Tensor, idx: Any, epoch: int,
+          xt: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
     t_logits = _teacher_logits(run, x, idx, epoch, xt)
     if run.student_autocast is None:
         s_logits = net(x)
     else:  # bf16 student on a CPU: its logits back to float32, so the loss and soft targets are float32
-        from .precision import student_autocast
-
         with student_autocast(run.student_autocast):
             s_logits = net(x)
         s_logits = s_logits.float()
-    extra = {}
+    extra: Dict[str, Any] = {}
     if run.taps is not None:  # the teacher's map is an inference-mode tensor: a clone can join autograd
-        extra["features"] = (run.taps[0].output, run.taps[1].output.float().clone())  # float: a bf16 teacher's too
+        extra.update(features=(run.taps[0].output, run.taps[1].output.float().clone()))  # float: a bf16 teacher's too
     if run.mix is not None:  # function matching: the teacher's answer for the mixed picture, mixed labels
-        from .mixing import mixed_loss
-
         view = run.train.plan.view_of(epoch)
-        return s_logits, t_logits, mixed_loss(run.loss_fn, run.mix, view, tuple(x.shape[-2:]), s_logits, t_logits,
-                                              y, idx, **extra)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        return s_logits, t_logits, mixed_loss(run.loss_fn, run.mix, view, size, s_logits, t_logits, y, idx, **extra)
     return s_logits, t_logits, run.loss_fn(s_logits, t_logits, y, **extra)
 
 
 class _StopOnSigint:
     """Turn the first Ctrl-C into a flag checked after each batch; a second one stops at once."""
 
-    def __enter__(self):
-        import signal
-
+    def __enter__(self) -> "_StopOnSigint":
         self.requested = False
         self._previous = signal.getsignal(signal.SIGINT)
 
-        def handler(signum, frame):
+        def handler(signum: int, frame: Any) -> None:
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
@@ -171,80 +176,113 @@ class _StopOnSigint:
             self._previous = None
         return self
 
-    def __exit__(self, *exc):
-        import signal
-
+    def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
-def _rng_state():
-    import numpy as np
+@dataclass
+class RngState:
+    """The generators' states as a training state file holds them (tensors and plain types only)."""
 
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype("int64")), *np_state[2:]]}
+    torch: torch.Tensor
+    python: Any
+    numpy: List[Any]
+
+    @classmethod
+    def now(cls) -> "RngState":
+        np_state = cast(Tuple[Any, ...], np.random.get_state())  # the legacy tuple (MT19937)
+        return cls(torch.get_rng_state(), random.getstate(),
+                   [np_state[0], torch.from_numpy(np_state[1].astype("int64")), *np_state[2:]])
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch)
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in self.python))
+        kind, keys, *rest = self.numpy
+        np.random.set_state((kind, keys.numpy().astype("uint32"), *rest))
 
 
-def _set_rng_state(state):
-    import numpy as np
+@dataclass
+class TrainState:
+    """The end-of-epoch training state (``--resume``); on disk the dict of these fields (``rng`` a dict of
+    RngState's), read back with weights_only=True."""
 
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype("uint32"), *rest))
+    epoch: int
+    model: Dict[str, Any]
+    loss_fn: Dict[str, Any]
+    optimizer: Dict[str, Any]
+    scheduler: Dict[str, Any]
+    history: List[Dict[str, Any]]   # EpochRecord.to_json of each epoch done
+    rng: Dict[str, Any]
+    scaler: Optional[Dict[str, Any]] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return record_dict(self, omit_none=frozenset({"scaler"}))
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TrainState":
+        """The state of a loaded file; KeyError naming the first field missing."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a {type(d).__name__}, not a training state")
+        missing = [k for k in required(cls) if k not in d]
+        if missing:
+            raise KeyError(missing[0])
+        return record_from(cls, d)
 
 
 class _Loop:
     """The moving parts of one training run: the model, what runs it (DDP, torch.compile), the optimizer,
     schedule, gradient scaler and mixed-precision settings."""
 
-    def __init__(self, model, net, optimizer, scheduler, scaler, amp_dtype, channels_last):
+    def __init__(self, model: torch.nn.Module, net: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 scaler: Any, amp_dtype: Optional[torch.dtype], channels_last: bool) -> None:
         self.model, self.net, self.optimizer, self.scheduler = model, net, optimizer, scheduler
         self.scaler, self.amp_dtype, self.channels_last = scaler, amp_dtype, channels_last
 
 
-def save_state(path, model, run, optimizer, scheduler, epoch, history, scaler=None):
+def save_state(path: str, model: torch.nn.Module, run: TrainRun, optimizer: torch.optim.Optimizer, scheduler: Any,
+               epoch: int, history: List[EpochRecord], scaler: Any = None) -> None:
     """The end-of-epoch training state (weights, optimizer, schedule, RNG, history), written atomically."""
-    state = {"epoch": epoch, "model": model.state_dict(), "loss_fn": run.loss_fn.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
-             "rng": _rng_state()}
-    if scaler is not None:
-        state["scaler"] = scaler.state_dict()
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    state = TrainState(epoch, model.state_dict(), run.loss_fn.state_dict(), optimizer.state_dict(),
+                       scheduler.state_dict(), [h.to_json() for h in history], record_dict(RngState.now()),
+                       None if scaler is None else scaler.state_dict())
+    atomic_write(path, lambda tmp: torch.save(state.to_dict(), tmp))
 
 
-def _resume_error(path, e):
+def _resume_error(path: str, e: BaseException) -> EdgeKDError:
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     return EdgeKDError(f"cannot resume from {path!r}: {reason}; start again with --force")
 
 
-def read_state(path):
-    from .safe_load import Refused, torch_file
-
+def read_state(path: str) -> Any:
+    """The training state file at ``path`` as loaded, without running pickled code (EdgeKDError when refused);
+    ``apply_state`` reads it into a TrainState on every rank."""
     try:
         return torch_file(path, "training state")
     except Refused as e:
         raise _resume_error(path, e.__cause__ or e) from e.__cause__
 
 
-def apply_state(state, path, model, run, optimizer, scheduler, scaler=None):
-    """Restore a training state; returns (epochs done, history)."""
+def apply_state(loaded: Any, path: str, model: torch.nn.Module, run: TrainRun, optimizer: torch.optim.Optimizer,
+                scheduler: Any, scaler: Any = None) -> Tuple[int, List[EpochRecord]]:
+    """Restore a training state (``read_state``'s); returns (epochs done, history)."""
     try:
-        model.load_state_dict(state["model"])
-        run.loss_fn.load_state_dict(state["loss_fn"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        state = TrainState.from_dict(loaded)
+        model.load_state_dict(state.model)
+        run.loss_fn.load_state_dict(state.loss_fn)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        if scaler is not None and state.scaler is not None:
+            scaler.load_state_dict(state.scaler)
+        record_from(RngState, state.rng).restore()
+        history = [EpochRecord.from_json(h) for h in state.history]
     except Exception as e:
         raise _resume_error(path, e) from e
-    return state["epoch"], state["history"]
+    return state.epoch, history
 
 
-def fit(model, run, cfg, desc="train", state_path=None):
+def fit(model: torch.nn.Module, run: TrainRun, cfg: Any, desc: str = "train",
+        state_path: Optional[str] = None) -> List[EpochRecord]:
     """Train ``model`` for cfg.epochs epochs, evaluating on the test views after each. Returns the history.
 
     With ``state_path`` the training state is saved there after every epoch (by rank 0), and a run
@@ -265,7 +303,8 @@ def fit(model, run, cfg, desc="train", state_path=None):
     optimizer = make_optimizer(list(model.parameters()) + list(run.loss_fn.parameters()), cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    history, done = [], 0
+    history: List[EpochRecord] = []
+    done = 0
     if state_path and cfg.resume:
         # rank 0 reads the state and sends it to every rank: other machines need not see the file
         state = dist.broadcast_object(read_state(state_path) if dist.is_main and os.path.isfile(state_path) else None)
@@ -274,8 +313,6 @@ def fit(model, run, cfg, desc="train", state_path=None):
             log.info("%s: resuming after epoch %d from %s", desc, done, state_path)
             if cfg.progress and dist.is_main:
                 REPORT.info("%s: resuming after epoch %d/%d", desc, done, cfg.epochs)
-    from .precision import settle_student_dtype
-
     run.student_autocast, run.student_dtype = settle_student_dtype(model, run.train, cfg, channels_last)
     net = dist.wrap(model, device)
     if cfg.compile:
@@ -290,7 +327,7 @@ def fit(model, run, cfg, desc="train", state_path=None):
     return history
 
 
-def _train_batches(run, cfg, epoch):
+def _train_batches(run: TrainRun, cfg: Any, epoch: int) -> Iterator[Any]:
     """This process's (x, x_teacher or None, y, idx) batches of one epoch: the global batch alone, or its share
     of it under DDP. x_teacher is the same view at the teacher's own size when the views are decoded from the
     files (edgekd.core.stream) and a live teacher needs it."""
@@ -305,7 +342,7 @@ def _train_batches(run, cfg, epoch):
     return batches if live else ((x, None, y, idx) for x, y, idx in batches)
 
 
-def _backward(loop, run, loss):
+def _backward(loop: _Loop, run: TrainRun, loss: torch.Tensor) -> None:
     loop.optimizer.zero_grad(set_to_none=True)
     if loop.scaler is not None:  # fp16: scale the loss so small gradients do not underflow
         loop.scaler.scale(loss).backward()
@@ -319,7 +356,7 @@ def _backward(loop, run, loss):
     loop.scheduler.step()
 
 
-def _nan_source(x, t_logits, s_logits):
+def _nan_source(x: torch.Tensor, t_logits: Optional[torch.Tensor], s_logits: torch.Tensor) -> str:
     """Where a non-finite loss came from, in the order the numbers flow (data, teacher, student, the loss), and
     what to do: only a student that diverged is the learning rate's doing."""
     if not torch.isfinite(x).all():
@@ -332,7 +369,45 @@ def _nan_source(x, t_logits, s_logits):
     return "the inputs and outputs are finite, the loss is not: check the loss's options (--temperature, --alpha)"
 
 
-def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
+class _Tally:
+    """One epoch's running counts on this process: images, labelled ones, right answers of the student and the
+    teacher, and each loss part summed over images."""
+
+    def __init__(self) -> None:
+        self.seen, self.labelled, self.correct, self.t_correct = 0.0, 0.0, 0.0, 0.0
+        self.sums: Dict[str, float] = {}
+
+    def add(self, y: torch.Tensor, s_logits: torch.Tensor, t_logits: Optional[torch.Tensor],
+            parts: Dict[str, torch.Tensor]) -> None:
+        self.seen += len(y)
+        has_label = y >= 0  # unlabelled images (--unlabeled, label -1) have no right answer to count
+        self.labelled += has_label.sum().item()
+        self.correct += (s_logits.detach().argmax(1) == y)[has_label].sum().item()
+        if t_logits is not None:  # how right the teacher is on the views it is shown (augmentation can hurt it)
+            self.t_correct += (t_logits.detach().argmax(1) == y)[has_label].sum().item()
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.item() * len(y)
+
+    def postfix(self, world: int, start: float) -> Dict[str, str]:
+        """The progress bar's running figures: the loss and its task and KD parts, images per second."""
+        mean = {k: v / self.seen for k, v in self.sums.items()}
+        shown = {"loss": "loss", "task": "task_loss", "kd": "kd_loss"}
+        return {**{name: f"{mean[k]:.3f}" for name, k in shown.items() if k in mean},
+                "ips": f"{self.seen * world / (time.perf_counter() - start):.0f}"}
+
+    def summed(self, dist: Context) -> "_Tally":
+        """The counts summed over every rank (this process's alone without torchrun)."""
+        keys = sorted(self.sums)
+        totals = dist.all_reduce_sum(torch.tensor([self.seen, self.labelled, self.correct, self.t_correct]
+                                                  + [self.sums[k] for k in keys], dtype=torch.float64)).tolist()
+        out = _Tally()
+        out.seen, out.labelled, out.correct, out.t_correct = totals[:4]
+        out.sums = dict(zip(keys, totals[4:]))
+        return out
+
+
+def _epoch(loop: _Loop, run: TrainRun, cfg: Any, desc: str, epoch: int, steps_per_epoch: int,
+           stop: _StopOnSigint) -> EpochRecord:
     """One epoch of training and its evaluation; returns the epoch's record (counts summed over ranks)."""
     dist, device = run.dist, cfg.device
     if hasattr(run.loss_fn, "set_epoch"):
@@ -340,7 +415,7 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
     timed_teacher = run.teacher is not None and hasattr(run.teacher, "take_seconds")
     if timed_teacher:
         run.teacher.take_seconds()  # count this epoch's teacher forwards only
-    sums, seen, labelled, correct, t_correct, start = {}, 0, 0, 0, 0, time.perf_counter()
+    tally, start = _Tally(), time.perf_counter()
     progress = bar(_train_batches(run, cfg, epoch), total=steps_per_epoch, desc=f"{desc} {epoch}/{cfg.epochs}",
                    unit="batch", disable=not (cfg.progress and dist.is_main), leave=True)
     for batch, (x, xt, y, idx) in enumerate(progress, 1):
@@ -349,45 +424,42 @@ def _epoch(loop, run, cfg, desc, epoch, steps_per_epoch, stop):
             xt, _ = _to_device(xt, y, device, loop.channels_last)
         with _autocast(loop.amp_dtype):
             s_logits, t_logits, parts = _step(loop.net, run, x, y, idx, epoch, xt)
-        bad, stopping = not torch.isfinite(parts["loss"]).item(), stop.requested
+        loss = parts["loss"]
+        bad, stopping = not torch.isfinite(loss).item(), stop.requested
         if dist.enabled:  # every rank must leave the loop at the same batch, or the others wait forever
             bad, stopping = (v > 0 for v in dist.all_reduce_sum(torch.tensor([float(bad), float(stopping)])).tolist())
         if bad:
-            raise EdgeKDError(f"{desc}: loss became {parts['loss'].item()} in epoch {epoch}, batch {batch}: "
+            raise EdgeKDError(f"{desc}: loss became {loss.item()} in epoch {epoch}, batch {batch}: "
                               f"{_nan_source(x, t_logits, s_logits)}; the last complete epoch ({epoch - 1}) is kept")
-        _backward(loop, run, parts["loss"])
-        seen += len(y)
-        has_label = y >= 0  # unlabelled images (--unlabeled, label -1) have no right answer to count
-        labelled += has_label.sum().item()
-        correct += (s_logits.detach().argmax(1) == y)[has_label].sum().item()
-        if t_logits is not None:  # how right the teacher is on the views it is shown (augmentation can hurt it)
-            t_correct += (t_logits.detach().argmax(1) == y)[has_label].sum().item()
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v.item() * len(y)
-        progress.set_postfix(loss=f"{sums['loss'] / seen:.3f}", task=f"{sums['task_loss'] / seen:.3f}",
-                        kd=f"{sums['kd_loss'] / seen:.3f}", ips=f"{seen * dist.world_size / (time.perf_counter() - start):.0f}")
+        _backward(loop, run, loss)
+        tally.add(y, s_logits, t_logits, parts)
+        progress.set_postfix(**tally.postfix(dist.world_size, start))
         if stopping:
             progress.close()
             raise Interrupted(f"interrupted in epoch {epoch} of {desc}; the last complete epoch ({epoch - 1}) is saved")
     seconds = time.perf_counter() - start
-    run.local_images += seen
-    keys = sorted(sums)
-    totals = dist.all_reduce_sum(torch.tensor([seen, labelled, correct, t_correct] + [sums[k] for k in keys],
-                                              dtype=torch.float64)).tolist()
-    seen, labelled, correct, t_correct, sums = totals[0], totals[1], totals[2], totals[3], dict(zip(keys, totals[4:]))
+    run.local_images += int(tally.seen)
+    return _epoch_record(loop, run, cfg, desc, epoch, tally.summed(dist), seconds, timed_teacher)
+
+
+def _epoch_record(loop: _Loop, run: TrainRun, cfg: Any, desc: str, epoch: int, total: _Tally, seconds: float,
+                  timed_teacher: bool) -> EpochRecord:
+    """The epoch's record, after the test split's evaluation; logged, and shown with --progress."""
+    dist = run.dist
     dist.sync_buffers(loop.model)
-    top1 = evaluate(loop.model, run.test, device, dist=dist)
-    record = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "train_top1": correct / max(labelled, 1),
-              "test_top1": top1, "lr": loop.optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds,
-              "seconds": seconds}
-    if run.teacher is not None or run.cache is not None:
-        record["teacher_train_top1"] = t_correct / max(labelled, 1)
-    if timed_teacher:  # the live teacher's own forward time (0 when its logits come from the cache)
-        record["teacher_seconds"] = run.teacher.take_seconds()
-        record["teacher_share"] = record["teacher_seconds"] / seconds if seconds > 0 else None
-    log.info("%s epoch %d: %s", desc, epoch, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
+    top1 = evaluate(loop.model, run.test, cfg.device, dist=dist)
+    seen, labelled = max(total.seen, 1), max(total.labelled, 1)
+    t_seconds = run.teacher.take_seconds() if timed_teacher else None  # 0 when its logits come from the cache
+    record = EpochRecord(
+        epoch, {k: v / seen for k, v in total.sums.items()}, total.correct / labelled, top1,
+        loop.scheduler.get_last_lr()[0], total.seen / seconds, seconds,
+        teacher_train_top1=total.t_correct / labelled if run.teacher is not None or run.cache is not None else None,
+        teacher_seconds=t_seconds,
+        teacher_share=t_seconds / seconds if t_seconds is not None and seconds > 0 else None)
+    log.info("%s epoch %d: %s", desc, epoch,
+             {k: round(v, 4) for k, v in record.to_json().items() if isinstance(v, float)})
     if cfg.progress and dist.is_main:
-        terms = "  ".join(f"{k} {record[k]:.4f}" for k in sums)
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in record.terms.items())
         REPORT.info("%s %d/%d: %s  test top-1 %.4f  (%.0f img/s)", desc, epoch, cfg.epochs, terms, top1,
-                    record["images_per_s"])
+                    record.images_per_s)
     return record

@@ -18,12 +18,16 @@ data's classes out), ``classes`` (class matching), ``source`` (the registry of s
 
 # One module per source; importing them registers each in TEACHERS.
 from . import bundle, checkpoint, factory, onnx, openvino, pt2, timm, torchscript, torchvision  # noqa: F401
-from .checkpoint import Trained  # noqa: F401
-from .classes import class_index, read_classes_file  # noqa: F401
-from .load import check, load_teacher, resolve  # noqa: F401
-from .onnx import ort_runner, ort_session  # noqa: F401
-from .openvino import openvino_runner  # noqa: F401
-from .options import COLORS, OUTPUTS, TeacherOptions  # noqa: F401
-from .source import TEACHERS, Env, Source  # noqa: F401
-from .view import FrozenTeacher, Loaded, Teacher, check_probs  # noqa: F401
-from .weights import load_state_dict  # noqa: F401
+from .checkpoint import Trained
+from .classes import ClassMatch, class_index, read_classes_file
+from .load import check, load_teacher, resolve
+from .onnx import ort_runner, ort_session
+from .openvino import openvino_runner
+from .options import COLORS, OUTPUTS, TeacherOptions
+from .source import TEACHERS, Env, Source
+from .view import FrozenTeacher, Loaded, Teacher, check_probs
+from .weights import load_state_dict
+
+__all__ = ["COLORS", "OUTPUTS", "TEACHERS", "ClassMatch", "Env", "FrozenTeacher", "Loaded", "Source", "Teacher",
+           "TeacherOptions", "Trained", "check", "check_probs", "class_index", "load_state_dict", "load_teacher",
+           "openvino_runner", "ort_runner", "ort_session", "read_classes_file", "resolve"]

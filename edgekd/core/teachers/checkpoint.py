@@ -2,12 +2,12 @@
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List
 
 from torch import nn
 
 from ... import EdgeKDError
-from ..checkpoint import Checkpoint, file_sha256
+from ..checkpoint import file_sha256
 from ..data import InputSpec
 from ..loading import load_model
 from ..models import check_spec
@@ -15,6 +15,7 @@ from .options import TeacherOptions
 from .source import Env, Source, register_source
 from .torchscript import is_torchscript
 from .view import Loaded
+
 
 @register_source("checkpoint")
 class CheckpointSource(Source):
@@ -44,15 +45,10 @@ class Trained:
     """A teacher that this run trained from a model spec (edgekd distill trains it before loading the teacher)."""
 
     model: nn.Module
-    ckpt: Mapping[str, Any]   # its Checkpoint, or its input spec and classes as a checkpoint holds them
+    input: InputSpec          # its input spec and class names, as its checkpoint records them
+    classes: List[str]
     path: str                 # the teacher.pt it was saved to
-    metrics: Dict[str, Any]
-
-    def described(self) -> Tuple[InputSpec, List[str]]:
-        """Its input spec and class names."""
-        if isinstance(self.ckpt, Checkpoint):
-            return self.ckpt.input, self.ckpt.classes
-        return InputSpec.from_dict(self.ckpt["input"]), [str(c) for c in self.ckpt["classes"]]
+    metrics: Dict[str, Any]   # its metrics.json record
 
 
 @register_source("model")
@@ -73,5 +69,5 @@ class TrainedSource(Source):
         if trained is None:
             raise EdgeKDError(f"teacher {spec!r} is a model spec, which must be trained first (edgekd distill does "
                               "that); give a trained teacher: a checkpoint, a bundle, an ONNX file, ...")
-        spec_in, classes = trained.described()
-        return from_checkpoint(self.kind, trained.model, spec_in, classes, trained.path, trained.metrics)
+        return from_checkpoint(self.kind, trained.model, trained.input, trained.classes, trained.path,
+                               trained.metrics)

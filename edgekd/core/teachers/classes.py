@@ -5,11 +5,30 @@ import difflib
 import logging
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ... import EdgeKDError
+from ..records import record_dict
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassMatch:
+    """How the teacher's outputs were matched to the data's classes (the teacher record's ``classes``)."""
+
+    matched: str                           # by name, by index (--teacher-classes), by position
+    teacher_outputs: int
+    names_from: Optional[str] = None       # by name: where the teacher's names came from
+    file: Optional[str] = None             # by index: the --teacher-classes file
+    index: Optional[List[int]] = None      # the teacher output of each data class
+    teacher_names: Optional[List[str]] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        """The record, its provenance (names_from or file) before the outputs as teacher records show it."""
+        d = record_dict(self, omit_none=frozenset({"names_from", "file", "index", "teacher_names"}))
+        return {"matched": d.pop("matched"), **{k: d.pop(k) for k in ("names_from", "file") if k in d}, **d}
 
 
 def read_classes_file(path: str) -> Tuple[str, List[Any]]:
@@ -39,7 +58,7 @@ def read_classes_file(path: str) -> Tuple[str, List[Any]]:
 
 def class_index(data_classes: Sequence[str], outputs: int, names: Optional[List[str]] = None,
                 names_from: Optional[str] = None, classes_file: Optional[str] = None,
-                spec: str = "teacher") -> Tuple[Optional[List[int]], Dict[str, Any]]:
+                spec: str = "teacher") -> Tuple[Optional[List[int]], ClassMatch]:
     """The teacher output for each data class (``None`` when that is the identity) and a record of how."""
     data_classes = list(data_classes)
     if classes_file:
@@ -57,7 +76,7 @@ def class_index(data_classes: Sequence[str], outputs: int, names: Optional[List[
         log.warning("teacher %s carries no class names: its %d outputs are taken in the data's class order (%s); "
                     "pass --teacher-classes FILE to have them checked by name", spec, outputs,
                     ", ".join(data_classes[:5]) + (", ..." if outputs > 5 else ""))
-        return None, {"matched": "by position (the teacher carries no class names)", "teacher_outputs": outputs}
+        return None, ClassMatch("by position (the teacher carries no class names)", outputs)
     if len(names) != outputs:
         raise EdgeKDError(f"teacher {spec!r} names {len(names)} classes ({names_from}) but has {outputs} outputs")
     where: Dict[str, List[int]] = {}
@@ -76,13 +95,13 @@ def class_index(data_classes: Sequence[str], outputs: int, names: Optional[List[
             raise EdgeKDError(f"data class {name!r} names teacher outputs {where[name]} of {spec!r}; pick one with "
                               "--teacher-classes FILE (lines 'INDEX NAME')")
         index.append(where[name][0])
-    record = {"matched": "by name", "names_from": names_from, "teacher_outputs": outputs, "index": index,
-              "teacher_names": [names[i] for i in index]}
+    record = ClassMatch("by name", outputs, names_from=names_from, index=index,
+                        teacher_names=[names[i] for i in index])
     return (None if index == list(range(outputs)) else index), record
 
 
 def _index_pairs(data_classes: List[str], outputs: int, pairs: List[Tuple[int, Optional[str]]], path: str,
-                 spec: str) -> Tuple[Optional[List[int]], Dict[str, Any]]:
+                 spec: str) -> Tuple[Optional[List[int]], ClassMatch]:
     if len(pairs) != len(data_classes):
         raise EdgeKDError(f"--teacher-classes {path!r} picks {len(pairs)} outputs but the data has "
                           f"{len(data_classes)} classes: one line per data class")
@@ -103,6 +122,5 @@ def _index_pairs(data_classes: List[str], outputs: int, pairs: List[Tuple[int, O
     if len(set(index)) != len(index):
         raise EdgeKDError(f"--teacher-classes {path!r} picks the same teacher output for two data classes")
     picked = [i for i in index if i is not None]  # every data class: one line each, no class twice
-    record = {"matched": "by index (--teacher-classes)", "file": os.path.abspath(path), "teacher_outputs": outputs,
-              "index": picked}
+    record = ClassMatch("by index (--teacher-classes)", outputs, file=os.path.abspath(path), index=picked)
     return (None if picked == list(range(outputs)) else picked), record

@@ -1,7 +1,7 @@
 """Loading a teacher: resolve the spec to its source, load, settle the view, check the outputs, match the classes."""
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -25,14 +25,15 @@ def resolve(spec: str, options: TeacherOptions) -> Source:
     return TEACHERS.get(found[0] if found else "model")
 
 
-def check(spec: str, options: TeacherOptions, loss_meta: Optional[Dict[str, Any]] = None) -> Source:
-    """Cheap checks before any data is loaded: the spec resolves, its file exists, fitnet gets a PyTorch model."""
+def check(spec: str, options: TeacherOptions, needs_features: bool = False) -> Source:
+    """Cheap checks before any data is loaded: the spec resolves, its file exists, a loss that ``needs_features``
+    (fitnet) gets a PyTorch model."""
     source = resolve(spec, options)
     source.check(spec, options)
     if options.weights and source.kind not in ("torchvision", "timm", "factory"):
         raise EdgeKDError(f"--teacher-weights loads weights into torchvision:NAME, timm:NAME or MODULE:FUNCTION, "
                           f"not into a {source.kind} teacher ({spec!r})")
-    if loss_meta and loss_meta.get("needs_features") and not source.hookable:
+    if needs_features and not source.hookable:
         raise EdgeKDError(f"loss fitnet needs the teacher's feature maps, but teacher {spec!r} is a black box "
                           f"({source.kind}: logits only); use a PyTorch teacher (an edgekd checkpoint, torchvision:, "
                           "timm:, MODULE:FUNCTION) or a logit loss (kd, dkd, seed, mse)")
@@ -51,7 +52,7 @@ def load_teacher(cfg: Any, options: TeacherOptions, data: Data, train: Any = Non
     index, record = class_index(data.classes, outputs, loaded.names, loaded.names_from, options.classes, spec)
     teacher = Teacher(loaded, data.input, index, record, spec)
     log.info("teacher %s (%s): %dx%dx%d %s, %s, classes %s", spec, loaded.kind, view.channels, view.height, view.width,
-             loaded.color, teacher.outputs, record["matched"])
+             loaded.color, teacher.outputs, record.matched)
     if evaluate_on is not None and teacher.metrics.get("test_top1") is None:
         teacher.to(cfg.device)
         teacher.metrics["test_top1"] = evaluate(teacher, evaluate_on, cfg.device, dist=ctx)
@@ -65,31 +66,34 @@ def _settle_input(lo: Loaded, options: TeacherOptions, data_input: InputSpec, sp
     for name in ("mean", "std", "color", "outputs"):
         value = getattr(options, name)
         if value is not None:
-            setattr(lo, name, value)
-            lo.found[name] = f"--teacher-{name}"
+            lo.settle(f"--teacher-{name}", **{name: value})
     if options.input_size is not None:
-        lo.size, lo.found["size"] = (options.input_size[0], options.input_size[1]), "--teacher-input-size"
+        lo.settle("--teacher-input-size", size=(options.input_size[0], options.input_size[1]))
     if lo.color is not None:
         lo.channels = 1 if lo.color == "L" else 3
-    if lo.channels is None:
-        lo.channels, lo.found["channels"] = data_input.channels, "the data's"
-    lo.color = lo.color or ("L" if lo.channels == 1 else "RGB")
-    if (lo.color == "L") != (lo.channels == 1):
-        raise EdgeKDError(f"teacher {spec!r} takes {lo.channels} channels, which colour {lo.color} does not have; "
+    channels = lo.channels
+    if channels is None:
+        channels = data_input.channels
+        lo.settle("the data's", channels=channels)
+    lo.color = lo.color or ("L" if channels == 1 else "RGB")
+    if (lo.color == "L") != (channels == 1):
+        raise EdgeKDError(f"teacher {spec!r} takes {channels} channels, which colour {lo.color} does not have; "
                           "fix --teacher-color (RGB, BGR or L)")
-    if lo.size is None:
-        lo.size, lo.found["size"] = (data_input.height, data_input.width), "the data's (set --teacher-input-size)"
-        log.warning("teacher %s gives no input size: it sees the data's %dx%d (set --teacher-input-size)", spec, *lo.size)
+    size = lo.size
+    if size is None:
+        size = (data_input.height, data_input.width)
+        lo.settle("the data's (set --teacher-input-size)", size=size)
+        log.warning("teacher %s gives no input size: it sees the data's %dx%d (set --teacher-input-size)", spec, *size)
     if lo.mean is None or lo.std is None:
         raise EdgeKDError(f"teacher {spec!r} carries no input normalisation: pass --teacher-mean and --teacher-std "
                           "in [0, 1] pixel units (ImageNet: 0.485,0.456,0.406 and 0.229,0.224,0.225; 0 and 1 for "
                           "plain [0, 1] pixels)")
-    lo.mean = lo.mean * lo.channels if len(lo.mean) == 1 else list(lo.mean)
-    lo.std = lo.std * lo.channels if len(lo.std) == 1 else list(lo.std)
-    if len(lo.mean) != lo.channels or len(lo.std) != lo.channels:
-        raise EdgeKDError(f"teacher {spec!r} takes {lo.channels} channels but its mean/std give "
+    lo.mean = lo.mean * channels if len(lo.mean) == 1 else list(lo.mean)
+    lo.std = lo.std * channels if len(lo.std) == 1 else list(lo.std)
+    if len(lo.mean) != channels or len(lo.std) != channels:
+        raise EdgeKDError(f"teacher {spec!r} takes {channels} channels but its mean/std give "
                           f"{len(lo.mean)}/{len(lo.std)} values")
-    return InputSpec(lo.channels, lo.size[0], lo.size[1], list(lo.mean), list(lo.std))
+    return InputSpec(channels, size[0], size[1], list(lo.mean), list(lo.std))
 
 
 def _probe(lo: Loaded, spec: str, view: InputSpec, probs: bool = False) -> int:

@@ -115,10 +115,9 @@ def _apply_metadata(lo: Loaded, meta: Dict[str, str], spec: str) -> None:
             if len(v) != 2 or not all(isinstance(i, int) and 1 <= i <= MAX_INPUT_SIDE for i in v):
                 raise EdgeKDError(f"teacher {spec!r}: metadata {METADATA_KEYS[key]!r} must be [height, width], whole "
                                   f"numbers from 1 to {MAX_INPUT_SIDE}, got {str(v)[:80]!r}")
-            lo.size, lo.found["size"] = tuple(v), "ONNX metadata"
+            lo.settle("ONNX metadata", size=tuple(v))
         else:
-            setattr(lo, key, v)
-            lo.found[key] = "ONNX metadata"
+            lo.settle("ONNX metadata", **{key: v})
     if lo.color is not None and lo.color not in COLORS or lo.outputs is not None and lo.outputs not in OUTPUTS:
         raise EdgeKDError(f"teacher {spec!r}: metadata color {lo.color!r} / outputs {lo.outputs!r} not understood "
                           f"(color: {', '.join(COLORS)}; outputs: {', '.join(OUTPUTS)})")

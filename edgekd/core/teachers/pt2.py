@@ -28,8 +28,9 @@ class ExportedProgramSource(Source):
                     sha256=file_sha256(path), runtime={"library": "torch.export"})
         user = set(program.graph_signature.user_inputs)
         for node in program.graph.nodes:
-            if node.op == "placeholder" and node.name in user and hasattr(node.meta.get("val"), "shape"):
-                dims = [d if isinstance(d, int) else None for d in node.meta["val"].shape]
+            val: Any = node.meta.get("val") if node.op == "placeholder" and node.name in user else None  # torch.fx's
+            if hasattr(val, "shape"):
+                dims = [d if isinstance(d, int) else None for d in val.shape]
                 apply_shape(lo, dims, "the exported program")
                 if dims and dims[0]:  # exported with a fixed batch: run it in batches of exactly that size
                     lo.module = FixedBatch(lo.module, dims[0])

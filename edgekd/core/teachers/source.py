@@ -9,7 +9,7 @@ from typing import Any, Callable, List, Optional, Tuple, Type
 import torch
 from torch import nn
 
-from ... import EdgeKDError
+from ...base.files import require_regular
 from ...base.registry import Registry
 from ..checkpoint import file_sha256
 from .options import TeacherOptions
@@ -81,8 +81,6 @@ def split_spec(spec: str, prefix: str) -> str:
 def need_file(path: str, what: str) -> None:
     """A teacher's file (or a bundle's folder): a regular file, checked by stat (a FIFO named model.onnx would
     block the loader for ever)."""
-    from ...base.files import require_regular
-
     if not os.path.isdir(path):
         require_regular(path, what)
 
@@ -95,9 +93,9 @@ def apply_shape(lo: Loaded, dims: Optional[List[Any]], where: str) -> None:
     dims = [d if isinstance(d, int) and d > 0 else None for d in (dims or [])]
     if len(dims) == 4:
         if dims[1] in (1, 3):
-            lo.channels, lo.found["channels"] = dims[1], where
+            lo.settle(where, channels=dims[1])
         if dims[2] and dims[3]:
-            lo.size, lo.found["size"] = (dims[2], dims[3]), where
+            lo.settle(where, size=(dims[2], dims[3]))
 
 
 def first_conv_channels(module: nn.Module) -> Optional[int]:

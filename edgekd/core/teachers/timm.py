@@ -40,9 +40,9 @@ class TimmSource(Source):
             file, sha = f"timm:{name} pretrained", None
         sha = sha or state_sha256(model, spec)
         config = timm.data.resolve_data_config(model=model)
-        c, h, w = config["input_size"]
-        lo = Loaded(self.kind, None, module=model, hookable=True, channels=c, size=(h, w), mean=list(config["mean"]),
-                    std=list(config["std"]), file=file, sha256=sha, found={"input": "timm.data.resolve_data_config"},
+        (c, h, w), mean, std = (config[k] for k in ("input_size", "mean", "std"))  # timm's dict
+        lo = Loaded(self.kind, None, module=model, hookable=True, channels=c, size=(h, w), mean=list(mean),
+                    std=list(std), file=file, sha256=sha, found={"input": "timm.data.resolve_data_config"},
                     runtime={"library": "torch"},
                     metrics={"model": spec, "source": file, "params": sum(p.numel() for p in model.parameters())})
         if getattr(model, "num_classes", None) == 1000:

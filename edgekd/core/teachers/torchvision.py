@@ -41,9 +41,10 @@ class TorchvisionSource(Source):
             raise EdgeKDError(f"torchvision {name} has no weights {weights_name!r}: choose from "
                               f"{', '.join(['DEFAULT'] + [w.name for w in enum])}") from None
         lo = Loaded(self.kind, None, hookable=True, channels=3, runtime={"library": "torch"})
+        categories = weights.meta.get("categories")  # the class names the weights were trained on
         if options.weights:
             state = load_state_dict(options.weights)
-            classes = head_classes(state) or len(weights.meta["categories"])
+            classes = head_classes(state) or len(categories or ())
             model = torchvision.models.get_model(name, weights=None, num_classes=classes)
             load_weights(model, options.weights, spec, state)
             lo.file, lo.sha256 = os.path.abspath(options.weights), file_sha256(options.weights)
@@ -59,7 +60,6 @@ class TorchvisionSource(Source):
         lo.module, lo.mean, lo.std = model, list(transform.mean), list(transform.std)
         lo.size = (transform.crop_size[0], transform.crop_size[-1])
         lo.found = {"input": f"torchvision {weights} transforms"}
-        categories = weights.meta.get("categories")
         if categories and _probe_count(model, lo.size) == len(categories):
             lo.names, lo.names_from = list(categories), f"torchvision {weights} meta"
         lo.metrics = {"model": spec, "source": lo.file, "params": sum(p.numel() for p in model.parameters())}

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from ... import EdgeKDError
 from ..data import InputSpec
+from .classes import ClassMatch
 
 # Probabilities of exactly 0 would give -inf logits: clamp before the log (KD losses see log-probs).
 PROB_FLOOR = 1e-12
@@ -41,6 +42,12 @@ class Loaded:
     found: Dict[str, str] = field(default_factory=dict)   # where each input setting came from
     keep: object = None          # e.g. an unpacked bundle whose folder must live as long as the teacher
 
+    def settle(self, where: str, **settings: Any) -> None:
+        """Set input settings (channels, size, mean, std, color, outputs) and record where each came from."""
+        for name, value in settings.items():
+            setattr(self, name, value)
+            self.found[name] = where
+
 
 class Teacher(nn.Module):
     """A frozen teacher seen through the student's data: view in, logits in the data's class order out."""
@@ -51,7 +58,7 @@ class Teacher(nn.Module):
     t_std: torch.Tensor
 
     def __init__(self, loaded: Loaded, student_input: InputSpec, index: Optional[List[int]] = None,
-                 classes_record: Optional[Dict[str, Any]] = None, spec: Optional[str] = None) -> None:
+                 classes_record: Optional[ClassMatch] = None, spec: Optional[str] = None) -> None:
         super().__init__()
         self.kind, self.spec, self.loaded = loaded.kind, spec, loaded
         self.model = loaded.module.eval().requires_grad_(False) if loaded.module is not None else None
@@ -71,7 +78,7 @@ class Teacher(nn.Module):
         self.register_buffer("t_mean", torch.tensor(t.mean, dtype=torch.float32).view(shape))
         self.register_buffer("t_std", torch.tensor(t.std, dtype=torch.float32).view(shape))
         self.index = None if index is None else torch.as_tensor(index, dtype=torch.long)
-        self.classes_record = classes_record or {}
+        self.classes_record = classes_record
         self.seconds = 0.0  # the teacher's own forward time since the last take_seconds()
         self.probs_checked = False
 
@@ -125,19 +132,25 @@ class Teacher(nn.Module):
 
     def cache_key(self) -> Dict[str, Any]:
         """What besides the file decides the teacher's answer: its view of the data and the class mapping."""
-        d = self.describe()
-        return {k: d[k] for k in ("input", "outputs")} | {"index": d["classes"].get("index")}
+        return {"input": self._input_record(), "outputs": self.outputs,
+                "index": None if self.classes_record is None else self.classes_record.index}
 
     def describe(self) -> Dict[str, Any]:
         """The resolved teacher: kind, file, sha256, input view, outputs, class mapping (config.yaml, metrics.json)."""
         lo, t = self.loaded, self.input
         return {"kind": self.kind, "spec": self.spec, "file": lo.file, "sha256": self.sha256,
-                "input": {"channels": t.channels, "size": [t.height, t.width], "color": lo.color, "mean": list(t.mean),
-                          "std": list(t.std), "from": dict(lo.found)},
+                "input": self._input_record(),
                 "view": {"from": list(self.student), "resize": self.resize, "interpolation": "bilinear, antialias",
                          "channels": f"{self.student[0]} -> {t.channels}"},
-                "outputs": self.outputs, "classes": dict(self.classes_record), "black_box": lo.module is None,
-                "runtime": lo.runtime}
+                "outputs": self.outputs,
+                "classes": {} if self.classes_record is None else self.classes_record.to_json(),
+                "black_box": lo.module is None, "runtime": lo.runtime}
+
+    def _input_record(self) -> Dict[str, Any]:
+        """The teacher's input view and where each setting came from."""
+        lo, t = self.loaded, self.input
+        return {"channels": t.channels, "size": [t.height, t.width], "color": lo.color, "mean": list(t.mean),
+                "std": list(t.std), "from": dict(lo.found)}
 
 
 class FrozenTeacher(Teacher):
