@@ -104,7 +104,7 @@ def describe(path: str) -> Model:
         return Model(model=name, path=path, kind=m.format, precision=m.precision, arch=m.record("model"),
                      params=m.record("params"), flops=m.record("flops"), size_mb=size / 1e6,
                      input=InputSpec(m.channels, *m.input.resize, m.input.mean, m.input.std,
-                                     m.input.crop_pct),  # type: ignore[arg-type]  # None: stretched, as InputSpec reads it
+                                     m.input.crop_pct),
                      classes=m.classes, data=spec_from_file(m.record("data"), path),
                      static_batch=m.static_batch)
     if os.path.isfile(path):

@@ -38,7 +38,7 @@ class LossInfo:
         """The loss registered as ``name`` (EdgeKDError naming the losses there are)."""
         meta = LOSSES.meta(name)  # the keyword arguments of its registration
         needs_teacher, needs_features, defaults, summary = (meta.get(k) for k in REGISTERED)
-        return cls(name, bool(needs_teacher), bool(needs_features), dict(defaults), str(summary or ""))
+        return cls(name, bool(needs_teacher), bool(needs_features), dict(defaults or {}), str(summary or ""))
 
 
 class _Loss(nn.Module):
