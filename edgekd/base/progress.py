@@ -33,10 +33,28 @@ class PrintableFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
+class CurrentStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler that writes to whatever ``sys.stdout`` or ``sys.stderr`` is when a record is emitted, not the
+    stream of the moment it was made: the CLI run in-process (a test's captured streams, a redirect) must not
+    leave a handler behind on a stream that is closed by then."""
+
+    def __init__(self, name: str) -> None:
+        self._which = name
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return getattr(sys, self._which)
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # StreamHandler's constructor and setStream: the stream is always the current one
+
+
 def report_to_stdout() -> None:
     """Show REPORT's lines on stdout as plain lines (the CLI calls this once)."""
     if not REPORT.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = CurrentStreamHandler("stdout")
         handler.setFormatter(PrintableFormatter("%(message)s"))
         REPORT.addHandler(handler)
         REPORT.setLevel(logging.INFO)

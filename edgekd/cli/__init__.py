@@ -1,18 +1,19 @@
 """The edgekd command line: one subcommand per pipeline stage; heavy imports happen inside run()."""
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
 import sys
 from types import SimpleNamespace
-from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from .. import EdgeKDError, Interrupted, __version__
 from ..base.cpu import short_spin_wait
 from ..base.files import refuse_inside
 from ..base.outdir import BundleFolder, check_contents, check_writable
-from ..base.progress import PrintableFormatter, printable, report_to_stdout
+from ..base.progress import CurrentStreamHandler, PrintableFormatter, printable, report_to_stdout
 from ..base.telemetry import switch_off
 # Importing a command's options class registers it (edgekd.core.optionspec.register) for add_options and resolve.
 from ..bench.options import BenchOptions
@@ -85,23 +86,32 @@ class Export(Command):
             ("CHECKPOINT", args.checkpoint), ("--data", args.data), ("--calib-data", args.calib_data),
             ("--data-root", args.data_root), ("--qat-teacher", args.qat_teacher),
             ("--config", args.config)])
-        with folder:  # checked and locked for the whole export
-            _log_to_stderr()
+        with folder, _log_to_stderr():  # checked and locked for the whole export
             manifest = export_checkpoint(str(args.checkpoint), args, train_qat=train_qat)
         print("\n".join(ExportSummary.from_manifest(manifest).lines(args.out, args.zip)))
 
 
-def _log_to_stderr() -> None:
-    """Show the library's INFO lines (export time, size, warnings) on stderr, as one plain line each."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+@contextlib.contextmanager
+def _log_to_stderr() -> Iterator[None]:
+    """Show the library's INFO lines (export time, size, warnings) on stderr, as one plain line each, for the
+    command's duration (the CLI run in-process leaves no handler behind for the next command)."""
     logger = logging.getLogger("edgekd")
+    handler = None
     if not logger.handlers:
+        handler = CurrentStreamHandler("stderr")
+        handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     # torch's C++-extension builder warns, when NNCF imports it, that an nvcc without a CUDA runtime was
     # found: nothing edgekd builds, and a stray line in the output of a CPU export.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if handler is not None:
+            logger.removeHandler(handler)
 
 
 def csv_list(kind: str, convert: Callable[[str], Any] = str) -> Callable[[str], List[Any]]:
