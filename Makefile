@@ -23,11 +23,12 @@ demo: $(STAMP)
 	$(BIN)/edgekd bench runs/default/teacher.pt runs/default/student.pt runs/default/student-onnx \
 		runs/default/student-openvino-int8 --device cpu --out runs/default/bench --force
 
-# The import layers (import-linter) and the types of the bundle layer and the options (mypy), then the
-# suite (three pytest processes, each printing its 15 slowest tests).
+# The import layers (import-linter), the types of every package (mypy), and no function-level import of a
+# light project module (tools/check_imports.py); `make test` runs this first.
 check: $(STAMP)
 	tools/check_layers.sh
 	tools/check_types.sh
+	$(BIN)/python tools/check_imports.py
 
 # The suite runs as three pytest processes, split by file name. One process that loads torch, ONNX Runtime,
 # OpenVINO and NNCF for all ~480 tests crashed (SIGSEGV) twice, at different tests after about 300 of them;

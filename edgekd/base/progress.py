@@ -33,7 +33,7 @@ class PrintableFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
-class CurrentStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class CurrentStreamHandler(logging.StreamHandler):
     """A handler that writes to whatever ``sys.stdout`` or ``sys.stderr`` is when a record is emitted, not the
     stream of the moment it was made: the CLI run in-process (a test's captured streams, a redirect) must not
     leave a handler behind on a stream that is closed by then."""
@@ -42,7 +42,7 @@ class CurrentStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._which = name
         super().__init__()
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return getattr(sys, self._which)
 
