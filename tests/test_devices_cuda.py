@@ -29,12 +29,13 @@ def test_count_flops_on_the_models_device(name):
 def test_summary_after_training_on_another_device():
     """distill's metrics summary runs count_flops on the model where training left it."""
     from edgekd.core.distill import _summary
+    from edgekd.core.metrics import EpochRecord
 
     model = build_model("seed-student", 10, SPEC).to("meta")
-    history = [{"test_top1": 0.5}]
+    history = [EpochRecord(epoch=1, terms={}, train_top1=0.5, test_top1=0.5, lr=0.1, images_per_s=1.0, seconds=1.0)]
     summary = _summary("seed-student", 1, history, model, SimpleNamespace(input=SPEC, spec="digits"))
-    assert summary["flops"] == count_flops(build_model("seed-student", 10, SPEC), SPEC)
-    assert summary["params"] > 0
+    assert summary.flops == count_flops(build_model("seed-student", 10, SPEC), SPEC)
+    assert summary.params > 0
 
 
 def test_count_flops_keeps_training_mode():
