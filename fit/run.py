@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 import yaml
 
 from .. import EdgeKDError
-from ..base.files import atomic_write
+from ..base.files import atomic_write, rebased
 from ..base.marker import OUTPUTS
 from ..base.outdir import RunFolder, refuse_inputs_inside
 from ..bench.options import BENCH_DEFAULTS, BENCH_QUICK
 from ..bench.plan import check_device as known_device
 from ..bundle.card import record_fit
+from ..bundle.checks import manifest_json
+from ..bundle.manifest import write_manifest
 from ..core.config import saved
 from ..core.data import Data, load_data
 from ..core.options import DistillOptions
@@ -277,6 +279,8 @@ def finish(study: "Study", budget: Budget, feasible: List[Row], rows: List[Row],
     if os.path.exists(bundle):
         shutil.rmtree(bundle)
     shutil.copytree(winner["bundle"], bundle)
+    # the manifest's data and source paths are relative to the bundle's folder: right for the new one too
+    write_manifest(bundle, rebased(manifest_json(bundle), winner["bundle"], bundle))
     record_fit(bundle, {"budget": str(budget), "device": opts.device, "chosen": winner["key"],
                         "measured": winner["measured"], "untrained estimate": winner["untrained"],
                         "trials": len(trials), "finalists": len(results), "report": "report.md of the fit"})

@@ -40,3 +40,25 @@ def test_precisions_of_one_student_share_one_training(tmp_path, monkeypatch):
     reused = study.trials[2]
     assert reused.user_attrs["reused_from"] == 1 and reused.user_attrs["seconds"] == 0.0
     assert reused.values == [0.5, 1.0]  # the shared top-1, its own latency
+
+
+def test_the_winners_bundle_copied_to_out_still_finds_its_data(tmp_path):
+    """fit copies the winning finalist's bundle from OUT/work/final/NN/ to OUT/bundle: the manifest's relative data
+    and source paths are rebased, so `edgekd bench OUT/bundle` reads the same images."""
+    from edgekd.base.files import path_from_file, portable, rebased, spec_from_file
+
+    data = tmp_path / "data"
+    data.mkdir()
+    old = tmp_path / "fit" / "work" / "final" / "00" / "bundle-00"
+    old.mkdir(parents=True)
+    new = tmp_path / "fit" / "bundle"
+    new.mkdir()
+    ckpt = old.parent / "student.pt"
+    ckpt.write_text("weights")
+    record = portable({"data": f"imagefolder:{data}", "training": {"source": str(ckpt), "loss": "kd"},
+                       "source": "torchvision:resnet18"}, str(old))
+    moved = rebased(record, str(old), str(new))
+    assert spec_from_file(record["data"], str(new)) != f"imagefolder:{data}"  # unrebased: the wrong folder
+    assert spec_from_file(moved["data"], str(new)) == f"imagefolder:{data}"
+    assert path_from_file(moved["training"]["source"], str(new)) == str(ckpt)
+    assert moved["source"] == "torchvision:resnet18" and moved["training"]["loss"] == "kd"

@@ -177,6 +177,26 @@ def portable(record: Any, folder: str) -> Any:
     return record
 
 
+
+def rebased(record: Any, old: str, new: str) -> Any:
+    """``record`` as written for a file in ``old`` (``portable``), made right for the same file copied to ``new``:
+    the relative paths and image-folder data specs that resolve from ``old`` are made relative to ``new``, so a
+    bundle copied to another depth still finds its data and its source checkpoint. Other values stay."""
+    if isinstance(record, dict):
+        out: dict = {}
+        for key, value in record.items():
+            if key in PATH_KEYS and isinstance(value, str) and value and not os.path.isabs(value) \
+                    and "://" not in value and os.path.exists(path_from_file(value, old)):
+                out[key] = _relative(path_from_file(value, old), new)
+            elif key in SPEC_KEYS and isinstance(value, str):
+                out[key] = spec_for_file(spec_from_file(value, old), new)
+            else:
+                out[key] = rebased(value, old, new)
+        return out
+    if isinstance(record, (list, tuple)):
+        return [rebased(v, old, new) for v in record]
+    return record
+
 # --- folder walks that stay inside the folder they were given -----------------------------------------------
 
 SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # views of the running system, not folders of images
