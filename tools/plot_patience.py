@@ -12,8 +12,8 @@ compares runs made under different load (on an idle core the two agree within a 
 the wall falls back to the cache build plus the epochs' seconds from metrics.json, marked "~" in the table.
 
 A run that replayed a cache another run built (its build_seconds 0) is also given a from-scratch time: its own
-plus that cache's build (the largest build_seconds among the runs given that used the same cache folder; in CPU
-seconds, the build's wall scaled by the building run's CPU/wall ratio). The plot uses the from-scratch times.
+plus that cache's build (the largest build_seconds among the runs given, and those named by --builds, that used
+the same cache folder; in CPU seconds, the build's wall scaled by the building run's CPU/wall ratio). The plot uses the from-scratch times.
 Runs are grouped into lines by mode (loss, mix kind and alpha, views), each line in order of time; each point is
 labelled with its epochs. The teacher's top-1 (from the first run's metrics.json unless --teacher-top1) is drawn as
 a horizontal line. --table prints a Markdown table of every run.
@@ -52,11 +52,11 @@ def load_run(path):
             "cache_build": cache.get("build_seconds"), "teacher_top1": (m.get("teacher") or {}).get("test_top1")}
 
 
-def add_scratch_times(runs):
+def add_scratch_times(runs, builders=()):
     """Give each run ``scratch_wall`` and ``scratch_cpu``: its own time plus its cache's build when another run
     built that cache (CPU: the build's wall times the builder's CPU/wall ratio)."""
     builds = {}
-    for r in runs:
+    for r in [*runs, *builders]:
         if r["cache"] and (r["cache_build"] or 0.0) > builds.get(r["cache"], (0.0, 1.0))[0]:
             ratio = r["cpu"] / r["wall"] if r["cpu"] else 1.0
             builds[r["cache"]] = (r["cache_build"], ratio)
@@ -123,12 +123,15 @@ def main(argv=None):
                    help="the teacher's top-1 as a fraction (default: from the first run's metrics.json)")
     p.add_argument("--mark", action="append", default=[], metavar="SECONDS:LABEL",
                    help="a dotted vertical line at SECONDS on the time axis, e.g. '582:2x kd 5 epochs' (repeatable)")
+    p.add_argument("--builds", action="append", default=[], metavar="RUN_DIR",
+                   help="a run not drawn whose teacher cache build counts for the runs that replayed its cache "
+                        "(repeatable)")
     p.add_argument("--table", action="store_true", help="also print a Markdown table of every run")
     args = p.parse_args(argv)
-    missing = [r for r in args.runs if not os.path.isfile(os.path.join(r, "metrics.json"))]
+    missing = [r for r in [*args.runs, *args.builds] if not os.path.isfile(os.path.join(r, "metrics.json"))]
     if missing:
         sys.exit(f"no metrics.json in {', '.join(missing)}: pass finished edgekd distill output folders")
-    runs = add_scratch_times([load_run(r) for r in args.runs])
+    runs = add_scratch_times([load_run(r) for r in args.runs], [load_run(r) for r in args.builds])
     if args.time == "cpu" and any(r["cpu"] is None for r in runs):
         sys.exit("--time cpu: every run needs RUN_DIR.cpu (user + system seconds); use --time wall")
     try:
