@@ -10,6 +10,7 @@ import os
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -97,6 +98,23 @@ def _sum_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return t.sum(dims, keepdim=True) if dims else t
 
 
+def _dot_like(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(a * b) summed like _sum_like; per tensor as one dot product, with no product tensor in memory."""
+    if ref.numel() == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).view_as(ref)
+    return _sum_like(a * b, ref)
+
+
+def _scalar_bounds(scale: float, level_low: int, level_high: int, levels: int) -> Tuple[float, float, float, float]:
+    """(low, high, levels-per-unit, zero point) of a per-tensor quantizer, computed in float32 in the order
+    NNCF's QuantizeSymmetric and its CPU kernel compute them on one-element tensors."""
+    f = np.float32
+    low = f(scale) * f(level_low / level_high)
+    span = f(scale) - low
+    s = f(levels - 1) / span
+    return float(low), float(low + span), float(s), float(np.round(-low * s))
+
+
 class _SymmetricFakeQuantize(torch.autograd.Function):
     """NNCF's symmetric fake quantizer (QuantizeSymmetric with its CPU kernel) in fewer passes over the tensor.
 
@@ -109,15 +127,15 @@ class _SymmetricFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, level_low: int, level_high: int,
                 levels: int) -> torch.Tensor:
-        low = scale * (level_low / level_high)
-        span = scale - low
-        high = low + span
-        s = torch.full_like(span, levels - 1).div_(span)  # as ATen's Scalar / Tensor (Python's is 1/x * n)
-        zero = (-low * s).round_()
-        bounds: Tuple[Any, ...] = (low, high, s, zero)
-        if scale.numel() == 1:  # per tensor: Python scalars take the vectorised scalar kernels
-            bounds = tuple(torch.cat(bounds).tolist())
-        low_b, high_b, s_b, zero_b = bounds
+        if scale.numel() == 1:  # per tensor: float32 scalars (numpy's arithmetic is IEEE single, like ATen's)
+            span = scale - scale * (level_low / level_high)
+            low_b, high_b, s_b, zero_b = _scalar_bounds(float(scale), level_low, level_high, levels)
+        else:
+            low = scale * (level_low / level_high)
+            span = scale - low
+            high = low + span
+            s = torch.full_like(span, levels - 1).div_(span)  # as ATen's Scalar / Tensor (Python's is 1/x * n)
+            low_b, high_b, s_b, zero_b = low, high, s, (-low * s).round_()
         out = torch.clamp(x, low_b, high_b)
         side = torch.sub(x, out).sign_()  # +1 above the range, -1 below, 0 inside
         out.sub_(low_b).mul_(s_b).sub_(zero_b).round_().div_(s_b)
@@ -130,12 +148,13 @@ class _SymmetricFakeQuantize(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         err, side, span = ctx.saved_tensors
         grad_in = side.abs().neg_().add_(1).mul_(grad)  # straight through inside the range, 0 outside
-        # NNCF's scale gradient: (q(x) - x) / span inside, 1 above, level_low / level_high below
-        inside = _sum_like(err * grad_in, span) / span
+        # NNCF's scale gradient: (q(x) - x) / span inside, 1 above, level_low / level_high below; the last two
+        # as (|side| + side) / 2 and (|side| - side) / 2, where |side| * grad = grad - grad_in
         alpha = ctx.alpha
+        err_sum, side_sum = _dot_like(err, grad_in, span), _dot_like(grad, side, span)
         outside = (0.5 * (1 + alpha)) * (_sum_like(grad, span) - _sum_like(grad_in, span)) \
-            + (0.5 * (1 - alpha)) * _sum_like(grad * side, span)
-        return grad_in, inside + outside, None, None, None
+            + (0.5 * (1 - alpha)) * side_sum
+        return grad_in, err_sum / span + outside, None, None, None
 
 
 def _fast_forward(quantizer: "BaseQuantizer", levels: Tuple[int, int, int], original: Any, x: Any) -> Any:
@@ -143,8 +162,9 @@ def _fast_forward(quantizer: "BaseQuantizer", levels: Tuple[int, int, int], orig
     else (bf16 autocast, CUDA, NNCF's return types) through NNCF's own forward."""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
         return original(x)
-    scale = quantizer.scale.abs() + quantizer.eps  # as nncf's symmetric_quantize
-    return _SymmetricFakeQuantize.apply(x, scale, *levels)
+    with torch._C.DisableTorchFunction():  # as NNCF's own: its hook mode need not see the quantizer's arithmetic
+        scale = quantizer.scale.abs() + quantizer.eps  # as nncf's symmetric_quantize
+        return _SymmetricFakeQuantize.apply(x, scale, *levels)
 
 
 @contextlib.contextmanager
