@@ -98,3 +98,13 @@ def test_bf16_takes_nncf_path():
         with fast_quantizers(qmodel):
             out = qmodel(x)
     assert out.dtype == ref.dtype and torch.equal(out, ref)
+
+
+def test_evaluation_without_gradients_gives_nncf_values():
+    qmodel = _tiny_qat_model().eval()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        ref = qmodel(x)
+        with fast_quantizers(qmodel):
+            out = qmodel(x)
+    assert torch.equal(out, ref)

@@ -127,20 +127,23 @@ class _SymmetricFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, level_low: int, level_high: int,
                 levels: int) -> torch.Tensor:
+        bounds: Tuple[Any, Any, Any, Any]
         if scale.numel() == 1:  # per tensor: float32 scalars (numpy's arithmetic is IEEE single, like ATen's)
             span = scale - scale * (level_low / level_high)
-            low_b, high_b, s_b, zero_b = _scalar_bounds(float(scale), level_low, level_high, levels)
+            bounds = _scalar_bounds(float(scale), level_low, level_high, levels)
         else:
             low = scale * (level_low / level_high)
             span = scale - low
             high = low + span
             s = torch.full_like(span, levels - 1).div_(span)  # as ATen's Scalar / Tensor (Python's is 1/x * n)
-            low_b, high_b, s_b, zero_b = low, high, s, (-low * s).round_()
+            bounds = (low, high, s, (-low * s).round_())
+        low_b, high_b, s_b, zero_b = bounds
         out = torch.clamp(x, low_b, high_b)
-        side = torch.sub(x, out).sign_()  # +1 above the range, -1 below, 0 inside
+        training = any(ctx.needs_input_grad[:2])  # evaluation (no_grad) needs neither the side nor the error
+        side = torch.sub(x, out).sign_() if training else None  # +1 above the range, -1 below, 0 inside
         out.sub_(low_b).mul_(s_b).sub_(zero_b).round_().div_(s_b)
-        # the error, not the output: the model may change its output in place (ReLU(inplace=True))
-        ctx.save_for_backward(torch.sub(out, x), side, span)
+        if training:  # the error, not the output: the model may change its output in place (ReLU(inplace=True))
+            ctx.save_for_backward(torch.sub(out, x), side, span)
         ctx.alpha = level_low / level_high
         return out
 
