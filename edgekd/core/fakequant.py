@@ -8,7 +8,7 @@ import json
 import os
 
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ class _SymmetricFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, level_low: int, level_high: int,
                 levels: int) -> torch.Tensor:
-        bounds: Tuple[Any, Any, Any, Any]
+        bounds: Tuple[Any, ...]  # floats per tensor, tensors per channel: clamp and the in-place ops take both
         if scale.numel() == 1:  # per tensor: float32 scalars (numpy's arithmetic is IEEE single, like ATen's)
             span = scale - scale * (level_low / level_high)
             bounds = _scalar_bounds(float(scale), level_low, level_high, levels)
@@ -137,7 +137,7 @@ class _SymmetricFakeQuantize(torch.autograd.Function):
             high = low + span
             s = torch.full_like(span, levels - 1).div_(span)  # as ATen's Scalar / Tensor (Python's is 1/x * n)
             bounds = (low, high, s, (-low * s).round_())
-        low_b, high_b, s_b, zero_b = bounds
+        low_b, high_b, s_b, zero_b = cast(Tuple[Any, Any, Any, Any], bounds)
         out = torch.clamp(x, low_b, high_b)
         training = any(ctx.needs_input_grad[:2])  # evaluation (no_grad) needs neither the side nor the error
         side = torch.sub(x, out).sign_() if training else None  # +1 above the range, -1 below, 0 inside
