@@ -220,11 +220,17 @@ def run_trials(study: "Study", store: "RDBStorage", budget: Budget, feasible: Li
     done0, start = search.finished(study), time.time()
     if done0 >= trials:
         return
+    trained0, pairs = len(_trained_pairs(study)), {search.trained_key(c) for c in feasible}
 
     def progress(number: int, cand: Row, top1: float, pruned: bool) -> None:
+        # priced by trainings, not trials: a trial that reuses its pair's training costs nothing
         done = search.finished(study) + 1
-        per = (time.time() - start) / max(done - done0, 1)
-        left = max(trials - done, 0) * per
+        trained = _trained_pairs(study) | {search.trained_key(cand)}
+        trainings_here = max(len(trained) - trained0, 1)
+        to_train = min(len(pairs - trained), max(trials - done, 0))
+        left = to_train * (time.time() - start) / trainings_here
+        if seconds is not None:
+            left = min(left, max(seconds - (time.time() - start), 0.0))
         say(f"trial {number}: {cand['key']} top-1 {top1:.4f}{' (pruned)' if pruned else ''}, p50 "
             f"{cand['measured']['p50_ms']:.3f} ms untrained; {done}/{trials} trials, about {left / 60:.1f} min left")
 
@@ -237,6 +243,11 @@ def run_trials(study: "Study", store: "RDBStorage", budget: Budget, feasible: Li
             study.optimize(objective, n_trials=1, callbacks=[stop], catch=(EdgeKDError,))
         return
     study.optimize(objective, timeout=seconds, callbacks=[stop], catch=(EdgeKDError,))
+
+
+def _trained_pairs(study: "Study") -> set:
+    """The (student, size) pairs some trial of the study has trained (any worker's)."""
+    return {t.user_attrs.get("trained") for t in study.get_trials(deepcopy=False) if t.user_attrs.get("top1") is not None}
 
 
 def join_fit(opts: FitOptions, say: Say) -> Dict[str, Any]:
