@@ -4,7 +4,7 @@ metrics.json (``RunMetrics``, DESIGN.md "Machine-readable outputs"), written as 
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from .records import field_names, record_dict, record_from
+from ..base.jsonrec import field_names, record_dict, record_from
 
 JSON = Dict[str, Any]
 

@@ -16,12 +16,12 @@ import torch
 
 from .. import EdgeKDError, Interrupted
 from ..base.files import atomic_write
+from ..base.jsonrec import record_dict, record_from, required
 from ..base.progress import REPORT, bar
 from .distributed import Context
 from .metrics import EpochRecord
 from .mixing import mixed_loss
 from .precision import settle_student_dtype, student_autocast
-from .records import record_dict, record_from, required
 from .safe_load import Refused, torch_file
 
 log = logging.getLogger(__name__)
