@@ -36,6 +36,7 @@ class FinalPlan:
     groups: List[List[Row]]
     weights: List[Optional[str]]
     epochs: int
+    seconds_left: Optional[float] = None  # of --hours when the plan was made
 
 
 def pick_finalists(trials: List[Row], by_key: Dict[str, Row], n: int, margin: float) -> List[Row]:
@@ -64,7 +65,7 @@ def plan_finalists(finalists: List[Row], trials: List[Row], groups: List[List[Ro
         path = os.path.join(search.trial_folder(settings["work"], s["number"]), "student.pt")
         ok = os.path.isfile(path) and not group[0]["student"].startswith(PRETRAINED_FAMILIES)
         weights.append(path if ok else None)
-    return FinalPlan(groups, weights, epochs)
+    return FinalPlan(groups, weights, epochs, clock.left())
 
 
 def run_finalists(plan: FinalPlan, budget: Budget, settings: Dict[str, Any], opts: FitOptions,
@@ -76,6 +77,8 @@ def run_finalists(plan: FinalPlan, budget: Budget, settings: Dict[str, Any], opt
     for i, (group, weights) in enumerate(zip(plan.groups, plan.weights)):
         first = group[0]
         start_from = "continued from its trial's weights" if weights else "from scratch"
+        if plan.seconds_left is not None and not opts.epochs:
+            start_from += f" (to fill the {plan.seconds_left:.0f} s left of --hours)"
         say(f"finalist {i + 1}/{len(plan.groups)}: {first['student']}@{first['size']}, {plan.epochs} epochs "
             f"{start_from}, then "
             f"{len(group)} export(s): " + ", ".join(f"{c['precision']}/{c['runtime']}" for c in group))

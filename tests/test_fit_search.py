@@ -5,7 +5,7 @@ import pytest
 
 from edgekd.fit import search
 from edgekd.fit.budget import parse_budget
-from edgekd.fit.clock import DEFAULT_EPOCHS, TrialCost, finalist_epochs, trial_cost
+from edgekd.fit.clock import DEFAULT_EPOCHS, EPOCH_MARGIN, TrialCost, finalist_epochs, trial_cost
 from edgekd.fit.final import pick_finalists
 
 
@@ -71,10 +71,10 @@ def test_the_winners_bundle_copied_to_out_still_finds_its_data(tmp_path):
 def test_the_finalists_epochs_fill_the_time_left():
     cost = trial_cost(seconds=30.0, epochs=3, wall=45.0)  # 10 s an epoch, 15 s of set-up and evaluation
     assert cost == TrialCost(10.0, 15.0)
-    # 1,000 s left: 15 s of set-up and two exports of 2 x 20 s set aside, the rest in 10 s epochs
-    assert finalist_epochs(None, [cost], 1000.0, exports=2, export_seconds=20.0) == (1000 - 15 - 80) // 10
+    # 1,000 s left: 15 s of set-up and two exports of 2 x 20 s set aside, the rest in 10 s epochs (with the margin)
+    assert finalist_epochs(None, [cost], 1000.0, exports=2, export_seconds=20.0) == (1000 - 15 - 80) // (10 * EPOCH_MARGIN)
     # two finalists train the same epochs, each paying its own
-    assert finalist_epochs(None, [cost, TrialCost(5.0, 5.0)], 1000.0, 1, 20.0) == (1000 - 20 - 40) // 15
+    assert finalist_epochs(None, [cost, TrialCost(5.0, 5.0)], 1000.0, 1, 20.0) == (1000 - 20 - 40) // (15 * EPOCH_MARGIN)
     assert finalist_epochs(None, [cost], 10.0, 1, 20.0) == 1  # out of time: one epoch, not none
     assert finalist_epochs(7, [cost], 1000.0, 1, 20.0) == 7  # --epochs wins
     assert finalist_epochs(None, [cost], None, 1, 20.0) == DEFAULT_EPOCHS  # no --hours
