@@ -5,12 +5,14 @@ device of the trained bundle (which must meet the budget itself, not its untrain
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from .. import EdgeKDError
 from ..export.options import ExportOptions
 from . import latency, search
 from .budget import DEVICE_KEYS, Budget
+from .clock import Clock, finalist_epochs, trial_cost
 from .options import FitOptions
 from .space import RUNTIMES
 
@@ -20,24 +22,77 @@ if TYPE_CHECKING:  # heavy (torch): only for the type checker
 log = logging.getLogger(__name__)
 
 
-def run_finalists(groups: List[List[Dict[str, Any]]], budget: Budget, settings: Dict[str, Any], opts: FitOptions,
+Row = Dict[str, Any]
+# students whose weights file switches distill to the pretrained normalisation (edgekd.core.pretrained): they
+# start the full schedule from scratch, not from their trial's weights
+PRETRAINED_FAMILIES = ("torchvision:", "timm:")
+
+
+@dataclass
+class FinalPlan:
+    """The finalists' groups (one student at one size, its feasible precisions and runtimes), the trial weights
+    each continues from (None: from scratch) and the epochs each trains."""
+
+    groups: List[List[Row]]
+    weights: List[Optional[str]]
+    epochs: int
+    seconds_left: Optional[float] = None  # of --hours when the plan was made
+
+
+def pick_finalists(trials: List[Row], by_key: Dict[str, Row], n: int, margin: float) -> List[Row]:
+    """The best complete, feasible trial of each trained pair (student, size), best first, at most ``n``; a
+    runner-up only if its short-schedule top-1 is within ``margin`` of the best's."""
+    done = [t for t in trials if t["state"] == "COMPLETE" and t["top1_short"] is not None
+            and all(v <= 0 for v in (t["constraints"] or [1.0]))]
+    best: Dict[str, Row] = {}
+    for t in sorted(done, key=lambda t: -t["top1_short"]):
+        best.setdefault(search.trained_key(by_key[t["candidate"]]), t)
+    ranked = list(best.values())[:n]
+    return [t for t in ranked if ranked[0]["top1_short"] - t["top1_short"] <= margin]
+
+
+def plan_finalists(finalists: List[Row], trials: List[Row], groups: List[List[Row]], settings: Dict[str, Any],
+                   opts: FitOptions, clock: Clock, export_seconds: Optional[float]) -> FinalPlan:
+    """Each finalist continues from the weights its trial trained (when that trial ran here); with --hours its
+    epochs fill the time left, priced by the trials' own seconds per epoch."""
+    by_number = {t["number"]: t for t in trials}
+    # a trial that reused another's training (same student and size) points at the trial that trained
+    sources = [by_number.get(t["reused_from"], t) if t.get("reused_from") is not None else t for t in finalists]
+    costs = [trial_cost(s.get("seconds"), len(s.get("history") or []), s.get("wall")) for s in sources]
+    epochs = finalist_epochs(opts.epochs, costs, clock.left(), sum(len(g) for g in groups), export_seconds)
+    weights = []
+    for s, group in zip(sources, groups):
+        path = os.path.join(search.trial_folder(settings["work"], s["number"]), "student.pt")
+        ok = os.path.isfile(path) and not group[0]["student"].startswith(PRETRAINED_FAMILIES)
+        weights.append(path if ok else None)
+    return FinalPlan(groups, weights, epochs, clock.left())
+
+
+def run_finalists(plan: FinalPlan, budget: Budget, settings: Dict[str, Any], opts: FitOptions,
                   out: str, train_qat: Optional["TrainQat"], say: Callable[[str], None]) -> List[Dict[str, Any]]:
     """Each group is one student at one size with its feasible precisions and runtimes: trained once on the full
-    schedule, then every variant exported, gated and measured again (one result per variant)."""
+    schedule (from its trial's weights where they are here; the test split only after the last epoch), then every
+    variant exported, gated and measured again (one result per variant)."""
     results = []
-    for i, group in enumerate(groups):
+    for i, (group, weights) in enumerate(zip(plan.groups, plan.weights)):
         first = group[0]
-        say(f"finalist {i + 1}/{len(groups)}: {first['student']}@{first['size']}, {settings['epochs']} epochs, then "
+        start_from = "continued from its trial's weights" if weights else "from scratch"
+        if plan.seconds_left is not None and not opts.epochs:
+            start_from += f" (to fill the {plan.seconds_left:.0f} s left of --hours)"
+        say(f"finalist {i + 1}/{len(plan.groups)}: {first['student']}@{first['size']}, {plan.epochs} epochs "
+            f"{start_from}, then "
             f"{len(group)} export(s): " + ", ".join(f"{c['precision']}/{c['runtime']}" for c in group))
         start = time.time()
         folder = os.path.join(out, "work", "final", f"{i:02d}")
-        metrics, _, _ = search.distill_trial(first, settings, folder, settings["epochs"])
+        metrics, _, _ = search.distill_trial(first, settings, folder, plan.epochs, student_weights=weights,
+                                             eval_every=plan.epochs)
         if metrics is None:  # only a pruned trial has none, and a finalist is never pruned
             raise RuntimeError(f"finalist {first['key']} ended without metrics")
         trained = time.time() - start
         for j, cand in enumerate(group):
             r = _export_and_measure(cand, folder, f"bundle-{j:02d}", metrics, budget, settings, opts, out, train_qat)
             r["seconds"] += trained if j == 0 else 0.0  # the training is paid once, by the group's first export
+            r.update(epochs=plan.epochs, from_trial=weights is not None)
             results.append(r)
             say(f"finalist {cand['key']}: top-1 {_f(r['top1'], '.4f')}, p50 {_f(r['measured'].get('p50_ms'), '.3f')} "
                 f"ms measured trained (untrained {cand['measured']['p50_ms']:.3f} ms)"

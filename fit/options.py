@@ -28,13 +28,20 @@ class FitOptions(Options):
         "the default space's (default: from the data and the teacher)", metavar="FILE")
     trials: int = opt(20, "finished trials (complete or pruned) of the study, all workers together", low=1,
         high=100_000)
-    hours: Optional[float] = opt(None, "stop starting trials after H hours (default: no limit)", low=0, low_open=True,
-        metavar="H")
+    hours: Optional[float] = opt(None, "the whole fit's time: the latency table and the trials use up to "
+        "--search-share of it, and the finalists' schedule fills the rest (a --join worker: stop starting trials "
+        "after H hours) (default: no limit)", low=0, low_open=True, metavar="H")
+    search_share: float = opt(0.35, "with --hours: the share of the time after which no trial starts (the rest "
+        "trains the finalists)", low=0, high=1, low_open=True, metavar="F")
     epochs_short: int = opt(3, "epochs of each trial's short schedule (pruned early by successive halving)", low=1,
         high=10_000)
-    epochs: int = opt(15, "epochs of the finalists' full schedule", low=1, high=10_000)
+    epochs: Optional[int] = opt(None, "epochs of the finalists' full schedule, continued from their trial's weights "
+        "(default: with --hours as many as the time left allows, else 15)", low=1, high=10_000)
     finalists: int = opt(2, "best feasible trials trained on the full schedule, exported and measured again", low=1,
         high=100)
+    finalist_margin: float = opt(0.02, "a runner-up becomes a finalist only if its short-schedule top-1 is within M "
+        "of the best trial's (0.02: 2 points); one pair that leads clearly gets the finalists' whole time", low=0,
+        high=1, metavar="M")
     teacher_views: int = opt(2, "fixed augmented views per image in the shared teacher cache: the teacher runs "
         "images x views times for the whole fit", low=1, high=1000)
     train_subset: Optional[int] = opt(None, "distil on N class-stratified train images (default: all)", low=1,

@@ -99,6 +99,13 @@ def _num(v: Any, fmt: str = ".3f") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
+def _start_from(finalists: List[Dict[str, Any]]) -> str:
+    continued = {bool(f.get("from_trial")) for f in finalists}
+    if continued == {True}:
+        return "continued from their trials' weights"
+    return "from scratch" if continued == {False} else "continued from their trials' weights where those were here"
+
+
 def report_md(summary: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     """The report of a fit that found a winner: the winner, the finalists' estimates, every trial."""
     w, p = summary["winner"], summary["teacher_passes"]
@@ -109,6 +116,10 @@ def report_md(summary: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
              f"{_num(w['measured']['mem_mb'], '.1f')} MB (measured again, trained, on the device). Bundle: `bundle/`.",
              "", f"Teacher forward passes: {p['passes']} ({p['images']} images x views, {p['views']} view(s) held, "
              f"for all {len(rows)} trials together).", "",
+             f"Time: {_num(summary.get('seconds'), '.0f')} s for the whole fit; the finalists trained "
+             f"{summary.get('finalist_epochs')} epochs each ({_start_from(summary['finalists'])}); a runner-up within "
+             f"{_num(summary.get('finalist_margin'), '.2f')} of the best trial's short-schedule top-1 is a finalist.",
+             "",
              "## Finalists (full schedule; untrained estimate against the trained bundle's measurement)", "",
              "| candidate | top-1 | p50 ms trained | p50 ms untrained | estimate error | size MB | meets |",
              "|---|---|---|---|---|---|---|"]

@@ -22,9 +22,11 @@ from ..bundle.manifest import write_manifest
 from ..core.config import saved
 from ..core.data import Data, load_data
 from ..core.options import DistillOptions
+from ..base.cpu import usable_cpus
 from . import latency, report, search
 from .budget import DEVICE_KEYS, Budget, parse_budget
-from .final import run_finalists
+from .clock import Clock
+from .final import pick_finalists, plan_finalists, run_finalists
 from .options import FitOptions
 from .space import Space, default_space, load_space
 
@@ -53,7 +55,9 @@ def settings_of(opts: FitOptions, out: str) -> Dict[str, Any]:
     distill = {k: getattr(opts, k) for k in DISTILL_KEYS}
     for k in ("teacher", "data", "unlabeled", "teacher_classes", "teacher_weights", "data_root"):
         distill[k] = _abs(distill[k])
-    distill.update(teacher_cache=os.path.abspath(os.path.join(out, "teacher-cache")), threads=opts.train_threads)
+    # decoding processes: at most one per usable CPU (a fit pinned to one core would oversubscribe it)
+    distill.update(teacher_cache=os.path.abspath(os.path.join(out, "teacher-cache")), threads=opts.train_threads,
+                   workers=min(2, usable_cpus()))
     timing = (BENCH_QUICK if opts.quick else BENCH_DEFAULTS).to_dict()
     limit = timing.pop("limit", None)
     return {"distill": distill, "epochs_short": opts.epochs_short, "epochs": opts.epochs, "work": os.path.abspath(out),
@@ -90,8 +94,9 @@ def check_device(opts: FitOptions, budget: Budget) -> Dict[str, Any]:
 
 
 def latency_phase(opts: FitOptions, budget: Budget, env: Dict[str, Any], data: Data, space: Space, out: str,
-                  say: Say) -> List[Row]:
-    """Every candidate timed untrained (the table first); returns every candidate with its measurement."""
+                  say: Say) -> Tuple[List[Row], Optional[float]]:
+    """Every candidate timed untrained (the table first); returns every candidate with its measurement, and the
+    seconds one untrained export and its timing took here (None when the table knew every candidate)."""
     folder = opts.latency_cache or latency.default_cache()
     key = latency.device_key(env, opts.threads, opts.batch_size)
     table = latency.LatencyTable(folder, key, env).load()
@@ -102,11 +107,14 @@ def latency_phase(opts: FitOptions, budget: Budget, env: Dict[str, Any], data: D
     say(f"latency table {table.path}: {table.reused} of {len(cands)} candidates known"
         + (" (the stored table was damaged: measured again)" if table.damaged else "")
         + (f"; exporting and timing {len(todo)} untrained on {opts.device}" if todo else ""))
+    per_export = None
     if todo:
         settings = settings_of(opts, out)
         work = os.path.join(out, "work")
         os.makedirs(work, exist_ok=True)
+        began = time.time()
         latency.measure_missing(table, todo, data, settings, work, progress=log.info)
+        per_export = (time.time() - began) / len(todo)
     table.save(os.path.join(out, "latency.json"))
     rows = []
     for c in cands:
@@ -116,7 +124,7 @@ def latency_phase(opts: FitOptions, budget: Budget, env: Dict[str, Any], data: D
         rows.append({"key": c.key, **asdict(c), "measured": measured, "status": e.get("status"),
                      "misses": budget.misses(measured, DEVICE_KEYS) if ok else None,
                      "relative_miss": budget.relative_miss(measured, DEVICE_KEYS) if ok else math.inf})
-    return rows
+    return rows, per_export
 
 
 def _closest(rows: List[Row], n: int = 3) -> str:
@@ -165,8 +173,8 @@ def _fit(opts: FitOptions, budget: Budget, out: str, train_qat: Optional["TrainQ
         space = load_space(opts.space, space)
     os.makedirs(out, exist_ok=True)
     _save_settings(out, opts)
-    start = time.time()
-    rows = latency_phase(opts, budget, env, data, space, out, say)
+    clock = Clock(opts.hours, opts.search_share)  # --hours counts from here: the latency table is part of the fit
+    rows, per_export = latency_phase(opts, budget, env, data, space, out, say)
     feasible = [r for r in rows if r["status"] == "ok" and not r["misses"]]
     say(f"{len(feasible)} of {len(rows)} candidates meet {budget} untrained on {opts.device}; only those are trained")
     if not feasible:
@@ -182,8 +190,10 @@ def _fit(opts: FitOptions, budget: Budget, out: str, train_qat: Optional["TrainQ
     for k, v in {"settings": settings, "feasible": feasible, "budget": str(budget), "trials": opts.trials,
                  "ready": True}.items():
         study.set_user_attr(k, v)
-    run_trials(study, store, budget, feasible, settings, opts.trials, opts.hours, say)
-    return finish(study, budget, feasible, rows, settings, opts, out, env, train_qat, say, time.time() - start)
+    if per_export is not None:
+        study.set_user_attr("export_seconds", per_export)
+    run_trials(study, store, budget, feasible, settings, opts.trials, clock.search_left(), say)
+    return finish(study, budget, feasible, rows, settings, opts, out, env, train_qat, say, clock)
 
 
 def _save_settings(out: str, opts: FitOptions) -> None:
@@ -201,26 +211,43 @@ def _save_settings(out: str, opts: FitOptions) -> None:
     atomic_write(os.path.join(out, SETTINGS_FILE), write)
 
 
-def run_trials(study: "Study", store: "RDBStorage", budget: Budget, feasible: List[Row], settings: Dict[str, Any], trials: int,
-               hours: Optional[float], say: Say) -> None:
-    """Trials until ``trials`` are finished in the study (all workers together) or ``hours`` pass."""
+def run_trials(study: "Study", store: "RDBStorage", budget: Budget, feasible: List[Row], settings: Dict[str, Any],
+               trials: int, seconds: Optional[float], say: Say) -> None:
+    """Trials until ``trials`` are finished in the study (all workers together) or no trial may start after
+    ``seconds`` (None: no limit); at least one trial when the study has none, so that a finalist exists."""
     import optuna
 
     done0, start = search.finished(study), time.time()
     if done0 >= trials:
         return
+    trained0, pairs = len(_trained_pairs(study)), {search.trained_key(c) for c in feasible}
 
     def progress(number: int, cand: Row, top1: float, pruned: bool) -> None:
+        # priced by trainings, not trials: a trial that reuses its pair's training costs nothing
         done = search.finished(study) + 1
-        per = (time.time() - start) / max(done - done0, 1)
-        left = max(trials - done, 0) * per
+        trained = _trained_pairs(study) | {search.trained_key(cand)}
+        trainings_here = max(len(trained) - trained0, 1)
+        to_train = min(len(pairs - trained), max(trials - done, 0))
+        left = to_train * (time.time() - start) / trainings_here
+        if seconds is not None:
+            left = min(left, max(seconds - (time.time() - start), 0.0))
         say(f"trial {number}: {cand['key']} top-1 {top1:.4f}{' (pruned)' if pruned else ''}, p50 "
             f"{cand['measured']['p50_ms']:.3f} ms untrained; {done}/{trials} trials, about {left / 60:.1f} min left")
 
     objective = search.objective_for(budget, feasible, settings, store, progress)
     stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,
                                                           optuna.trial.TrialState.PRUNED))
-    study.optimize(objective, timeout=hours * 3600 if hours else None, callbacks=[stop], catch=(EdgeKDError,))
+    if seconds is not None and seconds <= 0:
+        if done0 == 0:
+            say("the search's share of --hours is spent already (the latency table took it): one trial")
+            study.optimize(objective, n_trials=1, callbacks=[stop], catch=(EdgeKDError,))
+        return
+    study.optimize(objective, timeout=seconds, callbacks=[stop], catch=(EdgeKDError,))
+
+
+def _trained_pairs(study: "Study") -> set:
+    """The (student, size) pairs some trial of the study has trained (any worker's)."""
+    return {t.user_attrs.get("trained") for t in study.get_trials(deepcopy=False) if t.user_attrs.get("top1") is not None}
 
 
 def join_fit(opts: FitOptions, say: Say) -> Dict[str, Any]:
@@ -239,37 +266,35 @@ def join_fit(opts: FitOptions, say: Say) -> Dict[str, Any]:
     settings = {**attrs["settings"], "work": os.path.abspath(out)}
     budget = parse_budget(attrs["budget"])
     before = {r["number"] for r in search.trial_rows(study)}
-    run_trials(study, store, budget, attrs["feasible"], settings, attrs["trials"], opts.hours, say)
+    run_trials(study, store, budget, attrs["feasible"], settings, attrs["trials"],
+               opts.hours * 3600 if opts.hours else None, say)
     mine = [r for r in search.trial_rows(study) if r["number"] not in before and r["state"] in ("COMPLETE", "PRUNED")]
     return {"joined": search.redact(url), "trials_run": len(mine)}
 
 
 def finish(study: "Study", budget: Budget, feasible: List[Row], rows: List[Row], settings: Dict[str, Any],
            opts: FitOptions, out: str, env: Dict[str, Any], train_qat: Optional["TrainQat"], say: Say,
-           seconds: float) -> Dict[str, Any]:
+           clock: Clock) -> Dict[str, Any]:
     """The finalists on the full schedule, exported, gated and measured again; the winner and the outputs."""
     trials = search.trial_rows(study)
     by_key = {c["key"]: c for c in feasible}
-    done = [t for t in trials if t["state"] == "COMPLETE" and t["top1_short"] is not None
-            and all(v <= 0 for v in (t["constraints"] or [1.0]))]
-    best: Dict[str, Dict[str, Any]] = {}
-    for t in sorted(done, key=lambda t: -t["top1_short"]):  # the best trained pairs (student, size), each once
-        best.setdefault(search.trained_key(by_key[t["candidate"]]), t)
-    finalists = list(best.values())[:opts.finalists]
+    finalists = pick_finalists(trials, by_key, opts.finalists, opts.finalist_margin)
     if not finalists:
         report.write_failure(out, budget, rows, opts, trials)
         raise EdgeKDError("no trial finished within the budget (every trial was pruned, failed, or missed the "
                           f"top-1 floor); see {out}/report.md")
     groups = [[c for c in feasible if search.trained_key(c) == search.trained_key(by_key[t["candidate"]])]
               for t in finalists]
-    results = run_finalists(groups, budget, settings, opts, out, train_qat, say)
+    plan = plan_finalists(finalists, trials, groups, settings, opts, clock, study.user_attrs.get("export_seconds"))
+    results = run_finalists(plan, budget, settings, opts, out, train_qat, say)
     # the most accurate bundle that meets the budget once trained and measured again; the faster one on a tie
     ranked = sorted(results, key=lambda r: (-(r["top1"] or -1), r["measured"].get("p50_ms") or math.inf))
     winner = next((r for r in ranked if not r["misses"]), None)
     passes = report.teacher_passes(settings["distill"]["teacher_cache"])
     summary = {"budget": str(budget), "device": opts.device, "device_environment": env, "trials": trials,
                "candidates": rows, "finalists": results, "winner": winner, "teacher_passes": passes,
-               "seconds": seconds + sum(r.get("seconds", 0) for r in results), "command": opts}
+               "seconds": time.time() - clock.start, "finalist_epochs": plan.epochs,
+               "finalist_margin": opts.finalist_margin, "command": opts}
     if winner is None:
         report.write_failure(out, budget, rows, opts, trials, results)
         raise EdgeKDError("no finalist meets the budget once trained and measured again: closest "

@@ -110,12 +110,13 @@ class _EpochWatch:
 
 
 def distill_trial(cand: Dict[str, Any], settings: Dict[str, Any], folder: str, epochs: int,
-                  twin: Optional["Trial"] = None) -> Tuple[Optional[Dict[str, Any]], List[float], bool]:
-    """Distil ``cand`` from the shared teacher cache into ``folder``; returns (metrics, per-epoch top-1, pruned)."""
+                  twin: Optional["Trial"] = None, **more: Any) -> Tuple[Optional[Dict[str, Any]], List[float], bool]:
+    """Distil ``cand`` from the shared teacher cache into ``folder`` (``more``: other distill options, such as a
+    finalist's student_weights); returns (metrics, per-epoch top-1, pruned)."""
     from ..core.distill import run_distill  # heavy: torch
 
     opts = DistillOptions(**{**settings["distill"], "student": cand["student"], "input_size": str(cand["size"]),
-                             "epochs": epochs, "out": folder, "progress": False, "force": True})
+                             "epochs": epochs, "out": folder, "progress": False, "force": True, **more})
     os.makedirs(folder, exist_ok=True)
     logger = logging.getLogger(TRAIN_LOGGER)
     watch = _EpochWatch(twin, epochs) if twin is not None else None
@@ -150,13 +151,17 @@ def objective_for(budget: Budget, feasible: List[Dict[str, Any]], settings: Dict
             return _reuse(trial, earlier, cand, budget, report)
         twin = screen.ask()
         trial.set_user_attr("screen_trial", twin.number)
-        folder = os.path.join(settings["work"], "trials", f"{trial.number:04d}")
+        folder = trial_folder(settings["work"], trial.number)
+        began = time.time()
         metrics, history, pruned = distill_trial(cand, settings, folder, settings["epochs_short"], twin)
         trial.set_user_attr("history", history)
         top1 = history[-1] if history else math.nan
         if metrics is not None:
             top1 = metrics["test_top1"]
             trial.set_user_attr("seconds", sum(h.get("seconds", 0.0) for h in metrics.get("history", [])))
+            # the wall time without the teacher cache's one-off build: what a finalist's schedule is priced by
+            build = (metrics.get("teacher_cache") or {}).get("build_seconds") or 0.0
+            trial.set_user_attr("wall", time.time() - began - build)
         _constrain(trial, budget, cand, top1)
         if report:
             report(trial.number, cand, top1, pruned)
@@ -170,6 +175,11 @@ def objective_for(budget: Budget, feasible: List[Dict[str, Any]], settings: Dict
         return top1, cand["measured"]["p50_ms"]
 
     return objective
+
+
+def trial_folder(work: str, number: int) -> str:
+    """Where trial ``number`` trains (its student.pt is what a finalist continues from)."""
+    return os.path.join(work, "trials", f"{number:04d}")
 
 
 def trained_key(cand: Dict[str, Any]) -> str:
@@ -264,7 +274,8 @@ def trial_rows(study: "Study") -> List[Dict[str, Any]]:
         rows.append({"number": t.number, "state": t.state.name, "candidate": t.params.get("candidate"),
                      "top1_short": t.user_attrs.get("top1"), "history": t.user_attrs.get("history"),
                      "seconds": t.user_attrs.get("seconds"), "worker": t.user_attrs.get("worker"),
-                     "constraints": t.user_attrs.get("constraints")})
+                     "constraints": t.user_attrs.get("constraints"), "wall": t.user_attrs.get("wall"),
+                     "reused_from": t.user_attrs.get("reused_from")})
     return rows
 
 

@@ -146,6 +146,22 @@ def test_teacher_runs_once_per_image_and_view(first_fit):
     assert f"Teacher forward passes: {p['passes']} " in (out / "report.md").read_text()
 
 
+def test_the_finalist_continues_from_its_trials_weights(first_fit):
+    """The finalist's full schedule starts from the weights its short trial trained, not from scratch."""
+    import hashlib
+
+    out, _ = first_fit
+    summary = json.loads((out / "trials.json").read_text())
+    final = json.loads((out / "work" / "final" / "00" / "metrics.json").read_text())
+    finalist = summary["finalists"][0]
+    trial = next(t for t in summary["trials"] if t["candidate"] == finalist["key"])
+    source = trial["reused_from"] if trial["reused_from"] is not None else trial["number"]
+    weights = out / "trials" / f"{source:04d}" / "student.pt"
+    assert finalist["from_trial"] is True and final["pretrained"]["source"] == "file student.pt"
+    assert final["pretrained"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert summary["finalist_epochs"] == 1 and "continued from their trials' weights" in (out / "report.md").read_text()
+
+
 def test_a_fit_owns_its_out_folder(first_fit, cli_main, tmp_path):
     """The fit marks what it wrote: --force over a fit's folder is a fit's to replace (a refusal after it, here a
     teacher that is not trained, leaves the folder as it was), and other commands refuse it, naming fit."""

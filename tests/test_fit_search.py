@@ -1,8 +1,12 @@
 """fit's search order and its shared trainings, on a real Optuna study (SQLite in tmp_path) with the training
 replaced by a recorder: which candidates are trained, in which order, and what a reused trial reports."""
 
+import pytest
+
 from edgekd.fit import search
 from edgekd.fit.budget import parse_budget
+from edgekd.fit.clock import DEFAULT_EPOCHS, EPOCH_MARGIN, TrialCost, finalist_epochs, trial_cost
+from edgekd.fit.final import pick_finalists
 
 
 def _cand(student, precision, p50):
@@ -62,3 +66,25 @@ def test_the_winners_bundle_copied_to_out_still_finds_its_data(tmp_path):
     assert spec_from_file(moved["data"], str(new)) == f"imagefolder:{data}"
     assert path_from_file(moved["training"]["source"], str(new)) == str(ckpt)
     assert moved["source"] == "torchvision:resnet18" and moved["training"]["loss"] == "kd"
+
+
+def test_the_finalists_epochs_fill_the_time_left():
+    cost = trial_cost(seconds=30.0, epochs=3, wall=45.0)  # 10 s an epoch, 15 s of set-up and evaluation
+    assert cost == TrialCost(10.0, 15.0)
+    # 1,000 s left: 15 s of set-up and two exports of 2 x 20 s set aside, the rest in 10 s epochs (with the margin)
+    assert finalist_epochs(None, [cost], 1000.0, exports=2, export_seconds=20.0) == (1000 - 15 - 80) // (10 * EPOCH_MARGIN)
+    # two finalists train the same epochs, each paying its own
+    assert finalist_epochs(None, [cost, TrialCost(5.0, 5.0)], 1000.0, 1, 20.0) == (1000 - 20 - 40) // (15 * EPOCH_MARGIN)
+    assert finalist_epochs(None, [cost], 10.0, 1, 20.0) == 1  # out of time: one epoch, not none
+    assert finalist_epochs(7, [cost], 1000.0, 1, 20.0) == 7  # --epochs wins
+    assert finalist_epochs(None, [cost], None, 1, 20.0) == DEFAULT_EPOCHS  # no --hours
+    assert trial_cost(None, 3, 10.0) is None and trial_cost(float("nan"), 3, 10.0) is None
+
+
+@pytest.mark.parametrize("margin, expected", [(0.02, ["a"]), (0.05, ["a", "b"])])
+def test_a_runner_up_is_a_finalist_only_when_it_is_close(margin, expected):
+    by_key = {k: {"key": k, "student": k, "size": 32} for k in "abc"}
+    trials = [{"number": i, "state": state, "candidate": k, "top1_short": top1, "constraints": [-1.0]}
+              for i, (k, state, top1) in enumerate([("a", "COMPLETE", 0.56), ("b", "COMPLETE", 0.53),
+                                                     ("c", "PRUNED", 0.60)])]
+    assert [t["candidate"] for t in pick_finalists(trials, by_key, 2, margin)] == expected

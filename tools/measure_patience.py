@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from edgekd.core.augment import AugmentPlan, Views  # noqa: E402
 from edgekd.core.data import InputSpec  # noqa: E402
+from edgekd.core.fakequant import fast_quantizers  # noqa: E402
 from edgekd.core.losses import make_loss  # noqa: E402
 from edgekd.core.mixing import attach_mix  # noqa: E402
 from edgekd.core.models import build_model  # noqa: E402
@@ -160,7 +161,8 @@ def rows_for(size, dtype_name, args, folder):
         try:  # a row that fails is recorded with its reason; the others still run
             qmodel = _qat_model(build_model(args.student, CLASSES, spec), views)
             cache = _cache(folder, teacher, views, f"q{size}")
-            out["qat"] = loop_step(qmodel, TrainRun(views, None, loss_fn, cache=cache), args, dtype)
+            with fast_quantizers(qmodel):  # as edgekd quantize trains it
+                out["qat"] = loop_step(qmodel, TrainRun(views, None, loss_fn, cache=cache), args, dtype)
         except Exception as e:
             out["qat"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return out

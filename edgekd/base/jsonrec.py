@@ -1,5 +1,10 @@
-"""JSON read into typed records at the edge: ``read_json(cls, value)`` builds a dataclass from a parsed JSON
-object by its fields' names and types, so no module passes a dict of string keys on.
+"""Dicts read into dataclass records at the edge, and records written back, by the record's own field names:
+the keys are named once, in the dataclass.
+
+- ``read_json(cls, value)`` builds a record from a parsed JSON object by its fields' names and types (files that
+  edgekd, an older edgekd or someone else wrote), so no module passes a dict of string keys on;
+- ``record_from``, ``record_dict``, ``field_names`` and ``required`` read and write by name only, for dicts whose
+  values edgekd made itself (a torch.load'ed checkpoint or training state, tensors included).
 
 The rules (what a file written by edgekd, or by an older edgekd, or tampered with, may hold):
 - a field is read from the key of its name; a missing key, ``null``, or a value of another type gives the field's
@@ -11,9 +16,11 @@ The rules (what a file written by edgekd, or by an older edgekd, or tampered wit
 
 import dataclasses
 import types
-from typing import Any, Dict, List, Optional, Type, TypeVar, Union, get_args, get_origin, get_type_hints
+from dataclasses import MISSING, fields
+from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar, Union, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
+R = TypeVar("R")
 _MISSING = object()  # a value that does not read as its field's type
 
 
@@ -82,3 +89,26 @@ def read_list(cls: Type[T], value: Any) -> List[T]:
     records = [read_json(cls, v) for v in value] if isinstance(value, list) else []
     return [r for r in records if r is not None]
 
+def field_names(cls: Any) -> frozenset:
+    """The field names of a dataclass (or of a record's class)."""
+    return frozenset(f.name for f in fields(cls))
+
+
+def record_from(cls: Type[R], d: Mapping[str, Any], **given: Any) -> R:
+    """``cls`` from the keys of ``d`` that are its fields (``given`` wins); a field missing from both takes its
+    default. Raises TypeError when a field without a default is missing: the caller checked the dict first."""
+    names = field_names(cls)
+    picked = {k: v for k, v in d.items() if k in names}
+    return cls(**{**picked, **given})
+
+
+def record_dict(record: Any, omit_none: frozenset = frozenset()) -> Dict[str, Any]:
+    """The fields of ``record`` as a dict (shallow: tensors and nested values are not copied), leaving out the
+    fields named in ``omit_none`` whose value is None."""
+    return {f.name: getattr(record, f.name) for f in fields(record)
+            if not (f.name in omit_none and getattr(record, f.name) is None)}
+
+
+def required(cls: Any) -> tuple:
+    """The names of the fields of ``cls`` that have no default."""
+    return tuple(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING)

@@ -7,8 +7,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ..base.jsonrec import record_dict
 from .features import is_batchnorm
-from .records import record_dict
 from .train_loop import evaluate
 
 log = logging.getLogger(__name__)

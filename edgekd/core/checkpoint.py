@@ -11,10 +11,10 @@ from torch import nn
 
 from .. import EdgeKDError, __version__
 from ..base.files import atomic_write, portable, spec_for_file, spec_from_file
+from ..base.jsonrec import field_names, record_dict, record_from
 from ..bundle.checks import sha256_file as file_sha256  # noqa: F401  (edgekd's one sha256, by the core's name)
 from .data import InputSpec
 from .models import count_flops, count_params
-from .records import field_names, record_dict, record_from
 from .safe_load import Refused, torch_file
 
 CHECKPOINT_FORMAT = "edgekd-checkpoint/1"

@@ -14,9 +14,9 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from .. import EdgeKDError
 from ..base.bounds import check_geometry
 from ..base.files import check_link_loops, check_reach, require_regular
+from ..base.jsonrec import record_dict, record_from
 from ..bundle import preprocessing
 from ..bundle.manifest import ModelInput
-from .records import record_dict, record_from
 from .shards import SPEC, ShardSet, label_classes, quoted as _q, read_classes
 
 log = logging.getLogger(__name__)

@@ -36,11 +36,11 @@ import torch
 
 from .. import EdgeKDError
 from ..base.files import atomic_write, temp_prefix
+from ..base.jsonrec import field_names, record_dict, record_from
 from ..base.progress import bar
 from .augment import stratified_subset
 from .data import load_data, load_unlabeled, split_paths
 from .losses import UNLABELED
-from .records import field_names, record_dict, record_from
 from .stream import _Items, _targets, _worker_context
 
 log = logging.getLogger(__name__)

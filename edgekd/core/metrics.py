@@ -4,7 +4,7 @@ metrics.json (``RunMetrics``, DESIGN.md "Machine-readable outputs"), written as 
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from .records import field_names, record_dict, record_from
+from ..base.jsonrec import field_names, record_dict, record_from
 
 JSON = Dict[str, Any]
 
@@ -16,7 +16,7 @@ class EpochRecord:
     epoch: int
     terms: Dict[str, float]                      # the loss's parts by name (loss, task_loss, kd_loss, ...)
     train_top1: float
-    test_top1: float
+    test_top1: Optional[float]                   # None for an epoch not evaluated (--eval-every)
     lr: float
     images_per_s: float
     seconds: float
@@ -63,9 +63,9 @@ class RunMetrics:
     def of(cls, spec: str, epochs: int, history: List[EpochRecord], params: int, flops: Optional[int],
            data: str) -> "RunMetrics":
         """The summary of a finished ``history``: the last and the best test top-1."""
+        evaluated = [h.test_top1 for h in history if h.test_top1 is not None]  # --eval-every skips some epochs
         return cls(model=spec, epochs=epochs, test_top1=history[-1].test_top1 if history else None,
-                   best_top1=max((h.test_top1 for h in history), default=None), history=history, params=params,
-                   flops=flops, data=data)
+                   best_top1=max(evaluated, default=None), history=history, params=params, flops=flops, data=data)
 
     def to_json(self) -> JSON:
         """metrics.json's dict (JSON types only; paths are made relative by the writer)."""

@@ -47,6 +47,9 @@ class Training(Options):
     """The training options of train, distill and quantize."""
 
     epochs: int = opt(15, "epochs of training", low=1, high=10_000, group="training")
+    eval_every: int = opt(1, "evaluate on the test split every N epochs (the last epoch always): a long schedule "
+        "spends less of its time evaluating; the skipped epochs' test_top1 is null in metrics.json", low=1,
+        high=10_000, metavar="N", group="training")
     skip_bad_images: bool = opt(False, "leave unreadable image files out (counted in metrics.json) instead of "
         "stopping at the first", group="training")
     batch_size: int = opt(64, "images per step", low=1, high=MAX_BATCH, group="training")

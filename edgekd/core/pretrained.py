@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from .. import EdgeKDError
+from ..base.jsonrec import record_dict
 from ..bundle.manifest import sha256_file
 from .data import InputSpec
 from .models import (TIMM_PREFIX, TORCHVISION_PREFIX, build_architecture, build_model, check_spec, import_timm,
                      parse_timm_spec, parse_torchvision_spec, timm_model, torchvision_weights)
-from .records import record_dict
 from .safe_load import weights_file
 
 # Building a model is one concern over two modules: these lines log as the model builder's (edgekd.core.models),

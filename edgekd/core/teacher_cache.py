@@ -39,9 +39,9 @@ from numpy.lib.format import open_memmap
 from .. import EdgeKDError
 from ..base.bounds import MAX_BATCH_BYTES, MAX_CLASSES, batch_bytes
 from ..base.integrity import Index, read_description, read_record
+from ..base.jsonrec import field_names, record_dict, record_from
 from ..base.progress import bar
 from .checkpoint import file_sha256
-from .records import field_names, record_dict, record_from
 from .safe_load import torch_file
 
 log = logging.getLogger(__name__)

@@ -16,12 +16,12 @@ import torch
 
 from .. import EdgeKDError, Interrupted
 from ..base.files import atomic_write
+from ..base.jsonrec import record_dict, record_from, required
 from ..base.progress import REPORT, bar
 from .distributed import Context
 from .metrics import EpochRecord
 from .mixing import mixed_loss
 from .precision import settle_student_dtype, student_autocast
-from .records import record_dict, record_from, required
 from .safe_load import Refused, torch_file
 
 log = logging.getLogger(__name__)
@@ -447,7 +447,9 @@ def _epoch_record(loop: _Loop, run: TrainRun, cfg: Any, desc: str, epoch: int, t
     """The epoch's record, after the test split's evaluation; logged, and shown with --progress."""
     dist = run.dist
     dist.sync_buffers(loop.model)
-    top1 = evaluate(loop.model, run.test, cfg.device, dist=dist)
+    every = getattr(cfg, "eval_every", 1) or 1
+    evaluated = epoch % every == 0 or epoch == cfg.epochs
+    top1 = evaluate(loop.model, run.test, cfg.device, dist=dist) if evaluated else None
     seen, labelled = max(total.seen, 1), max(total.labelled, 1)
     t_seconds = run.teacher.take_seconds() if timed_teacher else None  # 0 when its logits come from the cache
     record = EpochRecord(
@@ -460,6 +462,6 @@ def _epoch_record(loop: _Loop, run: TrainRun, cfg: Any, desc: str, epoch: int, t
              {k: round(v, 4) for k, v in record.to_json().items() if isinstance(v, float)})
     if cfg.progress and dist.is_main:
         terms = "  ".join(f"{k} {v:.4f}" for k, v in record.terms.items())
-        REPORT.info("%s %d/%d: %s  test top-1 %.4f  (%.0f img/s)", desc, epoch, cfg.epochs, terms, top1,
-                    record.images_per_s)
+        REPORT.info("%s %d/%d: %s  test top-1 %s  (%.0f img/s)", desc, epoch, cfg.epochs, terms,
+                    "-" if top1 is None else f"{top1:.4f}", record.images_per_s)
     return record

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ... import EdgeKDError
-from ..records import record_dict
+from ...base.jsonrec import record_dict
 
 log = logging.getLogger(__name__)
 
