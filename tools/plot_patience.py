@@ -113,6 +113,12 @@ def plot(runs, out, teacher_top1, basis, marks=()):
     fig.savefig(out, dpi=110)
 
 
+def _refuse(message):
+    """Bad input: one line on stderr, exit 2."""
+    print(f"plot_patience: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="edgekd distill output folders (each with metrics.json)")
@@ -130,14 +136,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     missing = [r for r in [*args.runs, *args.builds] if not os.path.isfile(os.path.join(r, "metrics.json"))]
     if missing:
-        sys.exit(f"no metrics.json in {', '.join(missing)}: pass finished edgekd distill output folders")
+        _refuse(f"no metrics.json in {', '.join(missing)}: pass finished edgekd distill output folders")
     runs = add_scratch_times([load_run(r) for r in args.runs], [load_run(r) for r in args.builds])
     if args.time == "cpu" and any(r["cpu"] is None for r in runs):
-        sys.exit("--time cpu: every run needs RUN_DIR.cpu (user + system seconds); use --time wall")
+        _refuse("--time cpu: every run needs RUN_DIR.cpu (user + system seconds); use --time wall")
     try:
         marks = [(float(m.split(":", 1)[0]), m.split(":", 1)[1] if ":" in m else "") for m in args.mark]
     except ValueError:
-        sys.exit(f"--mark {args.mark}: expected SECONDS:LABEL, e.g. '582:2x kd 5 epochs'")
+        _refuse(f"--mark {args.mark}: expected SECONDS:LABEL, e.g. '582:2x kd 5 epochs'")
     teacher = args.teacher_top1 if args.teacher_top1 is not None else runs[0]["teacher_top1"]
     plot(runs, args.out, teacher, args.time, marks)
     print(f"wrote {args.out}")
