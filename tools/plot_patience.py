@@ -15,8 +15,8 @@ A run that replayed a cache another run built (its build_seconds 0) is also give
 plus that cache's build (the largest build_seconds among the runs given, and those named by --builds, that used
 the same cache folder; in CPU seconds, the build's wall scaled by the building run's CPU/wall ratio).
 The plot uses the from-scratch times. Runs are grouped into lines by mode (loss, mix kind and alpha, views), each
-line in order of time; each point is labelled with its epochs. The teacher's top-1 (from the first run's metrics.json unless --teacher-top1) is drawn as
-a horizontal line. --table prints a Markdown table of every run.
+line in order of time; each point is labelled with its epochs. The teacher's top-1 (from the first run's
+metrics.json unless --teacher-top1) is drawn as a horizontal line. --table prints a Markdown table of every run.
 """
 
 import argparse
