@@ -23,9 +23,6 @@ log = logging.getLogger(__name__)
 
 
 Row = Dict[str, Any]
-# students whose weights file switches distill to the pretrained normalisation (edgekd.core.pretrained): they
-# start the full schedule from scratch, not from their trial's weights
-PRETRAINED_FAMILIES = ("torchvision:", "timm:")
 
 
 @dataclass
@@ -58,14 +55,19 @@ def plan_finalists(finalists: List[Row], trials: List[Row], groups: List[List[Ro
     by_number = {t["number"]: t for t in trials}
     # a trial that reused another's training (same student and size) points at the trial that trained
     sources = [by_number.get(t["reused_from"], t) if t.get("reused_from") is not None else t for t in finalists]
+    from ..core.pretrained import pretrained_norm  # heavy: torch
+
     costs = [trial_cost(s.get("seconds"), len(s.get("history") or []), s.get("wall")) for s in sources]
-    epochs = finalist_epochs(opts.epochs, costs, clock.left(), sum(len(g) for g in groups), export_seconds)
+    left = clock.left()
+    epochs = finalist_epochs(opts.epochs, costs, left, sum(len(g) for g in groups), export_seconds)
     weights = []
     for s, group in zip(sources, groups):
         path = os.path.join(search.trial_folder(settings["work"], s["number"]), "student.pt")
-        ok = os.path.isfile(path) and not group[0]["student"].startswith(PRETRAINED_FAMILIES)
+        # a weights file that would switch distill to a pretrained normalisation (torchvision, timm) is not the
+        # trial's training: such a finalist starts again
+        ok = os.path.isfile(path) and pretrained_norm(group[0]["student"], path) is None
         weights.append(path if ok else None)
-    return FinalPlan(groups, weights, epochs, clock.left())
+    return FinalPlan(groups, weights, epochs, left)
 
 
 def run_finalists(plan: FinalPlan, budget: Budget, settings: Dict[str, Any], opts: FitOptions,

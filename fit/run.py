@@ -6,7 +6,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 import yaml
 
@@ -245,7 +245,7 @@ def run_trials(study: "Study", store: "RDBStorage", budget: Budget, feasible: Li
     study.optimize(objective, timeout=seconds, callbacks=[stop], catch=(EdgeKDError,))
 
 
-def _trained_pairs(study: "Study") -> set:
+def _trained_pairs(study: "Study") -> Set[Any]:
     """The (student, size) pairs some trial of the study has trained (any worker's)."""
     return {t.user_attrs.get("trained") for t in study.get_trials(deepcopy=False) if t.user_attrs.get("top1") is not None}
 
