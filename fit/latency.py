@@ -3,6 +3,13 @@ per device (keyed by what identifies the device and its runtime versions) that l
 
 A table is JSON with a sha256 over its contents: a table whose checksum does not match (damaged, edited) is
 measured again, never trusted. Each device runs one measurement at a time (a lock file beside the table).
+
+Untrained candidates are timed in two passes: a quick one for every candidate (bench's --quick timing, a few test
+images), then bench's full timing only for those whose quick latency lies near a latency limit of the budget, the
+only ones whose verdict timing noise could change. Each entry says which timing it holds; a later fit whose budget
+lies near a quick entry times it fully then. The exports and timings run in a child process: the exporters' thread
+pools and patched libraries (ONNX Runtime, OpenVINO, NNCF) would otherwise stay in the fit's process and slow every
+training after them (measured: 6-8% on one core, docs/records/fit.md).
 """
 
 import contextlib
@@ -10,21 +17,26 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
+import multiprocessing
 import os
 import shutil
 import tempfile
 from dataclasses import replace
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import EdgeKDError
 from ..base import ssh
 from ..base.files import atomic_write
 from ..bench.remote import check_device
+from ..bench.options import BENCH_QUICK
 from ..bench.run import BenchPlan, Measurement, Results, run_bench
 from ..bundle import environment
 from ..bundle.assemble import runner_source
 from ..core.data import Data
 from ..export.options import ExportOptions
+from .budget import Budget
 from .space import Candidate
 
 log = logging.getLogger(__name__)
@@ -33,6 +45,11 @@ TABLE_FORMAT = 1
 # what identifies a device's timings: the machine, the runtimes' versions, and how it is asked to run
 IDENTITY = ("cpu", "machine", "cores", "platform", "python")
 RUNTIME_VERSIONS = ("onnxruntime", "openvino", "numpy")
+# A quick latency within this factor of a latency limit (either side) is timed again with the full timing.
+SCREEN_BAND = 1.25
+LATENCY_KEYS = ("p50_ms", "p90_ms")
+# An untrained model's accuracy means nothing: this many test images only prove that the bundle runs.
+UNTRAINED_IMAGES = 100
 
 
 def default_cache() -> str:
@@ -175,31 +192,72 @@ def measure(bundles: Dict[str, str], device: str, settings: Dict[str, Any], work
     return entries
 
 
+def quick_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """``settings`` with bench's --quick timing and the untrained accuracy check's few images."""
+    timing = BENCH_QUICK.to_dict()
+    timing.pop("limit", None)
+    return {**settings, "timing": timing, "limit": UNTRAINED_IMAGES}
+
+
+def is_quick(settings: Dict[str, Any]) -> bool:
+    """Whether ``settings`` time with the quick preset (a quick timing is only a screen)."""
+    return settings["timing"].get("runs") == BENCH_QUICK.runs and settings["timing"].get("rounds") == BENCH_QUICK.rounds
+
+
+def needs_full_timing(entry: Dict[str, Any], budget: Budget) -> bool:
+    """Whether a quickly timed entry's latency is within SCREEN_BAND of a latency limit of ``budget``: there the
+    quick timing's noise could change whether it meets the budget, so it is timed fully."""
+    if entry.get("timing") != "quick" or entry.get("status") != "ok":
+        return False
+    for lim in budget.device_limits():
+        value = entry.get(lim.key)
+        if lim.key in LATENCY_KEYS and value is not None and math.isfinite(value):
+            if lim.value / SCREEN_BAND <= value <= lim.value * SCREEN_BAND:
+                return True
+    return False
+
+
 def measure_missing(table: LatencyTable, todo: List[Candidate], data: Data, settings: Dict[str, Any], work: str,
-                    progress: Optional[Callable[[str], None]] = None) -> None:
-    """Export and time every candidate of ``todo`` that the table lacks, one device measurement for all."""
+                    budget: Budget, retime: List[Candidate]) -> None:
+    """Export every candidate of ``todo`` and ``retime`` (quickly timed before, now near a limit of ``budget``)
+    and time them into ``table``: ``todo`` quickly first, then fully where near a limit (never fully when
+    ``settings`` are the quick preset already: a --quick fit). Runs in a child process (see the module's note)."""
+    lean = replace(data, train=None, test=None)  # what an untrained checkpoint needs, without the images
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        entries = pool.submit(_export_and_time, todo, retime, lean, settings, work, budget, table.folder,
+                              table.key).result()
+    channels, classes = data.input.channels, len(data.classes)
+    for c in todo + retime:
+        table.entries[entry_key(c, channels, classes)] = entries[c.key]
+
+
+def _export_and_time(todo: List[Candidate], retime: List[Candidate], data: Data, settings: Dict[str, Any], work: str,
+                     budget: Budget, folder_of_table: str, table_key: str) -> Dict[str, Dict[str, Any]]:
     bundles: Dict[str, str] = {}
-    failed: Dict[str, str] = {}
+    entries: Dict[str, Dict[str, Any]] = {}
     folder = tempfile.mkdtemp(dir=work, prefix="untrained-")
     try:
         ckpts: Dict[Tuple[str, int], str] = {}
-        for i, c in enumerate(todo):
+        for i, c in enumerate(todo + retime):
             k = (c.student, c.size)
             try:
                 if k not in ckpts:
                     ckpts[k] = untrained_checkpoint(c.student, c.size, data, os.path.join(folder, f"m{len(ckpts)}.pt"))
                 bundles[c.key] = export_untrained(ckpts[k], c, os.path.join(folder, f"c{i:04d}"), settings.get("data_root"))
             except EdgeKDError as e:
-                failed[c.key] = f"export failed: {e}"
-            if progress:
-                progress(f"exported {i + 1}/{len(todo)} untrained candidates ({c.key})")
-        entries: Dict[str, Dict[str, Any]] = {}
-        if bundles:
-            with device_lock(table.folder, table.key):
-                entries = measure(bundles, settings["device"], settings, work)
-        channels, classes = data.input.channels, len(data.classes)
-        for c in todo:
-            entry = entries.get(c.key) or {"status": failed.get(c.key, "not measured")}
-            table.entries[entry_key(c, channels, classes)] = entry
+                entries[c.key] = {"status": f"export failed: {e}"}
+        with device_lock(folder_of_table, table_key):
+            screen = {c.key: bundles[c.key] for c in todo if c.key in bundles}
+            if screen:
+                entries.update({k: {**e, "timing": "quick"} for k, e in
+                                measure(screen, settings["device"], quick_settings(settings), work).items()})
+            full = {} if is_quick(settings) else {
+                c.key: bundles[c.key] for c in todo + retime
+                if c.key in bundles and (c in retime or needs_full_timing(entries.get(c.key, {}), budget))}
+            if full:
+                entries.update({k: {**e, "timing": "full"} for k, e in
+                                measure(full, settings["device"], {**settings, "limit": UNTRAINED_IMAGES}, work).items()})
+        return {c.key: entries.get(c.key) or {"status": "not measured"} for c in todo + retime}
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -37,6 +37,9 @@ class FitOptions(Options):
         high=10_000)
     epochs: Optional[int] = opt(None, "epochs of the finalists' full schedule, continued from their trial's weights "
         "(default: with --hours as many as the time left allows, else 15)", low=1, high=10_000)
+    trial_test_subset: int = opt(2000, "each trial is scored (and pruned) on N class-stratified test images, the "
+        "same N for every trial: a ranking, cheaper than the whole split; the finalists are scored on the whole "
+        "split (0: the whole split for trials too)", low=0, high=MAX_IMAGES, metavar="N")
     finalists: int = opt(2, "best feasible trials trained on the full schedule, exported and measured again", low=1,
         high=100)
     finalist_margin: float = opt(0.02, "a runner-up becomes a finalist only if its short-schedule top-1 is within M "

@@ -128,7 +128,9 @@ def report_md(summary: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
         err = (u.get("p50_ms") / m["p50_ms"] - 1) * 100 if m.get("p50_ms") and u.get("p50_ms") else None
         lines.append(f"| {f['key']} | {_num(f.get('top1'), '.4f')} | {_num(m.get('p50_ms'))} | {_num(u.get('p50_ms'))} | "
                      f"{_num(err, '+.1f')}% | {_num(m.get('size_mb'))} | {'yes' if not f['misses'] else 'no'} |")
-    lines += ["", "## Trials (short schedule)", "", "| # | state | candidate | p50 ms | size MB | top-1 | worker |",
+    scored = summary.get("trial_test_subset")
+    lines += ["", f"## Trials (short schedule; top-1 on {f'{scored} class-stratified' if scored else 'all'} test "
+              "images; p50 untrained)", "", "| # | state | candidate | p50 ms | size MB | top-1 | worker |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['number']} | {r['state']} | {r['student']}@{r['size']}/{r['precision']}/{r['runtime']} | "

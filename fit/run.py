@@ -60,7 +60,7 @@ def settings_of(opts: FitOptions, out: str) -> Dict[str, Any]:
                    workers=min(2, usable_cpus()))
     timing = (BENCH_QUICK if opts.quick else BENCH_DEFAULTS).to_dict()
     limit = timing.pop("limit", None)
-    return {"distill": distill, "epochs_short": opts.epochs_short, "epochs": opts.epochs, "work": os.path.abspath(out),
+    return {"distill": distill, "epochs_short": opts.epochs_short, "trial_test_subset": opts.trial_test_subset or None, "epochs": opts.epochs, "work": os.path.abspath(out),
             "device": opts.device, "data": distill["data"], "data_root": distill["data_root"], "limit": limit,
             "threads": opts.threads, "batch_size": opts.batch_size, "timing": timing, "ssh_config": opts.ssh_config,
             "timeout": opts.timeout}
@@ -102,23 +102,29 @@ def latency_phase(opts: FitOptions, budget: Budget, env: Dict[str, Any], data: D
     table = latency.LatencyTable(folder, key, env).load()
     cands = space.candidates()
     channels, classes = data.input.channels, len(data.classes)
-    todo = [c for c in cands if latency.entry_key(c, channels, classes) not in table.entries]
-    table.reused = len(cands) - len(todo)
+    key_of = {c.key: latency.entry_key(c, channels, classes) for c in cands}
+    todo = [c for c in cands if key_of[c.key] not in table.entries]
+    # stored quick timings that lie near a limit of this budget: timed fully now
+    retime = [] if opts.quick else [c for c in cands if c not in todo
+                                    and latency.needs_full_timing(table.entries[key_of[c.key]], budget)]
+    table.reused = len(cands) - len(todo) - len(retime)
     say(f"latency table {table.path}: {table.reused} of {len(cands)} candidates known"
         + (" (the stored table was damaged: measured again)" if table.damaged else "")
-        + (f"; exporting and timing {len(todo)} untrained on {opts.device}" if todo else ""))
+        + (f"; exporting and timing {len(todo) + len(retime)} untrained on {opts.device}" if todo or retime else ""))
     per_export = None
-    if todo:
+    if todo or retime:
         settings = settings_of(opts, out)
         work = os.path.join(out, "work")
         os.makedirs(work, exist_ok=True)
         began = time.time()
-        latency.measure_missing(table, todo, data, settings, work, progress=log.info)
-        per_export = (time.time() - began) / len(todo)
+        latency.measure_missing(table, todo, data, settings, work, budget, retime)
+        per_export = (time.time() - began) / len(todo + retime)
+        full = sum(table.entries[key_of[c.key]].get("timing") == "full" for c in todo + retime)
+        say(f"{len(todo)} timed quickly, {full} fully (within x{latency.SCREEN_BAND:g} of a latency limit)")
     table.save(os.path.join(out, "latency.json"))
     rows = []
     for c in cands:
-        e = table.entries[latency.entry_key(c, channels, classes)]
+        e = table.entries[key_of[c.key]]
         measured = {k: e.get(k) for k in DEVICE_KEYS}
         ok = e.get("status") == "ok"
         rows.append({"key": c.key, **asdict(c), "measured": measured, "status": e.get("status"),
@@ -294,7 +300,8 @@ def finish(study: "Study", budget: Budget, feasible: List[Row], rows: List[Row],
     summary = {"budget": str(budget), "device": opts.device, "device_environment": env, "trials": trials,
                "candidates": rows, "finalists": results, "winner": winner, "teacher_passes": passes,
                "seconds": time.time() - clock.start, "finalist_epochs": plan.epochs,
-               "finalist_margin": opts.finalist_margin, "command": opts}
+               "finalist_margin": opts.finalist_margin, "trial_test_subset": settings.get("trial_test_subset"),
+               "command": opts}
     if winner is None:
         report.write_failure(out, budget, rows, opts, trials, results)
         raise EdgeKDError("no finalist meets the budget once trained and measured again: closest "

@@ -153,7 +153,8 @@ def objective_for(budget: Budget, feasible: List[Dict[str, Any]], settings: Dict
         trial.set_user_attr("screen_trial", twin.number)
         folder = trial_folder(settings["work"], trial.number)
         began = time.time()
-        metrics, history, pruned = distill_trial(cand, settings, folder, settings["epochs_short"], twin)
+        metrics, history, pruned = distill_trial(cand, settings, folder, settings["epochs_short"], twin,
+                                                 test_subset=settings.get("trial_test_subset"))
         trial.set_user_attr("history", history)
         top1 = history[-1] if history else math.nan
         if metrics is not None:

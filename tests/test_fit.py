@@ -334,3 +334,32 @@ def test_two_workers_on_postgresql(setup, first_fit, postgres, tmp_path):
     workers = {t.user_attrs.get("worker") for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")}
     assert len(workers) == 2, workers  # both processes ran trials of the one study
     assert (tmp_path / "main" / "bundle" / "manifest.json").exists()
+
+
+def test_a_later_fit_times_fully_the_quick_entries_near_its_budget(setup, first_fit, tmp_path):
+    """The first fit (--quick) stored quick timings; a fit whose latency limit lies near one times that candidate
+    again with bench's full timing, in a child process, and keeps the others' quick timings."""
+    from edgekd.core.data import load_data
+    from edgekd.fit import latency
+    from edgekd.fit.options import FitOptions
+    from edgekd.fit.run import check_device, latency_phase
+
+    d, teacher = setup
+    shutil.copytree(d / "lc", tmp_path / "lc")
+    stored = json.loads((first_fit[0] / "latency.json").read_text())["entries"]
+    assert {e["timing"] for e in stored.values()} == {"quick"}
+    p50s = {k.split("/c")[0]: e["p50_ms"] for k, e in stored.items()}
+    limit = min(p50s.values()) * 1.1
+    budget = parse_budget(f"p50_ms<={limit}")
+    near = {k for k, v in p50s.items() if limit / latency.SCREEN_BAND <= v <= limit * latency.SCREEN_BAND}
+    opts = FitOptions(teacher=teacher, space=str(d / "space.yaml"), device="cpu", threads=1, budget=str(budget),
+                      latency_cache=str(tmp_path / "lc"), out=str(tmp_path / "out"))
+    said = []
+    os.makedirs(opts.out)
+    rows, _ = latency_phase(opts, budget, check_device(opts, budget), load_data(opts.data, None),
+                            load_space(opts.space, default_space(8, 1)), opts.out, said.append)
+    assert any(f"{2 - len(near)} of 2 candidates known" in s for s in said), said
+    table = json.loads((tmp_path / "out" / "latency.json").read_text())["entries"]
+    timings = {k.split("/c")[0]: e["timing"] for k, e in table.items()}
+    assert timings == {k: "full" if k in near else "quick" for k in p50s}
+    assert all(r["status"] == "ok" for r in rows)

@@ -23,7 +23,7 @@ def test_spread_order_covers_the_range_from_both_ends():
 def test_precisions_of_one_student_share_one_training(tmp_path, monkeypatch):
     trained = []
 
-    def record(cand, settings, folder, epochs, twin=None):
+    def record(cand, settings, folder, epochs, twin=None, **more):
         trained.append(cand["key"])
         top1 = 0.5 if cand["student"] == "s" else 0.7
         twin.report(top1, 1)
@@ -88,3 +88,19 @@ def test_a_runner_up_is_a_finalist_only_when_it_is_close(margin, expected):
               for i, (k, state, top1) in enumerate([("a", "COMPLETE", 0.56), ("b", "COMPLETE", 0.53),
                                                      ("c", "PRUNED", 0.60)])]
     assert [t["candidate"] for t in pick_finalists(trials, by_key, 2, margin)] == expected
+
+
+@pytest.mark.parametrize("p50, timing, status, expected", [
+    (0.34, "quick", "ok", True),     # just under the limit: noise could flip it
+    (0.43, "quick", "ok", True),     # just over
+    (0.10, "quick", "ok", False),    # far under: meets whatever the noise
+    (0.60, "quick", "ok", False),    # far over
+    (0.34, "full", "ok", False),     # timed fully already
+    (0.34, "quick", "failed", False),
+    (float("nan"), "quick", "ok", False)])
+def test_a_quick_timing_is_redone_fully_only_near_a_latency_limit(p50, timing, status, expected):
+    from edgekd.fit.latency import needs_full_timing
+
+    entry = {"p50_ms": p50, "p90_ms": None, "size_mb": 0.1, "timing": timing, "status": status}
+    assert needs_full_timing(entry, parse_budget("p50_ms<=0.35,size_mb<=4")) is expected
+    assert needs_full_timing(entry, parse_budget("size_mb<=4")) is False  # no latency limit: nothing to redo

@@ -220,7 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser, sub = build_parser()
     args = parser.parse_args(argv)
     report_to_stdout()  # the per-epoch lines the library logs to edgekd.report
-    if args.command in TRAINING_COMMANDS:  # before any import of torch loads OpenMP: see edgekd/base/cpu.py
+    # before any import of torch loads OpenMP (see edgekd/base/cpu.py); fit trains too
+    if args.command in TRAINING_COMMANDS or args.command == "fit":
         short_spin_wait()
     opts: Any = None
     try:

@@ -228,13 +228,22 @@ def _stream_train(cfg: Any, data: Data, subset: Any, input_spec: Any, pretrained
 def _test_views(cfg: Any, data: Data) -> Any:
     """The test split: decoded into memory at the student's input when it fits, else served from the files."""
     spec = data.input
+    n = getattr(cfg, "test_subset", None)
+    subset = _test_subset(data.test, n) if n and n < len(data.test) else None
     if len(data.test) * spec.channels * spec.height * spec.width <= TEST_MEMORY_BYTES:
-        images, labels = decode_split(data.test, spec, None, cfg.workers, "decode test", cfg.progress,
+        images, labels = decode_split(data.test, spec, subset, cfg.workers, "decode test", cfg.progress,
                                       cfg.skip_bad_images, skipped=data.skipped_images)
         return Views(images, labels, spec.mean, spec.std)
     log.info("data: the test split's %d images are streamed from their files", len(data.test))
-    return StreamViews.of([(data.test, None, None)], spec, None, workers=cfg.workers, skip_bad=cfg.skip_bad_images,
+    return StreamViews.of([(data.test, subset, None)], spec, None, workers=cfg.workers, skip_bad=cfg.skip_bad_images,
                           desc="test")
+
+
+def _test_subset(test: Any, n: int) -> Any:
+    """--test-subset's indices: class-stratified where the split knows its labels, else every k-th image."""
+    if hasattr(test, "targets") or hasattr(test, "samples"):
+        return stratified_subset(_targets(test), n, seed=0)
+    return torch.linspace(0, len(test) - 1, n).round().long().unique()
 
 
 def _decode_unlabeled(unlabeled: str, data: Data, subset: Any, workers: int, progress: bool,

@@ -87,6 +87,9 @@ class Training(Options):
         "same views and share a teacher cache", low=0, high=MAX_SEED, group="training")
     train_subset: Optional[int] = opt(None, "train on N images of the train split, class-stratified, fixed choice "
         "(default: all)", low=1, high=MAX_IMAGES, metavar="N", group="training")
+    test_subset: Optional[int] = opt(None, "evaluate on N images of the test split, class-stratified, fixed choice "
+        "(default: all): a cheaper ranking while searching (edgekd fit's trials), not a final figure; metrics.json "
+        "records test_images", low=1, high=MAX_IMAGES, metavar="N", group="training")
     norm: str = opt("auto", "input normalisation: train (mean/std of the train split), seed (0.5/0.5), MEAN/STD "
         "(e.g. 0.49,0.48,0.45/0.25,0.24,0.26), auto: train except digits", metavar="STATS", group="training",
         check=_norm_check)
