@@ -199,11 +199,6 @@ def quick_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
     return {**settings, "timing": timing, "limit": UNTRAINED_IMAGES}
 
 
-def is_quick(settings: Dict[str, Any]) -> bool:
-    """Whether ``settings`` time with the quick preset (a quick timing is only a screen)."""
-    return settings["timing"].get("runs") == BENCH_QUICK.runs and settings["timing"].get("rounds") == BENCH_QUICK.rounds
-
-
 def needs_full_timing(entry: Dict[str, Any], budget: Budget) -> bool:
     """Whether a quickly timed entry's latency is within SCREEN_BAND of a latency limit of ``budget``: there the
     quick timing's noise could change whether it meets the budget, so it is timed fully."""
@@ -220,8 +215,8 @@ def needs_full_timing(entry: Dict[str, Any], budget: Budget) -> bool:
 def measure_missing(table: LatencyTable, todo: List[Candidate], data: Data, settings: Dict[str, Any], work: str,
                     budget: Budget, retime: List[Candidate]) -> None:
     """Export every candidate of ``todo`` and ``retime`` (quickly timed before, now near a limit of ``budget``)
-    and time them into ``table``: ``todo`` quickly first, then fully where near a limit (never fully when
-    ``settings`` are the quick preset already: a --quick fit). Runs in a child process (see the module's note)."""
+    and time them into ``table``: ``todo`` quickly first, then fully where near a limit (never fully in a --quick
+    fit, ``settings["quick"]``). Runs in a child process (see the module's note)."""
     lean = replace(data, train=None, test=None)  # what an untrained checkpoint needs, without the images
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
@@ -234,6 +229,7 @@ def measure_missing(table: LatencyTable, todo: List[Candidate], data: Data, sett
 
 def _export_and_time(todo: List[Candidate], retime: List[Candidate], data: Data, settings: Dict[str, Any], work: str,
                      budget: Budget, folder_of_table: str, table_key: str) -> Dict[str, Dict[str, Any]]:
+    """measure_missing's work, in the child: candidate key -> table entry (an export that failed: its reason)."""
     bundles: Dict[str, str] = {}
     entries: Dict[str, Dict[str, Any]] = {}
     folder = tempfile.mkdtemp(dir=work, prefix="untrained-")
@@ -252,7 +248,7 @@ def _export_and_time(todo: List[Candidate], retime: List[Candidate], data: Data,
             if screen:
                 entries.update({k: {**e, "timing": "quick"} for k, e in
                                 measure(screen, settings["device"], quick_settings(settings), work).items()})
-            full = {} if is_quick(settings) else {
+            full = {} if settings.get("quick") else {
                 c.key: bundles[c.key] for c in todo + retime
                 if c.key in bundles and (c in retime or needs_full_timing(entries.get(c.key, {}), budget))}
             if full:
