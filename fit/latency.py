@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .. import EdgeKDError
 from ..base import ssh

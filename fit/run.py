@@ -60,10 +60,10 @@ def settings_of(opts: FitOptions, out: str) -> Dict[str, Any]:
                    workers=min(2, usable_cpus()))
     timing = (BENCH_QUICK if opts.quick else BENCH_DEFAULTS).to_dict()
     limit = timing.pop("limit", None)
-    return {"distill": distill, "epochs_short": opts.epochs_short, "trial_test_subset": opts.trial_test_subset or None, "epochs": opts.epochs, "work": os.path.abspath(out),
-            "device": opts.device, "data": distill["data"], "data_root": distill["data_root"], "limit": limit,
-            "threads": opts.threads, "batch_size": opts.batch_size, "timing": timing, "quick": opts.quick, "ssh_config": opts.ssh_config,
-            "timeout": opts.timeout}
+    return {"distill": distill, "epochs_short": opts.epochs_short, "trial_test_subset": opts.trial_test_subset or None,
+            "epochs": opts.epochs, "work": os.path.abspath(out), "device": opts.device, "data": distill["data"],
+            "data_root": distill["data_root"], "limit": limit, "threads": opts.threads, "batch_size": opts.batch_size,
+            "timing": timing, "quick": opts.quick, "ssh_config": opts.ssh_config, "timeout": opts.timeout}
 
 
 def check_teacher(opts: FitOptions) -> None:

@@ -230,11 +230,12 @@ def _test_views(cfg: Any, data: Data) -> Any:
     spec = data.input
     n = getattr(cfg, "test_subset", None)
     subset = _test_subset(data.test, n) if n and n < len(data.test) else None
-    if len(data.test) * spec.channels * spec.height * spec.width <= TEST_MEMORY_BYTES:
+    count = len(data.test) if subset is None else len(subset)
+    if count * spec.channels * spec.height * spec.width <= TEST_MEMORY_BYTES:
         images, labels = decode_split(data.test, spec, subset, cfg.workers, "decode test", cfg.progress,
                                       cfg.skip_bad_images, skipped=data.skipped_images)
         return Views(images, labels, spec.mean, spec.std)
-    log.info("data: the test split's %d images are streamed from their files", len(data.test))
+    log.info("data: the test split's %d images are streamed from their files", count)
     return StreamViews.of([(data.test, subset, None)], spec, None, workers=cfg.workers, skip_bad=cfg.skip_bad_images,
                           desc="test")
 
