@@ -6,7 +6,9 @@
 Trains the same student (`edgekd train --model resnet8 --input-size SIZE`) once per arm, schedule and seed,
 and writes WORK/augment.md with each run's last-epoch test top-1 and the mean over the seeds. Arms:
 `pad-crop` (`--augment pad-crop`, 4-pixel padding), `rrc-S` (`--augment random-resized-crop --crop-scale S`:
-area fraction S..1), `auto` (edgekd's default for that size and schedule). `--data photos` makes (once) a
+area fraction S..1), `auto` (edgekd's default for that size and schedule), `store-N` (the views cut from an image
+store in WORK/store whose pictures' longer side is N; `store-auto`: the default, twice the input), and parts
+joined by `+` (`rrc-0.08+store-64`). `--data photos` makes (once) a
 folder of CIFAR-10 train pictures at mixed sizes and aspect ratios around 224 px (tools/measure_images.py's
 photos, 5,000 training and 1,000 test pictures) in WORK, outside the repository; `--data cifar10` reads
 ../shared/data/cifar10 in place with `--train-subset` images. Accuracy does not depend on the machine's load.
@@ -26,14 +28,22 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 CIFAR = os.path.join(REPO, "..", "shared", "data", "cifar10")
 
 
-def arm_options(arm):
+def arm_options(arm, work=""):
+    """The train options of an arm; ``+`` joins parts (``rrc-0.08+store-64``): ``store-N`` cuts the views from an
+    image store in WORK/store with its longer side at N (``store-auto``: the default size)."""
+    if "+" in arm:
+        return [o for part in arm.split("+") for o in arm_options(part, work)]
     if arm == "auto":
         return []
     if arm == "pad-crop":
         return ["--augment", "pad-crop"]
     if arm.startswith("rrc-"):
         return ["--augment", "random-resized-crop", "--crop-scale", arm[4:]]
-    raise SystemExit(f"unknown arm {arm!r}: use auto, pad-crop or rrc-S (S the smallest area fraction)")
+    if arm.startswith("store-"):
+        size = [] if arm == "store-auto" else ["--image-store-size", arm[6:]]
+        return ["--pipeline", "stream", "--image-store", os.path.join(work, "store"), *size]
+    raise SystemExit(f"unknown arm {arm!r}: use auto, pad-crop, rrc-S (S the smallest area fraction), store-N or "
+                     "store-auto, or parts joined by +")
 
 
 def data_spec(args):
@@ -49,7 +59,7 @@ def run(args, arm, epochs, seed, data):
     out = os.path.join(args.work, f"{args.data}-{args.size}px-{epochs}ep-{arm}-s{seed}")
     cmd = ["train", "--model", args.model, "--data", *data, "--input-size", str(args.size), "--epochs", str(epochs),
            "--seed", str(seed), "--aug-seed", str(seed), "--threads", str(args.threads), "--no-progress",
-           *arm_options(arm), "--out", out]
+           *arm_options(arm, args.work), "--out", out]
     metrics = os.path.join(out, "metrics.json")
     if not os.path.exists(metrics):
         subprocess.run([sys.executable, "-m", "edgekd", *cmd, "--force"], check=True, cwd=REPO)

@@ -10,13 +10,16 @@ Rows, per input size (--sizes, default 32,160,224) and student dtype (--dtypes, 
   live       the same with the teacher running every step (FrozenTeacher)
   mix        function matching (--mix mixup) with the cache: partners loaded and mixed, mixed-label CE
   qat        edgekd quantize's step: NNCF fake quantizers in the student, the cache as the teacher
-and per size in --pipeline-sizes (default 160,224), float32:
+and per size in --pipeline-sizes (default 160,224), float32, in --rounds rounds (bare, files, store in turn):
   files      the streamed pipeline (random-resized crops decoded from JPEG files in --workers processes) feeding
-             the bare step
+             the bare step: one pass over --images pictures, in wall time (waiting for a batch counts)
   store      the same views cut from a decode-once image store (edgekd.core.image_store); its build time printed
-Every ratio is against the bare step at the same size and dtype. Models are random (speed only): --student
-and --teacher name them (edgekd model specs). Pictures for the pipeline are generated in --work (smooth random
-JPEGs of mixed sizes around 1.5x the input), never in the repository.
+             The *_ratio figures are the medians of each round's ratio to that round's bare step; *_decode_ms
+             what one decoding worker spends per picture (one process, one thread).
+Every ratio is against the bare step at the same size and dtype; the loop rows (cache, live, mix, qat, files,
+store) are wall time, the wait for each batch included. Models are random (speed only): --student and --teacher
+name them (edgekd model specs). Pictures for the pipeline are generated in --work (smooth random JPEGs of mixed
+sizes around --photo-scale x the input), never in the repository.
 
 Prints how it was run first (CPU model and flags, torch threads, versions); run `uptime` beside it, and compare
 figures of one run only (the machine's load moves them by 15-35 %).
@@ -30,9 +33,13 @@ import sys
 import tempfile
 import time
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from edgekd.base.cpu import short_spin_wait  # noqa: E402
+
+short_spin_wait()  # before torch loads, as every edgekd command that trains does (edgekd.base.cpu)
+
+import torch  # noqa: E402
 
 from edgekd.core.augment import AugmentPlan, Views  # noqa: E402
 from edgekd.core.data import InputSpec  # noqa: E402
@@ -102,7 +109,8 @@ def bare_step(student, size, args, dtype):
 
 
 def loop_step(student, run, args, dtype):
-    """Images/s of edgekd's own training step (train_loop._step and _backward) over ``run.train``'s batches."""
+    """Images/s of edgekd's own training step (train_loop._step and _backward) over ``run.train``'s batches, in
+    wall time: the wait for each batch (its decoding, or its workers' share of the cores) counts."""
     student.train()
     opt, sched = _optim(student)
     loop = _Loop(student, student, opt, sched, None, None, False)
@@ -110,13 +118,14 @@ def loop_step(student, run, args, dtype):
     done, seen, seconds = 0, 0, 0.0
     while done < args.warmup + args.steps:
         batches = run.train.batches(args.batch_size, epoch=1, shuffle_seed=done, teacher_view=True)
-        for x, xt, y, idx in batches:
-            start = time.perf_counter()
+        last = time.perf_counter()
+        for x, xt, y, idx in batches:  # wall time from the last step's end: waiting for this batch counts
             _, _, parts = _step(student, run, x, y, idx, 1, xt)
             _backward(loop, run, parts["loss"])
+            now = time.perf_counter()
             if done >= args.warmup:
-                seconds, seen = seconds + time.perf_counter() - start, seen + len(y)
-            done += 1
+                seconds, seen = seconds + now - last, seen + len(y)
+            last, done = now, done + 1
             if done >= args.warmup + args.steps:
                 break
     return seen / seconds
@@ -168,8 +177,8 @@ def rows_for(size, dtype_name, args, folder):
     return out
 
 
-def make_photos(root, n, size):
-    """``n`` smooth random JPEG pictures of mixed sizes around 1.5x ``size`` in ``root``/train/CLASS."""
+def make_photos(root, n, size, scale=1.5):
+    """``n`` smooth random JPEG pictures of mixed sizes around ``scale`` x ``size`` in ``root``/train/CLASS."""
     import numpy as np
     from PIL import Image
 
@@ -179,31 +188,82 @@ def make_photos(root, n, size):
         folder = os.path.join(root, "train" if k < n else "test", f"c{k % CLASSES}")
         os.makedirs(folder, exist_ok=True)
         a, b = shapes[k % len(shapes)]
-        w, h = int(1.5 * size * a / max(a, b)), int(1.5 * size * b / max(a, b))
+        w, h = int(scale * size * a / max(a, b)), int(scale * size * b / max(a, b))
         small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
         small.resize((max(w, size), max(h, size)), Image.BICUBIC).save(os.path.join(folder, f"{k}.jpg"), quality=90)
     return root
 
 
+def pass_step(student, run, args):
+    """Images/s, in wall time, of one pass of edgekd's training step over ``run.train``'s streamed batches: the
+    wait for each batch (its decoding, its workers' share of the cores, starting the workers) counts; only the
+    first ``args.warmup`` batches are left out."""
+    student.train()
+    opt, sched = _optim(student)
+    loop = _Loop(student, student, opt, sched, None, None, False)
+    seen, start = 0, None
+    for k, (x, xt, y, idx) in enumerate(run.train.batches(args.batch_size, epoch=1, shuffle_seed=0,
+                                                          teacher_view=True)):
+        if k == args.warmup:
+            start = time.perf_counter()
+        _, _, parts = _step(student, run, x, y, idx, 1, xt)
+        _backward(loop, run, parts["loss"])
+        seen += len(y) if start is not None else 0
+    return seen / (time.perf_counter() - start)
+
+
+def decode_ms(views, n):
+    """Milliseconds per picture of cutting one view (decode or store read, crop, resize, flip) in this process on
+    one thread: what each decoding worker spends per picture."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        decoder = views._decoder(1, False)
+        for i in range(8):
+            decoder[i]
+        start = time.perf_counter()
+        for i in range(min(n, len(views))):
+            decoder[i]
+        return (time.perf_counter() - start) * 1e3 / min(n, len(views))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pipeline_rows(size, args, folder):
-    """Images/s of the bare step fed by streamed views from the files, then from an image store."""
+    """Images/s of the bare step, and of the same step fed by streamed views from the files and from an image
+    store, in ``args.rounds`` rounds (bare, files, store in each, one after another): each ratio is against the
+    bare step of its own round, and the row holds the medians (the machine's load drifts between rounds)."""
+    import statistics
+
     from edgekd.core.data import SizeChoice, load_data, parse_size
     from edgekd.core.image_store import attach_store
     from edgekd.core.stream import StreamViews
 
-    root = make_photos(os.path.join(folder, f"photos{size}"), args.images, size)
+    root = make_photos(os.path.join(folder, f"photos{size}"), args.images, size, args.photo_scale)
     data = load_data(root, choice=SizeChoice(size=parse_size([size, size])))
     torch.manual_seed(0)
     student = build_model(args.student, CLASSES, data.input)
-    out = {}
+    runs, out = {}, {}
     for name in ("files", "store"):
         views = StreamViews.of([(data.train, None, None)], data.input, None, workers=args.workers)
         views.plan = AugmentPlan("random-resized-crop", len(views), seed=0, scale=0.08)
         if name == "store":
             start = time.perf_counter()
-            record = attach_store(views, os.path.join(folder, "store"), progress=False)
+            record = attach_store(views, os.path.join(folder, f"store{size}"), progress=False)
             out["store_build_s"], out["store_mb"] = time.perf_counter() - start, record["bytes"] / 1e6
-        out[name] = loop_step(student, TrainRun(views, None, _FixedLogits()), _epochs_of(args, len(views)), None)
+        runs[name] = TrainRun(views, None, _FixedLogits())
+        out[f"{name}_decode_ms"] = decode_ms(views, args.batch_size * 4)
+    rounds = []
+    for _ in range(args.rounds):
+        got = {"bare": bare_step(student, size, args, None)}
+        for name, run in runs.items():
+            got[name] = pass_step(student, run, args)
+        rounds.append(got)
+        print(f"    round: " + ", ".join(f"{k} {v:.0f}" for k, v in got.items()), flush=True)
+    for name in ("bare", "files", "store"):
+        out[name] = statistics.median(r[name] for r in rounds)
+        if name != "bare":
+            out[f"{name}_ratio"] = statistics.median(r[name] / r["bare"] for r in rounds)
     return out
 
 
@@ -218,11 +278,6 @@ class _FixedLogits(torch.nn.Module):
         return self.kd(s, torch.zeros_like(s), y)
 
 
-def _epochs_of(args, n):
-    steps = max(1, min(args.steps, n // args.batch_size - args.warmup))
-    return argparse.Namespace(**{**vars(args), "steps": steps})
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="32,160,224", help="input sizes of the step rows (default: 32,160,224)")
@@ -233,7 +288,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
-    p.add_argument("--images", type=int, default=1024, help="generated pictures per pipeline size (default: 1024)")
+    p.add_argument("--images", type=int, default=3072, help="generated pictures per pipeline size (default: 3072)")
+    p.add_argument("--photo-scale", type=float, default=1.5, help="the generated pictures' longer side against the "
+                   "input side (default: 1.5; camera photos are 10-20)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the pipeline rows, each timing bare, files and "
+                   "store in turn; medians are printed (default: 3)")
     p.add_argument("--workers", type=int, default=2, help="decoding processes of the pipeline rows (default: 2)")
     p.add_argument("--skip", default="", help="rows to leave out: cache,live,mix,qat,pipeline")
     p.add_argument("--work", default=None, help="folder for generated pictures, caches and stores (default: a "
@@ -252,9 +311,8 @@ def main(argv=None):
                 results["rows"].append({"size": size, "dtype": dtype, **row})
         if "pipeline" not in args.skip:
             for size in [int(s) for s in args.pipeline_sizes.split(",") if s]:
-                bare = bare_step(build_model(args.student, CLASSES, _spec(size)), size, args, None)
-                row = {"bare": bare, **pipeline_rows(size, args, folder)}
-                _print(f"{size:>4} px pipeline", row, bare)
+                row = pipeline_rows(size, args, folder)
+                _print(f"{size:>4} px pipeline", row, row["bare"])
                 results["rows"].append({"size": size, "dtype": "float32", "pipeline": True, **row})
     if args.json:
         with open(args.json, "w") as f:
@@ -267,8 +325,12 @@ def _print(label, row, bare):
     for k, v in row.items():
         if isinstance(v, str):
             parts.append(f"{k} {v}")
+        elif k.endswith("_ratio"):
+            parts.append(f"{k} {v:.2f}x (median of the rounds' own ratios)")
         elif k.endswith("_s") or k.endswith("_mb"):
             parts.append(f"{k} {v:.1f}")
+        elif k.endswith("_ms"):
+            parts.append(f"{k} {v:.2f}")
         else:
             parts.append(f"{k} {v:.0f} img/s" + ("" if k == "bare" else f" ({v / bare:.2f}x)"))
     print(f"{label}: " + ", ".join(parts), flush=True)
