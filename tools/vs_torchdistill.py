@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     p.add_argument("--out", default="runs/vs-torchdistill", help="(default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="also run both edgekd rows with --compile (torch.compile "
+                   "of the student; its compile time falls in the first epoch's images/s)")
     p.add_argument("--torchdistill-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -211,14 +213,14 @@ def torchdistill_worker(args):
 def report(args, rows, cache_build):
     lines = ["# edgekd against torchdistill", "",
              f"`python tools/vs_torchdistill.py {args.teacher} --subset {args.subset} --epochs {args.epochs} "
-             f"--seeds {args.seeds} --threads {args.threads}` on {platform.processor() or platform.machine()}, "
+             f"--seeds {args.seeds} --threads {args.threads}{' --compile' if args.compile else ''}` on {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}.", "",
-             "| run | seed | images/s | vs torchdistill | top-1 |", "|---|---|---|---|---|"]
+             "| run | seed | images/s | vs torchdistill | top-1 | wall |", "|---|---|---|---|---|---|"]
     for seed, runs in rows.items():
         base = runs["torchdistill"]["images_per_second"]
         for name, r in runs.items():
             lines.append(f"| {name} | {seed} | {r['images_per_second']:.0f} | {r['images_per_second'] / base:.2f}x "
-                         f"| {100 * r['top1']:.2f}% |")
+                         f"| {100 * r['top1']:.2f}% | {r['seconds']:.0f} s |")
     lines += ["", f"Building the teacher cache (once, shared by the seeds): {cache_build:.0f} s.", "",
               "Commands:", ""]
     for seed, runs in rows.items():
@@ -243,6 +245,10 @@ def main(argv=None):
         rows[seed] = {"torchdistill": torchdistill_run(args, data, seed),
                       "edgekd, live teacher": edgekd_run(args, data, seed, "live", []),
                       "edgekd, teacher cache": edgekd_run(args, data, seed, "cached", ["--teacher-cache", cache])}
+        if args.compile:
+            rows[seed]["edgekd, live teacher, --compile"] = edgekd_run(args, data, seed, "live-compile", ["--compile"])
+            rows[seed]["edgekd, teacher cache, --compile"] = edgekd_run(
+                args, data, seed, "cached-compile", ["--teacher-cache", cache, "--compile"])
         print(json.dumps(rows[seed]), flush=True)
     text = report(args, rows, cache_build)
     with open(os.path.join(args.out, "report.md"), "w") as f:
