@@ -178,6 +178,25 @@ def test_store_views_are_the_files_crops_and_a_damaged_store_is_refused(photos, 
         open_store(str(photos / "store"), files.items, "RGB", 64, data_roots=[str(photos)])
 
 
+def test_store_crops_give_the_teacher_its_own_size_from_the_same_box(photos, tmp_path):
+    from edgekd.core.image_store import attach_store
+
+    _, files = _stream_views(photos)
+    _, stored = _stream_views(photos)
+    for views in (files, stored):
+        views.set_teacher_size((40, 40))  # the teacher's own input, larger than the student's 24 px
+    attach_store(stored, str(tmp_path / "store"), max_size=256)
+    idx = torch.arange(len(files))
+    a_student, a_teacher, _ = files.batch(idx, epoch=1, teacher_view=True)
+    b_student, b_teacher, _ = stored.batch(idx, epoch=1, teacher_view=True)
+    assert b_student.shape == (18, 3, 24, 24) and b_teacher.shape == (18, 3, 40, 40)
+    assert (a_student - b_student).abs().mean() < 0.05 and (a_teacher - b_teacher).abs().mean() < 0.05
+    # the teacher's view is the student's box at another size, flipped alike: shrunk, it is the student's view
+    shrunk = torch.nn.functional.interpolate(b_teacher, size=(24, 24), mode="bilinear", antialias=True)
+    assert (shrunk - b_student).abs().mean() < 0.05
+    assert torch.equal(stored.batch(idx, epoch=1, teacher_view=True)[1], b_teacher)  # replayed exactly
+
+
 def test_a_store_prepared_ahead_is_reused_by_distill(photos, tmp_path, cli, one_line_error):
     store = tmp_path / "store"
     assert "images 18" in cli("prepare", photos, "--out", store, "--max-size", 64, "--no-progress").stdout

@@ -209,6 +209,9 @@ def pass_step(student, run, args):
         _, _, parts = _step(student, run, x, y, idx, 1, xt)
         _backward(loop, run, parts["loss"])
         seen += len(y) if start is not None else 0
+    if start is None:
+        raise SystemExit(f"--images {len(run.train)} make no more than --warmup {args.warmup} batches of "
+                         f"{args.batch_size}: give more --images or fewer --warmup")
     return seen / (time.perf_counter() - start)
 
 

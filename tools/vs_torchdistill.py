@@ -213,7 +213,8 @@ def torchdistill_worker(args):
 def report(args, rows, cache_build):
     lines = ["# edgekd against torchdistill", "",
              f"`python tools/vs_torchdistill.py {args.teacher} --subset {args.subset} --epochs {args.epochs} "
-             f"--seeds {args.seeds} --threads {args.threads}{' --compile' if args.compile else ''}` on {platform.processor() or platform.machine()}, "
+             f"--seeds {args.seeds} --threads {args.threads}{' --compile' if args.compile else ''}` on "
+             f"{platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}.", "",
              "| run | seed | images/s | vs torchdistill | top-1 | wall |", "|---|---|---|---|---|---|"]
     for seed, runs in rows.items():

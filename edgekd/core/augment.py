@@ -168,7 +168,7 @@ class Views:
                 self._epoch, self._params = key, self.plan.params(epoch)
             dy, dx, flip = (p[idx] for p in self._params)
             raw = apply_views(raw, dy, dx, flip, self.plan.pad)
-        return raw.float().div_(255.0).sub_(self.mean).div_(self.std), self.targets[idx]  # in place: no new tensors
+        return raw.float().div_(255.0).sub_(self.mean).div_(self.std), self.targets[idx]  # in place: one new tensor
 
     def batches(self, batch_size: int, epoch: Optional[int] = None, shuffle_seed: Optional[int] = None,
                 shard: Optional[Tuple[int, int]] = None, teacher_view: bool = False) -> Iterator[Tuple[Any, ...]]:

@@ -113,13 +113,6 @@ class _Items:
             return f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
         return f"{int(self.src[i])}:{int(self.local[i])}"
 
-    def source_size(self, i: int, img: Any) -> Tuple[int, int]:
-        """Item i's original (width, height): the stored copy is smaller, the crop geometry is the original's."""
-        if self.store is None:
-            return img.size
-        row = self.store.row(i)
-        return row.orig_width, row.orig_height
-
     def shard_groups(self) -> Optional[List[List[int]]]:
         """Each shard's item indices (in member order) when every item comes from WebDataset shards, else None."""
         if self._groups is None:
@@ -219,11 +212,8 @@ class _Decoder(torch.utils.data.Dataset):
                 student = apply_views(student[None], dy, dx, flip, plan.pad)[0]
                 teacher = None  # pad-crop is for images of the student's size: the teacher resizes that view
             return student, _empty(teacher, student)
-        rng = view_rng(plan.seed, plan.view_of(epoch), i)
-        width, height = self.items.source_size(i, img)
-        left, top, bw, bh = rrc_box(rng, width, height, self.scale)
-        flip = rng.random() < 0.5
-        outs = [self.input.size] + ([tuple(self.teacher_size)] if self.teacher_size else [])
+        width, height = img.size
+        (left, top, bw, bh), flip, outs = self._crop_plan(i, width, height)
         if lazy and self.draft:  # decode at 1/2, 1/4, 1/8 while the box still covers the largest output
             need_w = max(o[1] for o in outs) * width / bw
             need_h = max(o[0] for o in outs) * height / bh
@@ -239,26 +229,32 @@ class _Decoder(torch.utils.data.Dataset):
             views.append(_pixels(view))
         return views[0], _empty(views[1] if len(views) > 1 else None, views[0])
 
+    def _crop_plan(self, i: int, width: int, height: int) -> Tuple[Tuple[int, int, int, int], bool,
+                                                                     List[Tuple[int, int]]]:
+        """Picture ``i``'s random-resized crop in this epoch, drawn on its original (width, height): the box
+        (left, top, w, h), the flip, and the (height, width) of each view to cut (the student's, the teacher's)."""
+        assert self.plan is not None and self.epoch is not None
+        rng = view_rng(self.plan.seed, self.plan.view_of(self.epoch), i)
+        box = rrc_box(rng, width, height, self.scale)
+        flip = rng.random() < 0.5
+        outs = [self.input.size] + ([self.teacher_size] if self.teacher_size else [])
+        return box, flip, outs
 
     def _stored_crops(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The random-resized crops of picture ``i`` cut from the image store's pixels with torch's uint8
-        resampler (bilinear, antialiased; 3x faster than Pillow's, no PIL image made): the same box and flip as
-        from the file, drawn on the original's size, its edges rounded to whole stored pixels."""
+        resampler (bilinear, antialiased, no PIL image made): the same box and flip as from the file, drawn on the
+        original's size, its edges rounded to whole stored pixels."""
         import torch.nn.functional as F
 
-        plan, store = self.plan, self.items.store
-        assert plan is not None and self.epoch is not None
-        row = store.row(i)
+        row = self.items.store.row(i)
         if row.orig_width == 0:
             raise OSError(f"item {int(i)} was unreadable when the image store was built")
-        rng = view_rng(plan.seed, plan.view_of(self.epoch), i)
-        left, top, bw, bh = rrc_box(rng, row.orig_width, row.orig_height, self.scale)
-        flip = rng.random() < 0.5
+        (left, top, bw, bh), flip, outs = self._crop_plan(i, row.orig_width, row.orig_height)
         sx, sy = row.width / row.orig_width, row.height / row.orig_height
         x0, y0 = min(int(round(left * sx)), row.width - 1), min(int(round(top * sy)), row.height - 1)
         x1, y1 = max(int(round((left + bw) * sx)), x0 + 1), max(int(round((top + bh) * sy)), y0 + 1)
-        crop = torch.from_numpy(store.array(i)[y0:y1, x0:x1].copy()).permute(2, 0, 1)[None]  # channels-last
-        outs = [self.input.size] + ([tuple(self.teacher_size)] if self.teacher_size else [])
+        pixels = self.items.store.array(i)[y0:y1, x0:x1].copy()
+        crop = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # N C H W with channels-last strides
         views = []
         for oh, ow in outs:
             view = F.interpolate(crop, size=(oh, ow), mode="bilinear", antialias=True, align_corners=False)[0]
@@ -356,7 +352,7 @@ class StreamViews:
         return decoder
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().div_(255.0).sub_(self.mean).div_(self.std)  # in place: 5x faster, the same bits
+        return x.float().div_(255.0).sub_(self.mean).div_(self.std)  # in place: one new tensor, the same bits
 
     def _finish(self, batch: "_Batch", teacher_view: bool) -> Tuple[Any, ...]:
         student, teacher, labels, idx, ok = batch
